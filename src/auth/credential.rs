@@ -1,0 +1,218 @@
+//! Credentials: secrets held so they never print, and the ways to get them.
+
+use std::fmt;
+use std::sync::Arc;
+
+use http::HeaderValue;
+use http::header::{AUTHORIZATION, HeaderName};
+
+use super::token::{TokenCache, TokenSource};
+
+/// A secret header value: marked sensitive (so HTTP/2 never indexes it), and redacted in `Debug`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(HeaderValue);
+
+impl Secret {
+    /// Wraps `value`. Fails, without echoing the value, if it is empty or has characters not
+    /// allowed in a header (control characters, newlines, non-visible bytes).
+    pub fn new(value: &str) -> Result<Secret, InvalidCredential> {
+        Self::with_prefix("", value)
+    }
+
+    /// Like [`Secret::new`] for `prefix` followed by `value` (e.g. `Bearer ` and a token).
+    pub(crate) fn with_prefix(prefix: &str, value: &str) -> Result<Secret, InvalidCredential> {
+        if value.trim().is_empty() {
+            return Err(InvalidCredential::new("is empty"));
+        }
+        if value.trim() != value {
+            return Err(InvalidCredential::new(
+                "has leading or trailing whitespace (a copy-paste slip?)",
+            ));
+        }
+        if !value.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(InvalidCredential::new(
+                "has characters not allowed in a header (only visible ASCII, no spaces)",
+            ));
+        }
+        let mut s = String::with_capacity(prefix.len() + value.len());
+        s.push_str(prefix);
+        s.push_str(value);
+        let mut v = HeaderValue::from_str(&s)
+            .map_err(|_| InvalidCredential::new("has characters not allowed in a header"))?;
+        v.set_sensitive(true);
+        Ok(Secret(v))
+    }
+
+    /// The header value, marked sensitive. Handle with care.
+    pub fn header_value(&self) -> &HeaderValue {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+/// A credential could not be built. Says why, never what the secret was.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InvalidCredential {
+    reason: String,
+}
+
+impl InvalidCredential {
+    pub(crate) fn new(reason: impl Into<String>) -> Self {
+        InvalidCredential {
+            reason: reason.into(),
+        }
+    }
+
+    fn context(self, what: &str) -> Self {
+        InvalidCredential {
+            reason: format!("{what}: {}", self.reason),
+        }
+    }
+}
+
+impl fmt::Display for InvalidCredential {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid credential: {}", self.reason)
+    }
+}
+
+impl std::error::Error for InvalidCredential {}
+
+/// Which header a static secret travels in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CredentialKind {
+    /// Azure OpenAI: `api-key: <key>`.
+    ApiKey,
+    /// OpenAI and compatibles, Entra ID tokens: `Authorization: Bearer <token>`.
+    Bearer,
+    /// Anthropic: `x-api-key: <key>`.
+    XApiKey,
+}
+
+static API_KEY: HeaderName = HeaderName::from_static("api-key");
+static X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+
+/// How a backend proves who it is. Cheap to clone; `Debug` never shows the secret.
+#[derive(Clone)]
+pub struct Credential(pub(crate) Kind);
+
+#[derive(Clone)]
+pub(crate) enum Kind {
+    Header(HeaderName, Secret),
+    Token(TokenCache),
+}
+
+impl Credential {
+    /// A static secret sent in the header `kind` names.
+    pub fn new(kind: CredentialKind, secret: &str) -> Result<Credential, InvalidCredential> {
+        let (name, prefix) = match kind {
+            CredentialKind::ApiKey => (API_KEY.clone(), ""),
+            CredentialKind::Bearer => (AUTHORIZATION, "Bearer "),
+            CredentialKind::XApiKey => (X_API_KEY.clone(), ""),
+        };
+        let secret =
+            Secret::with_prefix(prefix, secret).map_err(|e| e.context(kind_name(kind)))?;
+        Ok(Credential(Kind::Header(name, secret)))
+    }
+
+    /// Azure OpenAI `api-key`.
+    pub fn api_key(key: &str) -> Result<Credential, InvalidCredential> {
+        Self::new(CredentialKind::ApiKey, key)
+    }
+
+    /// `Authorization: Bearer <token>` (OpenAI keys, static tokens).
+    pub fn bearer(token: &str) -> Result<Credential, InvalidCredential> {
+        Self::new(CredentialKind::Bearer, token)
+    }
+
+    /// Anthropic `x-api-key`.
+    pub fn x_api_key(key: &str) -> Result<Credential, InvalidCredential> {
+        Self::new(CredentialKind::XApiKey, key)
+    }
+
+    /// Any header name with a secret value (an API gateway's subscription key, say).
+    pub fn header(name: HeaderName, secret: &str) -> Result<Credential, InvalidCredential> {
+        let secret = Secret::new(secret).map_err(|e| e.context(name.as_str()))?;
+        Ok(Credential(Kind::Header(name, secret)))
+    }
+
+    /// A static secret read once, now, from the environment variable `var`.
+    pub fn from_env(kind: CredentialKind, var: &str) -> Result<Credential, InvalidCredential> {
+        let value = std::env::var(var).map_err(|e| {
+            InvalidCredential::new(match e {
+                std::env::VarError::NotPresent => format!("environment variable {var} is not set"),
+                std::env::VarError::NotUnicode(_) => {
+                    format!("environment variable {var} is not valid unicode")
+                }
+            })
+        })?;
+        Self::new(kind, &value).map_err(|e| e.context(&format!("environment variable {var}")))
+    }
+
+    /// A refreshable bearer token from `source`, cached and refreshed ahead of expiry (see
+    /// [`TokenCache`]).
+    pub fn token_source(source: impl TokenSource) -> Credential {
+        Credential(Kind::Token(TokenCache::new(Arc::new(source))))
+    }
+
+    /// A bearer token from an existing cache (one cache can serve many backends).
+    pub fn token_cache(cache: TokenCache) -> Credential {
+        Credential(Kind::Token(cache))
+    }
+}
+
+fn kind_name(kind: CredentialKind) -> &'static str {
+    match kind {
+        CredentialKind::ApiKey => "api-key",
+        CredentialKind::Bearer => "bearer token",
+        CredentialKind::XApiKey => "x-api-key",
+    }
+}
+
+impl fmt::Debug for Credential {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.0 {
+            Kind::Header(name, _) => write!(f, "Credential({name}: <redacted>)"),
+            Kind::Token(cache) => write!(f, "Credential(token from {})", cache.source_name()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn illegal_keys_are_errors_without_echo() {
+        for bad in ["", "  ", "abc\ndef", "abc\r\nX-Evil: 1", "k\u{7f}", " padded"] {
+            let err = Credential::api_key(bad).unwrap_err();
+            assert!(!err.to_string().contains("abc"), "{err}");
+            assert!(err.to_string().starts_with("invalid credential: api-key"), "{err}");
+        }
+        assert!(Credential::bearer("sk-\u{e9}").is_err());
+    }
+
+    #[test]
+    fn debug_never_shows_the_secret() {
+        let c = Credential::bearer("sk-very-secret").unwrap();
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("very-secret"), "{shown}");
+        assert_eq!(shown, "Credential(authorization: <redacted>)");
+        let Kind::Header(_, s) = &c.0 else { panic!() };
+        assert!(s.header_value().is_sensitive());
+        assert_eq!(format!("{s:?}"), "Secret(<redacted>)");
+    }
+
+    #[test]
+    fn env_credentials() {
+        let err = Credential::from_env(CredentialKind::ApiKey, "TOWER_LLM_LB_TEST_UNSET_VAR")
+            .unwrap_err();
+        assert!(err.to_string().contains("TOWER_LLM_LB_TEST_UNSET_VAR is not set"));
+    }
+}

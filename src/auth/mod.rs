@@ -1,0 +1,254 @@
+//! `AuthInject`: each backend's own credential on each request, and nobody else's.
+//!
+//! For every request, [`AuthInject`] first removes every credential header the caller sent
+//! ([`CALLER_CREDENTIAL_HEADERS`]: `authorization`, `proxy-authorization`, `api-key`,
+//! `x-api-key`, `ocp-apim-subscription-key`, `cookie`), then inserts the backend's
+//! [`Credential`], marked sensitive. So a caller's key never reaches a backend, and backend A's key
+//! never reaches backend B: each backend's stack has its own `AuthInject`.
+//!
+//! | outcome | what `AuthInject` does |
+//! |---|---|
+//! | static credential | inserts it and calls the inner service; no extra allocation or await |
+//! | token credential, token fresh | inserts the cached token (a lock-free load) |
+//! | token due for refresh | one request refreshes, the rest use the still-valid token ([`TokenCache`]) |
+//! | no valid token, source failing | answers [`error::TokenUnavailable`] without calling the inner service |
+//! | any response or inner error | passes it through untouched |
+//!
+//! Credentials never appear in `Debug` output, logs or errors.
+//!
+//! ```
+//! use tower::{ServiceBuilder, ServiceExt, service_fn};
+//! use tower_llm_lb::auth::{AuthInjectLayer, Credential};
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), tower_llm_lb::BoxError> {
+//! let svc = ServiceBuilder::new()
+//!     .layer(AuthInjectLayer::new(Credential::api_key("backend-key")?))
+//!     .service(service_fn(|req: http::Request<()>| async move {
+//!         // The backend sees its own key, and not the caller's bearer token.
+//!         assert_eq!(req.headers()["api-key"], "backend-key");
+//!         assert!(req.headers().get("authorization").is_none());
+//!         Ok::<_, std::convert::Infallible>(http::Response::new(()))
+//!     }));
+//! let req = http::Request::builder()
+//!     .header("authorization", "Bearer the-callers-own-key")
+//!     .body(())?;
+//! svc.oneshot(req).await?;
+//! # Ok(()) }
+//! ```
+
+mod credential;
+pub mod error;
+mod token;
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use http::header::{AUTHORIZATION, COOKIE, HeaderName, PROXY_AUTHORIZATION};
+use http::{HeaderValue, Request};
+use pin_project_lite::pin_project;
+use tower_layer::Layer;
+use tower_service::Service;
+
+pub use credential::{Credential, CredentialKind, InvalidCredential, Secret};
+pub use token::{BoxFuture, DEFAULT_REFRESH_AHEAD, Token, TokenCache, TokenSource};
+
+use crate::error::BoxError;
+use credential::Kind;
+
+/// The headers removed from every request before the backend's credential is inserted.
+pub static CALLER_CREDENTIAL_HEADERS: [HeaderName; 6] = [
+    AUTHORIZATION,
+    PROXY_AUTHORIZATION,
+    HeaderName::from_static("api-key"),
+    HeaderName::from_static("x-api-key"),
+    HeaderName::from_static("ocp-apim-subscription-key"),
+    COOKIE,
+];
+
+/// Removes the caller's credentials from `headers`.
+pub fn strip_caller_credentials(headers: &mut http::HeaderMap) {
+    for name in &CALLER_CREDENTIAL_HEADERS {
+        if headers.contains_key(name) {
+            headers.remove(name);
+        }
+    }
+}
+
+/// Layer that wraps a service in [`AuthInject`].
+#[derive(Clone, Debug)]
+pub struct AuthInjectLayer {
+    credential: Option<Credential>,
+}
+
+impl AuthInjectLayer {
+    /// Injects `credential` into every request.
+    pub fn new(credential: Credential) -> Self {
+        AuthInjectLayer {
+            credential: Some(credential),
+        }
+    }
+
+    /// Only strips the caller's credentials (for keyless backends such as a local vLLM).
+    pub fn strip_only() -> Self {
+        AuthInjectLayer { credential: None }
+    }
+
+    /// The backend's credential, or strip-only if it has none.
+    pub fn for_backend(backend: &crate::Backend) -> Self {
+        AuthInjectLayer {
+            credential: backend.credential().cloned(),
+        }
+    }
+}
+
+impl<S> Layer<S> for AuthInjectLayer {
+    type Service = AuthInject<S>;
+
+    fn layer(&self, inner: S) -> AuthInject<S> {
+        AuthInject {
+            inner,
+            credential: self.credential.clone(),
+        }
+    }
+}
+
+/// Middleware that replaces the caller's credentials with a backend's own. See the
+/// [module docs](self).
+#[derive(Clone)]
+pub struct AuthInject<S> {
+    inner: S,
+    credential: Option<Credential>,
+}
+
+impl<S> AuthInject<S> {
+    /// Wraps `inner`, injecting `credential`.
+    pub fn new(inner: S, credential: Credential) -> Self {
+        AuthInject {
+            inner,
+            credential: Some(credential),
+        }
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Unwraps the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S: fmt::Debug> fmt::Debug for AuthInject<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AuthInject")
+            .field("inner", &self.inner)
+            .field("credential", &self.credential)
+            .finish()
+    }
+}
+
+impl<S, B> Service<Request<B>> for AuthInject<S>
+where
+    S: Service<Request<B>> + Clone,
+    S::Error: Into<BoxError>,
+{
+    type Response = S::Response;
+    type Error = BoxError;
+    type Future = ResponseFuture<S, Request<B>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        strip_caller_credentials(req.headers_mut());
+        let cache = match &self.credential {
+            None => return ResponseFuture::direct(self.inner.call(req)),
+            Some(Credential(Kind::Header(name, secret))) => {
+                req.headers_mut()
+                    .insert(name.clone(), secret.header_value().clone());
+                return ResponseFuture::direct(self.inner.call(req));
+            }
+            Some(Credential(Kind::Token(cache))) => cache,
+        };
+        if let Some(value) = cache.fresh(tokio::time::Instant::now()) {
+            req.headers_mut().insert(AUTHORIZATION, value);
+            return ResponseFuture::direct(self.inner.call(req));
+        }
+        // Slow path: wait for a token. Take the service that was driven ready.
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        let cache = cache.clone();
+        ResponseFuture {
+            state: State::Token {
+                token: Box::pin(async move { cache.get().await }),
+                pending: Some((inner, req)),
+            },
+        }
+    }
+}
+
+type TokenFuture = BoxFuture<'static, Result<HeaderValue, error::TokenUnavailable>>;
+
+pin_project! {
+    /// Response future of [`AuthInject`].
+    pub struct ResponseFuture<S: Service<R>, R> {
+        #[pin]
+        state: State<S, R>,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<S: Service<R>, R> {
+        Token { token: TokenFuture, pending: Option<(S, R)> },
+        Call { #[pin] fut: S::Future },
+    }
+}
+
+impl<S: Service<R>, R> ResponseFuture<S, R> {
+    fn direct(fut: S::Future) -> Self {
+        ResponseFuture {
+            state: State::Call { fut },
+        }
+    }
+}
+
+impl<S, B> Future for ResponseFuture<S, Request<B>>
+where
+    S: Service<Request<B>>,
+    S::Error: Into<BoxError>,
+{
+    type Output = Result<S::Response, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            match this.state.as_mut().project() {
+                StateProj::Call { fut } => return fut.poll(cx).map_err(Into::into),
+                StateProj::Token { token, pending } => {
+                    let value = ready!(token.as_mut().poll(cx))?;
+                    let (mut inner, mut req) = pending.take().expect("polled after completion");
+                    req.headers_mut().insert(AUTHORIZATION, value);
+                    let fut = inner.call(req);
+                    this.state.set(State::Call { fut });
+                }
+            }
+        }
+    }
+}
+
+impl<S: Service<R>, R> fmt::Debug for ResponseFuture<S, R> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("auth::ResponseFuture")
+    }
+}

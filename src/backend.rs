@@ -1,0 +1,331 @@
+//! [`Backend`]: one endpoint's description. Plain data, no I/O.
+
+use std::fmt;
+use std::sync::Arc;
+
+use http::uri::{Authority, Scheme};
+use http::{HeaderValue, Uri};
+
+use crate::auth::Credential;
+use crate::provider::Provider;
+use crate::state::BackendState;
+
+/// One endpoint of an LLM API: a name, a base URL, a provider, a priority tier, a weight, an
+/// optional credential, and its [`BackendState`].
+///
+/// Cheap to clone; clones share the same state.
+///
+/// ```
+/// use tower_llm_lb::{Backend, auth::Credential};
+///
+/// let ptu = Backend::azure("ptu-eastus", "https://my-ptu.openai.azure.com", "gpt-4o", "2024-10-21")
+///     .priority(0)
+///     .credential(Credential::api_key("key-1")?)
+///     .build()?;
+/// let paygo = Backend::openai("openai", "https://api.openai.com/v1")
+///     .priority(1)
+///     .weight(0.5)
+///     .build()?;
+/// assert_eq!(ptu.name(), "ptu-eastus");
+/// assert_eq!(paygo.priority(), 1);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Clone)]
+pub struct Backend {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    name: Arc<str>,
+    scheme: Scheme,
+    authority: Authority,
+    host: HeaderValue,
+    base_path: Box<str>,
+    provider: Provider,
+    priority: u32,
+    weight: f64,
+    credential: Option<Credential>,
+    state: BackendState,
+}
+
+/// A backend description that cannot be used. Names the backend and the field.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InvalidBackend {
+    name: String,
+    reason: String,
+}
+
+impl fmt::Display for InvalidBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "backend {:?}: {}", self.name, self.reason)
+    }
+}
+
+impl std::error::Error for InvalidBackend {}
+
+/// Builds a [`Backend`]; errors surface at [`BackendBuilder::build`].
+#[derive(Debug)]
+#[must_use]
+pub struct BackendBuilder {
+    name: String,
+    url: String,
+    provider: Result<Provider, String>,
+    priority: u32,
+    weight: f64,
+    credential: Option<Credential>,
+}
+
+impl Backend {
+    /// A backend speaking `provider` at `url` (the base URL its official SDK takes; see
+    /// [`provider`](crate::provider)).
+    pub fn builder(name: impl Into<String>, url: impl Into<String>, provider: Provider) -> BackendBuilder {
+        BackendBuilder {
+            name: name.into(),
+            url: url.into(),
+            provider: Ok(provider),
+            priority: 0,
+            weight: 1.0,
+            credential: None,
+        }
+    }
+
+    /// An OpenAI or OpenAI-compatible backend; `url` is the API base, e.g. `https://api.openai.com/v1`.
+    pub fn openai(name: impl Into<String>, url: impl Into<String>) -> BackendBuilder {
+        Self::builder(name, url, Provider::OpenAi)
+    }
+
+    /// An Azure OpenAI deployment (classic URLs); `url` is the resource endpoint,
+    /// e.g. `https://my-resource.openai.azure.com`.
+    pub fn azure(
+        name: impl Into<String>,
+        url: impl Into<String>,
+        deployment: &str,
+        api_version: &str,
+    ) -> BackendBuilder {
+        let mut b = Self::builder(name, url, Provider::OpenAi);
+        b.provider = Provider::azure(deployment, api_version).map_err(|e| e.to_string());
+        b
+    }
+
+    /// An Anthropic backend; `url` is e.g. `https://api.anthropic.com`; `anthropic-version` is
+    /// [`DEFAULT_ANTHROPIC_VERSION`](crate::provider::DEFAULT_ANTHROPIC_VERSION).
+    pub fn anthropic(name: impl Into<String>, url: impl Into<String>) -> BackendBuilder {
+        let mut b = Self::builder(name, url, Provider::OpenAi);
+        b.provider = Provider::anthropic(crate::provider::DEFAULT_ANTHROPIC_VERSION)
+            .map_err(|e| e.to_string());
+        b
+    }
+
+    /// The backend's name, unique within a stack.
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// The name as a shared string (cheap to clone into errors and extensions).
+    pub fn name_arc(&self) -> &Arc<str> {
+        &self.inner.name
+    }
+
+    /// The provider.
+    pub fn provider(&self) -> &Provider {
+        &self.inner.provider
+    }
+
+    /// The priority tier: lower is preferred.
+    pub fn priority(&self) -> u32 {
+        self.inner.priority
+    }
+
+    /// The relative weight within its tier; 0 receives nothing.
+    pub fn weight(&self) -> f64 {
+        self.inner.weight
+    }
+
+    /// The credential, if it has one.
+    pub fn credential(&self) -> Option<&Credential> {
+        self.inner.credential.as_ref()
+    }
+
+    /// The shared live state.
+    pub fn state(&self) -> &BackendState {
+        &self.inner.state
+    }
+
+    /// The scheme requests are sent with.
+    pub fn scheme(&self) -> &Scheme {
+        &self.inner.scheme
+    }
+
+    /// The authority requests are sent to.
+    pub fn authority(&self) -> &Authority {
+        &self.inner.authority
+    }
+
+    /// The `Host` header value sent (the authority).
+    pub fn host(&self) -> &HeaderValue {
+        &self.inner.host
+    }
+
+    /// The base URL's path, without a trailing slash (may be empty).
+    pub fn base_path(&self) -> &str {
+        &self.inner.base_path
+    }
+}
+
+impl fmt::Debug for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Backend")
+            .field("name", &self.inner.name)
+            .field(
+                "url",
+                &format_args!("{}://{}{}", self.inner.scheme, self.inner.authority, self.inner.base_path),
+            )
+            .field("provider", &self.inner.provider)
+            .field("priority", &self.inner.priority)
+            .field("weight", &self.inner.weight)
+            .field("credential", &self.inner.credential)
+            .finish()
+    }
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+impl BackendBuilder {
+    /// Sets the priority tier (lower is preferred; default 0).
+    pub fn priority(mut self, priority: u32) -> Self {
+        self.priority = priority;
+        self
+    }
+
+    /// Sets the weight within the tier (default 1; 0 receives nothing; must be finite, >= 0).
+    pub fn weight(mut self, weight: f64) -> Self {
+        self.weight = weight;
+        self
+    }
+
+    /// Sets the credential.
+    pub fn credential(mut self, credential: Credential) -> Self {
+        self.credential = Some(credential);
+        self
+    }
+
+    /// Replaces the provider.
+    pub fn provider(mut self, provider: Provider) -> Self {
+        self.provider = Ok(provider);
+        self
+    }
+
+    /// Validates and builds the backend.
+    pub fn build(self) -> Result<Backend, InvalidBackend> {
+        // Never echo a URL that may carry a password.
+        let shown = if self.url.contains('@') { "<redacted>".to_string() } else { format!("{:?}", self.url) };
+        let err = |reason: String| InvalidBackend {
+            name: self.name.clone(),
+            reason,
+        };
+        if !valid_name(&self.name) {
+            return Err(err(
+                "name: must be 1 to 64 letters, digits, '-', '_' or '.'".into(),
+            ));
+        }
+        let provider = self.provider.clone().map_err(err)?;
+        if !self.weight.is_finite() || self.weight < 0.0 {
+            return Err(err(format!("weight: must be a finite number >= 0, got {}", self.weight)));
+        }
+        let uri: Uri = self
+            .url
+            .parse()
+            .map_err(|e| err(format!("url {shown}: {e}")))?;
+        let scheme = uri
+            .scheme()
+            .filter(|s| *s == &Scheme::HTTP || *s == &Scheme::HTTPS)
+            .cloned()
+            .ok_or_else(|| err(format!("url {shown}: must start with http:// or https://")))?;
+        let authority = uri
+            .authority()
+            .cloned()
+            .ok_or_else(|| err(format!("url {shown}: has no host")))?;
+        if authority.as_str().contains('@') {
+            return Err(err(
+                "url: must not carry user info; give credentials with .credential()".into(),
+            ));
+        }
+        if uri.query().is_some() {
+            return Err(err(format!("url {shown}: must not have a query")));
+        }
+        let host = HeaderValue::from_str(authority.as_str())
+            .map_err(|_| err("url: host is not a valid Host header".into()))?;
+        let base_path = uri.path().trim_end_matches('/').into();
+        Ok(Backend {
+            inner: Arc::new(Inner {
+                name: self.name.into(),
+                scheme,
+                authority,
+                host,
+                base_path,
+                provider,
+                priority: self.priority,
+                weight: self.weight,
+                credential: self.credential,
+                state: BackendState::new(),
+            }),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builds_and_normalises() {
+        let b = Backend::openai("vllm", "http://127.0.0.1:8000/v1/").build().unwrap();
+        assert_eq!(b.base_path(), "/v1");
+        assert_eq!(b.authority().as_str(), "127.0.0.1:8000");
+        assert_eq!(b.host(), "127.0.0.1:8000");
+        let a = Backend::azure("east", "https://r.openai.azure.com", "gpt-4o", "2024-10-21")
+            .build()
+            .unwrap();
+        assert_eq!(a.base_path(), "");
+        assert_eq!(a.provider().name(), "azure");
+    }
+
+    #[test]
+    fn invalid_input_is_an_error_naming_the_field() {
+        let cases = [
+            (Backend::openai("", "http://x"), "name"),
+            (Backend::openai("a b", "http://x"), "name"),
+            (Backend::openai("a", "ftp://x"), "http:// or https://"),
+            (Backend::openai("a", "ftp://u:pw@x"), "http:// or https://"),
+            (Backend::openai("a", "not a url"), "url"),
+            (Backend::openai("a", "/just/a/path"), "url"),
+            (Backend::openai("a", "http://x?y=1"), "query"),
+            (Backend::openai("a", "http://user:pw@x"), "user info"),
+            (Backend::openai("a", "http://x").weight(-1.0), "weight"),
+            (Backend::openai("a", "http://x").weight(f64::NAN), "weight"),
+            (Backend::azure("a", "http://x", "bad/dep", "v"), "deployment"),
+        ];
+        for (builder, field) in cases {
+            let e = builder.build().unwrap_err().to_string();
+            assert!(e.contains(field), "{e} should mention {field}");
+            assert!(!e.contains("pw@"), "{e}");
+        }
+    }
+
+    #[test]
+    fn debug_redacts_the_credential() {
+        let b = Backend::openai("o", "https://api.openai.com/v1")
+            .credential(Credential::bearer("sk-secret-123").unwrap())
+            .build()
+            .unwrap();
+        let shown = format!("{b:?}");
+        assert!(shown.contains("https://api.openai.com/v1"));
+        assert!(!shown.contains("sk-secret"), "{shown}");
+    }
+}

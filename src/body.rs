@@ -1,0 +1,614 @@
+//! Bodies: the cheap-clone replayable request body, the layer that buffers incoming bodies into
+//! it, and the response body that gives back bytes read for classification.
+//!
+//! Retries and fallbacks resend a request, so the stack works on [`ReplayBody`]: the whole request
+//! body in one [`Bytes`], cloned by reference count. [`BufferRequest`] turns any incoming
+//! [`http_body::Body`] (axum's, tonic's, hyper's `Incoming`) into it, refusing bodies over a size
+//! cap before anything is sent ([`error::TooLarge`]).
+//!
+//! Response bodies are never buffered: [`ResponseBody`] streams the backend's body chunk by chunk.
+//! Only when a (small, bounded) error body was read to classify a 429 does it first replay those
+//! bytes.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use bytes::Bytes;
+use http::{HeaderMap, Request};
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+use tower_layer::Layer;
+use tower_service::Service;
+
+use crate::error::BoxError;
+
+/// A request body held whole in memory, replayable at no cost.
+///
+/// Cloning shares the bytes and yields a body that replays from the start.
+pub struct ReplayBody {
+    data: Bytes,
+    sent: bool,
+}
+
+impl ReplayBody {
+    /// A body of `data`.
+    pub fn new(data: impl Into<Bytes>) -> Self {
+        ReplayBody {
+            data: data.into(),
+            sent: false,
+        }
+    }
+
+    /// An empty body.
+    pub fn empty() -> Self {
+        Self::new(Bytes::new())
+    }
+
+    /// The body's bytes (all of them, whether or not the body was polled).
+    pub fn bytes(&self) -> &Bytes {
+        &self.data
+    }
+
+    /// The body's length in bytes.
+    pub fn len(&self) -> usize {
+        self.data.len()
+    }
+
+    /// True when the body is empty.
+    pub fn is_empty(&self) -> bool {
+        self.data.is_empty()
+    }
+}
+
+impl Clone for ReplayBody {
+    fn clone(&self) -> Self {
+        ReplayBody::new(self.data.clone())
+    }
+}
+
+impl Default for ReplayBody {
+    fn default() -> Self {
+        Self::empty()
+    }
+}
+
+impl fmt::Debug for ReplayBody {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ReplayBody").field("len", &self.data.len()).finish()
+    }
+}
+
+impl From<Bytes> for ReplayBody {
+    fn from(b: Bytes) -> Self {
+        Self::new(b)
+    }
+}
+
+impl From<String> for ReplayBody {
+    fn from(s: String) -> Self {
+        Self::new(s)
+    }
+}
+
+impl From<&'static str> for ReplayBody {
+    fn from(s: &'static str) -> Self {
+        Self::new(s)
+    }
+}
+
+impl From<Vec<u8>> for ReplayBody {
+    fn from(v: Vec<u8>) -> Self {
+        Self::new(v)
+    }
+}
+
+impl Body for ReplayBody {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = self.get_mut();
+        if this.sent || this.data.is_empty() {
+            this.sent = true;
+            return Poll::Ready(None);
+        }
+        this.sent = true;
+        Poll::Ready(Some(Ok(Frame::data(this.data.clone()))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.sent || self.data.is_empty()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(if self.sent { 0 } else { self.data.len() as u64 })
+    }
+}
+
+pub mod error {
+    //! Errors of [`BufferRequest`](super::BufferRequest).
+
+    use std::fmt;
+
+    use crate::error::BoxError;
+
+    /// The request body is larger than the configured cap. Nothing was sent.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct TooLarge {
+        /// The cap, in bytes.
+        pub limit: usize,
+    }
+
+    impl fmt::Display for TooLarge {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            write!(f, "request body larger than {} bytes", self.limit)
+        }
+    }
+
+    impl std::error::Error for TooLarge {}
+
+    /// Reading the request body failed. Nothing was sent.
+    #[derive(Debug)]
+    pub struct ReadFailed(pub(crate) BoxError);
+
+    impl fmt::Display for ReadFailed {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            write!(f, "reading request body failed: {}", self.0)
+        }
+    }
+
+    impl std::error::Error for ReadFailed {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&*self.0)
+        }
+    }
+}
+
+/// The default cap on a buffered request body: 32 MiB (audio uploads are the large ones).
+pub const DEFAULT_BODY_LIMIT: usize = 32 * 1024 * 1024;
+
+/// Layer that wraps a service in [`BufferRequest`].
+#[derive(Clone, Copy, Debug)]
+pub struct BufferRequestLayer {
+    limit: usize,
+}
+
+impl BufferRequestLayer {
+    /// Buffers bodies up to `limit` bytes; larger ones are refused with [`error::TooLarge`].
+    pub fn new(limit: usize) -> Self {
+        BufferRequestLayer { limit }
+    }
+}
+
+impl Default for BufferRequestLayer {
+    fn default() -> Self {
+        Self::new(DEFAULT_BODY_LIMIT)
+    }
+}
+
+impl<S> Layer<S> for BufferRequestLayer {
+    type Service = BufferRequest<S>;
+
+    fn layer(&self, inner: S) -> BufferRequest<S> {
+        BufferRequest {
+            inner,
+            limit: self.limit,
+        }
+    }
+}
+
+/// Middleware that reads a request's whole body (up to a cap) into a [`ReplayBody`], then calls
+/// the inner service.
+///
+/// | outcome | what it does |
+/// |---|---|
+/// | body within the cap | calls the inner service with a `Request<ReplayBody>` |
+/// | `content-length` or the bytes read exceed the cap | answers [`error::TooLarge`]; the inner service is not called |
+/// | the body fails to read | answers [`error::ReadFailed`]; the inner service is not called |
+#[derive(Clone, Debug)]
+pub struct BufferRequest<S> {
+    inner: S,
+    limit: usize,
+}
+
+impl<S> BufferRequest<S> {
+    /// Wraps `inner`, buffering bodies up to `limit` bytes.
+    pub fn new(inner: S, limit: usize) -> Self {
+        BufferRequest { inner, limit }
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Unwraps the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S, B> Service<Request<B>> for BufferRequest<S>
+where
+    S: Service<Request<ReplayBody>> + Clone,
+    S::Error: Into<BoxError>,
+    B: Body,
+    B::Error: Into<BoxError>,
+{
+    type Response = S::Response;
+    type Error = BoxError;
+    type Future = BufferFuture<S, B>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let (parts, body) = req.into_parts();
+        let declared = parts
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        let too_large = declared.unwrap_or(0) > self.limit as u64
+            || body.size_hint().lower() > self.limit as u64;
+        if too_large {
+            return BufferFuture {
+                state: BufferState::Failed {
+                    error: Some(error::TooLarge { limit: self.limit }.into()),
+                },
+            };
+        }
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        BufferFuture {
+            state: BufferState::Collect {
+                body,
+                acc: Accumulator::new(self.limit),
+                pending: Some((inner, parts)),
+            },
+        }
+    }
+}
+
+/// Collects data chunks up to a limit, copying only when there is more than one chunk.
+struct Accumulator {
+    first: Bytes,
+    rest: Option<bytes::BytesMut>,
+    limit: usize,
+}
+
+impl Accumulator {
+    fn new(limit: usize) -> Self {
+        Accumulator {
+            first: Bytes::new(),
+            rest: None,
+            limit,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.rest.as_ref().map_or(self.first.len(), |r| r.len())
+    }
+
+    fn push<D: bytes::Buf>(&mut self, mut data: D) -> Result<(), error::TooLarge> {
+        if self.len() + data.remaining() > self.limit {
+            return Err(error::TooLarge { limit: self.limit });
+        }
+        if let Some(rest) = &mut self.rest {
+            rest.extend_from_slice(&data.copy_to_bytes(data.remaining()));
+        } else if self.first.is_empty() {
+            self.first = data.copy_to_bytes(data.remaining());
+        } else {
+            let mut rest = bytes::BytesMut::with_capacity(self.first.len() + data.remaining());
+            rest.extend_from_slice(&self.first);
+            rest.extend_from_slice(&data.copy_to_bytes(data.remaining()));
+            self.rest = Some(rest);
+        }
+        Ok(())
+    }
+
+    fn take(&mut self) -> Bytes {
+        match self.rest.take() {
+            Some(r) => r.freeze(),
+            None => std::mem::take(&mut self.first),
+        }
+    }
+}
+
+pin_project! {
+    /// Response future of [`BufferRequest`].
+    pub struct BufferFuture<S: Service<Request<ReplayBody>>, B: Body> {
+        #[pin]
+        state: BufferState<S, B>,
+    }
+}
+
+pin_project! {
+    #[project = BufferProj]
+    enum BufferState<S: Service<Request<ReplayBody>>, B: Body> {
+        Failed { error: Option<BoxError> },
+        Collect {
+            #[pin] body: B,
+            acc: Accumulator,
+            pending: Option<(S, http::request::Parts)>,
+        },
+        Call { #[pin] fut: S::Future },
+    }
+}
+
+impl<S, B> Future for BufferFuture<S, B>
+where
+    S: Service<Request<ReplayBody>>,
+    S::Error: Into<BoxError>,
+    B: Body,
+    B::Error: Into<BoxError>,
+{
+    type Output = Result<S::Response, BoxError>;
+
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            match this.state.as_mut().project() {
+                BufferProj::Failed { error } => {
+                    return Poll::Ready(Err(error
+                        .take()
+                        .unwrap_or_else(|| "polled after completion".into())));
+                }
+                BufferProj::Collect {
+                    mut body,
+                    acc,
+                    pending,
+                } => {
+                    while let Some(frame) = ready!(body.as_mut().poll_frame(cx)) {
+                        let frame = frame.map_err(|e| error::ReadFailed(e.into()))?;
+                        if let Ok(data) = frame.into_data() {
+                            acc.push(data)?;
+                        }
+                    }
+                    let Some((mut inner, parts)) = pending.take() else {
+                        return Poll::Ready(Err("polled after completion".into()));
+                    };
+                    let req = Request::from_parts(parts, ReplayBody::new(acc.take()));
+                    let fut = inner.call(req);
+                    this.state.set(BufferState::Call { fut });
+                }
+                BufferProj::Call { fut } => return fut.poll(cx).map_err(Into::into),
+            }
+        }
+    }
+}
+
+impl<S: Service<Request<ReplayBody>>, B: Body> fmt::Debug for BufferFuture<S, B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("BufferFuture")
+    }
+}
+
+pin_project! {
+    /// A backend's response body, streamed as it comes.
+    ///
+    /// When the error body of a response was read (bounded) to classify it, those bytes are
+    /// replayed first, then the rest of the backend's body follows.
+    pub struct ResponseBody<B> {
+        prefix: Option<Bytes>,
+        trailers: Option<HeaderMap>,
+        #[pin]
+        inner: B,
+    }
+}
+
+impl<B> ResponseBody<B> {
+    /// A body that streams `inner` as it is.
+    pub fn new(inner: B) -> Self {
+        ResponseBody {
+            prefix: None,
+            trailers: None,
+            inner,
+        }
+    }
+
+    pub(crate) fn with_prefix(prefix: Bytes, trailers: Option<HeaderMap>, inner: B) -> Self {
+        ResponseBody {
+            prefix: (!prefix.is_empty()).then_some(prefix),
+            trailers,
+            inner,
+        }
+    }
+
+    /// The bytes read ahead for classification, if any.
+    pub fn prefix(&self) -> Option<&Bytes> {
+        self.prefix.as_ref()
+    }
+
+    /// Unwraps the backend's body (dropping any bytes read ahead).
+    pub fn into_inner(self) -> B {
+        self.inner
+    }
+}
+
+impl<B: fmt::Debug> fmt::Debug for ResponseBody<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseBody")
+            .field("prefix_len", &self.prefix.as_ref().map(Bytes::len))
+            .field("inner", &self.inner)
+            .finish()
+    }
+}
+
+impl<B> Body for ResponseBody<B>
+where
+    B: Body<Data = Bytes>,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = self.project();
+        if let Some(p) = this.prefix.take() {
+            return Poll::Ready(Some(Ok(Frame::data(p))));
+        }
+        match ready!(this.inner.poll_frame(cx)) {
+            None => Poll::Ready(this.trailers.take().map(|t| Ok(Frame::trailers(t)))),
+            other => Poll::Ready(other),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.prefix.is_none() && self.trailers.is_none() && self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let extra = self.prefix.as_ref().map_or(0, |p| p.len() as u64);
+        let inner = self.inner.size_hint();
+        let mut hint = SizeHint::new();
+        hint.set_lower(inner.lower() + extra);
+        if let Some(u) = inner.upper() {
+            hint.set_upper(u + extra);
+        }
+        hint
+    }
+}
+
+/// Reads up to `limit` bytes of `body` for classification. Returns the bytes read, any trailers
+/// met, and whether the body ended.
+pub(crate) struct Peek {
+    pub(crate) buf: bytes::BytesMut,
+    pub(crate) trailers: Option<HeaderMap>,
+    pub(crate) limit: usize,
+    pub(crate) done: bool,
+}
+
+impl Peek {
+    pub(crate) fn new(limit: usize) -> Self {
+        Peek {
+            buf: bytes::BytesMut::new(),
+            trailers: None,
+            limit,
+            done: false,
+        }
+    }
+
+    /// Drives `body` until the limit, its end, or an error. Errors end the peek: the error is
+    /// left for the caller to meet when it reads the body.
+    pub(crate) fn poll_peek<B>(&mut self, cx: &mut Context<'_>, mut body: Pin<&mut B>) -> Poll<()>
+    where
+        B: Body<Data = Bytes>,
+    {
+        while !self.done && self.buf.len() < self.limit {
+            match ready!(body.as_mut().poll_frame(cx)) {
+                None | Some(Err(_)) => self.done = true,
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => self.buf.extend_from_slice(&data),
+                    Err(frame) => {
+                        if let Ok(t) = frame.into_trailers() {
+                            self.trailers = Some(t);
+                        }
+                        self.done = true;
+                    }
+                },
+            }
+        }
+        Poll::Ready(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::{BodyExt, Full, StreamBody};
+    use tower::{ServiceExt, service_fn};
+
+    #[tokio::test]
+    async fn replay_body_clones_replay_from_the_start() {
+        let mut a = ReplayBody::from("hello");
+        let b = a.clone();
+        let first = (&mut a).collect().await.unwrap().to_bytes();
+        assert_eq!(first, "hello");
+        assert!(a.is_end_stream());
+        let c = a.clone();
+        assert_eq!(c.collect().await.unwrap().to_bytes(), "hello");
+        assert_eq!(b.size_hint().exact(), Some(5));
+    }
+
+    fn echo_len() -> impl Service<
+        Request<ReplayBody>,
+        Response = usize,
+        Error = BoxError,
+        Future = impl Future<Output = Result<usize, BoxError>>,
+    > + Clone {
+        service_fn(|req: Request<ReplayBody>| async move { Ok::<_, BoxError>(req.body().len()) })
+    }
+
+    #[tokio::test]
+    async fn buffers_within_the_cap() {
+        let svc = BufferRequestLayer::new(10).layer(echo_len());
+        let req = Request::new(Full::new(Bytes::from_static(b"0123456789")));
+        assert_eq!(svc.oneshot(req).await.unwrap(), 10);
+    }
+
+    #[tokio::test]
+    async fn refuses_declared_and_streamed_oversize_bodies() {
+        let svc = BufferRequestLayer::new(4).layer(echo_len());
+        let req = Request::builder()
+            .header("content-length", "5")
+            .body(Full::new(Bytes::from_static(b"01234")))
+            .unwrap();
+        let err = svc.clone().oneshot(req).await.unwrap_err();
+        assert_eq!(err.downcast_ref::<error::TooLarge>(), Some(&error::TooLarge { limit: 4 }));
+        // No declared length: the cap is enforced while reading.
+        let chunks = futures_chunks(&[b"012", b"345"]);
+        let err = svc.oneshot(Request::new(chunks)).await.unwrap_err();
+        assert!(err.is::<error::TooLarge>(), "{err}");
+        assert_eq!(err.to_string(), "request body larger than 4 bytes");
+    }
+
+    fn futures_chunks(
+        chunks: &[&'static [u8]],
+    ) -> StreamBody<tokio_stream_shim::Iter<Result<Frame<Bytes>, std::io::Error>>> {
+        let frames: Vec<_> = chunks
+            .iter()
+            .map(|c| Ok(Frame::data(Bytes::from_static(c))))
+            .collect();
+        StreamBody::new(tokio_stream_shim::Iter(frames.into_iter()))
+    }
+
+    mod tokio_stream_shim {
+        //! A minimal `Stream` over an iterator, so tests need no extra crate.
+        pub struct Iter<T>(pub std::vec::IntoIter<T>);
+        impl<T> Unpin for Iter<T> {}
+        impl<T> futures_core::Stream for Iter<T> {
+            type Item = T;
+            fn poll_next(
+                mut self: std::pin::Pin<&mut Self>,
+                _: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<Option<T>> {
+                std::task::Poll::Ready(self.0.next())
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn response_body_replays_prefix_then_the_rest() {
+        let body = ResponseBody::with_prefix(
+            Bytes::from_static(b"{\"error\":"),
+            None,
+            Full::new(Bytes::from_static(b"{}}")),
+        );
+        assert_eq!(body.collect().await.unwrap().to_bytes(), "{\"error\":{}}");
+    }
+}

@@ -1,0 +1,320 @@
+//! Deciding, never doing: what one attempt's result means.
+//!
+//! Every layer asks the same question, "what happened?", and gets the same [`Outcome`]. The
+//! per-backend [`Endpoint`](crate::endpoint::Endpoint) classifies each attempt once and stamps
+//! the answer on the response (see [`Served`](crate::endpoint::Served)) or inside the error
+//! ([`BackendError`](crate::error::BackendError)); layers above read it from there.
+//!
+//! | what came back | [`Outcome`] |
+//! |---|---|
+//! | 1xx, 2xx, 3xx | [`Outcome::Success`] |
+//! | 429, Anthropic 529, 503 carrying a wait hint | [`Outcome::Throttled`] with the hint |
+//! | 429 whose small JSON error body says billing / spend limit | [`Outcome::QuotaExhausted`] |
+//! | 500, 502, 503 without hint, 504, other 5xx | [`Outcome::ServerError`] |
+//! | 408 | [`Outcome::Timeout`] |
+//! | other 4xx | [`Outcome::ClientError`]: never retried, never failed over |
+//! | connection refused, DNS, TLS | [`Outcome::ConnectError`] |
+//! | connection broke after it was made | [`Outcome::Transport`] |
+//! | a timer of ours fired | [`Outcome::Timeout`] |
+//! | a layer of ours refused without sending | [`Outcome::Unavailable`] |
+//!
+//! Replace the policy by implementing [`Classify`], in the spirit of tower's retry `Policy`.
+
+pub mod retry_after;
+
+use std::error::Error as StdError;
+use std::fmt;
+use std::time::Duration;
+
+use http::{HeaderMap, StatusCode};
+use tokio::time::Instant;
+
+use crate::error::{BackendError, Exhausted};
+use retry_after::Hints;
+
+/// What one attempt's result means for routing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Outcome {
+    /// The backend answered and the answer is the caller's (any status below 400).
+    Success,
+    /// The backend is over its quota or overloaded; waiting or another backend helps.
+    Throttled {
+        /// How long the backend asked us to wait, if it said.
+        retry_after: Option<Duration>,
+    },
+    /// A 429 that waiting will not fix (billing, spend limit): take the backend out for long.
+    QuotaExhausted,
+    /// The backend failed (5xx).
+    ServerError {
+        /// The status it answered.
+        status: StatusCode,
+    },
+    /// The request never reached the backend: refused, DNS, TLS.
+    ConnectError,
+    /// The connection broke after it was made (reset, early close).
+    Transport,
+    /// No answer in time.
+    Timeout,
+    /// The request itself is wrong (4xx other than 408/429): never retried, never failed over.
+    ClientError {
+        /// The status it answered.
+        status: StatusCode,
+    },
+    /// A layer of ours refused without sending (every backend cooling down, breaker open).
+    Unavailable {
+        /// The earliest instant something could be available again, if known.
+        retry_at: Option<Instant>,
+    },
+}
+
+impl Outcome {
+    /// True for [`Outcome::Success`].
+    pub fn is_success(&self) -> bool {
+        matches!(self, Outcome::Success)
+    }
+
+    /// True when another attempt (elsewhere, or later) may succeed: everything but success and
+    /// client errors.
+    pub fn is_retryable(&self) -> bool {
+        !matches!(self, Outcome::Success | Outcome::ClientError { .. })
+    }
+
+    /// True when the outcome says the backend itself is unhealthy: server errors, connect and
+    /// transport errors, timeouts. Throttling steers load; it is not a health failure.
+    pub fn is_failure(&self) -> bool {
+        matches!(
+            self,
+            Outcome::ServerError { .. }
+                | Outcome::ConnectError
+                | Outcome::Transport
+                | Outcome::Timeout
+        )
+    }
+
+    /// True for [`Outcome::Throttled`] and [`Outcome::QuotaExhausted`].
+    pub fn is_throttled(&self) -> bool {
+        matches!(self, Outcome::Throttled { .. } | Outcome::QuotaExhausted)
+    }
+
+    /// A short lowercase name: `success`, `throttled`, ... (for logs, metrics and headers).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Outcome::Success => "success",
+            Outcome::Throttled { .. } => "throttled",
+            Outcome::QuotaExhausted => "quota_exhausted",
+            Outcome::ServerError { .. } => "server_error",
+            Outcome::ConnectError => "connect_error",
+            Outcome::Transport => "transport_error",
+            Outcome::Timeout => "timeout",
+            Outcome::ClientError { .. } => "client_error",
+            Outcome::Unavailable { .. } => "unavailable",
+        }
+    }
+}
+
+impl fmt::Display for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Outcome::Throttled {
+                retry_after: Some(d),
+            } => write!(f, "throttled (retry after {:.3}s)", d.as_secs_f64()),
+            Outcome::Throttled { retry_after: None } => f.write_str("throttled"),
+            Outcome::QuotaExhausted => f.write_str("quota exhausted"),
+            Outcome::ServerError { status } => write!(f, "server error {}", status.as_u16()),
+            Outcome::ClientError { status } => write!(f, "client error {}", status.as_u16()),
+            Outcome::Success => f.write_str("success"),
+            Outcome::ConnectError => f.write_str("connect error"),
+            Outcome::Transport => f.write_str("transport error"),
+            Outcome::Timeout => f.write_str("timeout"),
+            Outcome::Unavailable { .. } => f.write_str("unavailable"),
+        }
+    }
+}
+
+/// The policy that turns a response head or an error into an [`Outcome`].
+///
+/// [`Standard`] is the stock policy described in the [module docs](self).
+pub trait Classify: Send + Sync + 'static {
+    /// Classifies a response from its status and headers; `hints` are the headers' parsed wait
+    /// and quota hints.
+    fn classify_response(&self, status: StatusCode, headers: &HeaderMap, hints: &Hints) -> Outcome;
+
+    /// Classifies an error returned instead of a response.
+    fn classify_error(&self, error: &(dyn StdError + 'static)) -> Outcome;
+
+    /// Whether the (bounded) error body of a response classified as `outcome` should be read to
+    /// refine it. Default: throttled responses only. A success body is never read.
+    fn wants_error_body(&self, outcome: &Outcome) -> bool {
+        matches!(outcome, Outcome::Throttled { .. })
+    }
+
+    /// Refines `outcome` from the first bytes of the error body.
+    fn classify_error_body(&self, outcome: Outcome, body: &[u8]) -> Outcome {
+        let _ = body;
+        outcome
+    }
+}
+
+/// The stock [`Classify`] policy, following the table in the [module docs](self).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Standard;
+
+impl Classify for Standard {
+    fn classify_response(&self, status: StatusCode, _: &HeaderMap, hints: &Hints) -> Outcome {
+        match status.as_u16() {
+            0..=399 => Outcome::Success,
+            429 | 529 => Outcome::Throttled {
+                retry_after: hints.wait(),
+            },
+            503 if hints.retry_after.is_some() => Outcome::Throttled {
+                retry_after: hints.retry_after,
+            },
+            408 => Outcome::Timeout,
+            400..=499 => Outcome::ClientError { status },
+            _ => Outcome::ServerError { status },
+        }
+    }
+
+    fn classify_error(&self, error: &(dyn StdError + 'static)) -> Outcome {
+        classify_error_chain(error)
+    }
+
+    fn classify_error_body(&self, outcome: Outcome, body: &[u8]) -> Outcome {
+        if crate::provider::is_quota_exhausted_body(body) {
+            Outcome::QuotaExhausted
+        } else {
+            outcome
+        }
+    }
+}
+
+/// Walks an error's source chain for the first cause this crate knows.
+pub(crate) fn classify_error_chain(error: &(dyn StdError + 'static)) -> Outcome {
+    let mut cur: Option<&(dyn StdError + 'static)> = Some(error);
+    let mut saw_hyper = false;
+    while let Some(e) = cur {
+        if let Some(b) = e.downcast_ref::<BackendError>() {
+            return b.outcome();
+        }
+        if let Some(x) = e.downcast_ref::<Exhausted>() {
+            return Outcome::Unavailable {
+                retry_at: x.earliest(),
+            };
+        }
+        if let Some(u) = e.downcast_ref::<crate::error::Unavailable>() {
+            return Outcome::Unavailable {
+                retry_at: u.earliest(),
+            };
+        }
+        if e.is::<tokio::time::error::Elapsed>() || e.is::<tower::timeout::error::Elapsed>() {
+            return Outcome::Timeout;
+        }
+        if let Some(c) = e.downcast_ref::<hyper_util::client::legacy::Error>() {
+            if c.is_connect() {
+                return Outcome::ConnectError;
+            }
+            saw_hyper = true;
+        }
+        if let Some(h) = e.downcast_ref::<hyper::Error>() {
+            if h.is_timeout() {
+                return Outcome::Timeout;
+            }
+            saw_hyper = true;
+        }
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind::*;
+            match io.kind() {
+                ConnectionRefused | AddrNotAvailable | NotFound | HostUnreachable
+                | NetworkUnreachable => return Outcome::ConnectError,
+                TimedOut => return Outcome::Timeout,
+                _ => {}
+            }
+        }
+        cur = e.source();
+    }
+    let _ = saw_hyper;
+    Outcome::Transport
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn classify(status: u16, headers: &[(&str, &str)]) -> Outcome {
+        let mut h = HeaderMap::new();
+        for (k, v) in headers {
+            h.insert(http::HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
+        }
+        let hints = Hints::from_headers(
+            &h,
+            std::time::SystemTime::UNIX_EPOCH,
+            retry_after::DEFAULT_MAX_HINT,
+        );
+        Standard.classify_response(StatusCode::from_u16(status).unwrap(), &h, &hints)
+    }
+
+    #[test]
+    fn statuses_map_to_outcomes() {
+        assert_eq!(classify(200, &[]), Outcome::Success);
+        assert_eq!(classify(304, &[]), Outcome::Success);
+        assert_eq!(classify(429, &[]), Outcome::Throttled { retry_after: None });
+        assert_eq!(
+            classify(429, &[("retry-after", "3")]),
+            Outcome::Throttled {
+                retry_after: Some(Duration::from_secs(3))
+            }
+        );
+        assert_eq!(classify(529, &[]), Outcome::Throttled { retry_after: None });
+        assert_eq!(
+            classify(503, &[("retry-after-ms", "100")]),
+            Outcome::Throttled {
+                retry_after: Some(Duration::from_millis(100))
+            }
+        );
+        for s in [500, 502, 503, 504, 599] {
+            assert!(matches!(classify(s, &[]), Outcome::ServerError { .. }), "{s}");
+        }
+        for s in [400, 401, 403, 404, 409, 413, 422] {
+            assert!(matches!(classify(s, &[]), Outcome::ClientError { .. }), "{s}");
+        }
+        assert_eq!(classify(408, &[]), Outcome::Timeout);
+    }
+
+    #[test]
+    fn quota_exhausted_bodies_refine_throttled() {
+        let t = Outcome::Throttled { retry_after: None };
+        let openai = br#"{"error":{"message":"You exceeded your current quota","type":"insufficient_quota","param":null,"code":"insufficient_quota"}}"#;
+        let anthropic = br#"{"type":"error","error":{"type":"enforced_spend_limit_reached","message":"spend limit"}}"#;
+        let plain = br#"{"error":{"message":"Rate limit reached","type":"requests","code":"rate_limit_exceeded"}}"#;
+        assert_eq!(Standard.classify_error_body(t, openai), Outcome::QuotaExhausted);
+        assert_eq!(Standard.classify_error_body(t, anthropic), Outcome::QuotaExhausted);
+        assert_eq!(Standard.classify_error_body(t, plain), t);
+        assert_eq!(Standard.classify_error_body(t, b"not json"), t);
+        assert_eq!(Standard.classify_error_body(t, b""), t);
+    }
+
+    #[test]
+    fn errors_map_to_outcomes() {
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        assert_eq!(Standard.classify_error(&refused), Outcome::ConnectError);
+        let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+        assert_eq!(Standard.classify_error(&reset), Outcome::Transport);
+        let elapsed = tower::timeout::error::Elapsed::new();
+        assert_eq!(Standard.classify_error(&elapsed), Outcome::Timeout);
+    }
+
+    #[test]
+    fn outcome_kinds() {
+        assert!(Outcome::Success.is_success());
+        assert!(!Outcome::ClientError { status: StatusCode::BAD_REQUEST }.is_retryable());
+        assert!(Outcome::Throttled { retry_after: None }.is_retryable());
+        assert!(!Outcome::Throttled { retry_after: None }.is_failure());
+        assert!(Outcome::ConnectError.is_failure());
+        assert_eq!(
+            Outcome::Throttled { retry_after: Some(Duration::from_millis(1500)) }.to_string(),
+            "throttled (retry after 1.500s)"
+        );
+    }
+}

@@ -1,0 +1,578 @@
+//! Pure parsers for every Retry-After and rate-limit header form the providers send.
+//!
+//! Nothing here does I/O or reads a clock by itself: forms that carry an absolute time (HTTP-date,
+//! RFC 3339) are resolved against a [`WallClock`] the caller passes in, so tests can pin it.
+//! Garbage yields "no hint" (`None`), never a panic. Negative or past values mean "now"
+//! ([`Duration::ZERO`]); absurdly long values are clamped to the `cap` the caller gives.
+//!
+//! | header | form | function |
+//! |---|---|---|
+//! | `retry-after-ms`, `x-ms-retry-after-ms` | float milliseconds | [`parse_millis`] |
+//! | `retry-after` | delay-seconds (float and whitespace tolerated) or HTTP-date (all three RFC 9110 formats) | [`parse_retry_after`] |
+//! | `x-ratelimit-reset-requests`, `x-ratelimit-reset-tokens` | Go-style durations (`20ms`, `6m0s`, `1h2m3.5s`) or integer seconds; `0`/`-1` mean unknown | [`parse_reset`] |
+//! | `anthropic-ratelimit-*-reset` | RFC 3339 timestamp | [`parse_rfc3339`] |
+//! | `x-ratelimit-remaining-*`, `anthropic-ratelimit-*-remaining` | unsigned integer | [`parse_remaining`] |
+//!
+//! [`Hints::from_headers`] reads them all at once and [`Hints::wait`] picks the wait the official
+//! SDKs would honour, in their order of preference.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use http::{HeaderMap, HeaderValue};
+
+/// The default upper bound for any server hint: 300 s, as Envoy caps `retry-after`.
+pub const DEFAULT_MAX_HINT: Duration = Duration::from_secs(300);
+
+/// A source of wall-clock time, for hints that carry an absolute date.
+///
+/// tokio's paused clock only freezes `tokio::time::Instant`; HTTP-date and RFC 3339 hints need the
+/// wall clock, so it is injectable. [`WallClock::system`] is the real one.
+#[derive(Clone)]
+pub struct WallClock(Arc<dyn Fn() -> SystemTime + Send + Sync>);
+
+impl WallClock {
+    /// The system's wall clock.
+    pub fn system() -> Self {
+        WallClock(Arc::new(SystemTime::now))
+    }
+
+    /// A clock that always reads `at` (for tests).
+    pub fn fixed(at: SystemTime) -> Self {
+        WallClock(Arc::new(move || at))
+    }
+
+    /// A clock driven by any function.
+    pub fn from_fn(f: impl Fn() -> SystemTime + Send + Sync + 'static) -> Self {
+        WallClock(Arc::new(f))
+    }
+
+    /// Reads the clock.
+    pub fn now(&self) -> SystemTime {
+        (self.0)()
+    }
+}
+
+impl Default for WallClock {
+    fn default() -> Self {
+        Self::system()
+    }
+}
+
+impl fmt::Debug for WallClock {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("WallClock")
+    }
+}
+
+fn as_trimmed_str(value: &HeaderValue) -> Option<&str> {
+    let s = value.to_str().ok()?.trim();
+    (!s.is_empty()).then_some(s)
+}
+
+/// Turns a finite number of seconds into a duration: negative means now, too long is `cap`.
+fn seconds_to_duration(secs: f64, cap: Duration) -> Option<Duration> {
+    if secs.is_nan() {
+        return None;
+    }
+    if secs <= 0.0 {
+        return Some(Duration::ZERO);
+    }
+    if secs >= cap.as_secs_f64() {
+        return Some(cap);
+    }
+    Some(Duration::from_secs_f64(secs))
+}
+
+/// Parses a plain decimal number: digits with an optional sign and fraction. Rejects `inf`, `nan`,
+/// exponents and hex, which `f64::from_str` would accept.
+fn parse_decimal(s: &str) -> Option<f64> {
+    let digits = s.strip_prefix(['-', '+']).unwrap_or(s);
+    let mut seen_digit = false;
+    let mut seen_dot = false;
+    for c in digits.chars() {
+        match c {
+            '0'..='9' => seen_digit = true,
+            '.' if !seen_dot => seen_dot = true,
+            _ => return None,
+        }
+    }
+    if !seen_digit {
+        return None;
+    }
+    s.parse().ok()
+}
+
+/// Parses `retry-after-ms` / `x-ms-retry-after-ms`: a (possibly fractional) number of milliseconds.
+pub fn parse_millis(value: &HeaderValue, cap: Duration) -> Option<Duration> {
+    let ms = parse_decimal(as_trimmed_str(value)?)?;
+    seconds_to_duration(ms / 1000.0, cap)
+}
+
+/// Parses `retry-after`: delay-seconds (fractions tolerated) or an HTTP-date in any of the three
+/// RFC 9110 formats, resolved against `now`. A past date means [`Duration::ZERO`].
+pub fn parse_retry_after(value: &HeaderValue, now: SystemTime, cap: Duration) -> Option<Duration> {
+    let s = as_trimmed_str(value)?;
+    if let Some(secs) = parse_decimal(s) {
+        return seconds_to_duration(secs, cap);
+    }
+    let at = httpdate::parse_http_date(s).ok()?;
+    Some(until(at, now).min(cap))
+}
+
+/// Parses an RFC 3339 timestamp (Anthropic's `anthropic-ratelimit-*-reset`) into the time left
+/// until it, resolved against `now`. A past time means [`Duration::ZERO`].
+pub fn parse_rfc3339(value: &HeaderValue, now: SystemTime, cap: Duration) -> Option<Duration> {
+    let s = as_trimmed_str(value)?;
+    let at = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).ok()?;
+    Some(until(SystemTime::from(at), now).min(cap))
+}
+
+fn until(at: SystemTime, now: SystemTime) -> Duration {
+    at.duration_since(now).unwrap_or(Duration::ZERO)
+}
+
+/// Parses `x-ratelimit-reset-requests` / `-tokens`.
+///
+/// OpenAI sends Go-style durations (`12ms`, `1s`, `6m0s`, `2m59.56s`, `1h2m3.5s`); Azure sends the
+/// same header names with integer seconds, where `0` and `-1` mean unknown (observed), so a bare
+/// number that is not positive is no hint.
+pub fn parse_reset(value: &HeaderValue, cap: Duration) -> Option<Duration> {
+    let s = as_trimmed_str(value)?;
+    if let Some(secs) = parse_decimal(s) {
+        return if secs > 0.0 {
+            seconds_to_duration(secs, cap)
+        } else {
+            None
+        };
+    }
+    parse_go_duration(s).map(|d| d.min(cap))
+}
+
+/// Parses a Go `time.Duration` string: one or more `<decimal><unit>` with units `ns`, `us`, `µs`,
+/// `ms`, `s`, `m`, `h`. Returns `None` on anything else, and on a negative duration.
+fn parse_go_duration(s: &str) -> Option<Duration> {
+    if s.starts_with('-') {
+        return None;
+    }
+    let mut rest = s.strip_prefix('+').unwrap_or(s);
+    if rest.is_empty() {
+        return None;
+    }
+    let mut total = 0f64;
+    while !rest.is_empty() {
+        let num_len = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(rest.len());
+        let number = parse_decimal(&rest[..num_len])?;
+        rest = &rest[num_len..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let scale = match &rest[..unit_len] {
+            "ns" => 1e-9,
+            "us" | "µs" | "μs" => 1e-6,
+            "ms" => 1e-3,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            _ => return None,
+        };
+        rest = &rest[unit_len..];
+        total += number * scale;
+    }
+    if !total.is_finite() {
+        return None;
+    }
+    // Durations beyond u64 seconds are absurd; callers clamp to their cap anyway.
+    Some(Duration::from_secs_f64(total.min(u32::MAX as f64)))
+}
+
+/// Parses an `x-ratelimit-remaining-*` quota hint: an unsigned integer.
+pub fn parse_remaining(value: &HeaderValue) -> Option<u64> {
+    let s = as_trimmed_str(value)?;
+    if s.starts_with('+') {
+        return None;
+    }
+    s.parse().ok()
+}
+
+/// Every wait and quota hint one response carried, parsed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Hints {
+    /// `retry-after-ms`, else `x-ms-retry-after-ms`, else `retry-after`: the server's explicit wait.
+    pub retry_after: Option<Duration>,
+    /// Time until the request quota is fully replenished.
+    pub reset_requests: Option<Duration>,
+    /// Time until the token quota is fully replenished.
+    pub reset_tokens: Option<Duration>,
+    /// Requests left in the current window.
+    pub remaining_requests: Option<u64>,
+    /// Tokens left in the current window.
+    pub remaining_tokens: Option<u64>,
+}
+
+/// Anthropic's rate-limit dimensions: (is the requests dimension, remaining header, reset header).
+const ANTHROPIC: [(bool, &str, &str); 4] = [
+    (
+        true,
+        "anthropic-ratelimit-requests-remaining",
+        "anthropic-ratelimit-requests-reset",
+    ),
+    (
+        false,
+        "anthropic-ratelimit-tokens-remaining",
+        "anthropic-ratelimit-tokens-reset",
+    ),
+    (
+        false,
+        "anthropic-ratelimit-input-tokens-remaining",
+        "anthropic-ratelimit-input-tokens-reset",
+    ),
+    (
+        false,
+        "anthropic-ratelimit-output-tokens-remaining",
+        "anthropic-ratelimit-output-tokens-reset",
+    ),
+];
+
+impl Hints {
+    /// Reads every hint a response carries. `cap` bounds each duration.
+    pub fn from_headers(headers: &HeaderMap, now: SystemTime, cap: Duration) -> Hints {
+        let retry_after = headers
+            .get("retry-after-ms")
+            .and_then(|v| parse_millis(v, cap))
+            .or_else(|| {
+                headers
+                    .get("x-ms-retry-after-ms")
+                    .and_then(|v| parse_millis(v, cap))
+            })
+            .or_else(|| {
+                headers
+                    .get(http::header::RETRY_AFTER)
+                    .and_then(|v| parse_retry_after(v, now, cap))
+            });
+        let mut hints = Hints {
+            retry_after,
+            reset_requests: headers
+                .get("x-ratelimit-reset-requests")
+                .and_then(|v| parse_reset(v, cap)),
+            reset_tokens: headers
+                .get("x-ratelimit-reset-tokens")
+                .and_then(|v| parse_reset(v, cap)),
+            remaining_requests: headers
+                .get("x-ratelimit-remaining-requests")
+                .and_then(parse_remaining),
+            remaining_tokens: headers
+                .get("x-ratelimit-remaining-tokens")
+                .and_then(parse_remaining),
+        };
+        // Anthropic's family: fill what the OpenAI-style headers did not say.
+        for (is_requests, remaining_name, reset_name) in ANTHROPIC {
+            let Some(remaining_value) = headers.get(remaining_name) else {
+                continue;
+            };
+            let remaining = parse_remaining(remaining_value);
+            let reset = headers
+                .get(reset_name)
+                .and_then(|v| parse_rfc3339(v, now, cap));
+            let (rem_slot, reset_slot) = if is_requests {
+                (&mut hints.remaining_requests, &mut hints.reset_requests)
+            } else {
+                (&mut hints.remaining_tokens, &mut hints.reset_tokens)
+            };
+            if let Some(r) = remaining {
+                *rem_slot = Some(rem_slot.map_or(r, |old| old.min(r)));
+            }
+            if let Some(d) = reset
+                && remaining == Some(0)
+            {
+                *reset_slot = Some(reset_slot.map_or(d, |old| old.max(d)));
+            } else if let Some(d) = reset
+                && reset_slot.is_none()
+            {
+                *reset_slot = Some(d);
+            }
+        }
+        hints
+    }
+
+    /// The wait a throttled response asks for: the explicit hint if there is one; else the reset
+    /// time of a quota the headers say is used up (remaining 0); else `None`.
+    pub fn wait(&self) -> Option<Duration> {
+        if self.retry_after.is_some() {
+            return self.retry_after;
+        }
+        let req = self
+            .reset_requests
+            .filter(|_| self.remaining_requests == Some(0));
+        let tok = self.reset_tokens.filter(|_| self.remaining_tokens == Some(0));
+        match (req, tok) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// True when the response carried any hint at all.
+    pub fn is_empty(&self) -> bool {
+        *self == Hints::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const CAP: Duration = DEFAULT_MAX_HINT;
+
+    fn hv(s: &str) -> HeaderValue {
+        HeaderValue::from_str(s).unwrap()
+    }
+
+    fn epoch(secs: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(secs)
+    }
+
+    // 1994-11-06T08:49:37Z, the RFC 9110 example date.
+    const RFC_EXAMPLE: u64 = 784_111_777;
+
+    #[test]
+    fn millis_forms() {
+        assert_eq!(parse_millis(&hv("1500"), CAP), Some(Duration::from_millis(1500)));
+        assert_eq!(parse_millis(&hv("12.5"), CAP), Some(Duration::from_micros(12_500)));
+        assert_eq!(parse_millis(&hv("  250 "), CAP), Some(Duration::from_millis(250)));
+        assert_eq!(parse_millis(&hv("0"), CAP), Some(Duration::ZERO));
+        assert_eq!(parse_millis(&hv("-40"), CAP), Some(Duration::ZERO));
+        assert_eq!(parse_millis(&hv("99999999999"), CAP), Some(CAP));
+    }
+
+    #[test]
+    fn millis_garbage_is_no_hint() {
+        for bad in ["", " ", "abc", "1e3", "inf", "NaN", "0x10", "1.2.3", "10ms", "-", "."] {
+            assert_eq!(parse_millis(&hv(bad), CAP), None, "{bad:?}");
+        }
+        let opaque = HeaderValue::from_bytes(b"\xff\xfe").unwrap();
+        assert_eq!(parse_millis(&opaque, CAP), None);
+    }
+
+    #[test]
+    fn retry_after_seconds_forms() {
+        let now = epoch(RFC_EXAMPLE);
+        assert_eq!(parse_retry_after(&hv("7"), now, CAP), Some(Duration::from_secs(7)));
+        assert_eq!(parse_retry_after(&hv(" 7 "), now, CAP), Some(Duration::from_secs(7)));
+        assert_eq!(parse_retry_after(&hv("1.5"), now, CAP), Some(Duration::from_millis(1500)));
+        assert_eq!(parse_retry_after(&hv("0"), now, CAP), Some(Duration::ZERO));
+        assert_eq!(parse_retry_after(&hv("-3"), now, CAP), Some(Duration::ZERO));
+        assert_eq!(parse_retry_after(&hv("86400"), now, CAP), Some(CAP));
+        assert_eq!(
+            parse_retry_after(&hv("18446744073709551616"), now, CAP),
+            Some(CAP)
+        );
+    }
+
+    #[test]
+    fn retry_after_all_three_http_date_formats() {
+        let now = epoch(RFC_EXAMPLE - 30);
+        for form in [
+            "Sun, 06 Nov 1994 08:49:37 GMT",
+            "Sunday, 06-Nov-94 08:49:37 GMT",
+            "Sun Nov  6 08:49:37 1994",
+        ] {
+            assert_eq!(
+                parse_retry_after(&hv(form), now, CAP),
+                Some(Duration::from_secs(30)),
+                "{form}"
+            );
+        }
+    }
+
+    #[test]
+    fn retry_after_past_date_means_now_and_far_date_is_capped() {
+        let date = hv("Sun, 06 Nov 1994 08:49:37 GMT");
+        assert_eq!(
+            parse_retry_after(&date, epoch(RFC_EXAMPLE + 3600), CAP),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(parse_retry_after(&date, epoch(0), CAP), Some(CAP));
+    }
+
+    #[test]
+    fn retry_after_garbage_is_no_hint() {
+        let now = epoch(RFC_EXAMPLE);
+        for bad in [
+            "",
+            "soon",
+            "Sun, 32 Nov 1994 08:49:37 GMT",
+            "Sun, 06 Nov 1994 25:49:37 GMT",
+            "2024-01-01T00:00:00Z",
+            "1e2",
+            "inf",
+            "5 s",
+        ] {
+            assert_eq!(parse_retry_after(&hv(bad), now, CAP), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn reset_go_durations() {
+        const CAP: Duration = Duration::from_secs(4000);
+        let cases = [
+            ("20ms", Duration::from_millis(20)),
+            ("1s", Duration::from_secs(1)),
+            ("6m0s", Duration::from_secs(360)),
+            ("2m59.56s", Duration::from_millis(179_560)),
+            ("1h2m3.5s", Duration::from_millis(3_723_500)),
+            ("0s", Duration::ZERO),
+            ("1.5h", CAP),
+            ("500us", Duration::from_micros(500)),
+            ("500µs", Duration::from_micros(500)),
+            ("7ns", Duration::from_nanos(7)),
+        ];
+        for (s, want) in cases {
+            let got = parse_reset(&hv(s), CAP).unwrap_or_else(|| panic!("{s} gave no hint"));
+            let diff = got.abs_diff(want);
+            assert!(diff < Duration::from_micros(1), "{s}: {got:?} != {want:?}");
+        }
+    }
+
+    #[test]
+    fn reset_integer_seconds_azure_form() {
+        assert_eq!(parse_reset(&hv("12"), CAP), Some(Duration::from_secs(12)));
+        assert_eq!(parse_reset(&hv("0"), CAP), None, "0 means unknown on Azure");
+        assert_eq!(parse_reset(&hv("-1"), CAP), None, "-1 means unknown on Azure");
+    }
+
+    #[test]
+    fn reset_garbage_is_no_hint() {
+        for bad in ["", "s", "1x", "-5s", "1m-3s", "ms", "1..2s", "1s2", "h1", "1 s", "1sm"] {
+            assert_eq!(parse_reset(&hv(bad), CAP), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn rfc3339_forms() {
+        let now = epoch(1_700_000_000); // 2023-11-14T22:13:20Z
+        assert_eq!(
+            parse_rfc3339(&hv("2023-11-14T22:13:50Z"), now, CAP),
+            Some(Duration::from_secs(30))
+        );
+        assert_eq!(
+            parse_rfc3339(&hv("2023-11-14T23:13:21+01:00"), now, CAP),
+            Some(Duration::from_secs(1))
+        );
+        assert_eq!(
+            parse_rfc3339(&hv("2023-11-14T22:13:20.250Z"), now, CAP),
+            Some(Duration::from_millis(250))
+        );
+        assert_eq!(
+            parse_rfc3339(&hv("2020-01-01T00:00:00Z"), now, CAP),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(parse_rfc3339(&hv("2099-01-01T00:00:00Z"), now, CAP), Some(CAP));
+        for bad in ["", "tomorrow", "2023-11-14", "2023-13-14T22:13:50Z", "1700000000"] {
+            assert_eq!(parse_rfc3339(&hv(bad), now, CAP), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn remaining_forms() {
+        assert_eq!(parse_remaining(&hv("42")), Some(42));
+        assert_eq!(parse_remaining(&hv(" 0 ")), Some(0));
+        for bad in ["-1", "+1", "1.5", "lots", "", "99999999999999999999999"] {
+            assert_eq!(parse_remaining(&hv(bad)), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn hints_prefer_ms_headers_over_retry_after() {
+        let now = epoch(RFC_EXAMPLE);
+        let mut h = HeaderMap::new();
+        h.insert("retry-after", hv("10"));
+        assert_eq!(Hints::from_headers(&h, now, CAP).wait(), Some(Duration::from_secs(10)));
+        h.insert("x-ms-retry-after-ms", hv("2000"));
+        assert_eq!(Hints::from_headers(&h, now, CAP).wait(), Some(Duration::from_secs(2)));
+        h.insert("retry-after-ms", hv("1250.5"));
+        let got = Hints::from_headers(&h, now, CAP).wait().unwrap();
+        assert_eq!(got, Duration::from_micros(1_250_500));
+        // A garbage preferred header falls through to the next form.
+        h.insert("retry-after-ms", hv("garbage"));
+        assert_eq!(Hints::from_headers(&h, now, CAP).wait(), Some(Duration::from_secs(2)));
+    }
+
+    #[test]
+    fn hints_fall_back_to_reset_of_exhausted_quota() {
+        let now = epoch(RFC_EXAMPLE);
+        let mut h = HeaderMap::new();
+        h.insert("x-ratelimit-remaining-requests", hv("0"));
+        h.insert("x-ratelimit-reset-requests", hv("1.5s"));
+        h.insert("x-ratelimit-remaining-tokens", hv("1000"));
+        h.insert("x-ratelimit-reset-tokens", hv("6m0s"));
+        let hints = Hints::from_headers(&h, now, CAP);
+        assert_eq!(hints.remaining_requests, Some(0));
+        assert_eq!(hints.remaining_tokens, Some(1000));
+        // Only the exhausted dimension's reset counts as a wait.
+        assert_eq!(hints.wait(), Some(Duration::from_millis(1500)));
+        assert_eq!(Hints::from_headers(&HeaderMap::new(), now, CAP).wait(), None);
+        assert!(Hints::from_headers(&HeaderMap::new(), now, CAP).is_empty());
+    }
+
+    #[test]
+    fn hints_read_anthropic_family() {
+        let now = epoch(1_700_000_000);
+        let mut h = HeaderMap::new();
+        h.insert("anthropic-ratelimit-requests-remaining", hv("5"));
+        h.insert("anthropic-ratelimit-requests-reset", hv("2023-11-14T22:13:30Z"));
+        h.insert("anthropic-ratelimit-input-tokens-remaining", hv("0"));
+        h.insert("anthropic-ratelimit-input-tokens-reset", hv("2023-11-14T22:13:45Z"));
+        h.insert("anthropic-ratelimit-output-tokens-remaining", hv("900"));
+        let hints = Hints::from_headers(&h, now, CAP);
+        assert_eq!(hints.remaining_requests, Some(5));
+        assert_eq!(hints.remaining_tokens, Some(0));
+        assert_eq!(hints.reset_tokens, Some(Duration::from_secs(25)));
+        assert_eq!(hints.wait(), Some(Duration::from_secs(25)));
+    }
+
+    #[test]
+    fn wall_clock_is_injectable() {
+        let clock = WallClock::fixed(epoch(5));
+        assert_eq!(clock.now(), epoch(5));
+        assert_eq!(format!("{clock:?}"), "WallClock");
+    }
+
+    proptest! {
+        #[test]
+        fn no_input_panics(bytes in proptest::collection::vec(any::<u8>(), 0..64), now in any::<u64>(), cap_ms in any::<u64>()) {
+            let now = SystemTime::UNIX_EPOCH + Duration::from_secs(now % (1 << 40));
+            let cap = Duration::from_millis(cap_ms);
+            if let Ok(v) = HeaderValue::from_bytes(&bytes) {
+                for d in [
+                    parse_millis(&v, cap),
+                    parse_retry_after(&v, now, cap),
+                    parse_reset(&v, cap),
+                    parse_rfc3339(&v, now, cap),
+                ].into_iter().flatten() {
+                    prop_assert!(d <= cap.max(Duration::from_secs(u32::MAX as u64)));
+                }
+                let _ = parse_remaining(&v);
+                let mut h = HeaderMap::new();
+                for name in ["retry-after", "retry-after-ms", "x-ratelimit-reset-tokens",
+                             "x-ratelimit-remaining-tokens", "anthropic-ratelimit-tokens-reset"] {
+                    h.insert(name, v.clone());
+                }
+                let hints = Hints::from_headers(&h, now, cap);
+                if let Some(w) = hints.wait() { prop_assert!(w <= cap); }
+            }
+        }
+
+        #[test]
+        fn textual_numbers_never_exceed_cap(s in "[ +-]?[0-9]{0,25}(\\.[0-9]{0,10})?[ ]?(ms|s|m|h|us|ns)?", cap_s in 0u64..100_000) {
+            let cap = Duration::from_secs(cap_s);
+            let v = HeaderValue::from_str(&s).unwrap();
+            for d in [parse_millis(&v, cap), parse_retry_after(&v, SystemTime::UNIX_EPOCH, cap), parse_reset(&v, cap)].into_iter().flatten() {
+                prop_assert!(d <= cap, "{s:?} gave {d:?} > {cap:?}");
+            }
+        }
+    }
+}

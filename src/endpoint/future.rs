@@ -1,0 +1,141 @@
+//! Response future of [`Endpoint`](super::Endpoint).
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use bytes::Bytes;
+use http::Response;
+use pin_project_lite::pin_project;
+
+use super::Record;
+use crate::body::{Peek, ResponseBody};
+use crate::classify::Outcome;
+use crate::classify::retry_after::Hints;
+use crate::error::BoxError;
+
+pin_project! {
+    /// Response future of [`Endpoint`](super::Endpoint).
+    pub struct ResponseFuture<F, B> {
+        #[pin]
+        state: State<F, B>,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<F, B> {
+        Failed { error: Option<BoxError> },
+        Call { #[pin] fut: F, record: Option<Record> },
+        PeekBody {
+            head: Option<(http::response::Parts, B)>,
+            peek: Peek,
+            outcome: Outcome,
+            hints: Hints,
+            record: Option<Record>,
+        },
+    }
+}
+
+impl<F, B> ResponseFuture<F, B> {
+    pub(crate) fn new(fut: F, record: Record) -> Self {
+        ResponseFuture {
+            state: State::Call {
+                fut,
+                record: Some(record),
+            },
+        }
+    }
+
+    pub(crate) fn failed(error: BoxError) -> Self {
+        ResponseFuture {
+            state: State::Failed { error: Some(error) },
+        }
+    }
+}
+
+fn done<B>(
+    mut parts: http::response::Parts,
+    body: ResponseBody<B>,
+    record: Record,
+    outcome: Outcome,
+    hints: Hints,
+) -> Response<ResponseBody<B>> {
+    let served = record.finish(outcome, hints);
+    parts.extensions.insert(served);
+    Response::from_parts(parts, body)
+}
+
+impl<F, B, E> Future for ResponseFuture<F, B>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+    E: Into<BoxError>,
+    B: http_body::Body<Data = Bytes> + Unpin,
+{
+    type Output = Result<Response<ResponseBody<B>>, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            match this.state.as_mut().project() {
+                StateProj::Failed { error } => {
+                    return Poll::Ready(Err(error
+                        .take()
+                        .unwrap_or_else(|| "polled after completion".into())));
+                }
+                StateProj::Call { fut, record } => {
+                    let result = ready!(fut.poll(cx));
+                    let Some(rec) = record.take() else {
+                        return Poll::Ready(Err("polled after completion".into()));
+                    };
+                    let res = match result {
+                        Ok(res) => res,
+                        Err(e) => return Poll::Ready(Err(rec.fail(e.into()))),
+                    };
+                    let hints = rec.hints(res.headers());
+                    let classify = &rec.settings.classify;
+                    let outcome = classify.classify_response(res.status(), res.headers(), &hints);
+                    let (parts, body) = res.into_parts();
+                    if !classify.wants_error_body(&outcome) {
+                        let body = ResponseBody::new(body);
+                        return Poll::Ready(Ok(done(parts, body, rec, outcome, hints)));
+                    }
+                    let limit = rec.settings.error_body_limit;
+                    this.state.set(State::PeekBody {
+                        head: Some((parts, body)),
+                        peek: Peek::new(limit),
+                        outcome,
+                        hints,
+                        record: Some(rec),
+                    });
+                }
+                StateProj::PeekBody {
+                    head,
+                    peek,
+                    outcome,
+                    hints,
+                    record,
+                } => {
+                    let Some((_, body)) = head.as_mut() else {
+                        return Poll::Ready(Err("polled after completion".into()));
+                    };
+                    ready!(peek.poll_peek(cx, Pin::new(body)));
+                    let (Some((parts, body)), Some(rec)) = (head.take(), record.take()) else {
+                        return Poll::Ready(Err("polled after completion".into()));
+                    };
+                    let read = std::mem::take(&mut peek.buf).freeze();
+                    let outcome = rec.settings.classify.classify_error_body(*outcome, &read);
+                    let body = ResponseBody::with_prefix(read, peek.trailers.take(), body);
+                    return Poll::Ready(Ok(done(parts, body, rec, outcome, *hints)));
+                }
+            }
+        }
+    }
+}
+
+impl<F, B> fmt::Debug for ResponseFuture<F, B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("endpoint::ResponseFuture")
+    }
+}

@@ -1,0 +1,379 @@
+//! `Endpoint`: the per-backend layer that points a request at one backend and records what
+//! happened.
+//!
+//! One request can be sent to any backend of a group: [`Endpoint`] rewrites its scheme, authority,
+//! path and query for its [`Backend`] (see [`provider`](crate::provider) for the path
+//! convention), sets `Host` to the backend's authority, and sets provider-required headers
+//! (`anthropic-version`). It then classifies the attempt once, with the stack's
+//! [`Classify`] policy, writes the result into the backend's [`BackendState`], and stamps it on
+//! the response as a [`Served`] extension (or inside a [`BackendError`]) for the layers above.
+//!
+//! | outcome | what `Endpoint` does |
+//! |---|---|
+//! | success | records latency and quota hints (`x-ratelimit-remaining-*`), resets the throttle streak, returns the response |
+//! | 429 / 529 / 503 with a hint | cools the backend down until the hint (no hint: exponential backoff with jitter, capped); a cooldown only ever extends; returns the response |
+//! | 429 with a billing / spend-limit body | cools the backend down for the long quota-exhausted period and logs a warning once; returns the response |
+//! | 5xx, other 4xx | counts it, returns the response (the circuit breaker decides about health) |
+//! | connect error, broken connection, timeout | counts it, answers [`BackendError`] naming the backend and the outcome |
+//! | a path that cannot be mapped | answers [`error::InvalidTarget`] without sending |
+//!
+//! Response bodies stream through untouched ([`ResponseBody`]). Only for throttled answers is
+//! the error body read, bounded by [`EndpointLayer::error_body_limit`] (default 16 KiB), to spot
+//! quota exhaustion; those bytes are replayed to the caller first.
+//!
+//! Endpoint never follows redirects (the hyper client does not either), so a credential never
+//! travels to another origin.
+//!
+//! ```
+//! use tower::{ServiceBuilder, ServiceExt, service_fn};
+//! use tower_llm_lb::{Backend, endpoint::{EndpointLayer, Served}};
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), tower_llm_lb::BoxError> {
+//! let westus = Backend::azure("westus", "https://w.openai.azure.com", "gpt-4o", "2024-10-21").build()?;
+//! let svc = ServiceBuilder::new()
+//!     .layer(EndpointLayer::new(westus))
+//!     .service(service_fn(|req: http::Request<String>| async move {
+//!         assert_eq!(
+//!             req.uri(),
+//!             "https://w.openai.azure.com/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21"
+//!         );
+//!         Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Empty::<bytes::Bytes>::new()))
+//!     }));
+//! let res = svc.oneshot(http::Request::post("/v1/chat/completions").body(String::new())?).await?;
+//! assert_eq!(res.extensions().get::<Served>().unwrap().backend.name(), "westus");
+//! # Ok(()) }
+//! ```
+
+pub mod error;
+mod future;
+
+use std::fmt;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::uri::PathAndQuery;
+use http::{Request, Uri};
+use tokio::time::Instant;
+use tower_layer::Layer;
+use tower_service::Service;
+
+use crate::backend::Backend;
+use crate::classify::retry_after::{DEFAULT_MAX_HINT, Hints, WallClock};
+use crate::classify::{Classify, Outcome, Standard};
+use crate::error::{BackendError, BoxError};
+use crate::provider::{ANTHROPIC_VERSION, Provider};
+use crate::rng::Rng;
+use crate::state::BackendState;
+
+pub use crate::body::ResponseBody;
+pub use future::ResponseFuture;
+
+/// What the [`Endpoint`] of the backend that answered found; inserted into every response's
+/// extensions.
+#[derive(Clone, Debug)]
+pub struct Served {
+    /// The backend that answered.
+    pub backend: Backend,
+    /// What the answer means.
+    pub outcome: Outcome,
+    /// The wait and quota hints the answer carried.
+    pub hints: Hints,
+    /// Time from sending to the response head.
+    pub elapsed: Duration,
+}
+
+/// Settings shared by the endpoints of a stack.
+#[derive(Clone)]
+pub(crate) struct Settings {
+    pub(crate) classify: Arc<dyn Classify>,
+    pub(crate) wall_clock: WallClock,
+    pub(crate) max_hint: Duration,
+    pub(crate) backoff_base: Duration,
+    pub(crate) backoff_max: Duration,
+    pub(crate) quota_exhausted_cooldown: Duration,
+    pub(crate) error_body_limit: usize,
+    pub(crate) rng: Rng,
+}
+
+/// Layer that wraps a service in [`Endpoint`] for one backend.
+#[derive(Clone)]
+pub struct EndpointLayer {
+    backend: Backend,
+    settings: Arc<Settings>,
+}
+
+impl EndpointLayer {
+    /// Points requests at `backend`, with the stock [`Standard`] classifier and defaults: server
+    /// hints capped at 300 s, no-hint backoff from 1 s doubling to 60 s, quota-exhausted cooldown
+    /// 10 minutes, error bodies read up to 16 KiB.
+    pub fn new(backend: Backend) -> Self {
+        EndpointLayer {
+            backend,
+            settings: Arc::new(Settings {
+                classify: Arc::new(Standard),
+                wall_clock: WallClock::system(),
+                max_hint: DEFAULT_MAX_HINT,
+                backoff_base: Duration::from_secs(1),
+                backoff_max: Duration::from_secs(60),
+                quota_exhausted_cooldown: Duration::from_secs(600),
+                error_body_limit: 16 * 1024,
+                rng: Rng::from_entropy(),
+            }),
+        }
+    }
+
+    fn settings(mut self, f: impl FnOnce(&mut Settings)) -> Self {
+        f(Arc::make_mut(&mut self.settings));
+        self
+    }
+
+    /// Replaces the classification policy.
+    pub fn classify(self, classify: impl Classify) -> Self {
+        self.settings(|s| s.classify = Arc::new(classify))
+    }
+
+    /// Replaces the wall clock used for HTTP-date and RFC 3339 hints.
+    pub fn wall_clock(self, clock: WallClock) -> Self {
+        self.settings(|s| s.wall_clock = clock)
+    }
+
+    /// Caps every server hint (default 300 s).
+    pub fn max_hint(self, max: Duration) -> Self {
+        self.settings(|s| s.max_hint = max)
+    }
+
+    /// The cooldown after a 429 without a hint: `base * 2^(streak-1)`, capped at `max`, less up to
+    /// 25% jitter.
+    pub fn backoff(self, base: Duration, max: Duration) -> Self {
+        self.settings(|s| {
+            s.backoff_base = base;
+            s.backoff_max = max;
+        })
+    }
+
+    /// How long a backend whose quota is exhausted (billing, spend limit) is left alone.
+    pub fn quota_exhausted_cooldown(self, cooldown: Duration) -> Self {
+        self.settings(|s| s.quota_exhausted_cooldown = cooldown)
+    }
+
+    /// How much of a throttled answer's body may be read to classify it (default 16 KiB).
+    pub fn error_body_limit(self, limit: usize) -> Self {
+        self.settings(|s| s.error_body_limit = limit)
+    }
+
+    /// The random source for backoff jitter (seed it for repeatable tests).
+    pub fn rng(self, rng: Rng) -> Self {
+        self.settings(|s| s.rng = rng)
+    }
+
+    /// The same settings for another backend.
+    pub fn for_backend(&self, backend: Backend) -> Self {
+        EndpointLayer {
+            backend,
+            settings: self.settings.clone(),
+        }
+    }
+
+    /// The backend.
+    pub fn backend(&self) -> &Backend {
+        &self.backend
+    }
+}
+
+impl fmt::Debug for EndpointLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EndpointLayer")
+            .field("backend", &self.backend)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S> Layer<S> for EndpointLayer {
+    type Service = Endpoint<S>;
+
+    fn layer(&self, inner: S) -> Endpoint<S> {
+        Endpoint {
+            inner,
+            backend: self.backend.clone(),
+            settings: self.settings.clone(),
+        }
+    }
+}
+
+/// Middleware that sends requests to one backend and records each attempt's outcome. See the
+/// [module docs](self).
+#[derive(Clone)]
+pub struct Endpoint<S> {
+    inner: S,
+    backend: Backend,
+    settings: Arc<Settings>,
+}
+
+impl<S> Endpoint<S> {
+    /// Wraps `inner` for `backend` with default settings.
+    pub fn new(inner: S, backend: Backend) -> Self {
+        EndpointLayer::new(backend).layer(inner)
+    }
+
+    /// The backend.
+    pub fn backend(&self) -> &Backend {
+        &self.backend
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Unwraps the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S: fmt::Debug> fmt::Debug for Endpoint<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Endpoint")
+            .field("backend", &self.backend)
+            .field("inner", &self.inner)
+            .finish()
+    }
+}
+
+/// Rewrites `req` for `backend`.
+fn route<B>(backend: &Backend, req: &mut Request<B>) -> Result<(), error::InvalidTarget> {
+    let uri = req.uri();
+    let target = backend
+        .provider()
+        .target_path(backend.base_path(), uri.path(), uri.query());
+    let path_and_query = PathAndQuery::try_from(target)
+        .map_err(|_| error::InvalidTarget::new(backend.name_arc().clone()))?;
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = Some(backend.scheme().clone());
+    parts.authority = Some(backend.authority().clone());
+    parts.path_and_query = Some(path_and_query);
+    *req.uri_mut() =
+        Uri::from_parts(parts).map_err(|_| error::InvalidTarget::new(backend.name_arc().clone()))?;
+    let headers = req.headers_mut();
+    headers.insert(http::header::HOST, backend.host().clone());
+    if let Provider::Anthropic { version } = backend.provider() {
+        headers.insert(ANTHROPIC_VERSION.clone(), version.clone());
+    }
+    Ok(())
+}
+
+impl<S, ReqB, ResB> Service<Request<ReqB>> for Endpoint<S>
+where
+    S: Service<Request<ReqB>, Response = http::Response<ResB>>,
+    S::Error: Into<BoxError>,
+    ResB: http_body::Body<Data = bytes::Bytes> + Unpin,
+{
+    type Response = http::Response<ResponseBody<ResB>>;
+    type Error = BoxError;
+    type Future = ResponseFuture<S::Future, ResB>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(|e| {
+            let e = e.into();
+            let outcome = self.settings.classify.classify_error(&*e);
+            self.backend.state().record_outcome(&outcome);
+            BackendError::new(self.backend.name_arc().clone(), outcome, e).into()
+        })
+    }
+
+    fn call(&mut self, mut req: Request<ReqB>) -> Self::Future {
+        if let Err(e) = route(&self.backend, &mut req) {
+            return ResponseFuture::failed(e.into());
+        }
+        let record = Record {
+            guard: self.backend.state().start_request(),
+            backend: self.backend.clone(),
+            settings: self.settings.clone(),
+            start: Instant::now(),
+        };
+        ResponseFuture::new(self.inner.call(req), record)
+    }
+}
+
+/// What an in-flight attempt needs to record its outcome.
+pub(crate) struct Record {
+    guard: crate::state::InFlight,
+    backend: Backend,
+    settings: Arc<Settings>,
+    start: Instant,
+}
+
+impl Record {
+    fn state(&self) -> &BackendState {
+        self.backend.state()
+    }
+
+    fn hints(&self, headers: &http::HeaderMap) -> Hints {
+        Hints::from_headers(headers, self.settings.wall_clock.now(), self.settings.max_hint)
+    }
+
+    /// Writes the outcome into the backend's state; returns the `Served` extension.
+    fn finish(self, outcome: Outcome, hints: Hints) -> Served {
+        let now = Instant::now();
+        let elapsed = now.saturating_duration_since(self.start);
+        let state = self.state();
+        state.record_outcome(&outcome);
+        state.record_quota(hints.remaining_requests, hints.remaining_tokens, now);
+        match outcome {
+            Outcome::Success => {
+                state.record_latency(elapsed);
+                state.reset_throttle_streak();
+            }
+            Outcome::Throttled { retry_after } => {
+                let streak = state.note_throttled();
+                let wait = retry_after.unwrap_or_else(|| self.backoff(streak));
+                state.extend_cooldown(now + wait);
+                tracing::debug!(backend = self.backend.name(), ?wait, streak, "backend throttled");
+            }
+            Outcome::QuotaExhausted => {
+                let was_available = state.is_available(now);
+                state.note_throttled();
+                state.extend_cooldown(now + self.settings.quota_exhausted_cooldown);
+                if was_available {
+                    tracing::warn!(
+                        backend = self.backend.name(),
+                        cooldown = ?self.settings.quota_exhausted_cooldown,
+                        "backend quota exhausted (billing or spend limit): taken out of rotation"
+                    );
+                }
+            }
+            _ => {}
+        }
+        drop(self.guard);
+        Served {
+            backend: self.backend,
+            outcome,
+            hints,
+            elapsed,
+        }
+    }
+
+    fn fail(self, error: BoxError) -> BoxError {
+        let outcome = self.settings.classify.classify_error(&*error);
+        let name = self.backend.name_arc().clone();
+        tracing::debug!(backend = &*name, %outcome, "attempt failed");
+        self.finish(outcome, Hints::default());
+        BackendError::new(name, outcome, error).into()
+    }
+
+    /// `base * 2^(streak-1)` capped, less up to 25% jitter.
+    fn backoff(&self, streak: u32) -> Duration {
+        let s = &self.settings;
+        let exp = s
+            .backoff_base
+            .saturating_mul(2u32.saturating_pow(streak.saturating_sub(1).min(20)));
+        let capped = exp.min(s.backoff_max);
+        capped.mul_f64(1.0 - 0.25 * s.rng.next_f64())
+    }
+}

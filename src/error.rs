@@ -1,0 +1,204 @@
+//! Errors shared by the layers.
+//!
+//! Between layers errors travel as [`BoxError`]; each failure this crate makes is a small struct
+//! that can be downcast. Every one can say which backend(s) it concerns and what happened, and
+//! none carries a secret: credentials are never formatted into errors.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::classify::Outcome;
+
+/// The type-erased error passed between layers, as in tower.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// One backend failed an attempt without answering: connect error, broken connection, timeout.
+///
+/// Made by [`Endpoint`](crate::endpoint::Endpoint), which knows the backend and has classified the
+/// failure; the original error is the [`source`](std::error::Error::source).
+#[derive(Debug)]
+pub struct BackendError {
+    backend: Arc<str>,
+    outcome: Outcome,
+    source: BoxError,
+}
+
+impl BackendError {
+    /// Wraps `source`, the failure of an attempt on `backend`.
+    pub fn new(backend: Arc<str>, outcome: Outcome, source: BoxError) -> Self {
+        BackendError {
+            backend,
+            outcome,
+            source,
+        }
+    }
+
+    /// The backend's name.
+    pub fn backend(&self) -> &str {
+        &self.backend
+    }
+
+    /// What the failure means.
+    pub fn outcome(&self) -> Outcome {
+        self.outcome
+    }
+
+    /// Unwraps the original error.
+    pub fn into_source(self) -> BoxError {
+        self.source
+    }
+}
+
+impl fmt::Display for BackendError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "backend {}: {}: {}", self.backend, self.outcome, self.source)
+    }
+}
+
+impl std::error::Error for BackendError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&*self.source)
+    }
+}
+
+/// A layer refused to send because nothing was available (every backend cooling down, circuit
+/// open). Carries the earliest instant something may be available again.
+#[derive(Clone, Debug)]
+pub struct Unavailable {
+    what: Arc<str>,
+    earliest: Option<Instant>,
+}
+
+impl Unavailable {
+    /// `what` says what was unavailable (a backend's or a group's name).
+    pub fn new(what: impl Into<Arc<str>>, earliest: Option<Instant>) -> Self {
+        Unavailable {
+            what: what.into(),
+            earliest,
+        }
+    }
+
+    /// The earliest instant something may be available again, if known.
+    pub fn earliest(&self) -> Option<Instant> {
+        self.earliest
+    }
+
+    /// What was unavailable.
+    pub fn what(&self) -> &str {
+        &self.what
+    }
+}
+
+impl fmt::Display for Unavailable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} unavailable", self.what)?;
+        if let Some(at) = self.earliest {
+            let wait = at.saturating_duration_since(Instant::now());
+            write!(f, " for {:.3}s", wait.as_secs_f64())?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for Unavailable {}
+
+/// One attempt of a request: which backend, what happened, how long it took.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Attempt {
+    /// The backend's name.
+    pub backend: Arc<str>,
+    /// What the attempt's result meant.
+    pub outcome: Outcome,
+    /// How long the attempt took (excluding any wait before it).
+    pub elapsed: Duration,
+}
+
+impl fmt::Display for Attempt {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}: {} after {:.3}s",
+            self.backend,
+            self.outcome,
+            self.elapsed.as_secs_f64()
+        )
+    }
+}
+
+/// Every attempt a layer was allowed to make failed.
+///
+/// Lists each attempt and the earliest instant a retry could succeed, so a caller (or a
+/// `Fallback` above) can decide what to do next.
+#[derive(Clone, Debug)]
+pub struct Exhausted {
+    attempts: Vec<Attempt>,
+    earliest: Option<Instant>,
+}
+
+impl Exhausted {
+    /// Builds the error from the attempts made.
+    pub fn new(attempts: Vec<Attempt>, earliest: Option<Instant>) -> Self {
+        Exhausted { attempts, earliest }
+    }
+
+    /// The attempts, in order.
+    pub fn attempts(&self) -> &[Attempt] {
+        &self.attempts
+    }
+
+    /// The earliest instant a retry could succeed, if known.
+    pub fn earliest(&self) -> Option<Instant> {
+        self.earliest
+    }
+}
+
+impl fmt::Display for Exhausted {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "all {} attempts failed", self.attempts.len())?;
+        for (i, a) in self.attempts.iter().enumerate() {
+            f.write_str(if i == 0 { ": " } else { "; " })?;
+            write!(f, "{a}")?;
+        }
+        if let Some(at) = self.earliest {
+            let wait = at.saturating_duration_since(Instant::now());
+            write!(f, "; earliest retry in {:.3}s", wait.as_secs_f64())?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for Exhausted {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn exhausted_reads_like_a_sentence() {
+        let e = Exhausted::new(
+            vec![
+                Attempt {
+                    backend: "westus".into(),
+                    outcome: Outcome::Throttled {
+                        retry_after: Some(Duration::from_secs(2)),
+                    },
+                    elapsed: Duration::from_millis(12),
+                },
+                Attempt {
+                    backend: "eastus".into(),
+                    outcome: Outcome::ConnectError,
+                    elapsed: Duration::ZERO,
+                },
+            ],
+            Some(Instant::now() + Duration::from_millis(1500)),
+        );
+        assert_eq!(
+            e.to_string(),
+            "all 2 attempts failed: westus: throttled (retry after 2.000s) after 0.012s; \
+             eastus: connect error after 0.000s; earliest retry in 1.500s"
+        );
+    }
+}

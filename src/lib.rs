@@ -1,0 +1,81 @@
+//! Tower middleware that spreads LLM API calls over many endpoints and keeps working when they
+//! throttle or fail.
+//!
+//! Every Azure OpenAI deployment, OpenAI organisation and Anthropic key has a quota; past it the
+//! service answers 429 with a `retry-after`. `tower-llm-lb` gives any hyper-based client (or an
+//! axum / tonic app) composable [`Layer`](tower_layer::Layer)s that absorb that:
+//!
+//! | layer | what it does |
+//! |---|---|
+//! | [`endpoint::Endpoint`] | per backend: points the request at it, classifies the answer once, records cooldowns and quota hints in the backend's [`BackendState`] |
+//! | [`auth::AuthInject`] | per backend: strips the caller's credentials, injects the backend's own (`api-key`, bearer, refreshed token) |
+//! | [`body::BufferRequest`] | once, outermost: makes the request body cheap to replay, with a size cap |
+//!
+//! `Balance`, `RetryAfter429`, `CircuitBreaker` and `Fallback` build on these and share the same
+//! [`classify::Outcome`] and [`BackendState`].
+//!
+//! # Recommended order
+//!
+//! Outermost first: `BufferRequest` → `Fallback` → `RetryAfter429` → `Balance` → per backend:
+//! `Endpoint` → `CircuitBreaker` → `AuthInject` → the HTTP client.
+//!
+//! # Example
+//!
+//! One Azure deployment behind the per-backend layers, over a plain hyper-util client:
+//!
+//! ```
+//! use http_body_util::BodyExt;
+//! use tower::{ServiceBuilder, ServiceExt};
+//! use tower_llm_lb::{Backend, auth::{AuthInjectLayer, Credential}, body::ReplayBody,
+//!                    endpoint::{EndpointLayer, Served}, client::http_client};
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), tower_llm_lb::BoxError> {
+//! # let mock = tower_llm_lb::mock::MockServer::builder().api_key("key-1").start().await?;
+//! # let url = mock.url();
+//! let backend = Backend::azure("eastus", url, "gpt-4o", "2024-10-21")
+//!     .credential(Credential::api_key("key-1")?)
+//!     .build()?;
+//! let svc = ServiceBuilder::new()
+//!     .layer(EndpointLayer::new(backend.clone()))
+//!     .layer(AuthInjectLayer::for_backend(&backend))
+//!     .service(http_client::<ReplayBody>());
+//!
+//! let req = http::Request::post("/v1/chat/completions")
+//!     .header("content-type", "application/json")
+//!     .body(ReplayBody::from(r#"{"messages":[{"role":"user","content":"hi"}]}"#))?;
+//! let res = svc.oneshot(req).await?;
+//! assert_eq!(res.status(), 200);
+//! assert_eq!(res.extensions().get::<Served>().unwrap().backend.name(), "eastus");
+//! let body = res.into_body().collect().await?.to_bytes();
+//! assert!(body.starts_with(b"{"));
+//! # Ok(()) }
+//! ```
+//!
+//! # Features
+//!
+//! | feature | default | what it adds |
+//! |---|---|---|
+//! | `rustls` | yes | [`client::https_client`]: hyper-util + rustls (ring), webpki or native roots |
+//! | `mock` | no | [`mock`]: the loopback mock LLM server used by the tests and the demo |
+
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+#![cfg_attr(docsrs, feature(doc_auto_cfg))]
+
+pub mod auth;
+pub mod backend;
+pub mod body;
+pub mod classify;
+pub mod client;
+pub mod endpoint;
+pub mod error;
+#[cfg(feature = "mock")]
+pub mod mock;
+pub mod provider;
+pub mod rng;
+pub mod state;
+
+pub use backend::Backend;
+pub use classify::Outcome;
+pub use error::BoxError;
+pub use state::BackendState;

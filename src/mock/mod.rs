@@ -1,0 +1,777 @@
+//! A loopback mock LLM server (feature `mock`): real hyper on `127.0.0.1`, for tests, the demo and
+//! users' own tests.
+//!
+//! Each [`MockServer`] is one simulated backend with its own port, credential, rate limits, fault
+//! script and counters; start as many as you like in one process. It serves:
+//!
+//! - OpenAI routes: `POST /v1/chat/completions`, `/v1/completions`, `/v1/embeddings`, `GET /v1/models`;
+//! - Azure classic routes: `POST /openai/deployments/{deployment}/{op}?api-version=…` and the v1
+//!   routes under `/openai/v1/`;
+//! - Anthropic: `POST /v1/messages` (requires `anthropic-version`).
+//!
+//! Behaviour:
+//! - **Auth**: the configured credential must be present, else `401`. Any *other* credential header
+//!   on a request (a leaked caller or foreign key) is counted in [`MockCounters::foreign_credentials`].
+//! - **Rate limits**: request/s and token/s token buckets (tokens estimated as body bytes / 4 plus
+//!   `max_tokens`) on tokio's clock, so they follow a paused clock. Past them: `429` with
+//!   `retry-after`, `retry-after-ms`, `x-ratelimit-remaining-*` and `x-ratelimit-reset-*`, and an
+//!   OpenAI-shaped error body. Successful answers carry the remaining-quota headers too.
+//! - **Streaming**: `"stream": true` in the body gets an SSE answer of N chunks, a configurable
+//!   delay apart, ending with `data: [DONE]`.
+//! - **Faults** ([`Fault`]), switchable at run time: a status code, a hang, a connection reset, a
+//!   slow answer, an SSE stream cut mid-way, a quota-exhausted 429.
+//!
+//! The server stops, with all its connections, when the [`MockServer`] is dropped.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering::*};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use http_body::{Body, Frame};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use crate::auth::CALLER_CREDENTIAL_HEADERS;
+
+/// A fault a [`MockServer`] injects into every request while it is set.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Fault {
+    /// Answer this status with an OpenAI-shaped error body.
+    Status(u16),
+    /// Never answer (the connection stays open).
+    Hang,
+    /// Close the connection without an answer.
+    Reset,
+    /// Wait this long before answering normally.
+    Slow(Duration),
+    /// Streamed answers stop after this many chunks with a broken connection (no `[DONE]`);
+    /// plain answers are unaffected.
+    TruncateStream(usize),
+    /// Answer 429 with an `insufficient_quota` body (billing limit: waiting will not help).
+    QuotaExhausted,
+}
+
+/// The credential a [`MockServer`] requires.
+#[derive(Clone, Debug, Default)]
+enum Expect {
+    #[default]
+    Nothing,
+    Header(&'static str, String),
+}
+
+/// Builds a [`MockServer`].
+#[derive(Clone, Debug)]
+#[must_use]
+pub struct MockBuilder {
+    name: String,
+    expect: Expect,
+    rps: Option<f64>,
+    tps: Option<f64>,
+    latency: Duration,
+    stream_chunks: usize,
+    chunk_delay: Duration,
+}
+
+/// Counts of what a [`MockServer`] saw and answered.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MockCounters {
+    /// Requests received.
+    pub requests: u64,
+    /// Answered 2xx.
+    pub ok: u64,
+    /// Answered 429.
+    pub throttled: u64,
+    /// Answered 401 (missing or wrong credential).
+    pub unauthorized: u64,
+    /// Answered another 4xx/5xx, or faulted (hang, reset, truncation).
+    pub errors: u64,
+    /// Requests that carried a credential header other than the expected one.
+    pub foreign_credentials: u64,
+    /// SSE chunks handed to the connection so far.
+    pub streamed_chunks: u64,
+    /// Requests being handled right now.
+    pub in_flight: u64,
+}
+
+/// One request as the mock received it.
+#[derive(Clone, Debug)]
+pub struct RecordedRequest {
+    /// Method.
+    pub method: Method,
+    /// Path and query as received.
+    pub path_and_query: String,
+    /// Headers as received (credentials included: this is a test tool).
+    pub headers: HeaderMap,
+    /// Body bytes.
+    pub body: Bytes,
+    /// When it arrived (tokio's clock).
+    pub at: Instant,
+    /// The status answered (0 for a hang or reset).
+    pub status: u16,
+}
+
+struct Shared {
+    name: String,
+    expect: Expect,
+    latency: Duration,
+    stream_chunks: usize,
+    chunk_delay: Duration,
+    requests: Mutex<Vec<RecordedRequest>>,
+    fault: Mutex<Option<Fault>>,
+    buckets: Mutex<Buckets>,
+    counters: [AtomicU64; 8],
+}
+
+struct Bucket {
+    rate: f64,
+    level: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    fn new(rate: f64) -> Self {
+        Bucket {
+            rate,
+            level: rate.max(1.0),
+            at: Instant::now(),
+        }
+    }
+
+    fn refill(&mut self, now: Instant) {
+        let dt = now.saturating_duration_since(self.at).as_secs_f64();
+        self.level = (self.level + dt * self.rate).min(self.rate.max(1.0));
+        self.at = now;
+    }
+
+    /// Time until `cost` is available.
+    fn wait_for(&self, cost: f64) -> Duration {
+        if self.level >= cost || self.rate <= 0.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64((cost - self.level) / self.rate)
+        }
+    }
+
+    fn to_full(&self) -> Duration {
+        if self.rate <= 0.0 {
+            return Duration::ZERO;
+        }
+        Duration::from_secs_f64((self.rate.max(1.0) - self.level).max(0.0) / self.rate)
+    }
+}
+
+#[derive(Default)]
+struct Buckets {
+    requests: Option<Bucket>,
+    tokens: Option<Bucket>,
+}
+
+const C_REQUESTS: usize = 0;
+const C_OK: usize = 1;
+const C_THROTTLED: usize = 2;
+const C_UNAUTHORIZED: usize = 3;
+const C_ERRORS: usize = 4;
+const C_FOREIGN: usize = 5;
+const C_CHUNKS: usize = 6;
+const C_IN_FLIGHT: usize = 7;
+
+/// A running mock LLM backend on loopback. Dropping it stops the server and all its connections.
+pub struct MockServer {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for MockServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MockServer")
+            .field("name", &self.shared.name)
+            .field("addr", &self.addr)
+            .finish()
+    }
+}
+
+impl Drop for MockServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Default for MockBuilder {
+    fn default() -> Self {
+        MockBuilder {
+            name: "mock".into(),
+            expect: Expect::Nothing,
+            rps: None,
+            tps: None,
+            latency: Duration::ZERO,
+            stream_chunks: 5,
+            chunk_delay: Duration::ZERO,
+        }
+    }
+}
+
+impl MockBuilder {
+    /// Names the server (sent back in `x-mock-server` and in answers).
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
+    }
+
+    /// Requires `api-key: <key>` (Azure).
+    pub fn api_key(mut self, key: impl Into<String>) -> Self {
+        self.expect = Expect::Header("api-key", key.into());
+        self
+    }
+
+    /// Requires `authorization: Bearer <token>` (OpenAI, Entra ID).
+    pub fn bearer(mut self, token: impl Into<String>) -> Self {
+        self.expect = Expect::Header("authorization", format!("Bearer {}", token.into()));
+        self
+    }
+
+    /// Requires `x-api-key: <key>` (Anthropic).
+    pub fn x_api_key(mut self, key: impl Into<String>) -> Self {
+        self.expect = Expect::Header("x-api-key", key.into());
+        self
+    }
+
+    /// Limits requests per second (token bucket, burst = one second's worth).
+    pub fn rps(mut self, rps: f64) -> Self {
+        self.rps = Some(rps);
+        self
+    }
+
+    /// Limits tokens per second (token bucket, burst = one second's worth).
+    pub fn tps(mut self, tps: f64) -> Self {
+        self.tps = Some(tps);
+        self
+    }
+
+    /// Time taken to answer each request (simulated processing).
+    pub fn latency(mut self, latency: Duration) -> Self {
+        self.latency = latency;
+        self
+    }
+
+    /// Number of content chunks in a streamed answer (default 5).
+    pub fn stream_chunks(mut self, n: usize) -> Self {
+        self.stream_chunks = n;
+        self
+    }
+
+    /// Delay between streamed chunks (default none).
+    pub fn chunk_delay(mut self, d: Duration) -> Self {
+        self.chunk_delay = d;
+        self
+    }
+
+    /// Binds `127.0.0.1:0` and starts serving on the current tokio runtime.
+    pub async fn start(self) -> std::io::Result<MockServer> {
+        let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
+        let addr = listener.local_addr()?;
+        let shared = Arc::new(Shared {
+            name: self.name,
+            expect: self.expect,
+            latency: self.latency,
+            stream_chunks: self.stream_chunks,
+            chunk_delay: self.chunk_delay,
+            requests: Mutex::new(Vec::new()),
+            fault: Mutex::new(None),
+            buckets: Mutex::new(Buckets {
+                requests: self.rps.map(Bucket::new),
+                tokens: self.tps.map(Bucket::new),
+            }),
+            counters: Default::default(),
+        });
+        let task = tokio::spawn(accept_loop(listener, shared.clone()));
+        Ok(MockServer { addr, shared, task })
+    }
+}
+
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+    // Connections live in this set: aborting the accept task drops the set and aborts them all.
+    let mut conns = JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let Ok((stream, _)) = accepted else { continue };
+                let _ = stream.set_nodelay(true);
+                let shared = shared.clone();
+                conns.spawn(async move {
+                    let svc = hyper::service::service_fn(move |req| handle(shared.clone(), req));
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+        }
+    }
+}
+
+impl MockServer {
+    /// A builder with defaults: no credential required, no limits, no latency.
+    pub fn builder() -> MockBuilder {
+        MockBuilder::default()
+    }
+
+    /// The bound address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The server's name.
+    pub fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    /// Sets (or clears) the fault injected into every following request.
+    pub fn set_fault(&self, fault: Option<Fault>) {
+        *self.shared.fault.lock().unwrap_or_else(|e| e.into_inner()) = fault;
+    }
+
+    /// A snapshot of the counters.
+    pub fn counters(&self) -> MockCounters {
+        let g = |i: usize| self.shared.counters[i].load(SeqCst);
+        MockCounters {
+            requests: g(C_REQUESTS),
+            ok: g(C_OK),
+            throttled: g(C_THROTTLED),
+            unauthorized: g(C_UNAUTHORIZED),
+            errors: g(C_ERRORS),
+            foreign_credentials: g(C_FOREIGN),
+            streamed_chunks: g(C_CHUNKS),
+            in_flight: g(C_IN_FLIGHT),
+        }
+    }
+
+    /// Every request received so far, in order.
+    pub fn requests(&self) -> Vec<RecordedRequest> {
+        self.shared
+            .requests
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+impl Shared {
+    fn count(&self, i: usize) {
+        self.counters[i].fetch_add(1, SeqCst);
+    }
+
+    fn fault(&self) -> Option<Fault> {
+        self.fault.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn record(&self, rec: RecordedRequest) -> usize {
+        let mut log = self.requests.lock().unwrap_or_else(|e| e.into_inner());
+        log.push(rec);
+        log.len() - 1
+    }
+
+    fn set_status(&self, idx: usize, status: u16) {
+        if let Some(r) = self
+            .requests
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_mut(idx)
+        {
+            r.status = status;
+        }
+    }
+}
+
+struct InFlightCount(Arc<Shared>);
+
+impl Drop for InFlightCount {
+    fn drop(&mut self) {
+        self.0.counters[C_IN_FLIGHT].fetch_sub(1, SeqCst);
+    }
+}
+
+/// The mock's response body: whole, or streamed from a channel.
+pub struct MockBody {
+    kind: BodyKind,
+}
+
+enum BodyKind {
+    Full(Option<Bytes>),
+    Channel(mpsc::Receiver<Result<Bytes, std::io::Error>>),
+}
+
+impl Body for MockBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        match &mut self.get_mut().kind {
+            BodyKind::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            BodyKind::Channel(rx) => rx.poll_recv(cx).map(|o| o.map(|r| r.map(Frame::data))),
+        }
+    }
+}
+
+fn full(status: StatusCode, body: impl Into<Bytes>) -> Response<MockBody> {
+    let mut res = Response::new(MockBody {
+        kind: BodyKind::Full(Some(body.into())),
+    });
+    *res.status_mut() = status;
+    res.headers_mut()
+        .insert("content-type", HeaderValue::from_static("application/json"));
+    res
+}
+
+fn error_json(status: StatusCode, code: &str, message: &str) -> Response<MockBody> {
+    let body = serde_json::json!({
+        "error": {"message": message, "type": code, "param": null, "code": code}
+    });
+    full(status, body.to_string())
+}
+
+struct Route {
+    model: String,
+    anthropic: bool,
+    kind: &'static str,
+}
+
+fn route(method: &Method, path: &str, query: Option<&str>) -> Result<Route, Response<MockBody>> {
+    let not_found = || error_json(StatusCode::NOT_FOUND, "not_found", "Resource not found");
+    let op = |op: &str| -> Option<&'static str> {
+        match op {
+            "chat/completions" => Some("chat"),
+            "completions" => Some("completion"),
+            "embeddings" => Some("embedding"),
+            "models" => Some("models"),
+            "responses" => Some("chat"),
+            _ => None,
+        }
+    };
+    let want_get = |k: &str| (k == "models") == (method == Method::GET);
+    if path == "/v1/messages" && method == Method::POST {
+        return Ok(Route {
+            model: String::new(),
+            anthropic: true,
+            kind: "chat",
+        });
+    }
+    if let Some(rest) = path.strip_prefix("/openai/deployments/") {
+        let (deployment, rest) = rest.split_once('/').ok_or_else(not_found)?;
+        let has_version = query
+            .unwrap_or("")
+            .split('&')
+            .any(|p| p.starts_with("api-version=") && p.len() > "api-version=".len());
+        if !has_version {
+            return Err(error_json(
+                StatusCode::BAD_REQUEST,
+                "missing_api_version",
+                "Missing api-version query parameter",
+            ));
+        }
+        let kind = op(rest).filter(|k| want_get(k)).ok_or_else(not_found)?;
+        return Ok(Route {
+            model: deployment.to_string(),
+            anthropic: false,
+            kind,
+        });
+    }
+    let rest = path
+        .strip_prefix("/openai/v1/")
+        .or_else(|| path.strip_prefix("/v1/"))
+        .ok_or_else(not_found)?;
+    let kind = op(rest).filter(|k| want_get(k)).ok_or_else(not_found)?;
+    Ok(Route {
+        model: String::new(),
+        anthropic: false,
+        kind,
+    })
+}
+
+fn header_str(h: &HeaderMap, name: &str) -> String {
+    h.get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string()
+}
+
+async fn handle(
+    shared: Arc<Shared>,
+    req: Request<Incoming>,
+) -> Result<Response<MockBody>, std::io::Error> {
+    shared.count(C_REQUESTS);
+    shared.counters[C_IN_FLIGHT].fetch_add(1, SeqCst);
+    let _in_flight = InFlightCount(shared.clone());
+    let (parts, body) = req.into_parts();
+    let body = body.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+    let idx = shared.record(RecordedRequest {
+        method: parts.method.clone(),
+        path_and_query: parts
+            .uri
+            .path_and_query()
+            .map_or_else(String::new, |p| p.to_string()),
+        headers: parts.headers.clone(),
+        body: body.clone(),
+        at: Instant::now(),
+        status: 0,
+    });
+    let res = answer(&shared, &parts, body).await;
+    match res {
+        Some(mut res) => {
+            let status = res.status();
+            shared.set_status(idx, status.as_u16());
+            let counter = match status.as_u16() {
+                200..=299 => C_OK,
+                429 => C_THROTTLED,
+                401 => C_UNAUTHORIZED,
+                _ => C_ERRORS,
+            };
+            shared.count(counter);
+            if let Ok(v) = HeaderValue::from_str(&shared.name) {
+                res.headers_mut().insert("x-mock-server", v);
+            }
+            Ok(res)
+        }
+        None => {
+            // Reset: a service error makes hyper drop the connection without an answer.
+            shared.count(C_ERRORS);
+            Err(std::io::Error::from(std::io::ErrorKind::ConnectionReset))
+        }
+    }
+}
+
+/// Builds the answer; `None` means reset the connection.
+async fn answer(shared: &Arc<Shared>, parts: &http::request::Parts, body: Bytes) -> Option<Response<MockBody>> {
+    // Auth first, as real services do.
+    let mut foreign = false;
+    for name in &CALLER_CREDENTIAL_HEADERS {
+        if parts.headers.contains_key(name)
+            && !matches!(&shared.expect, Expect::Header(n, _) if *n == name.as_str())
+        {
+            foreign = true;
+        }
+    }
+    if foreign {
+        shared.count(C_FOREIGN);
+    }
+    if let Expect::Header(name, want) = &shared.expect {
+        let got = parts.headers.get(*name).map(|v| v.as_bytes());
+        if got != Some(want.as_bytes()) {
+            return Some(error_json(
+                StatusCode::UNAUTHORIZED,
+                "invalid_api_key",
+                "Access denied due to invalid subscription key or wrong API endpoint.",
+            ));
+        }
+    }
+    let route = match route(&parts.method, parts.uri.path(), parts.uri.query()) {
+        Ok(r) => r,
+        Err(res) => return Some(res),
+    };
+    if route.anthropic && !parts.headers.contains_key("anthropic-version") {
+        return Some(error_json(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "anthropic-version: header is required",
+        ));
+    }
+    let json: serde_json::Value = if body.is_empty() {
+        serde_json::Value::Null
+    } else {
+        match serde_json::from_slice(&body) {
+            Ok(v) => v,
+            Err(_) => {
+                return Some(error_json(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request_error",
+                    "We could not parse the JSON body of your request.",
+                ));
+            }
+        }
+    };
+    let fault = shared.fault();
+    match &fault {
+        Some(Fault::Status(s)) => {
+            let status = StatusCode::from_u16(*s).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            return Some(error_json(status, "server_error", "injected fault"));
+        }
+        Some(Fault::Hang) => std::future::pending::<()>().await,
+        Some(Fault::Reset) => return None,
+        Some(Fault::Slow(d)) => tokio::time::sleep(*d).await,
+        Some(Fault::QuotaExhausted) => {
+            return Some(error_json(
+                StatusCode::TOO_MANY_REQUESTS,
+                "insufficient_quota",
+                "You exceeded your current quota, please check your plan and billing details.",
+            ));
+        }
+        Some(Fault::TruncateStream(_)) | None => {}
+    }
+    // Rate limits.
+    let max_tokens = json.get("max_tokens").and_then(|v| v.as_u64()).unwrap_or(16);
+    let cost_tokens = (body.len() as f64 / 4.0).ceil() + max_tokens as f64;
+    let (limited, quota_headers) = {
+        let mut b = shared.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        let mut wait = Duration::ZERO;
+        if let Some(r) = &mut b.requests {
+            r.refill(now);
+            wait = wait.max(r.wait_for(1.0));
+        }
+        if let Some(t) = &mut b.tokens {
+            t.refill(now);
+            wait = wait.max(t.wait_for(cost_tokens));
+        }
+        if wait.is_zero() {
+            if let Some(r) = &mut b.requests {
+                r.level -= 1.0;
+            }
+            if let Some(t) = &mut b.tokens {
+                t.level -= cost_tokens;
+            }
+        }
+        let mut h = HeaderMap::new();
+        if let Some(r) = &b.requests {
+            h.insert("x-ratelimit-limit-requests", num(r.rate.max(1.0) as u64));
+            h.insert("x-ratelimit-remaining-requests", num(r.level.max(0.0) as u64));
+            h.insert("x-ratelimit-reset-requests", go_duration(r.to_full()));
+        }
+        if let Some(t) = &b.tokens {
+            h.insert("x-ratelimit-limit-tokens", num(t.rate.max(1.0) as u64));
+            h.insert("x-ratelimit-remaining-tokens", num(t.level.max(0.0) as u64));
+            h.insert("x-ratelimit-reset-tokens", go_duration(t.to_full()));
+        }
+        ((!wait.is_zero()).then_some(wait), h)
+    };
+    if let Some(wait) = limited {
+        let mut res = error_json(
+            StatusCode::TOO_MANY_REQUESTS,
+            "429",
+            "Requests to the ChatCompletions_Create Operation have exceeded call rate limit. \
+             Please retry after the time given in the retry-after header.",
+        );
+        let h = res.headers_mut();
+        h.extend(quota_headers);
+        let ms = wait.as_secs_f64() * 1000.0;
+        h.insert("retry-after-ms", num(ms.ceil() as u64));
+        h.insert("retry-after", num(wait.as_secs_f64().ceil() as u64));
+        return Some(res);
+    }
+    if !shared.latency.is_zero() {
+        tokio::time::sleep(shared.latency).await;
+    }
+    let stream = json.get("stream").and_then(|v| v.as_bool()) == Some(true);
+    let model = json
+        .get("model")
+        .and_then(|v| v.as_str())
+        .map(str::to_string)
+        .unwrap_or(route.model);
+    let mut res = if stream {
+        let cut = match fault {
+            Some(Fault::TruncateStream(n)) => Some(n),
+            _ => None,
+        };
+        sse(shared.clone(), model, cut)
+    } else {
+        let text = format!("Hello from {}", shared.name);
+        let body = match (route.anthropic, route.kind) {
+            (true, _) => serde_json::json!({
+                "id": "msg_mock", "type": "message", "role": "assistant", "model": model,
+                "content": [{"type": "text", "text": text}],
+                "stop_reason": "end_turn",
+                "usage": {"input_tokens": cost_tokens as u64 - max_tokens, "output_tokens": 4}
+            }),
+            (_, "embedding") => serde_json::json!({
+                "object": "list", "model": model,
+                "data": [{"object": "embedding", "index": 0, "embedding": [0.1, 0.2, 0.3]}],
+                "usage": {"prompt_tokens": 4, "total_tokens": 4}
+            }),
+            (_, "models") => serde_json::json!({
+                "object": "list", "data": [{"id": model, "object": "model", "owned_by": shared.name}]
+            }),
+            _ => serde_json::json!({
+                "id": "chatcmpl-mock", "object": "chat.completion", "model": model,
+                "choices": [{"index": 0, "finish_reason": "stop",
+                             "message": {"role": "assistant", "content": text}}],
+                "usage": {"prompt_tokens": cost_tokens as u64 - max_tokens, "completion_tokens": 4,
+                          "total_tokens": cost_tokens as u64 - max_tokens + 4}
+            }),
+        };
+        full(StatusCode::OK, body.to_string())
+    };
+    res.headers_mut().extend(quota_headers);
+    let rid = header_str(&parts.headers, "x-request-id");
+    if let Ok(v) = HeaderValue::from_str(if rid.is_empty() { "mock-request" } else { &rid }) {
+        res.headers_mut().insert("x-request-id", v);
+    }
+    Some(res)
+}
+
+fn num(n: u64) -> HeaderValue {
+    HeaderValue::from(n)
+}
+
+fn go_duration(d: Duration) -> HeaderValue {
+    let ms = d.as_millis();
+    let s = if ms < 1000 {
+        format!("{ms}ms")
+    } else {
+        format!("{:.3}s", d.as_secs_f64())
+    };
+    HeaderValue::from_str(&s).unwrap_or(HeaderValue::from_static("0s"))
+}
+
+fn sse(shared: Arc<Shared>, model: String, cut_after: Option<usize>) -> Response<MockBody> {
+    let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(1);
+    let chunks = shared.stream_chunks;
+    let delay = shared.chunk_delay;
+    tokio::spawn(async move {
+        for i in 0..chunks {
+            if cut_after == Some(i) {
+                let _ = tx
+                    .send(Err(std::io::Error::from(std::io::ErrorKind::ConnectionReset)))
+                    .await;
+                return;
+            }
+            if i > 0 && !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            let chunk = serde_json::json!({
+                "id": "chatcmpl-mock", "object": "chat.completion.chunk", "model": model,
+                "choices": [{"index": 0, "delta": {"content": format!("tok{i} ")}, "finish_reason": null}]
+            });
+            if tx.send(Ok(Bytes::from(format!("data: {chunk}\n\n")))).await.is_err() {
+                return;
+            }
+            shared.count(C_CHUNKS);
+        }
+        let _ = tx.send(Ok(Bytes::from_static(b"data: [DONE]\n\n"))).await;
+    });
+    let mut res = Response::new(MockBody {
+        kind: BodyKind::Channel(rx),
+    });
+    res.headers_mut()
+        .insert("content-type", HeaderValue::from_static("text/event-stream"));
+    res.headers_mut()
+        .insert("cache-control", HeaderValue::from_static("no-cache"));
+    res
+}

@@ -1,0 +1,281 @@
+//! The only place vendors are named: URL shapes, credential headers and error-body codes of Azure
+//! OpenAI, OpenAI(-compatible) APIs and Anthropic.
+//!
+//! # Path convention
+//!
+//! Callers write the path as the OpenAI / Anthropic API references show it, starting with `/v1/`:
+//! `/v1/chat/completions`, `/v1/embeddings`, `/v1/messages`. Each backend's base URL is what you
+//! would hand the official SDK as its base URL, and the provider maps the path onto it:
+//!
+//! | provider | base URL | `/v1/chat/completions?x=1` becomes |
+//! |---|---|---|
+//! | [`Provider::OpenAi`] | `https://api.openai.com/v1` | `https://api.openai.com/v1/chat/completions?x=1` |
+//! | [`Provider::OpenAi`] (vLLM, Ollama…) | `http://10.0.0.5:8000/v1` | `http://10.0.0.5:8000/v1/chat/completions?x=1` |
+//! | [`Provider::AzureOpenAi`] (classic) | `https://res.openai.azure.com` | `https://res.openai.azure.com/openai/deployments/{deployment}/chat/completions?x=1&api-version={version}` |
+//! | [`Provider::AzureOpenAiV1`] | `https://res.openai.azure.com/openai/v1` | `https://res.openai.azure.com/openai/v1/chat/completions?x=1` |
+//! | [`Provider::Anthropic`] | `https://api.anthropic.com` | `https://api.anthropic.com/v1/messages` (for `/v1/messages`) |
+//!
+//! A caller's `api-version` query parameter is replaced by the backend's on classic Azure.
+
+use std::fmt;
+use std::sync::Arc;
+
+use http::HeaderValue;
+use http::header::HeaderName;
+use serde::Deserialize;
+
+/// Which API a backend speaks.
+#[derive(Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Provider {
+    /// OpenAI or any OpenAI-compatible server (vLLM, Ollama, LM Studio…). Credential: `Authorization: Bearer`.
+    OpenAi,
+    /// Azure OpenAI, classic deployment URLs. Credential: `api-key` or an Entra ID bearer token.
+    AzureOpenAi {
+        /// The deployment name (path segment).
+        deployment: Arc<str>,
+        /// The `api-version` query value, e.g. `2024-10-21`.
+        api_version: Arc<str>,
+    },
+    /// Azure OpenAI v1 API (`/openai/v1/...`, deployment in the body's `model`). Credential: `api-key`.
+    AzureOpenAiV1,
+    /// Anthropic's Messages API. Credential: `x-api-key`; `anthropic-version` is set per backend.
+    Anthropic {
+        /// The `anthropic-version` header value, e.g. `2023-06-01`.
+        version: HeaderValue,
+    },
+}
+
+impl fmt::Debug for Provider {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Provider::OpenAi => f.write_str("OpenAi"),
+            Provider::AzureOpenAi {
+                deployment,
+                api_version,
+            } => f
+                .debug_struct("AzureOpenAi")
+                .field("deployment", deployment)
+                .field("api_version", api_version)
+                .finish(),
+            Provider::AzureOpenAiV1 => f.write_str("AzureOpenAiV1"),
+            Provider::Anthropic { version } => f
+                .debug_struct("Anthropic")
+                .field("version", version)
+                .finish(),
+        }
+    }
+}
+
+/// The `anthropic-version` header name.
+pub static ANTHROPIC_VERSION: HeaderName = HeaderName::from_static("anthropic-version");
+
+/// The default `anthropic-version`.
+pub const DEFAULT_ANTHROPIC_VERSION: &str = "2023-06-01";
+
+/// The default Azure OpenAI `api-version` for classic deployment URLs.
+pub const DEFAULT_AZURE_API_VERSION: &str = "2024-10-21";
+
+/// A provider setting that cannot be used.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InvalidProvider(String);
+
+impl fmt::Display for InvalidProvider {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for InvalidProvider {}
+
+fn is_segment_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')
+}
+
+impl Provider {
+    /// Azure OpenAI classic: `deployment` and `api_version` must be plain path / query tokens.
+    pub fn azure(deployment: &str, api_version: &str) -> Result<Provider, InvalidProvider> {
+        if deployment.is_empty() || !deployment.chars().all(is_segment_char) || deployment == ".."
+        {
+            return Err(InvalidProvider(format!(
+                "azure deployment {deployment:?}: must be non-empty letters, digits, '-', '_' or '.'"
+            )));
+        }
+        if api_version.is_empty() || !api_version.chars().all(is_segment_char) {
+            return Err(InvalidProvider(format!(
+                "azure api-version {api_version:?}: must be non-empty letters, digits, '-', '_' or '.'"
+            )));
+        }
+        Ok(Provider::AzureOpenAi {
+            deployment: deployment.into(),
+            api_version: api_version.into(),
+        })
+    }
+
+    /// Anthropic with the given `anthropic-version`.
+    pub fn anthropic(version: &str) -> Result<Provider, InvalidProvider> {
+        let version = HeaderValue::from_str(version)
+            .ok()
+            .filter(|_| !version.is_empty())
+            .ok_or_else(|| InvalidProvider(format!("anthropic-version {version:?}: not a header value")))?;
+        Ok(Provider::Anthropic { version })
+    }
+
+    /// A short lowercase name: `openai`, `azure`, `azure-v1`, `anthropic`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Provider::OpenAi => "openai",
+            Provider::AzureOpenAi { .. } => "azure",
+            Provider::AzureOpenAiV1 => "azure-v1",
+            Provider::Anthropic { .. } => "anthropic",
+        }
+    }
+
+    /// Builds the path and query to send, from the base URL's path (no trailing slash) and the
+    /// caller's path and query. See the [module docs](self) for the convention.
+    pub fn target_path(&self, base_path: &str, path: &str, query: Option<&str>) -> String {
+        let op = path.strip_prefix("/v1").filter(|rest| rest.is_empty() || rest.starts_with('/'));
+        let mut out = String::with_capacity(base_path.len() + path.len() + 64);
+        out.push_str(base_path);
+        match self {
+            Provider::OpenAi | Provider::AzureOpenAiV1 => out.push_str(op.unwrap_or(path)),
+            Provider::Anthropic { .. } => out.push_str(path),
+            Provider::AzureOpenAi { deployment, .. } => {
+                out.push_str("/openai/deployments/");
+                out.push_str(deployment);
+                out.push_str(op.unwrap_or(path));
+            }
+        }
+        if out.is_empty() {
+            out.push('/');
+        }
+        match self {
+            Provider::AzureOpenAi { api_version, .. } => {
+                out.push('?');
+                let mut first = true;
+                for pair in query.unwrap_or("").split('&') {
+                    if pair.is_empty() || pair == "api-version" || pair.starts_with("api-version=") {
+                        continue;
+                    }
+                    if !first {
+                        out.push('&');
+                    }
+                    out.push_str(pair);
+                    first = false;
+                }
+                if !first {
+                    out.push('&');
+                }
+                out.push_str("api-version=");
+                out.push_str(api_version);
+            }
+            _ => {
+                if let Some(q) = query {
+                    out.push('?');
+                    out.push_str(q);
+                }
+            }
+        }
+        out
+    }
+}
+
+/// The codes in an error body that say a 429 will not pass by waiting (billing, spend limits).
+pub const QUOTA_EXHAUSTED_CODES: &[&str] = &[
+    "insufficient_quota",
+    "billing_hard_limit_reached",
+    "billing_not_active",
+    "spend_limit_reached",
+    "enforced_spend_limit_reached",
+];
+
+#[derive(Deserialize)]
+struct ErrorEnvelope {
+    error: Option<ErrorDetail>,
+}
+
+#[derive(Deserialize)]
+struct ErrorDetail {
+    #[serde(rename = "type")]
+    kind: Option<serde_json::Value>,
+    code: Option<serde_json::Value>,
+}
+
+/// True when an OpenAI/Azure (`{"error": {"type", "code"}}`) or Anthropic
+/// (`{"type": "error", "error": {"type"}}`) error body names a quota that waiting will not refill.
+pub fn is_quota_exhausted_body(body: &[u8]) -> bool {
+    let Ok(env) = serde_json::from_slice::<ErrorEnvelope>(body) else {
+        return false;
+    };
+    let Some(detail) = env.error else {
+        return false;
+    };
+    [detail.kind, detail.code]
+        .iter()
+        .flatten()
+        .filter_map(|v| v.as_str())
+        .any(|s| QUOTA_EXHAUSTED_CODES.contains(&s))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn openai_maps_onto_the_sdk_base_url() {
+        let p = Provider::OpenAi;
+        assert_eq!(p.target_path("/v1", "/v1/chat/completions", None), "/v1/chat/completions");
+        assert_eq!(p.target_path("", "/v1/models", Some("a=1")), "/models?a=1");
+        assert_eq!(p.target_path("/v1", "/v1", None), "/v1");
+        // A path that does not start with /v1 is appended as written.
+        assert_eq!(p.target_path("/v1", "/health", None), "/v1/health");
+        assert_eq!(p.target_path("/v1", "/v1beta/x", None), "/v1/v1beta/x");
+    }
+
+    #[test]
+    fn azure_classic_puts_the_deployment_in_the_path_and_replaces_api_version() {
+        let p = Provider::azure("gpt-4o", "2024-10-21").unwrap();
+        assert_eq!(
+            p.target_path("", "/v1/chat/completions", None),
+            "/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21"
+        );
+        assert_eq!(
+            p.target_path("", "/v1/embeddings", Some("api-version=1999&x=1")),
+            "/openai/deployments/gpt-4o/embeddings?x=1&api-version=2024-10-21"
+        );
+    }
+
+    #[test]
+    fn azure_v1_and_anthropic() {
+        assert_eq!(
+            Provider::AzureOpenAiV1.target_path("/openai/v1", "/v1/responses", None),
+            "/openai/v1/responses"
+        );
+        let a = Provider::anthropic("2023-06-01").unwrap();
+        assert_eq!(a.target_path("", "/v1/messages", None), "/v1/messages");
+    }
+
+    #[test]
+    fn invalid_settings_are_errors() {
+        assert!(Provider::azure("", "2024-10-21").is_err());
+        assert!(Provider::azure("a/b", "2024-10-21").is_err());
+        assert!(Provider::azure("..", "2024-10-21").is_err());
+        assert!(Provider::azure("gpt", "2024 10").is_err());
+        assert!(Provider::azure("gpt", "v&x=1").is_err());
+        assert!(Provider::anthropic("a\nb").is_err());
+        assert!(Provider::anthropic("").is_err());
+    }
+
+    #[test]
+    fn quota_bodies() {
+        assert!(is_quota_exhausted_body(
+            br#"{"error":{"code":"insufficient_quota","type":"insufficient_quota"}}"#
+        ));
+        assert!(is_quota_exhausted_body(
+            br#"{"type":"error","error":{"type":"enforced_spend_limit_reached"}}"#
+        ));
+        assert!(!is_quota_exhausted_body(br#"{"error":{"code":429}}"#));
+        assert!(!is_quota_exhausted_body(br#"{"error":"insufficient_quota"}"#));
+        assert!(!is_quota_exhausted_body(b"\xff"));
+    }
+}

@@ -1,0 +1,393 @@
+//! The one home of a backend's shared, live state.
+//!
+//! Each [`Backend`](crate::backend::Backend) owns one [`BackendState`]. The per-backend layers
+//! write it ([`Endpoint`](crate::endpoint::Endpoint): in-flight count, latency, quota hints,
+//! cooldown after a 429; the circuit breaker: its circuit), and `Balance` reads it to pick. It is
+//! all atomics: no lock on the request path, and cloning the handle is one reference count.
+//!
+//! Instants are stored as nanoseconds since the state's creation, read through `tokio::time`, so
+//! they follow tokio's paused clock in tests.
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering::*};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::classify::Outcome;
+
+/// What a circuit breaker says about a backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Circuit {
+    /// Traffic flows.
+    Closed,
+    /// Tripped: no traffic until the instant given.
+    Open {
+        /// When the breaker will let probes through.
+        until: Instant,
+    },
+    /// Probing: a limited number of requests are let through.
+    HalfOpen,
+}
+
+const CIRCUIT_CLOSED: u8 = 0;
+const CIRCUIT_OPEN: u8 = 1;
+const CIRCUIT_HALF_OPEN: u8 = 2;
+const UNKNOWN: u64 = u64::MAX;
+
+/// A backend's shared live state. Cheap to clone; clones share the same state.
+#[derive(Clone)]
+pub struct BackendState {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    epoch: Instant,
+    cooldown_until: AtomicU64,
+    throttle_streak: AtomicU32,
+    circuit: AtomicU8,
+    circuit_until: AtomicU64,
+    in_flight: AtomicUsize,
+    latency_ewma_ns: AtomicU64,
+    remaining_requests: AtomicU64,
+    remaining_tokens: AtomicU64,
+    quota_seen_at: AtomicU64,
+    counters: [AtomicU64; COUNTERS],
+}
+
+const COUNTERS: usize = 7;
+
+/// Running totals of a backend's outcomes, for stats pages and tests.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Attempts sent (or refused) through the backend's `Endpoint`.
+    pub requests: u64,
+    /// Answers below 400.
+    pub success: u64,
+    /// 429 / 529 / 503-with-hint answers, including quota exhausted.
+    pub throttled: u64,
+    /// 5xx answers.
+    pub server_errors: u64,
+    /// Connect, transport errors and timeouts.
+    pub failures: u64,
+    /// 4xx answers other than 408/429.
+    pub client_errors: u64,
+    /// Local refusals.
+    pub unavailable: u64,
+}
+
+/// The last quota hints a backend sent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Quota {
+    /// Requests left in the window, if the backend said.
+    pub remaining_requests: Option<u64>,
+    /// Tokens left in the window, if the backend said.
+    pub remaining_tokens: Option<u64>,
+    /// When the hints were seen.
+    pub seen_at: Instant,
+}
+
+impl Default for BackendState {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl BackendState {
+    /// Fresh state: no cooldown, circuit closed, nothing in flight.
+    pub fn new() -> Self {
+        BackendState {
+            inner: Arc::new(Inner {
+                epoch: Instant::now(),
+                cooldown_until: AtomicU64::new(0),
+                throttle_streak: AtomicU32::new(0),
+                circuit: AtomicU8::new(CIRCUIT_CLOSED),
+                circuit_until: AtomicU64::new(0),
+                in_flight: AtomicUsize::new(0),
+                latency_ewma_ns: AtomicU64::new(UNKNOWN),
+                remaining_requests: AtomicU64::new(UNKNOWN),
+                remaining_tokens: AtomicU64::new(UNKNOWN),
+                quota_seen_at: AtomicU64::new(0),
+                counters: Default::default(),
+            }),
+        }
+    }
+
+    fn to_ticks(&self, at: Instant) -> u64 {
+        // 0 is reserved for "none"; an instant before the epoch is "now-ish" and stored as 1.
+        let ns = at.saturating_duration_since(self.inner.epoch).as_nanos();
+        u64::try_from(ns).unwrap_or(u64::MAX - 1).max(1)
+    }
+
+    fn from_ticks(&self, ticks: u64) -> Option<Instant> {
+        (ticks != 0).then(|| self.inner.epoch + Duration::from_nanos(ticks))
+    }
+
+    /// True when both handles point at the same backend's state.
+    pub fn ptr_eq(&self, other: &BackendState) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+
+    // ---- availability ----
+
+    /// `None` when the backend can take a request at `now`; otherwise the earliest instant it
+    /// can (end of its cooldown, or of its open circuit).
+    pub fn unavailable_until(&self, now: Instant) -> Option<Instant> {
+        let mut until = self.cooldown_until().filter(|u| *u > now);
+        if let Circuit::Open { until: open } = self.circuit()
+            && open > now
+        {
+            until = Some(until.map_or(open, |u| u.max(open)));
+        }
+        until
+    }
+
+    /// True when the backend can take a request at `now`.
+    pub fn is_available(&self, now: Instant) -> bool {
+        self.unavailable_until(now).is_none()
+    }
+
+    // ---- cooldown (throttling) ----
+
+    /// The end of the current cooldown, if one was ever set (it may be in the past).
+    pub fn cooldown_until(&self) -> Option<Instant> {
+        self.from_ticks(self.inner.cooldown_until.load(Acquire))
+    }
+
+    /// Cools the backend down until `until`. A cooldown only ever extends: a shorter one never
+    /// shortens the current one.
+    pub fn extend_cooldown(&self, until: Instant) {
+        self.inner
+            .cooldown_until
+            .fetch_max(self.to_ticks(until), AcqRel);
+    }
+
+    /// Ends any cooldown now.
+    pub fn clear_cooldown(&self) {
+        self.inner.cooldown_until.store(0, Release);
+    }
+
+    /// Counts one more throttled answer in a row and returns the new streak length.
+    pub fn note_throttled(&self) -> u32 {
+        self.inner.throttle_streak.fetch_add(1, AcqRel).saturating_add(1)
+    }
+
+    /// How many throttled answers in a row the backend gave.
+    pub fn throttle_streak(&self) -> u32 {
+        self.inner.throttle_streak.load(Acquire)
+    }
+
+    /// Resets the throttle streak (after a success).
+    pub fn reset_throttle_streak(&self) {
+        if self.inner.throttle_streak.load(Relaxed) != 0 {
+            self.inner.throttle_streak.store(0, Release);
+        }
+    }
+
+    // ---- circuit ----
+
+    /// The circuit breaker's view of the backend. An open circuit whose time has passed still
+    /// reads `Open`; the breaker moves it to half-open when it admits a probe.
+    pub fn circuit(&self) -> Circuit {
+        match self.inner.circuit.load(Acquire) {
+            CIRCUIT_OPEN => Circuit::Open {
+                until: self
+                    .from_ticks(self.inner.circuit_until.load(Acquire))
+                    .unwrap_or(self.inner.epoch),
+            },
+            CIRCUIT_HALF_OPEN => Circuit::HalfOpen,
+            _ => Circuit::Closed,
+        }
+    }
+
+    /// Sets the circuit (written by the circuit breaker only).
+    pub fn set_circuit(&self, circuit: Circuit) {
+        match circuit {
+            Circuit::Closed => self.inner.circuit.store(CIRCUIT_CLOSED, Release),
+            Circuit::HalfOpen => self.inner.circuit.store(CIRCUIT_HALF_OPEN, Release),
+            Circuit::Open { until } => {
+                self.inner.circuit_until.store(self.to_ticks(until), Release);
+                self.inner.circuit.store(CIRCUIT_OPEN, Release);
+            }
+        }
+    }
+
+    // ---- load ----
+
+    /// Requests in flight (sent, response head not yet back).
+    pub fn in_flight(&self) -> usize {
+        self.inner.in_flight.load(Relaxed)
+    }
+
+    /// Counts a request in flight until the guard is dropped.
+    pub fn start_request(&self) -> InFlight {
+        self.inner.in_flight.fetch_add(1, Relaxed);
+        InFlight {
+            state: self.clone(),
+        }
+    }
+
+    /// Folds one latency sample into the moving average (weight 1/8 for the new sample).
+    pub fn record_latency(&self, sample: Duration) {
+        let s = u64::try_from(sample.as_nanos()).unwrap_or(u64::MAX - 1);
+        let _ = self
+            .inner
+            .latency_ewma_ns
+            .fetch_update(AcqRel, Acquire, |old| {
+                Some(if old == UNKNOWN {
+                    s
+                } else {
+                    old - old / 8 + s / 8
+                })
+            });
+    }
+
+    /// The moving average of response-head latency, once a sample has been seen.
+    pub fn latency(&self) -> Option<Duration> {
+        let ns = self.inner.latency_ewma_ns.load(Acquire);
+        (ns != UNKNOWN).then(|| Duration::from_nanos(ns))
+    }
+
+    // ---- quota hints ----
+
+    /// Records the quota hints of a response.
+    pub fn record_quota(&self, remaining_requests: Option<u64>, remaining_tokens: Option<u64>, at: Instant) {
+        if remaining_requests.is_none() && remaining_tokens.is_none() {
+            return;
+        }
+        let clamp = |v: Option<u64>| v.map_or(UNKNOWN, |v| v.min(UNKNOWN - 1));
+        self.inner
+            .remaining_requests
+            .store(clamp(remaining_requests), Relaxed);
+        self.inner.remaining_tokens.store(clamp(remaining_tokens), Relaxed);
+        self.inner.quota_seen_at.store(self.to_ticks(at), Release);
+    }
+
+    /// The last quota hints, if any were seen.
+    pub fn quota(&self) -> Option<Quota> {
+        let seen_at = self.from_ticks(self.inner.quota_seen_at.load(Acquire))?;
+        let get = |a: &AtomicU64| Some(a.load(Relaxed)).filter(|v| *v != UNKNOWN);
+        Some(Quota {
+            remaining_requests: get(&self.inner.remaining_requests),
+            remaining_tokens: get(&self.inner.remaining_tokens),
+            seen_at,
+        })
+    }
+
+    // ---- counters ----
+
+    /// Counts one attempt's outcome.
+    pub fn record_outcome(&self, outcome: &Outcome) {
+        let c = &self.inner.counters;
+        c[0].fetch_add(1, Relaxed);
+        let slot = match outcome {
+            Outcome::Success => 1,
+            Outcome::Throttled { .. } | Outcome::QuotaExhausted => 2,
+            Outcome::ServerError { .. } => 3,
+            Outcome::ConnectError | Outcome::Transport | Outcome::Timeout => 4,
+            Outcome::ClientError { .. } => 5,
+            Outcome::Unavailable { .. } => 6,
+        };
+        c[slot].fetch_add(1, Relaxed);
+    }
+
+    /// The running totals.
+    pub fn counters(&self) -> Counters {
+        let c = &self.inner.counters;
+        let g = |i: usize| c[i].load(Relaxed);
+        Counters {
+            requests: g(0),
+            success: g(1),
+            throttled: g(2),
+            server_errors: g(3),
+            failures: g(4),
+            client_errors: g(5),
+            unavailable: g(6),
+        }
+    }
+}
+
+impl fmt::Debug for BackendState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BackendState")
+            .field("cooldown_until", &self.cooldown_until())
+            .field("circuit", &self.circuit())
+            .field("in_flight", &self.in_flight())
+            .field("latency", &self.latency())
+            .field("quota", &self.quota())
+            .field("counters", &self.counters())
+            .finish()
+    }
+}
+
+/// Counts one request in flight on a backend until dropped.
+#[derive(Debug)]
+pub struct InFlight {
+    state: BackendState,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.state.inner.in_flight.fetch_sub(1, Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn cooldown_only_extends() {
+        let s = BackendState::new();
+        let now = Instant::now();
+        assert!(s.is_available(now));
+        s.extend_cooldown(now + Duration::from_secs(10));
+        s.extend_cooldown(now + Duration::from_secs(2));
+        assert_eq!(s.cooldown_until(), Some(now + Duration::from_secs(10)));
+        assert_eq!(s.unavailable_until(now), Some(now + Duration::from_secs(10)));
+        assert!(s.is_available(now + Duration::from_secs(10)));
+        s.clear_cooldown();
+        assert!(s.is_available(now));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn open_circuit_makes_unavailable_until_its_end() {
+        let s = BackendState::new();
+        let now = Instant::now();
+        s.set_circuit(Circuit::Open {
+            until: now + Duration::from_secs(5),
+        });
+        s.extend_cooldown(now + Duration::from_secs(1));
+        assert_eq!(s.unavailable_until(now), Some(now + Duration::from_secs(5)));
+        s.set_circuit(Circuit::HalfOpen);
+        assert_eq!(s.unavailable_until(now), Some(now + Duration::from_secs(1)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn in_flight_latency_quota_counters() {
+        let s = BackendState::new();
+        let g1 = s.start_request();
+        let g2 = s.clone().start_request();
+        assert_eq!(s.in_flight(), 2);
+        drop(g1);
+        drop(g2);
+        assert_eq!(s.in_flight(), 0);
+        assert_eq!(s.latency(), None);
+        s.record_latency(Duration::from_millis(80));
+        s.record_latency(Duration::from_millis(160));
+        assert_eq!(s.latency(), Some(Duration::from_millis(90)));
+        assert_eq!(s.quota(), None);
+        s.record_quota(Some(3), None, Instant::now());
+        let q = s.quota().unwrap();
+        assert_eq!((q.remaining_requests, q.remaining_tokens), (Some(3), None));
+        s.record_outcome(&Outcome::Success);
+        s.record_outcome(&Outcome::QuotaExhausted);
+        let c = s.counters();
+        assert_eq!((c.requests, c.success, c.throttled), (2, 1, 1));
+        assert_eq!(s.note_throttled(), 1);
+        assert_eq!(s.note_throttled(), 2);
+        s.reset_throttle_streak();
+        assert_eq!(s.throttle_streak(), 0);
+    }
+}
