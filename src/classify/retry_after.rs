@@ -67,7 +67,7 @@ impl fmt::Debug for WallClock {
 }
 
 fn as_trimmed_str(value: &HeaderValue) -> Option<&str> {
-    let s = value.to_str().ok()?.trim();
+    let s = std::str::from_utf8(value.as_bytes()).ok()?.trim();
     (!s.is_empty()).then_some(s)
 }
 
