@@ -78,7 +78,11 @@ pub struct BackendBuilder {
 impl Backend {
     /// A backend speaking `provider` at `url` (the base URL its official SDK takes; see
     /// [`provider`](crate::provider)).
-    pub fn builder(name: impl Into<String>, url: impl Into<String>, provider: Provider) -> BackendBuilder {
+    pub fn builder(
+        name: impl Into<String>,
+        url: impl Into<String>,
+        provider: Provider,
+    ) -> BackendBuilder {
         BackendBuilder {
             name: name.into(),
             url: url.into(),
@@ -178,7 +182,10 @@ impl fmt::Debug for Backend {
             .field("name", &self.inner.name)
             .field(
                 "url",
-                &format_args!("{}://{}{}", self.inner.scheme, self.inner.authority, self.inner.base_path),
+                &format_args!(
+                    "{}://{}{}",
+                    self.inner.scheme, self.inner.authority, self.inner.base_path
+                ),
             )
             .field("provider", &self.inner.provider)
             .field("priority", &self.inner.priority)
@@ -224,7 +231,11 @@ impl BackendBuilder {
     /// Validates and builds the backend.
     pub fn build(self) -> Result<Backend, InvalidBackend> {
         // Never echo a URL that may carry a password.
-        let shown = if self.url.contains('@') { "<redacted>".to_string() } else { format!("{:?}", self.url) };
+        let shown = if self.url.contains('@') {
+            "<redacted>".to_string()
+        } else {
+            format!("{:?}", self.url)
+        };
         let err = |reason: String| InvalidBackend {
             name: self.name.clone(),
             reason,
@@ -236,7 +247,10 @@ impl BackendBuilder {
         }
         let provider = self.provider.clone().map_err(err)?;
         if !self.weight.is_finite() || self.weight < 0.0 {
-            return Err(err(format!("weight: must be a finite number >= 0, got {}", self.weight)));
+            return Err(err(format!(
+                "weight: must be a finite number >= 0, got {}",
+                self.weight
+            )));
         }
         let uri: Uri = self
             .url
@@ -285,7 +299,9 @@ mod tests {
 
     #[test]
     fn builds_and_normalises() {
-        let b = Backend::openai("vllm", "http://127.0.0.1:8000/v1/").build().unwrap();
+        let b = Backend::openai("vllm", "http://127.0.0.1:8000/v1/")
+            .build()
+            .unwrap();
         assert_eq!(b.base_path(), "/v1");
         assert_eq!(b.authority().as_str(), "127.0.0.1:8000");
         assert_eq!(b.host(), "127.0.0.1:8000");
@@ -309,7 +325,10 @@ mod tests {
             (Backend::openai("a", "http://user:pw@x"), "user info"),
             (Backend::openai("a", "http://x").weight(-1.0), "weight"),
             (Backend::openai("a", "http://x").weight(f64::NAN), "weight"),
-            (Backend::azure("a", "http://x", "bad/dep", "v"), "deployment"),
+            (
+                Backend::azure("a", "http://x", "bad/dep", "v"),
+                "deployment",
+            ),
         ];
         for (builder, field) in cases {
             let e = builder.build().unwrap_err().to_string();

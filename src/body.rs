@@ -76,7 +76,9 @@ impl Default for ReplayBody {
 
 impl fmt::Debug for ReplayBody {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ReplayBody").field("len", &self.data.len()).finish()
+        f.debug_struct("ReplayBody")
+            .field("len", &self.data.len())
+            .finish()
     }
 }
 
@@ -356,7 +358,6 @@ where
 {
     type Output = Result<S::Response, BoxError>;
 
-
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
         loop {
@@ -569,7 +570,10 @@ mod tests {
             .body(Full::new(Bytes::from_static(b"01234")))
             .unwrap();
         let err = svc.clone().oneshot(req).await.unwrap_err();
-        assert_eq!(err.downcast_ref::<error::TooLarge>(), Some(&error::TooLarge { limit: 4 }));
+        assert_eq!(
+            err.downcast_ref::<error::TooLarge>(),
+            Some(&error::TooLarge { limit: 4 })
+        );
         // No declared length: the cap is enforced while reading.
         let chunks = futures_chunks(&[b"012", b"345"]);
         let err = svc.oneshot(Request::new(chunks)).await.unwrap_err();

@@ -15,6 +15,23 @@ use crate::classify::Outcome;
 /// The type-erased error passed between layers, as in tower.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// Finds the first error of type `E` in `error`'s source chain (itself included).
+///
+/// Layers wrap errors (an [`Endpoint`](crate::endpoint::Endpoint) wraps its inner service's
+/// failure in a [`BackendError`]), so look through the chain rather than downcasting the top.
+pub fn find<'a, E: std::error::Error + 'static>(
+    error: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a E> {
+    let mut cur = Some(error);
+    while let Some(e) = cur {
+        if let Some(found) = e.downcast_ref::<E>() {
+            return Some(found);
+        }
+        cur = e.source();
+    }
+    None
+}
+
 /// One backend failed an attempt without answering: connect error, broken connection, timeout.
 ///
 /// Made by [`Endpoint`](crate::endpoint::Endpoint), which knows the backend and has classified the
@@ -54,7 +71,11 @@ impl BackendError {
 
 impl fmt::Display for BackendError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "backend {}: {}: {}", self.backend, self.outcome, self.source)
+        write!(
+            f,
+            "backend {}: {}: {}",
+            self.backend, self.outcome, self.source
+        )
     }
 }
 

@@ -170,7 +170,10 @@ impl BackendState {
 
     /// Counts one more throttled answer in a row and returns the new streak length.
     pub fn note_throttled(&self) -> u32 {
-        self.inner.throttle_streak.fetch_add(1, AcqRel).saturating_add(1)
+        self.inner
+            .throttle_streak
+            .fetch_add(1, AcqRel)
+            .saturating_add(1)
     }
 
     /// How many throttled answers in a row the backend gave.
@@ -207,7 +210,9 @@ impl BackendState {
             Circuit::Closed => self.inner.circuit.store(CIRCUIT_CLOSED, Release),
             Circuit::HalfOpen => self.inner.circuit.store(CIRCUIT_HALF_OPEN, Release),
             Circuit::Open { until } => {
-                self.inner.circuit_until.store(self.to_ticks(until), Release);
+                self.inner
+                    .circuit_until
+                    .store(self.to_ticks(until), Release);
                 self.inner.circuit.store(CIRCUIT_OPEN, Release);
             }
         }
@@ -252,7 +257,12 @@ impl BackendState {
     // ---- quota hints ----
 
     /// Records the quota hints of a response.
-    pub fn record_quota(&self, remaining_requests: Option<u64>, remaining_tokens: Option<u64>, at: Instant) {
+    pub fn record_quota(
+        &self,
+        remaining_requests: Option<u64>,
+        remaining_tokens: Option<u64>,
+        at: Instant,
+    ) {
         if remaining_requests.is_none() && remaining_tokens.is_none() {
             return;
         }
@@ -260,7 +270,9 @@ impl BackendState {
         self.inner
             .remaining_requests
             .store(clamp(remaining_requests), Relaxed);
-        self.inner.remaining_tokens.store(clamp(remaining_tokens), Relaxed);
+        self.inner
+            .remaining_tokens
+            .store(clamp(remaining_tokens), Relaxed);
         self.inner.quota_seen_at.store(self.to_ticks(at), Release);
     }
 
@@ -345,7 +357,10 @@ mod tests {
         s.extend_cooldown(now + Duration::from_secs(10));
         s.extend_cooldown(now + Duration::from_secs(2));
         assert_eq!(s.cooldown_until(), Some(now + Duration::from_secs(10)));
-        assert_eq!(s.unavailable_until(now), Some(now + Duration::from_secs(10)));
+        assert_eq!(
+            s.unavailable_until(now),
+            Some(now + Duration::from_secs(10))
+        );
         assert!(s.is_available(now + Duration::from_secs(10)));
         s.clear_cooldown();
         assert!(s.is_available(now));

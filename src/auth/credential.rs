@@ -116,8 +116,7 @@ impl Credential {
             CredentialKind::Bearer => (AUTHORIZATION, "Bearer "),
             CredentialKind::XApiKey => (X_API_KEY.clone(), ""),
         };
-        let secret =
-            Secret::with_prefix(prefix, secret).map_err(|e| e.context(kind_name(kind)))?;
+        let secret = Secret::with_prefix(prefix, secret).map_err(|e| e.context(kind_name(kind)))?;
         Ok(Credential(Kind::Header(name, secret)))
     }
 
@@ -190,10 +189,20 @@ mod tests {
 
     #[test]
     fn illegal_keys_are_errors_without_echo() {
-        for bad in ["", "  ", "abc\ndef", "abc\r\nX-Evil: 1", "k\u{7f}", " padded"] {
+        for bad in [
+            "",
+            "  ",
+            "abc\ndef",
+            "abc\r\nX-Evil: 1",
+            "k\u{7f}",
+            " padded",
+        ] {
             let err = Credential::api_key(bad).unwrap_err();
             assert!(!err.to_string().contains("abc"), "{err}");
-            assert!(err.to_string().starts_with("invalid credential: api-key"), "{err}");
+            assert!(
+                err.to_string().starts_with("invalid credential: api-key"),
+                "{err}"
+            );
         }
         assert!(Credential::bearer("sk-\u{e9}").is_err());
     }
@@ -213,6 +222,9 @@ mod tests {
     fn env_credentials() {
         let err = Credential::from_env(CredentialKind::ApiKey, "TOWER_LLM_LB_TEST_UNSET_VAR")
             .unwrap_err();
-        assert!(err.to_string().contains("TOWER_LLM_LB_TEST_UNSET_VAR is not set"));
+        assert!(
+            err.to_string()
+                .contains("TOWER_LLM_LB_TEST_UNSET_VAR is not set")
+        );
     }
 }

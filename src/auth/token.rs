@@ -154,7 +154,9 @@ impl TokenCache {
         {
             return Err(self.unavailable(&f.reason, f.at));
         }
-        self.refresh(now).await.map_err(|reason| self.unavailable(&reason, now))
+        self.refresh(now)
+            .await
+            .map_err(|reason| self.unavailable(&reason, now))
     }
 
     fn valid(&self, now: Instant) -> Option<HeaderValue> {
@@ -285,7 +287,11 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(55 * 60 + 1)).await;
         assert_eq!(cache.fresh(Instant::now()), None);
         src.fail.store(true, SeqCst);
-        assert_eq!(cache.get().await.unwrap(), "Bearer tok-0", "old token still valid");
+        assert_eq!(
+            cache.get().await.unwrap(),
+            "Bearer tok-0",
+            "old token still valid"
+        );
         // Inside the backoff, no new fetch is made.
         assert_eq!(cache.get().await.unwrap(), "Bearer tok-0");
         assert_eq!(src.fetches.load(SeqCst), 2);
@@ -302,7 +308,10 @@ mod tests {
         let cache = TokenCache::new(src.clone());
         let err = cache.get().await.unwrap_err();
         assert_eq!(err.source_name(), "counting");
-        assert!(err.to_string().contains("identity endpoint said 503"), "{err}");
+        assert!(
+            err.to_string().contains("identity endpoint said 503"),
+            "{err}"
+        );
         // Fails fast during the backoff: no second fetch.
         assert!(cache.get().await.is_err());
         assert_eq!(src.fetches.load(SeqCst), 1);

@@ -16,7 +16,7 @@
 //! | connection refused, DNS, TLS | [`Outcome::ConnectError`] |
 //! | connection broke after it was made | [`Outcome::Transport`] |
 //! | a timer of ours fired | [`Outcome::Timeout`] |
-//! | a layer of ours refused without sending | [`Outcome::Unavailable`] |
+//! | a layer of ours refused without sending (nothing available, no token) | [`Outcome::Unavailable`] |
 //!
 //! Replace the policy by implementing [`Classify`], in the spirit of tower's retry `Policy`.
 
@@ -207,6 +207,9 @@ pub(crate) fn classify_error_chain(error: &(dyn StdError + 'static)) -> Outcome 
                 retry_at: u.earliest(),
             };
         }
+        if e.is::<crate::auth::error::TokenUnavailable>() {
+            return Outcome::Unavailable { retry_at: None };
+        }
         if e.is::<tokio::time::error::Elapsed>() || e.is::<tower::timeout::error::Elapsed>() {
             return Outcome::Timeout;
         }
@@ -245,7 +248,10 @@ mod tests {
     fn classify(status: u16, headers: &[(&str, &str)]) -> Outcome {
         let mut h = HeaderMap::new();
         for (k, v) in headers {
-            h.insert(http::HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
+            h.insert(
+                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
         }
         let hints = Hints::from_headers(
             &h,
@@ -274,10 +280,16 @@ mod tests {
             }
         );
         for s in [500, 502, 503, 504, 599] {
-            assert!(matches!(classify(s, &[]), Outcome::ServerError { .. }), "{s}");
+            assert!(
+                matches!(classify(s, &[]), Outcome::ServerError { .. }),
+                "{s}"
+            );
         }
         for s in [400, 401, 403, 404, 409, 413, 422] {
-            assert!(matches!(classify(s, &[]), Outcome::ClientError { .. }), "{s}");
+            assert!(
+                matches!(classify(s, &[]), Outcome::ClientError { .. }),
+                "{s}"
+            );
         }
         assert_eq!(classify(408, &[]), Outcome::Timeout);
     }
@@ -288,8 +300,14 @@ mod tests {
         let openai = br#"{"error":{"message":"You exceeded your current quota","type":"insufficient_quota","param":null,"code":"insufficient_quota"}}"#;
         let anthropic = br#"{"type":"error","error":{"type":"enforced_spend_limit_reached","message":"spend limit"}}"#;
         let plain = br#"{"error":{"message":"Rate limit reached","type":"requests","code":"rate_limit_exceeded"}}"#;
-        assert_eq!(Standard.classify_error_body(t, openai), Outcome::QuotaExhausted);
-        assert_eq!(Standard.classify_error_body(t, anthropic), Outcome::QuotaExhausted);
+        assert_eq!(
+            Standard.classify_error_body(t, openai),
+            Outcome::QuotaExhausted
+        );
+        assert_eq!(
+            Standard.classify_error_body(t, anthropic),
+            Outcome::QuotaExhausted
+        );
         assert_eq!(Standard.classify_error_body(t, plain), t);
         assert_eq!(Standard.classify_error_body(t, b"not json"), t);
         assert_eq!(Standard.classify_error_body(t, b""), t);
@@ -308,12 +326,20 @@ mod tests {
     #[test]
     fn outcome_kinds() {
         assert!(Outcome::Success.is_success());
-        assert!(!Outcome::ClientError { status: StatusCode::BAD_REQUEST }.is_retryable());
+        assert!(
+            !Outcome::ClientError {
+                status: StatusCode::BAD_REQUEST
+            }
+            .is_retryable()
+        );
         assert!(Outcome::Throttled { retry_after: None }.is_retryable());
         assert!(!Outcome::Throttled { retry_after: None }.is_failure());
         assert!(Outcome::ConnectError.is_failure());
         assert_eq!(
-            Outcome::Throttled { retry_after: Some(Duration::from_millis(1500)) }.to_string(),
+            Outcome::Throttled {
+                retry_after: Some(Duration::from_millis(1500))
+            }
+            .to_string(),
             "throttled (retry after 1.500s)"
         );
     }

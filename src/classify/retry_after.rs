@@ -307,7 +307,9 @@ impl Hints {
         let req = self
             .reset_requests
             .filter(|_| self.remaining_requests == Some(0));
-        let tok = self.reset_tokens.filter(|_| self.remaining_tokens == Some(0));
+        let tok = self
+            .reset_tokens
+            .filter(|_| self.remaining_tokens == Some(0));
         match (req, tok) {
             (Some(a), Some(b)) => Some(a.max(b)),
             (a, b) => a.or(b),
@@ -340,9 +342,18 @@ mod tests {
 
     #[test]
     fn millis_forms() {
-        assert_eq!(parse_millis(&hv("1500"), CAP), Some(Duration::from_millis(1500)));
-        assert_eq!(parse_millis(&hv("12.5"), CAP), Some(Duration::from_micros(12_500)));
-        assert_eq!(parse_millis(&hv("  250 "), CAP), Some(Duration::from_millis(250)));
+        assert_eq!(
+            parse_millis(&hv("1500"), CAP),
+            Some(Duration::from_millis(1500))
+        );
+        assert_eq!(
+            parse_millis(&hv("12.5"), CAP),
+            Some(Duration::from_micros(12_500))
+        );
+        assert_eq!(
+            parse_millis(&hv("  250 "), CAP),
+            Some(Duration::from_millis(250))
+        );
         assert_eq!(parse_millis(&hv("0"), CAP), Some(Duration::ZERO));
         assert_eq!(parse_millis(&hv("-40"), CAP), Some(Duration::ZERO));
         assert_eq!(parse_millis(&hv("99999999999"), CAP), Some(CAP));
@@ -350,7 +361,9 @@ mod tests {
 
     #[test]
     fn millis_garbage_is_no_hint() {
-        for bad in ["", " ", "abc", "1e3", "inf", "NaN", "0x10", "1.2.3", "10ms", "-", "."] {
+        for bad in [
+            "", " ", "abc", "1e3", "inf", "NaN", "0x10", "1.2.3", "10ms", "-", ".",
+        ] {
             assert_eq!(parse_millis(&hv(bad), CAP), None, "{bad:?}");
         }
         let opaque = HeaderValue::from_bytes(b"\xff\xfe").unwrap();
@@ -360,9 +373,18 @@ mod tests {
     #[test]
     fn retry_after_seconds_forms() {
         let now = epoch(RFC_EXAMPLE);
-        assert_eq!(parse_retry_after(&hv("7"), now, CAP), Some(Duration::from_secs(7)));
-        assert_eq!(parse_retry_after(&hv(" 7 "), now, CAP), Some(Duration::from_secs(7)));
-        assert_eq!(parse_retry_after(&hv("1.5"), now, CAP), Some(Duration::from_millis(1500)));
+        assert_eq!(
+            parse_retry_after(&hv("7"), now, CAP),
+            Some(Duration::from_secs(7))
+        );
+        assert_eq!(
+            parse_retry_after(&hv(" 7 "), now, CAP),
+            Some(Duration::from_secs(7))
+        );
+        assert_eq!(
+            parse_retry_after(&hv("1.5"), now, CAP),
+            Some(Duration::from_millis(1500))
+        );
         assert_eq!(parse_retry_after(&hv("0"), now, CAP), Some(Duration::ZERO));
         assert_eq!(parse_retry_after(&hv("-3"), now, CAP), Some(Duration::ZERO));
         assert_eq!(parse_retry_after(&hv("86400"), now, CAP), Some(CAP));
@@ -441,12 +463,18 @@ mod tests {
     fn reset_integer_seconds_azure_form() {
         assert_eq!(parse_reset(&hv("12"), CAP), Some(Duration::from_secs(12)));
         assert_eq!(parse_reset(&hv("0"), CAP), None, "0 means unknown on Azure");
-        assert_eq!(parse_reset(&hv("-1"), CAP), None, "-1 means unknown on Azure");
+        assert_eq!(
+            parse_reset(&hv("-1"), CAP),
+            None,
+            "-1 means unknown on Azure"
+        );
     }
 
     #[test]
     fn reset_garbage_is_no_hint() {
-        for bad in ["", "s", "1x", "-5s", "1m-3s", "ms", "1..2s", "1s2", "h1", "1 s", "1sm"] {
+        for bad in [
+            "", "s", "1x", "-5s", "1m-3s", "ms", "1..2s", "1s2", "h1", "1 s", "1sm",
+        ] {
             assert_eq!(parse_reset(&hv(bad), CAP), None, "{bad:?}");
         }
     }
@@ -470,8 +498,17 @@ mod tests {
             parse_rfc3339(&hv("2020-01-01T00:00:00Z"), now, CAP),
             Some(Duration::ZERO)
         );
-        assert_eq!(parse_rfc3339(&hv("2099-01-01T00:00:00Z"), now, CAP), Some(CAP));
-        for bad in ["", "tomorrow", "2023-11-14", "2023-13-14T22:13:50Z", "1700000000"] {
+        assert_eq!(
+            parse_rfc3339(&hv("2099-01-01T00:00:00Z"), now, CAP),
+            Some(CAP)
+        );
+        for bad in [
+            "",
+            "tomorrow",
+            "2023-11-14",
+            "2023-13-14T22:13:50Z",
+            "1700000000",
+        ] {
             assert_eq!(parse_rfc3339(&hv(bad), now, CAP), None, "{bad:?}");
         }
     }
@@ -490,15 +527,24 @@ mod tests {
         let now = epoch(RFC_EXAMPLE);
         let mut h = HeaderMap::new();
         h.insert("retry-after", hv("10"));
-        assert_eq!(Hints::from_headers(&h, now, CAP).wait(), Some(Duration::from_secs(10)));
+        assert_eq!(
+            Hints::from_headers(&h, now, CAP).wait(),
+            Some(Duration::from_secs(10))
+        );
         h.insert("x-ms-retry-after-ms", hv("2000"));
-        assert_eq!(Hints::from_headers(&h, now, CAP).wait(), Some(Duration::from_secs(2)));
+        assert_eq!(
+            Hints::from_headers(&h, now, CAP).wait(),
+            Some(Duration::from_secs(2))
+        );
         h.insert("retry-after-ms", hv("1250.5"));
         let got = Hints::from_headers(&h, now, CAP).wait().unwrap();
         assert_eq!(got, Duration::from_micros(1_250_500));
         // A garbage preferred header falls through to the next form.
         h.insert("retry-after-ms", hv("garbage"));
-        assert_eq!(Hints::from_headers(&h, now, CAP).wait(), Some(Duration::from_secs(2)));
+        assert_eq!(
+            Hints::from_headers(&h, now, CAP).wait(),
+            Some(Duration::from_secs(2))
+        );
     }
 
     #[test]
@@ -514,7 +560,10 @@ mod tests {
         assert_eq!(hints.remaining_tokens, Some(1000));
         // Only the exhausted dimension's reset counts as a wait.
         assert_eq!(hints.wait(), Some(Duration::from_millis(1500)));
-        assert_eq!(Hints::from_headers(&HeaderMap::new(), now, CAP).wait(), None);
+        assert_eq!(
+            Hints::from_headers(&HeaderMap::new(), now, CAP).wait(),
+            None
+        );
         assert!(Hints::from_headers(&HeaderMap::new(), now, CAP).is_empty());
     }
 
@@ -523,9 +572,15 @@ mod tests {
         let now = epoch(1_700_000_000);
         let mut h = HeaderMap::new();
         h.insert("anthropic-ratelimit-requests-remaining", hv("5"));
-        h.insert("anthropic-ratelimit-requests-reset", hv("2023-11-14T22:13:30Z"));
+        h.insert(
+            "anthropic-ratelimit-requests-reset",
+            hv("2023-11-14T22:13:30Z"),
+        );
         h.insert("anthropic-ratelimit-input-tokens-remaining", hv("0"));
-        h.insert("anthropic-ratelimit-input-tokens-reset", hv("2023-11-14T22:13:45Z"));
+        h.insert(
+            "anthropic-ratelimit-input-tokens-reset",
+            hv("2023-11-14T22:13:45Z"),
+        );
         h.insert("anthropic-ratelimit-output-tokens-remaining", hv("900"));
         let hints = Hints::from_headers(&h, now, CAP);
         assert_eq!(hints.remaining_requests, Some(5));

@@ -22,7 +22,11 @@ impl InvalidTarget {
 
 impl fmt::Display for InvalidTarget {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "backend {}: request path cannot be mapped onto its url", self.backend)
+        write!(
+            f,
+            "backend {}: request path cannot be mapped onto its url",
+            self.backend
+        )
     }
 }
 

@@ -258,8 +258,8 @@ fn route<B>(backend: &Backend, req: &mut Request<B>) -> Result<(), error::Invali
     parts.scheme = Some(backend.scheme().clone());
     parts.authority = Some(backend.authority().clone());
     parts.path_and_query = Some(path_and_query);
-    *req.uri_mut() =
-        Uri::from_parts(parts).map_err(|_| error::InvalidTarget::new(backend.name_arc().clone()))?;
+    *req.uri_mut() = Uri::from_parts(parts)
+        .map_err(|_| error::InvalidTarget::new(backend.name_arc().clone()))?;
     let headers = req.headers_mut();
     headers.insert(http::header::HOST, backend.host().clone());
     if let Provider::Anthropic { version } = backend.provider() {
@@ -315,7 +315,11 @@ impl Record {
     }
 
     fn hints(&self, headers: &http::HeaderMap) -> Hints {
-        Hints::from_headers(headers, self.settings.wall_clock.now(), self.settings.max_hint)
+        Hints::from_headers(
+            headers,
+            self.settings.wall_clock.now(),
+            self.settings.max_hint,
+        )
     }
 
     /// Writes the outcome into the backend's state; returns the `Served` extension.
@@ -334,7 +338,12 @@ impl Record {
                 let streak = state.note_throttled();
                 let wait = retry_after.unwrap_or_else(|| self.backoff(streak));
                 state.extend_cooldown(now + wait);
-                tracing::debug!(backend = self.backend.name(), ?wait, streak, "backend throttled");
+                tracing::debug!(
+                    backend = self.backend.name(),
+                    ?wait,
+                    streak,
+                    "backend throttled"
+                );
             }
             Outcome::QuotaExhausted => {
                 let was_available = state.is_available(now);

@@ -81,6 +81,7 @@ pub struct MockBuilder {
     latency: Duration,
     stream_chunks: usize,
     chunk_delay: Duration,
+    gated: bool,
 }
 
 /// Counts of what a [`MockServer`] saw and answered.
@@ -127,6 +128,7 @@ struct Shared {
     latency: Duration,
     stream_chunks: usize,
     chunk_delay: Duration,
+    gate: Option<Arc<tokio::sync::Semaphore>>,
     requests: Mutex<Vec<RecordedRequest>>,
     fault: Mutex<Option<Fault>>,
     buckets: Mutex<Buckets>,
@@ -218,6 +220,7 @@ impl Default for MockBuilder {
             latency: Duration::ZERO,
             stream_chunks: 5,
             chunk_delay: Duration::ZERO,
+            gated: false,
         }
     }
 }
@@ -277,6 +280,13 @@ impl MockBuilder {
         self
     }
 
+    /// Holds every streamed chunk after the first until the test lets it go with
+    /// [`MockServer::release_chunks`]: streaming tests that need no clock at all.
+    pub fn gated_stream(mut self) -> Self {
+        self.gated = true;
+        self
+    }
+
     /// Binds `127.0.0.1:0` and starts serving on the current tokio runtime.
     pub async fn start(self) -> std::io::Result<MockServer> {
         let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
@@ -287,6 +297,7 @@ impl MockBuilder {
             latency: self.latency,
             stream_chunks: self.stream_chunks,
             chunk_delay: self.chunk_delay,
+            gate: self.gated.then(|| Arc::new(tokio::sync::Semaphore::new(0))),
             requests: Mutex::new(Vec::new()),
             fault: Mutex::new(None),
             buckets: Mutex::new(Buckets {
@@ -345,6 +356,13 @@ impl MockServer {
     /// Sets (or clears) the fault injected into every following request.
     pub fn set_fault(&self, fault: Option<Fault>) {
         *self.shared.fault.lock().unwrap_or_else(|e| e.into_inner()) = fault;
+    }
+
+    /// Lets `n` more held chunks of gated streams go (see [`MockBuilder::gated_stream`]).
+    pub fn release_chunks(&self, n: usize) {
+        if let Some(g) = &self.shared.gate {
+            g.add_permits(n);
+        }
     }
 
     /// A snapshot of the counters.
@@ -522,7 +540,11 @@ async fn handle(
     shared.counters[C_IN_FLIGHT].fetch_add(1, SeqCst);
     let _in_flight = InFlightCount(shared.clone());
     let (parts, body) = req.into_parts();
-    let body = body.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+    let body = body
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .unwrap_or_default();
     let idx = shared.record(RecordedRequest {
         method: parts.method.clone(),
         path_and_query: parts
@@ -560,7 +582,11 @@ async fn handle(
 }
 
 /// Builds the answer; `None` means reset the connection.
-async fn answer(shared: &Arc<Shared>, parts: &http::request::Parts, body: Bytes) -> Option<Response<MockBody>> {
+async fn answer(
+    shared: &Arc<Shared>,
+    parts: &http::request::Parts,
+    body: Bytes,
+) -> Option<Response<MockBody>> {
     // Auth first, as real services do.
     let mut foreign = false;
     for name in &CALLER_CREDENTIAL_HEADERS {
@@ -627,7 +653,10 @@ async fn answer(shared: &Arc<Shared>, parts: &http::request::Parts, body: Bytes)
         Some(Fault::TruncateStream(_)) | None => {}
     }
     // Rate limits.
-    let max_tokens = json.get("max_tokens").and_then(|v| v.as_u64()).unwrap_or(16);
+    let max_tokens = json
+        .get("max_tokens")
+        .and_then(|v| v.as_u64())
+        .unwrap_or(16);
     let cost_tokens = (body.len() as f64 / 4.0).ceil() + max_tokens as f64;
     let (limited, quota_headers) = {
         let mut b = shared.buckets.lock().unwrap_or_else(|e| e.into_inner());
@@ -652,7 +681,10 @@ async fn answer(shared: &Arc<Shared>, parts: &http::request::Parts, body: Bytes)
         let mut h = HeaderMap::new();
         if let Some(r) = &b.requests {
             h.insert("x-ratelimit-limit-requests", num(r.rate.max(1.0) as u64));
-            h.insert("x-ratelimit-remaining-requests", num(r.level.max(0.0) as u64));
+            h.insert(
+                "x-ratelimit-remaining-requests",
+                num(r.level.max(0.0) as u64),
+            );
             h.insert("x-ratelimit-reset-requests", go_duration(r.to_full()));
         }
         if let Some(t) = &b.tokens {
@@ -748,18 +780,32 @@ fn sse(shared: Arc<Shared>, model: String, cut_after: Option<usize>) -> Response
         for i in 0..chunks {
             if cut_after == Some(i) {
                 let _ = tx
-                    .send(Err(std::io::Error::from(std::io::ErrorKind::ConnectionReset)))
+                    .send(Err(std::io::Error::from(
+                        std::io::ErrorKind::ConnectionReset,
+                    )))
                     .await;
                 return;
             }
             if i > 0 && !delay.is_zero() {
                 tokio::time::sleep(delay).await;
             }
+            if i > 0
+                && let Some(gate) = &shared.gate
+            {
+                match gate.acquire().await {
+                    Ok(p) => p.forget(),
+                    Err(_) => return,
+                }
+            }
             let chunk = serde_json::json!({
                 "id": "chatcmpl-mock", "object": "chat.completion.chunk", "model": model,
                 "choices": [{"index": 0, "delta": {"content": format!("tok{i} ")}, "finish_reason": null}]
             });
-            if tx.send(Ok(Bytes::from(format!("data: {chunk}\n\n")))).await.is_err() {
+            if tx
+                .send(Ok(Bytes::from(format!("data: {chunk}\n\n"))))
+                .await
+                .is_err()
+            {
                 return;
             }
             shared.count(C_CHUNKS);
@@ -769,8 +815,10 @@ fn sse(shared: Arc<Shared>, model: String, cut_after: Option<usize>) -> Response
     let mut res = Response::new(MockBody {
         kind: BodyKind::Channel(rx),
     });
-    res.headers_mut()
-        .insert("content-type", HeaderValue::from_static("text/event-stream"));
+    res.headers_mut().insert(
+        "content-type",
+        HeaderValue::from_static("text/event-stream"),
+    );
     res.headers_mut()
         .insert("cache-control", HeaderValue::from_static("no-cache"));
     res

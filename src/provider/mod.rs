@@ -95,8 +95,7 @@ fn is_segment_char(c: char) -> bool {
 impl Provider {
     /// Azure OpenAI classic: `deployment` and `api_version` must be plain path / query tokens.
     pub fn azure(deployment: &str, api_version: &str) -> Result<Provider, InvalidProvider> {
-        if deployment.is_empty() || !deployment.chars().all(is_segment_char) || deployment == ".."
-        {
+        if deployment.is_empty() || !deployment.chars().all(is_segment_char) || deployment == ".." {
             return Err(InvalidProvider(format!(
                 "azure deployment {deployment:?}: must be non-empty letters, digits, '-', '_' or '.'"
             )));
@@ -117,7 +116,9 @@ impl Provider {
         let version = HeaderValue::from_str(version)
             .ok()
             .filter(|_| !version.is_empty())
-            .ok_or_else(|| InvalidProvider(format!("anthropic-version {version:?}: not a header value")))?;
+            .ok_or_else(|| {
+                InvalidProvider(format!("anthropic-version {version:?}: not a header value"))
+            })?;
         Ok(Provider::Anthropic { version })
     }
 
@@ -134,7 +135,9 @@ impl Provider {
     /// Builds the path and query to send, from the base URL's path (no trailing slash) and the
     /// caller's path and query. See the [module docs](self) for the convention.
     pub fn target_path(&self, base_path: &str, path: &str, query: Option<&str>) -> String {
-        let op = path.strip_prefix("/v1").filter(|rest| rest.is_empty() || rest.starts_with('/'));
+        let op = path
+            .strip_prefix("/v1")
+            .filter(|rest| rest.is_empty() || rest.starts_with('/'));
         let mut out = String::with_capacity(base_path.len() + path.len() + 64);
         out.push_str(base_path);
         match self {
@@ -154,7 +157,8 @@ impl Provider {
                 out.push('?');
                 let mut first = true;
                 for pair in query.unwrap_or("").split('&') {
-                    if pair.is_empty() || pair == "api-version" || pair.starts_with("api-version=") {
+                    if pair.is_empty() || pair == "api-version" || pair.starts_with("api-version=")
+                    {
                         continue;
                     }
                     if !first {
@@ -224,7 +228,10 @@ mod tests {
     #[test]
     fn openai_maps_onto_the_sdk_base_url() {
         let p = Provider::OpenAi;
-        assert_eq!(p.target_path("/v1", "/v1/chat/completions", None), "/v1/chat/completions");
+        assert_eq!(
+            p.target_path("/v1", "/v1/chat/completions", None),
+            "/v1/chat/completions"
+        );
         assert_eq!(p.target_path("", "/v1/models", Some("a=1")), "/models?a=1");
         assert_eq!(p.target_path("/v1", "/v1", None), "/v1");
         // A path that does not start with /v1 is appended as written.
@@ -275,7 +282,9 @@ mod tests {
             br#"{"type":"error","error":{"type":"enforced_spend_limit_reached"}}"#
         ));
         assert!(!is_quota_exhausted_body(br#"{"error":{"code":429}}"#));
-        assert!(!is_quota_exhausted_body(br#"{"error":"insufficient_quota"}"#));
+        assert!(!is_quota_exhausted_body(
+            br#"{"error":"insufficient_quota"}"#
+        ));
         assert!(!is_quota_exhausted_body(b"\xff"));
     }
 }

@@ -1,0 +1,72 @@
+//! Helpers shared by the integration tests: a per-backend stack over a real hyper-util client.
+
+#![allow(dead_code)]
+
+use std::sync::{Arc, Mutex};
+
+use http_body_util::BodyExt;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use tower::ServiceBuilder;
+use tower_llm_lb::Backend;
+use tower_llm_lb::auth::{AuthInject, AuthInjectLayer};
+use tower_llm_lb::body::ReplayBody;
+use tower_llm_lb::client::http_client;
+use tower_llm_lb::endpoint::{Endpoint, EndpointLayer};
+
+pub type Stack = Endpoint<AuthInject<Client<HttpConnector, ReplayBody>>>;
+
+/// The per-backend layers over a fresh hyper-util client.
+pub fn stack(backend: &Backend) -> Stack {
+    stack_with(EndpointLayer::new(backend.clone()), backend)
+}
+
+pub fn stack_with(endpoint: EndpointLayer, backend: &Backend) -> Stack {
+    ServiceBuilder::new()
+        .layer(endpoint)
+        .layer(AuthInjectLayer::for_backend(backend))
+        .service(http_client())
+}
+
+pub fn chat(body: &'static str) -> http::Request<ReplayBody> {
+    http::Request::post("/v1/chat/completions")
+        .header("content-type", "application/json")
+        .body(ReplayBody::from(body))
+        .unwrap()
+}
+
+pub async fn body_string<B>(res: http::Response<B>) -> String
+where
+    B: http_body::Body,
+    B::Error: std::fmt::Debug,
+{
+    let bytes = res.into_body().collect().await.unwrap().to_bytes();
+    String::from_utf8(bytes.to_vec()).unwrap()
+}
+
+/// A `tracing` writer that keeps everything written, to check logs for secrets.
+#[derive(Clone, Default)]
+pub struct Captured(pub Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
+    type Writer = Captured;
+    fn make_writer(&'a self) -> Captured {
+        self.clone()
+    }
+}
+
+impl Captured {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}

@@ -1,0 +1,254 @@
+//! Endpoint against real loopback mock servers: each outcome is classified once and written into
+//! the backend's shared state.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{body_string, chat, stack, stack_with};
+use tokio::time::Instant;
+use tower::ServiceExt;
+use tower_llm_lb::endpoint::{EndpointLayer, Served};
+use tower_llm_lb::error::BackendError;
+use tower_llm_lb::mock::{Fault, MockServer};
+use tower_llm_lb::{Backend, Outcome};
+
+fn azure(url: String) -> Backend {
+    Backend::azure("east", url, "gpt-4o", "2024-10-21")
+        .build()
+        .unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn throttled_backend_cools_down_until_its_retry_after() {
+    let mock = MockServer::builder().rps(1.0).start().await.unwrap();
+    let backend = azure(mock.url());
+    let svc = stack(&backend);
+    let first = svc.clone().oneshot(chat("{}")).await.unwrap();
+    assert_eq!(first.status(), 200);
+    assert!(backend.state().is_available(Instant::now()));
+    let start = Instant::now();
+    let second = svc.clone().oneshot(chat("{}")).await.unwrap();
+    assert_eq!(second.status(), 429);
+    let served = second.extensions().get::<Served>().unwrap();
+    let Outcome::Throttled {
+        retry_after: Some(wait),
+    } = served.outcome
+    else {
+        panic!(
+            "expected a throttled outcome with a hint, got {:?}",
+            served.outcome
+        )
+    };
+    assert!(
+        wait > Duration::ZERO && wait <= Duration::from_secs(1),
+        "{wait:?}"
+    );
+    let until = backend
+        .state()
+        .unavailable_until(Instant::now())
+        .expect("cooling down");
+    assert!(until >= start + wait && until <= Instant::now() + wait);
+    assert_eq!(backend.state().throttle_streak(), 1);
+    // The 429's body is still the caller's to read.
+    assert!(
+        body_string(second)
+            .await
+            .contains("exceeded call rate limit")
+    );
+    // After the cooldown the backend is available and answers again.
+    tokio::time::sleep_until(until).await;
+    assert!(backend.state().is_available(Instant::now()));
+    assert_eq!(svc.oneshot(chat("{}")).await.unwrap().status(), 200);
+    assert_eq!(backend.state().throttle_streak(), 0);
+    let c = backend.state().counters();
+    assert_eq!((c.requests, c.success, c.throttled), (3, 2, 1));
+}
+
+#[tokio::test(start_paused = true)]
+async fn quota_exhausted_429_takes_the_backend_out_for_long() {
+    let mock = MockServer::builder().start().await.unwrap();
+    mock.set_fault(Some(Fault::QuotaExhausted));
+    let backend = azure(mock.url());
+    let layer =
+        EndpointLayer::new(backend.clone()).quota_exhausted_cooldown(Duration::from_secs(900));
+    let res = stack_with(layer, &backend)
+        .oneshot(chat("{}"))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 429);
+    assert_eq!(
+        res.extensions().get::<Served>().unwrap().outcome,
+        Outcome::QuotaExhausted
+    );
+    let until = backend.state().unavailable_until(Instant::now()).unwrap();
+    assert_eq!(until - Instant::now(), Duration::from_secs(900));
+    // The error body read to classify is replayed whole to the caller.
+    let body = body_string(res).await;
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(json["error"]["code"], "insufficient_quota");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_429_without_hint_backs_off_exponentially_and_only_extends() {
+    // A 429 status fault carries no retry-after headers, unlike the mock's rate limiter.
+    let mock = MockServer::builder().start().await.unwrap();
+    mock.set_fault(Some(Fault::Status(429)));
+    let backend = azure(mock.url());
+    let layer = EndpointLayer::new(backend.clone())
+        .backoff(Duration::from_secs(2), Duration::from_secs(5))
+        .rng(tower_llm_lb::rng::Rng::seeded(1));
+    let svc = stack_with(layer, &backend);
+    let mut last = Instant::now();
+    for attempt in 1..=4u32 {
+        let now = Instant::now();
+        let res = svc.clone().oneshot(chat("{}")).await.unwrap();
+        assert_eq!(
+            res.extensions().get::<Served>().unwrap().outcome,
+            Outcome::Throttled { retry_after: None }
+        );
+        let until = backend.state().cooldown_until().unwrap();
+        let nominal = Duration::from_secs(2 * 2u64.pow(attempt - 1)).min(Duration::from_secs(5));
+        let wait = until - now;
+        assert!(until >= last, "cooldown never shortens");
+        assert!(
+            wait <= nominal && wait >= nominal.mul_f64(0.75),
+            "attempt {attempt}: {wait:?} vs {nominal:?}"
+        );
+        last = until;
+    }
+    assert_eq!(backend.state().throttle_streak(), 4);
+}
+
+#[tokio::test]
+async fn server_errors_are_returned_and_counted() {
+    let mock = MockServer::builder().start().await.unwrap();
+    mock.set_fault(Some(Fault::Status(503)));
+    let backend = azure(mock.url());
+    let res = stack(&backend).oneshot(chat("{}")).await.unwrap();
+    assert_eq!(res.status(), 503);
+    assert_eq!(
+        res.extensions().get::<Served>().unwrap().outcome,
+        Outcome::ServerError {
+            status: http::StatusCode::SERVICE_UNAVAILABLE
+        }
+    );
+    assert!(
+        backend.state().is_available(Instant::now()),
+        "a 5xx is not a cooldown"
+    );
+    assert_eq!(backend.state().counters().server_errors, 1);
+}
+
+#[tokio::test]
+async fn connect_error_is_a_typed_error_naming_the_backend() {
+    // Bind and drop a listener to get a port nobody listens on.
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let backend = azure(format!("http://127.0.0.1:{port}"));
+    let err = stack(&backend).oneshot(chat("{}")).await.unwrap_err();
+    let be = err.downcast_ref::<BackendError>().expect("BackendError");
+    assert_eq!(be.backend(), "east");
+    assert_eq!(be.outcome(), Outcome::ConnectError);
+    assert!(
+        err.to_string().starts_with("backend east: connect error: "),
+        "{err}"
+    );
+    assert_eq!(backend.state().counters().failures, 1);
+    assert_eq!(backend.state().in_flight(), 0);
+}
+
+#[tokio::test]
+async fn connection_reset_is_a_transport_error() {
+    let mock = MockServer::builder().start().await.unwrap();
+    mock.set_fault(Some(Fault::Reset));
+    let backend = azure(mock.url());
+    let err = stack(&backend).oneshot(chat("{}")).await.unwrap_err();
+    let be = err.downcast_ref::<BackendError>().expect("BackendError");
+    assert_eq!(be.outcome(), Outcome::Transport);
+}
+
+#[tokio::test(start_paused = true)]
+async fn hanging_backend_is_abandoned_by_a_timeout_and_in_flight_returns_to_zero() {
+    let mock = MockServer::builder().start().await.unwrap();
+    mock.set_fault(Some(Fault::Hang));
+    let backend = azure(mock.url());
+    let svc = tower::ServiceBuilder::new()
+        .timeout(Duration::from_secs(30))
+        .service(stack(&backend));
+    let fut = svc.oneshot(chat("{}"));
+    let err = fut.await.unwrap_err();
+    assert!(err.is::<tower::timeout::error::Elapsed>(), "{err}");
+    assert_eq!(
+        backend.state().in_flight(),
+        0,
+        "the dropped attempt is no longer in flight"
+    );
+    assert_eq!(
+        mock.counters().in_flight,
+        1,
+        "the mock is still hanging on it"
+    );
+}
+
+#[tokio::test]
+async fn quota_hints_of_successful_answers_are_recorded() {
+    let mock = MockServer::builder()
+        .rps(100.0)
+        .tps(10_000.0)
+        .start()
+        .await
+        .unwrap();
+    let backend = azure(mock.url());
+    let res = stack(&backend)
+        .oneshot(chat(r#"{"max_tokens":100}"#))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let q = backend.state().quota().expect("hints seen");
+    assert_eq!(q.remaining_requests, Some(99));
+    assert!(q.remaining_tokens.unwrap() < 10_000 - 100);
+    assert!(backend.state().latency().is_some());
+}
+
+#[tokio::test]
+async fn caller_path_and_query_map_onto_each_provider() {
+    let mock = MockServer::builder().start().await.unwrap();
+    let openai = Backend::openai("vllm", format!("{}/v1", mock.url()))
+        .build()
+        .unwrap();
+    let v1 = Backend::builder(
+        "azv1",
+        format!("{}/openai/v1", mock.url()),
+        tower_llm_lb::provider::Provider::AzureOpenAiV1,
+    )
+    .build()
+    .unwrap();
+    let classic = azure(mock.url());
+    for b in [&openai, &v1, &classic] {
+        let req = http::Request::post("/v1/embeddings?user=7")
+            .body(r#"{"input":"x"}"#.into())
+            .unwrap();
+        assert_eq!(
+            stack(b).oneshot(req).await.unwrap().status(),
+            200,
+            "{}",
+            b.name()
+        );
+    }
+    let paths: Vec<_> = mock
+        .requests()
+        .into_iter()
+        .map(|r| r.path_and_query)
+        .collect();
+    assert_eq!(
+        paths,
+        [
+            "/v1/embeddings?user=7",
+            "/openai/v1/embeddings?user=7",
+            "/openai/deployments/gpt-4o/embeddings?user=7&api-version=2024-10-21"
+        ]
+    );
+}

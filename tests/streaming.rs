@@ -1,0 +1,66 @@
+//! Streamed (SSE) answers flow through the stack chunk by chunk, never buffered.
+
+mod common;
+
+use common::{chat, stack};
+use http_body_util::BodyExt;
+use tower::ServiceExt;
+use tower_llm_lb::Backend;
+use tower_llm_lb::mock::{Fault, MockServer};
+
+#[tokio::test]
+async fn first_chunk_arrives_before_the_server_sends_the_last() {
+    let mock = MockServer::builder()
+        .stream_chunks(4)
+        .gated_stream()
+        .start()
+        .await
+        .unwrap();
+    let backend = Backend::openai("o", format!("{}/v1", mock.url()))
+        .build()
+        .unwrap();
+    let res = stack(&backend)
+        .oneshot(chat(r#"{"model":"gpt-4o","stream":true}"#))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.headers()["content-type"], "text/event-stream");
+    let mut body = res.into_body();
+    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert!(first.starts_with(b"data: {"), "{first:?}");
+    // The server is holding the rest: only one chunk has left it.
+    assert_eq!(mock.counters().streamed_chunks, 1);
+    mock.release_chunks(3);
+    let mut rest = Vec::new();
+    while let Some(frame) = body.frame().await {
+        rest.extend_from_slice(&frame.unwrap().into_data().unwrap());
+    }
+    let rest = String::from_utf8(rest).unwrap();
+    assert_eq!(rest.matches("data: {").count(), 3);
+    assert!(rest.ends_with("data: [DONE]\n\n"));
+    assert_eq!(mock.counters().streamed_chunks, 4);
+}
+
+#[tokio::test]
+async fn a_stream_cut_upstream_ends_in_an_error_not_a_clean_end() {
+    let mock = MockServer::builder()
+        .stream_chunks(5)
+        .start()
+        .await
+        .unwrap();
+    mock.set_fault(Some(Fault::TruncateStream(2)));
+    let backend = Backend::openai("o", format!("{}/v1", mock.url()))
+        .build()
+        .unwrap();
+    let res = stack(&backend)
+        .oneshot(chat(r#"{"stream":true}"#))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let err = res
+        .into_body()
+        .collect()
+        .await
+        .expect_err("a truncated stream must not end cleanly");
+    assert!(!err.to_string().is_empty());
+}
