@@ -75,6 +75,10 @@ pub mod provider;
 pub mod rng;
 pub mod state;
 
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
+
 pub use backend::Backend;
 pub use classify::Outcome;
 pub use error::BoxError;

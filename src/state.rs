@@ -114,13 +114,13 @@ impl BackendState {
         }
     }
 
-    fn to_ticks(&self, at: Instant) -> u64 {
+    fn ticks_of(&self, at: Instant) -> u64 {
         // 0 is reserved for "none"; an instant before the epoch is "now-ish" and stored as 1.
         let ns = at.saturating_duration_since(self.inner.epoch).as_nanos();
         u64::try_from(ns).unwrap_or(u64::MAX - 1).max(1)
     }
 
-    fn from_ticks(&self, ticks: u64) -> Option<Instant> {
+    fn instant_of(&self, ticks: u64) -> Option<Instant> {
         (ticks != 0).then(|| self.inner.epoch + Duration::from_nanos(ticks))
     }
 
@@ -152,7 +152,7 @@ impl BackendState {
 
     /// The end of the current cooldown, if one was ever set (it may be in the past).
     pub fn cooldown_until(&self) -> Option<Instant> {
-        self.from_ticks(self.inner.cooldown_until.load(Acquire))
+        self.instant_of(self.inner.cooldown_until.load(Acquire))
     }
 
     /// Cools the backend down until `until`. A cooldown only ever extends: a shorter one never
@@ -160,7 +160,7 @@ impl BackendState {
     pub fn extend_cooldown(&self, until: Instant) {
         self.inner
             .cooldown_until
-            .fetch_max(self.to_ticks(until), AcqRel);
+            .fetch_max(self.ticks_of(until), AcqRel);
     }
 
     /// Ends any cooldown now.
@@ -196,7 +196,7 @@ impl BackendState {
         match self.inner.circuit.load(Acquire) {
             CIRCUIT_OPEN => Circuit::Open {
                 until: self
-                    .from_ticks(self.inner.circuit_until.load(Acquire))
+                    .instant_of(self.inner.circuit_until.load(Acquire))
                     .unwrap_or(self.inner.epoch),
             },
             CIRCUIT_HALF_OPEN => Circuit::HalfOpen,
@@ -212,7 +212,7 @@ impl BackendState {
             Circuit::Open { until } => {
                 self.inner
                     .circuit_until
-                    .store(self.to_ticks(until), Release);
+                    .store(self.ticks_of(until), Release);
                 self.inner.circuit.store(CIRCUIT_OPEN, Release);
             }
         }
@@ -273,12 +273,12 @@ impl BackendState {
         self.inner
             .remaining_tokens
             .store(clamp(remaining_tokens), Relaxed);
-        self.inner.quota_seen_at.store(self.to_ticks(at), Release);
+        self.inner.quota_seen_at.store(self.ticks_of(at), Release);
     }
 
     /// The last quota hints, if any were seen.
     pub fn quota(&self) -> Option<Quota> {
-        let seen_at = self.from_ticks(self.inner.quota_seen_at.load(Acquire))?;
+        let seen_at = self.instant_of(self.inner.quota_seen_at.load(Acquire))?;
         let get = |a: &AtomicU64| Some(a.load(Relaxed)).filter(|v| *v != UNKNOWN);
         Some(Quota {
             remaining_requests: get(&self.inner.remaining_requests),

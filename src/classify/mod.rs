@@ -3,7 +3,7 @@
 //! Every layer asks the same question, "what happened?", and gets the same [`Outcome`]. The
 //! per-backend [`Endpoint`](crate::endpoint::Endpoint) classifies each attempt once and stamps
 //! the answer on the response (see [`Served`](crate::endpoint::Served)) or inside the error
-//! ([`BackendError`](crate::error::BackendError)); layers above read it from there.
+//! ([`BackendError`]); layers above read it from there.
 //!
 //! | what came back | [`Outcome`] |
 //! |---|---|

@@ -473,8 +473,11 @@ struct Route {
     kind: &'static str,
 }
 
-fn route(method: &Method, path: &str, query: Option<&str>) -> Result<Route, Response<MockBody>> {
-    let not_found = || error_json(StatusCode::NOT_FOUND, "not_found", "Resource not found");
+/// An error answer: status, code, message.
+type Refusal = (StatusCode, &'static str, &'static str);
+
+fn route(method: &Method, path: &str, query: Option<&str>) -> Result<Route, Refusal> {
+    let not_found = || (StatusCode::NOT_FOUND, "not_found", "Resource not found");
     let op = |op: &str| -> Option<&'static str> {
         match op {
             "chat/completions" => Some("chat"),
@@ -500,7 +503,7 @@ fn route(method: &Method, path: &str, query: Option<&str>) -> Result<Route, Resp
             .split('&')
             .any(|p| p.starts_with("api-version=") && p.len() > "api-version=".len());
         if !has_version {
-            return Err(error_json(
+            return Err((
                 StatusCode::BAD_REQUEST,
                 "missing_api_version",
                 "Missing api-version query parameter",
@@ -611,7 +614,7 @@ async fn answer(
     }
     let route = match route(&parts.method, parts.uri.path(), parts.uri.query()) {
         Ok(r) => r,
-        Err(res) => return Some(res),
+        Err((status, code, message)) => return Some(error_json(status, code, message)),
     };
     if route.anthropic && !parts.headers.contains_key("anthropic-version") {
         return Some(error_json(
