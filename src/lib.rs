@@ -64,6 +64,7 @@
 
 pub mod auth;
 pub mod backend;
+pub mod balance;
 pub mod body;
 pub mod classify;
 pub mod client;
@@ -72,6 +73,7 @@ pub mod error;
 #[cfg(feature = "mock")]
 pub mod mock;
 pub mod provider;
+pub mod retry;
 pub mod rng;
 pub mod state;
 

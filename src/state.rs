@@ -53,6 +53,7 @@ struct Inner {
     remaining_requests: AtomicU64,
     remaining_tokens: AtomicU64,
     quota_seen_at: AtomicU64,
+    low_headroom_until: AtomicU64,
     counters: [AtomicU64; COUNTERS],
 }
 
@@ -109,6 +110,7 @@ impl BackendState {
                 remaining_requests: AtomicU64::new(UNKNOWN),
                 remaining_tokens: AtomicU64::new(UNKNOWN),
                 quota_seen_at: AtomicU64::new(0),
+                low_headroom_until: AtomicU64::new(0),
                 counters: Default::default(),
             }),
         }
@@ -285,6 +287,21 @@ impl BackendState {
             remaining_tokens: get(&self.inner.remaining_tokens),
             seen_at,
         })
+    }
+
+    /// Marks the backend as having no quota headroom until `until` (its last answer said a
+    /// quota is used up). `Balance` then prefers other backends of the tier, before this one
+    /// answers 429. Replaces any earlier mark.
+    pub fn mark_low_headroom(&self, until: Instant) {
+        self.inner
+            .low_headroom_until
+            .store(self.ticks_of(until), Release);
+    }
+
+    /// True while the last quota hints said a quota is used up.
+    pub fn headroom_low(&self, now: Instant) -> bool {
+        self.instant_of(self.inner.low_headroom_until.load(Acquire))
+            .is_some_and(|u| u > now)
     }
 
     // ---- counters ----

@@ -189,8 +189,8 @@ impl Classify for Standard {
     }
 }
 
-/// Walks an error's source chain for the first cause this crate knows.
-pub(crate) fn classify_error_chain(error: &(dyn StdError + 'static)) -> Outcome {
+/// Walks an error's source chain for the first cause this crate knows (the stock error policy).
+pub fn classify_error_chain(error: &(dyn StdError + 'static)) -> Outcome {
     let mut cur: Option<&(dyn StdError + 'static)> = Some(error);
     let mut saw_hyper = false;
     while let Some(e) = cur {

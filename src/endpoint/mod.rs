@@ -10,7 +10,7 @@
 //!
 //! | outcome | what `Endpoint` does |
 //! |---|---|
-//! | success | records latency and quota hints (`x-ratelimit-remaining-*`), resets the throttle streak, returns the response |
+//! | success | records latency and quota hints (`x-ratelimit-remaining-*`; a quota at 0 marks the backend low on headroom until its reset, so `Balance` prefers others), resets the throttle streak, returns the response |
 //! | 429 / 529 / 503 with a hint | cools the backend down until the hint (no hint: exponential backoff with jitter, capped); a cooldown only ever extends; returns the response |
 //! | 429 with a billing / spend-limit body | cools the backend down for the long quota-exhausted period and logs a warning once; returns the response |
 //! | 5xx, other 4xx | counts it, returns the response (the circuit breaker decides about health) |
@@ -333,6 +333,11 @@ impl Record {
             Outcome::Success => {
                 state.record_latency(elapsed);
                 state.reset_throttle_streak();
+                if hints.remaining_requests == Some(0) || hints.remaining_tokens == Some(0) {
+                    // Proactive steering: this backend will answer 429 until its quota resets.
+                    let reset = hints.wait().unwrap_or(Duration::from_secs(1));
+                    state.mark_low_headroom(now + reset);
+                }
             }
             Outcome::Throttled { retry_after } => {
                 let streak = state.note_throttled();

@@ -1,0 +1,382 @@
+//! `Balance`: spread requests over backends by priority tier and weight, skipping throttled or
+//! broken ones.
+//!
+//! Each backend is a service already wrapped in its per-backend layers (at least
+//! [`Endpoint`](crate::endpoint::Endpoint), which keeps the backend's [`BackendState`] current).
+//! For every request `Balance`:
+//!
+//! 1. takes the best (lowest) priority tier that has an available backend: one that is not
+//!    cooling down after a 429, whose circuit is not open, and whose weight is above 0. Lower
+//!    tiers take over when the whole better tier is unavailable, and give traffic back as soon as
+//!    it recovers (how a provisioned PTU deployment is drained first);
+//! 2. within the tier, prefers backends whose last answer did not say a quota is used up
+//!    (`x-ratelimit-remaining-*: 0`), so load moves before the 429 comes;
+//! 3. picks one with its [`Strategy`] (weighted random by default) and sends the request there,
+//!    driving that backend's readiness first.
+//!
+//! | outcome | what `Balance` does |
+//! |---|---|
+//! | any response (2xx, 429, 5xx, 4xx) | returns it as is; the backend's `Endpoint` already recorded it |
+//! | an error from the backend | returns it as is ([`BackendError`](crate::error::BackendError) names the backend) |
+//! | no backend of any tier available | fails at once, without waiting or sending, with [`error::Unavailable`] carrying the earliest instant one becomes available |
+//!
+//! `Balance` never retries; put [`RetryAfter429`](crate::retry::RetryAfter429) above it.
+//!
+//! It is `Clone + Send + Sync` and shared by any number of tasks without `Buffer`: picking reads
+//! atomics only, takes no lock and allocates nothing; each call clones the chosen backend's
+//! service (reference counts).
+//!
+//! ```
+//! use tower::ServiceExt;
+//! use tower_llm_lb::{Backend, balance::{Balance, Strategy}};
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), tower_llm_lb::BoxError> {
+//! let ptu = Backend::openai("ptu", "http://10.0.0.1/v1").priority(0).build()?;
+//! let paygo = Backend::openai("paygo", "http://10.0.0.2/v1").priority(1).build()?;
+//! let svc = |name: &'static str| tower::service_fn(move |_req: http::Request<()>| async move {
+//!     Ok::<_, tower_llm_lb::BoxError>(http::Response::new(name))
+//! });
+//! let balance = Balance::builder()
+//!     .backend(ptu.clone(), svc("ptu"))
+//!     .backend(paygo, svc("paygo"))
+//!     .strategy(Strategy::RoundRobin)
+//!     .build()?;
+//! assert_eq!(*balance.clone().oneshot(http::Request::new(())).await?.body(), "ptu");
+//! // While the PTU deployment cools down after a 429, the next tier takes the traffic.
+//! ptu.state().extend_cooldown(tokio::time::Instant::now() + std::time::Duration::from_secs(5));
+//! assert_eq!(*balance.oneshot(http::Request::new(())).await?.body(), "paygo");
+//! # Ok(()) }
+//! ```
+
+mod strategy;
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
+use std::task::{Context, Poll};
+
+use pin_project_lite::pin_project;
+use tokio::time::Instant;
+use tower::util::Oneshot;
+use tower_service::Service;
+
+use crate::backend::Backend;
+use crate::error::BoxError;
+use crate::rng::Rng;
+pub use strategy::Strategy;
+use strategy::{Avail, Candidate};
+
+pub mod error {
+    //! Errors of [`Balance`](super::Balance).
+    pub use crate::error::Unavailable;
+
+    use std::fmt;
+
+    /// A balance group could not be built.
+    #[derive(Clone, Debug, PartialEq, Eq)]
+    pub struct InvalidBalance(pub(crate) String);
+
+    impl fmt::Display for InvalidBalance {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            write!(f, "invalid balance group: {}", self.0)
+        }
+    }
+
+    impl std::error::Error for InvalidBalance {}
+}
+
+struct Slot<S> {
+    backend: Backend,
+    service: S,
+}
+
+struct Shared<S> {
+    name: Arc<str>,
+    slots: Box<[Slot<S>]>,
+    /// What the picker reads of each slot, built once.
+    candidates: Box<[Candidate]>,
+    /// Slot indices grouped by tier, best tier first.
+    tiers: Box<[Box<[usize]>]>,
+    strategy: Strategy,
+    rng: Rng,
+    cursors: Box<[AtomicUsize]>,
+}
+
+/// Spreads requests over backends. See the [module docs](self).
+pub struct Balance<S> {
+    shared: Arc<Shared<S>>,
+}
+
+impl<S> Clone for Balance<S> {
+    fn clone(&self) -> Self {
+        Balance {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<S> fmt::Debug for Balance<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Balance")
+            .field("name", &self.shared.name)
+            .field(
+                "backends",
+                &self
+                    .shared
+                    .slots
+                    .iter()
+                    .map(|s| s.backend.name())
+                    .collect::<Vec<_>>(),
+            )
+            .field("strategy", &self.shared.strategy)
+            .finish()
+    }
+}
+
+/// Builds a [`Balance`].
+#[must_use]
+pub struct BalanceBuilder<S> {
+    name: String,
+    slots: Vec<Slot<S>>,
+    strategy: Strategy,
+    rng: Option<Rng>,
+}
+
+impl<S> fmt::Debug for BalanceBuilder<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BalanceBuilder")
+            .field("name", &self.name)
+            .field("backends", &self.slots.len())
+            .finish()
+    }
+}
+
+impl<S> Balance<S> {
+    /// A builder for a group named `balance`.
+    pub fn builder() -> BalanceBuilder<S> {
+        BalanceBuilder {
+            name: "balance".into(),
+            slots: Vec::new(),
+            strategy: Strategy::default(),
+            rng: None,
+        }
+    }
+
+    /// A group over `backends`, each wrapped by `make` into its per-backend service.
+    pub fn from_backends(
+        backends: impl IntoIterator<Item = Backend>,
+        mut make: impl FnMut(&Backend) -> S,
+    ) -> BalanceBuilder<S> {
+        let mut b = Self::builder();
+        for backend in backends {
+            let svc = make(&backend);
+            b = b.backend(backend, svc);
+        }
+        b
+    }
+
+    /// The group's name.
+    pub fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    /// The backends, in the order they were added.
+    pub fn backends(&self) -> impl Iterator<Item = &Backend> {
+        self.shared.slots.iter().map(|s| &s.backend)
+    }
+
+    /// `None` when some backend can take a request at `now`; otherwise the earliest instant one
+    /// can (or `None` inside `Err` if none ever will: all weights 0).
+    pub fn unavailable_until(&self, now: Instant) -> Option<Option<Instant>> {
+        let mut earliest: Option<Instant> = None;
+        for slot in self
+            .shared
+            .slots
+            .iter()
+            .filter(|s| s.backend.weight() > 0.0)
+        {
+            match slot.backend.state().unavailable_until(now) {
+                None => return None,
+                Some(u) => earliest = Some(earliest.map_or(u, |e| e.min(u))),
+            }
+        }
+        Some(earliest)
+    }
+
+    /// Chooses a backend for the next request, or says when one will be available.
+    pub fn pick(&self, now: Instant) -> Result<&Backend, error::Unavailable> {
+        self.pick_index(now)
+            .map(|i| &self.shared.slots[i].backend)
+            .map_err(|earliest| error::Unavailable::new(self.shared.name.clone(), earliest))
+    }
+
+    fn pick_index(&self, now: Instant) -> Result<usize, Option<Instant>> {
+        let sh = &*self.shared;
+        let all = &sh.candidates;
+        for (t, tier) in sh.tiers.iter().enumerate() {
+            for want in [Avail::Yes, Avail::LowHeadroom] {
+                if let Some(i) =
+                    strategy::pick(sh.strategy, all, tier, want, now, &sh.rng, &sh.cursors[t])
+                {
+                    return Ok(i);
+                }
+            }
+        }
+        Err(self.unavailable_until(now).flatten())
+    }
+}
+
+impl<S> BalanceBuilder<S> {
+    /// Names the group (in errors and logs).
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
+    }
+
+    /// Adds a backend and its per-backend service.
+    pub fn backend(mut self, backend: Backend, service: S) -> Self {
+        self.slots.push(Slot { backend, service });
+        self
+    }
+
+    /// Sets the pick strategy within a tier (default weighted random).
+    pub fn strategy(mut self, strategy: Strategy) -> Self {
+        self.strategy = strategy;
+        self
+    }
+
+    /// Sets the random source (seed it for repeatable picks).
+    pub fn rng(mut self, rng: Rng) -> Self {
+        self.rng = Some(rng);
+        self
+    }
+
+    /// Validates and builds: at least one backend, unique names.
+    pub fn build(self) -> Result<Balance<S>, error::InvalidBalance> {
+        if self.slots.is_empty() {
+            return Err(error::InvalidBalance(format!("{}: no backends", self.name)));
+        }
+        for (i, a) in self.slots.iter().enumerate() {
+            if self.slots[..i]
+                .iter()
+                .any(|b| b.backend.name() == a.backend.name())
+            {
+                return Err(error::InvalidBalance(format!(
+                    "{}: backend name {:?} used twice",
+                    self.name,
+                    a.backend.name()
+                )));
+            }
+        }
+        let mut priorities: Vec<u32> = self.slots.iter().map(|s| s.backend.priority()).collect();
+        priorities.sort_unstable();
+        priorities.dedup();
+        let tiers: Box<[Box<[usize]>]> = priorities
+            .iter()
+            .map(|p| {
+                (0..self.slots.len())
+                    .filter(|i| self.slots[*i].backend.priority() == *p)
+                    .collect()
+            })
+            .collect();
+        let cursors = tiers.iter().map(|_| AtomicUsize::new(0)).collect();
+        let candidates = self
+            .slots
+            .iter()
+            .map(|s| Candidate {
+                weight: s.backend.weight(),
+                state: s.backend.state().clone(),
+            })
+            .collect();
+        Ok(Balance {
+            shared: Arc::new(Shared {
+                name: self.name.into(),
+                slots: self.slots.into_boxed_slice(),
+                candidates,
+                tiers,
+                strategy: self.strategy,
+                rng: self.rng.unwrap_or_default(),
+                cursors,
+            }),
+        })
+    }
+}
+
+impl<S, Req> Service<Req> for Balance<S>
+where
+    S: Service<Req> + Clone,
+    S::Error: Into<BoxError>,
+{
+    type Response = S::Response;
+    type Error = BoxError;
+    type Future = ResponseFuture<S, Req>;
+
+    /// Always ready: readiness is driven on the chosen backend's service inside the call.
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Req) -> Self::Future {
+        match self.pick_index(Instant::now()) {
+            Ok(i) => {
+                let slot = &self.shared.slots[i];
+                tracing::trace!(
+                    group = &*self.shared.name,
+                    backend = slot.backend.name(),
+                    "picked"
+                );
+                ResponseFuture {
+                    state: State::Send {
+                        fut: Oneshot::new(slot.service.clone(), req),
+                    },
+                }
+            }
+            Err(earliest) => ResponseFuture {
+                state: State::Unavailable {
+                    error: Some(error::Unavailable::new(self.shared.name.clone(), earliest)),
+                },
+            },
+        }
+    }
+}
+
+pin_project! {
+    /// Response future of [`Balance`].
+    pub struct ResponseFuture<S: Service<Req>, Req> {
+        #[pin]
+        state: State<S, Req>,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<S: Service<Req>, Req> {
+        Send { #[pin] fut: Oneshot<S, Req> },
+        Unavailable { error: Option<error::Unavailable> },
+    }
+}
+
+impl<S, Req> Future for ResponseFuture<S, Req>
+where
+    S: Service<Req>,
+    S::Error: Into<BoxError>,
+{
+    type Output = Result<S::Response, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project().state.project() {
+            StateProj::Send { fut } => fut.poll(cx).map_err(Into::into),
+            StateProj::Unavailable { error } => Poll::Ready(Err(error
+                .take()
+                .map_or_else(|| "polled after completion".into(), Into::into))),
+        }
+    }
+}
+
+impl<S: Service<Req>, Req> fmt::Debug for ResponseFuture<S, Req> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("balance::ResponseFuture")
+    }
+}

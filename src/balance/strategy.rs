@@ -1,0 +1,197 @@
+//! How [`Balance`](super::Balance) picks one backend among the available ones of a tier.
+
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+
+use tokio::time::Instant;
+
+use crate::rng::Rng;
+use crate::state::BackendState;
+
+/// The pick strategy within a priority tier.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Strategy {
+    /// Weighted random: each available backend is chosen with probability weight / sum of the
+    /// available weights. Honours small weights exactly (`99/0.5/0.5`); weight 0 gets nothing.
+    #[default]
+    WeightedRandom,
+    /// Round robin over the available backends (weights other than 0 are ignored).
+    RoundRobin,
+    /// The available backend with the fewest requests in flight; ties go round robin.
+    LeastInFlight,
+    /// Power of two choices: two weighted-random candidates, the one with the lower load
+    /// (in flight × latency EWMA) wins, as tower's p2c balancer does.
+    PowerOfTwo,
+}
+
+/// One backend as the picker sees it.
+pub(crate) struct Candidate {
+    pub(crate) weight: f64,
+    pub(crate) state: BackendState,
+}
+
+/// Whether a backend is usable now, and whether it has quota headroom by its last hints.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Avail {
+    No,
+    LowHeadroom,
+    Yes,
+}
+
+pub(crate) fn availability(c: &Candidate, now: Instant) -> Avail {
+    if c.weight <= 0.0 || !c.state.is_available(now) {
+        Avail::No
+    } else if c.state.headroom_low(now) {
+        Avail::LowHeadroom
+    } else {
+        Avail::Yes
+    }
+}
+
+/// Picks among `tier` (indices into `all`), considering only candidates whose availability is
+/// `want`. Returns `None` when none qualifies.
+pub(crate) fn pick(
+    strategy: Strategy,
+    all: &[Candidate],
+    tier: &[usize],
+    want: Avail,
+    now: Instant,
+    rng: &Rng,
+    cursor: &AtomicUsize,
+) -> Option<usize> {
+    let ok = |i: &usize| availability(&all[*i], now) == want;
+    match strategy {
+        Strategy::WeightedRandom => weighted(all, tier, &ok, rng),
+        Strategy::RoundRobin => {
+            let start = cursor.fetch_add(1, Relaxed);
+            (0..tier.len())
+                .map(|k| tier[(start + k) % tier.len()])
+                .find(|i| ok(i))
+        }
+        Strategy::LeastInFlight => {
+            let start = cursor.fetch_add(1, Relaxed);
+            (0..tier.len())
+                .map(|k| tier[(start + k) % tier.len()])
+                .filter(|i| ok(i))
+                .min_by_key(|i| all[*i].state.in_flight())
+        }
+        Strategy::PowerOfTwo => {
+            let a = weighted(all, tier, &ok, rng)?;
+            let b = weighted(all, tier, &ok, rng)?;
+            Some(if load(&all[b]) < load(&all[a]) { b } else { a })
+        }
+    }
+}
+
+fn load(c: &Candidate) -> f64 {
+    let latency = c.state.latency().map_or(1.0, |d| d.as_secs_f64().max(1e-6));
+    (c.state.in_flight() as f64 + 1.0) * latency
+}
+
+fn weighted(
+    all: &[Candidate],
+    tier: &[usize],
+    ok: &impl Fn(&usize) -> bool,
+    rng: &Rng,
+) -> Option<usize> {
+    let total: f64 = tier.iter().filter(|i| ok(i)).map(|i| all[*i].weight).sum();
+    if total <= 0.0 {
+        return None;
+    }
+    let mut r = rng.next_f64() * total;
+    let mut last = None;
+    for i in tier.iter().filter(|i| ok(i)) {
+        last = Some(*i);
+        r -= all[*i].weight;
+        if r < 0.0 {
+            return Some(*i);
+        }
+    }
+    last
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn shares(weights: &[f64], strategy: Strategy, n: usize) -> Vec<f64> {
+        let states: Vec<BackendState> = weights.iter().map(|_| BackendState::new()).collect();
+        let all: Vec<Candidate> = weights
+            .iter()
+            .zip(&states)
+            .map(|(w, s)| Candidate {
+                weight: *w,
+                state: s.clone(),
+            })
+            .collect();
+        let tier: Vec<usize> = (0..weights.len()).collect();
+        let rng = Rng::seeded(42);
+        let cursor = AtomicUsize::new(0);
+        let now = Instant::now();
+        let mut counts = vec![0usize; weights.len()];
+        for _ in 0..n {
+            let i = pick(strategy, &all, &tier, Avail::Yes, now, &rng, &cursor).unwrap();
+            counts[i] += 1;
+        }
+        counts.iter().map(|c| *c as f64 / n as f64).collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn weighted_random_honours_weights_within_two_points() {
+        for weights in [vec![0.7, 0.3], vec![99.0, 0.5, 0.5], vec![1.0, 0.0, 1.0]] {
+            let total: f64 = weights.iter().sum();
+            let got = shares(&weights, Strategy::WeightedRandom, 10_000);
+            for (w, g) in weights.iter().zip(&got) {
+                assert!((w / total - g).abs() < 0.02, "{weights:?}: {got:?}");
+            }
+        }
+        let got = shares(&[1.0, 0.0, 1.0], Strategy::WeightedRandom, 10_000);
+        assert_eq!(got[1], 0.0, "weight 0 receives nothing");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn round_robin_cycles_and_skips_weight_zero() {
+        let got = shares(&[1.0, 0.0, 5.0], Strategy::RoundRobin, 1000);
+        assert_eq!(got, vec![0.5, 0.0, 0.5]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn least_in_flight_prefers_the_idle_backend() {
+        let states = [BackendState::new(), BackendState::new()];
+        let _busy = states[0].start_request();
+        let all: Vec<Candidate> = states
+            .iter()
+            .map(|s| Candidate {
+                weight: 1.0,
+                state: s.clone(),
+            })
+            .collect();
+        let cursor = AtomicUsize::new(0);
+        let rng = Rng::seeded(1);
+        for _ in 0..10 {
+            let i = pick(
+                Strategy::LeastInFlight,
+                &all,
+                &[0, 1],
+                Avail::Yes,
+                Instant::now(),
+                &rng,
+                &cursor,
+            );
+            assert_eq!(i, Some(1));
+        }
+        states[1].record_latency(Duration::from_millis(1));
+        states[0].record_latency(Duration::from_millis(500));
+        let i = pick(
+            Strategy::PowerOfTwo,
+            &all,
+            &[0, 1],
+            Avail::Yes,
+            Instant::now(),
+            &rng,
+            &cursor,
+        );
+        assert!(i.is_some());
+    }
+}

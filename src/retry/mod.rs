@@ -1,0 +1,513 @@
+//! `RetryAfter429`: absorb throttling inside the stack, honouring every Retry-After form, within
+//! a wait budget and a deadline.
+//!
+//! Put it above [`Balance`](crate::balance::Balance) (or a single backend). The backends'
+//! [`Endpoint`](crate::endpoint::Endpoint)s have already classified each answer and cooled the
+//! throttled backend down until its Retry-After (the cooldown only ever extends); `RetryAfter429`
+//! decides what the request does next:
+//!
+//! | outcome of an attempt | what `RetryAfter429` does |
+//! |---|---|
+//! | success, client error (4xx), server error (5xx), timeout | returns it: one attempt, nothing retried (5xx and timeouts are for `Fallback` and the circuit breaker) |
+//! | throttled (429, 529, 503 with a hint) or quota exhausted | retries at once, so `Balance` sends it to another available backend |
+//! | connect error (the request never reached the server) | retries at once elsewhere (configurable) |
+//! | nothing available (every backend cooling down or open) | waits until the earliest backend is free, if that fits the wait budget and the deadline; otherwise gives up at once, without sleeping |
+//!
+//! Giving up returns the last 429 **with** `retry-after` and `retry-after-ms` set to when a
+//! backend is next free (so the caller's own client can honour it), or, if no answer came back at
+//! all, [`Exhausted`] listing every attempt and the earliest retry instant.
+//!
+//! Bounds: at most [`RetryAfter429Layer::max_attempts`] attempts that reach a backend; a retry
+//! budget (tower's [`TpsBudget`]: retries may add at most a share of the request rate) so a storm
+//! of 429s does not multiply load; a per-request wait budget; an overall deadline (the layer's,
+//! or a [`Deadline`] request extension, whichever is earlier). A client error is never retried.
+//!
+//! The request is replayed by cloning it (the body must be cheap to clone, like
+//! [`ReplayBody`](crate::body::ReplayBody)); a streamed response is passed through untouched. Every
+//! response carries an [`Attempts`] extension; every attempt is a `tracing` span with the
+//! backend, attempt number, outcome and wait.
+//!
+//! The first attempt runs in a concrete future; only a retry moves to a boxed one.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use http::{HeaderValue, Request, Response};
+use pin_project_lite::pin_project;
+use tokio::time::Instant;
+use tower::retry::budget::{Budget, TpsBudget};
+use tower::util::{Oneshot, ServiceExt};
+use tower_layer::Layer;
+use tower_service::Service;
+use tracing::Instrument;
+
+use crate::classify::retry_after::Hints;
+use crate::classify::{Classify, Outcome, Standard, classify_error_chain};
+use crate::endpoint::Served;
+use crate::error::{Attempt, BoxError, Exhausted};
+
+/// A request's overall deadline, as a request extension. `RetryAfter429` never waits past it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Deadline(pub Instant);
+
+/// The attempts a request took, as a response extension (in order, the last one answered).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Attempts(pub Vec<Attempt>);
+
+#[derive(Clone)]
+struct Settings {
+    max_attempts: usize,
+    max_wait: Duration,
+    deadline: Option<Duration>,
+    retry_connect_errors: bool,
+    budget: Arc<TpsBudget>,
+}
+
+/// Layer that wraps a service in [`RetryAfter429`].
+#[derive(Clone)]
+pub struct RetryAfter429Layer {
+    settings: Settings,
+}
+
+impl fmt::Debug for RetryAfter429Layer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RetryAfter429Layer")
+            .field("max_attempts", &self.settings.max_attempts)
+            .field("max_wait", &self.settings.max_wait)
+            .field("deadline", &self.settings.deadline)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for RetryAfter429Layer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl RetryAfter429Layer {
+    /// Defaults: 4 attempts, wait budget 10 s, no deadline of its own, connect errors retried,
+    /// retry budget 20% of requests over 10 s with a floor of 10 retries/s (tower's and Envoy's
+    /// defaults).
+    pub fn new() -> Self {
+        RetryAfter429Layer {
+            settings: Settings {
+                max_attempts: 4,
+                max_wait: Duration::from_secs(10),
+                deadline: None,
+                retry_connect_errors: true,
+                budget: Arc::new(TpsBudget::new(Duration::from_secs(10), 10, 0.2)),
+            },
+        }
+    }
+
+    /// At most `n` attempts that reach a backend (at least 1).
+    pub fn max_attempts(mut self, n: usize) -> Self {
+        self.settings.max_attempts = n.max(1);
+        self
+    }
+
+    /// The most a request may spend waiting for a backend to become free, in total.
+    pub fn max_wait(mut self, d: Duration) -> Self {
+        self.settings.max_wait = d;
+        self
+    }
+
+    /// An overall deadline per request, from when it enters this layer.
+    pub fn deadline(mut self, d: Duration) -> Self {
+        self.settings.deadline = Some(d);
+        self
+    }
+
+    /// Whether connect errors are retried elsewhere (default true).
+    pub fn retry_connect_errors(mut self, yes: bool) -> Self {
+        self.settings.retry_connect_errors = yes;
+        self
+    }
+
+    /// The retry budget: over `ttl`, retries may be `retry_percent` of requests, plus
+    /// `min_per_sec` retries per second regardless.
+    pub fn budget(mut self, ttl: Duration, min_per_sec: u32, retry_percent: f32) -> Self {
+        self.settings.budget = Arc::new(TpsBudget::new(ttl, min_per_sec, retry_percent));
+        self
+    }
+}
+
+impl<S> Layer<S> for RetryAfter429Layer {
+    type Service = RetryAfter429<S>;
+
+    fn layer(&self, inner: S) -> RetryAfter429<S> {
+        RetryAfter429 {
+            inner,
+            settings: self.settings.clone(),
+        }
+    }
+}
+
+/// Middleware that absorbs 429s. See the [module docs](self).
+#[derive(Clone)]
+pub struct RetryAfter429<S> {
+    inner: S,
+    settings: Settings,
+}
+
+impl<S> RetryAfter429<S> {
+    /// Wraps `inner` with default settings.
+    pub fn new(inner: S) -> Self {
+        RetryAfter429Layer::new().layer(inner)
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Unwraps the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S: fmt::Debug> fmt::Debug for RetryAfter429<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RetryAfter429")
+            .field("inner", &self.inner)
+            .field("max_attempts", &self.settings.max_attempts)
+            .finish_non_exhaustive()
+    }
+}
+
+fn clone_request<B: Clone>(req: &Request<B>) -> Request<B> {
+    let mut out = Request::new(req.body().clone());
+    *out.method_mut() = req.method().clone();
+    *out.uri_mut() = req.uri().clone();
+    *out.version_mut() = req.version();
+    *out.headers_mut() = req.headers().clone();
+    *out.extensions_mut() = req.extensions().clone();
+    out
+}
+
+impl<S, B, ResB> Service<Request<B>> for RetryAfter429<S>
+where
+    S: Service<Request<B>, Response = Response<ResB>> + Clone + Send + 'static,
+    S::Error: Into<BoxError>,
+    S::Future: Send,
+    B: Clone + Send + Sync + 'static,
+    ResB: Send + 'static,
+{
+    type Response = Response<ResB>;
+    type Error = BoxError;
+    type Future = ResponseFuture<S, B, ResB>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        // Readiness is driven per attempt (`oneshot`), so a retry re-drives it too.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        self.settings.budget.deposit();
+        let start = Instant::now();
+        let mut deadline = self.settings.deadline.map(|d| start + d);
+        if let Some(Deadline(d)) = req.extensions().get::<Deadline>() {
+            deadline = Some(deadline.map_or(*d, |x| x.min(*d)));
+        }
+        let template = clone_request(&req);
+        let ctx = Ctx {
+            inner: self.inner.clone(),
+            settings: self.settings.clone(),
+            template,
+            attempts: Vec::new(),
+            deadline,
+            waited: Duration::ZERO,
+            sent: 0,
+        };
+        ResponseFuture {
+            state: RetryState::First {
+                fut: self.inner.clone().oneshot(req),
+                ctx: Some(ctx),
+                started: start,
+            },
+        }
+    }
+}
+
+struct Ctx<S, B> {
+    inner: S,
+    settings: Settings,
+    template: Request<B>,
+    attempts: Vec<Attempt>,
+    deadline: Option<Instant>,
+    waited: Duration,
+    /// Attempts that reached a backend (or tried to).
+    sent: usize,
+}
+
+type BoxFut<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+pin_project! {
+    /// Response future of [`RetryAfter429`].
+    pub struct ResponseFuture<S: Service<Request<B>>, B, ResB> {
+        #[pin]
+        state: RetryState<S, B, ResB>,
+    }
+}
+
+pin_project! {
+    #[project = RetryProj]
+    enum RetryState<S: Service<Request<B>>, B, ResB> {
+        First { #[pin] fut: Oneshot<S, Request<B>>, ctx: Option<Ctx<S, B>>, started: Instant },
+        Retrying { fut: BoxFut<Result<Response<ResB>, BoxError>> },
+    }
+}
+
+/// What one attempt's result means for the loop.
+enum Step<ResB> {
+    Done(Result<Response<ResB>, BoxError>),
+    /// Retry; keeps the throttled response (if any) to return if we give up.
+    Retry {
+        last: Option<Response<ResB>>,
+        /// When something may be available again (from `Unavailable`), if this was a refusal.
+        refused_until: Option<Option<Instant>>,
+        error: Option<BoxError>,
+    },
+}
+
+fn judge<S, B, ResB>(
+    ctx: &mut Ctx<S, B>,
+    result: Result<Response<ResB>, BoxError>,
+    started: Instant,
+) -> Step<ResB> {
+    let elapsed = started.elapsed();
+    match result {
+        Ok(mut res) => {
+            let (backend, outcome) = match res.extensions().get::<Served>() {
+                Some(s) => (s.backend.name_arc().clone(), s.outcome),
+                None => {
+                    let hints = Hints::from_headers(
+                        res.headers(),
+                        std::time::SystemTime::now(),
+                        crate::classify::retry_after::DEFAULT_MAX_HINT,
+                    );
+                    (
+                        "-".into(),
+                        Standard.classify_response(res.status(), res.headers(), &hints),
+                    )
+                }
+            };
+            ctx.sent += 1;
+            ctx.attempts.push(Attempt {
+                backend,
+                outcome,
+                elapsed,
+            });
+            tracing::debug!(attempt = ctx.attempts.len(), %outcome, "attempt answered");
+            if outcome.is_throttled() {
+                Step::Retry {
+                    last: Some(res),
+                    refused_until: None,
+                    error: None,
+                }
+            } else {
+                res.extensions_mut()
+                    .insert(Attempts(std::mem::take(&mut ctx.attempts)));
+                Step::Done(Ok(res))
+            }
+        }
+        Err(e) => {
+            let outcome = classify_error_chain(&*e);
+            let backend: Arc<str> = crate::error::find::<crate::error::BackendError>(&*e)
+                .map_or_else(|| "-".into(), |b| b.backend().into());
+            match outcome {
+                Outcome::Unavailable { retry_at } => Step::Retry {
+                    last: None,
+                    refused_until: Some(retry_at),
+                    error: Some(e),
+                },
+                Outcome::ConnectError if ctx.settings.retry_connect_errors => {
+                    ctx.sent += 1;
+                    ctx.attempts.push(Attempt {
+                        backend,
+                        outcome,
+                        elapsed,
+                    });
+                    Step::Retry {
+                        last: None,
+                        refused_until: None,
+                        error: Some(e),
+                    }
+                }
+                _ => {
+                    if ctx.attempts.is_empty() {
+                        Step::Done(Err(e))
+                    } else {
+                        ctx.attempts.push(Attempt {
+                            backend,
+                            outcome,
+                            elapsed,
+                        });
+                        let attempts = std::mem::take(&mut ctx.attempts);
+                        Step::Done(Err(Exhausted::new(attempts, None).into()))
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Sets `retry-after` / `retry-after-ms` on a 429 we return, to when a backend is next free.
+fn stamp_retry_after<ResB>(res: &mut Response<ResB>, earliest: Option<Instant>) {
+    let Some(at) = earliest else { return };
+    let wait = at.saturating_duration_since(Instant::now());
+    let h = res.headers_mut();
+    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    h.insert(http::header::RETRY_AFTER, HeaderValue::from(secs));
+    h.insert("retry-after-ms", HeaderValue::from(wait.as_millis() as u64));
+    h.remove("x-ms-retry-after-ms");
+}
+
+async fn retry_loop<S, B, ResB>(
+    mut ctx: Ctx<S, B>,
+    mut last: Option<Response<ResB>>,
+    mut refused: Option<Option<Instant>>,
+    mut last_error: Option<BoxError>,
+) -> Result<Response<ResB>, BoxError>
+where
+    S: Service<Request<B>, Response = Response<ResB>> + Clone,
+    S::Error: Into<BoxError>,
+    B: Clone,
+{
+    // Hard cap on loop turns, so no path can spin.
+    let max_turns = ctx.settings.max_attempts * 4 + 4;
+    let mut earliest: Option<Instant> = None;
+    for turn in 0..max_turns {
+        let now = Instant::now();
+        let mut wait = Duration::ZERO;
+        if let Some(retry_at) = refused.take() {
+            // Nothing was available: wait for the earliest backend, within budget and deadline.
+            earliest = retry_at;
+            let Some(at) = retry_at else { break };
+            wait = at.saturating_duration_since(now);
+            let over_budget = ctx.waited + wait > ctx.settings.max_wait;
+            let past_deadline = ctx.deadline.is_some_and(|d| now + wait > d);
+            if over_budget || past_deadline {
+                tracing::debug!(
+                    ?wait,
+                    over_budget,
+                    past_deadline,
+                    "giving up instead of waiting"
+                );
+                break;
+            }
+        } else {
+            if ctx.sent >= ctx.settings.max_attempts {
+                break;
+            }
+            if !ctx.settings.budget.withdraw() {
+                tracing::debug!("retry budget exhausted");
+                break;
+            }
+        }
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+            ctx.waited += wait;
+        }
+        if ctx.deadline.is_some_and(|d| Instant::now() >= d) {
+            break;
+        }
+        let req = clone_request(&ctx.template);
+        let started = Instant::now();
+        let span = tracing::debug_span!("attempt", n = ctx.attempts.len() + 1, turn, wait = ?wait);
+        let result = ctx
+            .inner
+            .clone()
+            .oneshot(req)
+            .instrument(span)
+            .await
+            .map_err(Into::into);
+        match judge(&mut ctx, result, started) {
+            Step::Done(r) => return r,
+            Step::Retry {
+                last: l,
+                refused_until,
+                error,
+            } => {
+                if l.is_some() {
+                    last = l;
+                }
+                if error.is_some() {
+                    last_error = error;
+                }
+                refused = refused_until;
+            }
+        }
+    }
+    // Give up: the last 429 with an honest retry-after, or an error listing every attempt.
+    if let Some(mut res) = last {
+        let hint = res
+            .extensions()
+            .get::<Served>()
+            .and_then(|s| match s.outcome {
+                Outcome::Throttled { retry_after } => retry_after.map(|d| Instant::now() + d),
+                _ => None,
+            });
+        stamp_retry_after(&mut res, earliest.or(hint));
+        res.extensions_mut().insert(Attempts(ctx.attempts));
+        return Ok(res);
+    }
+    if ctx.attempts.is_empty() {
+        return Err(last_error.unwrap_or_else(|| Exhausted::new(Vec::new(), earliest).into()));
+    }
+    Err(Exhausted::new(ctx.attempts, earliest).into())
+}
+
+impl<S, B, ResB> Future for ResponseFuture<S, B, ResB>
+where
+    S: Service<Request<B>, Response = Response<ResB>> + Clone + Send + 'static,
+    S::Error: Into<BoxError>,
+    S::Future: Send,
+    B: Clone + Send + Sync + 'static,
+    ResB: Send + 'static,
+{
+    type Output = Result<Response<ResB>, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            match this.state.as_mut().project() {
+                RetryProj::First { fut, ctx, started } => {
+                    let result = ready!(fut.poll(cx)).map_err(Into::into);
+                    let Some(mut c) = ctx.take() else {
+                        return Poll::Ready(Err("polled after completion".into()));
+                    };
+                    match judge(&mut c, result, *started) {
+                        Step::Done(r) => return Poll::Ready(r),
+                        Step::Retry {
+                            last,
+                            refused_until,
+                            error,
+                        } => {
+                            let fut = Box::pin(retry_loop(c, last, refused_until, error));
+                            this.state.set(RetryState::Retrying { fut });
+                        }
+                    }
+                }
+                RetryProj::Retrying { fut } => return fut.as_mut().poll(cx),
+            }
+        }
+    }
+}
+
+impl<S: Service<Request<B>>, B, ResB> fmt::Debug for ResponseFuture<S, B, ResB> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("retry::ResponseFuture")
+    }
+}
