@@ -54,6 +54,7 @@ struct Inner {
     remaining_tokens: AtomicU64,
     quota_seen_at: AtomicU64,
     low_headroom_until: AtomicU64,
+    pace_ns: AtomicU64,
     counters: [AtomicU64; COUNTERS],
 }
 
@@ -111,19 +112,21 @@ impl BackendState {
                 remaining_tokens: AtomicU64::new(UNKNOWN),
                 quota_seen_at: AtomicU64::new(0),
                 low_headroom_until: AtomicU64::new(0),
+                pace_ns: AtomicU64::new(0),
                 counters: Default::default(),
             }),
         }
     }
 
+    /// Nanoseconds since the epoch, plus one: 0 is reserved for "none". An instant before the
+    /// epoch is stored as the epoch.
     fn ticks_of(&self, at: Instant) -> u64 {
-        // 0 is reserved for "none"; an instant before the epoch is "now-ish" and stored as 1.
         let ns = at.saturating_duration_since(self.inner.epoch).as_nanos();
-        u64::try_from(ns).unwrap_or(u64::MAX - 1).max(1)
+        u64::try_from(ns).unwrap_or(u64::MAX - 2).min(u64::MAX - 2) + 1
     }
 
     fn instant_of(&self, ticks: u64) -> Option<Instant> {
-        (ticks != 0).then(|| self.inner.epoch + Duration::from_nanos(ticks))
+        (ticks != 0).then(|| self.inner.epoch + Duration::from_nanos(ticks - 1))
     }
 
     /// True when both handles point at the same backend's state.
@@ -163,6 +166,37 @@ impl BackendState {
         self.inner
             .cooldown_until
             .fetch_max(self.ticks_of(until), AcqRel);
+    }
+
+    /// Sets (or with `None` clears) the pace: while a backend's request quota is used up, one
+    /// request is let through every `pace` (its refill interval), see [`BackendState::admit`].
+    pub fn set_pace(&self, pace: Option<Duration>) {
+        let ns = pace.map_or(0, |d| {
+            u64::try_from(d.as_nanos()).unwrap_or(u64::MAX).max(1)
+        });
+        if self.inner.pace_ns.load(Relaxed) != ns {
+            self.inner.pace_ns.store(ns, Release);
+        }
+    }
+
+    /// The current pace, if the backend is being paced.
+    pub fn pace(&self) -> Option<Duration> {
+        let ns = self.inner.pace_ns.load(Acquire);
+        (ns != 0).then(|| Duration::from_nanos(ns))
+    }
+
+    /// Records that a request was just sent to the backend at `now`: when it is being paced, the
+    /// next request may go one pace later (the cooldown moves to `max(cooldown, now) + pace`).
+    pub fn admit(&self, now: Instant) {
+        let Some(pace) = self.pace() else { return };
+        let now_ticks = self.ticks_of(now);
+        let pace_ticks = u64::try_from(pace.as_nanos()).unwrap_or(u64::MAX);
+        let _ = self
+            .inner
+            .cooldown_until
+            .fetch_update(AcqRel, Acquire, |cur| {
+                Some(cur.max(now_ticks).saturating_add(pace_ticks))
+            });
     }
 
     /// Ends any cooldown now.
@@ -381,6 +415,27 @@ mod tests {
         assert!(s.is_available(now + Duration::from_secs(10)));
         s.clear_cooldown();
         assert!(s.is_available(now));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn pacing_spaces_admissions_one_pace_apart() {
+        let s = BackendState::new();
+        let now = Instant::now();
+        s.admit(now);
+        assert!(s.is_available(now), "no pace, no effect");
+        s.set_pace(Some(Duration::from_millis(100)));
+        s.admit(now);
+        assert_eq!(
+            s.unavailable_until(now),
+            Some(now + Duration::from_millis(100))
+        );
+        s.admit(now);
+        assert_eq!(
+            s.unavailable_until(now),
+            Some(now + Duration::from_millis(200))
+        );
+        s.set_pace(None);
+        assert_eq!(s.pace(), None);
     }
 
     #[tokio::test(start_paused = true)]

@@ -21,7 +21,13 @@ fn azure(url: String) -> Backend {
 
 #[tokio::test(start_paused = true)]
 async fn throttled_backend_cools_down_until_its_retry_after() {
-    let mock = MockServer::builder().rps(1.0).start().await.unwrap();
+    // No quota headers: the 429's retry-after is the only signal (as Azure PTU answers).
+    let mock = MockServer::builder()
+        .rps(1.0)
+        .quota_headers(false)
+        .start()
+        .await
+        .unwrap();
     let backend = azure(mock.url());
     let svc = stack(&backend);
     let first = svc.clone().oneshot(chat("{}")).await.unwrap();
@@ -191,6 +197,28 @@ async fn hanging_backend_is_abandoned_by_a_timeout_and_in_flight_returns_to_zero
         1,
         "the mock is still hanging on it"
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn remaining_requests_zero_rests_and_paces_the_backend_before_any_429() {
+    let mock = MockServer::builder().rps(4.0).start().await.unwrap();
+    let backend = azure(mock.url());
+    let svc = stack(&backend);
+    for _ in 0..3 {
+        svc.clone().oneshot(chat("{}")).await.unwrap();
+        assert!(backend.state().is_available(Instant::now()));
+    }
+    // The 4th answer says remaining-requests: 0 (reset 1 s, limit 4): rest 250 ms and pace.
+    let res = svc.clone().oneshot(chat("{}")).await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.headers()["x-ratelimit-remaining-requests"], "0");
+    let until = backend
+        .state()
+        .unavailable_until(Instant::now())
+        .expect("resting");
+    assert_eq!(until - Instant::now(), Duration::from_millis(250));
+    assert_eq!(backend.state().pace(), Some(Duration::from_millis(250)));
+    assert_eq!(mock.counters().throttled, 0);
 }
 
 #[tokio::test]

@@ -9,9 +9,15 @@
 //!    cooling down after a 429, whose circuit is not open, and whose weight is above 0. Lower
 //!    tiers take over when the whole better tier is unavailable, and give traffic back as soon as
 //!    it recovers (how a provisioned PTU deployment is drained first);
-//! 2. within the tier, prefers backends whose last answer did not say a quota is used up
+//! 2. within the tier, prefers backends whose last answer did not say the token quota is used up
 //!    (`x-ratelimit-remaining-*: 0`), so load moves before the 429 comes;
-//! 3. picks one with its [`Strategy`] (weighted random by default) and sends the request there,
+//! 3. a backend whose request quota is used up (by its `x-ratelimit-remaining-requests: 0`) is
+//!    paced: one request per refill interval, so its quota is spent to the last request without
+//!    earning 429s;
+//! 4. a backend just back from a 429 cooldown that gives no quota hints takes one request at a time until one
+//!    succeeds (so the requests that waited for it do not all rush it and earn a 429 each);
+//!    while that probe is in flight it counts as available again in 25 ms;
+//! 5. picks one with its [`Strategy`] (weighted random by default) and sends the request there,
 //!    driving that backend's readiness first.
 //!
 //! | outcome | what `Balance` does |
@@ -102,6 +108,7 @@ struct Shared<S> {
     strategy: Strategy,
     rng: Rng,
     cursors: Box<[AtomicUsize]>,
+    probe_poll: std::time::Duration,
 }
 
 /// Spreads requests over backends. See the [module docs](self).
@@ -197,10 +204,13 @@ impl<S> Balance<S> {
             .iter()
             .filter(|s| s.backend.weight() > 0.0)
         {
-            match slot.backend.state().unavailable_until(now) {
+            let state = slot.backend.state();
+            let until = match state.unavailable_until(now) {
+                None if strategy::on_probation(state) => now + self.shared.probe_poll,
                 None => return None,
-                Some(u) => earliest = Some(earliest.map_or(u, |e| e.min(u))),
-            }
+                Some(u) => u,
+            };
+            earliest = Some(earliest.map_or(until, |e| e.min(until)));
         }
         Some(earliest)
     }
@@ -299,6 +309,7 @@ impl<S> BalanceBuilder<S> {
                 strategy: self.strategy,
                 rng: self.rng.unwrap_or_default(),
                 cursors,
+                probe_poll: std::time::Duration::from_millis(25),
             }),
         })
     }
@@ -322,6 +333,7 @@ where
         match self.pick_index(Instant::now()) {
             Ok(i) => {
                 let slot = &self.shared.slots[i];
+                slot.backend.state().admit(Instant::now());
                 tracing::trace!(
                     group = &*self.shared.name,
                     backend = slot.backend.name(),

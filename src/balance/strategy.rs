@@ -39,13 +39,20 @@ pub(crate) enum Avail {
 }
 
 pub(crate) fn availability(c: &Candidate, now: Instant) -> Avail {
-    if c.weight <= 0.0 || !c.state.is_available(now) {
+    if c.weight <= 0.0 || !c.state.is_available(now) || on_probation(&c.state) {
         Avail::No
     } else if c.state.headroom_low(now) {
         Avail::LowHeadroom
     } else {
         Avail::Yes
     }
+}
+
+/// A backend back from a 429 cooldown, with no pace to go by (its answers carry no quota hints),
+/// takes one request at a time until one succeeds, so the requests that waited for it do not all
+/// rush it at once and earn a 429 each. (With a pace, admission spacing does that job.)
+pub(crate) fn on_probation(state: &BackendState) -> bool {
+    state.throttle_streak() > 0 && state.pace().is_none() && state.in_flight() > 0
 }
 
 /// Picks among `tier` (indices into `all`), considering only candidates whose availability is
@@ -63,10 +70,13 @@ pub(crate) fn pick(
     match strategy {
         Strategy::WeightedRandom => weighted(all, tier, &ok, rng),
         Strategy::RoundRobin => {
-            let start = cursor.fetch_add(1, Relaxed);
-            (0..tier.len())
-                .map(|k| tier[(start + k) % tier.len()])
-                .find(|i| ok(i))
+            // The n-th eligible backend, so skipped ones do not double their neighbour's share.
+            let eligible = tier.iter().filter(|i| ok(i)).count();
+            if eligible == 0 {
+                return None;
+            }
+            let nth = cursor.fetch_add(1, Relaxed) % eligible;
+            tier.iter().copied().filter(|i| ok(i)).nth(nth)
         }
         Strategy::LeastInFlight => {
             let start = cursor.fetch_add(1, Relaxed);

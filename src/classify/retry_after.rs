@@ -211,6 +211,8 @@ pub struct Hints {
     pub remaining_requests: Option<u64>,
     /// Tokens left in the current window.
     pub remaining_tokens: Option<u64>,
+    /// The request quota of the window (`x-ratelimit-limit-requests`).
+    pub limit_requests: Option<u64>,
 }
 
 /// Anthropic's rate-limit dimensions: (is the requests dimension, remaining header, reset header).
@@ -267,6 +269,9 @@ impl Hints {
             remaining_tokens: headers
                 .get("x-ratelimit-remaining-tokens")
                 .and_then(parse_remaining),
+            limit_requests: headers
+                .get("x-ratelimit-limit-requests")
+                .and_then(parse_remaining),
         };
         // Anthropic's family: fill what the OpenAI-style headers did not say.
         for (is_requests, remaining_name, reset_name) in ANTHROPIC {
@@ -314,6 +319,21 @@ impl Hints {
             (Some(a), Some(b)) => Some(a.max(b)),
             (a, b) => a.or(b),
         }
+    }
+
+    /// When the request quota is used up (`remaining-requests: 0`), the time until the next
+    /// request is likely to be let through: the reset time spread over the window's limit
+    /// (a token bucket refills one request every `reset / limit`), or the whole reset time when
+    /// the limit is unknown. `None` while requests remain or nothing was said.
+    pub fn next_request_in(&self) -> Option<Duration> {
+        if self.remaining_requests != Some(0) {
+            return None;
+        }
+        let reset = self.reset_requests?;
+        Some(match self.limit_requests {
+            Some(limit) if limit > 0 => reset / u32::try_from(limit).unwrap_or(u32::MAX),
+            _ => reset,
+        })
     }
 
     /// True when the response carried any hint at all.
@@ -560,6 +580,10 @@ mod tests {
         assert_eq!(hints.remaining_tokens, Some(1000));
         // Only the exhausted dimension's reset counts as a wait.
         assert_eq!(hints.wait(), Some(Duration::from_millis(1500)));
+        assert_eq!(hints.next_request_in(), Some(Duration::from_millis(1500)));
+        h.insert("x-ratelimit-limit-requests", hv("3"));
+        let hints = Hints::from_headers(&h, now, CAP);
+        assert_eq!(hints.next_request_in(), Some(Duration::from_millis(500)));
         assert_eq!(
             Hints::from_headers(&HeaderMap::new(), now, CAP).wait(),
             None

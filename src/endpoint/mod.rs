@@ -10,7 +10,7 @@
 //!
 //! | outcome | what `Endpoint` does |
 //! |---|---|
-//! | success | records latency and quota hints (`x-ratelimit-remaining-*`; a quota at 0 marks the backend low on headroom until its reset, so `Balance` prefers others), resets the throttle streak, returns the response |
+//! | success | records latency and quota hints; `x-ratelimit-remaining-requests: 0` rests the backend until the next request is likely let through (reset / limit) and paces it at that interval until a later answer shows quota again (`Balance` admits one request per interval); `x-ratelimit-remaining-tokens: 0` marks it low on headroom until the token reset so `Balance` prefers others; resets the throttle streak; returns the response |
 //! | 429 / 529 / 503 with a hint | cools the backend down until the hint (no hint: exponential backoff with jitter, capped); a cooldown only ever extends; returns the response |
 //! | 429 with a billing / spend-limit body | cools the backend down for the long quota-exhausted period and logs a warning once; returns the response |
 //! | 5xx, other 4xx | counts it, returns the response (the circuit breaker decides about health) |
@@ -329,13 +329,22 @@ impl Record {
         let state = self.state();
         state.record_outcome(&outcome);
         state.record_quota(hints.remaining_requests, hints.remaining_tokens, now);
+        if hints.remaining_requests.is_some() {
+            // Request quota used up: pace the backend at its refill interval; otherwise stop.
+            state.set_pace(hints.next_request_in());
+        }
         match outcome {
             Outcome::Success => {
                 state.record_latency(elapsed);
                 state.reset_throttle_streak();
-                if hints.remaining_requests == Some(0) || hints.remaining_tokens == Some(0) {
-                    // Proactive steering: this backend will answer 429 until its quota resets.
-                    let reset = hints.wait().unwrap_or(Duration::from_secs(1));
+                // Proactive steering: the answer says the request quota is used up, so the next
+                // request would only earn a 429; rest the backend until one is likely let through.
+                if let Some(next) = hints.next_request_in() {
+                    state.extend_cooldown(now + next);
+                }
+                // Tokens used up: prefer other backends of the tier until the reset.
+                if hints.remaining_tokens == Some(0) {
+                    let reset = hints.reset_tokens.unwrap_or(Duration::from_secs(1));
                     state.mark_low_headroom(now + reset);
                 }
             }

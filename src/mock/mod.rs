@@ -82,6 +82,7 @@ pub struct MockBuilder {
     stream_chunks: usize,
     chunk_delay: Duration,
     gated: bool,
+    quota_headers: bool,
 }
 
 /// Counts of what a [`MockServer`] saw and answered.
@@ -128,6 +129,7 @@ struct Shared {
     latency: Duration,
     stream_chunks: usize,
     chunk_delay: Duration,
+    quota_headers: bool,
     gate: Option<Arc<tokio::sync::Semaphore>>,
     requests: Mutex<Vec<RecordedRequest>>,
     fault: Mutex<Option<Fault>>,
@@ -221,6 +223,7 @@ impl Default for MockBuilder {
             stream_chunks: 5,
             chunk_delay: Duration::ZERO,
             gated: false,
+            quota_headers: true,
         }
     }
 }
@@ -280,6 +283,13 @@ impl MockBuilder {
         self
     }
 
+    /// Whether answers carry `x-ratelimit-*` quota headers (default true). Without them a 429
+    /// carries only `retry-after` / `retry-after-ms`, as Azure PTU deployments answer.
+    pub fn quota_headers(mut self, yes: bool) -> Self {
+        self.quota_headers = yes;
+        self
+    }
+
     /// Holds every streamed chunk after the first until the test lets it go with
     /// [`MockServer::release_chunks`]: streaming tests that need no clock at all.
     pub fn gated_stream(mut self) -> Self {
@@ -297,6 +307,7 @@ impl MockBuilder {
             latency: self.latency,
             stream_chunks: self.stream_chunks,
             chunk_delay: self.chunk_delay,
+            quota_headers: self.quota_headers,
             gate: self.gated.then(|| Arc::new(tokio::sync::Semaphore::new(0))),
             requests: Mutex::new(Vec::new()),
             fault: Mutex::new(None),
@@ -682,7 +693,9 @@ async fn answer(
             }
         }
         let mut h = HeaderMap::new();
-        if let Some(r) = &b.requests {
+        if !shared.quota_headers {
+            // Leave the quota headers out.
+        } else if let Some(r) = &b.requests {
             h.insert("x-ratelimit-limit-requests", num(r.rate.max(1.0) as u64));
             h.insert(
                 "x-ratelimit-remaining-requests",
@@ -690,7 +703,7 @@ async fn answer(
             );
             h.insert("x-ratelimit-reset-requests", go_duration(r.to_full()));
         }
-        if let Some(t) = &b.tokens {
+        if let Some(t) = b.tokens.as_ref().filter(|_| shared.quota_headers) {
             h.insert("x-ratelimit-limit-tokens", num(t.rate.max(1.0) as u64));
             h.insert("x-ratelimit-remaining-tokens", num(t.level.max(0.0) as u64));
             h.insert("x-ratelimit-reset-tokens", go_duration(t.to_full()));

@@ -70,3 +70,28 @@ impl Captured {
         String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
     }
 }
+
+use tower_llm_lb::balance::Balance;
+use tower_llm_lb::retry::{RetryAfter429, RetryAfter429Layer};
+
+pub type Balanced = Balance<Stack>;
+
+/// `RetryAfter429` over `Balance` over per-backend stacks sharing one client.
+pub fn balanced(
+    backends: &[Backend],
+    strategy: tower_llm_lb::balance::Strategy,
+    retry: RetryAfter429Layer,
+) -> RetryAfter429<Balanced> {
+    let client: Client<HttpConnector, ReplayBody> = http_client();
+    let balance = Balance::from_backends(backends.iter().cloned(), |b| {
+        ServiceBuilder::new()
+            .layer(EndpointLayer::new(b.clone()))
+            .layer(AuthInjectLayer::for_backend(b))
+            .service(client.clone())
+    })
+    .strategy(strategy)
+    .rng(tower_llm_lb::rng::Rng::seeded(7))
+    .build()
+    .unwrap();
+    tower::Layer::layer(&retry, balance)
+}
