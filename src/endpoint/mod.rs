@@ -11,7 +11,7 @@
 //! | outcome | what `Endpoint` does |
 //! |---|---|
 //! | success | records latency and quota hints; `x-ratelimit-remaining-requests: 0` rests the backend until the next request is likely let through (reset / limit) and paces it at that interval until a later answer shows quota again (`Balance` admits one request per interval); `x-ratelimit-remaining-tokens: 0` marks it low on headroom until the token reset so `Balance` prefers others; resets the throttle streak; returns the response |
-//! | 429 / 529 / 503 with a hint | cools the backend down until the hint (no hint: exponential backoff with jitter, capped); a cooldown only ever extends; returns the response |
+//! | 429 / 529 / 503 with a hint | cools the backend down until the hint (no hint: exponential backoff with jitter, capped); a cooldown only ever extends; without quota headers, also paces the backend at one request per that wait (at most 1 s), a pace that shrinks 10% with each later answer that is not throttled; returns the response |
 //! | 429 with a billing / spend-limit body | cools the backend down for the long quota-exhausted period and logs a warning once; returns the response |
 //! | 5xx, other 4xx | counts it, returns the response (the circuit breaker decides about health) |
 //! | connect error, broken connection, timeout | counts it, answers [`BackendError`] naming the backend and the outcome |
@@ -332,6 +332,13 @@ impl Record {
         if hints.remaining_requests.is_some() {
             // Request quota used up: pace the backend at its refill interval; otherwise stop.
             state.set_pace(hints.next_request_in());
+        } else if let Some(pace) = state.pace() {
+            // No quota hints to go by: the pace learned from 429s (below) shrinks by 10% with
+            // each answer that is not throttled, and grows back on the next 429.
+            if !outcome.is_throttled() {
+                let next = pace.mul_f64(0.9);
+                state.set_pace((next >= Duration::from_millis(1)).then_some(next));
+            }
         }
         match outcome {
             Outcome::Success => {
@@ -352,6 +359,12 @@ impl Record {
                 let streak = state.note_throttled();
                 let wait = retry_after.unwrap_or_else(|| self.backoff(streak));
                 state.extend_cooldown(now + wait);
+                if hints.remaining_requests.is_none() {
+                    // No quota hints: take the wait as the rate the backend can bear for now.
+                    state.set_pace(Some(
+                        wait.clamp(Duration::from_millis(1), Duration::from_secs(1)),
+                    ));
+                }
                 tracing::debug!(
                     backend = self.backend.name(),
                     ?wait,

@@ -121,6 +121,8 @@ pub struct RecordedRequest {
     pub at: Instant,
     /// The status answered (0 for a hang or reset).
     pub status: u16,
+    /// The wait a 429 answer asked for (its `retry-after-ms`).
+    pub retry_after: Option<Duration>,
 }
 
 struct Shared {
@@ -391,6 +393,25 @@ impl MockServer {
         }
     }
 
+    /// Checks that no request arrived while an earlier 429 of this server asked to wait: after
+    /// a 429 that arrived at `t` asking for `w`, no request may arrive in `(t, t + w)`. (Requests
+    /// arriving at `t` itself were already on their way.) Returns the first offending
+    /// `(429 arrival, offending arrival)` if one did.
+    pub fn request_during_retry_after(&self) -> Option<(Instant, Instant)> {
+        let log = self.requests();
+        let quiet: Vec<(Instant, Instant)> = log
+            .iter()
+            .filter(|r| r.status == 429)
+            .filter_map(|r| r.retry_after.map(|w| (r.at, r.at + w)))
+            .collect();
+        log.iter().find_map(|r| {
+            quiet
+                .iter()
+                .find(|(from, to)| r.at > *from && r.at < *to)
+                .map(|(from, _)| (*from, r.at))
+        })
+    }
+
     /// Every request received so far, in order.
     pub fn requests(&self) -> Vec<RecordedRequest> {
         self.shared
@@ -416,7 +437,7 @@ impl Shared {
         log.len() - 1
     }
 
-    fn set_status(&self, idx: usize, status: u16) {
+    fn set_status(&self, idx: usize, status: u16, retry_after: Option<Duration>) {
         if let Some(r) = self
             .requests
             .lock()
@@ -424,6 +445,7 @@ impl Shared {
             .get_mut(idx)
         {
             r.status = status;
+            r.retry_after = retry_after;
         }
     }
 }
@@ -569,12 +591,19 @@ async fn handle(
         body: body.clone(),
         at: Instant::now(),
         status: 0,
+        retry_after: None,
     });
     let res = answer(&shared, &parts, body).await;
     match res {
         Some(mut res) => {
             let status = res.status();
-            shared.set_status(idx, status.as_u16());
+            let retry_after = res
+                .headers()
+                .get("retry-after-ms")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok())
+                .map(Duration::from_millis);
+            shared.set_status(idx, status.as_u16(), retry_after);
             let counter = match status.as_u16() {
                 200..=299 => C_OK,
                 429 => C_THROTTLED,
