@@ -1,140 +1,227 @@
-//! The whole point in one run, no credentials needed: embedded mock backends with their own keys
-//! and rate limits, each behind the per-backend layers (`Endpoint` + `AuthInject`), and a few
-//! hundred requests spread over them. Prints what each backend served and how the 429s were
-//! absorbed by cooling backends down.
+//! The whole stack against simulated rate-limited backends, no credentials needed.
+//!
+//! Starts four mock backends on loopback (a provisioned PTU deployment and three pay-as-you-go
+//! ones, each with its own key and request/s quota), stacks `RetryAfter429` over `Balance` over the
+//! per-backend `Endpoint` + `AuthInject` layers, and drives traffic at 80% and then 150% of the
+//! aggregate quota. Prints a per-backend table every second and a summary.
 //!
 //! Run: `cargo run --release --example demo`
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, Instant};
 
 use tower::{ServiceBuilder, ServiceExt};
-use tower_llm_lb::auth::{AuthInject, AuthInjectLayer, Credential};
+use tower_llm_lb::auth::{AuthInjectLayer, Credential};
+use tower_llm_lb::balance::{Balance, Strategy};
 use tower_llm_lb::body::ReplayBody;
 use tower_llm_lb::client::http_client;
-use tower_llm_lb::endpoint::{Endpoint, EndpointLayer, Served};
+use tower_llm_lb::endpoint::{EndpointLayer, Served};
 use tower_llm_lb::mock::MockServer;
+use tower_llm_lb::retry::{Attempts, RetryAfter429Layer};
 use tower_llm_lb::{Backend, BoxError};
 
-type Client = hyper_util::client::legacy::Client<
-    hyper_util::client::legacy::connect::HttpConnector,
-    ReplayBody,
->;
+struct Spec {
+    name: &'static str,
+    priority: u32,
+    rps: f64,
+    key: &'static str,
+}
+
+const SPECS: [Spec; 4] = [
+    Spec {
+        name: "ptu-eastus",
+        priority: 0,
+        rps: 40.0,
+        key: "ptu-key",
+    },
+    Spec {
+        name: "paygo-westus",
+        priority: 1,
+        rps: 20.0,
+        key: "west-key",
+    },
+    Spec {
+        name: "paygo-swedencentral",
+        priority: 1,
+        rps: 20.0,
+        key: "sweden-key",
+    },
+    Spec {
+        name: "paygo-japaneast",
+        priority: 1,
+        rps: 20.0,
+        key: "japan-key",
+    },
+];
+
+#[derive(Default)]
+struct Tally {
+    ok: AtomicU64,
+    client_429: AtomicU64,
+    client_errors: AtomicU64,
+    turned_away: AtomicU64,
+    retried: AtomicU64,
+}
 
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
-    // Three simulated backends: a provisioned (PTU) Azure deployment, a pay-as-you-go Azure
-    // region and an OpenAI org, each with its own key and request/s limit.
-    let ptu = MockServer::builder()
-        .name("ptu-eastus")
-        .api_key("ptu-key")
-        .rps(40.0)
-        .start()
-        .await?;
-    let paygo = MockServer::builder()
-        .name("paygo-westus")
-        .api_key("west-key")
-        .rps(20.0)
-        .start()
-        .await?;
-    let openai = MockServer::builder()
-        .name("openai")
-        .bearer("sk-demo")
-        .rps(10.0)
-        .start()
-        .await?;
-
-    let backends = [
-        Backend::azure("ptu-eastus", ptu.url(), "gpt-4o", "2024-10-21")
-            .credential(Credential::api_key("ptu-key")?)
-            .build()?,
-        Backend::azure("paygo-westus", paygo.url(), "gpt-4o", "2024-10-21")
-            .credential(Credential::api_key("west-key")?)
-            .build()?,
-        Backend::openai("openai", format!("{}/v1", openai.url()))
-            .credential(Credential::bearer("sk-demo")?)
-            .priority(1)
-            .build()?,
-    ];
-    let client: Client = http_client();
-    let stacks: Vec<Endpoint<AuthInject<Client>>> = backends
-        .iter()
-        .map(|b| {
-            ServiceBuilder::new()
-                .layer(EndpointLayer::new(b.clone()))
-                .layer(AuthInjectLayer::for_backend(b))
-                .service(client.clone())
-        })
-        .collect();
-
-    println!("tower-llm-lb demo: 3 mock backends on loopback, 600 requests at ~120/s\n");
-    let started = std::time::Instant::now();
-    let mut served = [0u32; 3];
-    let mut rejected_locally = 0u32;
-    let mut next = 0usize;
-    let mut ticker = tokio::time::interval(Duration::from_millis(25));
-    for _round in 0..200 {
-        ticker.tick().await;
-        for _ in 0..3 {
-            // Routing for now: round robin over the best priority tier with a backend that is not
-            // cooling down (Balance will own this).
-            let now = tokio::time::Instant::now();
-            let best = backends
-                .iter()
-                .filter(|b| b.state().is_available(now))
-                .map(|b| b.priority())
-                .min();
-            let Some(tier) = best else {
-                rejected_locally += 1;
-                continue;
-            };
-            let pick = (0..3)
-                .map(|i| (next + i) % 3)
-                .find(|&i| backends[i].priority() == tier && backends[i].state().is_available(now))
-                .unwrap_or(0);
-            next = pick + 1;
-            let req = http::Request::post("/v1/chat/completions")
-                .header("authorization", "Bearer the-callers-key-never-forwarded")
-                .body(ReplayBody::from(
-                    r#"{"messages":[{"role":"user","content":"hi"}]}"#,
-                ))?;
-            let res = stacks[pick].clone().oneshot(req).await?;
-            let who = res
-                .extensions()
-                .get::<Served>()
-                .map(|s| s.backend.name().to_string());
-            if res.status().is_success() {
-                served[pick] += 1;
-            }
-            let _ = who;
-        }
+    let mut mocks = Vec::new();
+    let mut backends = Vec::new();
+    for s in &SPECS {
+        let mock = MockServer::builder()
+            .name(s.name)
+            .api_key(s.key)
+            .rps(s.rps)
+            .latency(Duration::from_millis(20))
+            .start()
+            .await?;
+        backends.push(
+            Backend::azure(s.name, mock.url(), "gpt-4o", "2024-10-21")
+                .credential(Credential::api_key(s.key)?)
+                .priority(s.priority)
+                .build()?,
+        );
+        mocks.push(mock);
     }
+    let capacity: f64 = SPECS.iter().map(|s| s.rps).sum();
+
+    let client = http_client::<ReplayBody>();
+    let balance = Balance::from_backends(backends.iter().cloned(), |b| {
+        ServiceBuilder::new()
+            .layer(EndpointLayer::new(b.clone()))
+            .layer(AuthInjectLayer::for_backend(b))
+            .service(client.clone())
+    })
+    .strategy(Strategy::LeastInFlight)
+    .build()?;
+    let stack = ServiceBuilder::new()
+        .layer(RetryAfter429Layer::new().max_wait(Duration::from_secs(3)))
+        .service(balance);
 
     println!(
-        "{:<14} {:>6} {:>8} {:>10} {:>8}",
-        "backend", "tier", "served", "429s seen", "leaks"
+        "tower-llm-lb demo: 1 PTU + 3 pay-as-you-go mock deployments, {capacity} requests/s of quota in all"
     );
-    for (b, mock) in backends.iter().zip([&ptu, &paygo, &openai]) {
+    println!("phase 1: 80% of the quota for 5 s; phase 2: 150% for 5 s\n");
+
+    let tally = Arc::new(Tally::default());
+    let latencies = Arc::new(std::sync::Mutex::new(Vec::<Duration>::new()));
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut sent = 0u64;
+    let mut next_report = Duration::from_secs(1);
+    for (phase, load) in [(1, 0.8), (2, 1.5)] {
+        let rate = capacity * load;
+        let phase_start = Instant::now();
+        let mut i = 0u64;
+        while phase_start.elapsed() < Duration::from_secs(5) {
+            let due = phase_start + Duration::from_secs_f64(i as f64 / rate);
+            tokio::time::sleep_until(due.into()).await;
+            i += 1;
+            sent += 1;
+            let (svc, t, lat) = (stack.clone(), tally.clone(), latencies.clone());
+            tasks.spawn(async move {
+                let t0 = Instant::now();
+                let req = http::Request::post("/v1/chat/completions")
+                    .header("authorization", "Bearer the-callers-key-never-forwarded")
+                    .body(ReplayBody::from(
+                        r#"{"messages":[{"role":"user","content":"hi"}]}"#,
+                    ))
+                    .expect("valid request");
+                match svc.oneshot(req).await {
+                    Ok(res) if res.status().is_success() => {
+                        t.ok.fetch_add(1, Relaxed);
+                        if res
+                            .extensions()
+                            .get::<Attempts>()
+                            .is_some_and(|a| a.0.len() > 1)
+                        {
+                            t.retried.fetch_add(1, Relaxed);
+                        }
+                        let _ = res.extensions().get::<Served>();
+                        lat.lock().expect("lock").push(t0.elapsed());
+                    }
+                    Ok(res) if res.status() == 429 => {
+                        t.client_429.fetch_add(1, Relaxed);
+                    }
+                    Err(e)
+                        if tower_llm_lb::error::find::<tower_llm_lb::error::Unavailable>(&*e)
+                            .is_some() =>
+                    {
+                        t.turned_away.fetch_add(1, Relaxed);
+                    }
+                    _ => {
+                        t.client_errors.fetch_add(1, Relaxed);
+                    }
+                }
+            });
+            while tasks.try_join_next().is_some() {}
+            if started.elapsed() >= next_report {
+                next_report += Duration::from_secs(1);
+                report(phase, started.elapsed(), &backends, &tally);
+            }
+        }
+    }
+    while tasks.join_next().await.is_some() {}
+    report(2, started.elapsed(), &backends, &tally);
+
+    let mut lat = latencies.lock().expect("lock").clone();
+    lat.sort();
+    let pct = |p: f64| {
+        lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or_default()
+    };
+    let throttled_absorbed: u64 = backends
+        .iter()
+        .map(|b| b.state().counters().throttled)
+        .sum();
+    let leaks: u64 = mocks.iter().map(|m| m.counters().foreign_credentials).sum();
+    println!("\nsummary after {:.1}s", started.elapsed().as_secs_f64());
+    println!("  requests sent            {sent}");
+    println!("  served                   {}", tally.ok.load(Relaxed));
+    println!("    of them after a retry  {}", tally.retried.load(Relaxed));
+    println!("  429s from backends       {throttled_absorbed} (absorbed inside the stack)");
+    println!(
+        "  429s passed to callers   {} (each with an honest retry-after)",
+        tally.client_429.load(Relaxed)
+    );
+    println!(
+        "  other client errors      {} (no backend free within the 3 s wait budget)",
+        tally.client_errors.load(Relaxed)
+    );
+    println!(
+        "  latency p50 / p99        {:.0} ms / {:.0} ms",
+        pct(0.5).as_secs_f64() * 1e3,
+        pct(0.99).as_secs_f64() * 1e3
+    );
+    println!("  caller keys forwarded    {leaks}");
+    Ok(())
+}
+
+fn report(phase: u32, at: Duration, backends: &[Backend], tally: &Tally) {
+    println!(
+        "t={:>4.1}s phase {phase}  served {:>5}  429→caller {:>4}  turned away {:>4}  errors {:>4}",
+        at.as_secs_f64(),
+        tally.ok.load(Relaxed),
+        tally.client_429.load(Relaxed),
+        tally.turned_away.load(Relaxed),
+        tally.client_errors.load(Relaxed)
+    );
+    for b in backends {
         let c = b.state().counters();
-        let m = mock.counters();
+        let cooling = b
+            .state()
+            .unavailable_until(tokio::time::Instant::now())
+            .is_some();
         println!(
-            "{:<14} {:>6} {:>8} {:>10} {:>8}",
+            "    {:<20} tier {}  ok {:>5}  429 {:>4}  in flight {:>3}  {}",
             b.name(),
             b.priority(),
             c.success,
             c.throttled,
-            m.foreign_credentials
+            b.state().in_flight(),
+            if cooling { "resting" } else { "ready" }
         );
     }
-    let total: u32 = served.iter().sum();
-    println!(
-        "\n{total} served, {rejected_locally} held back while every backend cooled down, in {:.1}s",
-        started.elapsed().as_secs_f64()
-    );
-    println!(
-        "caller credentials forwarded to any backend: {}",
-        ptu.counters().foreign_credentials
-            + paygo.counters().foreign_credentials
-            + openai.counters().foreign_credentials
-    );
-    Ok(())
 }

@@ -10,7 +10,7 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering::*};
+use std::sync::atomic::{AtomicI64, AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering::*};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -35,6 +35,7 @@ const CIRCUIT_CLOSED: u8 = 0;
 const CIRCUIT_OPEN: u8 = 1;
 const CIRCUIT_HALF_OPEN: u8 = 2;
 const UNKNOWN: u64 = u64::MAX;
+const UNTRACKED: i64 = i64::MAX;
 
 /// A backend's shared live state. Cheap to clone; clones share the same state.
 #[derive(Clone)]
@@ -55,6 +56,7 @@ struct Inner {
     quota_seen_at: AtomicU64,
     low_headroom_until: AtomicU64,
     pace_ns: AtomicU64,
+    credits: AtomicI64,
     counters: [AtomicU64; COUNTERS],
 }
 
@@ -113,6 +115,7 @@ impl BackendState {
                 quota_seen_at: AtomicU64::new(0),
                 low_headroom_until: AtomicU64::new(0),
                 pace_ns: AtomicU64::new(0),
+                credits: AtomicI64::new(UNTRACKED),
                 counters: Default::default(),
             }),
         }
@@ -185,9 +188,22 @@ impl BackendState {
         (ns != 0).then(|| Duration::from_nanos(ns))
     }
 
-    /// Records that a request was just sent to the backend at `now`: when it is being paced, the
-    /// next request may go one pace later (the cooldown moves to `max(cooldown, now) + pace`).
+    /// Sets how many more requests the backend's last quota hints allow before pacing starts
+    /// (`None`: no hints, pace every request once a pace is set).
+    pub fn set_credits(&self, credits: Option<i64>) {
+        self.inner
+            .credits
+            .store(credits.map_or(UNTRACKED, |c| c.min(UNTRACKED - 1)), Release);
+    }
+
+    /// Records that a request was just sent to the backend at `now`: it spends one credit; with
+    /// none left (or none tracked) and a pace set, the next request may go one pace later (the
+    /// cooldown moves to `max(cooldown, now) + pace`).
     pub fn admit(&self, now: Instant) {
+        let before = self.inner.credits.load(Relaxed);
+        if before != UNTRACKED && self.inner.credits.fetch_sub(1, AcqRel) > 0 {
+            return;
+        }
         let Some(pace) = self.pace() else { return };
         let now_ticks = self.ticks_of(now);
         let pace_ticks = u64::try_from(pace.as_nanos()).unwrap_or(u64::MAX);
@@ -436,6 +452,18 @@ mod tests {
         );
         s.set_pace(None);
         assert_eq!(s.pace(), None);
+        // With credits left, admissions are free until they run out.
+        let s = BackendState::new();
+        s.set_pace(Some(Duration::from_millis(100)));
+        s.set_credits(Some(2));
+        s.admit(now);
+        s.admit(now);
+        assert!(s.is_available(now));
+        s.admit(now);
+        assert_eq!(
+            s.unavailable_until(now),
+            Some(now + Duration::from_millis(100))
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -336,6 +336,21 @@ impl Hints {
         })
     }
 
+    /// The interval at which the request quota refills one request: `reset / (limit -
+    /// remaining)` (a token bucket refills to full in `reset`), or the whole reset time when the
+    /// quota is used up and the limit is unknown. `None` when the headers do not say.
+    pub fn refill_interval(&self) -> Option<Duration> {
+        let reset = self.reset_requests?;
+        let remaining = self.remaining_requests?;
+        match self.limit_requests {
+            Some(limit) if limit > remaining => {
+                Some(reset / u32::try_from(limit - remaining).unwrap_or(u32::MAX))
+            }
+            _ if remaining == 0 => Some(reset),
+            _ => None,
+        }
+    }
+
     /// True when the response carried any hint at all.
     pub fn is_empty(&self) -> bool {
         *self == Hints::default()
@@ -584,6 +599,11 @@ mod tests {
         h.insert("x-ratelimit-limit-requests", hv("3"));
         let hints = Hints::from_headers(&h, now, CAP);
         assert_eq!(hints.next_request_in(), Some(Duration::from_millis(500)));
+        assert_eq!(hints.refill_interval(), Some(Duration::from_millis(500)));
+        h.insert("x-ratelimit-remaining-requests", hv("1"));
+        let hints = Hints::from_headers(&h, now, CAP);
+        assert_eq!(hints.next_request_in(), None);
+        assert_eq!(hints.refill_interval(), Some(Duration::from_millis(750)));
         assert_eq!(
             Hints::from_headers(&HeaderMap::new(), now, CAP).wait(),
             None
