@@ -187,7 +187,11 @@ async fn main() -> Result<(), BoxError> {
         tally.client_429.load(Relaxed)
     );
     println!(
-        "  other client errors      {} (no backend free within the 3 s wait budget)",
+        "  turned away, unsent      {} (no backend free within the 3 s wait budget: a typed error with the retry time)",
+        tally.turned_away.load(Relaxed)
+    );
+    println!(
+        "  other errors             {} (expected: 0)",
         tally.client_errors.load(Relaxed)
     );
     println!(
