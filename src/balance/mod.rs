@@ -2,7 +2,7 @@
 //! broken ones.
 //!
 //! Each backend is a service already wrapped in its per-backend layers (at least
-//! [`Endpoint`](crate::endpoint::Endpoint), which keeps the backend's [`BackendState`] current).
+//! [`Endpoint`](crate::endpoint::Endpoint), which keeps the backend's [`BackendState`](crate::BackendState) current).
 //! For every request `Balance`:
 //!
 //! 1. takes the best (lowest) priority tier that has an available backend: one that is not
