@@ -66,6 +66,7 @@ pub mod auth;
 pub mod backend;
 pub mod balance;
 pub mod body;
+pub mod circuit_breaker;
 pub mod classify;
 pub mod client;
 pub mod endpoint;
@@ -76,6 +77,7 @@ pub mod provider;
 pub mod retry;
 pub mod rng;
 pub mod state;
+pub mod timeout;
 
 #[doc = include_str!("../README.md")]
 #[cfg(doctest)]

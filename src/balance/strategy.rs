@@ -51,8 +51,12 @@ pub(crate) fn availability(c: &Candidate, now: Instant) -> Avail {
 /// A backend back from a 429 cooldown, with no pace to go by (its answers carry no quota hints),
 /// takes one request at a time until one succeeds, so the requests that waited for it do not all
 /// rush it at once and earn a 429 each. (With a pace, admission spacing does that job.)
+///
+/// Likewise a half-open circuit takes no more requests while its probe is in flight.
 pub(crate) fn on_probation(state: &BackendState) -> bool {
-    state.throttle_streak() > 0 && state.pace().is_none() && state.in_flight() > 0
+    state.in_flight() > 0
+        && (state.circuit() == crate::state::Circuit::HalfOpen
+            || (state.throttle_streak() > 0 && state.pace().is_none()))
 }
 
 /// Picks among `tier` (indices into `all`), considering only candidates whose availability is

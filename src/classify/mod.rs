@@ -207,10 +207,18 @@ pub fn classify_error_chain(error: &(dyn StdError + 'static)) -> Outcome {
                 retry_at: u.earliest(),
             };
         }
+        if let Some(open) = e.downcast_ref::<crate::circuit_breaker::error::Open>() {
+            return Outcome::Unavailable {
+                retry_at: open.until(),
+            };
+        }
         if e.is::<crate::auth::error::TokenUnavailable>() {
             return Outcome::Unavailable { retry_at: None };
         }
-        if e.is::<tokio::time::error::Elapsed>() || e.is::<tower::timeout::error::Elapsed>() {
+        if e.is::<crate::timeout::error::Elapsed>()
+            || e.is::<tokio::time::error::Elapsed>()
+            || e.is::<tower::timeout::error::Elapsed>()
+        {
             return Outcome::Timeout;
         }
         if let Some(c) = e.downcast_ref::<hyper_util::client::legacy::Error>() {

@@ -8,7 +8,8 @@
 //!
 //! | outcome of an attempt | what `RetryAfter429` does |
 //! |---|---|
-//! | success, client error (4xx), server error (5xx), timeout | returns it: one attempt, nothing retried (5xx and timeouts are for `Fallback` and the circuit breaker) |
+//! | success, client error (4xx) | returns it |
+//! | server error (5xx), timeout, broken connection | returns it, unless [`RetryAfter429Layer::retry_failures`] is on: then retries at once elsewhere |
 //! | throttled (429, 529, 503 with a hint) or quota exhausted | retries at once, so `Balance` sends it to another available backend |
 //! | connect error (the request never reached the server) | retries at once elsewhere (configurable) |
 //! | nothing available (every backend cooling down or open) | waits until the earliest backend is free, if that fits the wait budget and the deadline; otherwise gives up at once, without sleeping |
@@ -64,6 +65,7 @@ struct Settings {
     max_wait: Duration,
     deadline: Option<Duration>,
     retry_connect_errors: bool,
+    retry_failures: bool,
     budget: Arc<TpsBudget>,
 }
 
@@ -100,6 +102,7 @@ impl RetryAfter429Layer {
                 max_wait: Duration::from_secs(10),
                 deadline: None,
                 retry_connect_errors: true,
+                retry_failures: false,
                 budget: Arc::new(TpsBudget::new(Duration::from_secs(10), 10, 0.2)),
             },
         }
@@ -126,6 +129,14 @@ impl RetryAfter429Layer {
     /// Whether connect errors are retried elsewhere (default true).
     pub fn retry_connect_errors(mut self, yes: bool) -> Self {
         self.settings.retry_connect_errors = yes;
+        self
+    }
+
+    /// Whether failures of the backend itself (5xx, timeouts, broken connections) are retried
+    /// elsewhere too (default false: LLM calls are not idempotent and cost money; `Fallback` is
+    /// the usual place to move on). A 5xx that is the last answer is returned as it is.
+    pub fn retry_failures(mut self, yes: bool) -> Self {
+        self.settings.retry_failures = yes;
         self
     }
 
@@ -332,7 +343,9 @@ fn judge<S, B, ResB>(
                     refused_until: Some(retry_at),
                     error: Some(e),
                 },
-                Outcome::ConnectError if ctx.settings.retry_connect_errors => {
+                o if (o == Outcome::ConnectError && ctx.settings.retry_connect_errors)
+                    || (ctx.settings.retry_failures && o.is_failure()) =>
+                {
                     ctx.sent += 1;
                     ctx.attempts.push(Attempt {
                         backend,
@@ -450,8 +463,17 @@ where
             }
         }
     }
-    // Give up: the last 429 with an honest retry-after, or an error listing every attempt.
+    // Give up: the last 429 with an honest retry-after (a last 5xx as it is), or an error
+    // listing every attempt.
     if let Some(mut res) = last {
+        let throttled = res
+            .extensions()
+            .get::<Served>()
+            .is_none_or(|s| s.outcome.is_throttled());
+        if !throttled {
+            res.extensions_mut().insert(Attempts(ctx.attempts));
+            return Ok(res);
+        }
         let hint = res
             .extensions()
             .get::<Served>()

@@ -95,3 +95,54 @@ pub fn balanced(
     .unwrap();
     tower::Layer::layer(&retry, balance)
 }
+
+use tower_llm_lb::auth::AuthInject as Auth;
+use tower_llm_lb::circuit_breaker::{BreakerGroup, CircuitBreaker};
+use tower_llm_lb::timeout::{AttemptTimeout, AttemptTimeoutLayer};
+
+pub type Guarded =
+    CircuitBreaker<Endpoint<AttemptTimeout<Auth<Client<HttpConnector, ReplayBody>>>>>;
+
+/// The full per-backend stack: breaker, endpoint, attempt timeouts, auth, client.
+pub fn guarded(
+    backend: &Backend,
+    group: &BreakerGroup,
+    timeouts: AttemptTimeoutLayer,
+    client: &Client<HttpConnector, ReplayBody>,
+) -> Guarded {
+    ServiceBuilder::new()
+        .layer(group.layer_for(backend))
+        .layer(EndpointLayer::new(backend.clone()))
+        .layer(timeouts)
+        .layer(AuthInjectLayer::for_backend(backend))
+        .service(client.clone())
+}
+
+/// `RetryAfter429` over `Balance` over full per-backend stacks.
+pub fn guarded_group(
+    backends: &[Backend],
+    group: &BreakerGroup,
+    timeouts: AttemptTimeoutLayer,
+    retry: RetryAfter429Layer,
+) -> RetryAfter429<Balance<Guarded>> {
+    let client: Client<HttpConnector, ReplayBody> = http_client();
+    let balance = Balance::from_backends(backends.iter().cloned(), |b| {
+        guarded(b, group, timeouts, &client)
+    })
+    .strategy(tower_llm_lb::balance::Strategy::RoundRobin)
+    .build()
+    .unwrap();
+    tower::Layer::layer(&retry, balance)
+}
+
+/// A backend whose port nobody listens on.
+pub fn refusing(name: &str) -> Backend {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    Backend::openai(name, format!("http://127.0.0.1:{port}/v1"))
+        .build()
+        .unwrap()
+}

@@ -1,0 +1,591 @@
+//! `CircuitBreaker`: stop sending to a failing backend, probe it back.
+//!
+//! One breaker per backend, placed above that backend's [`Endpoint`](crate::endpoint::Endpoint)
+//! so it sees each attempt's [`Outcome`]. The decision logic is a pure state machine
+//! ([`state::Machine`]); this layer is only the gate, and it publishes the circuit in the
+//! backend's [`BackendState`](crate::BackendState) so that `Balance` skips an open backend
+//! without asking.
+//!
+//! | outcome of an admitted request | what the breaker does |
+//! |---|---|
+//! | success, client error (4xx) | counts as a healthy answer (resets the consecutive-failure count) |
+//! | throttled (429), quota exhausted | counts as nothing: throttling steers load, it is not ill health (the cooldown handles it) |
+//! | server error (5xx), connect error, transport error, timeout | counts as a failure |
+//! | slower than `slow_call` (if set) | counts as a failure |
+//!
+//! States: `Closed` (traffic flows) → `Open` after `consecutive_failures` failures in a row, or a
+//! failure rate of `failure_rate` over `window` once `min_calls` calls were seen. While open it
+//! answers at once with [`error::Open`] (no network I/O). The open period starts at `base_open`,
+//! doubles with each consecutive trip up to `max_open`, ±`jitter`, and resets after a recovery.
+//! When it ends the breaker is `HalfOpen`: it lets `probes` requests through; a healthy answer
+//! closes it, a failure reopens it for longer. A probe whose caller gives up frees its slot.
+//!
+//! **Safety valve**: the breakers of one [`BreakerGroup`] never eject more than
+//! `max_ejection` of the group (default 50%, at least one backend). A breaker that would exceed it
+//! stays closed and logs why, so when every backend fails, requests keep reaching the ones left
+//! and end with a typed error naming each backend and why (never a hang, never an empty group).
+//!
+//! **Health probes** (optional, [`CircuitBreaker::spawn_health_probe`]): a background task sends
+//! `GET {path}` through the backend's stack at an interval and feeds the breaker, so a dead
+//! backend is known before users hit it and a recovered one is let back in without sacrificing a
+//! user request. The task stops when the last clone of the breaker is dropped.
+//!
+//! State changes are `tracing` events (`warn` on open, `info` on half-open and close) and are
+//! observable through [`CircuitBreaker::circuit`] / [`BackendState::circuit`](crate::BackendState::circuit).
+//!
+//! ```
+//! use tower::{ServiceBuilder, ServiceExt};
+//! use tower_llm_lb::{Backend, circuit_breaker::{BreakerGroup, Policy}, endpoint::EndpointLayer};
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), tower_llm_lb::BoxError> {
+//! let backend = Backend::openai("local", "http://127.0.0.1:9/v1").build()?;
+//! let group = BreakerGroup::try_new(Policy { consecutive_failures: 1, ..Policy::default() })?;
+//! let svc = ServiceBuilder::new()
+//!     .layer(group.layer_for(&backend))
+//!     .layer(EndpointLayer::new(backend.clone()))
+//!     .service(tower_llm_lb::client::http_client::<String>());
+//! // Port 9 refuses: the first failure trips the breaker (a group of one may eject its only
+//! // backend), and the next request is refused without touching the network.
+//! let _ = svc.clone().oneshot(http::Request::post("/v1/chat/completions").body(String::new())?).await;
+//! let err = svc.oneshot(http::Request::post("/v1/chat/completions").body(String::new())?).await.unwrap_err();
+//! assert!(err.is::<tower_llm_lb::circuit_breaker::error::Open>());
+//! # Ok(()) }
+//! ```
+
+pub mod state;
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::*};
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use http::{Request, Response};
+use pin_project_lite::pin_project;
+use tokio::time::Instant;
+use tower_layer::Layer;
+use tower_service::Service;
+
+use crate::backend::Backend;
+use crate::body::ReplayBody;
+use crate::classify::retry_after::{DEFAULT_MAX_HINT, Hints};
+use crate::classify::{Classify, Outcome, Standard, classify_error_chain};
+use crate::endpoint::Served;
+use crate::error::BoxError;
+use crate::rng::Rng;
+use crate::state::Circuit;
+pub use state::Policy;
+use state::{Admit, Machine, Transition};
+
+pub mod error {
+    //! Errors of [`CircuitBreaker`](super::CircuitBreaker).
+
+    use std::fmt;
+    use std::sync::Arc;
+
+    use tokio::time::Instant;
+
+    /// The backend's circuit is open: the request was not sent.
+    #[derive(Clone, Debug)]
+    pub struct Open {
+        pub(crate) backend: Arc<str>,
+        pub(crate) until: Option<Instant>,
+    }
+
+    impl Open {
+        /// The backend's name.
+        pub fn backend(&self) -> &str {
+            &self.backend
+        }
+
+        /// When the breaker will let a probe through, if known.
+        pub fn until(&self) -> Option<Instant> {
+            self.until
+        }
+    }
+
+    impl fmt::Display for Open {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            write!(f, "circuit open for backend {}", self.backend)
+        }
+    }
+
+    impl std::error::Error for Open {}
+
+    /// A breaker policy or group setting that cannot be used. Names the field.
+    #[derive(Clone, Debug, PartialEq, Eq)]
+    pub struct InvalidPolicy(pub(crate) String);
+
+    impl fmt::Display for InvalidPolicy {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            write!(f, "invalid circuit breaker policy: {}", self.0)
+        }
+    }
+
+    impl std::error::Error for InvalidPolicy {}
+}
+
+/// How many backends of a group may be ejected at once.
+#[derive(Debug)]
+struct Ejections {
+    max_share: f64,
+    members: AtomicUsize,
+    ejected: AtomicUsize,
+}
+
+impl Ejections {
+    /// Claims an ejection slot; false when the group may not lose another backend.
+    fn try_eject(&self) -> bool {
+        let members = self.members.load(Acquire);
+        let allowed = ((members as f64 * self.max_share).floor() as usize).max(1);
+        self.ejected
+            .fetch_update(AcqRel, Acquire, |e| (e < allowed).then_some(e + 1))
+            .is_ok()
+    }
+
+    fn release(&self) {
+        let _ = self
+            .ejected
+            .fetch_update(AcqRel, Acquire, |e| Some(e.saturating_sub(1)));
+    }
+}
+
+/// The breakers of one group of backends (a `Balance`), sharing a policy and the ejection cap.
+#[derive(Clone, Debug)]
+pub struct BreakerGroup {
+    policy: Policy,
+    ejections: Arc<Ejections>,
+    rng: Rng,
+}
+
+impl BreakerGroup {
+    /// A group with `policy`; fails on a policy that cannot work (the message names the field).
+    pub fn try_new(policy: Policy) -> Result<Self, error::InvalidPolicy> {
+        policy.validate().map_err(error::InvalidPolicy)?;
+        Ok(BreakerGroup {
+            policy,
+            ejections: Arc::new(Ejections {
+                max_share: 0.5,
+                members: AtomicUsize::new(0),
+                ejected: AtomicUsize::new(0),
+            }),
+            rng: Rng::from_entropy(),
+        })
+    }
+
+    /// The largest share of the group's backends that may be ejected at once (default 0.5; at
+    /// least one backend may always be ejected). Call before [`BreakerGroup::layer_for`].
+    pub fn max_ejection(mut self, share: f64) -> Result<Self, error::InvalidPolicy> {
+        if !(0.0..=1.0).contains(&share) {
+            return Err(error::InvalidPolicy(
+                "max_ejection: must be in [0, 1]".into(),
+            ));
+        }
+        self.ejections = Arc::new(Ejections {
+            max_share: share,
+            members: AtomicUsize::new(0),
+            ejected: AtomicUsize::new(0),
+        });
+        Ok(self)
+    }
+
+    /// The random source for the open-time jitter.
+    pub fn rng(mut self, rng: Rng) -> Self {
+        self.rng = rng;
+        self
+    }
+
+    /// The breaker layer for one backend of the group.
+    pub fn layer_for(&self, backend: &Backend) -> CircuitBreakerLayer {
+        self.ejections.members.fetch_add(1, AcqRel);
+        CircuitBreakerLayer {
+            shared: Arc::new(Shared {
+                backend: backend.clone(),
+                machine: Mutex::new(Machine::new(self.policy.clone())),
+                ejected: AtomicBool::new(false),
+                ejections: self.ejections.clone(),
+                rng: self.rng.clone(),
+                probe_task: Mutex::new(None),
+            }),
+        }
+    }
+}
+
+struct Shared {
+    backend: Backend,
+    machine: Mutex<Machine>,
+    /// Whether this backend holds one of the group's ejection slots.
+    ejected: AtomicBool,
+    ejections: Arc<Ejections>,
+    rng: Rng,
+    probe_task: Mutex<Option<tokio::task::AbortHandle>>,
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        if let Some(task) = self.probe_task.get_mut().ok().and_then(Option::take) {
+            task.abort();
+        }
+        if *self.ejected.get_mut() {
+            self.ejections.release();
+        }
+    }
+}
+
+impl Shared {
+    fn with_machine<T>(&self, f: impl FnOnce(&mut Machine) -> T) -> T {
+        let mut m = self.machine.lock().unwrap_or_else(|e| e.into_inner());
+        f(&mut m)
+    }
+
+    /// Applies a transition: the ejection cap, the shared circuit, the events.
+    fn apply(&self, tr: Option<Transition>) {
+        let Some(tr) = tr else { return };
+        let name = self.backend.name();
+        match tr {
+            Transition::Opened { until, trips } => {
+                let holds = self.ejected.load(Acquire);
+                if !holds && !self.ejections.try_eject() {
+                    self.with_machine(Machine::stay_closed);
+                    tracing::warn!(
+                        backend = name,
+                        "circuit not opened: the group may not eject more of its backends"
+                    );
+                    return;
+                }
+                self.ejected.store(true, Release);
+                self.backend.state().set_circuit(Circuit::Open { until });
+                tracing::warn!(backend = name, trips, open_for = ?until.saturating_duration_since(Instant::now()), "circuit opened");
+            }
+            Transition::HalfOpened => {
+                self.backend.state().set_circuit(Circuit::HalfOpen);
+                tracing::info!(backend = name, "circuit half-open: probing");
+            }
+            Transition::Closed => {
+                if self.ejected.swap(false, AcqRel) {
+                    self.ejections.release();
+                }
+                self.backend.state().set_circuit(Circuit::Closed);
+                tracing::info!(backend = name, "circuit closed");
+            }
+        }
+    }
+
+    fn admit(&self, now: Instant) -> Admit {
+        // Fast path: a closed circuit needs no lock to admit.
+        if self.backend.state().circuit() == Circuit::Closed {
+            return Admit::Yes;
+        }
+        let (admit, tr) = self.with_machine(|m| m.admit(now));
+        self.apply(tr);
+        admit
+    }
+
+    fn record(&self, probe: bool, outcome: Outcome, elapsed: Duration) {
+        if outcome.is_throttled() || matches!(outcome, Outcome::Unavailable { .. }) {
+            if probe {
+                // The backend answered (busy): alive. Close rather than hold the probe slot.
+                let tr = self.with_machine(|m| m.record(true, false, elapsed, Instant::now(), 0.5));
+                self.apply(tr);
+            }
+            return;
+        }
+        let jitter = self.rng.next_f64();
+        let now = Instant::now();
+        let tr = self.with_machine(|m| m.record(probe, outcome.is_failure(), elapsed, now, jitter));
+        self.apply(tr);
+    }
+}
+
+/// Layer that wraps one backend's service in a [`CircuitBreaker`]. Made by
+/// [`BreakerGroup::layer_for`].
+#[derive(Clone)]
+pub struct CircuitBreakerLayer {
+    shared: Arc<Shared>,
+}
+
+impl fmt::Debug for CircuitBreakerLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CircuitBreakerLayer")
+            .field("backend", &self.shared.backend.name())
+            .finish()
+    }
+}
+
+impl<S> Layer<S> for CircuitBreakerLayer {
+    type Service = CircuitBreaker<S>;
+
+    fn layer(&self, inner: S) -> CircuitBreaker<S> {
+        CircuitBreaker {
+            inner,
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+/// Middleware that stops sending to a failing backend. See the [module docs](self).
+#[derive(Clone)]
+pub struct CircuitBreaker<S> {
+    inner: S,
+    shared: Arc<Shared>,
+}
+
+impl<S> CircuitBreaker<S> {
+    /// The backend's circuit now.
+    pub fn circuit(&self) -> Circuit {
+        self.shared.backend.state().circuit()
+    }
+
+    /// Consecutive trips without a recovery.
+    pub fn trips(&self) -> u32 {
+        self.shared.with_machine(|m| m.trips())
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Unwraps the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S: fmt::Debug> fmt::Debug for CircuitBreaker<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CircuitBreaker")
+            .field("backend", &self.shared.backend.name())
+            .field("circuit", &self.circuit())
+            .field("inner", &self.inner)
+            .finish()
+    }
+}
+
+fn outcome_of<B>(result: &Result<Response<B>, BoxError>) -> Outcome {
+    match result {
+        Ok(res) => res.extensions().get::<Served>().map_or_else(
+            || {
+                let hints = Hints::from_headers(
+                    res.headers(),
+                    std::time::SystemTime::now(),
+                    DEFAULT_MAX_HINT,
+                );
+                Standard.classify_response(res.status(), res.headers(), &hints)
+            },
+            |s| s.outcome,
+        ),
+        Err(e) => classify_error_chain(&**e),
+    }
+}
+
+impl<S, ReqB, ResB> Service<Request<ReqB>> for CircuitBreaker<S>
+where
+    S: Service<Request<ReqB>, Response = Response<ResB>>,
+    S::Error: Into<BoxError>,
+{
+    type Response = Response<ResB>;
+    type Error = BoxError;
+    type Future = ResponseFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, req: Request<ReqB>) -> Self::Future {
+        let now = Instant::now();
+        let probe = match self.shared.admit(now) {
+            Admit::Yes => false,
+            Admit::Probe => true,
+            Admit::No(until) => {
+                return ResponseFuture {
+                    state: BreakerState::Rejected {
+                        error: Some(error::Open {
+                            backend: self.shared.backend.name_arc().clone(),
+                            until,
+                        }),
+                    },
+                    guard: None,
+                };
+            }
+        };
+        ResponseFuture {
+            state: BreakerState::Call {
+                fut: self.inner.call(req),
+            },
+            guard: Some(Guard {
+                shared: self.shared.clone(),
+                probe,
+                start: now,
+                done: false,
+            }),
+        }
+    }
+}
+
+/// Records the outcome, or frees a probe slot if the caller gave up first.
+struct Guard {
+    shared: Arc<Shared>,
+    probe: bool,
+    start: Instant,
+    done: bool,
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if !self.done && self.probe {
+            self.shared.with_machine(Machine::abandon_probe);
+        }
+    }
+}
+
+pin_project! {
+    /// Response future of [`CircuitBreaker`].
+    pub struct ResponseFuture<F> {
+        #[pin]
+        state: BreakerState<F>,
+        guard: Option<Guard>,
+    }
+}
+
+pin_project! {
+    #[project = BreakerProj]
+    enum BreakerState<F> {
+        Call { #[pin] fut: F },
+        Rejected { error: Option<error::Open> },
+    }
+}
+
+impl<F, B, E> Future for ResponseFuture<F>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+    E: Into<BoxError>,
+{
+    type Output = Result<Response<B>, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        match this.state.project() {
+            BreakerProj::Rejected { error } => Poll::Ready(Err(error
+                .take()
+                .map_or_else(|| "polled after completion".into(), Into::into))),
+            BreakerProj::Call { fut } => {
+                let result = ready!(fut.poll(cx)).map_err(Into::into);
+                if let Some(mut g) = this.guard.take() {
+                    g.done = true;
+                    let outcome = outcome_of(&result);
+                    g.shared.record(g.probe, outcome, g.start.elapsed());
+                }
+                Poll::Ready(result)
+            }
+        }
+    }
+}
+
+impl<F> fmt::Debug for ResponseFuture<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("circuit_breaker::ResponseFuture")
+    }
+}
+
+/// What an active health probe sends and how often.
+#[derive(Clone, Debug)]
+pub struct HealthProbe {
+    /// The path to `GET`, written like any request's (e.g. `/v1/models`).
+    pub path: String,
+    /// Time between probes.
+    pub interval: Duration,
+    /// How long one probe may take before it counts as a failure.
+    pub timeout: Duration,
+}
+
+/// The health probe could not be started.
+#[derive(Debug)]
+pub struct ProbeNotStarted(&'static str);
+
+impl fmt::Display for ProbeNotStarted {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "health probe not started: {}", self.0)
+    }
+}
+
+impl std::error::Error for ProbeNotStarted {}
+
+impl<S, ResB> CircuitBreaker<S>
+where
+    S: Service<Request<ReplayBody>, Response = Response<ResB>> + Clone + Send + 'static,
+    S::Error: Into<BoxError>,
+    S::Future: Send,
+    ResB: Send + 'static,
+{
+    /// Starts a background task that probes the backend through the inner service every
+    /// `probe.interval` and feeds the breaker: a healthy answer (below 500, not a timeout or
+    /// connection failure) closes an open circuit at once, a failure counts like a request's.
+    ///
+    /// The task holds only a weak reference: it stops when the last clone of this breaker (and
+    /// of its layer) is dropped. Replaces a probe started earlier. Needs a tokio runtime.
+    pub fn spawn_health_probe(&self, probe: HealthProbe) -> Result<(), ProbeNotStarted> {
+        let handle = tokio::runtime::Handle::try_current()
+            .map_err(|_| ProbeNotStarted("no tokio runtime"))?;
+        let uri: http::Uri = probe
+            .path
+            .parse()
+            .map_err(|_| ProbeNotStarted("path is not a valid request path"))?;
+        let weak: Weak<Shared> = Arc::downgrade(&self.shared);
+        let inner = self.inner.clone();
+        let task = handle.spawn(probe_loop(weak, inner, uri, probe.interval, probe.timeout));
+        let mut slot = self
+            .shared
+            .probe_task
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(old) = slot.replace(task.abort_handle()) {
+            old.abort();
+        }
+        Ok(())
+    }
+}
+
+async fn probe_loop<S, ResB>(
+    weak: Weak<Shared>,
+    inner: S,
+    uri: http::Uri,
+    interval: Duration,
+    timeout: Duration,
+) where
+    S: Service<Request<ReplayBody>, Response = Response<ResB>> + Clone,
+    S::Error: Into<BoxError>,
+{
+    use tower::ServiceExt;
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        if weak.strong_count() == 0 {
+            return;
+        }
+        let mut req = Request::new(ReplayBody::empty());
+        *req.uri_mut() = uri.clone();
+        let result = tokio::time::timeout(timeout, inner.clone().oneshot(req)).await;
+        let healthy = match result {
+            Ok(r) => {
+                let r = r.map_err(Into::into);
+                let outcome = outcome_of(&r);
+                !outcome.is_failure()
+            }
+            Err(_) => false,
+        };
+        let Some(shared) = weak.upgrade() else { return };
+        let jitter = shared.rng.next_f64();
+        let tr = shared.with_machine(|m| m.health(healthy, Instant::now(), jitter));
+        tracing::debug!(backend = shared.backend.name(), healthy, "health probe");
+        shared.apply(tr);
+    }
+}

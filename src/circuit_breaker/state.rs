@@ -1,0 +1,460 @@
+//! The breaker's pure state machine: outcome + now in, admit / reject out. No I/O, no clock of
+//! its own, no randomness of its own: all are passed in, so every transition is unit-tested.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// When a breaker trips, how long it stays open and how it probes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Policy {
+    /// Trip after this many failures in a row (default 5, as Envoy and linkerd).
+    pub consecutive_failures: u32,
+    /// Trip when the failure rate over the window reaches this share (default 0.5)…
+    pub failure_rate: f64,
+    /// …over this sliding window of time (default 30 s)…
+    pub window: Duration,
+    /// …once the window holds at least this many calls (default 20). 0 disables the rate rule.
+    pub min_calls: u32,
+    /// Open duration of the first trip (default 5 s); each consecutive trip doubles it…
+    pub base_open: Duration,
+    /// …up to this (default 5 min).
+    pub max_open: Duration,
+    /// Random share of the open duration added or removed (default 0.1 = ±10%).
+    pub jitter: f64,
+    /// Requests let through at once while half-open (default 1).
+    pub probes: u32,
+    /// Calls slower than this count as failures (default: never).
+    pub slow_call: Option<Duration>,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            consecutive_failures: 5,
+            failure_rate: 0.5,
+            window: Duration::from_secs(30),
+            min_calls: 20,
+            base_open: Duration::from_secs(5),
+            max_open: Duration::from_secs(300),
+            jitter: 0.1,
+            probes: 1,
+            slow_call: None,
+        }
+    }
+}
+
+impl Policy {
+    /// Checks the policy; the message names the bad field.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.consecutive_failures == 0 {
+            return Err("consecutive_failures: must be >= 1".into());
+        }
+        if !(self.failure_rate > 0.0 && self.failure_rate <= 1.0) {
+            return Err("failure_rate: must be in (0, 1]".into());
+        }
+        if !(0.0..1.0).contains(&self.jitter) {
+            return Err("jitter: must be in [0, 1)".into());
+        }
+        if self.probes == 0 {
+            return Err("probes: must be >= 1".into());
+        }
+        if self.base_open.is_zero() || self.max_open < self.base_open {
+            return Err("base_open / max_open: need 0 < base_open <= max_open".into());
+        }
+        Ok(())
+    }
+}
+
+/// What the breaker says about one request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Admit {
+    /// Closed: send it.
+    Yes,
+    /// Half-open: send it as a probe; its outcome decides.
+    Probe,
+    /// Open (or probes already in flight): do not send; try again at the instant, if known.
+    No(Option<Instant>),
+}
+
+/// A state change, for events and the shared [`Circuit`](crate::state::Circuit).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transition {
+    /// Tripped: open until the instant.
+    Opened {
+        /// End of the open period.
+        until: Instant,
+        /// Consecutive trips so far (1 on the first).
+        trips: u32,
+    },
+    /// The open period ended; probing.
+    HalfOpened,
+    /// A probe succeeded (or a health probe found the backend well): closed again.
+    Closed,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+enum Phase {
+    Closed,
+    Open { until: Instant },
+    HalfOpen { in_flight: u32 },
+}
+
+/// The state machine.
+#[derive(Clone, Debug)]
+pub struct Machine {
+    policy: Policy,
+    phase: Phase,
+    consecutive: u32,
+    /// Consecutive trips without a recovery in between.
+    trips: u32,
+    /// (time, failed) of recent calls in the window.
+    recent: VecDeque<(Instant, bool)>,
+}
+
+impl Machine {
+    /// A closed breaker with `policy`.
+    pub fn new(policy: Policy) -> Self {
+        Machine {
+            policy,
+            phase: Phase::Closed,
+            consecutive: 0,
+            trips: 0,
+            recent: VecDeque::new(),
+        }
+    }
+
+    /// The policy.
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    /// Consecutive trips so far.
+    pub fn trips(&self) -> u32 {
+        self.trips
+    }
+
+    /// Decides about one request at `now`.
+    pub fn admit(&mut self, now: Instant) -> (Admit, Option<Transition>) {
+        match self.phase {
+            Phase::Closed => (Admit::Yes, None),
+            Phase::Open { until } if now < until => (Admit::No(Some(until)), None),
+            Phase::Open { .. } => {
+                self.phase = Phase::HalfOpen { in_flight: 1 };
+                (Admit::Probe, Some(Transition::HalfOpened))
+            }
+            Phase::HalfOpen { ref mut in_flight } => {
+                if *in_flight < self.policy.probes {
+                    *in_flight += 1;
+                    (Admit::Probe, None)
+                } else {
+                    (Admit::No(None), None)
+                }
+            }
+        }
+    }
+
+    /// Records the result of a request admitted at `admitted` as `Yes` (`probe = false`) or
+    /// `Probe`. `failed` is the classifier's verdict; `jitter` is a uniform draw in `[0, 1)`.
+    pub fn record(
+        &mut self,
+        probe: bool,
+        failed: bool,
+        elapsed: Duration,
+        now: Instant,
+        jitter: f64,
+    ) -> Option<Transition> {
+        let failed = failed || self.policy.slow_call.is_some_and(|s| elapsed >= s);
+        if probe {
+            if let Phase::HalfOpen { in_flight } = &mut self.phase {
+                *in_flight = in_flight.saturating_sub(1);
+            }
+            return if failed {
+                Some(self.trip(now, jitter))
+            } else {
+                self.close()
+            };
+        }
+        if self.phase != Phase::Closed {
+            // A result of a request admitted before the trip: it changes nothing now.
+            return None;
+        }
+        self.recent.push_back((now, failed));
+        self.expire(now);
+        if failed {
+            self.consecutive += 1;
+        } else {
+            self.consecutive = 0;
+        }
+        if self.consecutive >= self.policy.consecutive_failures || self.rate_exceeded() {
+            return Some(self.trip(now, jitter));
+        }
+        None
+    }
+
+    /// A probe admitted as `Probe` was abandoned (its future dropped): free its slot.
+    pub fn abandon_probe(&mut self) {
+        if let Phase::HalfOpen { in_flight } = &mut self.phase {
+            *in_flight = in_flight.saturating_sub(1);
+        }
+    }
+
+    /// A health probe's result: a healthy answer closes an open breaker at once; a failure
+    /// counts like a request's.
+    pub fn health(&mut self, healthy: bool, now: Instant, jitter: f64) -> Option<Transition> {
+        match (&self.phase, healthy) {
+            (Phase::Closed, _) => self.record(false, !healthy, Duration::ZERO, now, jitter),
+            (_, true) => self.close(),
+            (Phase::Open { .. }, false) => None,
+            (Phase::HalfOpen { .. }, false) => Some(self.trip(now, jitter)),
+        }
+    }
+
+    /// Trips, unless `allowed` says the group cannot lose another backend.
+    fn trip(&mut self, now: Instant, jitter: f64) -> Transition {
+        self.trips = self.trips.saturating_add(1);
+        let exp = self
+            .policy
+            .base_open
+            .saturating_mul(2u32.saturating_pow(self.trips.saturating_sub(1).min(20)));
+        let base = exp.min(self.policy.max_open);
+        let factor = 1.0 + self.policy.jitter * (2.0 * jitter - 1.0);
+        let until = now + base.mul_f64(factor.max(0.0));
+        self.phase = Phase::Open { until };
+        self.consecutive = 0;
+        self.recent.clear();
+        Transition::Opened {
+            until,
+            trips: self.trips,
+        }
+    }
+
+    fn close(&mut self) -> Option<Transition> {
+        let was = std::mem::replace(&mut self.phase, Phase::Closed);
+        self.trips = 0;
+        self.consecutive = 0;
+        self.recent.clear();
+        (was != Phase::Closed).then_some(Transition::Closed)
+    }
+
+    /// Forces the breaker closed without a transition count (used when the group may not lose
+    /// this backend).
+    pub(crate) fn stay_closed(&mut self) {
+        self.phase = Phase::Closed;
+        self.consecutive = 0;
+        self.recent.clear();
+        self.trips = self.trips.saturating_sub(1);
+    }
+
+    fn expire(&mut self, now: Instant) {
+        while let Some((t, _)) = self.recent.front() {
+            if now.saturating_duration_since(*t) > self.policy.window {
+                self.recent.pop_front();
+            } else {
+                break;
+            }
+        }
+    }
+
+    fn rate_exceeded(&self) -> bool {
+        let calls = self.recent.len() as u32;
+        if self.policy.min_calls == 0 || calls < self.policy.min_calls {
+            return false;
+        }
+        let failures = self.recent.iter().filter(|(_, f)| *f).count() as f64;
+        failures / calls as f64 >= self.policy.failure_rate
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> Policy {
+        Policy {
+            consecutive_failures: 3,
+            min_calls: 0,
+            jitter: 0.0,
+            base_open: Duration::from_secs(10),
+            max_open: Duration::from_secs(35),
+            ..Policy::default()
+        }
+    }
+
+    const MS: Duration = Duration::from_millis(1);
+
+    #[tokio::test(start_paused = true)]
+    async fn trips_after_consecutive_failures_and_a_success_resets_the_count() {
+        let mut m = Machine::new(policy());
+        let t = Instant::now();
+        assert_eq!(m.record(false, true, MS, t, 0.5), None);
+        assert_eq!(m.record(false, true, MS, t, 0.5), None);
+        assert_eq!(m.record(false, false, MS, t, 0.5), None);
+        assert_eq!(m.record(false, true, MS, t, 0.5), None);
+        assert_eq!(m.record(false, true, MS, t, 0.5), None);
+        let tr = m.record(false, true, MS, t, 0.5);
+        assert_eq!(
+            tr,
+            Some(Transition::Opened {
+                until: t + Duration::from_secs(10),
+                trips: 1
+            })
+        );
+        assert_eq!(m.admit(t).0, Admit::No(Some(t + Duration::from_secs(10))));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn half_open_admits_the_permitted_probes_then_closes_or_reopens_longer() {
+        let mut m = Machine::new(Policy {
+            probes: 2,
+            ..policy()
+        });
+        let t = Instant::now();
+        for _ in 0..3 {
+            m.record(false, true, MS, t, 0.5);
+        }
+        let t1 = t + Duration::from_secs(10);
+        assert_eq!(m.admit(t1), (Admit::Probe, Some(Transition::HalfOpened)));
+        assert_eq!(m.admit(t1), (Admit::Probe, None));
+        assert_eq!(
+            m.admit(t1),
+            (Admit::No(None), None),
+            "only the permitted probes"
+        );
+        // A failed probe reopens, for twice as long.
+        let tr = m.record(true, true, MS, t1, 0.5);
+        assert_eq!(
+            tr,
+            Some(Transition::Opened {
+                until: t1 + Duration::from_secs(20),
+                trips: 2
+            })
+        );
+        let t2 = t1 + Duration::from_secs(20);
+        assert_eq!(m.admit(t2).0, Admit::Probe);
+        let tr = m.record(true, true, MS, t2, 0.5);
+        // Capped at max_open.
+        assert_eq!(
+            tr,
+            Some(Transition::Opened {
+                until: t2 + Duration::from_secs(35),
+                trips: 3
+            })
+        );
+        let t3 = t2 + Duration::from_secs(35);
+        assert_eq!(m.admit(t3).0, Admit::Probe);
+        assert_eq!(m.record(true, false, MS, t3, 0.5), Some(Transition::Closed));
+        assert_eq!(m.trips(), 0, "recovery resets the growth");
+        for _ in 0..3 {
+            m.record(false, true, MS, t3, 0.5);
+        }
+        assert_eq!(m.admit(t3).0, Admit::No(Some(t3 + Duration::from_secs(10))));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failure_rate_over_the_window_trips_once_min_calls_is_reached() {
+        let mut m = Machine::new(Policy {
+            consecutive_failures: 100,
+            min_calls: 10,
+            failure_rate: 0.5,
+            window: Duration::from_secs(10),
+            ..policy()
+        });
+        let t = Instant::now();
+        // Alternating: never 2 in a row, 50% rate.
+        let mut tripped = None;
+        for i in 0..10 {
+            tripped = tripped.or(m.record(false, i % 2 == 0, MS, t, 0.5));
+        }
+        assert!(matches!(tripped, Some(Transition::Opened { .. })));
+        // Old calls leave the window.
+        let mut m = Machine::new(Policy {
+            consecutive_failures: 100,
+            min_calls: 4,
+            ..policy()
+        });
+        for _ in 0..3 {
+            m.record(false, true, MS, t, 0.5);
+        }
+        let later = t + Duration::from_secs(60);
+        assert_eq!(
+            m.record(false, false, MS, later, 0.5),
+            None,
+            "old failures expired"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn slow_calls_count_when_asked_and_jitter_spreads_the_open_time() {
+        let mut m = Machine::new(Policy {
+            slow_call: Some(Duration::from_secs(2)),
+            ..policy()
+        });
+        let t = Instant::now();
+        for _ in 0..2 {
+            m.record(false, false, Duration::from_secs(3), t, 0.5);
+        }
+        assert!(
+            m.record(false, false, Duration::from_secs(3), t, 0.5)
+                .is_some()
+        );
+        let mut m = Machine::new(Policy {
+            jitter: 0.1,
+            ..policy()
+        });
+        for _ in 0..2 {
+            m.record(false, true, MS, t, 0.0);
+        }
+        let Some(Transition::Opened { until, .. }) = m.record(false, true, MS, t, 0.0) else {
+            panic!()
+        };
+        assert_eq!(until - t, Duration::from_secs(9));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn health_probes_close_an_open_breaker_and_abandoned_probes_free_their_slot() {
+        let mut m = Machine::new(policy());
+        let t = Instant::now();
+        for _ in 0..3 {
+            m.record(false, true, MS, t, 0.5);
+        }
+        assert_eq!(m.health(false, t, 0.5), None);
+        assert_eq!(m.health(true, t, 0.5), Some(Transition::Closed));
+        assert_eq!(m.admit(t).0, Admit::Yes);
+        for _ in 0..3 {
+            m.record(false, true, MS, t, 0.5);
+        }
+        let t1 = t + Duration::from_secs(10);
+        assert_eq!(m.admit(t1).0, Admit::Probe);
+        assert_eq!(m.admit(t1).0, Admit::No(None));
+        m.abandon_probe();
+        assert_eq!(m.admit(t1).0, Admit::Probe);
+    }
+
+    #[test]
+    fn invalid_policies_name_the_field() {
+        assert!(Policy::default().validate().is_ok());
+        let e = Policy {
+            consecutive_failures: 0,
+            ..Policy::default()
+        }
+        .validate()
+        .unwrap_err();
+        assert!(e.starts_with("consecutive_failures"));
+        let e = Policy {
+            failure_rate: 1.5,
+            ..Policy::default()
+        }
+        .validate()
+        .unwrap_err();
+        assert!(e.starts_with("failure_rate"));
+        let e = Policy {
+            probes: 0,
+            ..Policy::default()
+        }
+        .validate()
+        .unwrap_err();
+        assert!(e.starts_with("probes"));
+    }
+}

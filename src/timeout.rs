@@ -1,0 +1,345 @@
+//! `AttemptTimeout`: per-attempt deadlines that abandon a hung backend without cutting a stream
+//! that is flowing.
+//!
+//! Place it per backend, under the [`Endpoint`](crate::endpoint::Endpoint), so a timeout is
+//! classified as [`Outcome::Timeout`](crate::Outcome::Timeout): a failure the circuit breaker
+//! counts and a reason for the layers above to try elsewhere.
+//!
+//! Three independent limits, each optional:
+//!
+//! | limit | measured | on expiry |
+//! |---|---|---|
+//! | `first_byte` | from sending until the first body byte (for a non-streamed answer the head comes only when the whole answer is ready, so set it with that in mind) | before the head: the attempt fails with [`error::Elapsed`]; after it: the body ends with that error |
+//! | `idle` | between body chunks, once the first has come | the body ends with [`error::Elapsed`] |
+//! | `total` | from sending until the body's end (default 300 s, as users set on Application Gateway) | as above |
+//!
+//! A stream that keeps flowing is never cut by `first_byte` or `idle`, only by `total`.
+//!
+//! ```
+//! use std::time::Duration;
+//! use tower_llm_lb::timeout::AttemptTimeoutLayer;
+//!
+//! let layer = AttemptTimeoutLayer::new()
+//!     .first_byte(Duration::from_secs(20))
+//!     .idle(Duration::from_secs(30))
+//!     .total(Duration::from_secs(300));
+//! # let _ = layer;
+//! ```
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::Response;
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+use tokio::time::{Instant, Sleep};
+use tower_layer::Layer;
+use tower_service::Service;
+
+use crate::error::BoxError;
+
+pub mod error {
+    //! Errors of [`AttemptTimeout`](super::AttemptTimeout).
+
+    use std::fmt;
+
+    /// Which limit ran out.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum Limit {
+        /// No first byte in time.
+        FirstByte,
+        /// No chunk in time after the previous one.
+        Idle,
+        /// The whole exchange took too long.
+        Total,
+    }
+
+    /// An attempt's time limit ran out.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct Elapsed(pub Limit);
+
+    impl fmt::Display for Elapsed {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str(match self.0 {
+                Limit::FirstByte => "no first byte within the attempt's first-byte timeout",
+                Limit::Idle => "stream idle longer than the attempt's idle timeout",
+                Limit::Total => "attempt exceeded its total timeout",
+            })
+        }
+    }
+
+    impl std::error::Error for Elapsed {}
+}
+
+use error::{Elapsed, Limit};
+
+/// Layer that wraps a service in [`AttemptTimeout`].
+#[derive(Clone, Copy, Debug)]
+pub struct AttemptTimeoutLayer {
+    first_byte: Option<Duration>,
+    idle: Option<Duration>,
+    total: Option<Duration>,
+}
+
+impl Default for AttemptTimeoutLayer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl AttemptTimeoutLayer {
+    /// `total` 300 s; no `first_byte` or `idle` limit.
+    pub fn new() -> Self {
+        AttemptTimeoutLayer {
+            first_byte: None,
+            idle: None,
+            total: Some(Duration::from_secs(300)),
+        }
+    }
+
+    /// Time from sending until the first body byte.
+    pub fn first_byte(mut self, d: Duration) -> Self {
+        self.first_byte = Some(d);
+        self
+    }
+
+    /// Time between body chunks.
+    pub fn idle(mut self, d: Duration) -> Self {
+        self.idle = Some(d);
+        self
+    }
+
+    /// Time from sending until the body's end.
+    pub fn total(mut self, d: Duration) -> Self {
+        self.total = Some(d);
+        self
+    }
+
+    /// No total limit.
+    pub fn no_total(mut self) -> Self {
+        self.total = None;
+        self
+    }
+}
+
+impl<S> Layer<S> for AttemptTimeoutLayer {
+    type Service = AttemptTimeout<S>;
+
+    fn layer(&self, inner: S) -> AttemptTimeout<S> {
+        AttemptTimeout {
+            inner,
+            limits: *self,
+        }
+    }
+}
+
+/// Middleware that bounds each attempt in time. See the [module docs](self).
+#[derive(Clone, Debug)]
+pub struct AttemptTimeout<S> {
+    inner: S,
+    limits: AttemptTimeoutLayer,
+}
+
+impl<S> AttemptTimeout<S> {
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Unwraps the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Deadlines {
+    first_byte: Option<Instant>,
+    total: Option<Instant>,
+    idle: Option<Duration>,
+}
+
+impl Deadlines {
+    /// The nearest deadline before the first byte, and which limit it is.
+    fn before_first_byte(&self) -> Option<(Instant, Limit)> {
+        match (self.first_byte, self.total) {
+            (Some(f), Some(t)) if t < f => Some((t, Limit::Total)),
+            (Some(f), _) => Some((f, Limit::FirstByte)),
+            (None, Some(t)) => Some((t, Limit::Total)),
+            (None, None) => None,
+        }
+    }
+
+    /// The nearest deadline after a chunk at `now`.
+    fn after_chunk(&self, now: Instant) -> Option<(Instant, Limit)> {
+        let idle = self.idle.map(|d| (now + d, Limit::Idle));
+        match (idle, self.total) {
+            (Some((i, _)), Some(t)) if t <= i => Some((t, Limit::Total)),
+            (Some(i), _) => Some(i),
+            (None, Some(t)) => Some((t, Limit::Total)),
+            (None, None) => None,
+        }
+    }
+}
+
+impl<S, Req, B> Service<Req> for AttemptTimeout<S>
+where
+    S: Service<Req, Response = Response<B>>,
+    S::Error: Into<BoxError>,
+{
+    type Response = Response<TimeoutBody<B>>;
+    type Error = BoxError;
+    type Future = ResponseFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, req: Req) -> Self::Future {
+        let now = Instant::now();
+        let deadlines = Deadlines {
+            first_byte: self.limits.first_byte.map(|d| now + d),
+            total: self.limits.total.map(|d| now + d),
+            idle: self.limits.idle,
+        };
+        let (at, limit) = deadlines
+            .before_first_byte()
+            .unwrap_or((now + Duration::from_secs(u32::MAX as u64), Limit::Total));
+        ResponseFuture {
+            fut: self.inner.call(req),
+            sleep: tokio::time::sleep_until(at),
+            limit,
+            deadlines,
+        }
+    }
+}
+
+pin_project! {
+    /// Response future of [`AttemptTimeout`].
+    pub struct ResponseFuture<F> {
+        #[pin]
+        fut: F,
+        #[pin]
+        sleep: Sleep,
+        limit: Limit,
+        deadlines: Deadlines,
+    }
+}
+
+impl<F, B, E> Future for ResponseFuture<F>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+    E: Into<BoxError>,
+{
+    type Output = Result<Response<TimeoutBody<B>>, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        if let Poll::Ready(result) = this.fut.poll(cx) {
+            let res = result.map_err(Into::into)?;
+            let deadlines = *this.deadlines;
+            return Poll::Ready(Ok(res.map(|inner| TimeoutBody {
+                inner,
+                deadlines,
+                sleep: None,
+                started: false,
+            })));
+        }
+        ready!(this.sleep.poll(cx));
+        Poll::Ready(Err(Elapsed(*this.limit).into()))
+    }
+}
+
+impl<F> fmt::Debug for ResponseFuture<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("timeout::ResponseFuture")
+    }
+}
+
+pin_project! {
+    /// A response body bounded by the attempt's limits.
+    pub struct TimeoutBody<B> {
+        #[pin]
+        inner: B,
+        deadlines: Deadlines,
+        sleep: Option<(Pin<Box<Sleep>>, Limit)>,
+        started: bool,
+    }
+}
+
+impl<B: fmt::Debug> fmt::Debug for TimeoutBody<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TimeoutBody")
+            .field("inner", &self.inner)
+            .finish()
+    }
+}
+
+impl<B> Body for TimeoutBody<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.project();
+        if let Poll::Ready(frame) = this.inner.poll_frame(cx) {
+            if let Some(Ok(f)) = &frame
+                && f.is_data()
+            {
+                // A chunk: the first-byte limit is met; the idle clock restarts.
+                *this.started = true;
+                let now = Instant::now();
+                match this.deadlines.after_chunk(now) {
+                    Some((at, limit)) => match this.sleep {
+                        Some((s, l)) => {
+                            s.as_mut().reset(at);
+                            *l = limit;
+                        }
+                        None => *this.sleep = Some((Box::pin(tokio::time::sleep_until(at)), limit)),
+                    },
+                    None => *this.sleep = None,
+                }
+            }
+            return Poll::Ready(frame.map(|r| r.map_err(Into::into)));
+        }
+        if this.sleep.is_none() {
+            let deadline = if *this.started {
+                this.deadlines.after_chunk(Instant::now())
+            } else {
+                this.deadlines.before_first_byte()
+            };
+            let Some((at, limit)) = deadline else {
+                return Poll::Pending;
+            };
+            *this.sleep = Some((Box::pin(tokio::time::sleep_until(at)), limit));
+        }
+        let Some((sleep, limit)) = this.sleep else {
+            return Poll::Pending;
+        };
+        ready!(sleep.as_mut().poll(cx));
+        Poll::Ready(Some(Err(Elapsed(*limit).into())))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
