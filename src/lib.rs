@@ -7,18 +7,25 @@
 //!
 //! | layer | what it does |
 //! |---|---|
-//! | [`endpoint::Endpoint`] | per backend: points the request at it, classifies the answer once, records cooldowns and quota hints in the backend's [`BackendState`] |
+//! | [`balance::Balance`] | spreads requests over backends by priority tier and weight, skipping ones cooling down or open; spends each backend's remaining quota then paces it |
+//! | [`retry::RetryAfter429`] | absorbs 429s: retries elsewhere at once, waits for the earliest free backend only within a budget and deadline, else answers with an honest `retry-after` |
+//! | [`circuit_breaker::CircuitBreaker`] | per backend: stops sending to a failing backend, probes it back, never ejects more than a share of a group |
 //! | [`auth::AuthInject`] | per backend: strips the caller's credentials, injects the backend's own (`api-key`, bearer, refreshed token) |
+//! | [`endpoint::Endpoint`] | per backend: points the request at it, classifies the answer once, records cooldowns and quota hints in the backend's [`BackendState`] |
+//! | [`timeout::AttemptTimeout`] | per backend: first-byte, idle and total limits per attempt |
 //! | [`body::BufferRequest`] | once, outermost: makes the request body cheap to replay, with a size cap |
 //!
-//! `Balance`, `RetryAfter429`, `CircuitBreaker` and `Fallback` build on these and share the same
-//! [`classify::Outcome`] and [`BackendState`].
+//! `Fallback` (ordered chains of groups) builds on the same [`classify::Outcome`] and
+//! [`BackendState`].
 //!
 //! # Recommended order
 //!
-//! Outermost first: `BufferRequest` → `Fallback` → `RetryAfter429` → `Balance` → per backend:
-//! `Endpoint` → `CircuitBreaker` → `AuthInject` → the HTTP client.
+//! Outermost first: `BufferRequest` → `RetryAfter429` → `Balance` → per backend:
+//! `CircuitBreaker` → `Endpoint` → `AttemptTimeout` → `AuthInject` → the HTTP client.
 //!
+//! The breaker sits above `Endpoint` so it sees each attempt's classified outcome; the timeout
+//! sits below it so a timeout is classified as one.
+
 //! # Example
 //!
 //! One Azure deployment behind the per-backend layers, over a plain hyper-util client:
