@@ -1,9 +1,10 @@
 //! The whole stack against simulated rate-limited backends, no credentials needed.
 //!
-//! Starts four mock backends on loopback (a provisioned PTU deployment and three pay-as-you-go
-//! ones, each with its own key and request/s quota), stacks `RetryAfter429` over `Balance` over the
-//! per-backend `Endpoint` + `AuthInject` layers, and drives traffic at 80% and then 150% of the
-//! aggregate quota. Prints a per-backend table every second and a summary.
+//! Starts six mock backends on loopback (a provisioned PTU deployment and five pay-as-you-go ones,
+//! each with its own key and request/s quota; one of them starts failing halfway, one hangs),
+//! stacks `RetryAfter429` over `Balance` over the per-backend `CircuitBreaker` + `Endpoint` +
+//! `AttemptTimeout` + `AuthInject` layers, and drives traffic at 80% and then 150% of the
+//! healthy backends' quota. Prints a per-backend table every second and a summary.
 //!
 //! Run: `cargo run --release --example demo`
 
@@ -15,10 +16,13 @@ use tower::{ServiceBuilder, ServiceExt};
 use tower_llm_lb::auth::{AuthInjectLayer, Credential};
 use tower_llm_lb::balance::{Balance, Strategy};
 use tower_llm_lb::body::ReplayBody;
+use tower_llm_lb::circuit_breaker::{BreakerGroup, Policy};
 use tower_llm_lb::client::http_client;
 use tower_llm_lb::endpoint::{EndpointLayer, Served};
-use tower_llm_lb::mock::MockServer;
+use tower_llm_lb::mock::{Fault, MockServer};
 use tower_llm_lb::retry::{Attempts, RetryAfter429Layer};
+use tower_llm_lb::state::Circuit;
+use tower_llm_lb::timeout::AttemptTimeoutLayer;
 use tower_llm_lb::{Backend, BoxError};
 
 struct Spec {
@@ -28,32 +32,27 @@ struct Spec {
     key: &'static str,
 }
 
-const SPECS: [Spec; 4] = [
+const fn spec(name: &'static str, priority: u32, rps: f64, key: &'static str) -> Spec {
     Spec {
-        name: "ptu-eastus",
-        priority: 0,
-        rps: 40.0,
-        key: "ptu-key",
-    },
-    Spec {
-        name: "paygo-westus",
-        priority: 1,
-        rps: 20.0,
-        key: "west-key",
-    },
-    Spec {
-        name: "paygo-swedencentral",
-        priority: 1,
-        rps: 20.0,
-        key: "sweden-key",
-    },
-    Spec {
-        name: "paygo-japaneast",
-        priority: 1,
-        rps: 20.0,
-        key: "japan-key",
-    },
+        name,
+        priority,
+        rps,
+        key,
+    }
+}
+
+const SPECS: [Spec; 6] = [
+    spec("ptu-eastus", 0, 40.0, "ptu-key"),
+    spec("paygo-westus", 1, 20.0, "west-key"),
+    spec("paygo-swedencentral", 1, 20.0, "sweden-key"),
+    spec("paygo-japaneast", 1, 20.0, "japan-key"),
+    spec("paygo-brazilsouth", 1, 20.0, "brazil-key"),
+    spec("paygo-uksouth", 1, 20.0, "uk-key"),
 ];
+/// Starts answering 500 when phase 2 begins.
+const FAILS_HALFWAY: usize = 4;
+/// Accepts connections and never answers.
+const HANGS: usize = 5;
 
 #[derive(Default)]
 struct Tally {
@@ -61,6 +60,7 @@ struct Tally {
     client_429: AtomicU64,
     client_errors: AtomicU64,
     turned_away: AtomicU64,
+    exhausted: AtomicU64,
     retried: AtomicU64,
 }
 
@@ -84,25 +84,37 @@ async fn main() -> Result<(), BoxError> {
         );
         mocks.push(mock);
     }
-    let capacity: f64 = SPECS.iter().map(|s| s.rps).sum();
+    mocks[HANGS].set_fault(Some(Fault::Hang));
+    // Quota of the backends that stay healthy throughout.
+    let capacity: f64 = SPECS.iter().take(FAILS_HALFWAY).map(|s| s.rps).sum();
 
     let client = http_client::<ReplayBody>();
+    let breakers = BreakerGroup::try_new(Policy {
+        base_open: Duration::from_secs(2),
+        ..Policy::default()
+    })?;
     let balance = Balance::from_backends(backends.iter().cloned(), |b| {
         ServiceBuilder::new()
+            .layer(breakers.layer_for(b))
             .layer(EndpointLayer::new(b.clone()))
+            .layer(AttemptTimeoutLayer::new().first_byte(Duration::from_secs(1)))
             .layer(AuthInjectLayer::for_backend(b))
             .service(client.clone())
     })
     .strategy(Strategy::LeastInFlight)
     .build()?;
     let stack = ServiceBuilder::new()
-        .layer(RetryAfter429Layer::new().max_wait(Duration::from_secs(3)))
+        .layer(
+            RetryAfter429Layer::new()
+                .max_wait(Duration::from_secs(3))
+                .retry_failures(true),
+        )
         .service(balance);
 
     println!(
         "tower-llm-lb demo: 1 PTU + 3 pay-as-you-go mock deployments, {capacity} requests/s of quota in all"
     );
-    println!("phase 1: 80% of the quota for 5 s; phase 2: 150% for 5 s\n");
+    println!("phase 1: 80% of the healthy quota for 5 s; phase 2: 150% for 5 s\n");
 
     let tally = Arc::new(Tally::default());
     let latencies = Arc::new(std::sync::Mutex::new(Vec::<Duration>::new()));
@@ -111,6 +123,9 @@ async fn main() -> Result<(), BoxError> {
     let mut sent = 0u64;
     let mut next_report = Duration::from_secs(1);
     for (phase, load) in [(1, 0.8), (2, 1.5)] {
+        if phase == 2 {
+            mocks[FAILS_HALFWAY].set_fault(Some(Fault::Status(500)));
+        }
         let rate = capacity * load;
         let phase_start = Instant::now();
         let mut i = 0u64;
@@ -150,7 +165,25 @@ async fn main() -> Result<(), BoxError> {
                     {
                         t.turned_away.fetch_add(1, Relaxed);
                     }
-                    _ => {
+                    Err(e) if e.is::<tower_llm_lb::error::Exhausted>() => {
+                        t.exhausted.fetch_add(1, Relaxed);
+                    }
+                    other => {
+                        // Expected never to happen: say exactly what it was.
+                        {
+                            match &other {
+                                Ok(res) => eprintln!(
+                                    "unexpected: status {} attempts {:?}",
+                                    res.status(),
+                                    res.extensions().get::<Attempts>().map(|a| a
+                                        .0
+                                        .iter()
+                                        .map(|x| x.to_string())
+                                        .collect::<Vec<_>>())
+                                ),
+                                Err(e) => eprintln!("unexpected error: {e}"),
+                            }
+                        }
                         t.client_errors.fetch_add(1, Relaxed);
                     }
                 }
@@ -191,6 +224,10 @@ async fn main() -> Result<(), BoxError> {
         tally.turned_away.load(Relaxed)
     );
     println!(
+        "  gave up after a failure  {} (a backend failed, no other free within the budget: typed, lists each attempt)",
+        tally.exhausted.load(Relaxed)
+    );
+    println!(
         "  other errors             {} (expected: 0)",
         tally.client_errors.load(Relaxed)
     );
@@ -214,18 +251,23 @@ fn report(phase: u32, at: Duration, backends: &[Backend], tally: &Tally) {
     );
     for b in backends {
         let c = b.state().counters();
-        let cooling = b
-            .state()
-            .unavailable_until(tokio::time::Instant::now())
-            .is_some();
+        let now = tokio::time::Instant::now();
+        let status = match b.state().circuit() {
+            Circuit::Open { until } if until > now => "circuit open",
+            Circuit::Open { .. } | Circuit::HalfOpen => "probing",
+            Circuit::Closed if b.state().unavailable_until(now).is_some() => "resting",
+            Circuit::Closed => "ready",
+        };
         println!(
-            "    {:<20} tier {}  ok {:>5}  429 {:>4}  in flight {:>3}  {}",
+            "    {:<20} tier {}  ok {:>5}  429 {:>4}  5xx {:>4}  failed {:>4}  in flight {:>3}  {}",
             b.name(),
             b.priority(),
             c.success,
             c.throttled,
+            c.server_errors,
+            c.failures,
             b.state().in_flight(),
-            if cooling { "resting" } else { "ready" }
+            status
         );
     }
 }

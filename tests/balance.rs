@@ -412,3 +412,61 @@ async fn twice_the_aggregate_load(quota_headers: bool) {
         );
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_5xx_is_retried_elsewhere_only_when_failures_are_retried() {
+    let failing = MockServer::builder().name("failing").start().await.unwrap();
+    failing.set_fault(Some(tower_llm_lb::mock::Fault::Status(503)));
+    let ok = MockServer::builder().name("ok").start().await.unwrap();
+    let backends = [
+        backend("failing", &failing, 0, 1.0),
+        backend("ok", &ok, 1, 1.0),
+    ];
+    // Off (the default): the 5xx is the caller's.
+    let svc = balanced(&backends, Strategy::RoundRobin, RetryAfter429Layer::new());
+    assert_eq!(svc.oneshot(chat("{}")).await.unwrap().status(), 503);
+    // On: moved to the next backend, and the attempts say so.
+    let svc = balanced(
+        &backends,
+        Strategy::RoundRobin,
+        RetryAfter429Layer::new().retry_failures(true),
+    );
+    let res = svc.oneshot(chat("{}")).await.unwrap();
+    assert_eq!(res.status(), 200);
+    let attempts = &res.extensions().get::<Attempts>().unwrap().0;
+    let seen: Vec<_> = attempts.iter().map(|a| a.to_string()).collect();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert!(seen[0].starts_with("failing: server error 503"), "{seen:?}");
+    assert!(seen[1].starts_with("ok: success"), "{seen:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_retry_avoids_the_backend_already_tried_when_another_is_free() {
+    let failing = MockServer::builder().name("a").start().await.unwrap();
+    failing.set_fault(Some(tower_llm_lb::mock::Fault::Status(500)));
+    let others = mocks(2, 1000.0).await;
+    let backends = [
+        backend("a", &failing, 0, 100.0),
+        backend("b", &others[0], 0, 0.01),
+        backend("c", &others[1], 0, 0.01),
+    ];
+    // Weighted random almost always picks `a` first; the retry must not pick it again.
+    let svc = balanced(
+        &backends,
+        Strategy::WeightedRandom,
+        RetryAfter429Layer::new().retry_failures(true),
+    );
+    for _ in 0..20 {
+        let res = svc.clone().oneshot(chat("{}")).await.unwrap();
+        assert_eq!(res.status(), 200);
+        let attempts = &res.extensions().get::<Attempts>().unwrap().0;
+        assert!(attempts.len() <= 2, "{attempts:?}");
+    }
+}
+
+#[test]
+fn out_of_range_budget_settings_are_clamped_not_panics() {
+    let _ = RetryAfter429Layer::new().budget(Duration::ZERO, u32::MAX, f32::NAN);
+    let _ = RetryAfter429Layer::new().budget(Duration::from_secs(3600), 0, -1.0);
+    let _ = RetryAfter429Layer::new().budget(Duration::from_secs(5), 1, 1e9);
+}

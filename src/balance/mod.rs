@@ -217,20 +217,31 @@ impl<S> Balance<S> {
 
     /// Chooses a backend for the next request, or says when one will be available.
     pub fn pick(&self, now: Instant) -> Result<&Backend, error::Unavailable> {
-        self.pick_index(now)
+        self.pick_index(now, None)
             .map(|i| &self.shared.slots[i].backend)
             .map_err(|earliest| error::Unavailable::new(self.shared.name.clone(), earliest))
     }
 
-    fn pick_index(&self, now: Instant) -> Result<usize, Option<Instant>> {
+    fn pick_index(&self, now: Instant, avoid: Option<&Avoid>) -> Result<usize, Option<Instant>> {
         let sh = &*self.shared;
         let all = &sh.candidates;
-        for (t, tier) in sh.tiers.iter().enumerate() {
-            for want in [Avail::Yes, Avail::LowHeadroom] {
-                if let Some(i) =
-                    strategy::pick(sh.strategy, all, tier, want, now, &sh.rng, &sh.cursors[t])
-                {
-                    return Ok(i);
+        let avoided = |i: usize| {
+            avoid.is_some_and(|a| a.0.iter().any(|n| **n == *sh.slots[i].backend.name()))
+        };
+        let passes: &[&dyn Fn(usize) -> bool] = if avoid.is_some() {
+            &[&avoided, &|_| false]
+        } else {
+            &[&|_| false]
+        };
+        for skip in passes {
+            for (t, tier) in sh.tiers.iter().enumerate() {
+                for want in [Avail::Yes, Avail::LowHeadroom] {
+                    let cursor = &sh.cursors[t];
+                    if let Some(i) =
+                        strategy::pick(sh.strategy, all, tier, want, now, &sh.rng, cursor, skip)
+                    {
+                        return Ok(i);
+                    }
                 }
             }
         }
@@ -315,22 +326,28 @@ impl<S> BalanceBuilder<S> {
     }
 }
 
-impl<S, Req> Service<Req> for Balance<S>
+/// A request extension naming backends this request already tried: `Balance` picks another
+/// available backend if there is one (and one of these only if there is not).
+/// [`RetryAfter429`](crate::retry::RetryAfter429) sets it on each retry.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Avoid(pub Vec<Arc<str>>);
+
+impl<S, B> Service<http::Request<B>> for Balance<S>
 where
-    S: Service<Req> + Clone,
+    S: Service<http::Request<B>> + Clone,
     S::Error: Into<BoxError>,
 {
     type Response = S::Response;
     type Error = BoxError;
-    type Future = ResponseFuture<S, Req>;
+    type Future = ResponseFuture<S, http::Request<B>>;
 
     /// Always ready: readiness is driven on the chosen backend's service inside the call.
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: Req) -> Self::Future {
-        match self.pick_index(Instant::now()) {
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        match self.pick_index(Instant::now(), req.extensions().get::<Avoid>()) {
             Ok(i) => {
                 let slot = &self.shared.slots[i];
                 slot.backend.state().admit(Instant::now());

@@ -61,6 +61,7 @@ pub(crate) fn on_probation(state: &BackendState) -> bool {
 
 /// Picks among `tier` (indices into `all`), considering only candidates whose availability is
 /// `want`. Returns `None` when none qualifies.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn pick(
     strategy: Strategy,
     all: &[Candidate],
@@ -69,8 +70,9 @@ pub(crate) fn pick(
     now: Instant,
     rng: &Rng,
     cursor: &AtomicUsize,
+    skip: &dyn Fn(usize) -> bool,
 ) -> Option<usize> {
-    let ok = |i: &usize| availability(&all[*i], now) == want;
+    let ok = |i: &usize| !skip(*i) && availability(&all[*i], now) == want;
     match strategy {
         Strategy::WeightedRandom => weighted(all, tier, &ok, rng),
         Strategy::RoundRobin => {
@@ -145,7 +147,17 @@ mod tests {
         let now = Instant::now();
         let mut counts = vec![0usize; weights.len()];
         for _ in 0..n {
-            let i = pick(strategy, &all, &tier, Avail::Yes, now, &rng, &cursor).unwrap();
+            let i = pick(
+                strategy,
+                &all,
+                &tier,
+                Avail::Yes,
+                now,
+                &rng,
+                &cursor,
+                &|_| false,
+            )
+            .unwrap();
             counts[i] += 1;
         }
         counts.iter().map(|c| *c as f64 / n as f64).collect()
@@ -192,6 +204,7 @@ mod tests {
                 Instant::now(),
                 &rng,
                 &cursor,
+                &|_| false,
             );
             assert_eq!(i, Some(1));
         }
@@ -205,6 +218,7 @@ mod tests {
             Instant::now(),
             &rng,
             &cursor,
+            &|_| false,
         );
         assert!(i.is_some());
     }

@@ -15,13 +15,18 @@
 //! | nothing available (every backend cooling down or open) | waits until the earliest backend is free, if that fits the wait budget and the deadline; otherwise gives up at once, without sleeping |
 //!
 //! Giving up returns the last 429 **with** `retry-after` and `retry-after-ms` set to when a
-//! backend is next free (so the caller's own client can honour it), or, if no answer came back at
-//! all, [`Exhausted`] listing every attempt and the earliest retry instant.
+//! backend is next free (so the caller's own client can honour it); the last 5xx as it is when
+//! the attempts ran out; otherwise (no answer at all, or nothing free after a failure)
+//! [`Exhausted`] listing every attempt and the earliest retry instant, or the balancer's
+//! [`Unavailable`](crate::error::Unavailable) when nothing was ever sent.
 //!
 //! Bounds: at most [`RetryAfter429Layer::max_attempts`] attempts that reach a backend; a retry
 //! budget (tower's [`TpsBudget`]: retries may add at most a share of the request rate) so a storm
 //! of 429s does not multiply load; a per-request wait budget; an overall deadline (the layer's,
 //! or a [`Deadline`] request extension, whichever is earlier). A client error is never retried.
+//!
+//! Each retry carries a [`balance::Avoid`](crate::balance::Avoid) extension naming the backends
+//! already tried, so a `Balance` below picks another one when it can.
 //!
 //! The request is replayed by cloning it (the body must be cheap to clone, like
 //! [`ReplayBody`](crate::body::ReplayBody)); a streamed response is passed through untouched. Every
@@ -141,9 +146,18 @@ impl RetryAfter429Layer {
     }
 
     /// The retry budget: over `ttl`, retries may be `retry_percent` of requests, plus
-    /// `min_per_sec` retries per second regardless.
+    /// `min_per_sec` retries per second regardless. Out-of-range values are clamped to what
+    /// tower's `TpsBudget` accepts: `ttl` to 1..=60 s, `retry_percent` to 0..=1000 (NaN is 0),
+    /// `min_per_sec` below `i32::MAX`.
     pub fn budget(mut self, ttl: Duration, min_per_sec: u32, retry_percent: f32) -> Self {
-        self.settings.budget = Arc::new(TpsBudget::new(ttl, min_per_sec, retry_percent));
+        let ttl = ttl.clamp(Duration::from_secs(1), Duration::from_secs(60));
+        let pct = if retry_percent.is_nan() {
+            0.0
+        } else {
+            retry_percent.clamp(0.0, 1000.0)
+        };
+        let min = min_per_sec.min(i32::MAX as u32 - 1);
+        self.settings.budget = Arc::new(TpsBudget::new(ttl, min, pct));
         self
     }
 }
@@ -321,7 +335,9 @@ fn judge<S, B, ResB>(
                 elapsed,
             });
             tracing::debug!(attempt = ctx.attempts.len(), %outcome, "attempt answered");
-            if outcome.is_throttled() {
+            let retry =
+                outcome.is_throttled() || (ctx.settings.retry_failures && outcome.is_failure());
+            if retry {
                 Step::Retry {
                     last: Some(res),
                     refused_until: None,
@@ -401,9 +417,12 @@ where
     // Hard cap on loop turns, so no path can spin.
     let max_turns = ctx.settings.max_attempts * 4 + 4;
     let mut earliest: Option<Instant> = None;
+    // Whether the loop ended because nothing was available (rather than attempts or budget).
+    let mut ended_refused = false;
     for turn in 0..max_turns {
         let now = Instant::now();
         let mut wait = Duration::ZERO;
+        ended_refused = refused.is_some();
         if let Some(retry_at) = refused.take() {
             // Nothing was available: wait for the earliest backend, within budget and deadline.
             earliest = retry_at;
@@ -436,7 +455,17 @@ where
         if ctx.deadline.is_some_and(|d| Instant::now() >= d) {
             break;
         }
-        let req = clone_request(&ctx.template);
+        let mut req = clone_request(&ctx.template);
+        // Steer the retry away from the backends this request already tried.
+        let tried: Vec<Arc<str>> = ctx
+            .attempts
+            .iter()
+            .map(|a| a.backend.clone())
+            .filter(|b| &**b != "-")
+            .collect();
+        if !tried.is_empty() {
+            req.extensions_mut().insert(crate::balance::Avoid(tried));
+        }
         let started = Instant::now();
         let span = tracing::debug_span!("attempt", n = ctx.attempts.len() + 1, turn, wait = ?wait);
         let result = ctx
@@ -463,13 +492,16 @@ where
             }
         }
     }
-    // Give up: the last 429 with an honest retry-after (a last 5xx as it is), or an error
-    // listing every attempt.
+    // Give up: the last 429 with an honest retry-after; the last 5xx as it is when attempts
+    // ran out; otherwise an error listing every attempt and when to come back.
     if let Some(mut res) = last {
         let throttled = res
             .extensions()
             .get::<Served>()
             .is_none_or(|s| s.outcome.is_throttled());
+        if !throttled && ended_refused {
+            return Err(Exhausted::new(ctx.attempts, earliest).into());
+        }
         if !throttled {
             res.extensions_mut().insert(Attempts(ctx.attempts));
             return Ok(res);
