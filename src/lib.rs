@@ -78,6 +78,7 @@ pub mod classify;
 pub mod client;
 pub mod endpoint;
 pub mod error;
+pub mod fallback;
 #[cfg(feature = "mock")]
 pub mod mock;
 pub mod provider;

@@ -146,6 +146,7 @@ impl<S> fmt::Debug for Balance<S> {
 #[must_use]
 pub struct BalanceBuilder<S> {
     name: String,
+    error: Option<String>,
     slots: Vec<Slot<S>>,
     strategy: Strategy,
     rng: Option<Rng>,
@@ -165,6 +166,7 @@ impl<S> Balance<S> {
     pub fn builder() -> BalanceBuilder<S> {
         BalanceBuilder {
             name: "balance".into(),
+            error: None,
             slots: Vec::new(),
             strategy: Strategy::default(),
             rng: None,
@@ -262,6 +264,29 @@ impl<S> BalanceBuilder<S> {
         self
     }
 
+    /// Adds a member that is not one backend but a group (another `Balance`, a `Fallback`),
+    /// with its weight and priority tier. Its availability is its own business: it is always
+    /// eligible here, and a member with nothing free answers at once with
+    /// [`Unavailable`](error::Unavailable) so a `RetryAfter429` above moves on.
+    ///
+    /// Members of one group share a service type; box mixed ones into
+    /// [`BoxTarget`](crate::fallback::BoxTarget).
+    pub fn member(mut self, name: &str, weight: f64, priority: u32, service: S) -> Self {
+        let built = Backend::builder(
+            name,
+            "http://group.invalid",
+            crate::provider::Provider::OpenAi,
+        )
+        .weight(weight)
+        .priority(priority)
+        .build();
+        match built {
+            Ok(backend) => self.slots.push(Slot { backend, service }),
+            Err(e) => self.error = Some(e.to_string()),
+        }
+        self
+    }
+
     /// Sets the pick strategy within a tier (default weighted random).
     pub fn strategy(mut self, strategy: Strategy) -> Self {
         self.strategy = strategy;
@@ -276,6 +301,9 @@ impl<S> BalanceBuilder<S> {
 
     /// Validates and builds: at least one backend, unique names.
     pub fn build(self) -> Result<Balance<S>, error::InvalidBalance> {
+        if let Some(e) = self.error {
+            return Err(error::InvalidBalance(format!("{}: {e}", self.name)));
+        }
         if self.slots.is_empty() {
             return Err(error::InvalidBalance(format!("{}: no backends", self.name)));
         }

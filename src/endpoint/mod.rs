@@ -246,12 +246,38 @@ impl<S: fmt::Debug> fmt::Debug for Endpoint<S> {
     }
 }
 
+/// A request extension replacing a classic Azure backend's deployment for this request (a
+/// `Fallback` target's per-target deployment). Other providers ignore it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Deployment(Arc<str>);
+
+impl Deployment {
+    /// `name` must be a plain path segment (letters, digits, `-`, `_`, `.`).
+    pub fn new(name: &str) -> Result<Self, crate::provider::InvalidProvider> {
+        if crate::provider::valid_deployment(name) {
+            Ok(Deployment(name.into()))
+        } else {
+            // Reuse the provider's message, which names the field.
+            Err(crate::provider::Provider::azure(name, "x").unwrap_err())
+        }
+    }
+
+    /// The deployment name.
+    pub fn name(&self) -> &str {
+        &self.0
+    }
+}
+
 /// Rewrites `req` for `backend`.
 fn route<B>(backend: &Backend, req: &mut Request<B>) -> Result<(), error::InvalidTarget> {
     let uri = req.uri();
-    let target = backend
-        .provider()
-        .target_path(backend.base_path(), uri.path(), uri.query());
+    let deployment = req.extensions().get::<Deployment>().map(|d| &*d.0);
+    let target = backend.provider().target_path_for(
+        backend.base_path(),
+        uri.path(),
+        uri.query(),
+        deployment,
+    );
     let path_and_query = PathAndQuery::try_from(target)
         .map_err(|_| error::InvalidTarget::new(backend.name_arc().clone()))?;
     let mut parts = http::uri::Parts::default();

@@ -92,6 +92,11 @@ fn is_segment_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')
 }
 
+/// Checks an Azure deployment name: a plain path segment.
+pub(crate) fn valid_deployment(deployment: &str) -> bool {
+    !deployment.is_empty() && deployment.chars().all(is_segment_char) && deployment != ".."
+}
+
 impl Provider {
     /// Azure OpenAI classic: `deployment` and `api_version` must be plain path / query tokens.
     pub fn azure(deployment: &str, api_version: &str) -> Result<Provider, InvalidProvider> {
@@ -135,6 +140,18 @@ impl Provider {
     /// Builds the path and query to send, from the base URL's path (no trailing slash) and the
     /// caller's path and query. See the [module docs](self) for the convention.
     pub fn target_path(&self, base_path: &str, path: &str, query: Option<&str>) -> String {
+        self.target_path_for(base_path, path, query, None)
+    }
+
+    /// Like [`Provider::target_path`], with the classic Azure deployment replaced by
+    /// `deployment` when given (a per-target override; other providers ignore it).
+    pub fn target_path_for(
+        &self,
+        base_path: &str,
+        path: &str,
+        query: Option<&str>,
+        deployment_override: Option<&str>,
+    ) -> String {
         let op = path
             .strip_prefix("/v1")
             .filter(|rest| rest.is_empty() || rest.starts_with('/'));
@@ -145,7 +162,7 @@ impl Provider {
             Provider::Anthropic { .. } => out.push_str(path),
             Provider::AzureOpenAi { deployment, .. } => {
                 out.push_str("/openai/deployments/");
-                out.push_str(deployment);
+                out.push_str(deployment_override.unwrap_or(deployment));
                 out.push_str(op.unwrap_or(path));
             }
         }

@@ -60,6 +60,12 @@ use crate::error::{Attempt, BoxError, Exhausted};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Deadline(pub Instant);
 
+/// A request extension capping this request's wait budget below the layer's
+/// ([`RetryAfter429Layer::max_wait`]). `Fallback` sets it to zero on every target but the last,
+/// so a target with nothing free fails over at once instead of waiting.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MaxWait(pub Duration);
+
 /// The attempts a request took, as a response extension (in order, the last one answered).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Attempts(pub Vec<Attempt>);
@@ -252,6 +258,10 @@ where
             template,
             attempts: Vec::new(),
             deadline,
+            max_wait: req
+                .extensions()
+                .get::<MaxWait>()
+                .map_or(self.settings.max_wait, |m| m.0.min(self.settings.max_wait)),
             waited: Duration::ZERO,
             sent: 0,
         };
@@ -271,6 +281,7 @@ struct Ctx<S, B> {
     template: Request<B>,
     attempts: Vec<Attempt>,
     deadline: Option<Instant>,
+    max_wait: Duration,
     waited: Duration,
     /// Attempts that reached a backend (or tried to).
     sent: usize,
@@ -428,7 +439,7 @@ where
             earliest = retry_at;
             let Some(at) = retry_at else { break };
             wait = at.saturating_duration_since(now);
-            let over_budget = ctx.waited + wait > ctx.settings.max_wait;
+            let over_budget = ctx.waited + wait > ctx.max_wait;
             let past_deadline = ctx.deadline.is_some_and(|d| now + wait > d);
             if over_budget || past_deadline {
                 tracing::debug!(

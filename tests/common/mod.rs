@@ -146,3 +146,21 @@ pub fn refusing(name: &str) -> Backend {
         .build()
         .unwrap()
 }
+
+use tower_llm_lb::body::ResponseBody;
+use tower_llm_lb::fallback::BoxTarget;
+use tower_llm_lb::timeout::TimeoutBody;
+
+/// The response body of a full per-backend stack.
+pub type FullBody = ResponseBody<TimeoutBody<hyper::body::Incoming>>;
+
+/// `RetryAfter429` over `Balance` over full stacks, boxed as a fallback target.
+pub fn group_target(backends: &[Backend], retry: RetryAfter429Layer) -> BoxTarget<FullBody> {
+    let group = BreakerGroup::try_new(tower_llm_lb::circuit_breaker::Policy::default()).unwrap();
+    BoxTarget::new(guarded_group(
+        backends,
+        &group,
+        AttemptTimeoutLayer::new(),
+        retry,
+    ))
+}

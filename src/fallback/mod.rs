@@ -1,0 +1,556 @@
+//! `Fallback`: an ordered chain of alternatives (deployments, models, providers, groups), nestable
+//! with `Balance` to any depth.
+//!
+//! A request goes to the first target; on a triggering outcome it goes to the next, replayed
+//! from its cheap-clone body with that target's rewrites (JSON body overrides such as `model` and
+//! `max_tokens`, an Azure deployment); the caller's request is never changed for the others.
+//!
+//! | outcome of a target | what `Fallback` does |
+//! |---|---|
+//! | success | returns it, with attribution (see below) |
+//! | client error (4xx) | returns it at once: a bad request is never sent to the next target |
+//! | throttled / quota exhausted, server error, connect or transport error, timeout, nothing available | next target (the triggers are configurable; add status codes with [`FallbackBuilder::on_status`]) |
+//! | last target fails too | the last 429 with the earliest `retry-after` of all targets if the last failures were 429s; otherwise [`Exhausted`] listing every target's failure |
+//!
+//! **Fail fast**: every target but the last gets a [`MaxWait`] of zero, so a `RetryAfter429`
+//! inside it gives up at once when nothing is free instead of sleeping, and falling back costs
+//! microseconds, not a Retry-After. The last target keeps its own wait budget.
+//!
+//! **Deadline**: one overall deadline per request across all targets and their retries (the
+//! builder's [`FallbackBuilder::deadline`], or a [`Deadline`] request extension, whichever is
+//! earlier), passed down as a [`Deadline`] so inner layers do not wait past it. An attempt still
+//! running at the deadline is dropped and the request ends with [`Exhausted`], that target's
+//! attempt marked as a timeout.
+//!
+//! **Attribution**: the response carries [`ServedPath`] (e.g. `models[1:gpt-4-32k] -> westus`)
+//! and [`Attempts`] listing every attempt of every target; with
+//! [`FallbackBuilder::attribution_headers`] also the headers `x-llm-lb-backend` and
+//! `x-llm-lb-attempts`. The caller's `x-request-id` is kept and recorded in each target's span.
+//!
+//! **Streams**: a response is returned once its head arrives, so failover happens only before the
+//! first body byte reaches the caller; after that the body streams untouched, and a stream cut
+//! upstream ends in a body error, never a clean end.
+//!
+//! ```
+//! use tower::ServiceExt;
+//! use tower_llm_lb::fallback::{Fallback, Overrides};
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), tower_llm_lb::BoxError> {
+//! // Two stand-in targets: the 8k deployment is out of quota, the 32k one answers.
+//! let small = tower::service_fn(|_req: http::Request<tower_llm_lb::body::ReplayBody>| async {
+//!     Ok::<_, tower_llm_lb::BoxError>(http::Response::builder().status(429).body(String::new())?)
+//! });
+//! let big = tower::service_fn(|req: http::Request<tower_llm_lb::body::ReplayBody>| async move {
+//!     Ok::<_, tower_llm_lb::BoxError>(http::Response::new(String::from_utf8(req.body().bytes().to_vec())?))
+//! });
+//! let chain = Fallback::builder("gpt-4")
+//!     .target("gpt-4-8k", small)
+//!     .target_with("gpt-4-32k", big, Overrides::new().set("model", "gpt-4-32k"))
+//!     .build()?;
+//! let res = chain.oneshot(http::Request::new(r#"{"model":"gpt-4"}"#.into())).await?;
+//! assert_eq!(res.body(), r#"{"model":"gpt-4-32k"}"#);
+//! # Ok(()) }
+//! ```
+
+mod rewrite;
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::{HeaderValue, Request, Response, StatusCode};
+use tokio::time::Instant;
+use tower::util::{BoxCloneSyncService, ServiceExt};
+use tower_service::Service;
+use tracing::Instrument;
+
+use crate::body::ReplayBody;
+use crate::classify::retry_after::{DEFAULT_MAX_HINT, Hints};
+use crate::classify::{Classify, Outcome, Standard, classify_error_chain};
+use crate::endpoint::{Deployment, Served};
+use crate::error::{Attempt, BoxError, Exhausted};
+use crate::retry::{Attempts, Deadline, MaxWait};
+pub use rewrite::{NotJson, Overrides};
+
+/// A type-erased, cloneable, shareable service over replayable requests: what a fallback target
+/// (or a balanced group of mixed members) is boxed into.
+pub type BoxTarget<ResB> = BoxCloneSyncService<Request<ReplayBody>, Response<ResB>, BoxError>;
+
+/// Which backend or group served a request, through which targets (a response extension).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServedPath(pub String);
+
+/// Which outcomes move a request on to the next target.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Triggers {
+    /// 429 / 529 / 503-with-hint and quota-exhausted answers (default on).
+    pub throttled: bool,
+    /// 5xx answers (default on).
+    pub server_errors: bool,
+    /// Connect and transport errors, timeouts (default on).
+    pub failures: bool,
+    /// Nothing available in the target (default on).
+    pub unavailable: bool,
+    /// Extra statuses that move on (Portkey's `on_status_codes`); 4xx listed here move on too.
+    pub statuses: Vec<StatusCode>,
+}
+
+impl Default for Triggers {
+    fn default() -> Self {
+        Triggers {
+            throttled: true,
+            server_errors: true,
+            failures: true,
+            unavailable: true,
+            statuses: Vec::new(),
+        }
+    }
+}
+
+impl Triggers {
+    fn fires(&self, outcome: &Outcome, status: Option<StatusCode>) -> bool {
+        if status.is_some_and(|s| self.statuses.contains(&s)) {
+            return true;
+        }
+        match outcome {
+            Outcome::Throttled { .. } | Outcome::QuotaExhausted => self.throttled,
+            Outcome::ServerError { .. } => self.server_errors,
+            Outcome::ConnectError | Outcome::Transport | Outcome::Timeout => self.failures,
+            Outcome::Unavailable { .. } => self.unavailable,
+            _ => false,
+        }
+    }
+}
+
+struct Target<ResB> {
+    name: Arc<str>,
+    service: BoxTarget<ResB>,
+    overrides: Overrides,
+    deployment: Option<Deployment>,
+}
+
+impl<ResB> Clone for Target<ResB> {
+    fn clone(&self) -> Self {
+        Target {
+            name: self.name.clone(),
+            service: self.service.clone(),
+            overrides: self.overrides.clone(),
+            deployment: self.deployment.clone(),
+        }
+    }
+}
+
+struct Shared<ResB> {
+    name: Arc<str>,
+    targets: Box<[Target<ResB>]>,
+    triggers: Triggers,
+    deadline: Option<Duration>,
+    headers: bool,
+}
+
+/// An ordered chain of targets. See the [module docs](self).
+pub struct Fallback<ResB> {
+    shared: Arc<Shared<ResB>>,
+}
+
+impl<ResB> Clone for Fallback<ResB> {
+    fn clone(&self) -> Self {
+        Fallback {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<ResB> fmt::Debug for Fallback<ResB> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Fallback")
+            .field("name", &self.shared.name)
+            .field(
+                "targets",
+                &self
+                    .shared
+                    .targets
+                    .iter()
+                    .map(|t| &*t.name)
+                    .collect::<Vec<_>>(),
+            )
+            .finish()
+    }
+}
+
+/// A fallback chain could not be built.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InvalidFallback(String);
+
+impl fmt::Display for InvalidFallback {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid fallback: {}", self.0)
+    }
+}
+
+impl std::error::Error for InvalidFallback {}
+
+/// Builds a [`Fallback`].
+#[must_use]
+pub struct FallbackBuilder<ResB> {
+    name: String,
+    targets: Vec<Target<ResB>>,
+    triggers: Triggers,
+    deadline: Option<Duration>,
+    headers: bool,
+    error: Option<String>,
+}
+
+impl<ResB> fmt::Debug for FallbackBuilder<ResB> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FallbackBuilder")
+            .field("name", &self.name)
+            .field("targets", &self.targets.len())
+            .finish()
+    }
+}
+
+impl<ResB: 'static> Fallback<ResB> {
+    /// A builder for a chain named `name` (used in attribution and errors).
+    pub fn builder(name: impl Into<String>) -> FallbackBuilder<ResB> {
+        FallbackBuilder {
+            name: name.into(),
+            targets: Vec::new(),
+            triggers: Triggers::default(),
+            deadline: None,
+            headers: false,
+            error: None,
+        }
+    }
+
+    /// The chain's name.
+    pub fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    /// Boxes the chain as a target of another chain or a member of a balanced group.
+    pub fn boxed(self) -> BoxTarget<ResB>
+    where
+        ResB: Send + 'static,
+    {
+        BoxCloneSyncService::new(self)
+    }
+}
+
+impl<ResB: 'static> FallbackBuilder<ResB> {
+    /// Adds a target with no rewrites.
+    pub fn target<S>(self, name: impl Into<String>, service: S) -> Self
+    where
+        S: Service<Request<ReplayBody>, Response = Response<ResB>> + Clone + Send + Sync + 'static,
+        S::Error: Into<BoxError>,
+        S::Future: Send + 'static,
+    {
+        self.target_with(name, service, Overrides::new())
+    }
+
+    /// Adds a target whose requests get `overrides` applied to their JSON body.
+    pub fn target_with<S>(
+        mut self,
+        name: impl Into<String>,
+        service: S,
+        overrides: Overrides,
+    ) -> Self
+    where
+        S: Service<Request<ReplayBody>, Response = Response<ResB>> + Clone + Send + Sync + 'static,
+        S::Error: Into<BoxError>,
+        S::Future: Send + 'static,
+    {
+        let service = BoxCloneSyncService::new(service.map_err(Into::into));
+        self.targets.push(Target {
+            name: name.into().into(),
+            service,
+            overrides,
+            deployment: None,
+        });
+        self
+    }
+
+    /// Sends the last added target's requests to this Azure deployment (classic URLs), whatever
+    /// its backends are configured with.
+    pub fn deployment(mut self, deployment: &str) -> Self {
+        match (Deployment::new(deployment), self.targets.last_mut()) {
+            (Ok(d), Some(t)) => t.deployment = Some(d),
+            (Err(e), _) => self.error = Some(e.to_string()),
+            (_, None) => self.error = Some("deployment: set before any target".into()),
+        }
+        self
+    }
+
+    /// Which outcomes move on to the next target.
+    pub fn triggers(mut self, triggers: Triggers) -> Self {
+        self.triggers = triggers;
+        self
+    }
+
+    /// Adds a status code that moves on to the next target (Portkey's `on_status_codes`).
+    pub fn on_status(mut self, status: StatusCode) -> Self {
+        self.triggers.statuses.push(status);
+        self
+    }
+
+    /// One overall deadline per request across all targets.
+    pub fn deadline(mut self, d: Duration) -> Self {
+        self.deadline = Some(d);
+        self
+    }
+
+    /// Also reports attribution as `x-llm-lb-backend` and `x-llm-lb-attempts` response headers.
+    pub fn attribution_headers(mut self, yes: bool) -> Self {
+        self.headers = yes;
+        self
+    }
+
+    /// Validates and builds: at least one target, unique target names.
+    pub fn build(self) -> Result<Fallback<ResB>, InvalidFallback> {
+        if let Some(e) = self.error {
+            return Err(InvalidFallback(format!("{}: {e}", self.name)));
+        }
+        if self.targets.is_empty() {
+            return Err(InvalidFallback(format!("{}: no targets", self.name)));
+        }
+        for (i, t) in self.targets.iter().enumerate() {
+            if self.targets[..i].iter().any(|o| o.name == t.name) {
+                return Err(InvalidFallback(format!(
+                    "{}: target name {:?} used twice",
+                    self.name, t.name
+                )));
+            }
+        }
+        Ok(Fallback {
+            shared: Arc::new(Shared {
+                name: self.name.into(),
+                targets: self.targets.into_boxed_slice(),
+                triggers: self.triggers,
+                deadline: self.deadline,
+                headers: self.headers,
+            }),
+        })
+    }
+}
+
+impl<ResB: Send + 'static> Service<Request<ReplayBody>> for Fallback<ResB> {
+    type Response = Response<ResB>;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<ResB>, BoxError>> + Send>>;
+
+    /// Always ready: each target's readiness is driven when it is tried.
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<ReplayBody>) -> Self::Future {
+        Box::pin(run(self.shared.clone(), req))
+    }
+}
+
+fn outcome_of<B>(res: &Response<B>) -> (Arc<str>, Outcome) {
+    match res.extensions().get::<Served>() {
+        Some(s) => (s.backend.name_arc().clone(), s.outcome),
+        None => {
+            let hints = Hints::from_headers(
+                res.headers(),
+                std::time::SystemTime::now(),
+                DEFAULT_MAX_HINT,
+            );
+            (
+                "-".into(),
+                Standard.classify_response(res.status(), res.headers(), &hints),
+            )
+        }
+    }
+}
+
+/// When a throttled answer says a retry may succeed.
+fn retry_at<B>(res: &Response<B>) -> Option<Instant> {
+    let hints = Hints::from_headers(
+        res.headers(),
+        std::time::SystemTime::now(),
+        DEFAULT_MAX_HINT,
+    );
+    hints.wait().map(|d| Instant::now() + d)
+}
+
+async fn run<ResB>(
+    shared: Arc<Shared<ResB>>,
+    req: Request<ReplayBody>,
+) -> Result<Response<ResB>, BoxError> {
+    let start = Instant::now();
+    let mut deadline = shared.deadline.map(|d| start + d);
+    if let Some(Deadline(d)) = req.extensions().get::<Deadline>() {
+        deadline = Some(deadline.map_or(*d, |x| x.min(*d)));
+    }
+    let request_id = req
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let mut attempts: Vec<Attempt> = Vec::new();
+    let mut last_429: Option<(usize, Response<ResB>)> = None;
+    let mut earliest: Option<Instant> = None;
+    let last_index = shared.targets.len() - 1;
+    for (i, target) in shared.targets.iter().enumerate() {
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            break;
+        }
+        let mut attempt = clone_for(&req, target)?;
+        if let Some(d) = deadline {
+            attempt.extensions_mut().insert(Deadline(d));
+        }
+        if i < last_index {
+            attempt.extensions_mut().insert(MaxWait(Duration::ZERO));
+        }
+        let span = tracing::debug_span!("fallback_target", chain = &*shared.name, target = &*target.name, index = i, request_id = %request_id);
+        let t0 = Instant::now();
+        let call = target.service.clone().oneshot(attempt).instrument(span);
+        let result = match deadline {
+            Some(d) => match tokio::time::timeout_at(d, call).await {
+                Ok(r) => r,
+                Err(_) => {
+                    // The overall deadline passed mid-attempt: that target timed out, and no
+                    // other is tried.
+                    attempts.push(Attempt {
+                        backend: target.name.clone(),
+                        outcome: Outcome::Timeout,
+                        elapsed: t0.elapsed(),
+                    });
+                    return Err(Exhausted::new(attempts, earliest).into());
+                }
+            },
+            None => call.await,
+        };
+        let elapsed = t0.elapsed();
+        match result {
+            Ok(mut res) => {
+                let (backend, outcome) = outcome_of(&res);
+                match res.extensions_mut().remove::<Attempts>() {
+                    Some(Attempts(inner)) => attempts.extend(inner),
+                    None => attempts.push(Attempt {
+                        backend: backend.clone(),
+                        outcome,
+                        elapsed,
+                    }),
+                }
+                if !shared.triggers.fires(&outcome, Some(res.status())) {
+                    return Ok(attribute(&shared, i, target, res, backend, attempts));
+                }
+                tracing::debug!(target = &*target.name, %outcome, "target failed");
+                if outcome.is_throttled() {
+                    earliest = min_opt(earliest, retry_at(&res));
+                    last_429 = Some((i, res));
+                } else {
+                    last_429 = None;
+                }
+            }
+            Err(e) => {
+                let outcome = classify_error_chain(&*e);
+                if !shared.triggers.fires(&outcome, None) {
+                    // Not a failure to move on from (a bad override, a client-side error).
+                    return Err(e);
+                }
+                if let Outcome::Unavailable { retry_at } = outcome {
+                    earliest = min_opt(earliest, retry_at);
+                }
+                match e.downcast::<Exhausted>() {
+                    Ok(x) => {
+                        earliest = min_opt(earliest, x.earliest());
+                        attempts.extend(x.attempts().iter().cloned());
+                    }
+                    Err(e) => {
+                        let backend = crate::error::find::<crate::error::BackendError>(&*e)
+                            .map_or_else(|| target.name.clone(), |b| b.backend().into());
+                        attempts.push(Attempt {
+                            backend,
+                            outcome,
+                            elapsed,
+                        });
+                    }
+                }
+                // A refusal after a 429 leaves that 429 as the last word; a real failure does not.
+                if !matches!(outcome, Outcome::Unavailable { .. }) {
+                    last_429 = None;
+                }
+            }
+        }
+    }
+    // Every target failed: the last 429 with the earliest retry of all targets, or an error
+    // that lists every failure.
+    if let Some((i, res)) = last_429 {
+        let (backend, _) = outcome_of(&res);
+        let mut res = attribute(&shared, i, &shared.targets[i], res, backend, attempts);
+        if let Some(at) = earliest {
+            let wait = at.saturating_duration_since(Instant::now());
+            let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+            res.headers_mut()
+                .insert(http::header::RETRY_AFTER, HeaderValue::from(secs));
+            res.headers_mut()
+                .insert("retry-after-ms", HeaderValue::from(wait.as_millis() as u64));
+        }
+        return Ok(res);
+    }
+    Err(Exhausted::new(attempts, earliest).into())
+}
+
+fn min_opt(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+fn clone_for<ResB>(
+    req: &Request<ReplayBody>,
+    target: &Target<ResB>,
+) -> Result<Request<ReplayBody>, BoxError> {
+    let body = target.overrides.apply(req.body().bytes(), &target.name)?;
+    let mut out = Request::new(ReplayBody::new(body));
+    *out.method_mut() = req.method().clone();
+    *out.uri_mut() = req.uri().clone();
+    *out.version_mut() = req.version();
+    *out.headers_mut() = req.headers().clone();
+    *out.extensions_mut() = req.extensions().clone();
+    if !target.overrides.is_empty() {
+        out.headers_mut().remove(http::header::CONTENT_LENGTH);
+    }
+    if let Some(d) = &target.deployment {
+        out.extensions_mut().insert(d.clone());
+    }
+    Ok(out)
+}
+
+fn attribute<ResB>(
+    shared: &Shared<ResB>,
+    index: usize,
+    target: &Target<ResB>,
+    mut res: Response<ResB>,
+    backend: Arc<str>,
+    attempts: Vec<Attempt>,
+) -> Response<ResB> {
+    let inner_path = res.extensions_mut().remove::<ServedPath>();
+    let tail = inner_path.map_or_else(|| backend.to_string(), |p| p.0);
+    let path = format!("{}[{}:{}] -> {}", shared.name, index, target.name, tail);
+    if shared.headers {
+        if let Ok(v) = HeaderValue::from_str(&backend) {
+            res.headers_mut().insert("x-llm-lb-backend", v);
+        }
+        let list = attempts
+            .iter()
+            .map(|a| format!("{}={}", a.backend, a.outcome.name()))
+            .collect::<Vec<_>>()
+            .join(", ");
+        if let Ok(v) = HeaderValue::from_str(&list) {
+            res.headers_mut().insert("x-llm-lb-attempts", v);
+        }
+    }
+    res.extensions_mut().insert(ServedPath(path));
+    res.extensions_mut().insert(Attempts(attempts));
+    res
+}
