@@ -120,6 +120,32 @@ impl Backend {
         b
     }
 
+    /// A copy of this backend description with another weight (and fresh state): for building
+    /// the same endpoint into a canary split. Fails on a weight that is not finite and >= 0.
+    pub fn with_weight(&self, weight: f64) -> Result<Backend, InvalidBackend> {
+        if !weight.is_finite() || weight < 0.0 {
+            return Err(InvalidBackend {
+                name: self.name().to_string(),
+                reason: format!("weight: must be a finite number >= 0, got {weight}"),
+            });
+        }
+        let i = &self.inner;
+        Ok(Backend {
+            inner: Arc::new(Inner {
+                name: i.name.clone(),
+                scheme: i.scheme.clone(),
+                authority: i.authority.clone(),
+                host: i.host.clone(),
+                base_path: i.base_path.clone(),
+                provider: i.provider.clone(),
+                priority: i.priority,
+                weight,
+                credential: i.credential.clone(),
+                state: BackendState::new(),
+            }),
+        })
+    }
+
     /// The backend's name, unique within a stack.
     pub fn name(&self) -> &str {
         &self.inner.name

@@ -84,6 +84,7 @@ pub mod mock;
 pub mod provider;
 pub mod retry;
 pub mod rng;
+pub mod stack;
 pub mod state;
 pub mod timeout;
 

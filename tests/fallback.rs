@@ -349,3 +349,34 @@ async fn invalid_chains_are_errors() {
         .build();
     assert!(dup.unwrap_err().to_string().contains("used twice"));
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_ready_made_group_splits_a_canary_by_weight() {
+    use tower_llm_lb::stack::{self, Settings};
+    let stable = MockServer::builder().name("stable").start().await.unwrap();
+    let candidate = MockServer::builder()
+        .name("candidate")
+        .start()
+        .await
+        .unwrap();
+    let settings = Settings::default();
+    let svc = stack::group(
+        "canary",
+        [
+            azure("stable", &stable, "gpt-4o").with_weight(0.9).unwrap(),
+            azure("candidate", &candidate, "gpt-4o-new")
+                .with_weight(0.1)
+                .unwrap(),
+        ],
+        tower_llm_lb::client::http_client(),
+        &settings,
+    )
+    .unwrap();
+    let n = 2000;
+    for _ in 0..n {
+        assert_eq!(svc.clone().oneshot(chat("{}")).await.unwrap().status(), 200);
+    }
+    let share = candidate.counters().ok as f64 / n as f64;
+    assert!((share - 0.1).abs() < 0.02, "canary got {share}");
+    assert_eq!(stable.counters().ok + candidate.counters().ok, n as u64);
+}

@@ -1,0 +1,153 @@
+//! Ready-made stacks: the recommended layers over any HTTP client, boxed behind one type.
+//!
+//! [`group`] builds `RetryAfter429` → `Balance` → per backend `CircuitBreaker` → `Endpoint` →
+//! `AttemptTimeout` → `AuthInject` → your client, and boxes it as an [`LlmService`], the type
+//! [`Fallback`](crate::fallback::Fallback) targets and nested groups take, so the generic types
+//! never reach your code.
+//!
+//! The seed patterns, each built without touching the network (these compile and run as tests):
+//!
+//! ```
+//! use tower_llm_lb::{Backend, auth::Credential, balance::Balance, client::http_client,
+//!                    fallback::{Fallback, Overrides}, stack::{self, Settings}};
+//!
+//! # fn main() -> Result<(), tower_llm_lb::BoxError> {
+//! # let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+//! # let _guard = rt.enter();
+//! let client = http_client();
+//! let settings = Settings::default();
+//! let azure = |name: &str, deployment: &str, tier: u32| {
+//!     Backend::azure(name, format!("https://{name}.openai.azure.com"), deployment, "2024-10-21")
+//!         .credential(Credential::api_key("key").unwrap())
+//!         .priority(tier)
+//!         .build()
+//! };
+//!
+//! // 1. A bigger model when the small one is out of quota (LangChain's gpt-4-8k -> gpt-4-32k).
+//! let bigger = Fallback::builder("gpt-4")
+//!     .target("gpt-4-8k", stack::group("8k", [azure("east-8k", "gpt-4-8k", 0)?], client.clone(), &settings)?)
+//!     .target_with(
+//!         "gpt-4-32k",
+//!         stack::group("32k", [azure("east-32k", "gpt-4-32k", 0)?], client.clone(), &settings)?,
+//!         Overrides::new().set("model", "gpt-4-32k"),
+//!     )
+//!     .build()?;
+//!
+//! // 2. The same model in other regions: a provisioned deployment first, pay-as-you-go behind.
+//! let regions = stack::group(
+//!     "gpt-4o",
+//!     [azure("ptu-eastus", "gpt-4o", 0)?, azure("westus", "gpt-4o", 1)?, azure("sweden", "gpt-4o", 1)?],
+//!     client.clone(),
+//!     &settings,
+//! )?;
+//!
+//! // 3. Another provider as a last resort.
+//! let openai = Backend::openai("openai", "https://api.openai.com/v1")
+//!     .credential(Credential::bearer("sk-key")?)
+//!     .build()?;
+//! let providers = Fallback::builder("providers")
+//!     .target("azure", regions.clone())
+//!     .target("openai", stack::group("openai", [openai], client.clone(), &settings)?)
+//!     .build()?;
+//!
+//! // 4. A canary: 10% to the new deployment, 90% to the stable one (weight 0 drains it).
+//! let canary = stack::group(
+//!     "canary",
+//!     [
+//!         azure("stable", "gpt-4o", 0)?.with_weight(0.9)?,
+//!         azure("candidate", "gpt-4o-2024-11-20", 0)?.with_weight(0.1)?,
+//!     ],
+//!     client.clone(),
+//!     &settings,
+//! )?;
+//! # let _ = (bigger, providers, canary);
+//! # Ok(()) }
+//! ```
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use tower::ServiceBuilder;
+use tower::util::BoxCloneSyncService;
+use tower_service::Service;
+
+use crate::auth::AuthInjectLayer;
+use crate::backend::Backend;
+use crate::balance::{Balance, Strategy};
+use crate::body::{ReplayBody, ResponseBody};
+use crate::circuit_breaker::{BreakerGroup, Policy};
+use crate::endpoint::EndpointLayer;
+use crate::error::BoxError;
+use crate::retry::RetryAfter429Layer;
+use crate::timeout::{AttemptTimeoutLayer, TimeoutBody};
+
+/// The response body of the stacks built here: the backend's body, streamed.
+pub type LlmBody = ResponseBody<TimeoutBody<Incoming>>;
+
+/// A whole stack behind one type: cloneable, `Send + Sync`, over replayable requests.
+pub type LlmService = BoxCloneSyncService<Request<ReplayBody>, Response<LlmBody>, BoxError>;
+
+/// How [`group`] builds its layers.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// The pick strategy within a tier.
+    pub strategy: Strategy,
+    /// The circuit-breaker policy of every backend.
+    pub breaker: Policy,
+    /// The largest share of the group the breakers may eject at once.
+    pub max_ejection: f64,
+    /// Per-attempt time limits.
+    pub timeouts: AttemptTimeoutLayer,
+    /// The retry layer over the group.
+    pub retry: RetryAfter429Layer,
+    /// Per-backend endpoint settings (classifier, hint cap, backoff) as a template: its backend
+    /// is replaced by each backend of the group. `None`: the defaults.
+    pub endpoint: Option<EndpointLayer>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            strategy: Strategy::default(),
+            breaker: Policy::default(),
+            max_ejection: 0.5,
+            timeouts: AttemptTimeoutLayer::new(),
+            retry: RetryAfter429Layer::new(),
+            endpoint: None,
+        }
+    }
+}
+
+/// Builds the recommended stack over `backends` and `client` (see the [module docs](self)).
+pub fn group<C>(
+    name: &str,
+    backends: impl IntoIterator<Item = Backend>,
+    client: C,
+    settings: &Settings,
+) -> Result<LlmService, BoxError>
+where
+    C: Service<Request<ReplayBody>, Response = Response<Incoming>> + Clone + Send + Sync + 'static,
+    C::Error: Into<BoxError>,
+    C::Future: Send + 'static,
+{
+    let breakers =
+        BreakerGroup::try_new(settings.breaker.clone())?.max_ejection(settings.max_ejection)?;
+    let balance = Balance::from_backends(backends, |b| {
+        let endpoint = match &settings.endpoint {
+            Some(template) => template.for_backend(b.clone()),
+            None => EndpointLayer::new(b.clone()),
+        };
+        ServiceBuilder::new()
+            .layer(breakers.layer_for(b))
+            .layer(endpoint)
+            .layer(settings.timeouts)
+            .layer(AuthInjectLayer::for_backend(b))
+            .service(client.clone())
+    })
+    .name(name)
+    .strategy(settings.strategy)
+    .build()?;
+    let svc = ServiceBuilder::new()
+        .layer(settings.retry.clone())
+        .service(balance);
+    Ok(BoxCloneSyncService::new(svc))
+}
