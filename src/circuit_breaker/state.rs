@@ -1,7 +1,6 @@
 //! The breaker's pure state machine: outcome + now in, admit / reject out. No I/O, no clock of
 //! its own, no randomness of its own: all are passed in, so every transition is unit-tested.
 
-use std::collections::VecDeque;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -109,8 +108,52 @@ pub struct Machine {
     consecutive: u32,
     /// Consecutive trips without a recovery in between.
     trips: u32,
-    /// (time, failed) of recent calls in the window.
-    recent: VecDeque<(Instant, bool)>,
+    /// Calls and failures of the window, in `BUCKETS` slices of time.
+    recent: Window,
+}
+
+const BUCKETS: usize = 10;
+
+/// A sliding window of call counts in fixed slices of time: O(1) per call, fixed memory.
+#[derive(Clone, Debug, Default)]
+struct Window {
+    /// (slice index since `origin`, calls, failures)
+    buckets: [(u64, u32, u32); BUCKETS],
+    origin: Option<Instant>,
+}
+
+impl Window {
+    fn slice(&mut self, now: Instant, width: Duration) -> u64 {
+        let origin = *self.origin.get_or_insert(now);
+        let w = width.as_nanos().max(1);
+        (now.saturating_duration_since(origin).as_nanos() / w) as u64
+    }
+
+    fn push(&mut self, now: Instant, window: Duration, failed: bool) {
+        let width = window / BUCKETS as u32;
+        let idx = self.slice(now, width);
+        let b = &mut self.buckets[(idx % BUCKETS as u64) as usize];
+        if b.0 != idx {
+            *b = (idx, 0, 0);
+        }
+        b.1 += 1;
+        b.2 += u32::from(failed);
+    }
+
+    /// (calls, failures) over the buckets still inside the window at `now`.
+    fn totals(&mut self, now: Instant, window: Duration) -> (u32, u32) {
+        let width = window / BUCKETS as u32;
+        let idx = self.slice(now, width);
+        let oldest = idx.saturating_sub(BUCKETS as u64 - 1);
+        self.buckets
+            .iter()
+            .filter(|b| b.0 >= oldest && b.0 <= idx && b.1 > 0)
+            .fold((0, 0), |(c, f), b| (c + b.1, f + b.2))
+    }
+
+    fn clear(&mut self) {
+        *self = Window::default();
+    }
 }
 
 impl Machine {
@@ -121,7 +164,7 @@ impl Machine {
             phase: Phase::Closed,
             consecutive: 0,
             trips: 0,
-            recent: VecDeque::new(),
+            recent: Window::default(),
         }
     }
 
@@ -180,14 +223,13 @@ impl Machine {
             // A result of a request admitted before the trip: it changes nothing now.
             return None;
         }
-        self.recent.push_back((now, failed));
-        self.expire(now);
+        self.recent.push(now, self.policy.window, failed);
         if failed {
             self.consecutive += 1;
         } else {
             self.consecutive = 0;
         }
-        if self.consecutive >= self.policy.consecutive_failures || self.rate_exceeded() {
+        if self.consecutive >= self.policy.consecutive_failures || self.rate_exceeded(now) {
             return Some(self.trip(now, jitter));
         }
         None
@@ -247,23 +289,14 @@ impl Machine {
         self.trips = self.trips.saturating_sub(1);
     }
 
-    fn expire(&mut self, now: Instant) {
-        while let Some((t, _)) = self.recent.front() {
-            if now.saturating_duration_since(*t) > self.policy.window {
-                self.recent.pop_front();
-            } else {
-                break;
-            }
-        }
-    }
-
-    fn rate_exceeded(&self) -> bool {
-        let calls = self.recent.len() as u32;
-        if self.policy.min_calls == 0 || calls < self.policy.min_calls {
+    fn rate_exceeded(&mut self, now: Instant) -> bool {
+        if self.policy.min_calls == 0 {
             return false;
         }
-        let failures = self.recent.iter().filter(|(_, f)| *f).count() as f64;
-        failures / calls as f64 >= self.policy.failure_rate
+        let (calls, failures) = self.recent.totals(now, self.policy.window);
+        calls >= self.policy.min_calls
+            && calls > 0
+            && f64::from(failures) / f64::from(calls) >= self.policy.failure_rate
     }
 }
 
