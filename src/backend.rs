@@ -123,6 +123,12 @@ impl Backend {
     /// A copy of this backend description with another weight (and fresh state): for building
     /// the same endpoint into a canary split. Fails on a weight that is not finite and >= 0.
     pub fn with_weight(&self, weight: f64) -> Result<Backend, InvalidBackend> {
+        self.with_tier(self.priority(), weight)
+    }
+
+    /// A copy of this backend description with another priority tier and weight (and fresh
+    /// state). Fails on a weight that is not finite and >= 0.
+    pub fn with_tier(&self, priority: u32, weight: f64) -> Result<Backend, InvalidBackend> {
         if !weight.is_finite() || weight < 0.0 {
             return Err(InvalidBackend {
                 name: self.name().to_string(),
@@ -138,7 +144,7 @@ impl Backend {
                 host: i.host.clone(),
                 base_path: i.base_path.clone(),
                 provider: i.provider.clone(),
-                priority: i.priority,
+                priority,
                 weight,
                 credential: i.credential.clone(),
                 state: BackendState::new(),

@@ -76,6 +76,8 @@ pub mod body;
 pub mod circuit_breaker;
 pub mod classify;
 pub mod client;
+#[cfg(feature = "config")]
+pub mod config;
 pub mod endpoint;
 pub mod error;
 pub mod fallback;

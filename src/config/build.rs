@@ -1,0 +1,570 @@
+//! The one validating step from [`Config`] to a running stack.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+use tower::ServiceBuilder;
+use tower::util::BoxCloneSyncService;
+use tower_service::Service;
+
+use super::{Algorithm, BackendConfig, Config, Mode, ProviderKind, StrategyConfig, TargetConfig};
+use crate::auth::{Credential, CredentialKind};
+use crate::backend::Backend;
+use crate::balance::{Balance, Strategy};
+use crate::body::ReplayBody;
+use crate::circuit_breaker::Policy;
+use crate::error::BoxError;
+use crate::fallback::{Fallback, Overrides};
+use crate::provider::{DEFAULT_ANTHROPIC_VERSION, DEFAULT_AZURE_API_VERSION, Provider};
+use crate::retry::RetryAfter429Layer;
+use crate::stack::{self, LlmService, Settings};
+use crate::timeout::AttemptTimeoutLayer;
+
+/// A configuration that cannot be used: the path of the bad field and why. Never contains a
+/// secret.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigError {
+    path: String,
+    message: String,
+}
+
+impl ConfigError {
+    pub(crate) fn new(path: String, message: String) -> Self {
+        ConfigError { path, message }
+    }
+
+    /// The path of the bad field (`targets[1].weight`), or empty for the whole document.
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() || self.path == "." {
+            f.write_str(&self.message)
+        } else {
+            write!(f, "{}: {}", self.path, self.message)
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn err<T>(path: &str, message: impl Into<String>) -> Result<T, ConfigError> {
+    Err(ConfigError::new(path.to_string(), message.into()))
+}
+
+fn ms(v: u64) -> Duration {
+    Duration::from_millis(v)
+}
+
+struct Ctx<'a, C> {
+    config: &'a Config,
+    client: C,
+    settings: Settings,
+    backends: BTreeMap<String, Backend>,
+    deadline: Option<Duration>,
+}
+
+impl Config {
+    /// Validates the whole configuration and builds the stack over `client` (any hyper-util
+    /// client, e.g. [`client::https_client`](crate::client)).
+    pub fn build<C>(&self, client: C) -> Result<LlmService, ConfigError>
+    where
+        C: Service<Request<ReplayBody>, Response = Response<Incoming>>
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        C::Error: Into<BoxError>,
+        C::Future: Send + 'static,
+    {
+        let mut ctx = Ctx {
+            config: self,
+            client,
+            settings: settings(self)?,
+            backends: BTreeMap::new(),
+            deadline: self.request_timeout.map(ms),
+        };
+        for (name, b) in &self.backends {
+            let backend = backend_from(&format!("backends.{name}"), name, b)?;
+            ctx.backends.insert(name.clone(), backend);
+        }
+        let root = TargetConfig {
+            name: Some("root".into()),
+            strategy: self.strategy.clone(),
+            targets: if self.targets.is_empty() {
+                self.backends
+                    .keys()
+                    .map(|n| TargetConfig {
+                        backend: Some(n.clone()),
+                        ..TargetConfig::default()
+                    })
+                    .collect()
+            } else {
+                self.targets.clone()
+            },
+            ..TargetConfig::default()
+        };
+        if root.targets.is_empty() {
+            return err("targets", "no targets and no backends to balance over");
+        }
+        let root = if self.targets.is_empty() && self.strategy.is_none() {
+            TargetConfig {
+                strategy: Some(StrategyConfig {
+                    mode: Mode::Loadbalance,
+                    on_status_codes: Vec::new(),
+                    algorithm: None,
+                }),
+                ..root
+            }
+        } else {
+            root
+        };
+        ctx.node("", &root, None)
+    }
+}
+
+fn settings(config: &Config) -> Result<Settings, ConfigError> {
+    let mut s = Settings::default();
+    if let Some(b) = &config.circuit_breaker {
+        let d = Policy::default();
+        s.breaker = Policy {
+            consecutive_failures: b.consecutive_failures.unwrap_or(d.consecutive_failures),
+            failure_rate: b.failure_rate.unwrap_or(d.failure_rate),
+            window: b.window_ms.map_or(d.window, ms),
+            min_calls: b.min_calls.unwrap_or(d.min_calls),
+            base_open: b.base_open_ms.map_or(d.base_open, ms),
+            max_open: b.max_open_ms.map_or(d.max_open, ms),
+            probes: b.probes.unwrap_or(d.probes),
+            ..d
+        };
+        if let Err(e) = s.breaker.validate() {
+            return err("circuit_breaker", e);
+        }
+        if let Some(m) = b.max_ejection {
+            if !(0.0..=1.0).contains(&m) {
+                return err("circuit_breaker.max_ejection", "must be between 0 and 1");
+            }
+            s.max_ejection = m;
+        }
+    }
+    if let Some(t) = &config.timeouts {
+        let mut l = AttemptTimeoutLayer::new();
+        for (field, v) in [
+            ("first_byte_ms", t.first_byte_ms),
+            ("idle_ms", t.idle_ms),
+            ("total_ms", t.total_ms),
+        ] {
+            if v == Some(0) {
+                return err(&format!("timeouts.{field}"), "must be > 0");
+            }
+        }
+        if let Some(v) = t.first_byte_ms {
+            l = l.first_byte(ms(v));
+        }
+        if let Some(v) = t.idle_ms {
+            l = l.idle(ms(v));
+        }
+        if let Some(v) = t.total_ms {
+            l = l.total(ms(v));
+        }
+        s.timeouts = l;
+    }
+    if config.request_timeout == Some(0) {
+        return err("request_timeout", "must be > 0");
+    }
+    s.retry = retry_layer("retry", config.retry.as_ref(), config.request_timeout)?;
+    Ok(s)
+}
+
+fn retry_layer(
+    path: &str,
+    retry: Option<&super::RetryConfig>,
+    request_timeout: Option<u64>,
+) -> Result<RetryAfter429Layer, ConfigError> {
+    let mut layer = RetryAfter429Layer::new();
+    if let Some(t) = request_timeout {
+        layer = layer.deadline(ms(t));
+    }
+    let Some(r) = retry else { return Ok(layer) };
+    if let Some(a) = r.attempts {
+        if a == 0 {
+            return err(&format!("{path}.attempts"), "must be >= 1");
+        }
+        layer = layer.max_attempts(a as usize);
+    }
+    if let Some(w) = r.max_wait_ms {
+        layer = layer.max_wait(ms(w));
+    }
+    for (i, code) in r.on_status_codes.iter().enumerate() {
+        let Ok(status) = StatusCode::from_u16(*code) else {
+            return err(
+                &format!("{path}.on_status_codes[{i}]"),
+                "not an HTTP status",
+            );
+        };
+        if status.is_server_error() {
+            layer = layer.retry_failures(true);
+        } else if status != StatusCode::TOO_MANY_REQUESTS {
+            return err(
+                &format!("{path}.on_status_codes[{i}]"),
+                "only 429 and 5xx can be retried (a client error is never retried)",
+            );
+        }
+    }
+    Ok(layer)
+}
+
+fn backend_from(path: &str, name: &str, b: &BackendConfig) -> Result<Backend, ConfigError> {
+    let Some(kind) = b.provider else {
+        return err(
+            &format!("{path}.provider"),
+            "missing (openai, azure, azure-v1, anthropic)",
+        );
+    };
+    let Some(url) = &b.url else {
+        return err(&format!("{path}.url"), "missing");
+    };
+    let provider = match kind {
+        ProviderKind::Openai => Provider::OpenAi,
+        ProviderKind::AzureV1 => Provider::AzureOpenAiV1,
+        ProviderKind::Azure => {
+            let Some(dep) = &b.deployment else {
+                return err(
+                    &format!("{path}.deployment"),
+                    "missing (azure needs a deployment)",
+                );
+            };
+            let version = b
+                .api_version
+                .as_deref()
+                .unwrap_or(DEFAULT_AZURE_API_VERSION);
+            Provider::azure(dep, version)
+                .map_err(|e| ConfigError::new(format!("{path}.deployment"), e.to_string()))?
+        }
+        ProviderKind::Anthropic => {
+            let v = b
+                .anthropic_version
+                .as_deref()
+                .unwrap_or(DEFAULT_ANTHROPIC_VERSION);
+            Provider::anthropic(v)
+                .map_err(|e| ConfigError::new(format!("{path}.anthropic_version"), e.to_string()))?
+        }
+    };
+    let cred_kind = match kind {
+        ProviderKind::Openai => CredentialKind::Bearer,
+        ProviderKind::Azure | ProviderKind::AzureV1 => CredentialKind::ApiKey,
+        ProviderKind::Anthropic => CredentialKind::XApiKey,
+    };
+    let credential = match (&b.api_key, &b.api_key_env) {
+        (Some(_), Some(_)) => {
+            return err(
+                &format!("{path}.api_key"),
+                "give api_key or api_key_env, not both",
+            );
+        }
+        (Some(k), None) => Some(
+            Credential::new(cred_kind, k)
+                .map_err(|e| ConfigError::new(format!("{path}.api_key"), e.to_string()))?,
+        ),
+        (None, Some(var)) => Some(
+            Credential::from_env(cred_kind, var)
+                .map_err(|e| ConfigError::new(format!("{path}.api_key_env"), e.to_string()))?,
+        ),
+        (None, None) => None,
+    };
+    let mut builder = Backend::builder(name, url.clone(), provider)
+        .priority(b.priority.unwrap_or(0))
+        .weight(b.weight.unwrap_or(1.0));
+    if let Some(c) = credential {
+        builder = builder.credential(c);
+    }
+    builder.build().map_err(|e| {
+        // The backend's own message names its field after the backend's name.
+        let msg = e.to_string();
+        let field = msg
+            .split_once(": ")
+            .map_or(msg.as_str(), |(_, rest)| rest)
+            .to_string();
+        ConfigError::new(path.to_string(), field)
+    })
+}
+
+fn join(path: &str, field: &str) -> String {
+    if path.is_empty() {
+        field.to_string()
+    } else {
+        format!("{path}.{field}")
+    }
+}
+
+impl<C> Ctx<'_, C>
+where
+    C: Service<Request<ReplayBody>, Response = Response<Incoming>> + Clone + Send + Sync + 'static,
+    C::Error: Into<BoxError>,
+    C::Future: Send + 'static,
+{
+    fn is_plain_leaf(t: &TargetConfig) -> bool {
+        t.targets.is_empty()
+            && t.strategy.is_none()
+            && t.override_params.is_empty()
+            && t.retry.is_none()
+            && (t.backend.is_none() || t.deployment.is_none())
+    }
+
+    /// The backend a leaf target names or defines, with the target's tier and weight.
+    fn leaf_backend(
+        &self,
+        path: &str,
+        index: usize,
+        t: &TargetConfig,
+    ) -> Result<Backend, ConfigError> {
+        if let Some(w) = t.weight
+            && (!w.is_finite() || w < 0.0)
+        {
+            return err(&join(path, "weight"), "must be a finite number >= 0");
+        }
+        let backend = match (&t.backend, t.provider) {
+            (Some(_), Some(_)) => {
+                return err(
+                    &join(path, "provider"),
+                    "give `backend` or an inline provider, not both",
+                );
+            }
+            (Some(name), None) => match self.backends.get(name) {
+                Some(b) => b.clone(),
+                None => {
+                    return err(
+                        &join(path, "backend"),
+                        format!("no backend named {name:?} in `backends`"),
+                    );
+                }
+            },
+            (None, Some(kind)) => {
+                let name = t
+                    .name
+                    .clone()
+                    .unwrap_or_else(|| format!("{}-{index}", provider_name(kind)));
+                let def = BackendConfig {
+                    provider: Some(kind),
+                    url: t
+                        .url
+                        .clone()
+                        .or_else(|| default_url(kind).map(str::to_string)),
+                    deployment: t.deployment.clone(),
+                    api_version: t.api_version.clone(),
+                    anthropic_version: t.anthropic_version.clone(),
+                    api_key: t.api_key.clone(),
+                    api_key_env: t.api_key_env.clone(),
+                    priority: t.priority,
+                    weight: t.weight,
+                };
+                return backend_from(path, &name, &def);
+            }
+            (None, None) => {
+                return err(path, "needs `backend`, an inline `provider`, or `targets`");
+            }
+        };
+        if t.weight.is_some() || t.priority.is_some() {
+            let priority = t.priority.unwrap_or(backend.priority());
+            let weight = t.weight.unwrap_or(backend.weight());
+            return backend
+                .with_tier(priority, weight)
+                .map_err(|e| ConfigError::new(join(path, "weight"), e.to_string()));
+        }
+        Ok(backend)
+    }
+
+    fn settings_for(&self, path: &str, t: &TargetConfig) -> Result<Settings, ConfigError> {
+        let mut s = self.settings.clone();
+        if t.retry.is_some() {
+            s.retry = retry_layer(
+                &join(path, "retry"),
+                t.retry.as_ref(),
+                self.config.request_timeout,
+            )?;
+        }
+        if let Some(a) = t.strategy.as_ref().and_then(|s| s.algorithm) {
+            s.strategy = match a {
+                Algorithm::WeightedRandom => Strategy::WeightedRandom,
+                Algorithm::RoundRobin => Strategy::RoundRobin,
+                Algorithm::LeastInFlight => Strategy::LeastInFlight,
+                Algorithm::PowerOfTwo => Strategy::PowerOfTwo,
+            };
+        }
+        Ok(s)
+    }
+
+    fn name_of(&self, t: &TargetConfig, index: usize) -> String {
+        t.name
+            .clone()
+            .or_else(|| t.backend.clone())
+            .unwrap_or_else(|| match t.provider {
+                Some(k) => format!("{}-{index}", provider_name(k)),
+                None => format!("group-{index}"),
+            })
+    }
+
+    /// Builds one node. `index` is its position in the parent (for default names).
+    fn node(
+        &mut self,
+        path: &str,
+        t: &TargetConfig,
+        index: Option<usize>,
+    ) -> Result<LlmService, ConfigError> {
+        let name = self.name_of(t, index.unwrap_or(0));
+        if t.targets.is_empty() {
+            if t.strategy.is_some() {
+                return err(&join(path, "targets"), "a strategy needs targets");
+            }
+            let backend = self.leaf_backend(path, index.unwrap_or(0), t)?;
+            let settings = self.settings_for(path, t)?;
+            return stack::group(&name, [backend], self.client.clone(), &settings)
+                .map_err(|e| ConfigError::new(path.to_string(), e.to_string()));
+        }
+        if t.backend.is_some() || t.provider.is_some() {
+            return err(
+                &join(path, "targets"),
+                "a target is either a backend or a group, not both",
+            );
+        }
+        let mode = match (&t.strategy, t.targets.len()) {
+            (Some(s), _) => s.mode,
+            (None, 1) => Mode::Single,
+            (None, _) => {
+                return err(
+                    &join(path, "strategy"),
+                    "required with more than one target",
+                );
+            }
+        };
+        let child = |i: usize| join(path, &format!("targets[{i}]"));
+        match mode {
+            Mode::Single => {
+                let only = &t.targets[0];
+                self.with_overrides(&child(0), only, 0)
+            }
+            Mode::Fallback => {
+                let on_status = t
+                    .strategy
+                    .as_ref()
+                    .map(|s| s.on_status_codes.clone())
+                    .unwrap_or_default();
+                let mut fb = Fallback::builder(name.clone()).attribution_headers(true);
+                for (i, code) in on_status.iter().enumerate() {
+                    let Ok(status) = StatusCode::from_u16(*code) else {
+                        return err(
+                            &join(path, &format!("strategy.on_status_codes[{i}]")),
+                            "not an HTTP status",
+                        );
+                    };
+                    fb = fb.on_status(status);
+                }
+                if let Some(d) = self.deadline {
+                    fb = fb.deadline(d);
+                }
+                for (i, c) in t.targets.iter().enumerate() {
+                    let p = child(i);
+                    let built = self.node_plain(&p, c, i)?;
+                    let overrides = Overrides::from_map(c.override_params.clone());
+                    fb = fb.target_with(self.name_of(c, i), built, overrides);
+                    if let (Some(_), Some(dep)) = (&c.backend, &c.deployment) {
+                        fb = fb.deployment(dep);
+                    }
+                }
+                let chain = fb
+                    .build()
+                    .map_err(|e| ConfigError::new(join(path, "targets"), e.to_string()))?;
+                Ok(BoxCloneSyncService::new(chain))
+            }
+            Mode::Loadbalance => {
+                let settings = self.settings_for(path, t)?;
+                if t.targets.iter().all(Self::is_plain_leaf) {
+                    let mut backends = Vec::new();
+                    for (i, c) in t.targets.iter().enumerate() {
+                        backends.push(self.leaf_backend(&child(i), i, c)?);
+                    }
+                    return stack::group(&name, backends, self.client.clone(), &settings)
+                        .map_err(|e| ConfigError::new(join(path, "targets"), e.to_string()));
+                }
+                let mut balance = Balance::builder().name(name).strategy(settings.strategy);
+                for (i, c) in t.targets.iter().enumerate() {
+                    let p = child(i);
+                    let weight = c.weight.unwrap_or(1.0);
+                    if !weight.is_finite() || weight < 0.0 {
+                        return err(&join(&p, "weight"), "must be a finite number >= 0");
+                    }
+                    let built = self.with_overrides(&p, c, i)?;
+                    balance =
+                        balance.member(&self.name_of(c, i), weight, c.priority.unwrap_or(0), built);
+                }
+                let balance = balance
+                    .build()
+                    .map_err(|e| ConfigError::new(join(path, "targets"), e.to_string()))?;
+                let svc = ServiceBuilder::new()
+                    .layer(settings.retry.clone())
+                    .service(balance);
+                Ok(BoxCloneSyncService::new(svc))
+            }
+        }
+    }
+
+    /// Builds a node ignoring its own overrides (the caller applies them).
+    fn node_plain(
+        &mut self,
+        path: &str,
+        t: &TargetConfig,
+        index: usize,
+    ) -> Result<LlmService, ConfigError> {
+        self.node(path, t, Some(index))
+    }
+
+    /// Builds a node and applies its overrides (and deployment override) itself, through a
+    /// one-target chain, for parents that cannot (balanced groups, `single`).
+    fn with_overrides(
+        &mut self,
+        path: &str,
+        t: &TargetConfig,
+        index: usize,
+    ) -> Result<LlmService, ConfigError> {
+        let built = self.node(path, t, Some(index))?;
+        let deployment = t.backend.as_ref().and(t.deployment.as_ref());
+        if t.override_params.is_empty() && deployment.is_none() {
+            return Ok(built);
+        }
+        let mut fb = Fallback::builder(self.name_of(t, index)).target_with(
+            self.name_of(t, index),
+            built,
+            Overrides::from_map(t.override_params.clone()),
+        );
+        if let Some(dep) = deployment {
+            fb = fb.deployment(dep);
+        }
+        let chain = fb
+            .build()
+            .map_err(|e| ConfigError::new(path.to_string(), e.to_string()))?;
+        Ok(BoxCloneSyncService::new(chain))
+    }
+}
+
+fn provider_name(kind: ProviderKind) -> &'static str {
+    match kind {
+        ProviderKind::Openai => "openai",
+        ProviderKind::Azure => "azure",
+        ProviderKind::AzureV1 => "azure-v1",
+        ProviderKind::Anthropic => "anthropic",
+    }
+}
+
+fn default_url(kind: ProviderKind) -> Option<&'static str> {
+    match kind {
+        ProviderKind::Openai => Some("https://api.openai.com/v1"),
+        ProviderKind::Anthropic => Some("https://api.anthropic.com"),
+        _ => None,
+    }
+}

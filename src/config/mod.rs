@@ -1,0 +1,333 @@
+//! A serde config (JSON or TOML, one schema) and the one validating step that builds the stack
+//! from it (feature `config`).
+//!
+//! The schema keeps Portkey's gateway-config meanings, so its users feel at home:
+//! `strategy.mode` (`loadbalance`, `fallback`), nested `targets`, `weight`, `override_params`,
+//! `retry.attempts`, `retry.on_status_codes`, `request_timeout` (ms); and adds ours: named
+//! `backends` (provider, url, deployment, api_version, credentials by env var), `priority`,
+//! `circuit_breaker` and `timeouts`. Unknown fields are rejected; every error names the path of
+//! the bad field (`targets[1].weight: must be a finite number >= 0`); secrets are never printed
+//! back.
+//!
+//! ```
+//! use tower_llm_lb::config::Config;
+//!
+//! let json = r#"{
+//!   "backends": {
+//!     "ptu-eastus": { "provider": "azure", "url": "https://ptu.openai.azure.com",
+//!                     "deployment": "gpt-4o", "api_key": "k1", "priority": 0 },
+//!     "westus":     { "provider": "azure", "url": "https://w.openai.azure.com",
+//!                     "deployment": "gpt-4o", "api_key_env": "PATH", "priority": 1 }
+//!   },
+//!   "strategy": { "mode": "fallback", "on_status_codes": [429] },
+//!   "targets": [
+//!     { "backend": "ptu-eastus" },
+//!     { "backend": "westus", "override_params": { "max_tokens": 512 } }
+//!   ],
+//!   "retry": { "attempts": 3 },
+//!   "request_timeout": 300000
+//! }"#;
+//! let config = Config::from_json(json)?;
+//! # let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+//! # let _guard = rt.enter();
+//! let service = config.build(tower_llm_lb::client::http_client())?;
+//! # let _ = service;
+//! let err = Config::from_json(r#"{ "targets": [ { "backend": "x", "weight": -1 } ] }"#)
+//!     .and_then(|c| c.build(tower_llm_lb::client::http_client()).map(|_| ()))
+//!     .unwrap_err();
+//! assert_eq!(err.to_string(), "targets[0].weight: must be a finite number >= 0");
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+mod build;
+mod env;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::Path;
+
+use serde::Deserialize;
+
+pub use build::ConfigError;
+
+/// The whole configuration. See the [module docs](self).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Named backends that targets refer to with `"backend": "name"`.
+    #[serde(default)]
+    pub backends: BTreeMap<String, BackendConfig>,
+    /// How the top-level targets are used; needed with more than one target.
+    pub strategy: Option<StrategyConfig>,
+    /// The top-level targets. None: load-balance over every backend in `backends`.
+    #[serde(default)]
+    pub targets: Vec<TargetConfig>,
+    /// Retries of throttled requests (and of failures, with `on_status_codes` / `failures`).
+    pub retry: Option<RetryConfig>,
+    /// One overall deadline per request, in milliseconds (Portkey's `request_timeout`).
+    pub request_timeout: Option<u64>,
+    /// Per-attempt time limits.
+    pub timeouts: Option<TimeoutsConfig>,
+    /// Circuit-breaker settings of every backend.
+    pub circuit_breaker: Option<BreakerConfig>,
+    /// Settings of the gateway example.
+    pub gateway: Option<GatewayConfig>,
+}
+
+/// One backend definition.
+#[derive(Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendConfig {
+    /// `openai` (and compatibles), `azure` / `azure-openai` (classic deployment URLs),
+    /// `azure-v1`, `anthropic`.
+    pub provider: Option<ProviderKind>,
+    /// The base URL its official SDK takes.
+    #[serde(alias = "base_url")]
+    pub url: Option<String>,
+    /// Azure classic: the deployment name.
+    pub deployment: Option<String>,
+    /// Azure classic: the `api-version` (default `2024-10-21`).
+    pub api_version: Option<String>,
+    /// Anthropic: the `anthropic-version` (default `2023-06-01`).
+    pub anthropic_version: Option<String>,
+    /// The key itself (prefer `api_key_env`).
+    pub api_key: Option<String>,
+    /// The environment variable holding the key.
+    pub api_key_env: Option<String>,
+    /// Priority tier: lower is preferred (default 0).
+    pub priority: Option<u32>,
+    /// Weight within the tier (default 1; 0 receives nothing).
+    pub weight: Option<f64>,
+}
+
+impl fmt::Debug for BackendConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BackendConfig")
+            .field("provider", &self.provider)
+            .field("url", &self.url)
+            .field("deployment", &self.deployment)
+            .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
+            .field("api_key_env", &self.api_key_env)
+            .field("priority", &self.priority)
+            .field("weight", &self.weight)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Which API a backend speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ProviderKind {
+    /// OpenAI and compatibles.
+    Openai,
+    /// Azure OpenAI, classic deployment URLs.
+    #[serde(alias = "azure-openai")]
+    Azure,
+    /// Azure OpenAI v1 API.
+    AzureV1,
+    /// Anthropic.
+    Anthropic,
+}
+
+/// How a group uses its targets.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StrategyConfig {
+    /// `loadbalance` or `fallback` (`single`: the first target only).
+    pub mode: Mode,
+    /// Fallback: extra statuses that move on to the next target.
+    #[serde(default)]
+    pub on_status_codes: Vec<u16>,
+    /// Loadbalance: `weighted_random` (default), `round_robin`, `least_in_flight`,
+    /// `power_of_two`.
+    pub algorithm: Option<Algorithm>,
+}
+
+/// A group's mode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Spread over the targets by priority and weight.
+    Loadbalance,
+    /// Try the targets in order.
+    Fallback,
+    /// Use the first target only.
+    Single,
+}
+
+/// A load-balancing algorithm.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Algorithm {
+    /// Weighted random.
+    WeightedRandom,
+    /// Round robin.
+    RoundRobin,
+    /// Fewest requests in flight.
+    LeastInFlight,
+    /// Power of two choices.
+    PowerOfTwo,
+}
+
+/// One target: a backend (by name or inline), or a nested group.
+#[derive(Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetConfig {
+    /// A name for attribution (default: the backend's name, or `group-N`).
+    pub name: Option<String>,
+    /// A backend from `backends`, by name.
+    pub backend: Option<String>,
+    /// Inline backend: provider (Portkey style).
+    pub provider: Option<ProviderKind>,
+    /// Inline backend: base URL.
+    #[serde(alias = "base_url")]
+    pub url: Option<String>,
+    /// Inline backend: the key.
+    pub api_key: Option<String>,
+    /// Inline backend: the environment variable holding the key.
+    pub api_key_env: Option<String>,
+    /// Inline Azure backend: its deployment; on a `backend` reference: a per-target override.
+    pub deployment: Option<String>,
+    /// Inline Azure backend: `api-version`.
+    pub api_version: Option<String>,
+    /// Inline Anthropic backend: `anthropic-version`.
+    pub anthropic_version: Option<String>,
+    /// Nested group: its strategy.
+    pub strategy: Option<StrategyConfig>,
+    /// Nested group: its targets.
+    #[serde(default)]
+    pub targets: Vec<TargetConfig>,
+    /// Weight within a loadbalance group (default 1; 0 receives nothing).
+    pub weight: Option<f64>,
+    /// Priority tier within a loadbalance group (default 0 or the backend's).
+    pub priority: Option<u32>,
+    /// JSON body fields this target sets (`model`, `max_tokens`, …).
+    #[serde(default)]
+    pub override_params: serde_json::Map<String, serde_json::Value>,
+    /// Retries inside this target.
+    pub retry: Option<RetryConfig>,
+}
+
+impl fmt::Debug for TargetConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TargetConfig")
+            .field("name", &self.name)
+            .field("backend", &self.backend)
+            .field("provider", &self.provider)
+            .field("url", &self.url)
+            .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
+            .field("strategy", &self.strategy)
+            .field("targets", &self.targets)
+            .field("weight", &self.weight)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Retry settings (Portkey's `retry`).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryConfig {
+    /// Attempts that reach a backend, in all (default 4).
+    pub attempts: Option<u32>,
+    /// Statuses that are retried elsewhere; listing any 5xx turns on retrying failures.
+    #[serde(default)]
+    pub on_status_codes: Vec<u16>,
+    /// The most a request may wait for a backend to become free, in ms (default 10 000).
+    pub max_wait_ms: Option<u64>,
+}
+
+/// Per-attempt limits, in milliseconds.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TimeoutsConfig {
+    /// Until the first body byte.
+    pub first_byte_ms: Option<u64>,
+    /// Between body chunks.
+    pub idle_ms: Option<u64>,
+    /// The whole attempt (default 300 000).
+    pub total_ms: Option<u64>,
+}
+
+/// Circuit-breaker settings; durations in milliseconds.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BreakerConfig {
+    /// Trip after this many failures in a row.
+    pub consecutive_failures: Option<u32>,
+    /// Trip at this failure rate over the window.
+    pub failure_rate: Option<f64>,
+    /// The window.
+    pub window_ms: Option<u64>,
+    /// Calls needed in the window before the rate counts.
+    pub min_calls: Option<u32>,
+    /// First open period.
+    pub base_open_ms: Option<u64>,
+    /// Longest open period.
+    pub max_open_ms: Option<u64>,
+    /// Probes let through while half-open.
+    pub probes: Option<u32>,
+    /// Share of a group that may be ejected at once.
+    pub max_ejection: Option<f64>,
+}
+
+/// Settings of the gateway example.
+#[derive(Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// Keys clients must present (`Authorization: Bearer <key>` or `api-key`). None: only
+    /// loopback clients are served.
+    #[serde(default)]
+    pub client_keys: Vec<String>,
+    /// Address to listen on (default `127.0.0.1:8080`).
+    pub listen: Option<String>,
+}
+
+impl fmt::Debug for GatewayConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GatewayConfig")
+            .field(
+                "client_keys",
+                &format_args!("<{} redacted>", self.client_keys.len()),
+            )
+            .field("listen", &self.listen)
+            .finish()
+    }
+}
+
+impl Config {
+    /// Parses JSON; errors name the path of the bad field.
+    pub fn from_json(text: &str) -> Result<Config, ConfigError> {
+        let mut de = serde_json::Deserializer::from_str(text);
+        serde_path_to_error::deserialize(&mut de)
+            .map_err(|e| ConfigError::new(e.path().to_string(), e.inner().to_string()))
+    }
+
+    /// Parses TOML; errors name the path of the bad field.
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        let de = toml::Deserializer::new(text);
+        serde_path_to_error::deserialize(de)
+            .map_err(|e| ConfigError::new(e.path().to_string(), e.inner().message().to_string()))
+    }
+
+    /// Reads a file: `.json` or `.toml` by extension.
+    pub fn from_path(path: impl AsRef<Path>) -> Result<Config, ConfigError> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::new(path.display().to_string(), e.to_string()))?;
+        match path.extension().and_then(|e| e.to_str()) {
+            Some("json") => Self::from_json(&text),
+            Some("toml") => Self::from_toml(&text),
+            _ => Err(ConfigError::new(
+                path.display().to_string(),
+                "must end in .json or .toml".into(),
+            )),
+        }
+    }
+
+    /// Backends from environment variables in the pattern users already use:
+    /// `AOAI_ENDPOINT_01` + `AOAI_KEY_01` (+ optional `AOAI_DEPLOYMENT_01`, `AOAI_PRIORITY_01`,
+    /// `AOAI_WEIGHT_01`), `_02`, … up to `_99`; `deployment` is the default deployment.
+    pub fn from_env(deployment: &str) -> Result<Config, ConfigError> {
+        env::from_env(deployment, |k| std::env::var(k).ok())
+    }
+}

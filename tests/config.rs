@@ -1,0 +1,254 @@
+//! The config: every error names its field, JSON and TOML share one schema, secrets never come
+//! back out, and Portkey's nested example behaves as written against loopback mocks.
+
+mod common;
+
+use common::chat;
+use tower::ServiceExt;
+use tower_llm_lb::client::http_client;
+use tower_llm_lb::config::Config;
+use tower_llm_lb::fallback::ServedPath;
+use tower_llm_lb::mock::MockServer;
+
+fn build_err(json: &str) -> String {
+    match Config::from_json(json) {
+        Err(e) => e.to_string(),
+        Ok(c) => match c.build(http_client()) {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("expected an error for {json}"),
+        },
+    }
+}
+
+#[tokio::test]
+async fn every_error_names_the_path_of_its_field() {
+    let cases = [
+        (r#"{"targets": [{"backend": "a"}], "extra": 1}"#, "extra"),
+        (
+            r#"{"targets": [{"backend": "a", "wieght": 1}]}"#,
+            "targets[0].wieght",
+        ),
+        (
+            r#"{"backends": {"a": {"provider": "azure", "url": "http://x"}}}"#,
+            "backends.a.deployment: missing",
+        ),
+        (
+            r#"{"backends": {"a": {"provider": "gemini"}}}"#,
+            "backends.a.provider",
+        ),
+        (
+            r#"{"backends": {"a": {"provider": "openai", "url": "ftp://x"}}}"#,
+            "backends.a: url",
+        ),
+        (
+            r#"{"backends": {"a": {"provider": "openai", "url": "http://x", "weight": -1}}}"#,
+            "backends.a: weight",
+        ),
+        (
+            r#"{"backends": {"a": {"provider": "openai", "url": "http://x", "api_key": "bad\nkey"}}}"#,
+            "backends.a.api_key: invalid credential",
+        ),
+        (
+            r#"{"backends": {"a": {"provider": "openai", "url": "http://x", "api_key_env": "TOWER_LLM_LB_NOPE"}}}"#,
+            "backends.a.api_key_env: invalid credential: environment variable TOWER_LLM_LB_NOPE is not set",
+        ),
+        (
+            r#"{"targets": [{"backend": "missing"}]}"#,
+            "targets[0].backend: no backend named \"missing\"",
+        ),
+        (
+            r#"{"backends": {"a": {"provider": "openai", "url": "http://x"}}, "targets": [{"backend": "a"}, {"backend": "a", "weight": -2}], "strategy": {"mode": "loadbalance"}}"#,
+            "targets[1].weight: must be a finite number >= 0",
+        ),
+        (
+            r#"{"backends": {"a": {"provider": "openai", "url": "http://x"}}, "targets": [{"backend": "a"}, {"backend": "a"}]}"#,
+            "strategy: required with more than one target",
+        ),
+        (
+            r#"{"strategy": {"mode": "sideways"}, "targets": []}"#,
+            "strategy.mode",
+        ),
+        (
+            r#"{"backends": {"a": {"provider": "openai", "url": "http://x"}}, "retry": {"attempts": 0}}"#,
+            "retry.attempts: must be >= 1",
+        ),
+        (
+            r#"{"backends": {"a": {"provider": "openai", "url": "http://x"}}, "retry": {"on_status_codes": [400]}}"#,
+            "retry.on_status_codes[0]: only 429 and 5xx",
+        ),
+        (
+            r#"{"backends": {"a": {"provider": "openai", "url": "http://x"}}, "circuit_breaker": {"failure_rate": 2}}"#,
+            "circuit_breaker: failure_rate",
+        ),
+        (
+            r#"{"backends": {"a": {"provider": "openai", "url": "http://x"}}, "timeouts": {"idle_ms": 0}}"#,
+            "timeouts.idle_ms: must be > 0",
+        ),
+        (r#"{}"#, "targets: no targets and no backends"),
+        (
+            r#"{"targets": [{"strategy": {"mode": "fallback"}, "targets": [{"provider": "openai", "url": "http://x", "deployment": "a/b", "backend": "q"}]}]}"#,
+            "targets[0].targets[0].provider: give `backend` or an inline provider, not both",
+        ),
+    ];
+    for (json, want) in cases {
+        let got = build_err(json);
+        assert!(
+            got.starts_with(want),
+            "for {json}\n  got:  {got}\n  want: {want}…"
+        );
+    }
+}
+
+#[tokio::test]
+async fn secrets_never_come_back_out() {
+    let json = r#"{"backends": {"a": {"provider": "openai", "url": "http://x", "api_key": "sk-supersecret"}},
+                   "gateway": {"client_keys": ["client-secret"]}}"#;
+    let config = Config::from_json(json).unwrap();
+    let shown = format!("{config:?}");
+    assert!(
+        !shown.contains("supersecret") && !shown.contains("client-secret"),
+        "{shown}"
+    );
+    let bad = r#"{"backends": {"a": {"provider": "openai", "url": "http://x", "api_key": "sk-super secret"}}}"#;
+    let e = build_err(bad);
+    assert!(!e.contains("super"), "{e}");
+}
+
+#[tokio::test]
+async fn json_and_toml_share_one_schema() {
+    let toml = r#"
+        request_timeout = 30000
+        [backends.east]
+        provider = "azure"
+        url = "http://127.0.0.1:9"
+        deployment = "gpt-4o"
+        api_key = "k"
+        [strategy]
+        mode = "fallback"
+        [[targets]]
+        backend = "east"
+        [targets.override_params]
+        model = "gpt-4o"
+        max_tokens = 100
+    "#;
+    let c = Config::from_toml(toml).unwrap();
+    assert_eq!(c.targets[0].override_params["max_tokens"], 100);
+    c.build(http_client()).unwrap();
+    let bad = Config::from_toml("[strategy]\nmode = \"fallback\"\nfoo = 1\n").unwrap_err();
+    assert!(
+        bad.to_string().starts_with("strategy.foo") || bad.to_string().starts_with("strategy"),
+        "{bad}"
+    );
+
+    let dir = std::env::temp_dir().join(format!("tower-llm-lb-cfg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("c.toml");
+    std::fs::write(&path, toml).unwrap();
+    assert!(Config::from_path(&path).is_ok());
+    let yaml = dir.join("c.yaml");
+    std::fs::write(&yaml, "x: 1").unwrap();
+    assert!(
+        Config::from_path(&yaml)
+            .unwrap_err()
+            .to_string()
+            .ends_with("must end in .json or .toml")
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn portkeys_nested_loadbalance_with_a_fallback_arm_behaves_as_written() {
+    let openai_a = MockServer::builder()
+        .name("openai-a")
+        .bearer("sk-a")
+        .start()
+        .await
+        .unwrap();
+    let openai_b = MockServer::builder()
+        .name("openai-b")
+        .bearer("sk-b")
+        .start()
+        .await
+        .unwrap();
+    openai_b.set_fault(Some(tower_llm_lb::mock::Fault::Status(500)));
+    let azure = MockServer::builder()
+        .name("azure")
+        .api_key("az")
+        .start()
+        .await
+        .unwrap();
+    // Portkey's example: a 50/50 loadbalance whose second target is a fallback from OpenAI to
+    // Azure, with inline providers and keys (URLs point at the mocks).
+    let json = format!(
+        r#"{{
+          "strategy": {{ "mode": "loadbalance" }},
+          "targets": [
+            {{ "provider": "openai", "url": "{a}/v1", "api_key": "sk-a", "weight": 0.5 }},
+            {{
+              "strategy": {{ "mode": "fallback" }},
+              "weight": 0.5,
+              "targets": [
+                {{ "provider": "openai", "url": "{b}/v1", "api_key": "sk-b" }},
+                {{ "provider": "azure-openai", "url": "{z}", "deployment": "gpt-4o", "api_key": "az",
+                   "override_params": {{ "model": "gpt-4o" }} }}
+              ]
+            }}
+          ]
+        }}"#,
+        a = openai_a.url(),
+        b = openai_b.url(),
+        z = azure.url()
+    );
+    let svc = Config::from_json(&json)
+        .unwrap()
+        .build(http_client())
+        .unwrap();
+    let n = 1000;
+    for _ in 0..n {
+        let res = svc
+            .clone()
+            .oneshot(chat(r#"{"model":"gpt-4o-mini"}"#))
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200);
+    }
+    let a = openai_a.counters().ok as f64 / n as f64;
+    let z = azure.counters().ok as f64 / n as f64;
+    assert!((a - 0.5).abs() < 0.05, "openai-a served {a}");
+    assert!(
+        (z - 0.5).abs() < 0.05,
+        "azure served {z} (the fallback arm)"
+    );
+    // The fallback arm rewrote the model for Azure only.
+    let body: serde_json::Value = serde_json::from_slice(&azure.requests()[0].body).unwrap();
+    assert_eq!(body["model"], "gpt-4o");
+    let body: serde_json::Value = serde_json::from_slice(&openai_a.requests()[0].body).unwrap();
+    assert_eq!(body["model"], "gpt-4o-mini");
+    for m in [&openai_a, &openai_b, &azure] {
+        assert_eq!(m.counters().foreign_credentials, 0);
+        assert_eq!(m.counters().unauthorized, 0);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn backends_alone_are_balanced_by_priority() {
+    let ptu = MockServer::builder().name("ptu").start().await.unwrap();
+    let paygo = MockServer::builder().name("paygo").start().await.unwrap();
+    let json = format!(
+        r#"{{ "backends": {{
+              "ptu": {{ "provider": "azure", "url": "{p}", "deployment": "gpt-4o", "priority": 0 }},
+              "paygo": {{ "provider": "azure", "url": "{g}", "deployment": "gpt-4o", "priority": 1 }} }} }}"#,
+        p = ptu.url(),
+        g = paygo.url()
+    );
+    let svc = Config::from_json(&json)
+        .unwrap()
+        .build(http_client())
+        .unwrap();
+    for _ in 0..10 {
+        let res = svc.clone().oneshot(chat("{}")).await.unwrap();
+        assert_eq!(res.status(), 200);
+        assert!(res.extensions().get::<ServedPath>().is_none());
+    }
+    assert_eq!((ptu.counters().ok, paygo.counters().ok), (10, 0));
+}
