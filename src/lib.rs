@@ -81,6 +81,8 @@ pub mod config;
 pub mod endpoint;
 pub mod error;
 pub mod fallback;
+#[cfg(feature = "gateway")]
+pub mod gateway;
 #[cfg(feature = "mock")]
 pub mod mock;
 pub mod provider;

@@ -68,6 +68,8 @@ struct Ctx<'a, C> {
     settings: Settings,
     backends: BTreeMap<String, Backend>,
     deadline: Option<Duration>,
+    /// Every backend the built stack sends to, for stats pages.
+    used: Vec<Backend>,
 }
 
 impl Config {
@@ -83,7 +85,26 @@ impl Config {
         C::Error: Into<BoxError>,
         C::Future: Send + 'static,
     {
+        self.build_with_backends(client).map(|(svc, _)| svc)
+    }
+
+    /// Like [`Config::build`], also returning every backend the stack sends to (their
+    /// [`BackendState`](crate::BackendState)s feed stats pages), each once.
+    pub fn build_with_backends<C>(
+        &self,
+        client: C,
+    ) -> Result<(LlmService, Vec<Backend>), ConfigError>
+    where
+        C: Service<Request<ReplayBody>, Response = Response<Incoming>>
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        C::Error: Into<BoxError>,
+        C::Future: Send + 'static,
+    {
         let mut ctx = Ctx {
+            used: Vec::new(),
             config: self,
             client,
             settings: settings(self)?,
@@ -125,7 +146,11 @@ impl Config {
         } else {
             root
         };
-        ctx.node("", &root, None)
+        let svc = ctx.node("", &root, None)?;
+        let mut used = ctx.used;
+        used.sort_by(|a, b| a.name().cmp(b.name()));
+        used.dedup_by(|a, b| a.state().ptr_eq(b.state()));
+        Ok((svc, used))
     }
 }
 
@@ -317,8 +342,20 @@ where
             && (t.backend.is_none() || t.deployment.is_none())
     }
 
-    /// The backend a leaf target names or defines, with the target's tier and weight.
+    /// The backend a leaf target names or defines, with the target's tier and weight; noted
+    /// for stats pages.
     fn leaf_backend(
+        &mut self,
+        path: &str,
+        index: usize,
+        t: &TargetConfig,
+    ) -> Result<Backend, ConfigError> {
+        let b = self.leaf_backend_inner(path, index, t)?;
+        self.used.push(b.clone());
+        Ok(b)
+    }
+
+    fn leaf_backend_inner(
         &self,
         path: &str,
         index: usize,

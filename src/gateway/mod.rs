@@ -1,0 +1,435 @@
+//! An OpenAI-compatible gateway (feature `gateway`): any OpenAI SDK points its base URL here and
+//! its calls are spread over the configured backends. `examples/gateway.rs` runs it.
+//!
+//! | route | what it does |
+//! |---|---|
+//! | `POST /v1/chat/completions`, `/v1/completions`, `/v1/embeddings`, `/v1/messages`, `GET /v1/models` | forwards through the stack; streamed answers stay streamed, chunk by chunk |
+//! | `GET /health` | `200 {"status":"ok"}` |
+//! | `GET /stats` | per backend: requests, 2xx, 429, 5xx, failures, in flight, circuit, cooling until |
+//!
+//! Callers' credentials never reach a backend (each backend's `AuthInject` replaces them). The
+//! gateway's own client keys (`gateway.client_keys`, sent as `Authorization: Bearer` or
+//! `api-key`) are required; with none configured, only loopback clients are served.
+//!
+//! | outcome | answer |
+//! |---|---|
+//! | a backend answered | its status, headers and body, plus `x-llm-lb-backend` and `x-llm-lb-attempts` |
+//! | a stream is cut upstream | an SSE `event: error` then a broken stream, never a clean end |
+//! | nothing free in time | `429` with `retry-after` / `retry-after-ms` when a retry time is known, else `503` |
+//! | every backend failed | `502` with an OpenAI-shaped error listing each attempt |
+//! | request body over the cap | `413` |
+//! | missing or wrong client key | `401`; non-loopback client without keys configured: `403` |
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use bytes::Bytes;
+use http_body::Frame;
+use tokio::time::Instant;
+use tower::ServiceExt;
+
+use crate::backend::Backend;
+use crate::body::ReplayBody;
+use crate::endpoint::Served;
+use crate::error::{BoxError, Exhausted, Unavailable, find};
+use crate::retry::Attempts;
+use crate::stack::{LlmBody, LlmService};
+use crate::state::Circuit;
+
+/// What the gateway serves.
+#[derive(Clone)]
+pub struct Gateway {
+    service: LlmService,
+    backends: Arc<[Backend]>,
+    client_keys: Arc<[String]>,
+    body_limit: usize,
+}
+
+impl std::fmt::Debug for Gateway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gateway")
+            .field(
+                "backends",
+                &self.backends.iter().map(Backend::name).collect::<Vec<_>>(),
+            )
+            .field(
+                "client_keys",
+                &format_args!("<{} redacted>", self.client_keys.len()),
+            )
+            .finish()
+    }
+}
+
+impl Gateway {
+    /// A gateway over `service`, reporting `backends` on `/stats`, requiring one of
+    /// `client_keys` (none: loopback clients only).
+    pub fn new(service: LlmService, backends: Vec<Backend>, client_keys: Vec<String>) -> Self {
+        Gateway {
+            service,
+            backends: backends.into(),
+            client_keys: client_keys.into(),
+            body_limit: crate::body::DEFAULT_BODY_LIMIT,
+        }
+    }
+
+    /// The largest request body accepted (default 32 MiB).
+    pub fn body_limit(mut self, limit: usize) -> Self {
+        self.body_limit = limit;
+        self
+    }
+
+    /// The axum router. Serve it with `into_make_service_with_connect_info::<SocketAddr>()` so
+    /// the loopback rule can see the peer.
+    pub fn router(self) -> Router {
+        Router::new()
+            .route("/v1/chat/completions", post(forward))
+            .route("/v1/completions", post(forward))
+            .route("/v1/embeddings", post(forward))
+            .route("/v1/messages", post(forward))
+            .route("/v1/models", get(forward))
+            .route(
+                "/health",
+                get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }),
+            )
+            .route("/stats", get(stats))
+            .with_state(self)
+    }
+
+    /// Serves on `listener` until `shutdown` resolves, then lets in-flight requests finish.
+    pub async fn serve(
+        self,
+        listener: tokio::net::TcpListener,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        let app = self
+            .router()
+            .into_make_service_with_connect_info::<SocketAddr>();
+        axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await
+    }
+}
+
+fn error_response(status: StatusCode, kind: &str, message: &str) -> Response {
+    let body = serde_json::json!({
+        "error": {"message": message, "type": kind, "param": null, "code": kind}
+    });
+    (status, axum::Json(body)).into_response()
+}
+
+/// `None` when the client may proceed; otherwise the refusal to send.
+fn refusal(gw: &Gateway, headers: &HeaderMap, peer: Option<SocketAddr>) -> Option<Response> {
+    if gw.client_keys.is_empty() {
+        return match peer {
+            Some(p) if p.ip().is_loopback() => None,
+            _ => Some(error_response(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "no client keys are configured: only loopback clients are served",
+            )),
+        };
+    }
+    let bearer = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let api_key = headers.get("api-key").and_then(|v| v.to_str().ok());
+    let ok = [bearer, api_key].into_iter().flatten().any(|k| {
+        gw.client_keys
+            .iter()
+            .any(|c| constant_time_eq(c.as_bytes(), k.as_bytes()))
+    });
+    if ok {
+        None
+    } else {
+        Some(error_response(
+            StatusCode::UNAUTHORIZED,
+            "invalid_api_key",
+            "missing or wrong gateway client key",
+        ))
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "te",
+    "trailer",
+    "upgrade",
+    "host",
+];
+
+fn peer_of(req: &Request) -> Option<SocketAddr> {
+    req.extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0)
+}
+
+async fn forward(State(gw): State<Gateway>, req: Request) -> Response {
+    if let Some(res) = refusal(&gw, req.headers(), peer_of(&req)) {
+        return res;
+    }
+    let (parts, body) = req.into_parts();
+    let bytes = match axum::body::to_bytes(body, gw.body_limit).await {
+        Ok(b) => b,
+        Err(_) => {
+            return error_response(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "request_too_large",
+                &format!("request body larger than {} bytes", gw.body_limit),
+            );
+        }
+    };
+    let mut out = http::Request::new(ReplayBody::new(bytes));
+    *out.method_mut() = parts.method;
+    *out.uri_mut() = parts.uri.path_and_query().map_or_else(
+        || "/".parse().expect("static path"),
+        |p| {
+            p.as_str()
+                .parse()
+                .unwrap_or_else(|_| "/".parse().expect("static path"))
+        },
+    );
+    let mut headers = parts.headers;
+    for h in HOP_BY_HOP {
+        headers.remove(h);
+    }
+    headers.remove(http::header::CONTENT_LENGTH);
+    *out.headers_mut() = headers;
+    let started = Instant::now();
+    match gw.service.clone().oneshot(out).await {
+        Ok(res) => {
+            tracing::info!(status = res.status().as_u16(), elapsed = ?started.elapsed(), "forwarded");
+            into_axum(res)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "request failed");
+            error_for(&e)
+        }
+    }
+}
+
+fn into_axum(res: http::Response<LlmBody>) -> Response {
+    let (mut parts, body) = res.into_parts();
+    for h in HOP_BY_HOP {
+        parts.headers.remove(h);
+    }
+    if !parts.headers.contains_key("x-llm-lb-backend")
+        && let Some(served) = parts.extensions.get::<Served>()
+        && let Ok(v) = HeaderValue::from_str(served.backend.name())
+    {
+        parts.headers.insert("x-llm-lb-backend", v);
+    }
+    if !parts.headers.contains_key("x-llm-lb-attempts")
+        && let Some(Attempts(a)) = parts.extensions.get::<Attempts>()
+    {
+        let list = a
+            .iter()
+            .map(|x| format!("{}={}", x.backend, x.outcome.name()))
+            .collect::<Vec<_>>()
+            .join(", ");
+        if let Ok(v) = HeaderValue::from_str(&list) {
+            parts.headers.insert("x-llm-lb-attempts", v);
+        }
+    }
+    let sse = parts
+        .headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"));
+    let body = Body::new(StreamGuard {
+        inner: body,
+        sse,
+        failed: None,
+        flushed: false,
+    });
+    Response::from_parts(parts, body)
+}
+
+fn error_for(e: &BoxError) -> Response {
+    let earliest = find::<Unavailable>(&**e)
+        .and_then(Unavailable::earliest)
+        .or_else(|| find::<Exhausted>(&**e).and_then(Exhausted::earliest));
+    let unavailable = find::<Unavailable>(&**e).is_some();
+    if let Some(at) = earliest {
+        let wait = at.saturating_duration_since(Instant::now());
+        let mut res = error_response(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limit_exceeded",
+            &format!("every backend is busy: {e}"),
+        );
+        let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+        res.headers_mut()
+            .insert("retry-after", HeaderValue::from(secs));
+        res.headers_mut()
+            .insert("retry-after-ms", HeaderValue::from(wait.as_millis() as u64));
+        return res;
+    }
+    if unavailable {
+        return error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "service_unavailable",
+            &e.to_string(),
+        );
+    }
+    if find::<crate::fallback::NotJson>(&**e).is_some() {
+        return error_response(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            &e.to_string(),
+        );
+    }
+    if find::<crate::body::error::TooLarge>(&**e).is_some() {
+        return error_response(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "request_too_large",
+            &e.to_string(),
+        );
+    }
+    error_response(StatusCode::BAD_GATEWAY, "upstream_error", &e.to_string())
+}
+
+pin_project_lite::pin_project! {
+    /// Streams the backend's body; if it fails mid-way, an SSE stream first gets an
+    /// `event: error`, then the stream breaks (so no client mistakes it for a clean end).
+    struct StreamGuard {
+        #[pin]
+        inner: LlmBody,
+        sse: bool,
+        failed: Option<BoxError>,
+        flushed: bool,
+    }
+}
+
+impl http_body::Body for StreamGuard {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.project();
+        if this.failed.is_some() {
+            // Let the server flush the error event before the stream breaks: one turn of
+            // Pending (woken at once) makes hyper write out what it has buffered.
+            if !*this.flushed {
+                *this.flushed = true;
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            return Poll::Ready(this.failed.take().map(Err));
+        }
+        match ready!(this.inner.poll_frame(cx)) {
+            Some(Err(e)) if *this.sse => {
+                let event = serde_json::json!({
+                    "error": {"message": format!("stream interrupted upstream: {e}"), "type": "upstream_error"}
+                });
+                *this.failed = Some(e);
+                Poll::Ready(Some(Ok(Frame::data(Bytes::from(format!(
+                    "event: error\ndata: {event}\n\n"
+                ))))))
+            }
+            other => Poll::Ready(other),
+        }
+    }
+}
+
+async fn stats(State(gw): State<Gateway>, req: Request) -> Response {
+    if let Some(res) = refusal(&gw, req.headers(), peer_of(&req)) {
+        return res;
+    }
+    let now = Instant::now();
+    let list: Vec<_> = gw
+        .backends
+        .iter()
+        .map(|b| {
+            let s = b.state();
+            let c = s.counters();
+            let circuit = match s.circuit() {
+                Circuit::Closed => "closed",
+                Circuit::Open { until } if until > now => "open",
+                Circuit::Open { .. } | Circuit::HalfOpen => "half_open",
+            };
+            let cooling_ms = s
+                .cooldown_until()
+                .filter(|u| *u > now)
+                .map(|u| (u - now).as_millis() as u64);
+            serde_json::json!({
+                "name": b.name(),
+                "provider": b.provider().name(),
+                "priority": b.priority(),
+                "weight": b.weight(),
+                "requests": c.requests,
+                "success": c.success,
+                "throttled": c.throttled,
+                "server_errors": c.server_errors,
+                "failures": c.failures,
+                "client_errors": c.client_errors,
+                "in_flight": s.in_flight(),
+                "circuit": circuit,
+                "cooling_for_ms": cooling_ms,
+                "latency_ms": s.latency().map(|d| d.as_secs_f64() * 1e3),
+            })
+        })
+        .collect();
+    axum::Json(serde_json::json!({ "backends": list })).into_response()
+}
+
+/// Mock backends for `--mock`: a PTU and two pay-as-you-go regions with request/s limits, and
+/// the JSON config that points at them. Keep the servers alive as long as the gateway runs.
+pub async fn mock_backends() -> std::io::Result<(Vec<crate::mock::MockServer>, String)> {
+    use crate::mock::MockServer;
+    let ptu = MockServer::builder()
+        .name("ptu-eastus")
+        .api_key("mock-ptu")
+        .rps(20.0)
+        .latency(Duration::from_millis(30))
+        .stream_chunks(8)
+        .chunk_delay(Duration::from_millis(40))
+        .start()
+        .await?;
+    let west = MockServer::builder()
+        .name("paygo-westus")
+        .api_key("mock-west")
+        .rps(10.0)
+        .latency(Duration::from_millis(40))
+        .stream_chunks(8)
+        .chunk_delay(Duration::from_millis(40))
+        .start()
+        .await?;
+    let sweden = MockServer::builder()
+        .name("paygo-sweden")
+        .api_key("mock-sweden")
+        .rps(10.0)
+        .latency(Duration::from_millis(40))
+        .stream_chunks(8)
+        .chunk_delay(Duration::from_millis(40))
+        .start()
+        .await?;
+    let config = serde_json::json!({
+        "backends": {
+            "ptu-eastus": {"provider": "azure", "url": ptu.url(), "deployment": "gpt-4o", "api_key": "mock-ptu", "priority": 0},
+            "paygo-westus": {"provider": "azure", "url": west.url(), "deployment": "gpt-4o", "api_key": "mock-west", "priority": 1},
+            "paygo-sweden": {"provider": "azure", "url": sweden.url(), "deployment": "gpt-4o", "api_key": "mock-sweden", "priority": 1}
+        },
+        "retry": {"attempts": 4, "max_wait_ms": 5000},
+        "timeouts": {"first_byte_ms": 30000, "idle_ms": 30000}
+    });
+    Ok((vec![ptu, west, sweden], config.to_string()))
+}

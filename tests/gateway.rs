@@ -1,0 +1,245 @@
+//! The gateway end to end: a real axum server over a JSON config and mock backends, driven with
+//! real HTTP.
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use tower::ServiceExt;
+use tower_llm_lb::client::http_client;
+use tower_llm_lb::config::Config;
+use tower_llm_lb::gateway::Gateway;
+use tower_llm_lb::mock::{Fault, MockServer};
+
+struct Running {
+    url: String,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+async fn start(json: &str) -> Running {
+    let config = Config::from_json(json).unwrap();
+    let keys = config
+        .gateway
+        .as_ref()
+        .map(|g| g.client_keys.clone())
+        .unwrap_or_default();
+    let (svc, backends) = config.build_with_backends(http_client()).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(Gateway::new(svc, backends, keys).serve(listener, async {
+        let _ = rx.await;
+    }));
+    Running {
+        url,
+        shutdown: Some(tx),
+        task,
+    }
+}
+
+fn post(url: String, key: Option<&str>, body: &'static str) -> http::Request<Full<Bytes>> {
+    let mut b = http::Request::post(url).header("content-type", "application/json");
+    if let Some(k) = key {
+        b = b.header("authorization", format!("Bearer {k}"));
+    }
+    b.body(Full::new(Bytes::from_static(body.as_bytes())))
+        .unwrap()
+}
+
+async fn send(req: http::Request<Full<Bytes>>) -> http::Response<hyper::body::Incoming> {
+    http_client().oneshot(req).await.unwrap()
+}
+
+async fn text(res: http::Response<hyper::body::Incoming>) -> String {
+    String::from_utf8(res.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap()
+}
+
+fn config(primary: &MockServer, backup: &MockServer) -> String {
+    format!(
+        r#"{{
+          "backends": {{
+            "primary": {{ "provider": "azure", "url": "{p}", "deployment": "gpt-4o", "api_key": "k-primary" }},
+            "backup":  {{ "provider": "openai", "url": "{b}/v1", "api_key": "k-backup" }}
+          }},
+          "strategy": {{ "mode": "fallback" }},
+          "targets": [ {{ "backend": "primary" }}, {{ "backend": "backup", "override_params": {{ "model": "gpt-4o-mini" }} }} ],
+          "retry": {{ "attempts": 2, "max_wait_ms": 0 }},
+          "gateway": {{ "client_keys": ["client-1"] }}
+        }}"#,
+        p = primary.url(),
+        b = backup.url()
+    )
+}
+
+async fn mocks() -> (MockServer, MockServer) {
+    let primary = MockServer::builder()
+        .name("primary")
+        .api_key("k-primary")
+        .stream_chunks(4)
+        .start()
+        .await
+        .unwrap();
+    let backup = MockServer::builder()
+        .name("backup")
+        .bearer("k-backup")
+        .start()
+        .await
+        .unwrap();
+    (primary, backup)
+}
+
+#[tokio::test]
+async fn plain_streamed_and_unauthorized_requests() {
+    let (primary, backup) = mocks().await;
+    let gw = start(&config(&primary, &backup)).await;
+    let chat = || format!("{}/v1/chat/completions", gw.url);
+
+    let res = send(post(chat(), Some("client-1"), r#"{"model":"gpt-4o"}"#)).await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.headers()["x-llm-lb-backend"], "primary");
+    assert!(text(res).await.contains("Hello from primary"));
+    // The client's own key never reached the backend; the backend's did.
+    let seen = &primary.requests()[0].headers;
+    assert_eq!(seen["api-key"], "k-primary");
+    assert!(seen.get("authorization").is_none());
+
+    let res = send(post(chat(), Some("client-1"), r#"{"stream":true}"#)).await;
+    assert_eq!(res.headers()["content-type"], "text/event-stream");
+    let body = text(res).await;
+    assert_eq!(body.matches("data: {").count(), 4);
+    assert!(body.ends_with("data: [DONE]\n\n"));
+
+    assert_eq!(send(post(chat(), Some("wrong"), "{}")).await.status(), 401);
+    assert_eq!(send(post(chat(), None, "{}")).await.status(), 401);
+    let models = http::Request::get(format!("{}/v1/models", gw.url))
+        .header("api-key", "client-1")
+        .body(Full::<Bytes>::default())
+        .unwrap();
+    assert_eq!(send(models).await.status(), 200);
+    assert_eq!(backup.counters().requests, 0);
+}
+
+#[tokio::test]
+async fn throttled_then_served_by_the_fallback_and_all_down_is_a_clear_error() {
+    let (primary, backup) = mocks().await;
+    let gw = start(&config(&primary, &backup)).await;
+    let chat = || format!("{}/v1/chat/completions", gw.url);
+    primary.set_fault(Some(Fault::Status(429)));
+    let res = send(post(chat(), Some("client-1"), r#"{"model":"gpt-4o"}"#)).await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.headers()["x-llm-lb-backend"], "backup");
+    let attempts = res.headers()["x-llm-lb-attempts"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(attempts.starts_with("primary=throttled"), "{attempts}");
+    let body: serde_json::Value = serde_json::from_slice(&backup.requests()[0].body).unwrap();
+    assert_eq!(body["model"], "gpt-4o-mini");
+
+    // Everything down (fresh backends, so no cooldown from above is in play).
+    let (primary, backup) = mocks().await;
+    let gw = start(&config(&primary, &backup)).await;
+    backup.set_fault(Some(Fault::Status(503)));
+    primary.set_fault(Some(Fault::Status(500)));
+    let res = send(post(
+        format!("{}/v1/chat/completions", gw.url),
+        Some("client-1"),
+        "{}",
+    ))
+    .await;
+    assert_eq!(res.status(), 502);
+    let err: serde_json::Value = serde_json::from_str(&text(res).await).unwrap();
+    let msg = err["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("primary: server error 500") && msg.contains("backup: server error 503"),
+        "{msg}"
+    );
+}
+
+#[tokio::test]
+async fn a_stream_cut_upstream_ends_with_an_sse_error_event() {
+    let (primary, backup) = mocks().await;
+    primary.set_fault(Some(Fault::TruncateStream(2)));
+    let gw = start(&config(&primary, &backup)).await;
+    let res = send(post(
+        format!("{}/v1/chat/completions", gw.url),
+        Some("client-1"),
+        r#"{"stream":true}"#,
+    ))
+    .await;
+    assert_eq!(res.status(), 200);
+    let mut body = res.into_body();
+    let mut seen = String::new();
+    let mut ended_in_error = false;
+    while let Some(frame) = body.frame().await {
+        match frame {
+            Ok(f) => seen.push_str(&String::from_utf8_lossy(&f.into_data().unwrap_or_default())),
+            Err(_) => {
+                ended_in_error = true;
+                break;
+            }
+        }
+    }
+    assert!(seen.contains("event: error"), "{seen}");
+    assert!(!seen.contains("[DONE]"));
+    assert!(ended_in_error, "the stream must not end cleanly");
+}
+
+#[tokio::test]
+async fn stats_report_each_backend_and_shutdown_lets_in_flight_requests_finish() {
+    let primary = MockServer::builder()
+        .name("primary")
+        .api_key("k-primary")
+        .latency(Duration::from_millis(300))
+        .start()
+        .await
+        .unwrap();
+    let backup = MockServer::builder()
+        .name("backup")
+        .bearer("k-backup")
+        .start()
+        .await
+        .unwrap();
+    let mut gw = start(&config(&primary, &backup)).await;
+    let slow = tokio::spawn(send(post(
+        format!("{}/v1/chat/completions", gw.url),
+        Some("client-1"),
+        "{}",
+    )));
+    // Wait until the request is in the backend, then ask the gateway to stop.
+    while primary.counters().in_flight == 0 {
+        tokio::task::yield_now().await;
+    }
+    let stats = http::Request::get(format!("{}/stats", gw.url))
+        .header("authorization", "Bearer client-1")
+        .body(Full::<Bytes>::default())
+        .unwrap();
+    let stats: serde_json::Value = serde_json::from_str(&text(send(stats).await).await).unwrap();
+    let names: Vec<_> = stats["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names, ["backup", "primary"]);
+    assert_eq!(stats["backends"][1]["in_flight"], 1);
+    gw.shutdown.take().unwrap().send(()).unwrap();
+    let res = slow.await.unwrap();
+    assert_eq!(res.status(), 200, "the in-flight request finished");
+    gw.task.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn without_client_keys_only_loopback_is_served() {
+    let (primary, backup) = mocks().await;
+    let json = config(&primary, &backup).replace(
+        r#""gateway": { "client_keys": ["client-1"] }"#,
+        r#""gateway": {}"#,
+    );
+    let gw = start(&json).await;
+    let res = send(post(format!("{}/v1/chat/completions", gw.url), None, "{}")).await;
+    assert_eq!(res.status(), 200, "loopback client served without a key");
+}
