@@ -18,36 +18,29 @@ use tower_llm_lb::retry::{Attempts, RetryAfter429Layer};
 use tower_llm_lb::timeout::AttemptTimeoutLayer;
 use tower_llm_lb::{Backend, BoxError};
 
+async fn backend(name: &str, tier: u32) -> Result<(MockServer, Backend), BoxError> {
+    let mock = MockServer::builder().name(name).api_key(name).rps(2.0);
+    let mock = mock.start().await?;
+    let b = Backend::azure(name, mock.url(), "gpt-4o", "2024-10-21");
+    Ok((
+        mock,
+        b.credential(Credential::api_key(name)?)
+            .priority(tier)
+            .build()?,
+    ))
+}
+
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
-    let east = MockServer::builder()
-        .name("east")
-        .api_key("k-east")
-        .rps(2.0)
-        .start()
-        .await?;
-    let west = MockServer::builder()
-        .name("west")
-        .api_key("k-west")
-        .start()
-        .await?;
+    let ((_east, east), (_west, west)) = (backend("east", 0).await?, backend("west", 1).await?);
 
-    // Your existing client: any hyper-util legacy client works.
+    // Your existing client: any hyper-util legacy client.
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(30))
         .build_http::<ReplayBody>();
 
-    let backends = [
-        Backend::azure("east", east.url(), "gpt-4o", "2024-10-21")
-            .credential(Credential::api_key("k-east")?)
-            .build()?,
-        Backend::azure("west", west.url(), "gpt-4o", "2024-10-21")
-            .credential(Credential::api_key("k-west")?)
-            .priority(1)
-            .build()?,
-    ];
     let breakers = BreakerGroup::try_new(Policy::default())?;
-    let balance = Balance::from_backends(backends, |b| {
+    let balance = Balance::from_backends([east, west], |b| {
         ServiceBuilder::new()
             .layer(breakers.layer_for(b)) // stop sending to a failing backend
             .layer(EndpointLayer::new(b.clone())) // route, classify, cool down after 429
@@ -65,21 +58,19 @@ async fn main() -> Result<(), BoxError> {
         .build()?;
 
     for i in 0..6 {
-        let req = http::Request::post("/v1/chat/completions").body(ReplayBody::from(
-            r#"{"messages":[{"role":"user","content":"hi"}]}"#,
-        ))?;
+        let body = ReplayBody::from(r#"{"messages":[{"role":"user","content":"hi"}]}"#);
+        let req = http::Request::post("/v1/chat/completions").body(body)?;
         let res = svc.clone().oneshot(req).await?;
         let who = res
             .extensions()
             .get::<Served>()
             .map(|s| s.backend.name().to_string());
         let tries = res.extensions().get::<Attempts>().map_or(0, |a| a.0.len());
-        let status = res.status();
-        let body = res.into_body().collect().await?.to_bytes();
-        println!(
-            "request {i}: {status} from {who:?} after {tries} attempt(s), {} bytes",
-            body.len()
+        let (status, len) = (
+            res.status(),
+            res.into_body().collect().await?.to_bytes().len(),
         );
+        println!("request {i}: {status} from {who:?}, {tries} attempt(s), {len} bytes");
     }
     Ok(())
 }
