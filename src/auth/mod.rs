@@ -37,6 +37,7 @@
 //! ```
 
 mod credential;
+pub mod entra;
 pub mod error;
 mod token;
 

@@ -198,7 +198,13 @@ impl TokenCache {
                 self.inner.last_failure.store(None);
                 Ok(header)
             }
-            Err(e) => Err(self.fail(started, e.to_string())),
+            Err(e) => {
+                // Sources often name themselves in their errors; do not say it twice.
+                let e = e.to_string();
+                let prefix = format!("{}: ", self.inner.source.name());
+                let reason = e.strip_prefix(&prefix).map_or(e.clone(), str::to_string);
+                Err(self.fail(started, reason))
+            }
         }
     }
 

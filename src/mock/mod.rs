@@ -43,6 +43,9 @@ use tokio::time::Instant;
 
 use crate::auth::CALLER_CREDENTIAL_HEADERS;
 
+mod token;
+pub use token::{MockTokenServer, TokenRegistry};
+
 /// A fault a [`MockServer`] injects into every request while it is set.
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
@@ -68,6 +71,8 @@ enum Expect {
     #[default]
     Nothing,
     Header(&'static str, String),
+    /// `authorization: Bearer <token>` with a token the registry issued and that has not expired.
+    Entra(Arc<TokenRegistry>),
 }
 
 /// Builds a [`MockServer`].
@@ -252,6 +257,12 @@ impl MockBuilder {
     /// Requires `x-api-key: <key>` (Anthropic).
     pub fn x_api_key(mut self, key: impl Into<String>) -> Self {
         self.expect = Expect::Header("x-api-key", key.into());
+        self
+    }
+
+    /// Requires a bearer token issued by `tokens` and not yet expired (keyless Entra ID auth).
+    pub fn entra(mut self, tokens: &MockTokenServer) -> Self {
+        self.expect = Expect::Entra(tokens.registry());
         self
     }
 
@@ -635,6 +646,7 @@ async fn answer(
     for name in &CALLER_CREDENTIAL_HEADERS {
         if parts.headers.contains_key(name)
             && !matches!(&shared.expect, Expect::Header(n, _) if *n == name.as_str())
+            && !matches!(&shared.expect, Expect::Entra(_) if name == "authorization")
         {
             foreign = true;
         }
@@ -642,9 +654,20 @@ async fn answer(
     if foreign {
         shared.count(C_FOREIGN);
     }
-    if let Expect::Header(name, want) = &shared.expect {
-        let got = parts.headers.get(*name).map(|v| v.as_bytes());
-        if got != Some(want.as_bytes()) {
+    let authorized = match &shared.expect {
+        Expect::Nothing => true,
+        Expect::Header(name, want) => {
+            parts.headers.get(*name).map(|v| v.as_bytes()) == Some(want.as_bytes())
+        }
+        Expect::Entra(registry) => parts
+            .headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .is_some_and(|t| registry.valid(t, Instant::now())),
+    };
+    {
+        if !authorized {
             return Some(error_json(
                 StatusCode::UNAUTHORIZED,
                 "invalid_api_key",
