@@ -252,3 +252,64 @@ async fn backends_alone_are_balanced_by_priority() {
     }
     assert_eq!((ptu.counters().ok, paygo.counters().ok), (10, 0));
 }
+
+#[tokio::test(start_paused = true)]
+async fn keyless_backends_of_one_identity_share_one_token() {
+    use tower_llm_lb::mock::MockTokenServer;
+    // The secret comes from an environment variable; cargo sets CARGO_PKG_NAME for tests.
+    let secret = std::env::var("CARGO_PKG_NAME").unwrap();
+    let tokens =
+        MockTokenServer::start("app-1", &secret, "h", std::time::Duration::from_secs(3600))
+            .await
+            .unwrap();
+    let east = MockServer::builder()
+        .name("east")
+        .entra(&tokens)
+        .start()
+        .await
+        .unwrap();
+    let west = MockServer::builder()
+        .name("west")
+        .entra(&tokens)
+        .start()
+        .await
+        .unwrap();
+    let entra = format!(
+        r#"{{ "type": "client_credentials", "tenant": "t1", "client_id": "app-1",
+             "client_secret_env": "CARGO_PKG_NAME", "authority": "{}" }}"#,
+        tokens.url()
+    );
+    let json = format!(
+        r#"{{ "backends": {{
+              "east": {{ "provider": "azure", "url": "{e}", "deployment": "gpt-4o", "entra": {entra} }},
+              "west": {{ "provider": "azure", "url": "{w}", "deployment": "gpt-4o", "entra": {entra} }} }},
+             "strategy": {{ "mode": "loadbalance", "algorithm": "round_robin" }},
+             "targets": [ {{ "backend": "east" }}, {{ "backend": "west" }} ] }}"#,
+        e = east.url(),
+        w = west.url()
+    );
+    let svc = Config::from_json(&json)
+        .unwrap()
+        .build(http_client())
+        .unwrap();
+    for _ in 0..10 {
+        assert_eq!(svc.clone().oneshot(chat("{}")).await.unwrap().status(), 200);
+    }
+    assert_eq!((east.counters().ok, west.counters().ok), (5, 5));
+    assert_eq!(tokens.fetches(), 1, "one identity, one token");
+    let bad = build_err(
+        r#"{"backends": {"a": {"provider": "azure", "url": "http://x", "deployment": "d", "api_key": "k", "entra": {"type": "azure_cli"}}}}"#,
+    );
+    assert_eq!(bad, "backends.a.entra: give a key or entra, not both");
+    let bad = build_err(
+        r#"{"backends": {"a": {"provider": "azure", "url": "http://x", "deployment": "d", "entra": {"type": "client_credentials", "tenant": "t", "client_id": "c", "client_secret_env": "TOWER_LLM_LB_NOPE"}}}}"#,
+    );
+    assert_eq!(
+        bad,
+        "backends.a.entra.client_secret_env: environment variable TOWER_LLM_LB_NOPE is not set"
+    );
+    let bad = build_err(
+        r#"{"backends": {"a": {"provider": "azure", "url": "http://x", "deployment": "d", "entra": {"type": "magic"}}}}"#,
+    );
+    assert!(bad.starts_with("backends.a.entra"), "{bad}");
+}

@@ -10,8 +10,11 @@ use tower::ServiceBuilder;
 use tower::util::BoxCloneSyncService;
 use tower_service::Service;
 
-use super::{Algorithm, BackendConfig, Config, Mode, ProviderKind, StrategyConfig, TargetConfig};
-use crate::auth::{Credential, CredentialKind};
+use super::{
+    Algorithm, BackendConfig, Config, EntraConfig, Mode, ProviderKind, StrategyConfig, TargetConfig,
+};
+use crate::auth::entra::{AzureCli, ChainSource, ClientCredentials, ManagedIdentity};
+use crate::auth::{Credential, CredentialKind, TokenCache, TokenSource};
 use crate::backend::Backend;
 use crate::balance::{Balance, Strategy};
 use crate::body::ReplayBody;
@@ -22,6 +25,7 @@ use crate::provider::{DEFAULT_ANTHROPIC_VERSION, DEFAULT_AZURE_API_VERSION, Prov
 use crate::retry::RetryAfter429Layer;
 use crate::stack::{self, LlmService, Settings};
 use crate::timeout::AttemptTimeoutLayer;
+use std::sync::Arc;
 
 /// A configuration that cannot be used: the path of the bad field and why. Never contains a
 /// secret.
@@ -70,6 +74,8 @@ struct Ctx<'a, C> {
     deadline: Option<Duration>,
     /// Every backend the built stack sends to, for stats pages.
     used: Vec<Backend>,
+    /// Token caches by identity.
+    caches: Caches,
 }
 
 impl Config {
@@ -105,6 +111,7 @@ impl Config {
     {
         let mut ctx = Ctx {
             used: Vec::new(),
+            caches: Caches::new(),
             config: self,
             client,
             settings: settings(self)?,
@@ -112,7 +119,7 @@ impl Config {
             deadline: self.request_timeout.map(ms),
         };
         for (name, b) in &self.backends {
-            let backend = backend_from(&format!("backends.{name}"), name, b)?;
+            let backend = backend_from(&format!("backends.{name}"), name, b, &mut ctx.caches)?;
             ctx.backends.insert(name.clone(), backend);
         }
         let root = TargetConfig {
@@ -245,7 +252,12 @@ fn retry_layer(
     Ok(layer)
 }
 
-fn backend_from(path: &str, name: &str, b: &BackendConfig) -> Result<Backend, ConfigError> {
+fn backend_from(
+    path: &str,
+    name: &str,
+    b: &BackendConfig,
+    caches: &mut Caches,
+) -> Result<Backend, ConfigError> {
     let Some(kind) = b.provider else {
         return err(
             &format!("{path}.provider"),
@@ -286,22 +298,30 @@ fn backend_from(path: &str, name: &str, b: &BackendConfig) -> Result<Backend, Co
         ProviderKind::Azure | ProviderKind::AzureV1 => CredentialKind::ApiKey,
         ProviderKind::Anthropic => CredentialKind::XApiKey,
     };
-    let credential = match (&b.api_key, &b.api_key_env) {
-        (Some(_), Some(_)) => {
+    let credential = match (&b.api_key, &b.api_key_env, &b.entra) {
+        (Some(_), _, Some(_)) | (_, Some(_), Some(_)) => {
+            return err(&format!("{path}.entra"), "give a key or entra, not both");
+        }
+        (None, None, Some(entra)) => Some(Credential::token_cache(token_cache(
+            &format!("{path}.entra"),
+            entra,
+            caches,
+        )?)),
+        (Some(_), Some(_), None) => {
             return err(
                 &format!("{path}.api_key"),
                 "give api_key or api_key_env, not both",
             );
         }
-        (Some(k), None) => Some(
+        (Some(k), None, None) => Some(
             Credential::new(cred_kind, k)
                 .map_err(|e| ConfigError::new(format!("{path}.api_key"), e.to_string()))?,
         ),
-        (None, Some(var)) => Some(
+        (None, Some(var), None) => Some(
             Credential::from_env(cred_kind, var)
                 .map_err(|e| ConfigError::new(format!("{path}.api_key_env"), e.to_string()))?,
         ),
-        (None, None) => None,
+        (None, None, None) => None,
     };
     let mut builder = Backend::builder(name, url.clone(), provider)
         .priority(b.priority.unwrap_or(0))
@@ -318,6 +338,77 @@ fn backend_from(path: &str, name: &str, b: &BackendConfig) -> Result<Backend, Co
             .to_string();
         ConfigError::new(path.to_string(), field)
     })
+}
+
+/// Token caches by identity, so backends of one identity share one token.
+type Caches = BTreeMap<String, TokenCache>;
+
+fn token_cache(
+    path: &str,
+    entra: &EntraConfig,
+    caches: &mut Caches,
+) -> Result<TokenCache, ConfigError> {
+    let key = format!("{entra:?}");
+    if let Some(c) = caches.get(&key) {
+        return Ok(c.clone());
+    }
+    let bad = |e: BoxError| ConfigError::new(path.to_string(), e.to_string());
+    let source: Arc<dyn TokenSource> = match entra {
+        EntraConfig::ClientCredentials {
+            tenant,
+            client_id,
+            client_secret_env,
+            authority,
+        } => {
+            let secret = std::env::var(client_secret_env).map_err(|_| {
+                ConfigError::new(
+                    format!("{path}.client_secret_env"),
+                    format!("environment variable {client_secret_env} is not set"),
+                )
+            })?;
+            let mut c = ClientCredentials::new(tenant, client_id, &secret).map_err(bad)?;
+            if let Some(a) = authority {
+                c = c.authority(a);
+            }
+            Arc::new(c)
+        }
+        EntraConfig::ManagedIdentity {
+            client_id,
+            endpoint,
+        } => {
+            let mut mi = match ManagedIdentity::from_env() {
+                Some(r) => r.map_err(bad)?,
+                None => ManagedIdentity::imds(),
+            };
+            if let Some(e) = endpoint {
+                mi = mi.endpoint(e);
+            }
+            if let Some(id) = client_id {
+                mi = mi.client_id(id);
+            }
+            Arc::new(mi)
+        }
+        EntraConfig::AzureCli => Arc::new(AzureCli::new()),
+        EntraConfig::Default => {
+            let mut chain: Vec<Arc<dyn TokenSource>> = Vec::new();
+            if let (Ok(t), Ok(c), Ok(s)) = (
+                std::env::var("AZURE_TENANT_ID"),
+                std::env::var("AZURE_CLIENT_ID"),
+                std::env::var("AZURE_CLIENT_SECRET"),
+            ) {
+                chain.push(Arc::new(ClientCredentials::new(&t, &c, &s).map_err(bad)?));
+            }
+            match ManagedIdentity::from_env() {
+                Some(r) => chain.push(Arc::new(r.map_err(bad)?)),
+                None => chain.push(Arc::new(ManagedIdentity::imds())),
+            }
+            chain.push(Arc::new(AzureCli::new()));
+            Arc::new(ChainSource::new(chain))
+        }
+    };
+    let cache = TokenCache::new(source);
+    caches.insert(key, cache.clone());
+    Ok(cache)
 }
 
 fn join(path: &str, field: &str) -> String {
@@ -356,7 +447,7 @@ where
     }
 
     fn leaf_backend_inner(
-        &self,
+        &mut self,
         path: &str,
         index: usize,
         t: &TargetConfig,
@@ -398,10 +489,11 @@ where
                     anthropic_version: t.anthropic_version.clone(),
                     api_key: t.api_key.clone(),
                     api_key_env: t.api_key_env.clone(),
+                    entra: t.entra.clone(),
                     priority: t.priority,
                     weight: t.weight,
                 };
-                return backend_from(path, &name, &def);
+                return backend_from(path, &name, &def, &mut self.caches);
             }
             (None, None) => {
                 return err(path, "needs `backend`, an inline `provider`, or `targets`");

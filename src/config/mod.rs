@@ -94,6 +94,9 @@ pub struct BackendConfig {
     pub api_key: Option<String>,
     /// The environment variable holding the key.
     pub api_key_env: Option<String>,
+    /// Keyless Entra ID (Azure AD) auth instead of a key; backends with the same identity
+    /// share one token.
+    pub entra: Option<EntraConfig>,
     /// Priority tier: lower is preferred (default 0).
     pub priority: Option<u32>,
     /// Weight within the tier (default 1; 0 receives nothing).
@@ -112,6 +115,36 @@ impl fmt::Debug for BackendConfig {
             .field("weight", &self.weight)
             .finish_non_exhaustive()
     }
+}
+
+/// An Entra ID token source (see [`auth::entra`](crate::auth::entra)).
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum EntraConfig {
+    /// A service principal: tenant, client id, and the environment variable holding its secret.
+    ClientCredentials {
+        /// The tenant (directory) id.
+        tenant: String,
+        /// The application (client) id.
+        client_id: String,
+        /// The environment variable holding the client secret.
+        client_secret_env: String,
+        /// Another authority host (sovereign clouds, tests).
+        authority: Option<String>,
+    },
+    /// A managed identity: App Service / Container Apps when `IDENTITY_ENDPOINT` and
+    /// `IDENTITY_HEADER` are set, else the VM's IMDS.
+    ManagedIdentity {
+        /// A user-assigned identity's client id.
+        client_id: Option<String>,
+        /// Another IMDS endpoint URL (tests).
+        endpoint: Option<String>,
+    },
+    /// The developer's `az login`.
+    AzureCli,
+    /// Like `DefaultAzureCredential`: client credentials from `AZURE_TENANT_ID`,
+    /// `AZURE_CLIENT_ID`, `AZURE_CLIENT_SECRET` if set, then a managed identity, then the CLI.
+    Default,
 }
 
 /// Which API a backend speaks.
@@ -186,6 +219,8 @@ pub struct TargetConfig {
     pub api_key: Option<String>,
     /// Inline backend: the environment variable holding the key.
     pub api_key_env: Option<String>,
+    /// Inline backend: keyless Entra ID auth.
+    pub entra: Option<EntraConfig>,
     /// Inline Azure backend: its deployment; on a `backend` reference: a per-target override.
     pub deployment: Option<String>,
     /// Inline Azure backend: `api-version`.
