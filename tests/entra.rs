@@ -246,3 +246,48 @@ async fn secrets_and_tokens_never_appear_in_logs() {
     assert!(!logs.contains(SECRET), "client secret leaked");
     assert!(!logs.contains("mock-token-"), "token leaked");
 }
+
+/// A stand-in for an `azure_identity` credential (same trait), counting its calls.
+#[derive(Debug, Default)]
+struct SdkCredential {
+    calls: std::sync::atomic::AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl azure_core::credentials::TokenCredential for SdkCredential {
+    async fn get_token(
+        &self,
+        scopes: &[&str],
+        _: Option<azure_core::credentials::TokenRequestOptions<'_>>,
+    ) -> azure_core::Result<azure_core::credentials::AccessToken> {
+        assert_eq!(scopes, ["https://cognitiveservices.azure.com/.default"]);
+        self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let expires = time::OffsetDateTime::now_utc() + time::Duration::hours(1);
+        Ok(azure_core::credentials::AccessToken::new(
+            "sdk-token",
+            expires,
+        ))
+    }
+}
+
+#[tokio::test]
+async fn an_azure_sdk_credential_plugs_in_as_a_token_source() {
+    use tower_llm_lb::auth::entra::AzureSdkCredential;
+    let llm = MockServer::builder()
+        .bearer("sdk-token")
+        .start()
+        .await
+        .unwrap();
+    let sdk = Arc::new(SdkCredential::default());
+    let svc = stack(&backend(
+        &llm,
+        Credential::token_source(AzureSdkCredential::new(sdk.clone())),
+    ));
+    let tasks: Vec<_> = (0..100)
+        .map(|_| tokio::spawn(svc.clone().oneshot(chat("{}"))))
+        .collect();
+    for t in tasks {
+        assert_eq!(t.await.unwrap().unwrap().status(), 200);
+    }
+    assert_eq!(sdk.calls.load(std::sync::atomic::Ordering::SeqCst), 1);
+}

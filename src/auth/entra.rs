@@ -12,9 +12,9 @@
 //!
 //! **Which to choose**: in production on Azure, a managed identity (no secret to rotate); in CI or
 //! off Azure, client credentials; on a developer machine, the Azure CLI; or [`ChainSource`] of
-//! all three. If you already use the official `azure_identity` crate, adapt its
-//! `TokenCredential` with a few lines implementing [`TokenSource`] (it refreshes within 300 s of
-//! expiry, as [`TokenCache`](super::TokenCache) does).
+//! all three. If your program already uses the official `azure_identity` crate, pass its
+//! credential through `AzureSdkCredential` (feature `azure-identity`) instead: one credential,
+//! and every source it supports (workload identity included).
 //!
 //! ```
 //! use tower_llm_lb::auth::{Credential, entra::ClientCredentials};
@@ -577,6 +577,64 @@ impl TokenSource for ChainSource {
                 return Err(fail("chain", "no sources"));
             }
             Err(fail("chain", reasons.join("; ")))
+        })
+    }
+}
+
+/// The official Azure SDK's credentials (feature `azure-identity`): any
+/// `azure_core::credentials::TokenCredential` (e.g. `azure_identity::DefaultAzureCredential`,
+/// `ManagedIdentityCredential`, `ClientSecretCredential`) as a [`TokenSource`].
+///
+/// Prefer this when your program already uses `azure_identity` (one credential, one set of
+/// settings, workload identity and the other sources it supports); the sources in this module
+/// need no extra dependency and are the choice otherwise.
+#[cfg(feature = "azure-identity")]
+#[derive(Debug)]
+pub struct AzureSdkCredential {
+    name: String,
+    credential: Arc<dyn azure_core::credentials::TokenCredential>,
+    scope: String,
+}
+
+#[cfg(feature = "azure-identity")]
+impl AzureSdkCredential {
+    /// Adapts `credential`, asking for [`COGNITIVE_SERVICES_SCOPE`].
+    pub fn new(credential: Arc<dyn azure_core::credentials::TokenCredential>) -> Self {
+        AzureSdkCredential {
+            name: "azure-sdk-credential".into(),
+            credential,
+            scope: COGNITIVE_SERVICES_SCOPE.into(),
+        }
+    }
+
+    /// Another scope.
+    pub fn scope(mut self, scope: &str) -> Self {
+        self.scope = scope.into();
+        self
+    }
+}
+
+#[cfg(feature = "azure-identity")]
+impl TokenSource for AzureSdkCredential {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn fetch(&self) -> BoxFuture<'_, Result<Token, BoxError>> {
+        Box::pin(async move {
+            let token = self
+                .credential
+                .get_token(&[self.scope.as_str()], None)
+                .await
+                .map_err(|e| fail(&self.name, format!("credential failed: {}", e.kind())))?;
+            let now = time::OffsetDateTime::now_utc();
+            let left = token.expires_on - now;
+            let lifetime = Duration::try_from(left).unwrap_or(Duration::ZERO);
+            if lifetime.is_zero() {
+                return Err(fail(&self.name, "credential returned an expired token"));
+            }
+            Token::bearer(token.token.secret(), lifetime)
+                .map_err(|_| fail(&self.name, "access token is not a valid header value"))
         })
     }
 }
