@@ -91,6 +91,7 @@ impl std::error::Error for BackendError {
 pub struct Unavailable {
     what: Arc<str>,
     earliest: Option<Instant>,
+    reserved: Option<Arc<str>>,
 }
 
 impl Unavailable {
@@ -99,7 +100,20 @@ impl Unavailable {
         Unavailable {
             what: what.into(),
             earliest,
+            reserved: None,
         }
+    }
+
+    /// Says that a slot at `earliest` on `backend` was booked for this request: send it again
+    /// then with a [`Reserved`](crate::balance::Reserved) extension naming the backend.
+    pub fn with_reservation(mut self, backend: Arc<str>) -> Self {
+        self.reserved = Some(backend);
+        self
+    }
+
+    /// The backend a slot was booked on, if any.
+    pub fn reserved(&self) -> Option<&Arc<str>> {
+        self.reserved.as_ref()
     }
 
     /// The earliest instant something may be available again, if known.

@@ -57,6 +57,7 @@ struct Inner {
     low_headroom_until: AtomicU64,
     pace_ns: AtomicU64,
     credits: AtomicI64,
+    throttled_until: AtomicU64,
     counters: [AtomicU64; COUNTERS],
 }
 
@@ -116,6 +117,7 @@ impl BackendState {
                 low_headroom_until: AtomicU64::new(0),
                 pace_ns: AtomicU64::new(0),
                 credits: AtomicI64::new(UNTRACKED),
+                throttled_until: AtomicU64::new(0),
                 counters: Default::default(),
             }),
         }
@@ -213,6 +215,21 @@ impl BackendState {
             .fetch_update(AcqRel, Acquire, |cur| {
                 Some(cur.max(now_ticks).saturating_add(pace_ticks))
             });
+    }
+
+    /// Cools the backend down until `until` because it answered 429 (or 529, or 503 with a
+    /// hint) asking to wait that long: like [`BackendState::extend_cooldown`], and remembered
+    /// apart from pacing, so a request holding a booked slot is not sent into a server's wait.
+    pub fn throttle_until(&self, until: Instant) {
+        self.inner
+            .throttled_until
+            .fetch_max(self.ticks_of(until), AcqRel);
+        self.extend_cooldown(until);
+    }
+
+    /// The end of the last wait a throttled answer asked for (not pacing), if any.
+    pub fn throttled_until(&self) -> Option<Instant> {
+        self.instant_of(self.inner.throttled_until.load(Acquire))
     }
 
     /// Ends any cooldown now.

@@ -62,6 +62,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use pin_project_lite::pin_project;
 use tokio::time::Instant;
@@ -354,6 +355,18 @@ impl<S> BalanceBuilder<S> {
     }
 }
 
+/// A request extension: how long this request may still wait for a free backend. With it,
+/// a `Balance` that has nothing free books the next paced slot for the request (see
+/// [`Reserved`]). [`RetryAfter429`](crate::retry::RetryAfter429) sets it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WaitBudget(pub Duration);
+
+/// A request extension: the request comes back for the slot a `Balance` booked for it on this
+/// backend (named in [`Unavailable::reserved`](error::Unavailable::reserved)); it is sent there
+/// directly. [`RetryAfter429`](crate::retry::RetryAfter429) sets it after waiting.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reserved(pub Arc<str>);
+
 /// A request extension naming backends this request already tried: `Balance` picks another
 /// available backend if there is one (and one of these only if there is not).
 /// [`RetryAfter429`](crate::retry::RetryAfter429) sets it on each retry.
@@ -375,10 +388,40 @@ where
     }
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        match self.pick_index(Instant::now(), req.extensions().get::<Avoid>()) {
+        let now = Instant::now();
+        // A request coming back for the slot it booked goes straight to that backend: its
+        // admission was counted when the slot was booked.
+        if let Some(Reserved(name)) = req.extensions().get::<Reserved>()
+            && let Some(slot) = self
+                .shared
+                .slots
+                .iter()
+                .find(|s| *s.backend.name() == **name)
+            && slot.backend.state().circuit() == crate::state::Circuit::Closed
+            && slot
+                .backend
+                .state()
+                .throttled_until()
+                .is_none_or(|t| t <= now)
+        {
+            return ResponseFuture {
+                state: State::Send {
+                    fut: Oneshot::new(slot.service.clone(), req),
+                },
+            };
+        }
+        let picked = self.pick_index(now, req.extensions().get::<Avoid>());
+        match picked {
+            Err(earliest) => {
+                let budget = req.extensions().get::<WaitBudget>().map(|w| w.0);
+                let error = self.refuse(now, earliest, budget);
+                ResponseFuture {
+                    state: State::Unavailable { error: Some(error) },
+                }
+            }
             Ok(i) => {
                 let slot = &self.shared.slots[i];
-                slot.backend.state().admit(Instant::now());
+                slot.backend.state().admit(now);
                 tracing::trace!(
                     group = &*self.shared.name,
                     backend = slot.backend.name(),
@@ -390,11 +433,40 @@ where
                     },
                 }
             }
-            Err(earliest) => ResponseFuture {
-                state: State::Unavailable {
-                    error: Some(error::Unavailable::new(self.shared.name.clone(), earliest)),
-                },
-            },
+        }
+    }
+}
+
+impl<S> Balance<S> {
+    /// Nothing is free: say when something will be. If the request may wait that long and the
+    /// backend freeing first is paced, book its next slot for this request, so the requests
+    /// waiting on a group line up one pace apart instead of all waking at once.
+    fn refuse(
+        &self,
+        now: Instant,
+        earliest: Option<Instant>,
+        budget: Option<Duration>,
+    ) -> error::Unavailable {
+        let name = self.shared.name.clone();
+        let (Some(at), Some(budget)) = (earliest, budget) else {
+            return error::Unavailable::new(name, earliest);
+        };
+        let slot = self
+            .shared
+            .slots
+            .iter()
+            .filter(|s| s.backend.weight() > 0.0)
+            .filter(|s| s.backend.state().pace().is_some())
+            .filter(|s| s.backend.state().circuit() == crate::state::Circuit::Closed)
+            .filter_map(|s| s.backend.state().unavailable_until(now).map(|u| (u, s)))
+            .min_by_key(|(u, _)| *u);
+        match slot {
+            Some((until, s)) if until.saturating_duration_since(now) <= budget => {
+                s.backend.state().admit(until);
+                error::Unavailable::new(name, Some(until))
+                    .with_reservation(s.backend.name_arc().clone())
+            }
+            _ => error::Unavailable::new(name, Some(at)),
         }
     }
 }

@@ -387,7 +387,7 @@ impl Record {
             Outcome::Throttled { retry_after } => {
                 let streak = state.note_throttled();
                 let wait = retry_after.unwrap_or_else(|| self.backoff(streak));
-                state.extend_cooldown(now + wait);
+                state.throttle_until(now + wait);
                 if hints.remaining_requests.is_none() {
                     // No quota hints: take the wait as the rate the backend can bear for now.
                     state.set_pace(Some(
@@ -404,7 +404,7 @@ impl Record {
             Outcome::QuotaExhausted => {
                 let was_available = state.is_available(now);
                 state.note_throttled();
-                state.extend_cooldown(now + self.settings.quota_exhausted_cooldown);
+                state.throttle_until(now + self.settings.quota_exhausted_cooldown);
                 if was_available {
                     tracing::warn!(
                         backend = self.backend.name(),

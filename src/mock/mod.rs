@@ -43,6 +43,7 @@ use tokio::time::Instant;
 
 use crate::auth::CALLER_CREDENTIAL_HEADERS;
 
+pub mod sim;
 mod token;
 pub use token::{MockTokenServer, TokenRegistry};
 
@@ -88,6 +89,7 @@ pub struct MockBuilder {
     chunk_delay: Duration,
     gated: bool,
     quota_headers: bool,
+    record: bool,
 }
 
 /// Counts of what a [`MockServer`] saw and answered.
@@ -139,6 +141,7 @@ struct Shared {
     quota_headers: bool,
     gate: Option<Arc<tokio::sync::Semaphore>>,
     requests: Mutex<Vec<RecordedRequest>>,
+    record: bool,
     fault: Mutex<Option<Fault>>,
     buckets: Mutex<Buckets>,
     counters: [AtomicU64; 8],
@@ -231,6 +234,7 @@ impl Default for MockBuilder {
             chunk_delay: Duration::ZERO,
             gated: false,
             quota_headers: true,
+            record: true,
         }
     }
 }
@@ -310,11 +314,32 @@ impl MockBuilder {
         self
     }
 
+    /// Whether every request is kept for [`MockServer::requests`] (default true; turn it off
+    /// for long simulations).
+    pub fn record_requests(mut self, yes: bool) -> Self {
+        self.record = yes;
+        self
+    }
+
+    /// The same backend without a socket: an in-process service, for simulations in virtual
+    /// time (see [`sim`]).
+    pub fn in_process(self) -> InProcess {
+        InProcess {
+            shared: self.shared(),
+        }
+    }
+
     /// Binds `127.0.0.1:0` and starts serving on the current tokio runtime.
     pub async fn start(self) -> std::io::Result<MockServer> {
         let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
         let addr = listener.local_addr()?;
-        let shared = Arc::new(Shared {
+        let shared = self.shared();
+        let task = tokio::spawn(accept_loop(listener, shared.clone()));
+        Ok(MockServer { addr, shared, task })
+    }
+
+    fn shared(self) -> Arc<Shared> {
+        Arc::new(Shared {
             name: self.name,
             expect: self.expect,
             latency: self.latency,
@@ -323,15 +348,14 @@ impl MockBuilder {
             quota_headers: self.quota_headers,
             gate: self.gated.then(|| Arc::new(tokio::sync::Semaphore::new(0))),
             requests: Mutex::new(Vec::new()),
+            record: self.record,
             fault: Mutex::new(None),
             buckets: Mutex::new(Buckets {
                 requests: self.rps.map(Bucket::new),
                 tokens: self.tps.map(Bucket::new),
             }),
             counters: Default::default(),
-        });
-        let task = tokio::spawn(accept_loop(listener, shared.clone()));
-        Ok(MockServer { addr, shared, task })
+        })
     }
 }
 
@@ -391,7 +415,13 @@ impl MockServer {
 
     /// A snapshot of the counters.
     pub fn counters(&self) -> MockCounters {
-        let g = |i: usize| self.shared.counters[i].load(SeqCst);
+        self.shared.snapshot()
+    }
+}
+
+impl Shared {
+    fn snapshot(&self) -> MockCounters {
+        let g = |i: usize| self.counters[i].load(SeqCst);
         MockCounters {
             requests: g(C_REQUESTS),
             ok: g(C_OK),
@@ -403,7 +433,9 @@ impl MockServer {
             in_flight: g(C_IN_FLIGHT),
         }
     }
+}
 
+impl MockServer {
     /// Checks that no request arrived while an earlier 429 of this server asked to wait: after
     /// a 429 that arrived at `t` asking for `w`, no request may arrive in `(t, t + w)`. (Requests
     /// arriving at `t` itself were already on their way.) Returns the first offending
@@ -443,6 +475,9 @@ impl Shared {
     }
 
     fn record(&self, rec: RecordedRequest) -> usize {
+        if !self.record {
+            return usize::MAX;
+        }
         let mut log = self.requests.lock().unwrap_or_else(|e| e.into_inner());
         log.push(rec);
         log.len() - 1
@@ -466,6 +501,55 @@ struct InFlightCount(Arc<Shared>);
 impl Drop for InFlightCount {
     fn drop(&mut self) {
         self.0.counters[C_IN_FLIGHT].fetch_sub(1, SeqCst);
+    }
+}
+
+/// A mock backend without a socket: the same behaviour as a [`MockServer`] (routes, auth,
+/// limits, faults, counters) as an in-process service, for simulations in virtual time.
+#[derive(Clone)]
+pub struct InProcess {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for InProcess {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InProcess")
+            .field("name", &self.shared.name)
+            .finish()
+    }
+}
+
+impl InProcess {
+    /// The backend's name.
+    pub fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    /// A snapshot of the counters.
+    pub fn counters(&self) -> MockCounters {
+        self.shared.snapshot()
+    }
+
+    /// Sets (or clears) the fault injected into every following request.
+    pub fn set_fault(&self, fault: Option<Fault>) {
+        *self.shared.fault.lock().unwrap_or_else(|e| e.into_inner()) = fault;
+    }
+}
+
+impl tower_service::Service<Request<crate::body::ReplayBody>> for InProcess {
+    type Response = Response<MockBody>;
+    type Error = std::io::Error;
+    type Future = Pin<
+        Box<dyn std::future::Future<Output = Result<Response<MockBody>, std::io::Error>> + Send>,
+    >;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<crate::body::ReplayBody>) -> Self::Future {
+        let (parts, body) = req.into_parts();
+        Box::pin(serve(self.shared.clone(), parts, body.bytes().clone()))
     }
 }
 
@@ -583,15 +667,24 @@ async fn handle(
     shared: Arc<Shared>,
     req: Request<Incoming>,
 ) -> Result<Response<MockBody>, std::io::Error> {
-    shared.count(C_REQUESTS);
-    shared.counters[C_IN_FLIGHT].fetch_add(1, SeqCst);
-    let _in_flight = InFlightCount(shared.clone());
     let (parts, body) = req.into_parts();
     let body = body
         .collect()
         .await
         .map(|c| c.to_bytes())
         .unwrap_or_default();
+    serve(shared, parts, body).await
+}
+
+/// Answers one request whose body has been read: counts, records, applies auth, limits, faults.
+async fn serve(
+    shared: Arc<Shared>,
+    parts: http::request::Parts,
+    body: Bytes,
+) -> Result<Response<MockBody>, std::io::Error> {
+    shared.count(C_REQUESTS);
+    shared.counters[C_IN_FLIGHT].fetch_add(1, SeqCst);
+    let _in_flight = InFlightCount(shared.clone());
     let idx = shared.record(RecordedRequest {
         method: parts.method.clone(),
         path_and_query: parts

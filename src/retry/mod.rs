@@ -263,14 +263,28 @@ where
                 .get::<MaxWait>()
                 .map_or(self.settings.max_wait, |m| m.0.min(self.settings.max_wait)),
             waited: Duration::ZERO,
+            reserved: None,
             sent: 0,
         };
+        // The first attempt carries no wait budget (inserting one would allocate on every
+        // request); a refused request's later attempts do, so their slots get booked.
         ResponseFuture {
             state: RetryState::First {
                 fut: self.inner.clone().oneshot(req),
                 ctx: Some(ctx),
                 started: start,
             },
+        }
+    }
+}
+
+impl<S, B> Ctx<S, B> {
+    /// How long the request may still wait: what is left of the wait budget, within the deadline.
+    fn wait_budget(&self, now: Instant) -> Duration {
+        let left = self.max_wait.saturating_sub(self.waited);
+        match self.deadline {
+            Some(d) => left.min(d.saturating_duration_since(now)),
+            None => left,
         }
     }
 }
@@ -283,6 +297,8 @@ struct Ctx<S, B> {
     deadline: Option<Instant>,
     max_wait: Duration,
     waited: Duration,
+    /// The backend a `Balance` booked a slot on for this request's next attempt.
+    reserved: Option<Arc<str>>,
     /// Attempts that reached a backend (or tried to).
     sent: usize,
 }
@@ -365,11 +381,15 @@ fn judge<S, B, ResB>(
             let backend: Arc<str> = crate::error::find::<crate::error::BackendError>(&*e)
                 .map_or_else(|| "-".into(), |b| b.backend().into());
             match outcome {
-                Outcome::Unavailable { retry_at } => Step::Retry {
-                    last: None,
-                    refused_until: Some(retry_at),
-                    error: Some(e),
-                },
+                Outcome::Unavailable { retry_at } => {
+                    ctx.reserved = crate::error::find::<crate::error::Unavailable>(&*e)
+                        .and_then(|u| u.reserved().cloned());
+                    Step::Retry {
+                        last: None,
+                        refused_until: Some(retry_at),
+                        error: Some(e),
+                    }
+                }
                 o if (o == Outcome::ConnectError && ctx.settings.retry_connect_errors)
                     || (ctx.settings.retry_failures && o.is_failure()) =>
                 {
@@ -425,12 +445,16 @@ where
     S::Error: Into<BoxError>,
     B: Clone,
 {
-    // Hard cap on loop turns, so no path can spin.
-    let max_turns = ctx.settings.max_attempts * 4 + 4;
+    // No path can spin: a turn either sends (bounded by `max_attempts`) or, after a refusal,
+    // waits at least `MIN_WAIT` out of the wait budget. Refusals back to back at the same
+    // instant (many waiters woken together, one admitted) only cost waiting time.
+    const MIN_WAIT: Duration = Duration::from_millis(1);
     let mut earliest: Option<Instant> = None;
     // Whether the loop ended because nothing was available (rather than attempts or budget).
-    let mut ended_refused = false;
-    for turn in 0..max_turns {
+    let mut ended_refused;
+    let mut turn = 0u32;
+    loop {
+        turn += 1;
         let now = Instant::now();
         let mut wait = Duration::ZERO;
         ended_refused = refused.is_some();
@@ -438,7 +462,7 @@ where
             // Nothing was available: wait for the earliest backend, within budget and deadline.
             earliest = retry_at;
             let Some(at) = retry_at else { break };
-            wait = at.saturating_duration_since(now);
+            wait = at.saturating_duration_since(now).max(MIN_WAIT);
             let over_budget = ctx.waited + wait > ctx.max_wait;
             let past_deadline = ctx.deadline.is_some_and(|d| now + wait > d);
             if over_budget || past_deadline {
@@ -477,6 +501,13 @@ where
         if !tried.is_empty() {
             req.extensions_mut().insert(crate::balance::Avoid(tried));
         }
+        // Come back for the slot booked while we waited, or let the balancer book one.
+        if let Some(backend) = ctx.reserved.take() {
+            req.extensions_mut()
+                .insert(crate::balance::Reserved(backend));
+        }
+        req.extensions_mut()
+            .insert(crate::balance::WaitBudget(ctx.wait_budget(Instant::now())));
         let started = Instant::now();
         let span = tracing::debug_span!("attempt", n = ctx.attempts.len() + 1, turn, wait = ?wait);
         let result = ctx

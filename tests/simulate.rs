@@ -1,0 +1,43 @@
+//! The quota simulator gives the same figures every run, and meets its targets on a small
+//! scenario.
+
+use std::time::Duration;
+
+use tower_llm_lb::balance::Strategy;
+use tower_llm_lb::mock::sim::{Arrivals, Scenario, SimBackend, run};
+
+fn scenario(load: f64, quota_headers: bool) -> Scenario {
+    Scenario {
+        name: "small".into(),
+        backends: vec![
+            SimBackend::new("a", 20.0, Duration::from_millis(600)),
+            SimBackend::new("b", 20.0, Duration::from_millis(600)),
+        ],
+        load,
+        duration: Duration::from_secs(60),
+        arrivals: Arrivals::Steady,
+        max_wait: Duration::from_secs(10),
+        quota_headers,
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_same_scenario_gives_the_same_figures_twice() {
+    for strategy in [Strategy::WeightedRandom, Strategy::PowerOfTwo] {
+        let s = scenario(1.5, true);
+        let a = run(&s, strategy, 7).await;
+        let b = run(&s, strategy, 7).await;
+        assert_eq!(a, b, "{strategy:?}");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn below_capacity_everything_is_served_and_above_it_the_quota_is_spent() {
+    let under = run(&scenario(0.9, true), Strategy::WeightedRandom, 1).await;
+    assert_eq!(under.client_errors, 0);
+    assert_eq!(under.served, under.offered);
+    assert_eq!(under.throttled_per_success, 0.0);
+    let over = run(&scenario(3.0, true), Strategy::WeightedRandom, 1).await;
+    assert!(over.goodput() >= 0.98, "{over:?}");
+    assert!(over.throttled_per_success < 0.05, "{over:?}");
+}
