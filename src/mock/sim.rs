@@ -1,5 +1,5 @@
 //! A quota simulator in virtual time: backends with request/s (and token/s) limits answering 429
-//! with Retry-After exactly like [`MockServer`](super::MockServer)s, in process (no sockets), on
+//! with Retry-After exactly like [`MockServer`]s, in process (no sockets), on
 //! tokio's paused clock, so an hour of traffic runs in seconds and gives the same figures every
 //! run. `examples/simulate.rs` prints its report; users can run their own capacity plans.
 //!
