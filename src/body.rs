@@ -41,6 +41,11 @@ impl ReplayBody {
         }
     }
 
+    /// A body of static bytes (no allocation).
+    pub fn from_static(data: &'static [u8]) -> Self {
+        Self::new(Bytes::from_static(data))
+    }
+
     /// An empty body.
     pub fn empty() -> Self {
         Self::new(Bytes::new())
