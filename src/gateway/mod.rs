@@ -395,41 +395,35 @@ async fn stats(State(gw): State<Gateway>, req: Request) -> Response {
 /// the JSON config that points at them. Keep the servers alive as long as the gateway runs.
 pub async fn mock_backends() -> std::io::Result<(Vec<crate::mock::MockServer>, String)> {
     use crate::mock::MockServer;
-    let ptu = MockServer::builder()
-        .name("ptu-eastus")
-        .api_key("mock-ptu")
-        .rps(20.0)
-        .latency(Duration::from_millis(30))
-        .stream_chunks(8)
-        .chunk_delay(Duration::from_millis(40))
-        .start()
-        .await?;
-    let west = MockServer::builder()
-        .name("paygo-westus")
-        .api_key("mock-west")
-        .rps(10.0)
-        .latency(Duration::from_millis(40))
-        .stream_chunks(8)
-        .chunk_delay(Duration::from_millis(40))
-        .start()
-        .await?;
-    let sweden = MockServer::builder()
-        .name("paygo-sweden")
-        .api_key("mock-sweden")
-        .rps(10.0)
-        .latency(Duration::from_millis(40))
-        .stream_chunks(8)
-        .chunk_delay(Duration::from_millis(40))
-        .start()
-        .await?;
+    // (name, key, requests per second, tier)
+    let specs = [
+        ("ptu-eastus", "mock-ptu", 20.0, 0),
+        ("paygo-westus", "mock-west", 10.0, 1),
+        ("paygo-sweden", "mock-sweden", 10.0, 1),
+    ];
+    let mut servers = Vec::new();
+    let mut backends = serde_json::Map::new();
+    for (name, key, rps, tier) in specs {
+        let server = MockServer::builder()
+            .name(name)
+            .api_key(key)
+            .rps(rps)
+            .latency(Duration::from_millis(30))
+            .stream_chunks(8)
+            .chunk_delay(Duration::from_millis(40))
+            .start()
+            .await?;
+        backends.insert(
+            name.into(),
+            serde_json::json!({"provider": "azure", "url": server.url(), "deployment": "gpt-4o",
+                               "api_key": key, "priority": tier}),
+        );
+        servers.push(server);
+    }
     let config = serde_json::json!({
-        "backends": {
-            "ptu-eastus": {"provider": "azure", "url": ptu.url(), "deployment": "gpt-4o", "api_key": "mock-ptu", "priority": 0},
-            "paygo-westus": {"provider": "azure", "url": west.url(), "deployment": "gpt-4o", "api_key": "mock-west", "priority": 1},
-            "paygo-sweden": {"provider": "azure", "url": sweden.url(), "deployment": "gpt-4o", "api_key": "mock-sweden", "priority": 1}
-        },
+        "backends": backends,
         "retry": {"attempts": 4, "max_wait_ms": 5000},
         "timeouts": {"first_byte_ms": 30000, "idle_ms": 30000}
     });
-    Ok((vec![ptu, west, sweden], config.to_string()))
+    Ok((servers, config.to_string()))
 }
