@@ -243,3 +243,12 @@ async fn without_client_keys_only_loopback_is_served() {
     let res = send(post(format!("{}/v1/chat/completions", gw.url), None, "{}")).await;
     assert_eq!(res.status(), 200, "loopback client served without a key");
 }
+
+#[tokio::test]
+async fn the_mock_mode_config_serves_through_its_embedded_backends() {
+    let (_mocks, json) = tower_llm_lb::gateway::mock_backends().await.unwrap();
+    let gw = start(&json).await;
+    let res = send(post(format!("{}/v1/chat/completions", gw.url), None, "{}")).await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.headers()["x-llm-lb-backend"], "ptu-eastus");
+}
