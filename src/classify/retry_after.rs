@@ -20,6 +20,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use http::header::HeaderName;
 use http::{HeaderMap, HeaderValue};
 
 /// The default upper bound for any server hint: 300 s, as Envoy caps `retry-after`.
@@ -215,6 +216,21 @@ pub struct Hints {
     pub limit_requests: Option<u64>,
 }
 
+// Names looked up on every response: built once, so lookups only hash.
+static ANTHROPIC_REQUESTS_REMAINING: HeaderName =
+    HeaderName::from_static("anthropic-ratelimit-requests-remaining");
+static ANTHROPIC_TOKENS_REMAINING: HeaderName =
+    HeaderName::from_static("anthropic-ratelimit-tokens-remaining");
+static ANTHROPIC_INPUT_REMAINING: HeaderName =
+    HeaderName::from_static("anthropic-ratelimit-input-tokens-remaining");
+static RETRY_AFTER_MS: HeaderName = HeaderName::from_static("retry-after-ms");
+static X_MS_RETRY_AFTER_MS: HeaderName = HeaderName::from_static("x-ms-retry-after-ms");
+static RESET_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-reset-requests");
+static RESET_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-reset-tokens");
+static REMAINING_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-remaining-requests");
+static REMAINING_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-remaining-tokens");
+static LIMIT_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-limit-requests");
+
 /// Anthropic's rate-limit dimensions: (is the requests dimension, remaining header, reset header).
 const ANTHROPIC: [(bool, &str, &str); 4] = [
     (
@@ -243,11 +259,11 @@ impl Hints {
     /// Reads every hint a response carries. `cap` bounds each duration.
     pub fn from_headers(headers: &HeaderMap, now: SystemTime, cap: Duration) -> Hints {
         let retry_after = headers
-            .get("retry-after-ms")
+            .get(&RETRY_AFTER_MS)
             .and_then(|v| parse_millis(v, cap))
             .or_else(|| {
                 headers
-                    .get("x-ms-retry-after-ms")
+                    .get(&X_MS_RETRY_AFTER_MS)
                     .and_then(|v| parse_millis(v, cap))
             })
             .or_else(|| {
@@ -258,23 +274,21 @@ impl Hints {
         let mut hints = Hints {
             retry_after,
             reset_requests: headers
-                .get("x-ratelimit-reset-requests")
+                .get(&RESET_REQUESTS)
                 .and_then(|v| parse_reset(v, cap)),
-            reset_tokens: headers
-                .get("x-ratelimit-reset-tokens")
-                .and_then(|v| parse_reset(v, cap)),
-            remaining_requests: headers
-                .get("x-ratelimit-remaining-requests")
-                .and_then(parse_remaining),
-            remaining_tokens: headers
-                .get("x-ratelimit-remaining-tokens")
-                .and_then(parse_remaining),
-            limit_requests: headers
-                .get("x-ratelimit-limit-requests")
-                .and_then(parse_remaining),
+            reset_tokens: headers.get(&RESET_TOKENS).and_then(|v| parse_reset(v, cap)),
+            remaining_requests: headers.get(&REMAINING_REQUESTS).and_then(parse_remaining),
+            remaining_tokens: headers.get(&REMAINING_TOKENS).and_then(parse_remaining),
+            limit_requests: headers.get(&LIMIT_REQUESTS).and_then(parse_remaining),
         };
         // Anthropic's family: fill what the OpenAI-style headers did not say.
-        for (is_requests, remaining_name, reset_name) in ANTHROPIC {
+        // Anthropic's family: only looked for when the response carries its first header.
+        let anthropic = headers.contains_key(&ANTHROPIC_REQUESTS_REMAINING)
+            || headers.contains_key(&ANTHROPIC_TOKENS_REMAINING)
+            || headers.contains_key(&ANTHROPIC_INPUT_REMAINING);
+        for (is_requests, remaining_name, reset_name) in
+            ANTHROPIC.iter().filter(|_| anthropic).copied()
+        {
             let Some(remaining_value) = headers.get(remaining_name) else {
                 continue;
             };
