@@ -159,6 +159,41 @@ pub mod error {
 
     impl std::error::Error for TooLarge {}
 
+    /// A response body broke off: the connection failed mid-way, or a streamed answer ended
+    /// without its end marker. The caller has an incomplete answer.
+    #[derive(Debug)]
+    pub struct StreamInterrupted {
+        pub(crate) backend: Option<std::sync::Arc<str>>,
+        pub(crate) source: Option<BoxError>,
+    }
+
+    impl StreamInterrupted {
+        /// The backend whose answer broke off, if known.
+        pub fn backend(&self) -> Option<&str> {
+            self.backend.as_deref()
+        }
+    }
+
+    impl fmt::Display for StreamInterrupted {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            if let Some(b) = &self.backend {
+                write!(f, "backend {b}: ")?;
+            }
+            match &self.source {
+                Some(e) => write!(f, "answer interrupted: {e}"),
+                None => f.write_str("streamed answer ended without its end marker"),
+            }
+        }
+    }
+
+    impl std::error::Error for StreamInterrupted {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            self.source
+                .as_deref()
+                .map(|e| e as &(dyn std::error::Error + 'static))
+        }
+    }
+
     /// Reading the request body failed. Nothing was sent.
     #[derive(Debug)]
     pub struct ReadFailed(pub(crate) BoxError);
@@ -407,11 +442,74 @@ pin_project! {
     ///
     /// When the error body of a response was read (bounded) to classify it, those bytes are
     /// replayed first, then the rest of the backend's body follows.
+    ///
+    /// Errors are typed: a body that breaks mid-way ends with [`error::StreamInterrupted`]
+    /// naming the backend. A streamed (SSE) chat or messages answer that ends without its end
+    /// marker (`data: [DONE]`, or Anthropic's `message_stop`) ends with that error too, never
+    /// as a clean end, so a truncated answer cannot pass for a complete one.
     pub struct ResponseBody<B> {
         prefix: Option<Bytes>,
         trailers: Option<HeaderMap>,
+        backend: Option<std::sync::Arc<str>>,
+        end: EndWatch,
         #[pin]
         inner: B,
+    }
+}
+
+/// Watches a stream for its end marker across chunk boundaries.
+#[derive(Debug, Default)]
+pub(crate) struct EndWatch {
+    marker: Option<&'static [u8]>,
+    seen: bool,
+    tail: [u8; 16],
+    tail_len: usize,
+}
+
+impl EndWatch {
+    /// Watches for `marker` (none: nothing to watch).
+    pub(crate) fn new(marker: Option<&'static [u8]>) -> Self {
+        EndWatch {
+            marker,
+            ..EndWatch::default()
+        }
+    }
+
+    fn feed(&mut self, data: &[u8]) {
+        let Some(marker) = self.marker else { return };
+        if self.seen {
+            return;
+        }
+        let contains = |hay: &[u8]| hay.windows(marker.len()).any(|w| w == marker);
+        // The marker may straddle the previous chunk and this one.
+        let mut joined = [0u8; 32];
+        let head = data.len().min(16);
+        joined[..self.tail_len].copy_from_slice(&self.tail[..self.tail_len]);
+        joined[self.tail_len..self.tail_len + head].copy_from_slice(&data[..head]);
+        if contains(&joined[..self.tail_len + head]) || contains(data) {
+            self.seen = true;
+            return;
+        }
+        // Keep the last `marker.len() - 1` bytes of (tail ++ data) for the next chunk.
+        let need = marker.len().saturating_sub(1).min(16);
+        let mut next = [0u8; 16];
+        let n = if data.len() >= need {
+            next[..need].copy_from_slice(&data[data.len() - need..]);
+            need
+        } else {
+            let from_tail = (need - data.len()).min(self.tail_len);
+            let start = self.tail_len - from_tail;
+            next[..from_tail].copy_from_slice(&self.tail[start..self.tail_len]);
+            next[from_tail..from_tail + data.len()].copy_from_slice(data);
+            from_tail + data.len()
+        };
+        self.tail = next;
+        self.tail_len = n;
+    }
+
+    /// True when the stream may end now.
+    fn complete(&self) -> bool {
+        self.marker.is_none() || self.seen
     }
 }
 
@@ -421,6 +519,8 @@ impl<B> ResponseBody<B> {
         ResponseBody {
             prefix: None,
             trailers: None,
+            backend: None,
+            end: EndWatch::default(),
             inner,
         }
     }
@@ -429,8 +529,21 @@ impl<B> ResponseBody<B> {
         ResponseBody {
             prefix: (!prefix.is_empty()).then_some(prefix),
             trailers,
+            backend: None,
+            end: EndWatch::default(),
             inner,
         }
+    }
+
+    /// Names the backend in errors, and requires `end` before a clean end (if given).
+    pub(crate) fn watched(
+        mut self,
+        backend: std::sync::Arc<str>,
+        end: Option<&'static [u8]>,
+    ) -> Self {
+        self.backend = Some(backend);
+        self.end = EndWatch::new(end);
+        self
     }
 
     /// The bytes read ahead for classification, if any.
@@ -456,9 +569,10 @@ impl<B: fmt::Debug> fmt::Debug for ResponseBody<B> {
 impl<B> Body for ResponseBody<B>
 where
     B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
 {
     type Data = Bytes;
-    type Error = B::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
@@ -466,16 +580,42 @@ where
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = self.project();
         if let Some(p) = this.prefix.take() {
+            this.end.feed(&p);
             return Poll::Ready(Some(Ok(Frame::data(p))));
         }
+        let interrupted = |backend: &Option<std::sync::Arc<str>>, source: Option<BoxError>| {
+            BoxError::from(error::StreamInterrupted {
+                backend: backend.clone(),
+                source,
+            })
+        };
         match ready!(this.inner.poll_frame(cx)) {
-            None => Poll::Ready(this.trailers.take().map(|t| Ok(Frame::trailers(t)))),
-            other => Poll::Ready(other),
+            None => {
+                if let Some(t) = this.trailers.take() {
+                    return Poll::Ready(Some(Ok(Frame::trailers(t))));
+                }
+                if !this.end.complete() {
+                    // Ended cleanly on the wire but not in the protocol: a truncated answer.
+                    this.end.marker = None;
+                    return Poll::Ready(Some(Err(interrupted(this.backend, None))));
+                }
+                Poll::Ready(None)
+            }
+            Some(Err(e)) => Poll::Ready(Some(Err(interrupted(this.backend, Some(e.into()))))),
+            Some(Ok(frame)) => {
+                if let Some(d) = frame.data_ref() {
+                    this.end.feed(d);
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.prefix.is_none() && self.trailers.is_none() && self.inner.is_end_stream()
+        self.prefix.is_none()
+            && self.trailers.is_none()
+            && self.end.complete()
+            && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -609,6 +749,29 @@ mod tests {
                 std::task::Poll::Ready(self.0.next())
             }
         }
+    }
+
+    #[test]
+    fn the_end_marker_is_found_across_chunk_boundaries() {
+        for split in 0..=8 {
+            let text = b"data: x\n\ndata: [DONE]\n\n";
+            let cut = 14 + split.min(6);
+            let mut w = EndWatch::new(Some(b"[DONE]"));
+            w.feed(&text[..cut]);
+            w.feed(&text[cut..]);
+            assert!(w.complete(), "split at {cut}");
+        }
+        let mut w = EndWatch::new(Some(b"[DONE]"));
+        for b in b"data: {\"a long chunk of tokens, sent one byte at a time\"}\n\ndata: [DO" {
+            w.feed(std::slice::from_ref(b));
+        }
+        assert!(!w.complete());
+        w.feed(b"NE]");
+        assert!(w.complete(), "byte by byte");
+        let mut w = EndWatch::new(Some(b"message_stop"));
+        w.feed(b"event: message_delta\n");
+        assert!(!w.complete());
+        assert!(EndWatch::new(None).complete());
     }
 
     #[tokio::test]

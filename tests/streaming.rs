@@ -64,3 +64,65 @@ async fn a_stream_cut_upstream_ends_in_an_error_not_a_clean_end() {
         .expect_err("a truncated stream must not end cleanly");
     assert!(!err.to_string().is_empty());
 }
+
+#[tokio::test]
+async fn a_stream_that_ends_cleanly_without_done_is_still_an_error() {
+    use tower_llm_lb::body::error::StreamInterrupted;
+    let mock = MockServer::builder()
+        .stream_chunks(5)
+        .start()
+        .await
+        .unwrap();
+    mock.set_fault(Some(Fault::EndStreamEarly(2)));
+    let backend = Backend::openai("o", format!("{}/v1", mock.url()))
+        .build()
+        .unwrap();
+    let res = stack(&backend)
+        .oneshot(chat(r#"{"stream":true}"#))
+        .await
+        .unwrap();
+    let err = res
+        .into_body()
+        .collect()
+        .await
+        .expect_err("no [DONE]: not a complete answer");
+    let typed = err.downcast_ref::<StreamInterrupted>().expect("typed");
+    assert_eq!(typed.backend(), Some("o"));
+    assert_eq!(
+        err.to_string(),
+        "backend o: streamed answer ended without its end marker"
+    );
+    // A complete stream still ends cleanly.
+    mock.set_fault(None);
+    let res = stack(&backend)
+        .oneshot(chat(r#"{"stream":true}"#))
+        .await
+        .unwrap();
+    assert!(res.into_body().collect().await.is_ok());
+}
+
+#[tokio::test]
+async fn a_broken_stream_names_its_backend() {
+    use tower_llm_lb::body::error::StreamInterrupted;
+    let mock = MockServer::builder()
+        .stream_chunks(5)
+        .start()
+        .await
+        .unwrap();
+    mock.set_fault(Some(Fault::TruncateStream(2)));
+    let backend = Backend::openai("west", format!("{}/v1", mock.url()))
+        .build()
+        .unwrap();
+    let res = stack(&backend)
+        .oneshot(chat(r#"{"stream":true}"#))
+        .await
+        .unwrap();
+    let err = res.into_body().collect().await.unwrap_err();
+    let typed = err.downcast_ref::<StreamInterrupted>().expect("typed");
+    assert_eq!(typed.backend(), Some("west"));
+    assert!(
+        err.to_string()
+            .starts_with("backend west: answer interrupted: "),
+        "{err}"
+    );
+}

@@ -62,6 +62,13 @@ fn done<B>(
     outcome: Outcome,
     hints: Hints,
 ) -> Response<ResponseBody<B>> {
+    let sse = outcome.is_success()
+        && parts
+            .headers
+            .get(http::header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+    let marker = if sse { record.end_marker } else { None };
+    let body = body.watched(record.backend.name_arc().clone(), marker);
     let served = record.finish(outcome, hints);
     parts.extensions.insert(served);
     Response::from_parts(parts, body)

@@ -314,6 +314,7 @@ where
     }
 
     fn call(&mut self, mut req: Request<ReqB>) -> Self::Future {
+        let end_marker = end_marker(req.uri().path());
         if let Err(e) = route(&self.backend, &mut req) {
             return ResponseFuture::failed(e.into());
         }
@@ -322,6 +323,7 @@ where
             backend: self.backend.clone(),
             settings: self.settings.clone(),
             start: Instant::now(),
+            end_marker,
         };
         ResponseFuture::new(self.inner.call(req), record)
     }
@@ -333,6 +335,19 @@ pub(crate) struct Record {
     backend: Backend,
     settings: Arc<Settings>,
     start: Instant,
+    /// The end marker a streamed answer to this request must carry.
+    end_marker: Option<&'static [u8]>,
+}
+
+/// The end marker of a streamed answer, by the path the caller wrote.
+fn end_marker(path: &str) -> Option<&'static [u8]> {
+    if path.ends_with("/chat/completions") || path.ends_with("/completions") {
+        Some(b"[DONE]")
+    } else if path.ends_with("/messages") {
+        Some(b"message_stop")
+    } else {
+        None
+    }
 }
 
 impl Record {

@@ -29,7 +29,8 @@
 //!
 //! **Streams**: a response is returned once its head arrives, so failover happens only before the
 //! first body byte reaches the caller; after that the body streams untouched, and a stream cut
-//! upstream ends in a body error, never a clean end.
+//! upstream (or ending without its `[DONE]` / `message_stop`) ends in a typed
+//! [`StreamInterrupted`](crate::body::error::StreamInterrupted) body error, never a clean end.
 //!
 //! ```
 //! use tower::ServiceExt;

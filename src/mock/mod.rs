@@ -64,6 +64,9 @@ pub enum Fault {
     TruncateStream(usize),
     /// Answer 429 with an `insufficient_quota` body (billing limit: waiting will not help).
     QuotaExhausted,
+    /// Streamed answers end cleanly on the wire after this many chunks, without `[DONE]` (a
+    /// proxy that closes the stream early); plain answers are unaffected.
+    EndStreamEarly(usize),
 }
 
 /// The credential a [`MockServer`] requires.
@@ -809,7 +812,7 @@ async fn answer(
                 "You exceeded your current quota, please check your plan and billing details.",
             ));
         }
-        Some(Fault::TruncateStream(_)) | None => {}
+        Some(Fault::TruncateStream(_)) | Some(Fault::EndStreamEarly(_)) | None => {}
     }
     // Rate limits.
     let max_tokens = json
@@ -879,11 +882,12 @@ async fn answer(
         .map(str::to_string)
         .unwrap_or(route.model);
     let mut res = if stream {
-        let cut = match fault {
-            Some(Fault::TruncateStream(n)) => Some(n),
-            _ => None,
+        let (cut, stop) = match fault {
+            Some(Fault::TruncateStream(n)) => (Some(n), None),
+            Some(Fault::EndStreamEarly(n)) => (None, Some(n)),
+            _ => (None, None),
         };
-        sse(shared.clone(), model, cut)
+        sse(shared.clone(), model, cut, stop)
     } else {
         let text = format!("Hello from {}", shared.name);
         let body = match (route.anthropic, route.kind) {
@@ -933,12 +937,20 @@ fn go_duration(d: Duration) -> HeaderValue {
     HeaderValue::from_str(&s).unwrap_or(HeaderValue::from_static("0s"))
 }
 
-fn sse(shared: Arc<Shared>, model: String, cut_after: Option<usize>) -> Response<MockBody> {
+fn sse(
+    shared: Arc<Shared>,
+    model: String,
+    cut_after: Option<usize>,
+    stop_after: Option<usize>,
+) -> Response<MockBody> {
     let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(1);
     let chunks = shared.stream_chunks;
     let delay = shared.chunk_delay;
     tokio::spawn(async move {
         for i in 0..chunks {
+            if stop_after == Some(i) {
+                return; // the channel closes: a clean end on the wire, no [DONE]
+            }
             if cut_after == Some(i) {
                 let _ = tx
                     .send(Err(std::io::Error::from(
