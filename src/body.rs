@@ -637,6 +637,8 @@ pub(crate) struct Peek {
     pub(crate) trailers: Option<HeaderMap>,
     pub(crate) limit: usize,
     pub(crate) done: bool,
+    /// Stop early once this says the bytes read are enough.
+    pub(crate) enough: Option<fn(&[u8]) -> bool>,
 }
 
 impl Peek {
@@ -646,6 +648,15 @@ impl Peek {
             trailers: None,
             limit,
             done: false,
+            enough: None,
+        }
+    }
+
+    /// Reads until `enough` says so (or the limit, or the end).
+    pub(crate) fn until(limit: usize, enough: fn(&[u8]) -> bool) -> Self {
+        Peek {
+            enough: Some(enough),
+            ..Self::new(limit)
         }
     }
 
@@ -655,7 +666,10 @@ impl Peek {
     where
         B: Body<Data = Bytes>,
     {
-        while !self.done && self.buf.len() < self.limit {
+        while !self.done
+            && self.buf.len() < self.limit
+            && !self.enough.is_some_and(|f| f(&self.buf))
+        {
             match ready!(body.as_mut().poll_frame(cx)) {
                 None | Some(Err(_)) => self.done = true,
                 Some(Ok(frame)) => match frame.into_data() {

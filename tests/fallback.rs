@@ -380,3 +380,43 @@ async fn a_ready_made_group_splits_a_canary_by_weight() {
     assert!((share - 0.1).abs() < 0.02, "canary got {share}");
     assert_eq!(stable.counters().ok + candidate.counters().ok, n as u64);
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_error_inside_a_200_stream_fails_over_when_the_stream_start_is_held() {
+    use tower_llm_lb::endpoint::EndpointLayer;
+    let first = MockServer::builder().name("first").start().await.unwrap();
+    first.set_fault(Some(Fault::StreamError));
+    let second = MockServer::builder().name("second").start().await.unwrap();
+    let (a, b) = (openai("first", &first), openai("second", &second));
+    let held = |backend: &Backend| {
+        common::stack_with(
+            EndpointLayer::new(backend.clone()).hold_stream_start(4096),
+            backend,
+        )
+    };
+    let chain = Fallback::builder("c")
+        .target("first", held(&a))
+        .target("second", held(&b))
+        .build()
+        .unwrap();
+    let res = chain.oneshot(chat(r#"{"stream":true}"#)).await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(
+        res.extensions().get::<ServedPath>().unwrap().0,
+        "c[1:second] -> second"
+    );
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    assert!(body.ends_with(b"data: [DONE]\n\n"));
+    // Without holding, the in-band error is the caller's, inside a 200.
+    let plain = Fallback::builder("c")
+        .target("first", common::stack(&a))
+        .target("second", common::stack(&b))
+        .build()
+        .unwrap();
+    let res = plain.oneshot(chat(r#"{"stream":true}"#)).await.unwrap();
+    let err = res.into_body().collect().await.unwrap_err();
+    assert!(
+        err.to_string().contains("ended without its end marker"),
+        "{err}"
+    );
+}

@@ -104,14 +104,26 @@ where
                     let classify = &rec.settings.classify;
                     let outcome = classify.classify_response(res.status(), res.headers(), &hints);
                     let (parts, body) = res.into_parts();
-                    if !classify.wants_error_body(&outcome) {
-                        let body = ResponseBody::new(body);
-                        return Poll::Ready(Ok(done(parts, body, rec, outcome, hints)));
-                    }
-                    let limit = rec.settings.error_body_limit;
+                    let hold = rec.settings.hold_stream_start.filter(|_| {
+                        outcome.is_success()
+                            && parts
+                                .headers
+                                .get(http::header::CONTENT_TYPE)
+                                .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"))
+                    });
+                    let peek = match hold {
+                        Some(limit) => Peek::until(limit, super::stream_start_known),
+                        None if classify.wants_error_body(&outcome) => {
+                            Peek::new(rec.settings.error_body_limit)
+                        }
+                        None => {
+                            let body = ResponseBody::new(body);
+                            return Poll::Ready(Ok(done(parts, body, rec, outcome, hints)));
+                        }
+                    };
                     this.state.set(State::PeekBody {
                         head: Some((parts, body)),
-                        peek: Peek::new(limit),
+                        peek,
                         outcome,
                         hints,
                         record: Some(rec),
@@ -132,7 +144,11 @@ where
                         return Poll::Ready(Err("polled after completion".into()));
                     };
                     let read = std::mem::take(&mut peek.buf).freeze();
-                    let outcome = rec.settings.classify.classify_error_body(*outcome, &read);
+                    let outcome = if peek.enough.is_some() {
+                        super::stream_start_outcome(&read).unwrap_or(*outcome)
+                    } else {
+                        rec.settings.classify.classify_error_body(*outcome, &read)
+                    };
                     let body = ResponseBody::with_prefix(read, peek.trailers.take(), body);
                     return Poll::Ready(Ok(done(parts, body, rec, outcome, *hints)));
                 }

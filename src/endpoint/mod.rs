@@ -94,6 +94,7 @@ pub(crate) struct Settings {
     pub(crate) quota_exhausted_cooldown: Duration,
     pub(crate) error_body_limit: usize,
     pub(crate) rng: Rng,
+    pub(crate) hold_stream_start: Option<usize>,
 }
 
 /// Layer that wraps a service in [`Endpoint`] for one backend.
@@ -119,6 +120,7 @@ impl EndpointLayer {
                 quota_exhausted_cooldown: Duration::from_secs(600),
                 error_body_limit: 16 * 1024,
                 rng: Rng::from_entropy(),
+                hold_stream_start: None,
             }),
         }
     }
@@ -160,6 +162,16 @@ impl EndpointLayer {
     /// How much of a throttled answer's body may be read to classify it (default 16 KiB).
     pub fn error_body_limit(self, limit: usize) -> Self {
         self.settings(|s| s.error_body_limit = limit)
+    }
+
+    /// Opt-in: hold back the start of a streamed (SSE) answer, up to `limit` bytes, until its
+    /// first event with content (or the stream's end) has arrived. An error the provider sends
+    /// inside a 200 stream before any content (`event: error`, an `{"error": …}` event; Anthropic
+    /// `overloaded_error`) then makes the attempt a failure (a throttle for overload) that the
+    /// layers above can retry or fail over, since nothing reached the caller yet. Costs the time
+    /// to the first content event; the held bytes are passed on unchanged.
+    pub fn hold_stream_start(self, limit: usize) -> Self {
+        self.settings(|s| s.hold_stream_start = Some(limit))
     }
 
     /// The random source for backoff jitter (seed it for repeatable tests).
@@ -339,6 +351,40 @@ pub(crate) struct Record {
     end_marker: Option<&'static [u8]>,
 }
 
+/// True once the start of an SSE stream shows content or an in-band error: a complete event
+/// carrying `"content"`, `"delta"`, `"error"`, or `[DONE]`.
+pub(crate) fn stream_start_known(buf: &[u8]) -> bool {
+    // Only decide on complete events (terminated by a blank line).
+    let Some(last_end) = buf.windows(2).rposition(|w| w == b"\n\n") else {
+        return false;
+    };
+    let events = &buf[..last_end];
+    let has_in = |needle: &[u8]| events.windows(needle.len()).any(|w| w == needle);
+    has_in(b"\"content\"")
+        || has_in(b"\"delta\"")
+        || has_in(b"\"error\"")
+        || has_in(b"event: error")
+        || has_in(b"[DONE]")
+}
+
+/// What an in-band error at the start of a stream means, if there is one.
+pub(crate) fn stream_start_outcome(buf: &[u8]) -> Option<Outcome> {
+    let has = |needle: &[u8]| buf.windows(needle.len()).any(|w| w == needle);
+    let content = has(b"\"content\"") && !has(b"\"error\"");
+    if content {
+        return None;
+    }
+    if has(b"overloaded") || has(b"rate_limit") {
+        return Some(Outcome::Throttled { retry_after: None });
+    }
+    if has(b"event: error") || has(b"\"error\"") {
+        return Some(Outcome::ServerError {
+            status: http::StatusCode::BAD_GATEWAY,
+        });
+    }
+    None
+}
+
 /// The end marker of a streamed answer, by the path the caller wrote.
 fn end_marker(path: &str) -> Option<&'static [u8]> {
     if path.ends_with("/chat/completions") || path.ends_with("/completions") {
@@ -455,5 +501,42 @@ impl Record {
             .saturating_mul(2u32.saturating_pow(streak.saturating_sub(1).min(20)));
         let capped = exp.min(s.backoff_max);
         capped.mul_f64(1.0 - 0.25 * s.rng.next_f64())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_start_of_a_stream_is_judged_on_complete_events() {
+        assert!(!stream_start_known(b""));
+        assert!(
+            !stream_start_known(b"data: {\"choices\":[{\"delta\":"),
+            "incomplete event"
+        );
+        assert!(
+            !stream_start_known(b": ping\n\n"),
+            "a keep-alive says nothing"
+        );
+        let content = b"data: {\"choices\":[{\"delta\":{\"content\":\"Hi\"}}]}\n\n";
+        assert!(stream_start_known(content));
+        assert_eq!(stream_start_outcome(content), None);
+        let overloaded = b"event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\"}}\n\n";
+        assert!(stream_start_known(overloaded));
+        assert_eq!(
+            stream_start_outcome(overloaded),
+            Some(Outcome::Throttled { retry_after: None })
+        );
+        let failed = b"data: {\"error\":{\"message\":\"internal\"}}\n\n";
+        assert_eq!(
+            stream_start_outcome(failed),
+            Some(Outcome::ServerError {
+                status: http::StatusCode::BAD_GATEWAY
+            })
+        );
+        assert_eq!(end_marker("/v1/chat/completions"), Some(&b"[DONE]"[..]));
+        assert_eq!(end_marker("/v1/messages"), Some(&b"message_stop"[..]));
+        assert_eq!(end_marker("/v1/embeddings"), None);
     }
 }

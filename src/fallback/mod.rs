@@ -31,6 +31,8 @@
 //! first body byte reaches the caller; after that the body streams untouched, and a stream cut
 //! upstream (or ending without its `[DONE]` / `message_stop`) ends in a typed
 //! [`StreamInterrupted`](crate::body::error::StreamInterrupted) body error, never a clean end.
+//! To fail over on an error a provider sends *inside* a 200 stream before any content, opt in
+//! per backend with [`EndpointLayer::hold_stream_start`](crate::endpoint::EndpointLayer::hold_stream_start).
 //!
 //! ```
 //! use tower::ServiceExt;

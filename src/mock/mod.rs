@@ -67,6 +67,9 @@ pub enum Fault {
     /// Streamed answers end cleanly on the wire after this many chunks, without `[DONE]` (a
     /// proxy that closes the stream early); plain answers are unaffected.
     EndStreamEarly(usize),
+    /// Streamed answers are a 200 whose first event is an in-band `overloaded_error` (as
+    /// Anthropic sends), then the stream ends; plain answers are unaffected.
+    StreamError,
 }
 
 /// The credential a [`MockServer`] requires.
@@ -812,7 +815,10 @@ async fn answer(
                 "You exceeded your current quota, please check your plan and billing details.",
             ));
         }
-        Some(Fault::TruncateStream(_)) | Some(Fault::EndStreamEarly(_)) | None => {}
+        Some(Fault::TruncateStream(_))
+        | Some(Fault::EndStreamEarly(_))
+        | Some(Fault::StreamError)
+        | None => {}
     }
     // Rate limits.
     let max_tokens = json
@@ -887,6 +893,15 @@ async fn answer(
             Some(Fault::EndStreamEarly(n)) => (None, Some(n)),
             _ => (None, None),
         };
+        if fault == Some(Fault::StreamError) {
+            let event = "event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\",\"message\":\"Overloaded\"}}\n\n";
+            let mut res = full(StatusCode::OK, event);
+            res.headers_mut().insert(
+                "content-type",
+                HeaderValue::from_static("text/event-stream"),
+            );
+            return Some(res);
+        }
         sse(shared.clone(), model, cut, stop)
     } else {
         let text = format!("Hello from {}", shared.name);
