@@ -82,7 +82,13 @@ fn main() {
                 .start_paused(true)
                 .build()
                 .expect("runtime");
-            let r = rt.block_on(run(&scenario, strategy, 42));
+            let r = match rt.block_on(run(&scenario, strategy, 42)) {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("{}: {e}", scenario.name);
+                    std::process::exit(1);
+                }
+            };
             println!(
                 "{:<24} {:<15} {:>8} {:>8} {:>8.1}% {:>9.3} {:>7} {:>6.0}ms {:>6.0}ms",
                 scenario.name,

@@ -25,19 +25,30 @@ fn scenario(load: f64, quota_headers: bool) -> Scenario {
 async fn the_same_scenario_gives_the_same_figures_twice() {
     for strategy in [Strategy::WeightedRandom, Strategy::PowerOfTwo] {
         let s = scenario(1.5, true);
-        let a = run(&s, strategy, 7).await;
-        let b = run(&s, strategy, 7).await;
+        let a = run(&s, strategy, 7).await.unwrap();
+        let b = run(&s, strategy, 7).await.unwrap();
         assert_eq!(a, b, "{strategy:?}");
     }
 }
 
 #[tokio::test(start_paused = true)]
 async fn below_capacity_everything_is_served_and_above_it_the_quota_is_spent() {
-    let under = run(&scenario(0.9, true), Strategy::WeightedRandom, 1).await;
+    let under = run(&scenario(0.9, true), Strategy::WeightedRandom, 1)
+        .await
+        .unwrap();
     assert_eq!(under.client_errors, 0);
     assert_eq!(under.served, under.offered);
     assert_eq!(under.throttled_per_success, 0.0);
-    let over = run(&scenario(3.0, true), Strategy::WeightedRandom, 1).await;
+    let over = run(&scenario(3.0, true), Strategy::WeightedRandom, 1)
+        .await
+        .unwrap();
     assert!(over.goodput() >= 0.98, "{over:?}");
     assert!(over.throttled_per_success < 0.05, "{over:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_bad_backend_name_is_an_error_not_a_panic() {
+    let mut s = scenario(1.0, true);
+    s.backends[0].name = "not a name".into();
+    assert!(run(&s, Strategy::RoundRobin, 1).await.is_err());
 }

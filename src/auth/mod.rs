@@ -238,7 +238,9 @@ where
                 StateProj::Call { fut } => return fut.poll(cx).map_err(Into::into),
                 StateProj::Token { token, pending } => {
                     let value = ready!(token.as_mut().poll(cx))?;
-                    let (mut inner, mut req) = pending.take().expect("polled after completion");
+                    let Some((mut inner, mut req)) = pending.take() else {
+                        return Poll::Ready(Err("polled after completion".into()));
+                    };
                     req.headers_mut().insert(AUTHORIZATION, value);
                     let fut = inner.call(req);
                     this.state.set(State::Call { fut });

@@ -197,14 +197,11 @@ async fn forward(State(gw): State<Gateway>, req: Request) -> Response {
     };
     let mut out = http::Request::new(ReplayBody::new(bytes));
     *out.method_mut() = parts.method;
-    *out.uri_mut() = parts.uri.path_and_query().map_or_else(
-        || "/".parse().expect("static path"),
-        |p| {
-            p.as_str()
-                .parse()
-                .unwrap_or_else(|_| "/".parse().expect("static path"))
-        },
-    );
+    *out.uri_mut() = parts
+        .uri
+        .path_and_query()
+        .and_then(|p| p.as_str().parse().ok())
+        .unwrap_or_else(|| http::Uri::from_static("/"));
     let mut headers = parts.headers;
     for h in HOP_BY_HOP {
         headers.remove(h);

@@ -112,8 +112,13 @@ impl Report {
     }
 }
 
-/// Runs `scenario` with `strategy`; deterministic for a given `seed`.
-pub async fn run(scenario: &Scenario, strategy: Strategy, seed: u64) -> Report {
+/// Runs `scenario` with `strategy`; deterministic for a given `seed`. Fails on a backend name
+/// that is not a valid backend name.
+pub async fn run(
+    scenario: &Scenario,
+    strategy: Strategy,
+    seed: u64,
+) -> Result<Report, crate::BoxError> {
     let start = Instant::now();
     let rng = Rng::seeded(seed);
     let mut mocks = Vec::new();
@@ -128,14 +133,11 @@ pub async fn run(scenario: &Scenario, strategy: Strategy, seed: u64) -> Report {
             .in_process();
         let backend = Backend::openai(&b.name, format!("http://{}.sim/v1", b.name))
             .priority(b.priority)
-            .build()
-            .expect("simulated backends have valid names");
+            .build()?;
         mocks.push(mock);
         backends.push(backend);
     }
-    let breakers = BreakerGroup::try_new(Policy::default())
-        .expect("default policy")
-        .rng(rng.clone());
+    let breakers = BreakerGroup::try_new(Policy::default())?.rng(rng.clone());
     let balance = Balance::from_backends(backends.iter().cloned(), |b| {
         let i = backends
             .iter()
@@ -148,8 +150,7 @@ pub async fn run(scenario: &Scenario, strategy: Strategy, seed: u64) -> Report {
     })
     .strategy(strategy)
     .rng(rng.clone())
-    .build()
-    .expect("simulated group");
+    .build()?;
     let svc = ServiceBuilder::new()
         .layer(
             RetryAfter429Layer::new()
@@ -240,7 +241,7 @@ pub async fn run(scenario: &Scenario, strategy: Strategy, seed: u64) -> Report {
             .copied()
             .unwrap_or_default()
     };
-    Report {
+    Ok(Report {
         offered,
         served,
         capacity,
@@ -248,5 +249,5 @@ pub async fn run(scenario: &Scenario, strategy: Strategy, seed: u64) -> Report {
         client_errors: errors.load(Relaxed),
         p50: pct(0.5),
         p99: pct(0.99),
-    }
+    })
 }
