@@ -20,7 +20,6 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use http::header::HeaderName;
 use http::{HeaderMap, HeaderValue};
 
 /// The default upper bound for any server hint: 300 s, as Envoy caps `retry-after`.
@@ -216,21 +215,6 @@ pub struct Hints {
     pub limit_requests: Option<u64>,
 }
 
-// Names looked up on every response: built once, so lookups only hash.
-static ANTHROPIC_REQUESTS_REMAINING: HeaderName =
-    HeaderName::from_static("anthropic-ratelimit-requests-remaining");
-static ANTHROPIC_TOKENS_REMAINING: HeaderName =
-    HeaderName::from_static("anthropic-ratelimit-tokens-remaining");
-static ANTHROPIC_INPUT_REMAINING: HeaderName =
-    HeaderName::from_static("anthropic-ratelimit-input-tokens-remaining");
-static RETRY_AFTER_MS: HeaderName = HeaderName::from_static("retry-after-ms");
-static X_MS_RETRY_AFTER_MS: HeaderName = HeaderName::from_static("x-ms-retry-after-ms");
-static RESET_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-reset-requests");
-static RESET_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-reset-tokens");
-static REMAINING_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-remaining-requests");
-static REMAINING_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-remaining-tokens");
-static LIMIT_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-limit-requests");
-
 /// Anthropic's rate-limit dimensions: (is the requests dimension, remaining header, reset header).
 const ANTHROPIC: [(bool, &str, &str); 4] = [
     (
@@ -258,45 +242,56 @@ const ANTHROPIC: [(bool, &str, &str); 4] = [
 impl Hints {
     /// Reads every hint a response carries. `cap` bounds each duration.
     pub fn from_headers(headers: &HeaderMap, now: SystemTime, cap: Duration) -> Hints {
-        let retry_after = headers
-            .get(&RETRY_AFTER_MS)
+        // One pass over the headers, matching names by text: cheaper than a hashed lookup per
+        // name, and most responses carry only a few headers.
+        let (mut ms, mut x_ms, mut ra) = (None, None, None);
+        let mut hints = Hints::default();
+        // Anthropic: (remaining, reset) per dimension, paired once all are seen.
+        let mut anthropic: [(Option<&HeaderValue>, Option<&HeaderValue>); 4] = [(None, None); 4];
+        let mut any_anthropic = false;
+        for (name, value) in headers {
+            let n = name.as_str();
+            match n {
+                "retry-after-ms" => ms = Some(value),
+                "x-ms-retry-after-ms" => x_ms = Some(value),
+                "retry-after" => ra = Some(value),
+                "x-ratelimit-reset-requests" => hints.reset_requests = parse_reset(value, cap),
+                "x-ratelimit-reset-tokens" => hints.reset_tokens = parse_reset(value, cap),
+                "x-ratelimit-remaining-requests" => {
+                    hints.remaining_requests = parse_remaining(value)
+                }
+                "x-ratelimit-remaining-tokens" => hints.remaining_tokens = parse_remaining(value),
+                "x-ratelimit-limit-requests" => hints.limit_requests = parse_remaining(value),
+                _ => {
+                    if !n.starts_with("anthropic-ratelimit-") {
+                        continue;
+                    }
+                    for (i, (_, remaining, reset)) in ANTHROPIC.iter().enumerate() {
+                        if n == *remaining {
+                            anthropic[i].0 = Some(value);
+                            any_anthropic = true;
+                        } else if n == *reset {
+                            anthropic[i].1 = Some(value);
+                        }
+                    }
+                }
+            }
+        }
+        hints.retry_after = ms
             .and_then(|v| parse_millis(v, cap))
-            .or_else(|| {
-                headers
-                    .get(&X_MS_RETRY_AFTER_MS)
-                    .and_then(|v| parse_millis(v, cap))
-            })
-            .or_else(|| {
-                headers
-                    .get(http::header::RETRY_AFTER)
-                    .and_then(|v| parse_retry_after(v, now, cap))
-            });
-        let mut hints = Hints {
-            retry_after,
-            reset_requests: headers
-                .get(&RESET_REQUESTS)
-                .and_then(|v| parse_reset(v, cap)),
-            reset_tokens: headers.get(&RESET_TOKENS).and_then(|v| parse_reset(v, cap)),
-            remaining_requests: headers.get(&REMAINING_REQUESTS).and_then(parse_remaining),
-            remaining_tokens: headers.get(&REMAINING_TOKENS).and_then(parse_remaining),
-            limit_requests: headers.get(&LIMIT_REQUESTS).and_then(parse_remaining),
-        };
+            .or_else(|| x_ms.and_then(|v| parse_millis(v, cap)))
+            .or_else(|| ra.and_then(|v| parse_retry_after(v, now, cap)));
+        if !any_anthropic {
+            return hints;
+        }
         // Anthropic's family: fill what the OpenAI-style headers did not say.
-        // Anthropic's family: only looked for when the response carries its first header.
-        let anthropic = headers.contains_key(&ANTHROPIC_REQUESTS_REMAINING)
-            || headers.contains_key(&ANTHROPIC_TOKENS_REMAINING)
-            || headers.contains_key(&ANTHROPIC_INPUT_REMAINING);
-        for (is_requests, remaining_name, reset_name) in
-            ANTHROPIC.iter().filter(|_| anthropic).copied()
-        {
-            let Some(remaining_value) = headers.get(remaining_name) else {
+        for (i, (is_requests, _, _)) in ANTHROPIC.iter().enumerate() {
+            let (Some(remaining_value), reset_value) = anthropic[i] else {
                 continue;
             };
             let remaining = parse_remaining(remaining_value);
-            let reset = headers
-                .get(reset_name)
-                .and_then(|v| parse_rfc3339(v, now, cap));
-            let (rem_slot, reset_slot) = if is_requests {
+            let reset = reset_value.and_then(|v| parse_rfc3339(v, now, cap));
+            let (rem_slot, reset_slot) = if *is_requests {
                 (&mut hints.remaining_requests, &mut hints.reset_requests)
             } else {
                 (&mut hints.remaining_tokens, &mut hints.reset_tokens)
