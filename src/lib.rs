@@ -7,6 +7,7 @@
 //!
 //! | layer | what it does |
 //! |---|---|
+//! | [`fallback::Fallback`] | an ordered chain of targets (deployments, models, providers, groups) with per-target JSON overrides, one deadline, attribution |
 //! | [`balance::Balance`] | spreads requests over backends by priority tier and weight, skipping ones cooling down or open; spends each backend's remaining quota then paces it |
 //! | [`retry::RetryAfter429`] | absorbs 429s: retries elsewhere at once, waits for the earliest free backend only within a budget and deadline, else answers with an honest `retry-after` |
 //! | [`circuit_breaker::CircuitBreaker`] | per backend: stops sending to a failing backend, probes it back, never ejects more than a share of a group |
@@ -15,12 +16,13 @@
 //! | [`timeout::AttemptTimeout`] | per backend: first-byte, idle and total limits per attempt |
 //! | [`body::BufferRequest`] | once, outermost: makes the request body cheap to replay, with a size cap |
 //!
-//! `Fallback` (ordered chains of groups) builds on the same [`classify::Outcome`] and
-//! [`BackendState`].
+//! All of them share one [`classify::Outcome`] per attempt and one [`BackendState`] per
+//! backend. [`stack::group`] builds the recommended per-group stack over your client and boxes it
+//! as one [`stack::LlmService`] type.
 //!
 //! # Recommended order
 //!
-//! Outermost first: `BufferRequest` → `RetryAfter429` → `Balance` → per backend:
+//! Outermost first: `BufferRequest` → `Fallback` → `RetryAfter429` → `Balance` → per backend:
 //! `CircuitBreaker` → `Endpoint` → `AttemptTimeout` → `AuthInject` → the HTTP client.
 //!
 //! The breaker sits above `Endpoint` so it sees each attempt's classified outcome; the timeout
