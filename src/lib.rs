@@ -68,7 +68,7 @@
 //! | `mock` | no | `mock`: the loopback mock LLM server (and Entra token server) used by the tests and the demo |
 //! | `config` | no | `config`: a JSON/TOML config that builds the whole stack |
 //! | `gateway` | no | `gateway`: the OpenAI-compatible axum gateway behind `examples/gateway.rs` |
-//! | `azure-identity` | no | `auth::entra::AzureSdkCredential`: any `azure_core` `TokenCredential` as a token source (MSRV 1.88) |
+//! | `azure-identity` | no | `auth::entra::AzureSdkCredential`: any `azure_core` `TokenCredential` as a token source |
 
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
