@@ -72,7 +72,7 @@ async fn a_throttled_8k_deployment_falls_back_to_the_32k_one_with_model_overridd
     let first: serde_json::Value = serde_json::from_slice(&small.requests()[0].body).unwrap();
     assert_eq!(first["model"], "gpt-4");
     assert_eq!(
-        res.extensions().get::<ServedPath>().unwrap().0,
+        res.extensions().get::<ServedPath>().unwrap().to_string(),
         "gpt-4[1:gpt-4-32k] -> eastus-32k"
     );
     assert_eq!(res.headers()["x-llm-lb-backend"], "eastus-32k");
@@ -402,7 +402,7 @@ async fn an_error_inside_a_200_stream_fails_over_when_the_stream_start_is_held()
     let res = chain.oneshot(chat(r#"{"stream":true}"#)).await.unwrap();
     assert_eq!(res.status(), 200);
     assert_eq!(
-        res.extensions().get::<ServedPath>().unwrap().0,
+        res.extensions().get::<ServedPath>().unwrap().to_string(),
         "c[1:second] -> second"
     );
     let body = res.into_body().collect().await.unwrap().to_bytes();

@@ -83,8 +83,41 @@ pub use rewrite::{NotJson, Overrides};
 pub type BoxTarget<ResB> = BoxCloneSyncService<Request<ReplayBody>, Response<ResB>, BoxError>;
 
 /// Which backend or group served a request, through which targets (a response extension).
+/// `Display` gives e.g. `models[1:gpt-4-32k] -> westus`.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ServedPath(pub String);
+pub struct ServedPath {
+    chain: Arc<str>,
+    index: usize,
+    target: Arc<str>,
+    tail: Tail,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Tail {
+    Backend(Arc<str>),
+    Nested(Box<ServedPath>),
+}
+
+impl ServedPath {
+    /// The backend that answered, at the end of the path.
+    pub fn backend(&self) -> &str {
+        match &self.tail {
+            Tail::Backend(b) => b,
+            Tail::Nested(p) => p.backend(),
+        }
+    }
+}
+
+/// Formats as `chain[index:target] -> … -> backend`, only when asked (not on the request path).
+impl fmt::Display for ServedPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}[{}:{}] -> ", self.chain, self.index, self.target)?;
+        match &self.tail {
+            Tail::Backend(b) => f.write_str(b),
+            Tail::Nested(p) => write!(f, "{p}"),
+        }
+    }
+}
 
 /// Which outcomes move a request on to the next target.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -400,11 +433,21 @@ async fn run<ResB>(
     let mut last_429: Option<(usize, Response<ResB>)> = None;
     let mut earliest: Option<Instant> = None;
     let last_index = shared.targets.len() - 1;
+    // The caller's request, kept for the targets after the first; the last one takes it.
+    let mut original = Some(req);
     for (i, target) in shared.targets.iter().enumerate() {
         if deadline.is_some_and(|d| Instant::now() >= d) {
             break;
         }
-        let mut attempt = clone_for(&req, target)?;
+        let mut attempt = match (i == last_index, original.take()) {
+            (true, Some(req)) => rewrite_for(req, target)?,
+            (false, Some(req)) => {
+                let a = clone_for(&req, target)?;
+                original = Some(req);
+                a
+            }
+            (_, None) => return Err("fallback: request already consumed".into()),
+        };
         if let Some(d) = deadline {
             attempt.extensions_mut().insert(Deadline(d));
         }
@@ -509,6 +552,22 @@ fn min_opt(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
     }
 }
 
+/// The caller's own request, rewritten for the last target (no copy needed).
+fn rewrite_for<ResB>(
+    mut req: Request<ReplayBody>,
+    target: &Target<ResB>,
+) -> Result<Request<ReplayBody>, BoxError> {
+    if !target.overrides.is_empty() {
+        let body = target.overrides.apply(req.body().bytes(), &target.name)?;
+        *req.body_mut() = ReplayBody::new(body);
+        req.headers_mut().remove(http::header::CONTENT_LENGTH);
+    }
+    if let Some(d) = &target.deployment {
+        req.extensions_mut().insert(d.clone());
+    }
+    Ok(req)
+}
+
 fn clone_for<ResB>(
     req: &Request<ReplayBody>,
     target: &Target<ResB>,
@@ -537,9 +596,16 @@ fn attribute<ResB>(
     backend: Arc<str>,
     attempts: Vec<Attempt>,
 ) -> Response<ResB> {
-    let inner_path = res.extensions_mut().remove::<ServedPath>();
-    let tail = inner_path.map_or_else(|| backend.to_string(), |p| p.0);
-    let path = format!("{}[{}:{}] -> {}", shared.name, index, target.name, tail);
+    let tail = match res.extensions_mut().remove::<ServedPath>() {
+        Some(inner) => Tail::Nested(Box::new(inner)),
+        None => Tail::Backend(backend.clone()),
+    };
+    let path = ServedPath {
+        chain: shared.name.clone(),
+        index,
+        target: target.name.clone(),
+        tail,
+    };
     if shared.headers {
         if let Ok(v) = HeaderValue::from_str(&backend) {
             res.headers_mut().insert("x-llm-lb-backend", v);
@@ -553,7 +619,7 @@ fn attribute<ResB>(
             res.headers_mut().insert("x-llm-lb-attempts", v);
         }
     }
-    res.extensions_mut().insert(ServedPath(path));
+    res.extensions_mut().insert(path);
     res.extensions_mut().insert(Attempts(attempts));
     res
 }

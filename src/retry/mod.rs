@@ -21,7 +21,7 @@
 //! [`Unavailable`](crate::error::Unavailable) when nothing was ever sent.
 //!
 //! Bounds: at most [`RetryAfter429Layer::max_attempts`] attempts that reach a backend; a retry
-//! budget (tower's [`TpsBudget`]: retries may add at most a share of the request rate) so a storm
+//! budget ([`RetryBudget`], lock-free: retries may add at most a share of the request rate) so a storm
 //! of 429s does not multiply load; a per-request wait budget; an overall deadline (the layer's,
 //! or a [`Deadline`] request extension, whichever is earlier). A client error is never retried.
 //!
@@ -35,6 +35,8 @@
 //!
 //! The first attempt runs in a concrete future; only a retry moves to a boxed one.
 
+pub mod budget;
+
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
@@ -45,7 +47,6 @@ use std::time::Duration;
 use http::{HeaderValue, Request, Response};
 use pin_project_lite::pin_project;
 use tokio::time::Instant;
-use tower::retry::budget::{Budget, TpsBudget};
 use tower::util::{Oneshot, ServiceExt};
 use tower_layer::Layer;
 use tower_service::Service;
@@ -55,6 +56,7 @@ use crate::classify::retry_after::Hints;
 use crate::classify::{Classify, Outcome, Standard, classify_error_chain};
 use crate::endpoint::Served;
 use crate::error::{Attempt, BoxError, Exhausted};
+pub use budget::RetryBudget;
 
 /// A request's overall deadline, as a request extension. `RetryAfter429` never waits past it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -77,7 +79,7 @@ struct Settings {
     deadline: Option<Duration>,
     retry_connect_errors: bool,
     retry_failures: bool,
-    budget: Arc<TpsBudget>,
+    budget: Arc<RetryBudget>,
 }
 
 /// Layer that wraps a service in [`RetryAfter429`].
@@ -114,7 +116,7 @@ impl RetryAfter429Layer {
                 deadline: None,
                 retry_connect_errors: true,
                 retry_failures: false,
-                budget: Arc::new(TpsBudget::new(Duration::from_secs(10), 10, 0.2)),
+                budget: Arc::new(RetryBudget::new(Duration::from_secs(10), 10, 0.2)),
             },
         }
     }
@@ -152,18 +154,10 @@ impl RetryAfter429Layer {
     }
 
     /// The retry budget: over `ttl`, retries may be `retry_percent` of requests, plus
-    /// `min_per_sec` retries per second regardless. Out-of-range values are clamped to what
-    /// tower's `TpsBudget` accepts: `ttl` to 1..=60 s, `retry_percent` to 0..=1000 (NaN is 0),
-    /// `min_per_sec` below `i32::MAX`.
+    /// `min_per_sec` retries per second regardless (see [`RetryBudget`]; out-of-range values
+    /// are clamped).
     pub fn budget(mut self, ttl: Duration, min_per_sec: u32, retry_percent: f32) -> Self {
-        let ttl = ttl.clamp(Duration::from_secs(1), Duration::from_secs(60));
-        let pct = if retry_percent.is_nan() {
-            0.0
-        } else {
-            retry_percent.clamp(0.0, 1000.0)
-        };
-        let min = min_per_sec.min(i32::MAX as u32 - 1);
-        self.settings.budget = Arc::new(TpsBudget::new(ttl, min, pct));
+        self.settings.budget = Arc::new(RetryBudget::new(ttl, min_per_sec, retry_percent));
         self
     }
 }
