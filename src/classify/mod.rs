@@ -192,7 +192,6 @@ impl Classify for Standard {
 /// Walks an error's source chain for the first cause this crate knows (the stock error policy).
 pub fn classify_error_chain(error: &(dyn StdError + 'static)) -> Outcome {
     let mut cur: Option<&(dyn StdError + 'static)> = Some(error);
-    let mut saw_hyper = false;
     while let Some(e) = cur {
         if let Some(b) = e.downcast_ref::<BackendError>() {
             return b.outcome();
@@ -221,17 +220,15 @@ pub fn classify_error_chain(error: &(dyn StdError + 'static)) -> Outcome {
         {
             return Outcome::Timeout;
         }
-        if let Some(c) = e.downcast_ref::<hyper_util::client::legacy::Error>() {
-            if c.is_connect() {
-                return Outcome::ConnectError;
-            }
-            saw_hyper = true;
+        if let Some(c) = e.downcast_ref::<hyper_util::client::legacy::Error>()
+            && c.is_connect()
+        {
+            return Outcome::ConnectError;
         }
-        if let Some(h) = e.downcast_ref::<hyper::Error>() {
-            if h.is_timeout() {
-                return Outcome::Timeout;
-            }
-            saw_hyper = true;
+        if let Some(h) = e.downcast_ref::<hyper::Error>()
+            && h.is_timeout()
+        {
+            return Outcome::Timeout;
         }
         if let Some(io) = e.downcast_ref::<std::io::Error>() {
             use std::io::ErrorKind::*;
@@ -244,7 +241,6 @@ pub fn classify_error_chain(error: &(dyn StdError + 'static)) -> Outcome {
         }
         cur = e.source();
     }
-    let _ = saw_hyper;
     Outcome::Transport
 }
 
