@@ -452,6 +452,8 @@ pin_project! {
         trailers: Option<HeaderMap>,
         backend: Option<std::sync::Arc<str>>,
         end: EndWatch,
+        // Counts the answer in flight on its backend until it has been read (or dropped).
+        in_flight: Option<crate::state::InFlight>,
         #[pin]
         inner: B,
     }
@@ -521,6 +523,7 @@ impl<B> ResponseBody<B> {
             trailers: None,
             backend: None,
             end: EndWatch::default(),
+            in_flight: None,
             inner,
         }
     }
@@ -531,6 +534,7 @@ impl<B> ResponseBody<B> {
             trailers,
             backend: None,
             end: EndWatch::default(),
+            in_flight: None,
             inner,
         }
     }
@@ -543,6 +547,12 @@ impl<B> ResponseBody<B> {
     ) -> Self {
         self.backend = Some(backend);
         self.end = EndWatch::new(end);
+        self
+    }
+
+    /// Keeps `guard` (the backend's in-flight count) until the body ends or is dropped.
+    pub(crate) fn holding(mut self, guard: crate::state::InFlight) -> Self {
+        self.in_flight = Some(guard);
         self
     }
 
@@ -589,7 +599,12 @@ where
                 source,
             })
         };
-        match ready!(this.inner.poll_frame(cx)) {
+        let frame = ready!(this.inner.poll_frame(cx));
+        if !matches!(frame, Some(Ok(_))) {
+            // The answer is over (or broken): no longer in flight.
+            this.in_flight.take();
+        }
+        match frame {
             None => {
                 if let Some(t) = this.trailers.take() {
                     return Poll::Ready(Some(Ok(Frame::trailers(t))));

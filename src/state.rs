@@ -289,7 +289,7 @@ impl BackendState {
 
     // ---- load ----
 
-    /// Requests in flight (sent, response head not yet back).
+    /// Requests in flight: sent, and their answer not yet read to the end.
     pub fn in_flight(&self) -> usize {
         self.inner.in_flight.load(Relaxed)
     }

@@ -69,7 +69,8 @@ fn done<B>(
             .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
     let marker = if sse { record.end_marker } else { None };
     let body = body.watched(record.backend.name_arc().clone(), marker);
-    let served = record.finish(outcome, hints);
+    let (served, in_flight) = record.finish(outcome, hints);
+    let body = body.holding(in_flight);
     parts.extensions.insert(served);
     Response::from_parts(parts, body)
 }

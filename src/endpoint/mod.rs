@@ -17,6 +17,9 @@
 //! | connect error, broken connection, timeout | counts it, answers [`BackendError`] naming the backend and the outcome |
 //! | a path that cannot be mapped | answers [`error::InvalidTarget`] without sending |
 //!
+//! Each attempt counts as in flight on its backend from sending until its answer has been read
+//! to the end (or dropped), so a long stream keeps counting for load-aware picks.
+//!
 //! Response bodies stream through untouched ([`ResponseBody`]). Only for throttled answers is
 //! the error body read, bounded by [`EndpointLayer::error_body_limit`] (default 16 KiB), to spot
 //! quota exhaustion; those bytes are replayed to the caller first.
@@ -410,7 +413,9 @@ impl Record {
     }
 
     /// Writes the outcome into the backend's state; returns the `Served` extension.
-    fn finish(self, outcome: Outcome, hints: Hints) -> Served {
+    /// Writes the outcome into the backend's state; returns the `Served` extension and the
+    /// in-flight count, which the response body keeps until the answer has been read.
+    fn finish(self, outcome: Outcome, hints: Hints) -> (Served, crate::state::InFlight) {
         let now = Instant::now();
         let elapsed = now.saturating_duration_since(self.start);
         let state = self.state();
@@ -476,20 +481,20 @@ impl Record {
             }
             _ => {}
         }
-        drop(self.guard);
-        Served {
+        let served = Served {
             backend: self.backend,
             outcome,
             hints,
             elapsed,
-        }
+        };
+        (served, self.guard)
     }
 
     fn fail(self, error: BoxError) -> BoxError {
         let outcome = self.settings.classify.classify_error(&*error);
         let name = self.backend.name_arc().clone();
         tracing::debug!(backend = &*name, %outcome, "attempt failed");
-        self.finish(outcome, Hints::default());
+        drop(self.finish(outcome, Hints::default()));
         BackendError::new(name, outcome, error).into()
     }
 
