@@ -70,9 +70,7 @@ use tower_service::Service;
 
 use crate::backend::Backend;
 use crate::body::ReplayBody;
-use crate::classify::retry_after::{DEFAULT_MAX_HINT, Hints};
-use crate::classify::{Classify, Outcome, Standard, classify_error_chain};
-use crate::endpoint::Served;
+use crate::classify::{Outcome, classify_error_chain};
 use crate::error::BoxError;
 use crate::rng::Rng;
 use crate::state::Circuit;
@@ -371,17 +369,7 @@ impl<S: fmt::Debug> fmt::Debug for CircuitBreaker<S> {
 
 fn outcome_of<B>(result: &Result<Response<B>, BoxError>) -> Outcome {
     match result {
-        Ok(res) => res.extensions().get::<Served>().map_or_else(
-            || {
-                let hints = Hints::from_headers(
-                    res.headers(),
-                    std::time::SystemTime::now(),
-                    DEFAULT_MAX_HINT,
-                );
-                Standard.classify_response(res.status(), res.headers(), &hints)
-            },
-            |s| s.outcome,
-        ),
+        Ok(res) => crate::endpoint::outcome_of(res).1,
         Err(e) => classify_error_chain(&**e),
     }
 }

@@ -198,6 +198,15 @@ pub fn parse_remaining(value: &HeaderValue) -> Option<u64> {
     s.parse().ok()
 }
 
+/// Tells a caller to wait `wait`: sets `retry-after` (whole seconds, rounded up) and
+/// `retry-after-ms`, and removes `x-ms-retry-after-ms` so no stale hint contradicts them.
+pub fn set_retry_after(headers: &mut HeaderMap, wait: Duration) {
+    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    headers.insert(http::header::RETRY_AFTER, HeaderValue::from(secs));
+    headers.insert("retry-after-ms", HeaderValue::from(wait.as_millis() as u64));
+    headers.remove("x-ms-retry-after-ms");
+}
+
 /// Every wait and quota hint one response carried, parsed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Hints {

@@ -86,6 +86,26 @@ pub struct Served {
     pub elapsed: Duration,
 }
 
+/// What an answer means, and which backend gave it: the [`Served`] stamp of the `Endpoint`
+/// that classified it, or, for an answer that passed through none, the stock [`Standard`]
+/// classification of its status and headers (backend `-`). One place for the layers above to ask.
+pub fn outcome_of<B>(res: &http::Response<B>) -> (Arc<str>, Outcome) {
+    match res.extensions().get::<Served>() {
+        Some(s) => (s.backend.name_arc().clone(), s.outcome),
+        None => {
+            let hints = Hints::from_headers(
+                res.headers(),
+                std::time::SystemTime::now(),
+                DEFAULT_MAX_HINT,
+            );
+            (
+                "-".into(),
+                Standard.classify_response(res.status(), res.headers(), &hints),
+            )
+        }
+    }
+}
+
 /// Settings shared by the endpoints of a stack.
 #[derive(Clone)]
 pub(crate) struct Settings {

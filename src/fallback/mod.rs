@@ -71,9 +71,10 @@ use tower_service::Service;
 use tracing::Instrument;
 
 use crate::body::ReplayBody;
+use crate::classify::retry_after::set_retry_after;
 use crate::classify::retry_after::{DEFAULT_MAX_HINT, Hints};
-use crate::classify::{Classify, Outcome, Standard, classify_error_chain};
-use crate::endpoint::{Deployment, Served};
+use crate::classify::{Outcome, classify_error_chain};
+use crate::endpoint::{Deployment, outcome_of};
 use crate::error::{Attempt, BoxError, Exhausted};
 use crate::retry::{Attempts, Deadline, MaxWait};
 pub use rewrite::{NotJson, Overrides};
@@ -387,23 +388,6 @@ impl<ResB: Send + 'static> Service<Request<ReplayBody>> for Fallback<ResB> {
     }
 }
 
-fn outcome_of<B>(res: &Response<B>) -> (Arc<str>, Outcome) {
-    match res.extensions().get::<Served>() {
-        Some(s) => (s.backend.name_arc().clone(), s.outcome),
-        None => {
-            let hints = Hints::from_headers(
-                res.headers(),
-                std::time::SystemTime::now(),
-                DEFAULT_MAX_HINT,
-            );
-            (
-                "-".into(),
-                Standard.classify_response(res.status(), res.headers(), &hints),
-            )
-        }
-    }
-}
-
 /// When a throttled answer says a retry may succeed.
 fn retry_at<B>(res: &Response<B>) -> Option<Instant> {
     let hints = Hints::from_headers(
@@ -533,12 +517,10 @@ async fn run<ResB>(
         let (backend, _) = outcome_of(&res);
         let mut res = attribute(&shared, i, &shared.targets[i], res, backend, attempts);
         if let Some(at) = earliest {
-            let wait = at.saturating_duration_since(Instant::now());
-            let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-            res.headers_mut()
-                .insert(http::header::RETRY_AFTER, HeaderValue::from(secs));
-            res.headers_mut()
-                .insert("retry-after-ms", HeaderValue::from(wait.as_millis() as u64));
+            set_retry_after(
+                res.headers_mut(),
+                at.saturating_duration_since(Instant::now()),
+            );
         }
         return Ok(res);
     }

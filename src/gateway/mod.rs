@@ -270,11 +270,7 @@ fn error_for(e: &BoxError) -> Response {
             "rate_limit_exceeded",
             &format!("every backend is busy: {e}"),
         );
-        let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-        res.headers_mut()
-            .insert("retry-after", HeaderValue::from(secs));
-        res.headers_mut()
-            .insert("retry-after-ms", HeaderValue::from(wait.as_millis() as u64));
+        crate::classify::retry_after::set_retry_after(res.headers_mut(), wait);
         return res;
     }
     if unavailable {

@@ -44,7 +44,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use http::{HeaderValue, Request, Response};
+use http::{Request, Response};
 use pin_project_lite::pin_project;
 use tokio::time::Instant;
 use tower::util::{Oneshot, ServiceExt};
@@ -52,9 +52,9 @@ use tower_layer::Layer;
 use tower_service::Service;
 use tracing::Instrument;
 
-use crate::classify::retry_after::Hints;
-use crate::classify::{Classify, Outcome, Standard, classify_error_chain};
-use crate::endpoint::Served;
+use crate::classify::retry_after::set_retry_after;
+use crate::classify::{Outcome, classify_error_chain};
+use crate::endpoint::{Served, outcome_of};
 use crate::error::{Attempt, BoxError, Exhausted};
 pub use budget::RetryBudget;
 
@@ -335,20 +335,7 @@ fn judge<S, B, ResB>(
     let elapsed = started.elapsed();
     match result {
         Ok(mut res) => {
-            let (backend, outcome) = match res.extensions().get::<Served>() {
-                Some(s) => (s.backend.name_arc().clone(), s.outcome),
-                None => {
-                    let hints = Hints::from_headers(
-                        res.headers(),
-                        std::time::SystemTime::now(),
-                        crate::classify::retry_after::DEFAULT_MAX_HINT,
-                    );
-                    (
-                        "-".into(),
-                        Standard.classify_response(res.status(), res.headers(), &hints),
-                    )
-                }
-            };
+            let (backend, outcome) = outcome_of(&res);
             ctx.sent += 1;
             ctx.attempts.push(Attempt {
                 backend,
@@ -419,13 +406,12 @@ fn judge<S, B, ResB>(
 
 /// Sets `retry-after` / `retry-after-ms` on a 429 we return, to when a backend is next free.
 fn stamp_retry_after<ResB>(res: &mut Response<ResB>, earliest: Option<Instant>) {
-    let Some(at) = earliest else { return };
-    let wait = at.saturating_duration_since(Instant::now());
-    let h = res.headers_mut();
-    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-    h.insert(http::header::RETRY_AFTER, HeaderValue::from(secs));
-    h.insert("retry-after-ms", HeaderValue::from(wait.as_millis() as u64));
-    h.remove("x-ms-retry-after-ms");
+    if let Some(at) = earliest {
+        set_retry_after(
+            res.headers_mut(),
+            at.saturating_duration_since(Instant::now()),
+        );
+    }
 }
 
 async fn retry_loop<S, B, ResB>(
