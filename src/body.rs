@@ -211,6 +211,18 @@ pub mod error {
     }
 }
 
+/// A copy of `req` for replay: method, URI, version, headers, extensions and the (cheaply
+/// cloned) body. One place for the layers that resend a request.
+pub(crate) fn clone_request<B: Clone>(req: &Request<B>) -> Request<B> {
+    let mut out = Request::new(req.body().clone());
+    *out.method_mut() = req.method().clone();
+    *out.uri_mut() = req.uri().clone();
+    *out.version_mut() = req.version();
+    *out.headers_mut() = req.headers().clone();
+    *out.extensions_mut() = req.extensions().clone();
+    out
+}
+
 /// The default cap on a buffered request body: 32 MiB (audio uploads are the large ones).
 pub const DEFAULT_BODY_LIMIT: usize = 32 * 1024 * 1024;
 

@@ -550,24 +550,12 @@ fn rewrite_for<ResB>(
     Ok(req)
 }
 
+/// A copy of the caller's request, rewritten for a target before the last.
 fn clone_for<ResB>(
     req: &Request<ReplayBody>,
     target: &Target<ResB>,
 ) -> Result<Request<ReplayBody>, BoxError> {
-    let body = target.overrides.apply(req.body().bytes(), &target.name)?;
-    let mut out = Request::new(ReplayBody::new(body));
-    *out.method_mut() = req.method().clone();
-    *out.uri_mut() = req.uri().clone();
-    *out.version_mut() = req.version();
-    *out.headers_mut() = req.headers().clone();
-    *out.extensions_mut() = req.extensions().clone();
-    if !target.overrides.is_empty() {
-        out.headers_mut().remove(http::header::CONTENT_LENGTH);
-    }
-    if let Some(d) = &target.deployment {
-        out.extensions_mut().insert(d.clone());
-    }
-    Ok(out)
+    rewrite_for(crate::body::clone_request(req), target)
 }
 
 fn attribute<ResB>(

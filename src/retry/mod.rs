@@ -52,6 +52,7 @@ use tower_layer::Layer;
 use tower_service::Service;
 use tracing::Instrument;
 
+use crate::body::clone_request;
 use crate::classify::retry_after::set_retry_after;
 use crate::classify::{Outcome, classify_error_chain};
 use crate::endpoint::{Served, outcome_of};
@@ -209,16 +210,6 @@ impl<S: fmt::Debug> fmt::Debug for RetryAfter429<S> {
             .field("max_attempts", &self.settings.max_attempts)
             .finish_non_exhaustive()
     }
-}
-
-fn clone_request<B: Clone>(req: &Request<B>) -> Request<B> {
-    let mut out = Request::new(req.body().clone());
-    *out.method_mut() = req.method().clone();
-    *out.uri_mut() = req.uri().clone();
-    *out.version_mut() = req.version();
-    *out.headers_mut() = req.headers().clone();
-    *out.extensions_mut() = req.extensions().clone();
-    out
 }
 
 impl<S, B, ResB> Service<Request<B>> for RetryAfter429<S>
