@@ -210,16 +210,25 @@ mod tests {
         }
         states[1].record_latency(Duration::from_millis(1));
         states[0].record_latency(Duration::from_millis(500));
-        let i = pick(
-            Strategy::PowerOfTwo,
-            &all,
-            &[0, 1],
-            Avail::Yes,
-            Instant::now(),
-            &rng,
-            &cursor,
-            &|_| false,
+        // Power of two: whenever the two draws differ, the lighter backend (1) wins; when both
+        // draws are the same backend it is taken. So 1 gets about 3/4 of the picks, 0 about 1/4.
+        let mut to_idle = 0;
+        for _ in 0..1000 {
+            let i = pick(
+                Strategy::PowerOfTwo,
+                &all,
+                &[0, 1],
+                Avail::Yes,
+                Instant::now(),
+                &rng,
+                &cursor,
+                &|_| false,
+            );
+            to_idle += usize::from(i == Some(1));
+        }
+        assert!(
+            (700..=800).contains(&to_idle),
+            "{to_idle} of 1000 to the idle backend"
         );
-        assert!(i.is_some());
     }
 }
