@@ -460,8 +460,9 @@ pin_project! {
     /// marker (`data: [DONE]`, or Anthropic's `message_stop`) ends with that error too, never
     /// as a clean end, so a truncated answer cannot pass for a complete one.
     pub struct ResponseBody<B> {
-        prefix: Option<Bytes>,
-        trailers: Option<HeaderMap>,
+        // Boxed: only error bodies read ahead for classification have one, and the response
+        // moves through every layer, so it stays small.
+        replay: Option<Box<Replay>>,
         backend: Option<std::sync::Arc<str>>,
         end: EndWatch,
         // Counts the answer in flight on its backend until it has been read (or dropped).
@@ -469,6 +470,13 @@ pin_project! {
         #[pin]
         inner: B,
     }
+}
+
+/// What was read ahead of a body: replayed before the rest.
+#[derive(Debug)]
+struct Replay {
+    prefix: Option<Bytes>,
+    trailers: Option<HeaderMap>,
 }
 
 /// Watches a stream for its end marker across chunk boundaries.
@@ -531,8 +539,7 @@ impl<B> ResponseBody<B> {
     /// A body that streams `inner` as it is.
     pub fn new(inner: B) -> Self {
         ResponseBody {
-            prefix: None,
-            trailers: None,
+            replay: None,
             backend: None,
             end: EndWatch::default(),
             in_flight: None,
@@ -542,8 +549,10 @@ impl<B> ResponseBody<B> {
 
     pub(crate) fn with_prefix(prefix: Bytes, trailers: Option<HeaderMap>, inner: B) -> Self {
         ResponseBody {
-            prefix: (!prefix.is_empty()).then_some(prefix),
-            trailers,
+            replay: Some(Box::new(Replay {
+                prefix: (!prefix.is_empty()).then_some(prefix),
+                trailers,
+            })),
             backend: None,
             end: EndWatch::default(),
             in_flight: None,
@@ -570,7 +579,7 @@ impl<B> ResponseBody<B> {
 
     /// The bytes read ahead for classification, if any.
     pub fn prefix(&self) -> Option<&Bytes> {
-        self.prefix.as_ref()
+        self.replay.as_ref().and_then(|r| r.prefix.as_ref())
     }
 
     /// Unwraps the backend's body (dropping any bytes read ahead).
@@ -582,7 +591,7 @@ impl<B> ResponseBody<B> {
 impl<B: fmt::Debug> fmt::Debug for ResponseBody<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ResponseBody")
-            .field("prefix_len", &self.prefix.as_ref().map(Bytes::len))
+            .field("prefix_len", &self.prefix().map(Bytes::len))
             .field("inner", &self.inner)
             .finish()
     }
@@ -601,7 +610,7 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = self.project();
-        if let Some(p) = this.prefix.take() {
+        if let Some(p) = this.replay.as_mut().and_then(|r| r.prefix.take()) {
             this.end.feed(&p);
             return Poll::Ready(Some(Ok(Frame::data(p))));
         }
@@ -618,7 +627,7 @@ where
         }
         match frame {
             None => {
-                if let Some(t) = this.trailers.take() {
+                if let Some(t) = this.replay.take().and_then(|r| r.trailers) {
                     return Poll::Ready(Some(Ok(Frame::trailers(t))));
                 }
                 if !this.end.complete() {
@@ -639,14 +648,15 @@ where
     }
 
     fn is_end_stream(&self) -> bool {
-        self.prefix.is_none()
-            && self.trailers.is_none()
+        self.replay
+            .as_ref()
+            .is_none_or(|r| r.prefix.is_none() && r.trailers.is_none())
             && self.end.complete()
             && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        let extra = self.prefix.as_ref().map_or(0, |p| p.len() as u64);
+        let extra = self.prefix().map_or(0, |p| p.len() as u64);
         let inner = self.inner.size_hint();
         let mut hint = SizeHint::new();
         hint.set_lower(inner.lower() + extra);

@@ -91,6 +91,7 @@ pub mod gateway;
 #[cfg(feature = "mock")]
 pub mod mock;
 pub mod provider;
+mod ready;
 pub mod retry;
 pub mod rng;
 pub mod stack;

@@ -192,7 +192,7 @@ where
         ResponseFuture {
             state: State::Token {
                 token: Box::pin(async move { cache.get().await }),
-                pending: Some((inner, req)),
+                pending: Some(Box::new((inner, req))),
             },
         }
     }
@@ -211,7 +211,8 @@ pin_project! {
 pin_project! {
     #[project = StateProj]
     enum State<S: Service<R>, R> {
-        Token { token: TokenFuture, pending: Option<(S, R)> },
+        // Boxed: the slow path must not make every request's future larger.
+        Token { token: TokenFuture, pending: Option<Box<(S, R)>> },
         Call { #[pin] fut: S::Future },
     }
 }
@@ -238,9 +239,10 @@ where
                 StateProj::Call { fut } => return fut.poll(cx).map_err(Into::into),
                 StateProj::Token { token, pending } => {
                     let value = ready!(token.as_mut().poll(cx))?;
-                    let Some((mut inner, mut req)) = pending.take() else {
+                    let Some(pending) = pending.take() else {
                         return Poll::Ready(Err("polled after completion".into()));
                     };
+                    let (mut inner, mut req) = *pending;
                     req.headers_mut().insert(AUTHORIZATION, value);
                     let fut = inner.call(req);
                     this.state.set(State::Call { fut });

@@ -64,9 +64,9 @@ use std::sync::atomic::AtomicUsize;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use crate::ready::ReadyCall;
 use pin_project_lite::pin_project;
 use tokio::time::Instant;
-use tower::util::Oneshot;
 use tower_service::Service;
 
 use crate::backend::Backend;
@@ -406,7 +406,7 @@ where
         {
             return ResponseFuture {
                 state: State::Send {
-                    fut: Oneshot::new(slot.service.clone(), req),
+                    fut: ReadyCall::new(slot.service.clone(), req),
                 },
             };
         }
@@ -429,7 +429,7 @@ where
                 );
                 ResponseFuture {
                     state: State::Send {
-                        fut: Oneshot::new(slot.service.clone(), req),
+                        fut: ReadyCall::new(slot.service.clone(), req),
                     },
                 }
             }
@@ -482,7 +482,7 @@ pin_project! {
 pin_project! {
     #[project = StateProj]
     enum State<S: Service<Req>, Req> {
-        Send { #[pin] fut: Oneshot<S, Req> },
+        Send { #[pin] fut: ReadyCall<S, Req> },
         Unavailable { error: Option<error::Unavailable> },
     }
 }

@@ -28,14 +28,17 @@ pin_project! {
     enum State<F, B> {
         Failed { error: Option<BoxError> },
         Call { #[pin] fut: F, record: Option<Record> },
-        PeekBody {
-            head: Option<(http::response::Parts, B)>,
-            peek: Peek,
-            outcome: Outcome,
-            hints: Hints,
-            record: Option<Record>,
-        },
+        // Boxed: rare (error bodies, held stream starts), and large.
+        PeekBody { peeking: Box<Peeking<B>> },
     }
+}
+
+struct Peeking<B> {
+    head: Option<(http::response::Parts, B)>,
+    peek: Peek,
+    outcome: Outcome,
+    hints: Hints,
+    record: Option<Record>,
 }
 
 impl<F, B> ResponseFuture<F, B> {
@@ -123,20 +126,23 @@ where
                         }
                     };
                     this.state.set(State::PeekBody {
-                        head: Some((parts, body)),
+                        peeking: Box::new(Peeking {
+                            head: Some((parts, body)),
+                            peek,
+                            outcome,
+                            hints,
+                            record: Some(rec),
+                        }),
+                    });
+                }
+                StateProj::PeekBody { peeking } => {
+                    let Peeking {
+                        head,
                         peek,
                         outcome,
                         hints,
-                        record: Some(rec),
-                    });
-                }
-                StateProj::PeekBody {
-                    head,
-                    peek,
-                    outcome,
-                    hints,
-                    record,
-                } => {
+                        record,
+                    } = &mut **peeking;
                     let Some((_, body)) = head.as_mut() else {
                         return Poll::Ready(Err("polled after completion".into()));
                     };

@@ -76,6 +76,7 @@ use crate::classify::retry_after::{DEFAULT_MAX_HINT, Hints};
 use crate::classify::{Outcome, classify_error_chain};
 use crate::endpoint::{Deployment, outcome_of};
 use crate::error::{Attempt, BoxError, Exhausted};
+use crate::ready::ReadyCall;
 use crate::retry::{Attempts, Deadline, MaxWait};
 pub use rewrite::{NotJson, Overrides};
 
@@ -300,7 +301,15 @@ impl<ResB: 'static> FallbackBuilder<ResB> {
         S::Error: Into<BoxError>,
         S::Future: Send + 'static,
     {
-        let service = BoxCloneSyncService::new(service.map_err(Into::into));
+        // A target that is already boxed (a `stack::group`, another chain) is not boxed again.
+        let service: BoxTarget<ResB> =
+            match (Box::new(service) as Box<dyn std::any::Any>).downcast::<BoxTarget<ResB>>() {
+                Ok(boxed) => *boxed,
+                Err(other) => match other.downcast::<S>() {
+                    Ok(s) => BoxCloneSyncService::new(s.map_err(Into::into)),
+                    Err(_) => unreachable!("the box holds an S"),
+                },
+            };
         self.targets.push(Target {
             name: name.into().into(),
             service,
@@ -376,7 +385,7 @@ impl<ResB: 'static> FallbackBuilder<ResB> {
 impl<ResB: Send + 'static> Service<Request<ReplayBody>> for Fallback<ResB> {
     type Response = Response<ResB>;
     type Error = BoxError;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<ResB>, BoxError>> + Send>>;
+    type Future = ResponseFuture<ResB>;
 
     /// Always ready: each target's readiness is driven when it is tried.
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
@@ -384,7 +393,7 @@ impl<ResB: Send + 'static> Service<Request<ReplayBody>> for Fallback<ResB> {
     }
 
     fn call(&mut self, req: Request<ReplayBody>) -> Self::Future {
-        Box::pin(run(self.shared.clone(), req))
+        ResponseFuture::new(Run::new(self.shared.clone(), req))
     }
 }
 
@@ -398,106 +407,160 @@ fn retry_at<B>(res: &Response<B>) -> Option<Instant> {
     hints.wait().map(|d| Instant::now() + d)
 }
 
-async fn run<ResB>(
+/// One request's way down the chain: what the targets tried so far said.
+pub(crate) struct Run<ResB> {
     shared: Arc<Shared<ResB>>,
-    req: Request<ReplayBody>,
-) -> Result<Response<ResB>, BoxError> {
-    let start = Instant::now();
-    let mut deadline = shared.deadline.map(|d| start + d);
-    if let Some(Deadline(d)) = req.extensions().get::<Deadline>() {
-        deadline = Some(deadline.map_or(*d, |x| x.min(*d)));
-    }
-    let request_id = req
-        .headers()
-        .get("x-request-id")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_string();
-    let mut attempts: Vec<Attempt> = Vec::new();
-    let mut last_429: Option<(usize, Response<ResB>)> = None;
-    let mut earliest: Option<Instant> = None;
-    let last_index = shared.targets.len() - 1;
-    // The caller's request, kept for the targets after the first; the last one takes it.
-    let mut original = Some(req);
-    for (i, target) in shared.targets.iter().enumerate() {
-        if deadline.is_some_and(|d| Instant::now() >= d) {
-            break;
+    /// The caller's request, kept for the targets after the next; the last one takes it.
+    original: Option<Request<ReplayBody>>,
+    deadline: Option<Instant>,
+    /// The caller's `x-request-id`, read only when debug spans are on.
+    request_id: Option<HeaderValue>,
+    attempts: Vec<Attempt>,
+    /// Boxed: only a chain that saw a 429 has one.
+    last_429: Option<Box<(usize, Response<ResB>)>>,
+    earliest: Option<Instant>,
+}
+
+impl<ResB> Run<ResB> {
+    fn new(shared: Arc<Shared<ResB>>, req: Request<ReplayBody>) -> Self {
+        let mut deadline = shared.deadline.map(|d| Instant::now() + d);
+        if let Some(Deadline(d)) = req.extensions().get::<Deadline>() {
+            deadline = Some(deadline.map_or(*d, |x| x.min(*d)));
         }
-        let mut attempt = match (i == last_index, original.take()) {
+        let request_id = if tracing::level_enabled!(tracing::Level::DEBUG) {
+            req.headers().get("x-request-id").cloned()
+        } else {
+            None
+        };
+        Run {
+            shared,
+            original: Some(req),
+            deadline,
+            request_id,
+            attempts: Vec::new(),
+            last_429: None,
+            earliest: None,
+        }
+    }
+
+    fn past_deadline(&self) -> bool {
+        self.deadline.is_some_and(|d| Instant::now() >= d)
+    }
+
+    /// The request for target `i`: the caller's own for the last target, a copy before that,
+    /// with the target's rewrites and the chain's deadline.
+    fn request_for(&mut self, i: usize) -> Result<Request<ReplayBody>, BoxError> {
+        let target = &self.shared.targets[i];
+        let last = i == self.shared.targets.len() - 1;
+        let mut attempt = match (last, self.original.take()) {
             (true, Some(req)) => rewrite_for(req, target)?,
             (false, Some(req)) => {
-                let a = clone_for(&req, target)?;
-                original = Some(req);
-                a
+                let a = clone_for(&req, target);
+                self.original = Some(req);
+                a?
             }
             (_, None) => return Err("fallback: request already consumed".into()),
         };
-        if let Some(d) = deadline {
+        if let Some(d) = self.deadline {
             attempt.extensions_mut().insert(Deadline(d));
         }
-        if i < last_index {
+        if !last {
             attempt.extensions_mut().insert(MaxWait(Duration::ZERO));
         }
-        let span = tracing::debug_span!("fallback_target", chain = &*shared.name, target = &*target.name, index = i, request_id = %request_id);
-        let t0 = Instant::now();
-        let call = target.service.clone().oneshot(attempt).instrument(span);
-        let result = match deadline {
-            Some(d) => match tokio::time::timeout_at(d, call).await {
-                Ok(r) => r,
-                Err(_) => {
-                    // The overall deadline passed mid-attempt: that target timed out, and no
-                    // other is tried.
-                    attempts.push(Attempt {
-                        backend: target.name.clone(),
-                        outcome: Outcome::Timeout,
-                        elapsed: t0.elapsed(),
-                    });
-                    return Err(Exhausted::new(attempts, earliest).into());
-                }
-            },
-            None => call.await,
-        };
-        let elapsed = t0.elapsed();
+        Ok(attempt)
+    }
+
+    fn span(&self, i: usize) -> tracing::Span {
+        let request_id = self
+            .request_id
+            .as_ref()
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        tracing::debug_span!(
+            "fallback_target",
+            chain = &*self.shared.name,
+            target = &*self.shared.targets[i].name,
+            index = i,
+            request_id
+        )
+    }
+
+    /// Sends the request for target `i`, within the deadline.
+    fn send(&mut self, i: usize) -> Result<Attempting<ResB>, BoxError> {
+        let req = self.request_for(i)?;
+        let span = self.span(i);
+        let fut = {
+            let _in_span = span.enter();
+            ReadyCall::new(self.shared.targets[i].service.clone(), req)
+        }
+        .instrument(span);
+        Ok(Attempting {
+            fut,
+            deadline: self.deadline.map(|d| Box::pin(tokio::time::sleep_until(d))),
+            started: Instant::now(),
+        })
+    }
+
+    /// What target `i`'s result means: `Some` ends the request, `None` moves on.
+    fn judge(
+        &mut self,
+        i: usize,
+        result: Result<Response<ResB>, BoxError>,
+        elapsed: Duration,
+    ) -> Option<Result<Response<ResB>, BoxError>> {
+        let target_name = &self.shared.targets[i].name;
         match result {
             Ok(mut res) => {
                 let (backend, outcome) = outcome_of(&res);
-                match res.extensions_mut().remove::<Attempts>() {
-                    Some(Attempts(inner)) => attempts.extend(inner),
-                    None => attempts.push(Attempt {
-                        backend: backend.clone(),
-                        outcome,
-                        elapsed,
-                    }),
+                let fires = self.shared.triggers.fires(&outcome, Some(res.status()));
+                // An answer from the first target tried keeps its own list of attempts.
+                let own = !fires
+                    && self.attempts.is_empty()
+                    && res.extensions().get::<Attempts>().is_some();
+                if !own {
+                    match res.extensions_mut().remove::<Attempts>() {
+                        Some(Attempts(inner)) => self.attempts.extend(inner),
+                        None => self.attempts.push(Attempt {
+                            backend: backend.clone(),
+                            outcome,
+                            elapsed,
+                        }),
+                    }
                 }
-                if !shared.triggers.fires(&outcome, Some(res.status())) {
-                    return Ok(attribute(&shared, i, target, res, backend, attempts));
+                if !fires {
+                    if !own {
+                        let attempts = std::mem::take(&mut self.attempts);
+                        res.extensions_mut().insert(Attempts(attempts));
+                    }
+                    return Some(Ok(attribute(&self.shared, i, res, backend)));
                 }
-                tracing::debug!(target = &*target.name, %outcome, "target failed");
+                tracing::debug!(target = &**target_name, %outcome, "target failed");
                 if outcome.is_throttled() {
-                    earliest = min_opt(earliest, retry_at(&res));
-                    last_429 = Some((i, res));
+                    self.earliest = min_opt(self.earliest, retry_at(&res));
+                    self.last_429 = Some(Box::new((i, res)));
                 } else {
-                    last_429 = None;
+                    self.last_429 = None;
                 }
+                None
             }
             Err(e) => {
                 let outcome = classify_error_chain(&*e);
-                if !shared.triggers.fires(&outcome, None) {
+                if !self.shared.triggers.fires(&outcome, None) {
                     // Not a failure to move on from (a bad override, a client-side error).
-                    return Err(e);
+                    return Some(Err(e));
                 }
                 if let Outcome::Unavailable { retry_at } = outcome {
-                    earliest = min_opt(earliest, retry_at);
+                    self.earliest = min_opt(self.earliest, retry_at);
                 }
                 match e.downcast::<Exhausted>() {
                     Ok(x) => {
-                        earliest = min_opt(earliest, x.earliest());
-                        attempts.extend(x.attempts().iter().cloned());
+                        self.earliest = min_opt(self.earliest, x.earliest());
+                        self.attempts.extend(x.attempts().iter().cloned());
                     }
                     Err(e) => {
                         let backend = crate::error::find::<crate::error::BackendError>(&*e)
-                            .map_or_else(|| target.name.clone(), |b| b.backend().into());
-                        attempts.push(Attempt {
+                            .map_or_else(|| target_name.clone(), |b| b.backend().into());
+                        self.attempts.push(Attempt {
                             backend,
                             outcome,
                             elapsed,
@@ -506,25 +569,178 @@ async fn run<ResB>(
                 }
                 // A refusal after a 429 leaves that 429 as the last word; a real failure does not.
                 if !matches!(outcome, Outcome::Unavailable { .. }) {
-                    last_429 = None;
+                    self.last_429 = None;
+                }
+                None
+            }
+        }
+    }
+
+    /// The overall deadline passed while target `i` was answering: that target timed out, and
+    /// no other is tried.
+    fn timed_out(mut self, i: usize, elapsed: Duration) -> BoxError {
+        self.attempts.push(Attempt {
+            backend: self.shared.targets[i].name.clone(),
+            outcome: Outcome::Timeout,
+            elapsed,
+        });
+        Exhausted::new(self.attempts, self.earliest).into()
+    }
+
+    /// Every target failed: the last 429 with the earliest retry of all targets, or an error
+    /// that lists every failure.
+    fn give_up(self) -> Result<Response<ResB>, BoxError> {
+        if let Some(last) = self.last_429 {
+            let (i, mut res) = *last;
+            let (backend, _) = outcome_of(&res);
+            res.extensions_mut().insert(Attempts(self.attempts));
+            let mut res = attribute(&self.shared, i, res, backend);
+            if let Some(at) = self.earliest {
+                set_retry_after(
+                    res.headers_mut(),
+                    at.saturating_duration_since(Instant::now()),
+                );
+            }
+            return Ok(res);
+        }
+        Err(Exhausted::new(self.attempts, self.earliest).into())
+    }
+}
+
+/// The targets after the first (the slow path, boxed).
+async fn rest<ResB>(mut run: Run<ResB>, from: usize) -> Result<Response<ResB>, BoxError> {
+    for i in from..run.shared.targets.len() {
+        if run.past_deadline() {
+            break;
+        }
+        let attempting = run.send(i)?;
+        let started = attempting.started;
+        let result = match attempting.finish().await {
+            Ok(r) => r,
+            Err(TimedOut) => return Err(run.timed_out(i, started.elapsed())),
+        };
+        if let Some(done) = run.judge(i, result, started.elapsed()) {
+            return done;
+        }
+    }
+    run.give_up()
+}
+
+type Call<ResB> =
+    tracing::instrument::Instrumented<ReadyCall<BoxTarget<ResB>, Request<ReplayBody>>>;
+
+pin_project_lite::pin_project! {
+    /// One target's attempt, bounded by the chain's deadline.
+    struct Attempting<ResB> {
+        #[pin]
+        fut: Call<ResB>,
+        deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+        started: Instant,
+    }
+}
+
+/// The chain's deadline passed during an attempt.
+struct TimedOut;
+
+impl<ResB> Attempting<ResB> {
+    async fn finish(self) -> Result<Result<Response<ResB>, BoxError>, TimedOut> {
+        let mut this = std::pin::pin!(self);
+        std::future::poll_fn(move |cx| this.as_mut().poll_attempt(cx)).await
+    }
+
+    fn poll_attempt(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<Result<Response<ResB>, BoxError>, TimedOut>> {
+        let this = self.project();
+        if let Poll::Ready(r) = this.fut.poll(cx) {
+            return Poll::Ready(Ok(r));
+        }
+        match this.deadline {
+            Some(d) => d.as_mut().poll(cx).map(|()| Err(TimedOut)),
+            None => Poll::Pending,
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// Response future of [`Fallback`]: the first target's attempt is polled in place; moving
+    /// on to the next targets boxes the rest of the run.
+    pub struct ResponseFuture<ResB> {
+        #[pin]
+        state: State<ResB>,
+    }
+}
+
+pin_project_lite::pin_project! {
+    #[project = StateProj]
+    enum State<ResB> {
+        First { #[pin] attempting: Attempting<ResB>, run: Option<Run<ResB>> },
+        Rest { fut: Pin<Box<dyn Future<Output = Result<Response<ResB>, BoxError>> + Send>> },
+        Failed { error: Option<BoxError> },
+    }
+}
+
+impl<ResB: Send + 'static> ResponseFuture<ResB> {
+    fn new(mut run: Run<ResB>) -> Self {
+        let state = if run.past_deadline() {
+            State::Rest {
+                fut: Box::pin(std::future::ready(run.give_up())),
+            }
+        } else {
+            match run.send(0) {
+                Ok(attempting) => State::First {
+                    attempting,
+                    run: Some(run),
+                },
+                Err(e) => State::Failed { error: Some(e) },
+            }
+        };
+        ResponseFuture { state }
+    }
+}
+
+impl<ResB: Send + 'static> Future for ResponseFuture<ResB> {
+    type Output = Result<Response<ResB>, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            match this.state.as_mut().project() {
+                StateProj::First { attempting, run } => {
+                    let started = attempting.started;
+                    let result = std::task::ready!(attempting.poll_attempt(cx));
+                    let Some(mut r) = run.take() else {
+                        return Poll::Ready(Err("polled after completion".into()));
+                    };
+                    let result = match result {
+                        Ok(result) => result,
+                        Err(TimedOut) => {
+                            return Poll::Ready(Err(r.timed_out(0, started.elapsed())));
+                        }
+                    };
+                    if let Some(done) = r.judge(0, result, started.elapsed()) {
+                        return Poll::Ready(done);
+                    }
+                    this.state.set(State::Rest {
+                        fut: Box::pin(rest(r, 1)),
+                    });
+                }
+                StateProj::Rest { fut } => return fut.as_mut().poll(cx),
+                StateProj::Failed { error } => {
+                    return Poll::Ready(Err(error
+                        .take()
+                        .unwrap_or_else(|| "polled after completion".into())));
                 }
             }
         }
     }
-    // Every target failed: the last 429 with the earliest retry of all targets, or an error
-    // that lists every failure.
-    if let Some((i, res)) = last_429 {
-        let (backend, _) = outcome_of(&res);
-        let mut res = attribute(&shared, i, &shared.targets[i], res, backend, attempts);
-        if let Some(at) = earliest {
-            set_retry_after(
-                res.headers_mut(),
-                at.saturating_duration_since(Instant::now()),
-            );
-        }
-        return Ok(res);
+}
+
+impl<ResB> fmt::Debug for ResponseFuture<ResB> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("fallback::ResponseFuture")
     }
-    Err(Exhausted::new(attempts, earliest).into())
 }
 
 fn min_opt(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
@@ -561,10 +777,8 @@ fn clone_for<ResB>(
 fn attribute<ResB>(
     shared: &Shared<ResB>,
     index: usize,
-    target: &Target<ResB>,
     mut res: Response<ResB>,
     backend: Arc<str>,
-    attempts: Vec<Attempt>,
 ) -> Response<ResB> {
     let tail = match res.extensions_mut().remove::<ServedPath>() {
         Some(inner) => Tail::Nested(Box::new(inner)),
@@ -573,23 +787,23 @@ fn attribute<ResB>(
     let path = ServedPath {
         chain: shared.name.clone(),
         index,
-        target: target.name.clone(),
+        target: shared.targets[index].name.clone(),
         tail,
     };
     if shared.headers {
         if let Ok(v) = HeaderValue::from_str(&backend) {
             res.headers_mut().insert("x-llm-lb-backend", v);
         }
-        let list = attempts
-            .iter()
-            .map(|a| format!("{}={}", a.backend, a.outcome.name()))
-            .collect::<Vec<_>>()
-            .join(", ");
-        if let Ok(v) = HeaderValue::from_str(&list) {
+        let list = res.extensions().get::<Attempts>().map(|a| {
+            a.0.iter()
+                .map(|a| format!("{}={}", a.backend, a.outcome.name()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        });
+        if let Some(Ok(v)) = list.map(|l| HeaderValue::from_str(&l)) {
             res.headers_mut().insert("x-llm-lb-attempts", v);
         }
     }
     res.extensions_mut().insert(path);
-    res.extensions_mut().insert(Attempts(attempts));
     res
 }

@@ -47,7 +47,9 @@ use std::time::Duration;
 use http::{Request, Response};
 use pin_project_lite::pin_project;
 use tokio::time::Instant;
-use tower::util::{Oneshot, ServiceExt};
+use tower::util::ServiceExt;
+
+use crate::ready::ReadyCall;
 use tower_layer::Layer;
 use tower_service::Service;
 use tracing::Instrument;
@@ -255,7 +257,7 @@ where
         // request); a refused request's later attempts do, so their slots get booked.
         ResponseFuture {
             state: RetryState::First {
-                fut: self.inner.clone().oneshot(req),
+                fut: ReadyCall::new(self.inner.clone(), req),
                 ctx: Some(ctx),
                 started: start,
             },
@@ -301,7 +303,7 @@ pin_project! {
 pin_project! {
     #[project = RetryProj]
     enum RetryState<S: Service<Request<B>>, B, ResB> {
-        First { #[pin] fut: Oneshot<S, Request<B>>, ctx: Option<Ctx<S, B>>, started: Instant },
+        First { #[pin] fut: ReadyCall<S, Request<B>>, ctx: Option<Ctx<S, B>>, started: Instant },
         Retrying { fut: BoxFut<Result<Response<ResB>, BoxError>> },
     }
 }

@@ -1,0 +1,98 @@
+//! Calling a service once it is ready, without keeping a copy of it and the request around when
+//! it already is.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker};
+
+use pin_project_lite::pin_project;
+use tower::ServiceExt;
+use tower::util::Oneshot;
+use tower_service::Service;
+
+pin_project! {
+    /// Like [`Oneshot`], but a service that is ready at once (every layer of this crate, and
+    /// hyper's client, when not at a limit) is called straight away, so the future holds only
+    /// the service's own future: no copy of the service and the request moves with it. A
+    /// service that is not ready goes through a boxed `Oneshot`, which polls readiness again
+    /// with the task's waker.
+    #[project = ReadyCallProj]
+    pub(crate) enum ReadyCall<S: Service<R>, R> {
+        Called { #[pin] fut: S::Future },
+        Waiting { fut: Pin<Box<Oneshot<S, R>>> },
+        Failed { error: Option<S::Error> },
+    }
+}
+
+impl<S: Service<R>, R> ReadyCall<S, R> {
+    pub(crate) fn new(mut svc: S, req: R) -> Self {
+        // Asking once without a task is safe: a service that is not ready is asked again by
+        // `Oneshot`, which registers the real waker.
+        match svc.poll_ready(&mut Context::from_waker(Waker::noop())) {
+            Poll::Ready(Ok(())) => ReadyCall::Called { fut: svc.call(req) },
+            Poll::Ready(Err(e)) => ReadyCall::Failed { error: Some(e) },
+            Poll::Pending => ReadyCall::Waiting {
+                fut: Box::pin(svc.oneshot(req)),
+            },
+        }
+    }
+}
+
+impl<S: Service<R>, R> Future for ReadyCall<S, R> {
+    type Output = Result<S::Response, S::Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            ReadyCallProj::Called { fut } => fut.poll(cx),
+            ReadyCallProj::Waiting { fut } => fut.as_mut().poll(cx),
+            ReadyCallProj::Failed { error } => match error.take() {
+                Some(e) => Poll::Ready(Err(e)),
+                None => Poll::Pending,
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    /// Ready only on the second ask, as a service at a limit would be once a slot frees.
+    #[derive(Clone)]
+    struct Busy(Arc<AtomicUsize>);
+
+    impl Service<u32> for Busy {
+        type Response = u32;
+        type Error = &'static str;
+        type Future = std::future::Ready<Result<u32, &'static str>>;
+
+        fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            if self.0.fetch_add(1, Ordering::SeqCst) == 0 {
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, req: u32) -> Self::Future {
+            std::future::ready(Ok(req * 2))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_ready_service_is_called_at_once_and_a_busy_one_when_ready() {
+        let ready = tower::service_fn(|x: u32| async move { Ok::<_, &'static str>(x + 1) });
+        let call = ReadyCall::new(ready, 1);
+        assert!(matches!(call, ReadyCall::Called { .. }));
+        assert_eq!(call.await, Ok(2));
+
+        let asks = Arc::new(AtomicUsize::new(0));
+        let call = ReadyCall::new(Busy(asks.clone()), 21);
+        assert!(matches!(call, ReadyCall::Waiting { .. }));
+        assert_eq!(call.await, Ok(42));
+        assert_eq!(asks.load(Ordering::SeqCst), 2);
+    }
+}
