@@ -46,6 +46,39 @@ struct Inner {
     weight: f64,
     credential: Option<Credential>,
     state: BackendState,
+    /// The target URI of each of [`COMMON_PATHS`], worked out once.
+    routes: Box<[Option<Uri>]>,
+}
+
+/// The caller paths whose target URI each backend works out once, so the request path only
+/// clones it (when the request has no query and no deployment override).
+const COMMON_PATHS: [&str; 6] = [
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+    "/v1/responses",
+    "/v1/messages",
+    "/v1/models",
+];
+
+fn routes(
+    scheme: &Scheme,
+    authority: &Authority,
+    base_path: &str,
+    provider: &Provider,
+) -> Box<[Option<Uri>]> {
+    COMMON_PATHS
+        .iter()
+        .map(|path| {
+            let target = provider.target_path_for(base_path, path, None, None);
+            Uri::builder()
+                .scheme(scheme.clone())
+                .authority(authority.clone())
+                .path_and_query(target)
+                .build()
+                .ok()
+        })
+        .collect()
 }
 
 /// A backend description that cannot be used. Names the backend and the field.
@@ -148,6 +181,7 @@ impl Backend {
                 weight,
                 credential: i.credential.clone(),
                 state: BackendState::new(),
+                routes: i.routes.clone(),
             }),
         })
     }
@@ -205,6 +239,13 @@ impl Backend {
     /// The base URL's path, without a trailing slash (may be empty).
     pub fn base_path(&self) -> &str {
         &self.inner.base_path
+    }
+
+    /// The target URI for a caller's `path` (no query, no deployment override), when it is one
+    /// of the common operations worked out in advance.
+    pub(crate) fn common_uri(&self, path: &str) -> Option<&Uri> {
+        let i = COMMON_PATHS.iter().position(|p| *p == path)?;
+        self.inner.routes[i].as_ref()
     }
 }
 
@@ -307,7 +348,8 @@ impl BackendBuilder {
         }
         let host = HeaderValue::from_str(authority.as_str())
             .map_err(|_| err("url: host is not a valid Host header".into()))?;
-        let base_path = uri.path().trim_end_matches('/').into();
+        let base_path: Box<str> = uri.path().trim_end_matches('/').into();
+        let routes = routes(&scheme, &authority, &base_path, &provider);
         Ok(Backend {
             inner: Arc::new(Inner {
                 name: self.name.into(),
@@ -320,6 +362,7 @@ impl BackendBuilder {
                 weight: self.weight,
                 credential: self.credential,
                 state: BackendState::new(),
+                routes,
             }),
         })
     }

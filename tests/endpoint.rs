@@ -280,3 +280,53 @@ async fn caller_path_and_query_map_onto_each_provider() {
         ]
     );
 }
+
+#[tokio::test]
+async fn common_paths_without_query_map_the_same_and_a_callers_host_is_replaced() {
+    // `/v1/chat/completions` and `/v1/embeddings` without a query take the per-backend
+    // precomputed route; `/v1/audio/speech` is worked out per request. Both must agree.
+    let mock = MockServer::builder().start().await.unwrap();
+    let openai = Backend::openai("vllm", format!("{}/v1", mock.url()))
+        .build()
+        .unwrap();
+    let classic = azure(mock.url());
+    let anthropic = Backend::anthropic("claude", mock.url()).build().unwrap();
+    for b in [&openai, &classic, &anthropic] {
+        for path in ["/v1/chat/completions", "/v1/embeddings", "/v1/audio/speech"] {
+            let req = http::Request::post(path)
+                .header("host", "gateway.example")
+                .body(r#"{"input":"x"}"#.into())
+                .unwrap();
+            let status = stack(b).oneshot(req).await.unwrap().status();
+            assert!(
+                status.is_success() || status == 404,
+                "{} {path}: {status}",
+                b.name()
+            );
+        }
+    }
+    let seen = mock.requests();
+    let paths: Vec<_> = seen.iter().map(|r| r.path_and_query.as_str()).collect();
+    assert_eq!(
+        paths,
+        [
+            "/v1/chat/completions",
+            "/v1/embeddings",
+            "/v1/audio/speech",
+            "/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21",
+            "/openai/deployments/gpt-4o/embeddings?api-version=2024-10-21",
+            "/openai/deployments/gpt-4o/audio/speech?api-version=2024-10-21",
+            "/v1/chat/completions",
+            "/v1/embeddings",
+            "/v1/audio/speech",
+        ]
+    );
+    for r in &seen {
+        assert_eq!(r.headers["host"], mock.addr().to_string().as_str());
+    }
+    assert!(
+        seen[6..]
+            .iter()
+            .all(|r| r.headers.contains_key("anthropic-version"))
+    );
+}

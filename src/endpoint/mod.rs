@@ -307,6 +307,14 @@ impl Deployment {
 fn route<B>(backend: &Backend, req: &mut Request<B>) -> Result<(), error::InvalidTarget> {
     let uri = req.uri();
     let deployment = req.extensions().get::<Deployment>().map(|d| &*d.0);
+    if deployment.is_none()
+        && uri.query().is_none()
+        && let Some(target) = backend.common_uri(uri.path())
+    {
+        *req.uri_mut() = target.clone();
+        finish_route(backend, req);
+        return Ok(());
+    }
     let target = backend.provider().target_path_for(
         backend.base_path(),
         uri.path(),
@@ -321,12 +329,18 @@ fn route<B>(backend: &Backend, req: &mut Request<B>) -> Result<(), error::Invali
     parts.path_and_query = Some(path_and_query);
     *req.uri_mut() = Uri::from_parts(parts)
         .map_err(|_| error::InvalidTarget::new(backend.name_arc().clone()))?;
+    finish_route(backend, req);
+    Ok(())
+}
+
+/// The headers that go with the new URI. `Host` is always the backend's (a caller's is
+/// replaced; setting the precomputed value also spares the client deriving it from the URI).
+fn finish_route<B>(backend: &Backend, req: &mut Request<B>) {
     let headers = req.headers_mut();
     headers.insert(http::header::HOST, backend.host().clone());
     if let Provider::Anthropic { version } = backend.provider() {
         headers.insert(ANTHROPIC_VERSION.clone(), version.clone());
     }
-    Ok(())
 }
 
 impl<S, ReqB, ResB> Service<Request<ReqB>> for Endpoint<S>

@@ -506,7 +506,7 @@ impl<ResB> Run<ResB> {
         &mut self,
         i: usize,
         result: Result<Response<ResB>, BoxError>,
-        elapsed: Duration,
+        started: Instant,
     ) -> Option<Result<Response<ResB>, BoxError>> {
         let target_name = &self.shared.targets[i].name;
         match result {
@@ -523,7 +523,7 @@ impl<ResB> Run<ResB> {
                         None => self.attempts.push(Attempt {
                             backend: backend.clone(),
                             outcome,
-                            elapsed,
+                            elapsed: started.elapsed(),
                         }),
                     }
                 }
@@ -563,7 +563,7 @@ impl<ResB> Run<ResB> {
                         self.attempts.push(Attempt {
                             backend,
                             outcome,
-                            elapsed,
+                            elapsed: started.elapsed(),
                         });
                     }
                 }
@@ -619,7 +619,7 @@ async fn rest<ResB>(mut run: Run<ResB>, from: usize) -> Result<Response<ResB>, B
             Ok(r) => r,
             Err(TimedOut) => return Err(run.timed_out(i, started.elapsed())),
         };
-        if let Some(done) = run.judge(i, result, started.elapsed()) {
+        if let Some(done) = run.judge(i, result, started) {
             return done;
         }
     }
@@ -719,7 +719,7 @@ impl<ResB: Send + 'static> Future for ResponseFuture<ResB> {
                             return Poll::Ready(Err(r.timed_out(0, started.elapsed())));
                         }
                     };
-                    if let Some(done) = r.judge(0, result, started.elapsed()) {
+                    if let Some(done) = r.judge(0, result, started) {
                         return Poll::Ready(done);
                     }
                     this.state.set(State::Rest {

@@ -48,7 +48,12 @@ impl RetryBudget {
 
     /// Moves to the current window if time has passed.
     fn roll(&self) {
-        let now = u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX) / self.ttl_ns;
+        self.roll_at(Instant::now());
+    }
+
+    fn roll_at(&self, at: Instant) {
+        let since = at.saturating_duration_since(self.epoch);
+        let now = u64::try_from(since.as_nanos()).unwrap_or(u64::MAX) / self.ttl_ns;
         let seen = self.window.load(Acquire);
         if now > seen
             && self
@@ -68,8 +73,13 @@ impl RetryBudget {
 
     /// Counts one request.
     pub fn deposit(&self) {
+        self.deposit_at(Instant::now());
+    }
+
+    /// Counts one request arriving `at` (a time the caller already read).
+    pub(crate) fn deposit_at(&self, at: Instant) {
         if self.per_request > 0 {
-            self.roll();
+            self.roll_at(at);
             self.current.fetch_add(self.per_request, AcqRel);
         }
     }

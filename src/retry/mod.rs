@@ -232,8 +232,8 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        self.settings.budget.deposit();
         let start = Instant::now();
+        self.settings.budget.deposit_at(start);
         let mut deadline = self.settings.deadline.map(|d| start + d);
         if let Some(Deadline(d)) = req.extensions().get::<Deadline>() {
             deadline = Some(deadline.map_or(*d, |x| x.min(*d)));
