@@ -92,7 +92,9 @@ pub struct Report {
     pub offered: u64,
     /// Requests answered 200.
     pub served: u64,
-    /// The most the backends could have served (their quota over the time they were healthy).
+    /// The most the backends could have served, given when the requests arrived: their quota
+    /// while healthy, spent on requests that had arrived and had not yet waited past
+    /// `max_wait` (see [`servable`]).
     pub capacity: f64,
     /// 429s the backends sent, per success.
     pub throttled_per_success: f64,
@@ -105,11 +107,61 @@ pub struct Report {
 }
 
 impl Report {
-    /// Served as a share of what could be served: of the capacity when overloaded, of the
-    /// offered load otherwise.
+    /// Served as a share of what could be served ([`capacity`](Report::capacity): the offered
+    /// load when below the quota, the quota when above it, and the right mix of both when the
+    /// quota changes during the run).
     pub fn goodput(&self) -> f64 {
         self.served as f64 / (self.offered as f64).min(self.capacity).max(1.0)
     }
+}
+
+/// The length of a time slice of [`servable`].
+const SLICE: Duration = Duration::from_millis(100);
+
+/// The physical limit of a run: the most any balancer could have served, given the arrivals
+/// (`arrivals[i]`: requests arriving in the `i`-th 100 ms slice) and the backends' quotas. A
+/// fluid model: one token bucket per backend (a second's worth of burst, as the mock's), refilled
+/// while the backend is healthy, spent on waiting requests oldest first; a request still waiting
+/// after `max_wait` is lost, as the stack gives up on it. Runs for `slices` slices.
+///
+/// Counting each backend's quota over the whole run instead would call capacity that had no
+/// requests to serve "unused": with a backend failing halfway at 0.9x, the first half has quota
+/// to spare and the second too little, and that measure put a perfect balancer at 94%.
+pub fn servable(scenario: &Scenario, arrivals: &[u64], slices: usize) -> f64 {
+    let dt = SLICE.as_secs_f64();
+    let max_age = (scenario.max_wait.as_secs_f64() / dt).ceil() as usize;
+    let mut buckets: Vec<f64> = scenario.backends.iter().map(|b| b.rps.max(1.0)).collect();
+    let mut waiting: std::collections::VecDeque<(usize, f64)> = Default::default();
+    let mut total = 0.0;
+    for slice in 0..slices {
+        let t = SLICE * u32::try_from(slice).unwrap_or(u32::MAX);
+        if let Some(&n) = arrivals.get(slice).filter(|n| **n > 0) {
+            waiting.push_back((slice, n as f64));
+        }
+        while waiting.front().is_some_and(|(at, _)| slice > at + max_age) {
+            waiting.pop_front();
+        }
+        for (b, level) in scenario.backends.iter().zip(&mut buckets) {
+            if b.fails_at.is_some_and(|f| t >= f) {
+                *level = 0.0;
+                continue;
+            }
+            *level = (*level + b.rps * dt).min(b.rps.max(1.0));
+            while *level >= 1.0 {
+                let Some(front) = waiting.front_mut() else {
+                    break;
+                };
+                let take = front.1.min(level.floor());
+                front.1 -= take;
+                *level -= take;
+                total += take;
+                if front.1 <= 0.0 {
+                    waiting.pop_front();
+                }
+            }
+        }
+    }
+    total
 }
 
 /// Runs `scenario` with `strategy`; deterministic for a given `seed`. Fails on a backend name
@@ -168,6 +220,7 @@ pub async fn run(
     let mut offered = 0u64;
     let mut t = Duration::ZERO;
     let mut failed: Vec<bool> = vec![false; mocks.len()];
+    let mut arrivals: Vec<u64> = Vec::new();
     while t < scenario.duration {
         tokio::time::sleep_until(start + t).await;
         for (i, b) in scenario.backends.iter().enumerate() {
@@ -191,6 +244,11 @@ pub async fn run(
             t += Duration::from_millis(10);
             continue;
         }
+        let slice = (t.as_nanos() / SLICE.as_nanos()) as usize;
+        if arrivals.len() <= slice {
+            arrivals.resize(slice + 1, 0);
+        }
+        arrivals[slice] += 1;
         t += Duration::from_secs_f64(1.0 / r);
         offered += 1;
         let (svc, served, errors, lat) = (
@@ -221,17 +279,9 @@ pub async fn run(
         while tasks.try_join_next().is_some() {}
     }
     while tasks.join_next().await.is_some() {}
-    // The physical limit: each backend's quota over the time it was healthy (until the last
-    // request finished), plus its initial burst.
-    let elapsed = start.elapsed();
-    let capacity: f64 = scenario
-        .backends
-        .iter()
-        .map(|b| {
-            let healthy = b.fails_at.map_or(elapsed, |f| f.min(elapsed));
-            b.rps * healthy.as_secs_f64() + b.rps.max(1.0)
-        })
-        .sum();
+    // The physical limit, up to when the last request finished.
+    let slices = (start.elapsed().as_nanos() / SLICE.as_nanos()) as usize + 1;
+    let capacity = servable(scenario, &arrivals, slices);
     let throttled: u64 = mocks.iter().map(|m| m.counters().throttled).sum();
     let served = served.load(Relaxed);
     let mut lat = latencies.lock().unwrap_or_else(|e| e.into_inner()).clone();
@@ -250,4 +300,66 @@ pub async fn run(
         p50: pct(0.5),
         p99: pct(0.99),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scenario(rps: &[f64], fails_at: Option<Duration>) -> Scenario {
+        Scenario {
+            name: "t".into(),
+            backends: rps
+                .iter()
+                .enumerate()
+                .map(|(i, r)| SimBackend {
+                    fails_at: (i == 0).then_some(fails_at).flatten(),
+                    ..SimBackend::new(&format!("b{i}"), *r, Duration::from_millis(100))
+                })
+                .collect(),
+            load: 1.0,
+            duration: Duration::from_secs(100),
+            arrivals: Arrivals::Steady,
+            max_wait: Duration::from_secs(1),
+            quota_headers: true,
+        }
+    }
+
+    /// `per_slice` requests in each of `slices` 100 ms slices.
+    fn steady(per_slice: u64, slices: usize) -> Vec<u64> {
+        vec![per_slice; slices]
+    }
+
+    #[test]
+    fn below_the_quota_everything_that_arrives_is_servable() {
+        // 10 req/s offered to 20 req/s of quota for 100 s.
+        let s = scenario(&[10.0, 10.0], None);
+        assert_eq!(servable(&s, &steady(1, 1000), 1000), 1000.0);
+    }
+
+    #[test]
+    fn above_the_quota_the_quota_and_the_initial_burst_are_servable() {
+        // 40 req/s offered to 20 req/s for 100 s: 2 000 plus the 20 of the full buckets.
+        let s = scenario(&[10.0, 10.0], None);
+        let n = servable(&s, &steady(4, 1000), 1000);
+        assert!((2000.0..=2021.0).contains(&n), "{n}");
+    }
+
+    #[test]
+    fn a_backend_failing_halfway_counts_the_demand_of_each_half() {
+        // 18 req/s to 3 x 10 req/s; one fails at 50 s. First half: all 900 arrive and are
+        // servable; second half: 20 req/s of 18 req/s offered, so all 900 again.
+        let s = scenario(&[10.0, 10.0, 10.0], Some(Duration::from_secs(50)));
+        let arrivals: Vec<u64> = (0..1000).map(|i| if i % 5 == 4 { 1 } else { 2 }).collect();
+        let offered: u64 = arrivals.iter().sum();
+        assert_eq!(servable(&s, &arrivals, 1000), offered as f64);
+        // At 27 req/s the second half can serve only 20 req/s (+ what waits 1 s at the end),
+        // while the first half serves all 27: quota over the whole run would say 2 500.
+        let arrivals: Vec<u64> = (0..1000).map(|i| if i % 10 < 7 { 3 } else { 2 }).collect();
+        let n = servable(&s, &arrivals, 1000);
+        assert!(
+            (1350.0 + 1000.0..=1350.0 + 1000.0 + 30.0).contains(&n),
+            "{n}"
+        );
+    }
 }
