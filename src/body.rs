@@ -537,6 +537,7 @@ impl EndWatch {
 
 impl<B> ResponseBody<B> {
     /// A body that streams `inner` as it is.
+    #[inline]
     pub fn new(inner: B) -> Self {
         ResponseBody {
             replay: None,
@@ -561,6 +562,7 @@ impl<B> ResponseBody<B> {
     }
 
     /// Names the backend in errors, and requires `end` before a clean end (if given).
+    #[inline]
     pub(crate) fn watched(
         mut self,
         backend: std::sync::Arc<str>,
@@ -572,6 +574,7 @@ impl<B> ResponseBody<B> {
     }
 
     /// Keeps `guard` (the backend's in-flight count) until the body ends or is dropped.
+    #[inline]
     pub(crate) fn holding(mut self, guard: crate::state::InFlight) -> Self {
         self.in_flight = Some(guard);
         self

@@ -58,6 +58,7 @@ impl<F, B> ResponseFuture<F, B> {
     }
 }
 
+#[inline]
 fn done<B>(
     mut parts: http::response::Parts,
     body: ResponseBody<B>,
