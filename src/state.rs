@@ -155,7 +155,24 @@ impl BackendState {
 
     /// True when the backend can take a request at `now`.
     pub fn is_available(&self, now: Instant) -> bool {
-        self.unavailable_until(now).is_none()
+        self.available_at(self.ticks_of(now))
+    }
+
+    /// `(is_available(now), headroom_low(now))`, reading the clock difference once: this runs
+    /// for every candidate of every pick.
+    pub(crate) fn availability(&self, now: Instant) -> (bool, bool) {
+        let now = self.ticks_of(now);
+        (
+            self.available_at(now),
+            self.inner.low_headroom_until.load(Acquire) > now,
+        )
+    }
+
+    /// The same answer as `unavailable_until(now).is_none()`, compared in ticks.
+    fn available_at(&self, now: u64) -> bool {
+        self.inner.cooldown_until.load(Acquire) <= now
+            && (self.inner.circuit.load(Acquire) != CIRCUIT_OPEN
+                || self.inner.circuit_until.load(Acquire) <= now)
     }
 
     // ---- cooldown (throttling) ----
@@ -367,8 +384,7 @@ impl BackendState {
 
     /// True while the last quota hints said a quota is used up.
     pub fn headroom_low(&self, now: Instant) -> bool {
-        self.instant_of(self.inner.low_headroom_until.load(Acquire))
-            .is_some_and(|u| u > now)
+        self.inner.low_headroom_until.load(Acquire) > self.ticks_of(now)
     }
 
     // ---- counters ----

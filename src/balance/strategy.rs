@@ -39,9 +39,13 @@ pub(crate) enum Avail {
 }
 
 pub(crate) fn availability(c: &Candidate, now: Instant) -> Avail {
-    if c.weight <= 0.0 || !c.state.is_available(now) || on_probation(&c.state) {
+    if c.weight <= 0.0 {
+        return Avail::No;
+    }
+    let (available, headroom_low) = c.state.availability(now);
+    if !available || on_probation(&c.state) {
         Avail::No
-    } else if c.state.headroom_low(now) {
+    } else if headroom_low {
         Avail::LowHeadroom
     } else {
         Avail::Yes
@@ -110,13 +114,30 @@ fn weighted(
     ok: &impl Fn(&usize) -> bool,
     rng: &Rng,
 ) -> Option<usize> {
-    let total: f64 = tier.iter().filter(|i| ok(i)).map(|i| all[*i].weight).sum();
+    // Ask each candidate once (a tier of up to 64; larger tiers ask twice).
+    let mut eligible = 0u64;
+    let mut total = 0.0;
+    for (k, i) in tier.iter().enumerate() {
+        if ok(i) {
+            total += all[*i].weight;
+            if k < 64 {
+                eligible |= 1 << k;
+            }
+        }
+    }
     if total <= 0.0 {
         return None;
     }
+    let was_eligible = |k: usize, i: &usize| {
+        if k < 64 {
+            eligible & (1 << k) != 0
+        } else {
+            ok(i)
+        }
+    };
     let mut r = rng.next_f64() * total;
     let mut last = None;
-    for i in tier.iter().filter(|i| ok(i)) {
+    for (_, i) in tier.iter().enumerate().filter(|(k, i)| was_eligible(*k, i)) {
         last = Some(*i);
         r -= all[*i].weight;
         if r < 0.0 {

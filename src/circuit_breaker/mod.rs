@@ -281,18 +281,19 @@ impl Shared {
         admit
     }
 
-    fn record(&self, probe: bool, outcome: Outcome, elapsed: Duration) {
+    fn record(&self, probe: bool, outcome: Outcome, start: Instant) {
+        let now = Instant::now();
+        let elapsed = now.saturating_duration_since(start);
         if outcome.is_throttled() || matches!(outcome, Outcome::Unavailable { .. }) {
             if probe {
                 // The backend answered (busy): alive. Close rather than hold the probe slot.
-                let tr = self.with_machine(|m| m.record(true, false, elapsed, Instant::now(), 0.5));
+                let tr = self.with_machine(|m| m.record(true, false, elapsed, now, 0.5));
                 self.apply(tr);
             }
             return;
         }
-        let jitter = self.rng.next_f64();
-        let now = Instant::now();
-        let tr = self.with_machine(|m| m.record(probe, outcome.is_failure(), elapsed, now, jitter));
+        let failed = outcome.is_failure();
+        let tr = self.with_machine(|m| m.record(probe, failed, elapsed, now, self.rng.next_f64()));
         self.apply(tr);
     }
 }
@@ -469,7 +470,7 @@ where
                 if let Some(mut g) = this.guard.take() {
                     g.done = true;
                     let outcome = outcome_of(&result);
-                    g.shared.record(g.probe, outcome, g.start.elapsed());
+                    g.shared.record(g.probe, outcome, g.start);
                 }
                 Poll::Ready(result)
             }

@@ -123,15 +123,18 @@ struct Window {
 }
 
 impl Window {
-    fn slice(&mut self, now: Instant, width: Duration) -> u64 {
+    /// The index of the bucket-wide slice `now` falls in (64-bit arithmetic: nanoseconds
+    /// since the first call fit for 584 years).
+    fn slice(&mut self, now: Instant, window: Duration) -> u64 {
         let origin = *self.origin.get_or_insert(now);
-        let w = width.as_nanos().max(1);
-        (now.saturating_duration_since(origin).as_nanos() / w) as u64
+        let width = (u64::try_from(window.as_nanos()).unwrap_or(u64::MAX) / BUCKETS as u64).max(1);
+        let since =
+            u64::try_from(now.saturating_duration_since(origin).as_nanos()).unwrap_or(u64::MAX);
+        since / width
     }
 
     fn push(&mut self, now: Instant, window: Duration, failed: bool) {
-        let width = window / BUCKETS as u32;
-        let idx = self.slice(now, width);
+        let idx = self.slice(now, window);
         let b = &mut self.buckets[(idx % BUCKETS as u64) as usize];
         if b.0 != idx {
             *b = (idx, 0, 0);
@@ -142,8 +145,7 @@ impl Window {
 
     /// (calls, failures) over the buckets still inside the window at `now`.
     fn totals(&mut self, now: Instant, window: Duration) -> (u32, u32) {
-        let width = window / BUCKETS as u32;
-        let idx = self.slice(now, width);
+        let idx = self.slice(now, window);
         let oldest = idx.saturating_sub(BUCKETS as u64 - 1);
         self.buckets
             .iter()
