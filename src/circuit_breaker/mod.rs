@@ -75,7 +75,7 @@ use crate::error::BoxError;
 use crate::rng::Rng;
 use crate::state::Circuit;
 pub use state::Policy;
-use state::{Admit, Machine, Transition};
+use state::{Admit, Machine, Tally, Transition};
 
 pub mod error {
     //! Errors of [`CircuitBreaker`](super::CircuitBreaker).
@@ -198,10 +198,13 @@ impl BreakerGroup {
     /// The breaker layer for one backend of the group.
     pub fn layer_for(&self, backend: &Backend) -> CircuitBreakerLayer {
         self.ejections.members.fetch_add(1, AcqRel);
+        let machine = Machine::new(self.policy.clone());
         CircuitBreakerLayer {
             shared: Arc::new(Shared {
                 backend: backend.clone(),
-                machine: Mutex::new(Machine::new(self.policy.clone())),
+                tally: machine.tally(),
+                policy: self.policy.clone(),
+                machine: Mutex::new(machine),
                 ejected: AtomicBool::new(false),
                 ejections: self.ejections.clone(),
                 rng: self.rng.clone(),
@@ -213,6 +216,9 @@ impl BreakerGroup {
 
 struct Shared {
     backend: Backend,
+    /// The machine's counts, for answers of a closed circuit (no lock).
+    tally: Arc<Tally>,
+    policy: Policy,
     machine: Mutex<Machine>,
     /// Whether this backend holds one of the group's ejection slots.
     ejected: AtomicBool,
@@ -293,6 +299,15 @@ impl Shared {
             return;
         }
         let failed = outcome.is_failure();
+        if !probe && self.backend.state().circuit() == Circuit::Closed {
+            // A closed circuit counts without a lock; only a trip takes the machine.
+            let slow = self.policy.slow_call.is_some_and(|s| elapsed >= s);
+            if self.tally.count(&self.policy, failed || slow, now) {
+                let tr = self.with_machine(|m| m.trip_if_closed(now, self.rng.next_f64()));
+                self.apply(tr);
+            }
+            return;
+        }
         let tr = self.with_machine(|m| m.record(probe, failed, elapsed, now, self.rng.next_f64()));
         self.apply(tr);
     }

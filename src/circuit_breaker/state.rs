@@ -1,6 +1,12 @@
 //! The breaker's pure state machine: outcome + now in, admit / reject out. No I/O, no clock of
 //! its own, no randomness of its own: all are passed in, so every transition is unit-tested.
+//!
+//! The closed circuit's counts (failures in a row, the failure-rate window) live in atomics
+//! beside the machine, so the breaker counts the answers of a closed circuit without a lock and
+//! takes the machine's lock only to change phase (trip, probe, close).
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::*};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -101,60 +107,136 @@ enum Phase {
 }
 
 /// The state machine.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct Machine {
     policy: Policy,
     phase: Phase,
-    consecutive: u32,
     /// Consecutive trips without a recovery in between.
     trips: u32,
-    /// Calls and failures of the window, in `BUCKETS` slices of time.
-    recent: Window,
+    /// The closed circuit's counts: atomics, so a closed breaker can count an answer without
+    /// holding the machine (see [`Tally`]).
+    tally: Arc<Tally>,
+}
+
+impl Clone for Machine {
+    /// A machine in the same state with its own copy of the counts.
+    fn clone(&self) -> Self {
+        Machine {
+            policy: self.policy.clone(),
+            phase: self.phase.clone(),
+            trips: self.trips,
+            tally: Arc::new(self.tally.snapshot()),
+        }
+    }
 }
 
 const BUCKETS: usize = 10;
 
-/// A sliding window of call counts in fixed slices of time: O(1) per call, fixed memory.
-#[derive(Clone, Debug, Default)]
-struct Window {
-    /// (slice index since `origin`, calls, failures)
-    buckets: [(u64, u32, u32); BUCKETS],
-    origin: Option<Instant>,
+/// The counts of a closed circuit: failures in a row, and calls and failures over a sliding
+/// window of time in `BUCKETS` slices. All atomics, O(1) per answer, fixed memory, no lock: the
+/// breaker counts every answer of a closed circuit here and takes the machine's lock only to
+/// trip. A slice is one `AtomicU64` (slice index: 32 bits, calls: 16, failures: 16) updated by
+/// compare-and-swap, so concurrent answers are never lost; a slice that reaches 65 535 calls
+/// stops counting (its failure share is kept).
+#[derive(Debug)]
+pub(crate) struct Tally {
+    origin: Instant,
+    consecutive: AtomicU32,
+    slices: [AtomicU64; BUCKETS],
 }
 
-impl Window {
-    /// The index of the bucket-wide slice `now` falls in (64-bit arithmetic: nanoseconds
-    /// since the first call fit for 584 years).
-    fn slice(&mut self, now: Instant, window: Duration) -> u64 {
-        let origin = *self.origin.get_or_insert(now);
+fn pack(slice: u32, calls: u16, failures: u16) -> u64 {
+    (u64::from(slice) << 32) | (u64::from(calls) << 16) | u64::from(failures)
+}
+
+fn unpack(v: u64) -> (u32, u16, u16) {
+    ((v >> 32) as u32, (v >> 16) as u16, v as u16)
+}
+
+impl Tally {
+    fn new(origin: Instant) -> Self {
+        Tally {
+            origin,
+            consecutive: AtomicU32::new(0),
+            slices: Default::default(),
+        }
+    }
+
+    fn snapshot(&self) -> Self {
+        Tally {
+            origin: self.origin,
+            consecutive: AtomicU32::new(self.consecutive.load(Acquire)),
+            slices: std::array::from_fn(|i| AtomicU64::new(self.slices[i].load(Acquire))),
+        }
+    }
+
+    /// The index of the slice `now` falls in (64-bit: nanoseconds since the origin fit for 584
+    /// years).
+    fn slice(&self, now: Instant, window: Duration) -> u64 {
         let width = (u64::try_from(window.as_nanos()).unwrap_or(u64::MAX) / BUCKETS as u64).max(1);
-        let since =
-            u64::try_from(now.saturating_duration_since(origin).as_nanos()).unwrap_or(u64::MAX);
+        let since = u64::try_from(now.saturating_duration_since(self.origin).as_nanos())
+            .unwrap_or(u64::MAX);
         since / width
     }
 
-    fn push(&mut self, now: Instant, window: Duration, failed: bool) {
-        let idx = self.slice(now, window);
-        let b = &mut self.buckets[(idx % BUCKETS as u64) as usize];
-        if b.0 != idx {
-            *b = (idx, 0, 0);
+    /// Counts one answer; true when `policy` says the circuit should trip.
+    pub(crate) fn count(&self, policy: &Policy, failed: bool, now: Instant) -> bool {
+        let idx = self.slice(now, policy.window);
+        let tag = idx as u32;
+        let cell = &self.slices[(idx % BUCKETS as u64) as usize];
+        let mut current = cell.load(Acquire);
+        loop {
+            let (slice, calls, failures) = unpack(current);
+            let next = if slice != tag || calls == 0 {
+                pack(tag, 1, u16::from(failed))
+            } else if calls == u16::MAX {
+                break;
+            } else {
+                pack(tag, calls + 1, failures + u16::from(failed))
+            };
+            match cell.compare_exchange_weak(current, next, AcqRel, Acquire) {
+                Ok(_) => break,
+                Err(seen) => current = seen,
+            }
         }
-        b.1 += 1;
-        b.2 += u32::from(failed);
+        let consecutive = if failed {
+            self.consecutive.fetch_add(1, AcqRel).saturating_add(1)
+        } else {
+            if self.consecutive.load(Relaxed) != 0 {
+                self.consecutive.store(0, Release);
+            }
+            0
+        };
+        consecutive >= policy.consecutive_failures || self.rate_exceeded(policy, now)
     }
 
-    /// (calls, failures) over the buckets still inside the window at `now`.
-    fn totals(&mut self, now: Instant, window: Duration) -> (u32, u32) {
-        let idx = self.slice(now, window);
-        let oldest = idx.saturating_sub(BUCKETS as u64 - 1);
-        self.buckets
+    /// (calls, failures) over the slices still inside the window at `now`.
+    fn totals(&self, now: Instant, window: Duration) -> (u32, u32) {
+        let tag = self.slice(now, window) as u32;
+        self.slices
             .iter()
-            .filter(|b| b.0 >= oldest && b.0 <= idx && b.1 > 0)
-            .fold((0, 0), |(c, f), b| (c + b.1, f + b.2))
+            .map(|c| unpack(c.load(Acquire)))
+            .filter(|(slice, calls, _)| *calls > 0 && tag.wrapping_sub(*slice) < BUCKETS as u32)
+            .fold((0, 0), |(c, f), (_, calls, failures)| {
+                (c + u32::from(calls), f + u32::from(failures))
+            })
     }
 
-    fn clear(&mut self) {
-        *self = Window::default();
+    fn rate_exceeded(&self, policy: &Policy, now: Instant) -> bool {
+        if policy.min_calls == 0 {
+            return false;
+        }
+        let (calls, failures) = self.totals(now, policy.window);
+        calls >= policy.min_calls
+            && calls > 0
+            && f64::from(failures) / f64::from(calls) >= policy.failure_rate
+    }
+
+    fn clear(&self) {
+        self.consecutive.store(0, Release);
+        for c in &self.slices {
+            c.store(0, Release);
+        }
     }
 }
 
@@ -164,9 +246,8 @@ impl Machine {
         Machine {
             policy,
             phase: Phase::Closed,
-            consecutive: 0,
             trips: 0,
-            recent: Window::default(),
+            tally: Arc::new(Tally::new(Instant::now())),
         }
     }
 
@@ -225,13 +306,7 @@ impl Machine {
             // A result of a request admitted before the trip: it changes nothing now.
             return None;
         }
-        self.recent.push(now, self.policy.window, failed);
-        if failed {
-            self.consecutive += 1;
-        } else {
-            self.consecutive = 0;
-        }
-        if self.consecutive >= self.policy.consecutive_failures || self.rate_exceeded(now) {
+        if self.tally.count(&self.policy, failed, now) {
             return Some(self.trip(now, jitter));
         }
         None
@@ -266,8 +341,7 @@ impl Machine {
         let factor = 1.0 + self.policy.jitter * (2.0 * jitter - 1.0);
         let until = now + base.mul_f64(factor.max(0.0));
         self.phase = Phase::Open { until };
-        self.consecutive = 0;
-        self.recent.clear();
+        self.tally.clear();
         Transition::Opened {
             until,
             trips: self.trips,
@@ -277,8 +351,7 @@ impl Machine {
     fn close(&mut self) -> Option<Transition> {
         let was = std::mem::replace(&mut self.phase, Phase::Closed);
         self.trips = 0;
-        self.consecutive = 0;
-        self.recent.clear();
+        self.tally.clear();
         (was != Phase::Closed).then_some(Transition::Closed)
     }
 
@@ -286,19 +359,18 @@ impl Machine {
     /// this backend).
     pub(crate) fn stay_closed(&mut self) {
         self.phase = Phase::Closed;
-        self.consecutive = 0;
-        self.recent.clear();
+        self.tally.clear();
         self.trips = self.trips.saturating_sub(1);
     }
 
-    fn rate_exceeded(&mut self, now: Instant) -> bool {
-        if self.policy.min_calls == 0 {
-            return false;
-        }
-        let (calls, failures) = self.recent.totals(now, self.policy.window);
-        calls >= self.policy.min_calls
-            && calls > 0
-            && f64::from(failures) / f64::from(calls) >= self.policy.failure_rate
+    /// The closed circuit's counts, shared with the breaker's lock-free path.
+    pub(crate) fn tally(&self) -> Arc<Tally> {
+        self.tally.clone()
+    }
+
+    /// Trips a circuit that is still closed (its counts said so without the lock).
+    pub(crate) fn trip_if_closed(&mut self, now: Instant, jitter: f64) -> Option<Transition> {
+        (self.phase == Phase::Closed).then(|| self.trip(now, jitter))
     }
 }
 
@@ -465,6 +537,42 @@ mod tests {
         assert_eq!(m.admit(t1).0, Admit::No(None));
         m.abandon_probe();
         assert_eq!(m.admit(t1).0, Admit::Probe);
+    }
+
+    #[test]
+    fn concurrent_answers_are_all_counted_without_a_lock() {
+        let policy = Policy {
+            consecutive_failures: u32::MAX,
+            min_calls: 0,
+            ..Policy::default()
+        };
+        let now = Instant::now();
+        let tally = Arc::new(Tally::new(now));
+        std::thread::scope(|s| {
+            for t in 0..4 {
+                let (tally, policy) = (tally.clone(), policy.clone());
+                s.spawn(move || {
+                    for i in 0..5_000 {
+                        // One answer in five fails.
+                        tally.count(&policy, (i + t) % 5 == 0, now);
+                    }
+                });
+            }
+        });
+        assert_eq!(tally.totals(now, policy.window), (20_000, 4_000));
+    }
+
+    #[test]
+    fn a_full_slice_stops_counting_and_keeps_its_failure_share() {
+        let policy = Policy::default();
+        let now = Instant::now();
+        let tally = Tally::new(now);
+        for i in 0..70_000u32 {
+            tally.count(&policy, i % 2 == 0, now);
+        }
+        let (calls, failures) = tally.totals(now, policy.window);
+        assert_eq!(calls, u32::from(u16::MAX));
+        assert_eq!(failures, u32::from(u16::MAX).div_ceil(2));
     }
 
     #[test]
