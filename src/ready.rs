@@ -25,6 +25,7 @@ pin_project! {
 }
 
 impl<S: Service<R>, R> ReadyCall<S, R> {
+    #[inline]
     pub(crate) fn new(mut svc: S, req: R) -> Self {
         // Asking once without a task is safe: a service that is not ready is asked again by
         // `Oneshot`, which registers the real waker.
@@ -41,6 +42,7 @@ impl<S: Service<R>, R> ReadyCall<S, R> {
 impl<S: Service<R>, R> Future for ReadyCall<S, R> {
     type Output = Result<S::Response, S::Error>;
 
+    #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project() {
             ReadyCallProj::Called { fut } => fut.poll(cx),

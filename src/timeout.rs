@@ -204,6 +204,7 @@ where
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
+    #[inline]
     fn call(&mut self, req: Req) -> Self::Future {
         let now = Instant::now();
         let deadlines = Deadlines {
@@ -242,6 +243,7 @@ where
 {
     type Output = Result<Response<TimeoutBody<B>>, BoxError>;
 
+    #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         if let Poll::Ready(result) = this.fut.poll(cx) {

@@ -387,6 +387,7 @@ where
         Poll::Ready(Ok(()))
     }
 
+    #[inline]
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
         let now = Instant::now();
         // A request coming back for the slot it booked goes straight to that backend: its
@@ -494,6 +495,7 @@ where
 {
     type Output = Result<S::Response, BoxError>;
 
+    #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().state.project() {
             StateProj::Send { fut } => fut.poll(cx).map_err(Into::into),

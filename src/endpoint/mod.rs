@@ -362,6 +362,7 @@ where
         })
     }
 
+    #[inline]
     fn call(&mut self, mut req: Request<ReqB>) -> Self::Future {
         let end_marker = end_marker(req.uri().path());
         if let Err(e) = route(&self.backend, &mut req) {

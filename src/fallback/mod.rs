@@ -392,6 +392,7 @@ impl<ResB: Send + 'static> Service<Request<ReplayBody>> for Fallback<ResB> {
         Poll::Ready(Ok(()))
     }
 
+    #[inline]
     fn call(&mut self, req: Request<ReplayBody>) -> Self::Future {
         ResponseFuture::new(Run::new(self.shared.clone(), req))
     }
@@ -703,6 +704,7 @@ impl<ResB: Send + 'static> ResponseFuture<ResB> {
 impl<ResB: Send + 'static> Future for ResponseFuture<ResB> {
     type Output = Result<Response<ResB>, BoxError>;
 
+    #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
         loop {
