@@ -151,25 +151,40 @@ fn main() {
     );
     for concurrency in [1u64, 64] {
         let total = if concurrency == 1 { 4_000 } else { 20_000 };
-        let (mut bare, mut stacked) = (Duration::ZERO, Duration::ZERO);
-        for _round in 0..5 {
-            bare += rt.block_on(run(total, concurrency, || {
+        // Many short alternating rounds; the medians resist the shared machine's noise better
+        // than one long run each.
+        let (mut bare, mut stacked, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+        for _round in 0..ROUNDS {
+            let b = rt.block_on(run(total, concurrency, || {
                 let client = client.clone();
                 async move { one_bare(&client, addr).await }
             }));
-            stacked += rt.block_on(run(total, concurrency, || {
+            let s = rt.block_on(run(total, concurrency, || {
                 let svc = svc.clone();
                 async move { one_stack(&svc).await }
             }));
+            let (rb, rs) = (
+                total as f64 / b.as_secs_f64(),
+                total as f64 / s.as_secs_f64(),
+            );
+            bare.push(rb);
+            stacked.push(rs);
+            ratios.push(rs / rb);
         }
-        let n = (total * 5) as f64;
-        let (rb, rs) = (n / bare.as_secs_f64(), n / stacked.as_secs_f64());
+        let (rb, rs, ratio) = (median(bare), median(stacked), median(ratios));
         // What the stack adds to each request's share of the run (1 / throughput): at
         // concurrency 1 its latency; at 64 (CPU-bound on 2 cores) about half its CPU time.
         let extra_us = (1.0 / rs - 1.0 / rb) * 1e6;
-        println!(
-            "{concurrency:>11} {rb:>14.0} {rs:>14.0} {:>7.3} {extra_us:>17.2} us",
-            rs / rb
-        );
+        println!("{concurrency:>11} {rb:>14.0} {rs:>14.0} {ratio:>7.3} {extra_us:>17.2} us");
     }
+    println!(
+        "(medians of {ROUNDS} alternating rounds; the ratio is the median of each round's pair)"
+    );
+}
+
+const ROUNDS: usize = 15;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
 }

@@ -287,9 +287,9 @@ impl Shared {
         admit
     }
 
-    fn record(&self, probe: bool, outcome: Outcome, start: Instant) {
+    fn record(&self, probe: bool, outcome: Outcome, start: Option<Instant>) {
         let now = Instant::now();
-        let elapsed = now.saturating_duration_since(start);
+        let elapsed = start.map_or(Duration::ZERO, |s| now.saturating_duration_since(s));
         if outcome.is_throttled() || matches!(outcome, Outcome::Unavailable { .. }) {
             if probe {
                 // The backend answered (busy): alive. Close rather than hold the probe slot.
@@ -405,6 +405,12 @@ where
 
     #[inline]
     fn call(&mut self, req: Request<ReqB>) -> Self::Future {
+        // A closed circuit admits without the clock; the start time is only needed to spot
+        // slow calls.
+        if self.shared.backend.state().circuit() == Circuit::Closed {
+            let start = self.shared.policy.slow_call.map(|_| Instant::now());
+            return ResponseFuture::call(self.inner.call(req), &self.shared, false, start);
+        }
         let now = Instant::now();
         let probe = match self.shared.admit(now) {
             Admit::Yes => false,
@@ -421,14 +427,18 @@ where
                 };
             }
         };
+        ResponseFuture::call(self.inner.call(req), &self.shared, probe, Some(now))
+    }
+}
+
+impl<F> ResponseFuture<F> {
+    fn call(fut: F, shared: &Arc<Shared>, probe: bool, start: Option<Instant>) -> Self {
         ResponseFuture {
-            state: BreakerState::Call {
-                fut: self.inner.call(req),
-            },
+            state: BreakerState::Call { fut },
             guard: Some(Guard {
-                shared: self.shared.clone(),
+                shared: shared.clone(),
                 probe,
-                start: now,
+                start,
                 done: false,
             }),
         }
@@ -439,7 +449,8 @@ where
 struct Guard {
     shared: Arc<Shared>,
     probe: bool,
-    start: Instant,
+    /// When the call was sent, if the policy needs its duration (slow calls, probes).
+    start: Option<Instant>,
     done: bool,
 }
 

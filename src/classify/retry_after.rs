@@ -113,12 +113,21 @@ pub fn parse_millis(value: &HeaderValue, cap: Duration) -> Option<Duration> {
 /// Parses `retry-after`: delay-seconds (fractions tolerated) or an HTTP-date in any of the three
 /// RFC 9110 formats, resolved against `now`. A past date means [`Duration::ZERO`].
 pub fn parse_retry_after(value: &HeaderValue, now: SystemTime, cap: Duration) -> Option<Duration> {
+    retry_after_with(value, || now, cap)
+}
+
+/// [`parse_retry_after`], reading the wall clock only for the HTTP-date form.
+fn retry_after_with(
+    value: &HeaderValue,
+    now: impl FnOnce() -> SystemTime,
+    cap: Duration,
+) -> Option<Duration> {
     let s = as_trimmed_str(value)?;
     if let Some(secs) = parse_decimal(s) {
         return seconds_to_duration(secs, cap);
     }
     let at = httpdate::parse_http_date(s).ok()?;
-    Some(until(at, now).min(cap))
+    Some(until(at, now()).min(cap))
 }
 
 /// Parses an RFC 3339 timestamp (Anthropic's `anthropic-ratelimit-*-reset`) into the time left
@@ -251,6 +260,16 @@ const ANTHROPIC: [(bool, &str, &str); 4] = [
 impl Hints {
     /// Reads every hint a response carries. `cap` bounds each duration.
     pub fn from_headers(headers: &HeaderMap, now: SystemTime, cap: Duration) -> Hints {
+        Hints::from_headers_at(headers, || now, cap)
+    }
+
+    /// [`Hints::from_headers`], reading the wall clock only if a hint is a date (an HTTP-date
+    /// `retry-after`, an RFC 3339 reset): most answers carry none, and the clock is not free.
+    pub fn from_headers_at(
+        headers: &HeaderMap,
+        now: impl Fn() -> SystemTime,
+        cap: Duration,
+    ) -> Hints {
         // One pass over the headers, matching names by text: cheaper than a hashed lookup per
         // name, and most responses carry only a few headers.
         let (mut ms, mut x_ms, mut ra) = (None, None, None);
@@ -289,7 +308,7 @@ impl Hints {
         hints.retry_after = ms
             .and_then(|v| parse_millis(v, cap))
             .or_else(|| x_ms.and_then(|v| parse_millis(v, cap)))
-            .or_else(|| ra.and_then(|v| parse_retry_after(v, now, cap)));
+            .or_else(|| ra.and_then(|v| retry_after_with(v, &now, cap)));
         if !any_anthropic {
             return hints;
         }
@@ -299,7 +318,7 @@ impl Hints {
                 continue;
             };
             let remaining = parse_remaining(remaining_value);
-            let reset = reset_value.and_then(|v| parse_rfc3339(v, now, cap));
+            let reset = reset_value.and_then(|v| parse_rfc3339(v, now(), cap));
             let (rem_slot, reset_slot) = if *is_requests {
                 (&mut hints.remaining_requests, &mut hints.reset_requests)
             } else {

@@ -93,11 +93,8 @@ pub fn outcome_of<B>(res: &http::Response<B>) -> (Arc<str>, Outcome) {
     match res.extensions().get::<Served>() {
         Some(s) => (s.backend.name_arc().clone(), s.outcome),
         None => {
-            let hints = Hints::from_headers(
-                res.headers(),
-                std::time::SystemTime::now(),
-                DEFAULT_MAX_HINT,
-            );
+            let hints =
+                Hints::from_headers_at(res.headers(), std::time::SystemTime::now, DEFAULT_MAX_HINT);
             (
                 "-".into(),
                 Standard.classify_response(res.status(), res.headers(), &hints),
@@ -440,9 +437,9 @@ impl Record {
     }
 
     fn hints(&self, headers: &http::HeaderMap) -> Hints {
-        Hints::from_headers(
+        Hints::from_headers_at(
             headers,
-            self.settings.wall_clock.now(),
+            || self.settings.wall_clock.now(),
             self.settings.max_hint,
         )
     }

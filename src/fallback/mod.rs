@@ -400,11 +400,7 @@ impl<ResB: Send + 'static> Service<Request<ReplayBody>> for Fallback<ResB> {
 
 /// When a throttled answer says a retry may succeed.
 fn retry_at<B>(res: &Response<B>) -> Option<Instant> {
-    let hints = Hints::from_headers(
-        res.headers(),
-        std::time::SystemTime::now(),
-        DEFAULT_MAX_HINT,
-    );
+    let hints = Hints::from_headers_at(res.headers(), std::time::SystemTime::now, DEFAULT_MAX_HINT);
     hints.wait().map(|d| Instant::now() + d)
 }
 
@@ -524,7 +520,10 @@ impl<ResB> Run<ResB> {
                         None => self.attempts.push(Attempt {
                             backend: backend.clone(),
                             outcome,
-                            elapsed: started.elapsed(),
+                            elapsed: res
+                                .extensions()
+                                .get::<crate::endpoint::Served>()
+                                .map_or_else(|| started.elapsed(), |s| s.elapsed),
                         }),
                     }
                 }

@@ -326,10 +326,16 @@ fn judge<S, B, ResB>(
     result: Result<Response<ResB>, BoxError>,
     started: Instant,
 ) -> Step<ResB> {
-    let elapsed = started.elapsed();
     match result {
         Ok(mut res) => {
-            let (backend, outcome) = outcome_of(&res);
+            // The endpoint that answered timed the attempt already (no second clock read).
+            let (backend, outcome, elapsed) = match res.extensions().get::<Served>() {
+                Some(s) => (s.backend.name_arc().clone(), s.outcome, s.elapsed),
+                None => {
+                    let (backend, outcome) = outcome_of(&res);
+                    (backend, outcome, started.elapsed())
+                }
+            };
             ctx.sent += 1;
             ctx.attempts.push(Attempt {
                 backend,
@@ -352,6 +358,7 @@ fn judge<S, B, ResB>(
             }
         }
         Err(e) => {
+            let elapsed = started.elapsed();
             let outcome = classify_error_chain(&*e);
             let backend: Arc<str> = crate::error::find::<crate::error::BackendError>(&*e)
                 .map_or_else(|| "-".into(), |b| b.backend().into());
