@@ -212,13 +212,13 @@ where
             total: self.limits.total.map(|d| now + d),
             idle: self.limits.idle,
         };
-        let (at, limit) = deadlines
+        // One timer per attempt: the head's, handed on to the body (no limit, no timer).
+        let sleep = deadlines
             .before_first_byte()
-            .unwrap_or((now + Duration::from_secs(u32::MAX as u64), Limit::Total));
+            .map(|(at, limit)| (Box::pin(tokio::time::sleep_until(at)), limit));
         ResponseFuture {
             fut: self.inner.call(req),
-            sleep: tokio::time::sleep_until(at),
-            limit,
+            sleep,
             deadlines,
         }
     }
@@ -229,9 +229,7 @@ pin_project! {
     pub struct ResponseFuture<F> {
         #[pin]
         fut: F,
-        #[pin]
-        sleep: Sleep,
-        limit: Limit,
+        sleep: Option<(Pin<Box<Sleep>>, Limit)>,
         deadlines: Deadlines,
     }
 }
@@ -249,15 +247,19 @@ where
         if let Poll::Ready(result) = this.fut.poll(cx) {
             let res = result.map_err(Into::into)?;
             let deadlines = *this.deadlines;
+            let sleep = this.sleep.take();
             return Poll::Ready(Ok(res.map(|inner| TimeoutBody {
                 inner,
                 deadlines,
-                sleep: None,
+                sleep,
                 started: false,
             })));
         }
-        ready!(this.sleep.poll(cx));
-        Poll::Ready(Err(Elapsed(*this.limit).into()))
+        let Some((sleep, limit)) = this.sleep else {
+            return Poll::Pending;
+        };
+        ready!(sleep.as_mut().poll(cx));
+        Poll::Ready(Err(Elapsed(*limit).into()))
     }
 }
 

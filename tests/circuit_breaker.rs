@@ -199,6 +199,32 @@ async fn a_stream_flowing_longer_than_the_first_byte_timeout_is_not_cut() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn the_total_limit_spans_head_and_body_and_cuts_a_stream_still_flowing() {
+    let mock = MockServer::builder()
+        .stream_chunks(10)
+        .chunk_delay(Duration::from_secs(1))
+        .start()
+        .await
+        .unwrap();
+    let backend = Backend::openai("o", format!("{}/v1", mock.url()))
+        .build()
+        .unwrap();
+    let group = BreakerGroup::try_new(policy()).unwrap();
+    let timeouts = AttemptTimeoutLayer::new().total(Duration::from_millis(4500));
+    let svc = guarded(&backend, &group, timeouts, &http_client());
+    let start = Instant::now();
+    let res = svc.oneshot(chat(r#"{"stream":true}"#)).await.unwrap();
+    let err = res.into_body().collect().await.unwrap_err();
+    let elapsed = find::<Elapsed>(&*err).expect("typed timeout");
+    assert_eq!(elapsed.0, tower_llm_lb::timeout::error::Limit::Total);
+    let took = Instant::now() - start;
+    assert!(
+        took >= Duration::from_millis(4500) && took < Duration::from_secs(5),
+        "cut at the total limit, not before or a chunk later: {took:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_stream_that_stalls_longer_than_the_idle_timeout_ends_in_an_error() {
     let mock = MockServer::builder()
         .stream_chunks(3)
