@@ -10,6 +10,8 @@ use tower::ServiceExt;
 use tower::util::Oneshot;
 use tower_service::Service;
 
+use crate::error::BoxError;
+
 pin_project! {
     /// Like [`Oneshot`], but a service that is ready at once (every layer of this crate, and
     /// hyper's client, when not at a limit) is called straight away, so the future holds only
@@ -20,18 +22,28 @@ pin_project! {
     pub(crate) enum ReadyCall<S: Service<R>, R> {
         Called { #[pin] fut: S::Future },
         Waiting { fut: Pin<Box<Oneshot<S, R>>> },
-        Failed { error: Option<S::Error> },
+        Failed { error: Option<BoxError> },
     }
 }
 
-impl<S: Service<R>, R> ReadyCall<S, R> {
+impl<S: Service<R>, R> ReadyCall<S, R>
+where
+    S::Error: Into<BoxError>,
+{
+    /// A call that failed before it was made (its service's readiness failed).
+    pub(crate) fn failed(error: BoxError) -> Self {
+        ReadyCall::Failed { error: Some(error) }
+    }
+
     #[inline]
     pub(crate) fn new(mut svc: S, req: R) -> Self {
         // Asking once without a task is safe: a service that is not ready is asked again by
         // `Oneshot`, which registers the real waker.
         match svc.poll_ready(&mut Context::from_waker(Waker::noop())) {
             Poll::Ready(Ok(())) => ReadyCall::Called { fut: svc.call(req) },
-            Poll::Ready(Err(e)) => ReadyCall::Failed { error: Some(e) },
+            Poll::Ready(Err(e)) => ReadyCall::Failed {
+                error: Some(e.into()),
+            },
             Poll::Pending => ReadyCall::Waiting {
                 fut: Box::pin(svc.oneshot(req)),
             },
@@ -39,14 +51,17 @@ impl<S: Service<R>, R> ReadyCall<S, R> {
     }
 }
 
-impl<S: Service<R>, R> Future for ReadyCall<S, R> {
-    type Output = Result<S::Response, S::Error>;
+impl<S: Service<R>, R> Future for ReadyCall<S, R>
+where
+    S::Error: Into<BoxError>,
+{
+    type Output = Result<S::Response, BoxError>;
 
     #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project() {
-            ReadyCallProj::Called { fut } => fut.poll(cx),
-            ReadyCallProj::Waiting { fut } => fut.as_mut().poll(cx),
+            ReadyCallProj::Called { fut } => fut.poll(cx).map_err(Into::into),
+            ReadyCallProj::Waiting { fut } => fut.as_mut().poll(cx).map_err(Into::into),
             ReadyCallProj::Failed { error } => match error.take() {
                 Some(e) => Poll::Ready(Err(e)),
                 None => Poll::Pending,
@@ -89,12 +104,12 @@ mod tests {
         let ready = tower::service_fn(|x: u32| async move { Ok::<_, &'static str>(x + 1) });
         let call = ReadyCall::new(ready, 1);
         assert!(matches!(call, ReadyCall::Called { .. }));
-        assert_eq!(call.await, Ok(2));
+        assert_eq!(call.await.unwrap(), 2);
 
         let asks = Arc::new(AtomicUsize::new(0));
         let call = ReadyCall::new(Busy(asks.clone()), 21);
         assert!(matches!(call, ReadyCall::Waiting { .. }));
-        assert_eq!(call.await, Ok(42));
+        assert_eq!(call.await.unwrap(), 42);
         assert_eq!(asks.load(Ordering::SeqCst), 2);
     }
 }

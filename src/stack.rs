@@ -67,7 +67,6 @@
 use http::{Request, Response};
 use hyper::body::Incoming;
 use tower::ServiceBuilder;
-use tower::util::BoxCloneSyncService;
 use tower_service::Service;
 
 use crate::auth::AuthInjectLayer;
@@ -83,8 +82,9 @@ use crate::timeout::{AttemptTimeoutLayer, TimeoutBody};
 /// The response body of the stacks built here: the backend's body, streamed.
 pub type LlmBody = ResponseBody<TimeoutBody<Incoming>>;
 
-/// A whole stack behind one type: cloneable, `Send + Sync`, over replayable requests.
-pub type LlmService = BoxCloneSyncService<Request<ReplayBody>, Response<LlmBody>, BoxError>;
+/// A whole stack behind one type: cloneable (by reference count), `Send + Sync`, over
+/// replayable requests. See [`BoxTarget`](crate::boxed::BoxTarget).
+pub type LlmService = crate::boxed::BoxTarget<LlmBody>;
 
 /// How [`group`] builds its layers.
 #[derive(Clone, Debug)]
@@ -149,5 +149,5 @@ where
     let svc = ServiceBuilder::new()
         .layer(settings.retry.clone())
         .service(balance);
-    Ok(BoxCloneSyncService::new(svc))
+    Ok(LlmService::new(svc))
 }

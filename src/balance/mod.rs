@@ -498,7 +498,7 @@ where
     #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().state.project() {
-            StateProj::Send { fut } => fut.poll(cx).map_err(Into::into),
+            StateProj::Send { fut } => fut.poll(cx),
             StateProj::Unavailable { error } => Poll::Ready(Err(error
                 .take()
                 .map_or_else(|| "polled after completion".into(), Into::into))),

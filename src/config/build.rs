@@ -7,7 +7,6 @@ use std::time::Duration;
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use tower::ServiceBuilder;
-use tower::util::BoxCloneSyncService;
 use tower_service::Service;
 
 use super::{
@@ -609,7 +608,7 @@ where
                 let chain = fb
                     .build()
                     .map_err(|e| ConfigError::new(join(path, "targets"), e.to_string()))?;
-                Ok(BoxCloneSyncService::new(chain))
+                Ok(LlmService::new(chain))
             }
             Mode::Loadbalance => {
                 let settings = self.settings_for(path, t)?;
@@ -638,7 +637,7 @@ where
                 let svc = ServiceBuilder::new()
                     .layer(settings.retry.clone())
                     .service(balance);
-                Ok(BoxCloneSyncService::new(svc))
+                Ok(LlmService::new(svc))
             }
         }
     }
@@ -677,7 +676,7 @@ where
         let chain = fb
             .build()
             .map_err(|e| ConfigError::new(path.to_string(), e.to_string()))?;
-        Ok(BoxCloneSyncService::new(chain))
+        Ok(LlmService::new(chain))
     }
 }
 

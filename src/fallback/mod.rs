@@ -66,7 +66,7 @@ use std::time::Duration;
 
 use http::{HeaderValue, Request, Response, StatusCode};
 use tokio::time::Instant;
-use tower::util::{BoxCloneSyncService, ServiceExt};
+
 use tower_service::Service;
 use tracing::Instrument;
 
@@ -80,9 +80,7 @@ use crate::ready::ReadyCall;
 use crate::retry::{Attempts, Deadline, MaxWait};
 pub use rewrite::{NotJson, Overrides};
 
-/// A type-erased, cloneable, shareable service over replayable requests: what a fallback target
-/// (or a balanced group of mixed members) is boxed into.
-pub type BoxTarget<ResB> = BoxCloneSyncService<Request<ReplayBody>, Response<ResB>, BoxError>;
+pub use crate::boxed::BoxTarget;
 
 /// Which backend or group served a request, through which targets (a response extension).
 /// `Display` gives e.g. `models[1:gpt-4-32k] -> westus`.
@@ -274,7 +272,7 @@ impl<ResB: 'static> Fallback<ResB> {
     where
         ResB: Send + 'static,
     {
-        BoxCloneSyncService::new(self)
+        BoxTarget::new(self)
     }
 }
 
@@ -306,7 +304,7 @@ impl<ResB: 'static> FallbackBuilder<ResB> {
             match (Box::new(service) as Box<dyn std::any::Any>).downcast::<BoxTarget<ResB>>() {
                 Ok(boxed) => *boxed,
                 Err(other) => match other.downcast::<S>() {
-                    Ok(s) => BoxCloneSyncService::new(s.map_err(Into::into)),
+                    Ok(s) => BoxTarget::new(*s),
                     Err(_) => unreachable!("the box holds an S"),
                 },
             };

@@ -562,7 +562,7 @@ where
         loop {
             match this.state.as_mut().project() {
                 RetryProj::First { fut, ctx, started } => {
-                    let result = ready!(fut.poll(cx)).map_err(Into::into);
+                    let result = ready!(fut.poll(cx));
                     let Some(mut c) = ctx.take() else {
                         return Poll::Ready(Err("polled after completion".into()));
                     };
