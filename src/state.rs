@@ -155,24 +155,24 @@ impl BackendState {
 
     /// True when the backend can take a request at `now`.
     pub fn is_available(&self, now: Instant) -> bool {
-        self.available_at(self.ticks_of(now))
+        self.availability(now).0
     }
 
-    /// `(is_available(now), headroom_low(now))`, reading the clock difference once: this runs
-    /// for every candidate of every pick.
+    /// `(is_available(now), headroom_low(now))` in one go: this runs for every candidate of
+    /// every pick. A backend that was never cooled down, opened or short of headroom answers
+    /// without any clock arithmetic.
     pub(crate) fn availability(&self, now: Instant) -> (bool, bool) {
-        let now = self.ticks_of(now);
-        (
-            self.available_at(now),
-            self.inner.low_headroom_until.load(Acquire) > now,
-        )
-    }
-
-    /// The same answer as `unavailable_until(now).is_none()`, compared in ticks.
-    fn available_at(&self, now: u64) -> bool {
-        self.inner.cooldown_until.load(Acquire) <= now
-            && (self.inner.circuit.load(Acquire) != CIRCUIT_OPEN
-                || self.inner.circuit_until.load(Acquire) <= now)
+        let i = &self.inner;
+        let cooldown = i.cooldown_until.load(Acquire);
+        let open = i.circuit.load(Acquire) == CIRCUIT_OPEN;
+        let low = i.low_headroom_until.load(Acquire);
+        if cooldown == 0 && !open && low == 0 {
+            return (true, false);
+        }
+        let later = |ticks: u64| self.instant_of(ticks).is_some_and(|t| t > now);
+        let cooling = later(cooldown) || (open && later(i.circuit_until.load(Acquire)));
+        let available = !cooling;
+        (available, later(low))
     }
 
     // ---- cooldown (throttling) ----
@@ -384,7 +384,8 @@ impl BackendState {
 
     /// True while the last quota hints said a quota is used up.
     pub fn headroom_low(&self, now: Instant) -> bool {
-        self.inner.low_headroom_until.load(Acquire) > self.ticks_of(now)
+        self.instant_of(self.inner.low_headroom_until.load(Acquire))
+            .is_some_and(|u| u > now)
     }
 
     // ---- counters ----
