@@ -201,6 +201,24 @@ impl BackendState {
         }
     }
 
+    /// Learns the pace from one answer's quota hints. `sample` (`reset / (limit - remaining)`)
+    /// never overstates the refill interval but understates it by up to `1 / (limit -
+    /// remaining)`: `remaining` is a whole number while the bucket refills continuously. So the
+    /// pace is the largest recent sample, forgotten by 0.1% per answer (a quota that grew is
+    /// followed within a few hundred answers); pacing at the lower bound itself earned a 429
+    /// every ~10 successes at 5 requests/s.
+    pub(crate) fn learn_pace(&self, sample: Option<Duration>) {
+        let Some(sample) = sample else {
+            self.set_pace(None);
+            return;
+        };
+        let sample = u64::try_from(sample.as_nanos()).unwrap_or(u64::MAX).max(1);
+        let _ = self.inner.pace_ns.fetch_update(AcqRel, Acquire, |old| {
+            let next = sample.max(old - old / 1000);
+            (next != old).then_some(next)
+        });
+    }
+
     /// The current pace, if the backend is being paced.
     pub fn pace(&self) -> Option<Duration> {
         let ns = self.inner.pace_ns.load(Acquire);
@@ -449,6 +467,31 @@ impl Drop for InFlight {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_learned_pace_is_the_largest_recent_estimate_and_forgets_slowly() {
+        let s = BackendState::new();
+        let ms = Duration::from_millis;
+        s.learn_pace(Some(ms(200)));
+        s.learn_pace(Some(ms(180)));
+        assert_eq!(
+            s.pace(),
+            Some(ms(200) - ms(200) / 1000),
+            "a lower estimate only wears it down"
+        );
+        s.learn_pace(Some(ms(210)));
+        assert_eq!(s.pace(), Some(ms(210)));
+        for _ in 0..700 {
+            s.learn_pace(Some(ms(100)));
+        }
+        let pace = s.pace().unwrap();
+        assert!(
+            pace < ms(110) && pace >= ms(100),
+            "a quota that doubled is followed: {pace:?}"
+        );
+        s.learn_pace(None);
+        assert_eq!(s.pace(), None);
+    }
 
     #[tokio::test(start_paused = true)]
     async fn cooldown_only_extends() {

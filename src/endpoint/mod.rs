@@ -10,7 +10,7 @@
 //!
 //! | outcome | what `Endpoint` does |
 //! |---|---|
-//! | success | records latency and quota hints; `x-ratelimit-remaining-requests` becomes credits (less the requests already in flight) that `Balance` spends freely, after which it paces the backend at the quota's refill interval (`reset / (limit - remaining)`); at 0 the backend rests for one interval at once; `x-ratelimit-remaining-tokens: 0` marks it low on headroom until the token reset so `Balance` prefers others; resets the throttle streak; returns the response |
+//! | success | records latency and quota hints; `x-ratelimit-remaining-requests` becomes credits (less the requests already in flight) that `Balance` spends freely, after which it paces the backend at the quota's refill interval (the largest recent `reset / (limit - remaining)`: whole-number hints only ever understate it); at 0 the backend rests for one interval at once; `x-ratelimit-remaining-tokens: 0` marks it low on headroom until the token reset so `Balance` prefers others; resets the throttle streak; returns the response |
 //! | 429 / 529 / 503 with a hint | cools the backend down until the hint (no hint: exponential backoff with jitter, capped); a cooldown only ever extends; without quota headers, also paces the backend at one request per that wait (at most 1 s), a pace that shrinks 10% with each later answer that is not throttled; returns the response |
 //! | 429 with a billing / spend-limit body | cools the backend down for the long quota-exhausted period and logs a warning once; returns the response |
 //! | 5xx, other 4xx | counts it, returns the response (the circuit breaker decides about health) |
@@ -458,7 +458,7 @@ impl Record {
             // backend at its refill interval.
             let others = state.in_flight().saturating_sub(1) as i64;
             state.set_credits(Some(i64::try_from(remaining).unwrap_or(i64::MAX) - others));
-            state.set_pace(hints.refill_interval());
+            state.learn_pace(hints.refill_interval());
         } else if let Some(pace) = state.pace() {
             // No quota hints to go by: the pace learned from 429s (below) shrinks by 10% with
             // each answer that is not throttled, and grows back on the next 429.
