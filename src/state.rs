@@ -56,6 +56,10 @@ struct Inner {
     quota_seen_at: AtomicU64,
     low_headroom_until: AtomicU64,
     pace_ns: AtomicU64,
+    /// Since the last throttled answer (without quota hints): when (ticks) and how many answers
+    /// got through; see [`BackendState::saturated_interval`].
+    window_start: AtomicU64,
+    window_successes: AtomicU64,
     credits: AtomicI64,
     throttled_until: AtomicU64,
     counters: [AtomicU64; COUNTERS],
@@ -116,6 +120,8 @@ impl BackendState {
                 quota_seen_at: AtomicU64::new(0),
                 low_headroom_until: AtomicU64::new(0),
                 pace_ns: AtomicU64::new(0),
+                window_start: AtomicU64::new(0),
+                window_successes: AtomicU64::new(0),
                 credits: AtomicI64::new(UNTRACKED),
                 throttled_until: AtomicU64::new(0),
                 counters: Default::default(),
@@ -217,6 +223,33 @@ impl BackendState {
             let next = sample.max(old - old / 1000);
             (next != old).then_some(next)
         });
+    }
+
+    /// Counts an answer that got through, toward the rate measured between throttled answers.
+    pub(crate) fn count_through(&self) {
+        if self.inner.window_start.load(Relaxed) != 0 {
+            self.inner.window_successes.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// A throttled answer at `now` on a backend that sends no quota hints: if enough answers got
+    /// through since the last one, the interval between them is the backend's real refill
+    /// interval (it was saturated: it let through all it could); starts the next window.
+    ///
+    /// The 429's own wait cannot tell: it is only the time to the next free slot, which under
+    /// load settles near half the interval.
+    pub(crate) fn saturated_interval(&self, now: Instant) -> Option<Duration> {
+        const MIN_SUCCESSES: u64 = 20;
+        let i = &self.inner;
+        let start = i.window_start.load(Acquire);
+        let through = i.window_successes.load(Acquire);
+        let now_ticks = self.ticks_of(now);
+        if start != 0 && through < MIN_SUCCESSES {
+            return None;
+        }
+        i.window_start.store(now_ticks, Release);
+        i.window_successes.store(0, Release);
+        (start != 0).then(|| Duration::from_nanos(now_ticks.saturating_sub(start) / through))
     }
 
     /// The current pace, if the backend is being paced.
@@ -467,6 +500,31 @@ impl Drop for InFlight {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn the_rate_between_throttled_answers_is_measured_once_enough_got_through() {
+        let s = BackendState::new();
+        let t0 = Instant::now();
+        assert_eq!(
+            s.saturated_interval(t0),
+            None,
+            "the first 429 opens the window"
+        );
+        for _ in 0..19 {
+            s.count_through();
+        }
+        let early = t0 + Duration::from_millis(500);
+        assert_eq!(
+            s.saturated_interval(early),
+            None,
+            "19 answers are too few to tell"
+        );
+        s.count_through();
+        let t1 = t0 + Duration::from_secs(1);
+        assert_eq!(s.saturated_interval(t1), Some(Duration::from_millis(50)));
+        // A new window starts at each measurement.
+        assert_eq!(s.saturated_interval(t1 + Duration::from_secs(1)), None);
+    }
 
     #[test]
     fn a_learned_pace_is_the_largest_recent_estimate_and_forgets_slowly() {

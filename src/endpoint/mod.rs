@@ -11,7 +11,7 @@
 //! | outcome | what `Endpoint` does |
 //! |---|---|
 //! | success | records latency and quota hints; `x-ratelimit-remaining-requests` becomes credits (less the requests already in flight) that `Balance` spends freely, after which it paces the backend at the quota's refill interval (the largest recent `reset / (limit - remaining)`: whole-number hints only ever understate it); at 0 the backend rests for one interval at once; `x-ratelimit-remaining-tokens: 0` marks it low on headroom until the token reset so `Balance` prefers others; resets the throttle streak; returns the response |
-//! | 429 / 529 / 503 with a hint | cools the backend down until the hint (no hint: exponential backoff with jitter, capped); a cooldown only ever extends; without quota headers, also paces the backend at one request per that wait (at most 1 s), a pace that shrinks 10% with each later answer that is not throttled; returns the response |
+//! | 429 / 529 / 503 with a hint | cools the backend down until the hint (no hint: exponential backoff with jitter, capped); a cooldown only ever extends; without quota headers, also paces the backend: at the rate it let requests through since its previous 429 (once 20 got through; it was saturated, so that is its real rate), before that at one request per the wait (at most 1 s); the pace shrinks 0.2% with each later answer that is not throttled; returns the response |
 //! | 429 with a billing / spend-limit body | cools the backend down for the long quota-exhausted period and logs a warning once; returns the response |
 //! | 5xx, other 4xx | counts it, returns the response (the circuit breaker decides about health) |
 //! | connect error, broken connection, timeout | counts it, answers [`BackendError`] naming the backend and the outcome |
@@ -459,13 +459,15 @@ impl Record {
             let others = state.in_flight().saturating_sub(1) as i64;
             state.set_credits(Some(i64::try_from(remaining).unwrap_or(i64::MAX) - others));
             state.learn_pace(hints.refill_interval());
-        } else if let Some(pace) = state.pace() {
-            // No quota hints to go by: the pace learned from 429s (below) shrinks by 10% with
-            // each answer that is not throttled, and grows back on the next 429.
-            if !outcome.is_throttled() {
-                let next = pace.mul_f64(0.9);
-                state.set_pace((next >= Duration::from_millis(1)).then_some(next));
-            }
+        } else if let Some(pace) = state.pace()
+            && !outcome.is_throttled()
+        {
+            // No quota hints to go by: the pace learned from 429s (below) shrinks by 0.2% with
+            // each answer that is not throttled (a quota that grew is found within a few hundred
+            // answers), and is measured again at the next 429.
+            state.count_through();
+            let next = pace - pace / 500;
+            state.set_pace((next >= Duration::from_millis(1)).then_some(next));
         }
         match outcome {
             Outcome::Success => {
@@ -487,9 +489,14 @@ impl Record {
                 let wait = retry_after.unwrap_or_else(|| self.backoff(streak));
                 state.throttle_until(now + wait);
                 if hints.remaining_requests.is_none() {
-                    // No quota hints: take the wait as the rate the backend can bear for now.
+                    // No quota hints: the rate the backend let through since its last 429 is
+                    // what it can bear; before that is known, the wait it asked for.
+                    let pace = state
+                        .saturated_interval(now)
+                        .or_else(|| state.pace().map(|p| p.max(wait)))
+                        .unwrap_or(wait);
                     state.set_pace(Some(
-                        wait.clamp(Duration::from_millis(1), Duration::from_secs(1)),
+                        pace.clamp(Duration::from_millis(1), Duration::from_secs(1)),
                     ));
                 }
                 tracing::debug!(
