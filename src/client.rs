@@ -58,6 +58,44 @@ mod tls {
             Roots::WebPki => builder.with_provider_and_webpki_roots(provider)?,
             Roots::Native => builder.with_provider_and_native_roots(provider)?,
         };
+        Ok(finish(builder))
+    }
+
+    /// An HTTPS client with your own rustls configuration: private or corporate roots, client
+    /// certificates (mTLS), pinned protocol versions. ALPN is set here (HTTP/2, then HTTP/1.1);
+    /// any protocols already in `config` are replaced.
+    ///
+    /// ```
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use tower_llm_lb::client::https_client_with;
+    ///
+    /// // Your CA's certificate(s), e.g. read from a PEM file: `roots.add(der_certificate)?`.
+    /// let roots = rustls::RootCertStore::empty();
+    /// let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    /// let config = rustls::ClientConfig::builder_with_provider(provider)
+    ///     .with_safe_default_protocol_versions()?
+    ///     .with_root_certificates(roots)
+    ///     .with_no_client_auth();
+    /// let client = https_client_with::<tower_llm_lb::body::ReplayBody>(config);
+    /// # let _ = client; Ok(()) }
+    /// ```
+    pub fn https_client_with<B>(mut config: rustls::ClientConfig) -> HttpsClient<B>
+    where
+        B: http_body::Body + Send + 'static,
+        B::Data: Send,
+    {
+        // hyper-rustls sets ALPN itself and refuses a config that already has some.
+        config.alpn_protocols.clear();
+        finish(HttpsConnectorBuilder::new().with_tls_config(config))
+    }
+
+    fn finish<B>(
+        builder: HttpsConnectorBuilder<hyper_rustls::builderstates::WantsSchemes>,
+    ) -> HttpsClient<B>
+    where
+        B: http_body::Body + Send + 'static,
+        B::Data: Send,
+    {
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_nodelay(true);
@@ -66,6 +104,6 @@ mod tls {
             .enable_http1()
             .enable_http2()
             .wrap_connector(http);
-        Ok(Client::builder(TokioExecutor::new()).build(connector))
+        Client::builder(TokioExecutor::new()).build(connector)
     }
 }
