@@ -63,6 +63,9 @@ struct Inner {
     credits: AtomicI64,
     throttled_until: AtomicU64,
     counters: [AtomicU64; COUNTERS],
+    /// The circuit breaker's machine for this backend, shared by every breaker over it (one
+    /// backend in two groups still has one circuit). Opaque here: the breaker's business.
+    breaker: std::sync::OnceLock<Arc<dyn std::any::Any + Send + Sync>>,
 }
 
 const COUNTERS: usize = 7;
@@ -125,6 +128,7 @@ impl BackendState {
                 credits: AtomicI64::new(UNTRACKED),
                 throttled_until: AtomicU64::new(0),
                 counters: Default::default(),
+                breaker: std::sync::OnceLock::new(),
             }),
         }
     }
@@ -138,6 +142,16 @@ impl BackendState {
 
     fn instant_of(&self, ticks: u64) -> Option<Instant> {
         (ticks != 0).then(|| self.inner.epoch + Duration::from_nanos(ticks - 1))
+    }
+
+    /// The breaker core of this backend: the one stored by the first caller (`make` runs only
+    /// then). `None` if a value of another type is stored.
+    pub(crate) fn breaker_core<T: std::any::Any + Send + Sync>(
+        &self,
+        make: impl FnOnce() -> T,
+    ) -> Option<Arc<T>> {
+        let core = self.inner.breaker.get_or_init(|| Arc::new(make()));
+        core.clone().downcast::<T>().ok()
     }
 
     /// True when both handles point at the same backend's state.

@@ -356,3 +356,51 @@ async fn health_probes_readmit_a_recovered_backend_and_stop_when_the_stack_is_dr
         "probe task still running after drop"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_backend_in_two_groups_has_one_circuit_and_one_probe() {
+    let mock = MockServer::builder().start().await.unwrap();
+    mock.set_fault(Some(Fault::Status(500)));
+    let backend = azure("shared", &mock);
+    let (chat_group, batch_group) = (
+        BreakerGroup::try_new(policy()).unwrap(),
+        BreakerGroup::try_new(policy()).unwrap(),
+    );
+    let via_chat = guarded(
+        &backend,
+        &chat_group,
+        AttemptTimeoutLayer::new(),
+        &http_client(),
+    );
+    let via_batch = guarded(
+        &backend,
+        &batch_group,
+        AttemptTimeoutLayer::new(),
+        &http_client(),
+    );
+    // Failures through either group count toward the one circuit.
+    for svc in [&via_chat, &via_batch, &via_chat] {
+        assert_eq!(svc.clone().oneshot(chat("{}")).await.unwrap().status(), 500);
+    }
+    assert!(matches!(backend.state().circuit(), Circuit::Open { .. }));
+    for svc in [&via_chat, &via_batch] {
+        let err = svc.clone().oneshot(chat("{}")).await.unwrap_err();
+        assert!(
+            err.downcast_ref::<Open>().is_some(),
+            "both groups see it open"
+        );
+    }
+    assert_eq!(mock.counters().requests, 3);
+    // When the open period ends, one probe is let through, from whichever group asks first.
+    mock.set_fault(None);
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let (a, b) = tokio::join!(
+        via_batch.clone().oneshot(chat("{}")),
+        via_chat.clone().oneshot(chat("{}"))
+    );
+    assert_eq!(a.unwrap().status(), 200);
+    assert_eq!(b.unwrap_err().downcast_ref::<Open>().unwrap().until(), None);
+    assert_eq!(mock.counters().requests, 4);
+    assert_eq!(backend.state().circuit(), Circuit::Closed);
+    assert_eq!(via_chat.oneshot(chat("{}")).await.unwrap().status(), 200);
+}

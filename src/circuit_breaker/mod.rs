@@ -57,7 +57,7 @@ pub mod state;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::*};
+use std::sync::atomic::{AtomicUsize, Ordering::*};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
@@ -196,16 +196,28 @@ impl BreakerGroup {
     }
 
     /// The breaker layer for one backend of the group.
+    ///
+    /// A backend has one circuit, however many groups it is in: the first breaker made for it
+    /// creates its state machine (with this group's policy) and later ones, from other groups,
+    /// share it (a different policy is ignored with a warning). An open circuit takes an
+    /// ejection slot in the group whose answer opened it.
     pub fn layer_for(&self, backend: &Backend) -> CircuitBreakerLayer {
         self.ejections.members.fetch_add(1, AcqRel);
-        let machine = Machine::new(self.policy.clone());
+        let make = || Core::new(self.policy.clone());
+        let core = backend
+            .state()
+            .breaker_core(make)
+            .unwrap_or_else(|| Arc::new(make()));
+        if core.policy != self.policy {
+            tracing::warn!(
+                backend = backend.name(),
+                "backend is in groups with different breaker policies: the first one applies"
+            );
+        }
         CircuitBreakerLayer {
             shared: Arc::new(Shared {
                 backend: backend.clone(),
-                tally: machine.tally(),
-                policy: self.policy.clone(),
-                machine: Mutex::new(machine),
-                ejected: AtomicBool::new(false),
+                core,
                 ejections: self.ejections.clone(),
                 rng: self.rng.clone(),
                 probe_task: Mutex::new(None),
@@ -214,14 +226,36 @@ impl BreakerGroup {
     }
 }
 
-struct Shared {
-    backend: Backend,
+/// One backend's breaker state, shared by the breakers of every group it is in.
+struct Core {
     /// The machine's counts, for answers of a closed circuit (no lock).
     tally: Arc<Tally>,
     policy: Policy,
     machine: Mutex<Machine>,
-    /// Whether this backend holds one of the group's ejection slots.
-    ejected: AtomicBool,
+    /// The group whose ejection slot the open circuit holds, if it is open.
+    ejected_by: Mutex<Option<Arc<Ejections>>>,
+}
+
+impl Core {
+    fn new(policy: Policy) -> Self {
+        let machine = Machine::new(policy.clone());
+        Core {
+            tally: machine.tally(),
+            policy,
+            machine: Mutex::new(machine),
+            ejected_by: Mutex::new(None),
+        }
+    }
+
+    fn ejected_by(&self) -> std::sync::MutexGuard<'_, Option<Arc<Ejections>>> {
+        self.ejected_by.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// One group's breaker for one backend.
+struct Shared {
+    backend: Backend,
+    core: Arc<Core>,
     ejections: Arc<Ejections>,
     rng: Rng,
     probe_task: Mutex<Option<tokio::task::AbortHandle>>,
@@ -232,15 +266,21 @@ impl Drop for Shared {
         if let Some(task) = self.probe_task.get_mut().ok().and_then(Option::take) {
             task.abort();
         }
-        if *self.ejected.get_mut() {
-            self.ejections.release();
+        // The group is going away: give back the slot its ejection of this backend holds.
+        let mut holder = self.core.ejected_by();
+        if holder
+            .as_ref()
+            .is_some_and(|e| Arc::ptr_eq(e, &self.ejections))
+            && let Some(e) = holder.take()
+        {
+            e.release();
         }
     }
 }
 
 impl Shared {
     fn with_machine<T>(&self, f: impl FnOnce(&mut Machine) -> T) -> T {
-        let mut m = self.machine.lock().unwrap_or_else(|e| e.into_inner());
+        let mut m = self.core.machine.lock().unwrap_or_else(|e| e.into_inner());
         f(&mut m)
     }
 
@@ -250,16 +290,21 @@ impl Shared {
         let name = self.backend.name();
         match tr {
             Transition::Opened { until, trips } => {
-                let holds = self.ejected.load(Acquire);
-                if !holds && !self.ejections.try_eject() {
-                    self.with_machine(Machine::stay_closed);
-                    tracing::warn!(
-                        backend = name,
-                        "circuit not opened: the group may not eject more of its backends"
-                    );
-                    return;
+                {
+                    let mut holder = self.core.ejected_by();
+                    if holder.is_none() {
+                        if !self.ejections.try_eject() {
+                            drop(holder);
+                            self.with_machine(Machine::stay_closed);
+                            tracing::warn!(
+                                backend = name,
+                                "circuit not opened: the group may not eject more of its backends"
+                            );
+                            return;
+                        }
+                        *holder = Some(self.ejections.clone());
+                    }
                 }
-                self.ejected.store(true, Release);
                 self.backend.state().set_circuit(Circuit::Open { until });
                 tracing::warn!(backend = name, trips, open_for = ?until.saturating_duration_since(Instant::now()), "circuit opened");
             }
@@ -268,8 +313,8 @@ impl Shared {
                 tracing::info!(backend = name, "circuit half-open: probing");
             }
             Transition::Closed => {
-                if self.ejected.swap(false, AcqRel) {
-                    self.ejections.release();
+                if let Some(e) = self.core.ejected_by().take() {
+                    e.release();
                 }
                 self.backend.state().set_circuit(Circuit::Closed);
                 tracing::info!(backend = name, "circuit closed");
@@ -301,8 +346,12 @@ impl Shared {
         let failed = outcome.is_failure();
         if !probe && self.backend.state().circuit() == Circuit::Closed {
             // A closed circuit counts without a lock; only a trip takes the machine.
-            let slow = self.policy.slow_call.is_some_and(|s| elapsed >= s);
-            if self.tally.count(&self.policy, failed || slow, now) {
+            let slow = self.core.policy.slow_call.is_some_and(|s| elapsed >= s);
+            if self
+                .core
+                .tally
+                .count(&self.core.policy, failed || slow, now)
+            {
                 let tr = self.with_machine(|m| m.trip_if_closed(now, self.rng.next_f64()));
                 self.apply(tr);
             }
@@ -408,7 +457,7 @@ where
         // A closed circuit admits without the clock; the start time is only needed to spot
         // slow calls.
         if self.shared.backend.state().circuit() == Circuit::Closed {
-            let start = self.shared.policy.slow_call.map(|_| Instant::now());
+            let start = self.shared.core.policy.slow_call.map(|_| Instant::now());
             return ResponseFuture::call(self.inner.call(req), &self.shared, false, start);
         }
         let now = Instant::now();
