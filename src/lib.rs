@@ -64,7 +64,7 @@
 //!
 //! | feature | default | what it adds |
 //! |---|---|---|
-//! | `rustls` | yes | [`client::https_client`]: hyper-util + rustls (ring), webpki or native roots |
+//! | `rustls` | yes | [`client::https_client`]: hyper-util + rustls (ring), webpki or native roots; [`client::https_client_with`] for your own rustls config (private roots, client certificates) |
 //! | `mock` | no | `mock`: the loopback mock LLM server (and Entra token server) used by the tests and the demo |
 //! | `config` | no | `config`: a JSON/TOML config that builds the whole stack |
 //! | `gateway` | no | `gateway`: the OpenAI-compatible axum gateway behind `examples/gateway.rs` |
