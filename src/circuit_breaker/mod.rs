@@ -25,6 +25,13 @@
 //! stays closed and logs why, so when every backend fails, requests keep reaching the ones left
 //! and end with a typed error naming each backend and why (never a hang, never an empty group).
 //!
+//! **One circuit per backend**: a backend that is in several groups (two chains, a chat and a
+//! batch route) has one state machine, shared by the breakers of every group; failures seen
+//! through any of them add up, and one probe serves them all. The first group's policy applies.
+//!
+//! **No lock per answer**: a closed circuit counts answers in atomics and takes the machine's
+//! lock only to trip, probe or close.
+//!
 //! **Health probes** (optional, [`CircuitBreaker::spawn_health_probe`]): a background task sends
 //! `GET {path}` through the backend's stack at an interval and feeds the breaker, so a dead
 //! backend is known before users hit it and a recovered one is let back in without sacrificing a
