@@ -1,12 +1,75 @@
-//! A minimal hyper server on loopback (the fastest possible backend), shared by the benches.
+//! A minimal hyper server on loopback (the fastest possible backend), and the bare and stacked
+//! requests the benches send to it.
 
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
 
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use tower::ServiceExt;
+use tower_llm_lb::Backend;
+use tower_llm_lb::auth::Credential;
+use tower_llm_lb::body::ReplayBody;
+use tower_llm_lb::fallback::Fallback;
+use tower_llm_lb::stack::{self, LlmService, Settings};
+
+/// The bare hyper-util client.
+pub type Bare = hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    ReplayBody,
+>;
+
+const REQ_BODY: &str = r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}"#;
+
+/// The recommended group (`stack::group`) over 3 backends at `addr`, through `client`.
+pub fn group_over(addr: SocketAddr, client: Bare) -> LlmService {
+    let backends = (0..3).map(|i| {
+        Backend::azure(
+            format!("b{i}"),
+            format!("http://{addr}"),
+            "gpt-4o",
+            "2024-10-21",
+        )
+        .credential(Credential::api_key("bench-key").unwrap())
+        .build()
+        .unwrap()
+    });
+    stack::group("bench", backends, client, &Settings::default()).unwrap()
+}
+
+/// The full stack: a `Fallback` chain over [`group_over`].
+pub fn stack_over(addr: SocketAddr, client: Bare) -> LlmService {
+    let chain = Fallback::builder("chain")
+        .target("group", group_over(addr, client))
+        .build()
+        .unwrap();
+    LlmService::new(chain)
+}
+
+/// One request through the bare client, with the Azure path and key already in it.
+pub async fn one_bare(client: &Bare, addr: SocketAddr) {
+    let req = http::Request::post(format!(
+        "http://{addr}/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21"
+    ))
+    .header("api-key", "bench-key")
+    .body(ReplayBody::from(REQ_BODY))
+    .unwrap();
+    let res = client.request(req).await.unwrap();
+    assert_eq!(res.status(), 200);
+    res.into_body().collect().await.unwrap();
+}
+
+/// One request through a stack, as a caller writes it.
+pub async fn one_stack(svc: &LlmService) {
+    let req = http::Request::post("/v1/chat/completions")
+        .body(ReplayBody::from(REQ_BODY))
+        .unwrap();
+    let res = svc.clone().oneshot(req).await.unwrap();
+    assert_eq!(res.status(), 200);
+    res.into_body().collect().await.unwrap();
+}
 
 const BODY: &[u8] = br#"{"id":"x","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"ok"}}]}"#;
 

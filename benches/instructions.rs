@@ -13,40 +13,8 @@
 
 mod common;
 
-use http_body_util::BodyExt;
-use tower::ServiceExt;
-use tower_llm_lb::Backend;
-use tower_llm_lb::auth::Credential;
-use tower_llm_lb::body::ReplayBody;
+use common::{Bare, group_over, one_bare, one_stack, stack_over};
 use tower_llm_lb::client::http_client;
-use tower_llm_lb::fallback::Fallback;
-use tower_llm_lb::stack::{self, LlmService, Settings};
-
-type Bare = hyper_util::client::legacy::Client<
-    hyper_util::client::legacy::connect::HttpConnector,
-    ReplayBody,
->;
-
-const REQ_BODY: &str = r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}"#;
-
-async fn one(mode: &str, client: &Bare, svc: &LlmService, addr: std::net::SocketAddr) {
-    if mode == "bare" {
-        let req = http::Request::post(format!(
-            "http://{addr}/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21"
-        ))
-        .header("api-key", "bench-key")
-        .body(ReplayBody::from(REQ_BODY))
-        .unwrap();
-        let res = client.request(req).await.unwrap();
-        res.into_body().collect().await.unwrap();
-    } else {
-        let req = http::Request::post("/v1/chat/completions")
-            .body(ReplayBody::from(REQ_BODY))
-            .unwrap();
-        let res = svc.clone().oneshot(req).await.unwrap();
-        res.into_body().collect().await.unwrap();
-    }
-}
 
 fn run(mode: &str, n: u64) {
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -56,30 +24,17 @@ fn run(mode: &str, n: u64) {
     rt.block_on(async move {
         let addr = common::minimal_server().await;
         let client: Bare = http_client();
-        let backends = (0..3).map(|i| {
-            Backend::azure(
-                format!("b{i}"),
-                format!("http://{addr}"),
-                "gpt-4o",
-                "2024-10-21",
-            )
-            .credential(Credential::api_key("bench-key").unwrap())
-            .build()
-            .unwrap()
-        });
-        let group = stack::group("bench", backends, client.clone(), &Settings::default()).unwrap();
         let svc = match mode {
-            "stack" => LlmService::new(
-                Fallback::builder("chain")
-                    .target("group", group)
-                    .build()
-                    .unwrap(),
-            ),
-            _ => group,
+            "stack" => stack_over(addr, client.clone()),
+            _ => group_over(addr, client.clone()),
         };
         let start = std::time::Instant::now();
         for _ in 0..n {
-            one(mode, &client, &svc, addr).await;
+            if mode == "bare" {
+                one_bare(&client, addr).await;
+            } else {
+                one_stack(&svc).await;
+            }
         }
         println!(
             "{mode:>6}: {n} requests, {:.2} us per request",

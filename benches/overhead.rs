@@ -11,63 +11,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use common::{Bare, one_bare, one_stack, stack_over};
 use criterion::{BenchmarkId, Criterion, Throughput};
-use http_body_util::BodyExt;
-use tower::ServiceExt;
-use tower_llm_lb::Backend;
-use tower_llm_lb::auth::Credential;
-use tower_llm_lb::body::ReplayBody;
 use tower_llm_lb::client::http_client;
-use tower_llm_lb::fallback::Fallback;
-use tower_llm_lb::stack::{self, LlmService, Settings};
-
-type Bare = hyper_util::client::legacy::Client<
-    hyper_util::client::legacy::connect::HttpConnector,
-    ReplayBody,
->;
-
-const REQ_BODY: &str = r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}"#;
-
-fn stack_over(addr: std::net::SocketAddr, client: Bare) -> LlmService {
-    let backends = (0..3).map(|i| {
-        Backend::azure(
-            format!("b{i}"),
-            format!("http://{addr}"),
-            "gpt-4o",
-            "2024-10-21",
-        )
-        .credential(Credential::api_key("bench-key").unwrap())
-        .build()
-        .unwrap()
-    });
-    let group = stack::group("bench", backends, client, &Settings::default()).unwrap();
-    let chain = Fallback::builder("chain")
-        .target("group", group)
-        .build()
-        .unwrap();
-    LlmService::new(chain)
-}
-
-async fn one_bare(client: &Bare, addr: std::net::SocketAddr) {
-    let req = http::Request::post(format!(
-        "http://{addr}/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21"
-    ))
-    .header("api-key", "bench-key")
-    .body(ReplayBody::from(REQ_BODY))
-    .unwrap();
-    let res = client.request(req).await.unwrap();
-    assert_eq!(res.status(), 200);
-    res.into_body().collect().await.unwrap();
-}
-
-async fn one_stack(svc: &LlmService) {
-    let req = http::Request::post("/v1/chat/completions")
-        .body(ReplayBody::from(REQ_BODY))
-        .unwrap();
-    let res = svc.clone().oneshot(req).await.unwrap();
-    assert_eq!(res.status(), 200);
-    res.into_body().collect().await.unwrap();
-}
 
 /// Runs `total` requests with `concurrency` tasks; returns the elapsed time.
 async fn run<F, Fut>(total: u64, concurrency: u64, make: F) -> Duration

@@ -172,8 +172,8 @@ async fn refused_and_hanging_backends_are_ejected_while_requests_succeed_elsewhe
     );
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_stream_flowing_longer_than_the_first_byte_timeout_is_not_cut() {
+/// A mock streaming 10 chunks one second apart, its backend and a breaker group.
+async fn slow_stream() -> (MockServer, Backend, BreakerGroup) {
     let mock = MockServer::builder()
         .stream_chunks(10)
         .chunk_delay(Duration::from_secs(1))
@@ -183,7 +183,12 @@ async fn a_stream_flowing_longer_than_the_first_byte_timeout_is_not_cut() {
     let backend = Backend::openai("o", format!("{}/v1", mock.url()))
         .build()
         .unwrap();
-    let group = BreakerGroup::try_new(policy()).unwrap();
+    (mock, backend, BreakerGroup::try_new(policy()).unwrap())
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stream_flowing_longer_than_the_first_byte_timeout_is_not_cut() {
+    let (_mock, backend, group) = slow_stream().await;
     let timeouts = AttemptTimeoutLayer::new()
         .first_byte(Duration::from_secs(2))
         .idle(Duration::from_secs(3));
@@ -200,16 +205,7 @@ async fn a_stream_flowing_longer_than_the_first_byte_timeout_is_not_cut() {
 
 #[tokio::test(start_paused = true)]
 async fn the_total_limit_spans_head_and_body_and_cuts_a_stream_still_flowing() {
-    let mock = MockServer::builder()
-        .stream_chunks(10)
-        .chunk_delay(Duration::from_secs(1))
-        .start()
-        .await
-        .unwrap();
-    let backend = Backend::openai("o", format!("{}/v1", mock.url()))
-        .build()
-        .unwrap();
-    let group = BreakerGroup::try_new(policy()).unwrap();
+    let (_mock, backend, group) = slow_stream().await;
     let timeouts = AttemptTimeoutLayer::new().total(Duration::from_millis(4500));
     let svc = guarded(&backend, &group, timeouts, &http_client());
     let start = Instant::now();
