@@ -251,7 +251,7 @@ async fn a_client_error_is_returned_at_once_from_exactly_one_backend() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn every_backend_refusing_connections_ends_in_one_exhausted_error() {
+async fn every_backend_refusing_connections_is_tried_once_then_one_exhausted_error() {
     let dead = |name: &str| {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
@@ -270,14 +270,18 @@ async fn every_backend_refusing_connections_ends_in_one_exhausted_error() {
     );
     let err = svc.oneshot(chat("{}")).await.unwrap_err();
     let ex = err.downcast_ref::<Exhausted>().expect("Exhausted");
-    assert_eq!(ex.attempts().len(), 3);
+    // Attempts were left (3 allowed), but after a refused connection only a backend not tried
+    // yet is asked: each once, then the error, with no retry time to offer.
+    assert_eq!(ex.attempts().len(), 2);
     assert!(
         ex.attempts()
             .iter()
             .all(|a| a.outcome == Outcome::ConnectError)
     );
+    assert_ne!(ex.attempts()[0].backend, ex.attempts()[1].backend);
+    assert_eq!(ex.earliest(), None);
     let text = err.to_string();
-    assert!(text.starts_with("all 3 attempts failed: "), "{text}");
+    assert!(text.starts_with("all 2 attempts failed: "), "{text}");
     assert!(
         text.contains("x: connect error") && text.contains("y: connect error"),
         "{text}"

@@ -200,12 +200,22 @@ impl<S> Balance<S> {
     /// `None` when some backend can take a request at `now`; otherwise the earliest instant one
     /// can (or `None` inside `Err` if none ever will: all weights 0).
     pub fn unavailable_until(&self, now: Instant) -> Option<Option<Instant>> {
+        self.unavailable_until_among(now, &|_| false)
+    }
+
+    /// [`Balance::unavailable_until`] over the backends `skip` does not rule out.
+    fn unavailable_until_among(
+        &self,
+        now: Instant,
+        skip: &dyn Fn(usize) -> bool,
+    ) -> Option<Option<Instant>> {
         let mut earliest: Option<Instant> = None;
-        for slot in self
+        for (_, slot) in self
             .shared
             .slots
             .iter()
-            .filter(|s| s.backend.weight() > 0.0)
+            .enumerate()
+            .filter(|(i, s)| s.backend.weight() > 0.0 && !skip(*i))
         {
             let state = slot.backend.state();
             let until = match state.unavailable_until(now) {
@@ -220,21 +230,26 @@ impl<S> Balance<S> {
 
     /// Chooses a backend for the next request, or says when one will be available.
     pub fn pick(&self, now: Instant) -> Result<&Backend, error::Unavailable> {
-        self.pick_index(now, None)
+        self.pick_index(now, None, false)
             .map(|i| &self.shared.slots[i].backend)
             .map_err(|earliest| error::Unavailable::new(self.shared.name.clone(), earliest))
     }
 
-    fn pick_index(&self, now: Instant, avoid: Option<&Avoid>) -> Result<usize, Option<Instant>> {
+    fn pick_index(
+        &self,
+        now: Instant,
+        avoid: Option<&Avoid>,
+        strict: bool,
+    ) -> Result<usize, Option<Instant>> {
         let sh = &*self.shared;
         let all = &sh.candidates;
         let avoided = |i: usize| {
             avoid.is_some_and(|a| a.0.iter().any(|n| **n == *sh.slots[i].backend.name()))
         };
-        let passes: &[&dyn Fn(usize) -> bool] = if avoid.is_some() {
-            &[&avoided, &|_| false]
-        } else {
-            &[&|_| false]
+        let passes: &[&dyn Fn(usize) -> bool] = match (avoid.is_some(), strict) {
+            (true, true) => &[&avoided],
+            (true, false) => &[&avoided, &|_| false],
+            (false, _) => &[&|_| false],
         };
         for skip in passes {
             for (t, tier) in sh.tiers.iter().enumerate() {
@@ -247,6 +262,10 @@ impl<S> Balance<S> {
                     }
                 }
             }
+        }
+        if strict {
+            // Only the backends not tried yet count: when is the first of them free?
+            return Err(self.unavailable_until_among(now, &avoided).flatten());
         }
         Err(self.unavailable_until(now).flatten())
     }
@@ -373,6 +392,13 @@ pub struct Reserved(pub Arc<str>);
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Avoid(pub Vec<Arc<str>>);
 
+/// A request extension: with [`Avoid`], only backends it does not name may be picked; when every
+/// backend was tried the request is refused at once ([`Unavailable`](error::Unavailable) with no
+/// earliest time). [`RetryAfter429`](crate::retry::RetryAfter429) sets it after a connect error:
+/// a backend that just refused a connection is not asked again at once.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Elsewhere;
+
 impl<S, B> Service<http::Request<B>> for Balance<S>
 where
     S: Service<http::Request<B>> + Clone,
@@ -411,7 +437,8 @@ where
                 },
             };
         }
-        let picked = self.pick_index(now, req.extensions().get::<Avoid>());
+        let strict = req.extensions().get::<Elsewhere>().is_some();
+        let picked = self.pick_index(now, req.extensions().get::<Avoid>(), strict);
         match picked {
             Err(earliest) => {
                 let budget = req.extensions().get::<WaitBudget>().map(|w| w.0);

@@ -11,7 +11,7 @@
 //! | success, client error (4xx) | returns it |
 //! | server error (5xx), timeout, broken connection | returns it, unless [`RetryAfter429Layer::retry_failures`] is on: then retries at once elsewhere |
 //! | throttled (429, 529, 503 with a hint) or quota exhausted | retries at once, so `Balance` sends it to another available backend |
-//! | connect error (the request never reached the server) | retries at once elsewhere (configurable) |
+//! | connect error (the request never reached the server) | retries at once on a backend not tried yet ([`balance::Elsewhere`](crate::balance::Elsewhere)); when every backend was tried, ends with [`Exhausted`] (configurable) |
 //! | nothing available (every backend cooling down or open) | waits until the earliest backend is free, if that fits the wait budget and the deadline; otherwise gives up at once, without sleeping |
 //!
 //! Giving up returns the last 429 **with** `retry-after` and `retry-after-ms` set to when a
@@ -253,6 +253,7 @@ where
             waited: Duration::ZERO,
             reserved: None,
             sent: 0,
+            elsewhere: false,
         };
         // The first attempt carries no wait budget (inserting one would allocate on every
         // request); a refused request's later attempts do, so their slots get booked.
@@ -289,6 +290,8 @@ struct Ctx<S, B> {
     reserved: Option<Arc<str>>,
     /// Attempts that reached a backend (or tried to).
     sent: usize,
+    /// The last attempt could not connect: the next goes only to a backend not tried yet.
+    elsewhere: bool,
 }
 
 type BoxFut<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -376,6 +379,7 @@ fn judge<S, B, ResB>(
                     || (ctx.settings.retry_failures && o.is_failure()) =>
                 {
                     ctx.sent += 1;
+                    ctx.elsewhere = o == Outcome::ConnectError;
                     ctx.attempts.push(Attempt {
                         backend,
                         outcome,
@@ -481,6 +485,10 @@ where
             .collect();
         if !tried.is_empty() {
             req.extensions_mut().insert(crate::balance::Avoid(tried));
+            // After a refused connection, only a backend not tried yet (none: give up now).
+            if std::mem::take(&mut ctx.elsewhere) {
+                req.extensions_mut().insert(crate::balance::Elsewhere);
+            }
         }
         // Come back for the slot booked while we waited, or let the balancer book one.
         if let Some(backend) = ctx.reserved.take() {
