@@ -271,8 +271,14 @@ impl Hints {
         cap: Duration,
     ) -> Hints {
         // One pass over the headers, matching names by text: cheaper than a hashed lookup per
-        // name, and most responses carry only a few headers.
+        // name, and most responses carry only a few headers. A header sent twice (a proxy adding
+        // its own) counts at its most cautious: the longest wait and reset, the fewest remaining.
         let (mut ms, mut x_ms, mut ra) = (None, None, None);
+        let longer = |a: Option<Duration>, b: Option<Duration>| a.max(b);
+        let fewer = |a: Option<u64>, b: Option<u64>| match (a, b) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         let mut hints = Hints::default();
         // Anthropic: (remaining, reset) per dimension, paired once all are seen.
         let mut anthropic: [(Option<&HeaderValue>, Option<&HeaderValue>); 4] = [(None, None); 4];
@@ -280,16 +286,25 @@ impl Hints {
         for (name, value) in headers {
             let n = name.as_str();
             match n {
-                "retry-after-ms" => ms = Some(value),
-                "x-ms-retry-after-ms" => x_ms = Some(value),
-                "retry-after" => ra = Some(value),
-                "x-ratelimit-reset-requests" => hints.reset_requests = parse_reset(value, cap),
-                "x-ratelimit-reset-tokens" => hints.reset_tokens = parse_reset(value, cap),
-                "x-ratelimit-remaining-requests" => {
-                    hints.remaining_requests = parse_remaining(value)
+                "retry-after-ms" => ms = longer(ms, parse_millis(value, cap)),
+                "x-ms-retry-after-ms" => x_ms = longer(x_ms, parse_millis(value, cap)),
+                "retry-after" => ra = longer(ra, retry_after_with(value, &now, cap)),
+                "x-ratelimit-reset-requests" => {
+                    hints.reset_requests = longer(hints.reset_requests, parse_reset(value, cap))
                 }
-                "x-ratelimit-remaining-tokens" => hints.remaining_tokens = parse_remaining(value),
-                "x-ratelimit-limit-requests" => hints.limit_requests = parse_remaining(value),
+                "x-ratelimit-reset-tokens" => {
+                    hints.reset_tokens = longer(hints.reset_tokens, parse_reset(value, cap))
+                }
+                "x-ratelimit-remaining-requests" => {
+                    hints.remaining_requests =
+                        fewer(hints.remaining_requests, parse_remaining(value))
+                }
+                "x-ratelimit-remaining-tokens" => {
+                    hints.remaining_tokens = fewer(hints.remaining_tokens, parse_remaining(value))
+                }
+                "x-ratelimit-limit-requests" => {
+                    hints.limit_requests = fewer(hints.limit_requests, parse_remaining(value))
+                }
                 _ => {
                     if !n.starts_with("anthropic-ratelimit-") {
                         continue;
@@ -305,10 +320,7 @@ impl Hints {
                 }
             }
         }
-        hints.retry_after = ms
-            .and_then(|v| parse_millis(v, cap))
-            .or_else(|| x_ms.and_then(|v| parse_millis(v, cap)))
-            .or_else(|| ra.and_then(|v| retry_after_with(v, &now, cap)));
+        hints.retry_after = ms.or(x_ms).or(ra);
         if !any_anthropic {
             return hints;
         }
@@ -617,6 +629,23 @@ mod tests {
             Hints::from_headers(&h, now, CAP).wait(),
             Some(Duration::from_secs(2))
         );
+    }
+
+    #[test]
+    fn a_hint_sent_twice_counts_at_its_most_cautious() {
+        let now = epoch(RFC_EXAMPLE);
+        let mut h = HeaderMap::new();
+        h.append("retry-after-ms", hv("200"));
+        h.append("retry-after-ms", hv("1500"));
+        h.append("retry-after-ms", hv("garbage"));
+        h.append("x-ratelimit-remaining-requests", hv("40"));
+        h.append("x-ratelimit-remaining-requests", hv("3"));
+        h.append("x-ratelimit-reset-requests", hv("2s"));
+        h.append("x-ratelimit-reset-requests", hv("500ms"));
+        let hints = Hints::from_headers(&h, now, CAP);
+        assert_eq!(hints.retry_after, Some(Duration::from_millis(1500)));
+        assert_eq!(hints.remaining_requests, Some(3));
+        assert_eq!(hints.reset_requests, Some(Duration::from_secs(2)));
     }
 
     #[test]
