@@ -18,7 +18,7 @@ use tower_service::Service;
 
 use crate::body::ReplayBody;
 use crate::error::BoxError;
-use crate::ready::ReadyCall;
+use crate::ready::{Asked, ReadyCall, call_if_ready};
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
@@ -55,12 +55,10 @@ where
     S::Future: Send + 'static,
 {
     fn call(&self, req: Request<ReplayBody>) -> BoxFuture<Result<Response<ResB>, BoxError>> {
-        let mut svc = self.0.clone();
         // Ready at once (the common case): box the service's own future, nothing around it.
-        match svc.poll_ready(&mut Context::from_waker(std::task::Waker::noop())) {
-            Poll::Ready(Ok(())) => Box::pin(ErrInto { fut: svc.call(req) }),
-            Poll::Ready(Err(e)) => Box::pin(ReadyCall::<S, _>::failed(e.into())),
-            Poll::Pending => Box::pin(ReadyCall::new(svc, req)),
+        match call_if_ready(self.0.clone(), req) {
+            Asked::Called(fut) => Box::pin(ErrInto { fut }),
+            asked => Box::pin(ReadyCall::from_asked(asked)),
         }
     }
 }
@@ -73,15 +71,28 @@ pub struct BoxTarget<ResB> {
 }
 
 impl<ResB: 'static> BoxTarget<ResB> {
-    /// Boxes `service`. Its readiness is driven inside each call's future.
+    /// Boxes `service`. Its readiness is driven inside each call's future. A service that is
+    /// already a `BoxTarget` (a `stack::group`, a boxed chain) is returned as it is, not boxed
+    /// again.
     pub fn new<S>(service: S) -> Self
     where
         S: Service<Request<ReplayBody>, Response = Response<ResB>> + Clone + Send + Sync + 'static,
         S::Error: Into<BoxError>,
         S::Future: Send + 'static,
     {
+        let mut slot = Some(service);
+        if let Some(boxed) = (&mut slot as &mut dyn std::any::Any)
+            .downcast_mut::<Option<Self>>()
+            .and_then(Option::take)
+        {
+            return boxed;
+        }
         BoxTarget {
-            inner: Arc::new(Holder(service)),
+            inner: match slot {
+                Some(service) => Arc::new(Holder(service)),
+                // The slot is only emptied when it held a `BoxTarget`, returned above.
+                None => unreachable!("the service was taken only if it was a BoxTarget"),
+            },
         }
     }
 }
@@ -117,26 +128,55 @@ impl<ResB> Service<Request<ReplayBody>> for BoxTarget<ResB> {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+
     use super::*;
     use tower::ServiceExt;
 
+    /// Answers with the request's body length and counts its own clones.
+    #[derive(Debug)]
+    struct Counted(Arc<AtomicUsize>);
+
+    impl Clone for Counted {
+        fn clone(&self) -> Self {
+            self.0.fetch_add(1, SeqCst);
+            Counted(self.0.clone())
+        }
+    }
+
+    impl Service<Request<ReplayBody>> for Counted {
+        type Response = Response<usize>;
+        type Error = BoxError;
+        type Future = std::future::Ready<Result<Response<usize>, BoxError>>;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, req: Request<ReplayBody>) -> Self::Future {
+            std::future::ready(Ok(Response::new(req.body().len())))
+        }
+    }
+
     #[tokio::test]
-    async fn clones_share_one_service_and_each_call_gets_its_own_copy() {
-        let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let counted = calls.clone();
-        let svc = BoxTarget::new(tower::service_fn(move |req: Request<ReplayBody>| {
-            let n = counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            async move { Ok::<_, BoxError>(Response::new((n, req.body().len()))) }
-        }));
-        let a = svc
+    async fn a_clone_shares_the_boxed_service_and_only_a_call_copies_it() {
+        let clones = Arc::new(AtomicUsize::new(0));
+        let svc = BoxTarget::new(Counted(clones.clone()));
+        let copies: Vec<_> = (0..10).map(|_| svc.clone()).collect();
+        assert_eq!(clones.load(SeqCst), 0, "cloning the box copies nothing");
+        let res = copies[3]
             .clone()
-            .oneshot(Request::new(ReplayBody::from("ab")))
-            .await
-            .unwrap();
-        let b = svc
             .oneshot(Request::new(ReplayBody::from("abc")))
             .await
             .unwrap();
-        assert_eq!((*a.body(), *b.body()), ((0, 2), (1, 3)));
+        assert_eq!(*res.body(), 3);
+        assert_eq!(clones.load(SeqCst), 1, "one copy per call");
+    }
+
+    #[test]
+    fn boxing_a_box_returns_it_as_it_is() {
+        let svc = BoxTarget::new(Counted(Arc::default()));
+        let again = BoxTarget::new(svc.clone());
+        assert!(Arc::ptr_eq(&svc.inner, &again.inner));
     }
 }

@@ -26,25 +26,45 @@ pin_project! {
     }
 }
 
+/// What asking a service once for readiness, without a task, gave.
+pub(crate) enum Asked<S: Service<R>, R> {
+    /// It was ready and is called.
+    Called(S::Future),
+    /// Its readiness failed.
+    Failed(BoxError),
+    /// Not ready yet: the service and the request, for a `Oneshot`.
+    NotReady(S, R),
+}
+
+/// Asks `svc` once whether it is ready and calls it if so. Asking without a task is safe: a
+/// service that is not ready is asked again by `Oneshot`, which registers the real waker.
+#[inline]
+pub(crate) fn call_if_ready<S: Service<R>, R>(mut svc: S, req: R) -> Asked<S, R>
+where
+    S::Error: Into<BoxError>,
+{
+    match svc.poll_ready(&mut Context::from_waker(Waker::noop())) {
+        Poll::Ready(Ok(())) => Asked::Called(svc.call(req)),
+        Poll::Ready(Err(e)) => Asked::Failed(e.into()),
+        Poll::Pending => Asked::NotReady(svc, req),
+    }
+}
+
 impl<S: Service<R>, R> ReadyCall<S, R>
 where
     S::Error: Into<BoxError>,
 {
-    /// A call that failed before it was made (its service's readiness failed).
-    pub(crate) fn failed(error: BoxError) -> Self {
-        ReadyCall::Failed { error: Some(error) }
+    #[inline]
+    pub(crate) fn new(svc: S, req: R) -> Self {
+        Self::from_asked(call_if_ready(svc, req))
     }
 
     #[inline]
-    pub(crate) fn new(mut svc: S, req: R) -> Self {
-        // Asking once without a task is safe: a service that is not ready is asked again by
-        // `Oneshot`, which registers the real waker.
-        match svc.poll_ready(&mut Context::from_waker(Waker::noop())) {
-            Poll::Ready(Ok(())) => ReadyCall::Called { fut: svc.call(req) },
-            Poll::Ready(Err(e)) => ReadyCall::Failed {
-                error: Some(e.into()),
-            },
-            Poll::Pending => ReadyCall::Waiting {
+    pub(crate) fn from_asked(asked: Asked<S, R>) -> Self {
+        match asked {
+            Asked::Called(fut) => ReadyCall::Called { fut },
+            Asked::Failed(e) => ReadyCall::Failed { error: Some(e) },
+            Asked::NotReady(svc, req) => ReadyCall::Waiting {
                 fut: Box::pin(svc.oneshot(req)),
             },
         }

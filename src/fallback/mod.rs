@@ -299,15 +299,7 @@ impl<ResB: 'static> FallbackBuilder<ResB> {
         S::Error: Into<BoxError>,
         S::Future: Send + 'static,
     {
-        // A target that is already boxed (a `stack::group`, another chain) is not boxed again.
-        let service: BoxTarget<ResB> =
-            match (Box::new(service) as Box<dyn std::any::Any>).downcast::<BoxTarget<ResB>>() {
-                Ok(boxed) => *boxed,
-                Err(other) => match other.downcast::<S>() {
-                    Ok(s) => BoxTarget::new(*s),
-                    Err(_) => unreachable!("the box holds an S"),
-                },
-            };
+        let service = BoxTarget::new(service);
         self.targets.push(Target {
             name: name.into().into(),
             service,
