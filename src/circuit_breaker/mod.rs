@@ -329,11 +329,8 @@ impl Shared {
         }
     }
 
+    /// Asks the machine (a circuit that is not closed; a closed one admits without asking).
     fn admit(&self, now: Instant) -> Admit {
-        // Fast path: a closed circuit needs no lock to admit.
-        if self.backend.state().circuit() == Circuit::Closed {
-            return Admit::Yes;
-        }
         let (admit, tr) = self.with_machine(|m| m.admit(now));
         self.apply(tr);
         admit

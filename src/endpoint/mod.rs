@@ -90,14 +90,21 @@ pub struct Served {
 /// that classified it, or, for an answer that passed through none, the stock [`Standard`]
 /// classification of its status and headers (backend `-`). One place for the layers above to ask.
 pub fn outcome_of<B>(res: &http::Response<B>) -> (Arc<str>, Outcome) {
+    let (backend, outcome, _) = answered_by(res);
+    (backend, outcome)
+}
+
+/// [`outcome_of`], with the attempt's time when an `Endpoint` measured it.
+pub(crate) fn answered_by<B>(res: &http::Response<B>) -> (Arc<str>, Outcome, Option<Duration>) {
     match res.extensions().get::<Served>() {
-        Some(s) => (s.backend.name_arc().clone(), s.outcome),
+        Some(s) => (s.backend.name_arc().clone(), s.outcome, Some(s.elapsed)),
         None => {
             let hints =
                 Hints::from_headers_at(res.headers(), std::time::SystemTime::now, DEFAULT_MAX_HINT);
             (
                 "-".into(),
                 Standard.classify_response(res.status(), res.headers(), &hints),
+                None,
             )
         }
     }

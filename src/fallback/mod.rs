@@ -74,7 +74,7 @@ use crate::body::ReplayBody;
 use crate::classify::retry_after::set_retry_after;
 use crate::classify::retry_after::{DEFAULT_MAX_HINT, Hints};
 use crate::classify::{Outcome, classify_error_chain};
-use crate::endpoint::{Deployment, outcome_of};
+use crate::endpoint::{Deployment, answered_by, outcome_of};
 use crate::error::{Attempt, BoxError, Exhausted};
 use crate::ready::ReadyCall;
 use crate::retry::{Attempts, Deadline, MaxWait};
@@ -498,7 +498,7 @@ impl<ResB> Run<ResB> {
         let target_name = &self.shared.targets[i].name;
         match result {
             Ok(mut res) => {
-                let (backend, outcome) = outcome_of(&res);
+                let (backend, outcome, timed) = answered_by(&res);
                 let fires = self.shared.triggers.fires(&outcome, Some(res.status()));
                 // An answer from the first target tried keeps its own list of attempts.
                 let own = !fires
@@ -510,10 +510,7 @@ impl<ResB> Run<ResB> {
                         None => self.attempts.push(Attempt {
                             backend: backend.clone(),
                             outcome,
-                            elapsed: res
-                                .extensions()
-                                .get::<crate::endpoint::Served>()
-                                .map_or_else(|| started.elapsed(), |s| s.elapsed),
+                            elapsed: timed.unwrap_or_else(|| started.elapsed()),
                         }),
                     }
                 }

@@ -57,7 +57,7 @@ use tracing::Instrument;
 use crate::body::clone_request;
 use crate::classify::retry_after::set_retry_after;
 use crate::classify::{Outcome, classify_error_chain};
-use crate::endpoint::{Served, outcome_of};
+use crate::endpoint::{Served, answered_by};
 use crate::error::{Attempt, BoxError, Exhausted};
 pub use budget::RetryBudget;
 
@@ -332,13 +332,8 @@ fn judge<S, B, ResB>(
     match result {
         Ok(mut res) => {
             // The endpoint that answered timed the attempt already (no second clock read).
-            let (backend, outcome, elapsed) = match res.extensions().get::<Served>() {
-                Some(s) => (s.backend.name_arc().clone(), s.outcome, s.elapsed),
-                None => {
-                    let (backend, outcome) = outcome_of(&res);
-                    (backend, outcome, started.elapsed())
-                }
-            };
+            let (backend, outcome, timed) = answered_by(&res);
+            let elapsed = timed.unwrap_or_else(|| started.elapsed());
             ctx.sent += 1;
             ctx.attempts.push(Attempt {
                 backend,
