@@ -161,16 +161,23 @@ impl BackendState {
 
     // ---- availability ----
 
+    /// Until when the backend takes nothing, in ticks (0: never): the later of its cooldown and
+    /// of its open circuit. The one definition both [`BackendState::unavailable_until`] and the
+    /// pickers' [`BackendState::availability`] read.
+    fn blocked_until(&self) -> u64 {
+        let i = &self.inner;
+        let open = if i.circuit.load(Acquire) == CIRCUIT_OPEN {
+            i.circuit_until.load(Acquire)
+        } else {
+            0
+        };
+        i.cooldown_until.load(Acquire).max(open)
+    }
+
     /// `None` when the backend can take a request at `now`; otherwise the earliest instant it
     /// can (end of its cooldown, or of its open circuit).
     pub fn unavailable_until(&self, now: Instant) -> Option<Instant> {
-        let mut until = self.cooldown_until().filter(|u| *u > now);
-        if let Circuit::Open { until: open } = self.circuit()
-            && open > now
-        {
-            until = Some(until.map_or(open, |u| u.max(open)));
-        }
-        until
+        self.instant_of(self.blocked_until()).filter(|u| *u > now)
     }
 
     /// True when the backend can take a request at `now`.
@@ -182,17 +189,13 @@ impl BackendState {
     /// every pick. A backend that was never cooled down, opened or short of headroom answers
     /// without any clock arithmetic.
     pub(crate) fn availability(&self, now: Instant) -> (bool, bool) {
-        let i = &self.inner;
-        let cooldown = i.cooldown_until.load(Acquire);
-        let open = i.circuit.load(Acquire) == CIRCUIT_OPEN;
-        let low = i.low_headroom_until.load(Acquire);
-        if cooldown == 0 && !open && low == 0 {
+        let blocked = self.blocked_until();
+        let low = self.inner.low_headroom_until.load(Acquire);
+        if blocked == 0 && low == 0 {
             return (true, false);
         }
         let later = |ticks: u64| self.instant_of(ticks).is_some_and(|t| t > now);
-        let cooling = later(cooldown) || (open && later(i.circuit_until.load(Acquire)));
-        let available = !cooling;
-        (available, later(low))
+        (!later(blocked), later(low))
     }
 
     // ---- cooldown (throttling) ----
@@ -449,8 +452,7 @@ impl BackendState {
 
     /// True while the last quota hints said a quota is used up.
     pub fn headroom_low(&self, now: Instant) -> bool {
-        self.instant_of(self.inner.low_headroom_until.load(Acquire))
-            .is_some_and(|u| u > now)
+        self.availability(now).1
     }
 
     // ---- counters ----
@@ -538,6 +540,38 @@ mod tests {
         assert_eq!(s.saturated_interval(t1), Some(Duration::from_millis(50)));
         // A new window starts at each measurement.
         assert_eq!(s.saturated_interval(t1 + Duration::from_secs(1)), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn availability_and_the_earliest_free_instant_agree_on_cooldowns_and_open_circuits() {
+        let now = Instant::now();
+        let (past, soon, later) = (
+            now,
+            now + Duration::from_secs(1),
+            now + Duration::from_secs(5),
+        );
+        for (cooldown, open, expect) in [
+            (None, None, None),
+            (Some(past), None, None),
+            (Some(soon), None, Some(soon)),
+            (Some(past), Some(later), Some(later)),
+            (Some(later), Some(soon), Some(later)),
+            (Some(soon), Some(past), Some(soon)),
+        ] {
+            let s = BackendState::new();
+            if let Some(c) = cooldown {
+                s.extend_cooldown(c);
+            }
+            if let Some(until) = open {
+                s.set_circuit(Circuit::Open { until });
+            }
+            assert_eq!(s.unavailable_until(now), expect, "{cooldown:?} {open:?}");
+            assert_eq!(
+                s.is_available(now),
+                expect.is_none(),
+                "{cooldown:?} {open:?}"
+            );
+        }
     }
 
     #[test]
