@@ -19,6 +19,18 @@ async fn mocks(n: usize, rps: f64) -> Vec<MockServer> {
     mocks_with(n, rps, true).await
 }
 
+/// No mock got a request inside a retry-after it had asked for.
+fn assert_none_while_cooling(ms: &[MockServer]) {
+    for m in ms {
+        assert_eq!(
+            m.request_during_retry_after(),
+            None,
+            "{} got a request while cooling",
+            m.name()
+        );
+    }
+}
+
 /// Mocks without quota headers answer 429s with `retry-after` only (as Azure PTU does).
 async fn mocks_with(n: usize, rps: f64, quota_headers: bool) -> Vec<MockServer> {
     let mut v = Vec::new();
@@ -155,14 +167,7 @@ async fn a_429_is_retried_on_another_backend_and_the_attempts_are_listed() {
     assert_eq!(seen[2].1, "success");
     assert_eq!(attempts.len(), 3);
     assert!(Instant::now() - start <= Duration::from_secs(1));
-    for m in &ms {
-        assert_eq!(
-            m.request_during_retry_after(),
-            None,
-            "{} got a request while cooling",
-            m.name()
-        );
-    }
+    assert_none_while_cooling(&ms);
 }
 
 #[tokio::test(start_paused = true)]
@@ -220,14 +225,7 @@ async fn all_throttled_waits_for_the_earliest_backend_within_the_budget() {
         "{waited:?}"
     );
     // No backend received a request while a 429 of its own asked to wait.
-    for m in &ms {
-        assert_eq!(
-            m.request_during_retry_after(),
-            None,
-            "{} got a request while cooling",
-            m.name()
-        );
-    }
+    assert_none_while_cooling(&ms);
 }
 
 #[tokio::test(start_paused = true)]
@@ -392,14 +390,7 @@ async fn twice_the_aggregate_load(quota_headers: bool) {
     assert_eq!(ok + limited + refused, 300);
     // Capacity is 30/s (plus a burst of 10 each); over ~5-7 s at least that much is served.
     assert!(ok >= 150, "served {ok}, 429 {limited}, refused {refused}");
-    for m in &ms {
-        assert_eq!(
-            m.request_during_retry_after(),
-            None,
-            "{} got a request while cooling",
-            m.name()
-        );
-    }
+    assert_none_while_cooling(&ms);
     let throttled: u64 = ms.iter().map(|m| m.counters().throttled).sum();
     eprintln!("served {ok}, 429 {limited}, refused {refused}; 429s the backends sent: {throttled}");
     if quota_headers {

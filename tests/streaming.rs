@@ -8,6 +8,20 @@ use tower::ServiceExt;
 use tower_llm_lb::Backend;
 use tower_llm_lb::mock::{Fault, MockServer};
 
+/// A mock streaming 5 chunks with `fault`, and an OpenAI backend named `name` on it.
+async fn faulty_stream(name: &str, fault: Fault) -> (MockServer, Backend) {
+    let mock = MockServer::builder()
+        .stream_chunks(5)
+        .start()
+        .await
+        .unwrap();
+    mock.set_fault(Some(fault));
+    let backend = Backend::openai(name, format!("{}/v1", mock.url()))
+        .build()
+        .unwrap();
+    (mock, backend)
+}
+
 #[tokio::test]
 async fn first_chunk_arrives_before_the_server_sends_the_last() {
     let mock = MockServer::builder()
@@ -50,15 +64,7 @@ async fn first_chunk_arrives_before_the_server_sends_the_last() {
 
 #[tokio::test]
 async fn a_stream_cut_upstream_ends_in_an_error_not_a_clean_end() {
-    let mock = MockServer::builder()
-        .stream_chunks(5)
-        .start()
-        .await
-        .unwrap();
-    mock.set_fault(Some(Fault::TruncateStream(2)));
-    let backend = Backend::openai("o", format!("{}/v1", mock.url()))
-        .build()
-        .unwrap();
+    let (_mock, backend) = faulty_stream("o", Fault::TruncateStream(2)).await;
     let res = stack(&backend)
         .oneshot(chat(r#"{"stream":true}"#))
         .await
@@ -75,15 +81,7 @@ async fn a_stream_cut_upstream_ends_in_an_error_not_a_clean_end() {
 #[tokio::test]
 async fn a_stream_that_ends_cleanly_without_done_is_still_an_error() {
     use tower_llm_lb::body::error::StreamInterrupted;
-    let mock = MockServer::builder()
-        .stream_chunks(5)
-        .start()
-        .await
-        .unwrap();
-    mock.set_fault(Some(Fault::EndStreamEarly(2)));
-    let backend = Backend::openai("o", format!("{}/v1", mock.url()))
-        .build()
-        .unwrap();
+    let (mock, backend) = faulty_stream("o", Fault::EndStreamEarly(2)).await;
     let res = stack(&backend)
         .oneshot(chat(r#"{"stream":true}"#))
         .await
@@ -111,15 +109,7 @@ async fn a_stream_that_ends_cleanly_without_done_is_still_an_error() {
 #[tokio::test]
 async fn a_broken_stream_names_its_backend() {
     use tower_llm_lb::body::error::StreamInterrupted;
-    let mock = MockServer::builder()
-        .stream_chunks(5)
-        .start()
-        .await
-        .unwrap();
-    mock.set_fault(Some(Fault::TruncateStream(2)));
-    let backend = Backend::openai("west", format!("{}/v1", mock.url()))
-        .build()
-        .unwrap();
+    let (_mock, backend) = faulty_stream("west", Fault::TruncateStream(2)).await;
     let res = stack(&backend)
         .oneshot(chat(r#"{"stream":true}"#))
         .await
