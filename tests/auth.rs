@@ -242,12 +242,7 @@ async fn failing_token_source_is_a_typed_error_and_nothing_is_sent() {
 #[tokio::test]
 async fn secrets_never_appear_in_logs_or_debug_output() {
     let captured = Captured::default();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_writer(captured.clone())
-        .with_ansi(false)
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let _guard = captured.install();
 
     let mock = MockServer::builder()
         .api_key("sk-topsecret-42")

@@ -228,12 +228,7 @@ async fn the_azure_cli_source_reads_az_output() {
 #[tokio::test(start_paused = true)]
 async fn secrets_and_tokens_never_appear_in_logs() {
     let captured = Captured::default();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_writer(captured.clone())
-        .with_ansi(false)
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let _guard = captured.install();
     let (tokens, llm, source) = setup(Duration::from_secs(600)).await;
     tracing::info!(?source, "source");
     let svc = stack(&backend(&llm, Credential::token_source(source)));
