@@ -451,7 +451,6 @@ impl Record {
         )
     }
 
-    /// Writes the outcome into the backend's state; returns the `Served` extension.
     /// Writes the outcome into the backend's state; returns the `Served` extension and the
     /// in-flight count, which the response body keeps until the answer has been read.
     fn finish(self, outcome: Outcome, hints: Hints) -> (Served, crate::state::InFlight) {
