@@ -110,9 +110,17 @@ impl Gateway {
         listener: tokio::net::TcpListener,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
+        use axum::serve::ListenerExt;
         let app = self
             .router()
             .into_make_service_with_connect_info::<SocketAddr>();
+        // Nagle's algorithm would hold a response's body behind its head until the client's
+        // delayed ACK (40 ms on Linux): every answer would pay it.
+        let listener = listener.tap_io(|tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %e, "could not set TCP_NODELAY");
+            }
+        });
         axum::serve(listener, app)
             .with_graceful_shutdown(shutdown)
             .await

@@ -43,6 +43,8 @@ use tokio::time::Instant;
 
 use crate::auth::CALLER_CREDENTIAL_HEADERS;
 
+#[cfg(feature = "gateway")]
+pub mod scenario;
 pub mod sim;
 mod token;
 pub use token::{MockTokenServer, TokenRegistry};
@@ -94,8 +96,20 @@ pub struct MockBuilder {
     stream_chunks: usize,
     chunk_delay: Duration,
     gated: bool,
-    quota_headers: bool,
+    quota_headers: QuotaHeaders,
+    latency_per_token: Duration,
     record: bool,
+}
+
+/// Which quota headers a [`MockServer`] sends with its answers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum QuotaHeaders {
+    /// None at all (Azure PTU deployments).
+    Off,
+    /// OpenAI's: limit, remaining and reset (a duration until full) per dimension.
+    OpenAi,
+    /// What Azure standard deployments send: per-minute limit and remaining, no reset.
+    Azure,
 }
 
 /// Counts of what a [`MockServer`] saw and answered.
@@ -142,9 +156,10 @@ struct Shared {
     name: String,
     expect: Expect,
     latency: Duration,
+    latency_per_token: Duration,
     stream_chunks: usize,
     chunk_delay: Duration,
-    quota_headers: bool,
+    quota_headers: QuotaHeaders,
     gate: Option<Arc<tokio::sync::Semaphore>>,
     requests: Mutex<Vec<RecordedRequest>>,
     record: bool,
@@ -239,7 +254,8 @@ impl Default for MockBuilder {
             stream_chunks: 5,
             chunk_delay: Duration::ZERO,
             gated: false,
-            quota_headers: true,
+            quota_headers: QuotaHeaders::OpenAi,
+            latency_per_token: Duration::ZERO,
             record: true,
         }
     }
@@ -309,7 +325,27 @@ impl MockBuilder {
     /// Whether answers carry `x-ratelimit-*` quota headers (default true). Without them a 429
     /// carries only `retry-after` / `retry-after-ms`, as Azure PTU deployments answer.
     pub fn quota_headers(mut self, yes: bool) -> Self {
-        self.quota_headers = yes;
+        self.quota_headers = if yes {
+            QuotaHeaders::OpenAi
+        } else {
+            QuotaHeaders::Off
+        };
+        self
+    }
+
+    /// Quota headers as Azure standard deployments send them: `x-ratelimit-limit-*` per
+    /// minute (the bucket's rate x 60), `x-ratelimit-remaining-*` as the bucket's level scaled
+    /// to that minute, and **no** reset header, while the limit is enforced over the 1 s bucket
+    /// (so a minute's share in a burst earns 429s).
+    pub fn azure_headers(mut self) -> Self {
+        self.quota_headers = QuotaHeaders::Azure;
+        self
+    }
+
+    /// Extra time per output token (the request's `max_tokens`, 16 when absent), on top of
+    /// [`MockBuilder::latency`]: a generation's time grows with its length.
+    pub fn latency_per_token(mut self, d: Duration) -> Self {
+        self.latency_per_token = d;
         self
     }
 
@@ -349,6 +385,7 @@ impl MockBuilder {
             name: self.name,
             expect: self.expect,
             latency: self.latency,
+            latency_per_token: self.latency_per_token,
             stream_chunks: self.stream_chunks,
             chunk_delay: self.chunk_delay,
             quota_headers: self.quota_headers,
@@ -847,20 +884,24 @@ async fn answer(
             }
         }
         let mut h = HeaderMap::new();
-        if !shared.quota_headers {
-            // Leave the quota headers out.
-        } else if let Some(r) = &b.requests {
-            h.insert("x-ratelimit-limit-requests", num(r.rate.max(1.0) as u64));
-            h.insert(
-                "x-ratelimit-remaining-requests",
-                num(r.level.max(0.0) as u64),
-            );
-            h.insert("x-ratelimit-reset-requests", go_duration(r.to_full()));
-        }
-        if let Some(t) = b.tokens.as_ref().filter(|_| shared.quota_headers) {
-            h.insert("x-ratelimit-limit-tokens", num(t.rate.max(1.0) as u64));
-            h.insert("x-ratelimit-remaining-tokens", num(t.level.max(0.0) as u64));
-            h.insert("x-ratelimit-reset-tokens", go_duration(t.to_full()));
+        let dims = [(&b.requests, "requests"), (&b.tokens, "tokens")];
+        for (bucket, dim) in dims {
+            let Some(bucket) = bucket else { continue };
+            let cap = bucket.rate.max(1.0);
+            let level = bucket.level.max(0.0);
+            let (limit, remaining, reset) = match shared.quota_headers {
+                QuotaHeaders::Off => continue,
+                QuotaHeaders::OpenAi => (cap, level, Some(bucket.to_full())),
+                QuotaHeaders::Azure => {
+                    let per_minute = (bucket.rate * 60.0).round();
+                    (per_minute, (level / cap * per_minute).floor(), None)
+                }
+            };
+            h.insert(ratelimit_header("limit", dim), num(limit as u64));
+            h.insert(ratelimit_header("remaining", dim), num(remaining as u64));
+            if let Some(reset) = reset {
+                h.insert(ratelimit_header("reset", dim), go_duration(reset));
+            }
         }
         ((!wait.is_zero()).then_some(wait), h)
     };
@@ -878,8 +919,9 @@ async fn answer(
         h.insert("retry-after", num(wait.as_secs_f64().ceil() as u64));
         return Some(res);
     }
-    if !shared.latency.is_zero() {
-        tokio::time::sleep(shared.latency).await;
+    let latency = shared.latency + shared.latency_per_token * max_tokens.min(4096) as u32;
+    if !latency.is_zero() {
+        tokio::time::sleep(latency).await;
     }
     let stream = json.get("stream").and_then(|v| v.as_bool()) == Some(true);
     let model = json
@@ -936,6 +978,11 @@ async fn answer(
         res.headers_mut().insert("x-request-id", v);
     }
     Some(res)
+}
+
+fn ratelimit_header(kind: &str, dim: &str) -> http::HeaderName {
+    http::HeaderName::try_from(format!("x-ratelimit-{kind}-{dim}"))
+        .unwrap_or(http::HeaderName::from_static("x-ratelimit-unknown"))
 }
 
 fn num(n: u64) -> HeaderValue {

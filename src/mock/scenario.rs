@@ -1,0 +1,724 @@
+//! The real-load scenario suite (feature `gateway`): the gateway as a new user runs it, over real
+//! sockets, against mock backends that throttle like Azure OpenAI.
+//!
+//! Each [`Scenario`] starts its mock backends on loopback, writes the config a new user writes
+//! (backends, keys, priorities; anything else only where the scenario says so), builds it with
+//! [`Config::build_with_backends`] and serves it with the [`Gateway`] on a loopback port. An
+//! open-loop load generator then offers its requests at a fixed rate, at most `in_flight` at a
+//! time, through a plain hyper client that does not retry (every 429 or 5xx the gateway lets
+//! through counts against it), and the [`Report`] says what the client saw and what the backends
+//! saw.
+//!
+//! The mock backends behave like Azure standard deployments: a token bucket of one second's
+//! quota, `429` with `retry-after` in whole seconds rounded up and the real wait in
+//! `retry-after-ms`, per-minute `x-ratelimit-limit-*` / `-remaining-*` and no reset header,
+//! latency 50 ms + 2 ms per output token.
+//!
+//! `examples/scenarios.rs` runs the full suite and prints the table; `tests/scenarios.rs` runs
+//! reduced versions on tokio's paused clock.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+
+use super::{Fault, MockServer};
+use crate::config::Config;
+use crate::error::BoxError;
+use crate::gateway::Gateway;
+use crate::state::Counters;
+
+/// How one backend of a scenario behaves.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Behaviour {
+    /// Healthy, throttled at this many requests per second (Azure-style headers).
+    Quota(f64),
+    /// Healthy, no quota.
+    Unlimited,
+    /// Nothing listens on its port: every connect is refused.
+    Refused,
+    /// Answers every request with this status.
+    Always(u16),
+    /// Accepts requests and never answers.
+    Hang,
+}
+
+/// One backend of a scenario.
+#[derive(Clone, Debug)]
+pub struct BackendSpec {
+    /// Its name in the config.
+    pub name: &'static str,
+    /// How it behaves.
+    pub behaviour: Behaviour,
+    /// Its priority tier (`None`: not set in the config).
+    pub priority: Option<u32>,
+}
+
+impl BackendSpec {
+    /// A backend with no priority set.
+    pub fn new(name: &'static str, behaviour: Behaviour) -> Self {
+        BackendSpec {
+            name,
+            behaviour,
+            priority: None,
+        }
+    }
+
+    /// Sets its priority tier in the config.
+    pub fn priority(mut self, p: u32) -> Self {
+        self.priority = Some(p);
+        self
+    }
+
+    fn is_bad(&self) -> bool {
+        matches!(
+            self.behaviour,
+            Behaviour::Refused | Behaviour::Always(_) | Behaviour::Hang
+        )
+    }
+}
+
+/// One scenario: backends, the config around them, and the load offered.
+#[derive(Clone, Debug)]
+pub struct Scenario {
+    /// Short name (`S1`).
+    pub name: &'static str,
+    /// What it shows.
+    pub title: &'static str,
+    /// The backends.
+    pub backends: Vec<BackendSpec>,
+    /// Top-level config fields added to the backends (empty: defaults only).
+    pub extra: serde_json::Map<String, serde_json::Value>,
+    /// Requests offered.
+    pub requests: usize,
+    /// Offered rate, requests per second.
+    pub rate: f64,
+    /// The most requests the client has outstanding at once.
+    pub in_flight: usize,
+    /// The client gives up on a request after this long.
+    pub client_timeout: Duration,
+    /// `max_tokens` of each request (the mock's latency grows 2 ms per token).
+    pub max_tokens: u32,
+    /// The mock's base latency.
+    pub latency: Duration,
+}
+
+impl Scenario {
+    fn base(name: &'static str, title: &'static str, backends: Vec<BackendSpec>) -> Self {
+        Scenario {
+            name,
+            title,
+            backends,
+            extra: serde_json::Map::new(),
+            requests: 300,
+            rate: 30.0,
+            in_flight: 32,
+            client_timeout: Duration::from_secs(20),
+            max_tokens: 20,
+            latency: Duration::from_millis(50),
+        }
+    }
+
+    /// S1: three backends of 20 req/s each; 600 requests at 120 req/s (2x capacity), 32 in
+    /// flight. Ideal wall time 10 s.
+    pub fn s1_quota() -> Self {
+        let b = |n| BackendSpec::new(n, Behaviour::Quota(20.0));
+        Scenario {
+            requests: 600,
+            rate: 120.0,
+            ..Self::base(
+                "S1",
+                "quota 2x overload",
+                vec![b("east"), b("west"), b("north")],
+            )
+        }
+    }
+
+    /// S2: a PTU deployment (priority 1) before two pay-as-you-go ones (priority 2), 20 req/s
+    /// each; 400 requests at 40 req/s.
+    pub fn s2_ptu_first() -> Self {
+        Scenario {
+            requests: 400,
+            rate: 40.0,
+            ..Self::base(
+                "S2",
+                "PTU first",
+                vec![
+                    BackendSpec::new("ptu", Behaviour::Quota(20.0)).priority(1),
+                    BackendSpec::new("paygo-a", Behaviour::Quota(20.0)).priority(2),
+                    BackendSpec::new("paygo-b", Behaviour::Quota(20.0)).priority(2),
+                ],
+            )
+        }
+    }
+
+    /// S3: [connection refused, always 500, healthy]; 300 requests at 30 req/s.
+    pub fn s3_failover() -> Self {
+        Scenario {
+            requests: 300,
+            rate: 30.0,
+            ..Self::base(
+                "S3",
+                "failover",
+                vec![
+                    BackendSpec::new("refused", Behaviour::Refused),
+                    BackendSpec::new("err500", Behaviour::Always(500)),
+                    BackendSpec::new("healthy", Behaviour::Unlimited),
+                ],
+            )
+        }
+    }
+
+    /// S4: [never answers, healthy], per-attempt first-byte timeout 5 s configured; 40
+    /// requests at 4 req/s.
+    pub fn s4_hang() -> Self {
+        let mut s = Self::s4d_hang_defaults();
+        s.name = "S4";
+        s.title = "hang, 5 s timeout";
+        s.requests = 40;
+        s.extra.insert(
+            "timeouts".into(),
+            serde_json::json!({ "first_byte_ms": 5000 }),
+        );
+        s
+    }
+
+    /// S4d: [never answers, healthy], every setting default; 20 requests at 4 req/s.
+    pub fn s4d_hang_defaults() -> Self {
+        Scenario {
+            requests: 20,
+            rate: 4.0,
+            ..Self::base(
+                "S4d",
+                "hang, all defaults",
+                vec![
+                    BackendSpec::new("hung", Behaviour::Hang),
+                    BackendSpec::new("healthy", Behaviour::Unlimited),
+                ],
+            )
+        }
+    }
+
+    /// Every scenario of the suite but S5 (overhead, see [`overhead`]).
+    pub fn suite() -> Vec<Scenario> {
+        vec![
+            Self::s1_quota(),
+            Self::s2_ptu_first(),
+            Self::s3_failover(),
+            Self::s4_hang(),
+            Self::s4d_hang_defaults(),
+        ]
+    }
+
+    /// The ideal wall time: the offered duration, or the healthy capacity's time to serve all.
+    pub fn ideal(&self) -> Duration {
+        let offered = self.requests as f64 / self.rate;
+        let capacity: f64 = self
+            .backends
+            .iter()
+            .map(|b| match b.behaviour {
+                Behaviour::Quota(r) => r,
+                Behaviour::Unlimited => f64::INFINITY,
+                _ => 0.0,
+            })
+            .sum();
+        Duration::from_secs_f64(offered.max(self.requests as f64 / capacity))
+    }
+
+    /// The config a new user writes for these backends, plus [`Scenario::extra`].
+    pub fn config(&self, urls: &[String]) -> serde_json::Value {
+        let mut backends = serde_json::Map::new();
+        for (spec, url) in self.backends.iter().zip(urls) {
+            let mut b = serde_json::json!({
+                "provider": "azure", "url": url, "deployment": "gpt-4o",
+                "api_key": format!("key-{}", spec.name),
+            });
+            if let Some(p) = spec.priority {
+                b["priority"] = p.into();
+            }
+            backends.insert(spec.name.into(), b);
+        }
+        let mut config = serde_json::Map::new();
+        config.insert("backends".into(), backends.into());
+        config.extend(self.extra.clone());
+        config.into()
+    }
+
+    /// Runs the scenario: backends, gateway, load; then the report.
+    pub async fn run(&self) -> Result<Report, BoxError> {
+        let mut mocks: Vec<Option<MockServer>> = Vec::new();
+        let mut urls = Vec::new();
+        for spec in &self.backends {
+            if spec.behaviour == Behaviour::Refused {
+                // A port nobody listens on: bind, note, close.
+                let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+                urls.push(format!("http://{}", l.local_addr()?));
+                mocks.push(None);
+                continue;
+            }
+            let mut b = MockServer::builder()
+                .name(spec.name)
+                .api_key(format!("key-{}", spec.name))
+                .latency(self.latency)
+                .latency_per_token(Duration::from_millis(2))
+                .azure_headers()
+                .record_requests(spec.is_bad());
+            if let Behaviour::Quota(r) = spec.behaviour {
+                b = b.rps(r);
+            }
+            let m = b.start().await?;
+            match spec.behaviour {
+                Behaviour::Always(s) => m.set_fault(Some(Fault::Status(s))),
+                Behaviour::Hang => m.set_fault(Some(Fault::Hang)),
+                _ => {}
+            }
+            urls.push(m.url());
+            mocks.push(Some(m));
+        }
+        let config = Config::from_json(&self.config(&urls).to_string())?;
+        let (service, backends) = config.build_with_backends(crate::client::http_client())?;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(Gateway::new(service, backends.clone(), Vec::new()).serve(
+            listener,
+            async move {
+                let _ = stop_rx.await;
+            },
+        ));
+        let state_of = |name: &str| {
+            backends
+                .iter()
+                .find(|b| b.name() == name)
+                .map(|b| b.state().clone())
+        };
+        // What the bad backends had been sent after the first second (the gateway's own count:
+        // a refused port has nobody to count it).
+        let bad: Vec<(&'static str, crate::BackendState)> = self
+            .backends
+            .iter()
+            .filter(|b| b.is_bad())
+            .filter_map(|b| state_of(b.name).map(|s| (b.name, s)))
+            .collect();
+        let start = Instant::now();
+        let watcher = {
+            let bad = bad.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                bad.iter()
+                    .map(|(_, s)| s.counters().requests)
+                    .collect::<Vec<_>>()
+            })
+        };
+        let samples = load(
+            addr,
+            self.requests,
+            self.rate,
+            self.in_flight,
+            self.client_timeout,
+            self.max_tokens,
+        )
+        .await;
+        let wall = start.elapsed();
+        let at_one_second = watcher.await.unwrap_or_default();
+        let _ = stop_tx.send(());
+        let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+
+        let mut report = Report::new(self, samples, wall);
+        for (spec, mock) in self.backends.iter().zip(&mocks) {
+            let counters: Counters = state_of(spec.name)
+                .map(|s| s.counters())
+                .unwrap_or_default();
+            // A mock counts what reached it (a hung one answers nothing); a refused port has
+            // only the gateway's count.
+            let (served, throttled, attempts) = match mock {
+                Some(m) => {
+                    let c = m.counters();
+                    (c.ok, c.throttled, c.requests)
+                }
+                None => (0, 0, counters.requests),
+            };
+            report.backend_429s += throttled;
+            report.per_backend.push(BackendLine {
+                name: spec.name,
+                served,
+                throttled,
+                attempts,
+            });
+        }
+        let secs_after = (wall.as_secs_f64() - 1.0).max(1e-3);
+        for ((name, state), before) in bad.iter().zip(at_one_second) {
+            let after = state.counters().requests.saturating_sub(before);
+            report.bad_rate.push((name, after as f64 / secs_after));
+        }
+        drop(mocks);
+        Ok(report)
+    }
+}
+
+/// What happened to one request, as the client saw it.
+#[derive(Clone, Debug)]
+pub struct Sample {
+    /// `Ok(status)`, or the client-side failure (`timeout`, `connect`).
+    pub result: Result<u16, &'static str>,
+    /// From sending to the whole answer read.
+    pub latency: Duration,
+    /// The `retry-after-ms` of a 429, if any.
+    pub retry_after_ms: Option<u64>,
+}
+
+/// The open-loop load: `n` requests at `rate` per second, at most `in_flight` outstanding.
+pub async fn load(
+    addr: SocketAddr,
+    n: usize,
+    rate: f64,
+    in_flight: usize,
+    timeout: Duration,
+    max_tokens: u32,
+) -> Vec<Sample> {
+    let client = crate::client::http_client::<Full<Bytes>>();
+    let url: http::Uri = match format!("http://{addr}/v1/chat/completions").parse() {
+        Ok(u) => u,
+        Err(_) => return Vec::new(),
+    };
+    let body = Bytes::from(
+        serde_json::json!({
+            "model": "gpt-4o",
+            "messages": [{"role": "user", "content": "Say hello in one short sentence."}],
+            "max_tokens": max_tokens,
+        })
+        .to_string(),
+    );
+    let permits = Arc::new(Semaphore::new(in_flight.max(1)));
+    let mut tasks = tokio::task::JoinSet::new();
+    let start = Instant::now();
+    let gap = Duration::from_secs_f64(1.0 / rate.max(1e-3));
+    for i in 0..n {
+        tokio::time::sleep_until(start + gap * i as u32).await;
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            break;
+        };
+        let (client, url, body) = (client.clone(), url.clone(), body.clone());
+        tasks.spawn(async move {
+            let _permit = permit;
+            let sent = Instant::now();
+            let req = http::Request::post(url)
+                .header("content-type", "application/json")
+                .header("authorization", "Bearer caller-key")
+                .body(Full::new(body));
+            let Ok(req) = req else {
+                return Sample {
+                    result: Err("request"),
+                    latency: Duration::ZERO,
+                    retry_after_ms: None,
+                };
+            };
+            let call = async {
+                let res = client.request(req).await.map_err(|_| "connect")?;
+                let status = res.status().as_u16();
+                let ra = res
+                    .headers()
+                    .get("retry-after-ms")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse().ok());
+                res.into_body().collect().await.map_err(|_| "body")?;
+                Ok::<_, &'static str>((status, ra))
+            };
+            let (result, retry_after_ms) = match tokio::time::timeout(timeout, call).await {
+                Ok(Ok((status, ra))) => (Ok(status), ra),
+                Ok(Err(e)) => (Err(e), None),
+                Err(_) => (Err("timeout"), None),
+            };
+            Sample {
+                result,
+                latency: sent.elapsed(),
+                retry_after_ms,
+            }
+        });
+    }
+    let mut out = Vec::with_capacity(n);
+    while let Some(s) = tasks.join_next().await {
+        if let Ok(s) = s {
+            out.push(s);
+        }
+    }
+    out
+}
+
+/// One backend's line of a [`Report`].
+#[derive(Clone, Debug)]
+pub struct BackendLine {
+    /// Its name.
+    pub name: &'static str,
+    /// Answers it served (2xx), by its own count.
+    pub served: u64,
+    /// 429s it answered, by its own count.
+    pub throttled: u64,
+    /// Attempts the gateway sent it (including refused connects).
+    pub attempts: u64,
+}
+
+/// What a scenario run measured.
+#[derive(Clone, Debug)]
+pub struct Report {
+    /// The scenario's name.
+    pub name: &'static str,
+    /// Its title.
+    pub title: &'static str,
+    /// Requests sent.
+    pub sent: usize,
+    /// 200 answers.
+    pub served: usize,
+    /// Client-visible errors by kind (`429`, `502`, `timeout`, …).
+    pub errors: BTreeMap<String, usize>,
+    /// 429s returned with `retry-after-ms: 0`.
+    pub zero_retry_after: usize,
+    /// 429s the backends answered in all.
+    pub backend_429s: u64,
+    /// From the first request to the last answer.
+    pub wall: Duration,
+    /// The ideal wall time.
+    pub ideal: Duration,
+    /// Median latency of served requests.
+    pub p50: Duration,
+    /// 99th percentile latency of served requests.
+    pub p99: Duration,
+    /// Slowest request, any outcome.
+    pub max: Duration,
+    /// Per backend.
+    pub per_backend: Vec<BackendLine>,
+    /// Attempts per second the gateway sent each bad backend after the first second.
+    pub bad_rate: Vec<(&'static str, f64)>,
+}
+
+impl Report {
+    fn new(s: &Scenario, samples: Vec<Sample>, wall: Duration) -> Self {
+        let mut errors = BTreeMap::new();
+        let mut ok: Vec<Duration> = Vec::new();
+        let mut zero = 0;
+        let mut max = Duration::ZERO;
+        for x in &samples {
+            max = max.max(x.latency);
+            match x.result {
+                Ok(200) => ok.push(x.latency),
+                Ok(code) => {
+                    *errors.entry(code.to_string()).or_insert(0) += 1;
+                    if code == 429 && x.retry_after_ms == Some(0) {
+                        zero += 1;
+                    }
+                }
+                Err(kind) => *errors.entry(kind.to_string()).or_insert(0) += 1,
+            }
+        }
+        ok.sort();
+        let pct = |p: f64| {
+            ok.get(((ok.len() as f64 * p).ceil() as usize).saturating_sub(1))
+                .copied()
+                .unwrap_or_default()
+        };
+        Report {
+            name: s.name,
+            title: s.title,
+            sent: s.requests,
+            served: ok.len(),
+            p50: pct(0.5),
+            p99: pct(0.99),
+            max,
+            errors,
+            zero_retry_after: zero,
+            backend_429s: 0,
+            wall,
+            ideal: s.ideal(),
+            per_backend: Vec::new(),
+            bad_rate: Vec::new(),
+        }
+    }
+
+    /// The targets of the issue that this run missed (empty: all met).
+    pub fn missed(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut need = |ok: bool, what: String| {
+            if !ok {
+                out.push(what)
+            }
+        };
+        need(
+            self.served == self.sent,
+            format!("{}: served {}/{}", self.name, self.served, self.sent),
+        );
+        match self.name {
+            "S1" => {
+                let ratio = self.wall.as_secs_f64() / self.ideal.as_secs_f64();
+                need(ratio <= 1.05, format!("S1: wall {ratio:.2}x ideal > 1.05"));
+                need(
+                    self.p99 <= Duration::from_millis(1200),
+                    format!("S1: p99 {:?} > 1.2 s", self.p99),
+                );
+                let per = self.backend_429s as f64 / self.served.max(1) as f64;
+                need(
+                    per <= 0.05,
+                    format!("S1: {per:.3} backend 429s per success > 0.05"),
+                );
+            }
+            "S2" => {
+                need(
+                    self.backend_429s <= 10,
+                    format!("S2: {} backend 429s > 10", self.backend_429s),
+                );
+                let ptu = self.per_backend.first().map_or(0, |b| b.served);
+                // Saturated: the PTU served (nearly) its quota over the run, burst included.
+                let quota = 20.0 * self.wall.as_secs_f64();
+                need(
+                    ptu as f64 >= 0.9 * quota,
+                    format!("S2: PTU served {ptu} of ~{quota:.0}"),
+                );
+            }
+            "S3" => {
+                for (name, rate) in &self.bad_rate {
+                    need(
+                        *rate <= 1.0,
+                        format!("S3: {rate:.1} attempts/s to {name} after the first second"),
+                    );
+                }
+            }
+            "S4d" => need(
+                self.max <= Duration::from_secs(15),
+                format!("S4d: slowest request {:?} > 15 s", self.max),
+            ),
+            _ => {}
+        }
+        out
+    }
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let errors = if self.errors.is_empty() {
+            "none".to_string()
+        } else {
+            self.errors
+                .iter()
+                .map(|(k, v)| format!("{v}x {k}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let share = self
+            .per_backend
+            .iter()
+            .map(|b| format!("{} {}/{}a", b.name, b.served, b.attempts))
+            .collect::<Vec<_>>()
+            .join(" ");
+        let bad = self
+            .bad_rate
+            .iter()
+            .map(|(n, r)| format!("{n} {r:.1}/s"))
+            .collect::<Vec<_>>()
+            .join(" ");
+        write!(
+            f,
+            "| {} {} | {}/{} | {} (429 ra=0: {}) | {} | {:.1} s / {:.1} s | {:.0} / {:.0} ms | {} | {} |",
+            self.name,
+            self.title,
+            self.served,
+            self.sent,
+            errors,
+            self.zero_retry_after,
+            self.backend_429s,
+            self.wall.as_secs_f64(),
+            self.ideal.as_secs_f64(),
+            self.p50.as_secs_f64() * 1e3,
+            self.p99.as_secs_f64() * 1e3,
+            share,
+            if bad.is_empty() { "-".into() } else { bad },
+        )
+    }
+}
+
+/// The table's header for [`Report`]'s `Display`.
+pub const TABLE_HEADER: &str = "| scenario | served | client errors | backend 429s | wall / ideal | p50 / p99 | per backend (served/attempts) | bad backends after 1 s |\n|---|---|---|---|---|---|---|---|";
+
+/// S5: throughput of the gateway against the same backend asked directly, `n` requests each
+/// with `in_flight` outstanding, one zero-latency backend. Returns (direct req/s, gateway
+/// req/s).
+pub async fn overhead(n: usize, in_flight: usize) -> Result<(f64, f64), BoxError> {
+    let mock = MockServer::builder()
+        .name("zero")
+        .bearer("key-zero")
+        .record_requests(false)
+        .start()
+        .await?;
+    let config = Config::from_json(
+        &serde_json::json!({ "backends": { "zero": {
+            "provider": "openai", "url": format!("{}/v1", mock.url()), "api_key": "key-zero" } } })
+        .to_string(),
+    )?;
+    let (service, backends) = config.build_with_backends(crate::client::http_client())?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let gw = listener.local_addr()?;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(Gateway::new(service, backends, Vec::new()).serve(
+        listener,
+        async move {
+            let _ = stop_rx.await;
+        },
+    ));
+    let rate = 1e6;
+    let timeout = Duration::from_secs(20);
+    let mut direct = 0.0;
+    let mut via = 0.0;
+    // Alternate, best of three each, so a noisy neighbour hurts both alike.
+    for _ in 0..3 {
+        let t = Instant::now();
+        load_direct(mock.addr(), n, in_flight, timeout).await;
+        direct = f64::max(direct, n as f64 / t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        load(gw, n, rate, in_flight, timeout, 16).await;
+        via = f64::max(via, n as f64 / t.elapsed().as_secs_f64());
+    }
+    let _ = stop_tx.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+    Ok((direct, via))
+}
+
+/// The same load straight at a mock (its OpenAI route with its key).
+async fn load_direct(addr: SocketAddr, n: usize, in_flight: usize, timeout: Duration) {
+    let client = crate::client::http_client::<Full<Bytes>>();
+    let body = Bytes::from(
+        serde_json::json!({
+            "model": "gpt-4o",
+            "messages": [{"role": "user", "content": "Say hello in one short sentence."}],
+            "max_tokens": 16,
+        })
+        .to_string(),
+    );
+    let permits = Arc::new(Semaphore::new(in_flight));
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..n {
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            break;
+        };
+        let (client, body) = (client.clone(), body.clone());
+        tasks.spawn(async move {
+            let _permit = permit;
+            let req = http::Request::post(format!("http://{addr}/v1/chat/completions"))
+                .header("content-type", "application/json")
+                .header("authorization", "Bearer key-zero")
+                .body(Full::new(body));
+            if let Ok(req) = req {
+                let _ = tokio::time::timeout(timeout, async {
+                    if let Ok(res) = client.request(req).await {
+                        let _ = res.into_body().collect().await;
+                    }
+                })
+                .await;
+            }
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+}
