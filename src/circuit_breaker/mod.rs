@@ -141,10 +141,17 @@ struct Ejections {
 }
 
 impl Ejections {
-    /// Claims an ejection slot; false when the group may not lose another backend.
-    fn try_eject(&self) -> bool {
+    /// Claims an ejection slot; false when the group may not lose another backend. A backend
+    /// that failed every request (`dead`) may go past the share, as long as one backend of a
+    /// larger group stays admitted.
+    fn try_eject(&self, dead: bool) -> bool {
         let members = self.members.load(Acquire);
-        let allowed = ((members as f64 * self.max_share).floor() as usize).max(1);
+        let share = ((members as f64 * self.max_share).floor() as usize).max(1);
+        let allowed = if dead {
+            share.max(members.saturating_sub(1))
+        } else {
+            share
+        };
         self.ejected
             .fetch_update(AcqRel, Acquire, |e| (e < allowed).then_some(e + 1))
             .is_ok()
@@ -300,7 +307,8 @@ impl Shared {
                 {
                     let mut holder = self.core.ejected_by();
                     if holder.is_none() {
-                        if !self.ejections.try_eject() {
+                        let dead = self.with_machine(|m| m.tripped_in_a_row());
+                        if !self.ejections.try_eject(dead) {
                             drop(holder);
                             self.with_machine(Machine::stay_closed);
                             tracing::warn!(

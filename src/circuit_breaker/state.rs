@@ -116,6 +116,9 @@ pub struct Machine {
     /// The closed circuit's counts: atomics, so a closed breaker can count an answer without
     /// holding the machine (see [`Tally`]).
     tally: Arc<Tally>,
+    /// Whether the last trip came from failures in a row (the backend failed every request),
+    /// not from a failure rate.
+    tripped_in_a_row: bool,
 }
 
 impl Clone for Machine {
@@ -126,6 +129,7 @@ impl Clone for Machine {
             phase: self.phase.clone(),
             trips: self.trips,
             tally: Arc::new(self.tally.snapshot()),
+            tripped_in_a_row: self.tripped_in_a_row,
         }
     }
 }
@@ -248,6 +252,7 @@ impl Machine {
             phase: Phase::Closed,
             trips: 0,
             tally: Arc::new(Tally::new(Instant::now())),
+            tripped_in_a_row: false,
         }
     }
 
@@ -341,6 +346,8 @@ impl Machine {
         let factor = 1.0 + self.policy.jitter * (2.0 * jitter - 1.0);
         let until = now + base.mul_f64(factor.max(0.0));
         self.phase = Phase::Open { until };
+        self.tripped_in_a_row =
+            self.tally.consecutive.load(Acquire) >= self.policy.consecutive_failures;
         self.tally.clear();
         Transition::Opened {
             until,
@@ -361,6 +368,13 @@ impl Machine {
         self.phase = Phase::Closed;
         self.tally.clear();
         self.trips = self.trips.saturating_sub(1);
+    }
+
+    /// Whether the last trip came from `consecutive_failures` failures in a row: the backend
+    /// failed every request it was sent (refused connections, a 500 to everything), so the
+    /// group may let it go past its ejection share.
+    pub(crate) fn tripped_in_a_row(&self) -> bool {
+        self.tripped_in_a_row
     }
 
     /// The closed circuit's counts, shared with the breaker's lock-free path.

@@ -25,6 +25,9 @@ use http::{HeaderMap, HeaderValue};
 /// The default upper bound for any server hint: 300 s, as Envoy caps `retry-after`.
 pub const DEFAULT_MAX_HINT: Duration = Duration::from_secs(300);
 
+/// The window of a quota limit sent without a reset (`x-ratelimit-limit-*` is per minute).
+const PER_MINUTE: Duration = Duration::from_secs(60);
+
 /// A source of wall-clock time, for hints that carry an absolute date.
 ///
 /// tokio's paused clock only freezes `tokio::time::Instant`; HTTP-date and RFC 3339 hints need the
@@ -398,6 +401,39 @@ impl Hints {
             _ if remaining == 0 => Some(reset),
             _ => None,
         }
+    }
+
+    /// The pace at which the backend's request quota refills one request, from whatever the
+    /// headers say: with a reset (OpenAI, Anthropic), [`Hints::refill_interval`]; without one
+    /// but with a limit (Azure standard deployments send only per-minute limit and remaining),
+    /// one minute spread over the limit. `None` when the headers do not say.
+    pub fn quota_pace(&self) -> Option<Duration> {
+        if self.reset_requests.is_some() {
+            return self.refill_interval();
+        }
+        match self.limit_requests {
+            Some(limit) if limit > 0 => Some(PER_MINUTE / u32::try_from(limit).unwrap_or(u32::MAX)),
+            _ => None,
+        }
+    }
+
+    /// How many requests may go at once before pacing starts. With a reset, the remaining
+    /// count itself. Without one, the count is per minute while the quota is enforced over
+    /// short windows (Azure: 1 s or 10 s), so a minute's remaining share in one burst earns
+    /// 429s: the burst is one second's share of what remains (`remaining / 60`), less a
+    /// reserve of a tenth of a second's quota (at least one request) that absorbs the jitter
+    /// of paced arrivals. `None` without a remaining count.
+    pub fn burst_credits(&self) -> Option<i64> {
+        let remaining = i64::try_from(self.remaining_requests?).unwrap_or(i64::MAX);
+        if self.reset_requests.is_some() {
+            return Some(remaining);
+        }
+        let Some(limit) = self.limit_requests.filter(|l| *l > 0) else {
+            return Some(remaining);
+        };
+        let per_second = i64::try_from(limit / 60).unwrap_or(i64::MAX);
+        let reserve = (per_second / 10).max(1);
+        Some(remaining / 60 - reserve)
     }
 
     /// True when the response carried any hint at all.

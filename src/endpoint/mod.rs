@@ -459,12 +459,12 @@ impl Record {
         let state = self.state();
         state.record_outcome(&outcome);
         state.record_quota(hints.remaining_requests, hints.remaining_tokens, now);
-        if let Some(remaining) = hints.remaining_requests {
+        if let Some(credits) = hints.burst_credits() {
             // Spend what the quota has left (less what is already on its way), then pace the
             // backend at its refill interval.
             let others = state.in_flight().saturating_sub(1) as i64;
-            state.set_credits(Some(i64::try_from(remaining).unwrap_or(i64::MAX) - others));
-            state.learn_pace(hints.refill_interval());
+            state.set_credits(Some(credits.saturating_sub(others)));
+            state.learn_pace(hints.quota_pace());
         } else if let Some(pace) = state.pace()
             && !outcome.is_throttled()
         {

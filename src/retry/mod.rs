@@ -82,7 +82,10 @@ struct Settings {
     deadline: Option<Duration>,
     retry_connect_errors: bool,
     retry_failures: bool,
+    backoff_base: Duration,
+    backoff_max: Duration,
     budget: Arc<RetryBudget>,
+    rng: crate::rng::Rng,
 }
 
 /// Layer that wraps a service in [`RetryAfter429`].
@@ -108,9 +111,14 @@ impl Default for RetryAfter429Layer {
 }
 
 impl RetryAfter429Layer {
-    /// Defaults: 4 attempts, wait budget 10 s, no deadline of its own, connect errors retried,
-    /// retry budget 20% of requests over 10 s with a floor of 10 retries/s (tower's and Envoy's
-    /// defaults).
+    /// Defaults: 4 attempts; wait budget 10 s; no deadline of its own; connect errors and
+    /// failures (5xx, 408, timeouts, broken connections before the response head) retried on
+    /// another backend, and where every backend was tried, after a backoff of 0.5 s doubling to
+    /// 8 s less up to 25% jitter (the official OpenAI and Anthropic SDKs retry the same
+    /// answers with the same backoff); retry budget for failure retries 20% of requests over
+    /// 10 s with a floor of 10 retries/s (tower's and Envoy's defaults). Retrying a throttled
+    /// request, or waiting for a backend that said when it has room, never draws on the
+    /// budget: that load is known.
     pub fn new() -> Self {
         RetryAfter429Layer {
             settings: Settings {
@@ -118,8 +126,11 @@ impl RetryAfter429Layer {
                 max_wait: Duration::from_secs(10),
                 deadline: None,
                 retry_connect_errors: true,
-                retry_failures: false,
+                retry_failures: true,
+                backoff_base: Duration::from_millis(500),
+                backoff_max: Duration::from_secs(8),
                 budget: Arc::new(RetryBudget::new(Duration::from_secs(10), 10, 0.2)),
+                rng: crate::rng::Rng::from_entropy(),
             },
         }
     }
@@ -148,11 +159,28 @@ impl RetryAfter429Layer {
         self
     }
 
-    /// Whether failures of the backend itself (5xx, timeouts, broken connections) are retried
-    /// elsewhere too (default false: LLM calls are not idempotent and cost money; `Fallback` is
-    /// the usual place to move on). A 5xx that is the last answer is returned as it is.
+    /// Whether failures of the backend itself (5xx, 408, timeouts, broken connections before
+    /// the response head) are retried on another backend (default true, as every peer gateway
+    /// and the official SDKs do; nothing is retried once a byte of the answer went to the
+    /// caller). Turn it off where a failed call must not be repeated. A 5xx that is the last
+    /// answer is returned as it is.
     pub fn retry_failures(mut self, yes: bool) -> Self {
         self.settings.retry_failures = yes;
+        self
+    }
+
+    /// The backoff before a failure retry on a backend already tried (every backend of the
+    /// group was): `base * 2^(n-1)` capped at `max`, less up to 25% jitter (default 0.5 s to
+    /// 8 s). Spent out of the wait budget and within the deadline.
+    pub fn backoff(mut self, base: Duration, max: Duration) -> Self {
+        self.settings.backoff_base = base;
+        self.settings.backoff_max = max;
+        self
+    }
+
+    /// The random source for backoff jitter (seed it for repeatable tests).
+    pub fn rng(mut self, rng: crate::rng::Rng) -> Self {
+        self.settings.rng = rng;
         self
     }
 
@@ -254,6 +282,8 @@ where
             reserved: None,
             sent: 0,
             elsewhere: false,
+            failures: 0,
+            last_failed: false,
         };
         // The first attempt carries no wait budget (inserting one would allocate on every
         // request); a refused request's later attempts do, so their slots get booked.
@@ -268,6 +298,17 @@ where
 }
 
 impl<S, B> Ctx<S, B> {
+    /// The backoff before going back to a backend that failed: `base * 2^(failures-1)` capped,
+    /// less up to 25% jitter.
+    fn backoff(&self) -> Duration {
+        let s = &self.settings;
+        let exp = s
+            .backoff_base
+            .saturating_mul(2u32.saturating_pow(self.failures.saturating_sub(1).min(20)));
+        exp.min(s.backoff_max)
+            .mul_f64(1.0 - 0.25 * s.rng.next_f64())
+    }
+
     /// How long the request may still wait: what is left of the wait budget, within the deadline.
     fn wait_budget(&self, now: Instant) -> Duration {
         let left = self.max_wait.saturating_sub(self.waited);
@@ -290,8 +331,12 @@ struct Ctx<S, B> {
     reserved: Option<Arc<str>>,
     /// Attempts that reached a backend (or tried to).
     sent: usize,
-    /// The last attempt could not connect: the next goes only to a backend not tried yet.
+    /// The last attempt failed: the next goes only to a backend not tried yet, if there is one.
     elsewhere: bool,
+    /// Failed attempts so far (for the backoff).
+    failures: u32,
+    /// Whether the last attempt that reached a backend failed (its retry draws on the budget).
+    last_failed: bool,
 }
 
 type BoxFut<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -341,9 +386,13 @@ fn judge<S, B, ResB>(
                 elapsed,
             });
             tracing::debug!(attempt = ctx.attempts.len(), %outcome, "attempt answered");
-            let retry =
-                outcome.is_throttled() || (ctx.settings.retry_failures && outcome.is_failure());
-            if retry {
+            let failed = ctx.settings.retry_failures && outcome.is_failure();
+            ctx.last_failed = failed;
+            if failed {
+                ctx.failures += 1;
+                ctx.elsewhere = true;
+            }
+            if outcome.is_throttled() || failed {
                 Step::Retry {
                     last: Some(res),
                     refused_until: None,
@@ -374,7 +423,9 @@ fn judge<S, B, ResB>(
                     || (ctx.settings.retry_failures && o.is_failure()) =>
                 {
                     ctx.sent += 1;
-                    ctx.elsewhere = o == Outcome::ConnectError;
+                    ctx.elsewhere = true;
+                    ctx.last_failed = true;
+                    ctx.failures += 1;
                     ctx.attempts.push(Attempt {
                         backend,
                         outcome,
@@ -405,14 +456,23 @@ fn judge<S, B, ResB>(
 }
 
 /// Sets `retry-after` / `retry-after-ms` on a 429 we return, to when a backend is next free.
+/// Never "now" while everything is throttled: a time already past (the request gave up for its
+/// attempts or budget, not for a known wait) says [`UNKNOWN_WAIT`], the official SDKs' own
+/// first backoff.
 fn stamp_retry_after<ResB>(res: &mut Response<ResB>, earliest: Option<Instant>) {
     if let Some(at) = earliest {
-        set_retry_after(
-            res.headers_mut(),
-            at.saturating_duration_since(Instant::now()),
-        );
+        let wait = at.saturating_duration_since(Instant::now());
+        let wait = if wait < Duration::from_millis(1) {
+            UNKNOWN_WAIT
+        } else {
+            wait
+        };
+        set_retry_after(res.headers_mut(), wait);
     }
 }
+
+/// The wait a 429 we return asks for when no backend said when it has room again.
+const UNKNOWN_WAIT: Duration = Duration::from_millis(500);
 
 async fn retry_loop<S, B, ResB>(
     mut ctx: Ctx<S, B>,
@@ -433,6 +493,8 @@ where
     // Whether the loop ended because nothing was available (rather than attempts or budget).
     let mut ended_refused;
     let mut turn = 0u32;
+    // Whether the last send was restricted to backends not tried yet (after a failure).
+    let mut strict = false;
     loop {
         turn += 1;
         let now = Instant::now();
@@ -440,6 +502,19 @@ where
         ended_refused = refused.is_some();
         if let Some(retry_at) = refused.take() {
             // Nothing was available: wait for the earliest backend, within budget and deadline.
+            // After a failure with every backend tried, back off and go to any of them.
+            let retry_at = match retry_at {
+                None if std::mem::take(&mut strict) => {
+                    let backoff = ctx.backoff();
+                    if backoff > ctx.wait_budget(now) {
+                        // No time to go back to a failed backend: its answer stands.
+                        ended_refused = false;
+                        break;
+                    }
+                    Some(now + backoff)
+                }
+                other => other,
+            };
             earliest = retry_at;
             let Some(at) = retry_at else { break };
             wait = at.saturating_duration_since(now).max(MIN_WAIT);
@@ -458,7 +533,9 @@ where
             if ctx.sent >= ctx.settings.max_attempts {
                 break;
             }
-            if !ctx.settings.budget.withdraw() {
+            // Only a retry after a failure is unknown load; a throttled request goes where a
+            // backend has room.
+            if ctx.last_failed && !ctx.settings.budget.withdraw() {
                 tracing::debug!("retry budget exhausted");
                 break;
             }
@@ -480,8 +557,9 @@ where
             .collect();
         if !tried.is_empty() {
             req.extensions_mut().insert(crate::balance::Avoid(tried));
-            // After a refused connection, only a backend not tried yet (none: give up now).
-            if std::mem::take(&mut ctx.elsewhere) {
+            // After a failure, only a backend not tried yet (none: back off, then any).
+            strict = std::mem::take(&mut ctx.elsewhere);
+            if strict {
                 req.extensions_mut().insert(crate::balance::Elsewhere);
             }
         }
@@ -539,7 +617,7 @@ where
                 Outcome::Throttled { retry_after } => retry_after.map(|d| Instant::now() + d),
                 _ => None,
             });
-        stamp_retry_after(&mut res, earliest.or(hint));
+        stamp_retry_after(&mut res, earliest.max(hint));
         res.extensions_mut().insert(Attempts(ctx.attempts));
         return Ok(res);
     }
