@@ -77,7 +77,7 @@ use crate::circuit_breaker::{BreakerGroup, Policy};
 use crate::endpoint::EndpointLayer;
 use crate::error::BoxError;
 use crate::retry::RetryAfter429Layer;
-use crate::timeout::{AttemptTimeoutLayer, TimeoutBody};
+use crate::timeout::{AttemptTimeoutLayer, SilenceWatch, TimeoutBody, WatchedTimeoutLayer};
 
 /// The response body of the stacks built here: the backend's body, streamed.
 pub type LlmBody = ResponseBody<TimeoutBody<Incoming>>;
@@ -97,6 +97,13 @@ pub struct Settings {
     pub max_ejection: f64,
     /// Per-attempt time limits.
     pub timeouts: AttemptTimeoutLayer,
+    /// Where `timeouts` sets no first-byte limit: an attempt on a backend that has answered
+    /// nothing at all (to it or to any other request) for this long, and for 10x the slowest
+    /// latency average of the group's other backends, is abandoned as a timeout, so the retry
+    /// layer tries another backend and the breaker counts it (default 10 s; `None`: off).
+    /// Such a backend gets no new requests after 2 s of silence (and 5x its peers' time) while
+    /// another backend of its tier can take them.
+    pub silence: Option<std::time::Duration>,
     /// The retry layer over the group.
     pub retry: RetryAfter429Layer,
     /// Per-backend endpoint settings (classifier, hint cap, backoff) as a template: its backend
@@ -111,6 +118,7 @@ impl Default for Settings {
             breaker: Policy::default(),
             max_ejection: 0.5,
             timeouts: AttemptTimeoutLayer::new(),
+            silence: Some(std::time::Duration::from_secs(10)),
             retry: RetryAfter429Layer::new(),
             endpoint: None,
         }
@@ -131,7 +139,21 @@ where
 {
     let breakers =
         BreakerGroup::try_new(settings.breaker.clone())?.max_ejection(settings.max_ejection)?;
+    let backends: Vec<Backend> = backends.into_iter().collect();
+    let peers: std::sync::Arc<[crate::BackendState]> =
+        backends.iter().map(|b| b.state().clone()).collect();
     let balance = Balance::from_backends(backends, |b| {
+        let timeouts = WatchedTimeoutLayer {
+            limits: settings.timeouts,
+            watch: settings.silence.map(|floor| {
+                std::sync::Arc::new(SilenceWatch {
+                    own: b.state().clone(),
+                    peers: peers.clone(),
+                    floor,
+                    factor: 10,
+                })
+            }),
+        };
         let endpoint = match &settings.endpoint {
             Some(template) => template.for_backend(b.clone()),
             None => EndpointLayer::new(b.clone()),
@@ -139,7 +161,7 @@ where
         ServiceBuilder::new()
             .layer(breakers.layer_for(b))
             .layer(endpoint)
-            .layer(settings.timeouts)
+            .layer(timeouts)
             .layer(AuthInjectLayer::for_backend(b))
             .service(client.clone())
     })

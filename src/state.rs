@@ -50,6 +50,11 @@ struct Inner {
     circuit: AtomicU8,
     circuit_until: AtomicU64,
     in_flight: AtomicUsize,
+    /// Attempts sent and not yet answered (no response head, no error).
+    awaiting_head: AtomicUsize,
+    /// When (ticks) the backend last answered anything, or began to be awaited after nothing
+    /// was: the start of its current silence.
+    progress_at: AtomicU64,
     latency_ewma_ns: AtomicU64,
     remaining_requests: AtomicU64,
     remaining_tokens: AtomicU64,
@@ -117,6 +122,8 @@ impl BackendState {
                 circuit: AtomicU8::new(CIRCUIT_CLOSED),
                 circuit_until: AtomicU64::new(0),
                 in_flight: AtomicUsize::new(0),
+                awaiting_head: AtomicUsize::new(0),
+                progress_at: AtomicU64::new(0),
                 latency_ewma_ns: AtomicU64::new(UNKNOWN),
                 remaining_requests: AtomicU64::new(UNKNOWN),
                 remaining_tokens: AtomicU64::new(UNKNOWN),
@@ -387,6 +394,39 @@ impl BackendState {
         }
     }
 
+    /// Counts an attempt as awaiting its answer's head from `now` until the guard is dropped
+    /// (when the head or an error comes, or the attempt is abandoned).
+    pub(crate) fn await_head(&self, now: Instant) -> AwaitingHead {
+        if self.inner.awaiting_head.fetch_add(1, AcqRel) == 0 {
+            // A silence starts only once something is awaited.
+            self.inner.progress_at.store(self.ticks_of(now), Release);
+        }
+        AwaitingHead {
+            state: self.clone(),
+        }
+    }
+
+    /// Notes that the backend answered (a head or an error) at `now`.
+    pub(crate) fn note_progress(&self, now: Instant) {
+        self.inner.progress_at.fetch_max(self.ticks_of(now), AcqRel);
+    }
+
+    /// How long the backend has been silent: with attempts awaiting an answer, the time since it
+    /// last answered anything (or since it was first awaited). `None` when nothing is awaited.
+    /// A hung backend's silence grows; a busy one answers now and then.
+    pub fn silent_for(&self, now: Instant) -> Option<Duration> {
+        if self.inner.awaiting_head.load(Acquire) == 0 {
+            return None;
+        }
+        let since = self.instant_of(self.inner.progress_at.load(Acquire))?;
+        Some(now.saturating_duration_since(since))
+    }
+
+    /// True when the backend answered nothing since `since`.
+    pub(crate) fn silent_since(&self, since: Instant) -> bool {
+        self.inner.progress_at.load(Acquire) <= self.ticks_of(since)
+    }
+
     /// Folds one latency sample into the moving average (weight 1/8 for the new sample).
     pub fn record_latency(&self, sample: Duration) {
         let s = u64::try_from(sample.as_nanos()).unwrap_or(u64::MAX - 1);
@@ -510,6 +550,18 @@ pub struct InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.state.inner.in_flight.fetch_sub(1, Relaxed);
+    }
+}
+
+/// Counts one attempt as awaiting its answer's head until dropped.
+#[derive(Debug)]
+pub(crate) struct AwaitingHead {
+    state: BackendState,
+}
+
+impl Drop for AwaitingHead {
+    fn drop(&mut self) {
+        self.state.inner.awaiting_head.fetch_sub(1, AcqRel);
     }
 }
 

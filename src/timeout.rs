@@ -29,6 +29,7 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -56,6 +57,10 @@ pub mod error {
         Idle,
         /// The whole exchange took too long.
         Total,
+        /// No answer while the backend answered nothing else either, far longer than its
+        /// group's other backends take (see [`AttemptTimeoutLayer`](super::AttemptTimeoutLayer)'s
+        /// silence watch).
+        Silent,
     }
 
     /// An attempt's time limit ran out.
@@ -68,6 +73,9 @@ pub mod error {
                 Limit::FirstByte => "no first byte within the attempt's first-byte timeout",
                 Limit::Idle => "stream idle longer than the attempt's idle timeout",
                 Limit::Total => "attempt exceeded its total timeout",
+                Limit::Silent => {
+                    "backend silent: no answer to this or any other request far longer than its peers take"
+                }
             })
         }
     }
@@ -133,6 +141,7 @@ impl<S> Layer<S> for AttemptTimeoutLayer {
         AttemptTimeout {
             inner,
             limits: *self,
+            watch: None,
         }
     }
 }
@@ -142,6 +151,53 @@ impl<S> Layer<S> for AttemptTimeoutLayer {
 pub struct AttemptTimeout<S> {
     inner: S,
     limits: AttemptTimeoutLayer,
+    watch: Option<Arc<SilenceWatch>>,
+}
+
+/// Abandons an attempt on a backend that has gone silent: no answer to it and none to any other
+/// request since it was sent, for longer than `floor` and than `factor` times the slowest
+/// answer time (moving average) of the group's other backends. A hung backend is silent; a
+/// busy one keeps answering its other requests, and a flowing stream has its head already.
+#[derive(Debug)]
+pub(crate) struct SilenceWatch {
+    pub(crate) own: crate::state::BackendState,
+    pub(crate) peers: Arc<[crate::state::BackendState]>,
+    pub(crate) floor: Duration,
+    pub(crate) factor: u32,
+}
+
+impl SilenceWatch {
+    /// How long an attempt may wait on a silent backend: `floor`, or `factor` times the
+    /// slowest of the peers' latency averages if that is longer.
+    pub(crate) fn limit(&self) -> Duration {
+        let peers = self
+            .peers
+            .iter()
+            .filter(|p| !p.ptr_eq(&self.own))
+            .filter_map(|p| p.latency())
+            .max()
+            .unwrap_or_default();
+        self.floor.max(peers.saturating_mul(self.factor))
+    }
+}
+
+/// [`AttemptTimeoutLayer`] with a [`SilenceWatch`] over one backend of a group.
+#[derive(Clone, Debug)]
+pub(crate) struct WatchedTimeoutLayer {
+    pub(crate) limits: AttemptTimeoutLayer,
+    pub(crate) watch: Option<Arc<SilenceWatch>>,
+}
+
+impl<S> Layer<S> for WatchedTimeoutLayer {
+    type Service = AttemptTimeout<S>;
+
+    fn layer(&self, inner: S) -> AttemptTimeout<S> {
+        AttemptTimeout {
+            inner,
+            limits: self.limits,
+            watch: self.watch.clone(),
+        }
+    }
 }
 
 impl<S> AttemptTimeout<S> {
@@ -212,14 +268,24 @@ where
             total: self.limits.total.map(|d| now + d),
             idle: self.limits.idle,
         };
+        // The silence watch stands in for a first-byte limit the user did not set.
+        let watch = self
+            .watch
+            .as_ref()
+            .filter(|_| self.limits.first_byte.is_none());
+        let first = match (deadlines.before_first_byte(), watch) {
+            (Some((at, limit)), Some(w)) if at <= now + w.floor => Some((at, limit)),
+            (_, Some(w)) => Some((now + w.floor, Limit::Silent)),
+            (other, None) => other,
+        };
         // One timer per attempt: the head's, handed on to the body (no limit, no timer).
-        let sleep = deadlines
-            .before_first_byte()
-            .map(|(at, limit)| (Box::pin(tokio::time::sleep_until(at)), limit));
+        let sleep = first.map(|(at, limit)| (Box::pin(tokio::time::sleep_until(at)), limit));
         ResponseFuture {
             fut: self.inner.call(req),
             sleep,
             deadlines,
+            watch: watch.cloned(),
+            start: now,
         }
     }
 }
@@ -231,6 +297,8 @@ pin_project! {
         fut: F,
         sleep: Option<(Pin<Box<Sleep>>, Limit)>,
         deadlines: Deadlines,
+        watch: Option<Arc<SilenceWatch>>,
+        start: Instant,
     }
 }
 
@@ -247,7 +315,19 @@ where
         if let Poll::Ready(result) = this.fut.poll(cx) {
             let res = result.map_err(Into::into)?;
             let deadlines = *this.deadlines;
-            let sleep = this.sleep.take();
+            let mut sleep = this.sleep.take();
+            if let Some((s, limit)) = &mut sleep
+                && *limit == Limit::Silent
+            {
+                // The head came: the body keeps only the limits the user set.
+                match deadlines.before_first_byte() {
+                    Some((at, l)) => {
+                        s.as_mut().reset(at);
+                        *limit = l;
+                    }
+                    None => sleep = None,
+                }
+            }
             return Poll::Ready(Ok(res.map(|inner| TimeoutBody {
                 inner,
                 deadlines,
@@ -255,11 +335,30 @@ where
                 started: false,
             })));
         }
-        let Some((sleep, limit)) = this.sleep else {
-            return Poll::Pending;
-        };
-        ready!(sleep.as_mut().poll(cx));
-        Poll::Ready(Err(Elapsed(*limit).into()))
+        loop {
+            let Some((sleep, limit)) = this.sleep.as_mut() else {
+                return Poll::Pending;
+            };
+            ready!(sleep.as_mut().poll(cx));
+            let Some(watch) = this.watch.as_ref().filter(|_| *limit == Limit::Silent) else {
+                return Poll::Ready(Err(Elapsed(*limit).into()));
+            };
+            let now = Instant::now();
+            let due = *this.start + watch.limit();
+            if now >= due && watch.own.silent_since(*this.start) {
+                return Poll::Ready(Err(Elapsed(Limit::Silent).into()));
+            }
+            // Not silent (it answered others) or not long enough: look again later, never past
+            // the user's own limits.
+            let next = due.max(now + watch.floor / 4);
+            match this.deadlines.before_first_byte() {
+                Some((at, l)) if at <= next => {
+                    sleep.as_mut().reset(at);
+                    *limit = l;
+                }
+                _ => sleep.as_mut().reset(next),
+            }
+        }
     }
 }
 

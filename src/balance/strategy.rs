@@ -38,19 +38,42 @@ pub(crate) enum Avail {
     Yes,
 }
 
-pub(crate) fn availability(c: &Candidate, now: Instant) -> Avail {
+pub(crate) fn availability(all: &[Candidate], c: &Candidate, now: Instant) -> Avail {
     if c.weight <= 0.0 {
         return Avail::No;
     }
     let (available, headroom_low) = c.state.availability(now);
     if !available || on_probation(&c.state) {
         Avail::No
-    } else if headroom_low {
+    } else if headroom_low || silent(all, c, now) {
         Avail::LowHeadroom
     } else {
         Avail::Yes
     }
 }
+
+/// A backend that has answered nothing for longer than [`SILENT_FLOOR`] and than
+/// [`SILENT_FACTOR`] times its slowest peer's latency average, while requests await it: it gets
+/// new requests only when no other backend of its tier can take them, until it answers again.
+/// A hung backend stops collecting requests within seconds; one that is merely slow still
+/// answers something now and then.
+fn silent(all: &[Candidate], c: &Candidate, now: Instant) -> bool {
+    let Some(silence) = c.state.silent_for(now).filter(|s| *s > SILENT_FLOOR) else {
+        return false;
+    };
+    let peers = all
+        .iter()
+        .filter(|p| !p.state.ptr_eq(&c.state))
+        .filter_map(|p| p.state.latency())
+        .max()
+        .unwrap_or_default();
+    silence > peers.saturating_mul(SILENT_FACTOR)
+}
+
+/// See [`silent`]: the shortest silence that takes a backend out of the way of new requests.
+pub(crate) const SILENT_FLOOR: std::time::Duration = std::time::Duration::from_secs(2);
+/// See [`silent`].
+pub(crate) const SILENT_FACTOR: u32 = 5;
 
 /// A backend back from a 429 cooldown, with no pace to go by (its answers carry no quota hints),
 /// takes one request at a time until one succeeds, so the requests that waited for it do not all
@@ -76,7 +99,7 @@ pub(crate) fn pick(
     cursor: &AtomicUsize,
     skip: &dyn Fn(usize) -> bool,
 ) -> Option<usize> {
-    let ok = |i: &usize| !skip(*i) && availability(&all[*i], now) == want;
+    let ok = |i: &usize| !skip(*i) && availability(all, &all[*i], now) == want;
     match strategy {
         Strategy::WeightedRandom => weighted(all, tier, &ok, rng),
         Strategy::RoundRobin => {

@@ -205,6 +205,9 @@ fn settings(config: &Config) -> Result<Settings, ConfigError> {
             l = l.total(ms(v));
         }
         s.timeouts = l;
+        if let Some(v) = t.silence_ms {
+            s.silence = (v > 0).then(|| ms(v));
+        }
     }
     if config.request_timeout == Some(0) {
         return err("request_timeout", "must be > 0");

@@ -281,6 +281,10 @@ pub struct TimeoutsConfig {
     pub idle_ms: Option<u64>,
     /// The whole attempt (default 300 000).
     pub total_ms: Option<u64>,
+    /// Where `first_byte_ms` is not set: abandon an attempt (and try another backend) once
+    /// the backend has answered nothing at all, to it or any other request, for this long and
+    /// for 10x its peers' answer time (default 10 000; 0 turns the watch off).
+    pub silence_ms: Option<u64>,
 }
 
 /// Circuit-breaker settings; durations in milliseconds.

@@ -372,11 +372,14 @@ where
         if let Err(e) = route(&self.backend, &mut req) {
             return ResponseFuture::failed(e.into());
         }
+        let start = Instant::now();
+        let state = self.backend.state();
         let record = Record {
-            guard: self.backend.state().start_request(),
+            guard: state.start_request(),
+            awaiting: Some(state.await_head(start)),
             backend: self.backend.clone(),
             settings: self.settings.clone(),
-            start: Instant::now(),
+            start,
             end_marker,
         };
         ResponseFuture::new(self.inner.call(req), record)
@@ -386,6 +389,9 @@ where
 /// What an in-flight attempt needs to record its outcome.
 pub(crate) struct Record {
     guard: crate::state::InFlight,
+    /// Dropped with the record: when the answer's head (or an error) came, or the attempt was
+    /// abandoned.
+    awaiting: Option<crate::state::AwaitingHead>,
     backend: Backend,
     settings: Arc<Settings>,
     start: Instant,
@@ -453,9 +459,14 @@ impl Record {
 
     /// Writes the outcome into the backend's state; returns the `Served` extension and the
     /// in-flight count, which the response body keeps until the answer has been read.
-    fn finish(self, outcome: Outcome, hints: Hints) -> (Served, crate::state::InFlight) {
+    fn finish(mut self, outcome: Outcome, hints: Hints) -> (Served, crate::state::InFlight) {
         let now = Instant::now();
         let elapsed = now.saturating_duration_since(self.start);
+        // Our own timeout is no sign of life from the backend.
+        if outcome != Outcome::Timeout {
+            self.backend.state().note_progress(now);
+        }
+        drop(self.awaiting.take());
         let state = self.state();
         state.record_outcome(&outcome);
         state.record_quota(hints.remaining_requests, hints.remaining_tokens, now);
