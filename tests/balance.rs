@@ -249,7 +249,7 @@ async fn a_client_error_is_returned_at_once_from_exactly_one_backend() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn every_backend_refusing_connections_is_tried_once_then_one_exhausted_error() {
+async fn every_backend_refusing_connections_is_tried_once_each_then_again_after_a_backoff() {
     let dead = |name: &str| {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
@@ -266,20 +266,27 @@ async fn every_backend_refusing_connections_is_tried_once_then_one_exhausted_err
         Strategy::RoundRobin,
         RetryAfter429Layer::new().max_attempts(3),
     );
+    let start = tokio::time::Instant::now();
     let err = svc.oneshot(chat("{}")).await.unwrap_err();
     let ex = err.downcast_ref::<Exhausted>().expect("Exhausted");
-    // Attempts were left (3 allowed), but after a refused connection only a backend not tried
-    // yet is asked: each once, then the error, with no retry time to offer.
-    assert_eq!(ex.attempts().len(), 2);
+    // After a refused connection a backend not tried yet is asked at once; once every backend
+    // was tried, the third attempt goes after a backoff (0.5 s less up to 25% jitter), never
+    // straight back. No backend said when it has room: no retry time to offer.
+    assert_eq!(ex.attempts().len(), 3);
     assert!(
         ex.attempts()
             .iter()
             .all(|a| a.outcome == Outcome::ConnectError)
     );
     assert_ne!(ex.attempts()[0].backend, ex.attempts()[1].backend);
+    let took = start.elapsed();
+    assert!(
+        took >= Duration::from_millis(375) && took <= Duration::from_millis(500),
+        "{took:?}"
+    );
     assert_eq!(ex.earliest(), None);
     let text = err.to_string();
-    assert!(text.starts_with("all 2 attempts failed: "), "{text}");
+    assert!(text.starts_with("all 3 attempts failed: "), "{text}");
     assert!(
         text.contains("x: connect error") && text.contains("y: connect error"),
         "{text}"
@@ -409,7 +416,7 @@ async fn twice_the_aggregate_load(quota_headers: bool) {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_5xx_is_retried_elsewhere_only_when_failures_are_retried() {
+async fn a_5xx_is_retried_elsewhere_unless_failure_retries_are_off() {
     let failing = MockServer::builder().name("failing").start().await.unwrap();
     failing.set_fault(Some(tower_llm_lb::mock::Fault::Status(503)));
     let ok = MockServer::builder().name("ok").start().await.unwrap();
@@ -417,15 +424,15 @@ async fn a_5xx_is_retried_elsewhere_only_when_failures_are_retried() {
         backend("failing", &failing, 0, 1.0),
         backend("ok", &ok, 1, 1.0),
     ];
-    // Off (the default): the 5xx is the caller's.
-    let svc = balanced(&backends, Strategy::RoundRobin, RetryAfter429Layer::new());
-    assert_eq!(svc.oneshot(chat("{}")).await.unwrap().status(), 503);
-    // On: moved to the next backend, and the attempts say so.
+    // Off: the 5xx is the caller's.
     let svc = balanced(
         &backends,
         Strategy::RoundRobin,
-        RetryAfter429Layer::new().retry_failures(true),
+        RetryAfter429Layer::new().retry_failures(false),
     );
+    assert_eq!(svc.oneshot(chat("{}")).await.unwrap().status(), 503);
+    // On (the default): moved to the next backend, and the attempts say so.
+    let svc = balanced(&backends, Strategy::RoundRobin, RetryAfter429Layer::new());
     let res = svc.oneshot(chat("{}")).await.unwrap();
     assert_eq!(res.status(), 200);
     let attempts = &res.extensions().get::<Attempts>().unwrap().0;

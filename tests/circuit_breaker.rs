@@ -296,7 +296,8 @@ async fn when_every_backend_fails_each_request_ends_in_a_typed_error_and_none_ha
         3,
         "every backend named with its reason: {named:?}"
     );
-    // The safety valve: at most half of the group is ejected.
+    // The safety valve: backends that fail every request may leave past the group's share
+    // (half), but one always stays admitted.
     let open = backends
         .iter()
         .filter(|b| {
@@ -306,7 +307,7 @@ async fn when_every_backend_fails_each_request_ends_in_a_typed_error_and_none_ha
             )
         })
         .count();
-    assert!(open <= 1, "{open} of 3 ejected");
+    assert!(open <= 2, "{open} of 3 ejected");
 }
 
 #[tokio::test(start_paused = true)]

@@ -2,6 +2,7 @@
 //! the test): the handshake, ALPN (HTTP/2), and the stack's routing and credentials over it.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -120,14 +121,20 @@ async fn a_server_outside_the_trusted_roots_is_refused_with_a_typed_error() -> R
     .build()?;
     // Mozilla's roots do not include the test's self-signed certificate.
     let client = https_client::<ReplayBody>(Roots::WebPki)?;
-    let svc = stack::group("tls", [backend], client, &Settings::default())?;
+    // A short backoff: this test runs on the real clock.
+    let settings = Settings {
+        retry: tower_llm_lb::retry::RetryAfter429Layer::new()
+            .backoff(Duration::from_millis(1), Duration::from_millis(4)),
+        ..Settings::default()
+    };
+    let svc = stack::group("tls", [backend], client, &settings)?;
     let req = http::Request::post("/v1/chat/completions").body(ReplayBody::from("{}"))?;
     let err = svc.oneshot(req).await.unwrap_err();
     // A refused certificate is a connect error naming the backend; with no other backend to
-    // try, it is not asked again.
+    // try, it is asked again only after a backoff, up to the attempts allowed (4).
     let exhausted = tower_llm_lb::error::find::<tower_llm_lb::error::Exhausted>(&*err)
         .expect("the attempts are listed");
-    assert_eq!(exhausted.attempts().len(), 1);
+    assert_eq!(exhausted.attempts().len(), 4);
     for a in exhausted.attempts() {
         assert_eq!(&*a.backend, "self-signed");
         assert_eq!(a.outcome, tower_llm_lb::Outcome::ConnectError);

@@ -282,7 +282,7 @@ where
             reserved: None,
             sent: 0,
             elsewhere: false,
-            failures: 0,
+            backoffs: 0,
             last_failed: false,
         };
         // The first attempt carries no wait budget (inserting one would allocate on every
@@ -298,13 +298,14 @@ where
 }
 
 impl<S, B> Ctx<S, B> {
-    /// The backoff before going back to a backend that failed: `base * 2^(failures-1)` capped,
-    /// less up to 25% jitter.
-    fn backoff(&self) -> Duration {
+    /// The backoff before going back to a backend that failed: `base * 2^n` for the n-th
+    /// backoff (from 0) capped, less up to 25% jitter.
+    fn backoff(&mut self) -> Duration {
         let s = &self.settings;
         let exp = s
             .backoff_base
-            .saturating_mul(2u32.saturating_pow(self.failures.saturating_sub(1).min(20)));
+            .saturating_mul(2u32.saturating_pow(self.backoffs.min(20)));
+        self.backoffs += 1;
         exp.min(s.backoff_max)
             .mul_f64(1.0 - 0.25 * s.rng.next_f64())
     }
@@ -333,8 +334,8 @@ struct Ctx<S, B> {
     sent: usize,
     /// The last attempt failed: the next goes only to a backend not tried yet, if there is one.
     elsewhere: bool,
-    /// Failed attempts so far (for the backoff).
-    failures: u32,
+    /// Backoffs taken so far (each doubles the next).
+    backoffs: u32,
     /// Whether the last attempt that reached a backend failed (its retry draws on the budget).
     last_failed: bool,
 }
@@ -389,7 +390,6 @@ fn judge<S, B, ResB>(
             let failed = ctx.settings.retry_failures && outcome.is_failure();
             ctx.last_failed = failed;
             if failed {
-                ctx.failures += 1;
                 ctx.elsewhere = true;
             }
             if outcome.is_throttled() || failed {
@@ -425,7 +425,6 @@ fn judge<S, B, ResB>(
                     ctx.sent += 1;
                     ctx.elsewhere = true;
                     ctx.last_failed = true;
-                    ctx.failures += 1;
                     ctx.attempts.push(Attempt {
                         backend,
                         outcome,
@@ -503,21 +502,19 @@ where
         if let Some(retry_at) = refused.take() {
             // Nothing was available: wait for the earliest backend, within budget and deadline.
             // After a failure with every backend tried, back off and go to any of them.
-            let retry_at = match retry_at {
-                None if std::mem::take(&mut strict) => {
-                    let backoff = ctx.backoff();
-                    if backoff > ctx.wait_budget(now) {
-                        // No time to go back to a failed backend: its answer stands.
-                        ended_refused = false;
-                        break;
-                    }
-                    Some(now + backoff)
+            if retry_at.is_none() && std::mem::take(&mut strict) {
+                let backoff = ctx.backoff();
+                if backoff > ctx.wait_budget(now) {
+                    // No time to go back to a failed backend: its answer stands.
+                    ended_refused = false;
+                    break;
                 }
-                other => other,
-            };
-            earliest = retry_at;
-            let Some(at) = retry_at else { break };
-            wait = at.saturating_duration_since(now).max(MIN_WAIT);
+                wait = backoff;
+            } else {
+                earliest = retry_at;
+                let Some(at) = retry_at else { break };
+                wait = at.saturating_duration_since(now).max(MIN_WAIT);
+            }
             let over_budget = ctx.waited + wait > ctx.max_wait;
             let past_deadline = ctx.deadline.is_some_and(|d| now + wait > d);
             if over_budget || past_deadline {
