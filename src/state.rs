@@ -55,6 +55,9 @@ struct Inner {
     /// When (ticks) the backend last answered anything, or began to be awaited after nothing
     /// was: the start of its current silence.
     progress_at: AtomicU64,
+    /// An attempt was abandoned for the backend's silence and it has answered nothing since:
+    /// its silence goes on even while nothing is awaited.
+    abandoned: std::sync::atomic::AtomicBool,
     latency_ewma_ns: AtomicU64,
     remaining_requests: AtomicU64,
     remaining_tokens: AtomicU64,
@@ -124,6 +127,7 @@ impl BackendState {
                 in_flight: AtomicUsize::new(0),
                 awaiting_head: AtomicUsize::new(0),
                 progress_at: AtomicU64::new(0),
+                abandoned: std::sync::atomic::AtomicBool::new(false),
                 latency_ewma_ns: AtomicU64::new(UNKNOWN),
                 remaining_requests: AtomicU64::new(UNKNOWN),
                 remaining_tokens: AtomicU64::new(UNKNOWN),
@@ -397,8 +401,9 @@ impl BackendState {
     /// Counts an attempt as awaiting its answer's head from `now` until the guard is dropped
     /// (when the head or an error comes, or the attempt is abandoned).
     pub(crate) fn await_head(&self, now: Instant) -> AwaitingHead {
-        if self.inner.awaiting_head.fetch_add(1, AcqRel) == 0 {
-            // A silence starts only once something is awaited.
+        if self.inner.awaiting_head.fetch_add(1, AcqRel) == 0 && !self.inner.abandoned.load(Acquire)
+        {
+            // A silence starts only once something is awaited (unless it never ended).
             self.inner.progress_at.store(self.ticks_of(now), Release);
         }
         AwaitingHead {
@@ -409,6 +414,15 @@ impl BackendState {
     /// Notes that the backend answered (a head or an error) at `now`.
     pub(crate) fn note_progress(&self, now: Instant) {
         self.inner.progress_at.fetch_max(self.ticks_of(now), AcqRel);
+        if self.inner.abandoned.load(Relaxed) {
+            self.inner.abandoned.store(false, Release);
+        }
+    }
+
+    /// Notes that an attempt was given up on without an answer (a timeout): the backend's
+    /// silence goes on until it answers something.
+    pub(crate) fn note_abandoned(&self) {
+        self.inner.abandoned.store(true, Release);
     }
 
     /// How long the backend has been silent: with attempts awaiting an answer, the time since it

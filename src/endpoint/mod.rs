@@ -463,7 +463,9 @@ impl Record {
         let now = Instant::now();
         let elapsed = now.saturating_duration_since(self.start);
         // Our own timeout is no sign of life from the backend.
-        if outcome != Outcome::Timeout {
+        if outcome == Outcome::Timeout {
+            self.backend.state().note_abandoned();
+        } else {
             self.backend.state().note_progress(now);
         }
         drop(self.awaiting.take());

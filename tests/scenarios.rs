@@ -1,0 +1,93 @@
+//! Reduced versions of the real-load scenario suite (`examples/scenarios.rs`): the gateway
+//! with a config holding only backends and keys (priorities where the scenario needs them),
+//! over real loopback sockets, against Azure-like mock backends, on tokio's paused clock.
+//! They check behaviour (every request served, no useless 429, bad backends left alone, hung
+//! ones abandoned); throughput figures come from the example's runs, not from here.
+
+use std::time::Duration;
+
+use tower_llm_lb::mock::scenario::{Report, Scenario};
+
+async fn run(s: Scenario) -> Report {
+    let report = s.run().await.expect("the scenario runs");
+    eprintln!("{report}");
+    report
+}
+
+#[tokio::test(start_paused = true)]
+async fn quota_overload_is_queued_not_refused_and_earns_almost_no_429s() {
+    let report = run(Scenario {
+        requests: 300,
+        ..Scenario::s1_quota()
+    })
+    .await;
+    assert_eq!(report.served, report.sent, "{report}");
+    assert!(report.errors.is_empty(), "{report}");
+    // Pacing from per-minute limit/remaining (no reset header) keeps the backends' 429s rare.
+    assert!(
+        report.backend_429s as f64 <= 0.05 * report.served as f64,
+        "{report}"
+    );
+    // Each backend got its share of the quota.
+    for b in &report.per_backend {
+        assert!(b.served >= 80, "{report}");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_ptu_deployment_is_drained_first_without_earning_429s() {
+    let report = run(Scenario {
+        requests: 200,
+        ..Scenario::s2_ptu_first()
+    })
+    .await;
+    assert_eq!(report.served, report.sent, "{report}");
+    assert!(report.backend_429s <= 5, "{report}");
+    let ptu = report.per_backend[0].served;
+    assert!(
+        ptu >= 100,
+        "the PTU serves about half of 40 req/s: {report}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn refused_and_failing_backends_are_failed_over_and_then_left_alone() {
+    let report = run(Scenario {
+        requests: 150,
+        ..Scenario::s3_failover()
+    })
+    .await;
+    assert_eq!(report.served, report.sent, "{report}");
+    assert!(report.errors.is_empty(), "{report}");
+    for (name, rate) in &report.bad_rate {
+        assert!(
+            *rate <= 1.0,
+            "{name}: {rate}/s after the first second: {report}"
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn with_every_default_a_hung_backend_is_abandoned_and_its_requests_served_elsewhere() {
+    let report = run(Scenario {
+        requests: 12,
+        ..Scenario::s4d_hang_defaults()
+    })
+    .await;
+    assert_eq!(report.served, report.sent, "{report}");
+    assert!(report.max <= Duration::from_secs(15), "{report}");
+    // It stops getting new requests within seconds.
+    let hung = &report.per_backend[0];
+    assert!(hung.attempts <= 4, "{report}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_configured_first_byte_timeout_fails_over_instead_of_answering_502() {
+    let report = run(Scenario {
+        requests: 16,
+        ..Scenario::s4_hang()
+    })
+    .await;
+    assert_eq!(report.served, report.sent, "{report}");
+    assert!(report.errors.is_empty(), "{report}");
+}
