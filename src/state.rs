@@ -441,14 +441,16 @@ impl BackendState {
         self.inner.progress_at.load(Acquire) <= self.ticks_of(since)
     }
 
-    /// Folds one latency sample into the moving average (weight 1/8 for the new sample).
+    /// Folds one latency sample into the moving average, peak-sensitive: a slower sample is
+    /// taken at once, a faster one moves the average by 1/8 (so a backend that slows down is
+    /// avoided at once, and earns its way back).
     pub fn record_latency(&self, sample: Duration) {
         let s = u64::try_from(sample.as_nanos()).unwrap_or(u64::MAX - 1);
         let _ = self
             .inner
             .latency_ewma_ns
             .fetch_update(AcqRel, Acquire, |old| {
-                Some(if old == UNKNOWN {
+                Some(if old == UNKNOWN || s > old {
                     s
                 } else {
                     old - old / 8 + s / 8
@@ -740,7 +742,17 @@ mod tests {
         assert_eq!(s.latency(), None);
         s.record_latency(Duration::from_millis(80));
         s.record_latency(Duration::from_millis(160));
-        assert_eq!(s.latency(), Some(Duration::from_millis(90)));
+        assert_eq!(
+            s.latency(),
+            Some(Duration::from_millis(160)),
+            "a peak is taken at once"
+        );
+        s.record_latency(Duration::from_millis(80));
+        assert_eq!(
+            s.latency(),
+            Some(Duration::from_millis(150)),
+            "and decays by 1/8"
+        );
         assert_eq!(s.quota(), None);
         s.record_quota(Some(3), None, Instant::now());
         let q = s.quota().unwrap();

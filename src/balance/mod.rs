@@ -17,7 +17,8 @@
 //! 4. a backend just back from a 429 cooldown that gives no quota hints takes one request at a time until one
 //!    succeeds (so the requests that waited for it do not all rush it and earn a 429 each);
 //!    while that probe is in flight it counts as available again in 25 ms;
-//! 5. picks one with its [`Strategy`] (weighted random by default) and sends the request there,
+//! 5. picks one with its [`Strategy`] (by default the less loaded of two, load being requests
+//!    in flight times latency; weighted random where weights differ) and sends the request there,
 //!    driving that backend's readiness first.
 //!
 //! | outcome | what `Balance` does |

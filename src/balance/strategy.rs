@@ -11,9 +11,16 @@ use crate::state::BackendState;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Strategy {
+    /// The default. Where the tier's available backends have equal weights (nobody set any):
+    /// two different backends at random, the one with the lower load (requests in flight + 1,
+    /// times its peak-sensitive latency average; 1 s until it has answered) wins, so of two
+    /// equal backends one answering in 600 ms and one in 5 ms, the fast one takes most
+    /// requests. Where weights differ, [`Strategy::WeightedRandom`], so set weights are
+    /// honoured exactly.
+    #[default]
+    LatencyAware,
     /// Weighted random: each available backend is chosen with probability weight / sum of the
     /// available weights. Honours small weights exactly (`99/0.5/0.5`); weight 0 gets nothing.
-    #[default]
     WeightedRandom,
     /// Round robin over the available backends (weights other than 0 are ignored).
     RoundRobin,
@@ -101,6 +108,35 @@ pub(crate) fn pick(
 ) -> Option<usize> {
     let ok = |i: &usize| !skip(*i) && availability(all, &all[*i], now) == want;
     match strategy {
+        Strategy::LatencyAware => {
+            let eligible = tier.iter().filter(|i| ok(i)).count();
+            let first = tier.iter().find(|i| ok(i))?;
+            let uniform = tier
+                .iter()
+                .filter(|i| ok(i))
+                .all(|i| all[*i].weight == all[*first].weight);
+            if !uniform {
+                return weighted(all, tier, &ok, rng);
+            }
+            if eligible == 1 {
+                return Some(*first);
+            }
+            // Two different eligible backends, uniformly.
+            let n = eligible as u64;
+            let a = (rng.next_u64() % n) as usize;
+            let b = (a + 1 + (rng.next_u64() % (n - 1)) as usize) % eligible;
+            let mut it = tier.iter().copied().filter(|i| ok(i));
+            let (lo, hi) = (a.min(b), a.max(b));
+            let first = it.nth(lo)?;
+            let second = it.nth(hi - lo - 1)?;
+            // Ties go to the first draw (`a`), so equal backends share evenly.
+            let (x, y) = if a == lo {
+                (first, second)
+            } else {
+                (second, first)
+            };
+            Some(if load(&all[y]) < load(&all[x]) { y } else { x })
+        }
         Strategy::WeightedRandom => weighted(all, tier, &ok, rng),
         Strategy::RoundRobin => {
             // The n-th eligible backend, so skipped ones do not double their neighbour's share.
@@ -218,6 +254,55 @@ mod tests {
         }
         let got = shares(&[1.0, 0.0, 1.0], Strategy::WeightedRandom, 10_000);
         assert_eq!(got[1], 0.0, "weight 0 receives nothing");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn by_default_the_fast_backend_of_two_equal_ones_takes_nearly_every_request() {
+        let states = [BackendState::new(), BackendState::new()];
+        states[0].record_latency(Duration::from_millis(600));
+        states[1].record_latency(Duration::from_millis(5));
+        let all: Vec<Candidate> = states
+            .iter()
+            .map(|s| Candidate {
+                weight: 1.0,
+                state: s.clone(),
+            })
+            .collect();
+        let (rng, cursor) = (Rng::seeded(7), AtomicUsize::new(0));
+        let pick_one = || {
+            pick(
+                Strategy::default(),
+                &all,
+                &[0, 1],
+                Avail::Yes,
+                Instant::now(),
+                &rng,
+                &cursor,
+                &|_| false,
+            )
+            .unwrap()
+        };
+        // Two different candidates every time: the lighter one always wins while idle.
+        assert!((0..1000).all(|_| pick_one() == 1));
+        // Load counts: 200 requests in flight on the fast one outweigh the slow one's latency.
+        let _busy: Vec<_> = (0..200).map(|_| states[1].start_request()).collect();
+        assert_eq!(pick_one(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn by_default_set_weights_are_still_exact() {
+        for weights in [vec![0.7, 0.3], vec![99.0, 0.5, 0.5]] {
+            let total: f64 = weights.iter().sum();
+            let got = shares(&weights, Strategy::default(), 10_000);
+            for (w, g) in weights.iter().zip(&got) {
+                assert!((w / total - g).abs() < 0.02, "{weights:?}: {got:?}");
+            }
+        }
+        let got = shares(&[1.0, 1.0, 1.0], Strategy::default(), 3_000);
+        assert!(
+            got.iter().all(|g| *g > 0.25),
+            "equal and idle: spread, {got:?}"
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -522,6 +522,7 @@ where
         }
         if let Some(a) = t.strategy.as_ref().and_then(|s| s.algorithm) {
             s.strategy = match a {
+                Algorithm::LatencyAware => Strategy::LatencyAware,
                 Algorithm::WeightedRandom => Strategy::WeightedRandom,
                 Algorithm::RoundRobin => Strategy::RoundRobin,
                 Algorithm::LeastInFlight => Strategy::LeastInFlight,

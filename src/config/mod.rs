@@ -192,6 +192,8 @@ pub enum Mode {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Algorithm {
+    /// The default: lower load (in flight x latency) of two, weights exact where set.
+    LatencyAware,
     /// Weighted random.
     WeightedRandom,
     /// Round robin.
