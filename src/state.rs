@@ -528,6 +528,11 @@ impl BackendState {
         c[slot].fetch_add(1, Relaxed);
     }
 
+    /// True once the backend has answered (or failed) at least one attempt.
+    pub fn answered_once(&self) -> bool {
+        self.inner.counters[0].load(Relaxed) > 0
+    }
+
     /// The running totals.
     pub fn counters(&self) -> Counters {
         let c = &self.inner.counters;

@@ -87,11 +87,20 @@ pub(crate) const SILENT_FACTOR: u32 = 5;
 /// rush it at once and earn a 429 each. (With a pace, admission spacing does that job.)
 ///
 /// Likewise a half-open circuit takes no more requests while its probe is in flight.
+///
+/// And a backend that has not answered yet takes at most [`COLD_START`] requests at once: its
+/// first answer tells its quota (a cold burst of a batch job would otherwise spend the whole
+/// burst on 429s before anything is known).
 pub(crate) fn on_probation(state: &BackendState) -> bool {
-    state.in_flight() > 0
+    let in_flight = state.in_flight();
+    in_flight > 0
         && (state.circuit() == crate::state::Circuit::HalfOpen
-            || (state.throttle_streak() > 0 && state.pace().is_none()))
+            || (state.throttle_streak() > 0 && state.pace().is_none())
+            || (in_flight >= COLD_START && !state.answered_once()))
 }
+
+/// See [`on_probation`]: requests a backend takes at once before its first answer.
+pub(crate) const COLD_START: usize = 4;
 
 /// Picks among `tier` (indices into `all`), considering only candidates whose availability is
 /// `want`. Returns `None` when none qualifies.

@@ -461,6 +461,43 @@ mod tests {
     const RFC_EXAMPLE: u64 = 784_111_777;
 
     #[test]
+    fn azure_limit_and_remaining_without_a_reset_give_a_pace_and_a_second_s_burst() {
+        let h = |pairs: &[(&'static str, &'static str)]| {
+            let mut m = HeaderMap::new();
+            for (k, v) in pairs {
+                m.insert(*k, HeaderValue::from_static(v));
+            }
+            Hints::from_headers(&m, SystemTime::UNIX_EPOCH, DEFAULT_MAX_HINT)
+        };
+        // 1200 per minute: one request every 50 ms; a full minute's 1200 left is one second's
+        // 20 in a burst, less a reserve of 2.
+        let azure = h(&[
+            ("x-ratelimit-limit-requests", "1200"),
+            ("x-ratelimit-remaining-requests", "1200"),
+        ]);
+        assert_eq!(azure.quota_pace(), Some(Duration::from_millis(50)));
+        assert_eq!(azure.burst_credits(), Some(18));
+        let drained = h(&[
+            ("x-ratelimit-limit-requests", "1200"),
+            ("x-ratelimit-remaining-requests", "30"),
+        ]);
+        assert_eq!(drained.burst_credits(), Some(-2), "paced at once");
+        // With a reset (OpenAI), the remaining count is the burst and the reset sets the pace.
+        let openai = h(&[
+            ("x-ratelimit-limit-requests", "100"),
+            ("x-ratelimit-remaining-requests", "60"),
+            ("x-ratelimit-reset-requests", "4s"),
+        ]);
+        assert_eq!(openai.burst_credits(), Some(60));
+        assert_eq!(openai.quota_pace(), Some(Duration::from_millis(100)));
+        // Nothing said: nothing inferred.
+        assert_eq!(h(&[]).quota_pace(), None);
+        assert_eq!(h(&[]).burst_credits(), None);
+        let zero = h(&[("x-ratelimit-limit-requests", "0")]);
+        assert_eq!(zero.quota_pace(), None, "no division by zero");
+    }
+
+    #[test]
     fn millis_forms() {
         assert_eq!(
             parse_millis(&hv("1500"), CAP),

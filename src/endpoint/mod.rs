@@ -462,10 +462,8 @@ impl Record {
     fn finish(mut self, outcome: Outcome, hints: Hints) -> (Served, crate::state::InFlight) {
         let now = Instant::now();
         let elapsed = now.saturating_duration_since(self.start);
-        // Our own timeout is no sign of life from the backend.
-        if outcome == Outcome::Timeout {
-            self.backend.state().note_abandoned();
-        } else {
+        // An answer is a sign of life (`fail` has already said whether an error was).
+        if self.awaiting.is_some() {
             self.backend.state().note_progress(now);
         }
         drop(self.awaiting.take());
@@ -548,8 +546,13 @@ impl Record {
         (served, self.guard)
     }
 
-    fn fail(self, error: BoxError) -> BoxError {
+    fn fail(mut self, error: BoxError) -> BoxError {
         let outcome = self.settings.classify.classify_error(&*error);
+        if outcome == Outcome::Timeout {
+            // We gave up waiting: no sign of life from the backend, whose silence goes on.
+            self.backend.state().note_abandoned();
+            drop(self.awaiting.take());
+        }
         let name = self.backend.name_arc().clone();
         tracing::debug!(backend = &*name, %outcome, "attempt failed");
         drop(self.finish(outcome, Hints::default()));

@@ -1,0 +1,161 @@
+//! The stack a user gets without settings (`stack::group` with `Settings::default()`), over
+//! real loopback mocks that throttle like Azure (per-minute limit and remaining, no reset,
+//! whole-second `retry-after`), fail, or refuse: what each default promises.
+
+use std::time::Duration;
+
+use tower::ServiceExt;
+use tower_llm_lb::client::http_client;
+use tower_llm_lb::error::{Exhausted, Unavailable, find};
+use tower_llm_lb::mock::{Fault, MockServer};
+use tower_llm_lb::retry::RetryAfter429Layer;
+use tower_llm_lb::stack::{self, LlmService, Settings};
+use tower_llm_lb::state::Circuit;
+use tower_llm_lb::{Backend, BoxError};
+
+mod common;
+use common::chat;
+
+async fn azure_like(name: &str, rps: f64) -> MockServer {
+    MockServer::builder()
+        .name(name)
+        .rps(rps)
+        .azure_headers()
+        .latency(Duration::from_millis(50))
+        .start()
+        .await
+        .unwrap()
+}
+
+fn backend(name: &str, mock: &MockServer) -> Backend {
+    Backend::azure(name, mock.url(), "gpt-4o", "2024-10-21")
+        .build()
+        .unwrap()
+}
+
+fn group(backends: &[Backend], settings: &Settings) -> LlmService {
+    stack::group("g", backends.iter().cloned(), http_client(), settings).unwrap()
+}
+
+async fn burst(
+    svc: &LlmService,
+    n: usize,
+) -> Vec<Result<http::Response<stack::LlmBody>, BoxError>> {
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..n {
+        let svc = svc.clone();
+        tasks.spawn(async move { svc.oneshot(chat(r#"{"max_tokens":10}"#)).await });
+    }
+    let mut out = Vec::new();
+    while let Some(r) = tasks.join_next().await {
+        out.push(r.unwrap());
+    }
+    out
+}
+
+#[tokio::test(start_paused = true)]
+async fn throttled_requests_wait_in_line_for_room_and_never_draw_on_the_retry_budget() {
+    let (a, b) = (azure_like("a", 5.0).await, azure_like("b", 5.0).await);
+    let backends = [backend("a", &a), backend("b", &b)];
+    // A retry budget that allows no retry at all: waiting for announced room is not a retry.
+    let settings = Settings {
+        retry: RetryAfter429Layer::new().budget(Duration::from_secs(10), 0, 0.0),
+        ..Settings::default()
+    };
+    let svc = group(&backends, &settings);
+    // 40 at once against 10/s (a burst of 10): about 3 s of queueing, inside the 10 s budget.
+    let results = burst(&svc, 40).await;
+    let ok = results
+        .iter()
+        .filter(|r| r.as_ref().is_ok_and(|r| r.status() == 200))
+        .count();
+    assert_eq!(ok, 40);
+    let throttled = a.counters().throttled + b.counters().throttled;
+    assert!(
+        throttled <= 2,
+        "paced from limit/remaining: {throttled} 429s"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn when_nothing_has_room_in_time_the_answer_says_when_to_come_back() {
+    let a = azure_like("a", 1.0).await;
+    let backends = [backend("a", &a)];
+    let settings = Settings {
+        retry: RetryAfter429Layer::new().max_wait(Duration::from_millis(100)),
+        ..Settings::default()
+    };
+    let svc = group(&backends, &settings);
+    for r in burst(&svc, 6).await {
+        match r {
+            Ok(res) if res.status() == 200 => {}
+            Ok(res) => {
+                assert_eq!(res.status(), 429);
+                let ms: u64 = res.headers()["retry-after-ms"]
+                    .to_str()
+                    .unwrap()
+                    .parse()
+                    .unwrap();
+                assert!(ms > 0, "never 'now' while everything is throttled");
+            }
+            Err(e) => {
+                let earliest = find::<Unavailable>(&*e)
+                    .and_then(Unavailable::earliest)
+                    .or_else(|| find::<Exhausted>(&*e).and_then(Exhausted::earliest))
+                    .expect("a refusal says when to come back");
+                assert!(earliest > tokio::time::Instant::now(), "{e}");
+            }
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn backends_that_fail_every_request_leave_past_the_group_share_but_the_last_stays() {
+    let (bad1, bad2, good) = (
+        MockServer::builder().start().await.unwrap(),
+        MockServer::builder().start().await.unwrap(),
+        MockServer::builder().start().await.unwrap(),
+    );
+    bad1.set_fault(Some(Fault::Status(500)));
+    bad2.set_fault(Some(Fault::Status(503)));
+    let backends = [
+        backend("bad1", &bad1),
+        backend("bad2", &bad2),
+        backend("good", &good),
+    ];
+    let settings = Settings {
+        strategy: tower_llm_lb::balance::Strategy::RoundRobin,
+        ..Settings::default()
+    };
+    let svc = group(&backends, &settings);
+    for _ in 0..40 {
+        let res = svc.clone().oneshot(chat("{}")).await.unwrap();
+        assert_eq!(res.status(), 200, "a failure is retried on another backend");
+    }
+    // Two of three ejected (the share is one), since they failed every request.
+    for b in &backends[..2] {
+        assert!(
+            matches!(b.state().circuit(), Circuit::Open { .. }),
+            "{}",
+            b.name()
+        );
+    }
+    assert_eq!(backends[2].state().circuit(), Circuit::Closed);
+    let sent_to_bad = bad1.counters().requests + bad2.counters().requests;
+    assert!(
+        sent_to_bad <= 12,
+        "{sent_to_bad}: 5 each to trip, then none"
+    );
+    // Now the last one fails too: it stays admitted, and the answers say why.
+    good.set_fault(Some(Fault::Status(500)));
+    for _ in 0..10 {
+        match svc.clone().oneshot(chat("{}")).await {
+            Ok(res) => assert!(res.status().is_server_error(), "{}", res.status()),
+            Err(e) => {
+                let ex = find::<Exhausted>(&*e).expect("a typed error listing the attempts");
+                assert!(ex.attempts().iter().all(|a| a.outcome.is_failure()), "{e}");
+            }
+        }
+    }
+    assert_eq!(backends[2].state().circuit(), Circuit::Closed);
+}
