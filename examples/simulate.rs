@@ -27,6 +27,7 @@ fn scenarios(minutes: u64) -> Vec<Scenario> {
         arrivals: Arrivals::Steady,
         max_wait: Duration::from_secs(30),
         quota_headers: true,
+        azure_headers: false,
     };
     let mut ptu = base("ptu + paygo 1.5x", 1.5);
     ptu.backends[0].name = "ptu".into();

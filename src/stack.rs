@@ -109,6 +109,9 @@ pub struct Settings {
     /// Per-backend endpoint settings (classifier, hint cap, backoff) as a template: its backend
     /// is replaced by each backend of the group. `None`: the defaults.
     pub endpoint: Option<EndpointLayer>,
+    /// One seeded random source for every pick, jitter and backoff of the group (repeatable
+    /// simulations and tests). `None`: each from entropy.
+    pub rng: Option<crate::rng::Rng>,
 }
 
 impl Default for Settings {
@@ -121,6 +124,7 @@ impl Default for Settings {
             silence: Some(std::time::Duration::from_secs(10)),
             retry: RetryAfter429Layer::new(),
             endpoint: None,
+            rng: None,
         }
     }
 }
@@ -137,8 +141,31 @@ where
     C::Error: Into<BoxError>,
     C::Future: Send + 'static,
 {
-    let breakers =
+    group_over(name, backends, client, settings)
+}
+
+/// [`group`] over any client whose response body streams `Bytes` (a client wrapped in its own
+/// layers, an in-process service such as the mock's): the same layers, the same defaults.
+pub fn group_over<C, ResB>(
+    name: &str,
+    backends: impl IntoIterator<Item = Backend>,
+    client: C,
+    settings: &Settings,
+) -> Result<crate::boxed::BoxTarget<ResponseBody<TimeoutBody<ResB>>>, BoxError>
+where
+    C: Service<Request<ReplayBody>, Response = Response<ResB>> + Clone + Send + Sync + 'static,
+    C::Error: Into<BoxError>,
+    C::Future: Send + 'static,
+    ResB: http_body::Body<Data = bytes::Bytes> + Unpin + Send + 'static,
+    ResB::Error: Into<BoxError>,
+{
+    let mut breakers =
         BreakerGroup::try_new(settings.breaker.clone())?.max_ejection(settings.max_ejection)?;
+    let mut retry = settings.retry.clone();
+    if let Some(rng) = &settings.rng {
+        breakers = breakers.rng(rng.clone());
+        retry = retry.rng(rng.clone());
+    }
     let backends: Vec<Backend> = backends.into_iter().collect();
     let peers: std::sync::Arc<[crate::BackendState]> =
         backends.iter().map(|b| b.state().clone()).collect();
@@ -154,10 +181,13 @@ where
                 })
             }),
         };
-        let endpoint = match &settings.endpoint {
+        let mut endpoint = match &settings.endpoint {
             Some(template) => template.for_backend(b.clone()),
             None => EndpointLayer::new(b.clone()),
         };
+        if let Some(rng) = &settings.rng {
+            endpoint = endpoint.rng(rng.clone());
+        }
         ServiceBuilder::new()
             .layer(breakers.layer_for(b))
             .layer(endpoint)
@@ -166,10 +196,12 @@ where
             .service(client.clone())
     })
     .name(name)
-    .strategy(settings.strategy)
+    .strategy(settings.strategy);
+    let balance = match &settings.rng {
+        Some(rng) => balance.rng(rng.clone()),
+        None => balance,
+    }
     .build()?;
-    let svc = ServiceBuilder::new()
-        .layer(settings.retry.clone())
-        .service(balance);
-    Ok(LlmService::new(svc))
+    let svc = ServiceBuilder::new().layer(retry).service(balance);
+    Ok(crate::boxed::BoxTarget::new(svc))
 }

@@ -108,3 +108,52 @@ async fn a_configured_first_byte_timeout_fails_over_instead_of_answering_502() {
     assert_eq!(report.served, report.sent, "{report}");
     assert!(report.errors.is_empty(), "{report}");
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_simulator_runs_the_same_default_stack_and_agrees_with_the_real_run_on_s1() {
+    use tower_llm_lb::mock::sim::{self, Arrivals, SimBackend};
+    let real = run(Scenario {
+        requests: 300,
+        ..Scenario::s1_quota()
+    })
+    .await;
+    // The same backends (20 req/s, 50 ms + 2 ms x 20 tokens) and the same 300 requests at 2x
+    // their quota, in process.
+    let latency = Duration::from_millis(90);
+    let simulated = sim::run(
+        &sim::Scenario {
+            name: "S1".into(),
+            backends: ["east", "west", "north"]
+                .iter()
+                .map(|n| SimBackend::new(n, 20.0, latency))
+                .collect(),
+            load: 2.0,
+            duration: Duration::from_millis(2500),
+            arrivals: Arrivals::Steady,
+            max_wait: Duration::from_secs(10),
+            quota_headers: true,
+            azure_headers: true,
+        },
+        tower_llm_lb::balance::Strategy::default(),
+        1,
+    )
+    .await
+    .unwrap();
+    eprintln!("simulated: {simulated:?}");
+    let real_goodput = report_goodput(&real);
+    assert!(
+        (real_goodput - simulated.goodput()).abs() <= 0.05,
+        "goodput: real {real_goodput:.3}, simulated {:.3}",
+        simulated.goodput()
+    );
+    let real_429s = real.backend_429s as f64 / real.served.max(1) as f64;
+    assert!(
+        (real_429s - simulated.throttled_per_success).abs() <= 0.05,
+        "429s per success: real {real_429s:.3}, simulated {:.3}",
+        simulated.throttled_per_success
+    );
+}
+
+fn report_goodput(r: &Report) -> f64 {
+    r.served as f64 / r.sent as f64
+}

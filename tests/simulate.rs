@@ -18,6 +18,7 @@ fn scenario(load: f64, quota_headers: bool) -> Scenario {
         arrivals: Arrivals::Steady,
         max_wait: Duration::from_secs(10),
         quota_headers,
+        azure_headers: false,
     }
 }
 

@@ -12,14 +12,12 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use tokio::time::Instant;
-use tower::{ServiceBuilder, ServiceExt};
+use tower::ServiceExt;
 
 use super::{Fault, MockServer};
 use crate::backend::Backend;
-use crate::balance::{Balance, Strategy};
+use crate::balance::Strategy;
 use crate::body::ReplayBody;
-use crate::circuit_breaker::{BreakerGroup, Policy};
-use crate::endpoint::EndpointLayer;
 use crate::retry::RetryAfter429Layer;
 use crate::rng::Rng;
 
@@ -83,6 +81,33 @@ pub struct Scenario {
     /// Whether backends send `x-ratelimit-*` quota headers (OpenAI and Azure pay-as-you-go
     /// do; Azure PTU 429s carry only `retry-after-ms`).
     pub quota_headers: bool,
+    /// With `quota_headers`: send them as Azure standard deployments do (per-minute limit and
+    /// remaining, no reset) rather than as OpenAI does (with a reset).
+    pub azure_headers: bool,
+}
+
+/// Sends each request to the in-process backend its `Endpoint` pointed it at (by host).
+#[derive(Clone)]
+struct Router(Vec<super::InProcess>);
+
+impl tower_service::Service<http::Request<ReplayBody>> for Router {
+    type Response = http::Response<super::MockBody>;
+    type Error = std::io::Error;
+    type Future = <super::InProcess as tower_service::Service<http::Request<ReplayBody>>>::Future;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<ReplayBody>) -> Self::Future {
+        let host = req.uri().host().unwrap_or_default();
+        let name = host.strip_suffix(".sim").unwrap_or(host);
+        let i = self.0.iter().position(|m| m.name() == name).unwrap_or(0);
+        self.0[i].call(req)
+    }
 }
 
 /// What a scenario gave with one strategy.
@@ -176,40 +201,35 @@ pub async fn run(
     let mut mocks = Vec::new();
     let mut backends = Vec::new();
     for b in &scenario.backends {
-        let mock = MockServer::builder()
+        let mut mock = MockServer::builder()
             .name(&b.name)
             .rps(b.rps)
             .latency(b.latency)
             .quota_headers(scenario.quota_headers)
-            .record_requests(false)
-            .in_process();
+            .record_requests(false);
+        if scenario.quota_headers && scenario.azure_headers {
+            mock = mock.azure_headers();
+        }
+        let mock = mock.in_process();
         let backend = Backend::openai(&b.name, format!("http://{}.sim/v1", b.name))
             .priority(b.priority)
             .build()?;
         mocks.push(mock);
         backends.push(backend);
     }
-    let breakers = BreakerGroup::try_new(Policy::default())?.rng(rng.clone());
-    let balance = Balance::from_backends(backends.iter().cloned(), |b| {
-        let i = backends
-            .iter()
-            .position(|x| x.name() == b.name())
-            .unwrap_or(0);
-        ServiceBuilder::new()
-            .layer(breakers.layer_for(b))
-            .layer(EndpointLayer::new(b.clone()).rng(rng.clone()))
-            .service(mocks[i].clone())
-    })
-    .strategy(strategy)
-    .rng(rng.clone())
-    .build()?;
-    let svc = ServiceBuilder::new()
-        .layer(
-            RetryAfter429Layer::new()
-                .max_wait(scenario.max_wait)
-                .retry_failures(true),
-        )
-        .service(balance);
+    // The stack a user gets: `stack::group`'s layers and defaults, over in-process backends.
+    let settings = crate::stack::Settings {
+        strategy,
+        retry: RetryAfter429Layer::new().max_wait(scenario.max_wait),
+        rng: Some(rng.clone()),
+        ..crate::stack::Settings::default()
+    };
+    let svc = crate::stack::group_over(
+        "sim",
+        backends.iter().cloned(),
+        Router(mocks.clone()),
+        &settings,
+    )?;
 
     let aggregate: f64 = scenario.backends.iter().map(|b| b.rps).sum();
     let rate = aggregate * scenario.load;
@@ -322,6 +342,7 @@ mod tests {
             arrivals: Arrivals::Steady,
             max_wait: Duration::from_secs(1),
             quota_headers: true,
+            azure_headers: false,
         }
     }
 
