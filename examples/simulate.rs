@@ -44,6 +44,8 @@ fn scenarios(minutes: u64) -> Vec<Scenario> {
     };
     let mut no_hints = base("no quota headers 1.5x", 1.5);
     no_hints.quota_headers = false;
+    let mut azure = base("azure headers 1.5x", 1.5);
+    azure.azure_headers = true;
     vec![
         base("steady 0.5x", 0.5),
         base("steady 0.9x", 0.9),
@@ -53,6 +55,7 @@ fn scenarios(minutes: u64) -> Vec<Scenario> {
         failing,
         bursty,
         no_hints,
+        azure,
     ]
 }
 
@@ -63,6 +66,7 @@ fn main() {
         .and_then(|m| m.parse().ok())
         .unwrap_or(60);
     let strategies = [
+        Strategy::LatencyAware,
         Strategy::WeightedRandom,
         Strategy::RoundRobin,
         Strategy::LeastInFlight,

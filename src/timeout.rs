@@ -15,6 +15,16 @@
 //!
 //! A stream that keeps flowing is never cut by `first_byte` or `idle`, only by `total`.
 //!
+//! **Silence watch** (in [`stack::group`](crate::stack::group), on by default where no
+//! `first_byte` limit is set): an attempt is abandoned with [`error::Elapsed`]`(`[`Silent`](error::Limit::Silent)`)`
+//! once its backend has answered nothing at all, neither it nor any other request, for 10 s
+//! and for 10x the slowest latency average of the group's other backends. A hung backend is
+//! silent; a busy one answers its other requests, so a long generation on a working backend is
+//! not cut. The retry layer then tries another backend and the breaker counts a failure. The
+//! default 10 s floor and 10x factor: a request is rescued well before the OpenAI SDKs' 60 s and
+//! a user's patience, while no peer-relative slowness short of 10x is mistaken for a hang. Set
+//! `Settings::silence` (config `timeouts.silence_ms`, 0 for off) to change it.
+//!
 //! ```
 //! use std::time::Duration;
 //! use tower_llm_lb::timeout::AttemptTimeoutLayer;

@@ -10,13 +10,18 @@
 //!    tiers take over when the whole better tier is unavailable, and give traffic back as soon as
 //!    it recovers (how a provisioned PTU deployment is drained first);
 //! 2. within the tier, prefers backends whose last answer did not say the token quota is used up
-//!    (`x-ratelimit-remaining-*: 0`), so load moves before the 429 comes;
-//! 3. a backend whose request quota is used up (by its `x-ratelimit-remaining-requests: 0`) is
-//!    paced: one request per refill interval, so its quota is spent to the last request without
-//!    earning 429s;
+//!    (`x-ratelimit-remaining-*: 0`), and backends that are not silent (answering nothing for
+//!    2 s and 5x their peers' latency while requests await them: a hung backend), so load moves
+//!    before the 429 or the timeout comes;
+//! 3. a backend whose request quota is used up is paced: one request per refill interval, so
+//!    its quota is spent to the last request without earning 429s. The interval comes from the
+//!    headers real services send: a reset and a remaining count (OpenAI, Anthropic), or a
+//!    per-minute limit and remaining with no reset (Azure standard deployments: one minute over
+//!    the limit, a burst of one second's share of what remains, less a small reserve);
 //! 4. a backend just back from a 429 cooldown that gives no quota hints takes one request at a time until one
 //!    succeeds (so the requests that waited for it do not all rush it and earn a 429 each);
-//!    while that probe is in flight it counts as available again in 25 ms;
+//!    while that probe is in flight it counts as available again in 25 ms; likewise a backend
+//!    takes at most 4 requests at once before its first answer tells its quota;
 //! 5. picks one with its [`Strategy`] (by default the less loaded of two, load being requests
 //!    in flight times latency; weighted random where weights differ) and sends the request there,
 //!    driving that backend's readiness first.

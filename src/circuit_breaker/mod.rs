@@ -21,9 +21,13 @@
 //! closes it, a failure reopens it for longer. A probe whose caller gives up frees its slot.
 //!
 //! **Safety valve**: the breakers of one [`BreakerGroup`] never eject more than
-//! `max_ejection` of the group (default 50%, at least one backend). A breaker that would exceed it
-//! stays closed and logs why, so when every backend fails, requests keep reaching the ones left
-//! and end with a typed error naming each backend and why (never a hang, never an empty group).
+//! `max_ejection` of the group (default 50%, at least one backend) for a failure *rate*. A
+//! backend that failed every request (its trip came from `consecutive_failures` in a row: a
+//! refused port, a 500 to everything) may leave past that share, as long as one backend of the
+//! group stays admitted: a dead backend leaves the rotation even in a group of three. A breaker
+//! that would exceed the cap stays closed and logs why, so when every backend fails, requests
+//! keep reaching the ones left and end with a typed error naming each backend and why (never a
+//! hang, never an empty group).
 //!
 //! **One circuit per backend**: a backend that is in several groups (two chains, a chat and a
 //! batch route) has one state machine, shared by the breakers of every group; failures seen

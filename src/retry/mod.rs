@@ -9,21 +9,24 @@
 //! | outcome of an attempt | what `RetryAfter429` does |
 //! |---|---|
 //! | success, client error (4xx) | returns it |
-//! | server error (5xx), timeout, broken connection | returns it, unless [`RetryAfter429Layer::retry_failures`] is on: then retries at once elsewhere |
-//! | throttled (429, 529, 503 with a hint) or quota exhausted | retries at once, so `Balance` sends it to another available backend |
-//! | connect error (the request never reached the server) | retries at once on a backend not tried yet ([`balance::Elsewhere`](crate::balance::Elsewhere)); when every backend was tried, ends with [`Exhausted`] (configurable) |
-//! | nothing available (every backend cooling down or open) | waits until the earliest backend is free, if that fits the wait budget and the deadline; otherwise gives up at once, without sleeping |
+//! | server error (5xx), 408, timeout, connect error, connection broken before the response head | retries at once on a backend not tried yet ([`balance::Elsewhere`](crate::balance::Elsewhere)); when every backend was tried, after a backoff (0.5 s, doubling per backoff, 8 s cap, up to 25% jitter) on any; never two sends to one backend without a gap. Draws on the retry budget. Off with [`RetryAfter429Layer::retry_failures`]`(false)` (connect errors: [`RetryAfter429Layer::retry_connect_errors`]) |
+//! | throttled (429, 529, 503 with a hint) or quota exhausted | retries at once, so `Balance` sends it to another available backend; does not draw on the retry budget |
+//! | nothing available (every backend cooling down, paced or open) | waits in line: `Balance` books the next paced slot of the backend freeing first for this request (slots go out in the order requests ask), and the request waits for it if that fits the wait budget and the deadline; otherwise gives up at once, without sleeping. Waiting never draws on the retry budget |
 //!
 //! Giving up returns the last 429 **with** `retry-after` and `retry-after-ms` set to when a
-//! backend is next free (so the caller's own client can honour it); the last 5xx as it is when
-//! the attempts ran out; otherwise (no answer at all, or nothing free after a failure)
+//! backend is next free (so the caller's own client can honour it; never "now": when no time is
+//! known, 500 ms, the official SDKs' first backoff); the last 5xx as it is when the attempts or
+//! the time ran out; otherwise (no answer at all, or nothing free after a failure)
 //! [`Exhausted`] listing every attempt and the earliest retry instant, or the balancer's
 //! [`Unavailable`](crate::error::Unavailable) when nothing was ever sent.
 //!
-//! Bounds: at most [`RetryAfter429Layer::max_attempts`] attempts that reach a backend; a retry
-//! budget ([`RetryBudget`], lock-free: retries may add at most a share of the request rate) so a storm
-//! of 429s does not multiply load; a per-request wait budget; an overall deadline (the layer's,
-//! or a [`Deadline`] request extension, whichever is earlier). A client error is never retried.
+//! Bounds: at most [`RetryAfter429Layer::max_attempts`] attempts that reach a backend (default
+//! 4); a retry budget for failure retries ([`RetryBudget`], lock-free: they may add at most a
+//! share of the request rate, so a failing group does not multiply its load; throttled
+//! requests go only where a backend has announced room, so they need no budget); a
+//! per-request wait budget (default 10 s); an overall deadline (the layer's, or a [`Deadline`]
+//! request extension, whichever is earlier). A client error is never retried, and nothing is
+//! retried once the response head was returned (a stream that breaks later is the caller's).
 //!
 //! Each retry carries a [`balance::Avoid`](crate::balance::Avoid) extension naming the backends
 //! already tried, so a `Balance` below picks another one when it can.
