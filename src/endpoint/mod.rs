@@ -507,11 +507,14 @@ impl Record {
                 state.throttle_until(now + wait);
                 if hints.remaining_requests.is_none() {
                     // No quota hints: the rate the backend let through since its last 429 is
-                    // what it can bear; before that is known, the wait it asked for.
+                    // what it can bear; before that is known, twice the wait it asked for (a
+                    // 429's wait is the time to its next free slot: half an interval on
+                    // average).
+                    let guess = wait.saturating_mul(2);
                     let pace = state
                         .saturated_interval(now)
-                        .or_else(|| state.pace().map(|p| p.max(wait)))
-                        .unwrap_or(wait);
+                        .or_else(|| state.pace().map(|p| p.max(guess)))
+                        .unwrap_or(guess);
                     state.set_pace(Some(
                         pace.clamp(Duration::from_millis(1), Duration::from_secs(1)),
                     ));

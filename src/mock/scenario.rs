@@ -107,6 +107,8 @@ pub struct Scenario {
     pub max_tokens: u32,
     /// The mock's base latency.
     pub latency: Duration,
+    /// Whether the backends send quota headers (Azure PTU deployments send none).
+    pub quota_headers: bool,
 }
 
 impl Scenario {
@@ -122,6 +124,7 @@ impl Scenario {
             client_timeout: Duration::from_secs(20),
             max_tokens: 20,
             latency: Duration::from_millis(50),
+            quota_headers: true,
         }
     }
 
@@ -140,6 +143,16 @@ impl Scenario {
         }
     }
 
+    /// S1p: S1 with backends that send no quota headers: the pace is learned from 429s.
+    pub fn s1p_quota_no_headers() -> Self {
+        Scenario {
+            name: "S1p",
+            title: "quota 2x, no quota headers",
+            quota_headers: false,
+            ..Self::s1_quota()
+        }
+    }
+
     /// S2: a PTU deployment (priority 1) before two pay-as-you-go ones (priority 2), 20 req/s
     /// each; 400 requests at 40 req/s.
     pub fn s2_ptu_first() -> Self {
@@ -155,6 +168,17 @@ impl Scenario {
                     BackendSpec::new("paygo-b", Behaviour::Quota(20.0)).priority(2),
                 ],
             )
+        }
+    }
+
+    /// S2p: S2 with backends that send no quota headers at all (Azure PTU deployments answer
+    /// only `retry-after` / `retry-after-ms` on their 429s): the pace must be learned from 429s.
+    pub fn s2p_ptu_no_headers() -> Self {
+        Scenario {
+            name: "S2p",
+            title: "PTU first, no quota headers",
+            quota_headers: false,
+            ..Self::s2_ptu_first()
         }
     }
 
@@ -209,7 +233,9 @@ impl Scenario {
     pub fn suite() -> Vec<Scenario> {
         vec![
             Self::s1_quota(),
+            Self::s1p_quota_no_headers(),
             Self::s2_ptu_first(),
+            Self::s2p_ptu_no_headers(),
             Self::s3_failover(),
             Self::s4_hang(),
             Self::s4d_hang_defaults(),
@@ -267,8 +293,12 @@ impl Scenario {
                 .api_key(format!("key-{}", spec.name))
                 .latency(self.latency)
                 .latency_per_token(Duration::from_millis(2))
-                .azure_headers()
                 .record_requests(spec.is_bad());
+            b = if self.quota_headers {
+                b.azure_headers()
+            } else {
+                b.quota_headers(false)
+            };
             if let Behaviour::Quota(r) = spec.behaviour {
                 b = b.rps(r);
             }
@@ -564,6 +594,13 @@ impl Report {
                 need(
                     per <= 0.05,
                     format!("S1: {per:.3} backend 429s per success > 0.05"),
+                );
+            }
+            "S1p" | "S2p" => {
+                let per = self.backend_429s as f64 / self.served.max(1) as f64;
+                need(
+                    per <= 0.05,
+                    format!("{}: {per:.3} backend 429s per success > 0.05", self.name),
                 );
             }
             "S2" => {
