@@ -360,7 +360,7 @@ where
             }
             // Not silent (it answered others) or not long enough: look again later, never past
             // the user's own limits.
-            let next = due.max(now + watch.floor / 4);
+            let next = due.max(now + (watch.floor / 4).max(Duration::from_millis(100)));
             match this.deadlines.before_first_byte() {
                 Some((at, l)) if at <= next => {
                     sleep.as_mut().reset(at);

@@ -220,6 +220,17 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
+    /// Weight-1 candidates over `states`.
+    fn equal(states: &[BackendState]) -> Vec<Candidate> {
+        states
+            .iter()
+            .map(|s| Candidate {
+                weight: 1.0,
+                state: s.clone(),
+            })
+            .collect()
+    }
+
     fn shares(weights: &[f64], strategy: Strategy, n: usize) -> Vec<f64> {
         let states: Vec<BackendState> = weights.iter().map(|_| BackendState::new()).collect();
         let all: Vec<Candidate> = weights
@@ -270,13 +281,7 @@ mod tests {
         let states = [BackendState::new(), BackendState::new()];
         states[0].record_latency(Duration::from_millis(600));
         states[1].record_latency(Duration::from_millis(5));
-        let all: Vec<Candidate> = states
-            .iter()
-            .map(|s| Candidate {
-                weight: 1.0,
-                state: s.clone(),
-            })
-            .collect();
+        let all = equal(&states);
         let (rng, cursor) = (Rng::seeded(7), AtomicUsize::new(0));
         let pick_one = || {
             pick(
@@ -324,13 +329,7 @@ mod tests {
     async fn least_in_flight_prefers_the_idle_backend() {
         let states = [BackendState::new(), BackendState::new()];
         let _busy = states[0].start_request();
-        let all: Vec<Candidate> = states
-            .iter()
-            .map(|s| Candidate {
-                weight: 1.0,
-                state: s.clone(),
-            })
-            .collect();
+        let all = equal(&states);
         let cursor = AtomicUsize::new(0);
         let rng = Rng::seeded(1);
         for _ in 0..10 {
