@@ -69,6 +69,10 @@ struct Inner {
     window_start: AtomicU64,
     window_successes: AtomicU64,
     credits: AtomicI64,
+    /// Tokens the quota hints allow before token pacing starts (`UNTRACKED`: no hints).
+    token_credits: AtomicI64,
+    /// The token quota's refill time per token, in picoseconds (0: not paced by tokens).
+    ps_per_token: AtomicU64,
     throttled_until: AtomicU64,
     counters: [AtomicU64; COUNTERS],
     /// The circuit breaker's machine for this backend, shared by every breaker over it (one
@@ -137,6 +141,8 @@ impl BackendState {
                 window_start: AtomicU64::new(0),
                 window_successes: AtomicU64::new(0),
                 credits: AtomicI64::new(UNTRACKED),
+                token_credits: AtomicI64::new(UNTRACKED),
+                ps_per_token: AtomicU64::new(0),
                 throttled_until: AtomicU64::new(0),
                 counters: Default::default(),
                 breaker: std::sync::OnceLock::new(),
@@ -280,10 +286,30 @@ impl BackendState {
         (start != 0).then(|| Duration::from_nanos(now_ticks.saturating_sub(start) / through))
     }
 
+    /// True when admissions are spaced: by a request pace, or by the token quota's rate.
+    pub(crate) fn is_paced(&self) -> bool {
+        self.inner.pace_ns.load(Acquire) != 0 || self.inner.ps_per_token.load(Acquire) != 0
+    }
+
     /// The current pace, if the backend is being paced.
     pub fn pace(&self) -> Option<Duration> {
         let ns = self.inner.pace_ns.load(Acquire);
         (ns != 0).then(|| Duration::from_nanos(ns))
+    }
+
+    /// Sets the token quota's state from one answer's hints: the tokens that may go at once
+    /// before token pacing starts, and the quota's refill rate (tokens per second). `None`:
+    /// not said (token pacing stops).
+    pub fn set_token_quota(&self, credits: Option<i64>, rate: Option<f64>) {
+        self.inner
+            .token_credits
+            .store(credits.map_or(UNTRACKED, |c| c.min(UNTRACKED - 1)), Release);
+        let ps = rate
+            .filter(|r| r.is_finite() && *r > 0.0)
+            .map_or(0, |r| (1e12 / r).min(u64::MAX as f64) as u64);
+        if self.inner.ps_per_token.load(Relaxed) != ps {
+            self.inner.ps_per_token.store(ps, Release);
+        }
     }
 
     /// Sets how many more requests the backend's last quota hints allow before pacing starts
@@ -298,13 +324,38 @@ impl BackendState {
     /// none left (or none tracked) and a pace set, the next request may go one pace later (the
     /// cooldown moves to `max(cooldown, now) + pace`).
     pub fn admit(&self, now: Instant) {
+        self.admit_cost(now, 0);
+    }
+
+    /// [`BackendState::admit`] for a request estimated to cost `tokens` of the token quota: it
+    /// also spends that many token credits, and with too few left (and a token rate known) the
+    /// next request waits at least the time the quota takes to refill them. The wait is the
+    /// longer of the request pace's and the tokens', not their sum.
+    pub fn admit_cost(&self, now: Instant, tokens: u32) {
+        let mut step = Duration::ZERO;
         let before = self.inner.credits.load(Relaxed);
-        if before != UNTRACKED && self.inner.credits.fetch_sub(1, AcqRel) > 0 {
+        if before == UNTRACKED || self.inner.credits.fetch_sub(1, AcqRel) <= 0 {
+            step = self.pace().unwrap_or_default();
+        }
+        let ps = self.inner.ps_per_token.load(Acquire);
+        if tokens > 0
+            && ps > 0
+            && self.inner.token_credits.load(Relaxed) != UNTRACKED
+            && self
+                .inner
+                .token_credits
+                .fetch_sub(i64::from(tokens), AcqRel)
+                < i64::from(tokens)
+        {
+            let ps_total = u128::from(ps) * u128::from(tokens);
+            let refill = Duration::from_nanos(u64::try_from(ps_total / 1000).unwrap_or(u64::MAX));
+            step = step.max(refill);
+        }
+        if step.is_zero() {
             return;
         }
-        let Some(pace) = self.pace() else { return };
         let now_ticks = self.ticks_of(now);
-        let pace_ticks = u64::try_from(pace.as_nanos()).unwrap_or(u64::MAX);
+        let pace_ticks = u64::try_from(step.as_nanos()).unwrap_or(u64::MAX);
         let _ = self
             .inner
             .cooldown_until
@@ -719,6 +770,36 @@ mod tests {
         assert_eq!(
             s.unavailable_until(now),
             Some(now + Duration::from_millis(100))
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn token_pacing_spaces_admissions_by_their_cost_and_takes_the_longer_of_two_paces() {
+        let s = BackendState::new();
+        let now = Instant::now();
+        // 1 000 tokens/s, 300 tokens may go at once.
+        s.set_token_quota(Some(300), Some(1000.0));
+        s.admit_cost(now, 200);
+        assert!(s.is_available(now), "within the burst");
+        s.admit_cost(now, 200);
+        assert_eq!(
+            s.unavailable_until(now),
+            Some(now + Duration::from_millis(200)),
+            "past it: the time 200 tokens take to refill"
+        );
+        // A request pace of 50 ms and a token refill of 100 ms: the next waits 100 ms, not 150.
+        s.set_pace(Some(Duration::from_millis(50)));
+        s.admit_cost(now, 100);
+        assert_eq!(
+            s.unavailable_until(now),
+            Some(now + Duration::from_millis(300))
+        );
+        // No token hints: requests are paced by count alone.
+        s.set_token_quota(None, None);
+        s.admit_cost(now, 100_000);
+        assert_eq!(
+            s.unavailable_until(now),
+            Some(now + Duration::from_millis(350))
         );
     }
 

@@ -35,6 +35,20 @@ async fn quota_overload_is_queued_not_refused_and_earns_almost_no_429s() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_token_quota_is_paced_by_each_request_s_estimated_cost() {
+    let report = run(Scenario {
+        requests: 300,
+        ..Scenario::s6_token_quota()
+    })
+    .await;
+    assert_eq!(report.served, report.sent, "{report}");
+    assert!(
+        report.backend_429s as f64 <= 0.05 * report.served as f64,
+        "{report}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
 async fn the_ptu_deployment_is_drained_first_without_earning_429s() {
     let report = run(Scenario {
         requests: 200,

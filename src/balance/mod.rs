@@ -392,6 +392,14 @@ pub struct WaitBudget(pub Duration);
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Reserved(pub Arc<str>);
 
+/// A request extension: what the request is estimated to cost of a backend's token quota
+/// (prompt and `max_tokens`, see [`provider::estimate_tokens`](crate::provider::estimate_tokens)).
+/// With it, `Balance` paces a backend whose answers tell its token quota by tokens as well as
+/// by requests. The gateway sets it; set it yourself (or use
+/// [`BufferRequest`](crate::body::BufferRequest), which does) when calling the layers directly.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TokenCost(pub u32);
+
 /// A request extension naming backends this request already tried: `Balance` picks another
 /// available backend if there is one (and one of these only if there is not).
 /// [`RetryAfter429`](crate::retry::RetryAfter429) sets it on each retry.
@@ -448,14 +456,16 @@ where
         match picked {
             Err(earliest) => {
                 let budget = req.extensions().get::<WaitBudget>().map(|w| w.0);
-                let error = self.refuse(now, earliest, budget);
+                let cost = req.extensions().get::<TokenCost>().map_or(0, |c| c.0);
+                let error = self.refuse(now, earliest, budget, cost);
                 ResponseFuture {
                     state: State::Unavailable { error: Some(error) },
                 }
             }
             Ok(i) => {
                 let slot = &self.shared.slots[i];
-                slot.backend.state().admit(now);
+                let cost = req.extensions().get::<TokenCost>().map_or(0, |c| c.0);
+                slot.backend.state().admit_cost(now, cost);
                 tracing::trace!(
                     group = &*self.shared.name,
                     backend = slot.backend.name(),
@@ -480,6 +490,7 @@ impl<S> Balance<S> {
         now: Instant,
         earliest: Option<Instant>,
         budget: Option<Duration>,
+        cost: u32,
     ) -> error::Unavailable {
         let name = self.shared.name.clone();
         let (Some(at), Some(budget)) = (earliest, budget) else {
@@ -490,13 +501,13 @@ impl<S> Balance<S> {
             .slots
             .iter()
             .filter(|s| s.backend.weight() > 0.0)
-            .filter(|s| s.backend.state().pace().is_some())
+            .filter(|s| s.backend.state().is_paced())
             .filter(|s| s.backend.state().circuit() == crate::state::Circuit::Closed)
             .filter_map(|s| s.backend.state().unavailable_until(now).map(|u| (u, s)))
             .min_by_key(|(u, _)| *u);
         match slot {
             Some((until, s)) if until.saturating_duration_since(now) <= budget => {
-                s.backend.state().admit(until);
+                s.backend.state().admit_cost(until, cost);
                 error::Unavailable::new(name, Some(until))
                     .with_reservation(s.backend.name_arc().clone())
             }

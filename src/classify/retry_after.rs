@@ -234,6 +234,8 @@ pub struct Hints {
     pub remaining_tokens: Option<u64>,
     /// The request quota of the window (`x-ratelimit-limit-requests`).
     pub limit_requests: Option<u64>,
+    /// The token quota of the window (`x-ratelimit-limit-tokens`).
+    pub limit_tokens: Option<u64>,
 }
 
 /// Anthropic's rate-limit dimensions: (is the requests dimension, remaining header, reset header).
@@ -307,6 +309,9 @@ impl Hints {
                 }
                 "x-ratelimit-limit-requests" => {
                     hints.limit_requests = fewer(hints.limit_requests, parse_remaining(value))
+                }
+                "x-ratelimit-limit-tokens" => {
+                    hints.limit_tokens = fewer(hints.limit_tokens, parse_remaining(value))
                 }
                 _ => {
                     if !n.starts_with("anthropic-ratelimit-") {
@@ -436,6 +441,35 @@ impl Hints {
         Some(remaining / 60 - reserve)
     }
 
+    /// The rate at which the token quota refills, in tokens per second: with a reset
+    /// (OpenAI), what is missing over the time to refill it; without one (Azure), the
+    /// per-minute limit over 60 s. `None` when the headers do not say.
+    pub fn token_rate(&self) -> Option<f64> {
+        let limit = self.limit_tokens.filter(|l| *l > 0)? as f64;
+        match (self.reset_tokens, self.remaining_tokens) {
+            (Some(reset), Some(remaining)) if !reset.is_zero() && (remaining as f64) < limit => {
+                Some((limit - remaining as f64) / reset.as_secs_f64())
+            }
+            (Some(_), _) => None,
+            (None, _) => Some(limit / PER_MINUTE.as_secs_f64()),
+        }
+    }
+
+    /// How many tokens requests may spend at once before token pacing starts: like
+    /// [`Hints::burst_credits`] for requests (without a reset, one second's share of what
+    /// remains less a tenth of a second's quota). `None` without a remaining count.
+    pub fn burst_tokens(&self) -> Option<i64> {
+        let remaining = i64::try_from(self.remaining_tokens?).unwrap_or(i64::MAX);
+        if self.reset_tokens.is_some() {
+            return Some(remaining);
+        }
+        let Some(limit) = self.limit_tokens.filter(|l| *l > 0) else {
+            return Some(remaining);
+        };
+        let per_second = i64::try_from(limit / 60).unwrap_or(i64::MAX);
+        Some(remaining / 60 - (per_second / 10).max(1))
+    }
+
     /// True when the response carried any hint at all.
     pub fn is_empty(&self) -> bool {
         *self == Hints::default()
@@ -490,7 +524,23 @@ mod tests {
         ]);
         assert_eq!(openai.burst_credits(), Some(60));
         assert_eq!(openai.quota_pace(), Some(Duration::from_millis(100)));
+        // Tokens the same way: 60 000 per minute is 1 000/s; a full minute left is one
+        // second's 1 000 in a burst, less 100.
+        let tokens = h(&[
+            ("x-ratelimit-limit-tokens", "60000"),
+            ("x-ratelimit-remaining-tokens", "60000"),
+        ]);
+        assert_eq!(tokens.token_rate(), Some(1000.0));
+        assert_eq!(tokens.burst_tokens(), Some(900));
+        let openai_tokens = h(&[
+            ("x-ratelimit-limit-tokens", "10000"),
+            ("x-ratelimit-remaining-tokens", "6000"),
+            ("x-ratelimit-reset-tokens", "2s"),
+        ]);
+        assert_eq!(openai_tokens.token_rate(), Some(2000.0));
+        assert_eq!(openai_tokens.burst_tokens(), Some(6000));
         // Nothing said: nothing inferred.
+        assert_eq!(h(&[]).token_rate(), None);
         assert_eq!(h(&[]).quota_pace(), None);
         assert_eq!(h(&[]).burst_credits(), None);
         let zero = h(&[("x-ratelimit-limit-requests", "0")]);

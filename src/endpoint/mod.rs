@@ -470,6 +470,10 @@ impl Record {
         let state = self.state();
         state.record_outcome(&outcome);
         state.record_quota(hints.remaining_requests, hints.remaining_tokens, now);
+        if hints.remaining_tokens.is_some() || hints.limit_tokens.is_some() {
+            // The token quota likewise: what may go at once, then its refill rate.
+            state.set_token_quota(hints.burst_tokens(), hints.token_rate());
+        }
         if let Some(credits) = hints.burst_credits() {
             // Spend what the quota has left (less what is already on its way), then pace the
             // backend at its refill interval.

@@ -203,7 +203,9 @@ async fn forward(State(gw): State<Gateway>, req: Request) -> Response {
             );
         }
     };
+    let cost = crate::provider::estimate_tokens(&bytes);
     let mut out = http::Request::new(ReplayBody::new(bytes));
+    out.extensions_mut().insert(crate::balance::TokenCost(cost));
     *out.method_mut() = parts.method;
     *out.uri_mut() = parts
         .uri

@@ -39,6 +39,9 @@ use crate::state::Counters;
 pub enum Behaviour {
     /// Healthy, throttled at this many requests per second (Azure-style headers).
     Quota(f64),
+    /// Healthy, throttled at this many tokens per second (prompt bytes / 4 + `max_tokens`),
+    /// no request limit.
+    Tokens(f64),
     /// Healthy, no quota.
     Unlimited,
     /// Nothing listens on its port: every connect is refused.
@@ -153,6 +156,19 @@ impl Scenario {
         }
     }
 
+    /// S6: S1 with token quotas instead of request quotas: each backend allows 20 requests'
+    /// worth of tokens per second (Azure standard deployments are mostly token-bound).
+    pub fn s6_token_quota() -> Self {
+        let mut s = Self::s1_quota();
+        s.name = "S6";
+        s.title = "token quota 2x overload";
+        let per_second = 20.0 * f64::from(s.request_tokens());
+        for b in &mut s.backends {
+            b.behaviour = Behaviour::Tokens(per_second);
+        }
+        s
+    }
+
     /// S2: a PTU deployment (priority 1) before two pay-as-you-go ones (priority 2), 20 req/s
     /// each; 400 requests at 40 req/s.
     pub fn s2_ptu_first() -> Self {
@@ -239,6 +255,7 @@ impl Scenario {
             Self::s3_failover(),
             Self::s4_hang(),
             Self::s4d_hang_defaults(),
+            Self::s6_token_quota(),
         ]
     }
 
@@ -250,11 +267,17 @@ impl Scenario {
             .iter()
             .map(|b| match b.behaviour {
                 Behaviour::Quota(r) => r,
+                Behaviour::Tokens(t) => t / f64::from(self.request_tokens()),
                 Behaviour::Unlimited => f64::INFINITY,
                 _ => 0.0,
             })
             .sum();
         Duration::from_secs_f64(offered.max(self.requests as f64 / capacity))
+    }
+
+    /// What one request of the load costs of a token quota, as the mock counts it.
+    pub fn request_tokens(&self) -> u32 {
+        (request_body(self.max_tokens).len() as u32).div_ceil(4) + self.max_tokens
     }
 
     /// The config a new user writes for these backends, plus [`Scenario::extra`].
@@ -299,8 +322,10 @@ impl Scenario {
             } else {
                 b.quota_headers(false)
             };
-            if let Behaviour::Quota(r) = spec.behaviour {
-                b = b.rps(r);
+            match spec.behaviour {
+                Behaviour::Quota(r) => b = b.rps(r),
+                Behaviour::Tokens(t) => b = b.tps(t),
+                _ => {}
             }
             let m = b.start().await?;
             match spec.behaviour {
@@ -417,14 +442,7 @@ pub async fn load(
         Ok(u) => u,
         Err(_) => return Vec::new(),
     };
-    let body = Bytes::from(
-        serde_json::json!({
-            "model": "gpt-4o",
-            "messages": [{"role": "user", "content": "Say hello in one short sentence."}],
-            "max_tokens": max_tokens,
-        })
-        .to_string(),
-    );
+    let body = request_body(max_tokens);
     let permits = Arc::new(Semaphore::new(in_flight.max(1)));
     let mut tasks = tokio::task::JoinSet::new();
     let start = Instant::now();
@@ -479,6 +497,18 @@ pub async fn load(
         }
     }
     out
+}
+
+/// The body of every request of the load.
+fn request_body(max_tokens: u32) -> Bytes {
+    Bytes::from(
+        serde_json::json!({
+            "model": "gpt-4o",
+            "messages": [{"role": "user", "content": "Say hello in one short sentence."}],
+            "max_tokens": max_tokens,
+        })
+        .to_string(),
+    )
 }
 
 /// One backend's line of a [`Report`].
@@ -596,7 +626,7 @@ impl Report {
                     format!("S1: {per:.3} backend 429s per success > 0.05"),
                 );
             }
-            "S1p" | "S2p" => {
+            "S1p" | "S2p" | "S6" => {
                 let per = self.backend_429s as f64 / self.served.max(1) as f64;
                 need(
                     per <= 0.05,

@@ -305,3 +305,60 @@ mod tests {
         assert!(!is_quota_exhausted_body(b"\xff"));
     }
 }
+
+/// Estimates what a request costs of a token quota, the way Azure OpenAI's rate limiter counts
+/// it before the answer exists: the prompt (about 4 bytes of JSON per token) plus the most the
+/// answer may take (`max_tokens`, `max_completion_tokens` or `max_output_tokens`; 16 when none
+/// is given). A cheap scan of the JSON, never a parse.
+pub fn estimate_tokens(body: &[u8]) -> u32 {
+    let prompt = body.len() / 4;
+    let answer = [
+        "\"max_tokens\"",
+        "\"max_completion_tokens\"",
+        "\"max_output_tokens\"",
+    ]
+    .iter()
+    .find_map(|key| number_after(body, key.as_bytes()))
+    .unwrap_or(16);
+    u32::try_from(prompt.saturating_add(answer)).unwrap_or(u32::MAX)
+}
+
+/// The unsigned number after `"key":` in `json`, if there is one.
+fn number_after(json: &[u8], key: &[u8]) -> Option<usize> {
+    let at = json.windows(key.len()).position(|w| w == key)? + key.len();
+    let rest = &json[at..];
+    let rest = &rest[rest.iter().position(|b| !b.is_ascii_whitespace())?..];
+    let rest = rest.strip_prefix(b":")?;
+    let start = rest.iter().position(|b| !b.is_ascii_whitespace())?;
+    let digits: &[u8] = &rest[start..];
+    let end = digits
+        .iter()
+        .position(|b| !b.is_ascii_digit())
+        .unwrap_or(digits.len());
+    std::str::from_utf8(&digits[..end]).ok()?.parse().ok()
+}
+
+#[cfg(test)]
+mod estimate_tests {
+    use super::estimate_tokens;
+
+    #[test]
+    fn the_token_estimate_is_the_prompt_and_the_answer_s_cap() {
+        let body = br#"{"messages":[{"role":"user","content":"hi"}],"max_tokens": 100}"#;
+        assert_eq!(estimate_tokens(body), body.len() as u32 / 4 + 100);
+        let newer = br#"{"max_completion_tokens":50,"messages":[]}"#;
+        assert_eq!(estimate_tokens(newer), newer.len() as u32 / 4 + 50);
+        assert_eq!(estimate_tokens(b"{}"), 16, "no cap given: 16");
+        assert_eq!(
+            estimate_tokens(br#"{"max_tokens":"x"}"#),
+            4 + 16,
+            "not a number"
+        );
+        let huge = br#"{"max_tokens": 99999999999999999999999}"#;
+        assert_eq!(
+            estimate_tokens(huge),
+            huge.len() as u32 / 4 + 16,
+            "overflow: no cap"
+        );
+    }
+}
