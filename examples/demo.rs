@@ -2,9 +2,10 @@
 //!
 //! Starts six mock Azure deployments on loopback: a provisioned (PTU) one drained first, three
 //! pay-as-you-go regions behind it, one that starts failing halfway and one that hangs. Drives a
-//! few thousand requests through `RetryAfter429` → `Balance` → per backend `CircuitBreaker` →
-//! `Endpoint` → `AttemptTimeout` → `AuthInject` for 20 s at 85% of the healthy quota with a
-//! burst to 130% in the middle, shows a live per-backend table, and ends with a summary.
+//! few thousand requests through the stack a user gets with every setting default
+//! (`stack::group`: `RetryAfter429` → `Balance` → per backend `CircuitBreaker` → `Endpoint` →
+//! `AttemptTimeout` → `AuthInject`) for 20 s at 85% of the healthy quota with a burst to 130% in
+//! the middle, shows a live per-backend table, and ends with a summary.
 //!
 //! Run: `cargo run --release --example demo`
 
@@ -13,18 +14,16 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
-use tower::{ServiceBuilder, ServiceExt};
-use tower_llm_lb::auth::{AuthInjectLayer, Credential};
-use tower_llm_lb::balance::{Balance, Strategy};
+use tower::ServiceExt;
+use tower_llm_lb::auth::Credential;
 use tower_llm_lb::body::ReplayBody;
-use tower_llm_lb::circuit_breaker::{BreakerGroup, Policy};
 use tower_llm_lb::client::http_client;
-use tower_llm_lb::endpoint::{EndpointLayer, Served};
+use tower_llm_lb::endpoint::Served;
 use tower_llm_lb::error::{Exhausted, Unavailable, find};
 use tower_llm_lb::mock::{Fault, MockServer};
-use tower_llm_lb::retry::{Attempts, RetryAfter429Layer};
+use tower_llm_lb::retry::Attempts;
+use tower_llm_lb::stack::{self, Settings};
 use tower_llm_lb::state::Circuit;
-use tower_llm_lb::timeout::AttemptTimeoutLayer;
 use tower_llm_lb::{Backend, BoxError};
 
 /// (name, priority tier, requests per second)
@@ -64,7 +63,11 @@ async fn main() -> Result<(), BoxError> {
     let mut backends = Vec::new();
     for (name, tier, rps) in BACKENDS {
         let key = format!("{name}-key");
-        let mock = MockServer::builder().name(name).api_key(&key).rps(rps);
+        let mock = MockServer::builder()
+            .name(name)
+            .api_key(&key)
+            .rps(rps)
+            .azure_headers();
         let mock = mock.latency(Duration::from_millis(25)).start().await?;
         let b = Backend::azure(name, mock.url(), "gpt-4o", "2024-10-21");
         backends.push(
@@ -77,25 +80,13 @@ async fn main() -> Result<(), BoxError> {
     mocks[HANGS].set_fault(Some(Fault::Hang));
     let healthy: f64 = BACKENDS[..FAILS_HALFWAY].iter().map(|b| b.2).sum();
 
-    let client = http_client::<ReplayBody>();
-    let breakers = BreakerGroup::try_new(Policy {
-        base_open: Duration::from_secs(2),
-        ..Policy::default()
-    })?;
-    let balance = Balance::from_backends(backends.iter().cloned(), |b| {
-        ServiceBuilder::new()
-            .layer(breakers.layer_for(b))
-            .layer(EndpointLayer::new(b.clone()))
-            .layer(AttemptTimeoutLayer::new().first_byte(Duration::from_secs(1)))
-            .layer(AuthInjectLayer::for_backend(b))
-            .service(client.clone())
-    })
-    .strategy(Strategy::LeastInFlight)
-    .build()?;
-    let retry = RetryAfter429Layer::new().max_wait(Duration::from_secs(5));
-    let stack = ServiceBuilder::new()
-        .layer(retry.retry_failures(true))
-        .service(balance);
+    // Every setting default: what a new user gets (the README's "What you get by default").
+    let stack = stack::group(
+        "demo",
+        backends.iter().cloned(),
+        http_client::<ReplayBody>(),
+        &Settings::default(),
+    )?;
 
     println!("tower-llm-lb demo: 1 PTU + 5 pay-as-you-go mock deployments (no credentials needed)");
     println!(
