@@ -252,3 +252,30 @@ async fn the_mock_mode_config_serves_through_its_embedded_backends() {
     assert_eq!(res.status(), 200);
     assert_eq!(res.headers()["x-llm-lb-backend"], "ptu-eastus");
 }
+
+#[tokio::test(start_paused = true)]
+async fn when_every_backend_fails_the_answer_is_a_502_listing_the_attempts_not_a_429() {
+    let (a, b) = (
+        MockServer::builder().api_key("ka").start().await.unwrap(),
+        MockServer::builder().api_key("kb").start().await.unwrap(),
+    );
+    a.set_fault(Some(Fault::Status(500)));
+    b.set_fault(Some(Fault::Status(503)));
+    let json = serde_json::json!({ "backends": {
+        "a": { "provider": "azure", "url": a.url(), "deployment": "gpt-4o", "api_key": "ka" },
+        "b": { "provider": "azure", "url": b.url(), "deployment": "gpt-4o", "api_key": "kb" },
+    }})
+    .to_string();
+    let gw = start(&json).await;
+    for _ in 0..12 {
+        let res = send(post(format!("{}/v1/chat/completions", gw.url), None, "{}")).await;
+        let status = res.status();
+        let body = text(res).await;
+        // A backend's own 5xx may come back as it is when the attempts ran out; a summary of
+        // failed attempts is a 502. Never a 429: nothing was throttled.
+        assert!(status.is_server_error(), "{status}: {body}");
+        if status == 502 {
+            assert!(body.contains("upstream_error"), "{body}");
+        }
+    }
+}

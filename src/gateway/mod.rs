@@ -16,7 +16,7 @@
 //! | a backend answered | its status, headers and body, plus `x-llm-lb-backend` and `x-llm-lb-attempts` |
 //! | a stream is cut upstream | an SSE `event: error` then a broken stream, never a clean end |
 //! | nothing free in time | `429` with `retry-after` / `retry-after-ms` when a retry time is known, else `503` |
-//! | every backend failed | `502` with an OpenAI-shaped error listing each attempt |
+//! | every attempt failed (5xx, timeouts, connect errors; none throttled) | `502` with an OpenAI-shaped error listing each attempt, and `retry-after` when a backend's circuit says when to come back |
 //! | request body over the cap | `413` |
 //! | missing or wrong client key | `401`; non-loopback client without keys configured: `403` |
 
@@ -269,6 +269,18 @@ fn into_axum(res: http::Response<LlmBody>) -> Response {
 }
 
 fn error_for(e: &BoxError) -> Response {
+    // Every attempt failed (no throttling in them): a bad gateway, whatever the wait.
+    let failed = find::<Exhausted>(&**e).filter(|x| {
+        !x.attempts().is_empty() && x.attempts().iter().all(|a| a.outcome.is_failure())
+    });
+    if let Some(ex) = failed {
+        let mut res = error_response(StatusCode::BAD_GATEWAY, "upstream_error", &e.to_string());
+        if let Some(at) = ex.earliest() {
+            let wait = at.saturating_duration_since(Instant::now());
+            crate::classify::retry_after::set_retry_after(res.headers_mut(), wait);
+        }
+        return res;
+    }
     let earliest = find::<Unavailable>(&**e)
         .and_then(Unavailable::earliest)
         .or_else(|| find::<Exhausted>(&**e).and_then(Exhausted::earliest));
