@@ -73,6 +73,10 @@ async fn every_error_names_the_path_of_its_field() {
             "retry.attempts: must be >= 1",
         ),
         (
+            r#"{"backends": {"a": {"provider": "openai", "url": "http://x"}}, "retry": {"hedge_after_ms": 0}}"#,
+            "retry.hedge_after_ms: must be > 0",
+        ),
+        (
             r#"{"backends": {"a": {"provider": "openai", "url": "http://x"}}, "retry": {"on_status_codes": [400]}}"#,
             "retry.on_status_codes[0]: only 429 and 5xx",
         ),

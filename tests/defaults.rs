@@ -159,3 +159,54 @@ async fn backends_that_fail_every_request_leave_past_the_group_share_but_the_las
     }
     assert_eq!(backends[2].state().circuit(), Circuit::Closed);
 }
+
+#[tokio::test(start_paused = true)]
+async fn with_hedging_on_a_slow_backend_s_request_is_answered_by_another_in_time() {
+    let (slow, fast) = (
+        MockServer::builder().name("slow").start().await.unwrap(),
+        MockServer::builder()
+            .name("fast")
+            .latency(Duration::from_millis(50))
+            .start()
+            .await
+            .unwrap(),
+    );
+    slow.set_fault(Some(Fault::Slow(Duration::from_secs(5))));
+    let backends = [backend("slow", &slow), backend("fast", &fast)];
+    let settings = Settings {
+        strategy: tower_llm_lb::balance::Strategy::RoundRobin,
+        retry: RetryAfter429Layer::new().hedge(Duration::from_millis(200)),
+        ..Settings::default()
+    };
+    let svc = group(&backends, &settings);
+    for _ in 0..6 {
+        let start = tokio::time::Instant::now();
+        let res = svc.clone().oneshot(chat("{}")).await.unwrap();
+        assert_eq!(res.status(), 200);
+        assert!(
+            start.elapsed() <= Duration::from_millis(300),
+            "{:?}",
+            start.elapsed()
+        );
+        assert_eq!(res.headers()["x-mock-server"], "fast");
+    }
+    assert!(
+        slow.counters().requests >= 3,
+        "round robin sent the slow one its share"
+    );
+    // Without hedging the slow one's requests take its 5 s.
+    let svc = group(
+        &backends,
+        &Settings {
+            strategy: tower_llm_lb::balance::Strategy::RoundRobin,
+            ..Settings::default()
+        },
+    );
+    let mut slowest = Duration::ZERO;
+    for _ in 0..4 {
+        let start = tokio::time::Instant::now();
+        let _ = svc.clone().oneshot(chat("{}")).await.unwrap();
+        slowest = slowest.max(start.elapsed());
+    }
+    assert!(slowest >= Duration::from_secs(5), "{slowest:?}");
+}

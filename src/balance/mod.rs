@@ -392,6 +392,19 @@ pub struct WaitBudget(pub Duration);
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Reserved(pub Arc<str>);
 
+/// A crate-private request extension: `Balance` writes the name of the backend it sent the
+/// request to (a hedging `RetryAfter429` sends its second attempt elsewhere).
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Picked(pub(crate) Arc<std::sync::OnceLock<Arc<str>>>);
+
+impl Picked {
+    fn note(req: &http::Request<impl Sized>, backend: &Backend) {
+        if let Some(p) = req.extensions().get::<Picked>() {
+            let _ = p.0.set(backend.name_arc().clone());
+        }
+    }
+}
+
 /// A request extension: what the request is estimated to cost of a backend's token quota
 /// (prompt and `max_tokens`, see [`provider::estimate_tokens`](crate::provider::estimate_tokens)).
 /// With it, `Balance` paces a backend whose answers tell its token quota by tokens as well as
@@ -445,6 +458,7 @@ where
                 .throttled_until()
                 .is_none_or(|t| t <= now)
         {
+            Picked::note(&req, &slot.backend);
             return ResponseFuture {
                 state: State::Send {
                     fut: ReadyCall::new(slot.service.clone(), req),
@@ -466,6 +480,7 @@ where
                 let slot = &self.shared.slots[i];
                 let cost = req.extensions().get::<TokenCost>().map_or(0, |c| c.0);
                 slot.backend.state().admit_cost(now, cost);
+                Picked::note(&req, &slot.backend);
                 tracing::trace!(
                     group = &*self.shared.name,
                     backend = slot.backend.name(),

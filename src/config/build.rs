@@ -235,6 +235,15 @@ fn retry_layer(
     if let Some(w) = r.max_wait_ms {
         layer = layer.max_wait(ms(w));
     }
+    if let Some(yes) = r.failures {
+        layer = layer.retry_failures(yes);
+    }
+    if let Some(h) = r.hedge_after_ms {
+        if h == 0 {
+            return err(&format!("{path}.hedge_after_ms"), "must be > 0");
+        }
+        layer = layer.hedge(ms(h));
+    }
     for (i, code) in r.on_status_codes.iter().enumerate() {
         let Ok(status) = StatusCode::from_u16(*code) else {
             return err(

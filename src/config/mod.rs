@@ -271,6 +271,12 @@ pub struct RetryConfig {
     pub on_status_codes: Vec<u16>,
     /// The most a request may wait for a backend to become free, in ms (default 10 000).
     pub max_wait_ms: Option<u64>,
+    /// Whether failures (5xx, 408, timeouts, connection errors) are retried on another backend
+    /// (default true).
+    pub failures: Option<bool>,
+    /// Opt-in hedging: with no answer head after this many ms, a second attempt goes to
+    /// another backend; the first good answer wins and the other is cancelled.
+    pub hedge_after_ms: Option<u64>,
 }
 
 /// Per-attempt limits, in milliseconds.

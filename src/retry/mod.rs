@@ -36,7 +36,13 @@
 //! response carries an [`Attempts`] extension; every attempt is a `tracing` span with the
 //! backend, attempt number, outcome and wait.
 //!
-//! The first attempt runs in a concrete future; only a retry moves to a boxed one.
+//! Opt-in **hedging** ([`RetryAfter429Layer::hedge`]): with no answer head after a delay, a
+//! second attempt goes to another backend and the first good answer wins; the other attempt is
+//! cancelled. For tails, not for hung backends: those the silence watch and the pick already
+//! route around by default.
+//!
+//! The first attempt runs in a concrete future; only a retry (or a hedged request) moves to a
+//! boxed one.
 
 pub mod budget;
 
@@ -87,6 +93,7 @@ struct Settings {
     retry_failures: bool,
     backoff_base: Duration,
     backoff_max: Duration,
+    hedge_after: Option<Duration>,
     budget: Arc<RetryBudget>,
     rng: crate::rng::Rng,
 }
@@ -132,6 +139,7 @@ impl RetryAfter429Layer {
                 retry_failures: true,
                 backoff_base: Duration::from_millis(500),
                 backoff_max: Duration::from_secs(8),
+                hedge_after: None,
                 budget: Arc::new(RetryBudget::new(Duration::from_secs(10), 10, 0.2)),
                 rng: crate::rng::Rng::from_entropy(),
             },
@@ -178,6 +186,17 @@ impl RetryAfter429Layer {
     pub fn backoff(mut self, base: Duration, max: Duration) -> Self {
         self.settings.backoff_base = base;
         self.settings.backoff_max = max;
+        self
+    }
+
+    /// Opt-in hedging: when the first attempt has no answer head after `after`, a second
+    /// attempt goes to another backend (as a `Balance` below picks, never the first one's); the
+    /// first good answer (not throttled, not failed) wins and the other attempt is cancelled
+    /// (logged at debug level). A hedge draws on the retry budget, so hedging cannot more than
+    /// add the budget's share of load. Set `after` near the group's p95 time to first byte:
+    /// the slowest 5% of requests then cost two attempts. Hedged requests take the boxed path.
+    pub fn hedge(mut self, after: Duration) -> Self {
+        self.settings.hedge_after = Some(after);
         self
     }
 
@@ -288,6 +307,13 @@ where
             backoffs: 0,
             last_failed: false,
         };
+        if let Some(after) = self.settings.hedge_after {
+            return ResponseFuture {
+                state: RetryState::Retrying {
+                    fut: Box::pin(hedged(ctx, req, after, start)),
+                },
+            };
+        }
         // The first attempt carries no wait budget (inserting one would allocate on every
         // request); a refused request's later attempts do, so their slots get booked.
         ResponseFuture {
@@ -625,6 +651,83 @@ where
         return Err(last_error.unwrap_or_else(|| Exhausted::new(Vec::new(), earliest).into()));
     }
     Err(Exhausted::new(ctx.attempts, earliest).into())
+}
+
+/// True for an answer worth returning: not throttled, not a failure.
+fn good<ResB>(result: &Result<Response<ResB>, BoxError>) -> bool {
+    match result {
+        Ok(res) => {
+            let (_, outcome, _) = answered_by(res);
+            !outcome.is_throttled() && !outcome.is_failure()
+        }
+        Err(_) => false,
+    }
+}
+
+/// The first attempt with a hedge: after `after` without an answer head, a second attempt on
+/// another backend; the first good answer wins. Then the usual loop, if the result asks for it.
+async fn hedged<S, B, ResB>(
+    mut ctx: Ctx<S, B>,
+    mut req: Request<B>,
+    after: Duration,
+    started: Instant,
+) -> Result<Response<ResB>, BoxError>
+where
+    S: Service<Request<B>, Response = Response<ResB>> + Clone,
+    S::Error: Into<BoxError>,
+    B: Clone,
+{
+    let picked = crate::balance::Picked::default();
+    req.extensions_mut().insert(picked.clone());
+    let call = |svc: &S, req: Request<B>| {
+        let fut = svc.clone().oneshot(req);
+        async move { fut.await.map_err(Into::into) }
+    };
+    let mut primary = std::pin::pin!(call(&ctx.inner, req));
+    let result = tokio::select! {
+        r = &mut primary => r,
+        _ = tokio::time::sleep(after) => {
+            if ctx.settings.budget.withdraw() {
+                let mut second = clone_request(&ctx.template);
+                second.extensions_mut().remove::<crate::balance::Picked>();
+                if let Some(name) = picked.0.get() {
+                    second.extensions_mut().insert(crate::balance::Avoid(vec![name.clone()]));
+                    second.extensions_mut().insert(crate::balance::Elsewhere);
+                }
+                tracing::debug!(?after, "no answer yet: hedging on another backend");
+                let mut secondary = std::pin::pin!(call(&ctx.inner, second));
+                let (first, primary_won) = tokio::select! {
+                    r = &mut primary => (r, true),
+                    r = &mut secondary => (r, false),
+                };
+                if good(&first) {
+                    tracing::debug!(primary_won, "hedge race won; the other attempt is cancelled");
+                    first
+                } else {
+                    // The first to finish was no good: the other may still be.
+                    let other = if primary_won { secondary.await } else { primary.await };
+                    let refused = |r: &Result<Response<ResB>, BoxError>| {
+                        matches!(r, Err(e) if crate::error::find::<crate::error::Unavailable>(&**e).is_some())
+                    };
+                    if !refused(&first) && !refused(&other) {
+                        // Both reached a backend: one more attempt than `judge` counts.
+                        ctx.sent += 1;
+                    }
+                    if good(&other) || refused(&first) { other } else { first }
+                }
+            } else {
+                primary.await
+            }
+        }
+    };
+    match judge(&mut ctx, result, started) {
+        Step::Done(r) => r,
+        Step::Retry {
+            last,
+            refused_until,
+            error,
+        } => retry_loop(ctx, last, refused_until, error).await,
+    }
 }
 
 impl<S, B, ResB> Future for ResponseFuture<S, B, ResB>
