@@ -288,6 +288,7 @@ impl Hints {
         // Anthropic: (remaining, reset) per dimension, paired once all are seen.
         let mut anthropic: [(Option<&HeaderValue>, Option<&HeaderValue>); 4] = [(None, None); 4];
         let mut any_anthropic = false;
+        let mut anthropic_limits: (Option<u64>, Option<u64>) = (None, None);
         for (name, value) in headers {
             let n = name.as_str();
             match n {
@@ -317,6 +318,15 @@ impl Hints {
                     if !n.starts_with("anthropic-ratelimit-") {
                         continue;
                     }
+                    // The limits fill what the OpenAI-style headers did not say.
+                    if n == "anthropic-ratelimit-requests-limit" {
+                        anthropic_limits.0 = fewer(anthropic_limits.0, parse_remaining(value));
+                        continue;
+                    }
+                    if n == "anthropic-ratelimit-tokens-limit" {
+                        anthropic_limits.1 = fewer(anthropic_limits.1, parse_remaining(value));
+                        continue;
+                    }
                     for (i, (_, remaining, reset)) in ANTHROPIC.iter().enumerate() {
                         if n == *remaining {
                             anthropic[i].0 = Some(value);
@@ -332,6 +342,8 @@ impl Hints {
         if !any_anthropic {
             return hints;
         }
+        hints.limit_requests = hints.limit_requests.or(anthropic_limits.0);
+        hints.limit_tokens = hints.limit_tokens.or(anthropic_limits.1);
         // Anthropic's family: fill what the OpenAI-style headers did not say.
         for (i, (is_requests, _, _)) in ANTHROPIC.iter().enumerate() {
             let (Some(remaining_value), reset_value) = anthropic[i] else {
@@ -539,6 +551,14 @@ mod tests {
         ]);
         assert_eq!(openai_tokens.token_rate(), Some(2000.0));
         assert_eq!(openai_tokens.burst_tokens(), Some(6000));
+        // Anthropic: RFC 3339 resets (here 10 s after the injected clock) and limits.
+        let anthropic = h(&[
+            ("anthropic-ratelimit-requests-limit", "50"),
+            ("anthropic-ratelimit-requests-remaining", "40"),
+            ("anthropic-ratelimit-requests-reset", "1970-01-01T00:00:10Z"),
+        ]);
+        assert_eq!(anthropic.quota_pace(), Some(Duration::from_secs(1)));
+        assert_eq!(anthropic.burst_credits(), Some(40));
         // Nothing said: nothing inferred.
         assert_eq!(h(&[]).token_rate(), None);
         assert_eq!(h(&[]).quota_pace(), None);
