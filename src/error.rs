@@ -237,3 +237,20 @@ mod tests {
         );
     }
 }
+
+/// A layer built for the chosen backend
+/// ([`EndpointLayer::for_chosen`](crate::endpoint::EndpointLayer::for_chosen),
+/// [`AuthInjectLayer::for_chosen`](crate::auth::AuthInjectLayer::for_chosen)) got a request no
+/// [`BalanceLayer`](crate::balance::BalanceLayer) above it had marked. Nothing was sent.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NoBackendChosen;
+
+impl fmt::Display for NoBackendChosen {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(
+            "no backend chosen for this request: a layer built for the chosen backend needs a BalanceLayer above it",
+        )
+    }
+}
+
+impl std::error::Error for NoBackendChosen {}

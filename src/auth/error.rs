@@ -5,6 +5,8 @@ use std::sync::Arc;
 
 use tokio::time::Instant;
 
+pub use crate::error::NoBackendChosen;
+
 /// No valid token could be had: the source failed and no cached token is still valid.
 ///
 /// Names the source and its reason; never contains a secret.

@@ -89,26 +89,48 @@ pub fn strip_caller_credentials(headers: &mut http::HeaderMap) {
 /// Layer that wraps a service in [`AuthInject`].
 #[derive(Clone, Debug)]
 pub struct AuthInjectLayer {
-    credential: Option<Credential>,
+    credential: Source,
+}
+
+/// Whose credential an [`AuthInject`] injects.
+#[derive(Clone, Debug)]
+enum Source {
+    /// This one (`None`: strip only).
+    Fixed(Option<Credential>),
+    /// The chosen backend's ([`Chosen`](crate::balance::Chosen)).
+    Chosen,
 }
 
 impl AuthInjectLayer {
     /// Injects `credential` into every request.
     pub fn new(credential: Credential) -> Self {
         AuthInjectLayer {
-            credential: Some(credential),
+            credential: Source::Fixed(Some(credential)),
         }
     }
 
     /// Only strips the caller's credentials (for keyless backends such as a local vLLM).
     pub fn strip_only() -> Self {
-        AuthInjectLayer { credential: None }
+        AuthInjectLayer {
+            credential: Source::Fixed(None),
+        }
     }
 
     /// The backend's credential, or strip-only if it has none.
     pub fn for_backend(backend: &crate::Backend) -> Self {
         AuthInjectLayer {
-            credential: backend.credential().cloned(),
+            credential: Source::Fixed(backend.credential().cloned()),
+        }
+    }
+
+    /// The credential of the backend a [`BalanceLayer`](crate::balance::BalanceLayer) above
+    /// chose for each request (strip-only for a backend without one): one `AuthInject` serves
+    /// every backend of the group, and each backend still gets only its own key. A request
+    /// nobody marked is refused with [`error::NoBackendChosen`], without sending: it has no
+    /// key to get, and a caller's is never passed on.
+    pub fn for_chosen() -> Self {
+        AuthInjectLayer {
+            credential: Source::Chosen,
         }
     }
 }
@@ -129,7 +151,7 @@ impl<S> Layer<S> for AuthInjectLayer {
 #[derive(Clone)]
 pub struct AuthInject<S> {
     inner: S,
-    credential: Option<Credential>,
+    credential: Source,
 }
 
 impl<S> AuthInject<S> {
@@ -137,7 +159,7 @@ impl<S> AuthInject<S> {
     pub fn new(inner: S, credential: Credential) -> Self {
         AuthInject {
             inner,
-            credential: Some(credential),
+            credential: Source::Fixed(Some(credential)),
         }
     }
 
@@ -182,7 +204,18 @@ where
     #[inline]
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
         strip_caller_credentials(req.headers_mut());
-        let cache = match &self.credential {
+        let chosen;
+        let credential = match &self.credential {
+            Source::Fixed(c) => c.as_ref(),
+            Source::Chosen => {
+                chosen = match req.extensions().get::<crate::balance::Chosen>() {
+                    Some(c) => c.backend().clone(),
+                    None => return ResponseFuture::failed(error::NoBackendChosen),
+                };
+                chosen.credential()
+            }
+        };
+        let cache = match credential {
             None => return ResponseFuture::direct(self.inner.call(req)),
             Some(Credential(Kind::Header(name, secret))) => {
                 req.headers_mut()
@@ -224,6 +257,7 @@ pin_project! {
         // Boxed: the slow path must not make every request's future larger.
         Token { token: TokenFuture, pending: Option<Box<(S, R)>> },
         Call { #[pin] fut: S::Future },
+        Failed { error: Option<error::NoBackendChosen> },
     }
 }
 
@@ -231,6 +265,12 @@ impl<S: Service<R>, R> ResponseFuture<S, R> {
     fn direct(fut: S::Future) -> Self {
         ResponseFuture {
             state: State::Call { fut },
+        }
+    }
+
+    fn failed(error: error::NoBackendChosen) -> Self {
+        ResponseFuture {
+            state: State::Failed { error: Some(error) },
         }
     }
 }
@@ -248,6 +288,11 @@ where
         loop {
             match this.state.as_mut().project() {
                 StateProj::Call { fut } => return fut.poll(cx).map_err(Into::into),
+                StateProj::Failed { error } => {
+                    return Poll::Ready(Err(error
+                        .take()
+                        .map_or_else(|| "polled after completion".into(), Into::into)));
+                }
                 StateProj::Token { token, pending } => {
                     let value = ready!(token.as_mut().poll(cx))?;
                     let Some(pending) = pending.take() else {

@@ -330,21 +330,12 @@ impl<S> BalanceBuilder<S> {
         if let Some(e) = self.error {
             return Err(error::InvalidBalance(format!("{}: {e}", self.name)));
         }
-        if self.slots.is_empty() {
-            return Err(error::InvalidBalance(format!("{}: no backends", self.name)));
-        }
-        for (i, a) in self.slots.iter().enumerate() {
-            if self.slots[..i]
-                .iter()
-                .any(|b| b.backend.name() == a.backend.name())
-            {
-                return Err(error::InvalidBalance(format!(
-                    "{}: backend name {:?} used twice",
-                    self.name,
-                    a.backend.name()
-                )));
-            }
-        }
+        check(&self.name, self.slots.iter().map(|s| &s.backend))?;
+        Ok(self.assemble())
+    }
+
+    /// Builds a group that [`check`] accepted.
+    fn assemble(self) -> Balance<S> {
         let mut priorities: Vec<u32> = self.slots.iter().map(|s| s.backend.priority()).collect();
         priorities.sort_unstable();
         priorities.dedup();
@@ -365,7 +356,7 @@ impl<S> BalanceBuilder<S> {
                 state: s.backend.state().clone(),
             })
             .collect();
-        Ok(Balance {
+        Balance {
             shared: Arc::new(Shared {
                 name: self.name.into(),
                 slots: self.slots.into_boxed_slice(),
@@ -376,7 +367,169 @@ impl<S> BalanceBuilder<S> {
                 cursors,
                 probe_poll: std::time::Duration::from_millis(25),
             }),
+        }
+    }
+}
+
+/// A group can be built: at least one backend, unique names.
+fn check<'a>(
+    group: &str,
+    backends: impl Iterator<Item = &'a Backend>,
+) -> Result<(), error::InvalidBalance> {
+    let mut seen: Vec<&str> = Vec::new();
+    for b in backends {
+        if seen.contains(&b.name()) {
+            return Err(error::InvalidBalance(format!(
+                "{group}: backend name {:?} used twice",
+                b.name()
+            )));
+        }
+        seen.push(b.name());
+    }
+    if seen.is_empty() {
+        return Err(error::InvalidBalance(format!("{group}: no backends")));
+    }
+    Ok(())
+}
+
+/// A request extension: the backend a [`Balance`] built by [`BalanceLayer`] chose for this
+/// attempt. The layers below it that act for one backend read it when they were built for the
+/// chosen backend ([`EndpointLayer::for_chosen`](crate::endpoint::EndpointLayer::for_chosen),
+/// [`AuthInjectLayer::for_chosen`](crate::auth::AuthInjectLayer::for_chosen)), so one client and
+/// one set of layers serve every backend.
+#[derive(Clone, Debug)]
+pub struct Chosen(pub(crate) Backend);
+
+impl Chosen {
+    /// The chosen backend.
+    pub fn backend(&self) -> &Backend {
+        &self.0
+    }
+}
+
+/// `Balance` as a [`Layer`](tower_layer::Layer): picks one of `backends` for each request,
+/// marks the request with it ([`Chosen`]) and calls the one inner service, so the per-backend
+/// layers below act for the chosen backend over one client (one connection pool):
+///
+/// ```
+/// use tower::{ServiceBuilder, ServiceExt};
+/// use tower_llm_lb::{Backend, auth::{AuthInjectLayer, Credential}, balance::BalanceLayer,
+///                    body::ReplayBody, client::http_client, endpoint::{EndpointLayer, Served},
+///                    retry::RetryAfter429Layer};
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), tower_llm_lb::BoxError> {
+/// # let east_mock = tower_llm_lb::mock::MockServer::builder().api_key("k-east").start().await?;
+/// # let west_mock = tower_llm_lb::mock::MockServer::builder().api_key("k-west").start().await?;
+/// let backend = |name: &str, url: String, key: &str| -> Result<Backend, tower_llm_lb::BoxError> {
+///     let b = Backend::azure(name, url, "gpt-4o", "2024-10-21");
+///     Ok(b.credential(Credential::api_key(key)?).build()?)
+/// };
+/// let backends = [
+///     backend("east", east_mock.url(), "k-east")?,
+///     backend("west", west_mock.url(), "k-west")?,
+/// ];
+/// let svc = ServiceBuilder::new()
+///     .layer(RetryAfter429Layer::new())
+///     .layer(BalanceLayer::try_new(backends)?)
+///     .layer(EndpointLayer::for_chosen())
+///     .layer(AuthInjectLayer::for_chosen())
+///     .service(http_client::<ReplayBody>());
+/// let req = http::Request::post("/v1/chat/completions")
+///     .body(ReplayBody::from(r#"{"messages":[{"role":"user","content":"hi"}]}"#))?;
+/// let res = svc.oneshot(req).await?;
+/// assert_eq!(res.status(), 200);
+/// let served = res.extensions().get::<Served>().unwrap();
+/// assert!(["east", "west"].contains(&served.backend.name()));
+/// # Ok(()) }
+/// ```
+///
+/// The closure form ([`Balance::from_backends`]) stays for a different inner service per
+/// backend. A circuit breaker has no chosen-backend form yet: use the closure form (or
+/// [`stack::group`](crate::stack::group)) where one is wanted.
+#[derive(Clone, Debug)]
+pub struct BalanceLayer {
+    name: String,
+    backends: Arc<[Backend]>,
+    strategy: Strategy,
+    rng: Option<Rng>,
+}
+
+impl BalanceLayer {
+    /// A group over `backends`: at least one, with unique names.
+    pub fn try_new(
+        backends: impl IntoIterator<Item = Backend>,
+    ) -> Result<Self, error::InvalidBalance> {
+        let backends: Arc<[Backend]> = backends.into_iter().collect();
+        check("balance", backends.iter())?;
+        Ok(BalanceLayer {
+            name: "balance".into(),
+            backends,
+            strategy: Strategy::default(),
+            rng: None,
         })
+    }
+
+    /// Names the group (in errors and logs).
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
+    }
+
+    /// Sets the pick strategy within a tier.
+    pub fn strategy(mut self, strategy: Strategy) -> Self {
+        self.strategy = strategy;
+        self
+    }
+
+    /// Sets the random source (seed it for repeatable picks).
+    pub fn rng(mut self, rng: Rng) -> Self {
+        self.rng = Some(rng);
+        self
+    }
+}
+
+impl<S: Clone> tower_layer::Layer<S> for BalanceLayer {
+    type Service = Balance<Mark<S>>;
+
+    fn layer(&self, inner: S) -> Balance<Mark<S>> {
+        let mut builder = Balance::from_backends(self.backends.iter().cloned(), |b| Mark {
+            chosen: Chosen(b.clone()),
+            inner: inner.clone(),
+        })
+        .name(self.name.clone())
+        .strategy(self.strategy);
+        if let Some(rng) = &self.rng {
+            builder = builder.rng(rng.clone());
+        }
+        // `try_new` checked the backends.
+        builder.assemble()
+    }
+}
+
+/// The inner service of a [`BalanceLayer`]'s group, for one backend: marks each request with
+/// it ([`Chosen`]) and calls the shared inner service.
+#[derive(Clone, Debug)]
+pub struct Mark<S> {
+    chosen: Chosen,
+    inner: S,
+}
+
+impl<S, B> Service<http::Request<B>> for Mark<S>
+where
+    S: Service<http::Request<B>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    #[inline]
+    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
+        req.extensions_mut().insert(self.chosen.clone());
+        self.inner.call(req)
     }
 }
 

@@ -17,6 +17,7 @@
 //! | connection broke after it was made | [`Outcome::Transport`] |
 //! | a timer of ours fired | [`Outcome::Timeout`] |
 //! | a layer of ours refused without sending (nothing available, no token) | [`Outcome::Unavailable`] |
+//! | a path that cannot be mapped onto the backend (400), a stack without the `BalanceLayer` its chosen-backend layers need (500) | [`Outcome::ClientError`]: nothing was sent, never retried |
 //!
 //! Replace the policy by implementing [`Classify`], in the spirit of tower's retry `Policy`.
 
@@ -213,6 +214,17 @@ pub fn classify_error_chain(error: &(dyn StdError + 'static)) -> Outcome {
         }
         if e.is::<crate::auth::error::TokenUnavailable>() {
             return Outcome::Unavailable { retry_at: None };
+        }
+        // Nothing was sent, and sending again would not change it: never retried.
+        if e.is::<crate::endpoint::error::InvalidTarget>() {
+            return Outcome::ClientError {
+                status: StatusCode::BAD_REQUEST,
+            };
+        }
+        if e.is::<crate::error::NoBackendChosen>() {
+            return Outcome::ClientError {
+                status: StatusCode::INTERNAL_SERVER_ERROR,
+            };
         }
         if e.is::<crate::timeout::error::Elapsed>()
             || e.is::<tokio::time::error::Elapsed>()

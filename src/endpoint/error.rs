@@ -31,3 +31,5 @@ impl fmt::Display for InvalidTarget {
 }
 
 impl std::error::Error for InvalidTarget {}
+
+pub use crate::error::NoBackendChosen;

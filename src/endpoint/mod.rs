@@ -124,10 +124,11 @@ pub(crate) struct Settings {
     pub(crate) hold_stream_start: Option<usize>,
 }
 
-/// Layer that wraps a service in [`Endpoint`] for one backend.
+/// Layer that wraps a service in [`Endpoint`] for one backend, or for whichever backend a
+/// [`BalanceLayer`](crate::balance::BalanceLayer) above chose ([`EndpointLayer::for_chosen`]).
 #[derive(Clone)]
 pub struct EndpointLayer {
-    backend: Backend,
+    backend: Option<Backend>,
     settings: Arc<Settings>,
 }
 
@@ -136,6 +137,18 @@ impl EndpointLayer {
     /// hints capped at 300 s, no-hint backoff from 1 s doubling to 60 s, quota-exhausted cooldown
     /// 10 minutes, error bodies read up to 16 KiB.
     pub fn new(backend: Backend) -> Self {
+        Self::with_backend(Some(backend))
+    }
+
+    /// Like [`EndpointLayer::new`], for the backend a [`BalanceLayer`](crate::balance::BalanceLayer)
+    /// above chose for each request (its [`Chosen`](crate::balance::Chosen) mark): one
+    /// `Endpoint` and one client serve every backend of the group. A request nobody marked is
+    /// refused with [`error::NoBackendChosen`], without sending.
+    pub fn for_chosen() -> Self {
+        Self::with_backend(None)
+    }
+
+    fn with_backend(backend: Option<Backend>) -> Self {
         EndpointLayer {
             backend,
             settings: Arc::new(Settings {
@@ -209,14 +222,14 @@ impl EndpointLayer {
     /// The same settings for another backend.
     pub fn for_backend(&self, backend: Backend) -> Self {
         EndpointLayer {
-            backend,
+            backend: Some(backend),
             settings: self.settings.clone(),
         }
     }
 
-    /// The backend.
-    pub fn backend(&self) -> &Backend {
-        &self.backend
+    /// The backend (`None`: the chosen one of each request).
+    pub fn backend(&self) -> Option<&Backend> {
+        self.backend.as_ref()
     }
 }
 
@@ -245,7 +258,7 @@ impl<S> Layer<S> for EndpointLayer {
 #[derive(Clone)]
 pub struct Endpoint<S> {
     inner: S,
-    backend: Backend,
+    backend: Option<Backend>,
     settings: Arc<Settings>,
 }
 
@@ -255,9 +268,9 @@ impl<S> Endpoint<S> {
         EndpointLayer::new(backend).layer(inner)
     }
 
-    /// The backend.
-    pub fn backend(&self) -> &Backend {
-        &self.backend
+    /// The backend (`None`: the chosen one of each request).
+    pub fn backend(&self) -> Option<&Backend> {
+        self.backend.as_ref()
     }
 
     /// The inner service.
@@ -360,24 +373,35 @@ where
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx).map_err(|e| {
             let e = e.into();
+            let Some(backend) = &self.backend else {
+                // Shared by every backend: no one backend to blame.
+                return e;
+            };
             let outcome = self.settings.classify.classify_error(&*e);
-            self.backend.state().record_outcome(&outcome);
-            BackendError::new(self.backend.name_arc().clone(), outcome, e).into()
+            backend.state().record_outcome(&outcome);
+            BackendError::new(backend.name_arc().clone(), outcome, e).into()
         })
     }
 
     #[inline]
     fn call(&mut self, mut req: Request<ReqB>) -> Self::Future {
+        let backend = match &self.backend {
+            Some(b) => b.clone(),
+            None => match req.extensions().get::<crate::balance::Chosen>() {
+                Some(c) => c.backend().clone(),
+                None => return ResponseFuture::failed(error::NoBackendChosen.into()),
+            },
+        };
         let end_marker = end_marker(req.uri().path());
-        if let Err(e) = route(&self.backend, &mut req) {
+        if let Err(e) = route(&backend, &mut req) {
             return ResponseFuture::failed(e.into());
         }
         let start = Instant::now();
-        let state = self.backend.state();
+        let state = backend.state();
         let record = Record {
             guard: state.start_request(),
             awaiting: Some(state.await_head(start)),
-            backend: self.backend.clone(),
+            backend: backend.clone(),
             settings: self.settings.clone(),
             start,
             end_marker,
