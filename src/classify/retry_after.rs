@@ -25,6 +25,12 @@ use http::{HeaderMap, HeaderValue};
 /// The default upper bound for any server hint: 300 s, as Envoy caps `retry-after`.
 pub const DEFAULT_MAX_HINT: Duration = Duration::from_secs(300);
 
+/// The longest wait a hint the stack passes on to a caller asks for: openai-python honours a
+/// hint only up to 120 s (Anthropic's SDK 60 s) and otherwise does not retry at all. A backend
+/// may announce longer; it is then left alone that long (up to [`DEFAULT_MAX_HINT`]) while the
+/// request moves on.
+pub const MAX_PASSED_HINT: Duration = Duration::from_secs(120);
+
 /// The window of a quota limit sent without a reset (`x-ratelimit-limit-*` is per minute).
 const PER_MINUTE: Duration = Duration::from_secs(60);
 
@@ -108,8 +114,10 @@ fn parse_decimal(s: &str) -> Option<f64> {
 }
 
 /// Parses `retry-after-ms` / `x-ms-retry-after-ms`: a (possibly fractional) number of milliseconds.
+///
+/// A negative value is no hint (the next header form is read instead).
 pub fn parse_millis(value: &HeaderValue, cap: Duration) -> Option<Duration> {
-    let ms = parse_decimal(as_trimmed_str(value)?)?;
+    let ms = parse_decimal(as_trimmed_str(value)?).filter(|ms| *ms >= 0.0)?;
     seconds_to_duration(ms / 1000.0, cap)
 }
 
@@ -127,10 +135,16 @@ fn retry_after_with(
 ) -> Option<Duration> {
     let s = as_trimmed_str(value)?;
     if let Some(secs) = parse_decimal(s) {
-        return seconds_to_duration(secs, cap);
+        // A negative number of seconds is no hint.
+        return seconds_to_duration(secs, cap).filter(|_| secs >= 0.0);
     }
     let at = httpdate::parse_http_date(s).ok()?;
     Some(until(at, now()).min(cap))
+}
+
+/// True when a `retry-after` value is an HTTP-date rather than a number.
+fn is_date(value: &HeaderValue) -> bool {
+    as_trimmed_str(value).is_some_and(|s| parse_decimal(s).is_none())
 }
 
 /// Parses an RFC 3339 timestamp (Anthropic's `anthropic-ratelimit-*-reset`) into the time left
@@ -212,7 +226,10 @@ pub fn parse_remaining(value: &HeaderValue) -> Option<u64> {
 
 /// Tells a caller to wait `wait`: sets `retry-after` (whole seconds, rounded up) and
 /// `retry-after-ms`, and removes `x-ms-retry-after-ms` so no stale hint contradicts them.
+///
+/// Clamped to [`MAX_PASSED_HINT`]: the official SDKs do not wait on a longer hint at all.
 pub fn set_retry_after(headers: &mut HeaderMap, wait: Duration) {
+    let wait = wait.min(MAX_PASSED_HINT);
     let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
     headers.insert(http::header::RETRY_AFTER, HeaderValue::from(secs));
     headers.insert("retry-after-ms", HeaderValue::from(wait.as_millis() as u64));
@@ -288,13 +305,19 @@ impl Hints {
         // Anthropic: (remaining, reset) per dimension, paired once all are seen.
         let mut anthropic: [(Option<&HeaderValue>, Option<&HeaderValue>); 4] = [(None, None); 4];
         let mut any_anthropic = false;
+        // An HTTP-date `retry-after` is read against the answer's own `Date` when it has one
+        // (servers' clocks drift from ours); after the pass, as the two may come in any order.
+        let mut dated_retry_after = false;
+        let mut date: Option<&HeaderValue> = None;
         let mut anthropic_limits: (Option<u64>, Option<u64>) = (None, None);
         for (name, value) in headers {
             let n = name.as_str();
             match n {
                 "retry-after-ms" => ms = longer(ms, parse_millis(value, cap)),
                 "x-ms-retry-after-ms" => x_ms = longer(x_ms, parse_millis(value, cap)),
+                "retry-after" if is_date(value) => dated_retry_after = true,
                 "retry-after" => ra = longer(ra, retry_after_with(value, &now, cap)),
+                "date" => date = Some(value),
                 "x-ratelimit-reset-requests" => {
                     hints.reset_requests = longer(hints.reset_requests, parse_reset(value, cap))
                 }
@@ -335,6 +358,20 @@ impl Hints {
                             anthropic[i].1 = Some(value);
                         }
                     }
+                }
+            }
+        }
+        if dated_retry_after {
+            let server_now = date
+                .and_then(as_trimmed_str)
+                .and_then(|d| httpdate::parse_http_date(d).ok());
+            for value in headers.get_all(http::header::RETRY_AFTER) {
+                if is_date(value) {
+                    let hint = match server_now {
+                        Some(at) => retry_after_with(value, || at, cap),
+                        None => retry_after_with(value, &now, cap),
+                    };
+                    ra = longer(ra, hint);
                 }
             }
         }
@@ -582,8 +619,23 @@ mod tests {
             Some(Duration::from_millis(250))
         );
         assert_eq!(parse_millis(&hv("0"), CAP), Some(Duration::ZERO));
-        assert_eq!(parse_millis(&hv("-40"), CAP), Some(Duration::ZERO));
+        assert_eq!(
+            parse_millis(&hv("-40"), CAP),
+            None,
+            "negative: no hint, the next form is read"
+        );
         assert_eq!(parse_millis(&hv("99999999999"), CAP), Some(CAP));
+    }
+
+    #[test]
+    fn a_hint_passed_on_is_clamped_to_120_s() {
+        let mut h = HeaderMap::new();
+        set_retry_after(&mut h, Duration::from_secs(86_400));
+        assert_eq!(h["retry-after"], "120");
+        assert_eq!(h["retry-after-ms"], "120000");
+        set_retry_after(&mut h, Duration::from_millis(1500));
+        assert_eq!(h["retry-after"], "2", "whole seconds, rounded up");
+        assert_eq!(h["retry-after-ms"], "1500");
     }
 
     #[test]
@@ -613,7 +665,11 @@ mod tests {
             Some(Duration::from_millis(1500))
         );
         assert_eq!(parse_retry_after(&hv("0"), now, CAP), Some(Duration::ZERO));
-        assert_eq!(parse_retry_after(&hv("-3"), now, CAP), Some(Duration::ZERO));
+        assert_eq!(
+            parse_retry_after(&hv("-3"), now, CAP),
+            None,
+            "negative: no hint"
+        );
         assert_eq!(parse_retry_after(&hv("86400"), now, CAP), Some(CAP));
         assert_eq!(
             parse_retry_after(&hv("18446744073709551616"), now, CAP),

@@ -410,6 +410,10 @@ where
     }
 }
 
+/// The first backoff after a throttled answer whose hint says "now" (`retry-after: 0`, a date
+/// in the past): short, as the server asked for little, but never none.
+const NOW_BACKOFF: Duration = Duration::from_millis(100);
+
 /// What an in-flight attempt needs to record its outcome.
 pub(crate) struct Record {
     guard: crate::state::InFlight,
@@ -531,7 +535,15 @@ impl Record {
             }
             Outcome::Throttled { retry_after } => {
                 let streak = state.note_throttled();
-                let wait = retry_after.unwrap_or_else(|| self.backoff(streak));
+                let wait = match retry_after {
+                    // A hint that says "now" (0, a date past): still a short jittered backoff,
+                    // never a resend with no gap.
+                    Some(w) if w < Duration::from_millis(1) => {
+                        self.backoff_from(NOW_BACKOFF, streak)
+                    }
+                    Some(w) => w,
+                    None => self.backoff(streak),
+                };
                 state.throttle_until(now + wait);
                 if hints.remaining_requests.is_none() {
                     // No quota hints: the rate the backend let through since its last 429 is
@@ -592,10 +604,13 @@ impl Record {
 
     /// `base * 2^(streak-1)` capped, less up to 25% jitter.
     fn backoff(&self, streak: u32) -> Duration {
+        self.backoff_from(self.settings.backoff_base, streak)
+    }
+
+    /// `base * 2^(streak-1)` capped at the backoff's max, less up to 25% jitter.
+    fn backoff_from(&self, base: Duration, streak: u32) -> Duration {
         let s = &self.settings;
-        let exp = s
-            .backoff_base
-            .saturating_mul(2u32.saturating_pow(streak.saturating_sub(1).min(20)));
+        let exp = base.saturating_mul(2u32.saturating_pow(streak.saturating_sub(1).min(20)));
         let capped = exp.min(s.backoff_max);
         capped.mul_f64(1.0 - 0.25 * s.rng.next_f64())
     }

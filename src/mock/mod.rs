@@ -72,6 +72,9 @@ pub enum Fault {
     /// Streamed answers are a 200 whose first event is an in-band `overloaded_error` (as
     /// Anthropic sends), then the stream ends; plain answers are unaffected.
     StreamError,
+    /// Answer 429 with these headers as they are (hostile or odd wait hints: `retry-after: 0`,
+    /// `-1`, a date in the past or in year 9999, `retry-after-ms: -5`, a `date` far off).
+    Throttle(Vec<(String, String)>),
 }
 
 /// The credential a [`MockServer`] requires.
@@ -845,6 +848,22 @@ async fn answer(
         Some(Fault::Hang) => std::future::pending::<()>().await,
         Some(Fault::Reset) => return None,
         Some(Fault::Slow(d)) => tokio::time::sleep(*d).await,
+        Some(Fault::Throttle(headers)) => {
+            let mut res = error_json(
+                StatusCode::TOO_MANY_REQUESTS,
+                "429",
+                "Rate limit reached. Please retry after the time in the retry-after header.",
+            );
+            for (k, v) in headers {
+                if let (Ok(k), Ok(v)) = (
+                    http::HeaderName::try_from(k.as_str()),
+                    HeaderValue::from_str(v),
+                ) {
+                    res.headers_mut().append(k, v);
+                }
+            }
+            return Some(res);
+        }
         Some(Fault::QuotaExhausted) => {
             return Some(error_json(
                 StatusCode::TOO_MANY_REQUESTS,
