@@ -8,11 +8,13 @@ use tower::{ServiceBuilder, ServiceExt};
 use tower_llm_lb::auth::{AuthInjectLayer, Credential};
 use tower_llm_lb::balance::BalanceLayer;
 use tower_llm_lb::body::ReplayBody;
+use tower_llm_lb::circuit_breaker::{BreakerGroup, Policy};
 use tower_llm_lb::client::http_client;
 use tower_llm_lb::endpoint::{EndpointLayer, Served};
 use tower_llm_lb::error::NoBackendChosen;
-use tower_llm_lb::mock::MockServer;
+use tower_llm_lb::mock::{Fault, MockServer};
 use tower_llm_lb::retry::RetryAfter429Layer;
+use tower_llm_lb::state::Circuit;
 use tower_llm_lb::{Backend, Outcome};
 
 async fn mock(name: &str, rps: f64) -> MockServer {
@@ -101,5 +103,55 @@ async fn a_chosen_backend_layer_without_a_balance_layer_refuses_without_sending(
         Outcome::ClientError {
             status: http::StatusCode::INTERNAL_SERVER_ERROR
         }
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_flat_stack_s_breaker_opens_the_failing_backend_s_circuit_only() {
+    let mocks = [mock("bad", 50.0).await, mock("good", 50.0).await];
+    mocks[0].set_fault(Some(Fault::Status(500)));
+    let backends: Vec<Backend> = ["bad", "good"]
+        .iter()
+        .zip(&mocks)
+        .map(|(n, m)| backend(n, m))
+        .collect();
+    let breakers = BreakerGroup::try_new(Policy::default()).unwrap();
+    let svc = ServiceBuilder::new()
+        .layer(RetryAfter429Layer::new())
+        // Round robin, so the failing backend keeps being chosen until its circuit opens.
+        .layer(
+            BalanceLayer::try_new(backends.clone())
+                .unwrap()
+                .strategy(tower_llm_lb::balance::Strategy::RoundRobin),
+        )
+        .layer(breakers.layer_for_chosen(&backends))
+        .layer(EndpointLayer::for_chosen())
+        .layer(AuthInjectLayer::for_chosen())
+        .service(http_client::<ReplayBody>());
+    for _ in 0..30 {
+        let res = svc.clone().oneshot(chat("{}")).await.unwrap();
+        assert_eq!(
+            res.status(),
+            200,
+            "failures are retried on the good backend"
+        );
+    }
+    assert!(matches!(
+        backends[0].state().circuit(),
+        Circuit::Open { .. }
+    ));
+    assert_eq!(backends[1].state().circuit(), Circuit::Closed);
+    assert!(mocks[0].counters().requests <= 6, "5 to trip, then none");
+    // A breaker built for other backends refuses a request for one it does not know.
+    let stranger = backend("stranger", &mocks[1]);
+    let svc = ServiceBuilder::new()
+        .layer(BalanceLayer::try_new([stranger]).unwrap())
+        .layer(breakers.layer_for_chosen(&backends))
+        .layer(EndpointLayer::for_chosen())
+        .service(http_client::<ReplayBody>());
+    let err = svc.oneshot(chat("{}")).await.unwrap_err();
+    assert!(
+        tower_llm_lb::error::find::<NoBackendChosen>(&*err).is_some(),
+        "{err}"
     );
 }

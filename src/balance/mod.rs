@@ -443,9 +443,9 @@ impl Chosen {
 /// # Ok(()) }
 /// ```
 ///
-/// The closure form ([`Balance::from_backends`]) stays for a different inner service per
-/// backend. A circuit breaker has no chosen-backend form yet: use the closure form (or
-/// [`stack::group`](crate::stack::group)) where one is wanted.
+/// [`BreakerGroup::layer_for_chosen`](crate::circuit_breaker::BreakerGroup::layer_for_chosen)
+/// is the breaker of this shape. The closure form ([`Balance::from_backends`]) stays for a
+/// different inner service per backend.
 #[derive(Clone, Debug)]
 pub struct BalanceLayer {
     name: String,

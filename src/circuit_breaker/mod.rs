@@ -220,6 +220,32 @@ impl BreakerGroup {
     /// share it (a different policy is ignored with a warning). An open circuit takes an
     /// ejection slot in the group whose answer opened it.
     pub fn layer_for(&self, backend: &Backend) -> CircuitBreakerLayer {
+        CircuitBreakerLayer {
+            target: Target::One(self.shared_for(backend)),
+        }
+    }
+
+    /// One breaker layer for every backend of `backends`, acting for the one a
+    /// [`BalanceLayer`](crate::balance::BalanceLayer) above chose for each request (its
+    /// [`Chosen`](crate::balance::Chosen) mark): the flat stack's breaker, over one client. Each
+    /// backend keeps its own circuit (the same one `layer_for` would give it). A request for a
+    /// backend it was not built for, or that nobody marked, is refused with
+    /// [`NoBackendChosen`](crate::error::NoBackendChosen), without sending.
+    pub fn layer_for_chosen<'a>(
+        &self,
+        backends: impl IntoIterator<Item = &'a Backend>,
+    ) -> CircuitBreakerLayer {
+        let map = backends
+            .into_iter()
+            .map(|b| (b.name_arc().clone(), self.shared_for(b)))
+            .collect();
+        CircuitBreakerLayer {
+            target: Target::Chosen(Arc::new(map)),
+        }
+    }
+
+    /// The breaker of `backend` in this group, counted as a member of it.
+    fn shared_for(&self, backend: &Backend) -> Arc<Shared> {
         self.ejections.members.fetch_add(1, AcqRel);
         let make = || Core::new(self.policy.clone());
         let core = backend
@@ -232,14 +258,49 @@ impl BreakerGroup {
                 "backend is in groups with different breaker policies: the first one applies"
             );
         }
-        CircuitBreakerLayer {
-            shared: Arc::new(Shared {
-                backend: backend.clone(),
-                core,
-                ejections: self.ejections.clone(),
-                rng: self.rng.clone(),
-                probe_task: Mutex::new(None),
-            }),
+        Arc::new(Shared {
+            backend: backend.clone(),
+            core,
+            ejections: self.ejections.clone(),
+            rng: self.rng.clone(),
+            probe_task: Mutex::new(None),
+        })
+    }
+}
+
+/// Whose breaker a [`CircuitBreaker`] is.
+#[derive(Clone)]
+enum Target {
+    /// One backend's.
+    One(Arc<Shared>),
+    /// Each request's chosen backend's, by name.
+    Chosen(Arc<std::collections::HashMap<Arc<str>, Arc<Shared>>>),
+}
+
+impl Target {
+    fn for_request<B>(&self, req: &Request<B>) -> Option<&Arc<Shared>> {
+        match self {
+            Target::One(s) => Some(s),
+            Target::Chosen(map) => req
+                .extensions()
+                .get::<crate::balance::Chosen>()
+                .and_then(|c| map.get(c.backend().name())),
+        }
+    }
+
+    fn one(&self) -> Option<&Arc<Shared>> {
+        match self {
+            Target::One(s) => Some(s),
+            Target::Chosen(_) => None,
+        }
+    }
+}
+
+impl fmt::Debug for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Target::One(s) => f.write_str(s.backend.name()),
+            Target::Chosen(map) => write!(f, "the chosen one of {} backends", map.len()),
         }
     }
 }
@@ -382,13 +443,13 @@ impl Shared {
 /// [`BreakerGroup::layer_for`].
 #[derive(Clone)]
 pub struct CircuitBreakerLayer {
-    shared: Arc<Shared>,
+    target: Target,
 }
 
 impl fmt::Debug for CircuitBreakerLayer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("CircuitBreakerLayer")
-            .field("backend", &self.shared.backend.name())
+            .field("backend", &self.target)
             .finish()
     }
 }
@@ -399,7 +460,7 @@ impl<S> Layer<S> for CircuitBreakerLayer {
     fn layer(&self, inner: S) -> CircuitBreaker<S> {
         CircuitBreaker {
             inner,
-            shared: self.shared.clone(),
+            target: self.target.clone(),
         }
     }
 }
@@ -408,18 +469,23 @@ impl<S> Layer<S> for CircuitBreakerLayer {
 #[derive(Clone)]
 pub struct CircuitBreaker<S> {
     inner: S,
-    shared: Arc<Shared>,
+    target: Target,
 }
 
 impl<S> CircuitBreaker<S> {
-    /// The backend's circuit now.
+    /// The backend's circuit now (a chosen-backend breaker, which has one circuit per backend,
+    /// says `Closed`: read each backend's [`BackendState::circuit`](crate::BackendState::circuit)).
     pub fn circuit(&self) -> Circuit {
-        self.shared.backend.state().circuit()
+        self.target
+            .one()
+            .map_or(Circuit::Closed, |s| s.backend.state().circuit())
     }
 
-    /// Consecutive trips without a recovery.
+    /// Consecutive trips without a recovery (0 for a chosen-backend breaker).
     pub fn trips(&self) -> u32 {
-        self.shared.with_machine(|m| m.trips())
+        self.target
+            .one()
+            .map_or(0, |s| s.with_machine(|m| m.trips()))
     }
 
     /// The inner service.
@@ -441,7 +507,7 @@ impl<S> CircuitBreaker<S> {
 impl<S: fmt::Debug> fmt::Debug for CircuitBreaker<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("CircuitBreaker")
-            .field("backend", &self.shared.backend.name())
+            .field("backend", &self.target)
             .field("circuit", &self.circuit())
             .field("inner", &self.inner)
             .finish()
@@ -470,38 +536,46 @@ where
 
     #[inline]
     fn call(&mut self, req: Request<ReqB>) -> Self::Future {
+        let Some(shared) = self.target.for_request(&req).cloned() else {
+            return ResponseFuture::rejected(crate::error::NoBackendChosen.into());
+        };
         // A closed circuit admits without the clock; the start time is only needed to spot
         // slow calls.
-        if self.shared.backend.state().circuit() == Circuit::Closed {
-            let start = self.shared.core.policy.slow_call.map(|_| Instant::now());
-            return ResponseFuture::call(self.inner.call(req), &self.shared, false, start);
+        if shared.backend.state().circuit() == Circuit::Closed {
+            let start = shared.core.policy.slow_call.map(|_| Instant::now());
+            return ResponseFuture::call(self.inner.call(req), shared, false, start);
         }
         let now = Instant::now();
-        let probe = match self.shared.admit(now) {
+        let probe = match shared.admit(now) {
             Admit::Yes => false,
             Admit::Probe => true,
             Admit::No(until) => {
-                return ResponseFuture {
-                    state: BreakerState::Rejected {
-                        error: Some(error::Open {
-                            backend: self.shared.backend.name_arc().clone(),
-                            until,
-                        }),
-                    },
-                    guard: None,
-                };
+                return ResponseFuture::rejected(
+                    error::Open {
+                        backend: shared.backend.name_arc().clone(),
+                        until,
+                    }
+                    .into(),
+                );
             }
         };
-        ResponseFuture::call(self.inner.call(req), &self.shared, probe, Some(now))
+        ResponseFuture::call(self.inner.call(req), shared, probe, Some(now))
     }
 }
 
 impl<F> ResponseFuture<F> {
-    fn call(fut: F, shared: &Arc<Shared>, probe: bool, start: Option<Instant>) -> Self {
+    fn rejected(error: BoxError) -> Self {
+        ResponseFuture {
+            state: BreakerState::Rejected { error: Some(error) },
+            guard: None,
+        }
+    }
+
+    fn call(fut: F, shared: Arc<Shared>, probe: bool, start: Option<Instant>) -> Self {
         ResponseFuture {
             state: BreakerState::Call { fut },
             guard: Some(Guard {
-                shared: shared.clone(),
+                shared,
                 probe,
                 start,
                 done: false,
@@ -540,7 +614,8 @@ pin_project! {
     #[project = BreakerProj]
     enum BreakerState<F> {
         Call { #[pin] fut: F },
-        Rejected { error: Option<error::Open> },
+        // Boxed: refusals are the rare path.
+        Rejected { error: Option<BoxError> },
     }
 }
 
@@ -557,7 +632,7 @@ where
         match this.state.project() {
             BreakerProj::Rejected { error } => Poll::Ready(Err(error
                 .take()
-                .map_or_else(|| "polled after completion".into(), Into::into))),
+                .unwrap_or_else(|| "polled after completion".into()))),
             BreakerProj::Call { fut } => {
                 let result = ready!(fut.poll(cx)).map_err(Into::into);
                 if let Some(mut g) = this.guard.take() {
@@ -620,14 +695,15 @@ where
             .path
             .parse()
             .map_err(|_| ProbeNotStarted("path is not a valid request path"))?;
-        let weak: Weak<Shared> = Arc::downgrade(&self.shared);
+        let Some(shared) = self.target.one() else {
+            return Err(ProbeNotStarted(
+                "a chosen-backend breaker has no one backend to probe: use BreakerGroup::layer_for",
+            ));
+        };
+        let weak: Weak<Shared> = Arc::downgrade(shared);
         let inner = self.inner.clone();
         let task = handle.spawn(probe_loop(weak, inner, uri, probe.interval, probe.timeout));
-        let mut slot = self
-            .shared
-            .probe_task
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut slot = shared.probe_task.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(old) = slot.replace(task.abort_handle()) {
             old.abort();
         }
