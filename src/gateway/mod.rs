@@ -268,6 +268,27 @@ fn into_axum(res: http::Response<LlmBody>) -> Response {
     Response::from_parts(parts, body)
 }
 
+/// The answer the gateway gives for an error of the stack: an OpenAI-shaped JSON error with
+/// the status of the table in the [module docs](self) (`429` with `retry-after` when a retry
+/// time is known, `502` when every attempt failed, `503`, `413`, `400`). Use it to mount the
+/// stack straight into your own axum app, as a route service behind axum's `HandleErrorLayer`:
+///
+/// ```
+/// use axum::{Router, error_handling::HandleErrorLayer};
+/// use tower::ServiceBuilder;
+/// use tower_llm_lb::{BoxError, body::BufferRequestLayer, gateway::response_for};
+/// # fn app(llm: tower_llm_lb::stack::LlmService) -> Router {
+/// let route = ServiceBuilder::new()
+///     .layer(HandleErrorLayer::new(|e: BoxError| async move { response_for(&e) }))
+///     .layer(BufferRequestLayer::new(1 << 20)) // any body in, a replayable one to the stack
+///     .service(llm);
+/// Router::new().route_service("/v1/chat/completions", route)
+/// # }
+/// ```
+pub fn response_for(e: &BoxError) -> Response {
+    error_for(e)
+}
+
 fn error_for(e: &BoxError) -> Response {
     // Every attempt failed (no throttling in them): a bad gateway, whatever the wait.
     let failed = find::<Exhausted>(&**e).filter(|x| {
