@@ -317,3 +317,29 @@ async fn keyless_backends_of_one_identity_share_one_token() {
     );
     assert!(bad.starts_with("backends.a.entra"), "{bad}");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_config_builds_over_a_client_whose_response_body_is_its_own_type() {
+    use http_body_util::BodyExt;
+    use http_body_util::combinators::UnsyncBoxBody;
+    let mock = MockServer::builder().api_key("k").start().await.unwrap();
+    // A user's client, wrapped in a layer that changes the body type.
+    let client = tower::ServiceBuilder::new()
+        .map_response(|res: http::Response<hyper::body::Incoming>| {
+            res.map(|b| UnsyncBoxBody::new(b.map_err(tower_llm_lb::BoxError::from)))
+        })
+        .service(http_client::<tower_llm_lb::body::ReplayBody>());
+    let json = format!(
+        r#"{{"backends": {{"a": {{"provider": "azure", "url": "{}", "deployment": "gpt-4o", "api_key": "k"}}}}}}"#,
+        mock.url()
+    );
+    let (svc, backends) = Config::from_json(&json)
+        .unwrap()
+        .build_over(client)
+        .unwrap();
+    assert_eq!(backends.len(), 1);
+    let res = svc.oneshot(chat("{}")).await.unwrap();
+    assert_eq!(res.status(), 200);
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    assert!(body.starts_with(b"{"));
+}

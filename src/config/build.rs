@@ -17,6 +17,8 @@ use crate::auth::{Credential, CredentialKind, TokenCache, TokenSource};
 use crate::backend::Backend;
 use crate::balance::{Balance, Strategy};
 use crate::body::ReplayBody;
+use crate::body::ResponseBody;
+use crate::boxed::BoxTarget;
 use crate::circuit_breaker::Policy;
 use crate::error::BoxError;
 use crate::fallback::{Fallback, Overrides};
@@ -24,6 +26,7 @@ use crate::provider::{DEFAULT_ANTHROPIC_VERSION, DEFAULT_AZURE_API_VERSION, Prov
 use crate::retry::RetryAfter429Layer;
 use crate::stack::{self, LlmService, Settings};
 use crate::timeout::AttemptTimeoutLayer;
+use crate::timeout::TimeoutBody;
 use std::sync::Arc;
 
 /// A configuration that cannot be used: the path of the bad field and why. Never contains a
@@ -65,7 +68,8 @@ fn ms(v: u64) -> Duration {
     Duration::from_millis(v)
 }
 
-struct Ctx<'a, C> {
+struct Ctx<'a, C, ResB> {
+    _body: std::marker::PhantomData<fn() -> ResB>,
     config: &'a Config,
     client: C,
     settings: Settings,
@@ -108,7 +112,26 @@ impl Config {
         C::Error: Into<BoxError>,
         C::Future: Send + 'static,
     {
+        self.build_over(client)
+    }
+
+    /// Like [`Config::build_with_backends`], over any client whose response body streams
+    /// `Bytes`: a client with its own connector, or already wrapped in layers that change the
+    /// body type (decompression, tracing, a `MapResponse`).
+    #[allow(clippy::type_complexity)]
+    pub fn build_over<C, ResB>(
+        &self,
+        client: C,
+    ) -> Result<(BoxTarget<ResponseBody<TimeoutBody<ResB>>>, Vec<Backend>), ConfigError>
+    where
+        C: Service<Request<ReplayBody>, Response = Response<ResB>> + Clone + Send + Sync + 'static,
+        C::Error: Into<BoxError>,
+        C::Future: Send + 'static,
+        ResB: http_body::Body<Data = bytes::Bytes> + Unpin + Send + 'static,
+        ResB::Error: Into<BoxError>,
+    {
         let mut ctx = Ctx {
+            _body: std::marker::PhantomData,
             used: Vec::new(),
             caches: Caches::new(),
             config: self,
@@ -430,11 +453,16 @@ fn join(path: &str, field: &str) -> String {
     }
 }
 
-impl<C> Ctx<'_, C>
+/// What the stack built over a client with response body `ResB` answers with.
+type Built<ResB> = BoxTarget<ResponseBody<TimeoutBody<ResB>>>;
+
+impl<C, ResB> Ctx<'_, C, ResB>
 where
-    C: Service<Request<ReplayBody>, Response = Response<Incoming>> + Clone + Send + Sync + 'static,
+    C: Service<Request<ReplayBody>, Response = Response<ResB>> + Clone + Send + Sync + 'static,
     C::Error: Into<BoxError>,
     C::Future: Send + 'static,
+    ResB: http_body::Body<Data = bytes::Bytes> + Unpin + Send + 'static,
+    ResB::Error: Into<BoxError>,
 {
     fn is_plain_leaf(t: &TargetConfig) -> bool {
         t.targets.is_empty()
@@ -557,7 +585,7 @@ where
         path: &str,
         t: &TargetConfig,
         index: Option<usize>,
-    ) -> Result<LlmService, ConfigError> {
+    ) -> Result<Built<ResB>, ConfigError> {
         let name = self.name_of(t, index.unwrap_or(0));
         if t.targets.is_empty() {
             if t.strategy.is_some() {
@@ -565,7 +593,7 @@ where
             }
             let backend = self.leaf_backend(path, index.unwrap_or(0), t)?;
             let settings = self.settings_for(path, t)?;
-            return stack::group(&name, [backend], self.client.clone(), &settings)
+            return stack::group_over(&name, [backend], self.client.clone(), &settings)
                 .map_err(|e| ConfigError::new(path.to_string(), e.to_string()));
         }
         if t.backend.is_some() || t.provider.is_some() {
@@ -621,7 +649,7 @@ where
                 let chain = fb
                     .build()
                     .map_err(|e| ConfigError::new(join(path, "targets"), e.to_string()))?;
-                Ok(LlmService::new(chain))
+                Ok(BoxTarget::new(chain))
             }
             Mode::Loadbalance => {
                 let settings = self.settings_for(path, t)?;
@@ -630,7 +658,7 @@ where
                     for (i, c) in t.targets.iter().enumerate() {
                         backends.push(self.leaf_backend(&child(i), i, c)?);
                     }
-                    return stack::group(&name, backends, self.client.clone(), &settings)
+                    return stack::group_over(&name, backends, self.client.clone(), &settings)
                         .map_err(|e| ConfigError::new(join(path, "targets"), e.to_string()));
                 }
                 let mut balance = Balance::builder().name(name).strategy(settings.strategy);
@@ -650,7 +678,7 @@ where
                 let svc = ServiceBuilder::new()
                     .layer(settings.retry.clone())
                     .service(balance);
-                Ok(LlmService::new(svc))
+                Ok(BoxTarget::new(svc))
             }
         }
     }
@@ -661,7 +689,7 @@ where
         path: &str,
         t: &TargetConfig,
         index: usize,
-    ) -> Result<LlmService, ConfigError> {
+    ) -> Result<Built<ResB>, ConfigError> {
         self.node(path, t, Some(index))
     }
 
@@ -672,7 +700,7 @@ where
         path: &str,
         t: &TargetConfig,
         index: usize,
-    ) -> Result<LlmService, ConfigError> {
+    ) -> Result<Built<ResB>, ConfigError> {
         let built = self.node(path, t, Some(index))?;
         let deployment = t.backend.as_ref().and(t.deployment.as_ref());
         if t.override_params.is_empty() && deployment.is_none() {
@@ -689,7 +717,7 @@ where
         let chain = fb
             .build()
             .map_err(|e| ConfigError::new(path.to_string(), e.to_string()))?;
-        Ok(LlmService::new(chain))
+        Ok(BoxTarget::new(chain))
     }
 }
 
