@@ -279,3 +279,26 @@ async fn when_every_backend_fails_the_answer_is_a_502_listing_the_attempts_not_a
         }
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn every_request_carries_a_request_id_to_the_backend_and_back() {
+    let m = MockServer::builder().api_key("k").start().await.unwrap();
+    let json = serde_json::json!({ "backends": {
+        "a": { "provider": "azure", "url": m.url(), "deployment": "gpt-4o", "api_key": "k" },
+    }})
+    .to_string();
+    let gw = start(&json).await;
+    // None sent: one is made, given to the backend, and echoed.
+    let res = send(post(format!("{}/v1/chat/completions", gw.url), None, "{}")).await;
+    assert_eq!(res.status(), 200);
+    let id = res.headers()["x-request-id"].to_str().unwrap().to_string();
+    assert_eq!(id.len(), 36, "a UUID: {id}");
+    assert_eq!(m.requests()[0].headers["x-request-id"], id.as_str());
+    // One sent: kept.
+    let mut req = post(format!("{}/v1/chat/completions", gw.url), None, "{}");
+    req.headers_mut()
+        .insert("x-request-id", "caller-chose-this".parse().unwrap());
+    let res = send(req).await;
+    assert_eq!(res.headers()["x-request-id"], "caller-chose-this");
+    assert_eq!(m.requests()[1].headers["x-request-id"], "caller-chose-this");
+}

@@ -7,6 +7,9 @@
 //! | `GET /health` | `200 {"status":"ok"}` |
 //! | `GET /stats` | per backend: requests, 2xx, 429, 5xx, failures, in flight, circuit, cooling until |
 //!
+//! Every request gets an `x-request-id` (the caller's, or a new UUID) that goes to the backend
+//! on every attempt and comes back in the answer (tower-http's request-id layers).
+//!
 //! Callers' credentials never reach a backend (each backend's `AuthInject` replaces them). The
 //! gateway's own client keys (`gateway.client_keys`, sent as `Authorization: Bearer` or
 //! `api-key`) are required; with none configured, only loopback clients are served.
@@ -89,7 +92,46 @@ impl Gateway {
 
     /// The axum router. Serve it with `into_make_service_with_connect_info::<SocketAddr>()` so
     /// the loopback rule can see the peer.
+    ///
+    /// Around every route, tower-http's layers: the caller's credential headers marked
+    /// sensitive (never logged), an `x-request-id` set when the caller sent none (a UUID),
+    /// passed to the backend on every attempt and echoed in the answer, a `tracing` span per
+    /// request carrying it, the body limit, and a panic turned into a `500` JSON error.
     pub fn router(self) -> Router {
+        use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+        let sensitive = [
+            http::header::AUTHORIZATION,
+            http::HeaderName::from_static("api-key"),
+            http::HeaderName::from_static("x-api-key"),
+        ];
+        let layers = tower::ServiceBuilder::new()
+            .layer(tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer::new(
+                sensitive,
+            ))
+            .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+            .layer(
+                tower_http::trace::TraceLayer::new_for_http().make_span_with(
+                    |req: &Request| {
+                        let id = req
+                            .headers()
+                            .get("x-request-id")
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("-");
+                        tracing::info_span!("request", method = %req.method(), path = req.uri().path(), request_id = id)
+                    },
+                ),
+            )
+            .layer(PropagateRequestIdLayer::x_request_id())
+            .layer(tower_http::catch_panic::CatchPanicLayer::custom(
+                |_: Box<dyn std::any::Any + Send>| {
+                    error_response(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "internal_error",
+                        "the gateway failed on this request",
+                    )
+                },
+            ))
+            .layer(tower_http::limit::RequestBodyLimitLayer::new(self.body_limit));
         Router::new()
             .route("/v1/chat/completions", post(forward))
             .route("/v1/completions", post(forward))
@@ -102,6 +144,7 @@ impl Gateway {
             )
             .route("/stats", get(stats))
             .with_state(self)
+            .layer(layers)
     }
 
     /// Serves on `listener` until `shutdown` resolves, then lets in-flight requests finish.
