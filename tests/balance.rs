@@ -324,9 +324,13 @@ async fn weights_give_shares_within_two_points_over_ten_thousand_requests() {
         let total: f64 = weights.iter().sum();
         for (m, w) in ms.iter().zip(weights) {
             let share = m.counters().ok as f64 / n as f64;
+            // Five standard deviations of a binomial share: a 0.5 in 100 backend (0.005) must
+            // get 0.0015-0.0085, not anything under 0.02.
+            let p = w / total;
+            let tolerance = 5.0 * (p * (1.0 - p) / n as f64).sqrt() + 1e-9;
             assert!(
-                (share - w / total).abs() < 0.02,
-                "{weights:?}: {} got {share}",
+                (share - p).abs() <= tolerance,
+                "{weights:?}: {} got {share}, want {p} +- {tolerance}",
                 m.name()
             );
             if w == 0.0 {
@@ -406,10 +410,10 @@ async fn twice_the_aggregate_load(quota_headers: bool) {
             "pacing keeps the 429s the backends send ({throttled}) under 5% of successes ({ok})"
         );
     } else {
-        // Without hints every 429 is a surprise, but each backend throttles at most once per
-        // cooldown, and probation keeps the waiters from rushing it.
+        // Without hints the pace is learned from the 429s themselves; over this short run,
+        // start included, that costs well under a tenth of the successes (13 per 216 here).
         assert!(
-            throttled <= ok as u64,
+            (throttled as f64) <= 0.1 * ok as f64,
             "429s sent ({throttled}) vs successes ({ok})"
         );
     }

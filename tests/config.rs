@@ -343,3 +343,27 @@ async fn a_config_builds_over_a_client_whose_response_body_is_its_own_type() {
     let body = res.into_body().collect().await.unwrap().to_bytes();
     assert!(body.starts_with(b"{"));
 }
+
+#[tokio::test]
+async fn the_readme_s_json_config_parses_and_builds() {
+    let readme = include_str!("../README.md");
+    let start = readme.find("```json\n").expect("a JSON block") + "```json\n".len();
+    let json = &readme[start..start + readme[start..].find("```").unwrap()];
+    // Its keys come from environment variables; any variable that is set will do here.
+    let json = [
+        "AOAI_KEY_01",
+        "AOAI_KEY_02",
+        "AOAI_KEY_03",
+        "OPENAI_API_KEY",
+    ]
+    .iter()
+    .fold(json.to_string(), |j, var| j.replace(var, "PATH"));
+    let config = Config::from_json(&json).unwrap();
+    let (_, backends) = config.build_with_backends(http_client()).unwrap();
+    let names: Vec<_> = backends.iter().map(|b| b.name().to_string()).collect();
+    assert_eq!(
+        names,
+        ["east-32k", "openai", "ptu-eastus", "sweden", "westus"],
+        "every backend the README names is used"
+    );
+}

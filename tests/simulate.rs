@@ -43,8 +43,10 @@ async fn below_capacity_everything_is_served_and_above_it_the_quota_is_spent() {
     let over = run(&scenario(3.0, true), Strategy::WeightedRandom, 1)
         .await
         .unwrap();
+    eprintln!("3x with headers: {over:?}");
     assert!(over.goodput() >= 0.98, "{over:?}");
-    assert!(over.throttled_per_success < 0.05, "{over:?}");
+    // BENCHMARKS.md states 0.015 for 3x with quota headers.
+    assert!(over.throttled_per_success <= 0.02, "{over:?}");
 }
 
 #[tokio::test(start_paused = true)]
@@ -59,8 +61,10 @@ async fn at_low_request_rates_the_learned_pace_keeps_429s_rare() {
             b.latency = Duration::from_millis(300);
         }
         let r = run(&s, Strategy::WeightedRandom, 3).await.unwrap();
+        eprintln!("{rps} req/s: {r:?}");
         assert!(r.goodput() >= 0.98, "{rps}: {r:?}");
-        assert!(r.throttled_per_success < 0.05, "{rps}: {r:?}");
+        // BENCHMARKS.md states 0.024-0.028 at these rates.
+        assert!(r.throttled_per_success <= 0.03, "{rps}: {r:?}");
     }
 }
 
@@ -71,8 +75,10 @@ async fn without_quota_headers_the_rate_measured_between_429s_paces_the_backends
     let mut s = scenario(1.5, false);
     s.duration = Duration::from_secs(300);
     let r = run(&s, Strategy::WeightedRandom, 5).await.unwrap();
+    eprintln!("no headers: {r:?}");
     assert!(r.goodput() >= 0.98, "{r:?}");
-    assert!(r.throttled_per_success < 0.1, "{r:?}");
+    // BENCHMARKS.md states 0.041 without quota headers.
+    assert!(r.throttled_per_success <= 0.05, "{r:?}");
 }
 
 #[tokio::test(start_paused = true)]
