@@ -572,7 +572,10 @@ impl BackendState {
             Outcome::Success => 1,
             Outcome::Throttled { .. } | Outcome::QuotaExhausted => 2,
             Outcome::ServerError { .. } => 3,
-            Outcome::ConnectError | Outcome::Transport | Outcome::Timeout => 4,
+            Outcome::ConnectError
+            | Outcome::Transport
+            | Outcome::Timeout
+            | Outcome::CredentialRejected { .. } => 4,
             Outcome::ClientError { .. } => 5,
             Outcome::Unavailable { .. } => 6,
         };

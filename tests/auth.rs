@@ -152,13 +152,21 @@ async fn a_wrong_key_is_caught_by_the_backend() {
         .unwrap();
     let res = stack(&backend).oneshot(chat("{}")).await.unwrap();
     assert_eq!(res.status(), 401);
+    // Our key, not the caller's: the backend is broken for us, not the request.
     assert_eq!(
         res.extensions().get::<Served>().unwrap().outcome,
-        Outcome::ClientError {
+        Outcome::CredentialRejected {
             status: http::StatusCode::UNAUTHORIZED
         }
     );
     assert_eq!(mock.counters().unauthorized, 1);
+    assert!(
+        backend
+            .state()
+            .unavailable_until(tokio::time::Instant::now())
+            .is_some(),
+        "taken out of rotation"
+    );
 }
 
 struct Issuer {

@@ -210,3 +210,55 @@ async fn with_hedging_on_a_slow_backend_s_request_is_answered_by_another_in_time
     }
     assert!(slowest >= Duration::from_secs(5), "{slowest:?}");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_backend_that_rejects_our_key_leaves_the_rotation_and_its_requests_are_served_elsewhere()
+{
+    let wrong = MockServer::builder()
+        .name("wrong")
+        .api_key("the-real-key")
+        .start()
+        .await
+        .unwrap();
+    let good = MockServer::builder()
+        .name("good")
+        .api_key("good-key")
+        .start()
+        .await
+        .unwrap();
+    let with_key = |name: &str, m: &MockServer, key: &str| {
+        Backend::azure(name, m.url(), "gpt-4o", "2024-10-21")
+            .credential(tower_llm_lb::auth::Credential::api_key(key).unwrap())
+            .build()
+            .unwrap()
+    };
+    let backends = [
+        with_key("wrong", &wrong, "a-stale-key"),
+        with_key("good", &good, "good-key"),
+    ];
+    let settings = Settings {
+        strategy: tower_llm_lb::balance::Strategy::RoundRobin,
+        ..Settings::default()
+    };
+    let svc = group(&backends, &settings);
+    for _ in 0..20 {
+        let res = svc.clone().oneshot(chat("{}")).await.unwrap();
+        assert_eq!(
+            res.status(),
+            200,
+            "never the 401 of a key the caller did not send"
+        );
+    }
+    assert_eq!(
+        wrong.counters().unauthorized,
+        1,
+        "asked once, then left alone (60 s, doubling)"
+    );
+    // A minute later it is asked again (a probe); still wrong, it is left alone longer.
+    tokio::time::sleep(Duration::from_secs(61)).await;
+    for _ in 0..20 {
+        let res = svc.clone().oneshot(chat("{}")).await.unwrap();
+        assert_eq!(res.status(), 200);
+    }
+    assert_eq!(wrong.counters().unauthorized, 2);
+}

@@ -302,3 +302,23 @@ async fn every_request_carries_a_request_id_to_the_backend_and_back() {
     assert_eq!(res.headers()["x-request-id"], "caller-chose-this");
     assert_eq!(m.requests()[1].headers["x-request-id"], "caller-chose-this");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_backend_rejecting_the_configured_key_is_a_502_that_never_shows_its_answer() {
+    let m = MockServer::builder()
+        .api_key("right")
+        .start()
+        .await
+        .unwrap();
+    let json = serde_json::json!({ "backends": {
+        "a": { "provider": "azure", "url": m.url(), "deployment": "gpt-4o", "api_key": "stale-secret-key" },
+    }})
+    .to_string();
+    let gw = start(&json).await;
+    let res = send(post(format!("{}/v1/chat/completions", gw.url), None, "{}")).await;
+    assert_eq!(res.status(), 502);
+    let body = text(res).await;
+    assert!(body.contains("upstream_auth_error"), "{body}");
+    assert!(body.contains("credential rejected"), "{body}");
+    assert!(!body.contains("stale-secret-key"), "{body}");
+}

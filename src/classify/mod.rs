@@ -12,6 +12,7 @@
 //! | 429 whose small JSON error body says billing / spend limit | [`Outcome::QuotaExhausted`] |
 //! | 500, 502, 503 without hint, 504, other 5xx | [`Outcome::ServerError`] |
 //! | 408 | [`Outcome::Timeout`] |
+//! | 401 / 403 from a backend with a configured credential (judged by `Endpoint`) | [`Outcome::CredentialRejected`]: failed over, the backend taken out for long |
 //! | other 4xx | [`Outcome::ClientError`]: never retried, never failed over |
 //! | connection refused, DNS, TLS | [`Outcome::ConnectError`] |
 //! | connection broke after it was made | [`Outcome::Transport`] |
@@ -62,6 +63,13 @@ pub enum Outcome {
         /// The status it answered.
         status: StatusCode,
     },
+    /// The backend refused the credential we gave it (401/403 from a backend with a configured
+    /// credential: a wrong key, a missing role, an expired secret). A broken backend for us, not
+    /// the caller's error: failed over, and the backend taken out for long.
+    CredentialRejected {
+        /// The status it answered.
+        status: StatusCode,
+    },
     /// A layer of ours refused without sending (every backend cooling down, breaker open).
     Unavailable {
         /// The earliest instant something could be available again, if known.
@@ -82,7 +90,8 @@ impl Outcome {
     }
 
     /// True when the outcome says the backend itself is unhealthy: server errors, connect and
-    /// transport errors, timeouts. Throttling steers load; it is not a health failure.
+    /// transport errors, timeouts, a rejected credential. Throttling steers load; it is not a
+    /// health failure.
     pub fn is_failure(&self) -> bool {
         matches!(
             self,
@@ -90,6 +99,7 @@ impl Outcome {
                 | Outcome::ConnectError
                 | Outcome::Transport
                 | Outcome::Timeout
+                | Outcome::CredentialRejected { .. }
         )
     }
 
@@ -109,6 +119,7 @@ impl Outcome {
             Outcome::Transport => "transport_error",
             Outcome::Timeout => "timeout",
             Outcome::ClientError { .. } => "client_error",
+            Outcome::CredentialRejected { .. } => "credential_rejected",
             Outcome::Unavailable { .. } => "unavailable",
         }
     }
@@ -124,6 +135,9 @@ impl fmt::Display for Outcome {
             Outcome::QuotaExhausted => f.write_str("quota exhausted"),
             Outcome::ServerError { status } => write!(f, "server error {}", status.as_u16()),
             Outcome::ClientError { status } => write!(f, "client error {}", status.as_u16()),
+            Outcome::CredentialRejected { status } => {
+                write!(f, "credential rejected ({})", status.as_u16())
+            }
             Outcome::Success => f.write_str("success"),
             Outcome::ConnectError => f.write_str("connect error"),
             Outcome::Transport => f.write_str("transport error"),

@@ -410,6 +410,10 @@ where
     }
 }
 
+/// How long a backend that rejected our credential is first left alone (doubling each time it
+/// rejects it again, up to an hour).
+const CREDENTIAL_COOLDOWN: Duration = Duration::from_secs(60);
+
 /// The first backoff after a throttled answer whose hint says "now" (`retry-after: 0`, a date
 /// in the past): short, as the server asked for little, but never none.
 const NOW_BACKOFF: Duration = Duration::from_millis(100);
@@ -489,6 +493,18 @@ impl Record {
     /// in-flight count, which the response body keeps until the answer has been read.
     fn finish(mut self, outcome: Outcome, hints: Hints) -> (Served, crate::state::InFlight) {
         let now = Instant::now();
+        // The caller's credentials never reach a backend that has one of its own: a 401/403
+        // is about ours.
+        let outcome = match outcome {
+            Outcome::ClientError { status }
+                if (status == http::StatusCode::UNAUTHORIZED
+                    || status == http::StatusCode::FORBIDDEN)
+                    && self.backend.credential().is_some() =>
+            {
+                Outcome::CredentialRejected { status }
+            }
+            other => other,
+        };
         let elapsed = now.saturating_duration_since(self.start);
         // An answer is a sign of life (`fail` has already said whether an error was).
         if self.awaiting.is_some() {
@@ -565,6 +581,22 @@ impl Record {
                     streak,
                     "backend throttled"
                 );
+            }
+            Outcome::CredentialRejected { status } => {
+                let was_available = state.is_available(now);
+                let streak = state.note_throttled();
+                let wait = CREDENTIAL_COOLDOWN
+                    .saturating_mul(2u32.saturating_pow(streak.saturating_sub(1).min(6)))
+                    .min(Duration::from_secs(3600));
+                state.extend_cooldown(now + wait);
+                if was_available {
+                    tracing::error!(
+                        backend = self.backend.name(),
+                        status = status.as_u16(),
+                        cooldown = ?wait,
+                        "backend rejected the credential configured for it (wrong key, missing role, expired secret?): taken out of rotation"
+                    );
+                }
             }
             Outcome::QuotaExhausted => {
                 let was_available = state.is_available(now);

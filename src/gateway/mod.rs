@@ -19,6 +19,7 @@
 //! | a backend answered | its status, headers and body, plus `x-llm-lb-backend` and `x-llm-lb-attempts` |
 //! | a stream is cut upstream | an SSE `event: error` then a broken stream, never a clean end |
 //! | nothing free in time | `429` with `retry-after` / `retry-after-ms` when a retry time is known, else `503` |
+//! | the backend rejected the credential configured for it (401/403) | `502` `upstream_auth_error` naming the backend (its answer is not passed on) |
 //! | every attempt failed (5xx, timeouts, connect errors; none throttled) | `502` with an OpenAI-shaped error listing each attempt, and `retry-after` when a backend's circuit says when to come back |
 //! | request body over the cap | `413` |
 //! | missing or wrong client key | `401`; non-loopback client without keys configured: `403` |
@@ -275,6 +276,20 @@ async fn forward(State(gw): State<Gateway>, req: Request) -> Response {
 }
 
 fn into_axum(res: http::Response<LlmBody>) -> Response {
+    // A backend that refused *our* credential: the caller's key is not at fault, and the
+    // backend's answer (which may echo the key) is not passed on.
+    if let Some(served) = res.extensions().get::<Served>()
+        && matches!(served.outcome, crate::Outcome::CredentialRejected { .. })
+    {
+        return error_response(
+            StatusCode::BAD_GATEWAY,
+            "upstream_auth_error",
+            &format!(
+                "backend {} rejected the credential configured for it",
+                served.backend.name()
+            ),
+        );
+    }
     let (mut parts, body) = res.into_parts();
     for h in HOP_BY_HOP {
         parts.headers.remove(h);
@@ -338,7 +353,16 @@ fn error_for(e: &BoxError) -> Response {
         !x.attempts().is_empty() && x.attempts().iter().all(|a| a.outcome.is_failure())
     });
     if let Some(ex) = failed {
-        let mut res = error_response(StatusCode::BAD_GATEWAY, "upstream_error", &e.to_string());
+        let kind = if ex
+            .attempts()
+            .iter()
+            .all(|a| matches!(a.outcome, crate::Outcome::CredentialRejected { .. }))
+        {
+            "upstream_auth_error"
+        } else {
+            "upstream_error"
+        };
+        let mut res = error_response(StatusCode::BAD_GATEWAY, kind, &e.to_string());
         if let Some(at) = ex.earliest() {
             let wait = at.saturating_duration_since(Instant::now());
             crate::classify::retry_after::set_retry_after(res.headers_mut(), wait);
