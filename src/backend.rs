@@ -186,6 +186,39 @@ impl Backend {
         })
     }
 
+    /// The same Azure endpoint serving another deployment of its resource, as a backend of its
+    /// own named `{name}.{deployment}`: a quota scope. Azure's quota is per deployment, so the
+    /// scope has its own cooldown, pace and quota hints (a 429 on `gpt-4-8k` does not hold back
+    /// `gpt-4-32k` on the same resource), while connect errors and the circuit stay with the
+    /// endpoint it shares. Fails for a backend that is not classic Azure, or a bad name.
+    pub fn for_deployment(&self, deployment: &str) -> Result<Backend, InvalidBackend> {
+        let err = |reason: String| InvalidBackend {
+            name: self.name().to_string(),
+            reason,
+        };
+        let Provider::AzureOpenAi { api_version, .. } = self.provider() else {
+            return Err(err(
+                "deployment: only a classic Azure backend has deployments".into(),
+            ));
+        };
+        let provider = Provider::azure(deployment, api_version)
+            .map_err(|e| err(format!("deployment: {e}")))?;
+        let i = &self.inner;
+        let url = format!("{}://{}{}", i.scheme, i.authority, i.base_path);
+        let mut builder = Backend::builder(format!("{}.{deployment}", i.name), url, provider)
+            .priority(i.priority)
+            .weight(i.weight);
+        if let Some(c) = &i.credential {
+            builder = builder.credential(c.clone());
+        }
+        let scoped = builder.build()?;
+        let mut inner = Arc::try_unwrap(scoped.inner).map_err(|_| err("internal".into()))?;
+        inner.state = BackendState::scoped_under(&i.state);
+        Ok(Backend {
+            inner: Arc::new(inner),
+        })
+    }
+
     /// The backend's name, unique within a stack.
     pub fn name(&self) -> &str {
         &self.inner.name

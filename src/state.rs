@@ -78,6 +78,9 @@ struct Inner {
     /// The circuit breaker's machine for this backend, shared by every breaker over it (one
     /// backend in two groups still has one circuit). Opaque here: the breaker's business.
     breaker: std::sync::OnceLock<Arc<dyn std::any::Any + Send + Sync>>,
+    /// A quota scope's endpoint (another deployment of the same resource): its circuit and
+    /// breaker are the endpoint's; everything else is the scope's own.
+    endpoint: Option<BackendState>,
 }
 
 const COUNTERS: usize = 7;
@@ -146,8 +149,26 @@ impl BackendState {
                 throttled_until: AtomicU64::new(0),
                 counters: Default::default(),
                 breaker: std::sync::OnceLock::new(),
+                endpoint: None,
             }),
         }
+    }
+
+    /// Fresh state for a quota scope of `endpoint` (see
+    /// [`Backend::for_deployment`](crate::Backend::for_deployment)): its own cooldown, pace,
+    /// quota hints and counters; the endpoint's circuit.
+    pub(crate) fn scoped_under(endpoint: &BackendState) -> Self {
+        let mut s = Self::new();
+        if let Some(inner) = Arc::get_mut(&mut s.inner) {
+            // A scope of a scope is a scope of the same endpoint.
+            inner.endpoint = Some(endpoint.circuit_home().clone());
+        }
+        s
+    }
+
+    /// The state that holds this backend's circuit: the endpoint's, for a quota scope.
+    fn circuit_home(&self) -> &BackendState {
+        self.inner.endpoint.as_ref().unwrap_or(self)
     }
 
     /// Nanoseconds since the epoch, plus one: 0 is reserved for "none". An instant before the
@@ -167,7 +188,11 @@ impl BackendState {
         &self,
         make: impl FnOnce() -> T,
     ) -> Option<Arc<T>> {
-        let core = self.inner.breaker.get_or_init(|| Arc::new(make()));
+        let core = self
+            .circuit_home()
+            .inner
+            .breaker
+            .get_or_init(|| Arc::new(make()));
         core.clone().downcast::<T>().ok()
     }
 
@@ -183,10 +208,14 @@ impl BackendState {
     /// pickers' [`BackendState::availability`] read.
     fn blocked_until(&self) -> u64 {
         let i = &self.inner;
-        let open = if i.circuit.load(Acquire) == CIRCUIT_OPEN {
-            i.circuit_until.load(Acquire)
-        } else {
-            0
+        let open = match &i.endpoint {
+            None if i.circuit.load(Acquire) == CIRCUIT_OPEN => i.circuit_until.load(Acquire),
+            None => 0,
+            // The endpoint's circuit, in this state's ticks.
+            Some(e) => match e.circuit() {
+                Circuit::Open { until } => self.ticks_of(until),
+                _ => 0,
+            },
         };
         i.cooldown_until.load(Acquire).max(open)
     }
@@ -409,6 +438,9 @@ impl BackendState {
     /// The circuit breaker's view of the backend. An open circuit whose time has passed still
     /// reads `Open`; the breaker moves it to half-open when it admits a probe.
     pub fn circuit(&self) -> Circuit {
+        if let Some(e) = &self.inner.endpoint {
+            return e.circuit();
+        }
         match self.inner.circuit.load(Acquire) {
             CIRCUIT_OPEN => Circuit::Open {
                 until: self
@@ -422,6 +454,9 @@ impl BackendState {
 
     /// Sets the circuit (written by the circuit breaker only).
     pub fn set_circuit(&self, circuit: Circuit) {
+        if let Some(e) = &self.inner.endpoint {
+            return e.set_circuit(circuit);
+        }
         match circuit {
             Circuit::Closed => self.inner.circuit.store(CIRCUIT_CLOSED, Release),
             Circuit::HalfOpen => self.inner.circuit.store(CIRCUIT_HALF_OPEN, Release),

@@ -367,3 +367,65 @@ async fn the_readme_s_json_config_parses_and_builds() {
         "every backend the README names is used"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_429_on_one_deployment_does_not_hold_back_another_deployment_of_the_same_resource() {
+    // LangChain's gpt-4-8k -> gpt-4-32k on one Azure resource: each deployment has its quota.
+    let resource = MockServer::builder().api_key("k").start().await.unwrap();
+    let json = format!(
+        r#"{{
+          "backends": {{ "east": {{ "provider": "azure", "url": "{}", "deployment": "gpt-4-8k", "api_key": "k" }} }},
+          "strategy": {{ "mode": "fallback" }},
+          "targets": [
+            {{ "backend": "east" }},
+            {{ "backend": "east", "deployment": "gpt-4-32k", "override_params": {{ "model": "gpt-4-32k" }} }}
+          ]
+        }}"#,
+        resource.url()
+    );
+    let (svc, backends) = Config::from_json(&json)
+        .unwrap()
+        .build_with_backends(http_client())
+        .unwrap();
+    let names: Vec<_> = backends.iter().map(|b| b.name().to_string()).collect();
+    assert_eq!(
+        names,
+        ["east", "east.gpt-4-32k"],
+        "both scopes on stats pages"
+    );
+    // The 8k deployment is out of quota for 30 s; the 32k one is not.
+    resource.set_fault(Some(tower_llm_lb::mock::Fault::OnPath(
+        "gpt-4-8k".into(),
+        Box::new(tower_llm_lb::mock::Fault::Throttle(vec![(
+            "retry-after".into(),
+            "30".into(),
+        )])),
+    )));
+    for _ in 0..3 {
+        let res = svc.clone().oneshot(chat("{}")).await.unwrap();
+        assert_eq!(res.status(), 200, "the 32k deployment answers");
+    }
+    let paths: Vec<_> = resource
+        .requests()
+        .into_iter()
+        .map(|r| r.path_and_query)
+        .collect();
+    assert_eq!(
+        paths.last().unwrap(),
+        "/openai/deployments/gpt-4-32k/chat/completions?api-version=2024-10-21"
+    );
+    // Only the 8k scope is cooling, and it was asked once.
+    assert_eq!(resource.counters().throttled, 1);
+    assert!(
+        backends[1]
+            .state()
+            .unavailable_until(tokio::time::Instant::now())
+            .is_none()
+    );
+    assert!(
+        backends[0]
+            .state()
+            .unavailable_until(tokio::time::Instant::now())
+            .is_some()
+    );
+}

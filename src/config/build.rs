@@ -469,7 +469,6 @@ where
             && t.strategy.is_none()
             && t.override_params.is_empty()
             && t.retry.is_none()
-            && (t.backend.is_none() || t.deployment.is_none())
     }
 
     /// The backend a leaf target names or defines, with the target's tier and weight; noted
@@ -538,14 +537,22 @@ where
                 return err(path, "needs `backend`, an inline `provider`, or `targets`");
             }
         };
-        if t.weight.is_some() || t.priority.is_some() {
+        let backend = if t.weight.is_some() || t.priority.is_some() {
             let priority = t.priority.unwrap_or(backend.priority());
             let weight = t.weight.unwrap_or(backend.weight());
-            return backend
+            backend
                 .with_tier(priority, weight)
-                .map_err(|e| ConfigError::new(join(path, "weight"), e.to_string()));
+                .map_err(|e| ConfigError::new(join(path, "weight"), e.to_string()))?
+        } else {
+            backend
+        };
+        // Another deployment of the named backend's resource: a quota scope of its own.
+        match &t.deployment {
+            Some(dep) => backend
+                .for_deployment(dep)
+                .map_err(|e| ConfigError::new(join(path, "deployment"), e.to_string())),
+            None => Ok(backend),
         }
-        Ok(backend)
     }
 
     fn settings_for(&self, path: &str, t: &TargetConfig) -> Result<Settings, ConfigError> {
@@ -572,7 +579,10 @@ where
     fn name_of(&self, t: &TargetConfig, index: usize) -> String {
         t.name
             .clone()
-            .or_else(|| t.backend.clone())
+            .or_else(|| match (&t.backend, &t.deployment) {
+                (Some(b), Some(d)) => Some(format!("{b}.{d}")),
+                (b, _) => b.clone(),
+            })
             .unwrap_or_else(|| match t.provider {
                 Some(k) => format!("{}-{index}", provider_name(k)),
                 None => format!("group-{index}"),
@@ -642,9 +652,6 @@ where
                     let built = self.node_plain(&p, c, i)?;
                     let overrides = Overrides::from_map(c.override_params.clone());
                     fb = fb.target_with(self.name_of(c, i), built, overrides);
-                    if let (Some(_), Some(dep)) = (&c.backend, &c.deployment) {
-                        fb = fb.deployment(dep);
-                    }
                 }
                 let chain = fb
                     .build()
@@ -702,18 +709,14 @@ where
         index: usize,
     ) -> Result<Built<ResB>, ConfigError> {
         let built = self.node(path, t, Some(index))?;
-        let deployment = t.backend.as_ref().and(t.deployment.as_ref());
-        if t.override_params.is_empty() && deployment.is_none() {
+        if t.override_params.is_empty() {
             return Ok(built);
         }
-        let mut fb = Fallback::builder(self.name_of(t, index)).target_with(
+        let fb = Fallback::builder(self.name_of(t, index)).target_with(
             self.name_of(t, index),
             built,
             Overrides::from_map(t.override_params.clone()),
         );
-        if let Some(dep) = deployment {
-            fb = fb.deployment(dep);
-        }
         let chain = fb
             .build()
             .map_err(|e| ConfigError::new(path.to_string(), e.to_string()))?;

@@ -75,6 +75,9 @@ pub enum Fault {
     /// Answer 429 with these headers as they are (hostile or odd wait hints: `retry-after: 0`,
     /// `-1`, a date in the past or in year 9999, `retry-after-ms: -5`, a `date` far off).
     Throttle(Vec<(String, String)>),
+    /// The inner fault, only for requests whose path contains the text (one deployment of a
+    /// resource out of quota while another is not).
+    OnPath(String, Box<Fault>),
 }
 
 /// The credential a [`MockServer`] requires.
@@ -839,7 +842,10 @@ async fn answer(
             }
         }
     };
-    let fault = shared.fault();
+    let fault = match shared.fault() {
+        Some(Fault::OnPath(part, inner)) => parts.uri.path().contains(&part).then_some(*inner),
+        other => other,
+    };
     match &fault {
         Some(Fault::Status(s)) => {
             let status = StatusCode::from_u16(*s).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
@@ -871,9 +877,11 @@ async fn answer(
                 "You exceeded your current quota, please check your plan and billing details.",
             ));
         }
+        // A path filter inside a path filter applies to nothing.
         Some(Fault::TruncateStream(_))
         | Some(Fault::EndStreamEarly(_))
         | Some(Fault::StreamError)
+        | Some(Fault::OnPath(..))
         | None => {}
     }
     // Rate limits.
