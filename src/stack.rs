@@ -112,6 +112,10 @@ pub struct Settings {
     /// One seeded random source for every pick, jitter and backoff of the group (repeatable
     /// simulations and tests). `None`: each from entropy.
     pub rng: Option<crate::rng::Rng>,
+    /// Health probes of every backend of the group (`None`, the default: no probes). Started
+    /// by [`group`] on the current tokio runtime, stopped when the stack is dropped. A backend
+    /// failing its probe takes no traffic (its circuit opens); one healthy probe lets it back.
+    pub health: Option<crate::circuit_breaker::HealthProbe>,
 }
 
 impl Default for Settings {
@@ -125,6 +129,7 @@ impl Default for Settings {
             retry: RetryAfter429Layer::new(),
             endpoint: None,
             rng: None,
+            health: None,
         }
     }
 }
@@ -169,6 +174,7 @@ where
     let backends: Vec<Backend> = backends.into_iter().collect();
     let peers: std::sync::Arc<[crate::BackendState]> =
         backends.iter().map(|b| b.state().clone()).collect();
+    let mut probe_error = None;
     let balance = Balance::from_backends(backends, |b| {
         let timeouts = WatchedTimeoutLayer {
             limits: settings.timeouts,
@@ -188,12 +194,18 @@ where
         if let Some(rng) = &settings.rng {
             endpoint = endpoint.rng(rng.clone());
         }
-        ServiceBuilder::new()
+        let svc = ServiceBuilder::new()
             .layer(breakers.layer_for(b))
             .layer(endpoint)
             .layer(timeouts)
             .layer(AuthInjectLayer::for_backend(b))
-            .service(client.clone())
+            .service(client.clone());
+        if let Some(probe) = &settings.health
+            && let Err(e) = svc.spawn_health_probe(probe.clone())
+        {
+            probe_error = Some(e);
+        }
+        svc
     })
     .name(name)
     .strategy(settings.strategy);
@@ -202,6 +214,9 @@ where
         None => balance,
     }
     .build()?;
+    if let Some(e) = probe_error {
+        return Err(e.into());
+    }
     let svc = ServiceBuilder::new().layer(retry).service(balance);
     Ok(crate::boxed::BoxTarget::new(svc))
 }

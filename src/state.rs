@@ -81,6 +81,9 @@ struct Inner {
     /// A quota scope's endpoint (another deployment of the same resource): its circuit and
     /// breaker are the endpoint's; everything else is the scope's own.
     endpoint: Option<BackendState>,
+    /// The last health probe: when (ticks, 0: never) and whether it was healthy.
+    probe_at: AtomicU64,
+    probe_ok: std::sync::atomic::AtomicBool,
 }
 
 const COUNTERS: usize = 7;
@@ -150,6 +153,8 @@ impl BackendState {
                 counters: Default::default(),
                 breaker: std::sync::OnceLock::new(),
                 endpoint: None,
+                probe_at: AtomicU64::new(0),
+                probe_ok: std::sync::atomic::AtomicBool::new(false),
             }),
         }
     }
@@ -615,6 +620,18 @@ impl BackendState {
             Outcome::Unavailable { .. } => 6,
         };
         c[slot].fetch_add(1, Relaxed);
+    }
+
+    /// Notes a health probe's result.
+    pub(crate) fn note_probe(&self, at: Instant, healthy: bool) {
+        self.inner.probe_ok.store(healthy, Release);
+        self.inner.probe_at.store(self.ticks_of(at), Release);
+    }
+
+    /// The last health probe: when, and whether it was healthy. `None` before the first.
+    pub fn last_probe(&self) -> Option<(Instant, bool)> {
+        let at = self.instant_of(self.inner.probe_at.load(Acquire))?;
+        Some((at, self.inner.probe_ok.load(Acquire)))
     }
 
     /// True once the backend has answered (or failed) at least one attempt.

@@ -323,19 +323,26 @@ async fn health_probes_readmit_a_recovered_backend_and_stop_when_the_stack_is_dr
     .unwrap();
     let svc = guarded(&backend, &group, AttemptTimeoutLayer::new(), &http_client());
     svc.spawn_health_probe(HealthProbe {
-        path: "/v1/models".into(),
+        path: "/status-0123456789abcdef".into(),
         interval: Duration::from_secs(1),
         timeout: Duration::from_secs(1),
+        ..HealthProbe::default()
     })
     .unwrap();
-    // Failing health probes trip the breaker before any user request is sent.
-    tokio::time::sleep(Duration::from_millis(3500)).await;
+    // Two failing health probes (the default threshold) trip the breaker before any user
+    // request is sent: within two intervals.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     assert!(matches!(backend.state().circuit(), Circuit::Open { .. }));
+    let (_, healthy) = backend.state().last_probe().unwrap();
+    assert!(!healthy);
+    // The probe hits exactly the configured path, not one mapped like an API path.
     let probes = mock.requests();
     assert!(
-        probes
-            .iter()
-            .all(|r| r.method == http::Method::GET && r.path_and_query.contains("/models"))
+        probes.iter().all(
+            |r| r.method == http::Method::GET && r.path_and_query == "/status-0123456789abcdef"
+        ),
+        "{:?}",
+        probes.iter().map(|r| &r.path_and_query).collect::<Vec<_>>()
     );
     // It recovers: the next health probe closes the circuit, long before the 300 s open period.
     mock.set_fault(None);

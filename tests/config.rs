@@ -429,3 +429,64 @@ async fn a_429_on_one_deployment_does_not_hold_back_another_deployment_of_the_sa
             .is_some()
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_configured_health_check_takes_a_failing_backend_out_and_lets_it_back() {
+    use std::time::Duration;
+    use tower_llm_lb::mock::Fault;
+    use tower_llm_lb::state::Circuit;
+    let a = MockServer::builder().api_key("ka").start().await.unwrap();
+    let b = MockServer::builder().api_key("kb").start().await.unwrap();
+    a.set_fault(Some(Fault::OnPath(
+        "/status-check".into(),
+        Box::new(Fault::Status(503)),
+    )));
+    let json = format!(
+        r#"{{
+          "backends": {{
+            "a": {{ "provider": "azure", "url": "{}", "deployment": "d", "api_key": "ka" }},
+            "b": {{ "provider": "azure", "url": "{}", "deployment": "d", "api_key": "kb" }}
+          }},
+          "health_check": {{ "path": "/status-check", "interval_ms": 1000 }}
+        }}"#,
+        a.url(),
+        b.url()
+    );
+    let (svc, backends) = Config::from_json(&json)
+        .unwrap()
+        .build_with_backends(http_client())
+        .unwrap();
+    // Two failed probes, one interval apart: out.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(matches!(
+        backends[0].state().circuit(),
+        Circuit::Open { .. }
+    ));
+    assert_eq!(backends[1].state().circuit(), Circuit::Closed);
+    for _ in 0..10 {
+        let res = svc.clone().oneshot(chat("{}")).await.unwrap();
+        assert_eq!(res.status(), 200);
+    }
+    let chats = |m: &MockServer| {
+        m.requests()
+            .iter()
+            .filter(|r| r.path_and_query.contains("chat"))
+            .count()
+    };
+    assert_eq!(chats(&a), 0, "a backend failing its probe takes no traffic");
+    // It recovers: the next probe lets it back.
+    a.set_fault(None);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(backends[0].state().circuit(), Circuit::Closed);
+    assert!(
+        a.requests()
+            .iter()
+            .all(|r| r.path_and_query == "/status-check" || r.path_and_query.contains("chat"))
+    );
+    // Probes stop with the stack.
+    drop(svc);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = a.counters().requests;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(a.counters().requests, before);
+}

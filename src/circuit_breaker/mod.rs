@@ -655,12 +655,30 @@ impl<F> fmt::Debug for ResponseFuture<F> {
 /// What an active health probe sends and how often.
 #[derive(Clone, Debug)]
 pub struct HealthProbe {
-    /// The path to `GET`, written like any request's (e.g. `/v1/models`).
+    /// The path to `GET`, sent to the backend's host as written (`/status-0123456789abcdef`),
+    /// not mapped like an API path.
     pub path: String,
-    /// Time between probes.
+    /// Time between probes (default 30 s, as Azure Application Gateway).
     pub interval: Duration,
-    /// How long one probe may take before it counts as a failure.
+    /// How long one probe may take before it counts as a failure (default 30 s).
     pub timeout: Duration,
+    /// The statuses that mean healthy (default 200-399, as Application Gateway).
+    pub healthy: std::ops::RangeInclusive<u16>,
+    /// Failed probes in a row that take the backend out (default 2; its circuit opens).
+    /// One healthy probe lets it back in.
+    pub unhealthy_threshold: u32,
+}
+
+impl Default for HealthProbe {
+    fn default() -> Self {
+        HealthProbe {
+            path: "/".into(),
+            interval: Duration::from_secs(30),
+            timeout: Duration::from_secs(30),
+            healthy: 200..=399,
+            unhealthy_threshold: 2,
+        }
+    }
 }
 
 /// The health probe could not be started.
@@ -702,7 +720,7 @@ where
         };
         let weak: Weak<Shared> = Arc::downgrade(shared);
         let inner = self.inner.clone();
-        let task = handle.spawn(probe_loop(weak, inner, uri, probe.interval, probe.timeout));
+        let task = handle.spawn(probe_loop(weak, inner, uri, probe));
         let mut slot = shared.probe_task.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(old) = slot.replace(task.abort_handle()) {
             old.abort();
@@ -711,19 +729,15 @@ where
     }
 }
 
-async fn probe_loop<S, ResB>(
-    weak: Weak<Shared>,
-    inner: S,
-    uri: http::Uri,
-    interval: Duration,
-    timeout: Duration,
-) where
+async fn probe_loop<S, ResB>(weak: Weak<Shared>, inner: S, uri: http::Uri, probe: HealthProbe)
+where
     S: Service<Request<ReplayBody>, Response = Response<ResB>> + Clone,
     S::Error: Into<BoxError>,
 {
     use tower::ServiceExt;
-    let mut ticker = tokio::time::interval(interval);
+    let mut ticker = tokio::time::interval(probe.interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failed_in_a_row = 0u32;
     loop {
         ticker.tick().await;
         if weak.strong_count() == 0 {
@@ -731,18 +745,26 @@ async fn probe_loop<S, ResB>(
         }
         let mut req = Request::new(ReplayBody::empty());
         *req.uri_mut() = uri.clone();
-        let result = tokio::time::timeout(timeout, inner.clone().oneshot(req)).await;
+        req.extensions_mut().insert(crate::endpoint::AsWritten);
+        let result = tokio::time::timeout(probe.timeout, inner.clone().oneshot(req)).await;
         let healthy = match result {
-            Ok(r) => {
-                let r = r.map_err(Into::into);
-                let outcome = outcome_of(&r);
-                !outcome.is_failure()
-            }
-            Err(_) => false,
+            Ok(Ok(res)) => probe.healthy.contains(&res.status().as_u16()),
+            _ => false,
         };
         let Some(shared) = weak.upgrade() else { return };
+        let now = Instant::now();
+        shared.backend.state().note_probe(now, healthy);
+        failed_in_a_row = if healthy { 0 } else { failed_in_a_row + 1 };
         let jitter = shared.rng.next_f64();
-        let tr = shared.with_machine(|m| m.health(healthy, Instant::now(), jitter));
+        let tr = if !healthy && failed_in_a_row >= probe.unhealthy_threshold.max(1) {
+            // The threshold is the probe's own, not the requests' consecutive-failure count.
+            shared.with_machine(|m| {
+                m.trip_if_closed(now, jitter)
+                    .or_else(|| m.health(false, now, jitter))
+            })
+        } else {
+            shared.with_machine(|m| m.health(healthy, now, jitter))
+        };
         tracing::debug!(backend = shared.backend.name(), healthy, "health probe");
         shared.apply(tr);
     }

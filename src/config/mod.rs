@@ -70,6 +70,8 @@ pub struct Config {
     pub timeouts: Option<TimeoutsConfig>,
     /// Circuit-breaker settings of every backend.
     pub circuit_breaker: Option<BreakerConfig>,
+    /// Health probes of every backend (none by default).
+    pub health_check: Option<HealthCheckConfig>,
     /// Settings of the gateway example.
     pub gateway: Option<GatewayConfig>,
 }
@@ -293,6 +295,23 @@ pub struct TimeoutsConfig {
     /// the backend has answered nothing at all, to it or any other request, for this long and
     /// for 10x its peers' answer time (default 10 000; 0 turns the watch off).
     pub silence_ms: Option<u64>,
+}
+
+/// Health probes (as Azure Application Gateway's): `GET {path}` on each backend's host, the
+/// path sent as written; durations in milliseconds.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheckConfig {
+    /// The path to `GET` (required), e.g. `/status-0123456789abcdef`.
+    pub path: Option<String>,
+    /// Time between probes (default 30 000).
+    pub interval_ms: Option<u64>,
+    /// How long a probe may take (default 30 000).
+    pub timeout_ms: Option<u64>,
+    /// The lowest and highest status that mean healthy (default `[200, 399]`).
+    pub healthy_statuses: Option<[u16; 2]>,
+    /// Failed probes in a row that take a backend out (default 2).
+    pub unhealthy_threshold: Option<u32>,
 }
 
 /// Circuit-breaker settings; durations in milliseconds.

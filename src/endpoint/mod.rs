@@ -320,8 +320,23 @@ impl Deployment {
     }
 }
 
+/// A crate-private request extension: send the request's path to the backend's host as it is
+/// written, without mapping it onto the provider's API paths (health probes).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct AsWritten;
+
 /// Rewrites `req` for `backend`.
 fn route<B>(backend: &Backend, req: &mut Request<B>) -> Result<(), error::InvalidTarget> {
+    if req.extensions().get::<AsWritten>().is_some() {
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(backend.scheme().clone());
+        parts.authority = Some(backend.authority().clone());
+        parts.path_and_query = req.uri().path_and_query().cloned();
+        *req.uri_mut() = Uri::from_parts(parts)
+            .map_err(|_| error::InvalidTarget::new(backend.name_arc().clone()))?;
+        finish_route(backend, req);
+        return Ok(());
+    }
     let uri = req.uri();
     let deployment = req.extensions().get::<Deployment>().map(|d| &*d.0);
     if deployment.is_none()

@@ -5,7 +5,7 @@
 //! |---|---|
 //! | `POST /v1/chat/completions`, `/v1/completions`, `/v1/embeddings`, `/v1/messages`, `GET /v1/models` | forwards through the stack; streamed answers stay streamed, chunk by chunk |
 //! | `GET /health` | `200 {"status":"ok"}` |
-//! | `GET /stats` | per backend: requests, 2xx, 429, 5xx, failures, in flight, circuit, cooling until |
+//! | `GET /stats` | per backend: requests, 2xx, 429, 5xx, failures, in flight, circuit, cooling until, last health probe |
 //!
 //! Every request gets an `x-request-id` (the caller's, or a new UUID) that goes to the backend
 //! on every attempt and comes back in the answer (tower-http's request-id layers).
@@ -488,6 +488,10 @@ async fn stats(State(gw): State<Gateway>, req: Request) -> Response {
                 "circuit": circuit,
                 "cooling_for_ms": cooling_ms,
                 "latency_ms": s.latency().map(|d| d.as_secs_f64() * 1e3),
+                "probe": s.last_probe().map(|(at, healthy)| serde_json::json!({
+                    "healthy": healthy,
+                    "ago_ms": now.saturating_duration_since(at).as_millis() as u64,
+                })),
             })
         })
         .collect();

@@ -666,6 +666,14 @@ fn route(method: &Method, path: &str, query: Option<&str>) -> Result<Route, Refu
         }
     };
     let want_get = |k: &str| (k == "models") == (method == Method::GET);
+    // A health endpoint, as load balancers probe (`/status-0123456789abcdef`, `/status`).
+    if method == Method::GET && path.starts_with("/status") {
+        return Ok(Route {
+            model: String::new(),
+            anthropic: false,
+            kind: "status",
+        });
+    }
     if path == "/v1/messages" && method == Method::POST {
         return Ok(Route {
             model: String::new(),
@@ -883,6 +891,9 @@ async fn answer(
         | Some(Fault::StreamError)
         | Some(Fault::OnPath(..))
         | None => {}
+    }
+    if route.kind == "status" {
+        return Some(full(StatusCode::OK, r#"{"status":"ok"}"#));
     }
     // Rate limits.
     let max_tokens = json
