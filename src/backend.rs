@@ -106,6 +106,7 @@ pub struct BackendBuilder {
     priority: u32,
     weight: f64,
     credential: Option<Credential>,
+    state: Option<BackendState>,
 }
 
 impl Backend {
@@ -123,6 +124,7 @@ impl Backend {
             priority: 0,
             weight: 1.0,
             credential: None,
+            state: None,
         }
     }
 
@@ -334,6 +336,12 @@ impl BackendBuilder {
         self
     }
 
+    /// Uses `state` instead of a fresh one (group members).
+    pub(crate) fn state(mut self, state: BackendState) -> Self {
+        self.state = Some(state);
+        self
+    }
+
     /// Validates and builds the backend.
     pub fn build(self) -> Result<Backend, InvalidBackend> {
         // Never echo a URL that may carry a password.
@@ -394,7 +402,7 @@ impl BackendBuilder {
                 priority: self.priority,
                 weight: self.weight,
                 credential: self.credential,
-                state: BackendState::new(),
+                state: self.state.unwrap_or_default(),
                 routes,
             }),
         })

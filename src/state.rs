@@ -81,6 +81,8 @@ struct Inner {
     /// A quota scope's endpoint (another deployment of the same resource): its circuit and
     /// breaker are the endpoint's; everything else is the scope's own.
     endpoint: Option<BackendState>,
+    /// A group member's state: available while one of these is, else free at their earliest.
+    members: Option<Arc<[BackendState]>>,
     /// The last health probe: when (ticks, 0: never) and whether it was healthy.
     probe_at: AtomicU64,
     probe_ok: std::sync::atomic::AtomicBool,
@@ -153,6 +155,7 @@ impl BackendState {
                 counters: Default::default(),
                 breaker: std::sync::OnceLock::new(),
                 endpoint: None,
+                members: None,
                 probe_at: AtomicU64::new(0),
                 probe_ok: std::sync::atomic::AtomicBool::new(false),
             }),
@@ -167,6 +170,16 @@ impl BackendState {
         if let Some(inner) = Arc::get_mut(&mut s.inner) {
             // A scope of a scope is a scope of the same endpoint.
             inner.endpoint = Some(endpoint.circuit_home().clone());
+        }
+        s
+    }
+
+    /// State for a member of a balance group that is itself a group of `members`: it can take a
+    /// request while one of them can, and is next free when the first of them is.
+    pub(crate) fn of_members(members: Arc<[BackendState]>) -> Self {
+        let mut s = Self::new();
+        if let Some(inner) = Arc::get_mut(&mut s.inner) {
+            inner.members = Some(members);
         }
         s
     }
@@ -213,6 +226,20 @@ impl BackendState {
     /// pickers' [`BackendState::availability`] read.
     fn blocked_until(&self) -> u64 {
         let i = &self.inner;
+        if let Some(members) = i.members.as_deref().filter(|m| !m.is_empty()) {
+            // Free when the first member is (in this state's ticks); a member never blocked
+            // (0) makes the group free.
+            let mut earliest = u64::MAX;
+            for m in members {
+                let b = m.blocked_until();
+                if b == 0 {
+                    return 0;
+                }
+                let at = m.instant_of(b).map_or(0, |t| self.ticks_of(t));
+                earliest = earliest.min(at);
+            }
+            return earliest;
+        }
         let open = match &i.endpoint {
             None if i.circuit.load(Acquire) == CIRCUIT_OPEN => i.circuit_until.load(Acquire),
             None => 0,

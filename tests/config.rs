@@ -490,3 +490,63 @@ async fn a_configured_health_check_takes_a_failing_backend_out_and_lets_it_back(
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert_eq!(a.counters().requests, before);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_throttled_arm_of_a_nested_group_is_skipped_while_its_sibling_has_room() {
+    use std::time::Duration;
+    use tower_llm_lb::mock::Fault;
+    let mocks: Vec<MockServer> = {
+        let mut v = Vec::new();
+        for key in ["a1", "a2", "b1", "b2"] {
+            v.push(MockServer::builder().api_key(key).start().await.unwrap());
+        }
+        v
+    };
+    let json = format!(
+        r#"{{
+          "backends": {{
+            "a1": {{ "provider": "azure", "url": "{}", "deployment": "d", "api_key": "a1" }},
+            "a2": {{ "provider": "azure", "url": "{}", "deployment": "d", "api_key": "a2" }},
+            "b1": {{ "provider": "azure", "url": "{}", "deployment": "d", "api_key": "b1" }},
+            "b2": {{ "provider": "azure", "url": "{}", "deployment": "d", "api_key": "b2" }}
+          }},
+          "strategy": {{ "mode": "loadbalance" }},
+          "targets": [
+            {{ "name": "arm-a", "strategy": {{ "mode": "loadbalance" }},
+               "targets": [ {{ "backend": "a1" }}, {{ "backend": "a2" }} ] }},
+            {{ "name": "arm-b", "strategy": {{ "mode": "fallback" }},
+               "targets": [ {{ "backend": "b1" }}, {{ "backend": "b2" }} ] }}
+          ]
+        }}"#,
+        mocks[0].url(),
+        mocks[1].url(),
+        mocks[2].url(),
+        mocks[3].url()
+    );
+    let svc = Config::from_json(&json)
+        .unwrap()
+        .build(http_client())
+        .unwrap();
+    // Arm a is out of quota for 30 s.
+    for m in &mocks[..2] {
+        m.set_fault(Some(Fault::Throttle(vec![(
+            "retry-after".into(),
+            "30".into(),
+        )])));
+    }
+    for _ in 0..20 {
+        let start = tokio::time::Instant::now();
+        let res = svc.clone().oneshot(chat("{}")).await.unwrap();
+        assert_eq!(res.status(), 200, "never a 429 while arm b has room");
+        assert!(
+            start.elapsed() < Duration::from_secs(1),
+            "no request waits: {:?}",
+            start.elapsed()
+        );
+    }
+    let throttled = mocks[0].counters().throttled + mocks[1].counters().throttled;
+    assert!(
+        throttled <= 2,
+        "arm a asked once per backend, then skipped: {throttled}"
+    );
+}

@@ -103,6 +103,9 @@ pub mod error {
 struct Slot<S> {
     backend: Backend,
     service: S,
+    /// A member that is itself a group: it must not wait for room inside, since this group
+    /// may have room elsewhere (its requests carry a zero wait budget).
+    group: bool,
 }
 
 struct Shared<S> {
@@ -286,14 +289,19 @@ impl<S> BalanceBuilder<S> {
 
     /// Adds a backend and its per-backend service.
     pub fn backend(mut self, backend: Backend, service: S) -> Self {
-        self.slots.push(Slot { backend, service });
+        self.slots.push(Slot {
+            backend,
+            service,
+            group: false,
+        });
         self
     }
 
     /// Adds a member that is not one backend but a group (another `Balance`, a `Fallback`),
-    /// with its weight and priority tier. Its availability is its own business: it is always
+    /// with its weight and priority tier, whose backends this group does not know: it is always
     /// eligible here, and a member with nothing free answers at once with
-    /// [`Unavailable`](error::Unavailable) so a `RetryAfter429` above moves on.
+    /// [`Unavailable`](error::Unavailable) so a `RetryAfter429` above moves on. Prefer
+    /// [`BalanceBuilder::member_of`], which skips a member with nothing free.
     ///
     /// Members of one group share a service type; box mixed ones into
     /// [`BoxTarget`](crate::fallback::BoxTarget).
@@ -307,7 +315,46 @@ impl<S> BalanceBuilder<S> {
         .priority(priority)
         .build();
         match built {
-            Ok(backend) => self.slots.push(Slot { backend, service }),
+            Ok(backend) => self.slots.push(Slot {
+                backend,
+                service,
+                group: false,
+            }),
+            Err(e) => self.error = Some(e.to_string()),
+        }
+        self
+    }
+
+    /// Like [`BalanceBuilder::member`], for a member that is a group of `backends` (their
+    /// states): it is picked only while one of them can take a request, and when none can,
+    /// this group says when the first of them will. A request sent to it does not wait inside
+    /// it for room (a `RetryAfter429` in it gets a zero wait budget): the `RetryAfter429`
+    /// above this group waits, or goes to another member, instead.
+    pub fn member_of(
+        mut self,
+        name: &str,
+        weight: f64,
+        priority: u32,
+        service: S,
+        backends: &[Backend],
+    ) -> Self {
+        let states: Arc<[crate::BackendState]> =
+            backends.iter().map(|b| b.state().clone()).collect();
+        let built = Backend::builder(
+            name,
+            "http://group.invalid",
+            crate::provider::Provider::OpenAi,
+        )
+        .weight(weight)
+        .priority(priority)
+        .state(crate::BackendState::of_members(states))
+        .build();
+        match built {
+            Ok(backend) => self.slots.push(Slot {
+                backend,
+                service,
+                group: true,
+            }),
             Err(e) => self.error = Some(e.to_string()),
         }
         self
@@ -594,7 +641,7 @@ where
     }
 
     #[inline]
-    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
         let now = Instant::now();
         // A request coming back for the slot it booked goes straight to that backend: its
         // admission was counted when the slot was booked.
@@ -634,6 +681,11 @@ where
                 let cost = req.extensions().get::<TokenCost>().map_or(0, |c| c.0);
                 slot.backend.state().admit_cost(now, cost);
                 Picked::note(&req, &slot.backend);
+                if slot.group {
+                    // Another member may have room: a group member answers at once.
+                    req.extensions_mut()
+                        .insert(crate::retry::MaxWait(Duration::ZERO));
+                }
                 tracing::trace!(
                     group = &*self.shared.name,
                     backend = slot.backend.name(),

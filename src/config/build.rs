@@ -709,9 +709,17 @@ where
                     if !weight.is_finite() || weight < 0.0 {
                         return err(&join(&p, "weight"), "must be a finite number >= 0");
                     }
+                    // The member is available while one of its backends is.
+                    let first = self.used.len();
                     let built = self.with_overrides(&p, c, i)?;
-                    balance =
-                        balance.member(&self.name_of(c, i), weight, c.priority.unwrap_or(0), built);
+                    let inside = self.used[first..].to_vec();
+                    balance = balance.member_of(
+                        &self.name_of(c, i),
+                        weight,
+                        c.priority.unwrap_or(0),
+                        built,
+                        &inside,
+                    );
                 }
                 let balance = balance
                     .build()
