@@ -305,24 +305,8 @@ impl<S> BalanceBuilder<S> {
     ///
     /// Members of one group share a service type; box mixed ones into
     /// [`BoxTarget`](crate::fallback::BoxTarget).
-    pub fn member(mut self, name: &str, weight: f64, priority: u32, service: S) -> Self {
-        let built = Backend::builder(
-            name,
-            "http://group.invalid",
-            crate::provider::Provider::OpenAi,
-        )
-        .weight(weight)
-        .priority(priority)
-        .build();
-        match built {
-            Ok(backend) => self.slots.push(Slot {
-                backend,
-                service,
-                group: false,
-            }),
-            Err(e) => self.error = Some(e.to_string()),
-        }
-        self
+    pub fn member(self, name: &str, weight: f64, priority: u32, service: S) -> Self {
+        self.push_member(name, weight, priority, service, None)
     }
 
     /// Like [`BalanceBuilder::member`], for a member that is a group of `backends` (their
@@ -331,7 +315,7 @@ impl<S> BalanceBuilder<S> {
     /// it for room (a `RetryAfter429` in it gets a zero wait budget): the `RetryAfter429`
     /// above this group waits, or goes to another member, instead.
     pub fn member_of(
-        mut self,
+        self,
         name: &str,
         weight: f64,
         priority: u32,
@@ -340,20 +324,41 @@ impl<S> BalanceBuilder<S> {
     ) -> Self {
         let states: Arc<[crate::BackendState]> =
             backends.iter().map(|b| b.state().clone()).collect();
-        let built = Backend::builder(
+        self.push_member(
+            name,
+            weight,
+            priority,
+            service,
+            Some(crate::BackendState::of_members(states)),
+        )
+    }
+
+    /// Adds a group member under a stand-in backend: with `state`, one that reads its
+    /// backends' states; without, one that is always eligible.
+    fn push_member(
+        mut self,
+        name: &str,
+        weight: f64,
+        priority: u32,
+        service: S,
+        state: Option<crate::BackendState>,
+    ) -> Self {
+        let group = state.is_some();
+        let mut builder = Backend::builder(
             name,
             "http://group.invalid",
             crate::provider::Provider::OpenAi,
         )
         .weight(weight)
-        .priority(priority)
-        .state(crate::BackendState::of_members(states))
-        .build();
-        match built {
+        .priority(priority);
+        if let Some(state) = state {
+            builder = builder.state(state);
+        }
+        match builder.build() {
             Ok(backend) => self.slots.push(Slot {
                 backend,
                 service,
-                group: true,
+                group,
             }),
             Err(e) => self.error = Some(e.to_string()),
         }
