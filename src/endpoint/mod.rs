@@ -412,11 +412,14 @@ where
             return ResponseFuture::failed(e.into());
         }
         let start = Instant::now();
-        let state = backend.state();
+        let (guard, awaiting) = {
+            let state = backend.state();
+            (state.start_request(), Some(state.await_head(start)))
+        };
         let record = Record {
-            guard: state.start_request(),
-            awaiting: Some(state.await_head(start)),
-            backend: backend.clone(),
+            guard,
+            awaiting,
+            backend,
             settings: self.settings.clone(),
             start,
             end_marker,
