@@ -207,6 +207,37 @@ impl fmt::Display for Exhausted {
 
 impl std::error::Error for Exhausted {}
 
+/// The request's deadline passed before an answer came: the attempt in flight was abandoned.
+/// Lists the attempts that had answered before it.
+#[derive(Clone, Debug)]
+pub struct DeadlineExceeded {
+    attempts: Vec<Attempt>,
+}
+
+impl DeadlineExceeded {
+    pub(crate) fn new(attempts: Vec<Attempt>) -> Self {
+        DeadlineExceeded { attempts }
+    }
+
+    /// The attempts that answered before the deadline, in order.
+    pub fn attempts(&self) -> &[Attempt] {
+        &self.attempts
+    }
+}
+
+impl fmt::Display for DeadlineExceeded {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("request deadline passed")?;
+        for (i, a) in self.attempts.iter().enumerate() {
+            f.write_str(if i == 0 { " after: " } else { "; " })?;
+            write!(f, "{a}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for DeadlineExceeded {}
+
 #[cfg(test)]
 mod tests {
     use super::*;

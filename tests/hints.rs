@@ -138,3 +138,47 @@ async fn an_http_date_hint_is_read_against_the_answer_s_own_date() {
     let ms = waited_ms(&res);
     assert!((1_000..=2_000).contains(&ms), "{ms} ms, not 120 000");
 }
+
+#[tokio::test(start_paused = true)]
+async fn no_wait_outlives_the_request_deadline() {
+    let m = throttling("slow-to-free", &[("retry-after", "3")]).await;
+    let settings = Settings {
+        retry: RetryAfter429Layer::new().deadline(Duration::from_millis(1500)),
+        ..Settings::default()
+    };
+    let start = tokio::time::Instant::now();
+    let res = group(&[&m], &settings).oneshot(chat("{}")).await.unwrap();
+    assert!(
+        start.elapsed() <= Duration::from_millis(1500),
+        "{:?}",
+        start.elapsed()
+    );
+    assert_eq!(res.status(), 429);
+    let ms = waited_ms(&res);
+    assert!((2_000..=3_000).contains(&ms), "an honest hint: {ms} ms");
+    assert_eq!(m.counters().requests, 1, "not re-sent into its wait");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_configured_request_timeout_bounds_a_slow_attempt_too() {
+    let m = MockServer::builder().name("slow").start().await.unwrap();
+    m.set_fault(Some(Fault::Slow(Duration::from_secs(5))));
+    let json = serde_json::json!({
+        "backends": { "slow": { "provider": "openai", "url": format!("{}/v1", m.url()) } },
+        "request_timeout": 1500
+    })
+    .to_string();
+    let svc = tower_llm_lb::config::Config::from_json(&json)
+        .unwrap()
+        .build(http_client())
+        .unwrap();
+    let start = tokio::time::Instant::now();
+    let out = svc.oneshot(chat("{}")).await;
+    let took = start.elapsed();
+    assert!(took <= Duration::from_millis(1600), "{took:?}");
+    let err = out.unwrap_err();
+    assert!(
+        tower_llm_lb::error::find::<tower_llm_lb::error::DeadlineExceeded>(&*err).is_some(),
+        "{err}"
+    );
+}

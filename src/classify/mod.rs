@@ -241,6 +241,7 @@ pub fn classify_error_chain(error: &(dyn StdError + 'static)) -> Outcome {
             };
         }
         if e.is::<crate::timeout::error::Elapsed>()
+            || e.is::<crate::error::DeadlineExceeded>()
             || e.is::<tokio::time::error::Elapsed>()
             || e.is::<tower::timeout::error::Elapsed>()
         {

@@ -20,6 +20,7 @@
 //! | a stream is cut upstream | an SSE `event: error` then a broken stream, never a clean end |
 //! | nothing free in time | `429` with `retry-after` / `retry-after-ms` when a retry time is known, else `503` |
 //! | the backend rejected the credential configured for it (401/403) | `502` `upstream_auth_error` naming the backend (its answer is not passed on) |
+//! | the request's deadline (`request_timeout`) passed before an answer | `504` `request_timeout` |
 //! | every attempt failed (5xx, timeouts, connect errors; none throttled) | `502` with an OpenAI-shaped error listing each attempt, and `retry-after` when a backend's circuit says when to come back |
 //! | request body over the cap | `413` |
 //! | missing or wrong client key | `401`; non-loopback client without keys configured: `403` |
@@ -348,6 +349,13 @@ pub fn response_for(e: &BoxError) -> Response {
 }
 
 fn error_for(e: &BoxError) -> Response {
+    if find::<crate::error::DeadlineExceeded>(&**e).is_some() {
+        return error_response(
+            StatusCode::GATEWAY_TIMEOUT,
+            "request_timeout",
+            &e.to_string(),
+        );
+    }
     // Every attempt failed (no throttling in them): a bad gateway, whatever the wait.
     let failed = find::<Exhausted>(&**e).filter(|x| {
         !x.attempts().is_empty() && x.attempts().iter().all(|a| a.outcome.is_failure())

@@ -25,7 +25,9 @@
 //! share of the request rate, so a failing group does not multiply its load; throttled
 //! requests go only where a backend has announced room, so they need no budget); a
 //! per-request wait budget (default 10 s); an overall deadline (the layer's, or a [`Deadline`]
-//! request extension, whichever is earlier). A client error is never retried, and nothing is
+//! request extension, whichever is earlier) that bounds the waits and the attempts too: past
+//! it an attempt still without an answer head is abandoned, and the caller gets the last 429
+//! (with its honest hint) or [`DeadlineExceeded`](crate::error::DeadlineExceeded). A client error is never retried, and nothing is
 //! retried once the response head was returned (a stream that breaks later is the caller's).
 //!
 //! Each retry carries a [`balance::Avoid`](crate::balance::Avoid) extension naming the backends
@@ -67,7 +69,7 @@ use crate::body::clone_request;
 use crate::classify::retry_after::set_retry_after;
 use crate::classify::{Outcome, classify_error_chain};
 use crate::endpoint::{Served, answered_by};
-use crate::error::{Attempt, BoxError, Exhausted};
+use crate::error::{Attempt, BoxError, DeadlineExceeded, Exhausted};
 pub use budget::RetryBudget;
 
 /// A request's overall deadline, as a request extension. `RetryAfter429` never waits past it.
@@ -308,19 +310,28 @@ where
             last_failed: false,
         };
         if let Some(after) = self.settings.hedge_after {
+            let fut = hedged(ctx, req, after, start);
+            let fut: BoxFut<_> = match deadline {
+                Some(d) => Box::pin(async move {
+                    tokio::time::timeout_at(d, fut)
+                        .await
+                        .unwrap_or_else(|_| Err(DeadlineExceeded::new(Vec::new()).into()))
+                }),
+                None => Box::pin(fut),
+            };
             return ResponseFuture {
-                state: RetryState::Retrying {
-                    fut: Box::pin(hedged(ctx, req, after, start)),
-                },
+                state: RetryState::Retrying { fut },
             };
         }
         // The first attempt carries no wait budget (inserting one would allocate on every
-        // request); a refused request's later attempts do, so their slots get booked.
+        // request); a refused request's later attempts do, so their slots get booked. A timer
+        // only with a deadline.
         ResponseFuture {
             state: RetryState::First {
                 fut: ReadyCall::new(self.inner.clone(), req),
                 ctx: Some(ctx),
                 started: start,
+                deadline: deadline.map(|d| Box::pin(tokio::time::sleep_until(d))),
             },
         }
     }
@@ -382,7 +393,13 @@ pin_project! {
 pin_project! {
     #[project = RetryProj]
     enum RetryState<S: Service<Request<B>>, B, ResB> {
-        First { #[pin] fut: ReadyCall<S, Request<B>>, ctx: Option<Ctx<S, B>>, started: Instant },
+        First {
+            #[pin] fut: ReadyCall<S, Request<B>>,
+            ctx: Option<Ctx<S, B>>,
+            started: Instant,
+            // Boxed: only requests with a deadline have one.
+            deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+        },
         Retrying { fut: BoxFut<Result<Response<ResB>, BoxError>> },
     }
 }
@@ -598,13 +615,20 @@ where
             .insert(crate::balance::WaitBudget(ctx.wait_budget(Instant::now())));
         let started = Instant::now();
         let span = tracing::debug_span!("attempt", n = ctx.attempts.len() + 1, turn, wait = ?wait);
-        let result = ctx
-            .inner
-            .clone()
-            .oneshot(req)
-            .instrument(span)
-            .await
-            .map_err(Into::into);
+        let attempt = ctx.inner.clone().oneshot(req).instrument(span);
+        let result = match ctx.deadline {
+            Some(d) => match tokio::time::timeout_at(d, attempt).await {
+                Ok(r) => r.map_err(Into::into),
+                // Past the deadline: the last answer, if it was a 429, with its honest hint;
+                // else the attempts so far.
+                Err(_) if last.is_some() => {
+                    ended_refused = false;
+                    break;
+                }
+                Err(_) => return Err(DeadlineExceeded::new(ctx.attempts).into()),
+            },
+            None => attempt.await.map_err(Into::into),
+        };
         match judge(&mut ctx, result, started) {
             Step::Done(r) => return r,
             Step::Retry {
@@ -745,8 +769,22 @@ where
         let mut this = self.project();
         loop {
             match this.state.as_mut().project() {
-                RetryProj::First { fut, ctx, started } => {
-                    let result = ready!(fut.poll(cx));
+                RetryProj::First {
+                    fut,
+                    ctx,
+                    started,
+                    deadline,
+                } => {
+                    let result = match fut.poll(cx) {
+                        Poll::Ready(r) => r,
+                        Poll::Pending => {
+                            if let Some(sleep) = deadline {
+                                ready!(sleep.as_mut().poll(cx));
+                                return Poll::Ready(Err(DeadlineExceeded::new(Vec::new()).into()));
+                            }
+                            return Poll::Pending;
+                        }
+                    };
                     let Some(mut c) = ctx.take() else {
                         return Poll::Ready(Err("polled after completion".into()));
                     };
