@@ -27,7 +27,7 @@
 //! per-request wait budget (default 10 s); an overall deadline (the layer's, or a [`Deadline`]
 //! request extension, whichever is earlier) that bounds the waits and the attempts too: past
 //! it an attempt still without an answer head is abandoned, and the caller gets the last 429
-//! (with its honest hint) or [`DeadlineExceeded`](crate::error::DeadlineExceeded). A client error is never retried, and nothing is
+//! (with its honest hint) or [`DeadlineExceeded`]. A client error is never retried, and nothing is
 //! retried once the response head was returned (a stream that breaks later is the caller's).
 //!
 //! Each retry carries a [`balance::Avoid`](crate::balance::Avoid) extension naming the backends
