@@ -47,6 +47,8 @@ struct Inner {
     epoch: Instant,
     cooldown_until: AtomicU64,
     throttle_streak: AtomicU32,
+    /// Credential rejections in a row (401/403 to our credential), reset by a success.
+    rejections: AtomicU32,
     circuit: AtomicU8,
     circuit_until: AtomicU64,
     in_flight: AtomicUsize,
@@ -134,6 +136,7 @@ impl BackendState {
                 epoch: Instant::now(),
                 cooldown_until: AtomicU64::new(0),
                 throttle_streak: AtomicU32::new(0),
+                rejections: AtomicU32::new(0),
                 circuit: AtomicU8::new(CIRCUIT_CLOSED),
                 circuit_until: AtomicU64::new(0),
                 in_flight: AtomicUsize::new(0),
@@ -458,11 +461,19 @@ impl BackendState {
         self.inner.throttle_streak.load(Acquire)
     }
 
-    /// Resets the throttle streak (after a success).
+    /// Resets the throttle streak (after a success), and the credential rejections.
     pub fn reset_throttle_streak(&self) {
         if self.inner.throttle_streak.load(Relaxed) != 0 {
             self.inner.throttle_streak.store(0, Release);
         }
+        if self.inner.rejections.load(Relaxed) != 0 {
+            self.inner.rejections.store(0, Release);
+        }
+    }
+
+    /// Counts one more rejection of our credential in a row; returns how many.
+    pub(crate) fn note_rejected(&self) -> u32 {
+        self.inner.rejections.fetch_add(1, AcqRel).saturating_add(1)
     }
 
     // ---- circuit ----

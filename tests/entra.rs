@@ -286,3 +286,32 @@ async fn an_azure_sdk_credential_plugs_in_as_a_token_source() {
     }
     assert_eq!(sdk.calls.load(std::sync::atomic::Ordering::SeqCst), 1);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_revoked_token_is_replaced_after_one_401_and_the_request_still_succeeds() {
+    let (tokens, llm, source) = setup(Duration::from_secs(3600)).await;
+    let backend = backend(&llm, Credential::token_source(source));
+    let svc = tower_llm_lb::stack::group(
+        "east",
+        [backend.clone()],
+        http_client(),
+        &tower_llm_lb::stack::Settings::default(),
+    )
+    .unwrap();
+    assert_eq!(svc.clone().oneshot(chat("{}")).await.unwrap().status(), 200);
+    assert_eq!(tokens.fetches(), 1);
+    // The token is revoked before it expires: the backend answers 401 to it.
+    tokens.registry().revoke_all();
+    let res = svc.clone().oneshot(chat("{}")).await.unwrap();
+    assert_eq!(
+        res.status(),
+        200,
+        "a new token, and the request goes through"
+    );
+    assert_eq!(tokens.fetches(), 2, "one refresh forced by the 401");
+    assert_eq!(llm.counters().unauthorized, 1);
+    assert!(
+        backend.state().unavailable_until(Instant::now()).is_none(),
+        "a token credential is not taken out on its first 401"
+    );
+}

@@ -109,6 +109,14 @@ pub(crate) enum Kind {
 }
 
 impl Credential {
+    /// The token cache of a token credential.
+    pub(crate) fn cache(&self) -> Option<&TokenCache> {
+        match &self.0 {
+            Kind::Token(cache) => Some(cache),
+            Kind::Header(..) => None,
+        }
+    }
+
     /// A static secret sent in the header `kind` names.
     pub fn new(kind: CredentialKind, secret: &str) -> Result<Credential, InvalidCredential> {
         let (name, prefix) = match kind {

@@ -113,6 +113,12 @@ impl TokenCache {
         }
     }
 
+    /// Forgets the cached token (a backend rejected it: revoked, or its role changed), so the
+    /// next request fetches a new one.
+    pub fn invalidate(&self) {
+        self.inner.current.store(None);
+    }
+
     /// The source's name.
     pub fn source_name(&self) -> &str {
         self.inner.source.name()

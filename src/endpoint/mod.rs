@@ -602,12 +602,22 @@ impl Record {
             }
             Outcome::CredentialRejected { status } => {
                 let was_available = state.is_available(now);
-                let streak = state.note_throttled();
+                let mut streak = state.note_rejected();
+                // A token may have been revoked: the first rejection only forces a new one
+                // (the next attempt on this backend, after the retry layer's backoff where
+                // there is no other backend, carries it); a fresh token rejected too is a
+                // broken backend.
+                if let Some(cache) = self.backend.credential().and_then(|c| c.cache()) {
+                    cache.invalidate();
+                    streak = streak.saturating_sub(1);
+                }
                 let wait = CREDENTIAL_COOLDOWN
                     .saturating_mul(2u32.saturating_pow(streak.saturating_sub(1).min(6)))
                     .min(Duration::from_secs(3600));
-                state.extend_cooldown(now + wait);
-                if was_available {
+                if streak > 0 {
+                    state.extend_cooldown(now + wait);
+                }
+                if was_available && streak > 0 {
                     tracing::error!(
                         backend = self.backend.name(),
                         status = status.as_u16(),

@@ -24,6 +24,15 @@ pub struct TokenRegistry {
 }
 
 impl TokenRegistry {
+    /// Revokes every token issued so far (a role removed, a secret rotated): they are refused
+    /// from now on, though not expired.
+    pub fn revoke_all(&self) {
+        self.tokens
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+    }
+
     /// True when `token` was issued and has not expired at `now`.
     pub fn valid(&self, token: &str, now: Instant) -> bool {
         self.tokens
