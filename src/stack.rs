@@ -116,6 +116,8 @@ pub struct Settings {
     /// by [`group`] on the current tokio runtime, stopped when the stack is dropped. A backend
     /// failing its probe takes no traffic (its circuit opens); one healthy probe lets it back.
     pub health: Option<crate::circuit_breaker::HealthProbe>,
+    /// Health probes of single backends by name, in place of [`Settings::health`].
+    pub health_for: std::collections::BTreeMap<String, crate::circuit_breaker::HealthProbe>,
 }
 
 impl Default for Settings {
@@ -130,6 +132,7 @@ impl Default for Settings {
             endpoint: None,
             rng: None,
             health: None,
+            health_for: std::collections::BTreeMap::new(),
         }
     }
 }
@@ -200,7 +203,11 @@ where
             .layer(timeouts)
             .layer(AuthInjectLayer::for_backend(b))
             .service(client.clone());
-        if let Some(probe) = &settings.health
+        let probe = settings
+            .health_for
+            .get(b.name())
+            .or(settings.health.as_ref());
+        if let Some(probe) = probe
             && let Err(e) = svc.spawn_health_probe(probe.clone())
         {
             probe_error = Some(e);

@@ -550,3 +550,55 @@ async fn a_throttled_arm_of_a_nested_group_is_skipped_while_its_sibling_has_room
         "arm a asked once per backend, then skipped: {throttled}"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_backend_s_own_health_check_replaces_the_group_s_and_thresholds_go_both_ways() {
+    use std::time::Duration;
+    use tower_llm_lb::mock::Fault;
+    use tower_llm_lb::state::Circuit;
+    let a = MockServer::builder().api_key("ka").start().await.unwrap();
+    let b = MockServer::builder().api_key("kb").start().await.unwrap();
+    let json = format!(
+        r#"{{
+          "backends": {{
+            "a": {{ "provider": "azure", "url": "{}", "deployment": "d", "api_key": "ka",
+                    "health_check": {{ "path": "/status-a", "interval_ms": 1000,
+                                       "unhealthy_threshold": 3, "healthy_threshold": 2 }} }},
+            "b": {{ "provider": "azure", "url": "{}", "deployment": "d", "api_key": "kb" }}
+          }},
+          "health_check": {{ "path": "/status-all", "interval_ms": 1000 }}
+        }}"#,
+        a.url(),
+        b.url()
+    );
+    let (_svc, backends) = Config::from_json(&json)
+        .unwrap()
+        .build_with_backends(http_client())
+        .unwrap();
+    a.set_fault(Some(Fault::Status(503)));
+    // Three failed probes (at 0, 1 and 2 s) take it out, not two.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(backends[0].state().circuit(), Circuit::Closed);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(matches!(
+        backends[0].state().circuit(),
+        Circuit::Open { .. }
+    ));
+    // Two healthy probes let it back, not one.
+    a.set_fault(None);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(matches!(
+        backends[0].state().circuit(),
+        Circuit::Open { .. }
+    ));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(backends[0].state().circuit(), Circuit::Closed);
+    // Each backend is probed on its own path.
+    assert!(a.requests().iter().all(|r| r.path_and_query == "/status-a"));
+    assert!(!b.requests().is_empty());
+    assert!(
+        b.requests()
+            .iter()
+            .all(|r| r.path_and_query == "/status-all")
+    );
+}

@@ -665,8 +665,9 @@ pub struct HealthProbe {
     /// The statuses that mean healthy (default 200-399, as Application Gateway).
     pub healthy: std::ops::RangeInclusive<u16>,
     /// Failed probes in a row that take the backend out (default 2; its circuit opens).
-    /// One healthy probe lets it back in.
     pub unhealthy_threshold: u32,
+    /// Healthy probes in a row that let it back in (default 1).
+    pub healthy_threshold: u32,
 }
 
 impl Default for HealthProbe {
@@ -677,6 +678,7 @@ impl Default for HealthProbe {
             timeout: Duration::from_secs(30),
             healthy: 200..=399,
             unhealthy_threshold: 2,
+            healthy_threshold: 1,
         }
     }
 }
@@ -737,7 +739,7 @@ where
     use tower::ServiceExt;
     let mut ticker = tokio::time::interval(probe.interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut failed_in_a_row = 0u32;
+    let (mut failed_in_a_row, mut healthy_in_a_row) = (0u32, 0u32);
     loop {
         ticker.tick().await;
         if weak.strong_count() == 0 {
@@ -755,8 +757,13 @@ where
         let now = Instant::now();
         shared.backend.state().note_probe(now, healthy);
         failed_in_a_row = if healthy { 0 } else { failed_in_a_row + 1 };
+        healthy_in_a_row = if healthy { healthy_in_a_row + 1 } else { 0 };
         let jitter = shared.rng.next_f64();
-        let tr = if !healthy && failed_in_a_row >= probe.unhealthy_threshold.max(1) {
+        let out = shared.backend.state().circuit() != Circuit::Closed;
+        let tr = if healthy && out && healthy_in_a_row < probe.healthy_threshold.max(1) {
+            // Not healthy long enough to come back yet.
+            None
+        } else if !healthy && failed_in_a_row >= probe.unhealthy_threshold.max(1) {
             // The threshold is the probe's own, not the requests' consecutive-failure count.
             shared.with_machine(|m| {
                 m.trip_if_closed(now, jitter)

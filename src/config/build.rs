@@ -236,41 +236,56 @@ fn settings(config: &Config) -> Result<Settings, ConfigError> {
         return err("request_timeout", "must be > 0");
     }
     if let Some(h) = &config.health_check {
-        let d = crate::circuit_breaker::HealthProbe::default();
-        let Some(path) = &h.path else {
-            return err("health_check.path", "missing");
-        };
-        if !path.starts_with('/') || path.parse::<http::Uri>().is_err() {
-            return err("health_check.path", "must be a path starting with '/'");
+        s.health = Some(health_probe("health_check", h)?);
+    }
+    for (name, b) in &config.backends {
+        if let Some(h) = &b.health_check {
+            let probe = health_probe(&format!("backends.{name}.health_check"), h)?;
+            s.health_for.insert(name.clone(), probe);
         }
-        for (field, v) in [("interval_ms", h.interval_ms), ("timeout_ms", h.timeout_ms)] {
-            if v == Some(0) {
-                return err(&format!("health_check.{field}"), "must be > 0");
-            }
-        }
-        let healthy = match h.healthy_statuses {
-            Some([lo, hi]) if lo <= hi && (100..=599).contains(&lo) && hi <= 599 => lo..=hi,
-            Some(_) => {
-                return err(
-                    "health_check.healthy_statuses",
-                    "must be [lowest, highest], statuses from 100 to 599",
-                );
-            }
-            None => d.healthy.clone(),
-        };
-        s.health = Some(crate::circuit_breaker::HealthProbe {
-            path: path.clone(),
-            interval: h.interval_ms.map_or(d.interval, ms),
-            timeout: h.timeout_ms.map_or(d.timeout, ms),
-            healthy,
-            unhealthy_threshold: h
-                .unhealthy_threshold
-                .unwrap_or(d.unhealthy_threshold)
-                .max(1),
-        });
     }
     s.retry = retry_layer("retry", config.retry.as_ref(), config.request_timeout)?;
     Ok(s)
+}
+
+/// A validated health probe from its config at `path`.
+fn health_probe(
+    path: &str,
+    h: &super::HealthCheckConfig,
+) -> Result<crate::circuit_breaker::HealthProbe, ConfigError> {
+    let d = crate::circuit_breaker::HealthProbe::default();
+    let Some(probe_path) = &h.path else {
+        return err(&format!("{path}.path"), "missing");
+    };
+    if !probe_path.starts_with('/') || probe_path.parse::<http::Uri>().is_err() {
+        return err(&format!("{path}.path"), "must be a path starting with '/'");
+    }
+    for (field, v) in [("interval_ms", h.interval_ms), ("timeout_ms", h.timeout_ms)] {
+        if v == Some(0) {
+            return err(&format!("{path}.{field}"), "must be > 0");
+        }
+    }
+    let healthy = match h.healthy_statuses {
+        Some([lo, hi]) if lo <= hi && (100..=599).contains(&lo) && hi <= 599 => lo..=hi,
+        Some(_) => {
+            return err(
+                &format!("{path}.healthy_statuses"),
+                "must be [lowest, highest], statuses from 100 to 599",
+            );
+        }
+        None => d.healthy.clone(),
+    };
+    Ok(crate::circuit_breaker::HealthProbe {
+        path: probe_path.clone(),
+        interval: h.interval_ms.map_or(d.interval, ms),
+        timeout: h.timeout_ms.map_or(d.timeout, ms),
+        healthy,
+        unhealthy_threshold: h
+            .unhealthy_threshold
+            .unwrap_or(d.unhealthy_threshold)
+            .max(1),
+        healthy_threshold: h.healthy_threshold.unwrap_or(d.healthy_threshold).max(1),
+    })
 }
 
 fn retry_layer(
@@ -564,6 +579,7 @@ where
                     entra: t.entra.clone(),
                     priority: t.priority,
                     weight: t.weight,
+                    health_check: None,
                 };
                 return backend_from(path, &name, &def, &mut self.caches);
             }

@@ -103,6 +103,8 @@ pub struct BackendConfig {
     pub priority: Option<u32>,
     /// Weight within the tier (default 1; 0 receives nothing).
     pub weight: Option<f64>,
+    /// This backend's health probe, in place of the top-level `health_check`.
+    pub health_check: Option<HealthCheckConfig>,
 }
 
 impl fmt::Debug for BackendConfig {
@@ -312,6 +314,8 @@ pub struct HealthCheckConfig {
     pub healthy_statuses: Option<[u16; 2]>,
     /// Failed probes in a row that take a backend out (default 2).
     pub unhealthy_threshold: Option<u32>,
+    /// Healthy probes in a row that let it back in (default 1).
+    pub healthy_threshold: Option<u32>,
 }
 
 /// Circuit-breaker settings; durations in milliseconds.
