@@ -8,7 +8,7 @@
 //! | layer | what it does |
 //! |---|---|
 //! | [`fallback::Fallback`] | an ordered chain of targets (deployments, models, providers, groups) with per-target JSON overrides, one deadline, attribution |
-//! | [`balance::Balance`] | spreads requests over backends by priority tier and weight, skipping ones cooling down or open; spends each backend's remaining quota then paces it |
+//! | [`balance::Balance`] / [`balance::BalanceLayer`] | spreads requests over backends by priority tier, load and weight, skipping ones cooling down, open or silent; spends each backend's remaining quota then paces it (requests and tokens); as a layer, one client serves every backend |
 //! | [`retry::RetryAfter429`] | absorbs 429s: retries elsewhere at once, waits for the earliest free backend only within a budget and deadline, else answers with an honest `retry-after` |
 //! | [`circuit_breaker::CircuitBreaker`] | per backend: stops sending to a failing backend, probes it back, never ejects more than a share of a group |
 //! | [`auth::AuthInject`] | per backend: strips the caller's credentials, injects the backend's own (`api-key`, bearer, refreshed token) |
