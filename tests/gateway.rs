@@ -322,3 +322,44 @@ async fn a_backend_rejecting_the_configured_key_is_a_502_that_never_shows_its_an
     assert!(body.contains("credential rejected"), "{body}");
     assert!(!body.contains("stale-secret-key"), "{body}");
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_error_body_that_is_not_json_becomes_an_openai_shaped_error_with_its_status() {
+    let m = MockServer::builder().api_key("k").start().await.unwrap();
+    let json = serde_json::json!({ "backends": {
+        "a": { "provider": "azure", "url": m.url(), "deployment": "gpt-4o", "api_key": "k" },
+    }})
+    .to_string();
+    let gw = start(&json).await;
+    let ask = || async {
+        let res = send(post(format!("{}/v1/chat/completions", gw.url), None, "{}")).await;
+        let status = res.status();
+        let body = text(res).await;
+        let v: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+        (status, v)
+    };
+    // A proxy's HTML page.
+    m.set_fault(Some(Fault::Page(
+        400,
+        "<html><body><h1>400 Bad Request</h1>\r\n\u{1}nginx</body></html>".into(),
+    )));
+    let (status, v) = ask().await;
+    assert_eq!(status, 400);
+    let message = v["error"]["message"].as_str().unwrap();
+    assert!(message.contains("400 Bad Request"), "{message}");
+    assert!(
+        !message.contains('\u{1}') && !message.contains('\n'),
+        "sanitised: {message}"
+    );
+    assert_eq!(v["error"]["type"], "upstream_error");
+    // An empty 503 (every attempt fails the same way).
+    m.set_fault(Some(Fault::Page(503, String::new())));
+    let (status, v) = ask().await;
+    assert!(status.is_server_error(), "{status}");
+    assert!(v["error"]["message"].is_string(), "{v}");
+    // A JSON error passes as it came.
+    m.set_fault(Some(Fault::Status(404)));
+    let (status, v) = ask().await;
+    assert_eq!(status, 404);
+    assert_eq!(v["error"]["message"], "injected fault");
+}

@@ -17,6 +17,7 @@
 //! | outcome | answer |
 //! |---|---|
 //! | a backend answered | its status, headers and body, plus `x-llm-lb-backend` and `x-llm-lb-attempts` |
+//! | a backend answered an error whose body is not a JSON error (an HTML page, truncated JSON, empty) | the same status with an OpenAI-shaped JSON error carrying a short, sanitised excerpt |
 //! | a stream is cut upstream | an SSE `event: error` then a broken stream, never a clean end |
 //! | nothing free in time | `429` with `retry-after` / `retry-after-ms` when a retry time is known, else `503` |
 //! | the backend rejected the credential configured for it (401/403) | `502` `upstream_auth_error` naming the backend (its answer is not passed on) |
@@ -267,6 +268,9 @@ async fn forward(State(gw): State<Gateway>, req: Request) -> Response {
     match gw.service.clone().oneshot(out).await {
         Ok(res) => {
             tracing::info!(status = res.status().as_u16(), elapsed = ?started.elapsed(), "forwarded");
+            if res.status().as_u16() >= 400 {
+                return shaped_error(res).await;
+            }
             into_axum(res)
         }
         Err(e) => {
@@ -274,6 +278,73 @@ async fn forward(State(gw): State<Gateway>, req: Request) -> Response {
             error_for(&e)
         }
     }
+}
+
+/// The most of an upstream error body read to check its shape.
+const ERROR_BODY_LIMIT: usize = 64 * 1024;
+
+/// An upstream error answer as OpenAI SDKs parse it: passed on when its body is an
+/// OpenAI- or Anthropic-shaped JSON error, otherwise (an HTML page from a proxy, truncated
+/// JSON, an empty body) replaced by one, keeping the status and a short, sanitised excerpt.
+async fn shaped_error(res: http::Response<LlmBody>) -> Response {
+    use http_body_util::BodyExt;
+    let status = res.status();
+    let backend = res
+        .extensions()
+        .get::<Served>()
+        .map(|s| s.backend.name().to_string());
+    let is_rejected_credential = res
+        .extensions()
+        .get::<Served>()
+        .is_some_and(|s| matches!(s.outcome, crate::Outcome::CredentialRejected { .. }));
+    if is_rejected_credential {
+        return into_axum(res);
+    }
+    let (parts, body) = res.into_parts();
+    let bytes = match http_body_util::Limited::new(body, ERROR_BODY_LIMIT)
+        .collect()
+        .await
+    {
+        Ok(c) => c.to_bytes(),
+        Err(_) => Bytes::new(),
+    };
+    let shaped = serde_json::from_slice::<serde_json::Value>(&bytes)
+        .ok()
+        .is_some_and(|v| v.get("error").is_some_and(|e| e.is_object()));
+    let mut parts = parts;
+    attribute(&mut parts);
+    if shaped {
+        parts.headers.remove(http::header::CONTENT_LENGTH);
+        return Response::from_parts(parts, Body::from(bytes));
+    }
+    let excerpt: String = String::from_utf8_lossy(&bytes)
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(200)
+        .collect();
+    let excerpt = excerpt.split_whitespace().collect::<Vec<_>>().join(" ");
+    let from = backend.map_or_else(String::new, |b| format!(" from backend {b}"));
+    let message = if excerpt.is_empty() {
+        format!(
+            "upstream answered {}{from} with an empty body",
+            status.as_u16()
+        )
+    } else {
+        format!("upstream answered {}{from}: {excerpt}", status.as_u16())
+    };
+    let mut out = error_response(status, "upstream_error", &message);
+    // Keep what tells the caller when to come back, and the attribution.
+    for name in [
+        "retry-after",
+        "retry-after-ms",
+        "x-llm-lb-backend",
+        "x-llm-lb-attempts",
+    ] {
+        if let Some(v) = parts.headers.get(name) {
+            out.headers_mut().insert(name, v.clone());
+        }
+    }
+    out
 }
 
 fn into_axum(res: http::Response<LlmBody>) -> Response {
@@ -292,6 +363,23 @@ fn into_axum(res: http::Response<LlmBody>) -> Response {
         );
     }
     let (mut parts, body) = res.into_parts();
+    attribute(&mut parts);
+    let sse = parts
+        .headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"));
+    let body = Body::new(StreamGuard {
+        inner: body,
+        sse,
+        failed: None,
+        flushed: false,
+    });
+    Response::from_parts(parts, body)
+}
+
+/// Hop-by-hop headers out; `x-llm-lb-backend` and `x-llm-lb-attempts` in.
+fn attribute(parts: &mut http::response::Parts) {
     for h in HOP_BY_HOP {
         parts.headers.remove(h);
     }
@@ -313,18 +401,6 @@ fn into_axum(res: http::Response<LlmBody>) -> Response {
             parts.headers.insert("x-llm-lb-attempts", v);
         }
     }
-    let sse = parts
-        .headers
-        .get(http::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("text/event-stream"));
-    let body = Body::new(StreamGuard {
-        inner: body,
-        sse,
-        failed: None,
-        flushed: false,
-    });
-    Response::from_parts(parts, body)
 }
 
 /// The answer the gateway gives for an error of the stack: an OpenAI-shaped JSON error with

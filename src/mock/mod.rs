@@ -78,6 +78,8 @@ pub enum Fault {
     /// The inner fault, only for requests whose path contains the text (one deployment of a
     /// resource out of quota while another is not).
     OnPath(String, Box<Fault>),
+    /// Answer this status with this body as `text/html` (a proxy's error page; empty: no body).
+    Page(u16, String),
 }
 
 /// The credential a [`MockServer`] requires.
@@ -862,6 +864,13 @@ async fn answer(
         Some(Fault::Hang) => std::future::pending::<()>().await,
         Some(Fault::Reset) => return None,
         Some(Fault::Slow(d)) => tokio::time::sleep(*d).await,
+        Some(Fault::Page(status, page)) => {
+            let status = StatusCode::from_u16(*status).unwrap_or(StatusCode::BAD_GATEWAY);
+            let mut res = full(status, page.clone());
+            res.headers_mut()
+                .insert("content-type", HeaderValue::from_static("text/html"));
+            return Some(res);
+        }
         Some(Fault::Throttle(headers)) => {
             let mut res = error_json(
                 StatusCode::TOO_MANY_REQUESTS,
