@@ -82,9 +82,13 @@ use crate::timeout::{AttemptTimeoutLayer, SilenceWatch, TimeoutBody, WatchedTime
 /// The response body of the stacks built here: the backend's body, streamed.
 pub type LlmBody = ResponseBody<TimeoutBody<Incoming>>;
 
+/// The stack [`group_over`] (and `Config::build_over`) builds over a client whose response
+/// body is `ResB`; [`LlmService`] is this over a hyper client.
+pub type StackOver<ResB> = crate::boxed::BoxTarget<ResponseBody<TimeoutBody<ResB>>>;
+
 /// A whole stack behind one type: cloneable (by reference count), `Send + Sync`, over
 /// replayable requests. See [`BoxTarget`](crate::boxed::BoxTarget).
-pub type LlmService = crate::boxed::BoxTarget<LlmBody>;
+pub type LlmService = StackOver<Incoming>;
 
 /// How [`group`] builds its layers.
 #[derive(Clone, Debug)]
@@ -159,7 +163,7 @@ pub fn group_over<C, ResB>(
     backends: impl IntoIterator<Item = Backend>,
     client: C,
     settings: &Settings,
-) -> Result<crate::boxed::BoxTarget<ResponseBody<TimeoutBody<ResB>>>, BoxError>
+) -> Result<StackOver<ResB>, BoxError>
 where
     C: Service<Request<ReplayBody>, Response = Response<ResB>> + Clone + Send + Sync + 'static,
     C::Error: Into<BoxError>,

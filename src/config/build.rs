@@ -17,16 +17,14 @@ use crate::auth::{Credential, CredentialKind, TokenCache, TokenSource};
 use crate::backend::Backend;
 use crate::balance::{Balance, Strategy};
 use crate::body::ReplayBody;
-use crate::body::ResponseBody;
 use crate::boxed::BoxTarget;
 use crate::circuit_breaker::Policy;
 use crate::error::BoxError;
 use crate::fallback::{Fallback, Overrides};
 use crate::provider::{DEFAULT_ANTHROPIC_VERSION, DEFAULT_AZURE_API_VERSION, Provider};
 use crate::retry::RetryAfter429Layer;
-use crate::stack::{self, LlmService, Settings};
+use crate::stack::{self, LlmService, Settings, StackOver};
 use crate::timeout::AttemptTimeoutLayer;
-use crate::timeout::TimeoutBody;
 use std::sync::Arc;
 
 /// A configuration that cannot be used: the path of the bad field and why. Never contains a
@@ -118,11 +116,10 @@ impl Config {
     /// Like [`Config::build_with_backends`], over any client whose response body streams
     /// `Bytes`: a client with its own connector, or already wrapped in layers that change the
     /// body type (decompression, tracing, a `MapResponse`).
-    #[allow(clippy::type_complexity)]
     pub fn build_over<C, ResB>(
         &self,
         client: C,
-    ) -> Result<(BoxTarget<ResponseBody<TimeoutBody<ResB>>>, Vec<Backend>), ConfigError>
+    ) -> Result<(StackOver<ResB>, Vec<Backend>), ConfigError>
     where
         C: Service<Request<ReplayBody>, Response = Response<ResB>> + Clone + Send + Sync + 'static,
         C::Error: Into<BoxError>,
@@ -502,9 +499,6 @@ fn join(path: &str, field: &str) -> String {
     }
 }
 
-/// What the stack built over a client with response body `ResB` answers with.
-type Built<ResB> = BoxTarget<ResponseBody<TimeoutBody<ResB>>>;
-
 impl<C, ResB> Ctx<'_, C, ResB>
 where
     C: Service<Request<ReplayBody>, Response = Response<ResB>> + Clone + Send + Sync + 'static,
@@ -645,7 +639,7 @@ where
         path: &str,
         t: &TargetConfig,
         index: Option<usize>,
-    ) -> Result<Built<ResB>, ConfigError> {
+    ) -> Result<StackOver<ResB>, ConfigError> {
         let name = self.name_of(t, index.unwrap_or(0));
         if t.targets.is_empty() {
             if t.strategy.is_some() {
@@ -754,7 +748,7 @@ where
         path: &str,
         t: &TargetConfig,
         index: usize,
-    ) -> Result<Built<ResB>, ConfigError> {
+    ) -> Result<StackOver<ResB>, ConfigError> {
         self.node(path, t, Some(index))
     }
 
@@ -765,7 +759,7 @@ where
         path: &str,
         t: &TargetConfig,
         index: usize,
-    ) -> Result<Built<ResB>, ConfigError> {
+    ) -> Result<StackOver<ResB>, ConfigError> {
         let built = self.node(path, t, Some(index))?;
         if t.override_params.is_empty() {
             return Ok(built);
