@@ -285,3 +285,45 @@ impl fmt::Display for NoBackendChosen {
 }
 
 impl std::error::Error for NoBackendChosen {}
+
+/// A backend's credential was about to reach another backend, so nothing was sent: an
+/// [`AuthInjectLayer::for_backend`](crate::auth::AuthInjectLayer::for_backend) sits above the
+/// layer that picks the backend (or below an `Endpoint` for another one). Place it below the
+/// `Balance`, or use [`AuthInjectLayer::for_chosen`](crate::auth::AuthInjectLayer::for_chosen).
+/// Never retried: the stack is built wrongly. Names the backends, never the secret.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CredentialMisplaced {
+    owner: Arc<str>,
+    target: Arc<str>,
+}
+
+impl CredentialMisplaced {
+    pub(crate) fn new(owner: Arc<str>, target: impl Into<Arc<str>>) -> Self {
+        CredentialMisplaced {
+            owner,
+            target: target.into(),
+        }
+    }
+
+    /// The backend whose credential it is.
+    pub fn owner(&self) -> &str {
+        &self.owner
+    }
+
+    /// Where the request was going (a backend's name or an authority).
+    pub fn target(&self) -> &str {
+        &self.target
+    }
+}
+
+impl fmt::Display for CredentialMisplaced {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "the credential of backend {} would have gone to {}: place AuthInjectLayer::for_backend below the layer that picks the backend, or use AuthInjectLayer::for_chosen",
+            self.owner, self.target
+        )
+    }
+}
+
+impl std::error::Error for CredentialMisplaced {}

@@ -27,6 +27,13 @@
 //!
 //! The breaker sits above `Endpoint` so it sees each attempt's classified outcome; the timeout
 //! sits below it so a timeout is classified as one.
+//!
+//! Other orders work too, with the meanings the README's "Layer order" table gives (retries
+//! below the `Balance` stay on the chosen backend and wait out its `retry-after`; a single
+//! backend without a `Balance` is never sent a request during its `retry-after`). A layer that
+//! cannot do its job where it is refuses without sending: a layer for the chosen backend above
+//! the `BalanceLayer` with [`error::NoBackendChosen`], one backend's credential above the pick
+//! with [`error::CredentialMisplaced`].
 
 //! # Example
 //!

@@ -122,7 +122,13 @@ async fn a_429_without_hint_backs_off_exponentially_and_only_extends() {
             "attempt {attempt}: {wait:?} vs {nominal:?}"
         );
         last = until;
+        // Nothing is sent during the wait: the endpoint refuses, naming when it ends.
+        let err = svc.clone().oneshot(chat("{}")).await.unwrap_err();
+        let refused = tower_llm_lb::error::find::<tower_llm_lb::error::Unavailable>(&*err).unwrap();
+        assert_eq!(refused.earliest(), Some(until));
+        tokio::time::sleep_until(until).await;
     }
+    assert_eq!(mock.counters().requests, 4);
     assert_eq!(backend.state().throttle_streak(), 4);
 }
 

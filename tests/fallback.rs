@@ -413,7 +413,9 @@ async fn an_error_inside_a_200_stream_fails_over_when_the_stream_start_is_held()
     );
     let body = res.into_body().collect().await.unwrap().to_bytes();
     assert!(body.ends_with(b"data: [DONE]\n\n"));
-    // Without holding, the in-band error is the caller's, inside a 200.
+    // Without holding, the in-band error is the caller's, inside a 200. (Fresh backends: the
+    // first run cooled `first` down for the overload's wait, so it would not be sent to now.)
+    let (a, b) = (openai("first", &first), openai("second", &second));
     let plain = Fallback::builder("c")
         .target("first", common::stack(&a))
         .target("second", common::stack(&b))

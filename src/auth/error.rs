@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use tokio::time::Instant;
 
-pub use crate::error::NoBackendChosen;
+pub use crate::error::{CredentialMisplaced, NoBackendChosen};
 
 /// No valid token could be had: the source failed and no cached token is still valid.
 ///

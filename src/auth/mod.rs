@@ -13,6 +13,8 @@
 //! | token due for refresh | one request refreshes, the rest use the still-valid token ([`TokenCache`]) |
 //! | no valid token, source failing | answers [`error::TokenUnavailable`] without calling the inner service |
 //! | any response or inner error | passes it through untouched |
+//! | a backend's credential ([`AuthInjectLayer::for_backend`]) on a request for another backend | answers [`CredentialMisplaced`](crate::error::CredentialMisplaced) without sending (checked here when the request is already routed, else by the `Endpoint` below that routes it) |
+//! | [`AuthInjectLayer::for_chosen`] with no `BalanceLayer` above | answers [`error::NoBackendChosen`] without sending |
 //!
 //! Credentials never appear in `Debug` output, logs or errors.
 //!
@@ -44,6 +46,7 @@ mod token;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use http::header::{AUTHORIZATION, COOKIE, HeaderName, PROXY_AUTHORIZATION};
@@ -99,6 +102,24 @@ enum Source {
     Fixed(Option<Credential>),
     /// The chosen backend's ([`Chosen`](crate::balance::Chosen)).
     Chosen,
+    /// One backend's: sent only to that backend's authority.
+    Owned(Owned),
+}
+
+/// A credential that belongs to one backend, and where it may go.
+#[derive(Clone, Debug)]
+struct Owned {
+    backend: Arc<str>,
+    authority: http::uri::Authority,
+    credential: Credential,
+}
+
+/// A crate-private request extension: an `AuthInject` above the routing layer injected the
+/// credential of the backend at this authority; an `Endpoint` sending elsewhere refuses.
+#[derive(Clone, Debug)]
+pub(crate) struct InjectedFor {
+    pub(crate) backend: Arc<str>,
+    pub(crate) authority: http::uri::Authority,
 }
 
 impl AuthInjectLayer {
@@ -117,9 +138,23 @@ impl AuthInjectLayer {
     }
 
     /// The backend's credential, or strip-only if it has none.
+    ///
+    /// The credential goes only to that backend: placed where the request is already routed
+    /// (below its `Endpoint`), a request for another authority is refused with
+    /// [`CredentialMisplaced`](crate::error::CredentialMisplaced) without sending; placed above
+    /// the routing (above a `Balance`, say), the request is marked, and the `Endpoint` that
+    /// would send it to another backend refuses it the same way. One backend's key never
+    /// reaches another.
     pub fn for_backend(backend: &crate::Backend) -> Self {
         AuthInjectLayer {
-            credential: Source::Fixed(backend.credential().cloned()),
+            credential: match backend.credential() {
+                None => Source::Fixed(None),
+                Some(c) => Source::Owned(Owned {
+                    backend: backend.name_arc().clone(),
+                    authority: backend.authority().clone(),
+                    credential: c.clone(),
+                }),
+            },
         }
     }
 
@@ -210,9 +245,31 @@ where
             Source::Chosen => {
                 chosen = match req.extensions().get::<crate::balance::Chosen>() {
                     Some(c) => c.backend().clone(),
-                    None => return ResponseFuture::failed(error::NoBackendChosen),
+                    None => return ResponseFuture::failed(error::NoBackendChosen.into()),
                 };
                 chosen.credential()
+            }
+            Source::Owned(owned) => {
+                match req.uri().authority() {
+                    Some(a) if *a != owned.authority => {
+                        return ResponseFuture::failed(
+                            crate::error::CredentialMisplaced::new(
+                                owned.backend.clone(),
+                                a.as_str(),
+                            )
+                            .into(),
+                        );
+                    }
+                    Some(_) => {}
+                    // Not routed yet: the `Endpoint` below checks where it goes.
+                    None => {
+                        req.extensions_mut().insert(InjectedFor {
+                            backend: owned.backend.clone(),
+                            authority: owned.authority.clone(),
+                        });
+                    }
+                }
+                Some(&owned.credential)
             }
         };
         let cache = match credential {
@@ -257,7 +314,7 @@ pin_project! {
         // Boxed: the slow path must not make every request's future larger.
         Token { token: TokenFuture, pending: Option<Box<(S, R)>> },
         Call { #[pin] fut: S::Future },
-        Failed { error: Option<error::NoBackendChosen> },
+        Failed { error: Option<BoxError> },
     }
 }
 
@@ -268,7 +325,7 @@ impl<S: Service<R>, R> ResponseFuture<S, R> {
         }
     }
 
-    fn failed(error: error::NoBackendChosen) -> Self {
+    fn failed(error: BoxError) -> Self {
         ResponseFuture {
             state: State::Failed { error: Some(error) },
         }
@@ -291,7 +348,7 @@ where
                 StateProj::Failed { error } => {
                     return Poll::Ready(Err(error
                         .take()
-                        .map_or_else(|| "polled after completion".into(), Into::into)));
+                        .unwrap_or_else(|| "polled after completion".into())));
                 }
                 StateProj::Token { token, pending } => {
                     let value = ready!(token.as_mut().poll(cx))?;

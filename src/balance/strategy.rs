@@ -144,7 +144,7 @@ pub(crate) fn pick(
             } else {
                 (second, first)
             };
-            Some(if load(&all[y]) < load(&all[x]) { y } else { x })
+            Some(if lighter(&all[y], &all[x]) { y } else { x })
         }
         Strategy::WeightedRandom => weighted(all, tier, &ok, rng),
         Strategy::RoundRobin => {
@@ -166,14 +166,23 @@ pub(crate) fn pick(
         Strategy::PowerOfTwo => {
             let a = weighted(all, tier, &ok, rng)?;
             let b = weighted(all, tier, &ok, rng)?;
-            Some(if load(&all[b]) < load(&all[a]) { b } else { a })
+            Some(if lighter(&all[b], &all[a]) { b } else { a })
         }
     }
 }
 
-fn load(c: &Candidate) -> f64 {
-    let latency = c.state.latency().map_or(1.0, |d| d.as_secs_f64().max(1e-6));
-    (c.state.in_flight() as f64 + 1.0) * latency
+/// True when `y` carries less load than `x`: in flight (plus one) times latency EWMA. A backend
+/// that has not answered yet is taken to be as fast as the other one, so the two compare by
+/// in-flight count: a new backend gets its share and is measured, instead of losing every
+/// comparison to backends already known to be fast (its first burst is capped by
+/// [`on_probation`]).
+fn lighter(y: &Candidate, x: &Candidate) -> bool {
+    let (ly, lx) = (y.state.latency(), x.state.latency());
+    let secs = |l: Option<std::time::Duration>, other: Option<std::time::Duration>| {
+        l.or(other).map_or(1.0, |d| d.as_secs_f64().max(1e-6))
+    };
+    let load = |c: &Candidate, latency: f64| (c.state.in_flight() as f64 + 1.0) * latency;
+    load(y, secs(ly, lx)) < load(x, secs(lx, ly))
 }
 
 fn weighted(

@@ -12,6 +12,7 @@
 //! | throttled (429), quota exhausted | counts as nothing: throttling steers load, it is not ill health (the cooldown handles it) |
 //! | server error (5xx), connect error, transport error, timeout | counts as a failure |
 //! | slower than `slow_call` (if set) | counts as a failure |
+//! | another backend's answer (a breaker for one backend placed above a `Balance`) | counts as nothing |
 //!
 //! States: `Closed` (traffic flows) → `Open` after `consecutive_failures` failures in a row, or a
 //! failure rate of `failure_rate` over `window` once `min_calls` calls were seen. While open it
@@ -514,10 +515,19 @@ impl<S: fmt::Debug> fmt::Debug for CircuitBreaker<S> {
     }
 }
 
-fn outcome_of<B>(result: &Result<Response<B>, BoxError>) -> Outcome {
+/// What the answer means for `backend`'s health: `None` when another backend gave it (as its
+/// `Endpoint` stamped it), so a breaker placed above a `Balance` never trips one backend for
+/// another's failures.
+fn outcome_of<B>(result: &Result<Response<B>, BoxError>, backend: &Backend) -> Option<Outcome> {
+    let mine = |by: &str| by == "-" || by == backend.name();
     match result {
-        Ok(res) => crate::endpoint::outcome_of(res).1,
-        Err(e) => classify_error_chain(&**e),
+        Ok(res) => {
+            let (by, outcome) = crate::endpoint::outcome_of(res);
+            mine(&by).then_some(outcome)
+        }
+        Err(e) => crate::error::find::<crate::error::BackendError>(&**e)
+            .is_none_or(|b| mine(b.backend()))
+            .then(|| classify_error_chain(&**e)),
     }
 }
 
@@ -637,8 +647,13 @@ where
                 let result = ready!(fut.poll(cx)).map_err(Into::into);
                 if let Some(mut g) = this.guard.take() {
                     g.done = true;
-                    let outcome = outcome_of(&result);
-                    g.shared.record(g.probe, outcome, g.start);
+                    match outcome_of(&result, &g.shared.backend) {
+                        Some(outcome) => g.shared.record(g.probe, outcome, g.start),
+                        // Another backend's answer (the breaker sits above the layer that
+                        // picks): not this backend's health. A probe slot is freed.
+                        None if g.probe => g.shared.with_machine(Machine::abandon_probe),
+                        None => {}
+                    }
                 }
                 Poll::Ready(result)
             }

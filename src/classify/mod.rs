@@ -235,7 +235,7 @@ pub fn classify_error_chain(error: &(dyn StdError + 'static)) -> Outcome {
                 status: StatusCode::BAD_REQUEST,
             };
         }
-        if e.is::<crate::error::NoBackendChosen>() {
+        if e.is::<crate::error::NoBackendChosen>() || e.is::<crate::error::CredentialMisplaced>() {
             return Outcome::ClientError {
                 status: StatusCode::INTERNAL_SERVER_ERROR,
             };

@@ -32,4 +32,4 @@ impl fmt::Display for InvalidTarget {
 
 impl std::error::Error for InvalidTarget {}
 
-pub use crate::error::NoBackendChosen;
+pub use crate::error::{CredentialMisplaced, NoBackendChosen};

@@ -16,6 +16,9 @@
 //! | 5xx, other 4xx | counts it, returns the response (the circuit breaker decides about health) |
 //! | connect error, broken connection, timeout | counts it, answers [`BackendError`] naming the backend and the outcome |
 //! | a path that cannot be mapped | answers [`error::InvalidTarget`] without sending |
+//! | the backend asked for a wait (429 hint) that is not over | answers [`Unavailable`](crate::error::Unavailable) with the end of the wait, without sending: a `RetryAfter429` above waits for it (or moves on) instead of earning another 429 |
+//! | a retry after a failure that must go to a backend not tried yet ([`Elsewhere`](crate::balance::Elsewhere)), and this one was tried | answers [`Unavailable`](crate::error::Unavailable) without sending, so the retry layer backs off before coming back |
+//! | another backend's credential on the request (an `AuthInject` for one backend placed above the `Balance`) | answers [`CredentialMisplaced`](crate::error::CredentialMisplaced) without sending |
 //!
 //! Each attempt counts as in flight on its backend from sending until its answer has been read
 //! to the end (or dropped), so a long stream keeps counting for load-aware picks.
@@ -407,11 +410,14 @@ where
                 None => return ResponseFuture::failed(error::NoBackendChosen.into()),
             },
         };
+        let start = Instant::now();
+        if let Some(e) = refusal(&backend, &req, start) {
+            return ResponseFuture::failed(e);
+        }
         let end_marker = end_marker(req.uri().path());
         if let Err(e) = route(&backend, &mut req) {
             return ResponseFuture::failed(e.into());
         }
-        let start = Instant::now();
         let (guard, awaiting) = {
             let state = backend.state();
             (state.start_request(), Some(state.await_head(start)))
@@ -426,6 +432,41 @@ where
         };
         ResponseFuture::new(self.inner.call(req), record)
     }
+}
+
+/// Why `req` must not go to `backend` now, if it must not: the backend asked for a wait that is
+/// not over (a `Balance` above skips it already; without one, a retry waits for it instead of
+/// earning another 429); the request is a retry that must go to a backend not tried yet (after
+/// a failure), and this one was tried, so the retry layer backs off first; or it carries
+/// another backend's credential. Nothing is sent.
+#[inline]
+fn refusal<B>(backend: &Backend, req: &Request<B>, now: Instant) -> Option<BoxError> {
+    let state = backend.state();
+    if let Some(until) = state.throttled_until().filter(|u| *u > now) {
+        return Some(
+            crate::error::Unavailable::new(backend.name_arc().clone(), Some(until)).into(),
+        );
+    }
+    let ext = req.extensions();
+    if ext.get::<crate::balance::Elsewhere>().is_some()
+        && ext
+            .get::<crate::balance::Avoid>()
+            .is_some_and(|a| a.0.contains(backend.name_arc()))
+    {
+        return Some(crate::error::Unavailable::new(backend.name_arc().clone(), None).into());
+    }
+    if let Some(owned) = ext.get::<crate::auth::InjectedFor>()
+        && owned.authority != *backend.authority()
+    {
+        return Some(
+            crate::error::CredentialMisplaced::new(
+                owned.backend.clone(),
+                backend.name_arc().clone(),
+            )
+            .into(),
+        );
+    }
+    None
 }
 
 /// How long a backend that rejected our credential is first left alone (doubling each time it
@@ -615,7 +656,9 @@ impl Record {
                     .saturating_mul(2u32.saturating_pow(streak.saturating_sub(1).min(6)))
                     .min(Duration::from_secs(3600));
                 if streak > 0 {
-                    state.extend_cooldown(now + wait);
+                    // A wait the backend imposed, like a throttled answer's: nothing is sent
+                    // to it until it ends, not even a request holding a booked slot.
+                    state.throttle_until(now + wait);
                 }
                 if was_available && streak > 0 {
                     tracing::error!(

@@ -483,7 +483,9 @@ fn judge<S, B, ResB>(
                     }
                 }
                 _ => {
-                    if ctx.attempts.is_empty() {
+                    // A refusal that no retry changes (a misbuilt stack, a path no backend
+                    // maps) is the answer itself, whatever came before.
+                    if ctx.attempts.is_empty() || matches!(outcome, Outcome::ClientError { .. }) {
                         Step::Done(Err(e))
                     } else {
                         ctx.attempts.push(Attempt {
