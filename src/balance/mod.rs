@@ -67,7 +67,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use crate::ready::ReadyCall;
@@ -540,48 +540,121 @@ impl BalanceLayer {
     }
 }
 
-impl<S: Clone> tower_layer::Layer<S> for BalanceLayer {
-    type Service = Balance<Mark<S>>;
+impl<S> tower_layer::Layer<S> for BalanceLayer {
+    type Service = Pick<S>;
 
-    fn layer(&self, inner: S) -> Balance<Mark<S>> {
-        let mut builder = Balance::from_backends(self.backends.iter().cloned(), |b| Mark {
-            chosen: Chosen(b.clone()),
-            inner: inner.clone(),
-        })
-        .name(self.name.clone())
-        .strategy(self.strategy);
+    fn layer(&self, inner: S) -> Pick<S> {
+        let mut builder = Balance::from_backends(self.backends.iter().cloned(), |_| ())
+            .name(self.name.clone())
+            .strategy(self.strategy);
         if let Some(rng) = &self.rng {
             builder = builder.rng(rng.clone());
         }
-        // `try_new` checked the backends.
-        builder.assemble()
+        Pick {
+            // `try_new` checked the backends.
+            picker: builder.assemble(),
+            inner,
+        }
     }
 }
 
-/// The inner service of a [`BalanceLayer`]'s group, for one backend: marks each request with
-/// it ([`Chosen`]) and calls the shared inner service.
-#[derive(Clone, Debug)]
-pub struct Mark<S> {
-    chosen: Chosen,
+/// The service a [`BalanceLayer`] makes: picks a backend for each request as [`Balance`] does,
+/// marks the request with it ([`Chosen`]) and calls the one inner service. Ready when the inner
+/// service is (a client at its limit makes the whole stack not ready), and the service driven
+/// ready is the one called.
+pub struct Pick<S> {
+    picker: Balance<()>,
     inner: S,
 }
 
-impl<S, B> Service<http::Request<B>> for Mark<S>
+impl<S: Clone> Clone for Pick<S> {
+    fn clone(&self) -> Self {
+        Pick {
+            picker: self.picker.clone(),
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<S: fmt::Debug> fmt::Debug for Pick<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Pick")
+            .field("group", &self.picker)
+            .field("inner", &self.inner)
+            .finish()
+    }
+}
+
+impl<S> Pick<S> {
+    /// The group's name.
+    pub fn name(&self) -> &str {
+        self.picker.name()
+    }
+
+    /// The group's backends.
+    pub fn backends(&self) -> impl Iterator<Item = &Backend> {
+        self.picker.backends()
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Unwraps the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S, B> Service<http::Request<B>> for Pick<S>
 where
-    S: Service<http::Request<B>>,
+    S: Service<http::Request<B>> + Clone,
+    S::Error: Into<BoxError>,
 {
     type Response = S::Response;
-    type Error = S::Error;
-    type Future = S::Future;
+    type Error = BoxError;
+    type Future = ResponseFuture<S, http::Request<B>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
+        self.inner.poll_ready(cx).map_err(Into::into)
     }
 
     #[inline]
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
-        req.extensions_mut().insert(self.chosen.clone());
-        self.inner.call(req)
+        let now = Instant::now();
+        let i = match self.picker.reserved_slot(&req, now) {
+            Some(i) => {
+                Picked::note(&req, &self.picker.shared.slots[i].backend);
+                i
+            }
+            None => match self.picker.pick_for(&req, now) {
+                Ok(i) => {
+                    self.picker.admit(i, &mut req, now);
+                    i
+                }
+                Err(error) => {
+                    return ResponseFuture {
+                        state: State::Unavailable { error: Some(error) },
+                    };
+                }
+            },
+        };
+        req.extensions_mut()
+            .insert(Chosen(self.picker.shared.slots[i].backend.clone()));
+        // The service driven ready is the one called; this one keeps a fresh clone.
+        let clone = self.inner.clone();
+        let mut ready = std::mem::replace(&mut self.inner, clone);
+        ResponseFuture {
+            state: State::Send {
+                fut: ReadyCall::from_asked(crate::ready::Asked::Called(ready.call(req))),
+            },
+        }
     }
 }
 
@@ -648,21 +721,8 @@ where
     #[inline]
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
         let now = Instant::now();
-        // A request coming back for the slot it booked goes straight to that backend: its
-        // admission was counted when the slot was booked.
-        if let Some(Reserved(name)) = req.extensions().get::<Reserved>()
-            && let Some(slot) = self
-                .shared
-                .slots
-                .iter()
-                .find(|s| *s.backend.name() == **name)
-            && slot.backend.state().circuit() == crate::state::Circuit::Closed
-            && slot
-                .backend
-                .state()
-                .throttled_until()
-                .is_none_or(|t| t <= now)
-        {
+        if let Some(i) = self.reserved_slot(&req, now) {
+            let slot = &self.shared.slots[i];
             Picked::note(&req, &slot.backend);
             return ResponseFuture {
                 state: State::Send {
@@ -670,38 +730,112 @@ where
                 },
             };
         }
+        let i = match self.pick_for(&req, now) {
+            Ok(i) => i,
+            Err(error) => {
+                return ResponseFuture {
+                    state: State::Unavailable { error: Some(error) },
+                };
+            }
+        };
+        let mut svc = self.shared.slots[i].service.clone();
+        let (i, asked) = match svc.poll_ready(&mut Context::from_waker(Waker::noop())) {
+            Poll::Ready(Ok(())) => (i, Ok(svc)),
+            Poll::Ready(Err(e)) => (i, Err(e.into())),
+            // Busy (a concurrency limit, a full pool): a ready backend instead, if there is
+            // one; else wait for this one.
+            Poll::Pending => self.ready_instead(now, i, &req).unwrap_or((i, Ok(svc))),
+        };
+        self.admit(i, &mut req, now);
+        let fut = match asked {
+            // Asked with a no-op waker: `Oneshot` asks again with the task's own.
+            Ok(svc) => ReadyCall::new(svc, req),
+            Err(e) => ReadyCall::from_asked(crate::ready::Asked::Failed(e)),
+        };
+        ResponseFuture {
+            state: State::Send { fut },
+        }
+    }
+}
+
+impl<S> Balance<S> {
+    /// The slot a request coming back for the slot it booked goes to, straight away (its
+    /// admission was counted when the slot was booked), unless that backend's circuit opened
+    /// or it asked for a wait meanwhile.
+    #[inline]
+    fn reserved_slot<B>(&self, req: &http::Request<B>, now: Instant) -> Option<usize> {
+        let Reserved(name) = req.extensions().get::<Reserved>()?;
+        let i = self
+            .shared
+            .slots
+            .iter()
+            .position(|s| *s.backend.name() == **name)?;
+        let state = self.shared.slots[i].backend.state();
+        (state.circuit() == crate::state::Circuit::Closed
+            && state.throttled_until().is_none_or(|t| t <= now))
+        .then_some(i)
+    }
+
+    /// The backend for this request, or why none: when something is free again (booking a
+    /// paced slot for a request that may wait).
+    #[inline]
+    fn pick_for<B>(
+        &self,
+        req: &http::Request<B>,
+        now: Instant,
+    ) -> Result<usize, error::Unavailable> {
         let strict = req.extensions().get::<Elsewhere>().is_some();
-        let picked = self.pick_index(now, req.extensions().get::<Avoid>(), strict);
-        match picked {
-            Err(earliest) => {
+        self.pick_index(now, req.extensions().get::<Avoid>(), strict)
+            .map_err(|earliest| {
                 let budget = req.extensions().get::<WaitBudget>().map(|w| w.0);
                 let cost = req.extensions().get::<TokenCost>().map_or(0, |c| c.0);
-                let error = self.refuse(now, earliest, budget, cost);
-                ResponseFuture {
-                    state: State::Unavailable { error: Some(error) },
-                }
-            }
-            Ok(i) => {
-                let slot = &self.shared.slots[i];
-                let cost = req.extensions().get::<TokenCost>().map_or(0, |c| c.0);
-                slot.backend.state().admit_cost(now, cost);
-                Picked::note(&req, &slot.backend);
-                if slot.group {
-                    // Another member may have room: a group member answers at once.
-                    req.extensions_mut()
-                        .insert(crate::retry::MaxWait(Duration::ZERO));
-                }
-                tracing::trace!(
-                    group = &*self.shared.name,
-                    backend = slot.backend.name(),
-                    "picked"
-                );
-                ResponseFuture {
-                    state: State::Send {
-                        fut: ReadyCall::new(slot.service.clone(), req),
-                    },
-                }
-            }
+                self.refuse(now, earliest, budget, cost)
+            })
+    }
+
+    /// Counts the request against the picked backend's quota and pace, and notes the pick.
+    #[inline]
+    fn admit<B>(&self, i: usize, req: &mut http::Request<B>, now: Instant) {
+        let slot = &self.shared.slots[i];
+        let cost = req.extensions().get::<TokenCost>().map_or(0, |c| c.0);
+        slot.backend.state().admit_cost(now, cost);
+        Picked::note(req, &slot.backend);
+        if slot.group {
+            // Another member may have room: a group member answers at once.
+            req.extensions_mut()
+                .insert(crate::retry::MaxWait(Duration::ZERO));
+        }
+        tracing::trace!(
+            group = &*self.shared.name,
+            backend = slot.backend.name(),
+            "picked"
+        );
+    }
+}
+
+impl<S: Clone> Balance<S> {
+    /// Another available backend whose service is ready now, when the one picked (`busy`) is
+    /// not: the pick again with `busy` (and what the request already avoids) left out.
+    #[cold]
+    fn ready_instead<Req>(
+        &self,
+        now: Instant,
+        busy: usize,
+        req: &http::Request<Req>,
+    ) -> Option<(usize, Result<S, BoxError>)>
+    where
+        S: Service<http::Request<Req>>,
+        S::Error: Into<BoxError>,
+    {
+        let mut avoid = req.extensions().get::<Avoid>().cloned().unwrap_or_default();
+        avoid
+            .0
+            .push(self.shared.slots[busy].backend.name_arc().clone());
+        let j = self.pick_index(now, Some(&avoid), true).ok()?;
+        let mut svc = self.shared.slots[j].service.clone();
+        match svc.poll_ready(&mut Context::from_waker(Waker::noop())) {
+            Poll::Ready(Ok(())) => Some((j, Ok(svc))),
+            _ => None,
         }
     }
 }

@@ -278,9 +278,10 @@ where
     type Error = BoxError;
     type Future = ResponseFuture<S, B, ResB>;
 
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        // Readiness is driven per attempt (`oneshot`), so a retry re-drives it too.
-        Poll::Ready(Ok(()))
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        // The first attempt goes to the service driven ready here; each retry re-drives
+        // readiness on a clone (`oneshot`).
+        self.inner.poll_ready(cx).map_err(Into::into)
     }
 
     #[inline]
@@ -292,6 +293,9 @@ where
             deadline = Some(deadline.map_or(*d, |x| x.min(*d)));
         }
         let template = clone_request(&req);
+        // The service driven ready is the one called; the stack keeps a fresh clone.
+        let clone = self.inner.clone();
+        let ready = std::mem::replace(&mut self.inner, clone);
         let ctx = Ctx {
             inner: self.inner.clone(),
             settings: self.settings.clone(),
@@ -328,7 +332,7 @@ where
         // only with a deadline.
         ResponseFuture {
             state: RetryState::First {
-                fut: ReadyCall::new(self.inner.clone(), req),
+                fut: ReadyCall::new(ready, req),
                 ctx: Some(ctx),
                 started: start,
                 deadline: deadline.map(|d| Box::pin(tokio::time::sleep_until(d))),
