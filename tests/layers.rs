@@ -23,6 +23,7 @@ async fn mock(name: &str, rps: f64) -> MockServer {
         .api_key(format!("key-{name}"))
         .rps(rps)
         .azure_headers()
+        .record_requests(true)
         .start()
         .await
         .unwrap()
@@ -154,4 +155,44 @@ async fn the_flat_stack_s_breaker_opens_the_failing_backend_s_circuit_only() {
         tower_llm_lb::error::find::<NoBackendChosen>(&*err).is_some(),
         "{err}"
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_flat_stack_fits_a_client_wrapped_in_tower_http_layers_that_change_its_body() {
+    use http_body_util::BodyExt;
+    let m = mock("east", 50.0).await;
+    let backends = [backend("east", &m)];
+    // A user's client as it often is: traced and decompressing (its response body type is
+    // tower-http's, not hyper's).
+    let client = ServiceBuilder::new()
+        .layer(tower_http::trace::TraceLayer::new_for_http())
+        .layer(tower_http::decompression::DecompressionLayer::new())
+        .service(http_client::<ReplayBody>());
+    let svc = ServiceBuilder::new()
+        .layer(RetryAfter429Layer::new())
+        .layer(BalanceLayer::try_new(backends).unwrap())
+        .layer(EndpointLayer::for_chosen())
+        .layer(AuthInjectLayer::for_chosen())
+        .service(client.clone());
+    let res = svc.oneshot(chat("{}")).await.unwrap();
+    assert_eq!(res.status(), 200);
+    // The client asked for compressed answers on our behalf; the body still streams through.
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    assert!(body.starts_with(b"{"), "{body:?}");
+    let sent = m.requests();
+    assert_eq!(sent[0].headers["accept-encoding"], "gzip");
+    // The recommended stack with every default fits it too.
+    let group = tower_llm_lb::stack::group_over(
+        "g",
+        [Backend::azure("east2", m.url(), "gpt-4o", "2024-10-21")
+            .credential(Credential::api_key("key-east").unwrap())
+            .build()
+            .unwrap()],
+        client,
+        &tower_llm_lb::stack::Settings::default(),
+    )
+    .unwrap();
+    let res = group.oneshot(chat("{}")).await.unwrap();
+    assert_eq!(res.status(), 200);
+    res.into_body().collect().await.unwrap();
 }
