@@ -30,8 +30,7 @@ async fn summary(State(llm): State<LlmService>) -> Result<String, (http::StatusC
         .to_string())
 }
 
-#[tokio::main]
-async fn main() -> Result<(), BoxError> {
+async fn run() -> Result<(), BoxError> {
     let a = MockServer::builder()
         .name("region-a")
         .api_key("ka")
@@ -66,4 +65,16 @@ async fn main() -> Result<(), BoxError> {
     println!("GET /summary -> {}", String::from_utf8_lossy(&text));
     server.abort();
     Ok(())
+}
+
+#[cfg_attr(test, allow(dead_code))]
+#[tokio::main]
+async fn main() -> Result<(), BoxError> {
+    run().await
+}
+
+#[cfg(test)]
+#[tokio::test(start_paused = true)]
+async fn the_example_runs() {
+    run().await.unwrap();
 }

@@ -30,8 +30,7 @@ async fn backend(name: &str, tier: u32) -> Result<(MockServer, Backend), BoxErro
     ))
 }
 
-#[tokio::main]
-async fn main() -> Result<(), BoxError> {
+async fn run() -> Result<(), BoxError> {
     let ((_east, east), (_west, west)) = (backend("east", 0).await?, backend("west", 1).await?);
 
     // Your existing client: any hyper-util legacy client.
@@ -73,4 +72,16 @@ async fn main() -> Result<(), BoxError> {
         println!("request {i}: {status} from {who:?}, {tries} attempt(s), {len} bytes");
     }
     Ok(())
+}
+
+#[cfg_attr(test, allow(dead_code))]
+#[tokio::main]
+async fn main() -> Result<(), BoxError> {
+    run().await
+}
+
+#[cfg(test)]
+#[tokio::test(start_paused = true)]
+async fn the_example_runs() {
+    run().await.unwrap();
 }

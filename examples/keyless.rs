@@ -19,8 +19,7 @@ use tower_llm_lb::mock::{MockServer, MockTokenServer};
 use tower_llm_lb::stack::{self, Settings};
 use tower_llm_lb::{Backend, BoxError};
 
-#[tokio::main]
-async fn main() -> Result<(), BoxError> {
+async fn run() -> Result<(), BoxError> {
     let tokens =
         MockTokenServer::start("app-id", "app-secret", "-", Duration::from_secs(3600)).await?;
     let mut regions = Vec::new();
@@ -60,4 +59,16 @@ async fn main() -> Result<(), BoxError> {
         tokens.fetches()
     );
     Ok(())
+}
+
+#[cfg_attr(test, allow(dead_code))]
+#[tokio::main]
+async fn main() -> Result<(), BoxError> {
+    run().await
+}
+
+#[cfg(test)]
+#[tokio::test(start_paused = true)]
+async fn the_example_runs() {
+    run().await.unwrap();
 }

@@ -155,6 +155,12 @@ impl Backend {
         b
     }
 
+    /// A gRPC server; `url` is where it listens, e.g. `http://10.0.0.7:50051` (plaintext HTTP/2:
+    /// use [`client::grpc_client`](crate::client::grpc_client)).
+    pub fn grpc(name: impl Into<String>, url: impl Into<String>) -> BackendBuilder {
+        Self::builder(name, url, Provider::Grpc)
+    }
+
     /// A copy of this backend description with another weight (and fresh state): for building
     /// the same endpoint into a canary split. Fails on a weight that is not finite and >= 0.
     pub fn with_weight(&self, weight: f64) -> Result<Backend, InvalidBackend> {

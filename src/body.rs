@@ -647,6 +647,14 @@ where
             Some(Ok(frame)) => {
                 if let Some(d) = frame.data_ref() {
                     this.end.feed(d);
+                } else if let Some(t) = frame.trailers_ref()
+                    && let Some(code) = crate::classify::grpc::status(t)
+                    && let Some(outcome) = crate::classify::grpc::outcome(code, &Default::default())
+                    && let Some(guard) = this.in_flight.as_ref()
+                {
+                    // A gRPC call that failed after its messages: the caller has the answer,
+                    // the backend's counters get the failure.
+                    guard.state().record_outcome(&outcome);
                 }
                 Poll::Ready(Some(Ok(frame)))
             }

@@ -19,6 +19,22 @@ where
     Client::builder(TokioExecutor::new()).build(connector)
 }
 
+/// A plaintext HTTP/2 (prior knowledge) hyper-util client, for gRPC servers without TLS
+/// ([`Provider::Grpc`](crate::provider::Provider::Grpc) backends): gRPC needs HTTP/2, and
+/// without TLS there is no ALPN to agree on it. One client serves every backend; hyper
+/// multiplexes calls to each server over one connection.
+pub fn grpc_client<B>() -> Client<HttpConnector, B>
+where
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+{
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build(connector)
+}
+
 #[cfg(feature = "rustls")]
 pub use tls::*;
 

@@ -76,6 +76,10 @@
 //! | `config` | no | `config`: a JSON/TOML config that builds the whole stack |
 //! | `gateway` | no | `gateway`: the OpenAI-compatible axum gateway behind `examples/gateway.rs` |
 //! | `azure-identity` | no | `auth::entra::AzureSdkCredential`: any `azure_core` `TokenCredential` as a token source |
+//! | `grpc-mock` | no | `mock::grpc`: a loopback tonic server (gRPC health service, a quota, faults) for gRPC tests |
+//!
+//! gRPC needs no feature: [`Backend::grpc`], [`client::grpc_client`] and [`classify::grpc`]
+//! put the same layers under a tonic client.
 
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]

@@ -712,6 +712,13 @@ pub struct InFlight {
     state: BackendState,
 }
 
+impl InFlight {
+    /// The backend's state.
+    pub(crate) fn state(&self) -> &BackendState {
+        &self.state
+    }
+}
+
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.state.inner.in_flight.fetch_sub(1, Relaxed);

@@ -683,6 +683,38 @@ pub struct HealthProbe {
     pub unhealthy_threshold: u32,
     /// Healthy probes in a row that let it back in (default 1).
     pub healthy_threshold: u32,
+    /// What a probe asks (default: `GET {path}`, judged by status).
+    pub protocol: ProbeProtocol,
+}
+
+/// What a [`HealthProbe`] asks.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ProbeProtocol {
+    /// `GET {path}`; healthy when the status is in `healthy`.
+    #[default]
+    Http,
+    /// gRPC's health protocol (`grpc.health.v1.Health/Check` for this service name, `""` for
+    /// the whole server); healthy when the answer says `SERVING`. `path` and `healthy` are
+    /// not used.
+    Grpc {
+        /// The service to ask about.
+        service: String,
+    },
+}
+
+impl HealthProbe {
+    /// A probe speaking gRPC's health protocol about `service` (`""`: the whole server), with
+    /// the other settings at their defaults: for [`Provider::Grpc`](crate::provider::Provider::Grpc)
+    /// backends whose servers offer `grpc.health.v1.Health` (tonic's `tonic-health` does).
+    pub fn grpc(service: impl Into<String>) -> Self {
+        HealthProbe {
+            protocol: ProbeProtocol::Grpc {
+                service: service.into(),
+            },
+            ..HealthProbe::default()
+        }
+    }
 }
 
 impl Default for HealthProbe {
@@ -694,6 +726,7 @@ impl Default for HealthProbe {
             healthy: 200..=399,
             unhealthy_threshold: 2,
             healthy_threshold: 1,
+            protocol: ProbeProtocol::Http,
         }
     }
 }
@@ -715,7 +748,9 @@ where
     S: Service<Request<ReplayBody>, Response = Response<ResB>> + Clone + Send + 'static,
     S::Error: Into<BoxError>,
     S::Future: Send,
-    ResB: Send + 'static,
+    ResB: http_body::Body + Send + 'static,
+    ResB::Data: Send,
+    ResB::Error: Into<BoxError>,
 {
     /// Starts a background task that probes the backend through the inner service every
     /// `probe.interval` and feeds the breaker: a healthy answer (below 500, not a timeout or
@@ -726,8 +761,11 @@ where
     pub fn spawn_health_probe(&self, probe: HealthProbe) -> Result<(), ProbeNotStarted> {
         let handle = tokio::runtime::Handle::try_current()
             .map_err(|_| ProbeNotStarted("no tokio runtime"))?;
-        let uri: http::Uri = probe
-            .path
+        let path = match &probe.protocol {
+            ProbeProtocol::Http => probe.path.as_str(),
+            ProbeProtocol::Grpc { .. } => crate::classify::grpc::HEALTH_CHECK_PATH,
+        };
+        let uri: http::Uri = path
             .parse()
             .map_err(|_| ProbeNotStarted("path is not a valid request path"))?;
         let Some(shared) = self.target.one() else {
@@ -746,10 +784,36 @@ where
     }
 }
 
+/// Whether a gRPC health answer says `SERVING`: status 200, no failing `grpc-status` in the
+/// head or the trailers, and a `HealthCheckResponse` of `SERVING` in the (small) body.
+async fn grpc_healthy<ResB>(res: Response<ResB>) -> bool
+where
+    ResB: http_body::Body,
+    ResB::Error: Into<BoxError>,
+{
+    use http_body_util::BodyExt;
+    let failing = |h: &http::HeaderMap| crate::classify::grpc::status(h).is_some_and(|c| c != 0);
+    if res.status() != http::StatusCode::OK || failing(res.headers()) {
+        return false;
+    }
+    let Ok(body) = http_body_util::Limited::new(res.into_body(), 4096)
+        .collect()
+        .await
+    else {
+        return false;
+    };
+    if body.trailers().is_some_and(failing) {
+        return false;
+    }
+    crate::classify::grpc::health_serving(&body.to_bytes()) == Some(true)
+}
+
 async fn probe_loop<S, ResB>(weak: Weak<Shared>, inner: S, uri: http::Uri, probe: HealthProbe)
 where
     S: Service<Request<ReplayBody>, Response = Response<ResB>> + Clone,
     S::Error: Into<BoxError>,
+    ResB: http_body::Body,
+    ResB::Error: Into<BoxError>,
 {
     use tower::ServiceExt;
     let mut ticker = tokio::time::interval(probe.interval);
@@ -760,14 +824,41 @@ where
         if weak.strong_count() == 0 {
             return;
         }
-        let mut req = Request::new(ReplayBody::empty());
+        let mut req = match &probe.protocol {
+            ProbeProtocol::Http => Request::new(ReplayBody::empty()),
+            ProbeProtocol::Grpc { service } => {
+                let mut req = Request::new(ReplayBody::from(
+                    crate::classify::grpc::health_check_request(service),
+                ));
+                *req.method_mut() = http::Method::POST;
+                let h = req.headers_mut();
+                h.insert(
+                    http::header::CONTENT_TYPE,
+                    http::HeaderValue::from_static("application/grpc"),
+                );
+                h.insert(http::header::TE, http::HeaderValue::from_static("trailers"));
+                req
+            }
+        };
         *req.uri_mut() = uri.clone();
         req.extensions_mut().insert(crate::endpoint::AsWritten);
-        let result = tokio::time::timeout(probe.timeout, inner.clone().oneshot(req)).await;
-        let healthy = match result {
-            Ok(Ok(res)) => probe.healthy.contains(&res.status().as_u16()),
-            _ => false,
+        let (svc, grpc, statuses) = (
+            inner.clone(),
+            matches!(probe.protocol, ProbeProtocol::Grpc { .. }),
+            probe.healthy.clone(),
+        );
+        let asked = async move {
+            let res = svc.oneshot(req).await.map_err(Into::into)?;
+            Ok::<_, BoxError>(if grpc {
+                grpc_healthy(res).await
+            } else {
+                statuses.contains(&res.status().as_u16())
+            })
         };
+        let healthy = matches!(
+            tokio::time::timeout(probe.timeout, asked).await,
+            Ok(Ok(true))
+        );
         let Some(shared) = weak.upgrade() else { return };
         let now = Instant::now();
         shared.backend.state().note_probe(now, healthy);

@@ -8,6 +8,7 @@
 //! | what came back | [`Outcome`] |
 //! |---|---|
 //! | 1xx, 2xx, 3xx | [`Outcome::Success`] |
+//! | gRPC: 200 with a failing `grpc-status` in the head (trailers-only answer) | see [`grpc`]: `RESOURCE_EXHAUSTED` throttled (wait from `grpc-retry-pushback-ms`), `UNAVAILABLE` a failure, `DEADLINE_EXCEEDED` a timeout, the rest the caller's |
 //! | 429, Anthropic 529, 503 carrying a wait hint | [`Outcome::Throttled`] with the hint |
 //! | 429 whose small JSON error body says billing / spend limit | [`Outcome::QuotaExhausted`] |
 //! | 500, 502, 503 without hint, 504, other 5xx | [`Outcome::ServerError`] |
@@ -22,6 +23,7 @@
 //!
 //! Replace the policy by implementing [`Classify`], in the spirit of tower's retry `Policy`.
 
+pub mod grpc;
 pub mod retry_after;
 
 use std::error::Error as StdError;
@@ -176,8 +178,12 @@ pub trait Classify: Send + Sync + 'static {
 pub struct Standard;
 
 impl Classify for Standard {
-    fn classify_response(&self, status: StatusCode, _: &HeaderMap, hints: &Hints) -> Outcome {
+    fn classify_response(&self, status: StatusCode, headers: &HeaderMap, hints: &Hints) -> Outcome {
         match status.as_u16() {
+            // A gRPC call that failed before any message: a trailers-only answer.
+            200 => grpc::status(headers)
+                .and_then(|code| grpc::outcome(code, hints))
+                .unwrap_or(Outcome::Success),
             0..=399 => Outcome::Success,
             429 | 529 => Outcome::Throttled {
                 retry_after: hints.wait(),

@@ -7,7 +7,7 @@
 //!
 //! | header | form | function |
 //! |---|---|---|
-//! | `retry-after-ms`, `x-ms-retry-after-ms` | float milliseconds | [`parse_millis`] |
+//! | `retry-after-ms`, `x-ms-retry-after-ms`, gRPC's `grpc-retry-pushback-ms` | float milliseconds | [`parse_millis`] |
 //! | `retry-after` | delay-seconds (float and whitespace tolerated) or HTTP-date (all three RFC 9110 formats) | [`parse_retry_after`] |
 //! | `x-ratelimit-reset-requests`, `x-ratelimit-reset-tokens` | Go-style durations (`20ms`, `6m0s`, `1h2m3.5s`) or integer seconds; `0`/`-1` mean unknown | [`parse_reset`] |
 //! | `anthropic-ratelimit-*-reset` | RFC 3339 timestamp | [`parse_rfc3339`] |
@@ -225,7 +225,8 @@ pub fn parse_remaining(value: &HeaderValue) -> Option<u64> {
 }
 
 /// Tells a caller to wait `wait`: sets `retry-after` (whole seconds, rounded up) and
-/// `retry-after-ms`, and removes `x-ms-retry-after-ms` so no stale hint contradicts them.
+/// `retry-after-ms` (and `grpc-retry-pushback-ms` on a gRPC answer), and removes
+/// `x-ms-retry-after-ms` so no stale hint contradicts them.
 ///
 /// Clamped to [`MAX_PASSED_HINT`]: the official SDKs do not wait on a longer hint at all.
 pub fn set_retry_after(headers: &mut HeaderMap, wait: Duration) {
@@ -234,12 +235,20 @@ pub fn set_retry_after(headers: &mut HeaderMap, wait: Duration) {
     headers.insert(http::header::RETRY_AFTER, HeaderValue::from(secs));
     headers.insert("retry-after-ms", HeaderValue::from(wait.as_millis() as u64));
     headers.remove("x-ms-retry-after-ms");
+    // A gRPC answer: its own form, which gRPC clients read.
+    if headers.contains_key(super::grpc::GRPC_STATUS) {
+        headers.insert(
+            "grpc-retry-pushback-ms",
+            HeaderValue::from(wait.as_millis() as u64),
+        );
+    }
 }
 
 /// Every wait and quota hint one response carried, parsed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Hints {
-    /// `retry-after-ms`, else `x-ms-retry-after-ms`, else `retry-after`: the server's explicit wait.
+    /// `retry-after-ms`, else `x-ms-retry-after-ms` (or gRPC's `grpc-retry-pushback-ms`), else
+    /// `retry-after`: the server's explicit wait.
     pub retry_after: Option<Duration>,
     /// Time until the request quota is fully replenished.
     pub reset_requests: Option<Duration>,
@@ -315,6 +324,7 @@ impl Hints {
             match n {
                 "retry-after-ms" => ms = longer(ms, parse_millis(value, cap)),
                 "x-ms-retry-after-ms" => x_ms = longer(x_ms, parse_millis(value, cap)),
+                "grpc-retry-pushback-ms" => x_ms = longer(x_ms, parse_millis(value, cap)),
                 "retry-after" if is_date(value) => dated_retry_after = true,
                 "retry-after" => ra = longer(ra, retry_after_with(value, &now, cap)),
                 "date" => date = Some(value),

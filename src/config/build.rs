@@ -282,6 +282,7 @@ fn health_probe(
             .unwrap_or(d.unhealthy_threshold)
             .max(1),
         healthy_threshold: h.healthy_threshold.unwrap_or(d.healthy_threshold).max(1),
+        protocol: Default::default(),
     })
 }
 

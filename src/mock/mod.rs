@@ -43,6 +43,8 @@ use tokio::time::Instant;
 
 use crate::auth::CALLER_CREDENTIAL_HEADERS;
 
+#[cfg(feature = "grpc-mock")]
+pub mod grpc;
 #[cfg(feature = "gateway")]
 pub mod scenario;
 pub mod sim;

@@ -14,6 +14,7 @@
 //! | [`Provider::AzureOpenAi`] (classic) | `https://res.openai.azure.com` | `https://res.openai.azure.com/openai/deployments/{deployment}/chat/completions?x=1&api-version={version}` |
 //! | [`Provider::AzureOpenAiV1`] | `https://res.openai.azure.com/openai/v1` | `https://res.openai.azure.com/openai/v1/chat/completions?x=1` |
 //! | [`Provider::Anthropic`] | `https://api.anthropic.com` | `https://api.anthropic.com/v1/messages` (for `/v1/messages`) |
+//! | [`Provider::Grpc`] | `http://10.0.0.7:50051` | the path as written: `http://10.0.0.7:50051/pkg.Service/Method` |
 //!
 //! A caller's `api-version` query parameter is replaced by the backend's on classic Azure.
 
@@ -44,6 +45,11 @@ pub enum Provider {
         /// The `anthropic-version` header value, e.g. `2023-06-01`.
         version: HeaderValue,
     },
+    /// A gRPC server (over HTTP/2; see [`client::grpc_client`](crate::client::grpc_client)):
+    /// the caller's path (`/package.Service/Method`) goes to the base URL as written, and
+    /// answers are classified by `grpc-status` ([`classify::grpc`](crate::classify::grpc)).
+    /// Credential: as configured, usually a bearer token in `authorization` metadata.
+    Grpc,
 }
 
 impl fmt::Debug for Provider {
@@ -59,6 +65,7 @@ impl fmt::Debug for Provider {
                 .field("api_version", api_version)
                 .finish(),
             Provider::AzureOpenAiV1 => f.write_str("AzureOpenAiV1"),
+            Provider::Grpc => f.write_str("Grpc"),
             Provider::Anthropic { version } => f
                 .debug_struct("Anthropic")
                 .field("version", version)
@@ -127,13 +134,14 @@ impl Provider {
         Ok(Provider::Anthropic { version })
     }
 
-    /// A short lowercase name: `openai`, `azure`, `azure-v1`, `anthropic`.
+    /// A short lowercase name: `openai`, `azure`, `azure-v1`, `anthropic`, `grpc`.
     pub fn name(&self) -> &'static str {
         match self {
             Provider::OpenAi => "openai",
             Provider::AzureOpenAi { .. } => "azure",
             Provider::AzureOpenAiV1 => "azure-v1",
             Provider::Anthropic { .. } => "anthropic",
+            Provider::Grpc => "grpc",
         }
     }
 
@@ -159,7 +167,7 @@ impl Provider {
         out.push_str(base_path);
         match self {
             Provider::OpenAi | Provider::AzureOpenAiV1 => out.push_str(op.unwrap_or(path)),
-            Provider::Anthropic { .. } => out.push_str(path),
+            Provider::Anthropic { .. } | Provider::Grpc => out.push_str(path),
             Provider::AzureOpenAi { deployment, .. } => {
                 out.push_str("/openai/deployments/");
                 out.push_str(deployment_override.unwrap_or(deployment));
