@@ -233,7 +233,7 @@ impl Backend {
     }
 
     /// The name as a shared string (cheap to clone into errors and extensions).
-    pub fn name_arc(&self) -> &Arc<str> {
+    pub(crate) fn name_arc(&self) -> &Arc<str> {
         &self.inner.name
     }
 
@@ -263,7 +263,7 @@ impl Backend {
     }
 
     /// The scheme requests are sent with.
-    pub fn scheme(&self) -> &Scheme {
+    pub(crate) fn scheme(&self) -> &Scheme {
         &self.inner.scheme
     }
 
@@ -273,12 +273,12 @@ impl Backend {
     }
 
     /// The `Host` header value sent (the authority).
-    pub fn host(&self) -> &HeaderValue {
+    pub(crate) fn host(&self) -> &HeaderValue {
         &self.inner.host
     }
 
     /// The base URL's path, without a trailing slash (may be empty).
-    pub fn base_path(&self) -> &str {
+    pub(crate) fn base_path(&self) -> &str {
         &self.inner.base_path
     }
 
@@ -408,7 +408,7 @@ impl BackendBuilder {
                 priority: self.priority,
                 weight: self.weight,
                 credential: self.credential,
-                state: self.state.unwrap_or_default(),
+                state: self.state.unwrap_or_else(BackendState::new),
                 routes,
             }),
         })

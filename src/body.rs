@@ -541,7 +541,7 @@ impl EndWatch {
 impl<B> ResponseBody<B> {
     /// A body that streams `inner` as it is.
     #[inline]
-    pub fn new(inner: B) -> Self {
+    pub(crate) fn new(inner: B) -> Self {
         ResponseBody {
             replay: None,
             backend: None,
@@ -584,7 +584,7 @@ impl<B> ResponseBody<B> {
     }
 
     /// The bytes read ahead for classification, if any.
-    pub fn prefix(&self) -> Option<&Bytes> {
+    pub(crate) fn prefix(&self) -> Option<&Bytes> {
         self.replay.as_ref().and_then(|r| r.prefix.as_ref())
     }
 

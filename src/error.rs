@@ -104,15 +104,15 @@ impl Unavailable {
         }
     }
 
-    /// Says that a slot at `earliest` on `backend` was booked for this request: send it again
-    /// then with a [`Reserved`](crate::balance::Reserved) extension naming the backend.
-    pub fn with_reservation(mut self, backend: Arc<str>) -> Self {
+    /// Says that a slot at `earliest` on `backend` was booked for this request (the retry layer
+    /// sends it again then, to that backend).
+    pub(crate) fn with_reservation(mut self, backend: Arc<str>) -> Self {
         self.reserved = Some(backend);
         self
     }
 
     /// The backend a slot was booked on, if any.
-    pub fn reserved(&self) -> Option<&Arc<str>> {
+    pub(crate) fn reserved(&self) -> Option<&Arc<str>> {
         self.reserved.as_ref()
     }
 
@@ -175,7 +175,7 @@ pub struct Exhausted {
 
 impl Exhausted {
     /// Builds the error from the attempts made.
-    pub fn new(attempts: Vec<Attempt>, earliest: Option<Instant>) -> Self {
+    pub(crate) fn new(attempts: Vec<Attempt>, earliest: Option<Instant>) -> Self {
         Exhausted { attempts, earliest }
     }
 

@@ -85,6 +85,7 @@
 #![deny(missing_docs)]
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
 
+mod attempt;
 pub mod auth;
 pub mod backend;
 pub mod balance;

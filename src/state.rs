@@ -122,15 +122,9 @@ pub struct Quota {
     pub seen_at: Instant,
 }
 
-impl Default for BackendState {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 impl BackendState {
     /// Fresh state: no cooldown, circuit closed, nothing in flight.
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         BackendState {
             inner: Arc::new(Inner {
                 epoch: Instant::now(),
@@ -296,7 +290,7 @@ impl BackendState {
 
     /// Sets (or with `None` clears) the pace: while a backend's request quota is used up, one
     /// request is let through every `pace` (its refill interval), see [`BackendState::admit`].
-    pub fn set_pace(&self, pace: Option<Duration>) {
+    pub(crate) fn set_pace(&self, pace: Option<Duration>) {
         let ns = pace.map_or(0, |d| {
             u64::try_from(d.as_nanos()).unwrap_or(u64::MAX).max(1)
         });
@@ -364,7 +358,7 @@ impl BackendState {
     /// Sets the token quota's state from one answer's hints: the tokens that may go at once
     /// before token pacing starts, and the quota's refill rate (tokens per second). `None`:
     /// not said (token pacing stops).
-    pub fn set_token_quota(&self, credits: Option<i64>, rate: Option<f64>) {
+    pub(crate) fn set_token_quota(&self, credits: Option<i64>, rate: Option<f64>) {
         self.inner
             .token_credits
             .store(credits.map_or(UNTRACKED, |c| c.min(UNTRACKED - 1)), Release);
@@ -378,7 +372,7 @@ impl BackendState {
 
     /// Sets how many more requests the backend's last quota hints allow before pacing starts
     /// (`None`: no hints, pace every request once a pace is set).
-    pub fn set_credits(&self, credits: Option<i64>) {
+    pub(crate) fn set_credits(&self, credits: Option<i64>) {
         self.inner
             .credits
             .store(credits.map_or(UNTRACKED, |c| c.min(UNTRACKED - 1)), Release);
@@ -387,7 +381,8 @@ impl BackendState {
     /// Records that a request was just sent to the backend at `now`: it spends one credit; with
     /// none left (or none tracked) and a pace set, the next request may go one pace later (the
     /// cooldown moves to `max(cooldown, now) + pace`).
-    pub fn admit(&self, now: Instant) {
+    #[cfg(test)]
+    pub(crate) fn admit(&self, now: Instant) {
         self.admit_cost(now, 0);
     }
 
@@ -395,7 +390,7 @@ impl BackendState {
     /// also spends that many token credits, and with too few left (and a token rate known) the
     /// next request waits at least the time the quota takes to refill them. The wait is the
     /// longer of the request pace's and the tokens', not their sum.
-    pub fn admit_cost(&self, now: Instant, tokens: u32) {
+    pub(crate) fn admit_cost(&self, now: Instant, tokens: u32) {
         let mut step = Duration::ZERO;
         let before = self.inner.credits.load(Relaxed);
         if before == UNTRACKED || self.inner.credits.fetch_sub(1, AcqRel) <= 0 {
@@ -431,7 +426,7 @@ impl BackendState {
     /// Cools the backend down until `until` because it answered 429 (or 529, or 503 with a
     /// hint) asking to wait that long: like [`BackendState::extend_cooldown`], and remembered
     /// apart from pacing, so a request holding a booked slot is not sent into a server's wait.
-    pub fn throttle_until(&self, until: Instant) {
+    pub(crate) fn throttle_until(&self, until: Instant) {
         self.inner
             .throttled_until
             .fetch_max(self.ticks_of(until), AcqRel);
@@ -443,13 +438,8 @@ impl BackendState {
         self.instant_of(self.inner.throttled_until.load(Acquire))
     }
 
-    /// Ends any cooldown now.
-    pub fn clear_cooldown(&self) {
-        self.inner.cooldown_until.store(0, Release);
-    }
-
     /// Counts one more throttled answer in a row and returns the new streak length.
-    pub fn note_throttled(&self) -> u32 {
+    pub(crate) fn note_throttled(&self) -> u32 {
         self.inner
             .throttle_streak
             .fetch_add(1, AcqRel)
@@ -462,7 +452,7 @@ impl BackendState {
     }
 
     /// Resets the throttle streak (after a success), and the credential rejections.
-    pub fn reset_throttle_streak(&self) {
+    pub(crate) fn reset_throttle_streak(&self) {
         if self.inner.throttle_streak.load(Relaxed) != 0 {
             self.inner.throttle_streak.store(0, Release);
         }
@@ -496,7 +486,7 @@ impl BackendState {
     }
 
     /// Sets the circuit (written by the circuit breaker only).
-    pub fn set_circuit(&self, circuit: Circuit) {
+    pub(crate) fn set_circuit(&self, circuit: Circuit) {
         if let Some(e) = &self.inner.endpoint {
             return e.set_circuit(circuit);
         }
@@ -520,7 +510,7 @@ impl BackendState {
     }
 
     /// Counts a request in flight until the guard is dropped.
-    pub fn start_request(&self) -> InFlight {
+    pub(crate) fn start_request(&self) -> InFlight {
         self.inner.in_flight.fetch_add(1, Relaxed);
         InFlight {
             state: self.clone(),
@@ -573,7 +563,7 @@ impl BackendState {
     /// Folds one latency sample into the moving average, peak-sensitive: a slower sample is
     /// taken at once, a faster one moves the average by 1/8 (so a backend that slows down is
     /// avoided at once, and earns its way back).
-    pub fn record_latency(&self, sample: Duration) {
+    pub(crate) fn record_latency(&self, sample: Duration) {
         let s = u64::try_from(sample.as_nanos()).unwrap_or(u64::MAX - 1);
         let _ = self
             .inner
@@ -596,7 +586,7 @@ impl BackendState {
     // ---- quota hints ----
 
     /// Records the quota hints of a response.
-    pub fn record_quota(
+    pub(crate) fn record_quota(
         &self,
         remaining_requests: Option<u64>,
         remaining_tokens: Option<u64>,
@@ -629,7 +619,7 @@ impl BackendState {
     /// Marks the backend as having no quota headroom until `until` (its last answer said a
     /// quota is used up). `Balance` then prefers other backends of the tier, before this one
     /// answers 429. Replaces any earlier mark.
-    pub fn mark_low_headroom(&self, until: Instant) {
+    pub(crate) fn mark_low_headroom(&self, until: Instant) {
         self.inner
             .low_headroom_until
             .store(self.ticks_of(until), Release);
@@ -643,7 +633,7 @@ impl BackendState {
     // ---- counters ----
 
     /// Counts one attempt's outcome.
-    pub fn record_outcome(&self, outcome: &Outcome) {
+    pub(crate) fn record_outcome(&self, outcome: &Outcome) {
         let c = &self.inner.counters;
         c[0].fetch_add(1, Relaxed);
         let slot = match outcome {
@@ -708,7 +698,7 @@ impl fmt::Debug for BackendState {
 
 /// Counts one request in flight on a backend until dropped.
 #[derive(Debug)]
-pub struct InFlight {
+pub(crate) struct InFlight {
     state: BackendState,
 }
 
@@ -836,8 +826,6 @@ mod tests {
             Some(now + Duration::from_secs(10))
         );
         assert!(s.is_available(now + Duration::from_secs(10)));
-        s.clear_cooldown();
-        assert!(s.is_available(now));
     }
 
     #[tokio::test(start_paused = true)]

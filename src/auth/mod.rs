@@ -72,7 +72,7 @@ pub static CALLER_CREDENTIAL_HEADERS: [HeaderName; 6] = [
 ];
 
 /// Removes the caller's credentials from `headers`.
-pub fn strip_caller_credentials(headers: &mut http::HeaderMap) {
+pub(crate) fn strip_caller_credentials(headers: &mut http::HeaderMap) {
     // One pass over the names present (usually a handful) instead of six hashed lookups.
     let mut found = [false; CALLER_CREDENTIAL_HEADERS.len()];
     for name in headers.keys() {

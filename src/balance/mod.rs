@@ -208,7 +208,7 @@ impl<S> Balance<S> {
 
     /// `None` when some backend can take a request at `now`; otherwise the earliest instant one
     /// can (or `None` inside `Err` if none ever will: all weights 0).
-    pub fn unavailable_until(&self, now: Instant) -> Option<Option<Instant>> {
+    pub(crate) fn unavailable_until(&self, now: Instant) -> Option<Option<Instant>> {
         self.unavailable_until_among(now, &|_| false)
     }
 
@@ -239,7 +239,7 @@ impl<S> Balance<S> {
 
     /// Chooses a backend for the next request, or says when one will be available.
     pub fn pick(&self, now: Instant) -> Result<&Backend, error::Unavailable> {
-        self.pick_index(now, None, false)
+        self.pick_index(now, &[], false)
             .map(|i| &self.shared.slots[i].backend)
             .map_err(|earliest| error::Unavailable::new(self.shared.name.clone(), earliest))
     }
@@ -247,15 +247,13 @@ impl<S> Balance<S> {
     fn pick_index(
         &self,
         now: Instant,
-        avoid: Option<&Avoid>,
+        tried: &[Arc<str>],
         strict: bool,
     ) -> Result<usize, Option<Instant>> {
         let sh = &*self.shared;
         let all = &sh.candidates;
-        let avoided = |i: usize| {
-            avoid.is_some_and(|a| a.0.iter().any(|n| **n == *sh.slots[i].backend.name()))
-        };
-        let passes: &[&dyn Fn(usize) -> bool] = match (avoid.is_some(), strict) {
+        let avoided = |i: usize| tried.iter().any(|n| **n == *sh.slots[i].backend.name());
+        let passes: &[&dyn Fn(usize) -> bool] = match (!tried.is_empty(), strict) {
             (true, true) => &[&avoided],
             (true, false) => &[&avoided, &|_| false],
             (false, _) => &[&|_| false],
@@ -630,7 +628,7 @@ where
         let now = Instant::now();
         let i = match self.picker.reserved_slot(&req, now) {
             Some(i) => {
-                Picked::note(&req, &self.picker.shared.slots[i].backend);
+                crate::attempt::Picked::note(&req, &self.picker.shared.slots[i].backend);
                 i
             }
             None => match self.picker.pick_for(&req, now) {
@@ -658,31 +656,6 @@ where
     }
 }
 
-/// A request extension: how long this request may still wait for a free backend. With it,
-/// a `Balance` that has nothing free books the next paced slot for the request (see
-/// [`Reserved`]). [`RetryAfter429`](crate::retry::RetryAfter429) sets it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct WaitBudget(pub Duration);
-
-/// A request extension: the request comes back for the slot a `Balance` booked for it on this
-/// backend (named in [`Unavailable::reserved`](error::Unavailable::reserved)); it is sent there
-/// directly. [`RetryAfter429`](crate::retry::RetryAfter429) sets it after waiting.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Reserved(pub Arc<str>);
-
-/// A crate-private request extension: `Balance` writes the name of the backend it sent the
-/// request to (a hedging `RetryAfter429` sends its second attempt elsewhere).
-#[derive(Clone, Debug, Default)]
-pub(crate) struct Picked(pub(crate) Arc<std::sync::OnceLock<Arc<str>>>);
-
-impl Picked {
-    fn note(req: &http::Request<impl Sized>, backend: &Backend) {
-        if let Some(p) = req.extensions().get::<Picked>() {
-            let _ = p.0.set(backend.name_arc().clone());
-        }
-    }
-}
-
 /// A request extension: what the request is estimated to cost of a backend's token quota
 /// (prompt and `max_tokens`, see [`provider::estimate_tokens`](crate::provider::estimate_tokens)).
 /// With it, `Balance` paces a backend whose answers tell its token quota by tokens as well as
@@ -690,19 +663,6 @@ impl Picked {
 /// [`BufferRequest`](crate::body::BufferRequest), which does) when calling the layers directly.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TokenCost(pub u32);
-
-/// A request extension naming backends this request already tried: `Balance` picks another
-/// available backend if there is one (and one of these only if there is not).
-/// [`RetryAfter429`](crate::retry::RetryAfter429) sets it on each retry.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Avoid(pub Vec<Arc<str>>);
-
-/// A request extension: with [`Avoid`], only backends it does not name may be picked; when every
-/// backend was tried the request is refused at once ([`Unavailable`](error::Unavailable) with no
-/// earliest time). [`RetryAfter429`](crate::retry::RetryAfter429) sets it after a connect error:
-/// a backend that just refused a connection is not asked again at once.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Elsewhere;
 
 impl<S, B> Service<http::Request<B>> for Balance<S>
 where
@@ -723,7 +683,7 @@ where
         let now = Instant::now();
         if let Some(i) = self.reserved_slot(&req, now) {
             let slot = &self.shared.slots[i];
-            Picked::note(&req, &slot.backend);
+            crate::attempt::Picked::note(&req, &slot.backend);
             return ResponseFuture {
                 state: State::Send {
                     fut: ReadyCall::new(slot.service.clone(), req),
@@ -764,7 +724,11 @@ impl<S> Balance<S> {
     /// or it asked for a wait meanwhile.
     #[inline]
     fn reserved_slot<B>(&self, req: &http::Request<B>, now: Instant) -> Option<usize> {
-        let Reserved(name) = req.extensions().get::<Reserved>()?;
+        let name = req
+            .extensions()
+            .get::<crate::attempt::Steer>()?
+            .reserved
+            .as_ref()?;
         let i = self
             .shared
             .slots
@@ -784,13 +748,13 @@ impl<S> Balance<S> {
         req: &http::Request<B>,
         now: Instant,
     ) -> Result<usize, error::Unavailable> {
-        let strict = req.extensions().get::<Elsewhere>().is_some();
-        self.pick_index(now, req.extensions().get::<Avoid>(), strict)
-            .map_err(|earliest| {
-                let budget = req.extensions().get::<WaitBudget>().map(|w| w.0);
-                let cost = req.extensions().get::<TokenCost>().map_or(0, |c| c.0);
-                self.refuse(now, earliest, budget, cost)
-            })
+        let steer = req.extensions().get::<crate::attempt::Steer>();
+        let (tried, strict) = steer.map_or((&[][..], false), |s| (&s.tried[..], s.elsewhere));
+        self.pick_index(now, tried, strict).map_err(|earliest| {
+            let budget = steer.and_then(|s| s.wait_budget);
+            let cost = req.extensions().get::<TokenCost>().map_or(0, |c| c.0);
+            self.refuse(now, earliest, budget, cost)
+        })
     }
 
     /// Counts the request against the picked backend's quota and pace, and notes the pick.
@@ -799,11 +763,11 @@ impl<S> Balance<S> {
         let slot = &self.shared.slots[i];
         let cost = req.extensions().get::<TokenCost>().map_or(0, |c| c.0);
         slot.backend.state().admit_cost(now, cost);
-        Picked::note(req, &slot.backend);
+        crate::attempt::Picked::note(req, &slot.backend);
         if slot.group {
             // Another member may have room: a group member answers at once.
             req.extensions_mut()
-                .insert(crate::retry::MaxWait(Duration::ZERO));
+                .insert(crate::attempt::MaxWait(Duration::ZERO));
         }
         tracing::trace!(
             group = &*self.shared.name,
@@ -827,11 +791,13 @@ impl<S: Clone> Balance<S> {
         S: Service<http::Request<Req>>,
         S::Error: Into<BoxError>,
     {
-        let mut avoid = req.extensions().get::<Avoid>().cloned().unwrap_or_default();
-        avoid
-            .0
-            .push(self.shared.slots[busy].backend.name_arc().clone());
-        let j = self.pick_index(now, Some(&avoid), true).ok()?;
+        let mut tried = req
+            .extensions()
+            .get::<crate::attempt::Steer>()
+            .map(|s| s.tried.clone())
+            .unwrap_or_default();
+        tried.push(self.shared.slots[busy].backend.name_arc().clone());
+        let j = self.pick_index(now, &tried, true).ok()?;
         let mut svc = self.shared.slots[j].service.clone();
         match svc.poll_ready(&mut Context::from_waker(Waker::noop())) {
             Poll::Ready(Ok(())) => Some((j, Ok(svc))),

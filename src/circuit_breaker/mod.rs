@@ -1,8 +1,8 @@
 //! `CircuitBreaker`: stop sending to a failing backend, probe it back.
 //!
 //! One breaker per backend, placed above that backend's [`Endpoint`](crate::endpoint::Endpoint)
-//! so it sees each attempt's [`Outcome`]. The decision logic is a pure state machine
-//! ([`state::Machine`]); this layer is only the gate, and it publishes the circuit in the
+//! so it sees each attempt's [`Outcome`]. The decision logic is a pure, crate-private state
+//! machine (`state::Machine`, tested on its own); this layer is only the gate, and it publishes the circuit in the
 //! backend's [`BackendState`](crate::BackendState) so that `Balance` skips an open backend
 //! without asking.
 //!

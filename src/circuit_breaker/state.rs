@@ -74,7 +74,7 @@ impl Policy {
 
 /// What the breaker says about one request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Admit {
+pub(crate) enum Admit {
     /// Closed: send it.
     Yes,
     /// Half-open: send it as a probe; its outcome decides.
@@ -85,7 +85,7 @@ pub enum Admit {
 
 /// A state change, for events and the shared [`Circuit`](crate::state::Circuit).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Transition {
+pub(crate) enum Transition {
     /// Tripped: open until the instant.
     Opened {
         /// End of the open period.
@@ -108,7 +108,7 @@ enum Phase {
 
 /// The state machine.
 #[derive(Debug)]
-pub struct Machine {
+pub(crate) struct Machine {
     policy: Policy,
     phase: Phase,
     /// Consecutive trips without a recovery in between.
@@ -246,7 +246,7 @@ impl Tally {
 
 impl Machine {
     /// A closed breaker with `policy`.
-    pub fn new(policy: Policy) -> Self {
+    pub(crate) fn new(policy: Policy) -> Self {
         Machine {
             policy,
             phase: Phase::Closed,
@@ -256,18 +256,13 @@ impl Machine {
         }
     }
 
-    /// The policy.
-    pub fn policy(&self) -> &Policy {
-        &self.policy
-    }
-
     /// Consecutive trips so far.
-    pub fn trips(&self) -> u32 {
+    pub(crate) fn trips(&self) -> u32 {
         self.trips
     }
 
     /// Decides about one request at `now`.
-    pub fn admit(&mut self, now: Instant) -> (Admit, Option<Transition>) {
+    pub(crate) fn admit(&mut self, now: Instant) -> (Admit, Option<Transition>) {
         match self.phase {
             Phase::Closed => (Admit::Yes, None),
             Phase::Open { until } if now < until => (Admit::No(Some(until)), None),
@@ -288,7 +283,7 @@ impl Machine {
 
     /// Records the result of a request admitted at `admitted` as `Yes` (`probe = false`) or
     /// `Probe`. `failed` is the classifier's verdict; `jitter` is a uniform draw in `[0, 1)`.
-    pub fn record(
+    pub(crate) fn record(
         &mut self,
         probe: bool,
         failed: bool,
@@ -318,7 +313,7 @@ impl Machine {
     }
 
     /// A probe admitted as `Probe` was abandoned (its future dropped): free its slot.
-    pub fn abandon_probe(&mut self) {
+    pub(crate) fn abandon_probe(&mut self) {
         if let Phase::HalfOpen { in_flight } = &mut self.phase {
             *in_flight = in_flight.saturating_sub(1);
         }
@@ -326,7 +321,12 @@ impl Machine {
 
     /// A health probe's result: a healthy answer closes an open breaker at once; a failure
     /// counts like a request's.
-    pub fn health(&mut self, healthy: bool, now: Instant, jitter: f64) -> Option<Transition> {
+    pub(crate) fn health(
+        &mut self,
+        healthy: bool,
+        now: Instant,
+        jitter: f64,
+    ) -> Option<Transition> {
         match (&self.phase, healthy) {
             (Phase::Closed, _) => self.record(false, !healthy, Duration::ZERO, now, jitter),
             (_, true) => self.close(),

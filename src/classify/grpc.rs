@@ -25,15 +25,15 @@ use super::retry_after::Hints;
 pub const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 
 /// `RESOURCE_EXHAUSTED`: the server's quota is used up.
-pub const RESOURCE_EXHAUSTED: u32 = 8;
+pub(crate) const RESOURCE_EXHAUSTED: u32 = 8;
 /// `UNAVAILABLE`: the server cannot serve now.
-pub const UNAVAILABLE: u32 = 14;
+pub(crate) const UNAVAILABLE: u32 = 14;
 /// `DEADLINE_EXCEEDED`.
-pub const DEADLINE_EXCEEDED: u32 = 4;
+pub(crate) const DEADLINE_EXCEEDED: u32 = 4;
 /// `UNAUTHENTICATED`.
-pub const UNAUTHENTICATED: u32 = 16;
+pub(crate) const UNAUTHENTICATED: u32 = 16;
 /// `PERMISSION_DENIED`.
-pub const PERMISSION_DENIED: u32 = 7;
+pub(crate) const PERMISSION_DENIED: u32 = 7;
 
 /// The `grpc-status` in `headers` (a head or trailers), if there is a readable one.
 pub fn status(headers: &HeaderMap) -> Option<u32> {

@@ -1,17 +1,18 @@
-//! Pure parsers for every Retry-After and rate-limit header form the providers send.
+//! Pure parsers for every Retry-After and rate-limit header form the providers send, read all at
+//! once into [`Hints`].
 //!
 //! Nothing here does I/O or reads a clock by itself: forms that carry an absolute time (HTTP-date,
 //! RFC 3339) are resolved against a [`WallClock`] the caller passes in, so tests can pin it.
 //! Garbage yields "no hint" (`None`), never a panic. Negative or past values mean "now"
 //! ([`Duration::ZERO`]); absurdly long values are clamped to the `cap` the caller gives.
 //!
-//! | header | form | function |
+//! | header | form | parser (crate-private) |
 //! |---|---|---|
-//! | `retry-after-ms`, `x-ms-retry-after-ms`, gRPC's `grpc-retry-pushback-ms` | float milliseconds | [`parse_millis`] |
-//! | `retry-after` | delay-seconds (float and whitespace tolerated) or HTTP-date (all three RFC 9110 formats) | [`parse_retry_after`] |
-//! | `x-ratelimit-reset-requests`, `x-ratelimit-reset-tokens` | Go-style durations (`20ms`, `6m0s`, `1h2m3.5s`) or integer seconds; `0`/`-1` mean unknown | [`parse_reset`] |
-//! | `anthropic-ratelimit-*-reset` | RFC 3339 timestamp | [`parse_rfc3339`] |
-//! | `x-ratelimit-remaining-*`, `anthropic-ratelimit-*-remaining` | unsigned integer | [`parse_remaining`] |
+//! | `retry-after-ms`, `x-ms-retry-after-ms`, gRPC's `grpc-retry-pushback-ms` | float milliseconds | `parse_millis` |
+//! | `retry-after` | delay-seconds (float and whitespace tolerated) or HTTP-date (all three RFC 9110 formats) | `parse_retry_after` |
+//! | `x-ratelimit-reset-requests`, `x-ratelimit-reset-tokens` | Go-style durations (`20ms`, `6m0s`, `1h2m3.5s`) or integer seconds; `0`/`-1` mean unknown | `parse_reset` |
+//! | `anthropic-ratelimit-*-reset` | RFC 3339 timestamp | `parse_rfc3339` |
+//! | `x-ratelimit-remaining-*`, `anthropic-ratelimit-*-remaining` | unsigned integer | `parse_remaining` |
 //!
 //! [`Hints::from_headers`] reads them all at once and [`Hints::wait`] picks the wait the official
 //! SDKs would honour, in their order of preference.
@@ -116,14 +117,19 @@ fn parse_decimal(s: &str) -> Option<f64> {
 /// Parses `retry-after-ms` / `x-ms-retry-after-ms`: a (possibly fractional) number of milliseconds.
 ///
 /// A negative value is no hint (the next header form is read instead).
-pub fn parse_millis(value: &HeaderValue, cap: Duration) -> Option<Duration> {
+pub(crate) fn parse_millis(value: &HeaderValue, cap: Duration) -> Option<Duration> {
     let ms = parse_decimal(as_trimmed_str(value)?).filter(|ms| *ms >= 0.0)?;
     seconds_to_duration(ms / 1000.0, cap)
 }
 
 /// Parses `retry-after`: delay-seconds (fractions tolerated) or an HTTP-date in any of the three
 /// RFC 9110 formats, resolved against `now`. A past date means [`Duration::ZERO`].
-pub fn parse_retry_after(value: &HeaderValue, now: SystemTime, cap: Duration) -> Option<Duration> {
+#[cfg(test)]
+pub(crate) fn parse_retry_after(
+    value: &HeaderValue,
+    now: SystemTime,
+    cap: Duration,
+) -> Option<Duration> {
     retry_after_with(value, || now, cap)
 }
 
@@ -149,7 +155,11 @@ fn is_date(value: &HeaderValue) -> bool {
 
 /// Parses an RFC 3339 timestamp (Anthropic's `anthropic-ratelimit-*-reset`) into the time left
 /// until it, resolved against `now`. A past time means [`Duration::ZERO`].
-pub fn parse_rfc3339(value: &HeaderValue, now: SystemTime, cap: Duration) -> Option<Duration> {
+pub(crate) fn parse_rfc3339(
+    value: &HeaderValue,
+    now: SystemTime,
+    cap: Duration,
+) -> Option<Duration> {
     let s = as_trimmed_str(value)?;
     let at = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).ok()?;
     Some(until(SystemTime::from(at), now).min(cap))
@@ -164,7 +174,7 @@ fn until(at: SystemTime, now: SystemTime) -> Duration {
 /// OpenAI sends Go-style durations (`12ms`, `1s`, `6m0s`, `2m59.56s`, `1h2m3.5s`); Azure sends the
 /// same header names with integer seconds, where `0` and `-1` mean unknown (observed), so a bare
 /// number that is not positive is no hint.
-pub fn parse_reset(value: &HeaderValue, cap: Duration) -> Option<Duration> {
+pub(crate) fn parse_reset(value: &HeaderValue, cap: Duration) -> Option<Duration> {
     let s = as_trimmed_str(value)?;
     if let Some(secs) = parse_decimal(s) {
         return if secs > 0.0 {
@@ -216,7 +226,7 @@ fn parse_go_duration(s: &str) -> Option<Duration> {
 }
 
 /// Parses an `x-ratelimit-remaining-*` quota hint: an unsigned integer.
-pub fn parse_remaining(value: &HeaderValue) -> Option<u64> {
+pub(crate) fn parse_remaining(value: &HeaderValue) -> Option<u64> {
     let s = as_trimmed_str(value)?;
     if s.starts_with('+') {
         return None;
@@ -441,7 +451,7 @@ impl Hints {
     /// request is likely to be let through: the reset time spread over the window's limit
     /// (a token bucket refills one request every `reset / limit`), or the whole reset time when
     /// the limit is unknown. `None` while requests remain or nothing was said.
-    pub fn next_request_in(&self) -> Option<Duration> {
+    pub(crate) fn next_request_in(&self) -> Option<Duration> {
         if self.remaining_requests != Some(0) {
             return None;
         }
@@ -455,7 +465,7 @@ impl Hints {
     /// The interval at which the request quota refills one request: `reset / (limit -
     /// remaining)` (a token bucket refills to full in `reset`), or the whole reset time when the
     /// quota is used up and the limit is unknown. `None` when the headers do not say.
-    pub fn refill_interval(&self) -> Option<Duration> {
+    pub(crate) fn refill_interval(&self) -> Option<Duration> {
         let reset = self.reset_requests?;
         let remaining = self.remaining_requests?;
         match self.limit_requests {
@@ -471,7 +481,7 @@ impl Hints {
     /// headers say: with a reset (OpenAI, Anthropic), [`Hints::refill_interval`]; without one
     /// but with a limit (Azure standard deployments send only per-minute limit and remaining),
     /// one minute spread over the limit. `None` when the headers do not say.
-    pub fn quota_pace(&self) -> Option<Duration> {
+    pub(crate) fn quota_pace(&self) -> Option<Duration> {
         if self.reset_requests.is_some() {
             return self.refill_interval();
         }
@@ -487,7 +497,7 @@ impl Hints {
     /// 429s: the burst is one second's share of what remains (`remaining / 60`), less a
     /// reserve of a tenth of a second's quota (at least one request) that absorbs the jitter
     /// of paced arrivals. `None` without a remaining count.
-    pub fn burst_credits(&self) -> Option<i64> {
+    pub(crate) fn burst_credits(&self) -> Option<i64> {
         let remaining = i64::try_from(self.remaining_requests?).unwrap_or(i64::MAX);
         if self.reset_requests.is_some() {
             return Some(remaining);
@@ -503,7 +513,7 @@ impl Hints {
     /// The rate at which the token quota refills, in tokens per second: with a reset
     /// (OpenAI), what is missing over the time to refill it; without one (Azure), the
     /// per-minute limit over 60 s. `None` when the headers do not say.
-    pub fn token_rate(&self) -> Option<f64> {
+    pub(crate) fn token_rate(&self) -> Option<f64> {
         let limit = self.limit_tokens.filter(|l| *l > 0)? as f64;
         match (self.reset_tokens, self.remaining_tokens) {
             (Some(reset), Some(remaining)) if !reset.is_zero() && (remaining as f64) < limit => {
@@ -517,7 +527,7 @@ impl Hints {
     /// How many tokens requests may spend at once before token pacing starts: like
     /// [`Hints::burst_credits`] for requests (without a reset, one second's share of what
     /// remains less a tenth of a second's quota). `None` without a remaining count.
-    pub fn burst_tokens(&self) -> Option<i64> {
+    pub(crate) fn burst_tokens(&self) -> Option<i64> {
         let remaining = i64::try_from(self.remaining_tokens?).unwrap_or(i64::MAX);
         if self.reset_tokens.is_some() {
             return Some(remaining);

@@ -17,7 +17,7 @@
 //! | connect error, broken connection, timeout | counts it, answers [`BackendError`] naming the backend and the outcome |
 //! | a path that cannot be mapped | answers [`error::InvalidTarget`] without sending |
 //! | the backend asked for a wait (429 hint) that is not over | answers [`Unavailable`](crate::error::Unavailable) with the end of the wait, without sending: a `RetryAfter429` above waits for it (or moves on) instead of earning another 429 |
-//! | a retry after a failure that must go to a backend not tried yet ([`Elsewhere`](crate::balance::Elsewhere)), and this one was tried | answers [`Unavailable`](crate::error::Unavailable) without sending, so the retry layer backs off before coming back |
+//! | a retry after a failure that must go to a backend not tried yet, and this one was tried | answers [`Unavailable`](crate::error::Unavailable) without sending, so the retry layer backs off before coming back |
 //! | another backend's credential on the request (an `AuthInject` for one backend placed above the `Balance`) | answers [`CredentialMisplaced`](crate::error::CredentialMisplaced) without sending |
 //!
 //! Each attempt counts as in flight on its backend from sending until its answer has been read
@@ -304,22 +304,17 @@ impl<S: fmt::Debug> fmt::Debug for Endpoint<S> {
 /// A request extension replacing a classic Azure backend's deployment for this request (a
 /// `Fallback` target's per-target deployment). Other providers ignore it.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Deployment(Arc<str>);
+pub(crate) struct Deployment(Arc<str>);
 
 impl Deployment {
     /// `name` must be a plain path segment (letters, digits, `-`, `_`, `.`).
-    pub fn new(name: &str) -> Result<Self, crate::provider::InvalidProvider> {
+    pub(crate) fn new(name: &str) -> Result<Self, crate::provider::InvalidProvider> {
         if crate::provider::valid_deployment(name) {
             Ok(Deployment(name.into()))
         } else {
             // Reuse the provider's message, which names the field.
             Err(crate::provider::Provider::azure(name, "x").unwrap_err())
         }
-    }
-
-    /// The deployment name.
-    pub fn name(&self) -> &str {
-        &self.0
     }
 }
 
@@ -448,10 +443,9 @@ fn refusal<B>(backend: &Backend, req: &Request<B>, now: Instant) -> Option<BoxEr
         );
     }
     let ext = req.extensions();
-    if ext.get::<crate::balance::Elsewhere>().is_some()
-        && ext
-            .get::<crate::balance::Avoid>()
-            .is_some_and(|a| a.0.contains(backend.name_arc()))
+    if ext
+        .get::<crate::attempt::Steer>()
+        .is_some_and(|s| s.refuses(backend.name()))
     {
         return Some(crate::error::Unavailable::new(backend.name_arc().clone(), None).into());
     }

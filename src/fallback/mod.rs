@@ -12,7 +12,7 @@
 //! | throttled / quota exhausted, server error, connect or transport error, timeout, nothing available | next target (the triggers are configurable; add status codes with [`FallbackBuilder::on_status`]) |
 //! | last target fails too | the last 429 with the earliest `retry-after` of all targets if the last failures were 429s; otherwise [`Exhausted`] listing every target's failure |
 //!
-//! **Fail fast**: every target but the last gets a [`MaxWait`] of zero, so a `RetryAfter429`
+//! **Fail fast**: every target but the last gets a wait budget of zero, so a `RetryAfter429`
 //! inside it gives up at once when nothing is free instead of sleeping, and falling back costs
 //! microseconds, not a Retry-After. The last target keeps its own wait budget.
 //!
@@ -70,6 +70,7 @@ use tokio::time::Instant;
 use tower_service::Service;
 use tracing::Instrument;
 
+use crate::attempt::MaxWait;
 use crate::body::ReplayBody;
 use crate::classify::retry_after::set_retry_after;
 use crate::classify::retry_after::{DEFAULT_MAX_HINT, Hints};
@@ -77,7 +78,7 @@ use crate::classify::{Outcome, classify_error_chain};
 use crate::endpoint::{Deployment, answered_by, outcome_of};
 use crate::error::{Attempt, BoxError, Exhausted};
 use crate::ready::ReadyCall;
-use crate::retry::{Attempts, Deadline, MaxWait};
+use crate::retry::{Attempts, Deadline};
 pub use rewrite::{NotJson, Overrides};
 
 pub use crate::boxed::BoxTarget;

@@ -75,7 +75,7 @@ impl fmt::Debug for Provider {
 }
 
 /// The `anthropic-version` header name.
-pub static ANTHROPIC_VERSION: HeaderName = HeaderName::from_static("anthropic-version");
+pub(crate) static ANTHROPIC_VERSION: HeaderName = HeaderName::from_static("anthropic-version");
 
 /// The default `anthropic-version`.
 pub const DEFAULT_ANTHROPIC_VERSION: &str = "2023-06-01";
@@ -147,13 +147,14 @@ impl Provider {
 
     /// Builds the path and query to send, from the base URL's path (no trailing slash) and the
     /// caller's path and query. See the [module docs](self) for the convention.
-    pub fn target_path(&self, base_path: &str, path: &str, query: Option<&str>) -> String {
+    #[cfg(test)]
+    pub(crate) fn target_path(&self, base_path: &str, path: &str, query: Option<&str>) -> String {
         self.target_path_for(base_path, path, query, None)
     }
 
     /// Like [`Provider::target_path`], with the classic Azure deployment replaced by
     /// `deployment` when given (a per-target override; other providers ignore it).
-    pub fn target_path_for(
+    pub(crate) fn target_path_for(
         &self,
         base_path: &str,
         path: &str,
@@ -210,7 +211,7 @@ impl Provider {
 }
 
 /// The codes in an error body that say a 429 will not pass by waiting (billing, spend limits).
-pub const QUOTA_EXHAUSTED_CODES: &[&str] = &[
+pub(crate) const QUOTA_EXHAUSTED_CODES: &[&str] = &[
     "insufficient_quota",
     "billing_hard_limit_reached",
     "billing_not_active",

@@ -9,7 +9,7 @@
 //! | outcome of an attempt | what `RetryAfter429` does |
 //! |---|---|
 //! | success, client error (4xx) | returns it |
-//! | server error (5xx), 408, timeout, connect error, connection broken before the response head | retries at once on a backend not tried yet ([`balance::Elsewhere`](crate::balance::Elsewhere)); when every backend was tried, after a backoff (0.5 s, doubling per backoff, 8 s cap, up to 25% jitter) on any; never two sends to one backend without a gap. Draws on the retry budget. Off with [`RetryAfter429Layer::retry_failures`]`(false)` (connect errors: [`RetryAfter429Layer::retry_connect_errors`]) |
+//! | server error (5xx), 408, timeout, connect error, connection broken before the response head | retries at once on a backend not tried yet; when every backend was tried, after a backoff (0.5 s, doubling per backoff, 8 s cap, up to 25% jitter) on any; never two sends to one backend without a gap. Draws on the retry budget. Off with [`RetryAfter429Layer::retry_failures`]`(false)` (connect errors: [`RetryAfter429Layer::retry_connect_errors`]) |
 //! | throttled (429, 529, 503 with a hint) or quota exhausted | retries at once, so `Balance` sends it to another available backend; does not draw on the retry budget |
 //! | nothing available (every backend cooling down, paced or open) | waits in line: `Balance` books the next paced slot of the backend freeing first for this request (slots go out in the order requests ask), and the request waits for it if that fits the wait budget and the deadline; otherwise gives up at once, without sleeping. Waiting never draws on the retry budget |
 //!
@@ -30,8 +30,8 @@
 //! (with its honest hint) or [`DeadlineExceeded`]. A client error is never retried, and nothing is
 //! retried once the response head was returned (a stream that breaks later is the caller's).
 //!
-//! Each retry carries a [`balance::Avoid`](crate::balance::Avoid) extension naming the backends
-//! already tried, so a `Balance` below picks another one when it can.
+//! Each retry carries a (crate-private) extension naming the backends already tried, so a
+//! `Balance` below picks another one when it can.
 //!
 //! The request is replayed by cloning it (the body must be cheap to clone, like
 //! [`ReplayBody`](crate::body::ReplayBody)); a streamed response is passed through untouched. Every
@@ -76,11 +76,7 @@ pub use budget::RetryBudget;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Deadline(pub Instant);
 
-/// A request extension capping this request's wait budget below the layer's
-/// ([`RetryAfter429Layer::max_wait`]). `Fallback` sets it to zero on every target but the last,
-/// so a target with nothing free fails over at once instead of waiting.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct MaxWait(pub Duration);
+use crate::attempt::MaxWait;
 
 /// The attempts a request took, as a response extension (in order, the last one answered).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -604,21 +600,15 @@ where
             .map(|a| a.backend.clone())
             .filter(|b| &**b != "-")
             .collect();
-        if !tried.is_empty() {
-            req.extensions_mut().insert(crate::balance::Avoid(tried));
-            // After a failure, only a backend not tried yet (none: back off, then any).
-            strict = std::mem::take(&mut ctx.elsewhere);
-            if strict {
-                req.extensions_mut().insert(crate::balance::Elsewhere);
-            }
-        }
-        // Come back for the slot booked while we waited, or let the balancer book one.
-        if let Some(backend) = ctx.reserved.take() {
-            req.extensions_mut()
-                .insert(crate::balance::Reserved(backend));
-        }
-        req.extensions_mut()
-            .insert(crate::balance::WaitBudget(ctx.wait_budget(Instant::now())));
+        // After a failure, only a backend not tried yet (none: back off, then any).
+        strict = !tried.is_empty() && std::mem::take(&mut ctx.elsewhere);
+        req.extensions_mut().insert(crate::attempt::Steer {
+            tried,
+            elsewhere: strict,
+            // Come back for the slot booked while we waited, or let the balancer book one.
+            reserved: ctx.reserved.take(),
+            wait_budget: Some(ctx.wait_budget(Instant::now())),
+        });
         let started = Instant::now();
         let span = tracing::debug_span!("attempt", n = ctx.attempts.len() + 1, turn, wait = ?wait);
         let attempt = ctx.inner.clone().oneshot(req).instrument(span);
@@ -707,7 +697,7 @@ where
     S::Error: Into<BoxError>,
     B: Clone,
 {
-    let picked = crate::balance::Picked::default();
+    let picked = crate::attempt::Picked::default();
     req.extensions_mut().insert(picked.clone());
     let call = |svc: &S, req: Request<B>| {
         let fut = svc.clone().oneshot(req);
@@ -719,10 +709,13 @@ where
         _ = tokio::time::sleep(after) => {
             if ctx.settings.budget.withdraw() {
                 let mut second = clone_request(&ctx.template);
-                second.extensions_mut().remove::<crate::balance::Picked>();
+                second.extensions_mut().remove::<crate::attempt::Picked>();
                 if let Some(name) = picked.0.get() {
-                    second.extensions_mut().insert(crate::balance::Avoid(vec![name.clone()]));
-                    second.extensions_mut().insert(crate::balance::Elsewhere);
+                    second.extensions_mut().insert(crate::attempt::Steer {
+                        tried: vec![name.clone()],
+                        elsewhere: true,
+                        ..Default::default()
+                    });
                 }
                 tracing::debug!(?after, "no answer yet: hedging on another backend");
                 let mut secondary = std::pin::pin!(call(&ctx.inner, second));
