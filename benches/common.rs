@@ -48,6 +48,85 @@ pub fn stack_over(addr: SocketAddr, client: Bare) -> LlmService {
     LlmService::new(chain)
 }
 
+/// The flat stack of the README's first example over 3 backends at `addr`, unboxed:
+/// `RetryAfter429Layer` → `BalanceLayer` → breaker → `EndpointLayer::for_chosen` →
+/// `AuthInjectLayer::for_chosen` → `client`.
+pub fn flat_over(
+    addr: SocketAddr,
+    client: Bare,
+) -> impl tower::Service<
+    http::Request<ReplayBody>,
+    Response = http::Response<impl http_body::Body<Data = Bytes, Error = tower_llm_lb::BoxError>>,
+    Error = tower_llm_lb::BoxError,
+    Future = impl Send,
+> + Clone
++ Send
++ Sync
++ 'static {
+    use tower_llm_lb::auth::AuthInjectLayer;
+    use tower_llm_lb::balance::BalanceLayer;
+    use tower_llm_lb::circuit_breaker::{BreakerGroup, Policy};
+    use tower_llm_lb::endpoint::EndpointLayer;
+    use tower_llm_lb::retry::RetryAfter429Layer;
+    let backends: Vec<Backend> = (0..3)
+        .map(|i| {
+            Backend::azure(
+                format!("b{i}"),
+                format!("http://{addr}"),
+                "gpt-4o",
+                "2024-10-21",
+            )
+            .credential(Credential::api_key("bench-key").unwrap())
+            .build()
+            .unwrap()
+        })
+        .collect();
+    tower::ServiceBuilder::new()
+        .layer(RetryAfter429Layer::new())
+        .layer(BalanceLayer::try_new(backends.clone()).unwrap())
+        .layer(
+            BreakerGroup::try_new(Policy::default())
+                .unwrap()
+                .layer_for_chosen(&backends),
+        )
+        .layer(EndpointLayer::for_chosen())
+        .layer(AuthInjectLayer::for_chosen())
+        .service(client)
+}
+
+/// One request through any stack, as a caller writes it.
+pub async fn one_through<S, B>(svc: &S)
+where
+    S: tower::Service<http::Request<ReplayBody>, Response = http::Response<B>> + Clone,
+    S::Error: std::fmt::Debug,
+    B: http_body::Body,
+    B::Error: std::fmt::Debug,
+{
+    let req = http::Request::post("/v1/chat/completions")
+        .body(ReplayBody::from(REQ_BODY))
+        .unwrap();
+    let res = svc.clone().oneshot(req).await.unwrap();
+    assert_eq!(res.status(), 200);
+    res.into_body().collect().await.unwrap();
+}
+
+/// One request through a stack held by one owner (driven ready, then called: no clone per
+/// request), as the bare client is called.
+pub async fn one_owned<S, B>(svc: &mut S)
+where
+    S: tower::Service<http::Request<ReplayBody>, Response = http::Response<B>>,
+    S::Error: std::fmt::Debug,
+    B: http_body::Body,
+    B::Error: std::fmt::Debug,
+{
+    let req = http::Request::post("/v1/chat/completions")
+        .body(ReplayBody::from(REQ_BODY))
+        .unwrap();
+    let res = svc.ready().await.unwrap().call(req).await.unwrap();
+    assert_eq!(res.status(), 200);
+    res.into_body().collect().await.unwrap();
+}
+
 /// One request through the bare client, with the Azure path and key already in it.
 pub async fn one_bare(client: &Bare, addr: SocketAddr) {
     let req = http::Request::post(format!(

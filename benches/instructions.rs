@@ -1,10 +1,13 @@
-//! A fixed number of requests through the bare client, the recommended group or the full stack
-//! (group under a `Fallback`), on a current-thread runtime, for counting instructions with
+//! A fixed number of requests through the bare client, the flat stack of the README's first
+//! example (`flat`), the recommended group (`stack::group`) or the full stack (group under a
+//! `Fallback`), on a current-thread runtime, for counting instructions with
 //! valgrind (exact and repeatable, unlike wall time on a shared machine):
 //!
 //! ```sh
 //! cargo bench --bench instructions --no-run          # prints the executable's path
 //! valgrind --tool=callgrind <path> bare 5000
+//! valgrind --tool=callgrind <path> flat 5000          # cloned per request, `oneshot`
+//! valgrind --tool=callgrind <path> flat-owned 5000    # one owner: `ready().await`, `call`
 //! valgrind --tool=callgrind <path> stack 5000
 //! ```
 //!
@@ -13,7 +16,9 @@
 
 mod common;
 
-use common::{Bare, group_over, one_bare, one_stack, stack_over};
+use common::{
+    Bare, flat_over, group_over, one_bare, one_owned, one_stack, one_through, stack_over,
+};
 use tower_llm_lb::client::http_client;
 
 fn run(mode: &str, n: u64) {
@@ -28,12 +33,14 @@ fn run(mode: &str, n: u64) {
             "stack" => stack_over(addr, client.clone()),
             _ => group_over(addr, client.clone()),
         };
+        let mut flat = flat_over(addr, client.clone());
         let start = std::time::Instant::now();
         for _ in 0..n {
-            if mode == "bare" {
-                one_bare(&client, addr).await;
-            } else {
-                one_stack(&svc).await;
+            match mode {
+                "bare" => one_bare(&client, addr).await,
+                "flat" => one_through(&flat).await,
+                "flat-owned" => one_owned(&mut flat).await,
+                _ => one_stack(&svc).await,
             }
         }
         println!(
@@ -49,11 +56,11 @@ fn main() {
         .filter(|a| a != "--bench")
         .collect();
     match (args.first().map(String::as_str), args.get(1)) {
-        (Some(mode @ ("bare" | "group" | "stack")), n) => {
+        (Some(mode @ ("bare" | "flat" | "flat-owned" | "group" | "stack")), n) => {
             run(mode, n.and_then(|n| n.parse().ok()).unwrap_or(5000))
         }
         _ => {
-            for mode in ["bare", "group", "stack"] {
+            for mode in ["bare", "flat", "flat-owned", "group", "stack"] {
                 run(mode, 2000);
             }
         }

@@ -448,7 +448,7 @@ fn check<'a>(
 /// [`AuthInjectLayer::for_chosen`](crate::auth::AuthInjectLayer::for_chosen)), so one client and
 /// one set of layers serve every backend.
 #[derive(Clone, Debug)]
-pub struct Chosen(pub(crate) Backend);
+pub struct Chosen(pub(crate) Backend, pub(crate) Instant);
 
 impl Chosen {
     /// The chosen backend.
@@ -559,7 +559,7 @@ impl<S> tower_layer::Layer<S> for BalanceLayer {
 /// The service a [`BalanceLayer`] makes: picks a backend for each request as [`Balance`] does,
 /// marks the request with it ([`Chosen`]) and calls the one inner service. Ready when the inner
 /// service is (a client at its limit makes the whole stack not ready), and the service driven
-/// ready is the one called.
+/// ready is the one called (no clone per request).
 pub struct Pick<S> {
     picker: Balance<()>,
     inner: S,
@@ -612,7 +612,7 @@ impl<S> Pick<S> {
 
 impl<S, B> Service<http::Request<B>> for Pick<S>
 where
-    S: Service<http::Request<B>> + Clone,
+    S: Service<http::Request<B>>,
     S::Error: Into<BoxError>,
 {
     type Response = S::Response;
@@ -644,13 +644,12 @@ where
             },
         };
         req.extensions_mut()
-            .insert(Chosen(self.picker.shared.slots[i].backend.clone()));
-        // The service driven ready is the one called; this one keeps a fresh clone.
-        let clone = self.inner.clone();
-        let mut ready = std::mem::replace(&mut self.inner, clone);
+            .insert(Chosen(self.picker.shared.slots[i].backend.clone(), now));
+        // The inner service was driven ready by this one's `poll_ready`; its future owns
+        // nothing of it, so no clone is needed.
         ResponseFuture {
             state: State::Send {
-                fut: ReadyCall::from_asked(crate::ready::Asked::Called(ready.call(req))),
+                fut: ReadyCall::from_asked(crate::ready::Asked::Called(self.inner.call(req))),
             },
         }
     }

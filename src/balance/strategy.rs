@@ -118,32 +118,42 @@ pub(crate) fn pick(
     let ok = |i: &usize| !skip(*i) && availability(all, &all[*i], now) == want;
     match strategy {
         Strategy::LatencyAware => {
-            let eligible = tier.iter().filter(|i| ok(i)).count();
-            let first = tier.iter().find(|i| ok(i))?;
-            let uniform = tier
-                .iter()
-                .filter(|i| ok(i))
-                .all(|i| all[*i].weight == all[*first].weight);
+            // Ask each candidate once: which are eligible (a bit each), and whether their
+            // weights are all equal.
+            if tier.len() > 64 {
+                return weighted(all, tier, &ok, rng);
+            }
+            let (mut mask, mut weight, mut uniform) = (0u64, None, true);
+            for (k, i) in tier.iter().enumerate() {
+                if ok(i) {
+                    mask |= 1 << k;
+                    let w = all[*i].weight;
+                    uniform &= *weight.get_or_insert(w) == w;
+                }
+            }
+            let eligible = mask.count_ones() as usize;
+            if eligible == 0 {
+                return None;
+            }
             if !uniform {
                 return weighted(all, tier, &ok, rng);
             }
+            let nth = |n: usize| {
+                let mut m = mask;
+                for _ in 0..n {
+                    m &= m - 1;
+                }
+                tier[m.trailing_zeros() as usize]
+            };
             if eligible == 1 {
-                return Some(*first);
+                return Some(nth(0));
             }
-            // Two different eligible backends, uniformly.
+            // Two different eligible backends, uniformly; ties go to the first draw, so equal
+            // backends share evenly.
             let n = eligible as u64;
             let a = (rng.next_u64() % n) as usize;
             let b = (a + 1 + (rng.next_u64() % (n - 1)) as usize) % eligible;
-            let mut it = tier.iter().copied().filter(|i| ok(i));
-            let (lo, hi) = (a.min(b), a.max(b));
-            let first = it.nth(lo)?;
-            let second = it.nth(hi - lo - 1)?;
-            // Ties go to the first draw (`a`), so equal backends share evenly.
-            let (x, y) = if a == lo {
-                (first, second)
-            } else {
-                (second, first)
-            };
+            let (x, y) = (nth(a), nth(b));
             Some(if lighter(&all[y], &all[x]) { y } else { x })
         }
         Strategy::WeightedRandom => weighted(all, tier, &ok, rng),

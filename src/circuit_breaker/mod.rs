@@ -521,10 +521,13 @@ impl<S: fmt::Debug> fmt::Debug for CircuitBreaker<S> {
 fn outcome_of<B>(result: &Result<Response<B>, BoxError>, backend: &Backend) -> Option<Outcome> {
     let mine = |by: &str| by == "-" || by == backend.name();
     match result {
-        Ok(res) => {
-            let (by, outcome) = crate::endpoint::outcome_of(res);
-            mine(&by).then_some(outcome)
-        }
+        Ok(res) => match res.extensions().get::<crate::endpoint::Served>() {
+            Some(s) => (Arc::ptr_eq(s.backend.name_arc(), backend.name_arc())
+                || mine(s.backend.name()))
+            .then_some(s.outcome),
+            // Below the `Endpoint`: the stock reading of the status.
+            None => Some(crate::endpoint::outcome_of(res).1),
+        },
         Err(e) => crate::error::find::<crate::error::BackendError>(&**e)
             .is_none_or(|b| mine(b.backend()))
             .then(|| classify_error_chain(&**e)),

@@ -331,6 +331,11 @@ impl Hints {
         let mut anthropic_limits: (Option<u64>, Option<u64>) = (None, None);
         for (name, value) in headers {
             let n = name.as_str();
+            // Every name below starts with one of these: most headers (content-*, server,
+            // cache-*) are passed over at the first byte.
+            if !matches!(n.as_bytes().first(), Some(b'r' | b'x' | b'g' | b'd' | b'a')) {
+                continue;
+            }
             match n {
                 "retry-after-ms" => ms = longer(ms, parse_millis(value, cap)),
                 "x-ms-retry-after-ms" => x_ms = longer(x_ms, parse_millis(value, cap)),

@@ -398,14 +398,14 @@ where
 
     #[inline]
     fn call(&mut self, mut req: Request<ReqB>) -> Self::Future {
-        let backend = match &self.backend {
-            Some(b) => b.clone(),
+        let (backend, start) = match &self.backend {
+            Some(b) => (b.clone(), Instant::now()),
+            // The pick's own clock reading (microseconds ago) starts the attempt.
             None => match req.extensions().get::<crate::balance::Chosen>() {
-                Some(c) => c.backend().clone(),
+                Some(c) => (c.0.clone(), c.1),
                 None => return ResponseFuture::failed(error::NoBackendChosen.into()),
             },
         };
-        let start = Instant::now();
         if let Some(e) = refusal(&backend, &req, start) {
             return ResponseFuture::failed(e);
         }

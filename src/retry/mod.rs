@@ -289,19 +289,26 @@ where
             deadline = Some(deadline.map_or(*d, |x| x.min(*d)));
         }
         let template = clone_request(&req);
-        // The service driven ready is the one called; the stack keeps a fresh clone.
+        // The service driven ready is the one called (and kept for retries); the stack keeps
+        // a fresh clone. One clone per request.
         let clone = self.inner.clone();
-        let ready = std::mem::replace(&mut self.inner, clone);
+        let mut ready = std::mem::replace(&mut self.inner, clone);
+        let max_wait = req
+            .extensions()
+            .get::<MaxWait>()
+            .map_or(self.settings.max_wait, |m| m.0.min(self.settings.max_wait));
+        // Sent before the context takes the service (a hedged request is sent inside it).
+        let first = match self.settings.hedge_after {
+            None => Ok(ready.call(req)),
+            Some(after) => Err((after, req)),
+        };
         let ctx = Ctx {
-            inner: self.inner.clone(),
+            inner: ready,
             settings: self.settings.clone(),
             template,
             attempts: Vec::new(),
             deadline,
-            max_wait: req
-                .extensions()
-                .get::<MaxWait>()
-                .map_or(self.settings.max_wait, |m| m.0.min(self.settings.max_wait)),
+            max_wait,
             waited: Duration::ZERO,
             reserved: None,
             sent: 0,
@@ -309,30 +316,34 @@ where
             backoffs: 0,
             last_failed: false,
         };
-        if let Some(after) = self.settings.hedge_after {
-            let fut = hedged(ctx, req, after, start);
-            let fut: BoxFut<_> = match deadline {
-                Some(d) => Box::pin(async move {
-                    tokio::time::timeout_at(d, fut)
-                        .await
-                        .unwrap_or_else(|_| Err(DeadlineExceeded::new(Vec::new()).into()))
-                }),
-                None => Box::pin(fut),
-            };
-            return ResponseFuture {
-                state: RetryState::Retrying { fut },
-            };
-        }
-        // The first attempt carries no wait budget (inserting one would allocate on every
-        // request); a refused request's later attempts do, so their slots get booked. A timer
-        // only with a deadline.
-        ResponseFuture {
-            state: RetryState::First {
-                fut: ReadyCall::new(ready, req),
-                ctx: Some(ctx),
-                started: start,
-                deadline: deadline.map(|d| Box::pin(tokio::time::sleep_until(d))),
-            },
+        match first {
+            Ok(first) => {
+                // The first attempt carries no wait budget (inserting one would allocate on
+                // every request); a refused request's later attempts do, so their slots get
+                // booked. A timer only with a deadline.
+                ResponseFuture {
+                    state: RetryState::First {
+                        fut: ReadyCall::from_asked(crate::ready::Asked::Called(first)),
+                        ctx: Some(ctx),
+                        started: start,
+                        deadline: deadline.map(|d| Box::pin(tokio::time::sleep_until(d))),
+                    },
+                }
+            }
+            Err((after, req)) => {
+                let fut = hedged(ctx, req, after, start);
+                let fut: BoxFut<_> = match deadline {
+                    Some(d) => Box::pin(async move {
+                        tokio::time::timeout_at(d, fut)
+                            .await
+                            .unwrap_or_else(|_| Err(DeadlineExceeded::new(Vec::new()).into()))
+                    }),
+                    None => Box::pin(fut),
+                };
+                ResponseFuture {
+                    state: RetryState::Retrying { fut },
+                }
+            }
         }
     }
 }
