@@ -46,3 +46,15 @@ impl Picked {
         }
     }
 }
+
+/// The backends a `Fallback` variant may use ([`FallbackLayer`](crate::fallback::FallbackLayer)
+/// with [`Variant::backends`](crate::fallback::Variant::backends)): a `Balance` picks only among
+/// these.
+#[derive(Clone, Debug)]
+pub(crate) struct Only(pub(crate) Arc<[Arc<str>]>);
+
+impl Only {
+    pub(crate) fn names(&self, backend: &str) -> bool {
+        self.0.iter().any(|n| &**n == backend)
+    }
+}

@@ -48,6 +48,8 @@ struct Inner {
     state: BackendState,
     /// The target URI of each of [`COMMON_PATHS`], worked out once.
     routes: Box<[Option<Uri>]>,
+    /// The models it serves (`None`: any).
+    models: Option<Arc<[Box<str>]>>,
 }
 
 /// The caller paths whose target URI each backend works out once, so the request path only
@@ -107,6 +109,7 @@ pub struct BackendBuilder {
     weight: f64,
     credential: Option<Credential>,
     state: Option<BackendState>,
+    models: Option<Arc<[Box<str>]>>,
 }
 
 impl Backend {
@@ -125,6 +128,7 @@ impl Backend {
             weight: 1.0,
             credential: None,
             state: None,
+            models: None,
         }
     }
 
@@ -190,6 +194,7 @@ impl Backend {
                 credential: i.credential.clone(),
                 state: BackendState::new(),
                 routes: i.routes.clone(),
+                models: i.models.clone(),
             }),
         })
     }
@@ -219,12 +224,26 @@ impl Backend {
         if let Some(c) = &i.credential {
             builder = builder.credential(c.clone());
         }
+        builder.models = i.models.clone();
         let scoped = builder.build()?;
         let mut inner = Arc::try_unwrap(scoped.inner).map_err(|_| err("internal".into()))?;
         inner.state = BackendState::scoped_under(&i.state);
         Ok(Backend {
             inner: Arc::new(inner),
         })
+    }
+
+    /// Whether it serves `model` (a backend that declares no models serves any).
+    pub fn serves(&self, model: &str) -> bool {
+        self.inner
+            .models
+            .as_ref()
+            .is_none_or(|m| m.iter().any(|x| &**x == model))
+    }
+
+    /// The models it declared ([`BackendBuilder::models`]), if any.
+    pub fn models(&self) -> Option<impl Iterator<Item = &str>> {
+        self.inner.models.as_ref().map(|m| m.iter().map(|x| &**x))
     }
 
     /// The backend's name, unique within a stack.
@@ -342,6 +361,23 @@ impl BackendBuilder {
         self
     }
 
+    /// The models it serves, as callers name them in the request body's `model`: a `Balance`
+    /// sends a request naming a model only to backends serving it (and one naming none, or
+    /// with no JSON body, to any). Without this, a backend serves any model.
+    pub fn models<I, M>(mut self, models: I) -> Self
+    where
+        I: IntoIterator<Item = M>,
+        M: Into<String>,
+    {
+        self.models = Some(
+            models
+                .into_iter()
+                .map(|m| m.into().into_boxed_str())
+                .collect(),
+        );
+        self
+    }
+
     /// Uses `state` instead of a fresh one (group members).
     pub(crate) fn state(mut self, state: BackendState) -> Self {
         self.state = Some(state);
@@ -410,6 +446,7 @@ impl BackendBuilder {
                 credential: self.credential,
                 state: self.state.unwrap_or_else(BackendState::new),
                 routes,
+                models: self.models,
             }),
         })
     }

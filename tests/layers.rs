@@ -196,3 +196,109 @@ async fn the_flat_stack_fits_a_client_wrapped_in_tower_http_layers_that_change_i
     assert_eq!(res.status(), 200);
     res.into_body().collect().await.unwrap();
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_fallback_layer_walks_model_variants_over_one_client_and_each_backend_gets_only_its_models()
+ {
+    use tower_llm_lb::fallback::{FallbackLayer, ServedPath, Variant};
+    // LangChain's gpt-4 -> gpt-4-32k: the 8k deployment's backend is nearly out of quota.
+    let small = mock("small", 1.0).await;
+    let big = mock("big", 50.0).await;
+    let backends = [
+        Backend::openai("small", format!("{}/v1", small.url()))
+            .credential(Credential::api_key("key-small").unwrap())
+            .models(["gpt-4"])
+            .build()
+            .unwrap(),
+        Backend::openai("big", format!("{}/v1", big.url()))
+            .credential(Credential::api_key("key-big").unwrap())
+            .models(["gpt-4-32k"])
+            .build()
+            .unwrap(),
+    ];
+    let svc = ServiceBuilder::new()
+        .layer(
+            FallbackLayer::new("gpt-4")
+                .variant(Variant::new("as asked"))
+                .variant(Variant::model("gpt-4-32k").set("max_tokens", 256)),
+        )
+        .layer(RetryAfter429Layer::new())
+        .layer(BalanceLayer::try_new(backends).unwrap())
+        .layer(EndpointLayer::for_chosen())
+        .layer(AuthInjectLayer::for_chosen())
+        .service(http_client::<ReplayBody>());
+    let mut paths = std::collections::HashMap::<String, u32>::new();
+    for _ in 0..10 {
+        let req = chat(r#"{"model":"gpt-4","messages":[{"role":"user","content":"hi"}]}"#);
+        let res = svc.clone().oneshot(req).await.unwrap();
+        assert_eq!(res.status(), 200);
+        let path = res.extensions().get::<ServedPath>().unwrap().to_string();
+        *paths.entry(path).or_default() += 1;
+    }
+    assert!(
+        paths.contains_key("gpt-4[0:as asked] -> small"),
+        "{paths:?}"
+    );
+    assert!(paths.contains_key("gpt-4[1:gpt-4-32k] -> big"), "{paths:?}");
+    // Each backend got only the model it serves, the 32k one with the variant's overrides.
+    for r in small.requests() {
+        assert!(String::from_utf8_lossy(&r.body).contains(r#""model":"gpt-4""#));
+    }
+    for r in big.requests() {
+        let body = String::from_utf8_lossy(&r.body).to_string();
+        assert!(
+            body.contains(r#""model":"gpt-4-32k""#) && body.contains(r#""max_tokens":256"#),
+            "{body}"
+        );
+    }
+    // A model nobody serves is refused without sending anything.
+    let before = small.counters().requests + big.counters().requests;
+    let err = ServiceBuilder::new()
+        .layer(
+            BalanceLayer::try_new([Backend::openai("x", format!("{}/v1", big.url()))
+                .models(["gpt-4-32k"])
+                .build()
+                .unwrap()])
+            .unwrap(),
+        )
+        .layer(EndpointLayer::for_chosen())
+        .service(http_client::<ReplayBody>())
+        .oneshot(chat(r#"{"model":"o1"}"#))
+        .await
+        .unwrap_err();
+    assert!(
+        tower_llm_lb::error::find::<tower_llm_lb::balance::error::NotServed>(&*err).is_some(),
+        "{err}"
+    );
+    assert_eq!(small.counters().requests + big.counters().requests, before);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_fallback_variant_can_name_the_backends_it_may_use() {
+    use tower_llm_lb::fallback::{FallbackLayer, ServedPath, Variant};
+    let (ptu, paygo) = (mock("ptu", 50.0).await, mock("paygo", 50.0).await);
+    ptu.set_fault(Some(Fault::Status(500)));
+    let backends = [backend("ptu", &ptu), backend("paygo", &paygo)];
+    let svc = ServiceBuilder::new()
+        .layer(
+            FallbackLayer::new("chain")
+                .variant(Variant::new("provisioned").backends(["ptu"]))
+                .variant(Variant::new("pay-as-you-go").backends(["paygo"])),
+        )
+        .layer(RetryAfter429Layer::new().retry_failures(false))
+        .layer(BalanceLayer::try_new(backends).unwrap())
+        .layer(EndpointLayer::for_chosen())
+        .layer(AuthInjectLayer::for_chosen())
+        .service(http_client::<ReplayBody>());
+    let res = svc.oneshot(chat("{}")).await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(
+        res.extensions().get::<ServedPath>().unwrap().to_string(),
+        "chain[1:pay-as-you-go] -> paygo"
+    );
+    assert_eq!(
+        ptu.counters().requests,
+        1,
+        "the first variant used only ptu"
+    );
+}

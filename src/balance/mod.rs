@@ -98,6 +98,37 @@ pub mod error {
     }
 
     impl std::error::Error for InvalidBalance {}
+
+    /// No backend of the group serves the request's `model` (or none of those a fallback
+    /// variant named): nothing was sent, and no wait would change it. A `Fallback` moves on to
+    /// its next target; the gateway answers 404 `model_not_found`.
+    #[derive(Clone, Debug, PartialEq, Eq)]
+    pub struct NotServed {
+        pub(crate) group: std::sync::Arc<str>,
+        pub(crate) model: Option<String>,
+    }
+
+    impl NotServed {
+        /// The model asked for, if the request named one.
+        pub fn model(&self) -> Option<&str> {
+            self.model.as_deref()
+        }
+    }
+
+    impl fmt::Display for NotServed {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            match &self.model {
+                Some(m) => write!(f, "no backend of {} serves model {m:?}", self.group),
+                None => write!(
+                    f,
+                    "no backend of {} is among those this request may use",
+                    self.group
+                ),
+            }
+        }
+    }
+
+    impl std::error::Error for NotServed {}
 }
 
 struct Slot<S> {
@@ -119,6 +150,8 @@ struct Shared<S> {
     rng: Rng,
     cursors: Box<[AtomicUsize]>,
     probe_poll: std::time::Duration,
+    /// Some backend declared the models it serves: requests are matched by their `model`.
+    by_model: bool,
 }
 
 /// Spreads requests over backends. See the [module docs](self).
@@ -206,13 +239,8 @@ impl<S> Balance<S> {
         self.shared.slots.iter().map(|s| &s.backend)
     }
 
-    /// `None` when some backend can take a request at `now`; otherwise the earliest instant one
-    /// can (or `None` inside `Err` if none ever will: all weights 0).
-    pub(crate) fn unavailable_until(&self, now: Instant) -> Option<Option<Instant>> {
-        self.unavailable_until_among(now, &|_| false)
-    }
-
-    /// [`Balance::unavailable_until`] over the backends `skip` does not rule out.
+    /// `None` when some backend `skip` does not rule out can take a request at `now`;
+    /// otherwise the earliest instant one can (`Some(None)` if none ever will: all weights 0).
     fn unavailable_until_among(
         &self,
         now: Instant,
@@ -250,13 +278,31 @@ impl<S> Balance<S> {
         tried: &[Arc<str>],
         strict: bool,
     ) -> Result<usize, Option<Instant>> {
+        self.pick_among(now, tried, strict, None)
+    }
+
+    /// [`Balance::pick_index`] among the backends `allowed` lets through (all: `None`).
+    fn pick_among(
+        &self,
+        now: Instant,
+        tried: &[Arc<str>],
+        strict: bool,
+        allowed: Option<&dyn Fn(usize) -> bool>,
+    ) -> Result<usize, Option<Instant>> {
         let sh = &*self.shared;
         let all = &sh.candidates;
-        let avoided = |i: usize| tried.iter().any(|n| **n == *sh.slots[i].backend.name());
+        let barred = |i: usize| allowed.is_some_and(|a| !a(i));
+        let avoided =
+            |i: usize| barred(i) || tried.iter().any(|n| **n == *sh.slots[i].backend.name());
+        let only_barred: &dyn Fn(usize) -> bool = if allowed.is_some() {
+            &barred
+        } else {
+            &|_| false
+        };
         let passes: &[&dyn Fn(usize) -> bool] = match (!tried.is_empty(), strict) {
             (true, true) => &[&avoided],
-            (true, false) => &[&avoided, &|_| false],
-            (false, _) => &[&|_| false],
+            (true, false) => &[&avoided, only_barred],
+            (false, _) => &[only_barred],
         };
         for skip in passes {
             for (t, tier) in sh.tiers.iter().enumerate() {
@@ -274,8 +320,16 @@ impl<S> Balance<S> {
             // Only the backends not tried yet count: when is the first of them free?
             return Err(self.unavailable_until_among(now, &avoided).flatten());
         }
-        Err(self.unavailable_until(now).flatten())
+        Err(self.unavailable_until_among(now, only_barred).flatten())
     }
+}
+
+/// The `model` a request's body names, when the body is a [`ReplayBody`](crate::body::ReplayBody)
+/// (what every stack of this crate carries) holding JSON.
+fn request_model<B: 'static>(req: &http::Request<B>) -> Option<&str> {
+    let body: &dyn std::any::Any = req.body();
+    let body = body.downcast_ref::<crate::body::ReplayBody>()?;
+    crate::provider::model_of(body.bytes())
 }
 
 impl<S> BalanceBuilder<S> {
@@ -398,6 +452,7 @@ impl<S> BalanceBuilder<S> {
             })
             .collect();
         let cursors = tiers.iter().map(|_| AtomicUsize::new(0)).collect();
+        let by_model = self.slots.iter().any(|s| s.backend.models().is_some());
         let candidates = self
             .slots
             .iter()
@@ -416,6 +471,7 @@ impl<S> BalanceBuilder<S> {
                 rng: self.rng.unwrap_or_default(),
                 cursors,
                 probe_poll: std::time::Duration::from_millis(25),
+                by_model,
             }),
         }
     }
@@ -610,7 +666,7 @@ impl<S> Pick<S> {
     }
 }
 
-impl<S, B> Service<http::Request<B>> for Pick<S>
+impl<S, B: 'static> Service<http::Request<B>> for Pick<S>
 where
     S: Service<http::Request<B>>,
     S::Error: Into<BoxError>,
@@ -663,7 +719,7 @@ where
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TokenCost(pub u32);
 
-impl<S, B> Service<http::Request<B>> for Balance<S>
+impl<S, B: 'static> Service<http::Request<B>> for Balance<S>
 where
     S: Service<http::Request<B>> + Clone,
     S::Error: Into<BoxError>,
@@ -742,18 +798,43 @@ impl<S> Balance<S> {
     /// The backend for this request, or why none: when something is free again (booking a
     /// paced slot for a request that may wait).
     #[inline]
-    fn pick_for<B>(
+    fn pick_for<B: 'static>(
         &self,
         req: &http::Request<B>,
         now: Instant,
-    ) -> Result<usize, error::Unavailable> {
+    ) -> Result<usize, BoxError> {
         let steer = req.extensions().get::<crate::attempt::Steer>();
         let (tried, strict) = steer.map_or((&[][..], false), |s| (&s.tried[..], s.elsewhere));
-        self.pick_index(now, tried, strict).map_err(|earliest| {
+        let refuse = |earliest| -> BoxError {
             let budget = steer.and_then(|s| s.wait_budget);
             let cost = req.extensions().get::<TokenCost>().map_or(0, |c| c.0);
-            self.refuse(now, earliest, budget, cost)
-        })
+            self.refuse(now, earliest, budget, cost).into()
+        };
+        // Which backends may take it: those serving its model, among those a fallback variant
+        // named. Only looked at when a backend declared models or a variant named backends.
+        let model = if self.shared.by_model {
+            request_model(req)
+        } else {
+            None
+        };
+        let only = req.extensions().get::<crate::attempt::Only>();
+        if model.is_none() && only.is_none() {
+            return self.pick_index(now, tried, strict).map_err(refuse);
+        }
+        let slots = &self.shared.slots;
+        let allowed = |i: usize| {
+            let b = &slots[i].backend;
+            model.is_none_or(|m| b.serves(m)) && only.is_none_or(|o| o.names(b.name()))
+        };
+        if !(0..slots.len()).any(allowed) {
+            return Err(error::NotServed {
+                group: self.shared.name.clone(),
+                model: model.map(Into::into),
+            }
+            .into());
+        }
+        self.pick_among(now, tried, strict, Some(&allowed))
+            .map_err(refuse)
     }
 
     /// Counts the request against the picked backend's quota and pace, and notes the pick.
@@ -852,7 +933,7 @@ pin_project! {
     #[project = StateProj]
     enum State<S: Service<Req>, Req> {
         Send { #[pin] fut: ReadyCall<S, Req> },
-        Unavailable { error: Option<error::Unavailable> },
+        Unavailable { error: Option<BoxError> },
     }
 }
 

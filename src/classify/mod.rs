@@ -236,6 +236,10 @@ pub fn classify_error_chain(error: &(dyn StdError + 'static)) -> Outcome {
             return Outcome::Unavailable { retry_at: None };
         }
         // Nothing was sent, and sending again would not change it: never retried.
+        // Nothing here serves it: nothing was sent, no wait helps, another target may.
+        if e.is::<crate::balance::error::NotServed>() {
+            return Outcome::Unavailable { retry_at: None };
+        }
         if e.is::<crate::endpoint::error::InvalidTarget>() {
             return Outcome::ClientError {
                 status: StatusCode::BAD_REQUEST,

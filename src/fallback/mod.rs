@@ -55,6 +55,7 @@
 //! # Ok(()) }
 //! ```
 
+mod layer;
 mod rewrite;
 
 use std::fmt;
@@ -79,6 +80,7 @@ use crate::endpoint::{Deployment, answered_by, outcome_of};
 use crate::error::{Attempt, BoxError, Exhausted};
 use crate::ready::ReadyCall;
 use crate::retry::{Attempts, Deadline};
+pub use layer::{FallbackLayer, ResponseBodyOf, Variant};
 pub use rewrite::{NotJson, Overrides};
 
 pub use crate::boxed::BoxTarget;

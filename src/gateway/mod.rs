@@ -474,6 +474,9 @@ fn error_for(e: &BoxError) -> Response {
             &e.to_string(),
         );
     }
+    if find::<crate::balance::error::NotServed>(&**e).is_some() {
+        return error_response(StatusCode::NOT_FOUND, "model_not_found", &e.to_string());
+    }
     if find::<crate::fallback::NotJson>(&**e).is_some() {
         return error_response(
             StatusCode::BAD_REQUEST,

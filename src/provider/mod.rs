@@ -332,6 +332,32 @@ pub fn estimate_tokens(body: &[u8]) -> u32 {
     u32::try_from(prompt.saturating_add(answer)).unwrap_or(u32::MAX)
 }
 
+/// The request's top-level `"model"` as the OpenAI and Anthropic APIs carry it, by a cheap scan
+/// (no parse): the string after the first `"model":` in the body. `None` without one, or when
+/// the value is not a plain string (escapes are not decoded).
+pub fn model_of(body: &[u8]) -> Option<&str> {
+    let key = b"\"model\"";
+    let mut from = 0;
+    while let Some(pos) = body[from..].windows(key.len()).position(|w| w == key) {
+        let at = from + pos + key.len();
+        from = at;
+        let rest = &body[at..];
+        let colon = rest.iter().position(|b| !b.is_ascii_whitespace())?;
+        // A `"model"` that is a value, not a key: look further.
+        let Some(rest) = rest[colon..].strip_prefix(b":") else {
+            continue;
+        };
+        let start = rest.iter().position(|b| !b.is_ascii_whitespace())?;
+        let value = rest[start..].strip_prefix(b"\"")?;
+        let end = value.iter().position(|b| *b == b'"' || *b == b'\\')?;
+        if value[end] != b'"' {
+            return None;
+        }
+        return std::str::from_utf8(&value[..end]).ok();
+    }
+    None
+}
+
 /// The unsigned number after `"key":` in `json`, if there is one.
 fn number_after(json: &[u8], key: &[u8]) -> Option<usize> {
     let at = json.windows(key.len()).position(|w| w == key)? + key.len();
@@ -349,7 +375,24 @@ fn number_after(json: &[u8], key: &[u8]) -> Option<usize> {
 
 #[cfg(test)]
 mod estimate_tests {
-    use super::estimate_tokens;
+    use super::{estimate_tokens, model_of};
+
+    #[test]
+    fn the_model_is_read_from_the_body_without_a_parse() {
+        assert_eq!(
+            model_of(br#"{"model":"gpt-4o","messages":[]}"#),
+            Some("gpt-4o")
+        );
+        assert_eq!(
+            model_of(br#"{ "messages": [{"content":"model"}], "model" : "m-1" }"#),
+            Some("m-1")
+        );
+        assert_eq!(model_of(br#"{"messages":[]}"#), None);
+        assert_eq!(model_of(br#"{"model":42}"#), None);
+        assert_eq!(model_of(br#"{"model":"a\"b"}"#), None);
+        assert_eq!(model_of(b"not json"), None);
+        assert_eq!(model_of(b""), None);
+    }
 
     #[test]
     fn the_token_estimate_is_the_prompt_and_the_answer_s_cap() {
