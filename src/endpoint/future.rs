@@ -118,7 +118,7 @@ where
                                 .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"))
                     });
                     let peek = match hold {
-                        Some(limit) => Peek::until(limit, super::stream_start_known),
+                        Some(limit) => Peek::until(limit, crate::provider::stream_start_known),
                         None if classify.wants_error_body(&outcome) => {
                             Peek::new(rec.settings.error_body_limit)
                         }
@@ -154,7 +154,7 @@ where
                     };
                     let read = std::mem::take(&mut peek.buf).freeze();
                     let outcome = if peek.enough.is_some() {
-                        super::stream_start_outcome(&read).unwrap_or(*outcome)
+                        crate::provider::stream_start_outcome(&read).unwrap_or(*outcome)
                     } else {
                         rec.settings.classify.classify_error_body(*outcome, &read)
                     };

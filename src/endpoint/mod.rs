@@ -409,7 +409,7 @@ where
         if let Some(e) = refusal(&backend, &req, start) {
             return ResponseFuture::failed(e);
         }
-        let end_marker = end_marker(req.uri().path());
+        let end_marker = crate::provider::stream_end_marker(req.uri().path());
         if let Err(e) = route(&backend, &mut req) {
             return ResponseFuture::failed(e.into());
         }
@@ -482,51 +482,6 @@ pub(crate) struct Record {
     start: Instant,
     /// The end marker a streamed answer to this request must carry.
     end_marker: Option<&'static [u8]>,
-}
-
-/// True once the start of an SSE stream shows content or an in-band error: a complete event
-/// carrying `"content"`, `"delta"`, `"error"`, or `[DONE]`.
-pub(crate) fn stream_start_known(buf: &[u8]) -> bool {
-    // Only decide on complete events (terminated by a blank line).
-    let Some(last_end) = buf.windows(2).rposition(|w| w == b"\n\n") else {
-        return false;
-    };
-    let events = &buf[..last_end];
-    let has_in = |needle: &[u8]| events.windows(needle.len()).any(|w| w == needle);
-    has_in(b"\"content\"")
-        || has_in(b"\"delta\"")
-        || has_in(b"\"error\"")
-        || has_in(b"event: error")
-        || has_in(b"[DONE]")
-}
-
-/// What an in-band error at the start of a stream means, if there is one.
-pub(crate) fn stream_start_outcome(buf: &[u8]) -> Option<Outcome> {
-    let has = |needle: &[u8]| buf.windows(needle.len()).any(|w| w == needle);
-    let content = has(b"\"content\"") && !has(b"\"error\"");
-    if content {
-        return None;
-    }
-    if has(b"overloaded") || has(b"rate_limit") {
-        return Some(Outcome::Throttled { retry_after: None });
-    }
-    if has(b"event: error") || has(b"\"error\"") {
-        return Some(Outcome::ServerError {
-            status: http::StatusCode::BAD_GATEWAY,
-        });
-    }
-    None
-}
-
-/// The end marker of a streamed answer, by the path the caller wrote.
-fn end_marker(path: &str) -> Option<&'static [u8]> {
-    if path.ends_with("/chat/completions") || path.ends_with("/completions") {
-        Some(b"[DONE]")
-    } else if path.ends_with("/messages") {
-        Some(b"message_stop")
-    } else {
-        None
-    }
 }
 
 impl Record {
@@ -710,42 +665,5 @@ impl Record {
         let exp = base.saturating_mul(2u32.saturating_pow(streak.saturating_sub(1).min(20)));
         let capped = exp.min(s.backoff_max);
         capped.mul_f64(1.0 - 0.25 * s.rng.next_f64())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_start_of_a_stream_is_judged_on_complete_events() {
-        assert!(!stream_start_known(b""));
-        assert!(
-            !stream_start_known(b"data: {\"choices\":[{\"delta\":"),
-            "incomplete event"
-        );
-        assert!(
-            !stream_start_known(b": ping\n\n"),
-            "a keep-alive says nothing"
-        );
-        let content = b"data: {\"choices\":[{\"delta\":{\"content\":\"Hi\"}}]}\n\n";
-        assert!(stream_start_known(content));
-        assert_eq!(stream_start_outcome(content), None);
-        let overloaded = b"event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\"}}\n\n";
-        assert!(stream_start_known(overloaded));
-        assert_eq!(
-            stream_start_outcome(overloaded),
-            Some(Outcome::Throttled { retry_after: None })
-        );
-        let failed = b"data: {\"error\":{\"message\":\"internal\"}}\n\n";
-        assert_eq!(
-            stream_start_outcome(failed),
-            Some(Outcome::ServerError {
-                status: http::StatusCode::BAD_GATEWAY
-            })
-        );
-        assert_eq!(end_marker("/v1/chat/completions"), Some(&b"[DONE]"[..]));
-        assert_eq!(end_marker("/v1/messages"), Some(&b"message_stop"[..]));
-        assert_eq!(end_marker("/v1/embeddings"), None);
     }
 }

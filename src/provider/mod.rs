@@ -373,6 +373,99 @@ fn number_after(json: &[u8], key: &[u8]) -> Option<usize> {
     std::str::from_utf8(&digits[..end]).ok()?.parse().ok()
 }
 
+/// Streams (SSE): what the providers send at the start and the end of a streamed answer,
+/// for [`EndpointLayer::hold_stream_start`](crate::endpoint::EndpointLayer::hold_stream_start)
+/// and for a custom [`Classify`](crate::classify::Classify).
+///
+/// True once the start of an SSE stream shows content or an in-band error: a complete event
+/// carrying `"content"`, `"delta"`, `"error"`, or `[DONE]`.
+pub fn stream_start_known(buf: &[u8]) -> bool {
+    // Only decide on complete events (terminated by a blank line).
+    let Some(last_end) = buf.windows(2).rposition(|w| w == b"\n\n") else {
+        return false;
+    };
+    let events = &buf[..last_end];
+    let has_in = |needle: &[u8]| events.windows(needle.len()).any(|w| w == needle);
+    has_in(b"\"content\"")
+        || has_in(b"\"delta\"")
+        || has_in(b"\"error\"")
+        || has_in(b"event: error")
+        || has_in(b"[DONE]")
+}
+
+/// What an in-band error at the start of a stream means, if there is one.
+pub fn stream_start_outcome(buf: &[u8]) -> Option<crate::classify::Outcome> {
+    let has = |needle: &[u8]| buf.windows(needle.len()).any(|w| w == needle);
+    let content = has(b"\"content\"") && !has(b"\"error\"");
+    if content {
+        return None;
+    }
+    if has(b"overloaded") || has(b"rate_limit") {
+        return Some(crate::classify::Outcome::Throttled { retry_after: None });
+    }
+    if has(b"event: error") || has(b"\"error\"") {
+        return Some(crate::classify::Outcome::ServerError {
+            status: http::StatusCode::BAD_GATEWAY,
+        });
+    }
+    None
+}
+
+/// The marker a complete streamed answer ends with, by the path the caller wrote:
+/// OpenAI's `data: [DONE]` for chat and completions, Anthropic's `message_stop` for messages.
+pub fn stream_end_marker(path: &str) -> Option<&'static [u8]> {
+    if path.ends_with("/chat/completions") || path.ends_with("/completions") {
+        Some(b"[DONE]")
+    } else if path.ends_with("/messages") {
+        Some(b"message_stop")
+    } else {
+        None
+    }
+}
+
+#[cfg(test)]
+mod stream_tests {
+    use super::*;
+
+    #[test]
+    fn the_start_of_a_stream_is_judged_on_complete_events() {
+        assert!(!stream_start_known(b""));
+        assert!(
+            !stream_start_known(b"data: {\"choices\":[{\"delta\":"),
+            "incomplete event"
+        );
+        assert!(
+            !stream_start_known(b": ping\n\n"),
+            "a keep-alive says nothing"
+        );
+        let content = b"data: {\"choices\":[{\"delta\":{\"content\":\"Hi\"}}]}\n\n";
+        assert!(stream_start_known(content));
+        assert_eq!(stream_start_outcome(content), None);
+        let overloaded = b"event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\"}}\n\n";
+        assert!(stream_start_known(overloaded));
+        assert_eq!(
+            stream_start_outcome(overloaded),
+            Some(crate::classify::Outcome::Throttled { retry_after: None })
+        );
+        let failed = b"data: {\"error\":{\"message\":\"internal\"}}\n\n";
+        assert_eq!(
+            stream_start_outcome(failed),
+            Some(crate::classify::Outcome::ServerError {
+                status: http::StatusCode::BAD_GATEWAY
+            })
+        );
+        assert_eq!(
+            stream_end_marker("/v1/chat/completions"),
+            Some(&b"[DONE]"[..])
+        );
+        assert_eq!(
+            stream_end_marker("/v1/messages"),
+            Some(&b"message_stop"[..])
+        );
+        assert_eq!(stream_end_marker("/v1/embeddings"), None);
+    }
+}
+
 #[cfg(test)]
 mod estimate_tests {
     use super::{estimate_tokens, model_of};
