@@ -363,3 +363,92 @@ async fn an_error_body_that_is_not_json_becomes_an_openai_shaped_error_with_its_
     assert_eq!(status, 404);
     assert_eq!(v["error"]["message"], "injected fault");
 }
+
+#[tokio::test(start_paused = true)]
+async fn every_backend_throttled_is_a_429_with_an_honest_wait_and_health_answers_without_a_backend()
+{
+    let m = MockServer::builder()
+        .name("tiny")
+        .api_key("k")
+        .rps(1.0)
+        .azure_headers()
+        .start()
+        .await
+        .unwrap();
+    let json = format!(
+        r#"{{ "backends": {{ "tiny": {{ "provider": "azure", "url": "{}", "deployment": "gpt-4o", "api_key": "k" }} }},
+             "retry": {{ "max_wait_ms": 0 }} }}"#,
+        m.url()
+    );
+    let gw = start(&json).await;
+    let chat = || format!("{}/v1/chat/completions", gw.url);
+    let mut throttled = None;
+    for _ in 0..5 {
+        let res = send(post(chat(), None, r#"{"messages":[]}"#)).await;
+        if res.status() == 429 {
+            throttled = Some(res);
+            break;
+        }
+    }
+    let res = throttled.expect("a 1 request/s backend asked 5 times at once throttles");
+    let secs: u64 = res.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let ms: u64 = res.headers()["retry-after-ms"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=120).contains(&secs), "whole seconds, never 0: {secs}");
+    assert!((1..=120_000).contains(&ms), "never 0: {ms}");
+    // OpenAI-shaped (here the backend's own 429 body, passed on).
+    let body: serde_json::Value = serde_json::from_str(&text(res).await).unwrap();
+    assert!(body["error"]["message"].is_string(), "{body}");
+    // Waiting as told, the next request is served.
+    tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+    assert_eq!(
+        send(post(chat(), None, r#"{"messages":[]}"#))
+            .await
+            .status(),
+        200
+    );
+
+    // `/health` answers without touching a backend.
+    let before = m.counters().requests;
+    let health = send(
+        http::Request::get(format!("{}/health", gw.url))
+            .body(Full::new(Bytes::new()))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(health.status(), 200);
+    assert_eq!(m.counters().requests, before);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_body_over_the_gateway_s_limit_is_a_413_and_never_reaches_a_backend() {
+    let m = MockServer::builder().api_key("k").start().await.unwrap();
+    let config = Config::from_json(&format!(
+        r#"{{ "backends": {{ "a": {{ "provider": "azure", "url": "{}", "deployment": "gpt-4o", "api_key": "k" }} }} }}"#,
+        m.url()
+    ))
+    .unwrap();
+    let (svc, backends) = config.build_with_backends(http_client()).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let server = tokio::spawn(
+        Gateway::new(svc, backends, vec![])
+            .body_limit(1024)
+            .serve(listener, std::future::pending()),
+    );
+    let big: &'static str =
+        Box::leak(format!(r#"{{"messages":"{}"}}"#, "x".repeat(4096)).into_boxed_str());
+    let res = send(post(format!("{url}/v1/chat/completions"), None, big)).await;
+    assert_eq!(res.status(), 413);
+    let body: serde_json::Value = serde_json::from_str(&text(res).await).unwrap();
+    assert!(body["error"]["message"].as_str().is_some(), "{body}");
+    assert_eq!(m.counters().requests, 0);
+    server.abort();
+}

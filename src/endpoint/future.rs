@@ -156,7 +156,10 @@ where
                     let outcome = if peek.enough.is_some() {
                         crate::provider::stream_start_outcome(&read).unwrap_or(*outcome)
                     } else {
-                        rec.settings.classify.classify_error_body(*outcome, &read)
+                        // Exactly the first `limit` bytes decide (the frame that crossed the
+                        // limit may hold more; it is replayed, not read further).
+                        let seen = &read[..read.len().min(peek.limit)];
+                        rec.settings.classify.classify_error_body(*outcome, seen)
                     };
                     let body = ResponseBody::with_prefix(read, peek.trailers.take(), body);
                     return Poll::Ready(Ok(done(parts, body, rec, outcome, *hints)));

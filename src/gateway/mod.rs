@@ -107,6 +107,7 @@ impl Gateway {
             http::HeaderName::from_static("api-key"),
             http::HeaderName::from_static("x-api-key"),
         ];
+        let limit = self.body_limit;
         let layers = tower::ServiceBuilder::new()
             .layer(tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer::new(
                 sensitive,
@@ -134,6 +135,21 @@ impl Gateway {
                     )
                 },
             ))
+            // The limit's own 413 is plain text: OpenAI SDKs parse error bodies as JSON.
+            .map_response(move |res: http::Response<_>| {
+                let json = res
+                    .headers()
+                    .get(http::header::CONTENT_TYPE)
+                    .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+                if res.status() == StatusCode::PAYLOAD_TOO_LARGE && !json {
+                    return error_response(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "request_too_large",
+                        &format!("request body larger than {limit} bytes"),
+                    );
+                }
+                res.map(Body::new)
+            })
             .layer(tower_http::limit::RequestBodyLimitLayer::new(self.body_limit));
         Router::new()
             .route("/v1/chat/completions", post(forward))
