@@ -452,3 +452,38 @@ async fn a_body_over_the_gateway_s_limit_is_a_413_and_never_reaches_a_backend() 
     assert_eq!(m.counters().requests, 0);
     server.abort();
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_backend_echoing_its_own_key_never_passes_it_to_the_caller() {
+    let m = MockServer::builder()
+        .name("echo")
+        .api_key("sk-echo-secret-123")
+        .start()
+        .await
+        .unwrap();
+    let json = format!(
+        r#"{{ "backends": {{ "echo": {{ "provider": "azure", "url": "{}", "deployment": "gpt-4o", "api_key": "sk-echo-secret-123" }} }},
+             "retry": {{ "max_wait_ms": 0, "failures": false }} }}"#,
+        m.url()
+    );
+    let gw = start(&json).await;
+    let chat = || format!("{}/v1/chat/completions", gw.url);
+    // In a JSON error body (a 500 quoting the header it got), and in a header of a 429.
+    m.set_fault(Some(Fault::Page(
+        500,
+        r#"{"error":{"message":"bad request with api-key sk-echo-secret-123","type":"server_error"}}"#.into(),
+    )));
+    let res = send(post(chat(), None, "{}")).await;
+    assert_eq!(res.status(), 500);
+    let body = text(res).await;
+    assert!(!body.contains("sk-echo-secret-123"), "{body}");
+    assert!(body.contains("[redacted]"), "{body}");
+    m.set_fault(Some(Fault::Throttle(vec![
+        ("retry-after".into(), "1".into()),
+        ("x-debug".into(), "key=sk-echo-secret-123".into()),
+    ])));
+    let res = send(post(chat(), None, "{}")).await;
+    assert_eq!(res.status(), 429);
+    assert_eq!(res.headers()["x-debug"], "[redacted]");
+    assert!(!text(res).await.contains("sk-echo-secret-123"));
+}

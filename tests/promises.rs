@@ -75,9 +75,7 @@ async fn the_retry_budget_stops_a_failure_storm() {
     b.set_fault(Some(Fault::Status(500)));
     let backends = [azure("a", a.url()), azure("b", b.url())];
     // No breaker: the budget alone bounds the retries.
-    let balance = Balance::from_backends(backends, stack)
-        .build()
-        .unwrap();
+    let balance = Balance::from_backends(backends, stack).build().unwrap();
     let svc = ServiceBuilder::new()
         .layer(RetryAfter429Layer::new())
         .service(balance);

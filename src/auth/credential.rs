@@ -109,6 +109,26 @@ pub(crate) enum Kind {
 }
 
 impl Credential {
+    /// The secret texts a backend could echo back: the header value as sent, and without its
+    /// `Bearer ` prefix (for a token credential, the token it holds now).
+    pub(crate) fn secret_texts(&self) -> Vec<Vec<u8>> {
+        let value = match &self.0 {
+            Kind::Header(_, secret) => Some(secret.header_value().as_bytes().to_vec()),
+            Kind::Token(cache) => cache
+                .fresh(tokio::time::Instant::now())
+                .map(|v| v.as_bytes().to_vec()),
+        };
+        let Some(value) = value else {
+            return Vec::new();
+        };
+        let mut out = Vec::with_capacity(2);
+        if let Some(bare) = value.strip_prefix(b"Bearer ") {
+            out.push(bare.to_vec());
+        }
+        out.push(value);
+        out
+    }
+
     /// The token cache of a token credential.
     pub(crate) fn cache(&self) -> Option<&TokenCache> {
         match &self.0 {

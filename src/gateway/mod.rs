@@ -18,6 +18,9 @@
 //! |---|---|
 //! | a backend answered | its status, headers and body, plus `x-llm-lb-backend` and `x-llm-lb-attempts` |
 //! | a backend answered an error whose body is not a JSON error (an HTML page, truncated JSON, empty) | the same status with an OpenAI-shaped JSON error carrying a short, sanitised excerpt |
+//! | an error answer (body or header) quoting a configured backend credential | passed on with every such secret replaced by `[redacted]` |
+//! | a request body over the limit | `413` `request_too_large`, OpenAI-shaped, nothing sent |
+//! | a model no backend serves (`models` declared) | `404` `model_not_found` |
 //! | a stream is cut upstream | an SSE `event: error` then a broken stream, never a clean end |
 //! | nothing free in time | `429` with `retry-after` / `retry-after-ms` when a retry time is known, else `503` |
 //! | the backend rejected the credential configured for it (401/403) | `502` `upstream_auth_error` naming the backend (its answer is not passed on) |
@@ -285,7 +288,7 @@ async fn forward(State(gw): State<Gateway>, req: Request) -> Response {
         Ok(res) => {
             tracing::info!(status = res.status().as_u16(), elapsed = ?started.elapsed(), "forwarded");
             if res.status().as_u16() >= 400 {
-                return shaped_error(res).await;
+                return shaped_error(res, &gw.backends).await;
             }
             into_axum(res)
         }
@@ -296,27 +299,48 @@ async fn forward(State(gw): State<Gateway>, req: Request) -> Response {
     }
 }
 
+/// What a configured secret becomes in anything passed on to a caller.
+const REDACTED: &str = "[redacted]";
+
+/// `bytes` with every occurrence of each of `secrets` replaced by [`REDACTED`].
+fn redact(bytes: Bytes, secrets: &[Vec<u8>]) -> Bytes {
+    let found = |hay: &[u8]| {
+        secrets
+            .iter()
+            .any(|s| hay.windows(s.len()).any(|w| w == &s[..]))
+    };
+    if !found(&bytes) {
+        return bytes;
+    }
+    let mut out: Vec<u8> = bytes.to_vec();
+    for s in secrets {
+        let mut i = 0;
+        while i + s.len() <= out.len() {
+            if out[i..i + s.len()] == s[..] {
+                out.splice(i..i + s.len(), REDACTED.bytes());
+                i += REDACTED.len();
+            } else {
+                i += 1;
+            }
+        }
+    }
+    out.into()
+}
+
 /// The most of an upstream error body read to check its shape.
 const ERROR_BODY_LIMIT: usize = 64 * 1024;
 
 /// An upstream error answer as OpenAI SDKs parse it: passed on when its body is an
 /// OpenAI- or Anthropic-shaped JSON error, otherwise (an HTML page from a proxy, truncated
 /// JSON, an empty body) replaced by one, keeping the status and a short, sanitised excerpt.
-async fn shaped_error(res: http::Response<LlmBody>) -> Response {
+async fn shaped_error(res: http::Response<LlmBody>, backends: &[Backend]) -> Response {
     use http_body_util::BodyExt;
     let status = res.status();
     let backend = res
         .extensions()
         .get::<Served>()
         .map(|s| s.backend.name().to_string());
-    let is_rejected_credential = res
-        .extensions()
-        .get::<Served>()
-        .is_some_and(|s| matches!(s.outcome, crate::Outcome::CredentialRejected { .. }));
-    if is_rejected_credential {
-        return into_axum(res);
-    }
-    let (parts, body) = res.into_parts();
+    let (mut parts, body) = res.into_parts();
     let bytes = match http_body_util::Limited::new(body, ERROR_BODY_LIMIT)
         .collect()
         .await
@@ -324,10 +348,24 @@ async fn shaped_error(res: http::Response<LlmBody>) -> Response {
         Ok(c) => c.to_bytes(),
         Err(_) => Bytes::new(),
     };
+    // A backend may echo its own key (a 401 quoting the header it got): no configured
+    // secret reaches a caller, in the body or a header.
+    let secrets: Vec<Vec<u8>> = backends
+        .iter()
+        .filter_map(Backend::credential)
+        .flat_map(crate::auth::Credential::secret_texts)
+        .filter(|s| s.len() >= 4)
+        .collect();
+    let bytes = redact(bytes, &secrets);
+    for value in parts.headers.values_mut() {
+        let clean = redact(Bytes::copy_from_slice(value.as_bytes()), &secrets);
+        if clean != value.as_bytes() {
+            *value = HeaderValue::from_static(REDACTED);
+        }
+    }
     let shaped = serde_json::from_slice::<serde_json::Value>(&bytes)
         .ok()
         .is_some_and(|v| v.get("error").is_some_and(|e| e.is_object()));
-    let mut parts = parts;
     attribute(&mut parts);
     if shaped {
         parts.headers.remove(http::header::CONTENT_LENGTH);
