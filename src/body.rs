@@ -684,6 +684,9 @@ where
 /// Reads up to `limit` bytes of `body` for classification. Returns the bytes read, any trailers
 /// met, and whether the body ended.
 pub(crate) struct Peek {
+    /// The first data frame, kept as it came (no copy) while it is the only one.
+    first: Option<Bytes>,
+    /// Everything read, once more than one frame was.
     pub(crate) buf: bytes::BytesMut,
     pub(crate) trailers: Option<HeaderMap>,
     pub(crate) limit: usize,
@@ -695,11 +698,28 @@ pub(crate) struct Peek {
 impl Peek {
     pub(crate) fn new(limit: usize) -> Self {
         Peek {
+            first: None,
             buf: bytes::BytesMut::new(),
             trailers: None,
             limit,
             done: false,
             enough: None,
+        }
+    }
+
+    /// The bytes read so far.
+    pub(crate) fn read(&self) -> &[u8] {
+        match &self.first {
+            Some(first) => first,
+            None => &self.buf,
+        }
+    }
+
+    /// Takes the bytes read (the first frame itself when it was the only one).
+    pub(crate) fn take(&mut self) -> Bytes {
+        match self.first.take() {
+            Some(first) => first,
+            None => std::mem::take(&mut self.buf).freeze(),
         }
     }
 
@@ -718,13 +738,21 @@ impl Peek {
         B: Body<Data = Bytes>,
     {
         while !self.done
-            && self.buf.len() < self.limit
-            && !self.enough.is_some_and(|f| f(&self.buf))
+            && self.read().len() < self.limit
+            && !self.enough.is_some_and(|f| f(self.read()))
         {
             match ready!(body.as_mut().poll_frame(cx)) {
                 None | Some(Err(_)) => self.done = true,
                 Some(Ok(frame)) => match frame.into_data() {
-                    Ok(data) => self.buf.extend_from_slice(&data),
+                    Ok(data) if self.first.is_none() && self.buf.is_empty() => {
+                        self.first = Some(data);
+                    }
+                    Ok(data) => {
+                        if let Some(first) = self.first.take() {
+                            self.buf.extend_from_slice(&first);
+                        }
+                        self.buf.extend_from_slice(&data);
+                    }
                     Err(frame) => {
                         if let Ok(t) = frame.into_trailers() {
                             self.trailers = Some(t);

@@ -110,6 +110,9 @@ pub struct Settings {
     pub silence: Option<std::time::Duration>,
     /// The retry layer over the group.
     pub retry: RetryAfter429Layer,
+    /// A `200` JSON answer whose body is an `{"error": {...}}` object is a failure (default on;
+    /// see [`EndpointLayer::json_error_in_success`]).
+    pub json_error_in_success: bool,
     /// Per-backend endpoint settings (classifier, hint cap, backoff) as a template: its backend
     /// is replaced by each backend of the group. `None`: the defaults.
     pub endpoint: Option<EndpointLayer>,
@@ -134,6 +137,7 @@ impl Default for Settings {
             silence: Some(std::time::Duration::from_secs(10)),
             retry: RetryAfter429Layer::new(),
             endpoint: None,
+            json_error_in_success: true,
             rng: None,
             health: None,
             health_for: std::collections::BTreeMap::new(),
@@ -197,7 +201,8 @@ where
         let mut endpoint = match &settings.endpoint {
             Some(template) => template.for_backend(b.clone()),
             None => EndpointLayer::new(b.clone()),
-        };
+        }
+        .json_error_in_success(settings.json_error_in_success);
         if let Some(rng) = &settings.rng {
             endpoint = endpoint.rng(rng.clone());
         }

@@ -226,3 +226,63 @@ async fn a_fallback_moves_on_after_an_attempt_timeout_and_on_a_status_it_was_tol
     assert_eq!(res.status(), 200);
     assert_eq!(ok2.counters().ok, 1);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_200_whose_json_body_is_an_error_object_is_a_failure_and_fails_over() {
+    let (bad, good) = (mock("bad").await, mock("good").await);
+    bad.set_fault(Some(Fault::Json(
+        200,
+        r#"{"error":{"message":"upstream model crashed","type":"server_error"}}"#.into(),
+    )));
+    let backends = [azure("bad", bad.url()), azure("good", good.url())];
+    // The recommended group: on by default there.
+    let settings = tower_llm_lb::stack::Settings {
+        strategy: tower_llm_lb::balance::Strategy::RoundRobin,
+        ..Default::default()
+    };
+    let svc = tower_llm_lb::stack::group("g", backends.clone(), http_client(), &settings).unwrap();
+    for _ in 0..6 {
+        let res = svc.clone().oneshot(chat("{}")).await.unwrap();
+        assert_eq!(res.status(), 200);
+        assert_eq!(
+            res.extensions().get::<Served>().unwrap().backend.name(),
+            "good"
+        );
+        let body = common::body_string(res).await;
+        assert!(body.contains("choices"), "{body}");
+    }
+    assert!(bad.counters().requests >= 1, "the bad backend was tried");
+    assert!(backends[0].state().counters().server_errors >= 1);
+    // Off (the bare `EndpointLayer`'s default): the same answer is the caller's success, passed
+    // on whole.
+    let plain = ServiceBuilder::new()
+        .layer(EndpointLayer::new(backends[0].clone()))
+        .layer(AuthInjectLayer::for_backend(&backends[0]))
+        .service(http_client::<ReplayBody>());
+    let res = plain.oneshot(chat("{}")).await.unwrap();
+    assert_eq!(
+        res.extensions().get::<Served>().unwrap().outcome,
+        Outcome::Success
+    );
+    assert!(
+        common::body_string(res)
+            .await
+            .contains("upstream model crashed")
+    );
+    // A success whose JSON happens to carry `"error": null` is a success.
+    bad.set_fault(Some(Fault::Json(
+        200,
+        r#"{"error":null,"choices":[]}"#.into(),
+    )));
+    let res = ServiceBuilder::new()
+        .layer(EndpointLayer::new(backends[0].clone()).json_error_in_success(true))
+        .layer(AuthInjectLayer::for_backend(&backends[0]))
+        .service(http_client::<ReplayBody>())
+        .oneshot(chat("{}"))
+        .await
+        .unwrap();
+    assert_eq!(
+        res.extensions().get::<Served>().unwrap().outcome,
+        Outcome::Success
+    );
+}

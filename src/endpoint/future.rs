@@ -33,9 +33,24 @@ pin_project! {
     }
 }
 
+/// The most of a 200 JSON answer read to see whether it is an `{"error": ...}` object.
+const JSON_HEAD_LIMIT: usize = 1024;
+
+/// Why an answer's first bytes are read before its head is returned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum PeekFor {
+    /// A throttled answer's error body (quota exhausted or not).
+    ErrorBody,
+    /// A stream's first event (an in-band error before any content).
+    StreamStart,
+    /// A 200 JSON answer that may be an `{"error": ...}` object.
+    JsonError,
+}
+
 struct Peeking<B> {
     head: Option<(http::response::Parts, B)>,
     peek: Peek,
+    why: PeekFor,
     outcome: Outcome,
     hints: Hints,
     record: Option<Record>,
@@ -117,11 +132,27 @@ where
                                 .get(http::header::CONTENT_TYPE)
                                 .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"))
                     });
-                    let peek = match hold {
-                        Some(limit) => Peek::until(limit, crate::provider::stream_start_known),
+                    let json_success = rec.settings.json_error_in_success
+                        && parts.status == http::StatusCode::OK
+                        && outcome.is_success()
+                        && parts
+                            .headers
+                            .get(http::header::CONTENT_TYPE)
+                            .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+                    let (peek, why) = match hold {
+                        Some(limit) => (
+                            Peek::until(limit, crate::provider::stream_start_known),
+                            PeekFor::StreamStart,
+                        ),
                         None if classify.wants_error_body(&outcome) => {
-                            Peek::new(rec.settings.error_body_limit)
+                            (Peek::new(rec.settings.error_body_limit), PeekFor::ErrorBody)
                         }
+                        None if json_success => (
+                            Peek::until(JSON_HEAD_LIMIT, |b| {
+                                crate::provider::json_error_head(b).is_some()
+                            }),
+                            PeekFor::JsonError,
+                        ),
                         None => {
                             let body = ResponseBody::new(body);
                             return Poll::Ready(Ok(done(parts, body, rec, outcome, hints)));
@@ -131,6 +162,7 @@ where
                         peeking: Box::new(Peeking {
                             head: Some((parts, body)),
                             peek,
+                            why,
                             outcome,
                             hints,
                             record: Some(rec),
@@ -141,6 +173,7 @@ where
                     let Peeking {
                         head,
                         peek,
+                        why,
                         outcome,
                         hints,
                         record,
@@ -152,9 +185,15 @@ where
                     let (Some((parts, body)), Some(rec)) = (head.take(), record.take()) else {
                         return Poll::Ready(Err("polled after completion".into()));
                     };
-                    let read = std::mem::take(&mut peek.buf).freeze();
-                    let outcome = if peek.enough.is_some() {
+                    let read = peek.take();
+                    let outcome = if *why == PeekFor::StreamStart {
                         crate::provider::stream_start_outcome(&read).unwrap_or(*outcome)
+                    } else if *why == PeekFor::JsonError {
+                        if crate::provider::json_error_head(&read) == Some(true) {
+                            crate::provider::in_band_error_outcome(&read)
+                        } else {
+                            *outcome
+                        }
                     } else {
                         // Exactly the first `limit` bytes decide (the frame that crossed the
                         // limit may hold more; it is replayed, not read further).

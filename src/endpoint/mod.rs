@@ -16,6 +16,7 @@
 //! | 5xx, other 4xx | counts it, returns the response (the circuit breaker decides about health) |
 //! | connect error, broken connection, timeout | counts it, answers [`BackendError`] naming the backend and the outcome |
 //! | a path that cannot be mapped | answers [`error::InvalidTarget`] without sending |
+//! | a `200` JSON answer whose body is an `{"error": {...}}` object, with [`EndpointLayer::json_error_in_success`] (on in `stack::group` and the gateway) | a server error (a throttle when it says `rate_limit` / `overloaded`), the body passed on unchanged |
 //! | the backend asked for a wait (429 hint) that is not over | answers [`Unavailable`](crate::error::Unavailable) with the end of the wait, without sending: a `RetryAfter429` above waits for it (or moves on) instead of earning another 429 |
 //! | a retry after a failure that must go to a backend not tried yet, and this one was tried | answers [`Unavailable`](crate::error::Unavailable) without sending, so the retry layer backs off before coming back |
 //! | another backend's credential on the request (an `AuthInject` for one backend placed above the `Balance`) | answers [`CredentialMisplaced`](crate::error::CredentialMisplaced) without sending |
@@ -125,6 +126,7 @@ pub(crate) struct Settings {
     pub(crate) error_body_limit: usize,
     pub(crate) rng: Rng,
     pub(crate) hold_stream_start: Option<usize>,
+    pub(crate) json_error_in_success: bool,
 }
 
 /// Layer that wraps a service in [`Endpoint`] for one backend, or for whichever backend a
@@ -164,6 +166,7 @@ impl EndpointLayer {
                 error_body_limit: 16 * 1024,
                 rng: Rng::from_entropy(),
                 hold_stream_start: None,
+                json_error_in_success: false,
             }),
         }
     }
@@ -215,6 +218,19 @@ impl EndpointLayer {
     /// to the first content event; the held bytes are passed on unchanged.
     pub fn hold_stream_start(self, limit: usize) -> Self {
         self.settings(|s| s.hold_stream_start = Some(limit))
+    }
+
+    /// Whether a `200` JSON answer (not a stream) whose top-level object starts with an
+    /// `"error"` object (`{"error": {...}}`, as some OpenAI-compatible servers and proxies send
+    /// for a failure) is a failure rather than a success (default off here; on in
+    /// [`stack::group`](crate::stack::group) and the gateway): a server error, or a
+    /// throttle when its text says `rate_limit` or `overloaded`, retried and failed over like
+    /// one. Costs holding the answer's head until its first bytes arrive (they are passed on
+    /// unchanged), and about 1 200 instructions per answer (`BENCHMARKS.md`). Streams are
+    /// unaffected ([`EndpointLayer::hold_stream_start`] is their
+    /// opt-in).
+    pub fn json_error_in_success(self, yes: bool) -> Self {
+        self.settings(|s| s.json_error_in_success = yes)
     }
 
     /// The random source for backoff jitter (seed it for repeatable tests).

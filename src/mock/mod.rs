@@ -82,6 +82,9 @@ pub enum Fault {
     OnPath(String, Box<Fault>),
     /// Answer this status with this body as `text/html` (a proxy's error page; empty: no body).
     Page(u16, String),
+    /// Answer this status with this body as `application/json` (a `200` whose body is an
+    /// `{"error": ...}` object, as some OpenAI-compatible servers send).
+    Json(u16, String),
 }
 
 /// The credential a [`MockServer`] requires.
@@ -871,6 +874,13 @@ async fn answer(
             let mut res = full(status, page.clone());
             res.headers_mut()
                 .insert("content-type", HeaderValue::from_static("text/html"));
+            return Some(res);
+        }
+        Some(Fault::Json(status, body)) => {
+            let status = StatusCode::from_u16(*status).unwrap_or(StatusCode::BAD_GATEWAY);
+            let mut res = full(status, body.clone());
+            res.headers_mut()
+                .insert("content-type", HeaderValue::from_static("application/json"));
             return Some(res);
         }
         Some(Fault::Throttle(headers)) => {

@@ -358,6 +358,50 @@ pub fn model_of(body: &[u8]) -> Option<&str> {
     None
 }
 
+/// Whether a JSON answer's first bytes open an `{"error": {...}}` object (its first key is
+/// `"error"` and that value an object): `Some(true)` / `Some(false)` once known, `None` while
+/// more bytes are needed. A cheap look at the head, never a parse.
+pub fn json_error_head(buf: &[u8]) -> Option<bool> {
+    let mut rest = buf;
+    let skip_ws = |r: &mut &[u8]| {
+        let n = r.iter().take_while(|b| b.is_ascii_whitespace()).count();
+        *r = &r[n..];
+        r.first().copied()
+    };
+    if skip_ws(&mut rest)? != b'{' {
+        return Some(false);
+    }
+    rest = &rest[1..];
+    skip_ws(&mut rest)?;
+    let key = br#""error""#;
+    let n = rest.len().min(key.len());
+    if rest[..n] != key[..n] {
+        return Some(false);
+    }
+    if n < key.len() {
+        return None;
+    }
+    rest = &rest[key.len()..];
+    if skip_ws(&mut rest)? != b':' {
+        return Some(false);
+    }
+    rest = &rest[1..];
+    Some(skip_ws(&mut rest)? == b'{')
+}
+
+/// What an error a provider put inside a successful answer means: a throttle when it speaks
+/// of rate limits or overload, else a server error (502).
+pub fn in_band_error_outcome(body: &[u8]) -> crate::classify::Outcome {
+    let has = |needle: &[u8]| body.windows(needle.len()).any(|w| w == needle);
+    if has(b"rate_limit") || has(b"overloaded") || has(b"\"429\"") {
+        crate::classify::Outcome::Throttled { retry_after: None }
+    } else {
+        crate::classify::Outcome::ServerError {
+            status: http::StatusCode::BAD_GATEWAY,
+        }
+    }
+}
+
 /// The unsigned number after `"key":` in `json`, if there is one.
 fn number_after(json: &[u8], key: &[u8]) -> Option<usize> {
     let at = json.windows(key.len()).position(|w| w == key)? + key.len();
@@ -469,6 +513,19 @@ mod stream_tests {
 #[cfg(test)]
 mod estimate_tests {
     use super::{estimate_tokens, model_of};
+
+    #[test]
+    fn an_error_object_is_known_from_the_head_of_a_json_answer() {
+        use super::json_error_head as h;
+        assert_eq!(h(br#"{"error":{"message":"x"}}"#), Some(true));
+        assert_eq!(h(b" {\n  \"error\" : {"), Some(true));
+        assert_eq!(h(br#"{"error":null,"id":"x"}"#), Some(false));
+        assert_eq!(h(br#"{"id":"chatcmpl-1","choices":[]}"#), Some(false));
+        assert_eq!(h(br#"{"err"#), None, "more bytes needed");
+        assert_eq!(h(b"  "), None);
+        assert_eq!(h(b"[1,2]"), Some(false));
+        assert_eq!(h(br#"{"errors":{}}"#), Some(false));
+    }
 
     #[test]
     fn the_model_is_read_from_the_body_without_a_parse() {
