@@ -602,3 +602,21 @@ async fn a_backend_s_own_health_check_replaces_the_group_s_and_thresholds_go_bot
             .all(|r| r.path_and_query == "/status-all")
     );
 }
+
+#[test]
+fn an_empty_models_list_is_a_config_error_naming_the_field() {
+    let bad = build_err(
+        r#"{"backends": {"a": {"provider": "openai", "url": "http://x/v1", "api_key": "k", "models": []}}}"#,
+    );
+    assert_eq!(
+        bad,
+        "backends.a.models: must list at least one model, none empty"
+    );
+    let bad = build_err(
+        r#"{"backends": {"a": {"provider": "openai", "url": "http://x/v1", "api_key": "k", "models": ["gpt-4o", " "]}}}"#,
+    );
+    assert_eq!(
+        bad,
+        "backends.a.models: must list at least one model, none empty"
+    );
+}

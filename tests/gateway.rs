@@ -487,3 +487,90 @@ async fn a_backend_echoing_its_own_key_never_passes_it_to_the_caller() {
     assert_eq!(res.headers()["x-debug"], "[redacted]");
     assert!(!text(res).await.contains("sk-echo-secret-123"));
 }
+
+#[tokio::test(start_paused = true)]
+async fn requests_go_to_the_backends_serving_their_model_and_an_unknown_model_is_a_404() {
+    let chat_mock = MockServer::builder()
+        .name("chat")
+        .bearer("k-chat")
+        .record_requests(true)
+        .start()
+        .await
+        .unwrap();
+    let embed_mock = MockServer::builder()
+        .name("embed")
+        .bearer("k-embed")
+        .record_requests(true)
+        .start()
+        .await
+        .unwrap();
+    let json = format!(
+        r#"{{ "backends": {{
+               "chat":  {{ "provider": "openai", "url": "{}/v1", "api_key": "k-chat", "models": ["gpt-4o", "gpt-4o-mini"] }},
+               "embed": {{ "provider": "openai", "url": "{}/v1", "api_key": "k-embed", "models": ["text-embedding-3-small"] }}
+             }} }}"#,
+        chat_mock.url(),
+        embed_mock.url()
+    );
+    let gw = start(&json).await;
+    for _ in 0..4 {
+        let res = send(post(
+            format!("{}/v1/chat/completions", gw.url),
+            None,
+            r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}"#,
+        ))
+        .await;
+        assert_eq!(res.status(), 200);
+        let res = send(post(
+            format!("{}/v1/embeddings", gw.url),
+            None,
+            r#"{"model":"text-embedding-3-small","input":"hi"}"#,
+        ))
+        .await;
+        assert_eq!(res.status(), 200);
+    }
+    assert!(
+        chat_mock
+            .requests()
+            .iter()
+            .all(|r| r.path_and_query.contains("chat"))
+    );
+    assert!(
+        embed_mock
+            .requests()
+            .iter()
+            .all(|r| r.path_and_query.contains("embeddings"))
+    );
+    assert_eq!(chat_mock.counters().requests, 4);
+    assert_eq!(embed_mock.counters().requests, 4);
+
+    let res = send(post(
+        format!("{}/v1/chat/completions", gw.url),
+        None,
+        r#"{"model":"o9-preview","messages":[]}"#,
+    ))
+    .await;
+    assert_eq!(res.status(), 404);
+    let body: serde_json::Value = serde_json::from_str(&text(res).await).unwrap();
+    assert_eq!(body["error"]["code"], "model_not_found");
+
+    let res = send(
+        http::Request::get(format!("{}/v1/models", gw.url))
+            .body(Full::new(Bytes::new()))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(res.status(), 200);
+    let body: serde_json::Value = serde_json::from_str(&text(res).await).unwrap();
+    let ids: Vec<_> = body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ids, ["gpt-4o", "gpt-4o-mini", "text-embedding-3-small"]);
+    assert_eq!(
+        chat_mock.counters().requests + embed_mock.counters().requests,
+        8
+    );
+}

@@ -410,6 +410,15 @@ fn backend_from(
     if let Some(c) = credential {
         builder = builder.credential(c);
     }
+    if let Some(models) = &b.models {
+        if models.is_empty() || models.iter().any(|m| m.trim().is_empty()) {
+            return err(
+                &format!("{path}.models"),
+                "must list at least one model, none empty",
+            );
+        }
+        builder = builder.models(models.iter().cloned());
+    }
     builder.build().map_err(|e| {
         // The backend's own message names its field after the backend's name.
         let msg = e.to_string();
@@ -575,6 +584,7 @@ where
                     priority: t.priority,
                     weight: t.weight,
                     health_check: None,
+                    models: None,
                 };
                 return backend_from(path, &name, &def, &mut self.caches);
             }

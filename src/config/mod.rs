@@ -105,6 +105,10 @@ pub struct BackendConfig {
     pub weight: Option<f64>,
     /// This backend's health probe, in place of the top-level `health_check`.
     pub health_check: Option<HealthCheckConfig>,
+    /// The models it serves, as callers name them in `model` (default: any). With models
+    /// declared, a request goes only to backends serving its model, an unknown model is a 404
+    /// `model_not_found`, and the gateway's `GET /v1/models` lists them.
+    pub models: Option<Vec<String>>,
 }
 
 impl fmt::Debug for BackendConfig {

@@ -5,6 +5,7 @@
 //! |---|---|
 //! | `POST /v1/chat/completions`, `/v1/completions`, `/v1/embeddings`, `/v1/messages`, `GET /v1/models` | forwards through the stack; streamed answers stay streamed, chunk by chunk |
 //! | `GET /health` | `200 {"status":"ok"}` |
+//! | `GET /v1/models` | the models the backends declared (config `models`), OpenAI's list format; with none declared, forwarded to a backend |
 //! | `GET /stats` | per backend: requests, 2xx, 429, 5xx, failures, in flight, circuit, cooling until, last health probe |
 //!
 //! Every request gets an `x-request-id` (the caller's, or a new UUID) that goes to the backend
@@ -159,7 +160,7 @@ impl Gateway {
             .route("/v1/completions", post(forward))
             .route("/v1/embeddings", post(forward))
             .route("/v1/messages", post(forward))
-            .route("/v1/models", get(forward))
+            .route("/v1/models", get(models))
             .route(
                 "/health",
                 get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }),
@@ -592,6 +593,30 @@ impl http_body::Body for StreamGuard {
             other => Poll::Ready(other),
         }
     }
+}
+
+/// `GET /v1/models`: the models the backends declared (config `models`), in OpenAI's list
+/// format; with none declared, the first backend's own answer.
+async fn models(State(gw): State<Gateway>, req: Request) -> Response {
+    let mut names: Vec<&str> = gw
+        .backends
+        .iter()
+        .filter_map(Backend::models)
+        .flatten()
+        .collect();
+    if names.is_empty() {
+        return forward(State(gw.clone()), req).await;
+    }
+    if let Some(res) = refusal(&gw, req.headers(), peer_of(&req)) {
+        return res;
+    }
+    names.sort_unstable();
+    names.dedup();
+    let data: Vec<_> = names
+        .iter()
+        .map(|m| serde_json::json!({"id": m, "object": "model", "created": 0, "owned_by": "tower-llm-lb"}))
+        .collect();
+    axum::Json(serde_json::json!({"object": "list", "data": data})).into_response()
 }
 
 async fn stats(State(gw): State<Gateway>, req: Request) -> Response {
