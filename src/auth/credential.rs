@@ -111,6 +111,7 @@ pub(crate) enum Kind {
 impl Credential {
     /// The secret texts a backend could echo back: the header value as sent, and without its
     /// `Bearer ` prefix (for a token credential, the token it holds now).
+    #[cfg(feature = "gateway")]
     pub(crate) fn secret_texts(&self) -> Vec<Vec<u8>> {
         let value = match &self.0 {
             Kind::Header(_, secret) => Some(secret.header_value().as_bytes().to_vec()),

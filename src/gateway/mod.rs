@@ -30,6 +30,7 @@
 //! | request body over the cap | `413` |
 //! | missing or wrong client key | `401`; non-loopback client without keys configured: `403` |
 
+pub mod cli;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;

@@ -1,0 +1,207 @@
+//! The `tower-llm-lb` command: the gateway as a binary (`cargo install tower-llm-lb --features
+//! gateway`).
+//!
+//! ```text
+//! tower-llm-lb serve --config gateway.json [--listen 0.0.0.0:8080] [--log debug]
+//! tower-llm-lb serve --mock                  # embedded mock backends, no credentials
+//! tower-llm-lb check --config gateway.json   # validate, print the resolved backends (secrets redacted)
+//! ```
+//!
+//! Every option has an environment variable (`TOWER_LLM_LB_CONFIG`, `TOWER_LLM_LB_LISTEN`,
+//! `TOWER_LLM_LB_LOG`). Exit status: 0 on success (and for `--help`), 2 for bad arguments or a
+//! bad config (printed as `path: message`), 1 when serving fails.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::Config;
+use crate::error::BoxError;
+
+/// Tower middleware's OpenAI-compatible gateway: spreads LLM API calls over many endpoints and
+/// keeps working when they throttle or fail.
+#[derive(Debug, Parser)]
+#[command(name = "tower-llm-lb", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve the gateway.
+    Serve(Serve),
+    /// Validate a config and print the resolved backends, secrets redacted.
+    Check {
+        /// The config file (`.json` or `.toml`).
+        #[arg(long, env = "TOWER_LLM_LB_CONFIG")]
+        config: String,
+    },
+}
+
+#[derive(Debug, Args)]
+struct Serve {
+    /// The config file (`.json` or `.toml`).
+    #[arg(long, env = "TOWER_LLM_LB_CONFIG", required_unless_present = "mock")]
+    config: Option<String>,
+    /// Serve over embedded mock backends (no credentials needed).
+    #[arg(long, conflicts_with = "config")]
+    mock: bool,
+    /// The address to listen on (default: the config's `gateway.listen`, else 127.0.0.1:8080;
+    /// port 0 picks a free one, printed at start).
+    #[arg(long, env = "TOWER_LLM_LB_LISTEN")]
+    listen: Option<String>,
+    /// The log level on stderr (error, warn, info, debug, trace).
+    #[arg(long, env = "TOWER_LLM_LB_LOG", default_value = "info")]
+    log: tracing::Level,
+}
+
+/// Runs the command line in `args` (the first item is the program's name), as `main` does.
+pub fn main_with<I, T>(args: I) -> ExitCode
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let cli = match Cli::try_parse_from(args) {
+        Ok(c) => c,
+        Err(e) => {
+            // `--help` and `--version` print and succeed; misuse prints why and exits 2.
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
+        }
+    };
+    match cli.command {
+        Command::Check { config } => check(&config),
+        Command::Serve(args) => serve(args),
+    }
+}
+
+/// The binary's `main`: [`main_with`] over the process's arguments.
+pub fn main() -> ExitCode {
+    main_with(std::env::args_os())
+}
+
+fn check(path: &str) -> ExitCode {
+    let config = match Config::from_path(path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    // Built with a client that is never used: the check sends nothing.
+    match config.build_with_backends(crate::client::http_client()) {
+        Ok((_, backends)) => {
+            println!("{path}: ok, {} backend(s)", backends.len());
+            for b in &backends {
+                let models = b
+                    .models()
+                    .map(|m| m.collect::<Vec<_>>().join(", "))
+                    .unwrap_or_else(|| "any".into());
+                println!(
+                    "  {:<20} {:<9} priority {} weight {} credential {} models {}",
+                    b.name(),
+                    b.provider().name(),
+                    b.priority(),
+                    b.weight(),
+                    if b.credential().is_some() {
+                        "set (redacted)"
+                    } else {
+                        "none"
+                    },
+                    models
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn serve(args: Serve) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let _ = tracing_subscriber::fmt()
+        .with_max_level(args.log)
+        .with_writer(std::io::stderr)
+        .try_init();
+    match runtime.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Config(msg)) => {
+            eprintln!("{msg}");
+            ExitCode::from(2)
+        }
+        Err(Failure::Serve(e)) => {
+            eprintln!("tower-llm-lb: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+enum Failure {
+    /// The config or an argument is wrong (exit 2).
+    Config(String),
+    /// Serving failed (exit 1).
+    Serve(BoxError),
+}
+
+async fn run(args: Serve) -> Result<(), Failure> {
+    let serve_err = |e: BoxError| Failure::Serve(e);
+    // Mock servers must live as long as the gateway.
+    let (_mocks, config) = if args.mock {
+        let (mocks, json) = super::mock_backends()
+            .await
+            .map_err(|e| serve_err(e.into()))?;
+        let config = Config::from_json(&json).map_err(|e| Failure::Config(e.to_string()))?;
+        (mocks, config)
+    } else {
+        let path = args.config.as_deref().unwrap_or_default();
+        let config = Config::from_path(path).map_err(|e| Failure::Config(e.to_string()))?;
+        (Vec::new(), config)
+    };
+    let client_keys = config
+        .gateway
+        .as_ref()
+        .map(|g| g.client_keys.clone())
+        .unwrap_or_default();
+    let listen = args
+        .listen
+        .or_else(|| config.gateway.as_ref().and_then(|g| g.listen.clone()))
+        .unwrap_or_else(|| "127.0.0.1:8080".into());
+    let addr: SocketAddr = listen
+        .parse()
+        .map_err(|_| Failure::Config(format!("--listen: not an address: {listen}")))?;
+    #[cfg(feature = "rustls")]
+    let client = crate::client::https_client(crate::client::Roots::WebPki).map_err(serve_err)?;
+    #[cfg(not(feature = "rustls"))]
+    let client = crate::client::http_client();
+    let (service, backends) = config
+        .build_with_backends(client)
+        .map_err(|e| Failure::Config(e.to_string()))?;
+    let names: Vec<_> = backends.iter().map(|b| b.name().to_string()).collect();
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| serve_err(format!("cannot listen on {addr}: {e}").into()))?;
+    let bound = listener.local_addr().map_err(|e| serve_err(e.into()))?;
+    tracing::info!(addr = %bound, backends = ?names, client_keys = client_keys.len(), "gateway listening");
+    println!("tower-llm-lb gateway on http://{bound}/v1 over {names:?}");
+    super::Gateway::new(service, backends, client_keys)
+        .serve(listener, async {
+            let _ = tokio::signal::ctrl_c().await;
+            tracing::info!("shutting down: finishing in-flight requests");
+        })
+        .await
+        .map_err(|e| serve_err(e.into()))
+}

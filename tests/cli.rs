@@ -1,0 +1,101 @@
+//! The `tower-llm-lb` binary as a user runs it: help, a bad and a good config, and serving the
+//! embedded mock backends on a free port.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+
+const BIN: &str = env!("CARGO_BIN_EXE_tower-llm-lb");
+
+fn write(name: &str, json: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("tower-llm-lb-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, json).unwrap();
+    path
+}
+
+#[test]
+fn help_succeeds_and_a_bad_config_is_one_line_naming_the_field_with_exit_2() {
+    let out = Command::new(BIN).arg("--help").output().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("serve"));
+
+    let bad = write(
+        "bad.json",
+        r#"{"backends":{"a":{"provider":"azure","deployment":"d","api_key":"sk-cli-secret"}}}"#,
+    );
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim(), "backends.a.url: missing");
+
+    let out = Command::new(BIN)
+        .args(["serve", "--nope"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "misuse");
+}
+
+#[test]
+fn check_prints_the_resolved_backends_without_their_secrets() {
+    let good = write(
+        "good.json",
+        r#"{"backends":{"east":{"provider":"azure","url":"https://east.openai.azure.com","deployment":"gpt-4o","api_key":"sk-cli-secret","models":["gpt-4o"]}}}"#,
+    );
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&good)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("east") && text.contains("gpt-4o"), "{text}");
+    assert!(!text.contains("sk-cli-secret"), "{text}");
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("sk-cli-secret"));
+}
+
+#[tokio::test]
+async fn serve_mock_answers_on_the_port_it_prints() {
+    let mut child = Command::new(BIN)
+        .args([
+            "serve",
+            "--mock",
+            "--listen",
+            "127.0.0.1:0",
+            "--log",
+            "warn",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let line = tokio::task::spawn_blocking(move || {
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).unwrap();
+        line
+    })
+    .await
+    .unwrap();
+    let url = line
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .unwrap_or_else(|| panic!("no address in {line:?}"))
+        .to_string();
+    let req = http::Request::post(format!("{url}/chat/completions"))
+        .header("content-type", "application/json")
+        .body(http_body_util::Full::new(bytes::Bytes::from_static(
+            br#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}"#,
+        )))
+        .unwrap();
+    use tower::ServiceExt;
+    let res = tower_llm_lb::client::http_client().oneshot(req).await;
+    child.kill().unwrap();
+    let _ = child.wait();
+    let res = res.unwrap();
+    assert_eq!(res.status(), 200, "served through the embedded backends");
+}
