@@ -151,7 +151,7 @@ impl Backend {
     }
 
     /// An Anthropic backend; `url` is e.g. `https://api.anthropic.com`; `anthropic-version` is
-    /// [`DEFAULT_ANTHROPIC_VERSION`](crate::provider::DEFAULT_ANTHROPIC_VERSION).
+    /// `2023-06-01`.
     pub fn anthropic(name: impl Into<String>, url: impl Into<String>) -> BackendBuilder {
         let mut b = Self::builder(name, url, Provider::OpenAi);
         b.provider = Provider::anthropic(crate::provider::DEFAULT_ANTHROPIC_VERSION)

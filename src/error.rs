@@ -120,11 +120,6 @@ impl Unavailable {
     pub fn earliest(&self) -> Option<Instant> {
         self.earliest
     }
-
-    /// What was unavailable.
-    pub fn what(&self) -> &str {
-        &self.what
-    }
 }
 
 impl fmt::Display for Unavailable {

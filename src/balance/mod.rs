@@ -640,16 +640,6 @@ impl<S: fmt::Debug> fmt::Debug for Pick<S> {
 }
 
 impl<S> Pick<S> {
-    /// The group's name.
-    pub fn name(&self) -> &str {
-        self.picker.name()
-    }
-
-    /// The group's backends.
-    pub fn backends(&self) -> impl Iterator<Item = &Backend> {
-        self.picker.backends()
-    }
-
     /// The inner service.
     pub fn get_ref(&self) -> &S {
         &self.inner

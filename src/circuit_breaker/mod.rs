@@ -482,13 +482,6 @@ impl<S> CircuitBreaker<S> {
             .map_or(Circuit::Closed, |s| s.backend.state().circuit())
     }
 
-    /// Consecutive trips without a recovery (0 for a chosen-backend breaker).
-    pub fn trips(&self) -> u32 {
-        self.target
-            .one()
-            .map_or(0, |s| s.with_machine(|m| m.trips()))
-    }
-
     /// The inner service.
     pub fn get_ref(&self) -> &S {
         &self.inner

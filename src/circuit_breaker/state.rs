@@ -257,6 +257,7 @@ impl Machine {
     }
 
     /// Consecutive trips so far.
+    #[cfg(test)]
     pub(crate) fn trips(&self) -> u32 {
         self.trips
     }

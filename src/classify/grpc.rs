@@ -22,7 +22,7 @@ use super::Outcome;
 use super::retry_after::Hints;
 
 /// The `grpc-status` header (or trailer).
-pub const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+pub(crate) const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 
 /// `RESOURCE_EXHAUSTED`: the server's quota is used up.
 pub(crate) const RESOURCE_EXHAUSTED: u32 = 8;

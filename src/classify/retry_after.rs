@@ -54,7 +54,8 @@ impl WallClock {
     }
 
     /// A clock driven by any function.
-    pub fn from_fn(f: impl Fn() -> SystemTime + Send + Sync + 'static) -> Self {
+    #[cfg(any(test, feature = "mock"))]
+    pub(crate) fn from_fn(f: impl Fn() -> SystemTime + Send + Sync + 'static) -> Self {
         WallClock(Arc::new(f))
     }
 
@@ -306,7 +307,7 @@ impl Hints {
 
     /// [`Hints::from_headers`], reading the wall clock only if a hint is a date (an HTTP-date
     /// `retry-after`, an RFC 3339 reset): most answers carry none, and the clock is not free.
-    pub fn from_headers_at(
+    pub(crate) fn from_headers_at(
         headers: &HeaderMap,
         now: impl Fn() -> SystemTime,
         cap: Duration,

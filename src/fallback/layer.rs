@@ -46,12 +46,6 @@ impl Variant {
         self
     }
 
-    /// Sets these JSON body fields for this variant.
-    pub fn overrides(mut self, overrides: Overrides) -> Self {
-        self.overrides = overrides;
-        self
-    }
-
     /// Sends this variant to this deployment on classic Azure backends.
     pub fn deployment(mut self, deployment: impl Into<String>) -> Self {
         self.deployment = Some(deployment.into());

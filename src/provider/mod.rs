@@ -78,10 +78,11 @@ impl fmt::Debug for Provider {
 pub(crate) static ANTHROPIC_VERSION: HeaderName = HeaderName::from_static("anthropic-version");
 
 /// The default `anthropic-version`.
-pub const DEFAULT_ANTHROPIC_VERSION: &str = "2023-06-01";
+pub(crate) const DEFAULT_ANTHROPIC_VERSION: &str = "2023-06-01";
 
 /// The default Azure OpenAI `api-version` for classic deployment URLs.
-pub const DEFAULT_AZURE_API_VERSION: &str = "2024-10-21";
+#[cfg(feature = "config")]
+pub(crate) const DEFAULT_AZURE_API_VERSION: &str = "2024-10-21";
 
 /// A provider setting that cannot be used.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -335,7 +336,7 @@ pub fn estimate_tokens(body: &[u8]) -> u32 {
 /// The request's top-level `"model"` as the OpenAI and Anthropic APIs carry it, by a cheap scan
 /// (no parse): the string after the first `"model":` in the body. `None` without one, or when
 /// the value is not a plain string (escapes are not decoded).
-pub fn model_of(body: &[u8]) -> Option<&str> {
+pub(crate) fn model_of(body: &[u8]) -> Option<&str> {
     let key = b"\"model\"";
     let mut from = 0;
     while let Some(pos) = body[from..].windows(key.len()).position(|w| w == key) {
@@ -361,7 +362,7 @@ pub fn model_of(body: &[u8]) -> Option<&str> {
 /// Whether a JSON answer's first bytes open an `{"error": {...}}` object (its first key is
 /// `"error"` and that value an object): `Some(true)` / `Some(false)` once known, `None` while
 /// more bytes are needed. A cheap look at the head, never a parse.
-pub fn json_error_head(buf: &[u8]) -> Option<bool> {
+pub(crate) fn json_error_head(buf: &[u8]) -> Option<bool> {
     let mut rest = buf;
     let skip_ws = |r: &mut &[u8]| {
         let n = r.iter().take_while(|b| b.is_ascii_whitespace()).count();
@@ -391,7 +392,7 @@ pub fn json_error_head(buf: &[u8]) -> Option<bool> {
 
 /// What an error a provider put inside a successful answer means: a throttle when it speaks
 /// of rate limits or overload, else a server error (502).
-pub fn in_band_error_outcome(body: &[u8]) -> crate::classify::Outcome {
+pub(crate) fn in_band_error_outcome(body: &[u8]) -> crate::classify::Outcome {
     let has = |needle: &[u8]| body.windows(needle.len()).any(|w| w == needle);
     if has(b"rate_limit") || has(b"overloaded") || has(b"\"429\"") {
         crate::classify::Outcome::Throttled { retry_after: None }

@@ -15,7 +15,7 @@ const UNIT: i64 = 1000;
 
 /// Retry budget; see the [module docs](self).
 #[derive(Debug)]
-pub struct RetryBudget {
+pub(crate) struct RetryBudget {
     reserve: i64,
     per_request: i64,
     ttl_ns: u64,
@@ -28,7 +28,7 @@ pub struct RetryBudget {
 impl RetryBudget {
     /// Over `ttl` (clamped to 1..=60 s), retries may be `retry_percent` (clamped to 0..=1000;
     /// NaN is 0) of requests, plus `min_per_sec` per second.
-    pub fn new(ttl: Duration, min_per_sec: u32, retry_percent: f32) -> Self {
+    pub(crate) fn new(ttl: Duration, min_per_sec: u32, retry_percent: f32) -> Self {
         let ttl = ttl.clamp(Duration::from_secs(1), Duration::from_secs(60));
         let pct = if retry_percent.is_nan() {
             0.0
@@ -72,7 +72,8 @@ impl RetryBudget {
     }
 
     /// Counts one request.
-    pub fn deposit(&self) {
+    #[cfg(test)]
+    pub(crate) fn deposit(&self) {
         self.deposit_at(Instant::now());
     }
 
@@ -85,7 +86,7 @@ impl RetryBudget {
     }
 
     /// Takes one retry token; false when the budget is spent.
-    pub fn withdraw(&self) -> bool {
+    pub(crate) fn withdraw(&self) -> bool {
         self.roll();
         let previous = self.previous.load(Acquire);
         self.current

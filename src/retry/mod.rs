@@ -21,7 +21,7 @@
 //! [`Unavailable`](crate::error::Unavailable) when nothing was ever sent.
 //!
 //! Bounds: at most [`RetryAfter429Layer::max_attempts`] attempts that reach a backend (default
-//! 4); a retry budget for failure retries ([`RetryBudget`], lock-free: they may add at most a
+//! 4); a retry budget for failure retries (lock-free, after tower's `TpsBudget`: they may add at most a
 //! share of the request rate, so a failing group does not multiply its load; throttled
 //! requests go only where a backend has announced room, so they need no budget); a
 //! per-request wait budget (default 10 s); an overall deadline (the layer's, or a [`Deadline`]
@@ -46,7 +46,7 @@
 //! The first attempt runs in a concrete future; only a retry (or a hedged request) moves to a
 //! boxed one.
 
-pub mod budget;
+mod budget;
 
 use std::fmt;
 use std::future::Future;
@@ -70,7 +70,7 @@ use crate::classify::retry_after::set_retry_after;
 use crate::classify::{Outcome, classify_error_chain};
 use crate::endpoint::{Served, answered_by};
 use crate::error::{Attempt, BoxError, DeadlineExceeded, Exhausted};
-pub use budget::RetryBudget;
+use budget::RetryBudget;
 
 /// A request's overall deadline, as a request extension. `RetryAfter429` never waits past it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -205,7 +205,7 @@ impl RetryAfter429Layer {
     }
 
     /// The retry budget: over `ttl`, retries may be `retry_percent` of requests, plus
-    /// `min_per_sec` retries per second regardless (see [`RetryBudget`]; out-of-range values
+    /// `min_per_sec` retries per second regardless (out-of-range values
     /// are clamped).
     pub fn budget(mut self, ttl: Duration, min_per_sec: u32, retry_percent: f32) -> Self {
         self.settings.budget = Arc::new(RetryBudget::new(ttl, min_per_sec, retry_percent));
