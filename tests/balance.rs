@@ -250,16 +250,7 @@ async fn a_client_error_is_returned_at_once_from_exactly_one_backend() {
 
 #[tokio::test(start_paused = true)]
 async fn every_backend_refusing_connections_is_tried_once_each_then_again_after_a_backoff() {
-    let dead = |name: &str| {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        Backend::openai(name, format!("http://127.0.0.1:{port}/v1"))
-            .build()
-            .unwrap()
-    };
+    let dead = common::refusing;
     let backends = [dead("x"), dead("y")];
     let svc = balanced(
         &backends,

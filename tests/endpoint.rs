@@ -154,12 +154,9 @@ async fn server_errors_are_returned_and_counted() {
 
 #[tokio::test]
 async fn connect_error_is_a_typed_error_naming_the_backend() {
-    // Bind and drop a listener to get a port nobody listens on.
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
-    let backend = azure(format!("http://127.0.0.1:{port}"));
+    // A port that refuses connections, reserved while the test runs.
+    let port = tower_llm_lb::mock::RefusingPort::new().unwrap();
+    let backend = azure(port.url());
     let err = stack(&backend).oneshot(chat("{}")).await.unwrap_err();
     let be = err.downcast_ref::<BackendError>().expect("BackendError");
     assert_eq!(be.backend(), "east");

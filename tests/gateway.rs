@@ -91,7 +91,7 @@ async fn mocks() -> (MockServer, MockServer) {
     (primary, backup)
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn plain_streamed_and_unauthorized_requests() {
     let (primary, backup) = mocks().await;
     let gw = start(&config(&primary, &backup)).await;
@@ -122,7 +122,7 @@ async fn plain_streamed_and_unauthorized_requests() {
     assert_eq!(backup.counters().requests, 0);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn throttled_then_served_by_the_fallback_and_all_down_is_a_clear_error() {
     let (primary, backup) = mocks().await;
     let gw = start(&config(&primary, &backup)).await;
@@ -159,7 +159,7 @@ async fn throttled_then_served_by_the_fallback_and_all_down_is_a_clear_error() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_stream_cut_upstream_ends_with_an_sse_error_event() {
     let (primary, backup) = mocks().await;
     primary.set_fault(Some(Fault::TruncateStream(2)));
@@ -188,7 +188,7 @@ async fn a_stream_cut_upstream_ends_with_an_sse_error_event() {
     assert!(ended_in_error, "the stream must not end cleanly");
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn stats_report_each_backend_and_shutdown_lets_in_flight_requests_finish() {
     let primary = MockServer::builder()
         .name("primary")
@@ -210,8 +210,13 @@ async fn stats_report_each_backend_and_shutdown_lets_in_flight_requests_finish()
         "{}",
     )));
     // Wait until the request is in the backend, then ask the gateway to stop.
-    while primary.counters().in_flight == 0 {
-        tokio::task::yield_now().await;
+    // Bounded: a request that never arrives fails the test instead of hanging it.
+    for waited in 0.. {
+        if primary.counters().in_flight > 0 {
+            break;
+        }
+        assert!(waited < 10_000, "the request never reached the backend");
+        tokio::time::sleep(Duration::from_millis(1)).await;
     }
     let stats = http::Request::get(format!("{}/stats", gw.url))
         .header("authorization", "Bearer client-1")
@@ -232,7 +237,7 @@ async fn stats_report_each_backend_and_shutdown_lets_in_flight_requests_finish()
     gw.task.await.unwrap().unwrap();
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn without_client_keys_only_loopback_is_served() {
     let (primary, backup) = mocks().await;
     let json = config(&primary, &backup).replace(
@@ -244,7 +249,7 @@ async fn without_client_keys_only_loopback_is_served() {
     assert_eq!(res.status(), 200, "loopback client served without a key");
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn the_mock_mode_config_serves_through_its_embedded_backends() {
     let (_mocks, json) = tower_llm_lb::gateway::mock_backends().await.unwrap();
     let gw = start(&json).await;

@@ -50,13 +50,15 @@
 //! use tower_llm_lb::{Backend, circuit_breaker::{BreakerGroup, Policy}, endpoint::EndpointLayer};
 //!
 //! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), tower_llm_lb::BoxError> {
-//! let backend = Backend::openai("local", "http://127.0.0.1:9/v1").build()?;
+//! # let refusing = tower_llm_lb::mock::RefusingPort::new()?;
+//! # let url = format!("{}/v1", refusing.url());
+//! let backend = Backend::openai("local", url).build()?;
 //! let group = BreakerGroup::try_new(Policy { consecutive_failures: 1, ..Policy::default() })?;
 //! let svc = ServiceBuilder::new()
 //!     .layer(group.layer_for(&backend))
 //!     .layer(EndpointLayer::new(backend.clone()))
 //!     .service(tower_llm_lb::client::http_client::<String>());
-//! // Port 9 refuses: the first failure trips the breaker (a group of one may eject its only
+//! // The port refuses: the first failure trips the breaker (a group of one may eject its only
 //! // backend), and the next request is refused without touching the network.
 //! let _ = svc.clone().oneshot(http::Request::post("/v1/chat/completions").body(String::new())?).await;
 //! let err = svc.oneshot(http::Request::post("/v1/chat/completions").body(String::new())?).await.unwrap_err();

@@ -51,6 +51,45 @@ pub mod sim;
 mod token;
 pub use token::{MockTokenServer, TokenRegistry};
 
+/// A loopback port that refuses every connection, reserved for as long as this lives: a socket
+/// bound and never listening. (Binding a listener and dropping it frees the port for anyone,
+/// a parallel test's server included; a fixed port such as 9 may be open on some machines.)
+pub struct RefusingPort {
+    _socket: tokio::net::TcpSocket,
+    port: u16,
+}
+
+impl RefusingPort {
+    /// Reserves a free loopback port that refuses connections.
+    pub fn new() -> std::io::Result<Self> {
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.bind(SocketAddr::from(([127, 0, 0, 1], 0)))?;
+        let port = socket.local_addr()?.port();
+        Ok(RefusingPort {
+            _socket: socket,
+            port,
+        })
+    }
+
+    /// The port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `http://127.0.0.1:{port}`.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+impl std::fmt::Debug for RefusingPort {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RefusingPort")
+            .field("port", &self.port)
+            .finish()
+    }
+}
+
 /// A fault a [`MockServer`] injects into every request while it is set.
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]

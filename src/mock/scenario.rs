@@ -302,12 +302,14 @@ impl Scenario {
     /// Runs the scenario: backends, gateway, load; then the report.
     pub async fn run(&self) -> Result<Report, BoxError> {
         let mut mocks: Vec<Option<MockServer>> = Vec::new();
+        let mut refusing = Vec::new();
         let mut urls = Vec::new();
         for spec in &self.backends {
             if spec.behaviour == Behaviour::Refused {
-                // A port nobody listens on: bind, note, close.
-                let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-                urls.push(format!("http://{}", l.local_addr()?));
+                // A port that refuses connections, reserved for the run.
+                let port = super::RefusingPort::new()?;
+                urls.push(port.url());
+                refusing.push(port);
                 mocks.push(None);
                 continue;
             }

@@ -145,14 +145,12 @@ pub fn guarded_group(
     tower::Layer::layer(&retry, balance)
 }
 
-/// A backend whose port nobody listens on.
+/// A backend whose port refuses connections, reserved for the rest of the test process (so
+/// no server of a parallel test can take it).
 pub fn refusing(name: &str) -> Backend {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    Backend::openai(name, format!("http://127.0.0.1:{port}/v1"))
+    let port: &'static tower_llm_lb::mock::RefusingPort =
+        Box::leak(Box::new(tower_llm_lb::mock::RefusingPort::new().unwrap()));
+    Backend::openai(name, format!("{}/v1", port.url()))
         .build()
         .unwrap()
 }
