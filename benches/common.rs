@@ -23,20 +23,26 @@ pub type Bare = hyper_util::client::legacy::Client<
 
 const REQ_BODY: &str = r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}"#;
 
+/// Three Azure-shaped backends at `addr`, one key.
+fn backends(addr: SocketAddr) -> Vec<Backend> {
+    (0..3)
+        .map(|i| {
+            Backend::azure(
+                format!("b{i}"),
+                format!("http://{addr}"),
+                "gpt-4o",
+                "2024-10-21",
+            )
+            .credential(Credential::api_key("bench-key").unwrap())
+            .build()
+            .unwrap()
+        })
+        .collect()
+}
+
 /// The recommended group (`stack::group`) over 3 backends at `addr`, through `client`.
 pub fn group_over(addr: SocketAddr, client: Bare) -> LlmService {
-    let backends = (0..3).map(|i| {
-        Backend::azure(
-            format!("b{i}"),
-            format!("http://{addr}"),
-            "gpt-4o",
-            "2024-10-21",
-        )
-        .credential(Credential::api_key("bench-key").unwrap())
-        .build()
-        .unwrap()
-    });
-    stack::group("bench", backends, client, &Settings::default()).unwrap()
+    stack::group("bench", backends(addr), client, &Settings::default()).unwrap()
 }
 
 /// The full stack: a `Fallback` chain over [`group_over`].
@@ -68,19 +74,7 @@ pub fn flat_over(
     use tower_llm_lb::circuit_breaker::{BreakerGroup, Policy};
     use tower_llm_lb::endpoint::EndpointLayer;
     use tower_llm_lb::retry::RetryAfter429Layer;
-    let backends: Vec<Backend> = (0..3)
-        .map(|i| {
-            Backend::azure(
-                format!("b{i}"),
-                format!("http://{addr}"),
-                "gpt-4o",
-                "2024-10-21",
-            )
-            .credential(Credential::api_key("bench-key").unwrap())
-            .build()
-            .unwrap()
-        })
-        .collect();
+    let backends = backends(addr);
     tower::ServiceBuilder::new()
         .layer(RetryAfter429Layer::new())
         .layer(BalanceLayer::try_new(backends.clone()).unwrap())
