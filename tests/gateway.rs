@@ -579,3 +579,119 @@ async fn requests_go_to_the_backends_serving_their_model_and_an_unknown_model_is
         8
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn no_secret_reaches_a_log_line_across_balance_retry_fallback_and_the_gateway() {
+    let captured = common::Captured::default();
+    let _guard = captured.install();
+    let azure_mock = |name: &'static str, key: &'static str| async move {
+        MockServer::builder()
+            .name(name)
+            .api_key(key)
+            .azure_headers()
+            .stream_chunks(3)
+            .start()
+            .await
+            .unwrap()
+    };
+    // Throttled (1 req/s), failing, holding another key than the config's, echoing its key in
+    // its error body; then a healthy backup behind a fallback.
+    let throttled = MockServer::builder()
+        .name("throttled")
+        .api_key("sk-log-throttle-1")
+        .rps(1.0)
+        .azure_headers()
+        .start()
+        .await
+        .unwrap();
+    let failing = azure_mock("failing", "sk-log-fail-2").await;
+    failing.set_fault(Some(Fault::Status(500)));
+    let stale = azure_mock("stale", "rotated-key").await;
+    let echo = azure_mock("echo", "sk-log-echo-4").await;
+    echo.set_fault(Some(Fault::Page(
+        503,
+        "upstream refused api-key sk-log-echo-4".into(),
+    )));
+    let backup = MockServer::builder()
+        .name("backup")
+        .bearer("sk-log-backup-5")
+        .stream_chunks(3)
+        .start()
+        .await
+        .unwrap();
+    let azure = |m: &MockServer, key: &str| {
+        format!(
+            r#"{{ "provider": "azure", "url": "{}", "deployment": "gpt-4o", "api_key": "{key}" }}"#,
+            m.url()
+        )
+    };
+    let json = format!(
+        r#"{{
+          "backends": {{
+            "throttled": {t}, "failing": {f}, "stale": {s}, "echo": {e},
+            "backup": {{ "provider": "openai", "url": "{b}/v1", "api_key": "sk-log-backup-5" }}
+          }},
+          "strategy": {{ "mode": "fallback" }},
+          "targets": [
+            {{ "strategy": {{ "mode": "loadbalance" }},
+               "targets": [ {{ "backend": "throttled" }}, {{ "backend": "failing" }},
+                            {{ "backend": "stale" }}, {{ "backend": "echo" }} ] }},
+            {{ "backend": "backup" }}
+          ],
+          "gateway": {{ "client_keys": ["client-secret-6"] }}
+        }}"#,
+        t = azure(&throttled, "sk-log-throttle-1"),
+        f = azure(&failing, "sk-log-fail-2"),
+        s = azure(&stale, "sk-log-stale-3"),
+        e = azure(&echo, "sk-log-echo-4"),
+        b = backup.url()
+    );
+    let gw = start(&json).await;
+    let url = format!("{}/v1/chat/completions", gw.url);
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..40 {
+        let body: &'static str = if i % 2 == 0 {
+            r#"{"model":"gpt-4o","messages":[]}"#
+        } else {
+            r#"{"model":"gpt-4o","stream":true,"messages":[]}"#
+        };
+        let mut req = post(url.clone(), Some("client-secret-6"), body);
+        // A caller key of its own on top: stripped, never logged.
+        req.headers_mut()
+            .insert("api-key", "caller-secret-8".parse().unwrap());
+        tasks.spawn(async move {
+            let res = send(req).await;
+            let status = res.status();
+            text(res).await;
+            status
+        });
+    }
+    while let Some(status) = tasks.join_next().await {
+        assert_eq!(status.unwrap(), 200);
+    }
+    // A caller with a wrong key is turned away (and its key is not logged either).
+    let res = send(post(url.clone(), Some("client-wrong-secret-7"), "{}")).await;
+    assert_eq!(res.status(), 401);
+
+    let logs = captured.text();
+    // Every level of every crate was captured: the stack's picks and retries, hyper's traces.
+    assert!(logs.contains("tower_llm_lb::balance: picked") && logs.contains("hyper"));
+    assert!(
+        logs.contains("stale"),
+        "the rejected key is logged by backend name: {logs}"
+    );
+    for secret in [
+        "sk-log-throttle-1",
+        "sk-log-fail-2",
+        "sk-log-stale-3",
+        "sk-log-echo-4",
+        "sk-log-backup-5",
+        "client-secret-6",
+        "client-wrong-secret-7",
+        "caller-secret-8",
+    ] {
+        assert!(!logs.contains(secret), "{secret} in the logs:\n{logs}");
+    }
+    assert!(failing.counters().requests > 0 && echo.counters().requests > 0);
+    assert!(stale.counters().unauthorized > 0);
+}

@@ -113,6 +113,27 @@ async fn requests_already_sent_to_a_hung_backend_are_abandoned_and_served_elsewh
 }
 
 #[tokio::test(start_paused = true)]
+async fn with_every_default_a_backend_rejecting_its_key_is_asked_once_and_its_requests_served_elsewhere()
+ {
+    let report = run(Scenario {
+        requests: 150,
+        ..Scenario::s7_stale_key()
+    })
+    .await;
+    assert_eq!(report.served, report.sent, "{report}");
+    assert!(
+        report.errors.is_empty(),
+        "never the backend's 401: {report}"
+    );
+    let stale = &report.per_backend[0];
+    assert_eq!(
+        stale.attempts, 1,
+        "asked once in 5 s, then left alone: {report}"
+    );
+    assert!(report.missed().is_empty(), "{:?}", report.missed());
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_configured_first_byte_timeout_fails_over_instead_of_answering_502() {
     let report = run(Scenario {
         requests: 16,

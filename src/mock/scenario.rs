@@ -50,6 +50,9 @@ pub enum Behaviour {
     Always(u16),
     /// Accepts requests and never answers.
     Hang,
+    /// Healthy, but expects another key than the config gives it: answers every request `401`
+    /// (a rotated key the config still has).
+    WrongKey,
 }
 
 /// One backend of a scenario.
@@ -82,7 +85,7 @@ impl BackendSpec {
     fn is_bad(&self) -> bool {
         matches!(
             self.behaviour,
-            Behaviour::Refused | Behaviour::Always(_) | Behaviour::Hang
+            Behaviour::Refused | Behaviour::Always(_) | Behaviour::Hang | Behaviour::WrongKey
         )
     }
 }
@@ -245,6 +248,24 @@ impl Scenario {
         }
     }
 
+    /// S7: [a rotated key the config still has, healthy, healthy], every setting default;
+    /// 300 requests at 30 req/s.
+    pub fn s7_stale_key() -> Self {
+        Scenario {
+            requests: 300,
+            rate: 30.0,
+            ..Self::base(
+                "S7",
+                "stale key, all defaults",
+                vec![
+                    BackendSpec::new("stale", Behaviour::WrongKey),
+                    BackendSpec::new("east", Behaviour::Unlimited),
+                    BackendSpec::new("west", Behaviour::Unlimited),
+                ],
+            )
+        }
+    }
+
     /// Every scenario of the suite but S5 (overhead, see [`overhead`]).
     pub fn suite() -> Vec<Scenario> {
         vec![
@@ -256,6 +277,7 @@ impl Scenario {
             Self::s4_hang(),
             Self::s4d_hang_defaults(),
             Self::s6_token_quota(),
+            Self::s7_stale_key(),
         ]
     }
 
@@ -313,9 +335,13 @@ impl Scenario {
                 mocks.push(None);
                 continue;
             }
+            let key = match spec.behaviour {
+                Behaviour::WrongKey => format!("rotated-key-{}", spec.name),
+                _ => format!("key-{}", spec.name),
+            };
             let mut b = MockServer::builder()
                 .name(spec.name)
-                .api_key(format!("key-{}", spec.name))
+                .api_key(key)
                 .latency(self.latency)
                 .latency_per_token(Duration::from_millis(2))
                 .record_requests(spec.is_bad());
@@ -660,6 +686,19 @@ impl Report {
                 self.max <= Duration::from_secs(15),
                 format!("S4d: slowest request {:?} > 15 s", self.max),
             ),
+            "S7" => {
+                // Asked once, then left alone 60 s (doubling): at most one more ask a minute.
+                for (name, rate) in &self.bad_rate {
+                    need(
+                        *rate <= 0.05,
+                        format!("S7: {rate:.2} attempts/s to {name} after the first second"),
+                    );
+                }
+                need(
+                    self.errors.is_empty(),
+                    "S7: a client saw an error".to_string(),
+                );
+            }
             _ => {}
         }
         out
