@@ -500,7 +500,7 @@ impl EndWatch {
         }
     }
 
-    fn feed(&mut self, data: &[u8]) {
+    pub(crate) fn feed(&mut self, data: &[u8]) {
         let Some(marker) = self.marker else { return };
         if self.seen {
             return;
@@ -533,7 +533,7 @@ impl EndWatch {
     }
 
     /// True when the stream may end now.
-    fn complete(&self) -> bool {
+    pub(crate) fn complete(&self) -> bool {
         self.marker.is_none() || self.seen
     }
 }

@@ -86,12 +86,27 @@ impl std::error::Error for BackendError {
 }
 
 /// A layer refused to send because nothing was available (every backend cooling down, circuit
-/// open). Carries the earliest instant something may be available again.
+/// open). Carries the earliest instant something may be available again and, from a `Balance`,
+/// why each of its backends could not take the request.
 #[derive(Clone, Debug)]
 pub struct Unavailable {
     what: Arc<str>,
     earliest: Option<Instant>,
     reserved: Option<Arc<str>>,
+    out: Arc<[Out]>,
+}
+
+/// Why one backend could not take a request that found nothing available.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Out {
+    /// The backend's name.
+    pub backend: Arc<str>,
+    /// Why: `circuit open`, `cooling down` (a 429's hint, a rejected key), `silent` (on
+    /// probation after answering nothing), `paced` (its next slot is later), `busy` (as many in
+    /// flight as it may have), `already tried`, `weight 0`.
+    pub reason: &'static str,
+    /// Until when, where known.
+    pub until: Option<Instant>,
 }
 
 impl Unavailable {
@@ -101,7 +116,19 @@ impl Unavailable {
             what: what.into(),
             earliest,
             reserved: None,
+            out: Arc::new([]),
         }
+    }
+
+    /// Says why each backend was out.
+    pub(crate) fn with_backends(mut self, out: Vec<Out>) -> Self {
+        self.out = out.into();
+        self
+    }
+
+    /// Why each backend could not take the request (empty where the refusing layer did not say).
+    pub fn backends(&self) -> &[Out] {
+        &self.out
     }
 
     /// Says that a slot at `earliest` on `backend` was booked for this request (the retry layer
@@ -124,10 +151,19 @@ impl Unavailable {
 
 impl fmt::Display for Unavailable {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let now = Instant::now();
         write!(f, "{} unavailable", self.what)?;
         if let Some(at) = self.earliest {
-            let wait = at.saturating_duration_since(Instant::now());
+            let wait = at.saturating_duration_since(now);
             write!(f, " for {:.3}s", wait.as_secs_f64())?;
+        }
+        for (i, out) in self.out.iter().enumerate() {
+            let sep = if i == 0 { ": " } else { ", " };
+            write!(f, "{sep}{} {}", out.backend, out.reason)?;
+            if let Some(until) = out.until {
+                let wait = until.saturating_duration_since(now);
+                write!(f, " for {:.1}s", wait.as_secs_f64())?;
+            }
         }
         Ok(())
     }

@@ -99,6 +99,9 @@ pub mod config;
 pub mod endpoint;
 pub mod error;
 pub mod fallback;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzz;
 #[cfg(feature = "gateway")]
 pub mod gateway;
 #[cfg(feature = "mock")]

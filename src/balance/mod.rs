@@ -83,7 +83,7 @@ use strategy::{Avail, Candidate};
 
 pub mod error {
     //! Errors of [`Balance`](super::Balance).
-    pub use crate::error::Unavailable;
+    pub use crate::error::{Out, Unavailable};
 
     use std::fmt;
 
@@ -889,7 +889,7 @@ impl<S> Balance<S> {
     ) -> error::Unavailable {
         let name = self.shared.name.clone();
         let (Some(at), Some(budget)) = (earliest, budget) else {
-            return error::Unavailable::new(name, earliest);
+            return error::Unavailable::new(name, earliest).with_backends(self.why_out(now, &[]));
         };
         let slot = self
             .shared
@@ -906,8 +906,41 @@ impl<S> Balance<S> {
                 error::Unavailable::new(name, Some(until))
                     .with_reservation(s.backend.name_arc().clone())
             }
-            _ => error::Unavailable::new(name, Some(at)),
+            _ => error::Unavailable::new(name, Some(at)).with_backends(self.why_out(now, &[])),
         }
+    }
+
+    /// Why each backend could not take a request now (for the caller's error: the cold path).
+    fn why_out(&self, now: Instant, tried: &[Arc<str>]) -> Vec<error::Out> {
+        self.shared
+            .slots
+            .iter()
+            .map(|slot| {
+                let b = &slot.backend;
+                let state = b.state();
+                let (reason, until) = if b.weight() <= 0.0 {
+                    ("weight 0", None)
+                } else if let crate::state::Circuit::Open { until } = state.circuit() {
+                    ("circuit open", Some(until))
+                } else if let Some(until) = state.cooldown_until().filter(|u| *u > now) {
+                    ("cooling down", Some(until))
+                } else if tried.iter().any(|t| **t == *b.name()) {
+                    ("already tried", None)
+                } else if strategy::on_probation(state) {
+                    ("silent", None)
+                } else {
+                    match state.unavailable_until(now) {
+                        Some(until) => ("paced", Some(until)),
+                        None => ("busy", None),
+                    }
+                };
+                error::Out {
+                    backend: b.name_arc().clone(),
+                    reason,
+                    until,
+                }
+            })
+            .collect()
     }
 }
 

@@ -305,7 +305,7 @@ async fn forward(State(gw): State<Gateway>, req: Request) -> Response {
 const REDACTED: &str = "[redacted]";
 
 /// `bytes` with every occurrence of each of `secrets` replaced by [`REDACTED`].
-fn redact(bytes: Bytes, secrets: &[Vec<u8>]) -> Bytes {
+pub(crate) fn redact(bytes: Bytes, secrets: &[Vec<u8>]) -> Bytes {
     let found = |hay: &[u8]| {
         secrets
             .iter()

@@ -48,6 +48,7 @@ pub mod grpc;
 #[cfg(feature = "gateway")]
 pub mod scenario;
 pub mod sim;
+pub mod soak;
 mod token;
 pub use token::{MockTokenServer, TokenRegistry};
 
@@ -183,6 +184,8 @@ pub struct MockCounters {
     pub streamed_chunks: u64,
     /// Requests being handled right now.
     pub in_flight: u64,
+    /// Connections open right now (a client that leaks connections shows here).
+    pub connections: u64,
 }
 
 /// One request as the mock received it.
@@ -217,7 +220,7 @@ struct Shared {
     record: bool,
     fault: Mutex<Option<Fault>>,
     buckets: Mutex<Buckets>,
-    counters: [AtomicU64; 8],
+    counters: [AtomicU64; 9],
 }
 
 struct Bucket {
@@ -272,6 +275,7 @@ const C_ERRORS: usize = 4;
 const C_FOREIGN: usize = 5;
 const C_CHUNKS: usize = 6;
 const C_IN_FLIGHT: usize = 7;
+const C_CONNECTIONS: usize = 8;
 
 /// A running mock LLM backend on loopback. Dropping it stops the server and all its connections.
 pub struct MockServer {
@@ -463,7 +467,9 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
                 let Ok((stream, _)) = accepted else { continue };
                 let _ = stream.set_nodelay(true);
                 let shared = shared.clone();
+                shared.counters[C_CONNECTIONS].fetch_add(1, SeqCst);
                 conns.spawn(async move {
+                    let _open = Count(shared.clone(), C_CONNECTIONS);
                     let svc = hyper::service::service_fn(move |req| handle(shared.clone(), req));
                     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                         .serve_connection(TokioIo::new(stream), svc)
@@ -526,6 +532,7 @@ impl Shared {
             foreign_credentials: g(C_FOREIGN),
             streamed_chunks: g(C_CHUNKS),
             in_flight: g(C_IN_FLIGHT),
+            connections: g(C_CONNECTIONS),
         }
     }
 }
@@ -591,11 +598,12 @@ impl Shared {
     }
 }
 
-struct InFlightCount(Arc<Shared>);
+/// Takes one off a gauge (in flight, connections open) when dropped.
+struct Count(Arc<Shared>, usize);
 
-impl Drop for InFlightCount {
+impl Drop for Count {
     fn drop(&mut self) {
-        self.0.counters[C_IN_FLIGHT].fetch_sub(1, SeqCst);
+        self.0.counters[self.1].fetch_sub(1, SeqCst);
     }
 }
 
@@ -787,7 +795,7 @@ async fn serve(
 ) -> Result<Response<MockBody>, std::io::Error> {
     shared.count(C_REQUESTS);
     shared.counters[C_IN_FLIGHT].fetch_add(1, SeqCst);
-    let _in_flight = InFlightCount(shared.clone());
+    let _in_flight = Count(shared.clone(), C_IN_FLIGHT);
     let idx = shared.record(RecordedRequest {
         method: parts.method.clone(),
         path_and_query: parts

@@ -1,0 +1,282 @@
+//! Fuzz entry points (feature `fuzzing`; not part of the API, no semver promise).
+//!
+//! Each function reads arbitrary bytes as one input of a parser that reads bytes a backend or a
+//! user controls, runs it, and panics only when an invariant breaks: no input may panic, wait
+//! longer than the cap it was given, or give a different answer when its bytes arrive in other
+//! chunks. The `cargo fuzz` targets in `fuzz/` (nightly) and the stable proptest properties in
+//! `tests/properties.rs` (run in CI) call these same functions, so a crash the fuzzer finds is a
+//! test case the properties can replay.
+
+use std::time::{Duration, SystemTime};
+
+use http::{HeaderMap, HeaderName, HeaderValue};
+
+use crate::body::EndWatch;
+use crate::classify::grpc;
+use crate::classify::retry_after::Hints;
+use crate::provider;
+
+/// Reads structured values off the front of fuzz input; past the end, zeros.
+struct Input<'a>(&'a [u8]);
+
+impl<'a> Input<'a> {
+    fn u8(&mut self) -> u8 {
+        let (b, rest) = self.0.split_first().map_or((0, &[][..]), |(b, r)| (*b, r));
+        self.0 = rest;
+        b
+    }
+
+    fn u64(&mut self) -> u64 {
+        (0..8).fold(0, |acc, _| (acc << 8) | u64::from(self.u8()))
+    }
+
+    fn bytes(&mut self, n: usize) -> &'a [u8] {
+        let (head, rest) = self.0.split_at(n.min(self.0.len()));
+        self.0 = rest;
+        head
+    }
+
+    fn rest(&mut self) -> &'a [u8] {
+        std::mem::take(&mut self.0)
+    }
+}
+
+/// Every header a provider sends about waits and quotas.
+const HINT_HEADERS: &[&str] = &[
+    "retry-after",
+    "retry-after-ms",
+    "x-ms-retry-after-ms",
+    "date",
+    "x-ratelimit-limit-requests",
+    "x-ratelimit-remaining-requests",
+    "x-ratelimit-reset-requests",
+    "x-ratelimit-limit-tokens",
+    "x-ratelimit-remaining-tokens",
+    "x-ratelimit-reset-tokens",
+    "anthropic-ratelimit-requests-limit",
+    "anthropic-ratelimit-requests-remaining",
+    "anthropic-ratelimit-requests-reset",
+    "anthropic-ratelimit-tokens-remaining",
+    "anthropic-ratelimit-tokens-reset",
+    "anthropic-ratelimit-input-tokens-reset",
+    "grpc-status",
+    "grpc-retry-pushback-ms",
+];
+
+/// Rate-limit and wait headers of every provider (and gRPC's status and pushback): up to 8
+/// headers with arbitrary values, an arbitrary clock and cap. No wait may exceed the cap, and
+/// the wait the gateway passes on (`set_retry_after`) must read back as at least the wait.
+pub fn rate_limit_headers(data: &[u8]) {
+    let mut input = Input(data);
+    let now = SystemTime::UNIX_EPOCH + Duration::from_secs(input.u64() % (1 << 40));
+    let cap = Duration::from_millis(input.u64() % 1_000_000_000);
+    let mut headers = HeaderMap::new();
+    for _ in 0..input.u8() % 9 {
+        let name = HINT_HEADERS[usize::from(input.u8()) % HINT_HEADERS.len()];
+        let len = usize::from(input.u8() % 48);
+        if let Ok(value) = HeaderValue::from_bytes(input.bytes(len)) {
+            headers.append(HeaderName::from_static(name), value);
+        }
+    }
+    let hints = Hints::from_headers(&headers, now, cap);
+    if let Some(w) = hints.wait() {
+        assert!(w <= cap, "wait {w:?} over the cap {cap:?}: {headers:?}");
+        // What a caller is told: the wait (clamped to the documented cap), never less.
+        let mut out = HeaderMap::new();
+        crate::classify::retry_after::set_retry_after(&mut out, w);
+        let told = w.min(crate::classify::retry_after::MAX_PASSED_HINT);
+        let ms: u64 = out["retry-after-ms"].to_str().unwrap().parse().unwrap();
+        let secs: u64 = out["retry-after"].to_str().unwrap().parse().unwrap();
+        assert!(
+            u128::from(ms) == told.as_millis() && secs * 1000 >= ms && secs * 1000 < ms + 1000,
+            "{out:?} for {w:?}"
+        );
+    }
+    if let Some(r) = hints.token_rate() {
+        assert!(r.is_finite() && r >= 0.0, "token rate {r}: {headers:?}");
+    }
+    let _ = (
+        hints.next_request_in(),
+        hints.refill_interval(),
+        hints.quota_pace(),
+        hints.burst_credits(),
+        hints.burst_tokens(),
+        hints.is_empty(),
+    );
+    if let Some(code) = grpc::status(&headers) {
+        let _ = grpc::outcome(code, &hints);
+    }
+}
+
+/// The paths whose streams have an end marker, and one without.
+const STREAM_PATHS: &[&str] = &["/v1/chat/completions", "/v1/messages", "/v1/embeddings"];
+
+/// A streamed answer cut into arbitrary chunks: the end-of-stream watch must see the end
+/// marker exactly when the whole stream holds it, however the bytes are cut; the stream-start
+/// checks must not panic on any prefix, and once the start is known it stays known.
+pub fn sse_stream(data: &[u8]) {
+    let mut input = Input(data);
+    let path = STREAM_PATHS[usize::from(input.u8()) % STREAM_PATHS.len()];
+    let cuts: Vec<usize> = (0..input.u8() % 16)
+        .map(|_| usize::from(input.u8()))
+        .collect();
+    let stream = input.rest();
+    let marker = provider::stream_end_marker(path);
+    let mut watch = EndWatch::new(marker);
+    let mut at: usize = 0;
+    for cut in cuts.iter().chain(std::iter::once(&usize::MAX)) {
+        let end = at.saturating_add(*cut).min(stream.len());
+        watch.feed(&stream[at..end]);
+        at = end;
+    }
+    let whole = marker.is_none_or(|m| stream.windows(m.len()).any(|w| w == m));
+    assert_eq!(
+        watch.complete(),
+        whole,
+        "end marker {marker:?} cut at {cuts:?} in {stream:?}"
+    );
+    let mut known = false;
+    for end in 0..=stream.len().min(512) {
+        let prefix = &stream[..end];
+        let now_known = provider::stream_start_known(prefix);
+        assert!(!known || now_known, "start known, then unknown at {end}");
+        known = now_known;
+        let _ = provider::stream_start_outcome(prefix);
+    }
+}
+
+/// A JSON answer or error body: the cheap head check of a `200 {"error": ..}` decides once
+/// and never changes its mind as more bytes arrive, and agrees with a real parse whenever the
+/// body is JSON; the other body scans (model, quota-exhausted, token estimate) never panic,
+/// and a model found is text of the body.
+pub fn json_body(data: &[u8]) {
+    let mut decided = None;
+    for end in 0..=data.len().min(256) {
+        let head = provider::json_error_head(&data[..end]);
+        if let Some(d) = decided {
+            assert_eq!(
+                head,
+                Some(d),
+                "decided {d}, then {head:?} at {end}: {data:?}"
+            );
+        }
+        decided = head.or(decided);
+    }
+    if let Ok(serde_json::Value::Object(map)) = serde_json::from_slice(data) {
+        // serde_json keeps keys sorted, so only a body whose one key is "error" is unambiguous.
+        if map.len() == 1 {
+            let error_object = map.get("error").is_some_and(serde_json::Value::is_object);
+            assert_eq!(
+                provider::json_error_head(data),
+                Some(error_object),
+                "{data:?}"
+            );
+        }
+    }
+    let _ = provider::in_band_error_outcome(data);
+    let _ = provider::is_quota_exhausted_body(data);
+    let _ = provider::estimate_tokens(data);
+    if let Some(model) = provider::model_of(data) {
+        let hay = data.windows(model.len().max(1));
+        assert!(model.is_empty() || hay.clone().any(|w| w == model.as_bytes()));
+    }
+}
+
+/// The gateway's redaction of backend secrets from what it passes on: the first bytes choose
+/// up to four secrets (`[A-Z0-9-]`, at least 4 long, so none is text of the `[redacted]`
+/// marker); none of them survives in the output.
+#[cfg(feature = "gateway")]
+pub fn redaction(data: &[u8]) {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-";
+    let mut input = Input(data);
+    let secrets: Vec<Vec<u8>> = (0..1 + input.u8() % 4)
+        .map(|_| {
+            let len = 4 + usize::from(input.u8() % 12);
+            (0..len)
+                .map(|_| ALPHABET[usize::from(input.u8()) % ALPHABET.len()])
+                .collect()
+        })
+        .collect();
+    let body = input.rest();
+    let out = crate::gateway::redact(bytes::Bytes::copy_from_slice(body), &secrets);
+    for s in &secrets {
+        assert!(
+            !out.windows(s.len()).any(|w| w == &s[..]),
+            "{s:?} survived in {out:?}"
+        );
+    }
+}
+
+/// A config file (feature `config`): arbitrary text as JSON and as TOML, and a valid config
+/// mutated by the input (any field replaced by an arbitrary value). Nothing panics; a config
+/// that validates also builds or fails with an error.
+#[cfg(feature = "config")]
+pub fn config(data: &[u8]) {
+    use crate::config::Config;
+    let text = String::from_utf8_lossy(data);
+    let _ = Config::from_json(&text);
+    let _ = Config::from_toml(&text);
+    let mut base = serde_json::json!({
+        "backends": {
+            "a": { "provider": "azure", "url": "https://a.openai.azure.com", "deployment": "gpt-4o",
+                   "api_key": "k1", "priority": 0, "weight": 1, "models": ["gpt-4o"] },
+            "b": { "provider": "openai", "url": "https://api.openai.com/v1", "api_key": "k2" },
+            "c": { "provider": "anthropic", "url": "https://api.anthropic.com", "api_key": "k3" }
+        },
+        "strategy": { "mode": "fallback", "on_status_codes": [429, 500] },
+        "targets": [
+            { "strategy": { "mode": "loadbalance" },
+              "targets": [ { "backend": "a", "weight": 0.9 }, { "backend": "b", "weight": 0.1 } ] },
+            { "backend": "c", "override_params": { "model": "claude", "max_tokens": 512 } }
+        ],
+        "retry": { "attempts": 3, "max_wait_ms": 10000 },
+        "request_timeout": 300000,
+        "timeouts": { "first_byte_ms": 5000 },
+        "circuit_breaker": { "consecutive_failures": 5 },
+        "health_check": { "path": "/status", "interval_ms": 30000 },
+        "gateway": { "client_keys": ["c1"] }
+    });
+    let mut input = Input(data);
+    for _ in 0..1 + input.u8() % 4 {
+        mutate(&mut base, &mut input, 0);
+    }
+    if let Ok(config) = Config::from_json(&base.to_string()) {
+        let _ = config.build(crate::client::http_client());
+    }
+}
+
+/// Replaces one value somewhere in `v`, chosen by the input, with an arbitrary one.
+#[cfg(feature = "config")]
+fn mutate(v: &mut serde_json::Value, input: &mut Input<'_>, depth: usize) {
+    use serde_json::Value;
+    let descend = depth < 6 && !input.u8().is_multiple_of(4);
+    match v {
+        Value::Object(map) if descend && !map.is_empty() => {
+            let i = usize::from(input.u8()) % map.len();
+            if let Some((_, child)) = map.iter_mut().nth(i) {
+                return mutate(child, input, depth + 1);
+            }
+        }
+        Value::Array(items) if descend && !items.is_empty() => {
+            let i = usize::from(input.u8()) % items.len();
+            return mutate(&mut items[i], input, depth + 1);
+        }
+        _ => {}
+    }
+    *v = match input.u8() % 10 {
+        0 => Value::Null,
+        1 => Value::Bool(input.u8().is_multiple_of(2)),
+        2 => Value::from(input.u64() as i64),
+        3 => Value::from(input.u64()),
+        4 => serde_json::Number::from_f64(f64::from_bits(input.u64()))
+            .map_or(Value::Null, Value::Number),
+        5 => Value::from(-1),
+        6 => Value::from(0),
+        7 => {
+            let len = usize::from(input.u8() % 16);
+            Value::from(String::from_utf8_lossy(input.bytes(len)).into_owned())
+        }
+        8 => Value::Array(Vec::new()),
+        _ => Value::Object(serde_json::Map::new()),
+    };
+}
