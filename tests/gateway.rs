@@ -695,3 +695,85 @@ async fn no_secret_reaches_a_log_line_across_balance_retry_fallback_and_the_gate
     assert!(failing.counters().requests > 0 && echo.counters().requests > 0);
     assert!(stale.counters().unauthorized > 0);
 }
+
+#[tokio::test(start_paused = true)]
+async fn metrics_count_answers_by_route_and_status_and_each_backend_s_outcomes() {
+    let (primary, backup) = mocks().await;
+    let gw = start(&config(&primary, &backup)).await;
+    let chat = || format!("{}/v1/chat/completions", gw.url);
+    for _ in 0..3 {
+        let res = send(post(chat(), Some("client-1"), r#"{"model":"gpt-4o"}"#)).await;
+        assert_eq!(res.status(), 200);
+        text(res).await;
+    }
+    // Turned away: counted under its status.
+    assert_eq!(send(post(chat(), None, "{}")).await.status(), 401);
+    primary.set_fault(Some(Fault::Status(500)));
+    let res = send(post(chat(), Some("client-1"), "{}")).await;
+    assert_eq!(res.status(), 200, "served by the backup");
+    text(res).await;
+
+    let get = |key: Option<&str>| {
+        let mut b = http::Request::get(format!("{}/metrics", gw.url));
+        if let Some(k) = key {
+            b = b.header("authorization", format!("Bearer {k}"));
+        }
+        b.body(Full::new(Bytes::new())).unwrap()
+    };
+    assert_eq!(send(get(None)).await.status(), 401, "same rule as /stats");
+    let res = send(get(Some("client-1"))).await;
+    assert_eq!(res.status(), 200);
+    assert!(
+        res.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("application/openmetrics-text")
+    );
+    let body = text(res).await;
+    let line = |needle: &str| {
+        body.lines()
+            .find(|l| l.starts_with(needle))
+            .unwrap_or_else(|| panic!("no {needle} in:\n{body}"))
+            .rsplit(' ')
+            .next()
+            .unwrap()
+            .parse::<f64>()
+            .unwrap()
+    };
+    let chat_route = r#"route="/v1/chat/completions""#;
+    assert_eq!(
+        line(&format!(
+            r#"llm_lb_requests_total{{{chat_route},status="200"}}"#
+        )),
+        4.0
+    );
+    assert_eq!(
+        line(&format!(
+            r#"llm_lb_requests_total{{{chat_route},status="401"}}"#
+        )),
+        1.0
+    );
+    assert_eq!(
+        line(&format!(
+            r#"llm_lb_request_duration_seconds_count{{{chat_route},status="200"}}"#
+        )),
+        4.0
+    );
+    assert_eq!(
+        line(r#"llm_lb_backend_attempts_total{backend="primary",outcome="success"}"#),
+        3.0
+    );
+    assert!(
+        line(r#"llm_lb_backend_attempts_total{backend="primary",outcome="server_error"}"#) >= 1.0
+    );
+    assert_eq!(
+        line(r#"llm_lb_backend_attempts_total{backend="backup",outcome="success"}"#),
+        1.0
+    );
+    assert_eq!(line(r#"llm_lb_backend_in_flight{backend="primary"}"#), 0.0);
+    assert!(body.contains("# TYPE llm_lb_backend_circuit_open gauge"));
+    assert!(body.trim_end().ends_with("# EOF"));
+    for secret in ["k-primary", "k-backup", "client-1"] {
+        assert!(!body.contains(secret), "{secret} in /metrics");
+    }
+}

@@ -31,6 +31,7 @@
 //! | missing or wrong client key | `401`; non-loopback client without keys configured: `403` |
 
 pub mod cli;
+mod metrics;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -63,6 +64,7 @@ pub struct Gateway {
     backends: Arc<[Backend]>,
     client_keys: Arc<[String]>,
     body_limit: usize,
+    metrics: Arc<metrics::Metrics>,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -84,9 +86,11 @@ impl Gateway {
     /// A gateway over `service`, reporting `backends` on `/stats`, requiring one of
     /// `client_keys` (none: loopback clients only).
     pub fn new(service: LlmService, backends: Vec<Backend>, client_keys: Vec<String>) -> Self {
+        let backends: Arc<[Backend]> = backends.into();
         Gateway {
             service,
-            backends: backends.into(),
+            metrics: Arc::new(metrics::Metrics::new(backends.clone())),
+            backends,
             client_keys: client_keys.into(),
             body_limit: crate::body::DEFAULT_BODY_LIMIT,
         }
@@ -167,6 +171,7 @@ impl Gateway {
                 get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }),
             )
             .route("/stats", get(stats))
+            .route("/metrics", get(metrics_text))
             .with_state(self)
             .layer(layers)
     }
@@ -255,7 +260,34 @@ fn peer_of(req: &Request) -> Option<SocketAddr> {
         .map(|c| c.0)
 }
 
+/// Forwards a request and counts its answer in the metrics.
 async fn forward(State(gw): State<Gateway>, req: Request) -> Response {
+    let started = Instant::now();
+    let route = metrics::route_label(req.uri().path());
+    let metrics = gw.metrics.clone();
+    let res = forward_counted(gw, req).await;
+    if let Some(route) = route {
+        metrics.observe(route, res.status().as_u16(), started);
+    }
+    res
+}
+
+/// `GET /metrics`: Prometheus' text format (same access rule as `/stats`).
+async fn metrics_text(State(gw): State<Gateway>, req: Request) -> Response {
+    if let Some(res) = refusal(&gw, req.headers(), peer_of(&req)) {
+        return res;
+    }
+    (
+        [(
+            http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        gw.metrics.encode(),
+    )
+        .into_response()
+}
+
+async fn forward_counted(gw: Gateway, req: Request) -> Response {
     if let Some(res) = refusal(&gw, req.headers(), peer_of(&req)) {
         return res;
     }

@@ -1,0 +1,174 @@
+//! `GET /metrics`: the gateway's figures in Prometheus' text format, with `prometheus-client`.
+//!
+//! Per route and status: requests answered and the time to each answer's head (for a stream,
+//! its first byte). Per backend, read from its shared state at each scrape: attempts by outcome,
+//! requests in flight, circuit state, cooldown left and latency average. Label values come only
+//! from the config (backend names) and from fixed sets (routes, HTTP status codes, outcomes, circuit
+//! states): no user data, so the label sets stay bounded.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use tokio::time::Instant;
+
+use crate::backend::Backend;
+use crate::state::Circuit;
+
+type Labels = Vec<(&'static str, String)>;
+
+/// Reads one gauge of a backend at a scrape.
+type Read = fn(&Backend, Instant) -> f64;
+
+/// The gateway's metrics: its own counters and histograms, and a collector over the backends'
+/// states.
+pub(crate) struct Metrics {
+    registry: Registry,
+    requests: Family<Labels, Counter>,
+    duration: Family<Labels, Histogram>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+/// The routes a request can be counted under (anything else is not counted).
+pub(crate) fn route_label(path: &str) -> Option<&'static str> {
+    [
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/embeddings",
+        "/v1/messages",
+    ]
+    .into_iter()
+    .find(|r| *r == path)
+}
+
+impl Metrics {
+    pub(crate) fn new(backends: Arc<[Backend]>) -> Self {
+        let mut registry = Registry::with_prefix("llm_lb");
+        let requests = Family::<Labels, Counter>::default();
+        registry.register(
+            "requests",
+            "Requests answered by the gateway, by route and status",
+            requests.clone(),
+        );
+        let duration = Family::<Labels, Histogram>::new_with_constructor(|| {
+            // 5 ms to about 82 s.
+            Histogram::new(exponential_buckets(0.005, 2.0, 15))
+        });
+        registry.register(
+            "request_duration_seconds",
+            "Time to the answer's head (a stream's first byte), by route and status",
+            duration.clone(),
+        );
+        registry.register_collector(Box::new(BackendCollector(backends)));
+        Metrics {
+            registry,
+            requests,
+            duration,
+        }
+    }
+
+    /// Counts one answer.
+    pub(crate) fn observe(&self, route: &'static str, status: u16, started: Instant) {
+        let labels: Labels = vec![("route", route.to_string()), ("status", status.to_string())];
+        self.requests.get_or_create(&labels).inc();
+        self.duration
+            .get_or_create(&labels)
+            .observe(started.elapsed().as_secs_f64());
+    }
+
+    /// The text exposition.
+    pub(crate) fn encode(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+            let _ = writeln!(out, "# the metrics could not be encoded");
+        }
+        out
+    }
+}
+
+/// Reads every backend's state at each scrape.
+#[derive(Debug)]
+struct BackendCollector(Arc<[Backend]>);
+
+impl Collector for BackendCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let now = Instant::now();
+        let backend = |b: &Backend| -> Labels { vec![("backend", b.name().to_string())] };
+        {
+            let mut e = encoder.encode_descriptor(
+                "backend_attempts",
+                "Attempts sent to (or refused for) each backend, by outcome",
+                None,
+                prometheus_client::metrics::MetricType::Counter,
+            )?;
+            for b in self.0.iter() {
+                let c = b.state().counters();
+                for (outcome, n) in [
+                    ("success", c.success),
+                    ("throttled", c.throttled),
+                    ("server_error", c.server_errors),
+                    ("failure", c.failures),
+                    ("client_error", c.client_errors),
+                    ("refused", c.unavailable),
+                ] {
+                    let mut labels = backend(b);
+                    labels.push(("outcome", outcome.to_string()));
+                    ConstCounter::new(n).encode(e.encode_family(&labels)?)?;
+                }
+            }
+        }
+        let gauges: [(&str, &str, Read); 4] = [
+            (
+                "backend_in_flight",
+                "Requests in flight at each backend",
+                |b, _| b.state().in_flight() as f64,
+            ),
+            (
+                "backend_circuit_open",
+                "1 while a backend's circuit is open or half-open, else 0",
+                |b, _| match b.state().circuit() {
+                    Circuit::Closed => 0.0,
+                    _ => 1.0,
+                },
+            ),
+            (
+                "backend_cooldown_seconds",
+                "Time left of a backend's cooldown (a 429's wait, a rejected key's)",
+                |b, now| {
+                    b.state()
+                        .cooldown_until()
+                        .map_or(0.0, |u| u.saturating_duration_since(now).as_secs_f64())
+                },
+            ),
+            (
+                "backend_latency_seconds",
+                "A backend's latency average (0 before its first answer)",
+                |b, _| b.state().latency().map_or(0.0, |d| d.as_secs_f64()),
+            ),
+        ];
+        for (name, help, read) in gauges {
+            let mut e = encoder.encode_descriptor(
+                name,
+                help,
+                None,
+                prometheus_client::metrics::MetricType::Gauge,
+            )?;
+            for b in self.0.iter() {
+                ConstGauge::new(read(b, now)).encode(e.encode_family(&backend(b))?)?;
+            }
+        }
+        Ok(())
+    }
+}
