@@ -283,6 +283,35 @@ impl Soak {
             ..SoakReport::default()
         };
         let sample_every = (self.requests / self.samples.max(1)).max(1);
+        // Outcomes are tallied as they come (held until the end, they would be the memory
+        // growth the soak looks for).
+        let requests = self.requests;
+        let tally = tokio::spawn(async move {
+            let mut t = SoakReport::default();
+            let mut outcomes = 0;
+            while outcomes < requests {
+                // Every request ends by its deadline (30 s); a hang past it ends the tally.
+                let Ok(Some(ended)) =
+                    tokio::time::timeout(Duration::from_secs(31), rx.recv()).await
+                else {
+                    break;
+                };
+                outcomes += 1;
+                match ended {
+                    Ended::Complete => t.complete += 1,
+                    Ended::ErrorAnswer(s) => {
+                        t.error_answers += 1;
+                        *t.kinds.entry(format!("answer {s}")).or_insert(0) += 1;
+                    }
+                    Ended::BodyError => t.body_errors += 1,
+                    Ended::Error(kind) => {
+                        t.errors += 1;
+                        *t.kinds.entry(kind).or_insert(0) += 1;
+                    }
+                }
+            }
+            t
+        });
         let start = tokio::time::Instant::now();
         for i in 0..self.requests {
             if i % self.step.max(1) == 0 {
@@ -328,27 +357,12 @@ impl Soak {
             });
         }
         drop(tx);
-        // Every request ends by its deadline (30 s); a hang past it fails the soak here.
-        let mut outcomes = 0;
-        while outcomes < self.requests {
-            let Ok(Some(ended)) = tokio::time::timeout(Duration::from_secs(31), rx.recv()).await
-            else {
-                break;
-            };
-            outcomes += 1;
-            match ended {
-                Ended::Complete => report.complete += 1,
-                Ended::ErrorAnswer(s) => {
-                    report.error_answers += 1;
-                    *report.kinds.entry(format!("answer {s}")).or_insert(0) += 1;
-                }
-                Ended::BodyError => report.body_errors += 1,
-                Ended::Error(kind) => {
-                    report.errors += 1;
-                    *report.kinds.entry(kind).or_insert(0) += 1;
-                }
-            }
-        }
+        let t = tally.await?;
+        report.complete = t.complete;
+        report.error_answers = t.error_answers;
+        report.body_errors = t.body_errors;
+        report.errors = t.errors;
+        report.kinds = t.kinds;
         report.virtual_time = start.elapsed();
         report.not_exactly_once = slots.iter().filter(|s| s.load(Relaxed) != 1).count();
         if let Some(kib) = rss_kib() {
@@ -376,12 +390,12 @@ impl Soak {
     }
 }
 
-/// A stable name for a typed error: its words, numbers removed.
+/// A stable name for a typed error: its words, numbers (waits, counts) removed.
 fn kind_of(e: &BoxError) -> String {
     let text = e.to_string();
     let words: Vec<&str> = text
         .split_whitespace()
-        .filter(|w| !w.chars().any(|c| c.is_ascii_digit()))
+        .filter(|w| !w.starts_with(|c: char| c.is_ascii_digit()))
         .take(30)
         .collect();
     words.join(" ")

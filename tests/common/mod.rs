@@ -67,13 +67,24 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
 
 impl Captured {
     /// Captures every event of this thread, at all levels, until the guard is dropped.
+    ///
+    /// tracing caches each callsite's interest process-wide, computed on the thread that first
+    /// reaches it: a sibling test without a subscriber would cache "never" and blind this
+    /// capture (it failed a CI run that way). A global [`Anchor`] that is interested
+    /// "sometimes" in every callsite makes each event ask the current thread's subscriber.
     pub fn install(&self) -> tracing::subscriber::DefaultGuard {
+        static ANCHOR: std::sync::Once = std::sync::Once::new();
+        ANCHOR.call_once(|| {
+            let _ = tracing::subscriber::set_global_default(Anchor);
+        });
         let subscriber = tracing_subscriber::fmt()
             .with_max_level(tracing::Level::TRACE)
             .with_writer(self.clone())
             .with_ansi(false)
             .finish();
-        tracing::subscriber::set_default(subscriber)
+        let guard = tracing::subscriber::set_default(subscriber);
+        tracing::callsite::rebuild_interest_cache();
+        guard
     }
 
     pub fn text(&self) -> String {
@@ -171,4 +182,31 @@ pub fn group_target(backends: &[Backend], retry: RetryAfter429Layer) -> BoxTarge
         AttemptTimeoutLayer::new(),
         retry,
     ))
+}
+
+/// The process-wide default subscriber of a test binary that captures logs: records nothing,
+/// but keeps every callsite's interest at "sometimes" (see [`Captured::install`]).
+pub struct Anchor;
+
+impl tracing::Subscriber for Anchor {
+    fn register_callsite(
+        &self,
+        _: &'static tracing::Metadata<'static>,
+    ) -> tracing::subscriber::Interest {
+        tracing::subscriber::Interest::sometimes()
+    }
+    fn max_level_hint(&self) -> Option<tracing::level_filters::LevelFilter> {
+        Some(tracing::level_filters::LevelFilter::TRACE)
+    }
+    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+        false
+    }
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(1)
+    }
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, _: &tracing::Event<'_>) {}
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
 }
