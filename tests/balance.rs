@@ -384,7 +384,8 @@ async fn twice_the_aggregate_load(quota_headers: bool) {
                     .unwrap()
                     .parse()
                     .unwrap();
-                assert!(ra <= 300, "retry-after within the cap: {ra}");
+                // Never "now", never past the 120 s the SDKs still honour.
+                assert!((1..=120).contains(&ra), "retry-after within the cap: {ra}");
             }
             s => panic!("unexpected status {s}"),
         }
@@ -462,7 +463,7 @@ async fn a_retry_avoids_the_backend_already_tried_when_another_is_free() {
 }
 
 #[test]
-fn out_of_range_budget_settings_are_clamped_not_panics() {
+fn out_of_range_budget_settings_do_not_panic() {
     let _ = RetryAfter429Layer::new().budget(Duration::ZERO, u32::MAX, f32::NAN);
     let _ = RetryAfter429Layer::new().budget(Duration::from_secs(3600), 0, -1.0);
     let _ = RetryAfter429Layer::new().budget(Duration::from_secs(5), 1, 1e9);
