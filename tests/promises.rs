@@ -2,7 +2,7 @@
 //! paused clock: the breaker ignores throttling and client errors; the retry budget stops a
 //! failure storm; redirects are never followed (a key never travels to another origin); the
 //! error body read to classify is bounded; a `Fallback` moves on after an attempt timeout and on
-//! a status it was told to.
+//! a status it was told to; an answer hyper cannot parse is a failure retried elsewhere.
 
 mod common;
 
@@ -285,4 +285,52 @@ async fn a_200_whose_json_body_is_an_error_object_is_a_failure_and_fails_over() 
         res.extensions().get::<Served>().unwrap().outcome,
         Outcome::Success
     );
+}
+
+/// A server whose every answer has a header value hyper refuses to parse (a control byte).
+async fn answering_unparsable_heads() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let seen = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = sock.read(&mut buf).await;
+                let _ = sock
+                    .write_all(b"HTTP/1.1 200 OK\r\nx-bad: a\x01b\r\ncontent-length: 2\r\n\r\n{}")
+                    .await;
+            });
+        }
+    });
+    (url, seen)
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_answer_hyper_cannot_parse_is_a_failure_retried_elsewhere_not_a_502() {
+    let (bad_url, bad_seen) = answering_unparsable_heads().await;
+    let good = mock("good").await;
+    let settings = tower_llm_lb::stack::Settings {
+        strategy: tower_llm_lb::balance::Strategy::RoundRobin,
+        ..Default::default()
+    };
+    let svc = tower_llm_lb::stack::group(
+        "g",
+        [azure("bad", bad_url), azure("good", good.url())],
+        http_client(),
+        &settings,
+    )
+    .unwrap();
+    for _ in 0..10 {
+        let res = svc.clone().oneshot(chat("{}")).await.unwrap();
+        assert_eq!(res.status(), 200, "served by the other backend");
+        assert_eq!(
+            res.extensions().get::<Served>().unwrap().backend.name(),
+            "good"
+        );
+    }
+    assert!(bad_seen.load(std::sync::atomic::Ordering::SeqCst) >= 1);
+    assert_eq!(good.counters().ok, 10);
 }
