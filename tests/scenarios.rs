@@ -23,6 +23,12 @@ async fn quota_overload_is_queued_not_refused_and_earns_almost_no_429s() {
     .await;
     assert_eq!(report.served, report.sent, "{report}");
     assert!(report.errors.is_empty(), "{report}");
+    // Through the gateway, no backend gets a request while its 429 still asks to wait.
+    assert!(
+        report.during_retry_after.is_empty(),
+        "{:?}",
+        report.during_retry_after
+    );
     // Pacing from per-minute limit/remaining (no reset header) keeps the backends' 429s rare.
     assert!(
         report.backend_429s as f64 <= 0.05 * report.served as f64,
@@ -32,6 +38,24 @@ async fn quota_overload_is_queued_not_refused_and_earns_almost_no_429s() {
     for b in &report.per_backend {
         assert!(b.served >= 80, "{report}");
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_quota_headers_the_429s_are_learned_from_and_never_disobeyed() {
+    let report = run(Scenario {
+        requests: 300,
+        ..Scenario::s1p_quota_no_headers()
+    })
+    .await;
+    assert_eq!(report.served, report.sent, "{report}");
+    // The backends answer 429s (there is nothing else to learn their rate from), and none
+    // gets a request while its 429 still asks to wait.
+    assert!(report.backend_429s > 0, "{report}");
+    assert!(
+        report.during_retry_after.is_empty(),
+        "{:?}: {report}",
+        report.during_retry_after
+    );
 }
 
 #[tokio::test(start_paused = true)]
