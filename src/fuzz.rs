@@ -176,6 +176,7 @@ pub fn json_body(data: &[u8]) {
     let _ = provider::in_band_error_outcome(data);
     let _ = provider::is_quota_exhausted_body(data);
     let _ = provider::estimate_tokens(data);
+    let _ = provider::usage_of(data, data);
     if let Some(model) = provider::model_of(data) {
         let hay = data.windows(model.len().max(1));
         assert!(model.is_empty() || hay.clone().any(|w| w == model.as_bytes()));

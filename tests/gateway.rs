@@ -777,3 +777,68 @@ async fn metrics_count_answers_by_route_and_status_and_each_backend_s_outcomes()
         assert!(!body.contains(secret), "{secret} in /metrics");
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn tokens_reported_in_answers_are_counted_per_backend_and_model() {
+    let m = MockServer::builder()
+        .name("chat")
+        .bearer("k-chat")
+        .stream_chunks(3)
+        .start()
+        .await
+        .unwrap();
+    let json = format!(
+        r#"{{ "backends": {{ "chat": {{ "provider": "openai", "url": "{}/v1", "api_key": "k-chat",
+                                     "models": ["gpt-4o"] }} }},
+             "gateway": {{ "client_keys": ["client-1"] }} }}"#,
+        m.url()
+    );
+    let gw = start(&json).await;
+    let chat = || format!("{}/v1/chat/completions", gw.url);
+    // A plain answer: its `usage` object; a stream that asked for usage: its last chunk; a
+    // stream that did not: nothing to count.
+    for body in [
+        r#"{"model":"gpt-4o","max_tokens":10,"messages":[]}"#,
+        r#"{"model":"gpt-4o","max_tokens":10,"stream":true,"stream_options":{"include_usage":true},"messages":[]}"#,
+        r#"{"model":"gpt-4o","max_tokens":10,"stream":true,"messages":[]}"#,
+    ] {
+        let res = send(post(chat(), Some("client-1"), body)).await;
+        assert_eq!(res.status(), 200);
+        text(res).await;
+    }
+    let res = send(
+        http::Request::get(format!("{}/metrics", gw.url))
+            .header("authorization", "Bearer client-1")
+            .body(Full::new(Bytes::new()))
+            .unwrap(),
+    )
+    .await;
+    let body = text(res).await;
+    let value = |labels: &str| {
+        body.lines()
+            .find(|l| l.starts_with(&format!("llm_lb_tokens_total{{{labels}}}")))
+            .unwrap_or_else(|| panic!("no tokens for {labels} in:\n{body}"))
+            .rsplit(' ')
+            .next()
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+    };
+    // The mock reports 4 completion tokens for a plain answer and one per chunk (3) for a
+    // stream; prompt tokens are its estimate of the request.
+    assert_eq!(
+        value(r#"backend="chat",model="gpt-4o",kind="completion""#),
+        4 + 3
+    );
+    assert!(value(r#"backend="chat",model="gpt-4o",kind="prompt""#) > 0);
+    // /stats has the totals too.
+    let res = send(
+        http::Request::get(format!("{}/stats", gw.url))
+            .header("authorization", "Bearer client-1")
+            .body(Full::new(Bytes::new()))
+            .unwrap(),
+    )
+    .await;
+    let stats: serde_json::Value = serde_json::from_str(&text(res).await).unwrap();
+    assert_eq!(stats["backends"][0]["tokens"]["completion"], 7);
+}

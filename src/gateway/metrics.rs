@@ -32,6 +32,9 @@ pub(crate) struct Metrics {
     registry: Registry,
     requests: Family<Labels, Counter>,
     duration: Family<Labels, Histogram>,
+    tokens: Family<Labels, Counter>,
+    /// The models the backends declare: the only `model` label values (others are `other`).
+    declared: std::collections::BTreeSet<String>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -70,12 +73,51 @@ impl Metrics {
             "Time to the answer's head (a stream's first byte), by route and status",
             duration.clone(),
         );
+        let tokens = Family::<Labels, Counter>::default();
+        registry.register(
+            "tokens",
+            "Tokens the answers report using (their `usage`), by backend, model and kind (prompt, completion)",
+            tokens.clone(),
+        );
+        let declared = backends
+            .iter()
+            .filter_map(Backend::models)
+            .flatten()
+            .map(str::to_string)
+            .collect();
         registry.register_collector(Box::new(BackendCollector(backends)));
         Metrics {
             registry,
             requests,
             duration,
+            tokens,
+            declared,
         }
+    }
+
+    /// The `model` label of a request: its `model` when a backend declares it, else `other`
+    /// (label values stay a bounded set).
+    pub(crate) fn model_label(&self, body: &[u8]) -> String {
+        match crate::provider::model_of(body) {
+            Some(m) if self.declared.contains(m) => m.to_string(),
+            _ => "other".to_string(),
+        }
+    }
+
+    /// Tokens one backend's answers reported, `(prompt, completion)`, summed over models.
+    pub(crate) fn tokens_of(&self, backend: &str) -> (u64, u64) {
+        let mut sums = (0, 0);
+        for model in self.declared.iter().map(String::as_str).chain(["other"]) {
+            for (kind, sum) in [("prompt", &mut sums.0), ("completion", &mut sums.1)] {
+                let labels: Labels = vec![
+                    ("backend", backend.to_string()),
+                    ("model", model.to_string()),
+                    ("kind", kind.to_string()),
+                ];
+                *sum += self.tokens.get_or_create(&labels).get();
+            }
+        }
+        sums
     }
 
     /// Counts one answer.
@@ -170,5 +212,74 @@ impl Collector for BackendCollector {
             }
         }
         Ok(())
+    }
+}
+
+/// Watches an answer's body on its way to the caller for the `usage` it reports: keeps its
+/// first 2 KiB and last 4-8 KiB (never the whole body) and counts the tokens when the body
+/// ends. An answer cut short counts nothing.
+pub(crate) struct UsageWatch {
+    metrics: Arc<Metrics>,
+    backend: String,
+    model: String,
+    head: Vec<u8>,
+    tail: Vec<u8>,
+}
+
+const HEAD: usize = 2048;
+const TAIL: usize = 4096;
+
+impl UsageWatch {
+    /// A watch for a successful answer served by a backend; `None` otherwise.
+    pub(crate) fn new(
+        metrics: Arc<Metrics>,
+        res: &http::Response<crate::stack::LlmBody>,
+        model: String,
+    ) -> Option<Self> {
+        let served = res.extensions().get::<crate::endpoint::Served>()?;
+        res.status().is_success().then(|| UsageWatch {
+            metrics,
+            backend: served.backend.name().to_string(),
+            model,
+            head: Vec::new(),
+            tail: Vec::new(),
+        })
+    }
+
+    pub(crate) fn feed(&mut self, data: &[u8]) {
+        if self.head.len() < HEAD {
+            let n = (HEAD - self.head.len()).min(data.len());
+            self.head.extend_from_slice(&data[..n]);
+        }
+        if data.len() >= TAIL {
+            self.tail.clear();
+            self.tail.extend_from_slice(&data[data.len() - TAIL..]);
+        } else {
+            self.tail.extend_from_slice(data);
+            if self.tail.len() > 2 * TAIL {
+                self.tail.drain(..self.tail.len() - TAIL);
+            }
+        }
+    }
+
+    pub(crate) fn finish(self) {
+        let Some((prompt, completion)) = crate::provider::usage_of(&self.head, &self.tail) else {
+            return;
+        };
+        for (kind, n) in [("prompt", prompt), ("completion", completion)] {
+            let labels: Labels = vec![
+                ("backend", self.backend.clone()),
+                ("model", self.model.clone()),
+                ("kind", kind.to_string()),
+            ];
+            self.metrics.tokens.get_or_create(&labels).inc_by(n);
+        }
+        tracing::info!(
+            backend = %self.backend,
+            model = %self.model,
+            prompt_tokens = prompt,
+            completion_tokens = completion,
+            "usage"
+        );
     }
 }

@@ -303,6 +303,7 @@ async fn forward_counted(gw: Gateway, req: Request) -> Response {
         }
     };
     let cost = crate::provider::estimate_tokens(&bytes);
+    let model = gw.metrics.model_label(&bytes);
     let mut out = http::Request::new(ReplayBody::new(bytes));
     out.extensions_mut().insert(crate::balance::TokenCost(cost));
     *out.method_mut() = parts.method;
@@ -324,7 +325,8 @@ async fn forward_counted(gw: Gateway, req: Request) -> Response {
             if res.status().as_u16() >= 400 {
                 return shaped_error(res, &gw.backends).await;
             }
-            into_axum(res)
+            let usage = metrics::UsageWatch::new(gw.metrics.clone(), &res, model);
+            into_axum(res, usage)
         }
         Err(e) => {
             tracing::warn!(error = %e, "request failed");
@@ -435,7 +437,7 @@ async fn shaped_error(res: http::Response<LlmBody>, backends: &[Backend]) -> Res
     out
 }
 
-fn into_axum(res: http::Response<LlmBody>) -> Response {
+fn into_axum(res: http::Response<LlmBody>, usage: Option<metrics::UsageWatch>) -> Response {
     // A backend that refused *our* credential: the caller's key is not at fault, and the
     // backend's answer (which may echo the key) is not passed on.
     if let Some(served) = res.extensions().get::<Served>()
@@ -462,6 +464,7 @@ fn into_axum(res: http::Response<LlmBody>) -> Response {
         sse,
         failed: None,
         flushed: false,
+        usage,
     });
     Response::from_parts(parts, body)
 }
@@ -591,6 +594,7 @@ pin_project_lite::pin_project! {
         sse: bool,
         failed: Option<BoxError>,
         flushed: bool,
+        usage: Option<metrics::UsageWatch>,
     }
 }
 
@@ -613,7 +617,24 @@ impl http_body::Body for StreamGuard {
             }
             return Poll::Ready(this.failed.take().map(Err));
         }
-        match ready!(this.inner.poll_frame(cx)) {
+        let frame = ready!(this.inner.poll_frame(cx));
+        if let Some(watch) = this.usage {
+            match &frame {
+                Some(Ok(f)) => {
+                    if let Some(data) = f.data_ref() {
+                        watch.feed(data);
+                    }
+                }
+                // The whole answer went through: count what it says it used.
+                None => {
+                    if let Some(w) = this.usage.take() {
+                        w.finish();
+                    }
+                }
+                Some(Err(_)) => *this.usage = None,
+            }
+        }
+        match frame {
             Some(Err(e)) if *this.sse => {
                 let event = serde_json::json!({
                     "error": {"message": format!("stream interrupted upstream: {e}"), "type": "upstream_error"}
@@ -663,6 +684,7 @@ async fn stats(State(gw): State<Gateway>, req: Request) -> Response {
         .map(|b| {
             let s = b.state();
             let c = s.counters();
+            let (prompt, completion) = gw.metrics.tokens_of(b.name());
             let circuit = match s.circuit() {
                 Circuit::Closed => "closed",
                 Circuit::Open { until } if until > now => "open",
@@ -684,6 +706,7 @@ async fn stats(State(gw): State<Gateway>, req: Request) -> Response {
                 "failures": c.failures,
                 "client_errors": c.client_errors,
                 "in_flight": s.in_flight(),
+                "tokens": {"prompt": prompt, "completion": completion},
                 "circuit": circuit,
                 "cooling_for_ms": cooling_ms,
                 "latency_ms": s.latency().map(|d| d.as_secs_f64() * 1e3),

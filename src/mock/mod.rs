@@ -1050,7 +1050,14 @@ async fn answer(
             );
             return Some(res);
         }
-        sse(shared.clone(), model, cut, stop)
+        // OpenAI sends one last chunk with `usage` when the caller asked for it.
+        let usage = json
+            .get("stream_options")
+            .and_then(|o| o.get("include_usage"))
+            .and_then(|v| v.as_bool())
+            .unwrap_or(false)
+            .then(|| (cost_tokens as u64 - max_tokens, shared.stream_chunks as u64));
+        sse(shared.clone(), model, cut, stop, usage)
     } else {
         let text = format!("Hello from {}", shared.name);
         let body = match (route.anthropic, route.kind) {
@@ -1110,6 +1117,7 @@ fn sse(
     model: String,
     cut_after: Option<usize>,
     stop_after: Option<usize>,
+    usage: Option<(u64, u64)>,
 ) -> Response<MockBody> {
     let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(1);
     let chunks = shared.stream_chunks;
@@ -1150,6 +1158,15 @@ fn sse(
                 return;
             }
             shared.count(C_CHUNKS);
+        }
+        if let Some((prompt, completion)) = usage {
+            let chunk = serde_json::json!({
+                "id": "chatcmpl-mock", "object": "chat.completion.chunk", "model": model,
+                "choices": [],
+                "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
+                          "total_tokens": prompt + completion}
+            });
+            let _ = tx.send(Ok(Bytes::from(format!("data: {chunk}\n\n")))).await;
         }
         let _ = tx.send(Ok(Bytes::from_static(b"data: [DONE]\n\n"))).await;
     });

@@ -403,6 +403,27 @@ pub(crate) fn in_band_error_outcome(body: &[u8]) -> crate::classify::Outcome {
     }
 }
 
+/// Tokens an answer reports using, `(prompt, completion)`, from the first bytes of its body
+/// (`head`: an Anthropic stream's `message_start` carries `input_tokens`) and the last (`tail`:
+/// the `usage` object at the end of an OpenAI or Anthropic JSON answer, an OpenAI stream's
+/// last chunk when the caller asked for `stream_options.include_usage`, an Anthropic stream's
+/// `message_delta`). A cheap scan, never a parse; `None` when neither number is there.
+pub(crate) fn usage_of(head: &[u8], tail: &[u8]) -> Option<(u64, u64)> {
+    let key = br#""usage""#;
+    let last = tail.windows(key.len()).rposition(|w| w == key);
+    let usage = last.map_or(&[][..], |at| &tail[at..]);
+    let find = |json: &[u8], keys: &[&[u8]]| {
+        keys.iter()
+            .find_map(|k| number_after(json, k))
+            .map(|n| n as u64)
+    };
+    let prompt = find(usage, &[br#""prompt_tokens""#, br#""input_tokens""#])
+        .or_else(|| find(head, &[br#""input_tokens""#]));
+    let completion = find(usage, &[br#""completion_tokens""#, br#""output_tokens""#]);
+    (prompt.is_some() || completion.is_some())
+        .then(|| (prompt.unwrap_or(0), completion.unwrap_or(0)))
+}
+
 /// The unsigned number after `"key":` in `json`, if there is one.
 fn number_after(json: &[u8], key: &[u8]) -> Option<usize> {
     let at = json.windows(key.len()).position(|w| w == key)? + key.len();
@@ -471,6 +492,26 @@ pub fn stream_end_marker(path: &str) -> Option<&'static [u8]> {
 #[cfg(test)]
 mod stream_tests {
     use super::*;
+
+    #[test]
+    fn usage_is_read_from_each_provider_s_answers_and_streams() {
+        // OpenAI JSON, and a stream's last chunk (stream_options.include_usage).
+        let json = br#"{"id":"x","choices":[],"usage":{"prompt_tokens":12,"completion_tokens":5,"total_tokens":17}}"#;
+        assert_eq!(usage_of(json, json), Some((12, 5)));
+        let tail = b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":9}}\n\ndata: [DONE]\n\n";
+        assert_eq!(usage_of(b"data: {}", tail), Some((3, 9)));
+        // Anthropic: input tokens in message_start at the head, output in message_delta.
+        let head = br#"event: message_start
+data: {"type":"message_start","message":{"usage":{"input_tokens":25,"output_tokens":1}}}"#;
+        let tail = br#"event: message_delta
+data: {"type":"message_delta","delta":{"stop_reason":"end_turn"},"usage":{"output_tokens":15}}
+
+event: message_stop
+data: {"type":"message_stop"}"#;
+        assert_eq!(usage_of(head, tail), Some((25, 15)));
+        // A `"usage"` quoted inside the content earlier does not count; none at all is None.
+        assert_eq!(usage_of(b"", br#"{"content":"no usage here"}"#), None);
+    }
 
     #[test]
     fn the_start_of_a_stream_is_judged_on_complete_events() {
