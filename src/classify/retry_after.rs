@@ -243,15 +243,14 @@ pub(crate) fn parse_remaining(value: &HeaderValue) -> Option<u64> {
 pub fn set_retry_after(headers: &mut HeaderMap, wait: Duration) {
     let wait = wait.min(MAX_PASSED_HINT);
     let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    // Both rounded up: a wait under a millisecond is `1`, never `0` ("now").
+    let ms = wait.as_millis() as u64 + u64::from(wait.subsec_nanos() % 1_000_000 > 0);
     headers.insert(http::header::RETRY_AFTER, HeaderValue::from(secs));
-    headers.insert("retry-after-ms", HeaderValue::from(wait.as_millis() as u64));
+    headers.insert("retry-after-ms", HeaderValue::from(ms));
     headers.remove("x-ms-retry-after-ms");
     // A gRPC answer: its own form, which gRPC clients read.
     if headers.contains_key(super::grpc::GRPC_STATUS) {
-        headers.insert(
-            "grpc-retry-pushback-ms",
-            HeaderValue::from(wait.as_millis() as u64),
-        );
+        headers.insert("grpc-retry-pushback-ms", HeaderValue::from(ms));
     }
 }
 
@@ -662,6 +661,10 @@ mod tests {
         set_retry_after(&mut h, Duration::from_millis(1500));
         assert_eq!(h["retry-after"], "2", "whole seconds, rounded up");
         assert_eq!(h["retry-after-ms"], "1500");
+        // Found by the fuzzer: a wait under a millisecond was passed on as `retry-after-ms: 0`.
+        set_retry_after(&mut h, Duration::from_nanos(777_777));
+        assert_eq!(h["retry-after"], "1");
+        assert_eq!(h["retry-after-ms"], "1", "never 0 for a wait above 0");
     }
 
     #[test]
