@@ -67,9 +67,10 @@ fn rendered(browser: &str, url: &str) -> String {
 
 /// The text of the `<tr data-backend="name">` row, tags removed.
 fn row(dom: &str, name: &str) -> String {
-    let start = dom
+    let at = dom
         .find(&format!("data-backend=\"{name}\""))
         .unwrap_or_else(|| panic!("no row for {name} in:\n{dom}"));
+    let start = at + dom[at..].find('>').unwrap() + 1;
     let end = start + dom[start..].find("</tr>").unwrap();
     let mut text = String::new();
     let mut in_tag = false;

@@ -172,6 +172,8 @@ impl Gateway {
             )
             .route("/stats", get(stats))
             .route("/metrics", get(metrics_text))
+            .route("/", get(live_page))
+            .route("/ui", get(live_page))
             .with_state(self)
             .layer(layers)
     }
@@ -270,6 +272,21 @@ async fn forward(State(gw): State<Gateway>, req: Request) -> Response {
         metrics.observe(route, res.status().as_u16(), started);
     }
     res
+}
+
+/// `GET /` and `/ui`: a self-contained live page (no build step, no CDN) that polls `/stats`
+/// every second and shows each backend's tier, state, share of traffic, errors, latency and
+/// tokens. The page carries no data, so it needs no key; `/stats` keeps its access rule (a
+/// client key goes in the page's fragment, `#key=...`, which browsers never send).
+async fn live_page() -> Response {
+    (
+        [
+            (http::header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (http::header::CACHE_CONTROL, "no-cache"),
+        ],
+        include_str!("ui.html"),
+    )
+        .into_response()
 }
 
 /// `GET /metrics`: Prometheus' text format (same access rule as `/stats`).
