@@ -244,7 +244,7 @@ pub fn set_retry_after(headers: &mut HeaderMap, wait: Duration) {
     let wait = wait.min(MAX_PASSED_HINT);
     let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
     // Both rounded up: a wait under a millisecond is `1`, never `0` ("now").
-    let ms = wait.as_millis() as u64 + u64::from(wait.subsec_nanos() % 1_000_000 > 0);
+    let ms = wait.as_millis() as u64 + u64::from(!wait.subsec_nanos().is_multiple_of(1_000_000));
     headers.insert(http::header::RETRY_AFTER, HeaderValue::from(secs));
     headers.insert("retry-after-ms", HeaderValue::from(ms));
     headers.remove("x-ms-retry-after-ms");
