@@ -30,9 +30,19 @@ async fn start(json: &str) -> Running {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(Gateway::new(svc, backends, keys).serve(listener, async {
-        let _ = rx.await;
-    }));
+    let aliases = config
+        .gateway
+        .as_ref()
+        .map(|g| g.model_aliases.clone())
+        .unwrap_or_default();
+    let task = tokio::spawn(
+        Gateway::new(svc, backends, keys)
+            .model_aliases(aliases)
+            .unwrap()
+            .serve(listener, async {
+                let _ = rx.await;
+            }),
+    );
     Running {
         url,
         shutdown: Some(tx),
@@ -253,9 +263,89 @@ async fn without_client_keys_only_loopback_is_served() {
 async fn the_mock_mode_config_serves_through_its_embedded_backends() {
     let (_mocks, json) = tower_llm_lb::gateway::mock_backends().await.unwrap();
     let gw = start(&json).await;
-    let res = send(post(format!("{}/v1/chat/completions", gw.url), None, "{}")).await;
+    let chat = format!("{}/v1/chat/completions", gw.url);
+    let res = send(post(chat.clone(), None, r#"{"model":"gpt-4o"}"#)).await;
     assert_eq!(res.status(), 200);
     assert_eq!(res.headers()["x-llm-lb-backend"], "ptu-eastus");
+    // The alias reaches the same backends; embeddings go to the embeddings deployment.
+    let res = send(post(chat.clone(), None, r#"{"model":"gpt-4"}"#)).await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.headers()["x-llm-lb-backend"], "ptu-eastus");
+    let res = send(post(
+        format!("{}/v1/embeddings", gw.url),
+        None,
+        r#"{"model":"text-embedding-3-small","input":"hi"}"#,
+    ))
+    .await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.headers()["x-llm-lb-backend"], "embed-eastus");
+    let res = send(post(chat, None, r#"{"model":"gpt-5"}"#)).await;
+    assert_eq!(res.status(), 404, "an unknown model");
+    let res = send(
+        http::Request::get(format!("{}/v1/models", gw.url))
+            .body(Full::new(Bytes::new()))
+            .unwrap(),
+    )
+    .await;
+    let list: serde_json::Value = serde_json::from_str(&text(res).await).unwrap();
+    let ids: Vec<&str> = list["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["gpt-4", "gpt-4o", "text-embedding-3-small"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_alias_is_sent_as_its_model_and_a_bad_alias_is_a_config_error_naming_it() {
+    let m = MockServer::builder()
+        .name("chat")
+        .bearer("k")
+        .record_requests(true)
+        .start()
+        .await
+        .unwrap();
+    let json = format!(
+        r#"{{ "backends": {{ "chat": {{ "provider": "openai", "url": "{}/v1", "api_key": "k",
+                                     "models": ["gpt-4o"] }} }},
+             "gateway": {{ "model_aliases": {{ "smart": "gpt-4o" }} }} }}"#,
+        m.url()
+    );
+    let gw = start(&json).await;
+    let res = send(post(
+        format!("{}/v1/chat/completions", gw.url),
+        None,
+        r#"{"model":"smart","messages":[{"role":"user","content":"hi"}],"temperature":0.5}"#,
+    ))
+    .await;
+    assert_eq!(res.status(), 200);
+    let sent: serde_json::Value = serde_json::from_slice(&m.requests()[0].body).unwrap();
+    assert_eq!(sent["model"], "gpt-4o");
+    assert_eq!(sent["temperature"], 0.5, "the rest of the body as it was");
+
+    let config = |aliases: &str| {
+        let json = format!(
+            r#"{{ "backends": {{ "chat": {{ "provider": "openai", "url": "{}/v1", "api_key": "k",
+                                         "models": ["gpt-4o"] }} }} }}"#,
+            m.url()
+        );
+        let (svc, backends) = Config::from_json(&json)
+            .unwrap()
+            .build_with_backends(http_client())
+            .unwrap();
+        Gateway::new(svc, backends, Vec::new())
+            .model_aliases(serde_json::from_str(aliases).unwrap())
+            .map(|_| ())
+    };
+    assert_eq!(
+        config(r#"{"smart": "gpt-5"}"#).unwrap_err(),
+        r#"gateway.model_aliases.smart: no backend declares the model "gpt-5""#
+    );
+    assert_eq!(
+        config(r#"{"gpt-4o": "gpt-4o"}"#).unwrap_err(),
+        "gateway.model_aliases.gpt-4o: a backend declares this model itself"
+    );
 }
 
 #[tokio::test(start_paused = true)]

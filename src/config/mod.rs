@@ -354,6 +354,10 @@ pub struct GatewayConfig {
     pub client_keys: Vec<String>,
     /// Address to listen on (default `127.0.0.1:8080`).
     pub listen: Option<String>,
+    /// Other names for models: a request whose `model` is an alias is sent as the model it
+    /// names (`{"gpt4": "gpt-4o"}`); `/v1/models` lists the aliases too.
+    #[serde(default)]
+    pub model_aliases: BTreeMap<String, String>,
 }
 
 impl fmt::Debug for GatewayConfig {
@@ -364,6 +368,7 @@ impl fmt::Debug for GatewayConfig {
                 &format_args!("<{} redacted>", self.client_keys.len()),
             )
             .field("listen", &self.listen)
+            .field("model_aliases", &self.model_aliases)
             .finish()
     }
 }

@@ -91,8 +91,21 @@ fn check(path: &str) -> ExitCode {
         }
     };
     // Built with a client that is never used: the check sends nothing.
-    match config.build_with_backends(crate::client::http_client()) {
-        Ok((_, backends)) => {
+    let aliases = config
+        .gateway
+        .as_ref()
+        .map(|g| g.model_aliases.clone())
+        .unwrap_or_default();
+    let built = config
+        .build_with_backends(crate::client::http_client())
+        .map_err(|e| e.to_string())
+        .and_then(|(service, backends)| {
+            super::Gateway::new(service, backends.clone(), Vec::new())
+                .model_aliases(aliases)
+                .map(|_| backends)
+        });
+    match built {
+        Ok(backends) => {
             println!("{path}: ok, {} backend(s)", backends.len());
             for b in &backends {
                 let models = b
@@ -197,7 +210,14 @@ async fn run(args: Serve) -> Result<(), Failure> {
     let bound = listener.local_addr().map_err(|e| serve_err(e.into()))?;
     tracing::info!(addr = %bound, backends = ?names, client_keys = client_keys.len(), "gateway listening");
     println!("tower-llm-lb gateway on http://{bound}/v1 over {names:?}");
+    let aliases = config
+        .gateway
+        .as_ref()
+        .map(|g| g.model_aliases.clone())
+        .unwrap_or_default();
     super::Gateway::new(service, backends, client_keys)
+        .model_aliases(aliases)
+        .map_err(Failure::Config)?
         .serve(listener, async {
             let _ = tokio::signal::ctrl_c().await;
             tracing::info!("shutting down: finishing in-flight requests");

@@ -65,6 +65,7 @@ pub struct Gateway {
     client_keys: Arc<[String]>,
     body_limit: usize,
     metrics: Arc<metrics::Metrics>,
+    aliases: Arc<std::collections::BTreeMap<String, String>>,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -93,7 +94,38 @@ impl Gateway {
             backends,
             client_keys: client_keys.into(),
             body_limit: crate::body::DEFAULT_BODY_LIMIT,
+            aliases: Arc::default(),
         }
+    }
+
+    /// Other names for models (config `gateway.model_aliases`): a request naming an alias is
+    /// sent as the model it stands for. Fails, naming the alias, on an empty name, an alias that
+    /// is itself a model a backend declares, or (when backends declare models) a target no
+    /// backend declares.
+    pub fn model_aliases(
+        mut self,
+        aliases: std::collections::BTreeMap<String, String>,
+    ) -> Result<Self, String> {
+        let declared: std::collections::BTreeSet<&str> = self
+            .backends
+            .iter()
+            .filter_map(Backend::models)
+            .flatten()
+            .collect();
+        for (alias, model) in &aliases {
+            let at = format!("gateway.model_aliases.{alias}");
+            if alias.is_empty() || model.is_empty() {
+                return Err(format!("{at}: an alias and its model must not be empty"));
+            }
+            if declared.contains(alias.as_str()) {
+                return Err(format!("{at}: a backend declares this model itself"));
+            }
+            if !declared.is_empty() && !declared.contains(model.as_str()) {
+                return Err(format!("{at}: no backend declares the model \"{model}\""));
+            }
+        }
+        self.aliases = Arc::new(aliases);
+        Ok(self)
     }
 
     /// The largest request body accepted (default 32 MiB).
@@ -319,6 +351,7 @@ async fn forward_counted(gw: Gateway, req: Request) -> Response {
             );
         }
     };
+    let bytes = resolve_alias(&gw.aliases, bytes);
     let cost = crate::provider::estimate_tokens(&bytes);
     let model = gw.metrics.model_label(&bytes);
     let mut out = http::Request::new(ReplayBody::new(bytes));
@@ -666,6 +699,24 @@ impl http_body::Body for StreamGuard {
     }
 }
 
+/// The body with its `model` replaced by the model it is an alias of (unchanged otherwise, and
+/// when it is not a JSON object).
+fn resolve_alias(aliases: &std::collections::BTreeMap<String, String>, bytes: Bytes) -> Bytes {
+    if aliases.is_empty() {
+        return bytes;
+    }
+    let Some(model) = crate::provider::model_of(&bytes).and_then(|m| aliases.get(m)) else {
+        return bytes;
+    };
+    match serde_json::from_slice::<serde_json::Value>(&bytes) {
+        Ok(serde_json::Value::Object(mut map)) => {
+            map.insert("model".into(), serde_json::Value::String(model.clone()));
+            serde_json::to_vec(&map).map_or(bytes, Bytes::from)
+        }
+        _ => bytes,
+    }
+}
+
 /// `GET /v1/models`: the models the backends declared (config `models`), in OpenAI's list
 /// format; with none declared, the first backend's own answer.
 async fn models(State(gw): State<Gateway>, req: Request) -> Response {
@@ -681,6 +732,7 @@ async fn models(State(gw): State<Gateway>, req: Request) -> Response {
     if let Some(res) = refusal(&gw, req.headers(), peer_of(&req)) {
         return res;
     }
+    names.extend(gw.aliases.keys().map(String::as_str));
     names.sort_unstable();
     names.dedup();
     let data: Vec<_> = names
@@ -737,8 +789,10 @@ async fn stats(State(gw): State<Gateway>, req: Request) -> Response {
     axum::Json(serde_json::json!({ "backends": list })).into_response()
 }
 
-/// Mock backends for `--mock`: a PTU and two pay-as-you-go regions with request/s limits, and
-/// the JSON config that points at them. Keep the servers alive as long as the gateway runs.
+/// Mock backends for `--mock`: a PTU and two pay-as-you-go regions serving `gpt-4o` with
+/// request/s limits, an embeddings deployment serving `text-embedding-3-small`, and the JSON
+/// config that points at them (every setting default; the alias `gpt-4` for `gpt-4o`). Keep the
+/// servers alive as long as the gateway runs.
 pub async fn mock_backends() -> std::io::Result<(Vec<crate::mock::MockServer>, String)> {
     use crate::mock::MockServer;
     // (name, key, requests per second, tier)
@@ -762,14 +816,29 @@ pub async fn mock_backends() -> std::io::Result<(Vec<crate::mock::MockServer>, S
         backends.insert(
             name.into(),
             serde_json::json!({"provider": "azure", "url": server.url(), "deployment": "gpt-4o",
-                               "api_key": key, "priority": tier}),
+                               "api_key": key, "priority": tier, "models": ["gpt-4o"]}),
         );
         servers.push(server);
     }
+    // An embeddings deployment beside them: requests go by their `model`.
+    let embed = MockServer::builder()
+        .name("embed-eastus")
+        .api_key("mock-embed")
+        .rps(20.0)
+        .latency(Duration::from_millis(10))
+        .start()
+        .await?;
+    backends.insert(
+        "embed-eastus".into(),
+        serde_json::json!({"provider": "azure", "url": embed.url(),
+                           "deployment": "text-embedding-3-small", "api_key": "mock-embed",
+                           "models": ["text-embedding-3-small"]}),
+    );
+    servers.push(embed);
+    // Every other setting default, as a new user's config.
     let config = serde_json::json!({
         "backends": backends,
-        "retry": {"attempts": 4, "max_wait_ms": 5000},
-        "timeouts": {"first_byte_ms": 30000, "idle_ms": 30000}
+        "gateway": {"model_aliases": {"gpt-4": "gpt-4o"}}
     });
     Ok((servers, config.to_string()))
 }
