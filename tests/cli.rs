@@ -99,3 +99,128 @@ async fn serve_mock_answers_on_the_port_it_prints() {
     let res = res.unwrap();
     assert_eq!(res.status(), 200, "served through the embedded backends");
 }
+
+/// A `serve --config` process on a free port, its base URL and its stderr.
+fn serve_config(path: &std::path::Path) -> (std::process::Child, String) {
+    let mut child = Command::new(BIN)
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--log",
+            "info",
+            "--config",
+        ])
+        .arg(path)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line).unwrap();
+    let url = line
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .unwrap_or_else(|| panic!("no address in {line:?}"))
+        .trim_end_matches("/v1")
+        .to_string();
+    (child, url)
+}
+
+/// Which backend answers a chat request now (`x-llm-lb-backend`), or the status.
+async fn who_answers(url: &str) -> String {
+    use tower::ServiceExt;
+    let req = http::Request::post(format!("{url}/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body(http_body_util::Full::new(bytes::Bytes::from_static(
+            br#"{"model":"gpt-4o","messages":[]}"#,
+        )))
+        .unwrap();
+    let res = tower_llm_lb::client::http_client()
+        .oneshot(req)
+        .await
+        .unwrap();
+    match res.headers().get("x-llm-lb-backend") {
+        Some(b) if res.status() == 200 => b.to_str().unwrap().to_string(),
+        _ => format!("status {}", res.status()),
+    }
+}
+
+/// Asks until `want` answers (bounded: the reload is asynchronous), and says what answered.
+async fn until_answered_by(url: &str, want: &str) -> String {
+    let mut last = String::new();
+    for _ in 0..100 {
+        last = who_answers(url).await;
+        if last == want {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    last
+}
+
+#[tokio::test]
+async fn serve_reloads_its_config_on_sighup_and_keeps_serving_when_the_new_one_is_bad() {
+    use tower_llm_lb::mock::MockServer;
+    let one = MockServer::builder()
+        .name("one")
+        .bearer("k1")
+        .start()
+        .await
+        .unwrap();
+    let two = MockServer::builder()
+        .name("two")
+        .bearer("k2")
+        .start()
+        .await
+        .unwrap();
+    let config = |name: &str, m: &MockServer, key: &str| {
+        format!(
+            r#"{{"backends":{{"{name}":{{"provider":"openai","url":"{}/v1","api_key":"{key}"}}}}}}"#,
+            m.url()
+        )
+    };
+    let path = write("reload.json", &config("one", &one, "k1"));
+    let (mut child, url) = tokio::task::spawn_blocking({
+        let path = path.clone();
+        move || serve_config(&path)
+    })
+    .await
+    .unwrap();
+    assert_eq!(who_answers(&url).await, "one");
+    let hup = |pid: u32| {
+        let ok = Command::new("kill")
+            .args(["-HUP", &pid.to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -HUP");
+    };
+
+    // A new backend in place of the old: served after SIGHUP, no restart.
+    std::fs::write(&path, config("two", &two, "k2")).unwrap();
+    hup(child.id());
+    assert_eq!(until_answered_by(&url, "two").await, "two");
+
+    // A broken config: logged, and the running one keeps serving.
+    std::fs::write(&path, r#"{"backends":{"x":{"provider":"openai"}}}"#).unwrap();
+    hup(child.id());
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(who_answers(&url).await, "two");
+
+    child.kill().unwrap();
+    let out = child.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("config reloaded"), "{log}");
+    assert!(
+        log.contains("config reload failed; still serving the previous config")
+            && log.contains("backends.x.url: missing"),
+        "{log}"
+    );
+    assert!(
+        !log.contains("k1") && !log.contains("k2"),
+        "no key in the log: {log}"
+    );
+    assert_eq!(one.counters().ok, 1);
+}

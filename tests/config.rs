@@ -624,3 +624,68 @@ fn an_empty_models_list_is_a_config_error_naming_the_field() {
         "backends.a.models: must list at least one model, none empty"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_reloaded_config_keeps_the_state_of_unchanged_backends() {
+    use tower_llm_lb::mock::Fault;
+    let a = MockServer::builder()
+        .name("a")
+        .bearer("ka")
+        .start()
+        .await
+        .unwrap();
+    let b = MockServer::builder()
+        .name("b")
+        .bearer("kb")
+        .start()
+        .await
+        .unwrap();
+    a.set_fault(Some(Fault::Throttle(vec![(
+        "retry-after".into(),
+        "30".into(),
+    )])));
+    let json = |with_b: bool| {
+        let mut backends = format!(
+            r#""a": {{ "provider": "openai", "url": "{}/v1", "api_key": "ka" }}"#,
+            a.url()
+        );
+        if with_b {
+            backends.push_str(&format!(
+                r#", "b": {{ "provider": "openai", "url": "{}/v1", "api_key": "kb" }}"#,
+                b.url()
+            ));
+        }
+        format!(r#"{{ "backends": {{ {backends} }}, "retry": {{ "max_wait_ms": 0 }} }}"#)
+    };
+    let (svc, before) = Config::from_json(&json(false))
+        .unwrap()
+        .build_with_backends(http_client())
+        .unwrap();
+    let res = svc.oneshot(chat(r#"{"model":"gpt-4o"}"#)).await.unwrap();
+    assert_eq!(res.status(), 429);
+    let cooling = before[0]
+        .state()
+        .cooldown_until()
+        .expect("a asked for 30 s");
+
+    // The reload adds b; a keeps its cooldown (and is not asked again), b starts fresh.
+    let (svc, after) = Config::from_json(&json(true))
+        .unwrap()
+        .build_reusing(http_client(), &before)
+        .unwrap();
+    let a_after = after.iter().find(|x| x.name() == "a").unwrap();
+    assert_eq!(a_after.state().cooldown_until(), Some(cooling));
+    assert_eq!(a_after.state().counters().throttled, 1, "its counters too");
+    let res = svc.oneshot(chat(r#"{"model":"gpt-4o"}"#)).await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(a.counters().requests, 1, "a is left alone for its 30 s");
+    assert_eq!(b.counters().ok, 1);
+
+    // Another URL under the same name is another backend: fresh state.
+    let moved = json(false).replace(&a.url(), &b.url());
+    let (_, moved) = Config::from_json(&moved)
+        .unwrap()
+        .build_reusing(http_client(), &after)
+        .unwrap();
+    assert_eq!(moved[0].state().cooldown_until(), None);
+}

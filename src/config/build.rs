@@ -75,6 +75,9 @@ struct Ctx<'a, C, ResB> {
     deadline: Option<Duration>,
     /// Every backend the built stack sends to, for stats pages.
     used: Vec<Backend>,
+    /// Backends of a stack this one replaces: a backend of the same name, URL and provider
+    /// keeps its state (cooldown, pace, circuit, counters).
+    previous: &'a [Backend],
     /// Token caches by identity.
     caches: Caches,
 }
@@ -113,6 +116,27 @@ impl Config {
         self.build_over(client)
     }
 
+    /// Like [`Config::build_with_backends`], for a config that replaces a running one (a
+    /// reload): each backend with the same name, URL and provider as one of `previous` keeps
+    /// that backend's state, so its cooldown, pace, circuit and counters carry over and a
+    /// backend that asked to be left alone is not asked again at once.
+    pub fn build_reusing<C>(
+        &self,
+        client: C,
+        previous: &[Backend],
+    ) -> Result<(LlmService, Vec<Backend>), ConfigError>
+    where
+        C: Service<Request<ReplayBody>, Response = Response<Incoming>>
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        C::Error: Into<BoxError>,
+        C::Future: Send + 'static,
+    {
+        self.build_inner(client, previous)
+    }
+
     /// Like [`Config::build_with_backends`], over any client whose response body streams
     /// `Bytes`: a client with its own connector, or already wrapped in layers that change the
     /// body type (decompression, tracing, a `MapResponse`).
@@ -127,9 +151,25 @@ impl Config {
         ResB: http_body::Body<Data = bytes::Bytes> + Unpin + Send + 'static,
         ResB::Error: Into<BoxError>,
     {
+        self.build_inner(client, &[])
+    }
+
+    fn build_inner<C, ResB>(
+        &self,
+        client: C,
+        previous: &[Backend],
+    ) -> Result<(StackOver<ResB>, Vec<Backend>), ConfigError>
+    where
+        C: Service<Request<ReplayBody>, Response = Response<ResB>> + Clone + Send + Sync + 'static,
+        C::Error: Into<BoxError>,
+        C::Future: Send + 'static,
+        ResB: http_body::Body<Data = bytes::Bytes> + Unpin + Send + 'static,
+        ResB::Error: Into<BoxError>,
+    {
         let mut ctx = Ctx {
             _body: std::marker::PhantomData,
             used: Vec::new(),
+            previous,
             caches: Caches::new(),
             config: self,
             client,
@@ -138,7 +178,8 @@ impl Config {
             deadline: self.request_timeout.map(ms),
         };
         for (name, b) in &self.backends {
-            let backend = backend_from(&format!("backends.{name}"), name, b, &mut ctx.caches)?;
+            let path = format!("backends.{name}");
+            let backend = carrying(&path, name, b, &mut ctx.caches, previous)?;
             ctx.backends.insert(name.clone(), backend);
         }
         let root = TargetConfig {
@@ -333,11 +374,32 @@ fn retry_layer(
     Ok(layer)
 }
 
+/// [`backend_from`], keeping the state of the backend of `previous` with the same name, URL and
+/// provider (a reload).
+fn carrying(
+    path: &str,
+    name: &str,
+    b: &BackendConfig,
+    caches: &mut Caches,
+    previous: &[Backend],
+) -> Result<Backend, ConfigError> {
+    let backend = backend_from(path, name, b, caches, None)?;
+    match previous.iter().find(|p| {
+        p.name() == backend.name()
+            && p.authority() == backend.authority()
+            && p.provider() == backend.provider()
+    }) {
+        Some(prev) => backend_from(path, name, b, caches, Some(prev.state().clone())),
+        None => Ok(backend),
+    }
+}
+
 fn backend_from(
     path: &str,
     name: &str,
     b: &BackendConfig,
     caches: &mut Caches,
+    state: Option<crate::BackendState>,
 ) -> Result<Backend, ConfigError> {
     let Some(kind) = b.provider else {
         return err(
@@ -409,6 +471,9 @@ fn backend_from(
         .weight(b.weight.unwrap_or(1.0));
     if let Some(c) = credential {
         builder = builder.credential(c);
+    }
+    if let Some(state) = state {
+        builder = builder.state(state);
     }
     if let Some(models) = &b.models {
         if models.is_empty() || models.iter().any(|m| m.trim().is_empty()) {
@@ -586,7 +651,7 @@ where
                     health_check: None,
                     models: None,
                 };
-                return backend_from(path, &name, &def, &mut self.caches);
+                return carrying(path, &name, &def, &mut self.caches, self.previous);
             }
             (None, None) => {
                 return err(path, "needs `backend`, an inline `provider`, or `targets`");

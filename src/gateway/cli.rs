@@ -201,7 +201,7 @@ async fn run(args: Serve) -> Result<(), Failure> {
     #[cfg(not(feature = "rustls"))]
     let client = crate::client::http_client();
     let (service, backends) = config
-        .build_with_backends(client)
+        .build_with_backends(client.clone())
         .map_err(|e| Failure::Config(e.to_string()))?;
     let names: Vec<_> = backends.iter().map(|b| b.name().to_string()).collect();
     let listener = tokio::net::TcpListener::bind(addr)
@@ -215,13 +215,109 @@ async fn run(args: Serve) -> Result<(), Failure> {
         .as_ref()
         .map(|g| g.model_aliases.clone())
         .unwrap_or_default();
-    super::Gateway::new(service, backends, client_keys)
+    let gateway = super::Gateway::new(service, backends, client_keys)
         .model_aliases(aliases)
-        .map_err(Failure::Config)?
+        .map_err(Failure::Config)?;
+    // Reload without restart: on SIGHUP, and when the file changes (checked every 2 s).
+    let watcher = args.config.clone().filter(|_| !args.mock).map(|path| {
+        let gateway = gateway.clone();
+        tokio::spawn(watch(path, gateway, client))
+    });
+    let served = gateway
         .serve(listener, async {
             let _ = tokio::signal::ctrl_c().await;
             tracing::info!("shutting down: finishing in-flight requests");
         })
         .await
-        .map_err(|e| serve_err(e.into()))
+        .map_err(|e| serve_err(e.into()));
+    if let Some(w) = watcher {
+        w.abort();
+    }
+    served
+}
+
+/// Reloads the config at `path` into `gateway` on SIGHUP and whenever the file's modification
+/// time or length changes (checked every 2 s; a Kubernetes ConfigMap's symlink swap counts). A
+/// config that does not load or validate is logged, and the running one keeps serving.
+async fn watch<C>(path: String, gateway: super::Gateway, client: C)
+where
+    C: tower::Service<
+            http::Request<crate::body::ReplayBody>,
+            Response = http::Response<hyper::body::Incoming>,
+        > + Clone
+        + Send
+        + Sync
+        + 'static,
+    C::Error: Into<BoxError>,
+    C::Future: Send + 'static,
+{
+    let stamp = |p: &str| {
+        std::fs::metadata(p)
+            .ok()
+            .map(|m| (m.modified().ok(), m.len()))
+    };
+    let mut seen = stamp(&path);
+    #[cfg(unix)]
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(2));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        #[cfg(unix)]
+        let signalled = async {
+            match hangup.as_mut() {
+                Some(h) => h.recv().await.is_some(),
+                None => std::future::pending().await,
+            }
+        };
+        #[cfg(not(unix))]
+        let signalled = std::future::pending::<bool>();
+        let why = tokio::select! {
+            true = signalled => "SIGHUP",
+            _ = tick.tick() => {
+                let now = stamp(&path);
+                if now == seen {
+                    continue;
+                }
+                seen = now;
+                "the file changed"
+            }
+        };
+        match reload(&path, &gateway, client.clone()) {
+            Ok(n) => tracing::info!(path, why, backends = n, "config reloaded"),
+            Err(e) => tracing::error!(
+                path,
+                why,
+                error = %e,
+                "config reload failed; still serving the previous config"
+            ),
+        }
+    }
+}
+
+/// Loads, validates and builds the config at `path` and swaps it in; unchanged backends keep
+/// their state.
+fn reload<C>(path: &str, gateway: &super::Gateway, client: C) -> Result<usize, String>
+where
+    C: tower::Service<
+            http::Request<crate::body::ReplayBody>,
+            Response = http::Response<hyper::body::Incoming>,
+        > + Clone
+        + Send
+        + Sync
+        + 'static,
+    C::Error: Into<BoxError>,
+    C::Future: Send + 'static,
+{
+    let config = Config::from_path(path).map_err(|e| e.to_string())?;
+    let (service, backends) = config
+        .build_reusing(client, &gateway.backends())
+        .map_err(|e| e.to_string())?;
+    let (keys, aliases) = config
+        .gateway
+        .as_ref()
+        .map(|g| (g.client_keys.clone(), g.model_aliases.clone()))
+        .unwrap_or_default();
+    let n = backends.len();
+    gateway.replace(service, backends, keys, aliases)?;
+    Ok(n)
 }

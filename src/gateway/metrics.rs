@@ -18,6 +18,9 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use tokio::time::Instant;
 
+use arc_swap::ArcSwap;
+
+use super::Live;
 use crate::backend::Backend;
 use crate::state::Circuit;
 
@@ -33,8 +36,6 @@ pub(crate) struct Metrics {
     requests: Family<Labels, Counter>,
     duration: Family<Labels, Histogram>,
     tokens: Family<Labels, Counter>,
-    /// The models the backends declare: the only `model` label values (others are `other`).
-    declared: std::collections::BTreeSet<String>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -56,7 +57,7 @@ pub(crate) fn route_label(path: &str) -> Option<&'static str> {
 }
 
 impl Metrics {
-    pub(crate) fn new(backends: Arc<[Backend]>) -> Self {
+    pub(crate) fn new(live: Arc<ArcSwap<Live>>) -> Self {
         let mut registry = Registry::with_prefix("llm_lb");
         let requests = Family::<Labels, Counter>::default();
         registry.register(
@@ -79,35 +80,28 @@ impl Metrics {
             "Tokens the answers report using (their `usage`), by backend, model and kind (prompt, completion)",
             tokens.clone(),
         );
-        let declared = backends
-            .iter()
-            .filter_map(Backend::models)
-            .flatten()
-            .map(str::to_string)
-            .collect();
-        registry.register_collector(Box::new(BackendCollector(backends)));
+        registry.register_collector(Box::new(BackendCollector(live)));
         Metrics {
             registry,
             requests,
             duration,
             tokens,
-            declared,
         }
     }
 
     /// The `model` label of a request: its `model` when a backend declares it, else `other`
     /// (label values stay a bounded set).
-    pub(crate) fn model_label(&self, body: &[u8]) -> String {
+    pub(crate) fn model_label(&self, live: &Live, body: &[u8]) -> String {
         match crate::provider::model_of(body) {
-            Some(m) if self.declared.contains(m) => m.to_string(),
+            Some(m) if live.declares(m) => m.to_string(),
             _ => "other".to_string(),
         }
     }
 
     /// Tokens one backend's answers reported, `(prompt, completion)`, summed over models.
-    pub(crate) fn tokens_of(&self, backend: &str) -> (u64, u64) {
+    pub(crate) fn tokens_of(&self, live: &Live, backend: &str) -> (u64, u64) {
         let mut sums = (0, 0);
-        for model in self.declared.iter().map(String::as_str).chain(["other"]) {
+        for model in live.declared().chain(["other"]) {
             for (kind, sum) in [("prompt", &mut sums.0), ("completion", &mut sums.1)] {
                 let labels: Labels = vec![
                     ("backend", backend.to_string()),
@@ -140,13 +134,19 @@ impl Metrics {
     }
 }
 
-/// Reads every backend's state at each scrape.
-#[derive(Debug)]
-struct BackendCollector(Arc<[Backend]>);
+/// Reads every backend's state at each scrape (the backends served now, after any reload).
+struct BackendCollector(Arc<ArcSwap<Live>>);
+
+impl std::fmt::Debug for BackendCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BackendCollector")
+    }
+}
 
 impl Collector for BackendCollector {
     fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
         let now = Instant::now();
+        let live = self.0.load();
         let backend = |b: &Backend| -> Labels { vec![("backend", b.name().to_string())] };
         {
             let mut e = encoder.encode_descriptor(
@@ -155,7 +155,7 @@ impl Collector for BackendCollector {
                 None,
                 prometheus_client::metrics::MetricType::Counter,
             )?;
-            for b in self.0.iter() {
+            for b in live.backends() {
                 let c = b.state().counters();
                 for (outcome, n) in [
                     ("success", c.success),
@@ -207,7 +207,7 @@ impl Collector for BackendCollector {
                 None,
                 prometheus_client::metrics::MetricType::Gauge,
             )?;
-            for b in self.0.iter() {
+            for b in live.backends() {
                 ConstGauge::new(read(b, now)).encode(e.encode_family(&backend(b))?)?;
             }
         }

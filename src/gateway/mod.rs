@@ -57,27 +57,83 @@ use crate::retry::Attempts;
 use crate::stack::{LlmBody, LlmService};
 use crate::state::Circuit;
 
-/// What the gateway serves.
+/// What the gateway serves. Clones share it: [`Gateway::replace`] on one changes what all serve
+/// (a config reload), while requests already under way finish on what they started with.
 #[derive(Clone)]
 pub struct Gateway {
+    live: Arc<arc_swap::ArcSwap<Live>>,
+    body_limit: usize,
+    metrics: Arc<metrics::Metrics>,
+}
+
+/// What a reload replaces at once: the stack, its backends, the client keys and the aliases.
+pub(crate) struct Live {
     service: LlmService,
     backends: Arc<[Backend]>,
     client_keys: Arc<[String]>,
-    body_limit: usize,
-    metrics: Arc<metrics::Metrics>,
     aliases: Arc<std::collections::BTreeMap<String, String>>,
+    /// The models the backends declare.
+    declared: std::collections::BTreeSet<String>,
+}
+
+impl Live {
+    fn new(
+        service: LlmService,
+        backends: Vec<Backend>,
+        client_keys: Vec<String>,
+        aliases: std::collections::BTreeMap<String, String>,
+    ) -> Result<Self, String> {
+        let declared: std::collections::BTreeSet<String> = backends
+            .iter()
+            .filter_map(Backend::models)
+            .flatten()
+            .map(str::to_string)
+            .collect();
+        for (alias, model) in &aliases {
+            let at = format!("gateway.model_aliases.{alias}");
+            if alias.is_empty() || model.is_empty() {
+                return Err(format!("{at}: an alias and its model must not be empty"));
+            }
+            if declared.contains(alias) {
+                return Err(format!("{at}: a backend declares this model itself"));
+            }
+            if !declared.is_empty() && !declared.contains(model) {
+                return Err(format!("{at}: no backend declares the model \"{model}\""));
+            }
+        }
+        Ok(Live {
+            service,
+            backends: backends.into(),
+            client_keys: client_keys.into(),
+            aliases: Arc::new(aliases),
+            declared,
+        })
+    }
+
+    pub(crate) fn backends(&self) -> &[Backend] {
+        &self.backends
+    }
+
+    pub(crate) fn declares(&self, model: &str) -> bool {
+        self.declared.contains(model)
+    }
+
+    pub(crate) fn declared(&self) -> impl Iterator<Item = &str> {
+        self.declared.iter().map(String::as_str)
+    }
 }
 
 impl std::fmt::Debug for Gateway {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let live = self.live.load();
         f.debug_struct("Gateway")
             .field(
                 "backends",
-                &self.backends.iter().map(Backend::name).collect::<Vec<_>>(),
+                &live.backends.iter().map(Backend::name).collect::<Vec<_>>(),
             )
             .field(
                 "client_keys",
-                &format_args!("<{} redacted>", self.client_keys.len()),
+                &format_args!("<{} redacted>", live.client_keys.len()),
             )
             .finish()
     }
@@ -87,15 +143,36 @@ impl Gateway {
     /// A gateway over `service`, reporting `backends` on `/stats`, requiring one of
     /// `client_keys` (none: loopback clients only).
     pub fn new(service: LlmService, backends: Vec<Backend>, client_keys: Vec<String>) -> Self {
-        let backends: Arc<[Backend]> = backends.into();
+        let live = Live::new(service, backends, client_keys, Default::default())
+            .unwrap_or_else(|_| unreachable!("no aliases to check"));
+        let live = Arc::new(arc_swap::ArcSwap::from_pointee(live));
         Gateway {
-            service,
-            metrics: Arc::new(metrics::Metrics::new(backends.clone())),
-            backends,
-            client_keys: client_keys.into(),
+            metrics: Arc::new(metrics::Metrics::new(live.clone())),
+            live,
             body_limit: crate::body::DEFAULT_BODY_LIMIT,
-            aliases: Arc::default(),
         }
+    }
+
+    /// Replaces what every clone of this gateway serves (a config reload): new requests use the
+    /// new stack at once; requests under way finish on the old one. Fails, naming the alias, as
+    /// [`Gateway::model_aliases`] does, and then changes nothing. Build the new stack with
+    /// [`Config::build_reusing`](crate::config::Config::build_reusing) over
+    /// [`Gateway::backends`] so unchanged backends keep their state.
+    pub fn replace(
+        &self,
+        service: LlmService,
+        backends: Vec<Backend>,
+        client_keys: Vec<String>,
+        aliases: std::collections::BTreeMap<String, String>,
+    ) -> Result<(), String> {
+        let live = Live::new(service, backends, client_keys, aliases)?;
+        self.live.store(Arc::new(live));
+        Ok(())
+    }
+
+    /// The backends served now.
+    pub fn backends(&self) -> Vec<Backend> {
+        self.live.load().backends.to_vec()
     }
 
     /// Other names for models (config `gateway.model_aliases`): a request naming an alias is
@@ -103,28 +180,16 @@ impl Gateway {
     /// is itself a model a backend declares, or (when backends declare models) a target no
     /// backend declares.
     pub fn model_aliases(
-        mut self,
+        self,
         aliases: std::collections::BTreeMap<String, String>,
     ) -> Result<Self, String> {
-        let declared: std::collections::BTreeSet<&str> = self
-            .backends
-            .iter()
-            .filter_map(Backend::models)
-            .flatten()
-            .collect();
-        for (alias, model) in &aliases {
-            let at = format!("gateway.model_aliases.{alias}");
-            if alias.is_empty() || model.is_empty() {
-                return Err(format!("{at}: an alias and its model must not be empty"));
-            }
-            if declared.contains(alias.as_str()) {
-                return Err(format!("{at}: a backend declares this model itself"));
-            }
-            if !declared.is_empty() && !declared.contains(model.as_str()) {
-                return Err(format!("{at}: no backend declares the model \"{model}\""));
-            }
-        }
-        self.aliases = Arc::new(aliases);
+        let now = self.live.load_full();
+        self.replace(
+            now.service.clone(),
+            now.backends.to_vec(),
+            now.client_keys.to_vec(),
+            aliases,
+        )?;
         Ok(self)
     }
 
@@ -241,8 +306,8 @@ fn error_response(status: StatusCode, kind: &str, message: &str) -> Response {
 }
 
 /// `None` when the client may proceed; otherwise the refusal to send.
-fn refusal(gw: &Gateway, headers: &HeaderMap, peer: Option<SocketAddr>) -> Option<Response> {
-    if gw.client_keys.is_empty() {
+fn refusal(live: &Live, headers: &HeaderMap, peer: Option<SocketAddr>) -> Option<Response> {
+    if live.client_keys.is_empty() {
         return match peer {
             Some(p) if p.ip().is_loopback() => None,
             _ => Some(error_response(
@@ -258,7 +323,7 @@ fn refusal(gw: &Gateway, headers: &HeaderMap, peer: Option<SocketAddr>) -> Optio
         .and_then(|v| v.strip_prefix("Bearer "));
     let api_key = headers.get("api-key").and_then(|v| v.to_str().ok());
     let ok = [bearer, api_key].into_iter().flatten().any(|k| {
-        gw.client_keys
+        live.client_keys
             .iter()
             .any(|c| constant_time_eq(c.as_bytes(), k.as_bytes()))
     });
@@ -323,7 +388,7 @@ async fn live_page() -> Response {
 
 /// `GET /metrics`: Prometheus' text format (same access rule as `/stats`).
 async fn metrics_text(State(gw): State<Gateway>, req: Request) -> Response {
-    if let Some(res) = refusal(&gw, req.headers(), peer_of(&req)) {
+    if let Some(res) = refusal(&gw.live.load(), req.headers(), peer_of(&req)) {
         return res;
     }
     (
@@ -337,7 +402,9 @@ async fn metrics_text(State(gw): State<Gateway>, req: Request) -> Response {
 }
 
 async fn forward_counted(gw: Gateway, req: Request) -> Response {
-    if let Some(res) = refusal(&gw, req.headers(), peer_of(&req)) {
+    // What this request starts with it finishes with, whatever a reload does meanwhile.
+    let live = gw.live.load_full();
+    if let Some(res) = refusal(&live, req.headers(), peer_of(&req)) {
         return res;
     }
     let (parts, body) = req.into_parts();
@@ -351,9 +418,9 @@ async fn forward_counted(gw: Gateway, req: Request) -> Response {
             );
         }
     };
-    let bytes = resolve_alias(&gw.aliases, bytes);
+    let bytes = resolve_alias(&live.aliases, bytes);
     let cost = crate::provider::estimate_tokens(&bytes);
-    let model = gw.metrics.model_label(&bytes);
+    let model = gw.metrics.model_label(&live, &bytes);
     let mut out = http::Request::new(ReplayBody::new(bytes));
     out.extensions_mut().insert(crate::balance::TokenCost(cost));
     *out.method_mut() = parts.method;
@@ -369,11 +436,11 @@ async fn forward_counted(gw: Gateway, req: Request) -> Response {
     headers.remove(http::header::CONTENT_LENGTH);
     *out.headers_mut() = headers;
     let started = Instant::now();
-    match gw.service.clone().oneshot(out).await {
+    match live.service.clone().oneshot(out).await {
         Ok(res) => {
             tracing::info!(status = res.status().as_u16(), elapsed = ?started.elapsed(), "forwarded");
             if res.status().as_u16() >= 400 {
-                return shaped_error(res, &gw.backends).await;
+                return shaped_error(res, &live.backends).await;
             }
             let usage = metrics::UsageWatch::new(gw.metrics.clone(), &res, model);
             into_axum(res, usage)
@@ -720,19 +787,15 @@ fn resolve_alias(aliases: &std::collections::BTreeMap<String, String>, bytes: By
 /// `GET /v1/models`: the models the backends declared (config `models`), in OpenAI's list
 /// format; with none declared, the first backend's own answer.
 async fn models(State(gw): State<Gateway>, req: Request) -> Response {
-    let mut names: Vec<&str> = gw
-        .backends
-        .iter()
-        .filter_map(Backend::models)
-        .flatten()
-        .collect();
+    let live = gw.live.load_full();
+    let mut names: Vec<&str> = live.declared().collect();
     if names.is_empty() {
         return forward(State(gw.clone()), req).await;
     }
-    if let Some(res) = refusal(&gw, req.headers(), peer_of(&req)) {
+    if let Some(res) = refusal(&live, req.headers(), peer_of(&req)) {
         return res;
     }
-    names.extend(gw.aliases.keys().map(String::as_str));
+    names.extend(live.aliases.keys().map(String::as_str));
     names.sort_unstable();
     names.dedup();
     let data: Vec<_> = names
@@ -743,17 +806,18 @@ async fn models(State(gw): State<Gateway>, req: Request) -> Response {
 }
 
 async fn stats(State(gw): State<Gateway>, req: Request) -> Response {
-    if let Some(res) = refusal(&gw, req.headers(), peer_of(&req)) {
+    let live = gw.live.load_full();
+    if let Some(res) = refusal(&live, req.headers(), peer_of(&req)) {
         return res;
     }
     let now = Instant::now();
-    let list: Vec<_> = gw
+    let list: Vec<_> = live
         .backends
         .iter()
         .map(|b| {
             let s = b.state();
             let c = s.counters();
-            let (prompt, completion) = gw.metrics.tokens_of(b.name());
+            let (prompt, completion) = gw.metrics.tokens_of(&live, b.name());
             let circuit = match s.circuit() {
                 Circuit::Closed => "closed",
                 Circuit::Open { until } if until > now => "open",
