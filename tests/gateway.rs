@@ -59,6 +59,15 @@ fn post(url: String, key: Option<&str>, body: &'static str) -> http::Request<Ful
         .unwrap()
 }
 
+/// A `GET` of `url`, with a client key when given.
+fn get(url: String, key: Option<&str>) -> http::Request<Full<Bytes>> {
+    let mut b = http::Request::get(url);
+    if let Some(k) = key {
+        b = b.header("authorization", format!("Bearer {k}"));
+    }
+    b.body(Full::new(Bytes::new())).unwrap()
+}
+
 async fn send(req: http::Request<Full<Bytes>>) -> http::Response<hyper::body::Incoming> {
     http_client().oneshot(req).await.unwrap()
 }
@@ -281,12 +290,7 @@ async fn the_mock_mode_config_serves_through_its_embedded_backends() {
     assert_eq!(res.headers()["x-llm-lb-backend"], "embed-eastus");
     let res = send(post(chat, None, r#"{"model":"gpt-5"}"#)).await;
     assert_eq!(res.status(), 404, "an unknown model");
-    let res = send(
-        http::Request::get(format!("{}/v1/models", gw.url))
-            .body(Full::new(Bytes::new()))
-            .unwrap(),
-    )
-    .await;
+    let res = send(get(format!("{}/v1/models", gw.url), None)).await;
     let list: serde_json::Value = serde_json::from_str(&text(res).await).unwrap();
     let ids: Vec<&str> = list["data"]
         .as_array()
@@ -803,15 +807,13 @@ async fn metrics_count_answers_by_route_and_status_and_each_backend_s_outcomes()
     assert_eq!(res.status(), 200, "served by the backup");
     text(res).await;
 
-    let get = |key: Option<&str>| {
-        let mut b = http::Request::get(format!("{}/metrics", gw.url));
-        if let Some(k) = key {
-            b = b.header("authorization", format!("Bearer {k}"));
-        }
-        b.body(Full::new(Bytes::new())).unwrap()
-    };
-    assert_eq!(send(get(None)).await.status(), 401, "same rule as /stats");
-    let res = send(get(Some("client-1"))).await;
+    let metrics = || format!("{}/metrics", gw.url);
+    assert_eq!(
+        send(get(metrics(), None)).await.status(),
+        401,
+        "same rule as /stats"
+    );
+    let res = send(get(metrics(), Some("client-1"))).await;
     assert_eq!(res.status(), 200);
     assert!(
         res.headers()["content-type"]
@@ -896,13 +898,7 @@ async fn tokens_reported_in_answers_are_counted_per_backend_and_model() {
         assert_eq!(res.status(), 200);
         text(res).await;
     }
-    let res = send(
-        http::Request::get(format!("{}/metrics", gw.url))
-            .header("authorization", "Bearer client-1")
-            .body(Full::new(Bytes::new()))
-            .unwrap(),
-    )
-    .await;
+    let res = send(get(format!("{}/metrics", gw.url), Some("client-1"))).await;
     let body = text(res).await;
     let value = |labels: &str| {
         body.lines()
@@ -922,13 +918,7 @@ async fn tokens_reported_in_answers_are_counted_per_backend_and_model() {
     );
     assert!(value(r#"backend="chat",model="gpt-4o",kind="prompt""#) > 0);
     // /stats has the totals too.
-    let res = send(
-        http::Request::get(format!("{}/stats", gw.url))
-            .header("authorization", "Bearer client-1")
-            .body(Full::new(Bytes::new()))
-            .unwrap(),
-    )
-    .await;
+    let res = send(get(format!("{}/stats", gw.url), Some("client-1"))).await;
     let stats: serde_json::Value = serde_json::from_str(&text(res).await).unwrap();
     assert_eq!(stats["backends"][0]["tokens"]["completion"], 7);
 }

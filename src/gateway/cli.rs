@@ -197,9 +197,10 @@ async fn run(args: Serve) -> Result<(), Failure> {
         .parse()
         .map_err(|_| Failure::Config(format!("--listen: not an address: {listen}")))?;
     #[cfg(feature = "rustls")]
-    let client = crate::client::https_client(crate::client::Roots::WebPki).map_err(serve_err)?;
+    let client: Client =
+        crate::client::https_client(crate::client::Roots::WebPki).map_err(serve_err)?;
     #[cfg(not(feature = "rustls"))]
-    let client = crate::client::http_client();
+    let client: Client = crate::client::http_client();
     let (service, backends) = config
         .build_with_backends(client.clone())
         .map_err(|e| Failure::Config(e.to_string()))?;
@@ -236,21 +237,19 @@ async fn run(args: Serve) -> Result<(), Failure> {
     served
 }
 
+/// The gateway's client to its backends: HTTPS (webpki roots) with the `rustls` feature.
+#[cfg(feature = "rustls")]
+type Client = crate::client::HttpsClient<crate::body::ReplayBody>;
+#[cfg(not(feature = "rustls"))]
+type Client = hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    crate::body::ReplayBody,
+>;
+
 /// Reloads the config at `path` into `gateway` on SIGHUP and whenever the file's modification
 /// time or length changes (checked every 2 s; a Kubernetes ConfigMap's symlink swap counts). A
 /// config that does not load or validate is logged, and the running one keeps serving.
-async fn watch<C>(path: String, gateway: super::Gateway, client: C)
-where
-    C: tower::Service<
-            http::Request<crate::body::ReplayBody>,
-            Response = http::Response<hyper::body::Incoming>,
-        > + Clone
-        + Send
-        + Sync
-        + 'static,
-    C::Error: Into<BoxError>,
-    C::Future: Send + 'static,
-{
+async fn watch(path: String, gateway: super::Gateway, client: Client) {
     let stamp = |p: &str| {
         std::fs::metadata(p)
             .ok()
@@ -296,18 +295,7 @@ where
 
 /// Loads, validates and builds the config at `path` and swaps it in; unchanged backends keep
 /// their state.
-fn reload<C>(path: &str, gateway: &super::Gateway, client: C) -> Result<usize, String>
-where
-    C: tower::Service<
-            http::Request<crate::body::ReplayBody>,
-            Response = http::Response<hyper::body::Incoming>,
-        > + Clone
-        + Send
-        + Sync
-        + 'static,
-    C::Error: Into<BoxError>,
-    C::Future: Send + 'static,
-{
+fn reload(path: &str, gateway: &super::Gateway, client: Client) -> Result<usize, String> {
     let config = Config::from_path(path).map_err(|e| e.to_string())?;
     let (service, backends) = config
         .build_reusing(client, &gateway.backends())
