@@ -139,7 +139,7 @@ pub struct EndpointLayer {
 
 impl EndpointLayer {
     /// Points requests at `backend`, with the stock [`Standard`] classifier and defaults: server
-    /// hints capped at 300 s, no-hint backoff from 1 s doubling to 60 s, quota-exhausted cooldown
+    /// hints capped at 300 s, no-hint backoff from 1 s doubling to 10 s, quota-exhausted cooldown
     /// 10 minutes, error bodies read up to 16 KiB.
     pub fn new(backend: Backend) -> Self {
         Self::with_backend(Some(backend))
@@ -161,7 +161,7 @@ impl EndpointLayer {
                 wall_clock: WallClock::system(),
                 max_hint: DEFAULT_MAX_HINT,
                 backoff_base: Duration::from_secs(1),
-                backoff_max: Duration::from_secs(60),
+                backoff_max: Duration::from_secs(10),
                 quota_exhausted_cooldown: Duration::from_secs(600),
                 error_body_limit: 16 * 1024,
                 rng: Rng::from_entropy(),
