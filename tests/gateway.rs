@@ -835,13 +835,13 @@ async fn metrics_count_answers_by_route_and_status_and_each_backend_s_outcomes()
     let chat_route = r#"route="/v1/chat/completions""#;
     assert_eq!(
         line(&format!(
-            r#"llm_lb_requests_total{{{chat_route},status="200"}}"#
+            r#"llm_lb_requests_total{{{chat_route},status="200",client="key-1"}}"#
         )),
         4.0
     );
     assert_eq!(
         line(&format!(
-            r#"llm_lb_requests_total{{{chat_route},status="401"}}"#
+            r#"llm_lb_requests_total{{{chat_route},status="401",client="refused"}}"#
         )),
         1.0
     );
@@ -917,6 +917,13 @@ async fn tokens_reported_in_answers_are_counted_per_backend_and_model() {
         4 + 3
     );
     assert!(value(r#"backend="chat",model="gpt-4o",kind="prompt""#) > 0);
+    // And by client: the first configured key, never the key itself.
+    let by_client = body
+        .lines()
+        .find(|l| l.starts_with(r#"llm_lb_client_tokens_total{client="key-1",kind="completion"}"#))
+        .unwrap_or_else(|| panic!("no client tokens in:\n{body}"));
+    assert!(by_client.ends_with(" 7"), "{by_client}");
+    assert!(!body.contains("client-1"));
     // /stats has the totals too.
     let res = send(get(format!("{}/stats", gw.url), Some("client-1"))).await;
     let stats: serde_json::Value = serde_json::from_str(&text(res).await).unwrap();

@@ -36,6 +36,7 @@ pub(crate) struct Metrics {
     requests: Family<Labels, Counter>,
     duration: Family<Labels, Histogram>,
     tokens: Family<Labels, Counter>,
+    client_tokens: Family<Labels, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -62,7 +63,7 @@ impl Metrics {
         let requests = Family::<Labels, Counter>::default();
         registry.register(
             "requests",
-            "Requests answered by the gateway, by route and status",
+            "Requests answered by the gateway, by route, status and client (`key-N`: the N-th configured client key; `loopback`; `refused`)",
             requests.clone(),
         );
         let duration = Family::<Labels, Histogram>::new_with_constructor(|| {
@@ -80,12 +81,19 @@ impl Metrics {
             "Tokens the answers report using (their `usage`), by backend, model and kind (prompt, completion)",
             tokens.clone(),
         );
+        let client_tokens = Family::<Labels, Counter>::default();
+        registry.register(
+            "client_tokens",
+            "Tokens the answers report using, by client (`key-N`, `loopback`) and kind",
+            client_tokens.clone(),
+        );
         registry.register_collector(Box::new(BackendCollector(live)));
         Metrics {
             registry,
             requests,
             duration,
             tokens,
+            client_tokens,
         }
     }
 
@@ -115,12 +123,19 @@ impl Metrics {
     }
 
     /// Counts one answer.
-    pub(crate) fn observe(&self, route: &'static str, status: u16, started: Instant) {
-        let labels: Labels = vec![("route", route.to_string()), ("status", status.to_string())];
-        self.requests.get_or_create(&labels).inc();
+    pub(crate) fn observe(
+        &self,
+        route: &'static str,
+        status: u16,
+        client: &'static str,
+        started: Instant,
+    ) {
+        let mut labels: Labels = vec![("route", route.to_string()), ("status", status.to_string())];
         self.duration
             .get_or_create(&labels)
             .observe(started.elapsed().as_secs_f64());
+        labels.push(("client", client.to_string()));
+        self.requests.get_or_create(&labels).inc();
     }
 
     /// The text exposition.
@@ -222,6 +237,7 @@ pub(crate) struct UsageWatch {
     metrics: Arc<Metrics>,
     backend: String,
     model: String,
+    client: &'static str,
     head: Vec<u8>,
     tail: Vec<u8>,
 }
@@ -235,12 +251,14 @@ impl UsageWatch {
         metrics: Arc<Metrics>,
         res: &http::Response<crate::stack::LlmBody>,
         model: String,
+        client: &'static str,
     ) -> Option<Self> {
         let served = res.extensions().get::<crate::endpoint::Served>()?;
         res.status().is_success().then(|| UsageWatch {
             metrics,
             backend: served.backend.name().to_string(),
             model,
+            client,
             head: Vec::new(),
             tail: Vec::new(),
         })
@@ -273,10 +291,16 @@ impl UsageWatch {
                 ("kind", kind.to_string()),
             ];
             self.metrics.tokens.get_or_create(&labels).inc_by(n);
+            let labels: Labels = vec![
+                ("client", self.client.to_string()),
+                ("kind", kind.to_string()),
+            ];
+            self.metrics.client_tokens.get_or_create(&labels).inc_by(n);
         }
         tracing::info!(
             backend = %self.backend,
             model = %self.model,
+            client = self.client,
             prompt_tokens = prompt,
             completion_tokens = completion,
             "usage"

@@ -307,14 +307,46 @@ fn error_response(status: StatusCode, kind: &str, message: &str) -> Response {
 
 /// `None` when the client may proceed; otherwise the refusal to send.
 fn refusal(live: &Live, headers: &HeaderMap, peer: Option<SocketAddr>) -> Option<Response> {
-    if live.client_keys.is_empty() {
-        return match peer {
-            Some(p) if p.ip().is_loopback() => None,
-            _ => Some(error_response(
+    admit(live, headers, peer).err().map(Refused::response)
+}
+
+/// Why a client was turned away.
+#[derive(Clone, Copy, Debug)]
+enum Refused {
+    /// No client keys are configured and the client is not on loopback.
+    NotLoopback,
+    /// A missing or wrong client key.
+    WrongKey,
+}
+
+impl Refused {
+    fn response(self) -> Response {
+        match self {
+            Refused::NotLoopback => error_response(
                 StatusCode::FORBIDDEN,
                 "forbidden",
                 "no client keys are configured: only loopback clients are served",
-            )),
+            ),
+            Refused::WrongKey => error_response(
+                StatusCode::UNAUTHORIZED,
+                "invalid_api_key",
+                "missing or wrong gateway client key",
+            ),
+        }
+    }
+}
+
+/// Who the client is, as metrics name it (`key-N`: the N-th configured client key, never the
+/// key; `loopback` where no keys are configured), or the refusal to send.
+fn admit(
+    live: &Live,
+    headers: &HeaderMap,
+    peer: Option<SocketAddr>,
+) -> Result<&'static str, Refused> {
+    if live.client_keys.is_empty() {
+        return match peer {
+            Some(p) if p.ip().is_loopback() => Ok("loopback"),
+            _ => Err(Refused::NotLoopback),
         };
     }
     let bearer = headers
@@ -322,20 +354,26 @@ fn refusal(live: &Live, headers: &HeaderMap, peer: Option<SocketAddr>) -> Option
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
     let api_key = headers.get("api-key").and_then(|v| v.to_str().ok());
-    let ok = [bearer, api_key].into_iter().flatten().any(|k| {
+    let found = [bearer, api_key].into_iter().flatten().find_map(|k| {
         live.client_keys
             .iter()
-            .any(|c| constant_time_eq(c.as_bytes(), k.as_bytes()))
+            .position(|c| constant_time_eq(c.as_bytes(), k.as_bytes()))
     });
-    if ok {
-        None
-    } else {
-        Some(error_response(
-            StatusCode::UNAUTHORIZED,
-            "invalid_api_key",
-            "missing or wrong gateway client key",
-        ))
+    match found {
+        Some(i) => Ok(client_label(i)),
+        None => Err(Refused::WrongKey),
     }
+}
+
+/// `key-1`, `key-2`, ... (the first 32; later keys share `key-33+`: label sets stay bounded).
+fn client_label(i: usize) -> &'static str {
+    const LABELS: [&str; 33] = [
+        "key-1", "key-2", "key-3", "key-4", "key-5", "key-6", "key-7", "key-8", "key-9", "key-10",
+        "key-11", "key-12", "key-13", "key-14", "key-15", "key-16", "key-17", "key-18", "key-19",
+        "key-20", "key-21", "key-22", "key-23", "key-24", "key-25", "key-26", "key-27", "key-28",
+        "key-29", "key-30", "key-31", "key-32", "key-33+",
+    ];
+    LABELS[i.min(32)]
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -363,10 +401,15 @@ fn peer_of(req: &Request) -> Option<SocketAddr> {
 async fn forward(State(gw): State<Gateway>, req: Request) -> Response {
     let started = Instant::now();
     let route = metrics::route_label(req.uri().path());
-    let metrics = gw.metrics.clone();
-    let res = forward_counted(gw, req).await;
+    // What this request starts with it finishes with, whatever a reload does meanwhile.
+    let live = gw.live.load_full();
+    let (client, res) = match admit(&live, req.headers(), peer_of(&req)) {
+        Ok(client) => (client, forward_counted(&gw, live, client, req).await),
+        Err(refused) => ("refused", refused.response()),
+    };
     if let Some(route) = route {
-        metrics.observe(route, res.status().as_u16(), started);
+        gw.metrics
+            .observe(route, res.status().as_u16(), client, started);
     }
     res
 }
@@ -401,12 +444,12 @@ async fn metrics_text(State(gw): State<Gateway>, req: Request) -> Response {
         .into_response()
 }
 
-async fn forward_counted(gw: Gateway, req: Request) -> Response {
-    // What this request starts with it finishes with, whatever a reload does meanwhile.
-    let live = gw.live.load_full();
-    if let Some(res) = refusal(&live, req.headers(), peer_of(&req)) {
-        return res;
-    }
+async fn forward_counted(
+    gw: &Gateway,
+    live: Arc<Live>,
+    client: &'static str,
+    req: Request,
+) -> Response {
     let (parts, body) = req.into_parts();
     let bytes = match axum::body::to_bytes(body, gw.body_limit).await {
         Ok(b) => b,
@@ -442,7 +485,7 @@ async fn forward_counted(gw: Gateway, req: Request) -> Response {
             if res.status().as_u16() >= 400 {
                 return shaped_error(res, &live.backends).await;
             }
-            let usage = metrics::UsageWatch::new(gw.metrics.clone(), &res, model);
+            let usage = metrics::UsageWatch::new(gw.metrics.clone(), &res, model, client);
             into_axum(res, usage)
         }
         Err(e) => {
