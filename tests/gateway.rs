@@ -929,3 +929,83 @@ async fn tokens_reported_in_answers_are_counted_per_backend_and_model() {
     let stats: serde_json::Value = serde_json::from_str(&text(res).await).unwrap();
     assert_eq!(stats["backends"][0]["tokens"]["completion"], 7);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_stream_under_way_finishes_on_the_old_config_while_new_requests_use_the_new_one() {
+    let old = MockServer::builder()
+        .name("old")
+        .bearer("k-old")
+        .stream_chunks(3)
+        .gated_stream()
+        .start()
+        .await
+        .unwrap();
+    let new = MockServer::builder()
+        .name("new")
+        .bearer("k-new")
+        .start()
+        .await
+        .unwrap();
+    let config = |name: &str, m: &MockServer, key: &str| {
+        format!(
+            r#"{{ "backends": {{ "{name}": {{ "provider": "openai", "url": "{}/v1", "api_key": "{key}" }} }} }}"#,
+            m.url()
+        )
+    };
+    let (svc, backends) = Config::from_json(&config("old", &old, "k-old"))
+        .unwrap()
+        .build_with_backends(http_client())
+        .unwrap();
+    let gateway = Gateway::new(svc, backends, Vec::new());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!(
+        "http://{}/v1/chat/completions",
+        listener.local_addr().unwrap()
+    );
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(gateway.clone().serve(listener, async {
+        let _ = stopped.await;
+    }));
+
+    // A stream starts on the old backend and is held after its first chunk.
+    let res = send(post(
+        url.clone(),
+        None,
+        r#"{"model":"gpt-4o","stream":true}"#,
+    ))
+    .await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.headers()["x-llm-lb-backend"], "old");
+    let mut body = res.into_body();
+    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert!(first.starts_with(b"data: {"));
+
+    // Reload: the new backend only.
+    let (svc, backends) = Config::from_json(&config("new", &new, "k-new"))
+        .unwrap()
+        .build_reusing(http_client(), &gateway.backends())
+        .unwrap();
+    gateway
+        .replace(svc, backends, Vec::new(), Default::default())
+        .unwrap();
+    let res = send(post(url.clone(), None, r#"{"model":"gpt-4o"}"#)).await;
+    assert_eq!(res.headers()["x-llm-lb-backend"], "new");
+    assert_eq!(res.status(), 200);
+
+    // The stream under way still ends whole, from the old backend.
+    old.release_chunks(2);
+    let mut rest = Vec::new();
+    while let Some(frame) = body.frame().await {
+        rest.extend_from_slice(&frame.unwrap().into_data().unwrap());
+    }
+    assert!(
+        String::from_utf8(rest)
+            .unwrap()
+            .ends_with("data: [DONE]\n\n"),
+        "cut by the reload"
+    );
+    assert_eq!(old.counters().requests, 1);
+    assert_eq!(new.counters().ok, 1);
+    let _ = stop.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+}
