@@ -37,6 +37,9 @@ pub(crate) struct Metrics {
     duration: Family<Labels, Histogram>,
     tokens: Family<Labels, Counter>,
     client_tokens: Family<Labels, Counter>,
+    /// Tokens per backend, `(prompt, completion)`, for `/stats` (reading the families would
+    /// create a zero series for every label set asked about).
+    backend_tokens: std::sync::Mutex<std::collections::HashMap<String, (u64, u64)>>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -94,6 +97,7 @@ impl Metrics {
             duration,
             tokens,
             client_tokens,
+            backend_tokens: Default::default(),
         }
     }
 
@@ -107,19 +111,13 @@ impl Metrics {
     }
 
     /// Tokens one backend's answers reported, `(prompt, completion)`, summed over models.
-    pub(crate) fn tokens_of(&self, live: &Live, backend: &str) -> (u64, u64) {
-        let mut sums = (0, 0);
-        for model in live.declared().chain(["other"]) {
-            for (kind, sum) in [("prompt", &mut sums.0), ("completion", &mut sums.1)] {
-                let labels: Labels = vec![
-                    ("backend", backend.to_string()),
-                    ("model", model.to_string()),
-                    ("kind", kind.to_string()),
-                ];
-                *sum += self.tokens.get_or_create(&labels).get();
-            }
-        }
-        sums
+    pub(crate) fn tokens_of(&self, backend: &str) -> (u64, u64) {
+        self.backend_tokens
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(backend)
+            .copied()
+            .unwrap_or_default()
     }
 
     /// Counts one answer.
@@ -284,6 +282,16 @@ impl UsageWatch {
         let Some((prompt, completion)) = crate::provider::usage_of(&self.head, &self.tail) else {
             return;
         };
+        {
+            let mut totals = self
+                .metrics
+                .backend_tokens
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            let t = totals.entry(self.backend.clone()).or_default();
+            t.0 += prompt;
+            t.1 += completion;
+        }
         for (kind, n) in [("prompt", prompt), ("completion", completion)] {
             let labels: Labels = vec![
                 ("backend", self.backend.clone()),

@@ -860,7 +860,7 @@ async fn stats(State(gw): State<Gateway>, req: Request) -> Response {
         .map(|b| {
             let s = b.state();
             let c = s.counters();
-            let (prompt, completion) = gw.metrics.tokens_of(&live, b.name());
+            let (prompt, completion) = gw.metrics.tokens_of(b.name());
             let circuit = match s.circuit() {
                 Circuit::Closed => "closed",
                 Circuit::Open { until } if until > now => "open",
