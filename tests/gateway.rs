@@ -863,6 +863,18 @@ async fn metrics_count_answers_by_route_and_status_and_each_backend_s_outcomes()
         1.0
     );
     assert_eq!(line(r#"llm_lb_backend_in_flight{backend="primary"}"#), 0.0);
+    // The failed-over request's attempts: primary's 500, then the backup; 4 served requests
+    // and every attempt timed, by backend and outcome.
+    assert!(line("llm_lb_retries_total") >= 1.0);
+    assert!(
+        line(r#"llm_lb_attempt_duration_seconds_count{backend="primary",outcome="server_error"}"#)
+            >= 1.0
+    );
+    assert_eq!(
+        line(r#"llm_lb_attempt_duration_seconds_count{backend="backup",outcome="success"}"#),
+        1.0
+    );
+    assert_eq!(line("llm_lb_wait_duration_seconds_count"), 4.0);
     assert!(body.contains("# TYPE llm_lb_backend_circuit_open gauge"));
     assert!(body.trim_end().ends_with("# EOF"));
     for secret in ["k-primary", "k-backup", "client-1"] {

@@ -8,6 +8,7 @@
 
 use std::fmt::Write as _;
 use std::sync::Arc;
+use std::time::Duration;
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
@@ -37,6 +38,9 @@ pub(crate) struct Metrics {
     duration: Family<Labels, Histogram>,
     tokens: Family<Labels, Counter>,
     client_tokens: Family<Labels, Counter>,
+    attempt_seconds: Family<Labels, Histogram>,
+    retries: Counter,
+    waits: Histogram,
     /// Tokens per backend, `(prompt, completion)`, for `/stats` (reading the families would
     /// create a zero series for every label set asked about).
     backend_tokens: std::sync::Mutex<std::collections::HashMap<String, (u64, u64)>>,
@@ -90,6 +94,26 @@ impl Metrics {
             "Tokens the answers report using, by client (`key-N`, `loopback`) and kind",
             client_tokens.clone(),
         );
+        let attempt_seconds = Family::<Labels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.005, 2.0, 15))
+        });
+        registry.register(
+            "attempt_duration_seconds",
+            "Each attempt's time to its answer's head (or to its failure), by backend and outcome",
+            attempt_seconds.clone(),
+        );
+        let retries = Counter::default();
+        registry.register(
+            "retries",
+            "Attempts past each request's first (retries, failovers, hedges)",
+            retries.clone(),
+        );
+        let waits = Histogram::new(exponential_buckets(0.001, 2.0, 16));
+        registry.register(
+            "wait_duration_seconds",
+            "Time each request spent waiting between attempts (for a paced slot, a cooldown, a backoff)",
+            waits.clone(),
+        );
         registry.register_collector(Box::new(BackendCollector(live)));
         Metrics {
             registry,
@@ -97,6 +121,9 @@ impl Metrics {
             duration,
             tokens,
             client_tokens,
+            attempt_seconds,
+            retries,
+            waits,
             backend_tokens: Default::default(),
         }
     }
@@ -118,6 +145,25 @@ impl Metrics {
             .get(backend)
             .copied()
             .unwrap_or_default()
+    }
+
+    /// Counts what a request's attempts say: each attempt's time to its answer's head (or its
+    /// failure) by backend and outcome, the retries (attempts past the first), and the time the
+    /// request spent waiting between attempts (all of `total` not spent in one).
+    pub(crate) fn attempts(&self, attempts: &[crate::error::Attempt], total: Duration) {
+        let mut busy = Duration::ZERO;
+        for a in attempts {
+            busy += a.elapsed;
+            let labels: Labels = vec![
+                ("backend", a.backend.to_string()),
+                ("outcome", a.outcome.name().to_string()),
+            ];
+            self.attempt_seconds
+                .get_or_create(&labels)
+                .observe(a.elapsed.as_secs_f64());
+        }
+        self.retries.inc_by(attempts.len().saturating_sub(1) as u64);
+        self.waits.observe(total.saturating_sub(busy).as_secs_f64());
     }
 
     /// Counts one answer.

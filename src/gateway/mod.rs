@@ -479,7 +479,18 @@ async fn forward_counted(
     headers.remove(http::header::CONTENT_LENGTH);
     *out.headers_mut() = headers;
     let started = Instant::now();
-    match live.service.clone().oneshot(out).await {
+    let answer = live.service.clone().oneshot(out).await;
+    // Retries, waits and each attempt's time, from the attempts the stack reports.
+    let attempts = match &answer {
+        Ok(res) => res.extensions().get::<Attempts>().map(|a| &a.0[..]),
+        Err(e) => find::<Exhausted>(&**e)
+            .map(Exhausted::attempts)
+            .or_else(|| find::<crate::error::DeadlineExceeded>(&**e).map(|d| d.attempts())),
+    };
+    if let Some(attempts) = attempts {
+        gw.metrics.attempts(attempts, started.elapsed());
+    }
+    match answer {
         Ok(res) => {
             tracing::info!(status = res.status().as_u16(), elapsed = ?started.elapsed(), "forwarded");
             if res.status().as_u16() >= 400 {
