@@ -6,7 +6,14 @@
 //! | `POST /v1/chat/completions`, `/v1/completions`, `/v1/embeddings`, `/v1/messages`, `GET /v1/models` | forwards through the stack; streamed answers stay streamed, chunk by chunk |
 //! | `GET /health` | `200 {"status":"ok"}` |
 //! | `GET /v1/models` | the models the backends declared (config `models`), OpenAI's list format; with none declared, forwarded to a backend |
-//! | `GET /stats` | per backend: requests, 2xx, 429, 5xx, failures, in flight, circuit, cooling until, last health probe |
+//! | `GET /stats` | per backend: requests, 2xx, 429, 5xx, failures, in flight, circuit, cooling until, last health probe, tokens |
+//! | `GET /metrics` | Prometheus text format: requests by route, status and client; time to head; tokens by backend, model and client; retries, waits, each attempt's time; per backend attempts by outcome, in flight, circuit, cooldown, latency |
+//! | `GET /`, `/ui` | a self-contained live page over `/stats` (a client key in the fragment: `#key=...`) |
+//!
+//! A request whose `model` is one of `gateway.model_aliases` is sent as the model it names.
+//! [`Gateway::replace`] swaps the stack, backends, keys and aliases of a running gateway (the
+//! binary reloads its config on `SIGHUP` and when the file changes); requests under way finish
+//! on what they started with.
 //!
 //! Every request gets an `x-request-id` (the caller's, or a new UUID) that goes to the backend
 //! on every attempt and comes back in the answer (tower-http's request-id layers).
