@@ -689,3 +689,33 @@ async fn a_reloaded_config_keeps_the_state_of_unchanged_backends() {
         .unwrap();
     assert_eq!(moved[0].state().cooldown_until(), None);
 }
+
+#[test]
+fn a_models_map_excludes_top_level_targets_and_strategy_and_names_the_field() {
+    let build = |json: &str| {
+        Config::from_json(json)
+            .and_then(|c| c.build(http_client()).map(|_| ()))
+            .unwrap_err()
+            .to_string()
+    };
+    let backends =
+        r#""backends": { "a": { "provider": "openai", "url": "http://127.0.0.1:1/v1" } }"#;
+    assert_eq!(
+        build(&format!(
+            r#"{{ {backends}, "models": {{ "m": {{ "backend": "a" }} }}, "targets": [ {{ "backend": "a" }} ] }}"#
+        )),
+        "models: routes by model in place of `targets`: use one of them"
+    );
+    assert_eq!(
+        build(&format!(
+            r#"{{ {backends}, "models": {{ "m": {{ "backend": "a" }} }}, "strategy": {{ "mode": "fallback" }} }}"#
+        )),
+        "strategy: with `models`, each model's target has its own strategy"
+    );
+    assert_eq!(
+        build(&format!(
+            r#"{{ {backends}, "models": {{ "m": {{ "backend": "nope" }} }} }}"#
+        )),
+        "models.m.backend: no backend named \"nope\" in `backends`"
+    );
+}

@@ -37,6 +37,7 @@ async fn start(json: &str) -> Running {
         .unwrap_or_default();
     let task = tokio::spawn(
         Gateway::new(svc, backends, keys)
+            .served_models(config.models.keys().cloned().collect())
             .model_aliases(aliases)
             .unwrap()
             .serve(listener, async {
@@ -998,7 +999,7 @@ async fn a_stream_under_way_finishes_on_the_old_config_while_new_requests_use_th
         .build_reusing(http_client(), &gateway.backends())
         .unwrap();
     gateway
-        .replace(svc, backends, Vec::new(), Default::default())
+        .replace(svc, backends, Vec::new(), Default::default(), Vec::new())
         .unwrap();
     let res = send(post(url.clone(), None, r#"{"model":"gpt-4o"}"#)).await;
     assert_eq!(res.headers()["x-llm-lb-backend"], "new");
@@ -1020,4 +1021,84 @@ async fn a_stream_under_way_finishes_on_the_old_config_while_new_requests_use_th
     assert_eq!(new.counters().ok, 1);
     let _ = stop.send(());
     let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_models_map_routes_each_model_to_its_own_target_and_lists_them() {
+    let (a, b, e) = (
+        MockServer::builder()
+            .name("a")
+            .bearer("ka")
+            .record_requests(true)
+            .start()
+            .await
+            .unwrap(),
+        MockServer::builder()
+            .name("b")
+            .bearer("kb")
+            .start()
+            .await
+            .unwrap(),
+        MockServer::builder()
+            .name("e")
+            .bearer("ke")
+            .start()
+            .await
+            .unwrap(),
+    );
+    let openai = |m: &MockServer, key: &str| {
+        format!(
+            r#"{{ "provider": "openai", "url": "{}/v1", "api_key": "{key}" }}"#,
+            m.url()
+        )
+    };
+    let json = format!(
+        r#"{{ "backends": {{ "a": {a}, "b": {b}, "e": {e} }},
+             "models": {{
+               "gpt-4o": {{ "strategy": {{ "mode": "fallback" }},
+                            "targets": [ {{ "backend": "a" }}, {{ "backend": "b" }} ] }},
+               "gpt-4": {{ "backend": "a", "override_params": {{ "model": "gpt-4o" }} }},
+               "text-embedding-3-small": {{ "backend": "e" }}
+             }} }}"#,
+        a = openai(&a, "ka"),
+        b = openai(&b, "kb"),
+        e = openai(&e, "ke")
+    );
+    let gw = start(&json).await;
+    let ask = |path: &str, body: &'static str| post(format!("{}{path}", gw.url), None, body);
+    let res = send(ask("/v1/chat/completions", r#"{"model":"gpt-4o"}"#)).await;
+    assert_eq!(res.headers()["x-llm-lb-backend"], "a");
+    let res = send(ask(
+        "/v1/embeddings",
+        r#"{"model":"text-embedding-3-small","input":"x"}"#,
+    ))
+    .await;
+    assert_eq!(res.headers()["x-llm-lb-backend"], "e");
+    // A model's own target may rewrite the model (an alias with its own target).
+    let res = send(ask("/v1/chat/completions", r#"{"model":"gpt-4"}"#)).await;
+    assert_eq!(res.status(), 200);
+    let sent: serde_json::Value = serde_json::from_slice(&a.requests()[1].body).unwrap();
+    assert_eq!(sent["model"], "gpt-4o");
+    // gpt-4o falls back to b when a fails; gpt-4 has no fallback.
+    a.set_fault(Some(Fault::Status(500)));
+    let res = send(ask("/v1/chat/completions", r#"{"model":"gpt-4o"}"#)).await;
+    assert_eq!(res.headers()["x-llm-lb-backend"], "b");
+    // Not in the map: 404, nothing sent.
+    let before = a.counters().requests + b.counters().requests + e.counters().requests;
+    let res = send(ask("/v1/chat/completions", r#"{"model":"gpt-5"}"#)).await;
+    assert_eq!(res.status(), 404);
+    assert!(text(res).await.contains("model_not_found"));
+    assert_eq!(
+        a.counters().requests + b.counters().requests + e.counters().requests,
+        before
+    );
+    let res = send(get(format!("{}/v1/models", gw.url), None)).await;
+    let list: serde_json::Value = serde_json::from_str(&text(res).await).unwrap();
+    let ids: Vec<&str> = list["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["gpt-4", "gpt-4o", "text-embedding-3-small"]);
 }

@@ -182,6 +182,39 @@ impl Config {
             let backend = carrying(&path, name, b, &mut ctx.caches, previous)?;
             ctx.backends.insert(name.clone(), backend);
         }
+        if !self.models.is_empty() {
+            if !self.targets.is_empty() {
+                return err(
+                    "models",
+                    "routes by model in place of `targets`: use one of them",
+                );
+            }
+            if self.strategy.is_some() {
+                return err(
+                    "strategy",
+                    "with `models`, each model's target has its own strategy",
+                );
+            }
+            let mut routes = BTreeMap::new();
+            for (i, (model, t)) in self.models.iter().enumerate() {
+                let path = format!("models.{model}");
+                if model.trim().is_empty() {
+                    return err(&path, "a model name must not be empty");
+                }
+                let named = TargetConfig {
+                    name: t.name.clone().or_else(|| Some(model.clone())),
+                    ..t.clone()
+                };
+                routes.insert(model.clone(), ctx.with_overrides(&path, &named, i)?);
+            }
+            let svc = BoxTarget::new(ModelRouter {
+                routes: Arc::new(routes),
+            });
+            let mut used = ctx.used;
+            used.sort_by(|a, b| a.name().cmp(b.name()));
+            used.dedup_by(|a, b| a.state().ptr_eq(b.state()));
+            return Ok((svc, used));
+        }
         let root = TargetConfig {
             name: Some("root".into()),
             strategy: self.strategy.clone(),
@@ -218,6 +251,49 @@ impl Config {
         used.sort_by(|a, b| a.name().cmp(b.name()));
         used.dedup_by(|a, b| a.state().ptr_eq(b.state()));
         Ok((svc, used))
+    }
+}
+
+/// Sends each request to the target its `model` names (config `models`); a model not listed,
+/// or none, is [`NotServed`](crate::balance::error::NotServed), nothing sent.
+struct ModelRouter<B> {
+    routes: Arc<BTreeMap<String, BoxTarget<B>>>,
+}
+
+impl<B> Clone for ModelRouter<B> {
+    fn clone(&self) -> Self {
+        ModelRouter {
+            routes: self.routes.clone(),
+        }
+    }
+}
+
+impl<B: Send + 'static> Service<Request<ReplayBody>> for ModelRouter<B> {
+    type Response = Response<B>;
+    type Error = BoxError;
+    type Future =
+        std::pin::Pin<Box<dyn std::future::Future<Output = Result<Response<B>, BoxError>> + Send>>;
+
+    /// Always ready: each model's target is driven ready inside its call.
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<ReplayBody>) -> Self::Future {
+        let model = crate::provider::model_of(req.body().bytes());
+        match model.and_then(|m| self.routes.get(m)) {
+            Some(target) => target.clone().call(req),
+            None => {
+                let refused = crate::balance::error::NotServed {
+                    group: Arc::from("models"),
+                    model: model.map(str::to_string),
+                };
+                Box::pin(async move { Err(refused.into()) })
+            }
+        }
     }
 }
 

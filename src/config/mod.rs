@@ -5,7 +5,8 @@
 //! `strategy.mode` (`loadbalance`, `fallback`), nested `targets`, `weight`, `override_params`,
 //! `retry.attempts`, `retry.on_status_codes`, `request_timeout` (ms); and adds ours: named
 //! `backends` (provider, url, deployment, api_version, credentials by env var), `priority`,
-//! `circuit_breaker` and `timeouts`. Unknown fields are rejected; every error names the path of
+//! `circuit_breaker` and `timeouts`, and a `models` map (each model its own target, chosen by
+//! the request's `model`) in place of `targets`. Unknown fields are rejected; every error names the path of
 //! the bad field (`targets[1].weight: must be a finite number >= 0`); secrets are never printed
 //! back.
 //!
@@ -62,6 +63,11 @@ pub struct Config {
     /// The top-level targets. None: load-balance over every backend in `backends`.
     #[serde(default)]
     pub targets: Vec<TargetConfig>,
+    /// Routing by model, in place of `targets`: each model's own target (a backend, a group or
+    /// a chain, as in `targets`), chosen by the request's `model`; a model not listed is
+    /// refused without sending (the gateway answers `404 model_not_found`).
+    #[serde(default)]
+    pub models: BTreeMap<String, TargetConfig>,
     /// Retries of throttled requests (and of failures, with `on_status_codes` / `failures`).
     pub retry: Option<RetryConfig>,
     /// One overall deadline per request, in milliseconds (Portkey's `request_timeout`).

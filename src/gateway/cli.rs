@@ -101,6 +101,7 @@ fn check(path: &str) -> ExitCode {
         .map_err(|e| e.to_string())
         .and_then(|(service, backends)| {
             super::Gateway::new(service, backends.clone(), Vec::new())
+                .served_models(config.models.keys().cloned().collect())
                 .model_aliases(aliases)
                 .map(|_| backends)
         });
@@ -217,6 +218,7 @@ async fn run(args: Serve) -> Result<(), Failure> {
         .map(|g| g.model_aliases.clone())
         .unwrap_or_default();
     let gateway = super::Gateway::new(service, backends, client_keys)
+        .served_models(config.models.keys().cloned().collect())
         .model_aliases(aliases)
         .map_err(Failure::Config)?;
     // Reload without restart: on SIGHUP, and when the file changes (checked every 2 s).
@@ -306,6 +308,12 @@ fn reload(path: &str, gateway: &super::Gateway, client: Client) -> Result<usize,
         .map(|g| (g.client_keys.clone(), g.model_aliases.clone()))
         .unwrap_or_default();
     let n = backends.len();
-    gateway.replace(service, backends, keys, aliases)?;
+    gateway.replace(
+        service,
+        backends,
+        keys,
+        aliases,
+        config.models.keys().cloned().collect(),
+    )?;
     Ok(n)
 }

@@ -79,7 +79,9 @@ pub(crate) struct Live {
     backends: Arc<[Backend]>,
     client_keys: Arc<[String]>,
     aliases: Arc<std::collections::BTreeMap<String, String>>,
-    /// The models the backends declare.
+    /// The models served by name (config `models`).
+    models: Vec<String>,
+    /// Those and the models the backends declare.
     declared: std::collections::BTreeSet<String>,
 }
 
@@ -89,12 +91,14 @@ impl Live {
         backends: Vec<Backend>,
         client_keys: Vec<String>,
         aliases: std::collections::BTreeMap<String, String>,
+        models: Vec<String>,
     ) -> Result<Self, String> {
         let declared: std::collections::BTreeSet<String> = backends
             .iter()
             .filter_map(Backend::models)
             .flatten()
             .map(str::to_string)
+            .chain(models.iter().cloned())
             .collect();
         for (alias, model) in &aliases {
             let at = format!("gateway.model_aliases.{alias}");
@@ -113,6 +117,7 @@ impl Live {
             backends: backends.into(),
             client_keys: client_keys.into(),
             aliases: Arc::new(aliases),
+            models,
             declared,
         })
     }
@@ -150,8 +155,14 @@ impl Gateway {
     /// A gateway over `service`, reporting `backends` on `/stats`, requiring one of
     /// `client_keys` (none: loopback clients only).
     pub fn new(service: LlmService, backends: Vec<Backend>, client_keys: Vec<String>) -> Self {
-        let live = Live::new(service, backends, client_keys, Default::default())
-            .unwrap_or_else(|_| unreachable!("no aliases to check"));
+        let live = Live::new(
+            service,
+            backends,
+            client_keys,
+            Default::default(),
+            Vec::new(),
+        )
+        .unwrap_or_else(|_| unreachable!("no aliases to check"));
         let live = Arc::new(arc_swap::ArcSwap::from_pointee(live));
         Gateway {
             metrics: Arc::new(metrics::Metrics::new(live.clone())),
@@ -164,15 +175,18 @@ impl Gateway {
     /// new stack at once; requests under way finish on the old one. Fails, naming the alias, as
     /// [`Gateway::model_aliases`] does, and then changes nothing. Build the new stack with
     /// [`Config::build_reusing`](crate::config::Config::build_reusing) over
-    /// [`Gateway::backends`] so unchanged backends keep their state.
+    /// [`Gateway::backends`] so unchanged backends keep their state. `models` are the models
+    /// the service routes by name (config `models`), listed on `/v1/models` with those the
+    /// backends declare.
     pub fn replace(
         &self,
         service: LlmService,
         backends: Vec<Backend>,
         client_keys: Vec<String>,
         aliases: std::collections::BTreeMap<String, String>,
+        models: Vec<String>,
     ) -> Result<(), String> {
-        let live = Live::new(service, backends, client_keys, aliases)?;
+        let live = Live::new(service, backends, client_keys, aliases, models)?;
         self.live.store(Arc::new(live));
         Ok(())
     }
@@ -196,8 +210,28 @@ impl Gateway {
             now.backends.to_vec(),
             now.client_keys.to_vec(),
             aliases,
+            now.models.clone(),
         )?;
         Ok(self)
+    }
+
+    /// The models the service routes by name (config `models`: see
+    /// [`Config::models`](crate::config::Config::models)), listed on `/v1/models` beside those
+    /// the backends declare, and usable as alias targets and metric labels.
+    pub fn served_models(self, models: Vec<String>) -> Self {
+        let now = self.live.load_full();
+        let live = Live::new(
+            now.service.clone(),
+            now.backends.to_vec(),
+            now.client_keys.to_vec(),
+            (*now.aliases).clone(),
+            models,
+        );
+        // The aliases were valid with fewer models: they stay valid with more.
+        if let Ok(live) = live {
+            self.live.store(Arc::new(live));
+        }
+        self
     }
 
     /// The largest request body accepted (default 32 MiB).
