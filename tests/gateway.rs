@@ -69,6 +69,18 @@ fn get(url: String, key: Option<&str>) -> http::Request<Full<Bytes>> {
     b.body(Full::new(Bytes::new())).unwrap()
 }
 
+/// The ids `GET /v1/models` lists.
+async fn model_ids(url: &str) -> Vec<String> {
+    let res = send(get(format!("{url}/v1/models"), None)).await;
+    let list: serde_json::Value = serde_json::from_str(&text(res).await).unwrap();
+    list["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap().to_string())
+        .collect()
+}
+
 async fn send(req: http::Request<Full<Bytes>>) -> http::Response<hyper::body::Incoming> {
     http_client().oneshot(req).await.unwrap()
 }
@@ -291,15 +303,10 @@ async fn the_mock_mode_config_serves_through_its_embedded_backends() {
     assert_eq!(res.headers()["x-llm-lb-backend"], "embed-eastus");
     let res = send(post(chat, None, r#"{"model":"gpt-5"}"#)).await;
     assert_eq!(res.status(), 404, "an unknown model");
-    let res = send(get(format!("{}/v1/models", gw.url), None)).await;
-    let list: serde_json::Value = serde_json::from_str(&text(res).await).unwrap();
-    let ids: Vec<&str> = list["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["id"].as_str().unwrap())
-        .collect();
-    assert_eq!(ids, ["gpt-4", "gpt-4o", "text-embedding-3-small"]);
+    assert_eq!(
+        model_ids(&gw.url).await,
+        ["gpt-4", "gpt-4o", "text-embedding-3-small"]
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -1092,13 +1099,8 @@ async fn a_models_map_routes_each_model_to_its_own_target_and_lists_them() {
         a.counters().requests + b.counters().requests + e.counters().requests,
         before
     );
-    let res = send(get(format!("{}/v1/models", gw.url), None)).await;
-    let list: serde_json::Value = serde_json::from_str(&text(res).await).unwrap();
-    let ids: Vec<&str> = list["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["id"].as_str().unwrap())
-        .collect();
-    assert_eq!(ids, ["gpt-4", "gpt-4o", "text-embedding-3-small"]);
+    assert_eq!(
+        model_ids(&gw.url).await,
+        ["gpt-4", "gpt-4o", "text-embedding-3-small"]
+    );
 }

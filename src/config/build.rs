@@ -210,10 +210,7 @@ impl Config {
             let svc = BoxTarget::new(ModelRouter {
                 routes: Arc::new(routes),
             });
-            let mut used = ctx.used;
-            used.sort_by(|a, b| a.name().cmp(b.name()));
-            used.dedup_by(|a, b| a.state().ptr_eq(b.state()));
-            return Ok((svc, used));
+            return Ok((svc, each_once(ctx.used)));
         }
         let root = TargetConfig {
             name: Some("root".into()),
@@ -247,11 +244,15 @@ impl Config {
             root
         };
         let svc = ctx.node("", &root, None)?;
-        let mut used = ctx.used;
-        used.sort_by(|a, b| a.name().cmp(b.name()));
-        used.dedup_by(|a, b| a.state().ptr_eq(b.state()));
-        Ok((svc, used))
+        Ok((svc, each_once(ctx.used)))
     }
+}
+
+/// Every backend a stack sends to, each once, by name.
+fn each_once(mut used: Vec<Backend>) -> Vec<Backend> {
+    used.sort_by(|a, b| a.name().cmp(b.name()));
+    used.dedup_by(|a, b| a.state().ptr_eq(b.state()));
+    used
 }
 
 /// Sends each request to the target its `model` names (config `models`); a model not listed,
