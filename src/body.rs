@@ -470,9 +470,19 @@ pin_project! {
         end: EndWatch,
         // Counts the answer in flight on its backend until it has been read (or dropped).
         in_flight: Option<crate::state::InFlight>,
+        // Boxed: only answers translated from another provider's API have one.
+        translate: Option<Box<Translating>>,
         #[pin]
         inner: B,
     }
+}
+
+/// An answer being rewritten into the caller's API (see [`translate`](crate::translate)).
+#[derive(Debug)]
+struct Translating {
+    with: Box<dyn crate::provider::translate::StreamTranslate>,
+    out: Vec<u8>,
+    finished: bool,
 }
 
 /// What was read ahead of a body: replayed before the rest.
@@ -547,6 +557,7 @@ impl<B> ResponseBody<B> {
             backend: None,
             end: EndWatch::default(),
             in_flight: None,
+            translate: None,
             inner,
         }
     }
@@ -560,6 +571,7 @@ impl<B> ResponseBody<B> {
             backend: None,
             end: EndWatch::default(),
             in_flight: None,
+            translate: None,
             inner,
         }
     }
@@ -580,6 +592,19 @@ impl<B> ResponseBody<B> {
     #[inline]
     pub(crate) fn holding(mut self, guard: crate::state::InFlight) -> Self {
         self.in_flight = Some(guard);
+        self
+    }
+
+    /// Rewrites the answer with `with` as it streams (a translated request's answer).
+    pub(crate) fn translated(
+        mut self,
+        with: Box<dyn crate::provider::translate::StreamTranslate>,
+    ) -> Self {
+        self.translate = Some(Box::new(Translating {
+            with,
+            out: Vec::new(),
+            finished: false,
+        }));
         self
     }
 
@@ -612,9 +637,86 @@ where
     type Error = BoxError;
 
     fn poll_frame(
-        self: Pin<&mut Self>,
+        mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        if self.translate.is_none() {
+            return self.poll_raw(cx);
+        }
+        loop {
+            let frame = ready!(self.as_mut().poll_raw(cx));
+            let this = self.as_mut().project();
+            let Some(t) = this.translate.as_mut() else {
+                return Poll::Ready(frame);
+            };
+            let result = match frame {
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => t.with.feed(&data, &mut t.out),
+                    Err(frame) => return Poll::Ready(Some(Ok(frame))),
+                },
+                Some(Err(e)) => return Poll::Ready(Some(Err(e))),
+                None if t.finished => return Poll::Ready(None),
+                None => {
+                    t.finished = true;
+                    t.with.finish(&mut t.out)
+                }
+            };
+            if let Err(reason) = result {
+                t.finished = true;
+                return Poll::Ready(Some(Err(error::StreamInterrupted {
+                    backend: this.backend.clone(),
+                    source: Some(format!("the answer could not be translated: {reason}").into()),
+                }
+                .into())));
+            }
+            if !t.out.is_empty() {
+                let data = Bytes::from(std::mem::take(&mut t.out));
+                return Poll::Ready(Some(Ok(Frame::data(data))));
+            }
+            if t.finished {
+                return Poll::Ready(None);
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.translate.as_ref().is_none_or(|t| t.finished) && self.raw_end()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        if self.translate.is_some() {
+            return SizeHint::new();
+        }
+        let extra = self.prefix().map_or(0, |p| p.len() as u64);
+        let inner = self.inner.size_hint();
+        let mut hint = SizeHint::new();
+        hint.set_lower(inner.lower() + extra);
+        if let Some(u) = inner.upper() {
+            hint.set_upper(u + extra);
+        }
+        hint
+    }
+}
+
+impl<B> ResponseBody<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    fn raw_end(&self) -> bool {
+        self.replay
+            .as_ref()
+            .is_none_or(|r| r.prefix.is_none() && r.trailers.is_none())
+            && self.end.complete()
+            && self.inner.is_end_stream()
+    }
+
+    /// The backend's frames, with the prefix replayed, the end marker required and the
+    /// in-flight count released.
+    fn poll_raw(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.project();
         if let Some(p) = this.replay.as_mut().and_then(|r| r.prefix.take()) {
             this.end.feed(&p);
@@ -659,25 +761,6 @@ where
                 Poll::Ready(Some(Ok(frame)))
             }
         }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.replay
-            .as_ref()
-            .is_none_or(|r| r.prefix.is_none() && r.trailers.is_none())
-            && self.end.complete()
-            && self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        let extra = self.prefix().map_or(0, |p| p.len() as u64);
-        let inner = self.inner.size_hint();
-        let mut hint = SizeHint::new();
-        hint.set_lower(inner.lower() + extra);
-        if let Some(u) = inner.upper() {
-            hint.set_upper(u + extra);
-        }
-        hint
     }
 }
 

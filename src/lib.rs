@@ -113,6 +113,7 @@ pub mod rng;
 pub mod stack;
 pub mod state;
 pub mod timeout;
+pub mod translate;
 
 #[doc = include_str!("../README.md")]
 #[cfg(doctest)]

@@ -1,6 +1,6 @@
 //! Ready-made stacks: the recommended layers over any HTTP client, boxed behind one type.
 //!
-//! [`group`] builds `RetryAfter429` → `Balance` → per backend `CircuitBreaker` → `Endpoint` →
+//! [`group`] builds `RetryAfter429` → `Balance` → per backend `CircuitBreaker` → `Translate` → `Endpoint` →
 //! `AttemptTimeout` → `AuthInject` → your client, and boxes it as an [`LlmService`], the type
 //! [`Fallback`](crate::fallback::Fallback) targets and nested groups take, so the generic types
 //! never reach your code.
@@ -78,6 +78,7 @@ use crate::endpoint::EndpointLayer;
 use crate::error::BoxError;
 use crate::retry::RetryAfter429Layer;
 use crate::timeout::{AttemptTimeoutLayer, SilenceWatch, TimeoutBody, WatchedTimeoutLayer};
+use crate::translate::TranslateLayer;
 
 /// The response body of the stacks built here: the backend's body, streamed.
 pub type LlmBody = ResponseBody<TimeoutBody<Incoming>>;
@@ -125,6 +126,9 @@ pub struct Settings {
     pub health: Option<crate::circuit_breaker::HealthProbe>,
     /// Health probes of single backends by name, in place of [`Settings::health`].
     pub health_for: std::collections::BTreeMap<String, crate::circuit_breaker::HealthProbe>,
+    /// How OpenAI chat requests are translated for Anthropic backends and Anthropic messages
+    /// requests for OpenAI ones (see [`translate`](crate::translate)).
+    pub translation: crate::translate::Options,
 }
 
 impl Default for Settings {
@@ -141,6 +145,7 @@ impl Default for Settings {
             rng: None,
             health: None,
             health_for: std::collections::BTreeMap::new(),
+            translation: crate::translate::Options::default(),
         }
     }
 }
@@ -208,6 +213,7 @@ where
         }
         let svc = ServiceBuilder::new()
             .layer(breakers.layer_for(b))
+            .layer(TranslateLayer::for_backend(b).options(settings.translation.clone()))
             .layer(endpoint)
             .layer(timeouts)
             .layer(AuthInjectLayer::for_backend(b))

@@ -69,7 +69,10 @@ async fn openai_bearer_and_anthropic_x_api_key_reach_their_backends() {
     assert_eq!(res.status(), 200);
     assert_eq!(openai.requests()[0].path_and_query, "/v1/chat/completions");
     let req = http::Request::post("/v1/messages")
-        .body(r#"{"model":"claude-sonnet","max_tokens":10}"#.into())
+        .body(
+            r#"{"model":"claude-sonnet","max_tokens":10,"messages":[{"role":"user","content":"Hi"}]}"#
+                .into(),
+        )
         .unwrap();
     let res = stack(&a).oneshot(req).await.unwrap();
     assert_eq!(res.status(), 200);

@@ -240,7 +240,9 @@ pub fn classify_error_chain(error: &(dyn StdError + 'static)) -> Outcome {
         if e.is::<crate::balance::error::NotServed>() {
             return Outcome::Unavailable { retry_at: None };
         }
-        if e.is::<crate::endpoint::error::InvalidTarget>() {
+        if e.is::<crate::endpoint::error::InvalidTarget>()
+            || e.is::<crate::translate::Untranslatable>()
+        {
             return Outcome::ClientError {
                 status: StatusCode::BAD_REQUEST,
             };

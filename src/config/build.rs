@@ -300,6 +300,16 @@ impl<B: Send + 'static> Service<Request<ReplayBody>> for ModelRouter<B> {
 
 fn settings(config: &Config) -> Result<Settings, ConfigError> {
     let mut s = Settings::default();
+    if let Some(t) = &config.translation {
+        let d = crate::translate::Options::default();
+        if t.default_max_tokens == Some(0) {
+            return err("translation.default_max_tokens", "must be at least 1");
+        }
+        s.translation = crate::translate::Options {
+            default_max_tokens: t.default_max_tokens.unwrap_or(d.default_max_tokens),
+            drop_unsupported: t.drop_unsupported.unwrap_or(d.drop_unsupported),
+        };
+    }
     if let Some(b) = &config.circuit_breaker {
         let d = Policy::default();
         s.breaker = Policy {

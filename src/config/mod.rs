@@ -5,7 +5,7 @@
 //! `strategy.mode` (`loadbalance`, `fallback`), nested `targets`, `weight`, `override_params`,
 //! `retry.attempts`, `retry.on_status_codes`, `request_timeout` (ms); and adds ours: named
 //! `backends` (provider, url, deployment, api_version, credentials by env var), `priority`,
-//! `circuit_breaker` and `timeouts`, and a `models` map (each model its own target, chosen by
+//! `circuit_breaker`, `timeouts` and `translation`, and a `models` map (each model its own target, chosen by
 //! the request's `model`) in place of `targets`. Unknown fields are rejected; every error names the path of
 //! the bad field (`targets[1].weight: must be a finite number >= 0`); secrets are never printed
 //! back.
@@ -80,6 +80,21 @@ pub struct Config {
     pub health_check: Option<HealthCheckConfig>,
     /// Settings of the gateway example.
     pub gateway: Option<GatewayConfig>,
+    /// How OpenAI chat requests are translated for Anthropic backends, and Anthropic messages
+    /// requests for OpenAI and Azure ones (see [`translate`](crate::translate)).
+    pub translation: Option<TranslationConfig>,
+}
+
+/// How requests are translated between providers' APIs.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TranslationConfig {
+    /// `max_tokens` sent to Anthropic when the caller gave none (default 4096; Anthropic
+    /// requires one).
+    pub default_max_tokens: Option<u32>,
+    /// Drop parameters that have no counterpart (`n`, `logprobs`, `seed`…) instead of
+    /// answering `400` naming them (default `false`). Message content is never dropped.
+    pub drop_unsupported: Option<bool>,
 }
 
 /// One backend definition.
@@ -354,7 +369,7 @@ pub struct BreakerConfig {
 #[derive(Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GatewayConfig {
-    /// Keys clients must present (`Authorization: Bearer <key>` or `api-key`). None: only
+    /// Keys clients must present (`Authorization: Bearer <key>`, `api-key` or `x-api-key`). None: only
     /// loopback clients are served.
     #[serde(default)]
     pub client_keys: Vec<String>,

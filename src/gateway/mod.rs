@@ -19,8 +19,8 @@
 //! on every attempt and comes back in the answer (tower-http's request-id layers).
 //!
 //! Callers' credentials never reach a backend (each backend's `AuthInject` replaces them). The
-//! gateway's own client keys (`gateway.client_keys`, sent as `Authorization: Bearer` or
-//! `api-key`) are required; with none configured, only loopback clients are served.
+//! gateway's own client keys (`gateway.client_keys`, sent as `Authorization: Bearer`,
+//! `api-key`, or `x-api-key` as Anthropic's SDKs do) are required; with none configured, only loopback clients are served.
 //!
 //! | outcome | answer |
 //! |---|---|
@@ -29,6 +29,7 @@
 //! | an error answer (body or header) quoting a configured backend credential | passed on with every such secret replaced by `[redacted]` |
 //! | a request body over the limit | `413` `request_too_large`, OpenAI-shaped, nothing sent |
 //! | a model no backend serves (`models` declared) | `404` `model_not_found` |
+//! | a chat request for an Anthropic backend (or a messages request for an OpenAI one) with a parameter that has no counterpart ([`translate`](crate::translate)) | `400` `unsupported_parameter` with `param` naming it |
 //! | a stream is cut upstream | an SSE `event: error` then a broken stream, never a clean end |
 //! | nothing free in time | `429` with `retry-after` / `retry-after-ms` when a retry time is known, else `503` |
 //! | the backend rejected the credential configured for it (401/403) | `502` `upstream_auth_error` naming the backend (its answer is not passed on) |
@@ -395,11 +396,16 @@ fn admit(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
     let api_key = headers.get("api-key").and_then(|v| v.to_str().ok());
-    let found = [bearer, api_key].into_iter().flatten().find_map(|k| {
-        live.client_keys
-            .iter()
-            .position(|c| constant_time_eq(c.as_bytes(), k.as_bytes()))
-    });
+    // What Anthropic's SDKs send.
+    let x_api_key = headers.get("x-api-key").and_then(|v| v.to_str().ok());
+    let found = [bearer, api_key, x_api_key]
+        .into_iter()
+        .flatten()
+        .find_map(|k| {
+            live.client_keys
+                .iter()
+                .position(|c| constant_time_eq(c.as_bytes(), k.as_bytes()))
+        });
     match found {
         Some(i) => Ok(client_label(i)),
         None => Err(Refused::WrongKey),
@@ -779,6 +785,13 @@ fn error_for(e: &BoxError) -> Response {
     }
     if find::<crate::balance::error::NotServed>(&**e).is_some() {
         return error_response(StatusCode::NOT_FOUND, "model_not_found", &e.to_string());
+    }
+    if let Some(u) = find::<crate::translate::Untranslatable>(&**e) {
+        let body = serde_json::json!({
+            "error": {"message": e.to_string(), "type": "invalid_request_error",
+                      "param": u.param, "code": "unsupported_parameter"}
+        });
+        return (StatusCode::BAD_REQUEST, axum::Json(body)).into_response();
     }
     if find::<crate::fallback::NotJson>(&**e).is_some() {
         return error_response(

@@ -7,7 +7,12 @@
 //! - OpenAI routes: `POST /v1/chat/completions`, `/v1/completions`, `/v1/embeddings`, `GET /v1/models`;
 //! - Azure classic routes: `POST /openai/deployments/{deployment}/{op}?api-version=…` and the v1
 //!   routes under `/openai/v1/`;
-//! - Anthropic: `POST /v1/messages` (requires `anthropic-version`).
+//! - Anthropic: `POST /v1/messages`, checked as Anthropic checks it (`anthropic-version`,
+//!   `max_tokens` required, no `system` role in `messages`, no unknown fields, every
+//!   `tool_result` answering the previous turn's `tool_use`), with Anthropic's answer, error
+//!   and stream shapes (typed events ending in `message_stop`) and `retry-after` in whole seconds.
+//! - Tools: a chat or messages request offering tools gets a call of the first one (arguments
+//!   `{"q": "mock"}`, streamed in pieces), unless it ends with the tool's result.
 //!
 //! Behaviour:
 //! - **Auth**: the configured credential must be present, else `401`. Any *other* credential header
@@ -43,6 +48,7 @@ use tokio::time::Instant;
 
 use crate::auth::CALLER_CREDENTIAL_HEADERS;
 
+mod anthropic;
 #[cfg(feature = "grpc-mock")]
 pub mod grpc;
 #[cfg(feature = "gateway")]
@@ -812,12 +818,16 @@ async fn serve(
     match res {
         Some(mut res) => {
             let status = res.status();
-            let retry_after = res
-                .headers()
-                .get("retry-after-ms")
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse::<u64>().ok())
-                .map(Duration::from_millis);
+            let header = |name: &str| {
+                res.headers()
+                    .get(name)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<u64>().ok())
+            };
+            // Anthropic's 429s say whole seconds only.
+            let retry_after = header("retry-after-ms")
+                .map(Duration::from_millis)
+                .or_else(|| header("retry-after").map(Duration::from_secs));
             shared.set_status(idx, status.as_u16(), retry_after);
             let counter = match status.as_u16() {
                 200..=299 => C_OK,
@@ -870,21 +880,27 @@ async fn answer(
             .and_then(|v| v.strip_prefix("Bearer "))
             .is_some_and(|t| registry.valid(t, Instant::now())),
     };
-    {
-        if !authorized {
-            return Some(error_json(
-                StatusCode::UNAUTHORIZED,
-                "invalid_api_key",
-                "Access denied due to invalid subscription key or wrong API endpoint.",
-            ));
+    let is_messages = parts.uri.path() == "/v1/messages";
+    let refuse = |status: StatusCode, code: &str, message: &str| {
+        if is_messages {
+            full(status, anthropic::error_body(status, message))
+        } else {
+            error_json(status, code, message)
         }
+    };
+    if !authorized {
+        return Some(refuse(
+            StatusCode::UNAUTHORIZED,
+            "invalid_api_key",
+            "Access denied due to invalid subscription key or wrong API endpoint.",
+        ));
     }
     let route = match route(&parts.method, parts.uri.path(), parts.uri.query()) {
         Ok(r) => r,
         Err((status, code, message)) => return Some(error_json(status, code, message)),
     };
     if route.anthropic && !parts.headers.contains_key("anthropic-version") {
-        return Some(error_json(
+        return Some(refuse(
             StatusCode::BAD_REQUEST,
             "invalid_request_error",
             "anthropic-version: header is required",
@@ -896,7 +912,7 @@ async fn answer(
         match serde_json::from_slice(&body) {
             Ok(v) => v,
             Err(_) => {
-                return Some(error_json(
+                return Some(refuse(
                     StatusCode::BAD_REQUEST,
                     "invalid_request_error",
                     "We could not parse the JSON body of your request.",
@@ -904,6 +920,21 @@ async fn answer(
             }
         }
     };
+    if route.anthropic
+        && let Err(message) = anthropic::validate(&json)
+    {
+        return Some(refuse(StatusCode::BAD_REQUEST, "", &message));
+    }
+    if route.kind == "chat"
+        && !route.anthropic
+        && let Err(message) = check_chat(&json)
+    {
+        return Some(refuse(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            &message,
+        ));
+    }
     let fault = match shared.fault() {
         Some(Fault::OnPath(part, inner)) => parts.uri.path().contains(&part).then_some(*inner),
         other => other,
@@ -911,7 +942,7 @@ async fn answer(
     match &fault {
         Some(Fault::Status(s)) => {
             let status = StatusCode::from_u16(*s).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-            return Some(error_json(status, "server_error", "injected fault"));
+            return Some(refuse(status, "server_error", "injected fault"));
         }
         Some(Fault::Hang) => std::future::pending::<()>().await,
         Some(Fault::Reset) => return None,
@@ -931,7 +962,7 @@ async fn answer(
             return Some(res);
         }
         Some(Fault::Throttle(headers)) => {
-            let mut res = error_json(
+            let mut res = refuse(
                 StatusCode::TOO_MANY_REQUESTS,
                 "429",
                 "Rate limit reached. Please retry after the time in the retry-after header.",
@@ -1011,8 +1042,13 @@ async fn answer(
         }
         ((!wait.is_zero()).then_some(wait), h)
     };
+    let quota_headers = if route.anthropic {
+        anthropic_quota_headers(quota_headers)
+    } else {
+        quota_headers
+    };
     if let Some(wait) = limited {
-        let mut res = error_json(
+        let mut res = refuse(
             StatusCode::TOO_MANY_REQUESTS,
             "429",
             "Requests to the ChatCompletions_Create Operation have exceeded call rate limit. \
@@ -1020,8 +1056,11 @@ async fn answer(
         );
         let h = res.headers_mut();
         h.extend(quota_headers);
-        let ms = wait.as_secs_f64() * 1000.0;
-        h.insert("retry-after-ms", num(ms.ceil() as u64));
+        if !route.anthropic {
+            // Anthropic sends whole seconds only.
+            let ms = wait.as_secs_f64() * 1000.0;
+            h.insert("retry-after-ms", num(ms.ceil() as u64));
+        }
         h.insert("retry-after", num(wait.as_secs_f64().ceil() as u64));
         return Some(res);
     }
@@ -1050,23 +1089,48 @@ async fn answer(
             );
             return Some(res);
         }
-        // OpenAI sends one last chunk with `usage` when the caller asked for it.
-        let usage = json
-            .get("stream_options")
-            .and_then(|o| o.get("include_usage"))
-            .and_then(|v| v.as_bool())
-            .unwrap_or(false)
-            .then(|| (cost_tokens as u64 - max_tokens, shared.stream_chunks as u64));
-        sse(shared.clone(), model, cut, stop, usage)
+        let input_tokens = cost_tokens as u64 - max_tokens;
+        let chunks = shared.stream_chunks;
+        let shape = if route.anthropic {
+            let tool = anthropic::tool_to_call(&json);
+            let calls = tool.is_some();
+            Stream {
+                head: anthropic::stream_head(&model, input_tokens, tool.as_deref()),
+                chunk: Box::new(move |i| anthropic::stream_chunk(i, calls)),
+                tail: anthropic::stream_tail(chunks, calls),
+            }
+        } else {
+            // OpenAI sends one last chunk with `usage` when the caller asked for it.
+            let usage = json
+                .get("stream_options")
+                .and_then(|o| o.get("include_usage"))
+                .and_then(|v| v.as_bool())
+                .unwrap_or(false)
+                .then_some((input_tokens, chunks as u64));
+            openai_stream(model, openai_tool_to_call(&json), usage)
+        };
+        sse(shared.clone(), shape, cut, stop)
     } else {
         let text = format!("Hello from {}", shared.name);
+        let input_tokens = cost_tokens as u64 - max_tokens;
         let body = match (route.anthropic, route.kind) {
-            (true, _) => serde_json::json!({
-                "id": "msg_mock", "type": "message", "role": "assistant", "model": model,
-                "content": [{"type": "text", "text": text}],
-                "stop_reason": "end_turn",
-                "usage": {"input_tokens": cost_tokens as u64 - max_tokens, "output_tokens": 4}
-            }),
+            (true, _) => {
+                let tool = anthropic::tool_to_call(&json);
+                anthropic::message(&model, &text, tool.as_deref(), input_tokens)
+            }
+            (_, "chat") if openai_tool_to_call(&json).is_some() => {
+                let name = openai_tool_to_call(&json).unwrap_or_default();
+                serde_json::json!({
+                    "id": "chatcmpl-mock", "object": "chat.completion", "model": model,
+                    "choices": [{"index": 0, "finish_reason": "tool_calls",
+                                 "message": {"role": "assistant", "content": null,
+                                             "tool_calls": [{"id": "call_mock_0", "type": "function",
+                                                             "function": {"name": name,
+                                                                          "arguments": "{\"q\": \"mock\"}"}}]}}],
+                    "usage": {"prompt_tokens": input_tokens, "completion_tokens": 4,
+                              "total_tokens": input_tokens + 4}
+                })
+            }
             (_, "embedding") => serde_json::json!({
                 "object": "list", "model": model,
                 "data": [{"object": "embedding", "index": 0, "embedding": [0.1, 0.2, 0.3]}],
@@ -1112,20 +1176,149 @@ fn go_duration(d: Duration) -> HeaderValue {
     HeaderValue::from_str(&s).unwrap_or(HeaderValue::from_static("0s"))
 }
 
+/// A stream's events: what comes first, the `i`th content event, what ends it.
+struct Stream {
+    head: Vec<Bytes>,
+    chunk: Box<dyn Fn(usize) -> Bytes + Send>,
+    tail: Vec<Bytes>,
+}
+
+/// The tool an OpenAI chat answer calls, if any: the first tool offered, unless the
+/// conversation ends with a tool's result or the caller said `none`.
+fn openai_tool_to_call(req: &serde_json::Value) -> Option<String> {
+    let first = req.pointer("/tools/0/function/name")?.as_str()?;
+    if req.get("tool_choice").and_then(|c| c.as_str()) == Some("none") {
+        return None;
+    }
+    let last = req.get("messages")?.as_array()?.last()?;
+    (last.get("role").and_then(|r| r.as_str()) != Some("tool")).then(|| first.to_string())
+}
+
+/// Refuses what OpenAI refuses: Anthropic's own parameters, and a tool result that answers
+/// no earlier tool call.
+fn check_chat(req: &serde_json::Value) -> Result<(), String> {
+    for key in ["system", "stop_sequences", "top_k", "thinking"] {
+        if req.get(key).is_some() {
+            return Err(format!("Unrecognized request argument supplied: {key}"));
+        }
+    }
+    let mut calls: Vec<&str> = Vec::new();
+    for m in req
+        .get("messages")
+        .and_then(|m| m.as_array())
+        .into_iter()
+        .flatten()
+    {
+        if let Some(tc) = m.get("tool_calls").and_then(|t| t.as_array()) {
+            calls.extend(tc.iter().filter_map(|c| c.get("id")?.as_str()));
+        }
+        if m.get("role").and_then(|r| r.as_str()) == Some("tool") {
+            let id = m.get("tool_call_id").and_then(|i| i.as_str()).unwrap_or("");
+            if !calls.contains(&id) {
+                return Err(
+                    "Invalid parameter: messages with role 'tool' must be a response \
+                            to a preceeding message with 'tool_calls'."
+                        .into(),
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Anthropic's names for the quota headers (no reset: Anthropic's is an RFC 3339 time).
+fn anthropic_quota_headers(h: HeaderMap) -> HeaderMap {
+    let mut out = HeaderMap::new();
+    for (name, value) in &h {
+        let Some(rest) = name.as_str().strip_prefix("x-ratelimit-") else {
+            continue;
+        };
+        let Some((kind, dim)) = rest.split_once('-') else {
+            continue;
+        };
+        if kind == "reset" {
+            continue;
+        }
+        if let Ok(n) = http::HeaderName::try_from(format!("anthropic-ratelimit-{dim}-{kind}")) {
+            out.insert(n, value.clone());
+        }
+    }
+    out
+}
+
+fn openai_stream(model: String, tool: Option<String>, usage: Option<(u64, u64)>) -> Stream {
+    let chunk = move |model: &str, delta: serde_json::Value, finish: Option<&str>| {
+        let c = serde_json::json!({
+            "id": "chatcmpl-mock", "object": "chat.completion.chunk", "model": model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]
+        });
+        Bytes::from(format!("data: {c}\n\n"))
+    };
+    let calls = tool.is_some();
+    let mut head = Vec::new();
+    let mut tail = Vec::new();
+    if let Some(name) = &tool {
+        head.push(chunk(
+            &model,
+            serde_json::json!({"role": "assistant", "content": null, "tool_calls": [
+                {"index": 0, "id": "call_mock_0", "type": "function",
+                 "function": {"name": name, "arguments": ""}}]}),
+            None,
+        ));
+        tail.push(chunk(
+            &model,
+            serde_json::json!({"tool_calls": [{"index": 0, "function": {"arguments": "\"}"}}]}),
+            None,
+        ));
+        tail.push(chunk(&model, serde_json::json!({}), Some("tool_calls")));
+    }
+    if let Some((prompt, completion)) = usage {
+        let c = serde_json::json!({
+            "id": "chatcmpl-mock", "object": "chat.completion.chunk", "model": model,
+            "choices": [],
+            "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
+                      "total_tokens": prompt + completion}
+        });
+        tail.push(Bytes::from(format!("data: {c}\n\n")));
+    }
+    tail.push(Bytes::from_static(b"data: [DONE]\n\n"));
+    Stream {
+        head,
+        chunk: Box::new(move |i| {
+            let delta = if calls {
+                let piece = if i == 0 {
+                    "{\"q\": \"tok0 ".to_string()
+                } else {
+                    format!("tok{i} ")
+                };
+                serde_json::json!({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]})
+            } else {
+                serde_json::json!({"content": format!("tok{i} ")})
+            };
+            chunk(&model, delta, None)
+        }),
+        tail,
+    }
+}
+
 fn sse(
     shared: Arc<Shared>,
-    model: String,
+    shape: Stream,
     cut_after: Option<usize>,
     stop_after: Option<usize>,
-    usage: Option<(u64, u64)>,
 ) -> Response<MockBody> {
     let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(1);
     let chunks = shared.stream_chunks;
     let delay = shared.chunk_delay;
     tokio::spawn(async move {
+        for head in shape.head {
+            if tx.send(Ok(head)).await.is_err() {
+                return;
+            }
+        }
         for i in 0..chunks {
             if stop_after == Some(i) {
-                return; // the channel closes: a clean end on the wire, no [DONE]
+                return; // the channel closes: a clean end on the wire, no end marker
             }
             if cut_after == Some(i) {
                 let _ = tx
@@ -1146,29 +1339,16 @@ fn sse(
                     Err(_) => return,
                 }
             }
-            let chunk = serde_json::json!({
-                "id": "chatcmpl-mock", "object": "chat.completion.chunk", "model": model,
-                "choices": [{"index": 0, "delta": {"content": format!("tok{i} ")}, "finish_reason": null}]
-            });
-            if tx
-                .send(Ok(Bytes::from(format!("data: {chunk}\n\n"))))
-                .await
-                .is_err()
-            {
+            if tx.send(Ok((shape.chunk)(i))).await.is_err() {
                 return;
             }
             shared.count(C_CHUNKS);
         }
-        if let Some((prompt, completion)) = usage {
-            let chunk = serde_json::json!({
-                "id": "chatcmpl-mock", "object": "chat.completion.chunk", "model": model,
-                "choices": [],
-                "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
-                          "total_tokens": prompt + completion}
-            });
-            let _ = tx.send(Ok(Bytes::from(format!("data: {chunk}\n\n")))).await;
+        for tail in shape.tail {
+            if tx.send(Ok(tail)).await.is_err() {
+                return;
+            }
         }
-        let _ = tx.send(Ok(Bytes::from_static(b"data: [DONE]\n\n"))).await;
     });
     let mut res = Response::new(MockBody {
         kind: BodyKind::Channel(rx),

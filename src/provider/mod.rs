@@ -18,6 +18,8 @@
 //!
 //! A caller's `api-version` query parameter is replaced by the backend's on classic Azure.
 
+pub mod translate;
+
 use std::fmt;
 use std::sync::Arc;
 

@@ -1,0 +1,1401 @@
+//! OpenAI chat completions ⇄ Anthropic messages: requests, answers, error bodies and streams.
+//!
+//! Pure functions and byte-stream state machines, no I/O; the
+//! [`translate`](crate::translate) layer drives them per backend. Field by field:
+//!
+//! | OpenAI chat (`/v1/chat/completions`) | Anthropic messages (`/v1/messages`) |
+//! |---|---|
+//! | `system` / `developer` messages | `system` (joined, in order) |
+//! | `user` text and `image_url` parts (URL or `data:` base64) | `text` and `image` blocks (`url` or `base64` source) |
+//! | `assistant` content and `tool_calls` | `text` and `tool_use` blocks (`arguments` parsed to `input`) |
+//! | `tool` messages | `tool_result` blocks in a `user` turn (consecutive ones merged: parallel calls) |
+//! | consecutive turns of one role | merged into one turn |
+//! | `max_tokens` / `max_completion_tokens` (none: the configured default) | `max_tokens` (required) |
+//! | `temperature` (0-2), `top_p`, `stop`, `user` | `temperature` (0-1), `top_p`, `stop_sequences`, `metadata.user_id` |
+//! | `tools` (`function`), `tool_choice` (`auto`, `none`, `required`, a function), `parallel_tool_calls: false` | `tools` (`input_schema`), `tool_choice` (`auto`, `none`, `any`, `tool`), `disable_parallel_tool_use` |
+//! | `stream`, `stream_options.include_usage` | `stream` (usage always sent; a usage chunk only when asked for) |
+//! | answer `finish_reason` `stop` / `length` / `tool_calls` / `content_filter` | `stop_reason` `end_turn` or `stop_sequence` / `max_tokens` / `tool_use` / `refusal` |
+//! | `usage.prompt_tokens` / `completion_tokens` | `usage.input_tokens` (+ cache reads and writes) / `output_tokens` |
+//! | `{"error": {"message", "type", "param", "code"}}` | `{"type": "error", "error": {"type", "message"}}`; `529 overloaded_error` ⇄ `503` |
+//!
+//! Parameters of the target's own API found on the request (`top_k`, `stop_sequences`,
+//! `thinking` for Anthropic; `logprobs`, `seed`… for OpenAI), as `override_params` put them,
+//! are carried over as they are. Anything else that has no counterpart (`n > 1`, `logprobs`,
+//! `response_format`, audio parts, a temperature above 1 for Anthropic…) is refused, naming the
+//! parameter, or dropped with [`Options::drop_unsupported`]; content is never dropped.
+
+use std::fmt;
+
+use serde_json::{Map, Value, json};
+
+/// How requests are translated.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Options {
+    /// `max_tokens` sent to Anthropic when the caller gave none (Anthropic requires it;
+    /// default 4096).
+    pub default_max_tokens: u32,
+    /// Drop parameters that have no counterpart instead of refusing the request (default
+    /// `false`: refuse, naming the parameter). Message content is never dropped.
+    pub drop_unsupported: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            default_max_tokens: 4096,
+            drop_unsupported: false,
+        }
+    }
+}
+
+/// A request that cannot be translated for the backend's API.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Untranslatable {
+    /// The parameter, as a path into the request (`messages[2].content[0].type`, `logprobs`).
+    pub param: String,
+    /// Why.
+    pub reason: String,
+}
+
+impl fmt::Display for Untranslatable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.param, self.reason)
+    }
+}
+
+impl std::error::Error for Untranslatable {}
+
+fn bad(param: impl Into<String>, reason: impl Into<String>) -> Untranslatable {
+    Untranslatable {
+        param: param.into(),
+        reason: reason.into(),
+    }
+}
+
+/// A translated request body and what its answer will need.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct Translated {
+    pub(crate) body: Vec<u8>,
+    /// The caller asked for a stream.
+    pub(crate) stream: bool,
+    /// The caller (OpenAI) asked for a usage chunk at the end of the stream.
+    pub(crate) include_usage: bool,
+}
+
+fn parse_object(body: &[u8]) -> Result<Map<String, Value>, Untranslatable> {
+    match serde_json::from_slice(body) {
+        Ok(Value::Object(m)) => Ok(m),
+        Ok(_) => Err(bad("body", "must be a JSON object")),
+        Err(e) => Err(bad("body", format!("not JSON ({e})"))),
+    }
+}
+
+fn is_false_or_null(v: &Value) -> bool {
+    v.is_null() || v == &Value::Bool(false)
+}
+
+fn is_zero_or_null(v: &Value) -> bool {
+    v.is_null() || v.as_f64() == Some(0.0)
+}
+
+/// Text of an OpenAI content value (a string or text parts).
+fn text_of(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Array(parts) => {
+            let mut out = String::new();
+            for p in parts {
+                out.push_str(p.get("text")?.as_str()?);
+            }
+            Some(out)
+        }
+        _ => None,
+    }
+}
+
+const TO_ANTHROPIC: &str = "cannot be sent to an Anthropic backend";
+const TO_OPENAI: &str = "cannot be sent to an OpenAI backend";
+
+/// OpenAI chat request → Anthropic messages request.
+pub(crate) fn chat_to_messages(body: &[u8], opts: &Options) -> Result<Translated, Untranslatable> {
+    let req = parse_object(body)?;
+    let mut out = Map::new();
+    let mut system: Vec<String> = Vec::new();
+    let mut turns: Vec<(&'static str, Vec<Value>)> = Vec::new();
+    let mut stream = false;
+    let mut include_usage = false;
+    let mut tools_given = false;
+    let mut tool_choice: Option<Value> = None;
+    let mut parallel: Option<bool> = None;
+    let unsupported = |key: &str, why: &str| -> Result<(), Untranslatable> {
+        if opts.drop_unsupported {
+            Ok(())
+        } else {
+            Err(bad(key, why))
+        }
+    };
+    for (key, value) in req {
+        match key.as_str() {
+            "model" | "top_p" | "top_k" | "thinking" | "stop_sequences" => {
+                out.insert(key, value);
+            }
+            "messages" => {
+                let Value::Array(messages) = value else {
+                    return Err(bad("messages", "must be an array"));
+                };
+                for (i, m) in messages.iter().enumerate() {
+                    let path = format!("messages[{i}]");
+                    let role = m.get("role").and_then(Value::as_str).unwrap_or("");
+                    match role {
+                        "system" | "developer" => {
+                            let text = text_of(m.get("content").unwrap_or(&Value::Null))
+                                .ok_or_else(|| bad(format!("{path}.content"), "must be text"))?;
+                            system.push(text);
+                        }
+                        "user" => {
+                            let blocks = user_blocks(m.get("content"), &path)?;
+                            push_turn(&mut turns, "user", blocks);
+                        }
+                        "assistant" => {
+                            let blocks = assistant_blocks(m, &path)?;
+                            push_turn(&mut turns, "assistant", blocks);
+                        }
+                        "tool" => {
+                            let id = m
+                                .get("tool_call_id")
+                                .and_then(Value::as_str)
+                                .ok_or_else(|| bad(format!("{path}.tool_call_id"), "required"))?;
+                            let content = text_of(m.get("content").unwrap_or(&Value::Null))
+                                .ok_or_else(|| bad(format!("{path}.content"), "must be text"))?;
+                            let block = json!({"type": "tool_result", "tool_use_id": id,
+                                               "content": content});
+                            push_turn(&mut turns, "user", vec![block]);
+                        }
+                        other => {
+                            return Err(bad(
+                                format!("{path}.role"),
+                                format!("{other:?} {TO_ANTHROPIC}"),
+                            ));
+                        }
+                    }
+                }
+            }
+            "system" => match value {
+                Value::String(s) => system.push(s),
+                other => {
+                    let text = text_of(&other).ok_or_else(|| bad("system", "must be text"))?;
+                    system.push(text);
+                }
+            },
+            "max_tokens" | "max_completion_tokens" => {
+                if !value.is_null() {
+                    out.insert("max_tokens".into(), value);
+                }
+            }
+            "temperature" => match value.as_f64() {
+                Some(t) if t > 1.0 => {
+                    unsupported(
+                        "temperature",
+                        &format!("{t} is above Anthropic's maximum of 1"),
+                    )?;
+                    out.insert(key, json!(1.0));
+                }
+                _ => {
+                    out.insert(key, value);
+                }
+            },
+            "stop" => match value {
+                Value::Null => {}
+                Value::String(s) => {
+                    out.insert("stop_sequences".into(), json!([s]));
+                }
+                Value::Array(a) => {
+                    out.insert("stop_sequences".into(), Value::Array(a));
+                }
+                _ => return Err(bad("stop", "must be a string or an array of strings")),
+            },
+            "user" => {
+                if let Some(u) = value.as_str() {
+                    out.insert("metadata".into(), json!({"user_id": u}));
+                }
+            }
+            "metadata" => {
+                // Anthropic's own `metadata` (only `user_id`) passes; OpenAI's stored-completion
+                // tags have no counterpart.
+                let only_user = value
+                    .as_object()
+                    .is_some_and(|m| m.keys().all(|k| k == "user_id"));
+                if only_user {
+                    out.insert(key, value);
+                } else if !value.is_null() {
+                    unsupported("metadata", &format!("OpenAI's metadata {TO_ANTHROPIC}"))?;
+                }
+            }
+            "stream" => {
+                stream = value.as_bool() == Some(true);
+                out.insert(key, value);
+            }
+            "stream_options" => {
+                include_usage = value
+                    .get("include_usage")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false);
+            }
+            "tools" => {
+                let Value::Array(tools) = value else {
+                    return Err(bad("tools", "must be an array"));
+                };
+                let mut converted = Vec::with_capacity(tools.len());
+                for (i, t) in tools.iter().enumerate() {
+                    if t.get("type").and_then(Value::as_str) != Some("function") {
+                        return Err(bad(
+                            format!("tools[{i}].type"),
+                            format!("only function tools {TO_ANTHROPIC}"),
+                        ));
+                    }
+                    let f = t.get("function").unwrap_or(&Value::Null);
+                    let name = f
+                        .get("name")
+                        .and_then(Value::as_str)
+                        .ok_or_else(|| bad(format!("tools[{i}].function.name"), "required"))?;
+                    let mut tool = Map::new();
+                    tool.insert("name".into(), json!(name));
+                    if let Some(d) = f.get("description").filter(|d| !d.is_null()) {
+                        tool.insert("description".into(), d.clone());
+                    }
+                    let schema = f
+                        .get("parameters")
+                        .filter(|p| !p.is_null())
+                        .cloned()
+                        .unwrap_or_else(|| json!({"type": "object", "properties": {}}));
+                    tool.insert("input_schema".into(), schema);
+                    converted.push(Value::Object(tool));
+                }
+                tools_given = !converted.is_empty();
+                if tools_given {
+                    out.insert("tools".into(), Value::Array(converted));
+                }
+            }
+            "tool_choice" => tool_choice = Some(value),
+            "parallel_tool_calls" => parallel = value.as_bool(),
+            "n" => {
+                if !(value.is_null() || value.as_u64() == Some(1)) {
+                    unsupported("n", &format!("more than one choice {TO_ANTHROPIC}"))?;
+                }
+            }
+            "logprobs" | "store" => {
+                if !is_false_or_null(&value) {
+                    unsupported(&key, TO_ANTHROPIC)?;
+                }
+            }
+            "presence_penalty" | "frequency_penalty" => {
+                if !is_zero_or_null(&value) {
+                    unsupported(&key, TO_ANTHROPIC)?;
+                }
+            }
+            "response_format" => {
+                let plain =
+                    value.is_null() || value.get("type").and_then(Value::as_str) == Some("text");
+                if !plain {
+                    unsupported("response_format", TO_ANTHROPIC)?;
+                }
+            }
+            "modalities" => {
+                let text_only = value.is_null() || value == json!(["text"]);
+                if !text_only {
+                    unsupported("modalities", TO_ANTHROPIC)?;
+                }
+            }
+            _ => {
+                if !value.is_null() {
+                    unsupported(&key, TO_ANTHROPIC)?;
+                }
+            }
+        }
+    }
+    if !system.is_empty() {
+        out.insert("system".into(), json!(system.join("\n\n")));
+    }
+    out.insert(
+        "messages".into(),
+        Value::Array(
+            turns
+                .into_iter()
+                .map(|(role, content)| json!({"role": role, "content": content}))
+                .collect(),
+        ),
+    );
+    out.entry("max_tokens")
+        .or_insert_with(|| json!(opts.default_max_tokens));
+    let choice = match tool_choice {
+        None | Some(Value::Null) => tools_given.then(|| json!({"type": "auto"})),
+        Some(Value::String(s)) => match s.as_str() {
+            "auto" => Some(json!({"type": "auto"})),
+            "none" => Some(json!({"type": "none"})),
+            "required" => Some(json!({"type": "any"})),
+            other => return Err(bad("tool_choice", format!("unknown value {other:?}"))),
+        },
+        Some(obj) => {
+            let name = obj
+                .get("function")
+                .and_then(|f| f.get("name"))
+                .and_then(Value::as_str)
+                .ok_or_else(|| bad("tool_choice.function.name", "required"))?;
+            Some(json!({"type": "tool", "name": name}))
+        }
+    };
+    if let Some(mut choice) = choice {
+        if parallel == Some(false) && choice.get("type") != Some(&json!("none")) {
+            choice["disable_parallel_tool_use"] = json!(true);
+        }
+        out.insert("tool_choice".into(), choice);
+    }
+    Ok(Translated {
+        body: serde_json::to_vec(&Value::Object(out)).unwrap_or_default(),
+        stream,
+        include_usage,
+    })
+}
+
+/// Appends blocks to the conversation, merging a turn of the same role into the last one.
+/// Tool results go before any other block of their user turn, as Anthropic requires.
+fn push_turn(turns: &mut Vec<(&'static str, Vec<Value>)>, role: &'static str, blocks: Vec<Value>) {
+    let is_result = |b: &Value| b.get("type").and_then(Value::as_str) == Some("tool_result");
+    match turns.last_mut() {
+        Some((last, content)) if *last == role => {
+            for b in blocks {
+                if is_result(&b) {
+                    let at = content.iter().take_while(|c| is_result(c)).count();
+                    content.insert(at, b);
+                } else {
+                    content.push(b);
+                }
+            }
+        }
+        _ => turns.push((role, blocks)),
+    }
+}
+
+fn user_blocks(content: Option<&Value>, path: &str) -> Result<Vec<Value>, Untranslatable> {
+    match content {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::String(s)) => Ok(vec![json!({"type": "text", "text": s})]),
+        Some(Value::Array(parts)) => {
+            let mut blocks = Vec::with_capacity(parts.len());
+            for (j, p) in parts.iter().enumerate() {
+                let at = format!("{path}.content[{j}]");
+                match p.get("type").and_then(Value::as_str) {
+                    Some("text") => {
+                        let text = p.get("text").and_then(Value::as_str).unwrap_or("");
+                        blocks.push(json!({"type": "text", "text": text}));
+                    }
+                    Some("image_url") => {
+                        let url = p
+                            .get("image_url")
+                            .and_then(|i| i.get("url").or(Some(i)))
+                            .and_then(Value::as_str)
+                            .ok_or_else(|| bad(format!("{at}.image_url.url"), "required"))?;
+                        blocks.push(image_block(url, &at)?);
+                    }
+                    Some(other) => {
+                        return Err(bad(format!("{at}.type"), format!("{other} {TO_ANTHROPIC}")));
+                    }
+                    None => return Err(bad(format!("{at}.type"), "required")),
+                }
+            }
+            Ok(blocks)
+        }
+        Some(_) => Err(bad(
+            format!("{path}.content"),
+            "must be a string or an array",
+        )),
+    }
+}
+
+fn image_block(url: &str, at: &str) -> Result<Value, Untranslatable> {
+    if let Some(rest) = url.strip_prefix("data:") {
+        let (media, data) = rest
+            .split_once(";base64,")
+            .ok_or_else(|| bad(format!("{at}.image_url.url"), "a data URL must be base64"))?;
+        return Ok(json!({"type": "image",
+                         "source": {"type": "base64", "media_type": media, "data": data}}));
+    }
+    Ok(json!({"type": "image", "source": {"type": "url", "url": url}}))
+}
+
+fn assistant_blocks(m: &Value, path: &str) -> Result<Vec<Value>, Untranslatable> {
+    let mut blocks = Vec::new();
+    match m.get("content") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(s)) => {
+            if !s.is_empty() {
+                blocks.push(json!({"type": "text", "text": s}));
+            }
+        }
+        Some(Value::Array(parts)) => {
+            for (j, p) in parts.iter().enumerate() {
+                let text = p
+                    .get("text")
+                    .or_else(|| p.get("refusal"))
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| bad(format!("{path}.content[{j}]"), "must be text"))?;
+                blocks.push(json!({"type": "text", "text": text}));
+            }
+        }
+        Some(_) => {
+            return Err(bad(
+                format!("{path}.content"),
+                "must be a string or an array",
+            ));
+        }
+    }
+    if let Some(calls) = m.get("tool_calls").and_then(Value::as_array) {
+        for (k, c) in calls.iter().enumerate() {
+            let at = format!("{path}.tool_calls[{k}]");
+            let id = c
+                .get("id")
+                .and_then(Value::as_str)
+                .ok_or_else(|| bad(format!("{at}.id"), "required"))?;
+            let f = c.get("function").unwrap_or(&Value::Null);
+            let name = f
+                .get("name")
+                .and_then(Value::as_str)
+                .ok_or_else(|| bad(format!("{at}.function.name"), "required"))?;
+            let args = f.get("arguments").and_then(Value::as_str).unwrap_or("{}");
+            let input: Value = if args.trim().is_empty() {
+                json!({})
+            } else {
+                serde_json::from_str(args)
+                    .map_err(|_| bad(format!("{at}.function.arguments"), "not a JSON object"))?
+            };
+            if !input.is_object() {
+                return Err(bad(format!("{at}.function.arguments"), "not a JSON object"));
+            }
+            blocks.push(json!({"type": "tool_use", "id": id, "name": name, "input": input}));
+        }
+    }
+    Ok(blocks)
+}
+
+/// Anthropic messages request → OpenAI chat request.
+pub(crate) fn messages_to_chat(body: &[u8], opts: &Options) -> Result<Translated, Untranslatable> {
+    let req = parse_object(body)?;
+    let mut out = Map::new();
+    let mut messages: Vec<Value> = Vec::new();
+    let mut stream = false;
+    let mut tool_choice: Option<Value> = None;
+    let unsupported = |key: &str, why: &str| -> Result<(), Untranslatable> {
+        if opts.drop_unsupported {
+            Ok(())
+        } else {
+            Err(bad(key, why))
+        }
+    };
+    let mut system: Option<Value> = None;
+    for (key, value) in req {
+        match key.as_str() {
+            "model"
+            | "max_tokens"
+            | "temperature"
+            | "top_p"
+            | "logprobs"
+            | "top_logprobs"
+            | "seed"
+            | "presence_penalty"
+            | "frequency_penalty"
+            | "n"
+            | "user"
+            | "response_format"
+            | "logit_bias"
+            | "reasoning_effort"
+            | "parallel_tool_calls"
+            | "max_completion_tokens" => {
+                out.insert(key, value);
+            }
+            "system" => system = Some(value),
+            "messages" => {
+                let Value::Array(turns) = value else {
+                    return Err(bad("messages", "must be an array"));
+                };
+                for (i, m) in turns.iter().enumerate() {
+                    let path = format!("messages[{i}]");
+                    match m.get("role").and_then(Value::as_str) {
+                        Some("user") => openai_user(m.get("content"), &path, &mut messages)?,
+                        Some("assistant") => {
+                            messages.push(openai_assistant(m.get("content"), &path, opts)?)
+                        }
+                        other => {
+                            return Err(bad(
+                                format!("{path}.role"),
+                                format!("{:?} is not a messages role", other.unwrap_or("")),
+                            ));
+                        }
+                    }
+                }
+            }
+            "stop_sequences" => {
+                if !value.is_null() {
+                    out.insert("stop".into(), value);
+                }
+            }
+            "metadata" => {
+                if let Some(u) = value.get("user_id").and_then(Value::as_str) {
+                    out.insert("user".into(), json!(u));
+                }
+            }
+            "stream" => {
+                stream = value.as_bool() == Some(true);
+                out.insert(key, value);
+            }
+            "tools" => {
+                let Value::Array(tools) = value else {
+                    return Err(bad("tools", "must be an array"));
+                };
+                let mut converted = Vec::with_capacity(tools.len());
+                for (i, t) in tools.iter().enumerate() {
+                    let name = t
+                        .get("name")
+                        .and_then(Value::as_str)
+                        .ok_or_else(|| bad(format!("tools[{i}].name"), "required"))?;
+                    if t.get("type")
+                        .and_then(Value::as_str)
+                        .is_some_and(|ty| ty != "custom")
+                    {
+                        return Err(bad(
+                            format!("tools[{i}].type"),
+                            format!("server tools {TO_OPENAI}"),
+                        ));
+                    }
+                    let mut f = Map::new();
+                    f.insert("name".into(), json!(name));
+                    if let Some(d) = t.get("description").filter(|d| !d.is_null()) {
+                        f.insert("description".into(), d.clone());
+                    }
+                    if let Some(s) = t.get("input_schema") {
+                        f.insert("parameters".into(), s.clone());
+                    }
+                    converted.push(json!({"type": "function", "function": f}));
+                }
+                if !converted.is_empty() {
+                    out.insert("tools".into(), Value::Array(converted));
+                }
+            }
+            "tool_choice" => tool_choice = Some(value),
+            "top_k" | "thinking" => {
+                if !value.is_null() {
+                    unsupported(&key, TO_OPENAI)?;
+                }
+            }
+            "service_tier" => {}
+            _ => {
+                if !value.is_null() {
+                    unsupported(&key, TO_OPENAI)?;
+                }
+            }
+        }
+    }
+    if let Some(sys) = system {
+        let text = match &sys {
+            Value::String(s) => s.clone(),
+            Value::Array(_) => text_of(&sys).ok_or_else(|| bad("system", "must be text"))?,
+            _ => return Err(bad("system", "must be text")),
+        };
+        messages.insert(0, json!({"role": "system", "content": text}));
+    }
+    out.insert("messages".into(), Value::Array(messages));
+    if let Some(choice) = tool_choice {
+        let kind = choice.get("type").and_then(Value::as_str).unwrap_or("");
+        let converted = match kind {
+            "auto" => json!("auto"),
+            "any" => json!("required"),
+            "none" => json!("none"),
+            "tool" => {
+                let name = choice
+                    .get("name")
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| bad("tool_choice.name", "required"))?;
+                json!({"type": "function", "function": {"name": name}})
+            }
+            other => return Err(bad("tool_choice.type", format!("unknown value {other:?}"))),
+        };
+        if choice.get("disable_parallel_tool_use") == Some(&json!(true)) && kind != "none" {
+            out.insert("parallel_tool_calls".into(), json!(false));
+        }
+        out.insert("tool_choice".into(), converted);
+    }
+    if stream {
+        // Anthropic's stream always ends with the usage.
+        out.insert("stream_options".into(), json!({"include_usage": true}));
+    }
+    Ok(Translated {
+        body: serde_json::to_vec(&Value::Object(out)).unwrap_or_default(),
+        stream,
+        include_usage: false,
+    })
+}
+
+fn openai_user(
+    content: Option<&Value>,
+    path: &str,
+    messages: &mut Vec<Value>,
+) -> Result<(), Untranslatable> {
+    let blocks = match content {
+        Some(Value::String(s)) => {
+            messages.push(json!({"role": "user", "content": s}));
+            return Ok(());
+        }
+        Some(Value::Array(b)) => b,
+        _ => {
+            return Err(bad(
+                format!("{path}.content"),
+                "must be a string or an array",
+            ));
+        }
+    };
+    let mut parts = Vec::new();
+    for (j, b) in blocks.iter().enumerate() {
+        let at = format!("{path}.content[{j}]");
+        match b.get("type").and_then(Value::as_str) {
+            Some("text") => {
+                parts.push(
+                    json!({"type": "text", "text": b.get("text").cloned().unwrap_or(json!(""))}),
+                );
+            }
+            Some("image") => {
+                let src = b.get("source").unwrap_or(&Value::Null);
+                let url = match src.get("type").and_then(Value::as_str) {
+                    Some("base64") => format!(
+                        "data:{};base64,{}",
+                        src.get("media_type")
+                            .and_then(Value::as_str)
+                            .unwrap_or("image/png"),
+                        src.get("data").and_then(Value::as_str).unwrap_or("")
+                    ),
+                    Some("url") => src
+                        .get("url")
+                        .and_then(Value::as_str)
+                        .unwrap_or("")
+                        .to_string(),
+                    _ => return Err(bad(format!("{at}.source.type"), TO_OPENAI)),
+                };
+                parts.push(json!({"type": "image_url", "image_url": {"url": url}}));
+            }
+            Some("tool_result") => {
+                let id = b
+                    .get("tool_use_id")
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| bad(format!("{at}.tool_use_id"), "required"))?;
+                let text = match b.get("content") {
+                    None | Some(Value::Null) => String::new(),
+                    Some(c) => text_of(c).ok_or_else(|| {
+                        bad(
+                            format!("{at}.content"),
+                            format!("non-text tool results {TO_OPENAI}"),
+                        )
+                    })?,
+                };
+                if b.get("is_error") == Some(&json!(true)) {
+                    messages.push(json!({"role": "tool", "tool_call_id": id, "content": format!("Error: {text}")}));
+                } else {
+                    messages.push(json!({"role": "tool", "tool_call_id": id, "content": text}));
+                }
+            }
+            Some(other) => return Err(bad(format!("{at}.type"), format!("{other} {TO_OPENAI}"))),
+            None => return Err(bad(format!("{at}.type"), "required")),
+        }
+    }
+    if !parts.is_empty() {
+        messages.push(json!({"role": "user", "content": parts}));
+    }
+    Ok(())
+}
+
+fn openai_assistant(
+    content: Option<&Value>,
+    path: &str,
+    opts: &Options,
+) -> Result<Value, Untranslatable> {
+    let mut msg = Map::new();
+    msg.insert("role".into(), json!("assistant"));
+    let blocks = match content {
+        Some(Value::String(s)) => {
+            msg.insert("content".into(), json!(s));
+            return Ok(Value::Object(msg));
+        }
+        Some(Value::Array(b)) => b,
+        _ => {
+            return Err(bad(
+                format!("{path}.content"),
+                "must be a string or an array",
+            ));
+        }
+    };
+    let mut text = String::new();
+    let mut calls = Vec::new();
+    for (j, b) in blocks.iter().enumerate() {
+        let at = format!("{path}.content[{j}]");
+        match b.get("type").and_then(Value::as_str) {
+            Some("text") => text.push_str(b.get("text").and_then(Value::as_str).unwrap_or("")),
+            Some("tool_use") => {
+                let input = b.get("input").cloned().unwrap_or(json!({}));
+                calls.push(json!({
+                    "id": b.get("id").cloned().unwrap_or(Value::Null),
+                    "type": "function",
+                    "function": {"name": b.get("name").cloned().unwrap_or(Value::Null),
+                                 "arguments": input.to_string()}
+                }));
+            }
+            Some("thinking") | Some("redacted_thinking") if opts.drop_unsupported => {}
+            Some(other) => return Err(bad(format!("{at}.type"), format!("{other} {TO_OPENAI}"))),
+            None => return Err(bad(format!("{at}.type"), "required")),
+        }
+    }
+    msg.insert(
+        "content".into(),
+        if text.is_empty() && !calls.is_empty() {
+            Value::Null
+        } else {
+            json!(text)
+        },
+    );
+    if !calls.is_empty() {
+        msg.insert("tool_calls".into(), Value::Array(calls));
+    }
+    Ok(Value::Object(msg))
+}
+
+/// Anthropic `stop_reason` → OpenAI `finish_reason`.
+fn finish_reason(stop_reason: &str) -> &'static str {
+    match stop_reason {
+        "max_tokens" | "model_context_window_exceeded" => "length",
+        "tool_use" => "tool_calls",
+        "refusal" => "content_filter",
+        _ => "stop",
+    }
+}
+
+/// OpenAI `finish_reason` → Anthropic `stop_reason`.
+fn stop_reason(finish_reason: &str) -> &'static str {
+    match finish_reason {
+        "length" => "max_tokens",
+        "tool_calls" | "function_call" => "tool_use",
+        "content_filter" => "refusal",
+        _ => "end_turn",
+    }
+}
+
+fn u64_at(v: &Value, key: &str) -> u64 {
+    v.get(key).and_then(Value::as_u64).unwrap_or(0)
+}
+
+/// Anthropic usage → (prompt tokens with cache reads and writes, completion tokens, cache reads).
+fn anthropic_usage(u: &Value) -> (u64, u64, u64) {
+    let cached = u64_at(u, "cache_read_input_tokens");
+    let prompt = u64_at(u, "input_tokens") + u64_at(u, "cache_creation_input_tokens") + cached;
+    (prompt, u64_at(u, "output_tokens"), cached)
+}
+
+fn openai_usage(prompt: u64, completion: u64, cached: u64) -> Value {
+    json!({"prompt_tokens": prompt, "completion_tokens": completion,
+           "total_tokens": prompt + completion,
+           "prompt_tokens_details": {"cached_tokens": cached}})
+}
+
+/// An Anthropic `message` answer → an OpenAI `chat.completion`.
+pub(crate) fn message_to_completion(body: &[u8], created: u64) -> Result<Vec<u8>, String> {
+    let msg: Value = serde_json::from_slice(body).map_err(|e| format!("answer not JSON ({e})"))?;
+    let blocks = msg
+        .get("content")
+        .and_then(Value::as_array)
+        .ok_or("answer has no content array")?;
+    let mut text: Option<String> = None;
+    let mut calls = Vec::new();
+    for b in blocks {
+        match b.get("type").and_then(Value::as_str) {
+            Some("text") => text
+                .get_or_insert_with(String::new)
+                .push_str(b.get("text").and_then(Value::as_str).unwrap_or("")),
+            Some("tool_use") => calls.push(json!({
+                "id": b.get("id").cloned().unwrap_or(Value::Null),
+                "type": "function",
+                "function": {"name": b.get("name").cloned().unwrap_or(Value::Null),
+                             "arguments": b.get("input").cloned().unwrap_or(json!({})).to_string()}
+            })),
+            _ => {}
+        }
+    }
+    let mut message = Map::new();
+    message.insert("role".into(), json!("assistant"));
+    message.insert(
+        "content".into(),
+        match text {
+            Some(t) => json!(t),
+            None if calls.is_empty() => json!(""),
+            None => Value::Null,
+        },
+    );
+    message.insert("refusal".into(), Value::Null);
+    if !calls.is_empty() {
+        message.insert("tool_calls".into(), Value::Array(calls));
+    }
+    let stop = msg
+        .get("stop_reason")
+        .and_then(Value::as_str)
+        .unwrap_or("end_turn");
+    let (prompt, completion, cached) = anthropic_usage(msg.get("usage").unwrap_or(&Value::Null));
+    let out = json!({
+        "id": msg.get("id").cloned().unwrap_or(json!("msg")),
+        "object": "chat.completion",
+        "created": created,
+        "model": msg.get("model").cloned().unwrap_or(Value::Null),
+        "choices": [{"index": 0, "message": message, "logprobs": null,
+                     "finish_reason": finish_reason(stop)}],
+        "usage": openai_usage(prompt, completion, cached),
+    });
+    Ok(out.to_string().into_bytes())
+}
+
+/// An OpenAI `chat.completion` answer → an Anthropic `message`.
+pub(crate) fn completion_to_message(body: &[u8]) -> Result<Vec<u8>, String> {
+    let ans: Value = serde_json::from_slice(body).map_err(|e| format!("answer not JSON ({e})"))?;
+    let choice = ans
+        .get("choices")
+        .and_then(|c| c.get(0))
+        .ok_or("answer has no choices")?;
+    let message = choice.get("message").unwrap_or(&Value::Null);
+    let mut content = Vec::new();
+    if let Some(t) = message.get("content").and_then(Value::as_str)
+        && !t.is_empty()
+    {
+        content.push(json!({"type": "text", "text": t}));
+    }
+    if let Some(calls) = message.get("tool_calls").and_then(Value::as_array) {
+        for c in calls {
+            let f = c.get("function").unwrap_or(&Value::Null);
+            let args = f.get("arguments").and_then(Value::as_str).unwrap_or("{}");
+            let input: Value = serde_json::from_str(args)
+                .map_err(|_| "a tool call's arguments are not JSON".to_string())?;
+            content.push(json!({"type": "tool_use", "id": c.get("id").cloned().unwrap_or(Value::Null),
+                                "name": f.get("name").cloned().unwrap_or(Value::Null), "input": input}));
+        }
+    }
+    let finish = choice
+        .get("finish_reason")
+        .and_then(Value::as_str)
+        .unwrap_or("stop");
+    let usage = ans.get("usage").unwrap_or(&Value::Null);
+    let out = json!({
+        "id": ans.get("id").cloned().unwrap_or(json!("msg")),
+        "type": "message",
+        "role": "assistant",
+        "model": ans.get("model").cloned().unwrap_or(Value::Null),
+        "content": content,
+        "stop_reason": stop_reason(finish),
+        "stop_sequence": null,
+        "usage": {"input_tokens": u64_at(usage, "prompt_tokens"),
+                  "output_tokens": u64_at(usage, "completion_tokens")},
+    });
+    Ok(out.to_string().into_bytes())
+}
+
+/// The message of an error body of either shape (or its text, cut to 1 KiB).
+fn error_message(body: &[u8]) -> (Option<String>, String) {
+    if let Ok(v) = serde_json::from_slice::<Value>(body)
+        && let Some(e) = v.get("error")
+    {
+        let kind = e.get("type").and_then(Value::as_str).map(str::to_string);
+        let message = e
+            .get("message")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
+        return (kind, message);
+    }
+    let text = String::from_utf8_lossy(&body[..body.len().min(1024)]).into_owned();
+    (None, text)
+}
+
+/// True for a JSON error object of either provider (a `200` may carry one).
+pub(crate) fn is_error_body(body: &[u8]) -> bool {
+    serde_json::from_slice::<Value>(body)
+        .ok()
+        .is_some_and(|v| v.get("error").is_some_and(Value::is_object))
+}
+
+/// An Anthropic error status → the status an OpenAI client expects.
+pub(crate) fn status_for_openai(status: u16) -> u16 {
+    if status == 529 { 503 } else { status }
+}
+
+/// An Anthropic error body → OpenAI's error shape.
+pub(crate) fn error_to_openai(body: &[u8]) -> Vec<u8> {
+    let (kind, message) = error_message(body);
+    let kind = kind.unwrap_or_else(|| "api_error".into());
+    let (openai_type, code) = match kind.as_str() {
+        "invalid_request_error" | "request_too_large" | "not_found_error" => {
+            ("invalid_request_error", kind.as_str())
+        }
+        "authentication_error" => ("invalid_request_error", "invalid_api_key"),
+        "permission_error" => ("invalid_request_error", "permission_denied"),
+        "rate_limit_error" => ("requests", "rate_limit_exceeded"),
+        "overloaded_error" => ("server_error", "overloaded"),
+        _ => ("server_error", kind.as_str()),
+    };
+    json!({"error": {"message": message, "type": openai_type, "param": null, "code": code}})
+        .to_string()
+        .into_bytes()
+}
+
+/// An OpenAI error body and status → Anthropic's error shape.
+pub(crate) fn error_to_anthropic(status: u16, body: &[u8]) -> Vec<u8> {
+    let (_, message) = error_message(body);
+    let kind = match status {
+        401 => "authentication_error",
+        403 => "permission_error",
+        404 => "not_found_error",
+        413 => "request_too_large",
+        429 => "rate_limit_error",
+        503 | 529 => "overloaded_error",
+        400..=499 => "invalid_request_error",
+        _ => "api_error",
+    };
+    json!({"type": "error", "error": {"type": kind, "message": message}})
+        .to_string()
+        .into_bytes()
+}
+
+/// The longest an SSE line may grow before the stream is refused (a backend sending no line
+/// breaks would otherwise grow the buffer without end).
+const MAX_LINE: usize = 4 << 20;
+
+/// Splits an SSE byte stream into events' `data` payloads, across any chunking.
+#[derive(Debug, Default)]
+struct SseReader {
+    buf: Vec<u8>,
+    data: Option<String>,
+}
+
+impl SseReader {
+    /// Feeds bytes; calls `on` with each complete event's data.
+    fn feed(
+        &mut self,
+        bytes: &[u8],
+        on: &mut dyn FnMut(&str) -> Result<(), String>,
+    ) -> Result<(), String> {
+        self.buf.extend_from_slice(bytes);
+        let mut start = 0;
+        while let Some(nl) = self.buf[start..].iter().position(|b| *b == b'\n') {
+            let end = start + nl;
+            let mut line = &self.buf[start..end];
+            if line.last() == Some(&b'\r') {
+                line = &line[..line.len() - 1];
+            }
+            if line.is_empty() {
+                if let Some(d) = self.data.take() {
+                    on(&d)?;
+                }
+            } else if let Some(rest) = line.strip_prefix(b"data:") {
+                let rest = rest.strip_prefix(b" ").unwrap_or(rest);
+                let text = String::from_utf8_lossy(rest);
+                match &mut self.data {
+                    Some(d) => {
+                        d.push('\n');
+                        d.push_str(&text);
+                    }
+                    None => self.data = Some(text.into_owned()),
+                }
+            }
+            start = end + 1;
+        }
+        self.buf.drain(..start);
+        if self.buf.len() > MAX_LINE {
+            return Err("an event stream line longer than 4 MiB".into());
+        }
+        Ok(())
+    }
+
+    /// At the end of the stream: an event not closed by a blank line still counts.
+    fn finish(&mut self, on: &mut dyn FnMut(&str) -> Result<(), String>) -> Result<(), String> {
+        if !self.buf.is_empty() {
+            self.feed(b"\n", on)?;
+        }
+        if let Some(d) = self.data.take() {
+            on(&d)?;
+        }
+        Ok(())
+    }
+}
+
+/// Rewrites one provider's stream into the other's, chunk by chunk.
+pub(crate) trait StreamTranslate: Send + Sync + fmt::Debug {
+    /// Bytes of the backend's stream in; the caller's bytes out (possibly none yet).
+    fn feed(&mut self, bytes: &[u8], out: &mut Vec<u8>) -> Result<(), String>;
+    /// The backend's stream ended cleanly.
+    fn finish(&mut self, out: &mut Vec<u8>) -> Result<(), String>;
+}
+
+/// Anthropic's typed events → OpenAI `chat.completion.chunk`s and `data: [DONE]`.
+#[derive(Debug)]
+pub(crate) struct ToChatChunks {
+    sse: SseReader,
+    created: u64,
+    include_usage: bool,
+    id: String,
+    model: String,
+    usage: (u64, u64, u64),
+    /// Anthropic block index → OpenAI tool call index, for tool-use blocks.
+    tools: Vec<(u64, u64)>,
+    finish: Option<&'static str>,
+}
+
+impl ToChatChunks {
+    pub(crate) fn new(created: u64, include_usage: bool) -> Self {
+        ToChatChunks {
+            sse: SseReader::default(),
+            created,
+            include_usage,
+            id: String::new(),
+            model: String::new(),
+            usage: (0, 0, 0),
+            tools: Vec::new(),
+            finish: None,
+        }
+    }
+
+    fn chunk(&self, delta: Value, finish: Option<&str>, out: &mut Vec<u8>) {
+        let chunk = json!({
+            "id": self.id, "object": "chat.completion.chunk", "created": self.created,
+            "model": self.model,
+            "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}]
+        });
+        write_data(out, &chunk);
+    }
+
+    fn event(&mut self, data: &str, out: &mut Vec<u8>) -> Result<(), String> {
+        let Ok(ev) = serde_json::from_str::<Value>(data) else {
+            return Err("an event that is not JSON".into());
+        };
+        match ev.get("type").and_then(Value::as_str).unwrap_or("") {
+            "message_start" => {
+                let m = ev.get("message").unwrap_or(&Value::Null);
+                self.id = m
+                    .get("id")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_string();
+                self.model = m
+                    .get("model")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_string();
+                let (p, c, k) = anthropic_usage(m.get("usage").unwrap_or(&Value::Null));
+                self.usage = (p, c, k);
+                self.chunk(json!({"role": "assistant", "content": ""}), None, out);
+            }
+            "content_block_start" => {
+                let block = ev.get("content_block").unwrap_or(&Value::Null);
+                match block.get("type").and_then(Value::as_str) {
+                    Some("tool_use") => {
+                        let index = self.tools.len() as u64;
+                        self.tools.push((u64_at(&ev, "index"), index));
+                        self.chunk(
+                            json!({"tool_calls": [{"index": index, "id": block.get("id"),
+                                   "type": "function",
+                                   "function": {"name": block.get("name"), "arguments": ""}}]}),
+                            None,
+                            out,
+                        );
+                    }
+                    Some("text") => {
+                        if let Some(t) = block.get("text").and_then(Value::as_str)
+                            && !t.is_empty()
+                        {
+                            self.chunk(json!({"content": t}), None, out);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            "content_block_delta" => {
+                let delta = ev.get("delta").unwrap_or(&Value::Null);
+                match delta.get("type").and_then(Value::as_str) {
+                    Some("text_delta") => {
+                        self.chunk(json!({"content": delta.get("text")}), None, out);
+                    }
+                    Some("input_json_delta") => {
+                        let block = u64_at(&ev, "index");
+                        let index = self
+                            .tools
+                            .iter()
+                            .find(|(b, _)| *b == block)
+                            .map_or(0, |(_, i)| *i);
+                        self.chunk(
+                            json!({"tool_calls": [{"index": index,
+                                   "function": {"arguments": delta.get("partial_json")}}]}),
+                            None,
+                            out,
+                        );
+                    }
+                    _ => {}
+                }
+            }
+            "message_delta" => {
+                if let Some(u) = ev.get("usage") {
+                    self.usage.1 = u64_at(u, "output_tokens");
+                    if u.get("input_tokens").is_some() {
+                        let (p, _, k) = anthropic_usage(u);
+                        self.usage.0 = p;
+                        self.usage.2 = k;
+                    }
+                }
+                if let Some(r) = ev
+                    .get("delta")
+                    .and_then(|d| d.get("stop_reason"))
+                    .and_then(Value::as_str)
+                {
+                    let finish = finish_reason(r);
+                    self.finish = Some(finish);
+                    self.chunk(json!({}), Some(finish), out);
+                }
+            }
+            "message_stop" => {
+                if self.include_usage {
+                    let (p, c, k) = self.usage;
+                    let chunk = json!({
+                        "id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                        "model": self.model, "choices": [], "usage": openai_usage(p, c, k)
+                    });
+                    write_data(out, &chunk);
+                }
+                out.extend_from_slice(b"data: [DONE]\n\n");
+            }
+            "error" => {
+                let e = ev.get("error").unwrap_or(&Value::Null);
+                let body = error_to_openai(json!({"error": e}).to_string().as_bytes());
+                out.extend_from_slice(b"data: ");
+                out.extend_from_slice(&body);
+                out.extend_from_slice(b"\n\n");
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+fn write_data(out: &mut Vec<u8>, v: &Value) {
+    out.extend_from_slice(b"data: ");
+    // Writing JSON into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, v);
+    out.extend_from_slice(b"\n\n");
+}
+
+fn write_event(out: &mut Vec<u8>, v: &Value) {
+    out.extend_from_slice(b"event: ");
+    out.extend_from_slice(
+        v.get("type")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .as_bytes(),
+    );
+    out.push(b'\n');
+    write_data(out, v);
+}
+
+impl StreamTranslate for ToChatChunks {
+    fn feed(&mut self, bytes: &[u8], out: &mut Vec<u8>) -> Result<(), String> {
+        let mut sse = std::mem::take(&mut self.sse);
+        let r = sse.feed(bytes, &mut |d| self.event(d, out));
+        self.sse = sse;
+        r
+    }
+
+    fn finish(&mut self, out: &mut Vec<u8>) -> Result<(), String> {
+        let mut sse = std::mem::take(&mut self.sse);
+        let r = sse.finish(&mut |d| self.event(d, out));
+        self.sse = sse;
+        r
+    }
+}
+
+/// OpenAI `chat.completion.chunk`s → Anthropic's typed events, ending in `message_stop`.
+#[derive(Debug, Default)]
+pub(crate) struct ToMessageEvents {
+    sse: SseReader,
+    started: bool,
+    /// The open content block: its index, and whether it is a tool call.
+    open: Option<(u64, bool)>,
+    next_block: u64,
+    stop: Option<&'static str>,
+    usage: (u64, u64),
+    done: bool,
+}
+
+impl ToMessageEvents {
+    pub(crate) fn new() -> Self {
+        ToMessageEvents::default()
+    }
+
+    fn close_block(&mut self, out: &mut Vec<u8>) {
+        if let Some((index, _)) = self.open.take() {
+            write_event(out, &json!({"type": "content_block_stop", "index": index}));
+        }
+    }
+
+    fn open_block(&mut self, block: Value, tool: bool, out: &mut Vec<u8>) -> u64 {
+        self.close_block(out);
+        let index = self.next_block;
+        self.next_block += 1;
+        self.open = Some((index, tool));
+        write_event(
+            out,
+            &json!({"type": "content_block_start", "index": index, "content_block": block}),
+        );
+        index
+    }
+
+    fn event(&mut self, data: &str, out: &mut Vec<u8>) -> Result<(), String> {
+        if data.trim() == "[DONE]" {
+            if !self.started || self.done {
+                return Ok(());
+            }
+            self.close_block(out);
+            write_event(
+                out,
+                &json!({"type": "message_delta",
+                        "delta": {"stop_reason": self.stop.unwrap_or("end_turn"), "stop_sequence": null},
+                        "usage": {"input_tokens": self.usage.0, "output_tokens": self.usage.1}}),
+            );
+            write_event(out, &json!({"type": "message_stop"}));
+            self.done = true;
+            return Ok(());
+        }
+        let Ok(chunk) = serde_json::from_str::<Value>(data) else {
+            return Err("a chunk that is not JSON".into());
+        };
+        if chunk.get("error").is_some() {
+            let status = 500;
+            let body = error_to_anthropic(status, data.as_bytes());
+            let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+            write_event(out, &v);
+            return Ok(());
+        }
+        if !self.started {
+            self.started = true;
+            write_event(
+                out,
+                &json!({"type": "message_start", "message": {
+                    "id": chunk.get("id"), "type": "message", "role": "assistant",
+                    "model": chunk.get("model"), "content": [], "stop_reason": null,
+                    "stop_sequence": null, "usage": {"input_tokens": 0, "output_tokens": 0}}}),
+            );
+        }
+        if let Some(u) = chunk.get("usage").filter(|u| !u.is_null()) {
+            self.usage = (u64_at(u, "prompt_tokens"), u64_at(u, "completion_tokens"));
+        }
+        let Some(choice) = chunk.get("choices").and_then(|c| c.get(0)) else {
+            return Ok(());
+        };
+        let delta = choice.get("delta").unwrap_or(&Value::Null);
+        if let Some(text) = delta.get("content").and_then(Value::as_str)
+            && !text.is_empty()
+        {
+            let index = match self.open {
+                Some((i, false)) => i,
+                _ => self.open_block(json!({"type": "text", "text": ""}), false, out),
+            };
+            write_event(
+                out,
+                &json!({"type": "content_block_delta", "index": index,
+                        "delta": {"type": "text_delta", "text": text}}),
+            );
+        }
+        if let Some(calls) = delta.get("tool_calls").and_then(Value::as_array) {
+            for c in calls {
+                let f = c.get("function").unwrap_or(&Value::Null);
+                let index = match (c.get("id").and_then(Value::as_str), self.open) {
+                    (Some(id), _) => self.open_block(
+                        json!({"type": "tool_use", "id": id, "name": f.get("name"), "input": {}}),
+                        true,
+                        out,
+                    ),
+                    (None, Some((i, true))) => i,
+                    (None, _) => return Err("a tool call fragment before its start".into()),
+                };
+                if let Some(args) = f.get("arguments").and_then(Value::as_str)
+                    && !args.is_empty()
+                {
+                    write_event(
+                        out,
+                        &json!({"type": "content_block_delta", "index": index,
+                                "delta": {"type": "input_json_delta", "partial_json": args}}),
+                    );
+                }
+            }
+        }
+        if let Some(f) = choice.get("finish_reason").and_then(Value::as_str) {
+            self.stop = Some(stop_reason(f));
+        }
+        Ok(())
+    }
+}
+
+impl StreamTranslate for ToMessageEvents {
+    fn feed(&mut self, bytes: &[u8], out: &mut Vec<u8>) -> Result<(), String> {
+        let mut sse = std::mem::take(&mut self.sse);
+        let r = sse.feed(bytes, &mut |d| self.event(d, out));
+        self.sse = sse;
+        r
+    }
+
+    fn finish(&mut self, out: &mut Vec<u8>) -> Result<(), String> {
+        let mut sse = std::mem::take(&mut self.sse);
+        let r = sse.finish(&mut |d| self.event(d, out));
+        self.sse = sse;
+        r
+    }
+}
+
+/// Translates a whole body: (body, `created` timestamp, status) → the caller's body.
+pub(crate) type Convert = fn(&[u8], u64, u16) -> Result<Vec<u8>, String>;
+
+/// A whole (non-streamed) body, translated once it has all arrived.
+#[derive(Debug)]
+pub(crate) struct Whole {
+    buf: Vec<u8>,
+    convert: Convert,
+    created: u64,
+    status: u16,
+}
+
+/// The largest answer body translated whole (64 MiB).
+const MAX_WHOLE: usize = 64 << 20;
+
+impl Whole {
+    pub(crate) fn new(convert: Convert, created: u64, status: u16) -> Self {
+        Whole {
+            buf: Vec::new(),
+            convert,
+            created,
+            status,
+        }
+    }
+}
+
+impl StreamTranslate for Whole {
+    fn feed(&mut self, bytes: &[u8], _out: &mut Vec<u8>) -> Result<(), String> {
+        if self.buf.len() + bytes.len() > MAX_WHOLE {
+            return Err("an answer larger than 64 MiB".into());
+        }
+        self.buf.extend_from_slice(bytes);
+        Ok(())
+    }
+
+    fn finish(&mut self, out: &mut Vec<u8>) -> Result<(), String> {
+        let body = (self.convert)(&self.buf, self.created, self.status)?;
+        out.extend_from_slice(&body);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,365 @@
+use super::*;
+
+fn to_messages(v: Value) -> Result<Value, Untranslatable> {
+    let t = chat_to_messages(v.to_string().as_bytes(), &Options::default())?;
+    Ok(serde_json::from_slice(&t.body).unwrap())
+}
+
+fn to_chat(v: Value) -> Result<Value, Untranslatable> {
+    let t = messages_to_chat(v.to_string().as_bytes(), &Options::default())?;
+    Ok(serde_json::from_slice(&t.body).unwrap())
+}
+
+#[test]
+fn system_prompts_move_to_system_and_same_role_turns_merge() {
+    let out = to_messages(json!({
+        "model": "claude", "temperature": 0.5, "top_p": 0.9, "stop": "END", "user": "u-1",
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "developer", "content": [{"type": "text", "text": "No emoji."}]},
+            {"role": "user", "content": "Hi"},
+            {"role": "user", "content": [{"type": "text", "text": "there"},
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+                {"type": "image_url", "image_url": {"url": "https://x.test/cat.png"}}]}
+        ]
+    }))
+    .unwrap();
+    assert_eq!(
+        out,
+        json!({
+            "model": "claude", "temperature": 0.5, "top_p": 0.9, "stop_sequences": ["END"],
+            "metadata": {"user_id": "u-1"}, "max_tokens": 4096,
+            "system": "Be brief.\n\nNo emoji.",
+            "messages": [{"role": "user", "content": [
+                {"type": "text", "text": "Hi"},
+                {"type": "text", "text": "there"},
+                {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AAAA"}},
+                {"type": "image", "source": {"type": "url", "url": "https://x.test/cat.png"}}
+            ]}]
+        })
+    );
+}
+
+#[test]
+fn tools_calls_and_parallel_results_translate() {
+    let out = to_messages(json!({
+        "model": "claude", "max_completion_tokens": 100, "parallel_tool_calls": false,
+        "tool_choice": "required",
+        "tools": [{"type": "function", "function": {"name": "weather", "description": "d",
+                   "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}],
+        "messages": [
+            {"role": "user", "content": "Weather in Paris and Rome?"},
+            {"role": "assistant", "content": null, "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "weather", "arguments": "{\"city\":\"Paris\"}"}},
+                {"id": "c2", "type": "function", "function": {"name": "weather", "arguments": "{\"city\":\"Rome\"}"}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": "sun"},
+            {"role": "tool", "tool_call_id": "c2", "content": "rain"}
+        ]
+    }))
+    .unwrap();
+    assert_eq!(out["max_tokens"], 100);
+    assert_eq!(
+        out["tool_choice"],
+        json!({"type": "any", "disable_parallel_tool_use": true})
+    );
+    assert_eq!(
+        out["tools"],
+        json!([{"name": "weather", "description": "d",
+                "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}}}])
+    );
+    assert_eq!(
+        out["messages"][1]["content"][1]["input"],
+        json!({"city": "Rome"})
+    );
+    assert_eq!(
+        out["messages"][2],
+        json!({"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": "c1", "content": "sun"},
+            {"type": "tool_result", "tool_use_id": "c2", "content": "rain"}]})
+    );
+}
+
+#[test]
+fn what_has_no_counterpart_is_refused_by_name_or_dropped_when_asked() {
+    for (field, value) in [
+        ("n", json!(2)),
+        ("logprobs", json!(true)),
+        ("response_format", json!({"type": "json_object"})),
+        ("seed", json!(7)),
+        ("frequency_penalty", json!(0.5)),
+        ("temperature", json!(1.5)),
+    ] {
+        let mut req = json!({"model": "m", "messages": [{"role": "user", "content": "x"}]});
+        req[field] = value;
+        let err = to_messages(req.clone()).unwrap_err();
+        assert_eq!(err.param, field, "{err}");
+        let dropped = chat_to_messages(
+            req.to_string().as_bytes(),
+            &Options {
+                drop_unsupported: true,
+                ..Options::default()
+            },
+        )
+        .unwrap();
+        let dropped: Value = serde_json::from_slice(&dropped.body).unwrap();
+        assert!(
+            field == "temperature" || dropped.get(field).is_none(),
+            "{field}"
+        );
+    }
+    let audio = json!({"model": "m", "messages": [{"role": "user", "content": [
+        {"type": "input_audio", "input_audio": {"data": "x", "format": "wav"}}]}]});
+    assert_eq!(
+        to_messages(audio).unwrap_err().to_string(),
+        "messages[0].content[0].type: input_audio cannot be sent to an Anthropic backend"
+    );
+    // Neutral values of OpenAI-only parameters are not refused.
+    let neutral = json!({"model": "m", "n": 1, "logprobs": false, "presence_penalty": 0,
+                         "stream_options": {"include_usage": true}, "store": false,
+                         "messages": [{"role": "user", "content": "x"}]});
+    assert!(to_messages(neutral).is_ok());
+    // The target's own parameters (as override_params put them) pass as they are.
+    let own = to_messages(json!({"model": "m", "top_k": 5, "stop_sequences": ["Z"],
+                                 "messages": [{"role": "user", "content": "x"}]}))
+    .unwrap();
+    assert_eq!(
+        (own["top_k"].clone(), own["stop_sequences"].clone()),
+        (json!(5), json!(["Z"]))
+    );
+}
+
+#[test]
+fn messages_requests_become_chat_requests() {
+    let out = to_chat(json!({
+        "model": "gpt-4o", "max_tokens": 50, "system": "Be brief.", "stream": true,
+        "stop_sequences": ["END"], "metadata": {"user_id": "u"},
+        "tools": [{"name": "weather", "input_schema": {"type": "object"}}],
+        "tool_choice": {"type": "tool", "name": "weather"},
+        "messages": [
+            {"role": "user", "content": "Weather?"},
+            {"role": "assistant", "content": [{"type": "text", "text": "Checking."},
+                {"type": "tool_use", "id": "t1", "name": "weather", "input": {"city": "Oslo"}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "snow"},
+                {"type": "text", "text": "Thanks"}]}
+        ]
+    }))
+    .unwrap();
+    assert_eq!(
+        out,
+        json!({
+            "model": "gpt-4o", "max_tokens": 50, "stream": true, "stop": ["END"], "user": "u",
+            "stream_options": {"include_usage": true},
+            "tools": [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}],
+            "tool_choice": {"type": "function", "function": {"name": "weather"}},
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Weather?"},
+                {"role": "assistant", "content": "Checking.", "tool_calls": [
+                    {"id": "t1", "type": "function", "function": {"name": "weather", "arguments": "{\"city\":\"Oslo\"}"}}]},
+                {"role": "tool", "tool_call_id": "t1", "content": "snow"},
+                {"role": "user", "content": [{"type": "text", "text": "Thanks"}]}
+            ]
+        })
+    );
+    assert_eq!(
+        to_chat(json!({"model": "m", "max_tokens": 5, "top_k": 3, "messages": []}))
+            .unwrap_err()
+            .param,
+        "top_k"
+    );
+}
+
+#[test]
+fn answers_and_errors_translate_both_ways() {
+    let msg = json!({"id": "msg_1", "type": "message", "role": "assistant", "model": "claude",
+        "content": [{"type": "text", "text": "Hi"},
+                    {"type": "tool_use", "id": "t1", "name": "w", "input": {"a": 1}}],
+        "stop_reason": "tool_use",
+        "usage": {"input_tokens": 10, "cache_read_input_tokens": 5, "output_tokens": 3}});
+    let chat: Value =
+        serde_json::from_slice(&message_to_completion(msg.to_string().as_bytes(), 7).unwrap())
+            .unwrap();
+    assert_eq!(chat["object"], "chat.completion");
+    assert_eq!(chat["created"], 7);
+    assert_eq!(chat["choices"][0]["finish_reason"], "tool_calls");
+    assert_eq!(chat["choices"][0]["message"]["content"], "Hi");
+    assert_eq!(
+        chat["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"],
+        "{\"a\":1}"
+    );
+    assert_eq!(chat["usage"]["prompt_tokens"], 15);
+    assert_eq!(chat["usage"]["total_tokens"], 18);
+    let back: Value =
+        serde_json::from_slice(&completion_to_message(chat.to_string().as_bytes()).unwrap())
+            .unwrap();
+    assert_eq!(back["content"], msg["content"]);
+    assert_eq!(back["stop_reason"], "tool_use");
+    assert_eq!(
+        back["usage"],
+        json!({"input_tokens": 15, "output_tokens": 3})
+    );
+
+    let overloaded =
+        br#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#;
+    assert_eq!(status_for_openai(529), 503);
+    let e: Value = serde_json::from_slice(&error_to_openai(overloaded)).unwrap();
+    assert_eq!(
+        e,
+        json!({"error": {"message": "Overloaded", "type": "server_error", "param": null, "code": "overloaded"}})
+    );
+    let e: Value = serde_json::from_slice(&error_to_anthropic(
+        429,
+        br#"{"error":{"message":"slow down","type":"requests"}}"#,
+    ))
+    .unwrap();
+    assert_eq!(
+        e,
+        json!({"type": "error", "error": {"type": "rate_limit_error", "message": "slow down"}})
+    );
+    let e: Value = serde_json::from_slice(&error_to_openai(b"<html>bad gateway</html>")).unwrap();
+    assert_eq!(e["error"]["message"], "<html>bad gateway</html>");
+}
+
+const ANTHROPIC_STREAM: &str = "event: message_start\n\
+data: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_1\",\"type\":\"message\",\"role\":\"assistant\",\"model\":\"claude\",\"content\":[],\"stop_reason\":null,\"usage\":{\"input_tokens\":12,\"output_tokens\":1}}}\n\n\
+event: content_block_start\n\
+data: {\"type\":\"content_block_start\",\"index\":0,\"content_block\":{\"type\":\"text\",\"text\":\"\"}}\n\n\
+event: ping\n\
+data: {\"type\":\"ping\"}\n\n\
+event: content_block_delta\n\
+data: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"Hel\"}}\n\n\
+event: content_block_delta\n\
+data: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"lo\"}}\n\n\
+event: content_block_stop\n\
+data: {\"type\":\"content_block_stop\",\"index\":0}\n\n\
+event: content_block_start\n\
+data: {\"type\":\"content_block_start\",\"index\":1,\"content_block\":{\"type\":\"tool_use\",\"id\":\"t1\",\"name\":\"w\",\"input\":{}}}\n\n\
+event: content_block_delta\n\
+data: {\"type\":\"content_block_delta\",\"index\":1,\"delta\":{\"type\":\"input_json_delta\",\"partial_json\":\"{\\\"a\\\":\"}}\n\n\
+event: content_block_delta\n\
+data: {\"type\":\"content_block_delta\",\"index\":1,\"delta\":{\"type\":\"input_json_delta\",\"partial_json\":\"1}\"}}\n\n\
+event: content_block_stop\n\
+data: {\"type\":\"content_block_stop\",\"index\":1}\n\n\
+event: message_delta\n\
+data: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"tool_use\",\"stop_sequence\":null},\"usage\":{\"output_tokens\":9}}\n\n\
+event: message_stop\n\
+data: {\"type\":\"message_stop\"}\n\n";
+
+fn run(t: &mut dyn StreamTranslate, pieces: &[&[u8]]) -> Result<String, String> {
+    let mut out = Vec::new();
+    for p in pieces {
+        t.feed(p, &mut out)?;
+    }
+    t.finish(&mut out)?;
+    Ok(String::from_utf8(out).unwrap())
+}
+
+/// The data payloads of an SSE text.
+fn datas(sse: &str) -> Vec<String> {
+    sse.split("\n\n")
+        .filter_map(|e| {
+            e.lines()
+                .find_map(|l| l.strip_prefix("data: "))
+                .map(str::to_string)
+        })
+        .collect()
+}
+
+#[test]
+fn an_anthropic_stream_becomes_chat_chunks_at_every_cut() {
+    let whole = run(
+        &mut ToChatChunks::new(3, true),
+        &[ANTHROPIC_STREAM.as_bytes()],
+    )
+    .unwrap();
+    let chunks = datas(&whole);
+    assert_eq!(chunks.last().unwrap(), "[DONE]");
+    let parsed: Vec<Value> = chunks[..chunks.len() - 1]
+        .iter()
+        .map(|c| serde_json::from_str(c).unwrap())
+        .collect();
+    assert_eq!(parsed[0]["choices"][0]["delta"]["role"], "assistant");
+    let text: String = parsed
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(text, "Hello");
+    let args: String = parsed
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["tool_calls"][0]["function"]["arguments"].as_str())
+        .collect();
+    assert_eq!(args, "{\"a\":1}");
+    assert!(
+        parsed
+            .iter()
+            .any(|c| c["choices"][0]["finish_reason"] == "tool_calls")
+    );
+    let usage = &parsed.last().unwrap()["usage"];
+    assert_eq!(
+        (
+            usage["prompt_tokens"].clone(),
+            usage["completion_tokens"].clone()
+        ),
+        (json!(12), json!(9))
+    );
+    let bytes = ANTHROPIC_STREAM.as_bytes();
+    for cut in 0..=bytes.len() {
+        let (a, b) = bytes.split_at(cut);
+        let got = run(&mut ToChatChunks::new(3, true), &[a, b]).unwrap();
+        assert_eq!(got, whole, "cut at {cut}");
+    }
+}
+
+#[test]
+fn a_chat_stream_becomes_anthropic_events_at_every_cut() {
+    let stream = "data: {\"id\":\"c1\",\"model\":\"gpt\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\"}}]}\n\n\
+data: {\"id\":\"c1\",\"model\":\"gpt\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"}}]}\n\n\
+data: {\"id\":\"c1\",\"model\":\"gpt\",\"choices\":[{\"index\":0,\"delta\":{\"tool_calls\":[{\"index\":0,\"id\":\"call_1\",\"type\":\"function\",\"function\":{\"name\":\"w\",\"arguments\":\"\"}}]}}]}\n\n\
+data: {\"id\":\"c1\",\"model\":\"gpt\",\"choices\":[{\"index\":0,\"delta\":{\"tool_calls\":[{\"index\":0,\"function\":{\"arguments\":\"{}\"}}]}}]}\n\n\
+data: {\"id\":\"c1\",\"model\":\"gpt\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"tool_calls\"}]}\n\n\
+data: {\"id\":\"c1\",\"model\":\"gpt\",\"choices\":[],\"usage\":{\"prompt_tokens\":4,\"completion_tokens\":6}}\n\n\
+data: [DONE]\n\n";
+    let whole = run(&mut ToMessageEvents::new(), &[stream.as_bytes()]).unwrap();
+    let events: Vec<Value> = datas(&whole)
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    let types: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(
+        types,
+        [
+            "message_start",
+            "content_block_start",
+            "content_block_delta",
+            "content_block_stop",
+            "content_block_start",
+            "content_block_delta",
+            "content_block_stop",
+            "message_delta",
+            "message_stop"
+        ]
+    );
+    assert_eq!(events[7]["delta"]["stop_reason"], "tool_use");
+    assert_eq!(events[7]["usage"]["output_tokens"], 6);
+    assert_eq!(events[4]["content_block"]["id"], "call_1");
+    let bytes = stream.as_bytes();
+    for cut in 0..=bytes.len() {
+        let (a, b) = bytes.split_at(cut);
+        assert_eq!(
+            run(&mut ToMessageEvents::new(), &[a, b]).unwrap(),
+            whole,
+            "cut at {cut}"
+        );
+    }
+}
+
+#[test]
+fn an_error_event_stays_an_error_and_garbage_is_refused() {
+    let stream = b"event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"m\",\"model\":\"c\",\"usage\":{}}}\n\n\
+event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\",\"message\":\"Overloaded\"}}\n\n";
+    let out = run(&mut ToChatChunks::new(0, false), &[stream]).unwrap();
+    let last: Value = serde_json::from_str(datas(&out).last().unwrap()).unwrap();
+    assert_eq!(last["error"]["code"], "overloaded");
+    assert!(!out.contains("[DONE]"));
+    assert!(run(&mut ToChatChunks::new(0, false), &[b"data: {not json\n\n"]).is_err());
+}

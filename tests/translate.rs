@@ -1,0 +1,451 @@
+//! One request shape, any provider: OpenAI chat requests served by Anthropic backends and
+//! Anthropic messages requests served by OpenAI / Azure ones, against mocks that check each
+//! API as the real service does (Anthropic refuses a missing `max_tokens`, a `system` role,
+//! unknown fields and unanswered tool calls; OpenAI refuses Anthropic's parameters and a tool
+//! result answering no call).
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use serde_json::{Value, json};
+use tower::ServiceExt;
+use tower_llm_lb::body::ReplayBody;
+use tower_llm_lb::client::http_client;
+use tower_llm_lb::config::Config;
+use tower_llm_lb::gateway::Gateway;
+use tower_llm_lb::mock::{Fault, MockServer};
+
+async fn anthropic_mock() -> MockServer {
+    MockServer::builder()
+        .name("claude")
+        .x_api_key("sk-ant")
+        .start()
+        .await
+        .unwrap()
+}
+
+async fn openai_mock() -> MockServer {
+    MockServer::builder()
+        .name("openai")
+        .bearer("sk-oai")
+        .start()
+        .await
+        .unwrap()
+}
+
+fn chat(body: &Value) -> http::Request<ReplayBody> {
+    http::Request::post("/v1/chat/completions")
+        .header("content-type", "application/json")
+        .body(ReplayBody::from(body.to_string()))
+        .unwrap()
+}
+
+async fn text<B>(res: http::Response<B>) -> String
+where
+    B: http_body::Body,
+    B::Error: std::fmt::Debug,
+{
+    String::from_utf8(res.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap()
+}
+
+/// The data payloads of an SSE body.
+fn sse_data(body: &str) -> Vec<String> {
+    body.split("\n\n")
+        .filter_map(|e| {
+            e.lines()
+                .find_map(|l| l.strip_prefix("data: "))
+                .map(str::to_string)
+        })
+        .collect()
+}
+
+const TOOLS: &str = r#"[{"type": "function", "function": {"name": "lookup",
+    "description": "Looks a word up", "parameters": {"type": "object",
+    "properties": {"q": {"type": "string"}}, "required": ["q"]}}}]"#;
+
+/// Checks an answer is a complete OpenAI chat answer; returns its model.
+fn check_openai_answer(body: &str, streamed: bool, tools: bool) -> String {
+    if !streamed {
+        let v: Value = serde_json::from_str(body).unwrap();
+        assert_eq!(v["object"], "chat.completion", "{body}");
+        assert!(v["usage"]["total_tokens"].as_u64().unwrap() > 0, "{body}");
+        let choice = &v["choices"][0];
+        if tools {
+            assert_eq!(choice["finish_reason"], "tool_calls", "{body}");
+            let call = &choice["message"]["tool_calls"][0];
+            assert_eq!(call["function"]["name"], "lookup");
+            let args: Value =
+                serde_json::from_str(call["function"]["arguments"].as_str().unwrap()).unwrap();
+            assert_eq!(args, json!({"q": "mock"}));
+        } else {
+            assert_eq!(choice["finish_reason"], "stop", "{body}");
+            assert!(
+                choice["message"]["content"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with("Hello from")
+            );
+        }
+        return v["model"].as_str().unwrap().to_string();
+    }
+    let data = sse_data(body);
+    assert_eq!(data.last().map(String::as_str), Some("[DONE]"), "{body}");
+    let chunks: Vec<Value> = data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    assert!(
+        chunks
+            .iter()
+            .all(|c| c["object"] == "chat.completion.chunk")
+    );
+    let usage = chunks.iter().find(|c| c["usage"].is_object());
+    assert!(usage.is_some(), "include_usage asked for: {body}");
+    let finish: Vec<&Value> = chunks
+        .iter()
+        .map(|c| &c["choices"][0]["finish_reason"])
+        .filter(|f| f.is_string())
+        .collect();
+    if tools {
+        let args: String = chunks
+            .iter()
+            .filter_map(|c| {
+                c["choices"][0]["delta"]["tool_calls"][0]["function"]["arguments"].as_str()
+            })
+            .collect();
+        let args: Value = serde_json::from_str(&args).unwrap();
+        assert!(args["q"].as_str().unwrap().starts_with("tok0"), "{args}");
+        assert_eq!(finish, [&json!("tool_calls")]);
+    } else {
+        let text: String = chunks
+            .iter()
+            .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+            .collect();
+        assert!(text.starts_with("tok0 "), "{text}");
+    }
+    chunks[0]["model"].as_str().unwrap().to_string()
+}
+
+/// Portkey's headline config (one OpenAI-shaped call split between Anthropic and OpenAI, each
+/// target naming its own model), with `algorithm` added when given.
+fn portkey_50_50(claude: &MockServer, openai: &MockServer, algorithm: Option<&str>) -> String {
+    let algorithm = algorithm.map_or(String::new(), |a| format!(r#", "algorithm": "{a}""#));
+    format!(
+        r#"{{
+          "strategy": {{ "mode": "loadbalance"{algorithm} }},
+          "targets": [
+            {{ "provider": "anthropic", "url": "{a}", "api_key": "sk-ant", "weight": 0.5,
+               "override_params": {{ "model": "claude-sonnet-4-5" }} }},
+            {{ "provider": "openai", "url": "{o}/v1", "api_key": "sk-oai", "weight": 0.5,
+               "override_params": {{ "model": "gpt-4o" }} }}
+          ]
+        }}"#,
+        a = claude.url(),
+        o = openai.url()
+    )
+}
+
+/// Sends `n` chat requests (plain, streamed, with tools) through `json`'s stack, checks every
+/// answer is OpenAI's shape, and returns the share Anthropic served.
+async fn anthropic_share(json: &str, n: u64, claude: &MockServer, openai: &MockServer) -> f64 {
+    let svc = Config::from_json(json)
+        .unwrap()
+        .build(http_client())
+        .unwrap();
+    let (c0, o0) = (claude.counters().ok, openai.counters().ok);
+    let tools: Value = serde_json::from_str(TOOLS).unwrap();
+    for i in 0..n {
+        let streamed = i % 2 == 1;
+        let with_tools = i % 3 == 2;
+        let mut body = json!({
+            "model": "gpt-4o-mini",
+            "messages": [{"role": "system", "content": "Be brief."},
+                         {"role": "user", "content": format!("Question {i}")}],
+            "temperature": 0.2,
+        });
+        if streamed {
+            body["stream"] = json!(true);
+            body["stream_options"] = json!({"include_usage": true});
+        }
+        if with_tools {
+            body["tools"] = tools.clone();
+        }
+        let res = svc.clone().oneshot(chat(&body)).await.unwrap();
+        assert_eq!(res.status(), 200, "request {i}");
+        let model = check_openai_answer(&text(res).await, streamed, with_tools);
+        assert!(model == "claude-sonnet-4-5" || model == "gpt-4o", "{model}");
+    }
+    let (c, o) = (claude.counters().ok - c0, openai.counters().ok - o0);
+    assert_eq!(c + o, n);
+    c as f64 / n as f64
+}
+
+#[tokio::test(start_paused = true)]
+async fn portkeys_50_50_anthropic_and_openai_config_answers_every_request_in_openai_shape() {
+    let claude = anthropic_mock().await;
+    let openai = openai_mock().await;
+    let n = 1000;
+    // Round robin splits exactly.
+    let json = portkey_50_50(&claude, &openai, Some("round_robin"));
+    let share = anthropic_share(&json, n, &claude, &openai).await;
+    assert!((share - 0.5).abs() <= 0.02, "anthropic served {share}");
+    // As Portkey writes it (weights, the default pick): each request is a draw, so the share
+    // of 1,000 has a standard deviation of 1.6 points (seen here: 48.2-50.2%); five of them.
+    let json = portkey_50_50(&claude, &openai, None);
+    let share = anthropic_share(&json, n, &claude, &openai).await;
+    let tolerance = 5.0 * (0.25 / n as f64).sqrt();
+    assert!((share - 0.5).abs() < tolerance, "anthropic served {share}");
+    assert_eq!(
+        claude.counters().errors + openai.counters().errors,
+        0,
+        "no request refused by either API"
+    );
+    // What reached Anthropic was an Anthropic request.
+    let seen: Value = serde_json::from_slice(&claude.requests()[0].body).unwrap();
+    assert_eq!(seen["system"], "Be brief.");
+    assert_eq!(seen["max_tokens"], 4096);
+    assert_eq!(seen["model"], "claude-sonnet-4-5");
+    assert_eq!(claude.requests()[0].path_and_query, "/v1/messages");
+    for m in [&claude, &openai] {
+        assert_eq!(m.counters().foreign_credentials, 0);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_overloaded_anthropic_target_falls_back_to_openai_in_the_middle_of_a_conversation() {
+    let claude = anthropic_mock().await;
+    let openai = openai_mock().await;
+    let json = format!(
+        r#"{{
+          "strategy": {{ "mode": "fallback" }},
+          "targets": [
+            {{ "provider": "anthropic", "url": "{a}", "api_key": "sk-ant",
+               "override_params": {{ "model": "claude-sonnet-4-5" }} }},
+            {{ "provider": "openai", "url": "{o}/v1", "api_key": "sk-oai",
+               "override_params": {{ "model": "gpt-4o" }} }}
+          ]
+        }}"#,
+        a = claude.url(),
+        o = openai.url()
+    );
+    let svc = Config::from_json(&json)
+        .unwrap()
+        .build(http_client())
+        .unwrap();
+    let tools: Value = serde_json::from_str(TOOLS).unwrap();
+    let mut messages = vec![json!({"role": "user", "content": "What does 'tower' mean?"})];
+    // Turn 1: Anthropic answers with a tool call, in OpenAI's shape.
+    let res = svc
+        .clone()
+        .oneshot(chat(
+            &json!({"model": "m", "messages": messages, "tools": tools}),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let turn1: Value = serde_json::from_str(&text(res).await).unwrap();
+    assert_eq!(turn1["model"], "claude-sonnet-4-5");
+    let call = turn1["choices"][0]["message"]["tool_calls"][0].clone();
+    messages.push(turn1["choices"][0]["message"].clone());
+    messages
+        .push(json!({"role": "tool", "tool_call_id": call["id"], "content": "a tall building"}));
+    // Turn 2: Anthropic is overloaded (529); OpenAI takes the conversation, tool call and
+    // result included, and accepts it as valid.
+    claude.set_fault(Some(Fault::Status(529)));
+    let res = svc
+        .clone()
+        .oneshot(chat(
+            &json!({"model": "m", "messages": messages, "tools": tools}),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let turn2: Value = serde_json::from_str(&text(res).await).unwrap();
+    assert_eq!(turn2["model"], "gpt-4o");
+    assert_eq!(
+        turn2["choices"][0]["message"]["content"],
+        "Hello from openai"
+    );
+    let seen: Value = serde_json::from_slice(&openai.requests()[0].body).unwrap();
+    assert_eq!(seen["messages"][1]["tool_calls"][0]["id"], call["id"]);
+    assert_eq!(seen["messages"][2]["role"], "tool");
+    // Anthropic accepted turn 2's translation (its 529 comes after its checks).
+    let statuses: Vec<u16> = claude.requests().iter().map(|r| r.status).collect();
+    assert_eq!(statuses[..2], [200, 529]);
+    let seen: Value = serde_json::from_slice(&claude.requests()[1].body).unwrap();
+    assert_eq!(seen["messages"][2]["content"][0]["type"], "tool_result");
+    // With OpenAI failing too, the caller gets Anthropic's overload as OpenAI's 503.
+    let only = format!(
+        r#"{{ "targets": [ {{ "provider": "anthropic", "url": "{a}", "api_key": "sk-ant" }} ],
+              "retry": {{ "attempts": 1 }} }}"#,
+        a = claude.url()
+    );
+    let svc = Config::from_json(&only)
+        .unwrap()
+        .build(http_client())
+        .unwrap();
+    let res = svc
+        .oneshot(chat(
+            &json!({"model": "m", "messages": [{"role": "user", "content": "x"}]}),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 503);
+    let err: Value = serde_json::from_str(&text(res).await).unwrap();
+    assert_eq!(err["error"]["code"], "overloaded");
+}
+
+fn gateway_for(json: &str) -> axum::Router {
+    let config = Config::from_json(json).unwrap();
+    let (svc, backends) = config.build_with_backends(http_client()).unwrap();
+    Gateway::new(svc, backends, vec!["gw-key".into()]).router()
+}
+
+fn messages_request(body: &Value) -> http::Request<axum::body::Body> {
+    http::Request::post("/v1/messages")
+        .header("x-api-key", "gw-key")
+        .header("anthropic-version", "2023-06-01")
+        .header("content-type", "application/json")
+        .body(axum::body::Body::from(body.to_string()))
+        .unwrap()
+}
+
+#[tokio::test]
+async fn the_messages_route_over_an_azure_backend_answers_in_anthropic_s_shape() {
+    let azure = MockServer::builder()
+        .name("azure")
+        .api_key("az")
+        .start()
+        .await
+        .unwrap();
+    let json = format!(
+        r#"{{ "backends": {{ "azure": {{ "provider": "azure", "url": "{z}", "deployment": "gpt-4o",
+                                        "api_key": "az" }} }} }}"#,
+        z = azure.url()
+    );
+    let app = gateway_for(&json);
+    let ask = json!({"model": "gpt-4o", "max_tokens": 64, "system": "Be brief.",
+                     "messages": [{"role": "user", "content": "Hi"}]});
+    let res = app.clone().oneshot(messages_request(&ask)).await.unwrap();
+    assert_eq!(res.status(), 200);
+    let answer: Value = serde_json::from_str(&text(res).await).unwrap();
+    assert_eq!(answer["type"], "message");
+    assert_eq!(
+        answer["content"][0],
+        json!({"type": "text", "text": "Hello from azure"})
+    );
+    assert_eq!(answer["stop_reason"], "end_turn");
+    assert!(answer["usage"]["input_tokens"].as_u64().unwrap() > 0);
+    let seen = &azure.requests()[0];
+    assert!(
+        seen.path_and_query
+            .starts_with("/openai/deployments/gpt-4o/chat/completions?api-version=")
+    );
+    let body: Value = serde_json::from_slice(&seen.body).unwrap();
+    assert_eq!(
+        body["messages"][0],
+        json!({"role": "system", "content": "Be brief."})
+    );
+
+    // Streamed, with a tool: Anthropic's typed events, ending in `message_stop`.
+    let mut ask = ask;
+    ask["stream"] = json!(true);
+    ask["tools"] = json!([{"name": "lookup", "input_schema": {"type": "object"}}]);
+    let res = app.clone().oneshot(messages_request(&ask)).await.unwrap();
+    assert_eq!(res.status(), 200);
+    let events: Vec<Value> = sse_data(&text(res).await)
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    let types: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(types.first(), Some(&"message_start"));
+    assert_eq!(types.last(), Some(&"message_stop"));
+    assert_eq!(events[1]["content_block"]["type"], "tool_use");
+    let input: String = events
+        .iter()
+        .filter_map(|e| e["delta"]["partial_json"].as_str())
+        .collect();
+    let input: Value = serde_json::from_str(&input).unwrap();
+    assert!(input["q"].as_str().unwrap().starts_with("tok0"));
+    let delta = events
+        .iter()
+        .find(|e| e["type"] == "message_delta")
+        .unwrap();
+    assert_eq!(delta["delta"]["stop_reason"], "tool_use");
+    assert!(delta["usage"]["output_tokens"].as_u64().unwrap() > 0);
+}
+
+#[tokio::test]
+async fn a_parameter_with_no_anthropic_counterpart_is_a_400_naming_it_and_nothing_is_sent() {
+    let claude = anthropic_mock().await;
+    let json = format!(
+        r#"{{ "backends": {{ "claude": {{ "provider": "anthropic", "url": "{a}", "api_key": "sk-ant" }} }} }}"#,
+        a = claude.url()
+    );
+    let app = gateway_for(&json);
+    let req = http::Request::post("/v1/chat/completions")
+        .header("authorization", "Bearer gw-key")
+        .header("content-type", "application/json")
+        .body(axum::body::Body::from(
+            json!({"model": "m", "n": 2, "messages": [{"role": "user", "content": "x"}]})
+                .to_string(),
+        ))
+        .unwrap();
+    let res = app.oneshot(req).await.unwrap();
+    assert_eq!(res.status(), 400);
+    let err: Value = serde_json::from_str(&text(res).await).unwrap();
+    assert_eq!(err["error"]["param"], "n");
+    assert_eq!(err["error"]["code"], "unsupported_parameter");
+    assert_eq!(claude.counters().requests, 0);
+    // Dropped instead when the config says so.
+    let json = format!(
+        r#"{{ "backends": {{ "claude": {{ "provider": "anthropic", "url": "{a}", "api_key": "sk-ant" }} }},
+              "translation": {{ "drop_unsupported": true, "default_max_tokens": 256 }} }}"#,
+        a = claude.url()
+    );
+    let svc = Config::from_json(&json)
+        .unwrap()
+        .build(http_client())
+        .unwrap();
+    let res = svc
+        .oneshot(chat(
+            &json!({"model": "m", "n": 2, "messages": [{"role": "user", "content": "x"}]}),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let seen: Value = serde_json::from_slice(&claude.requests()[0].body).unwrap();
+    assert_eq!(seen["max_tokens"], 256);
+    assert!(seen.get("n").is_none());
+}
+
+#[tokio::test]
+async fn the_anthropic_mock_refuses_what_anthropic_refuses_in_anthropic_s_shape() {
+    let claude = anthropic_mock().await;
+    let client = http_client::<Full<Bytes>>();
+    for (body, says) in [
+        (
+            json!({"model": "m", "messages": [{"role": "user", "content": "x"}]}),
+            "max_tokens: Field required",
+        ),
+        (
+            json!({"model": "m", "max_tokens": 5, "messages": [
+                {"role": "system", "content": "x"}, {"role": "user", "content": "x"}]}),
+            "Unexpected role \"system\"",
+        ),
+    ] {
+        let req = http::Request::post(format!("{}/v1/messages", claude.url()))
+            .header("x-api-key", "sk-ant")
+            .header("anthropic-version", "2023-06-01")
+            .body(Full::new(Bytes::from(body.to_string())))
+            .unwrap();
+        let res = client.request(req).await.unwrap();
+        assert_eq!(res.status(), 400);
+        let err: Value = serde_json::from_str(&text(res).await).unwrap();
+        assert_eq!(err["type"], "error");
+        assert_eq!(err["error"]["type"], "invalid_request_error");
+        assert!(
+            err["error"]["message"].as_str().unwrap().contains(says),
+            "{err}"
+        );
+    }
+}
