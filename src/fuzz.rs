@@ -284,3 +284,224 @@ fn mutate(v: &mut serde_json::Value, input: &mut Input<'_>, depth: usize) {
         _ => Value::Object(serde_json::Map::new()),
     };
 }
+
+/// A request body translated for the other provider's API (the first byte picks the direction
+/// and whether unsupported parameters are dropped). Nothing panics; a chat request translated
+/// for Anthropic is a JSON object with `max_tokens`, only `user` and `assistant` turns, never
+/// two of one role in a row, and tool results first in their turn; a messages request
+/// translated for OpenAI is a JSON object with a `messages` array.
+pub fn translate_request(data: &[u8]) {
+    use crate::provider::translate::{Options, chat_to_messages, messages_to_chat};
+    let mut input = Input(data);
+    let flags = input.u8();
+    let options = Options {
+        default_max_tokens: 1 + u32::from(input.u8()),
+        drop_unsupported: flags & 2 != 0,
+    };
+    let body = input.rest();
+    if flags & 1 == 0 {
+        let Ok(t) = chat_to_messages(body, &options) else {
+            return;
+        };
+        let v: serde_json::Value = serde_json::from_slice(&t.body).expect("a translation is JSON");
+        assert!(!v["max_tokens"].is_null(), "no max_tokens in {v}");
+        let turns = v["messages"].as_array().expect("messages");
+        let mut last = "";
+        for turn in turns {
+            let role = turn["role"].as_str().unwrap_or("");
+            assert!(role == "user" || role == "assistant", "role {role} in {v}");
+            assert_ne!(role, last, "two {role} turns in a row in {v}");
+            last = role;
+            let kinds: Vec<bool> = turn["content"]
+                .as_array()
+                .expect("content blocks")
+                .iter()
+                .map(|b| b["type"] == "tool_result")
+                .collect();
+            assert!(
+                kinds.windows(2).all(|w| w[0] || !w[1]),
+                "a tool result after other content in {v}"
+            );
+        }
+    } else if let Ok(t) = messages_to_chat(body, &options) {
+        let v: serde_json::Value = serde_json::from_slice(&t.body).expect("a translation is JSON");
+        assert!(v["messages"].is_array(), "no messages in {v}");
+    }
+}
+
+/// A backend's stream translated for the caller (the first byte picks the direction and
+/// whether usage is asked for, the next ones where the bytes are cut): nothing panics, and
+/// the output (and any error) is the same however the bytes arrive.
+pub fn translate_stream(data: &[u8]) {
+    use crate::provider::translate::{StreamTranslate, ToChatChunks, ToMessageEvents};
+    let mut input = Input(data);
+    let flags = input.u8();
+    let cuts: Vec<usize> = (0..input.u8() % 16)
+        .map(|_| usize::from(input.u8()))
+        .collect();
+    let stream = input.rest();
+    let fresh = || -> Box<dyn StreamTranslate> {
+        if flags & 1 == 0 {
+            Box::new(ToChatChunks::new(0, flags & 2 != 0))
+        } else {
+            Box::new(ToMessageEvents::new())
+        }
+    };
+    let run = |pieces: &[&[u8]]| {
+        let mut t = fresh();
+        let mut out = Vec::new();
+        for p in pieces {
+            if let Err(e) = t.feed(p, &mut out) {
+                return (out, Some(e));
+            }
+        }
+        let e = t.finish(&mut out).err();
+        (out, e)
+    };
+    let whole = run(&[stream]);
+    let mut pieces = Vec::new();
+    let mut at = 0usize;
+    for cut in cuts.iter().chain(std::iter::once(&usize::MAX)) {
+        let end = at.saturating_add(*cut).min(stream.len());
+        pieces.push(&stream[at..end]);
+        at = end;
+    }
+    assert_eq!(run(&pieces), whole, "cut at {cuts:?}");
+}
+
+/// An OpenAI chat request sent to Anthropic and back (as a messages request through an OpenAI
+/// backend would be): when both directions translate, every translatable field survives.
+/// The comparison is on what each API can express: system prompts joined, turns of one role
+/// merged, tool results first in their turn, an assistant turn's text joined, `stop` as a
+/// list, `tool_choice` `auto` where tools are given without one. True when both directions
+/// translated (and so the two were compared).
+pub fn translate_round_trip(data: &[u8]) -> bool {
+    use crate::provider::translate::{Options, chat_to_messages, messages_to_chat};
+    let options = Options::default();
+    let Ok(there) = chat_to_messages(data, &options) else {
+        return false;
+    };
+    let Ok(back) = messages_to_chat(&there.body, &options) else {
+        return false;
+    };
+    let original: serde_json::Value = serde_json::from_slice(data).expect("translated, so JSON");
+    let back: serde_json::Value =
+        serde_json::from_slice(&back.body).expect("a translation is JSON");
+    assert_eq!(
+        canonical_chat(&original, options.default_max_tokens),
+        canonical_chat(&back, options.default_max_tokens),
+        "\n{original}\n->\n{}\n->\n{back}",
+        String::from_utf8_lossy(&there.body)
+    );
+    true
+}
+
+/// What an OpenAI chat request means, in a form both APIs can express (see
+/// [`translate_round_trip`]).
+fn canonical_chat(req: &serde_json::Value, default_max_tokens: u32) -> serde_json::Value {
+    use serde_json::{Value, json};
+    let text_of = |c: &Value| -> String {
+        match c {
+            Value::String(s) => s.clone(),
+            Value::Array(parts) => parts.iter().filter_map(|p| p["text"].as_str()).collect(),
+            _ => String::new(),
+        }
+    };
+    let mut system: Vec<String> = Vec::new();
+    let mut turns: Vec<(&str, Vec<Value>)> = Vec::new();
+    for m in req["messages"].as_array().into_iter().flatten() {
+        let (role, items): (&str, Vec<Value>) = match m["role"].as_str().unwrap_or("") {
+            "system" | "developer" => {
+                system.push(text_of(&m["content"]));
+                continue;
+            }
+            "tool" => (
+                "user",
+                vec![json!({"result": m["tool_call_id"], "text": text_of(&m["content"])})],
+            ),
+            "user" => {
+                let items = match &m["content"] {
+                    Value::String(s) => vec![json!({"text": s})],
+                    Value::Array(parts) => parts
+                        .iter()
+                        .map(|p| match p["type"].as_str() {
+                            Some("image_url") => json!({"image": p["image_url"]["url"]}),
+                            _ => json!({"text": p["text"]}),
+                        })
+                        .collect(),
+                    _ => Vec::new(),
+                };
+                ("user", items)
+            }
+            _ => {
+                let mut items = vec![json!({"text": text_of(&m["content"])})];
+                for c in m["tool_calls"].as_array().into_iter().flatten() {
+                    let args: Value =
+                        serde_json::from_str(c["function"]["arguments"].as_str().unwrap_or("{}"))
+                            .unwrap_or(Value::Null);
+                    items.push(
+                        json!({"call": c["id"], "name": c["function"]["name"], "args": args}),
+                    );
+                }
+                ("assistant", items)
+            }
+        };
+        match turns.last_mut() {
+            Some((last, content)) if *last == role => content.extend(items),
+            _ => turns.push((role, items)),
+        }
+    }
+    let turns: Vec<Value> = turns
+        .into_iter()
+        .map(|(role, items)| {
+            if role == "assistant" {
+                // One text (the joined texts), then the calls.
+                let text: String = items.iter().filter_map(|i| i["text"].as_str()).collect();
+                let mut out = vec![json!({"text": text})];
+                out.extend(items.into_iter().filter(|i| i.get("call").is_some()));
+                json!({"role": role, "items": out})
+            } else {
+                let (results, rest): (Vec<Value>, Vec<Value>) =
+                    items.into_iter().partition(|i| i.get("result").is_some());
+                let items = [results, rest].concat();
+                json!({"role": role, "items": items})
+            }
+        })
+        .collect();
+    let tools: Vec<Value> = req["tools"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|t| {
+            let f = &t["function"];
+            let schema = if f["parameters"].is_null() {
+                json!({"type": "object", "properties": {}})
+            } else {
+                f["parameters"].clone()
+            };
+            json!({"name": f["name"], "description": f["description"], "schema": schema})
+        })
+        .collect();
+    let mut choice = req["tool_choice"].clone();
+    if choice.is_null() && !tools.is_empty() {
+        choice = json!("auto");
+    }
+    let serial =
+        req["parallel_tool_calls"] == json!(false) && !choice.is_null() && choice != json!("none");
+    let stop = match &req["stop"] {
+        Value::String(s) => json!([s]),
+        other => other.clone(),
+    };
+    let max_tokens = [&req["max_tokens"], &req["max_completion_tokens"]]
+        .into_iter()
+        .find(|v| !v.is_null())
+        .cloned()
+        .unwrap_or(json!(default_max_tokens));
+    json!({
+        "model": req["model"], "max_tokens": max_tokens, "temperature": req["temperature"],
+        "top_p": req["top_p"], "stop": stop, "user": req["user"],
+        "stream": req["stream"] == json!(true),
+        "system": (!system.is_empty()).then(|| system.join("\n\n")),
+        "turns": turns, "tools": tools, "tool_choice": choice, "serial_tools": serial,
+    })
+}

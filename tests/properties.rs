@@ -82,6 +82,127 @@ proptest! {
     fn redaction_leaves_no_secret(data in input()) {
         fuzz::redaction(&data);
     }
+
+    #[test]
+    fn request_translation_never_panics_and_keeps_each_api_s_rules(data in prop_oneof![input(), chat_request().prop_map(|r| [vec![0u8, 7], r].concat())]) {
+        fuzz::translate_request(&data);
+    }
+
+    #[test]
+    fn stream_translation_is_the_same_in_any_chunks(data in prop_oneof![input(), stream_input()]) {
+        fuzz::translate_stream(&data);
+    }
+
+    #[test]
+    fn openai_to_anthropic_to_openai_keeps_every_translatable_field(req in chat_request()) {
+        prop_assert!(fuzz::translate_round_trip(&req), "not translated: {}", String::from_utf8_lossy(&req));
+    }
+}
+
+/// OpenAI chat requests of every translatable kind: system prompts, text and image parts,
+/// tool calls and their results (parallel ones too), sampling parameters, tools and choices.
+fn chat_request() -> impl Strategy<Value = Vec<u8>> {
+    use serde_json::{Value, json};
+    let text = "[a-z ]{0,12}";
+    let user = prop_oneof![
+        text.prop_map(|t| json!({"role": "user", "content": t})),
+        proptest::collection::vec(
+            prop_oneof![
+                text.prop_map(|t| json!({"type": "text", "text": t})),
+                "[A-Za-z0-9+/]{4,12}".prop_map(|d| json!({"type": "image_url",
+                    "image_url": {"url": format!("data:image/png;base64,{d}")}})),
+                "[a-z]{1,8}".prop_map(|h| json!({"type": "image_url",
+                    "image_url": {"url": format!("https://{h}.test/i.png")}})),
+            ],
+            1..4,
+        )
+        .prop_map(|parts| json!({"role": "user", "content": parts})),
+    ];
+    let system = text.prop_map(|t| json!({"role": "system", "content": t}));
+    // An assistant turn calling 0-3 tools, followed by a result for each call.
+    let exchange = (prop::option::of("[a-z ]{1,12}"), 0usize..4, any::<u16>()).prop_map(
+        |(said, calls, seed)| {
+            let ids: Vec<String> = (0..calls).map(|k| format!("call_{seed}_{k}")).collect();
+            let mut turns = vec![json!({
+                "role": "assistant",
+                "content": said,
+                "tool_calls": ids.iter().map(|id| json!({"id": id, "type": "function",
+                    "function": {"name": "lookup", "arguments": format!("{{\"q\":\"{id}\"}}")}})).collect::<Vec<_>>(),
+            })];
+            if calls == 0 {
+                turns[0].as_object_mut().map(|m| m.remove("tool_calls"));
+            }
+            turns.extend(ids.iter().map(|id| json!({"role": "tool", "tool_call_id": id, "content": "ok"})));
+            turns
+        },
+    );
+    let turn = prop_oneof![
+        user.clone().prop_map(|u| vec![u]),
+        system.prop_map(|s| vec![s]),
+        exchange
+    ];
+    (
+        proptest::collection::vec(turn, 1..6),
+        prop::option::of(0u32..100).prop_map(|t| t.map(|t| f64::from(t) / 100.0)),
+        prop::option::of(prop_oneof![
+            "[A-Z]{1,4}".prop_map(Value::from),
+            proptest::collection::vec("[A-Z]{1,4}", 1..3).prop_map(Value::from)
+        ]),
+        prop::option::of(1u32..5000),
+        any::<bool>(),
+        prop::option::of(prop_oneof![
+            Just(json!("auto")),
+            Just(json!("none")),
+            Just(json!("required")),
+            Just(json!({"type": "function", "function": {"name": "lookup"}}))
+        ]),
+        prop::option::of(any::<bool>()),
+        prop::option::of("[a-z0-9]{1,8}"),
+    )
+        .prop_map(
+            |(turns, temperature, stop, max_tokens, stream, choice, parallel, user)| {
+                let mut req = json!({"model": "gpt-4o", "messages": turns.concat()});
+                let mut set = |k: &str, v: Option<Value>| {
+                    if let Some(v) = v {
+                        req[k] = v;
+                    }
+                };
+                set("temperature", temperature.map(Value::from));
+                set("stop", stop);
+                set("max_tokens", max_tokens.map(Value::from));
+                set("stream", stream.then_some(json!(true)));
+                let tools = json!([{"type": "function", "function": {"name": "lookup",
+                "description": "d", "parameters": {"type": "object"}}}]);
+                set("tools", choice.is_some().then_some(tools));
+                set("tool_choice", choice);
+                set("parallel_tool_calls", parallel.map(Value::from));
+                set("user", user.map(Value::from));
+                req.to_string().into_bytes()
+            },
+        )
+}
+
+/// A stream of either provider's events, behind the direction and cut bytes.
+fn stream_input() -> impl Strategy<Value = Vec<u8>> {
+    let anthropic = prop_oneof![
+        Just(&b"event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"m\",\"model\":\"c\",\"usage\":{\"input_tokens\":3}}}\n\n"[..]),
+        Just(&b"event: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":0,\"content_block\":{\"type\":\"tool_use\",\"id\":\"t\",\"name\":\"w\",\"input\":{}}}\n\n"[..]),
+        Just(&b"event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"hi\"}}\n\n"[..]),
+        Just(&b"data: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"input_json_delta\",\"partial_json\":\"{\\\"a\"}}\r\n\r\n"[..]),
+        Just(&b"event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"max_tokens\"},\"usage\":{\"output_tokens\":2}}\n\n"[..]),
+        Just(&b"event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n"[..]),
+        Just(&b"event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\",\"message\":\"o\"}}\n\n"[..]),
+        Just(&b": keep-alive\n\n"[..]),
+        Just(&b"data: {\"choices\":[{\"delta\":{\"content\":\"x\"}}]}\n\n"[..]),
+        Just(&b"data: {\"choices\":[{\"delta\":{\"tool_calls\":[{\"index\":0,\"id\":\"c\",\"function\":{\"name\":\"w\",\"arguments\":\"{}\"}}]},\"finish_reason\":\"tool_calls\"}]}\n\n"[..]),
+        Just(&b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":2}}\n\n"[..]),
+        Just(&b"data: [DONE]\n\n"[..]),
+    ];
+    (
+        proptest::collection::vec(any::<u8>(), 0..18),
+        proptest::collection::vec(anthropic, 0..12),
+    )
+        .prop_map(|(head, events)| [head, events.concat()].concat())
 }
 
 /// A few inputs that once broke an invariant, or would have, replayed as they are.
