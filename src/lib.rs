@@ -13,6 +13,7 @@
 //! | [`circuit_breaker::CircuitBreaker`] | per backend: stops sending to a failing backend, probes it back, never ejects more than a share of a group |
 //! | [`auth::AuthInject`] | per backend: strips the caller's credentials, injects the backend's own (`api-key`, bearer, refreshed token) |
 //! | [`endpoint::Endpoint`] | per backend: points the request at it, classifies the answer once, records cooldowns and quota hints in the backend's [`BackendState`] |
+//! | [`translate::Translate`] | per backend: an OpenAI chat request for an Anthropic backend (and an Anthropic messages request for an OpenAI one) goes out in the backend's API and its answer, stream or error comes back in the caller's |
 //! | [`timeout::AttemptTimeout`] | per backend: first-byte, idle and total limits per attempt |
 //! | [`body::BufferRequest`] | once, outermost: makes the request body cheap to replay, with a size cap |
 //!
@@ -23,10 +24,13 @@
 //! # Recommended order
 //!
 //! Outermost first: `BufferRequest` → `Fallback` → `RetryAfter429` → `Balance` → per backend:
-//! `CircuitBreaker` → `Endpoint` → `AttemptTimeout` → `AuthInject` → the HTTP client.
+//! `CircuitBreaker` → `Translate` → `Endpoint` → `AttemptTimeout` → `AuthInject` → the HTTP
+//! client.
 //!
 //! The breaker sits above `Endpoint` so it sees each attempt's classified outcome; the timeout
-//! sits below it so a timeout is classified as one.
+//! sits below it so a timeout is classified as one. `Translate` sits just above `Endpoint`, so
+//! the backend's own answer is classified (Anthropic's `529` is throttling) and everything
+//! above the pick stays provider-neutral.
 //!
 //! Other orders work too, with the meanings the README's "Layer order" table gives (retries
 //! below the `Balance` stay on the chosen backend and wait out its `retry-after`; a single

@@ -449,3 +449,47 @@ async fn the_anthropic_mock_refuses_what_anthropic_refuses_in_anthropic_s_shape(
         );
     }
 }
+
+/// The README's first JSON block after `marker`.
+fn readme_json_after(marker: &str) -> &'static str {
+    let readme = include_str!("../README.md");
+    let from = readme.find(marker).expect("the marker is in the README");
+    let start = from + readme[from..].find("```json\n").expect("a JSON block") + "```json\n".len();
+    &readme[start..start + readme[start..].find("```").unwrap()]
+}
+
+#[tokio::test]
+async fn the_readme_s_mixed_provider_config_serves_openai_callers_from_both() {
+    let claude = MockServer::builder().name("claude").start().await.unwrap();
+    let openai = MockServer::builder().name("openai").start().await.unwrap();
+    let json = readme_json_after("is then a config:");
+    // Its backends are the providers' default URLs, its keys environment variables (any that
+    // is set will do here).
+    let json = json
+        .replace(
+            r#""provider": "anthropic","#,
+            &format!(r#""provider": "anthropic", "url": "{}","#, claude.url()),
+        )
+        .replace(
+            r#""provider": "openai","#,
+            &format!(r#""provider": "openai", "url": "{}/v1","#, openai.url()),
+        )
+        .replace("ANTHROPIC_API_KEY", "PATH")
+        .replace("OPENAI_API_KEY", "PATH");
+    let svc = Config::from_json(&json)
+        .unwrap()
+        .build(http_client())
+        .unwrap();
+    for _ in 0..40 {
+        let res = svc
+            .clone()
+            .oneshot(chat(
+                &json!({"model": "any", "messages": [{"role": "user", "content": "hi"}]}),
+            ))
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200);
+        check_openai_answer(&text(res).await, false, false);
+    }
+    assert!(claude.counters().ok > 0 && openai.counters().ok > 0);
+}
