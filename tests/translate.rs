@@ -493,3 +493,78 @@ async fn the_readme_s_mixed_provider_config_serves_openai_callers_from_both() {
     }
     assert!(claude.counters().ok > 0 && openai.counters().ok > 0);
 }
+
+#[tokio::test]
+async fn documented_requests_of_each_api_are_accepted_by_the_other_s_mock() {
+    // OpenAI's vision + tool-result request, streamed, to an Anthropic backend.
+    let claude = anthropic_mock().await;
+    let json = format!(
+        r#"{{ "backends": {{ "claude": {{ "provider": "anthropic", "url": "{a}", "api_key": "sk-ant" }} }} }}"#,
+        a = claude.url()
+    );
+    let svc = Config::from_json(&json)
+        .unwrap()
+        .build(http_client())
+        .unwrap();
+    let request: Value = serde_json::from_str(include_str!(
+        "fixtures/translate/openai_vision_tools_request.json"
+    ))
+    .unwrap();
+    let res = svc.oneshot(chat(&request)).await.unwrap();
+    assert_eq!(res.status(), 200);
+    check_openai_answer(&text(res).await, true, false);
+    let seen: Value = serde_json::from_slice(&claude.requests()[0].body).unwrap();
+    assert_eq!(seen["system"], "You are a helpful assistant.");
+    assert_eq!(seen["max_tokens"], 300);
+    assert_eq!(seen["messages"][0]["content"][1]["source"]["type"], "url");
+    assert_eq!(
+        seen["messages"][1]["content"][0]["input"],
+        json!({"location": "Madison, WI"})
+    );
+    assert_eq!(
+        seen["messages"][2]["content"][0]["tool_use_id"],
+        "call_abc123"
+    );
+
+    // Anthropic's tool-use request, with an image beside the tool result, to Azure.
+    let azure = MockServer::builder()
+        .name("azure")
+        .api_key("az")
+        .start()
+        .await
+        .unwrap();
+    let json = format!(
+        r#"{{ "backends": {{ "azure": {{ "provider": "azure", "url": "{z}", "deployment": "gpt-4o",
+                                        "api_key": "az" }} }} }}"#,
+        z = azure.url()
+    );
+    let request: Value = serde_json::from_str(include_str!(
+        "fixtures/translate/anthropic_tool_use_request.json"
+    ))
+    .unwrap();
+    let res = gateway_for(&json)
+        .oneshot(messages_request(&request))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let answer: Value = serde_json::from_str(&text(res).await).unwrap();
+    assert_eq!(answer["type"], "message");
+    assert_eq!(
+        answer["stop_reason"], "end_turn",
+        "the conversation ends with the tool's result"
+    );
+    let seen: Value = serde_json::from_slice(&azure.requests()[0].body).unwrap();
+    assert_eq!(seen["parallel_tool_calls"], false);
+    assert_eq!(seen["tool_choice"], "auto");
+    let roles: Vec<&str> = seen["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["role"].as_str().unwrap())
+        .collect();
+    assert_eq!(roles, ["system", "user", "assistant", "tool", "user"]);
+    assert_eq!(
+        seen["messages"][4]["content"][0]["image_url"]["url"],
+        "data:image/jpeg;base64,/9j/4AAQSkZJRg=="
+    );
+}

@@ -1183,15 +1183,24 @@ struct Stream {
     tail: Vec<Bytes>,
 }
 
-/// The tool an OpenAI chat answer calls, if any: the first tool offered, unless the
-/// conversation ends with a tool's result or the caller said `none`.
+/// The tool an OpenAI chat answer calls, if any: the first tool offered, unless a tool's
+/// result came after the last assistant turn or the caller said `none`.
 fn openai_tool_to_call(req: &serde_json::Value) -> Option<String> {
     let first = req.pointer("/tools/0/function/name")?.as_str()?;
     if req.get("tool_choice").and_then(|c| c.as_str()) == Some("none") {
         return None;
     }
-    let last = req.get("messages")?.as_array()?.last()?;
-    (last.get("role").and_then(|r| r.as_str()) != Some("tool")).then(|| first.to_string())
+    // The turns since the last assistant turn: a tool result among them answers the call.
+    let messages = req.get("messages")?.as_array()?;
+    fn role(m: &serde_json::Value) -> &str {
+        m.get("role").and_then(|r| r.as_str()).unwrap_or("")
+    }
+    let answered = messages
+        .iter()
+        .rev()
+        .take_while(|m| role(m) != "assistant")
+        .any(|m| role(m) == "tool");
+    (!answered).then(|| first.to_string())
 }
 
 /// Refuses what OpenAI refuses: Anthropic's own parameters, and a tool result that answers

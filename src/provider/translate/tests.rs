@@ -363,3 +363,118 @@ event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\"
     assert!(!out.contains("[DONE]"));
     assert!(run(&mut ToChatChunks::new(0, false), &[b"data: {not json\n\n"]).is_err());
 }
+
+// Fixtures written from the providers' API references (their documented examples).
+const FIXTURE_ANTHROPIC_STREAM: &str =
+    include_str!("../../../tests/fixtures/translate/anthropic_stream_tool_use.sse");
+const FIXTURE_OPENAI_STREAM: &str =
+    include_str!("../../../tests/fixtures/translate/openai_stream_tool_calls.sse");
+
+#[test]
+fn the_documented_anthropic_tool_use_stream_becomes_chat_chunks_at_every_cut() {
+    let whole = run(
+        &mut ToChatChunks::new(9, true),
+        &[FIXTURE_ANTHROPIC_STREAM.as_bytes()],
+    )
+    .unwrap();
+    let data = datas(&whole);
+    assert_eq!(data.last().unwrap(), "[DONE]");
+    let chunks: Vec<Value> = data[..data.len() - 1]
+        .iter()
+        .map(|c| serde_json::from_str(c).unwrap())
+        .collect();
+    let text: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(text, "Okay, let's check the weather for San Francisco, CA:");
+    let call = &chunks
+        .iter()
+        .find(|c| c["choices"][0]["delta"]["tool_calls"][0]["id"].is_string())
+        .unwrap()["choices"][0]["delta"]["tool_calls"][0];
+    assert_eq!(call["id"], "toolu_01T1x1fJ34qAmk2tNTrN7Up6");
+    assert_eq!(call["function"]["name"], "get_weather");
+    let args: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["tool_calls"][0]["function"]["arguments"].as_str())
+        .collect();
+    let args: Value = serde_json::from_str(&args).unwrap();
+    assert_eq!(
+        args,
+        json!({"location": "San Francisco, CA", "unit": "fahrenheit"})
+    );
+    let usage = &chunks.last().unwrap()["usage"];
+    assert_eq!(
+        (
+            usage["prompt_tokens"].clone(),
+            usage["completion_tokens"].clone()
+        ),
+        (json!(472), json!(89))
+    );
+    assert!(
+        chunks
+            .iter()
+            .all(|c| c["id"] == "msg_014p7gG3wDgGV9EUtLvnow3U" && c["created"] == 9)
+    );
+    let bytes = FIXTURE_ANTHROPIC_STREAM.as_bytes();
+    for cut in 0..=bytes.len() {
+        let (a, b) = bytes.split_at(cut);
+        assert_eq!(
+            run(&mut ToChatChunks::new(9, true), &[a, b]).unwrap(),
+            whole,
+            "cut at {cut}"
+        );
+    }
+}
+
+#[test]
+fn the_documented_openai_tool_call_stream_becomes_anthropic_events_at_every_cut() {
+    let whole = run(
+        &mut ToMessageEvents::new(),
+        &[FIXTURE_OPENAI_STREAM.as_bytes()],
+    )
+    .unwrap();
+    let events: Vec<Value> = datas(&whole)
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    let types: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(types[..2], ["message_start", "content_block_start"]);
+    assert_eq!(
+        types[types.len() - 3..],
+        ["content_block_stop", "message_delta", "message_stop"]
+    );
+    assert_eq!(
+        events[1]["content_block"],
+        json!({"type": "tool_use", "id": "call_4vRGFUvrz5C8XYNXRD1pzy7R",
+        "name": "get_current_weather", "input": {}})
+    );
+    let input: String = events
+        .iter()
+        .filter_map(|e| e["delta"]["partial_json"].as_str())
+        .collect();
+    assert_eq!(
+        serde_json::from_str::<Value>(&input).unwrap(),
+        json!({"location": "Boston, MA"})
+    );
+    let delta = &events[events.len() - 2];
+    assert_eq!(delta["delta"]["stop_reason"], "tool_use");
+    assert_eq!(
+        delta["usage"],
+        json!({"input_tokens": 82, "output_tokens": 18})
+    );
+    // Each event's name line matches its type, as Anthropic's SDKs read it.
+    for e in whole.split("\n\n").filter(|e| !e.is_empty()) {
+        let name = e.lines().next().unwrap().strip_prefix("event: ").unwrap();
+        assert!(e.contains(&format!("\"type\":\"{name}\"")), "{e}");
+    }
+    let bytes = FIXTURE_OPENAI_STREAM.as_bytes();
+    for cut in 0..=bytes.len() {
+        let (a, b) = bytes.split_at(cut);
+        assert_eq!(
+            run(&mut ToMessageEvents::new(), &[a, b]).unwrap(),
+            whole,
+            "cut at {cut}"
+        );
+    }
+}
