@@ -568,3 +568,30 @@ async fn documented_requests_of_each_api_are_accepted_by_the_other_s_mock() {
         "data:image/jpeg;base64,/9j/4AAQSkZJRg=="
     );
 }
+
+#[tokio::test]
+async fn the_gateway_s_own_errors_on_the_messages_route_are_in_anthropic_s_shape() {
+    let azure = MockServer::builder().name("azure").start().await.unwrap();
+    azure.set_fault(Some(Fault::Status(500)));
+    let json = format!(
+        r#"{{ "backends": {{ "azure": {{ "provider": "azure", "url": "{z}", "deployment": "gpt-4o" }} }} }}"#,
+        z = azure.url()
+    );
+    let app = gateway_for(&json);
+    let ask = json!({"model": "gpt-4o", "max_tokens": 8, "messages": [{"role": "user", "content": "Hi"}]});
+    // A wrong client key: the gateway refuses.
+    let mut req = messages_request(&ask);
+    req.headers_mut()
+        .insert("x-api-key", "wrong".parse().unwrap());
+    let res = app.clone().oneshot(req).await.unwrap();
+    assert_eq!(res.status(), 401);
+    let err: Value = serde_json::from_str(&text(res).await).unwrap();
+    assert_eq!(err["type"], "error");
+    assert_eq!(err["error"]["type"], "authentication_error");
+    // The backend fails: its error, translated, in Anthropic's shape.
+    let res = app.oneshot(messages_request(&ask)).await.unwrap();
+    assert!(res.status().is_server_error());
+    let err: Value = serde_json::from_str(&text(res).await).unwrap();
+    assert_eq!(err["type"], "error", "{err}");
+    assert_eq!(err["error"]["type"], "api_error");
+}

@@ -37,6 +37,9 @@
 //! | every attempt failed (5xx, timeouts, connect errors; none throttled) | `502` with an OpenAI-shaped error listing each attempt, and `retry-after` when a backend's circuit says when to come back |
 //! | request body over the cap | `413` |
 //! | missing or wrong client key | `401`; non-loopback client without keys configured: `403` |
+//!
+//! Errors on `/v1/messages` are in Anthropic's shape (`{"type": "error", "error": {...}}`),
+//! the others in OpenAI's.
 
 pub mod cli;
 mod metrics;
@@ -448,17 +451,39 @@ fn peer_of(req: &Request) -> Option<SocketAddr> {
 async fn forward(State(gw): State<Gateway>, req: Request) -> Response {
     let started = Instant::now();
     let route = metrics::route_label(req.uri().path());
+    let anthropic_caller = req.uri().path() == "/v1/messages";
     // What this request starts with it finishes with, whatever a reload does meanwhile.
     let live = gw.live.load_full();
-    let (client, res) = match admit(&live, req.headers(), peer_of(&req)) {
+    let (client, mut res) = match admit(&live, req.headers(), peer_of(&req)) {
         Ok(client) => (client, forward_counted(&gw, live, client, req).await),
         Err(refused) => ("refused", refused.response()),
     };
+    if anthropic_caller && res.status().as_u16() >= 400 {
+        res = anthropic_shaped(res).await;
+    }
     if let Some(route) = route {
         gw.metrics
             .observe(route, res.status().as_u16(), client, started);
     }
     res
+}
+
+/// An error answer to an Anthropic caller (`/v1/messages`) in Anthropic's shape: the
+/// gateway's own errors (refusals, every backend busy or failed) are written in OpenAI's.
+async fn anthropic_shaped(res: Response) -> Response {
+    let (mut parts, body) = res.into_parts();
+    let Ok(bytes) = axum::body::to_bytes(body, ERROR_BODY_LIMIT).await else {
+        let body = crate::provider::translate::error_to_anthropic(parts.status.as_u16(), b"");
+        return Response::from_parts(parts, axum::body::Body::from(body));
+    };
+    let already = serde_json::from_slice::<serde_json::Value>(&bytes)
+        .is_ok_and(|v| v.get("type").and_then(|t| t.as_str()) == Some("error"));
+    if already {
+        return Response::from_parts(parts, axum::body::Body::from(bytes));
+    }
+    let body = crate::provider::translate::error_to_anthropic(parts.status.as_u16(), &bytes);
+    parts.headers.remove(http::header::CONTENT_LENGTH);
+    Response::from_parts(parts, axum::body::Body::from(body))
 }
 
 /// `GET /` and `/ui`: a self-contained live page (no build step, no CDN) that polls `/stats`
