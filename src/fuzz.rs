@@ -451,6 +451,11 @@ fn canonical_chat(req: &serde_json::Value, default_max_tokens: u32) -> serde_jso
             _ => turns.push((role, items)),
         }
     }
+    // Anthropic's own top-level `system` (as `override_params` may set it) comes after the
+    // system messages.
+    if !req["system"].is_null() {
+        system.push(text_of(&req["system"]));
+    }
     let turns: Vec<Value> = turns
         .into_iter()
         .map(|(role, items)| {
