@@ -644,6 +644,10 @@ where
             return self.poll_raw(cx);
         }
         loop {
+            if self.translate.as_ref().is_some_and(|t| t.finished) {
+                // Ended, or failed: nothing more of the backend's bytes is passed on.
+                return Poll::Ready(None);
+            }
             let frame = ready!(self.as_mut().poll_raw(cx));
             let this = self.as_mut().project();
             let Some(t) = this.translate.as_mut() else {
@@ -654,8 +658,10 @@ where
                     Ok(data) => t.with.feed(&data, &mut t.out),
                     Err(frame) => return Poll::Ready(Some(Ok(frame))),
                 },
-                Some(Err(e)) => return Poll::Ready(Some(Err(e))),
-                None if t.finished => return Poll::Ready(None),
+                Some(Err(e)) => {
+                    t.finished = true;
+                    return Poll::Ready(Some(Err(e)));
+                }
                 None => {
                     t.finished = true;
                     t.with.finish(&mut t.out)

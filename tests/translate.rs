@@ -595,3 +595,36 @@ async fn the_gateway_s_own_errors_on_the_messages_route_are_in_anthropic_s_shape
     assert_eq!(err["type"], "error", "{err}");
     assert_eq!(err["error"]["type"], "api_error");
 }
+
+#[tokio::test]
+async fn a_translated_stream_cut_or_ended_early_upstream_ends_with_an_error_never_done() {
+    let claude = anthropic_mock().await;
+    let json = format!(
+        r#"{{ "backends": {{ "claude": {{ "provider": "anthropic", "url": "{a}", "api_key": "sk-ant" }} }} }}"#,
+        a = claude.url()
+    );
+    let svc = Config::from_json(&json)
+        .unwrap()
+        .build(http_client())
+        .unwrap();
+    let ask = json!({"model": "m", "stream": true, "messages": [{"role": "user", "content": "x"}]});
+    for fault in [Fault::TruncateStream(2), Fault::EndStreamEarly(2)] {
+        claude.set_fault(Some(fault.clone()));
+        let res = svc.clone().oneshot(chat(&ask)).await.unwrap();
+        assert_eq!(res.status(), 200);
+        let mut body = res.into_body();
+        let mut seen = String::new();
+        let err = loop {
+            match body.frame().await {
+                Some(Ok(f)) => seen.push_str(&String::from_utf8_lossy(f.data_ref().unwrap())),
+                Some(Err(e)) => break e.to_string(),
+                None => panic!("{fault:?}: a clean end after {seen}"),
+            }
+        };
+        assert!(err.contains("claude"), "{fault:?}: {err}");
+        assert!(
+            seen.contains("tok0 ") && !seen.contains("[DONE]"),
+            "{fault:?}: {seen}"
+        );
+    }
+}
