@@ -35,8 +35,14 @@ async fn start(json: &str) -> Running {
         .as_ref()
         .map(|g| g.model_aliases.clone())
         .unwrap_or_default();
+    let stream_usage = config
+        .gateway
+        .as_ref()
+        .and_then(|g| g.stream_usage)
+        .unwrap_or(false);
     let task = tokio::spawn(
         Gateway::new(svc, backends, keys)
+            .stream_usage(stream_usage)
             .served_models(config.models.keys().cloned().collect())
             .model_aliases(aliases)
             .unwrap()
@@ -948,6 +954,52 @@ async fn tokens_reported_in_answers_are_counted_per_backend_and_model() {
     let res = send(get(format!("{}/stats", gw.url), Some("client-1"))).await;
     let stats: serde_json::Value = serde_json::from_str(&text(res).await).unwrap();
     assert_eq!(stats["backends"][0]["tokens"]["completion"], 7);
+}
+
+#[tokio::test(start_paused = true)]
+async fn usage_asked_for_on_a_callers_behalf_is_counted_and_never_reaches_the_caller() {
+    let m = MockServer::builder()
+        .name("chat")
+        .stream_chunks(3)
+        .start()
+        .await
+        .unwrap();
+    let json = format!(
+        r#"{{ "backends": {{ "chat": {{ "provider": "openai", "url": "{}/v1", "models": ["gpt-4o"] }} }},
+             "gateway": {{ "client_keys": ["client-1"], "stream_usage": true }} }}"#,
+        m.url()
+    );
+    let gw = start(&json).await;
+    let chat = || format!("{}/v1/chat/completions", gw.url);
+    // The caller did not ask: the backend is asked, the caller gets no usage chunk.
+    let res = send(post(
+        chat(),
+        Some("client-1"),
+        r#"{"model":"gpt-4o","stream":true,"messages":[]}"#,
+    ))
+    .await;
+    assert_eq!(res.status(), 200);
+    let body = text(res).await;
+    assert!(!body.contains("usage"), "{body}");
+    assert!(body.ends_with("data: [DONE]\n\n"), "{body}");
+    assert_eq!(body.matches("tok").count(), 3);
+    let sent: serde_json::Value = serde_json::from_slice(&m.requests()[0].body).unwrap();
+    assert_eq!(sent["stream_options"]["include_usage"], true);
+    // The caller asked: the chunk is theirs.
+    let res = send(post(
+        chat(),
+        Some("client-1"),
+        r#"{"model":"gpt-4o","stream":true,"stream_options":{"include_usage":true},"messages":[]}"#,
+    ))
+    .await;
+    assert!(text(res).await.contains(r#""usage""#));
+    let res = send(get(format!("{}/stats", gw.url), Some("client-1"))).await;
+    let stats: serde_json::Value = serde_json::from_str(&text(res).await).unwrap();
+    assert_eq!(
+        stats["backends"][0]["tokens"]["completion"],
+        3 + 3,
+        "both streams counted"
+    );
 }
 
 #[tokio::test(start_paused = true)]

@@ -379,6 +379,11 @@ pub struct GatewayConfig {
     /// names (`{"gpt4": "gpt-4o"}`); `/v1/models` lists the aliases too.
     #[serde(default)]
     pub model_aliases: BTreeMap<String, String>,
+    /// Ask backends for the token usage of streamed chat answers whose caller did not, count
+    /// it, and remove that chunk before the caller sees it (default `false`: Azure
+    /// `api-version`s before `2024-09-01-preview`, and some OpenAI-compatible servers, refuse
+    /// `stream_options`). Not reloaded.
+    pub stream_usage: Option<bool>,
 }
 
 impl fmt::Debug for GatewayConfig {
@@ -390,6 +395,7 @@ impl fmt::Debug for GatewayConfig {
             )
             .field("listen", &self.listen)
             .field("model_aliases", &self.model_aliases)
+            .field("stream_usage", &self.stream_usage)
             .finish()
     }
 }

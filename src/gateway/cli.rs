@@ -217,7 +217,13 @@ async fn run(args: Serve) -> Result<(), Failure> {
         .as_ref()
         .map(|g| g.model_aliases.clone())
         .unwrap_or_default();
+    let stream_usage = config
+        .gateway
+        .as_ref()
+        .and_then(|g| g.stream_usage)
+        .unwrap_or(false);
     let gateway = super::Gateway::new(service, backends, client_keys)
+        .stream_usage(stream_usage)
         .served_models(config.models.keys().cloned().collect())
         .model_aliases(aliases)
         .map_err(Failure::Config)?;

@@ -74,6 +74,7 @@ use crate::state::Circuit;
 pub struct Gateway {
     live: Arc<arc_swap::ArcSwap<Live>>,
     body_limit: usize,
+    stream_usage: bool,
     metrics: Arc<metrics::Metrics>,
 }
 
@@ -172,7 +173,17 @@ impl Gateway {
             metrics: Arc::new(metrics::Metrics::new(live.clone())),
             live,
             body_limit: crate::body::DEFAULT_BODY_LIMIT,
+            stream_usage: false,
         }
+    }
+
+    /// Asks backends for the token usage of streamed chat answers whose caller did not
+    /// (`stream_options.include_usage`), counts it, and removes that last chunk before the
+    /// caller sees it (config `gateway.stream_usage`; default off: Azure `api-version`s before
+    /// `2024-09-01-preview`, and some OpenAI-compatible servers, refuse `stream_options`).
+    pub fn stream_usage(mut self, on: bool) -> Self {
+        self.stream_usage = on;
+        self
     }
 
     /// Replaces what every clone of this gateway serves (a config reload): new requests use the
@@ -533,7 +544,16 @@ async fn forward_counted(
             );
         }
     };
-    let bytes = resolve_alias(&live.aliases, bytes);
+    let mut bytes = resolve_alias(&live.aliases, bytes);
+    // Usage asked for on the caller's behalf is removed from what the caller gets.
+    let mut strip_usage = false;
+    if gw.stream_usage
+        && parts.uri.path() == "/v1/chat/completions"
+        && let Some(asked) = crate::provider::translate::ask_stream_usage(&bytes)
+    {
+        bytes = Bytes::from(asked);
+        strip_usage = true;
+    }
     let cost = crate::provider::estimate_tokens(&bytes);
     let model = gw.metrics.model_label(&live, &bytes);
     let mut out = http::Request::new(ReplayBody::new(bytes));
@@ -569,7 +589,7 @@ async fn forward_counted(
                 return shaped_error(res, &live.backends).await;
             }
             let usage = metrics::UsageWatch::new(gw.metrics.clone(), &res, model, client);
-            into_axum(res, usage)
+            into_axum(res, usage, strip_usage)
         }
         Err(e) => {
             tracing::warn!(error = %e, "request failed");
@@ -680,7 +700,11 @@ async fn shaped_error(res: http::Response<LlmBody>, backends: &[Backend]) -> Res
     out
 }
 
-fn into_axum(res: http::Response<LlmBody>, usage: Option<metrics::UsageWatch>) -> Response {
+fn into_axum(
+    res: http::Response<LlmBody>,
+    usage: Option<metrics::UsageWatch>,
+    strip_usage: bool,
+) -> Response {
     // A backend that refused *our* credential: the caller's key is not at fault, and the
     // backend's answer (which may echo the key) is not passed on.
     if let Some(served) = res.extensions().get::<Served>()
@@ -702,12 +726,21 @@ fn into_axum(res: http::Response<LlmBody>, usage: Option<metrics::UsageWatch>) -
         .get(http::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("text/event-stream"));
+    let strip = (sse && strip_usage).then(|| Stripping {
+        with: crate::provider::translate::StripUsage::default(),
+        out: Vec::new(),
+        finished: false,
+    });
+    if strip.is_some() {
+        parts.headers.remove(http::header::CONTENT_LENGTH);
+    }
     let body = Body::new(StreamGuard {
         inner: body,
         sse,
         failed: None,
         flushed: false,
         usage,
+        strip: strip.map(Box::new),
     });
     Response::from_parts(parts, body)
 }
@@ -845,7 +878,16 @@ pin_project_lite::pin_project! {
         failed: Option<BoxError>,
         flushed: bool,
         usage: Option<metrics::UsageWatch>,
+        // Boxed: only streams whose usage chunk the gateway asked for.
+        strip: Option<Box<Stripping>>,
     }
+}
+
+/// A stream losing the usage chunk the gateway asked for on its caller's behalf.
+struct Stripping {
+    with: crate::provider::translate::StripUsage,
+    out: Vec<u8>,
+    finished: bool,
 }
 
 impl http_body::Body for StreamGuard {
@@ -856,7 +898,7 @@ impl http_body::Body for StreamGuard {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = self.project();
+        let mut this = self.project();
         if this.failed.is_some() {
             // Let the server flush the error event before the stream breaks: one turn of
             // Pending (woken at once) makes hyper write out what it has buffered.
@@ -867,23 +909,54 @@ impl http_body::Body for StreamGuard {
             }
             return Poll::Ready(this.failed.take().map(Err));
         }
-        let frame = ready!(this.inner.poll_frame(cx));
-        if let Some(watch) = this.usage {
-            match &frame {
-                Some(Ok(f)) => {
-                    if let Some(data) = f.data_ref() {
-                        watch.feed(data);
-                    }
-                }
-                // The whole answer went through: count what it says it used.
-                None => {
-                    if let Some(w) = this.usage.take() {
-                        w.finish();
-                    }
-                }
-                Some(Err(_)) => *this.usage = None,
+        let frame = loop {
+            if this.strip.as_ref().is_some_and(|s| s.finished) {
+                break None;
             }
-        }
+            let frame = ready!(this.inner.as_mut().poll_frame(cx));
+            if let Some(watch) = this.usage {
+                match &frame {
+                    Some(Ok(f)) => {
+                        if let Some(data) = f.data_ref() {
+                            watch.feed(data);
+                        }
+                    }
+                    // The whole answer went through: count what it says it used.
+                    None => {
+                        if let Some(w) = this.usage.take() {
+                            w.finish();
+                        }
+                    }
+                    Some(Err(_)) => *this.usage = None,
+                }
+            }
+            let Some(strip) = this.strip.as_mut() else {
+                break frame;
+            };
+            use crate::provider::translate::StreamTranslate;
+            match frame {
+                Some(Ok(f)) => match f.into_data() {
+                    Ok(data) => {
+                        // Its own output only: a line it cannot hold is passed on as it is.
+                        if strip.with.feed(&data, &mut strip.out).is_err() {
+                            strip.out.extend_from_slice(&data);
+                        }
+                    }
+                    Err(f) => break Some(Ok(f)),
+                },
+                Some(Err(e)) => {
+                    strip.finished = true;
+                    break Some(Err(e));
+                }
+                None => {
+                    strip.finished = true;
+                    let _ = strip.with.finish(&mut strip.out);
+                }
+            }
+            if !strip.out.is_empty() {
+                break Some(Ok(Frame::data(Bytes::from(std::mem::take(&mut strip.out)))));
+            }
+        };
         match frame {
             Some(Err(e)) if *this.sse => {
                 let event = serde_json::json!({

@@ -1355,6 +1355,68 @@ impl StreamTranslate for ToMessageEvents {
     }
 }
 
+/// Passes an OpenAI stream on without its usage-only chunk (`"choices": []` with `usage`):
+/// the one a gateway asked for on behalf of a caller who did not.
+#[derive(Debug, Default)]
+pub(crate) struct StripUsage {
+    sse: SseReader,
+}
+
+impl StripUsage {
+    fn event(data: &str, out: &mut Vec<u8>) {
+        let usage_only = data.starts_with('{')
+            && serde_json::from_str::<Value>(data).is_ok_and(|v| {
+                v.get("choices")
+                    .and_then(Value::as_array)
+                    .is_some_and(Vec::is_empty)
+                    && v.get("usage").is_some_and(|u| !u.is_null())
+            });
+        if usage_only {
+            return;
+        }
+        for line in data.split('\n') {
+            out.extend_from_slice(b"data: ");
+            out.extend_from_slice(line.as_bytes());
+            out.push(b'\n');
+        }
+        out.push(b'\n');
+    }
+}
+
+impl StreamTranslate for StripUsage {
+    fn feed(&mut self, bytes: &[u8], out: &mut Vec<u8>) -> Result<(), String> {
+        self.sse.feed(bytes, &mut |d| {
+            Self::event(d, out);
+            Ok(())
+        })
+    }
+
+    fn finish(&mut self, out: &mut Vec<u8>) -> Result<(), String> {
+        self.sse.finish(&mut |d| {
+            Self::event(d, out);
+            Ok(())
+        })
+    }
+}
+
+/// Asks for the usage chunk of a streamed OpenAI chat request whose caller did not: the body
+/// with `stream_options.include_usage` set, or `None` when it is not a streamed chat request
+/// without it.
+pub(crate) fn ask_stream_usage(body: &[u8]) -> Option<Vec<u8>> {
+    let Ok(Value::Object(mut req)) = serde_json::from_slice::<Value>(body) else {
+        return None;
+    };
+    if req.get("stream") != Some(&Value::Bool(true)) {
+        return None;
+    }
+    let options = req.entry("stream_options").or_insert_with(|| json!({}));
+    if !options.is_object() || options.get("include_usage") == Some(&Value::Bool(true)) {
+        return None;
+    }
+    options["include_usage"] = json!(true);
+    serde_json::to_vec(&req).ok()
+}
+
 /// Translates a whole body: (body, `created` timestamp, status) → the caller's body.
 pub(crate) type Convert = fn(&[u8], u64, u16) -> Result<Vec<u8>, String>;
 

@@ -478,3 +478,36 @@ fn the_documented_openai_tool_call_stream_becomes_anthropic_events_at_every_cut(
         );
     }
 }
+
+#[test]
+fn the_usage_chunk_asked_for_on_a_caller_s_behalf_is_removed_at_every_cut() {
+    let stream = "data: {\"choices\":[],\"prompt_filter_results\":[]}\n\n\
+data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"}}]}\n\n\
+data: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":1}}\n\n\
+data: [DONE]\n\n";
+    let want = "data: {\"choices\":[],\"prompt_filter_results\":[]}\n\n\
+data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"}}]}\n\n\
+data: [DONE]\n\n";
+    let bytes = stream.as_bytes();
+    for cut in 0..=bytes.len() {
+        let (a, b) = bytes.split_at(cut);
+        assert_eq!(
+            run(&mut StripUsage::default(), &[a, b]).unwrap(),
+            want,
+            "cut at {cut}"
+        );
+    }
+    let asked: Value = serde_json::from_slice(
+        &ask_stream_usage(br#"{"stream":true,"stream_options":{"x":1},"messages":[]}"#).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        asked["stream_options"],
+        json!({"x": 1, "include_usage": true})
+    );
+    assert_eq!(ask_stream_usage(br#"{"stream":false}"#), None);
+    assert_eq!(
+        ask_stream_usage(br#"{"stream":true,"stream_options":{"include_usage":true}}"#),
+        None
+    );
+}
