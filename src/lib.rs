@@ -114,6 +114,7 @@ pub mod provider;
 mod ready;
 pub mod retry;
 pub mod rng;
+pub mod shared;
 pub mod stack;
 pub mod state;
 pub mod timeout;

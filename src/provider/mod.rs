@@ -410,6 +410,7 @@ pub(crate) fn in_band_error_outcome(body: &[u8]) -> crate::classify::Outcome {
 /// the `usage` object at the end of an OpenAI or Anthropic JSON answer, an OpenAI stream's
 /// last chunk when the caller asked for `stream_options.include_usage`, an Anthropic stream's
 /// `message_delta`). A cheap scan, never a parse; `None` when neither number is there.
+#[cfg_attr(not(feature = "gateway"), allow(dead_code))]
 pub(crate) fn usage_of(head: &[u8], tail: &[u8]) -> Option<(u64, u64)> {
     let key = br#""usage""#;
     let last = tail.windows(key.len()).rposition(|w| w == key);

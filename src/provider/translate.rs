@@ -1357,11 +1357,13 @@ impl StreamTranslate for ToMessageEvents {
 
 /// Passes an OpenAI stream on without its usage-only chunk (`"choices": []` with `usage`):
 /// the one a gateway asked for on behalf of a caller who did not.
+#[cfg(feature = "gateway")]
 #[derive(Debug, Default)]
 pub(crate) struct StripUsage {
     sse: SseReader,
 }
 
+#[cfg(feature = "gateway")]
 impl StripUsage {
     fn event(data: &str, out: &mut Vec<u8>) {
         let usage_only = data.starts_with('{')
@@ -1383,6 +1385,7 @@ impl StripUsage {
     }
 }
 
+#[cfg(feature = "gateway")]
 impl StreamTranslate for StripUsage {
     fn feed(&mut self, bytes: &[u8], out: &mut Vec<u8>) -> Result<(), String> {
         self.sse.feed(bytes, &mut |d| {
@@ -1402,6 +1405,7 @@ impl StreamTranslate for StripUsage {
 /// Asks for the usage chunk of a streamed OpenAI chat request whose caller did not: the body
 /// with `stream_options.include_usage` set, or `None` when it is not a streamed chat request
 /// without it.
+#[cfg(feature = "gateway")]
 pub(crate) fn ask_stream_usage(body: &[u8]) -> Option<Vec<u8>> {
     let Ok(Value::Object(mut req)) = serde_json::from_slice::<Value>(body) else {
         return None;

@@ -1,0 +1,236 @@
+//! Shared state across replicas through a real `redis-server` on loopback (installed with
+//! apt-get when missing), never a mock of Redis. Replicas are separate stacks in one process,
+//! each with its own state and client, over the same mock backends.
+
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tower::ServiceExt;
+use tower_llm_lb::Backend;
+use tower_llm_lb::body::ReplayBody;
+use tower_llm_lb::client::http_client;
+use tower_llm_lb::config::Config;
+use tower_llm_lb::mock::{Fault, MockServer};
+use tower_llm_lb::shared::{RedisStore, SharedSettings, SharedState};
+use tower_llm_lb::stack::LlmService;
+
+/// The `redis-server` binary, installed with apt-get when missing.
+fn redis_server() -> &'static str {
+    let found = || {
+        Command::new("redis-server")
+            .arg("--version")
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !found() {
+        let _ = Command::new("sh")
+            .args([
+                "-c",
+                "(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server) >/dev/null 2>&1",
+            ])
+            .status();
+        assert!(
+            found(),
+            "this test needs redis-server: `apt-get install redis-server` failed (run as root, or install it)"
+        );
+    }
+    "redis-server"
+}
+
+/// A `redis-server` on a loopback port, stopped when dropped.
+struct Redis {
+    child: Option<Child>,
+    port: u16,
+    password: Option<&'static str>,
+}
+
+impl Redis {
+    fn start(password: Option<&'static str>) -> Redis {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut r = Redis {
+            child: None,
+            port,
+            password,
+        };
+        r.restart();
+        r
+    }
+
+    /// Starts it (again) on its port, and waits until it takes connections.
+    fn restart(&mut self) {
+        let mut cmd = Command::new(redis_server());
+        cmd.args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        if let Some(p) = self.password {
+            cmd.args(["--requirepass", p]);
+        }
+        self.child = Some(cmd.spawn().expect("redis-server starts"));
+        for _ in 0..200 {
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("redis-server did not listen on {}", self.port);
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn url(&self) -> String {
+        match self.password {
+            Some(p) => format!("redis://:{p}@127.0.0.1:{}", self.port),
+            None => format!("redis://127.0.0.1:{}", self.port),
+        }
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn chat() -> http::Request<ReplayBody> {
+    http::Request::post("/v1/chat/completions")
+        .body(ReplayBody::from(
+            r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}"#,
+        ))
+        .unwrap()
+}
+
+/// One replica: its own stack, state and client over the mock.
+fn replica(mock: &MockServer) -> (LlmService, Vec<Backend>) {
+    let json = format!(
+        r#"{{ "backends": {{ "east": {{ "provider": "openai", "url": "{}/v1" }} }},
+             "retry": {{ "attempts": 1 }} }}"#,
+        mock.url()
+    );
+    Config::from_json(&json)
+        .unwrap()
+        .build_with_backends(http_client())
+        .unwrap()
+}
+
+fn settings(prefix: &str) -> SharedSettings {
+    SharedSettings {
+        interval: Duration::from_millis(20),
+        budget: Duration::from_millis(500),
+        key_prefix: prefix.into(),
+    }
+}
+
+/// Waits (real time, up to `limit`) until `done` holds.
+async fn eventually(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let end = tokio::time::Instant::now() + limit;
+    while tokio::time::Instant::now() < end {
+        if done() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    done()
+}
+
+/// Replica A earns a `429 retry-after: 2`; then replica B sends one request. Returns whether
+/// the mock got a request during the wait it asked for.
+async fn second_replica_after_a_429(redis: Option<&Redis>, prefix: &str) -> bool {
+    let mock = MockServer::builder().name("east").start().await.unwrap();
+    let (a, backends_a) = replica(&mock);
+    let (b, backends_b) = replica(&mock);
+    let _links = redis.map(|r| {
+        let store: Arc<RedisStore> = Arc::new(RedisStore::new(&r.url()).unwrap());
+        (
+            SharedState::spawn(store.clone(), backends_a.clone(), settings(prefix)),
+            SharedState::spawn(store, backends_b.clone(), settings(prefix)),
+        )
+    });
+    mock.set_fault(Some(Fault::Throttle(vec![(
+        "retry-after".into(),
+        "2".into(),
+    )])));
+    let res = a.oneshot(chat()).await.unwrap();
+    assert_eq!(res.status(), 429);
+    mock.set_fault(None);
+    if redis.is_some() {
+        // B hears of A's wait through Redis.
+        let state = backends_b[0].state().clone();
+        assert!(
+            eventually(Duration::from_secs(2), || state
+                .throttled_until()
+                .is_some_and(
+                    |u| u > tokio::time::Instant::now() + Duration::from_secs(1)
+                ))
+            .await,
+            "replica B never heard of A's 429"
+        );
+    }
+    let res = b.oneshot(chat()).await;
+    // Waited out (then served), or refused at once: either way, not sent during the wait.
+    assert!(res.is_err() || res.unwrap().status().as_u16() < 500);
+    mock.request_during_retry_after().is_some()
+}
+
+#[tokio::test]
+async fn a_wait_one_replica_was_given_keeps_the_others_away_through_redis() {
+    let redis = Redis::start(None);
+    assert!(
+        !second_replica_after_a_429(Some(&redis), "t1").await,
+        "with the shared state, replica B waited for A's retry-after"
+    );
+    // Without it, B knows nothing and sends into the wait.
+    assert!(second_replica_after_a_429(None, "t1").await);
+}
+
+#[tokio::test]
+async fn with_redis_down_requests_go_on_and_the_link_comes_back_without_its_password_anywhere() {
+    let mut redis = Redis::start(Some("s3cret-pw"));
+    let mock = MockServer::builder().name("east").start().await.unwrap();
+    let (svc, backends) = replica(&mock);
+    let store = Arc::new(RedisStore::new(&redis.url()).unwrap());
+    let link = SharedState::spawn(store, backends, settings("t2"));
+    assert!(eventually(Duration::from_secs(5), || link.status().healthy).await);
+    redis.kill();
+    for _ in 0..20 {
+        let res = svc.clone().oneshot(chat()).await.unwrap();
+        assert_eq!(res.status(), 200, "Redis being down fails no request");
+    }
+    assert!(eventually(Duration::from_secs(5), || !link.status().healthy).await);
+    let down = link.status();
+    assert!(down.failures > 0 && down.last_error.is_some());
+    redis.restart();
+    assert!(
+        eventually(Duration::from_secs(10), || link.status().healthy).await,
+        "back within 10 s of Redis returning: {:?}",
+        link.status()
+    );
+    let seen = format!("{:?} {:?}", link.status(), link);
+    assert!(!seen.contains("s3cret-pw"), "{seen}");
+    assert!(seen.contains("redis://:***@127.0.0.1"), "{seen}");
+    // A wrong password: an error that does not quote the URL.
+    let bad = format!("redis://:wrong-pw@127.0.0.1:{}", redis.port);
+    let (_, backends) = replica(&mock);
+    let link = SharedState::spawn(
+        Arc::new(RedisStore::new(&bad).unwrap()),
+        backends,
+        settings("t2"),
+    );
+    assert!(eventually(Duration::from_secs(5), || link.status().failures > 0).await);
+    let seen = format!("{:?}", link.status());
+    assert!(
+        !seen.contains("wrong-pw") && !link.status().healthy,
+        "{seen}"
+    );
+}
