@@ -234,3 +234,51 @@ async fn with_redis_down_requests_go_on_and_the_link_comes_back_without_its_pass
         "{seen}"
     );
 }
+
+#[tokio::test]
+async fn the_config_s_shared_state_shows_on_stats_and_keeps_its_password_out_of_debug() {
+    let redis = Redis::start(Some("s3cret-pw"));
+    let mock = MockServer::builder().name("east").start().await.unwrap();
+    let json = format!(
+        r#"{{ "backends": {{ "east": {{ "provider": "openai", "url": "{}/v1" }} }},
+             "shared_state": {{ "redis_url": "{}", "key_prefix": "t3", "sync_interval_ms": 20 }},
+             "gateway": {{ "client_keys": ["k"] }} }}"#,
+        mock.url(),
+        redis.url()
+    );
+    let config = Config::from_json(&json).unwrap();
+    assert!(!format!("{config:?}").contains("s3cret-pw"));
+    let (svc, backends) = config.build_with_backends(http_client()).unwrap();
+    let link = config.shared_state(backends.clone()).unwrap().unwrap();
+    let app = tower_llm_lb::gateway::Gateway::new(svc, backends, vec!["k".into()])
+        .shared_state(link)
+        .router();
+    let stats = || async {
+        let req = http::Request::get("/stats")
+            .header("authorization", "Bearer k")
+            .body(axum::body::Body::empty())
+            .unwrap();
+        let res = app.clone().oneshot(req).await.unwrap();
+        let body = http_body_util::BodyExt::collect(res.into_body())
+            .await
+            .unwrap()
+            .to_bytes();
+        String::from_utf8(body.to_vec()).unwrap()
+    };
+    let mut seen = String::new();
+    for _ in 0..200 {
+        seen = stats().await;
+        if seen.contains(r#""healthy":true"#) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(seen.contains(r#""healthy":true"#), "{seen}");
+    assert!(!seen.contains("s3cret-pw"), "{seen}");
+    // Both a URL and its variable: refused, naming the field.
+    let both = r#"{ "backends": { "b": { "provider": "openai", "url": "http://127.0.0.1:1/v1" } },
+                   "shared_state": { "redis_url": "redis://127.0.0.1:1", "redis_url_env": "X" } }"#;
+    let config = Config::from_json(both).unwrap();
+    let err = config.shared_state(Vec::new()).unwrap_err();
+    assert_eq!(err.path(), "shared_state");
+}

@@ -83,6 +83,41 @@ pub struct Config {
     /// How OpenAI chat requests are translated for Anthropic backends, and Anthropic messages
     /// requests for OpenAI and Azure ones (see [`translate`](crate::translate)).
     pub translation: Option<TranslationConfig>,
+    /// Backend waits and open circuits shared with the other replicas through Redis (see
+    /// [`shared`](crate::shared); needs the `redis` feature). None: each replica on its own.
+    pub shared_state: Option<SharedStateConfig>,
+}
+
+/// Where and how often replicas share what they learn about backends.
+#[derive(Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SharedStateConfig {
+    /// `redis://[user:password@]host[:port][/db]` (prefer `redis_url_env`: it may hold a
+    /// password).
+    pub redis_url: Option<String>,
+    /// The environment variable holding the Redis URL.
+    pub redis_url_env: Option<String>,
+    /// Prefix of every key (default `llm-lb`); replicas sharing one quota use the same.
+    pub key_prefix: Option<String>,
+    /// Between two exchanges with Redis, in ms (default 100).
+    pub sync_interval_ms: Option<u64>,
+    /// The longest one exchange may take, in ms (default 50); requests never wait for it.
+    pub timeout_ms: Option<u64>,
+}
+
+impl fmt::Debug for SharedStateConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SharedStateConfig")
+            .field(
+                "redis_url",
+                &self.redis_url.as_deref().map(crate::shared::redact_url),
+            )
+            .field("redis_url_env", &self.redis_url_env)
+            .field("key_prefix", &self.key_prefix)
+            .field("sync_interval_ms", &self.sync_interval_ms)
+            .field("timeout_ms", &self.timeout_ms)
+            .finish()
+    }
 }
 
 /// How requests are translated between providers' APIs.
@@ -427,6 +462,68 @@ impl Config {
                 path.display().to_string(),
                 "must end in .json or .toml".into(),
             )),
+        }
+    }
+
+    /// Starts sharing `backends`' waits with the other replicas, as `shared_state` says (none
+    /// configured: `Ok(None)`). Call inside a tokio runtime and keep the link as long as the
+    /// backends serve. Fails, naming the field, on a missing or unusable URL, or without the
+    /// `redis` feature.
+    pub fn shared_state(
+        &self,
+        backends: Vec<crate::Backend>,
+    ) -> Result<Option<crate::shared::SharedState>, ConfigError> {
+        let Some(c) = &self.shared_state else {
+            return Ok(None);
+        };
+        let url = match (&c.redis_url, &c.redis_url_env) {
+            (Some(u), None) => u.clone(),
+            (None, Some(var)) => std::env::var(var).map_err(|_| {
+                ConfigError::new(
+                    "shared_state.redis_url_env".into(),
+                    format!("environment variable {var} is not set"),
+                )
+            })?,
+            _ => {
+                return Err(ConfigError::new(
+                    "shared_state".into(),
+                    "give one of redis_url and redis_url_env".into(),
+                ));
+            }
+        };
+        let d = crate::shared::SharedSettings::default();
+        let settings = crate::shared::SharedSettings {
+            interval: c
+                .sync_interval_ms
+                .map_or(d.interval, std::time::Duration::from_millis),
+            budget: c
+                .timeout_ms
+                .map_or(d.budget, std::time::Duration::from_millis),
+            key_prefix: c.key_prefix.clone().unwrap_or(d.key_prefix),
+        };
+        if settings.interval.is_zero() || settings.budget.is_zero() {
+            return Err(ConfigError::new(
+                "shared_state".into(),
+                "sync_interval_ms and timeout_ms must be at least 1".into(),
+            ));
+        }
+        #[cfg(feature = "redis")]
+        {
+            let store = crate::shared::RedisStore::new(&url)
+                .map_err(|e| ConfigError::new("shared_state.redis_url".into(), e.to_string()))?;
+            Ok(Some(crate::shared::SharedState::spawn(
+                std::sync::Arc::new(store),
+                backends,
+                settings,
+            )))
+        }
+        #[cfg(not(feature = "redis"))]
+        {
+            let _ = (url, backends, settings);
+            Err(ConfigError::new(
+                "shared_state".into(),
+                "this build has no Redis support (cargo feature `redis`)".into(),
+            ))
         }
     }
 

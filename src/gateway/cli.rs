@@ -222,8 +222,15 @@ async fn run(args: Serve) -> Result<(), Failure> {
         .as_ref()
         .and_then(|g| g.stream_usage)
         .unwrap_or(false);
-    let gateway = super::Gateway::new(service, backends, client_keys)
-        .stream_usage(stream_usage)
+    let shared = config
+        .shared_state(backends.clone())
+        .map_err(|e| Failure::Config(e.to_string()))?;
+    let mut gateway =
+        super::Gateway::new(service, backends, client_keys).stream_usage(stream_usage);
+    if let Some(link) = shared {
+        gateway = gateway.shared_state(link);
+    }
+    let gateway = gateway
         .served_models(config.models.keys().cloned().collect())
         .model_aliases(aliases)
         .map_err(Failure::Config)?;

@@ -75,6 +75,7 @@ pub struct Gateway {
     live: Arc<arc_swap::ArcSwap<Live>>,
     body_limit: usize,
     stream_usage: bool,
+    shared: Option<Arc<crate::shared::SharedState>>,
     metrics: Arc<metrics::Metrics>,
 }
 
@@ -174,7 +175,15 @@ impl Gateway {
             live,
             body_limit: crate::body::DEFAULT_BODY_LIMIT,
             stream_usage: false,
+            shared: None,
         }
+    }
+
+    /// Shows `link`'s status on `/stats` (`shared_state`), and keeps it running as long as
+    /// the gateway does.
+    pub fn shared_state(mut self, link: crate::shared::SharedState) -> Self {
+        self.shared = Some(Arc::new(link));
+        self
     }
 
     /// Asks backends for the token usage of streamed chat answers whose caller did not
@@ -1056,7 +1065,14 @@ async fn stats(State(gw): State<Gateway>, req: Request) -> Response {
             })
         })
         .collect();
-    axum::Json(serde_json::json!({ "backends": list })).into_response()
+    let shared = gw.shared.as_ref().map(|l| {
+        let s = l.status();
+        serde_json::json!({
+            "store": s.store, "healthy": s.healthy, "exchanges": s.exchanges,
+            "failures": s.failures, "applied": s.applied, "last_error": s.last_error,
+        })
+    });
+    axum::Json(serde_json::json!({ "backends": list, "shared_state": shared })).into_response()
 }
 
 /// Mock backends for `--mock`: a PTU and two pay-as-you-go regions serving `gpt-4o` with

@@ -270,7 +270,7 @@ async fn run(
 }
 
 /// A store URL without its password (`redis://user:secret@host/` → `redis://user:***@host/`).
-#[cfg_attr(not(feature = "redis"), allow(dead_code))]
+#[cfg_attr(not(any(feature = "redis", feature = "config")), allow(dead_code))]
 pub(crate) fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return "<not a URL>".into();
