@@ -115,6 +115,12 @@ pub struct Scenario {
     pub latency: Duration,
     /// Whether the backends send quota headers (Azure PTU deployments send none).
     pub quota_headers: bool,
+    /// Gateway replicas, each with its own state and client over the same backends; the
+    /// load goes round robin over them, as a Kubernetes Service spreads it (default 1).
+    pub replicas: usize,
+    /// The Redis URL the replicas share their state through (`shared_state`; none: each
+    /// on its own). The runner starts the Redis server.
+    pub shared_redis: Option<String>,
 }
 
 impl Scenario {
@@ -131,6 +137,8 @@ impl Scenario {
             max_tokens: 20,
             latency: Duration::from_millis(50),
             quota_headers: true,
+            replicas: 1,
+            shared_redis: None,
         }
     }
 
@@ -266,7 +274,27 @@ impl Scenario {
         }
     }
 
-    /// Every scenario of the suite but S5 (overhead, see [`overhead`]).
+    /// S8: S1's backends and load through three gateway replicas, each learning alone (the
+    /// load round robin over them).
+    pub fn s8_replicas() -> Self {
+        let mut s = Self::s1_quota();
+        s.name = "S8";
+        s.title = "S1 through 3 replicas, each on its own";
+        s.replicas = 3;
+        s
+    }
+
+    /// S8r: S8 with the replicas sharing waits and open circuits through Redis at `url`.
+    pub fn s8r_replicas_shared(url: &str) -> Self {
+        let mut s = Self::s8_replicas();
+        s.name = "S8r";
+        s.title = "S1 through 3 replicas sharing state in Redis";
+        s.shared_redis = Some(url.to_string());
+        s
+    }
+
+    /// Every scenario of the suite but S5 (overhead, see [`overhead`]) and S8r (it needs a
+    /// Redis server).
     pub fn suite() -> Vec<Scenario> {
         vec![
             Self::s1_quota(),
@@ -278,6 +306,7 @@ impl Scenario {
             Self::s4d_hang_defaults(),
             Self::s6_token_quota(),
             Self::s7_stale_key(),
+            Self::s8_replicas(),
         ]
     }
 
@@ -364,17 +393,36 @@ impl Scenario {
             urls.push(m.url());
             mocks.push(Some(m));
         }
-        let config = Config::from_json(&self.config(&urls).to_string())?;
-        let (service, backends) = config.build_with_backends(crate::client::http_client())?;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(Gateway::new(service, backends.clone(), Vec::new()).serve(
-            listener,
-            async move {
+        let mut config = Config::from_json(&self.config(&urls).to_string())?;
+        if let Some(url) = &self.shared_redis {
+            config.shared_state = Some(crate::config::SharedStateConfig {
+                redis_url: Some(url.clone()),
+                key_prefix: Some(format!("scenario-{}-{}", self.name, std::process::id())),
+                ..Default::default()
+            });
+        }
+        let mut addrs = Vec::new();
+        let mut stops = Vec::new();
+        let mut servers = Vec::new();
+        let mut all_backends = Vec::new();
+        for _ in 0..self.replicas.max(1) {
+            // Each replica: its own client and its own state.
+            let (service, backends) = config.build_with_backends(crate::client::http_client())?;
+            let mut gateway = Gateway::new(service, backends.clone(), Vec::new());
+            if let Some(link) = config.shared_state(backends.clone())? {
+                gateway = gateway.shared_state(link);
+            }
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+            addrs.push(listener.local_addr()?);
+            let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+            stops.push(stop_tx);
+            servers.push(tokio::spawn(gateway.serve(listener, async move {
                 let _ = stop_rx.await;
-            },
-        ));
+            })));
+            all_backends.push(backends);
+        }
+        // The first replica's view, for the gateway-side counts.
+        let backends = all_backends.swap_remove(0);
         let state_of = |name: &str| {
             backends
                 .iter()
@@ -399,8 +447,8 @@ impl Scenario {
                     .collect::<Vec<_>>()
             })
         };
-        let samples = load(
-            addr,
+        let samples = load_over(
+            &addrs,
             self.requests,
             self.rate,
             self.in_flight,
@@ -410,8 +458,12 @@ impl Scenario {
         .await;
         let wall = start.elapsed();
         let at_one_second = watcher.await.unwrap_or_default();
-        let _ = stop_tx.send(());
-        let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+        for stop in stops {
+            let _ = stop.send(());
+        }
+        for server in servers {
+            let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+        }
 
         let mut report = Report::new(self, samples, wall);
         for (spec, mock) in self.backends.iter().zip(&mocks) {
@@ -471,11 +523,26 @@ pub async fn load(
     timeout: Duration,
     max_tokens: u32,
 ) -> Vec<Sample> {
+    load_over(&[addr], n, rate, in_flight, timeout, max_tokens).await
+}
+
+/// [`load`] spread round robin over several gateways.
+pub async fn load_over(
+    addrs: &[SocketAddr],
+    n: usize,
+    rate: f64,
+    in_flight: usize,
+    timeout: Duration,
+    max_tokens: u32,
+) -> Vec<Sample> {
     let client = crate::client::http_client::<Full<Bytes>>();
-    let url: http::Uri = match format!("http://{addr}/v1/chat/completions").parse() {
-        Ok(u) => u,
-        Err(_) => return Vec::new(),
-    };
+    let urls: Vec<http::Uri> = addrs
+        .iter()
+        .filter_map(|a| format!("http://{a}/v1/chat/completions").parse().ok())
+        .collect();
+    if urls.is_empty() {
+        return Vec::new();
+    }
     let body = request_body(max_tokens);
     let permits = Arc::new(Semaphore::new(in_flight.max(1)));
     let mut tasks = tokio::task::JoinSet::new();
@@ -486,7 +553,8 @@ pub async fn load(
         let Ok(permit) = permits.clone().acquire_owned().await else {
             break;
         };
-        let (client, url, body) = (client.clone(), url.clone(), body.clone());
+        let url = urls[i % urls.len()].clone();
+        let (client, body) = (client.clone(), body.clone());
         tasks.spawn(async move {
             let _permit = permit;
             let sent = Instant::now();
@@ -663,6 +731,19 @@ impl Report {
                 need(
                     per <= 0.05,
                     format!("S1: {per:.3} backend 429s per success > 0.05"),
+                );
+            }
+            // Issue 16: replicas serve what one gateway serves (within 5%); sharing keeps the
+            // backends' 429s at S1's line.
+            "S8" | "S8r" => {
+                need(
+                    self.served as f64 >= 0.95 * self.sent as f64,
+                    format!("{}: served {} of {}", self.name, self.served, self.sent),
+                );
+                let per = self.backend_429s as f64 / self.served.max(1) as f64;
+                need(
+                    self.name == "S8" || per <= 0.05,
+                    format!("{}: {per:.3} backend 429s per success > 0.05", self.name),
                 );
             }
             "S1p" | "S2p" | "S6" => {
