@@ -66,6 +66,9 @@ struct Inner {
     quota_seen_at: AtomicU64,
     low_headroom_until: AtomicU64,
     pace_ns: AtomicU64,
+    /// How many replicas share this backend's quota (1: this one alone); see
+    /// [`BackendState::set_share`].
+    share: AtomicU32,
     /// Since the last throttled answer (without quota hints): when (ticks) and how many answers
     /// got through; see [`BackendState::saturated_interval`].
     window_start: AtomicU64,
@@ -143,6 +146,7 @@ impl BackendState {
                 quota_seen_at: AtomicU64::new(0),
                 low_headroom_until: AtomicU64::new(0),
                 pace_ns: AtomicU64::new(0),
+                share: AtomicU32::new(1),
                 window_start: AtomicU64::new(0),
                 window_successes: AtomicU64::new(0),
                 credits: AtomicI64::new(UNTRACKED),
@@ -310,6 +314,8 @@ impl BackendState {
             self.set_pace(None);
             return;
         };
+        // This replica's share of the quota: N replicas each take one slot in N.
+        let sample = sample.saturating_mul(self.share());
         let sample = u64::try_from(sample.as_nanos()).unwrap_or(u64::MAX).max(1);
         let _ = self.inner.pace_ns.fetch_update(AcqRel, Acquire, |old| {
             let next = sample.max(old - old / 1000);
@@ -349,6 +355,19 @@ impl BackendState {
         self.inner.pace_ns.load(Acquire) != 0 || self.inner.ps_per_token.load(Acquire) != 0
     }
 
+    /// Tells the backend that `replicas` replicas (this one included) share its quota, as the
+    /// shared state counts them: the credits and the token rate its quota hints give are
+    /// divided among them, and the pace from its hints is that many times longer, so together
+    /// they spend the quota once. 1 (the default): this replica alone.
+    pub(crate) fn set_share(&self, replicas: u32) {
+        self.inner.share.store(replicas.max(1), Release);
+    }
+
+    /// How many replicas share the backend's quota (1: this one alone).
+    pub fn share(&self) -> u32 {
+        self.inner.share.load(Acquire).max(1)
+    }
+
     /// The current pace, if the backend is being paced.
     pub fn pace(&self) -> Option<Duration> {
         let ns = self.inner.pace_ns.load(Acquire);
@@ -359,6 +378,9 @@ impl BackendState {
     /// before token pacing starts, and the quota's refill rate (tokens per second). `None`:
     /// not said (token pacing stops).
     pub(crate) fn set_token_quota(&self, credits: Option<i64>, rate: Option<f64>) {
+        let share = self.share();
+        let credits = credits.map(|c| c / i64::from(share));
+        let rate = rate.map(|r| r / f64::from(share));
         self.inner
             .token_credits
             .store(credits.map_or(UNTRACKED, |c| c.min(UNTRACKED - 1)), Release);
@@ -373,6 +395,7 @@ impl BackendState {
     /// Sets how many more requests the backend's last quota hints allow before pacing starts
     /// (`None`: no hints, pace every request once a pace is set).
     pub(crate) fn set_credits(&self, credits: Option<i64>) {
+        let credits = credits.map(|c| c / i64::from(self.share()));
         self.inner
             .credits
             .store(credits.map_or(UNTRACKED, |c| c.min(UNTRACKED - 1)), Release);
@@ -940,4 +963,20 @@ mod tests {
         s.reset_throttle_streak();
         assert_eq!(s.throttle_streak(), 0);
     }
+
+    #[test]
+    fn replicas_sharing_a_quota_each_take_their_share_of_its_hints() {
+        let s = BackendState::new();
+        s.set_share(3);
+        s.set_credits(Some(9));
+        assert_eq!(s.inner.credits.load(Acquire), 3);
+        s.learn_pace(Some(Duration::from_millis(100)));
+        assert_eq!(s.pace(), Some(Duration::from_millis(300)));
+        s.set_token_quota(Some(3000), Some(300.0));
+        assert_eq!(s.inner.token_credits.load(Acquire), 1000);
+        assert_eq!(s.inner.ps_per_token.load(Acquire), (1e12 / 100.0) as u64);
+        s.set_share(0);
+        assert_eq!(s.share(), 1, "never fewer than this replica");
+    }
+
 }

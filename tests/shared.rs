@@ -151,7 +151,7 @@ async fn second_replica_after_a_429(redis: Option<&Redis>, prefix: &str) -> bool
     let (a, backends_a) = replica(&mock);
     let (b, backends_b) = replica(&mock);
     let _links = redis.map(|r| {
-        let store: Arc<RedisStore> = Arc::new(RedisStore::new(&r.url()).unwrap());
+        let store: Arc<RedisStore> = Arc::new(RedisStore::new(&r.url(), prefix).unwrap());
         (
             SharedState::spawn(store.clone(), backends_a.clone(), settings(prefix)),
             SharedState::spawn(store, backends_b.clone(), settings(prefix)),
@@ -177,6 +177,17 @@ async fn second_replica_after_a_429(redis: Option<&Redis>, prefix: &str) -> bool
             "replica B never heard of A's 429"
         );
     }
+    if let Some((link_a, link_b)) = &_links {
+        // Each counts both replicas: each takes half of the backend's quota.
+        assert!(
+            eventually(Duration::from_secs(2), || link_a.status().replicas == 2
+                && link_b.status().replicas == 2)
+            .await,
+            "{:?}",
+            link_a.status()
+        );
+        assert_eq!(backends_b[0].state().share(), 2);
+    }
     let res = b.oneshot(chat()).await;
     // Waited out (then served), or refused at once: either way, not sent during the wait.
     assert!(res.is_err() || res.unwrap().status().as_u16() < 500);
@@ -199,7 +210,7 @@ async fn with_redis_down_requests_go_on_and_the_link_comes_back_without_its_pass
     let mut redis = Redis::start(Some("s3cret-pw"));
     let mock = MockServer::builder().name("east").start().await.unwrap();
     let (svc, backends) = replica(&mock);
-    let store = Arc::new(RedisStore::new(&redis.url()).unwrap());
+    let store = Arc::new(RedisStore::new(&redis.url(), "t2").unwrap());
     let link = SharedState::spawn(store, backends, settings("t2"));
     assert!(eventually(Duration::from_secs(5), || link.status().healthy).await);
     redis.kill();
@@ -223,7 +234,7 @@ async fn with_redis_down_requests_go_on_and_the_link_comes_back_without_its_pass
     let bad = format!("redis://:wrong-pw@127.0.0.1:{}", redis.port);
     let (_, backends) = replica(&mock);
     let link = SharedState::spawn(
-        Arc::new(RedisStore::new(&bad).unwrap()),
+        Arc::new(RedisStore::new(&bad, "t2").unwrap()),
         backends,
         settings("t2"),
     );

@@ -509,7 +509,7 @@ impl Config {
         }
         #[cfg(feature = "redis")]
         {
-            let store = crate::shared::RedisStore::new(&url)
+            let store = crate::shared::RedisStore::new(&url, &settings.key_prefix)
                 .map_err(|e| ConfigError::new("shared_state.redis_url".into(), e.to_string()))?;
             Ok(Some(crate::shared::SharedState::spawn(
                 std::sync::Arc::new(store),

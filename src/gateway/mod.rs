@@ -1068,7 +1068,7 @@ async fn stats(State(gw): State<Gateway>, req: Request) -> Response {
     let shared = gw.shared.as_ref().map(|l| {
         let s = l.status();
         serde_json::json!({
-            "store": s.store, "healthy": s.healthy, "exchanges": s.exchanges,
+            "store": s.store, "healthy": s.healthy, "replicas": s.replicas, "exchanges": s.exchanges,
             "failures": s.failures, "applied": s.applied, "last_error": s.last_error,
         })
     });

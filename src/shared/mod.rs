@@ -12,6 +12,11 @@
 //! |---|---|---|
 //! | a throttled backend's wait (`retry-after` of a 429 / 529 / 503) | a replica's backend is throttled | the same wait on every replica's backend (extend-only) |
 //! | an open circuit, until its probe time | a replica's breaker trips | a cooldown until then on every other replica (its own breaker decides when to probe) |
+//! | the number of live replicas (each one's last exchange within 3 intervals) | every exchange | each backend's quota split evenly: the credits and token rate its quota headers give are divided by N and the pace from them is N times longer (see below) |
+//!
+//! The quota share assumes the load is spread evenly over the replicas (a Kubernetes Service,
+//! a round-robin load balancer). While the store is down, each replica keeps the last count it
+//! knew.
 //!
 //! **The store is never on a request's path.** Requests read only their replica's own state;
 //! the task exchanges everything for all backends in one store round trip per interval
@@ -50,15 +55,29 @@ use crate::state::Circuit;
 #[cfg(feature = "redis")]
 pub use self::redis::RedisStore;
 
+/// What one exchange with a [`SharedStore`] brought back.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Exchanged {
+    /// Each key's shared wait (time left), in the order given.
+    pub waits: Vec<Duration>,
+    /// Replicas that exchanged within the last `alive` (this one included).
+    pub replicas: u32,
+}
+
 /// What a [`SharedStore`]'s exchange returns.
-pub type Exchange<'a> = Pin<Box<dyn Future<Output = Result<Vec<Duration>, BoxError>> + Send + 'a>>;
+pub type Exchange<'a> = Pin<Box<dyn Future<Output = Result<Exchanged, BoxError>> + Send + 'a>>;
 
 /// Where replicas meet. One call per interval per replica, for all its backends.
 pub trait SharedStore: Send + Sync + 'static {
     /// Publishes each key's wait (time left from now; zero: none) so that a key's shared wait
-    /// only ever extends and expires at its end, and returns each key's shared wait, in the
-    /// order given.
-    fn exchange<'a>(&'a self, waits: &'a [(String, Duration)]) -> Exchange<'a>;
+    /// only ever extends and expires at its end; notes that `replica` is alive (for `alive`);
+    /// returns each key's shared wait and how many replicas were alive.
+    fn exchange<'a>(
+        &'a self,
+        replica: &'a str,
+        alive: Duration,
+        waits: &'a [(String, Duration)],
+    ) -> Exchange<'a>;
 
     /// Where the store is, with any password removed (for logs and `/stats`).
     fn describe(&self) -> String;
@@ -93,6 +112,8 @@ pub struct Status {
     pub store: String,
     /// The last exchange succeeded.
     pub healthy: bool,
+    /// Live replicas at the last exchange (this one included; 1 before the first).
+    pub replicas: u32,
     /// Exchanges that succeeded.
     pub exchanges: u64,
     /// Exchanges that failed or ran out of time.
@@ -106,6 +127,7 @@ pub struct Status {
 #[derive(Default)]
 struct Tally {
     healthy: AtomicBool,
+    replicas: std::sync::atomic::AtomicU32,
     exchanges: AtomicU64,
     failures: AtomicU64,
     applied: AtomicU64,
@@ -173,6 +195,7 @@ impl SharedState {
         Status {
             store: self.store.clone(),
             healthy: t.healthy.load(Acquire),
+            replicas: t.replicas.load(Acquire).max(1),
             exchanges: t.exchanges.load(Relaxed),
             failures: t.failures.load(Relaxed),
             applied: t.applied.load(Relaxed),
@@ -205,6 +228,9 @@ async fn run(
             ]
         })
         .collect();
+    // This replica's name in the store: random, so restarts and clones never collide.
+    let replica = format!("{:016x}", fastrand::u64(..));
+    let alive = settings.interval.max(Duration::from_millis(1)) * 3;
     let mut ticker = tokio::time::interval(settings.interval.max(Duration::from_millis(1)));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Logged once per outage, and once when it ends.
@@ -222,9 +248,10 @@ async fn run(
             };
             waits.push((open.clone(), left(open_until, now)));
         }
-        let answer = tokio::time::timeout(settings.budget, store.exchange(&waits)).await;
-        let shared = match answer {
-            Ok(Ok(shared)) if shared.len() == waits.len() => shared,
+        let answer =
+            tokio::time::timeout(settings.budget, store.exchange(&replica, alive, &waits)).await;
+        let (shared, replicas) = match answer {
+            Ok(Ok(x)) if x.waits.len() == waits.len() => (x.waits, x.replicas.max(1)),
             other => {
                 let why = match other {
                     Ok(Ok(_)) => "the store answered a different number of keys".to_string(),
@@ -244,6 +271,7 @@ async fn run(
         };
         tally.exchanges.fetch_add(1, Relaxed);
         tally.healthy.store(true, Release);
+        tally.replicas.store(replicas, Release);
         if down {
             tracing::info!(store = %store.describe(), "shared state answering again");
             down = false;
@@ -254,6 +282,7 @@ async fn run(
         let margin = Duration::from_millis(5);
         for (b, pair) in backends.iter().zip(shared.chunks(2)) {
             let state = b.state();
+            state.set_share(replicas);
             let (wait, open) = (pair[0], pair[1]);
             if wait > left(state.throttled_until(), now) + margin {
                 state.throttle_until(now + wait);

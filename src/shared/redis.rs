@@ -4,16 +4,19 @@ use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
-use super::{Exchange, SharedStore, redact_url};
+use super::{Exchange, Exchanged, SharedStore, redact_url};
 use crate::error::BoxError;
 
 /// One round trip for all keys: each wait is extended (never shortened) to `now + wait` on
-/// Redis' own clock and expires then; every key's time left comes back, in order.
+/// Redis' own clock and expires then; every key's time left comes back, in order, then the
+/// number of replicas seen within `alive` (a sorted set of replica names by last exchange).
 const EXCHANGE: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local n = #KEYS - 1
 local out = {}
-for i, key in ipairs(KEYS) do
+for i = 1, n do
+  local key = KEYS[i]
   local wait = tonumber(ARGV[i]) or 0
   local cur = tonumber(redis.call('GET', key) or '0') or 0
   if wait > 0 and now + wait > cur then
@@ -24,6 +27,12 @@ for i, key in ipairs(KEYS) do
   if left < 0 then left = 0 end
   out[i] = left
 end
+local replicas = KEYS[n + 1]
+local alive = tonumber(ARGV[n + 2]) or 300
+redis.call('ZADD', replicas, now, ARGV[n + 1])
+redis.call('ZREMRANGEBYSCORE', replicas, '-inf', now - alive)
+redis.call('PEXPIRE', replicas, alive * 10)
+out[n + 1] = redis.call('ZCARD', replicas)
 return out
 ";
 
@@ -35,6 +44,7 @@ pub struct RedisStore {
     conn: ConnectionManager,
     script: redis::Script,
     url: String,
+    replicas_key: String,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -47,9 +57,10 @@ impl std::fmt::Debug for RedisStore {
 
 impl RedisStore {
     /// A store at `url` (`redis://[user:password@]host[:port][/db]`, `rediss://` for TLS is
-    /// not built in). Fails only on a URL that cannot be used; it does not connect yet.
-    /// Must be called inside a tokio runtime.
-    pub fn new(url: &str) -> Result<RedisStore, BoxError> {
+    /// not built in), counting replicas under `key_prefix` (the prefix of
+    /// [`SharedSettings`](super::SharedSettings)). Fails only on a URL that cannot be used; it
+    /// does not connect yet. Must be called inside a tokio runtime.
+    pub fn new(url: &str, key_prefix: &str) -> Result<RedisStore, BoxError> {
         let redacted = redact_url(url);
         let client = redis::Client::open(url)
             .map_err(|e| format!("shared state URL {redacted}: {}", e.kind_str()))?;
@@ -64,6 +75,7 @@ impl RedisStore {
             conn,
             script: redis::Script::new(EXCHANGE),
             url: redacted,
+            replicas_key: format!("{{{key_prefix}}}:replicas"),
         })
     }
 }
@@ -80,18 +92,31 @@ impl KindStr for redis::RedisError {
 }
 
 impl SharedStore for RedisStore {
-    fn exchange<'a>(&'a self, waits: &'a [(String, Duration)]) -> Exchange<'a> {
+    fn exchange<'a>(
+        &'a self,
+        replica: &'a str,
+        alive: Duration,
+        waits: &'a [(String, Duration)],
+    ) -> Exchange<'a> {
         Box::pin(async move {
             let mut invocation = self.script.prepare_invoke();
             for (key, wait) in waits {
                 invocation.key(key).arg(wait.as_millis() as u64);
             }
+            invocation
+                .key(&self.replicas_key)
+                .arg(replica)
+                .arg(alive.as_millis() as u64);
             let mut conn = self.conn.clone();
-            let left: Vec<u64> = invocation
+            let mut left: Vec<u64> = invocation
                 .invoke_async(&mut conn)
                 .await
                 .map_err(|e| BoxError::from(format!("redis: {}", e.kind_str())))?;
-            Ok(left.into_iter().map(Duration::from_millis).collect())
+            let replicas = left.pop().unwrap_or(1);
+            Ok(Exchanged {
+                waits: left.into_iter().map(Duration::from_millis).collect(),
+                replicas: u32::try_from(replicas).unwrap_or(u32::MAX),
+            })
         })
     }
 
