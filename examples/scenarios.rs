@@ -32,9 +32,34 @@ async fn main() -> Result<(), tower_llm_lb::BoxError> {
             Some(redis) => {
                 let report = Scenario::s8r_replicas_shared(&redis.url()).run().await?;
                 println!("{report}");
+                shared_lines(&report);
                 missed.extend(report.missed());
             }
             None => println!("| S8r | not run: no `redis-server` on this machine |"),
+        }
+    }
+    if wanted("S8k") {
+        match RedisForRun::start() {
+            Some(redis) => {
+                let scenario = Scenario::s8k_replicas_redis_down(&redis.url());
+                let redis = std::sync::Arc::new(std::sync::Mutex::new(redis));
+                let outage = {
+                    let redis = redis.clone();
+                    tokio::spawn(async move {
+                        let third = scenario_third();
+                        tokio::time::sleep(third).await;
+                        redis.lock().unwrap().kill();
+                        tokio::time::sleep(third).await;
+                        redis.lock().unwrap().restart();
+                    })
+                };
+                let report = scenario.run().await?;
+                let _ = outage.await;
+                println!("{report}");
+                shared_lines(&report);
+                missed.extend(report.missed());
+            }
+            None => println!("| S8k | not run: no `redis-server` on this machine |"),
         }
     }
     if wanted("S5") {
@@ -59,19 +84,34 @@ async fn main() -> Result<(), tower_llm_lb::BoxError> {
     }
 }
 
+/// Under the table: each replica's shared-state link at the end of the run.
+fn shared_lines(report: &scenario::Report) {
+    for (i, s) in report.shared.iter().enumerate() {
+        println!(
+            "|  | replica {}: {} at the end, {} replicas, {} exchanges, {} failed, {} waits taken from the others |",
+            i + 1,
+            if s.healthy { "healthy" } else { "unhealthy" },
+            s.replicas,
+            s.exchanges,
+            s.failures,
+            s.applied
+        );
+    }
+}
+
 /// A `redis-server` on a free loopback port for the run, stopped when dropped.
 struct RedisForRun {
     child: std::process::Child,
     port: u16,
 }
 
+/// A third of S8k's run (S1's load: 600 requests at 120/s, about 10 s with the quota).
+fn scenario_third() -> std::time::Duration {
+    std::time::Duration::from_millis(3333)
+}
+
 impl RedisForRun {
-    fn start() -> Option<RedisForRun> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .ok()?
-            .local_addr()
-            .ok()?
-            .port();
+    fn spawn(port: u16) -> Option<std::process::Child> {
         let child = std::process::Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
@@ -79,14 +119,34 @@ impl RedisForRun {
             .stderr(std::process::Stdio::null())
             .spawn()
             .ok()?;
-        let redis = RedisForRun { child, port };
         for _ in 0..200 {
             if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return Some(redis);
+                return Some(child);
             }
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
         None
+    }
+
+    fn start() -> Option<RedisForRun> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .ok()?
+            .local_addr()
+            .ok()?
+            .port();
+        let child = Self::spawn(port)?;
+        Some(RedisForRun { child, port })
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn restart(&mut self) {
+        if let Some(child) = Self::spawn(self.port) {
+            self.child = child;
+        }
     }
 
     fn url(&self) -> String {
@@ -96,7 +156,6 @@ impl RedisForRun {
 
 impl Drop for RedisForRun {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill();
     }
 }

@@ -978,5 +978,4 @@ mod tests {
         s.set_share(0);
         assert_eq!(s.share(), 1, "never fewer than this replica");
     }
-
 }

@@ -75,7 +75,7 @@ pub struct Gateway {
     live: Arc<arc_swap::ArcSwap<Live>>,
     body_limit: usize,
     stream_usage: bool,
-    shared: Option<Arc<crate::shared::SharedState>>,
+    shared: Option<crate::shared::SharedState>,
     metrics: Arc<metrics::Metrics>,
 }
 
@@ -182,7 +182,7 @@ impl Gateway {
     /// Shows `link`'s status on `/stats` (`shared_state`), and keeps it running as long as
     /// the gateway does.
     pub fn shared_state(mut self, link: crate::shared::SharedState) -> Self {
-        self.shared = Some(Arc::new(link));
+        self.shared = Some(link);
         self
     }
 

@@ -134,8 +134,14 @@ struct Tally {
     last_error: Mutex<Option<String>>,
 }
 
-/// One replica's link to the shared state: a background task, stopped when this is dropped.
+/// One replica's link to the shared state: a background task, stopped when the last clone
+/// of this is dropped.
+#[derive(Clone)]
 pub struct SharedState {
+    link: Arc<Link>,
+}
+
+struct Link {
     store: String,
     tally: Arc<Tally>,
     task: tokio::task::JoinHandle<()>,
@@ -149,7 +155,7 @@ impl fmt::Debug for SharedState {
     }
 }
 
-impl Drop for SharedState {
+impl Drop for Link {
     fn drop(&mut self) {
         self.task.abort();
     }
@@ -183,17 +189,19 @@ impl SharedState {
         let describe = store.describe();
         let task = tokio::spawn(run(store, backends, settings, tally.clone()));
         SharedState {
-            store: describe,
-            tally,
-            task,
+            link: Arc::new(Link {
+                store: describe,
+                tally,
+                task,
+            }),
         }
     }
 
     /// Whether the store answers, and what was exchanged.
     pub fn status(&self) -> Status {
-        let t = &self.tally;
+        let t = &self.link.tally;
         Status {
-            store: self.store.clone(),
+            store: self.link.store.clone(),
             healthy: t.healthy.load(Acquire),
             replicas: t.replicas.load(Acquire).max(1),
             exchanges: t.exchanges.load(Relaxed),
