@@ -293,3 +293,16 @@ async fn the_config_s_shared_state_shows_on_stats_and_keeps_its_password_out_of_
     let err = config.shared_state(Vec::new()).unwrap_err();
     assert_eq!(err.path(), "shared_state");
 }
+
+#[test]
+fn the_readme_s_and_deploy_s_shared_state_configs_parse() {
+    for doc in [include_str!("../README.md"), include_str!("../DEPLOY.md")] {
+        let start = doc
+            .find("{ \"shared_state\"")
+            .or_else(|| doc.find("{\n  \"shared_state\""))
+            .unwrap();
+        let end = start + doc[start..].find("```").unwrap();
+        let config = Config::from_json(&doc[start..end]).unwrap();
+        assert!(config.shared_state.is_some());
+    }
+}
