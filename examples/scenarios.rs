@@ -62,6 +62,25 @@ async fn main() -> Result<(), tower_llm_lb::BoxError> {
             None => println!("| S8k | not run: no `redis-server` on this machine |"),
         }
     }
+    if wanted("S5r") {
+        // What sharing state costs a request (issue 16's bench: target < 50 µs at p99).
+        match RedisForRun::start() {
+            Some(redis) => {
+                let ((plain, plain_p99), (shared, shared_p99), status) =
+                    scenario::shared_overhead(4000, 16, &redis.url()).await?;
+                let added = shared_p99.saturating_sub(plain_p99);
+                println!(
+                    "| S5r shared state's cost | gateway alone {plain:.0} req/s, p99 {plain_p99:?}; sharing through Redis {shared:.0} req/s, p99 {shared_p99:?} (+{added:?}); {} exchanges for {} requests |",
+                    status.exchanges,
+                    3 * 4000
+                );
+                if added > std::time::Duration::from_micros(50) {
+                    missed.push(format!("S5r: sharing added {added:?} at p99 > 50 µs"));
+                }
+            }
+            None => println!("| S5r | not run: no `redis-server` on this machine |"),
+        }
+    }
     if wanted("S5") {
         let (direct, via) = scenario::overhead(4000, 16).await?;
         let ratio = via / direct;

@@ -348,17 +348,9 @@ async fn a_config_builds_over_a_client_whose_response_body_is_its_own_type() {
     assert!(body.starts_with(b"{"));
 }
 
-/// The README's first JSON block after `marker`.
-fn readme_json_after(marker: &str) -> &'static str {
-    let readme = include_str!("../README.md");
-    let from = readme.find(marker).expect("the marker is in the README");
-    let start = from + readme[from..].find("```json\n").expect("a JSON block") + "```json\n".len();
-    &readme[start..start + readme[start..].find("```").unwrap()]
-}
-
 #[tokio::test]
 async fn the_readme_s_models_map_parses_and_builds() {
-    let json = readme_json_after("unlisted models refused with");
+    let json = common::readme_json_after("unlisted models refused with");
     let json = ["AOAI_KEY_01", "AOAI_KEY_02"]
         .iter()
         .fold(json.to_string(), |j, var| j.replace(var, "PATH"));
@@ -373,7 +365,7 @@ async fn the_readme_s_models_map_parses_and_builds() {
 
 #[tokio::test]
 async fn the_readme_s_json_config_parses_and_builds() {
-    let json = readme_json_after("The seed patterns as config:");
+    let json = common::readme_json_after("The seed patterns as config:");
     // Its keys come from environment variables; any variable that is set will do here.
     let json = [
         "AOAI_KEY_01",

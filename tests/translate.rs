@@ -4,6 +4,8 @@
 //! unknown fields and unanswered tool calls; OpenAI refuses Anthropic's parameters and a tool
 //! result answering no call).
 
+mod common;
+
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use serde_json::{Value, json};
@@ -29,6 +31,18 @@ async fn openai_mock() -> MockServer {
         .bearer("sk-oai")
         .start()
         .await
+        .unwrap()
+}
+
+/// The stack over one Anthropic backend (the claude mock), with `extra` top-level config.
+fn claude_only(claude: &MockServer, extra: &str) -> tower_llm_lb::stack::LlmService {
+    let json = format!(
+        r#"{{ "backends": {{ "claude": {{ "provider": "anthropic", "url": "{a}", "api_key": "sk-ant" }} }} {extra} }}"#,
+        a = claude.url()
+    );
+    Config::from_json(&json)
+        .unwrap()
+        .build(http_client())
         .unwrap()
 }
 
@@ -397,15 +411,10 @@ async fn a_parameter_with_no_anthropic_counterpart_is_a_400_naming_it_and_nothin
     assert_eq!(err["error"]["code"], "unsupported_parameter");
     assert_eq!(claude.counters().requests, 0);
     // Dropped instead when the config says so.
-    let json = format!(
-        r#"{{ "backends": {{ "claude": {{ "provider": "anthropic", "url": "{a}", "api_key": "sk-ant" }} }},
-              "translation": {{ "drop_unsupported": true, "default_max_tokens": 256 }} }}"#,
-        a = claude.url()
+    let svc = claude_only(
+        &claude,
+        r#", "translation": { "drop_unsupported": true, "default_max_tokens": 256 }"#,
     );
-    let svc = Config::from_json(&json)
-        .unwrap()
-        .build(http_client())
-        .unwrap();
     let res = svc
         .oneshot(chat(
             &json!({"model": "m", "n": 2, "messages": [{"role": "user", "content": "x"}]}),
@@ -450,19 +459,11 @@ async fn the_anthropic_mock_refuses_what_anthropic_refuses_in_anthropic_s_shape(
     }
 }
 
-/// The README's first JSON block after `marker`.
-fn readme_json_after(marker: &str) -> &'static str {
-    let readme = include_str!("../README.md");
-    let from = readme.find(marker).expect("the marker is in the README");
-    let start = from + readme[from..].find("```json\n").expect("a JSON block") + "```json\n".len();
-    &readme[start..start + readme[start..].find("```").unwrap()]
-}
-
 #[tokio::test]
 async fn the_readme_s_mixed_provider_config_serves_openai_callers_from_both() {
     let claude = MockServer::builder().name("claude").start().await.unwrap();
     let openai = MockServer::builder().name("openai").start().await.unwrap();
-    let json = readme_json_after("is then a config:");
+    let json = common::readme_json_after("is then a config:");
     // Its backends are the providers' default URLs, its keys environment variables (any that
     // is set will do here).
     let json = json
@@ -498,14 +499,7 @@ async fn the_readme_s_mixed_provider_config_serves_openai_callers_from_both() {
 async fn documented_requests_of_each_api_are_accepted_by_the_other_s_mock() {
     // OpenAI's vision + tool-result request, streamed, to an Anthropic backend.
     let claude = anthropic_mock().await;
-    let json = format!(
-        r#"{{ "backends": {{ "claude": {{ "provider": "anthropic", "url": "{a}", "api_key": "sk-ant" }} }} }}"#,
-        a = claude.url()
-    );
-    let svc = Config::from_json(&json)
-        .unwrap()
-        .build(http_client())
-        .unwrap();
+    let svc = claude_only(&claude, "");
     let request: Value = serde_json::from_str(include_str!(
         "fixtures/translate/openai_vision_tools_request.json"
     ))
@@ -599,14 +593,7 @@ async fn the_gateway_s_own_errors_on_the_messages_route_are_in_anthropic_s_shape
 #[tokio::test]
 async fn a_translated_stream_cut_or_ended_early_upstream_ends_with_an_error_never_done() {
     let claude = anthropic_mock().await;
-    let json = format!(
-        r#"{{ "backends": {{ "claude": {{ "provider": "anthropic", "url": "{a}", "api_key": "sk-ant" }} }} }}"#,
-        a = claude.url()
-    );
-    let svc = Config::from_json(&json)
-        .unwrap()
-        .build(http_client())
-        .unwrap();
+    let svc = claude_only(&claude, "");
     let ask = json!({"model": "m", "stream": true, "messages": [{"role": "user", "content": "x"}]});
     for fault in [Fault::TruncateStream(2), Fault::EndStreamEarly(2)] {
         claude.set_fault(Some(fault.clone()));

@@ -862,12 +862,7 @@ pub const TABLE_HEADER: &str = "| scenario | served | client errors | backend 42
 /// with `in_flight` outstanding, one zero-latency backend. Returns (direct req/s, gateway
 /// req/s).
 pub async fn overhead(n: usize, in_flight: usize) -> Result<(f64, f64), BoxError> {
-    let mock = MockServer::builder()
-        .name("zero")
-        .bearer("key-zero")
-        .record_requests(false)
-        .start()
-        .await?;
+    let mock = zero_mock().await?;
     let config = Config::from_json(
         &serde_json::json!({ "backends": { "zero": {
             "provider": "openai", "url": format!("{}/v1", mock.url()), "api_key": "key-zero" } } })
@@ -899,6 +894,76 @@ pub async fn overhead(n: usize, in_flight: usize) -> Result<(f64, f64), BoxError
     let _ = stop_tx.send(());
     let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
     Ok((direct, via))
+}
+
+/// What sharing state costs a request: the same load through two gateways over one
+/// zero-latency mock, one on its own and one sharing its state through Redis at `redis_url`,
+/// alternating, best of three each. Returns (requests per second, p99) for the plain gateway,
+/// then for the sharing one, and the sharing one's shared-state status at the end.
+pub async fn shared_overhead(
+    n: usize,
+    in_flight: usize,
+    redis_url: &str,
+) -> Result<((f64, Duration), (f64, Duration), crate::shared::Status), BoxError> {
+    let mock = zero_mock().await?;
+    let mut json = serde_json::json!({ "backends": { "zero": {
+        "provider": "openai", "url": format!("{}/v1", mock.url()), "api_key": "key-zero" } } });
+    let plain = Config::from_json(&json.to_string())?;
+    json["shared_state"] = serde_json::json!({
+        "redis_url": redis_url, "key_prefix": format!("overhead-{}", std::process::id()) });
+    let sharing = Config::from_json(&json.to_string())?;
+    let mut addrs = Vec::new();
+    let mut stops = Vec::new();
+    let mut link = None;
+    for config in [&plain, &sharing] {
+        let (service, backends) = config.build_with_backends(crate::client::http_client())?;
+        let mut gateway = Gateway::new(service, backends.clone(), Vec::new());
+        if let Some(l) = config.shared_state(backends)? {
+            link = Some(l.clone());
+            gateway = gateway.shared_state(l);
+        }
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        addrs.push(listener.local_addr()?);
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        stops.push(stop_tx);
+        tokio::spawn(gateway.serve(listener, async move {
+            let _ = stop_rx.await;
+        }));
+    }
+    let timeout = Duration::from_secs(20);
+    let mut best = [(0.0, Duration::MAX); 2];
+    for _ in 0..3 {
+        for (i, addr) in addrs.iter().enumerate() {
+            let t = Instant::now();
+            let samples = load(*addr, n, 1e6, in_flight, timeout, 16).await;
+            let rate = n as f64 / t.elapsed().as_secs_f64();
+            let mut lat: Vec<Duration> = samples.iter().map(|s| s.latency).collect();
+            lat.sort();
+            let p99 = lat
+                .get((lat.len() * 99 / 100).min(lat.len().saturating_sub(1)))
+                .copied()
+                .unwrap_or_default();
+            best[i] = (f64::max(best[i].0, rate), best[i].1.min(p99));
+        }
+    }
+    let status = link
+        .map(|l| l.status())
+        .ok_or("no shared state was started")?;
+    for stop in stops {
+        let _ = stop.send(());
+    }
+    Ok((best[0], best[1], status))
+}
+
+/// A mock with no latency, no limits and no recording: what a gateway's own cost is measured
+/// against.
+async fn zero_mock() -> std::io::Result<MockServer> {
+    MockServer::builder()
+        .name("zero")
+        .bearer("key-zero")
+        .record_requests(false)
+        .start()
+        .await
 }
 
 /// The same load straight at a mock (its OpenAI route with its key).

@@ -1034,6 +1034,29 @@ pub(crate) trait StreamTranslate: Send + Sync + fmt::Debug {
     fn finish(&mut self, out: &mut Vec<u8>) -> Result<(), String>;
 }
 
+/// A stream rewritten event by event: its SSE reader, and what each event's data becomes.
+trait Events: Send + Sync + fmt::Debug {
+    fn reader(&mut self) -> &mut SseReader;
+    fn event(&mut self, data: &str, out: &mut Vec<u8>) -> Result<(), String>;
+}
+
+impl<T: Events> StreamTranslate for T {
+    fn feed(&mut self, bytes: &[u8], out: &mut Vec<u8>) -> Result<(), String> {
+        // The reader is taken out while it calls back into `self`.
+        let mut sse = std::mem::take(self.reader());
+        let r = sse.feed(bytes, &mut |d| self.event(d, out));
+        *self.reader() = sse;
+        r
+    }
+
+    fn finish(&mut self, out: &mut Vec<u8>) -> Result<(), String> {
+        let mut sse = std::mem::take(self.reader());
+        let r = sse.finish(&mut |d| self.event(d, out));
+        *self.reader() = sse;
+        r
+    }
+}
+
 /// Anthropic's typed events → OpenAI `chat.completion.chunk`s and `data: [DONE]`.
 #[derive(Debug)]
 pub(crate) struct ToChatChunks {
@@ -1201,19 +1224,13 @@ fn write_event(out: &mut Vec<u8>, v: &Value) {
     write_data(out, v);
 }
 
-impl StreamTranslate for ToChatChunks {
-    fn feed(&mut self, bytes: &[u8], out: &mut Vec<u8>) -> Result<(), String> {
-        let mut sse = std::mem::take(&mut self.sse);
-        let r = sse.feed(bytes, &mut |d| self.event(d, out));
-        self.sse = sse;
-        r
+impl Events for ToChatChunks {
+    fn reader(&mut self) -> &mut SseReader {
+        &mut self.sse
     }
 
-    fn finish(&mut self, out: &mut Vec<u8>) -> Result<(), String> {
-        let mut sse = std::mem::take(&mut self.sse);
-        let r = sse.finish(&mut |d| self.event(d, out));
-        self.sse = sse;
-        r
+    fn event(&mut self, data: &str, out: &mut Vec<u8>) -> Result<(), String> {
+        ToChatChunks::event(self, data, out)
     }
 }
 
@@ -1339,19 +1356,13 @@ impl ToMessageEvents {
     }
 }
 
-impl StreamTranslate for ToMessageEvents {
-    fn feed(&mut self, bytes: &[u8], out: &mut Vec<u8>) -> Result<(), String> {
-        let mut sse = std::mem::take(&mut self.sse);
-        let r = sse.feed(bytes, &mut |d| self.event(d, out));
-        self.sse = sse;
-        r
+impl Events for ToMessageEvents {
+    fn reader(&mut self) -> &mut SseReader {
+        &mut self.sse
     }
 
-    fn finish(&mut self, out: &mut Vec<u8>) -> Result<(), String> {
-        let mut sse = std::mem::take(&mut self.sse);
-        let r = sse.finish(&mut |d| self.event(d, out));
-        self.sse = sse;
-        r
+    fn event(&mut self, data: &str, out: &mut Vec<u8>) -> Result<(), String> {
+        ToMessageEvents::event(self, data, out)
     }
 }
 
@@ -1365,7 +1376,7 @@ pub(crate) struct StripUsage {
 
 #[cfg(feature = "gateway")]
 impl StripUsage {
-    fn event(data: &str, out: &mut Vec<u8>) {
+    fn pass(data: &str, out: &mut Vec<u8>) {
         let usage_only = data.starts_with('{')
             && serde_json::from_str::<Value>(data).is_ok_and(|v| {
                 v.get("choices")
@@ -1386,19 +1397,14 @@ impl StripUsage {
 }
 
 #[cfg(feature = "gateway")]
-impl StreamTranslate for StripUsage {
-    fn feed(&mut self, bytes: &[u8], out: &mut Vec<u8>) -> Result<(), String> {
-        self.sse.feed(bytes, &mut |d| {
-            Self::event(d, out);
-            Ok(())
-        })
+impl Events for StripUsage {
+    fn reader(&mut self) -> &mut SseReader {
+        &mut self.sse
     }
 
-    fn finish(&mut self, out: &mut Vec<u8>) -> Result<(), String> {
-        self.sse.finish(&mut |d| {
-            Self::event(d, out);
-            Ok(())
-        })
+    fn event(&mut self, data: &str, out: &mut Vec<u8>) -> Result<(), String> {
+        Self::pass(data, out);
+        Ok(())
     }
 }
 

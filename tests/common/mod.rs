@@ -210,3 +210,11 @@ impl tracing::Subscriber for Anchor {
     fn enter(&self, _: &tracing::span::Id) {}
     fn exit(&self, _: &tracing::span::Id) {}
 }
+
+/// The README's first JSON block after `marker`.
+pub fn readme_json_after(marker: &str) -> &'static str {
+    let readme = include_str!("../../README.md");
+    let from = readme.find(marker).expect("the marker is in the README");
+    let start = from + readme[from..].find("```json\n").expect("a JSON block") + "```json\n".len();
+    &readme[start..start + readme[start..].find("```").unwrap()]
+}

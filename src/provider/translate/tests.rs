@@ -254,6 +254,15 @@ fn run(t: &mut dyn StreamTranslate, pieces: &[&[u8]]) -> Result<String, String> 
     Ok(String::from_utf8(out).unwrap())
 }
 
+/// Feeds `bytes` cut in two at every boundary into a fresh translator from `make`; each time
+/// the output must be `whole`.
+fn same_at_every_cut<T: StreamTranslate>(make: impl Fn() -> T, bytes: &[u8], whole: &str) {
+    for cut in 0..=bytes.len() {
+        let (a, b) = bytes.split_at(cut);
+        assert_eq!(run(&mut make(), &[a, b]).unwrap(), whole, "cut at {cut}");
+    }
+}
+
 /// The data payloads of an SSE text.
 fn datas(sse: &str) -> Vec<String> {
     sse.split("\n\n")
@@ -302,12 +311,11 @@ fn an_anthropic_stream_becomes_chat_chunks_at_every_cut() {
         ),
         (json!(12), json!(9))
     );
-    let bytes = ANTHROPIC_STREAM.as_bytes();
-    for cut in 0..=bytes.len() {
-        let (a, b) = bytes.split_at(cut);
-        let got = run(&mut ToChatChunks::new(3, true), &[a, b]).unwrap();
-        assert_eq!(got, whole, "cut at {cut}");
-    }
+    same_at_every_cut(
+        || ToChatChunks::new(3, true),
+        ANTHROPIC_STREAM.as_bytes(),
+        &whole,
+    );
 }
 
 #[test]
@@ -342,15 +350,7 @@ data: [DONE]\n\n";
     assert_eq!(events[7]["delta"]["stop_reason"], "tool_use");
     assert_eq!(events[7]["usage"]["output_tokens"], 6);
     assert_eq!(events[4]["content_block"]["id"], "call_1");
-    let bytes = stream.as_bytes();
-    for cut in 0..=bytes.len() {
-        let (a, b) = bytes.split_at(cut);
-        assert_eq!(
-            run(&mut ToMessageEvents::new(), &[a, b]).unwrap(),
-            whole,
-            "cut at {cut}"
-        );
-    }
+    same_at_every_cut(ToMessageEvents::new, stream.as_bytes(), &whole);
 }
 
 #[test]
@@ -416,15 +416,11 @@ fn the_documented_anthropic_tool_use_stream_becomes_chat_chunks_at_every_cut() {
             .iter()
             .all(|c| c["id"] == "msg_014p7gG3wDgGV9EUtLvnow3U" && c["created"] == 9)
     );
-    let bytes = FIXTURE_ANTHROPIC_STREAM.as_bytes();
-    for cut in 0..=bytes.len() {
-        let (a, b) = bytes.split_at(cut);
-        assert_eq!(
-            run(&mut ToChatChunks::new(9, true), &[a, b]).unwrap(),
-            whole,
-            "cut at {cut}"
-        );
-    }
+    same_at_every_cut(
+        || ToChatChunks::new(9, true),
+        FIXTURE_ANTHROPIC_STREAM.as_bytes(),
+        &whole,
+    );
 }
 
 #[test]
@@ -468,15 +464,11 @@ fn the_documented_openai_tool_call_stream_becomes_anthropic_events_at_every_cut(
         let name = e.lines().next().unwrap().strip_prefix("event: ").unwrap();
         assert!(e.contains(&format!("\"type\":\"{name}\"")), "{e}");
     }
-    let bytes = FIXTURE_OPENAI_STREAM.as_bytes();
-    for cut in 0..=bytes.len() {
-        let (a, b) = bytes.split_at(cut);
-        assert_eq!(
-            run(&mut ToMessageEvents::new(), &[a, b]).unwrap(),
-            whole,
-            "cut at {cut}"
-        );
-    }
+    same_at_every_cut(
+        ToMessageEvents::new,
+        FIXTURE_OPENAI_STREAM.as_bytes(),
+        &whole,
+    );
 }
 
 #[cfg(feature = "gateway")]
@@ -489,15 +481,7 @@ data: [DONE]\n\n";
     let want = "data: {\"choices\":[],\"prompt_filter_results\":[]}\n\n\
 data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"}}]}\n\n\
 data: [DONE]\n\n";
-    let bytes = stream.as_bytes();
-    for cut in 0..=bytes.len() {
-        let (a, b) = bytes.split_at(cut);
-        assert_eq!(
-            run(&mut StripUsage::default(), &[a, b]).unwrap(),
-            want,
-            "cut at {cut}"
-        );
-    }
+    same_at_every_cut(StripUsage::default, stream.as_bytes(), want);
     let asked: Value = serde_json::from_slice(
         &ask_stream_usage(br#"{"stream":true,"stream_options":{"x":1},"messages":[]}"#).unwrap(),
     )
