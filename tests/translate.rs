@@ -247,16 +247,18 @@ async fn an_overloaded_anthropic_target_falls_back_to_openai_in_the_middle_of_a_
         .unwrap();
     let tools: Value = serde_json::from_str(TOOLS).unwrap();
     let mut messages = vec![json!({"role": "user", "content": "What does 'tower' mean?"})];
+    // One turn of the conversation: the answer, which must be a 200.
+    let ask = |messages: Vec<Value>| {
+        let (svc, tools) = (svc.clone(), tools.clone());
+        async move {
+            let body = json!({"model": "m", "messages": messages, "tools": tools});
+            let res = svc.oneshot(chat(&body)).await.unwrap();
+            assert_eq!(res.status(), 200);
+            serde_json::from_str::<Value>(&text(res).await).unwrap()
+        }
+    };
     // Turn 1: Anthropic answers with a tool call, in OpenAI's shape.
-    let res = svc
-        .clone()
-        .oneshot(chat(
-            &json!({"model": "m", "messages": messages, "tools": tools}),
-        ))
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 200);
-    let turn1: Value = serde_json::from_str(&text(res).await).unwrap();
+    let turn1 = ask(messages.clone()).await;
     assert_eq!(turn1["model"], "claude-sonnet-4-5");
     let call = turn1["choices"][0]["message"]["tool_calls"][0].clone();
     messages.push(turn1["choices"][0]["message"].clone());
@@ -265,15 +267,7 @@ async fn an_overloaded_anthropic_target_falls_back_to_openai_in_the_middle_of_a_
     // Turn 2: Anthropic is overloaded (529); OpenAI takes the conversation, tool call and
     // result included, and accepts it as valid.
     claude.set_fault(Some(Fault::Status(529)));
-    let res = svc
-        .clone()
-        .oneshot(chat(
-            &json!({"model": "m", "messages": messages, "tools": tools}),
-        ))
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 200);
-    let turn2: Value = serde_json::from_str(&text(res).await).unwrap();
+    let turn2 = ask(messages).await;
     assert_eq!(turn2["model"], "gpt-4o");
     assert_eq!(
         turn2["choices"][0]["message"]["content"],
