@@ -1,7 +1,7 @@
 //! Shared state: what one replica learns about a backend's quota, the others know too.
 //!
 //! N gateway replicas (or N app instances embedding the stack) in front of the same Azure
-//! deployments each keep their own [`BackendState`]: without sharing, a backend's `429 ...
+//! deployments each keep their own [`BackendState`](crate::BackendState): without sharing, a backend's `429 ...
 //! retry-after: 5` teaches one replica to wait while the other N-1 keep sending and earn their
 //! own 429s, and a tripped circuit in one replica leaves the others sending to a failing
 //! backend. [`SharedState`] runs one background task per replica that, every
