@@ -44,6 +44,8 @@ struct Redis {
     child: Option<Child>,
     port: u16,
     password: Option<&'static str>,
+    /// Extra arguments (cluster mode).
+    args: Vec<String>,
 }
 
 impl Redis {
@@ -57,6 +59,31 @@ impl Redis {
             child: None,
             port,
             password,
+            args: Vec::new(),
+        };
+        r.restart();
+        r
+    }
+
+    /// A node of a Redis Cluster (its state file in `dir`).
+    fn cluster_node(dir: &std::path::Path) -> Redis {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut r = Redis {
+            child: None,
+            port,
+            password: None,
+            args: vec![
+                "--cluster-enabled".into(),
+                "yes".into(),
+                "--cluster-config-file".into(),
+                format!("nodes-{port}.conf"),
+                "--dir".into(),
+                dir.display().to_string(),
+            ],
         };
         r.restart();
         r
@@ -72,6 +99,7 @@ impl Redis {
         if let Some(p) = self.password {
             cmd.args(["--requirepass", p]);
         }
+        cmd.args(&self.args);
         self.child = Some(cmd.spawn().expect("redis-server starts"));
         for _ in 0..200 {
             if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
@@ -146,17 +174,26 @@ async fn eventually(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
 
 /// Replica A earns a `429 retry-after: 2`; then replica B sends one request. Returns whether
 /// the mock got a request during the wait it asked for.
-async fn second_replica_after_a_429(redis: Option<&Redis>, prefix: &str) -> bool {
+async fn second_replica_after_a_429(redis: Option<String>, prefix: &str) -> bool {
     let mock = MockServer::builder().name("east").start().await.unwrap();
     let (a, backends_a) = replica(&mock);
     let (b, backends_b) = replica(&mock);
-    let _links = redis.map(|r| {
-        let store: Arc<RedisStore> = Arc::new(RedisStore::new(&r.url(), prefix).unwrap());
+    let shared = redis.is_some();
+    let _links = redis.map(|url| {
+        let store: Arc<RedisStore> = Arc::new(RedisStore::new(&url, prefix).unwrap());
         (
             SharedState::spawn(store.clone(), backends_a.clone(), settings(prefix)),
             SharedState::spawn(store, backends_b.clone(), settings(prefix)),
         )
     });
+    if let Some((link_a, link_b)) = &_links {
+        // Both linked before the 429 (a cluster's first connect takes a while).
+        assert!(
+            eventually(Duration::from_secs(5), || link_a.status().exchanges > 0
+                && link_b.status().exchanges > 0)
+            .await
+        );
+    }
     mock.set_fault(Some(Fault::Throttle(vec![(
         "retry-after".into(),
         "2".into(),
@@ -164,7 +201,7 @@ async fn second_replica_after_a_429(redis: Option<&Redis>, prefix: &str) -> bool
     let res = a.oneshot(chat()).await.unwrap();
     assert_eq!(res.status(), 429);
     mock.set_fault(None);
-    if redis.is_some() {
+    if shared {
         // B hears of A's wait through Redis.
         let state = backends_b[0].state().clone();
         assert!(
@@ -174,7 +211,8 @@ async fn second_replica_after_a_429(redis: Option<&Redis>, prefix: &str) -> bool
                     |u| u > tokio::time::Instant::now() + Duration::from_secs(1)
                 ))
             .await,
-            "replica B never heard of A's 429"
+            "replica B never heard of A's 429: {:?}",
+            _links.as_ref().map(|(a, b)| (a.status(), b.status()))
         );
     }
     if let Some((link_a, link_b)) = &_links {
@@ -198,7 +236,7 @@ async fn second_replica_after_a_429(redis: Option<&Redis>, prefix: &str) -> bool
 async fn a_wait_one_replica_was_given_keeps_the_others_away_through_redis() {
     let redis = Redis::start(None);
     assert!(
-        !second_replica_after_a_429(Some(&redis), "t1").await,
+        !second_replica_after_a_429(Some(redis.url()), "t1").await,
         "with the shared state, replica B waited for A's retry-after"
     );
     // Without it, B knows nothing and sends into the wait.
@@ -305,4 +343,45 @@ fn the_readme_s_and_deploy_s_shared_state_configs_parse() {
         let config = Config::from_json(&doc[start..end]).unwrap();
         assert!(config.shared_state.is_some());
     }
+}
+
+#[tokio::test]
+async fn replicas_share_through_a_redis_cluster() {
+    let dir = std::env::temp_dir().join(format!("llm-lb-cluster-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let nodes: Vec<Redis> = (0..3).map(|_| Redis::cluster_node(&dir)).collect();
+    let addrs: Vec<String> = nodes
+        .iter()
+        .map(|n| format!("127.0.0.1:{}", n.port))
+        .collect();
+    let created = Command::new("redis-cli")
+        .args(["--cluster", "create"])
+        .args(&addrs)
+        .args(["--cluster-replicas", "0", "--cluster-yes"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("redis-cli (from redis-tools, with redis-server) runs");
+    assert!(created.success(), "redis-cli --cluster create failed");
+    let ready = || {
+        Command::new("redis-cli")
+            .args(["-p", &nodes[0].port.to_string(), "cluster", "info"])
+            .output()
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("cluster_state:ok"))
+    };
+    assert!(
+        eventually(Duration::from_secs(10), ready).await,
+        "the cluster never became ready"
+    );
+    let seeds = nodes
+        .iter()
+        .map(|n| format!("redis://127.0.0.1:{}", n.port))
+        .collect::<Vec<_>>()
+        .join(",");
+    assert!(
+        !second_replica_after_a_429(Some(seeds), "t4").await,
+        "through the cluster, replica B waited for A's retry-after"
+    );
+    drop(nodes);
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -41,10 +41,25 @@ return out
 /// serves, while Redis is down.
 #[derive(Clone)]
 pub struct RedisStore {
-    conn: ConnectionManager,
+    conn: Conn,
     script: redis::Script,
     url: String,
     replicas_key: String,
+}
+
+#[derive(Clone)]
+struct Cluster {
+    client: redis::cluster::ClusterClient,
+    conn: std::sync::Arc<tokio::sync::OnceCell<redis::cluster_async::ClusterConnection>>,
+}
+
+/// One server through the reconnecting manager, or a Redis Cluster (connected at the first
+/// exchange that reaches it, and again after a failed connect).
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    // Boxed: a cluster client is large, and the store is built once.
+    Cluster(Box<Cluster>),
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -60,17 +75,41 @@ impl RedisStore {
     /// not built in), counting replicas under `key_prefix` (the prefix of
     /// [`SharedSettings`](super::SharedSettings)). Fails only on a URL that cannot be used; it
     /// does not connect yet. Must be called inside a tokio runtime.
+    ///
+    /// Several URLs separated by commas are the seed nodes of a Redis Cluster: every key of a
+    /// prefix is in one hash slot (the prefix is the key's hash tag), so each exchange is one
+    /// script call on the node holding it.
     pub fn new(url: &str, key_prefix: &str) -> Result<RedisStore, BoxError> {
-        let redacted = redact_url(url);
-        let client = redis::Client::open(url)
-            .map_err(|e| format!("shared state URL {redacted}: {}", e.kind_str()))?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_millis(500)))
-            .set_response_timeout(Some(Duration::from_millis(500)))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_secs(2));
-        let conn = ConnectionManager::new_lazy_with_config(client, config)
-            .map_err(|e| format!("shared state {redacted}: {}", e.kind_str()))?;
+        let redacted = url
+            .split(',')
+            .map(|u| redact_url(u.trim()))
+            .collect::<Vec<_>>()
+            .join(",");
+        let timeout = Duration::from_millis(500);
+        let conn = if url.contains(',') {
+            let nodes: Vec<&str> = url.split(',').map(str::trim).collect();
+            let client = redis::cluster::ClusterClient::builder(nodes)
+                .connection_timeout(timeout)
+                .response_timeout(timeout)
+                .build()
+                .map_err(|e| format!("shared state URLs {redacted}: {}", e.kind_str()))?;
+            Conn::Cluster(Box::new(Cluster {
+                client,
+                conn: Default::default(),
+            }))
+        } else {
+            let client = redis::Client::open(url)
+                .map_err(|e| format!("shared state URL {redacted}: {}", e.kind_str()))?;
+            let config = ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(timeout))
+                .set_response_timeout(Some(timeout))
+                .set_number_of_retries(1)
+                .set_max_delay(Duration::from_secs(2));
+            Conn::Single(
+                ConnectionManager::new_lazy_with_config(client, config)
+                    .map_err(|e| format!("shared state {redacted}: {}", e.kind_str()))?,
+            )
+        };
         Ok(RedisStore {
             conn,
             script: redis::Script::new(EXCHANGE),
@@ -107,11 +146,24 @@ impl SharedStore for RedisStore {
                 .key(&self.replicas_key)
                 .arg(replica)
                 .arg(alive.as_millis() as u64);
-            let mut conn = self.conn.clone();
-            let mut left: Vec<u64> = invocation
-                .invoke_async(&mut conn)
-                .await
-                .map_err(|e| BoxError::from(format!("redis: {}", e.kind_str())))?;
+            let failed = |e: redis::RedisError| BoxError::from(format!("redis: {}", e.kind_str()));
+            let mut left: Vec<u64> = match &self.conn {
+                Conn::Single(conn) => invocation
+                    .invoke_async(&mut conn.clone())
+                    .await
+                    .map_err(failed)?,
+                Conn::Cluster(c) => {
+                    let conn = c
+                        .conn
+                        .get_or_try_init(|| c.client.get_async_connection())
+                        .await
+                        .map_err(failed)?;
+                    invocation
+                        .invoke_async(&mut conn.clone())
+                        .await
+                        .map_err(failed)?
+                }
+            };
             let replicas = left.pop().unwrap_or(1);
             Ok(Exchanged {
                 waits: left.into_iter().map(Duration::from_millis).collect(),
