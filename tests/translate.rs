@@ -609,3 +609,33 @@ async fn a_translated_stream_cut_or_ended_early_upstream_ends_with_an_error_neve
         );
     }
 }
+
+#[tokio::test]
+async fn a_messages_stream_cut_upstream_ends_with_anthropic_s_error_event() {
+    let azure = MockServer::builder().name("azure").start().await.unwrap();
+    azure.set_fault(Some(Fault::TruncateStream(2)));
+    let json = format!(
+        r#"{{ "backends": {{ "azure": {{ "provider": "azure", "url": "{z}", "deployment": "gpt-4o" }} }} }}"#,
+        z = azure.url()
+    );
+    let ask = json!({"model": "gpt-4o", "max_tokens": 8, "stream": true,
+                     "messages": [{"role": "user", "content": "Hi"}]});
+    let res = gateway_for(&json)
+        .oneshot(messages_request(&ask))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let mut body = res.into_body();
+    let mut seen = String::new();
+    while let Some(Ok(frame)) = body.frame().await {
+        seen.push_str(&String::from_utf8_lossy(frame.data_ref().unwrap()));
+    }
+    let last = sse_data(&seen).pop().unwrap();
+    let event: Value = serde_json::from_str(&last).unwrap();
+    assert_eq!(event["type"], "error", "{seen}");
+    assert_eq!(event["error"]["type"], "api_error");
+    assert!(
+        seen.contains("event: message_start") && !seen.contains("message_stop"),
+        "{seen}"
+    );
+}

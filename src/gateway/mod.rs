@@ -553,6 +553,7 @@ async fn forward_counted(
             );
         }
     };
+    let anthropic_caller = parts.uri.path() == "/v1/messages";
     let mut bytes = resolve_alias(&live.aliases, bytes);
     // Usage asked for on the caller's behalf is removed from what the caller gets.
     let mut strip_usage = false;
@@ -598,7 +599,7 @@ async fn forward_counted(
                 return shaped_error(res, &live.backends).await;
             }
             let usage = metrics::UsageWatch::new(gw.metrics.clone(), &res, model, client);
-            into_axum(res, usage, strip_usage)
+            into_axum(res, usage, strip_usage, anthropic_caller)
         }
         Err(e) => {
             tracing::warn!(error = %e, "request failed");
@@ -713,6 +714,7 @@ fn into_axum(
     res: http::Response<LlmBody>,
     usage: Option<metrics::UsageWatch>,
     strip_usage: bool,
+    anthropic: bool,
 ) -> Response {
     // A backend that refused *our* credential: the caller's key is not at fault, and the
     // backend's answer (which may echo the key) is not passed on.
@@ -750,6 +752,7 @@ fn into_axum(
         flushed: false,
         usage,
         strip: strip.map(Box::new),
+        anthropic,
     });
     Response::from_parts(parts, body)
 }
@@ -889,6 +892,8 @@ pin_project_lite::pin_project! {
         usage: Option<metrics::UsageWatch>,
         // Boxed: only streams whose usage chunk the gateway asked for.
         strip: Option<Box<Stripping>>,
+        // The caller speaks Anthropic's API (`/v1/messages`).
+        anthropic: bool,
     }
 }
 
@@ -968,9 +973,13 @@ impl http_body::Body for StreamGuard {
         };
         match frame {
             Some(Err(e)) if *this.sse => {
-                let event = serde_json::json!({
-                    "error": {"message": format!("stream interrupted upstream: {e}"), "type": "upstream_error"}
-                });
+                let message = format!("stream interrupted upstream: {e}");
+                // In the caller's API: Anthropic's typed error event on `/v1/messages`.
+                let event = if *this.anthropic {
+                    serde_json::json!({"type": "error", "error": {"type": "api_error", "message": message}})
+                } else {
+                    serde_json::json!({"error": {"message": message, "type": "upstream_error"}})
+                };
                 *this.failed = Some(e);
                 Poll::Ready(Some(Ok(Frame::data(Bytes::from(format!(
                     "event: error\ndata: {event}\n\n"
