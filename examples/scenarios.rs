@@ -38,6 +38,17 @@ async fn main() -> Result<(), tower_llm_lb::BoxError> {
             None => println!("| S8r | not run: no `redis-server` on this machine |"),
         }
     }
+    if wanted("S8u") {
+        // Measured, no target: where the equal share falls short.
+        match RedisForRun::start() {
+            Some(redis) => {
+                let report = Scenario::s8u_replicas_uneven(&redis.url()).run().await?;
+                println!("{report}");
+                shared_lines(&report);
+            }
+            None => println!("| S8u | not run: no `redis-server` on this machine |"),
+        }
+    }
     if wanted("S8k") {
         match RedisForRun::start() {
             Some(redis) => {

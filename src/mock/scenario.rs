@@ -121,6 +121,9 @@ pub struct Scenario {
     /// The Redis URL the replicas share their state through (`shared_state`; none: each
     /// on its own). The runner starts the Redis server.
     pub shared_redis: Option<String>,
+    /// Which replica takes each request, cycled (`[0, 0, 0, 1, 2]`: 60/20/20); empty: round
+    /// robin.
+    pub spread: Vec<usize>,
 }
 
 impl Scenario {
@@ -139,6 +142,7 @@ impl Scenario {
             quota_headers: true,
             replicas: 1,
             shared_redis: None,
+            spread: Vec::new(),
         }
     }
 
@@ -290,6 +294,16 @@ impl Scenario {
         s.name = "S8r";
         s.title = "S1 through 3 replicas sharing state in Redis";
         s.shared_redis = Some(url.to_string());
+        s
+    }
+
+    /// S8u: S8r with the load spread unevenly, 60% to one replica and 20% to each other (sticky
+    /// clients): the equal share each replica takes leaves quota unused.
+    pub fn s8u_replicas_uneven(url: &str) -> Self {
+        let mut s = Self::s8r_replicas_shared(url);
+        s.name = "S8u";
+        s.title = "S8r with the load 60/20/20 over the replicas";
+        s.spread = vec![0, 0, 0, 1, 2];
         s
     }
 
@@ -458,8 +472,16 @@ impl Scenario {
                     .collect::<Vec<_>>()
             })
         };
+        let targets: Vec<SocketAddr> = if self.spread.is_empty() {
+            addrs.clone()
+        } else {
+            self.spread
+                .iter()
+                .filter_map(|i| addrs.get(*i).copied())
+                .collect()
+        };
         let samples = load_over(
-            &addrs,
+            &targets,
             self.requests,
             self.rate,
             self.in_flight,
