@@ -307,11 +307,27 @@ async fn the_mock_mode_config_serves_through_its_embedded_backends() {
     .await;
     assert_eq!(res.status(), 200);
     assert_eq!(res.headers()["x-llm-lb-backend"], "embed-eastus");
+    // The Anthropic backend answers an OpenAI-shaped request in OpenAI's shape.
+    let res = send(post(
+        chat.clone(),
+        None,
+        r#"{"model":"claude-sonnet-4-5","messages":[{"role":"user","content":"hi"}]}"#,
+    ))
+    .await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.headers()["x-llm-lb-backend"], "claude");
+    let answer: serde_json::Value = serde_json::from_str(&text(res).await).unwrap();
+    assert_eq!(answer["object"], "chat.completion");
     let res = send(post(chat, None, r#"{"model":"gpt-5"}"#)).await;
     assert_eq!(res.status(), 404, "an unknown model");
     assert_eq!(
         model_ids(&gw.url).await,
-        ["gpt-4", "gpt-4o", "text-embedding-3-small"]
+        [
+            "claude-sonnet-4-5",
+            "gpt-4",
+            "gpt-4o",
+            "text-embedding-3-small"
+        ]
     );
 }
 

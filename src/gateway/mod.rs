@@ -1085,8 +1085,9 @@ async fn stats(State(gw): State<Gateway>, req: Request) -> Response {
 }
 
 /// Mock backends for `--mock`: a PTU and two pay-as-you-go regions serving `gpt-4o` with
-/// request/s limits, an embeddings deployment serving `text-embedding-3-small`, and the JSON
-/// config that points at them (every setting default; the alias `gpt-4` for `gpt-4o`). Keep the
+/// request/s limits, an embeddings deployment serving `text-embedding-3-small`, an Anthropic
+/// backend serving `claude-sonnet-4-5` (OpenAI-shaped requests for it are translated), and the
+/// JSON config that points at them (every setting default; the alias `gpt-4` for `gpt-4o`). Keep the
 /// servers alive as long as the gateway runs.
 pub async fn mock_backends() -> std::io::Result<(Vec<crate::mock::MockServer>, String)> {
     use crate::mock::MockServer;
@@ -1130,6 +1131,22 @@ pub async fn mock_backends() -> std::io::Result<(Vec<crate::mock::MockServer>, S
                            "models": ["text-embedding-3-small"]}),
     );
     servers.push(embed);
+    // An Anthropic backend: OpenAI-shaped chat requests for its model are translated.
+    let claude = MockServer::builder()
+        .name("claude")
+        .x_api_key("mock-claude")
+        .rps(10.0)
+        .latency(Duration::from_millis(30))
+        .stream_chunks(8)
+        .chunk_delay(Duration::from_millis(40))
+        .start()
+        .await?;
+    backends.insert(
+        "claude".into(),
+        serde_json::json!({"provider": "anthropic", "url": claude.url(), "api_key": "mock-claude",
+                           "models": ["claude-sonnet-4-5"]}),
+    );
+    servers.push(claude);
     // Every other setting default, as a new user's config.
     let config = serde_json::json!({
         "backends": backends,
