@@ -33,3 +33,29 @@ async fn twenty_thousand_requests_through_chaos_each_end_exactly_once_and_nothin
         "{report}"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn with_an_anthropic_backend_in_the_group_translated_requests_end_exactly_once_too() {
+    // One backend of three speaks Anthropic's API: a third of the OpenAI-shaped requests are
+    // translated there and back, through the same faults.
+    let report = Soak {
+        requests: 5_000,
+        anthropic: 1,
+        seed: 7,
+        ..Soak::default()
+    }
+    .run()
+    .await
+    .unwrap();
+    eprintln!("{report}");
+    assert!(
+        report.problems().is_empty(),
+        "{:?}\n{report}",
+        report.problems()
+    );
+    assert!(report.complete * 20 > report.requests * 9, "{report}");
+    assert!(
+        report.kinds.keys().all(|k| !k.contains("key-soak")),
+        "{report}"
+    );
+}

@@ -50,6 +50,9 @@ pub struct Soak {
     pub seed: u64,
     /// How many times the figures are sampled along the way (memory, tasks).
     pub samples: usize,
+    /// How many of the backends (the last ones) speak Anthropic's API: the OpenAI-shaped
+    /// requests sent to them are translated, answers, errors and streams back (default 0).
+    pub anthropic: usize,
 }
 
 impl Default for Soak {
@@ -61,6 +64,7 @@ impl Default for Soak {
             step: 25,
             seed: 42,
             samples: 10,
+            anthropic: 0,
         }
     }
 }
@@ -246,20 +250,29 @@ impl Soak {
         for i in 0..self.backends {
             let name = format!("soak-{i}");
             let key = format!("key-soak-{i}");
-            let m = MockServer::builder()
+            let anthropic = i + self.anthropic >= self.backends;
+            let builder = MockServer::builder()
                 .name(&name)
-                .api_key(&key)
                 .rps(40.0)
                 .azure_headers()
                 .stream_chunks(4)
-                .record_requests(false)
-                .start()
-                .await?;
-            backends.push(
+                .record_requests(false);
+            let m = if anthropic {
+                builder.x_api_key(&key)
+            } else {
+                builder.api_key(&key)
+            }
+            .start()
+            .await?;
+            backends.push(if anthropic {
+                Backend::anthropic(&name, m.url())
+                    .credential(Credential::x_api_key(&key)?)
+                    .build()?
+            } else {
                 Backend::azure(&name, m.url(), "gpt-4o", "2024-10-21")
                     .credential(Credential::api_key(&key)?)
-                    .build()?,
-            );
+                    .build()?
+            });
             mocks.push(m);
         }
         let tasks_before = alive_tasks();
@@ -328,9 +341,9 @@ impl Soak {
             }
             let permit = permits.clone().acquire_owned().await?;
             let body = if i % 3 == 0 {
-                r#"{"stream":true,"messages":[{"role":"user","content":"hi"}]}"#
+                r#"{"model":"gpt-4o","stream":true,"messages":[{"role":"user","content":"hi"}]}"#
             } else {
-                r#"{"messages":[{"role":"user","content":"hi"}]}"#
+                r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}"#
             };
             let mut req = http::Request::post("/v1/chat/completions")
                 .header("content-type", "application/json")
