@@ -58,4 +58,6 @@ async fn with_an_anthropic_backend_in_the_group_translated_requests_end_exactly_
         report.kinds.keys().all(|k| !k.contains("key-soak")),
         "{report}"
     );
+    // A wrong translation would be refused by the Anthropic mock's checks.
+    assert!(!report.kinds.contains_key("answer 400"), "{report}");
 }
