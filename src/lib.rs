@@ -16,6 +16,7 @@
 //! | [`translate::Translate`] | per backend: an OpenAI chat request for an Anthropic backend (and an Anthropic messages request for an OpenAI one) goes out in the backend's API and its answer, stream or error comes back in the caller's |
 //! | [`timeout::AttemptTimeout`] | per backend: first-byte, idle and total limits per attempt |
 //! | [`body::BufferRequest`] | once, outermost: makes the request body cheap to replay, with a size cap |
+//! | [`shared::SharedState`] | beside the stack, not a layer: replicas share what they learn about each backend (waits, open circuits, their share of its quota) through a store, off the request path |
 //!
 //! All of them share one [`classify::Outcome`] per attempt and one [`BackendState`] per
 //! backend. [`stack::group`] builds the recommended per-group stack over your client and boxes it
@@ -81,6 +82,7 @@
 //! | `gateway` | no | `gateway`: the OpenAI-compatible axum gateway behind `examples/gateway.rs` |
 //! | `azure-identity` | no | `auth::entra::AzureSdkCredential`: any `azure_core` `TokenCredential` as a token source |
 //! | `grpc-mock` | no | `mock::grpc`: a loopback tonic server (gRPC health service, a quota, faults) for gRPC tests |
+//! | `redis` | no | `shared::RedisStore`: replicas share backend waits, open circuits and their quota shares through Redis (or a Redis Cluster) |
 //!
 //! gRPC needs no feature: [`Backend::grpc`], [`client::grpc_client`] and [`classify::grpc`]
 //! put the same layers under a tonic client.
