@@ -1,8 +1,12 @@
 //! The `tower-llm-lb` binary as a user runs it: help, a bad and a good config, and serving the
 //! embedded mock backends on a free port.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
+
+use common::serve_config;
 
 const BIN: &str = env!("CARGO_BIN_EXE_tower-llm-lb");
 
@@ -98,34 +102,6 @@ async fn serve_mock_answers_on_the_port_it_prints() {
     let _ = child.wait();
     let res = res.unwrap();
     assert_eq!(res.status(), 200, "served through the embedded backends");
-}
-
-/// A `serve --config` process on a free port, its base URL and its stderr.
-fn serve_config(path: &std::path::Path) -> (std::process::Child, String) {
-    let mut child = Command::new(BIN)
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--log",
-            "info",
-            "--config",
-        ])
-        .arg(path)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line).unwrap();
-    let url = line
-        .split_whitespace()
-        .find(|w| w.starts_with("http://"))
-        .unwrap_or_else(|| panic!("no address in {line:?}"))
-        .trim_end_matches("/v1")
-        .to_string();
-    (child, url)
 }
 
 /// Which backend answers a chat request now (`x-llm-lb-backend`), or the status.

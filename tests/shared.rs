@@ -2,6 +2,8 @@
 //! apt-get when missing), never a mock of Redis. Replicas are separate stacks in one process,
 //! each with its own state and client, over the same mock backends.
 
+mod common;
+
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
@@ -384,4 +386,60 @@ async fn replicas_share_through_a_redis_cluster() {
     );
     drop(nodes);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn a_reloaded_config_s_shared_state_is_linked_without_a_restart() {
+    let redis = Redis::start(None);
+    let mock = MockServer::builder().name("east").start().await.unwrap();
+    let dir = std::env::temp_dir().join(format!("llm-lb-shared-reload-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("gateway.json");
+    let config = |shared: &str| {
+        format!(
+            r#"{{ "backends": {{ "east": {{ "provider": "openai", "url": "{}/v1" }} }} {shared} }}"#,
+            mock.url()
+        )
+    };
+    std::fs::write(&path, config("")).unwrap();
+    let (mut child, url) = tokio::task::spawn_blocking({
+        let path = path.clone();
+        move || common::serve_config(&path)
+    })
+    .await
+    .unwrap();
+    let stats = || async {
+        let req = http::Request::get(format!("{url}/stats"))
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .unwrap();
+        let res = http_client().oneshot(req).await.unwrap();
+        let body = http_body_util::BodyExt::collect(res.into_body())
+            .await
+            .unwrap()
+            .to_bytes();
+        serde_json::from_slice::<serde_json::Value>(&body).unwrap()
+    };
+    assert!(stats().await["shared_state"].is_null());
+    // The file now links the replica to Redis: picked up within the 2 s file check.
+    std::fs::write(
+        &path,
+        config(&format!(
+            r#", "shared_state": {{ "redis_url": "{}", "key_prefix": "t5" }}"#,
+            redis.url()
+        )),
+    )
+    .unwrap();
+    let mut seen = serde_json::Value::Null;
+    for _ in 0..100 {
+        seen = stats().await["shared_state"].clone();
+        if seen["healthy"] == true {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    child.kill().unwrap();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(seen["healthy"], true, "{seen}");
+    assert_eq!(seen["replicas"], 1);
 }

@@ -321,6 +321,10 @@ fn reload(path: &str, gateway: &super::Gateway, client: Client) -> Result<usize,
         .map(|g| (g.client_keys.clone(), g.model_aliases.clone()))
         .unwrap_or_default();
     let n = backends.len();
+    // The new backends' shared state (a new link over them; none when the config has none).
+    let link = config
+        .shared_state(backends.clone())
+        .map_err(|e| e.to_string())?;
     gateway.replace(
         service,
         backends,
@@ -328,5 +332,6 @@ fn reload(path: &str, gateway: &super::Gateway, client: Client) -> Result<usize,
         aliases,
         config.models.keys().cloned().collect(),
     )?;
+    gateway.replace_shared_state(link);
     Ok(n)
 }

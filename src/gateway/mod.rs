@@ -75,7 +75,8 @@ pub struct Gateway {
     live: Arc<arc_swap::ArcSwap<Live>>,
     body_limit: usize,
     stream_usage: bool,
-    shared: Option<crate::shared::SharedState>,
+    // Shared by every clone, so a reload can swap it.
+    shared: Arc<arc_swap::ArcSwapOption<crate::shared::SharedState>>,
     metrics: Arc<metrics::Metrics>,
 }
 
@@ -175,15 +176,21 @@ impl Gateway {
             live,
             body_limit: crate::body::DEFAULT_BODY_LIMIT,
             stream_usage: false,
-            shared: None,
+            shared: Default::default(),
         }
     }
 
     /// Shows `link`'s status on `/stats` (`shared_state`), and keeps it running as long as
     /// the gateway does.
-    pub fn shared_state(mut self, link: crate::shared::SharedState) -> Self {
-        self.shared = Some(link);
+    pub fn shared_state(self, link: crate::shared::SharedState) -> Self {
+        self.replace_shared_state(Some(link));
         self
+    }
+
+    /// Replaces (or with `None` ends) the shared-state link of every clone of this gateway, as
+    /// a config reload does: the old link's task stops when nothing else holds it.
+    pub fn replace_shared_state(&self, link: Option<crate::shared::SharedState>) {
+        self.shared.store(link.map(Arc::new));
     }
 
     /// Asks backends for the token usage of streamed chat answers whose caller did not
@@ -1074,7 +1081,7 @@ async fn stats(State(gw): State<Gateway>, req: Request) -> Response {
             })
         })
         .collect();
-    let shared = gw.shared.as_ref().map(|l| {
+    let shared = gw.shared.load_full().map(|l| {
         let s = l.status();
         serde_json::json!({
             "store": s.store, "healthy": s.healthy, "replicas": s.replicas, "exchanges": s.exchanges,
