@@ -63,7 +63,7 @@ impl Redis {
             password,
             args: Vec::new(),
         };
-        r.restart();
+        r.launch();
         r
     }
 
@@ -87,12 +87,39 @@ impl Redis {
                 dir.display().to_string(),
             ],
         };
-        r.restart();
+        r.launch();
         r
     }
 
-    /// Starts it (again) on its port, and waits until it takes connections.
+    /// Starts it, and waits until it takes connections. A server that could not bind its port
+    /// (a parallel test took it) has exited by then: it is started on another port.
+    fn launch(&mut self) {
+        for _ in 0..5 {
+            if self.spawn() {
+                return;
+            }
+            self.port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+        }
+        panic!("redis-server did not start");
+    }
+
+    /// Starts it again on the same port (its clients know that one).
     fn restart(&mut self) {
+        for _ in 0..20 {
+            if self.spawn() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("redis-server did not start again on {}", self.port);
+    }
+
+    /// One start on the current port; false if the server exited (its port was taken).
+    fn spawn(&mut self) -> bool {
         let mut cmd = Command::new(redis_server());
         cmd.args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
@@ -102,14 +129,24 @@ impl Redis {
             cmd.args(["--requirepass", p]);
         }
         cmd.args(&self.args);
-        self.child = Some(cmd.spawn().expect("redis-server starts"));
-        for _ in 0..200 {
+        let mut child = cmd.spawn().expect("redis-server starts");
+        for _ in 0..500 {
+            if let Ok(Some(_)) = child.try_wait() {
+                return false;
+            }
             if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
-                return;
+                // Listening: and ours, if it is still running a moment later.
+                std::thread::sleep(Duration::from_millis(50));
+                if let Ok(Some(_)) = child.try_wait() {
+                    return false;
+                }
+                self.child = Some(child);
+                return true;
             }
             std::thread::sleep(Duration::from_millis(10));
         }
-        panic!("redis-server did not listen on {}", self.port);
+        let _ = child.kill();
+        false
     }
 
     fn kill(&mut self) {
@@ -252,7 +289,11 @@ async fn with_redis_down_requests_go_on_and_the_link_comes_back_without_its_pass
     let (svc, backends) = replica(&mock);
     let store = Arc::new(RedisStore::new(&redis.url(), "t2").unwrap());
     let link = SharedState::spawn(store, backends, settings("t2"));
-    assert!(eventually(Duration::from_secs(5), || link.status().healthy).await);
+    assert!(
+        eventually(Duration::from_secs(15), || link.status().healthy).await,
+        "{:?}",
+        link.status()
+    );
     redis.kill();
     for _ in 0..20 {
         let res = svc.clone().oneshot(chat()).await.unwrap();
@@ -442,4 +483,37 @@ async fn a_reloaded_config_s_shared_state_is_linked_without_a_restart() {
     let _ = std::fs::remove_dir_all(&dir);
     assert_eq!(seen["healthy"], true, "{seen}");
     assert_eq!(seen["replicas"], 1);
+}
+
+#[tokio::test]
+async fn a_replica_started_before_redis_links_when_redis_comes() {
+    let mock = MockServer::builder().name("east").start().await.unwrap();
+    let (svc, backends) = replica(&mock);
+    // A port with nothing on it yet.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("redis://127.0.0.1:{port}");
+    let link = SharedState::spawn(
+        Arc::new(RedisStore::new(&url, "t6").unwrap()),
+        backends,
+        settings("t6"),
+    );
+    assert!(eventually(Duration::from_secs(5), || link.status().failures > 2).await);
+    let res = svc.oneshot(chat()).await.unwrap();
+    assert_eq!(res.status(), 200, "served on its own meanwhile");
+    let mut redis = Redis {
+        child: None,
+        port,
+        password: None,
+        args: Vec::new(),
+    };
+    redis.restart();
+    assert!(
+        eventually(Duration::from_secs(15), || link.status().healthy).await,
+        "{:?}",
+        link.status()
+    );
 }
