@@ -30,21 +30,9 @@ async fn start(json: &str) -> Running {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let aliases = config
-        .gateway
-        .as_ref()
-        .map(|g| g.model_aliases.clone())
-        .unwrap_or_default();
-    let stream_usage = config
-        .gateway
-        .as_ref()
-        .and_then(|g| g.stream_usage)
-        .unwrap_or(false);
     let task = tokio::spawn(
         Gateway::new(svc, backends, keys)
-            .stream_usage(stream_usage)
-            .served_models(config.models.keys().cloned().collect())
-            .model_aliases(aliases)
+            .configured(&config)
             .unwrap()
             .serve(listener, async {
                 let _ = rx.await;

@@ -212,28 +212,13 @@ async fn run(args: Serve) -> Result<(), Failure> {
     let bound = listener.local_addr().map_err(|e| serve_err(e.into()))?;
     tracing::info!(addr = %bound, backends = ?names, client_keys = client_keys.len(), "gateway listening");
     println!("tower-llm-lb gateway on http://{bound}/v1 over {names:?}");
-    let aliases = config
-        .gateway
-        .as_ref()
-        .map(|g| g.model_aliases.clone())
-        .unwrap_or_default();
-    let stream_usage = config
-        .gateway
-        .as_ref()
-        .and_then(|g| g.stream_usage)
-        .unwrap_or(false);
     let shared = config
         .shared_state(backends.clone())
         .map_err(|e| Failure::Config(e.to_string()))?;
-    let mut gateway =
-        super::Gateway::new(service, backends, client_keys).stream_usage(stream_usage);
-    if let Some(link) = shared {
-        gateway = gateway.shared_state(link);
-    }
-    let gateway = gateway
-        .served_models(config.models.keys().cloned().collect())
-        .model_aliases(aliases)
+    let gateway = super::Gateway::new(service, backends, client_keys)
+        .configured(&config)
         .map_err(Failure::Config)?;
+    gateway.replace_shared_state(shared);
     // Reload without restart: on SIGHUP, and when the file changes (checked every 2 s).
     let watcher = args.config.clone().filter(|_| !args.mock).map(|path| {
         let gateway = gateway.clone();

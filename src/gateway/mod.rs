@@ -193,6 +193,16 @@ impl Gateway {
         self.shared.store(link.map(Arc::new));
     }
 
+    /// Applies what `config` says of the gateway beside its keys: the models the service routes
+    /// by name (`models`), `gateway.model_aliases` and `gateway.stream_usage`. Fails as
+    /// [`Gateway::model_aliases`] does.
+    pub fn configured(self, config: &crate::config::Config) -> Result<Self, String> {
+        let g = config.gateway.clone().unwrap_or_default();
+        self.stream_usage(g.stream_usage.unwrap_or(false))
+            .served_models(config.models.keys().cloned().collect())
+            .model_aliases(g.model_aliases)
+    }
+
     /// Asks backends for the token usage of streamed chat answers whose caller did not
     /// (`stream_options.include_usage`), counts it, and removes that last chunk before the
     /// caller sees it (config `gateway.stream_usage`; default off: Azure `api-version`s before
