@@ -308,6 +308,18 @@ fn gateway_for(json: &str) -> axum::Router {
     Gateway::new(svc, backends, vec!["gw-key".into()]).router()
 }
 
+/// A gateway over one Azure mock (no key) that answers with `fault`; keep the mock alive.
+async fn keyless_azure_gateway(fault: Fault) -> (MockServer, axum::Router) {
+    let azure = MockServer::builder().name("azure").start().await.unwrap();
+    azure.set_fault(Some(fault));
+    let json = format!(
+        r#"{{ "backends": {{ "azure": {{ "provider": "azure", "url": "{z}", "deployment": "gpt-4o" }} }} }}"#,
+        z = azure.url()
+    );
+    let app = gateway_for(&json);
+    (azure, app)
+}
+
 fn messages_request(body: &Value) -> http::Request<axum::body::Body> {
     http::Request::post("/v1/messages")
         .header("x-api-key", "gw-key")
@@ -559,13 +571,7 @@ async fn documented_requests_of_each_api_are_accepted_by_the_other_s_mock() {
 
 #[tokio::test]
 async fn the_gateway_s_own_errors_on_the_messages_route_are_in_anthropic_s_shape() {
-    let azure = MockServer::builder().name("azure").start().await.unwrap();
-    azure.set_fault(Some(Fault::Status(500)));
-    let json = format!(
-        r#"{{ "backends": {{ "azure": {{ "provider": "azure", "url": "{z}", "deployment": "gpt-4o" }} }} }}"#,
-        z = azure.url()
-    );
-    let app = gateway_for(&json);
+    let (_azure, app) = keyless_azure_gateway(Fault::Status(500)).await;
     let ask = json!({"model": "gpt-4o", "max_tokens": 8, "messages": [{"role": "user", "content": "Hi"}]});
     // A wrong client key: the gateway refuses.
     let mut req = messages_request(&ask);
@@ -612,18 +618,10 @@ async fn a_translated_stream_cut_or_ended_early_upstream_ends_with_an_error_neve
 
 #[tokio::test]
 async fn a_messages_stream_cut_upstream_ends_with_anthropic_s_error_event() {
-    let azure = MockServer::builder().name("azure").start().await.unwrap();
-    azure.set_fault(Some(Fault::TruncateStream(2)));
-    let json = format!(
-        r#"{{ "backends": {{ "azure": {{ "provider": "azure", "url": "{z}", "deployment": "gpt-4o" }} }} }}"#,
-        z = azure.url()
-    );
+    let (_azure, app) = keyless_azure_gateway(Fault::TruncateStream(2)).await;
     let ask = json!({"model": "gpt-4o", "max_tokens": 8, "stream": true,
                      "messages": [{"role": "user", "content": "Hi"}]});
-    let res = gateway_for(&json)
-        .oneshot(messages_request(&ask))
-        .await
-        .unwrap();
+    let res = app.oneshot(messages_request(&ask)).await.unwrap();
     assert_eq!(res.status(), 200);
     let mut body = res.into_body();
     let mut seen = String::new();

@@ -1101,6 +1101,15 @@ async fn stats(State(gw): State<Gateway>, req: Request) -> Response {
     axum::Json(serde_json::json!({ "backends": list, "shared_state": shared })).into_response()
 }
 
+/// A mock chat backend of `--mock`: 30 ms to answer, streams of 8 chunks 40 ms apart.
+fn chat_mock(name: &str) -> crate::mock::MockBuilder {
+    crate::mock::MockServer::builder()
+        .name(name)
+        .latency(Duration::from_millis(30))
+        .stream_chunks(8)
+        .chunk_delay(Duration::from_millis(40))
+}
+
 /// Mock backends for `--mock`: a PTU and two pay-as-you-go regions serving `gpt-4o` with
 /// request/s limits, an embeddings deployment serving `text-embedding-3-small`, an Anthropic
 /// backend serving `claude-sonnet-4-5` (OpenAI-shaped requests for it are translated), and the
@@ -1117,15 +1126,7 @@ pub async fn mock_backends() -> std::io::Result<(Vec<crate::mock::MockServer>, S
     let mut servers = Vec::new();
     let mut backends = serde_json::Map::new();
     for (name, key, rps, tier) in specs {
-        let server = MockServer::builder()
-            .name(name)
-            .api_key(key)
-            .rps(rps)
-            .latency(Duration::from_millis(30))
-            .stream_chunks(8)
-            .chunk_delay(Duration::from_millis(40))
-            .start()
-            .await?;
+        let server = chat_mock(name).api_key(key).rps(rps).start().await?;
         backends.insert(
             name.into(),
             serde_json::json!({"provider": "azure", "url": server.url(), "deployment": "gpt-4o",
@@ -1149,13 +1150,9 @@ pub async fn mock_backends() -> std::io::Result<(Vec<crate::mock::MockServer>, S
     );
     servers.push(embed);
     // An Anthropic backend: OpenAI-shaped chat requests for its model are translated.
-    let claude = MockServer::builder()
-        .name("claude")
+    let claude = chat_mock("claude")
         .x_api_key("mock-claude")
         .rps(10.0)
-        .latency(Duration::from_millis(30))
-        .stream_chunks(8)
-        .chunk_delay(Duration::from_millis(40))
         .start()
         .await?;
     backends.insert(
