@@ -39,7 +39,7 @@ async fn main() -> Result<(), tower_llm_lb::BoxError> {
         }
     }
     if wanted("S8u") {
-        // Measured, no target: where the equal share falls short.
+        // Measured, no target: shares that follow each replica's demand.
         match RedisForRun::start() {
             Some(redis) => {
                 let report = Scenario::s8u_replicas_uneven(&redis.url()).run().await?;

@@ -36,6 +36,8 @@ const CIRCUIT_OPEN: u8 = 1;
 const CIRCUIT_HALF_OPEN: u8 = 2;
 const UNKNOWN: u64 = u64::MAX;
 const UNTRACKED: i64 = i64::MAX;
+/// A whole quota, in millionths.
+const SHARE_ALL: u32 = 1_000_000;
 
 /// A backend's shared live state. Cheap to clone; clones share the same state.
 #[derive(Clone)]
@@ -66,9 +68,21 @@ struct Inner {
     quota_seen_at: AtomicU64,
     low_headroom_until: AtomicU64,
     pace_ns: AtomicU64,
-    /// How many replicas share this backend's quota (1: this one alone); see
-    /// [`BackendState::set_share`].
-    share: AtomicU32,
+    /// `pace_ns` came from the backend's quota hints (the whole quota's pace, which this
+    /// replica's share stretches), not from this replica's own 429s.
+    pace_of_quota: std::sync::atomic::AtomicBool,
+    /// The last spacing a paced admission added (ns): what one booked request is worth, to
+    /// count the requests waiting for the backend ([`BackendState::demand`]).
+    step_ns: AtomicU64,
+    /// The end of the last slot a paced admission booked (ticks): unlike `cooldown_until`, a
+    /// rest nobody waits through is not in it.
+    booked_until: AtomicU64,
+    /// Requests admitted (sent at once or booked a slot), counted when they come: what this
+    /// replica is asked for, whatever its pace lets through.
+    admitted: AtomicU64,
+    /// This replica's share of the backend's quota, in millionths (all of it: `SHARE_ALL`);
+    /// see [`BackendState::set_share`].
+    share_ppm: AtomicU32,
     /// Since the last throttled answer (without quota hints): when (ticks) and how many answers
     /// got through; see [`BackendState::saturated_interval`].
     window_start: AtomicU64,
@@ -146,7 +160,11 @@ impl BackendState {
                 quota_seen_at: AtomicU64::new(0),
                 low_headroom_until: AtomicU64::new(0),
                 pace_ns: AtomicU64::new(0),
-                share: AtomicU32::new(1),
+                pace_of_quota: std::sync::atomic::AtomicBool::new(false),
+                step_ns: AtomicU64::new(0),
+                booked_until: AtomicU64::new(0),
+                admitted: AtomicU64::new(0),
+                share_ppm: AtomicU32::new(SHARE_ALL),
                 window_start: AtomicU64::new(0),
                 window_successes: AtomicU64::new(0),
                 credits: AtomicI64::new(UNTRACKED),
@@ -301,6 +319,9 @@ impl BackendState {
         if self.inner.pace_ns.load(Relaxed) != ns {
             self.inner.pace_ns.store(ns, Release);
         }
+        if self.inner.pace_of_quota.load(Relaxed) {
+            self.inner.pace_of_quota.store(false, Release);
+        }
     }
 
     /// Learns the pace from one answer's quota hints. `sample` (`reset / (limit - remaining)`)
@@ -314,9 +335,12 @@ impl BackendState {
             self.set_pace(None);
             return;
         };
-        // This replica's share of the quota: N replicas each take one slot in N.
-        let sample = sample.saturating_mul(self.share());
+        // The whole quota's pace: this replica's share stretches it when read (`pace`), so a
+        // share that changes takes effect at once.
         let sample = u64::try_from(sample.as_nanos()).unwrap_or(u64::MAX).max(1);
+        if !self.inner.pace_of_quota.load(Relaxed) {
+            self.inner.pace_of_quota.store(true, Release);
+        }
         let _ = self.inner.pace_ns.fetch_update(AcqRel, Acquire, |old| {
             let next = sample.max(old - old / 1000);
             (next != old).then_some(next)
@@ -355,32 +379,85 @@ impl BackendState {
         self.inner.pace_ns.load(Acquire) != 0 || self.inner.ps_per_token.load(Acquire) != 0
     }
 
-    /// Tells the backend that `replicas` replicas (this one included) share its quota, as the
-    /// shared state counts them: the credits and the token rate its quota hints give are
-    /// divided among them, and the pace from its hints is that many times longer, so together
-    /// they spend the quota once. 1 (the default): this replica alone.
-    pub(crate) fn set_share(&self, replicas: u32) {
-        self.inner.share.store(replicas.max(1), Release);
+    /// Tells the backend which share of its quota this replica may spend (`1.0`: all of it, the
+    /// default; the shared state sets it, see [`crate::shared`]): the credits and the token
+    /// rate its quota hints give are scaled by it, and the pace from its hints is stretched by
+    /// its inverse, so replicas whose shares add up to one spend the quota once. A share is
+    /// clamped to `[0.000001, 1]`.
+    pub(crate) fn set_share(&self, share: f64) {
+        let ppm = if share.is_nan() {
+            SHARE_ALL
+        } else {
+            (share.clamp(0.0, 1.0) * f64::from(SHARE_ALL)).round() as u32
+        };
+        self.inner.share_ppm.store(ppm.max(1), Release);
     }
 
-    /// How many replicas share the backend's quota (1: this one alone).
-    pub fn share(&self) -> u32 {
-        self.inner.share.load(Acquire).max(1)
+    /// This replica's share of the backend's quota (`1.0`: all of it, this replica alone).
+    pub fn share(&self) -> f64 {
+        f64::from(self.share_ppm()) / f64::from(SHARE_ALL)
     }
 
-    /// The current pace, if the backend is being paced.
+    fn share_ppm(&self) -> u32 {
+        self.inner.share_ppm.load(Acquire).clamp(1, SHARE_ALL)
+    }
+
+    /// `n` scaled by this replica's share (rounded down).
+    fn of_share(&self, n: i64) -> i64 {
+        let ppm = self.share_ppm();
+        if ppm == SHARE_ALL {
+            return n;
+        }
+        (i128::from(n) * i128::from(ppm) / i128::from(SHARE_ALL)) as i64
+    }
+
+    /// How many requests this replica has for the backend now: those in flight, and those
+    /// waiting for a paced slot of it (the time booked ahead, over one slot's spacing). What
+    /// the shared state weighs the replicas' shares by.
+    pub fn demand(&self, now: Instant) -> f64 {
+        let mut demand = self.in_flight() as f64;
+        let step = self.inner.step_ns.load(Acquire);
+        let until = self.inner.booked_until.load(Acquire);
+        if step != 0 && until != 0 {
+            // Booked slots begin where a throttled answer's wait ends, if later than now.
+            let from = self
+                .ticks_of(now)
+                .max(self.inner.throttled_until.load(Acquire));
+            demand += until.saturating_sub(from) as f64 / step as f64;
+        }
+        demand
+    }
+
+    /// Requests admitted to the backend so far: sent, or given a paced slot to wait for, counted
+    /// when they come (so their rate is the rate asked of this replica, not the rate its pace
+    /// lets through).
+    pub fn admitted(&self) -> u64 {
+        self.inner.admitted.load(Relaxed)
+    }
+
+    /// The current pace, if the backend is being paced: a pace learned from quota hints is
+    /// the whole quota's, stretched by this replica's share.
     pub fn pace(&self) -> Option<Duration> {
         let ns = self.inner.pace_ns.load(Acquire);
-        (ns != 0).then(|| Duration::from_nanos(ns))
+        if ns == 0 {
+            return None;
+        }
+        let ppm = self.share_ppm();
+        if ppm == SHARE_ALL || !self.inner.pace_of_quota.load(Acquire) {
+            return Some(Duration::from_nanos(ns));
+        }
+        let stretched = u128::from(ns) * u128::from(SHARE_ALL) / u128::from(ppm);
+        Some(Duration::from_nanos(
+            u64::try_from(stretched).unwrap_or(u64::MAX),
+        ))
     }
 
     /// Sets the token quota's state from one answer's hints: the tokens that may go at once
     /// before token pacing starts, and the quota's refill rate (tokens per second). `None`:
     /// not said (token pacing stops).
     pub(crate) fn set_token_quota(&self, credits: Option<i64>, rate: Option<f64>) {
-        let share = self.share();
-        let credits = credits.map(|c| c / i64::from(share));
-        let rate = rate.map(|r| r / f64::from(share));
+        let credits = credits.map(|c| self.of_share(c));
+        let rate = rate.map(|r| r * self.share());
         self.inner
             .token_credits
             .store(credits.map_or(UNTRACKED, |c| c.min(UNTRACKED - 1)), Release);
@@ -395,7 +472,7 @@ impl BackendState {
     /// Sets how many more requests the backend's last quota hints allow before pacing starts
     /// (`None`: no hints, pace every request once a pace is set).
     pub(crate) fn set_credits(&self, credits: Option<i64>) {
-        let credits = credits.map(|c| c / i64::from(self.share()));
+        let credits = credits.map(|c| self.of_share(c));
         self.inner
             .credits
             .store(credits.map_or(UNTRACKED, |c| c.min(UNTRACKED - 1)), Release);
@@ -414,6 +491,7 @@ impl BackendState {
     /// next request waits at least the time the quota takes to refill them. The wait is the
     /// longer of the request pace's and the tokens', not their sum.
     pub(crate) fn admit_cost(&self, now: Instant, tokens: u32) {
+        self.inner.admitted.fetch_add(1, Relaxed);
         let mut step = Duration::ZERO;
         let before = self.inner.credits.load(Relaxed);
         if before == UNTRACKED || self.inner.credits.fetch_sub(1, AcqRel) <= 0 {
@@ -438,12 +516,18 @@ impl BackendState {
         }
         let now_ticks = self.ticks_of(now);
         let pace_ticks = u64::try_from(step.as_nanos()).unwrap_or(u64::MAX);
-        let _ = self
+        if self.inner.step_ns.load(Relaxed) != pace_ticks {
+            self.inner.step_ns.store(pace_ticks, Release);
+        }
+        let slot = |cur: u64| cur.max(now_ticks).saturating_add(pace_ticks);
+        let booked = match self
             .inner
             .cooldown_until
-            .fetch_update(AcqRel, Acquire, |cur| {
-                Some(cur.max(now_ticks).saturating_add(pace_ticks))
-            });
+            .fetch_update(AcqRel, Acquire, |cur| Some(slot(cur)))
+        {
+            Ok(cur) | Err(cur) => slot(cur),
+        };
+        self.inner.booked_until.fetch_max(booked, AcqRel);
     }
 
     /// Cools the backend down until `until` because it answered 429 (or 529, or 503 with a
@@ -967,15 +1051,52 @@ mod tests {
     #[test]
     fn replicas_sharing_a_quota_each_take_their_share_of_its_hints() {
         let s = BackendState::new();
-        s.set_share(3);
+        s.set_share(0.25);
         s.set_credits(Some(9));
-        assert_eq!(s.inner.credits.load(Acquire), 3);
+        assert_eq!(s.inner.credits.load(Acquire), 2);
         s.learn_pace(Some(Duration::from_millis(100)));
-        assert_eq!(s.pace(), Some(Duration::from_millis(300)));
-        s.set_token_quota(Some(3000), Some(300.0));
-        assert_eq!(s.inner.token_credits.load(Acquire), 1000);
+        assert_eq!(s.pace(), Some(Duration::from_millis(400)));
+        s.set_token_quota(Some(3000), Some(400.0));
+        assert_eq!(s.inner.token_credits.load(Acquire), 750);
         assert_eq!(s.inner.ps_per_token.load(Acquire), (1e12 / 100.0) as u64);
-        s.set_share(0);
-        assert_eq!(s.share(), 1, "never fewer than this replica");
+        s.set_share(0.5);
+        assert_eq!(
+            s.pace(),
+            Some(Duration::from_millis(200)),
+            "a new share applies to the pace at once"
+        );
+        s.set_pace(Some(Duration::from_millis(100)));
+        assert_eq!(
+            s.pace(),
+            Some(Duration::from_millis(100)),
+            "a pace learned from this replica's own 429s is its own already"
+        );
+        s.set_share(f64::NAN);
+        assert_eq!(s.share(), 1.0);
+        s.set_share(-3.0);
+        assert!(s.share() > 0.0, "never nothing at all");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn demand_counts_requests_in_flight_and_waiting_for_a_paced_slot() {
+        let s = BackendState::new();
+        let now = Instant::now();
+        assert_eq!(s.demand(now), 0.0);
+        let _a = s.start_request();
+        assert_eq!(s.demand(now), 1.0);
+        s.set_credits(Some(0));
+        s.learn_pace(Some(Duration::from_millis(100)));
+        // No credits: each admission books the backend's next slot, 100 ms on.
+        for _ in 0..3 {
+            s.admit(now);
+        }
+        assert_eq!(s.demand(now), 1.0 + 3.0);
+        assert_eq!(s.demand(now + Duration::from_millis(150)), 1.0 + 1.5);
+        s.throttle_until(now + Duration::from_secs(1));
+        assert_eq!(
+            s.demand(now),
+            1.0,
+            "a server's wait is not a request waiting"
+        );
     }
 }

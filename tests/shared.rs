@@ -239,6 +239,8 @@ async fn second_replica_after_a_429(redis: Option<String>, prefix: &str) -> bool
     )])));
     let res = a.oneshot(chat()).await.unwrap();
     assert_eq!(res.status(), 429);
+    // Read: a response not yet read to its end is a request in flight, A's demand.
+    drop(res);
     mock.set_fault(None);
     if shared {
         // B hears of A's wait through Redis.
@@ -255,7 +257,7 @@ async fn second_replica_after_a_429(redis: Option<String>, prefix: &str) -> bool
         );
     }
     if let Some((link_a, link_b)) = &_links {
-        // Each counts both replicas: each takes half of the backend's quota.
+        // Each counts both replicas.
         assert!(
             eventually(Duration::from_secs(2), || link_a.status().replicas == 2
                 && link_b.status().replicas == 2)
@@ -263,7 +265,17 @@ async fn second_replica_after_a_429(redis: Option<String>, prefix: &str) -> bool
             "{:?}",
             link_a.status()
         );
-        assert_eq!(backends_b[0].state().share(), 2);
+        // A's request was A's demand, B had none: B's share is the smaller; the two add up to
+        // the backend's quota.
+        let (sa, sb) = (backends_a[0].state().clone(), backends_b[0].state().clone());
+        assert!(
+            eventually(Duration::from_secs(3), || sb.share() < sa.share()
+                && (sa.share() + sb.share() - 1.0).abs() < 0.02)
+            .await,
+            "shares ({}, {})",
+            sa.share(),
+            sb.share()
+        );
     }
     let res = b.oneshot(chat()).await;
     // Waited out (then served), or refused at once: either way, not sent during the wait.
@@ -280,6 +292,62 @@ async fn a_wait_one_replica_was_given_keeps_the_others_away_through_redis() {
     );
     // Without it, B knows nothing and sends into the wait.
     assert!(second_replica_after_a_429(None, "t1").await);
+}
+
+#[tokio::test]
+async fn each_replica_s_share_of_the_quota_follows_its_demand() {
+    let redis = Redis::start(None);
+    let mock = MockServer::builder().name("east").start().await.unwrap();
+    let (a, backends_a) = replica(&mock);
+    let (b, backends_b) = replica(&mock);
+    let store: Arc<RedisStore> = Arc::new(RedisStore::new(&redis.url(), "t6").unwrap());
+    let _links = (
+        SharedState::spawn(store.clone(), backends_a.clone(), settings("t6")),
+        SharedState::spawn(store, backends_b.clone(), settings("t6")),
+    );
+    let (sa, sb) = (backends_a[0].state().clone(), backends_b[0].state().clone());
+    let near = |x: f64, to: f64| (x - to).abs() < 0.02;
+    assert!(
+        eventually(Duration::from_secs(10), || near(sa.share(), 0.5)
+            && near(sb.share(), 0.5))
+        .await,
+        "no demand: halves ({}, {})",
+        sa.share(),
+        sb.share()
+    );
+    // Four requests to A whose answers it has not read to their end: A's demand, none of B's.
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(a.clone().oneshot(chat()).await.unwrap());
+    }
+    // A quarter of an equal share each (1/8), the rest by demand: A 7/8, B 1/8.
+    assert!(
+        eventually(Duration::from_secs(5), || near(sa.share(), 0.875)
+            && near(sb.share(), 0.125))
+        .await,
+        "A busy: ({}, {})",
+        sa.share(),
+        sb.share()
+    );
+    assert!(
+        near(sa.share() + sb.share(), 1.0),
+        "the shares add up to the quota"
+    );
+    // Then the demand moves to B: so does the quota.
+    drop(held);
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(b.clone().oneshot(chat()).await.unwrap());
+    }
+    assert!(
+        eventually(Duration::from_secs(5), || sb.share() > 0.75
+            && sa.share() < 0.25)
+        .await,
+        "B busy: ({}, {})",
+        sa.share(),
+        sb.share()
+    );
+    drop(held);
 }
 
 #[tokio::test]

@@ -298,7 +298,7 @@ impl Scenario {
     }
 
     /// S8u: S8r with the load spread unevenly, 60% to one replica and 20% to each other (sticky
-    /// clients): the equal share each replica takes leaves quota unused.
+    /// clients): each replica's share of the quotas must follow its demand.
     pub fn s8u_replicas_uneven(url: &str) -> Self {
         let mut s = Self::s8r_replicas_shared(url);
         s.name = "S8u";

@@ -12,11 +12,25 @@
 //! |---|---|---|
 //! | a throttled backend's wait (`retry-after` of a 429 / 529 / 503) | a replica's backend is throttled | the same wait on every replica's backend (extend-only) |
 //! | an open circuit, until its probe time | a replica's breaker trips | a cooldown until then on every other replica (its own breaker decides when to probe) |
-//! | the number of live replicas (each one's last exchange within 3 intervals) | every exchange | each backend's quota split evenly: the credits and token rate its quota headers give are divided by N and the pace from them is N times longer (see below) |
+//! | each replica's demand for each backend: the requests it admitted there in about the last second ([`BackendState::admitted`](crate::BackendState::admitted): counted when they come, a booked slot too, so pacing does not hide them) plus those in flight or waiting for a paced slot now ([`BackendState::demand`](crate::BackendState::demand)) | every exchange | each replica's share of the backend's quota (below) |
+//! | the number of live replicas (each one's last exchange within 3 intervals) | every exchange | the shares' floor, and the equal share while the store is down |
 //!
-//! The quota share assumes the load is spread evenly over the replicas (a Kubernetes Service,
-//! a round-robin load balancer). While the store is down, each replica keeps the last count it
-//! knew.
+//! **Pacing is shared as capacity leases**, the way YouTube's Doorman apportions a resource: at
+//! each exchange every replica gets a share of each backend's quota, in proportion to its
+//! demand, and paces the backend on its own at that share until the next exchange (the credits
+//! and token rate its quota headers give are scaled by the share, the pace from them
+//! stretched by its inverse: [`BackendState::set_share`](crate::BackendState)). The shares of
+//! the live replicas add up to the whole quota: a quarter of an equal share each (so a replica
+//! that was idle is never paced to a standstill when its requests come), the rest by demand.
+//! Demand is what a replica is asked, not what it sends (a share by the rate each replica
+//! sends would keep a starved replica starved: it sends only what its share lets it), and its
+//! requests waiting count too, so a replica whose share is too small queues and its share grows.
+//! A share moves a third of the way to its target at each exchange (demand jitters), and at
+//! once when replicas come or go. No demand anywhere: equal shares. While the
+//! store is down, each replica takes an equal share of the last count (Doorman's "safe
+//! capacity"). A slot-by-slot shared GCRA was not built: a replica would either wait for the
+//! store when its batch of slots ran out (the store on a request's path) or hold slots its load
+//! did not need (quota unused).
 //!
 //! **The store is never on a request's path.** Requests read only their replica's own state;
 //! the task exchanges everything for all backends in one store round trip per interval
@@ -32,8 +46,9 @@
 //! The in-process state stays the default; [`SharedStore`] is the trait another store can
 //! implement. The `redis` feature has one on a Redis server ([`RedisStore`]).
 //!
-//! Not shared yet: pacing (each replica paces a quota on its own; with quota headers each
-//! replica sees the shared remaining quota in every answer anyway) and quota hints.
+//! Not shared: quota hints themselves (every replica reads the shared remaining quota in the
+//! answers it gets anyway) and the pace learned from 429s of a backend that sends no quota
+//! headers (each replica measures what gets through for it, which is its share already).
 
 #[cfg(feature = "redis")]
 mod redis;
@@ -55,11 +70,27 @@ use crate::state::Circuit;
 #[cfg(feature = "redis")]
 pub use self::redis::RedisStore;
 
+/// One backend's news: what one replica publishes, and what the store gives back of all
+/// replicas' news.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct News {
+    /// Time left of the wait a throttled answer asked for (zero: none). Back from the store:
+    /// the longest any replica published (extend-only, expiring at its end).
+    pub wait: Duration,
+    /// Time left until an open circuit lets a probe through (zero: not open). Back from the
+    /// store: the longest, like `wait`.
+    pub open: Duration,
+    /// Requests the replica has for the backend: in flight and waiting for a paced slot
+    /// ([`BackendState::demand`](crate::BackendState::demand)). Back from the store: the total
+    /// of the live replicas.
+    pub demand: f64,
+}
+
 /// What one exchange with a [`SharedStore`] brought back.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Exchanged {
-    /// Each key's shared wait (time left), in the order given.
-    pub waits: Vec<Duration>,
+    /// Each backend's news from all replicas, in the order given.
+    pub backends: Vec<News>,
     /// Replicas that exchanged within the last `alive` (this one included).
     pub replicas: u32,
 }
@@ -69,14 +100,15 @@ pub type Exchange<'a> = Pin<Box<dyn Future<Output = Result<Exchanged, BoxError>>
 
 /// Where replicas meet. One call per interval per replica, for all its backends.
 pub trait SharedStore: Send + Sync + 'static {
-    /// Publishes each key's wait (time left from now; zero: none) so that a key's shared wait
-    /// only ever extends and expires at its end; notes that `replica` is alive (for `alive`);
-    /// returns each key's shared wait and how many replicas were alive.
+    /// Publishes each backend's news under its key (a backend's waits only ever extend and
+    /// expire at their end; its demand is this replica's until the next exchange); notes that
+    /// `replica` is alive, forgetting the demand of replicas silent for longer than `alive`;
+    /// returns every backend's news from all live replicas and how many there are.
     fn exchange<'a>(
         &'a self,
         replica: &'a str,
         alive: Duration,
-        waits: &'a [(String, Duration)],
+        backends: &'a [(String, News)],
     ) -> Exchange<'a>;
 
     /// Where the store is, with any password removed (for logs and `/stats`).
@@ -161,9 +193,10 @@ impl Drop for Link {
     }
 }
 
-/// A backend's key: the prefix (in braces, so Redis Cluster keeps all of one deployment's keys
-/// in one slot) and a hash of the backend's name and host, never a credential.
-fn key(prefix: &str, backend: &Backend, kind: &str) -> String {
+/// A backend's key (a store adds its own suffixes): the prefix (in braces, so Redis Cluster
+/// keeps all of one deployment's keys in one slot) and a hash of the backend's name and host,
+/// never a credential.
+fn key(prefix: &str, backend: &Backend) -> String {
     // FNV-1a: stable across processes and versions (std's hasher is neither).
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in backend
@@ -175,7 +208,7 @@ fn key(prefix: &str, backend: &Backend, kind: &str) -> String {
         h ^= u64::from(b);
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
-    format!("{{{prefix}}}:{h:016x}:{kind}")
+    format!("{{{prefix}}}:{h:016x}")
 }
 
 impl SharedState {
@@ -221,45 +254,98 @@ fn left(until: Option<Instant>, now: Instant) -> Duration {
     until.map_or(Duration::ZERO, |u| u.saturating_duration_since(now))
 }
 
+/// The window over which a replica's admission rate is averaged: a second holds enough
+/// requests at a few per second to be steady, and follows a change of load within about that.
+const RATE_WINDOW: Duration = Duration::from_secs(1);
+
+/// One backend's demand on this replica, between exchanges.
+#[derive(Clone, Copy, Debug, Default)]
+struct Demand {
+    /// Requests admitted at the last exchange.
+    admitted: u64,
+    /// Requests admitted per second, averaged over about [`RATE_WINDOW`].
+    rate: f64,
+    /// Requests in flight or waiting for a slot, averaged over two exchanges.
+    queued: f64,
+}
+
+impl Demand {
+    /// The demand to publish: the requests that came in the last [`RATE_WINDOW`] (the rate
+    /// asked of this replica: bookings count when they are made, so pacing does not hide it)
+    /// plus those in flight or waiting now (a replica whose share is too small queues, and its
+    /// share grows until its requests wait about as long as the others').
+    fn sample(&mut self, state: &crate::BackendState, now: Instant, elapsed: Duration) -> f64 {
+        let admitted = state.admitted();
+        let came = admitted.saturating_sub(self.admitted) as f64;
+        self.admitted = admitted;
+        let secs = elapsed.as_secs_f64().max(1e-3);
+        let weight = (secs / RATE_WINDOW.as_secs_f64()).min(1.0);
+        self.rate += (came / secs - self.rate) * weight;
+        self.queued = (self.queued + state.demand(now)) / 2.0;
+        let demand = self.rate * RATE_WINDOW.as_secs_f64() + self.queued;
+        // What is left of demand that ended: none (else it would weigh against none).
+        if demand < 0.01 { 0.0 } else { demand }
+    }
+}
+
+/// This replica's share of a backend's quota from its demand (`mine`) and all live replicas'
+/// (`total`, `mine` included): a quarter of an equal share each, so a replica that was idle
+/// is never paced to a standstill when requests come, and the rest in proportion to demand
+/// (which also damps the demands' jitter: measured, it kept evenly loaded replicas' p99 nearer
+/// to equal shares' than a share by demand alone). No demand anywhere: equal shares.
+fn share_of(mine: f64, total: f64, replicas: u32) -> f64 {
+    let n = f64::from(replicas.max(1));
+    if total.is_nan() || total <= 0.0 || !mine.is_finite() {
+        return 1.0 / n;
+    }
+    let floor = 1.0 / (4.0 * n);
+    floor + (1.0 - n * floor) * (mine.max(0.0) / total).min(1.0)
+}
+
 async fn run(
     store: Arc<dyn SharedStore>,
     backends: Vec<Backend>,
     settings: SharedSettings,
     tally: Arc<Tally>,
 ) {
-    let keys: Vec<[String; 2]> = backends
+    let keys: Vec<String> = backends
         .iter()
-        .map(|b| {
-            [
-                key(&settings.key_prefix, b, "wait"),
-                key(&settings.key_prefix, b, "open"),
-            ]
-        })
+        .map(|b| key(&settings.key_prefix, b))
         .collect();
     // This replica's name in the store: random, so restarts and clones never collide.
     let replica = format!("{:016x}", fastrand::u64(..));
     let alive = settings.interval.max(Duration::from_millis(1)) * 3;
     let mut ticker = tokio::time::interval(settings.interval.max(Duration::from_millis(1)));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Each backend's demand: requests admitted per second (over about `RATE_WINDOW`) and
+    // requests in flight or waiting (half the weight to the newest sample).
+    let mut demand = vec![Demand::default(); backends.len()];
+    let mut last = Instant::now();
     // Logged once per outage, and once when it ends.
     let mut down = false;
     loop {
         ticker.tick().await;
         let now = Instant::now();
-        let mut waits = Vec::with_capacity(keys.len() * 2);
-        for (b, [wait, open]) in backends.iter().zip(&keys) {
+        let elapsed = now.saturating_duration_since(last);
+        last = now;
+        let mut news = Vec::with_capacity(keys.len());
+        for ((b, key), demand) in backends.iter().zip(&keys).zip(&mut demand) {
             let state = b.state();
-            waits.push((wait.clone(), left(state.throttled_until(), now)));
             let open_until = match state.circuit() {
                 Circuit::Open { until } => Some(until),
                 _ => None,
             };
-            waits.push((open.clone(), left(open_until, now)));
+            let item = News {
+                wait: left(state.throttled_until(), now),
+                open: left(open_until, now),
+                demand: demand.sample(state, now, elapsed),
+            };
+            news.push((key.clone(), item));
         }
         let answer =
-            tokio::time::timeout(settings.budget, store.exchange(&replica, alive, &waits)).await;
+            tokio::time::timeout(settings.budget, store.exchange(&replica, alive, &news)).await;
         let (shared, replicas) = match answer {
-            Ok(Ok(x)) if x.waits.len() == waits.len() => (x.waits, x.replicas.max(1)),
+            Ok(Ok(x)) if x.backends.len() == news.len() => (x.backends, x.replicas.max(1)),
             other => {
                 let why = match other {
                     Ok(Ok(_)) => "the store answered a different number of keys".to_string(),
@@ -268,6 +354,11 @@ async fn run(
                 };
                 tally.failures.fetch_add(1, Relaxed);
                 tally.healthy.store(false, Release);
+                // Without news of the others' demand: an equal share of the last count.
+                let replicas = tally.replicas.load(Acquire).max(1);
+                for b in &backends {
+                    b.state().set_share(1.0 / f64::from(replicas));
+                }
                 if !down {
                     tracing::warn!(store = %store.describe(), error = %why,
                         "shared state unavailable; each replica goes on with its own");
@@ -279,7 +370,9 @@ async fn run(
         };
         tally.exchanges.fetch_add(1, Relaxed);
         tally.healthy.store(true, Release);
-        tally.replicas.store(replicas, Release);
+        // The count the shares were last set for (0: none yet).
+        let counted = tally.replicas.swap(replicas, AcqRel);
+        let counted = if down { 0 } else { counted };
         if down {
             tracing::info!(store = %store.describe(), "shared state answering again");
             down = false;
@@ -288,18 +381,27 @@ async fn run(
         // margin keeps this replica's own wait (sent a moment ago) from counting as news.
         let now = Instant::now();
         let margin = Duration::from_millis(5);
-        for (b, pair) in backends.iter().zip(shared.chunks(2)) {
+        for ((b, all), (_, mine)) in backends.iter().zip(&shared).zip(&news) {
             let state = b.state();
-            state.set_share(replicas);
-            let (wait, open) = (pair[0], pair[1]);
-            if wait > left(state.throttled_until(), now) + margin {
-                state.throttle_until(now + wait);
+            // Moved a third of the way each exchange (half a second to settle at 100 ms):
+            // demand jitters from one exchange to the next, and a replica whose share dips
+            // books its waiting requests' slots that much further apart. When replicas come or
+            // go, at once: the shares' sum must stay the whole quota.
+            let target = share_of(mine.demand, all.demand, replicas);
+            let share = state.share();
+            state.set_share(if replicas == counted {
+                share + (target - share) / 3.0
+            } else {
+                target
+            });
+            if all.wait > left(state.throttled_until(), now) + margin {
+                state.throttle_until(now + all.wait);
                 tally.applied.fetch_add(1, Relaxed);
             }
-            if open > left(state.cooldown_until(), now) + margin
+            if all.open > left(state.cooldown_until(), now) + margin
                 && !matches!(state.circuit(), Circuit::Open { .. })
             {
-                state.extend_cooldown(now + open);
+                state.extend_cooldown(now + all.open);
                 tally.applied.fetch_add(1, Relaxed);
             }
         }
@@ -333,6 +435,32 @@ mod tests {
     use super::*;
 
     #[test]
+    fn shares_follow_demand_above_a_floor_and_add_up_to_the_whole() {
+        // Even demand, or none: equal shares.
+        assert_eq!(share_of(5.0, 15.0, 3), 1.0 / 3.0);
+        assert_eq!(share_of(0.0, 0.0, 3), 1.0 / 3.0);
+        // 60/20/20: the busy replica takes most, the quiet ones keep more than their demand's.
+        let shares = [
+            share_of(6.0, 10.0, 3),
+            share_of(2.0, 10.0, 3),
+            share_of(2.0, 10.0, 3),
+        ];
+        assert!(
+            (shares.iter().sum::<f64>() - 1.0).abs() < 1e-9,
+            "{shares:?}"
+        );
+        assert!((shares[0] - (1.0 / 12.0 + 0.75 * 0.6)).abs() < 1e-9);
+        // An idle replica keeps a quarter of an equal share.
+        assert_eq!(share_of(0.0, 10.0, 2), 1.0 / 8.0);
+        assert_eq!(share_of(f64::NAN, 10.0, 2), 0.5);
+        assert_eq!(
+            share_of(20.0, 10.0, 2),
+            share_of(10.0, 10.0, 2),
+            "never more than all the demand's"
+        );
+    }
+
+    #[test]
     fn urls_lose_their_password() {
         assert_eq!(
             redact_url("redis://:s3cret@10.0.0.1:6379/0"),
@@ -354,12 +482,15 @@ mod tests {
         let b = Backend::openai("east", "https://east.example/v1")
             .build()
             .unwrap();
-        let k = key("llm-lb", &b, "wait");
-        assert!(k.starts_with("{llm-lb}:") && k.ends_with(":wait"), "{k}");
-        assert_eq!(k, key("llm-lb", &b.clone(), "wait"));
+        let k = key("llm-lb", &b);
+        assert!(
+            k.starts_with("{llm-lb}:") && k.len() == "{llm-lb}:".len() + 16,
+            "{k}"
+        );
+        assert_eq!(k, key("llm-lb", &b.clone()));
         let other = Backend::openai("west", "https://east.example/v1")
             .build()
             .unwrap();
-        assert_ne!(k, key("llm-lb", &other, "wait"));
+        assert_ne!(k, key("llm-lb", &other));
     }
 }

@@ -4,35 +4,56 @@ use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
-use super::{Exchange, Exchanged, SharedStore, redact_url};
+use super::{Exchange, Exchanged, News, SharedStore, redact_url};
 use crate::error::BoxError;
 
-/// One round trip for all keys: each wait is extended (never shortened) to `now + wait` on
-/// Redis' own clock and expires then; every key's time left comes back, in order, then the
-/// number of replicas seen within `alive` (a sorted set of replica names by last exchange).
+/// One round trip for all backends. KEYS: each backend's wait, open circuit and demand, then
+/// the replicas; ARGV: this replica's name, `alive` (ms), then each backend's wait, open (ms)
+/// and demand (thousandths of a request). A wait is extended (never shortened) to `now + wait`
+/// on Redis' own clock and expires then; a demand is this replica's field in the backend's
+/// hash, dropped when the replica has not exchanged within `alive` (a sorted set of replica
+/// names by last exchange). Back: each backend's two waits' time left and its demand's total,
+/// in order, then the number of live replicas.
 const EXCHANGE: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local n = #KEYS - 1
-local out = {}
-for i = 1, n do
-  local key = KEYS[i]
-  local wait = tonumber(ARGV[i]) or 0
-  local cur = tonumber(redis.call('GET', key) or '0') or 0
-  if wait > 0 and now + wait > cur then
-    cur = now + wait
-    redis.call('SET', key, cur, 'PX', wait)
-  end
-  local left = cur - now
-  if left < 0 then left = 0 end
-  out[i] = left
+local n = (#KEYS - 1) / 3
+local replicas = KEYS[#KEYS]
+local me = ARGV[1]
+local alive = tonumber(ARGV[2]) or 300
+redis.call('ZADD', replicas, now, me)
+local gone = redis.call('ZRANGEBYSCORE', replicas, '-inf', now - alive)
+if #gone > 0 then
+  redis.call('ZREMRANGEBYSCORE', replicas, '-inf', now - alive)
 end
-local replicas = KEYS[n + 1]
-local alive = tonumber(ARGV[n + 2]) or 300
-redis.call('ZADD', replicas, now, ARGV[n + 1])
-redis.call('ZREMRANGEBYSCORE', replicas, '-inf', now - alive)
 redis.call('PEXPIRE', replicas, alive * 10)
-out[n + 1] = redis.call('ZCARD', replicas)
+local out = {}
+for b = 0, n - 1 do
+  for j = 1, 2 do
+    local key = KEYS[b * 3 + j]
+    local wait = tonumber(ARGV[2 + b * 3 + j]) or 0
+    local cur = tonumber(redis.call('GET', key) or '0') or 0
+    if wait > 0 and now + wait > cur then
+      cur = now + wait
+      redis.call('SET', key, cur, 'PX', wait)
+    end
+    local left = cur - now
+    if left < 0 then left = 0 end
+    out[#out + 1] = left
+  end
+  local demand = KEYS[b * 3 + 3]
+  redis.call('HSET', demand, me, tonumber(ARGV[2 + b * 3 + 3]) or 0)
+  if #gone > 0 then
+    redis.call('HDEL', demand, unpack(gone))
+  end
+  redis.call('PEXPIRE', demand, alive * 10)
+  local total = 0
+  for _, v in ipairs(redis.call('HVALS', demand)) do
+    total = total + (tonumber(v) or 0)
+  end
+  out[#out + 1] = total
+end
+out[#out + 1] = redis.call('ZCARD', replicas)
 return out
 ";
 
@@ -130,24 +151,37 @@ impl KindStr for redis::RedisError {
     }
 }
 
+/// A demand in thousandths of a request (what the script adds up), never negative.
+fn milli(demand: f64) -> u64 {
+    if demand.is_finite() && demand > 0.0 {
+        (demand * 1000.0).round().min(u64::MAX as f64) as u64
+    } else {
+        0
+    }
+}
+
 impl SharedStore for RedisStore {
     fn exchange<'a>(
         &'a self,
         replica: &'a str,
         alive: Duration,
-        waits: &'a [(String, Duration)],
+        backends: &'a [(String, News)],
     ) -> Exchange<'a> {
         Box::pin(async move {
             let mut invocation = self.script.prepare_invoke();
-            for (key, wait) in waits {
-                invocation.key(key).arg(wait.as_millis() as u64);
+            invocation.arg(replica).arg(alive.as_millis() as u64);
+            for (key, news) in backends {
+                invocation
+                    .key(format!("{key}:wait"))
+                    .arg(news.wait.as_millis() as u64)
+                    .key(format!("{key}:open"))
+                    .arg(news.open.as_millis() as u64)
+                    .key(format!("{key}:demand"))
+                    .arg(milli(news.demand));
             }
-            invocation
-                .key(&self.replicas_key)
-                .arg(replica)
-                .arg(alive.as_millis() as u64);
+            invocation.key(&self.replicas_key);
             let failed = |e: redis::RedisError| BoxError::from(format!("redis: {}", e.kind_str()));
-            let mut left: Vec<u64> = match &self.conn {
+            let mut out: Vec<u64> = match &self.conn {
                 Conn::Single(conn) => invocation
                     .invoke_async(&mut conn.clone())
                     .await
@@ -164,9 +198,16 @@ impl SharedStore for RedisStore {
                         .map_err(failed)?
                 }
             };
-            let replicas = left.pop().unwrap_or(1);
+            let replicas = out.pop().unwrap_or(1);
             Ok(Exchanged {
-                waits: left.into_iter().map(Duration::from_millis).collect(),
+                backends: out
+                    .chunks_exact(3)
+                    .map(|c| News {
+                        wait: Duration::from_millis(c[0]),
+                        open: Duration::from_millis(c[1]),
+                        demand: c[2] as f64 / 1000.0,
+                    })
+                    .collect(),
                 replicas: u32::try_from(replicas).unwrap_or(u32::MAX),
             })
         })
