@@ -7,8 +7,8 @@
 //! cargo run --release --example scenarios -- S1 S3   # some of them
 //! ```
 //!
-//! S8r starts a `redis-server` on a loopback port when one is installed (`apt-get install
-//! redis-server`), and is reported as not run otherwise.
+//! S8r, S8u, S8p, S8k and S5r start a `redis-server` on a loopback port when one is installed
+//! (`apt-get install redis-server`), and are reported as not run otherwise.
 
 use tower_llm_lb::mock::scenario::{self, Scenario, TABLE_HEADER};
 
@@ -47,6 +47,18 @@ async fn main() -> Result<(), tower_llm_lb::BoxError> {
                 shared_lines(&report);
             }
             None => println!("| S8u | not run: no `redis-server` on this machine |"),
+        }
+    }
+    if wanted("S8p") {
+        // Measured, no target: backends without quota headers, whose pace each replica learns
+        // from its own 429s (not shared).
+        match RedisForRun::start() {
+            Some(redis) => {
+                let report = Scenario::s8p_replicas_no_headers(&redis.url()).run().await?;
+                println!("{report}");
+                shared_lines(&report);
+            }
+            None => println!("| S8p | not run: no `redis-server` on this machine |"),
         }
     }
     if wanted("S8k") {

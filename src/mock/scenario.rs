@@ -307,6 +307,16 @@ impl Scenario {
         s
     }
 
+    /// S8p: S8r with backends that send no quota headers (S1p through three replicas): each
+    /// replica learns the pace from its own 429s; only the waits they ask for are shared.
+    pub fn s8p_replicas_no_headers(url: &str) -> Self {
+        let mut s = Self::s8r_replicas_shared(url);
+        s.name = "S8p";
+        s.title = "S1p through 3 replicas sharing state in Redis";
+        s.quota_headers = false;
+        s
+    }
+
     /// S8k: S8r with the Redis server down for the middle third of the run (the runner stops
     /// and restarts it).
     pub fn s8k_replicas_redis_down(url: &str) -> Self {
