@@ -50,11 +50,13 @@ async fn main() -> Result<(), tower_llm_lb::BoxError> {
         }
     }
     if wanted("S8p") {
-        // Measured, no target: backends without quota headers, whose pace each replica learns
-        // from its own 429s (not shared).
+        // Measured, no target: backends without quota headers, whose pace the replicas learn
+        // from 429s and every replica's answers between them.
         match RedisForRun::start() {
             Some(redis) => {
-                let report = Scenario::s8p_replicas_no_headers(&redis.url()).run().await?;
+                let report = Scenario::s8p_replicas_no_headers(&redis.url())
+                    .run()
+                    .await?;
                 println!("{report}");
                 shared_lines(&report);
             }

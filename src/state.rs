@@ -68,9 +68,6 @@ struct Inner {
     quota_seen_at: AtomicU64,
     low_headroom_until: AtomicU64,
     pace_ns: AtomicU64,
-    /// `pace_ns` came from the backend's quota hints (the whole quota's pace, which this
-    /// replica's share stretches), not from this replica's own 429s.
-    pace_of_quota: std::sync::atomic::AtomicBool,
     /// The last spacing a paced admission added (ns): what one booked request is worth, to
     /// count the requests waiting for the backend ([`BackendState::demand`]).
     step_ns: AtomicU64,
@@ -160,7 +157,6 @@ impl BackendState {
                 quota_seen_at: AtomicU64::new(0),
                 low_headroom_until: AtomicU64::new(0),
                 pace_ns: AtomicU64::new(0),
-                pace_of_quota: std::sync::atomic::AtomicBool::new(false),
                 step_ns: AtomicU64::new(0),
                 booked_until: AtomicU64::new(0),
                 admitted: AtomicU64::new(0),
@@ -319,9 +315,6 @@ impl BackendState {
         if self.inner.pace_ns.load(Relaxed) != ns {
             self.inner.pace_ns.store(ns, Release);
         }
-        if self.inner.pace_of_quota.load(Relaxed) {
-            self.inner.pace_of_quota.store(false, Release);
-        }
     }
 
     /// Learns the pace from one answer's quota hints. `sample` (`reset / (limit - remaining)`)
@@ -338,9 +331,6 @@ impl BackendState {
         // The whole quota's pace: this replica's share stretches it when read (`pace`), so a
         // share that changes takes effect at once.
         let sample = u64::try_from(sample.as_nanos()).unwrap_or(u64::MAX).max(1);
-        if !self.inner.pace_of_quota.load(Relaxed) {
-            self.inner.pace_of_quota.store(true, Release);
-        }
         let _ = self.inner.pace_ns.fetch_update(AcqRel, Acquire, |old| {
             let next = sample.max(old - old / 1000);
             (next != old).then_some(next)
@@ -349,9 +339,30 @@ impl BackendState {
 
     /// Counts an answer that got through, toward the rate measured between throttled answers.
     pub(crate) fn count_through(&self) {
-        if self.inner.window_start.load(Relaxed) != 0 {
-            self.inner.window_successes.fetch_add(1, Relaxed);
+        self.count_through_others(1);
+    }
+
+    /// Counts `n` answers that got through to other replicas sharing the backend, toward the
+    /// rate measured between throttled answers (which is then the whole backend's).
+    pub(crate) fn count_through_others(&self, n: u64) {
+        if n > 0 && self.inner.window_start.load(Relaxed) != 0 {
+            self.inner.window_successes.fetch_add(n, Relaxed);
         }
+    }
+
+    /// [`BackendState::count_through_others`], and for a backend that sends no quota hints,
+    /// shrinks the pace learned from 429s as the other replicas' answers that were not
+    /// throttled would have (by 0.2% each, as the `Endpoint` does for its own).
+    pub(crate) fn others_got_through(&self, n: u64) {
+        self.count_through_others(n);
+        if n == 0 || self.inner.quota_seen_at.load(Acquire) != 0 {
+            return;
+        }
+        let Some(pace) = self.whole_pace() else {
+            return;
+        };
+        let next = pace.mul_f64((1.0 - 1.0 / 500.0_f64).powf(n.min(10_000) as f64));
+        self.set_pace((next >= Duration::from_millis(1)).then_some(next));
     }
 
     /// A throttled answer at `now` on a backend that sends no quota hints: if enough answers got
@@ -435,15 +446,22 @@ impl BackendState {
         self.inner.admitted.load(Relaxed)
     }
 
-    /// The current pace, if the backend is being paced: a pace learned from quota hints is
-    /// the whole quota's, stretched by this replica's share.
+    /// The whole backend's pace as learned (from quota hints, or from the answers that got
+    /// through between 429s), before this replica's share stretches it.
+    pub fn whole_pace(&self) -> Option<Duration> {
+        let ns = self.inner.pace_ns.load(Acquire);
+        (ns != 0).then(|| Duration::from_nanos(ns))
+    }
+
+    /// The current pace, if the backend is being paced: the whole backend's, stretched by this
+    /// replica's share ([`BackendState::share`]).
     pub fn pace(&self) -> Option<Duration> {
         let ns = self.inner.pace_ns.load(Acquire);
         if ns == 0 {
             return None;
         }
         let ppm = self.share_ppm();
-        if ppm == SHARE_ALL || !self.inner.pace_of_quota.load(Acquire) {
+        if ppm == SHARE_ALL {
             return Some(Duration::from_nanos(ns));
         }
         let stretched = u128::from(ns) * u128::from(SHARE_ALL) / u128::from(ppm);
@@ -1068,9 +1086,10 @@ mod tests {
         s.set_pace(Some(Duration::from_millis(100)));
         assert_eq!(
             s.pace(),
-            Some(Duration::from_millis(100)),
-            "a pace learned from this replica's own 429s is its own already"
+            Some(Duration::from_millis(200)),
+            "a pace learned from 429s is the whole backend's too"
         );
+        assert_eq!(s.whole_pace(), Some(Duration::from_millis(100)));
         s.set_share(f64::NAN);
         assert_eq!(s.share(), 1.0);
         s.set_share(-3.0);

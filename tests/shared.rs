@@ -8,6 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
+use http_body_util::BodyExt;
 use tower::ServiceExt;
 use tower_llm_lb::Backend;
 use tower_llm_lb::body::ReplayBody;
@@ -348,6 +349,59 @@ async fn each_replica_s_share_of_the_quota_follows_its_demand() {
         sb.share()
     );
     drop(held);
+}
+
+#[tokio::test]
+async fn another_replica_s_answers_count_toward_the_pace_of_a_backend_without_quota_headers() {
+    let redis = Redis::start(None);
+    let mock = MockServer::builder()
+        .name("east")
+        .quota_headers(false)
+        .start()
+        .await
+        .unwrap();
+    let (a, backends_a) = replica(&mock);
+    let (b, backends_b) = replica(&mock);
+    let store: Arc<RedisStore> = Arc::new(RedisStore::new(&redis.url(), "t7").unwrap());
+    let links = (
+        SharedState::spawn(store.clone(), backends_a.clone(), settings("t7")),
+        SharedState::spawn(store, backends_b.clone(), settings("t7")),
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || links.0.status().replicas == 2
+            && links.1.status().replicas == 2)
+        .await
+    );
+    // B's 429 (no quota headers: only its wait) gives B a pace for the backend.
+    mock.set_fault(Some(Fault::Throttle(vec![(
+        "retry-after-ms".into(),
+        "200".into(),
+    )])));
+    let res = b.oneshot(chat()).await.unwrap();
+    assert_eq!(res.status(), 429);
+    drop(res);
+    mock.set_fault(None);
+    let state_b = backends_b[0].state().clone();
+    let learned = state_b
+        .whole_pace()
+        .expect("B paces the backend after its 429");
+    // Past the shared wait, 50 answers get through to A: as many answers not throttled shrink
+    // B's pace as they would had they been B's own (0.2% each: about 10%).
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    for _ in 0..50 {
+        let res = a.clone().oneshot(chat()).await.unwrap();
+        assert_eq!(res.status(), 200);
+        res.into_body().collect().await.unwrap();
+    }
+    assert_eq!(backends_a[0].state().counters().throttled, 0);
+    assert!(
+        eventually(Duration::from_secs(3), || state_b
+            .whole_pace()
+            .is_some_and(|p| p < learned.mul_f64(0.95)))
+        .await,
+        "B's pace {:?}, learned {learned:?}",
+        state_b.whole_pace()
+    );
 }
 
 #[tokio::test]

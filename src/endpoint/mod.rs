@@ -548,7 +548,7 @@ impl Record {
             let others = state.in_flight().saturating_sub(1) as i64;
             state.set_credits(Some(credits.saturating_sub(others)));
             state.learn_pace(hints.quota_pace());
-        } else if let Some(pace) = state.pace()
+        } else if let Some(pace) = state.whole_pace()
             && !outcome.is_throttled()
         {
             // No quota hints to go by: the pace learned from 429s (below) shrinks by 0.2% with
@@ -593,7 +593,7 @@ impl Record {
                     let guess = wait.saturating_mul(2);
                     let pace = state
                         .saturated_interval(now)
-                        .or_else(|| state.pace().map(|p| p.max(guess)))
+                        .or_else(|| state.whole_pace().map(|p| p.max(guess)))
                         .unwrap_or(guess);
                     state.set_pace(Some(
                         pace.clamp(Duration::from_millis(1), Duration::from_secs(1)),

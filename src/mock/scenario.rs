@@ -307,8 +307,8 @@ impl Scenario {
         s
     }
 
-    /// S8p: S8r with backends that send no quota headers (S1p through three replicas): each
-    /// replica learns the pace from its own 429s; only the waits they ask for are shared.
+    /// S8p: S8r with backends that send no quota headers (S1p through three replicas): the pace
+    /// is learned from 429s and the answers that got through between them, every replica's.
     pub fn s8p_replicas_no_headers(url: &str) -> Self {
         let mut s = Self::s8r_replicas_shared(url);
         s.name = "S8p";

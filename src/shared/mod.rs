@@ -14,6 +14,7 @@
 //! | an open circuit, until its probe time | a replica's breaker trips | a cooldown until then on every other replica (its own breaker decides when to probe) |
 //! | each replica's demand for each backend: the requests it admitted there in about the last second ([`BackendState::admitted`](crate::BackendState::admitted): counted when they come, a booked slot too, so pacing does not hide them) plus those in flight or waiting for a paced slot now ([`BackendState::demand`](crate::BackendState::demand)) | every exchange | each replica's share of the backend's quota (below) |
 //! | the number of live replicas (each one's last exchange within 3 intervals) | every exchange | the shares' floor, and the equal share while the store is down |
+//! | each replica's count of answers that got through | every exchange | for a backend that sends no quota headers, whose pace is learned from the answers that got through between two 429s: the other replicas' answers count too (toward the window, and shrinking the pace 0.2% each as a replica's own do), so every replica learns the whole backend's pace and paces at its share of it |
 //!
 //! **Pacing is shared as capacity leases**, the way YouTube's Doorman apportions a resource: at
 //! each exchange every replica gets a share of each backend's quota, in proportion to its
@@ -47,8 +48,7 @@
 //! implement. The `redis` feature has one on a Redis server ([`RedisStore`]).
 //!
 //! Not shared: quota hints themselves (every replica reads the shared remaining quota in the
-//! answers it gets anyway) and the pace learned from 429s of a backend that sends no quota
-//! headers (each replica measures what gets through for it, which is its share already).
+//! answers it gets anyway).
 
 #[cfg(feature = "redis")]
 mod redis;
@@ -84,6 +84,10 @@ pub struct News {
     /// ([`BackendState::demand`](crate::BackendState::demand)). Back from the store: the total
     /// of the live replicas.
     pub demand: f64,
+    /// Answers of the backend that got through to this replica so far (a running count).
+    /// Back from the store: the live replicas' total. A backend that sends no quota headers
+    /// is paced from the answers that got through between two 429s: every replica's.
+    pub through: u64,
 }
 
 /// What one exchange with a [`SharedStore`] brought back.
@@ -321,6 +325,8 @@ async fn run(
     // requests in flight or waiting (half the weight to the newest sample).
     let mut demand = vec![Demand::default(); backends.len()];
     let mut last = Instant::now();
+    // Each backend's answers through at the other replicas, at the last exchange.
+    let mut others_through = vec![0_u64; backends.len()];
     // Logged once per outage, and once when it ends.
     let mut down = false;
     loop {
@@ -339,6 +345,7 @@ async fn run(
                 wait: left(state.throttled_until(), now),
                 open: left(open_until, now),
                 demand: demand.sample(state, now, elapsed),
+                through: state.counters().success,
             };
             news.push((key.clone(), item));
         }
@@ -381,7 +388,12 @@ async fn run(
         // margin keeps this replica's own wait (sent a moment ago) from counting as news.
         let now = Instant::now();
         let margin = Duration::from_millis(5);
-        for ((b, all), (_, mine)) in backends.iter().zip(&shared).zip(&news) {
+        for (((b, all), (_, mine)), last_others) in backends
+            .iter()
+            .zip(&shared)
+            .zip(&news)
+            .zip(&mut others_through)
+        {
             let state = b.state();
             // Moved a third of the way each exchange (half a second to settle at 100 ms):
             // demand jitters from one exchange to the next, and a replica whose share dips
@@ -394,6 +406,14 @@ async fn run(
             } else {
                 target
             });
+            // The answers the other replicas got through since the last exchange count
+            // toward this replica's measure of the backend's rate (when the count of replicas
+            // changed, only the new baseline).
+            let others = all.through.saturating_sub(mine.through);
+            if replicas == counted {
+                state.others_got_through(others.saturating_sub(*last_others));
+            }
+            *last_others = others;
             if all.wait > left(state.throttled_until(), now) + margin {
                 state.throttle_until(now + all.wait);
                 tally.applied.fetch_add(1, Relaxed);

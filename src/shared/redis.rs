@@ -7,17 +7,18 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use super::{Exchange, Exchanged, News, SharedStore, redact_url};
 use crate::error::BoxError;
 
-/// One round trip for all backends. KEYS: each backend's wait, open circuit and demand, then
-/// the replicas; ARGV: this replica's name, `alive` (ms), then each backend's wait, open (ms)
-/// and demand (thousandths of a request). A wait is extended (never shortened) to `now + wait`
-/// on Redis' own clock and expires then; a demand is this replica's field in the backend's
-/// hash, dropped when the replica has not exchanged within `alive` (a sorted set of replica
-/// names by last exchange). Back: each backend's two waits' time left and its demand's total,
-/// in order, then the number of live replicas.
+/// One round trip for all backends. KEYS: each backend's wait, open circuit, demand and
+/// answers through, then the replicas; ARGV: this replica's name, `alive` (ms), then each
+/// backend's wait, open (ms), demand (thousandths of a request) and answers through (a running
+/// count). A wait is extended (never shortened) to `now + wait` on Redis' own clock and expires
+/// then; a demand or count is this replica's field in the backend's hash, dropped when the
+/// replica has not exchanged within `alive` (a sorted set of replica names by last exchange).
+/// Back: each backend's two waits' time left and its demands' and counts' totals, in order,
+/// then the number of live replicas.
 const EXCHANGE: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local n = (#KEYS - 1) / 3
+local n = (#KEYS - 1) / 4
 local replicas = KEYS[#KEYS]
 local me = ARGV[1]
 local alive = tonumber(ARGV[2]) or 300
@@ -30,8 +31,8 @@ redis.call('PEXPIRE', replicas, alive * 10)
 local out = {}
 for b = 0, n - 1 do
   for j = 1, 2 do
-    local key = KEYS[b * 3 + j]
-    local wait = tonumber(ARGV[2 + b * 3 + j]) or 0
+    local key = KEYS[b * 4 + j]
+    local wait = tonumber(ARGV[2 + b * 4 + j]) or 0
     local cur = tonumber(redis.call('GET', key) or '0') or 0
     if wait > 0 and now + wait > cur then
       cur = now + wait
@@ -41,17 +42,19 @@ for b = 0, n - 1 do
     if left < 0 then left = 0 end
     out[#out + 1] = left
   end
-  local demand = KEYS[b * 3 + 3]
-  redis.call('HSET', demand, me, tonumber(ARGV[2 + b * 3 + 3]) or 0)
-  if #gone > 0 then
-    redis.call('HDEL', demand, unpack(gone))
+  for j = 3, 4 do
+    local key = KEYS[b * 4 + j]
+    redis.call('HSET', key, me, tonumber(ARGV[2 + b * 4 + j]) or 0)
+    if #gone > 0 then
+      redis.call('HDEL', key, unpack(gone))
+    end
+    redis.call('PEXPIRE', key, alive * 10)
+    local total = 0
+    for _, v in ipairs(redis.call('HVALS', key)) do
+      total = total + (tonumber(v) or 0)
+    end
+    out[#out + 1] = total
   end
-  redis.call('PEXPIRE', demand, alive * 10)
-  local total = 0
-  for _, v in ipairs(redis.call('HVALS', demand)) do
-    total = total + (tonumber(v) or 0)
-  end
-  out[#out + 1] = total
 end
 out[#out + 1] = redis.call('ZCARD', replicas)
 return out
@@ -177,7 +180,9 @@ impl SharedStore for RedisStore {
                     .key(format!("{key}:open"))
                     .arg(news.open.as_millis() as u64)
                     .key(format!("{key}:demand"))
-                    .arg(milli(news.demand));
+                    .arg(milli(news.demand))
+                    .key(format!("{key}:through"))
+                    .arg(news.through);
             }
             invocation.key(&self.replicas_key);
             let failed = |e: redis::RedisError| BoxError::from(format!("redis: {}", e.kind_str()));
@@ -201,11 +206,12 @@ impl SharedStore for RedisStore {
             let replicas = out.pop().unwrap_or(1);
             Ok(Exchanged {
                 backends: out
-                    .chunks_exact(3)
+                    .chunks_exact(4)
                     .map(|c| News {
                         wait: Duration::from_millis(c[0]),
                         open: Duration::from_millis(c[1]),
                         demand: c[2] as f64 / 1000.0,
+                        through: c[3],
                     })
                     .collect(),
                 replicas: u32::try_from(replicas).unwrap_or(u32::MAX),
