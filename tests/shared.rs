@@ -212,6 +212,25 @@ async fn eventually(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
     done()
 }
 
+/// Links two replicas' backends through the Redis at `url`, under `prefix`.
+fn link_both(url: &str, prefix: &str, a: &[Backend], b: &[Backend]) -> (SharedState, SharedState) {
+    let store: Arc<RedisStore> = Arc::new(RedisStore::new(url, prefix).unwrap());
+    (
+        SharedState::spawn(store.clone(), a.to_vec(), settings(prefix)),
+        SharedState::spawn(store, b.to_vec(), settings(prefix)),
+    )
+}
+
+/// `svc` sends one request, which `mock` answers `429` with `header: value`.
+async fn throttled_once(mock: &MockServer, svc: LlmService, header: &str, value: &str) {
+    mock.set_fault(Some(Fault::Throttle(vec![(header.into(), value.into())])));
+    let res = svc.oneshot(chat()).await.unwrap();
+    assert_eq!(res.status(), 429);
+    // Dropped: a response not yet read to its end is a request in flight, demand.
+    drop(res);
+    mock.set_fault(None);
+}
+
 /// Replica A earns a `429 retry-after: 2`; then replica B sends one request. Returns whether
 /// the mock got a request during the wait it asked for.
 async fn second_replica_after_a_429(redis: Option<String>, prefix: &str) -> bool {
@@ -219,13 +238,7 @@ async fn second_replica_after_a_429(redis: Option<String>, prefix: &str) -> bool
     let (a, backends_a) = replica(&mock);
     let (b, backends_b) = replica(&mock);
     let shared = redis.is_some();
-    let _links = redis.map(|url| {
-        let store: Arc<RedisStore> = Arc::new(RedisStore::new(&url, prefix).unwrap());
-        (
-            SharedState::spawn(store.clone(), backends_a.clone(), settings(prefix)),
-            SharedState::spawn(store, backends_b.clone(), settings(prefix)),
-        )
-    });
+    let _links = redis.map(|url| link_both(&url, prefix, &backends_a, &backends_b));
     if let Some((link_a, link_b)) = &_links {
         // Both linked before the 429 (a cluster's first connect takes a while).
         assert!(
@@ -234,15 +247,7 @@ async fn second_replica_after_a_429(redis: Option<String>, prefix: &str) -> bool
             .await
         );
     }
-    mock.set_fault(Some(Fault::Throttle(vec![(
-        "retry-after".into(),
-        "2".into(),
-    )])));
-    let res = a.oneshot(chat()).await.unwrap();
-    assert_eq!(res.status(), 429);
-    // Read: a response not yet read to its end is a request in flight, A's demand.
-    drop(res);
-    mock.set_fault(None);
+    throttled_once(&mock, a, "retry-after", "2").await;
     if shared {
         // B hears of A's wait through Redis.
         let state = backends_b[0].state().clone();
@@ -301,35 +306,28 @@ async fn each_replica_s_share_of_the_quota_follows_its_demand() {
     let mock = MockServer::builder().name("east").start().await.unwrap();
     let (a, backends_a) = replica(&mock);
     let (b, backends_b) = replica(&mock);
-    let store: Arc<RedisStore> = Arc::new(RedisStore::new(&redis.url(), "t6").unwrap());
-    let _links = (
-        SharedState::spawn(store.clone(), backends_a.clone(), settings("t6")),
-        SharedState::spawn(store, backends_b.clone(), settings("t6")),
-    );
+    let _links = link_both(&redis.url(), "t6", &backends_a, &backends_b);
     let (sa, sb) = (backends_a[0].state().clone(), backends_b[0].state().clone());
     let near = |x: f64, to: f64| (x - to).abs() < 0.02;
-    assert!(
-        eventually(Duration::from_secs(10), || near(sa.share(), 0.5)
-            && near(sb.share(), 0.5))
-        .await,
-        "no demand: halves ({}, {})",
-        sa.share(),
-        sb.share()
-    );
+    // Within `secs`, A's and B's shares come near `to`.
+    let reach = |to: (f64, f64), secs: u64, what: &'static str| {
+        let (sa, sb) = (sa.clone(), sb.clone());
+        async move {
+            let done = eventually(Duration::from_secs(secs), || {
+                near(sa.share(), to.0) && near(sb.share(), to.1)
+            })
+            .await;
+            assert!(done, "{what}: ({}, {})", sa.share(), sb.share());
+        }
+    };
+    reach((0.5, 0.5), 10, "no demand: halves").await;
     // Four requests to A whose answers it has not read to their end: A's demand, none of B's.
     let mut held = Vec::new();
     for _ in 0..4 {
         held.push(a.clone().oneshot(chat()).await.unwrap());
     }
     // A quarter of an equal share each (1/8), the rest by demand: A 7/8, B 1/8.
-    assert!(
-        eventually(Duration::from_secs(5), || near(sa.share(), 0.875)
-            && near(sb.share(), 0.125))
-        .await,
-        "A busy: ({}, {})",
-        sa.share(),
-        sb.share()
-    );
+    reach((0.875, 0.125), 5, "A busy").await;
     assert!(
         near(sa.share() + sb.share(), 1.0),
         "the shares add up to the quota"
@@ -362,25 +360,14 @@ async fn another_replica_s_answers_count_toward_the_pace_of_a_backend_without_qu
         .unwrap();
     let (a, backends_a) = replica(&mock);
     let (b, backends_b) = replica(&mock);
-    let store: Arc<RedisStore> = Arc::new(RedisStore::new(&redis.url(), "t7").unwrap());
-    let links = (
-        SharedState::spawn(store.clone(), backends_a.clone(), settings("t7")),
-        SharedState::spawn(store, backends_b.clone(), settings("t7")),
-    );
+    let links = link_both(&redis.url(), "t7", &backends_a, &backends_b);
     assert!(
         eventually(Duration::from_secs(5), || links.0.status().replicas == 2
             && links.1.status().replicas == 2)
         .await
     );
     // B's 429 (no quota headers: only its wait) gives B a pace for the backend.
-    mock.set_fault(Some(Fault::Throttle(vec![(
-        "retry-after-ms".into(),
-        "200".into(),
-    )])));
-    let res = b.oneshot(chat()).await.unwrap();
-    assert_eq!(res.status(), 429);
-    drop(res);
-    mock.set_fault(None);
+    throttled_once(&mock, b, "retry-after-ms", "200").await;
     let state_b = backends_b[0].state().clone();
     let learned = state_b
         .whole_pace()
