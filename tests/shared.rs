@@ -476,6 +476,8 @@ async fn the_config_s_shared_state_shows_on_stats_and_keeps_its_password_out_of_
     }
     assert!(seen.contains(r#""healthy":true"#), "{seen}");
     assert!(!seen.contains("s3cret-pw"), "{seen}");
+    // Each backend shows this replica's share of its quota (alone, and idle: all of it).
+    assert!(seen.contains(r#""quota_share":1.0"#), "{seen}");
     // Both a URL and its variable: refused, naming the field.
     let both = r#"{ "backends": { "b": { "provider": "openai", "url": "http://127.0.0.1:1/v1" } },
                    "shared_state": { "redis_url": "redis://127.0.0.1:1", "redis_url_env": "X" } }"#;

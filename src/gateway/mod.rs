@@ -1084,6 +1084,10 @@ async fn stats(State(gw): State<Gateway>, req: Request) -> Response {
                 "circuit": circuit,
                 "cooling_for_ms": cooling_ms,
                 "latency_ms": s.latency().map(|d| d.as_secs_f64() * 1e3),
+                // This replica's pace and share of the backend's quota (1: all of it; set by
+                // the shared state from the replicas' demand).
+                "pace_ms": s.pace().map(|d| d.as_secs_f64() * 1e3),
+                "quota_share": s.share(),
                 "probe": s.last_probe().map(|(at, healthy)| serde_json::json!({
                     "healthy": healthy,
                     "ago_ms": now.saturating_duration_since(at).as_millis() as u64,
