@@ -337,32 +337,40 @@ impl BackendState {
         });
     }
 
-    /// Counts an answer that got through, toward the rate measured between throttled answers.
-    pub(crate) fn count_through(&self) {
-        self.count_through_others(1);
-    }
-
-    /// Counts `n` answers that got through to other replicas sharing the backend, toward the
-    /// rate measured between throttled answers (which is then the whole backend's).
-    pub(crate) fn count_through_others(&self, n: u64) {
+    /// Counts `n` answers that got through toward the rate measured between throttled answers.
+    fn count_through(&self, n: u64) {
         if n > 0 && self.inner.window_start.load(Relaxed) != 0 {
             self.inner.window_successes.fetch_add(n, Relaxed);
         }
     }
 
-    /// [`BackendState::count_through_others`], and for a backend that sends no quota hints,
-    /// shrinks the pace learned from 429s as the other replicas' answers that were not
-    /// throttled would have (by 0.2% each, as the `Endpoint` does for its own).
-    pub(crate) fn others_got_through(&self, n: u64) {
-        self.count_through_others(n);
-        if n == 0 || self.inner.quota_seen_at.load(Acquire) != 0 {
-            return;
-        }
+    /// `n` answers got through (not throttled) with no quota hints to go by: while the backend
+    /// is paced from its 429s, they count toward the rate measured between throttled answers,
+    /// and the pace shrinks by 0.2% each (a quota that grew is found within a few hundred
+    /// answers) until the next 429 measures it again.
+    pub(crate) fn got_through(&self, n: u64) {
         let Some(pace) = self.whole_pace() else {
             return;
         };
-        let next = pace.mul_f64((1.0 - 1.0 / 500.0_f64).powf(n.min(10_000) as f64));
+        if n == 0 {
+            return;
+        }
+        self.count_through(n);
+        let next = if n == 1 {
+            pace - pace / 500
+        } else {
+            pace.mul_f64((1.0 - 1.0 / 500.0_f64).powf(n.min(10_000) as f64))
+        };
         self.set_pace((next >= Duration::from_millis(1)).then_some(next));
+    }
+
+    /// [`BackendState::got_through`] for `n` answers that got through to the other replicas
+    /// sharing a backend that sends no quota hints: the rate measured, and the pace learned,
+    /// are then the whole backend's.
+    pub(crate) fn others_got_through(&self, n: u64) {
+        if self.inner.quota_seen_at.load(Acquire) == 0 {
+            self.got_through(n);
+        }
     }
 
     /// A throttled answer at `now` on a backend that sends no quota hints: if enough answers got
@@ -423,8 +431,9 @@ impl BackendState {
     }
 
     /// How many requests this replica has for the backend now: those in flight, and those
-    /// waiting for a paced slot of it (the time booked ahead, over one slot's spacing). What
-    /// the shared state weighs the replicas' shares by.
+    /// waiting for a paced slot of it (the time booked ahead, over one slot's spacing). With
+    /// the rate of [`BackendState::admitted`], what the shared state weighs the replicas'
+    /// shares by.
     pub fn demand(&self, now: Instant) -> f64 {
         let mut demand = self.in_flight() as f64;
         let step = self.inner.step_ns.load(Acquire);
@@ -866,7 +875,7 @@ mod tests {
             "the first 429 opens the window"
         );
         for _ in 0..19 {
-            s.count_through();
+            s.count_through(1);
         }
         let early = t0 + Duration::from_millis(500);
         assert_eq!(
@@ -874,7 +883,7 @@ mod tests {
             None,
             "19 answers are too few to tell"
         );
-        s.count_through();
+        s.count_through(1);
         let t1 = t0 + Duration::from_secs(1);
         assert_eq!(s.saturated_interval(t1), Some(Duration::from_millis(50)));
         // A new window starts at each measurement.

@@ -548,15 +548,10 @@ impl Record {
             let others = state.in_flight().saturating_sub(1) as i64;
             state.set_credits(Some(credits.saturating_sub(others)));
             state.learn_pace(hints.quota_pace());
-        } else if let Some(pace) = state.whole_pace()
-            && !outcome.is_throttled()
-        {
-            // No quota hints to go by: the pace learned from 429s (below) shrinks by 0.2% with
-            // each answer that is not throttled (a quota that grew is found within a few hundred
-            // answers), and is measured again at the next 429.
-            state.count_through();
-            let next = pace - pace / 500;
-            state.set_pace((next >= Duration::from_millis(1)).then_some(next));
+        } else if !outcome.is_throttled() {
+            // No quota hints to go by: the pace learned from 429s (below) shrinks with each
+            // answer that is not throttled, and is measured again at the next 429.
+            state.got_through(1);
         }
         match outcome {
             Outcome::Success => {
