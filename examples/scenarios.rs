@@ -26,41 +26,29 @@ async fn main() -> Result<(), tower_llm_lb::BoxError> {
         println!("{report}");
         missed.extend(report.missed());
     }
-    if wanted("S8r") {
-        // S8r needs a Redis server: one on a loopback port for the run, when installed.
-        match RedisForRun::start() {
-            Some(redis) => {
-                let report = Scenario::s8r_replicas_shared(&redis.url()).run().await?;
-                println!("{report}");
-                shared_lines(&report);
-                missed.extend(report.missed());
-            }
-            None => println!("| S8r | not run: no `redis-server` on this machine |"),
+    // The scenarios over a Redis server: one on a loopback port for each run, when installed.
+    // S8u and S8p are measured without a target (S8u: shares that follow each replica's demand;
+    // S8p: backends without quota headers, paced from every replica's answers between 429s).
+    type Over = fn(&str) -> Scenario;
+    let over_redis: [(&str, Over, bool); 3] = [
+        ("S8r", Scenario::s8r_replicas_shared, true),
+        ("S8u", Scenario::s8u_replicas_uneven, false),
+        ("S8p", Scenario::s8p_replicas_no_headers, false),
+    ];
+    for (name, scenario, has_target) in over_redis {
+        if !wanted(name) {
+            continue;
         }
-    }
-    if wanted("S8u") {
-        // Measured, no target: shares that follow each replica's demand.
         match RedisForRun::start() {
             Some(redis) => {
-                let report = Scenario::s8u_replicas_uneven(&redis.url()).run().await?;
+                let report = scenario(&redis.url()).run().await?;
                 println!("{report}");
                 shared_lines(&report);
+                if has_target {
+                    missed.extend(report.missed());
+                }
             }
-            None => println!("| S8u | not run: no `redis-server` on this machine |"),
-        }
-    }
-    if wanted("S8p") {
-        // Measured, no target: backends without quota headers, whose pace the replicas learn
-        // from 429s and every replica's answers between them.
-        match RedisForRun::start() {
-            Some(redis) => {
-                let report = Scenario::s8p_replicas_no_headers(&redis.url())
-                    .run()
-                    .await?;
-                println!("{report}");
-                shared_lines(&report);
-            }
-            None => println!("| S8p | not run: no `redis-server` on this machine |"),
+            None => println!("| {name} | not run: no `redis-server` on this machine |"),
         }
     }
     if wanted("S8k") {

@@ -51,18 +51,27 @@ struct Redis {
     args: Vec<String>,
 }
 
+/// A loopback port free a moment ago.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 impl Redis {
     fn start(password: Option<&'static str>) -> Redis {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        Redis::launched(free_port(), password, Vec::new())
+    }
+
+    /// A server on `port` with `args`, started.
+    fn launched(port: u16, password: Option<&'static str>, args: Vec<String>) -> Redis {
         let mut r = Redis {
             child: None,
             port,
             password,
-            args: Vec::new(),
+            args,
         };
         r.launch();
         r
@@ -70,26 +79,16 @@ impl Redis {
 
     /// A node of a Redis Cluster (its state file in `dir`).
     fn cluster_node(dir: &std::path::Path) -> Redis {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut r = Redis {
-            child: None,
-            port,
-            password: None,
-            args: vec![
-                "--cluster-enabled".into(),
-                "yes".into(),
-                "--cluster-config-file".into(),
-                format!("nodes-{port}.conf"),
-                "--dir".into(),
-                dir.display().to_string(),
-            ],
-        };
-        r.launch();
-        r
+        let port = free_port();
+        let args = vec![
+            "--cluster-enabled".into(),
+            "yes".into(),
+            "--cluster-config-file".into(),
+            format!("nodes-{port}.conf"),
+            "--dir".into(),
+            dir.display().to_string(),
+        ];
+        Redis::launched(port, None, args)
     }
 
     /// Starts it, and waits until it takes connections. A server that could not bind its port
@@ -99,11 +98,7 @@ impl Redis {
             if self.spawn() {
                 return;
             }
-            self.port = std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port();
+            self.port = free_port();
         }
         panic!("redis-server did not start");
     }
@@ -306,7 +301,7 @@ async fn each_replica_s_share_of_the_quota_follows_its_demand() {
     let mock = MockServer::builder().name("east").start().await.unwrap();
     let (a, backends_a) = replica(&mock);
     let (b, backends_b) = replica(&mock);
-    let _links = link_both(&redis.url(), "t6", &backends_a, &backends_b);
+    let _links = link_both(&redis.url(), "t8", &backends_a, &backends_b);
     let (sa, sb) = (backends_a[0].state().clone(), backends_b[0].state().clone());
     let near = |x: f64, to: f64| (x - to).abs() < 0.02;
     // Within `secs`, A's and B's shares come near `to`.
@@ -601,11 +596,7 @@ async fn a_replica_started_before_redis_links_when_redis_comes() {
     let mock = MockServer::builder().name("east").start().await.unwrap();
     let (svc, backends) = replica(&mock);
     // A port with nothing on it yet.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let url = format!("redis://127.0.0.1:{port}");
     let link = SharedState::spawn(
         Arc::new(RedisStore::new(&url, "t6").unwrap()),

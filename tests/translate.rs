@@ -308,6 +308,23 @@ fn gateway_for(json: &str) -> axum::Router {
     Gateway::new(svc, backends, vec!["gw-key".into()]).router()
 }
 
+/// A gateway over one Azure mock with its key; keep the mock alive.
+async fn azure_gateway() -> (MockServer, axum::Router) {
+    let azure = MockServer::builder()
+        .name("azure")
+        .api_key("az")
+        .start()
+        .await
+        .unwrap();
+    let json = format!(
+        r#"{{ "backends": {{ "azure": {{ "provider": "azure", "url": "{z}", "deployment": "gpt-4o",
+                                        "api_key": "az" }} }} }}"#,
+        z = azure.url()
+    );
+    let app = gateway_for(&json);
+    (azure, app)
+}
+
 /// A gateway over one Azure mock (no key) that answers with `fault`; keep the mock alive.
 async fn keyless_azure_gateway(fault: Fault) -> (MockServer, axum::Router) {
     let azure = MockServer::builder().name("azure").start().await.unwrap();
@@ -331,18 +348,7 @@ fn messages_request(body: &Value) -> http::Request<axum::body::Body> {
 
 #[tokio::test]
 async fn the_messages_route_over_an_azure_backend_answers_in_anthropic_s_shape() {
-    let azure = MockServer::builder()
-        .name("azure")
-        .api_key("az")
-        .start()
-        .await
-        .unwrap();
-    let json = format!(
-        r#"{{ "backends": {{ "azure": {{ "provider": "azure", "url": "{z}", "deployment": "gpt-4o",
-                                        "api_key": "az" }} }} }}"#,
-        z = azure.url()
-    );
-    let app = gateway_for(&json);
+    let (azure, app) = azure_gateway().await;
     let ask = json!({"model": "gpt-4o", "max_tokens": 64, "system": "Be brief.",
                      "messages": [{"role": "user", "content": "Hi"}]});
     let res = app.clone().oneshot(messages_request(&ask)).await.unwrap();
@@ -527,25 +533,12 @@ async fn documented_requests_of_each_api_are_accepted_by_the_other_s_mock() {
     );
 
     // Anthropic's tool-use request, with an image beside the tool result, to Azure.
-    let azure = MockServer::builder()
-        .name("azure")
-        .api_key("az")
-        .start()
-        .await
-        .unwrap();
-    let json = format!(
-        r#"{{ "backends": {{ "azure": {{ "provider": "azure", "url": "{z}", "deployment": "gpt-4o",
-                                        "api_key": "az" }} }} }}"#,
-        z = azure.url()
-    );
+    let (azure, app) = azure_gateway().await;
     let request: Value = serde_json::from_str(include_str!(
         "fixtures/translate/anthropic_tool_use_request.json"
     ))
     .unwrap();
-    let res = gateway_for(&json)
-        .oneshot(messages_request(&request))
-        .await
-        .unwrap();
+    let res = app.oneshot(messages_request(&request)).await.unwrap();
     assert_eq!(res.status(), 200);
     let answer: Value = serde_json::from_str(&text(res).await).unwrap();
     assert_eq!(answer["type"], "message");

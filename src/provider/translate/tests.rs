@@ -263,6 +263,19 @@ fn same_at_every_cut<T: StreamTranslate>(make: impl Fn() -> T, bytes: &[u8], who
     }
 }
 
+/// An Anthropic stream translated to chat chunks (created at `created`) in one go: the text,
+/// which ends with `[DONE]`, and the chunks before it, parsed.
+fn chat_chunks(created: u64, stream: &str) -> (String, Vec<Value>) {
+    let whole = run(&mut ToChatChunks::new(created, true), &[stream.as_bytes()]).unwrap();
+    let data = datas(&whole);
+    assert_eq!(data.last().unwrap(), "[DONE]");
+    let chunks = data[..data.len() - 1]
+        .iter()
+        .map(|c| serde_json::from_str(c).unwrap())
+        .collect();
+    (whole, chunks)
+}
+
 /// The data payloads of an SSE text.
 fn datas(sse: &str) -> Vec<String> {
     sse.split("\n\n")
@@ -276,17 +289,7 @@ fn datas(sse: &str) -> Vec<String> {
 
 #[test]
 fn an_anthropic_stream_becomes_chat_chunks_at_every_cut() {
-    let whole = run(
-        &mut ToChatChunks::new(3, true),
-        &[ANTHROPIC_STREAM.as_bytes()],
-    )
-    .unwrap();
-    let chunks = datas(&whole);
-    assert_eq!(chunks.last().unwrap(), "[DONE]");
-    let parsed: Vec<Value> = chunks[..chunks.len() - 1]
-        .iter()
-        .map(|c| serde_json::from_str(c).unwrap())
-        .collect();
+    let (whole, parsed) = chat_chunks(3, ANTHROPIC_STREAM);
     assert_eq!(parsed[0]["choices"][0]["delta"]["role"], "assistant");
     let text: String = parsed
         .iter()
@@ -372,17 +375,7 @@ const FIXTURE_OPENAI_STREAM: &str =
 
 #[test]
 fn the_documented_anthropic_tool_use_stream_becomes_chat_chunks_at_every_cut() {
-    let whole = run(
-        &mut ToChatChunks::new(9, true),
-        &[FIXTURE_ANTHROPIC_STREAM.as_bytes()],
-    )
-    .unwrap();
-    let data = datas(&whole);
-    assert_eq!(data.last().unwrap(), "[DONE]");
-    let chunks: Vec<Value> = data[..data.len() - 1]
-        .iter()
-        .map(|c| serde_json::from_str(c).unwrap())
-        .collect();
+    let (whole, chunks) = chat_chunks(9, FIXTURE_ANTHROPIC_STREAM);
     let text: String = chunks
         .iter()
         .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
