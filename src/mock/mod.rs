@@ -51,8 +51,6 @@ use crate::auth::CALLER_CREDENTIAL_HEADERS;
 mod anthropic;
 #[cfg(feature = "grpc-mock")]
 pub mod grpc;
-#[cfg(feature = "gateway")]
-pub mod scenario;
 pub mod sim;
 pub mod soak;
 mod token;

@@ -1,5 +1,6 @@
-//! The real-load scenario suite (feature `gateway`): the gateway as a new user runs it, over real
-//! sockets, against mock backends that throttle like Azure OpenAI.
+//! The real-load scenario suite, the project's referee: the gateway as a new user runs it, over
+//! real sockets, against mock backends that throttle like Azure OpenAI. Not published: it is the
+//! workspace's own measuring tool.
 //!
 //! Each [`Scenario`] starts its mock backends on loopback, writes the config a new user writes
 //! (backends, keys, priorities; anything else only where the scenario says so), builds it with
@@ -14,8 +15,9 @@
 //! `retry-after-ms`, per-minute `x-ratelimit-limit-*` / `-remaining-*` and no reset header,
 //! latency 50 ms + 2 ms per output token.
 //!
-//! `examples/scenarios.rs` runs the full suite and prints the table; `tests/scenarios.rs` runs
-//! reduced versions on tokio's paused clock.
+//! `examples/scenarios.rs` (in this crate; `cargo run --release --example scenarios` from the
+//! workspace root) runs the full suite and prints the table; `tests/scenarios.rs` runs reduced
+//! versions on tokio's paused clock.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -28,11 +30,11 @@ use http_body_util::{BodyExt, Full};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
-use super::{Fault, MockServer};
-use crate::config::Config;
-use crate::error::BoxError;
-use crate::gateway::Gateway;
-use crate::state::Counters;
+use tower_llm_lb::config::Config;
+use tower_llm_lb::error::BoxError;
+use tower_llm_lb::gateway::Gateway;
+use tower_llm_lb::mock::{Fault, MockServer};
+use tower_llm_lb::state::Counters;
 
 /// How one backend of a scenario behaves.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -391,7 +393,7 @@ impl Scenario {
         for spec in &self.backends {
             if spec.behaviour == Behaviour::Refused {
                 // A port that refuses connections, reserved for the run.
-                let port = super::RefusingPort::new()?;
+                let port = tower_llm_lb::mock::RefusingPort::new()?;
                 urls.push(port.url());
                 refusing.push(port);
                 mocks.push(None);
@@ -428,7 +430,7 @@ impl Scenario {
         }
         let mut config = Config::from_json(&self.config(&urls).to_string())?;
         if let Some(url) = &self.shared_redis {
-            config.shared_state = Some(crate::config::SharedStateConfig {
+            config.shared_state = Some(tower_llm_lb::config::SharedStateConfig {
                 redis_url: Some(url.clone()),
                 key_prefix: Some(format!("scenario-{}-{}", self.name, std::process::id())),
                 ..Default::default()
@@ -441,7 +443,8 @@ impl Scenario {
         let mut links = Vec::new();
         for _ in 0..self.replicas.max(1) {
             // Each replica: its own client and its own state.
-            let (service, backends) = config.build_with_backends(crate::client::http_client())?;
+            let (service, backends) =
+                config.build_with_backends(tower_llm_lb::client::http_client())?;
             let mut gateway = Gateway::new(service, backends.clone(), Vec::new());
             if let Some(link) = config.shared_state(backends.clone())? {
                 links.push(link.clone());
@@ -466,7 +469,7 @@ impl Scenario {
         };
         // What the bad backends had been sent after the first second (the gateway's own count:
         // a refused port has nobody to count it).
-        let bad: Vec<(&'static str, crate::BackendState)> = self
+        let bad: Vec<(&'static str, tower_llm_lb::BackendState)> = self
             .backends
             .iter()
             .filter(|b| b.is_bad())
@@ -579,7 +582,7 @@ pub async fn load_over(
     timeout: Duration,
     max_tokens: u32,
 ) -> Vec<Sample> {
-    let client = crate::client::http_client::<Full<Bytes>>();
+    let client = tower_llm_lb::client::http_client::<Full<Bytes>>();
     let urls: Vec<http::Uri> = addrs
         .iter()
         .filter_map(|a| format!("http://{a}/v1/chat/completions").parse().ok())
@@ -706,7 +709,7 @@ pub struct Report {
     /// the 429 left may land here too).
     pub during_retry_after: Vec<&'static str>,
     /// Each replica's shared-state link at the end (empty: none).
-    pub shared: Vec<crate::shared::Status>,
+    pub shared: Vec<tower_llm_lb::shared::Status>,
 }
 
 impl Report {
@@ -900,7 +903,7 @@ pub async fn overhead(n: usize, in_flight: usize) -> Result<(f64, f64), BoxError
             "provider": "openai", "url": format!("{}/v1", mock.url()), "api_key": "key-zero" } } })
         .to_string(),
     )?;
-    let (service, backends) = config.build_with_backends(crate::client::http_client())?;
+    let (service, backends) = config.build_with_backends(tower_llm_lb::client::http_client())?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let gw = listener.local_addr()?;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -936,7 +939,14 @@ pub async fn shared_overhead(
     n: usize,
     in_flight: usize,
     redis_url: &str,
-) -> Result<((f64, Duration), (f64, Duration), crate::shared::Status), BoxError> {
+) -> Result<
+    (
+        (f64, Duration),
+        (f64, Duration),
+        tower_llm_lb::shared::Status,
+    ),
+    BoxError,
+> {
     let mock = zero_mock().await?;
     let mut json = serde_json::json!({ "backends": { "zero": {
         "provider": "openai", "url": format!("{}/v1", mock.url()), "api_key": "key-zero" } } });
@@ -948,7 +958,7 @@ pub async fn shared_overhead(
     let mut stops = Vec::new();
     let mut link = None;
     for config in [&plain, &sharing] {
-        let (service, backends) = config.build_with_backends(crate::client::http_client())?;
+        let (service, backends) = config.build_with_backends(tower_llm_lb::client::http_client())?;
         let mut gateway = Gateway::new(service, backends.clone(), Vec::new());
         if let Some(l) = config.shared_state(backends)? {
             link = Some(l.clone());
@@ -1000,7 +1010,7 @@ async fn zero_mock() -> std::io::Result<MockServer> {
 
 /// The same load straight at a mock (its OpenAI route with its key).
 async fn load_direct(addr: SocketAddr, n: usize, in_flight: usize, timeout: Duration) {
-    let client = crate::client::http_client::<Full<Bytes>>();
+    let client = tower_llm_lb::client::http_client::<Full<Bytes>>();
     let body = Bytes::from(
         serde_json::json!({
             "model": "gpt-4o",

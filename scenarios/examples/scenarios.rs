@@ -10,7 +10,7 @@
 //! S8r, S8u, S8p, S8k and S5r start a `redis-server` on a loopback port when one is installed
 //! (`apt-get install redis-server`), and are reported as not run otherwise.
 
-use tower_llm_lb::mock::scenario::{self, Scenario, TABLE_HEADER};
+use tower_llm_lb_scenarios::{self as scenario, Scenario, TABLE_HEADER};
 
 #[tokio::main]
 async fn main() -> Result<(), tower_llm_lb::BoxError> {

@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use tower_llm_lb::mock::scenario::{Report, Scenario};
+use tower_llm_lb_scenarios::{Report, Scenario};
 
 async fn run(s: Scenario) -> Report {
     let report = s.run().await.expect("the scenario runs");
