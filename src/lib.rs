@@ -79,7 +79,6 @@
 //! | `rustls` | yes | [`client::https_client`]: hyper-util + rustls (ring), webpki or native roots; [`client::https_client_with`] for your own rustls config (private roots, client certificates) |
 //! | `mock` | no | `mock`: the loopback mock LLM server (and Entra token server) used by the tests and the demo |
 //! | `config` | no | `config`: a JSON/TOML config that builds the whole stack |
-//! | `gateway` | no | `gateway`: the OpenAI-compatible axum gateway behind `examples/gateway.rs` |
 //! | `azure-identity` | no | `auth::entra::AzureSdkCredential`: any `azure_core` `TokenCredential` as a token source |
 //! | `grpc-mock` | no | `mock::grpc`: a loopback tonic server (gRPC health service, a quota, faults) for gRPC tests |
 //! | `redis` | no | `shared::RedisStore`: replicas share backend waits, open circuits and their quota shares through Redis (or a Redis Cluster) |
@@ -108,8 +107,6 @@ pub mod fallback;
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzz;
-#[cfg(feature = "gateway")]
-pub mod gateway;
 #[cfg(feature = "mock")]
 pub mod mock;
 pub mod provider;

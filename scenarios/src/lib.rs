@@ -32,9 +32,9 @@ use tokio::time::Instant;
 
 use tower_llm_lb::config::Config;
 use tower_llm_lb::error::BoxError;
-use tower_llm_lb::gateway::Gateway;
 use tower_llm_lb::mock::{Fault, MockServer};
 use tower_llm_lb::state::Counters;
+use tower_llm_lb_gateway::Gateway;
 
 /// How one backend of a scenario behaves.
 #[derive(Clone, Copy, Debug, PartialEq)]

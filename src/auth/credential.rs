@@ -3,6 +3,7 @@
 use std::fmt;
 use std::sync::Arc;
 
+use bytes::Bytes;
 use http::HeaderValue;
 use http::header::{AUTHORIZATION, HeaderName};
 
@@ -111,7 +112,6 @@ pub(crate) enum Kind {
 impl Credential {
     /// The secret texts a backend could echo back: the header value as sent, and without its
     /// `Bearer ` prefix (for a token credential, the token it holds now).
-    #[cfg(feature = "gateway")]
     pub(crate) fn secret_texts(&self) -> Vec<Vec<u8>> {
         let value = match &self.0 {
             Kind::Header(_, secret) => Some(secret.header_value().as_bytes().to_vec()),
@@ -210,6 +210,48 @@ impl fmt::Debug for Credential {
             Kind::Token(cache) => write!(f, "Credential(token from {})", cache.source_name()),
         }
     }
+}
+
+/// What a configured secret becomes in text [`redact`] passes on.
+const REDACTED: &str = "[redacted]";
+
+/// `text` with every secret of `credentials` replaced by `[redacted]`: the header value as
+/// sent and, for a bearer credential, the token without its `Bearer ` prefix (a token
+/// credential's current token). For an upstream answer passed on to a caller, which a backend
+/// may have made echo its own key (a 401 quoting the header it got). Secrets shorter than 4
+/// bytes are left, being too likely to be ordinary text.
+pub fn redact<'a>(text: Bytes, credentials: impl IntoIterator<Item = &'a Credential>) -> Bytes {
+    let secrets: Vec<Vec<u8>> = credentials
+        .into_iter()
+        .flat_map(Credential::secret_texts)
+        .filter(|s| s.len() >= 4)
+        .collect();
+    redact_secrets(text, &secrets)
+}
+
+/// `bytes` with every occurrence of each of `secrets` replaced by `[redacted]`.
+fn redact_secrets(bytes: Bytes, secrets: &[Vec<u8>]) -> Bytes {
+    let found = |hay: &[u8]| {
+        secrets
+            .iter()
+            .any(|s| hay.windows(s.len()).any(|w| w == &s[..]))
+    };
+    if !found(&bytes) {
+        return bytes;
+    }
+    let mut out: Vec<u8> = bytes.to_vec();
+    for s in secrets {
+        let mut i = 0;
+        while i + s.len() <= out.len() {
+            if out[i..i + s.len()] == s[..] {
+                out.splice(i..i + s.len(), REDACTED.bytes());
+                i += REDACTED.len();
+            } else {
+                i += 1;
+            }
+        }
+    }
+    out.into()
 }
 
 #[cfg(test)]

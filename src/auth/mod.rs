@@ -55,7 +55,7 @@ use pin_project_lite::pin_project;
 use tower_layer::Layer;
 use tower_service::Service;
 
-pub use credential::{Credential, CredentialKind, InvalidCredential, Secret};
+pub use credential::{Credential, CredentialKind, InvalidCredential, Secret, redact};
 pub use token::{BoxFuture, DEFAULT_REFRESH_AHEAD, Token, TokenCache, TokenSource};
 
 use crate::error::BoxError;

@@ -338,7 +338,7 @@ pub fn estimate_tokens(body: &[u8]) -> u32 {
 /// The request's top-level `"model"` as the OpenAI and Anthropic APIs carry it, by a cheap scan
 /// (no parse): the string after the first `"model":` in the body. `None` without one, or when
 /// the value is not a plain string (escapes are not decoded).
-pub(crate) fn model_of(body: &[u8]) -> Option<&str> {
+pub fn model_of(body: &[u8]) -> Option<&str> {
     let key = b"\"model\"";
     let mut from = 0;
     while let Some(pos) = body[from..].windows(key.len()).position(|w| w == key) {
@@ -410,8 +410,7 @@ pub(crate) fn in_band_error_outcome(body: &[u8]) -> crate::classify::Outcome {
 /// the `usage` object at the end of an OpenAI or Anthropic JSON answer, an OpenAI stream's
 /// last chunk when the caller asked for `stream_options.include_usage`, an Anthropic stream's
 /// `message_delta`). A cheap scan, never a parse; `None` when neither number is there.
-#[cfg_attr(not(feature = "gateway"), allow(dead_code))]
-pub(crate) fn usage_of(head: &[u8], tail: &[u8]) -> Option<(u64, u64)> {
+pub fn usage_of(head: &[u8], tail: &[u8]) -> Option<(u64, u64)> {
     let key = br#""usage""#;
     let last = tail.windows(key.len()).rposition(|w| w == key);
     let usage = last.map_or(&[][..], |at| &tail[at..]);

@@ -947,7 +947,7 @@ pub(crate) fn error_to_openai(body: &[u8]) -> Vec<u8> {
 }
 
 /// An OpenAI error body and status → Anthropic's error shape.
-pub(crate) fn error_to_anthropic(status: u16, body: &[u8]) -> Vec<u8> {
+pub fn error_to_anthropic(status: u16, body: &[u8]) -> Vec<u8> {
     let (_, message) = error_message(body);
     let kind = match status {
         401 => "authentication_error",
@@ -1367,15 +1367,24 @@ impl Events for ToMessageEvents {
 }
 
 /// Passes an OpenAI stream on without its usage-only chunk (`"choices": []` with `usage`):
-/// the one a gateway asked for on behalf of a caller who did not.
-#[cfg(feature = "gateway")]
+/// the one a gateway asked for on behalf of a caller who did not ([`ask_stream_usage`]).
 #[derive(Debug, Default)]
-pub(crate) struct StripUsage {
+pub struct StripUsage {
     sse: SseReader,
 }
 
-#[cfg(feature = "gateway")]
 impl StripUsage {
+    /// Bytes of the stream in; the caller's bytes out (possibly none yet). An error names an
+    /// event line too long to hold.
+    pub fn feed(&mut self, bytes: &[u8], out: &mut Vec<u8>) -> Result<(), String> {
+        StreamTranslate::feed(self, bytes, out)
+    }
+
+    /// The stream ended: what is left of it.
+    pub fn finish(&mut self, out: &mut Vec<u8>) -> Result<(), String> {
+        StreamTranslate::finish(self, out)
+    }
+
     fn pass(data: &str, out: &mut Vec<u8>) {
         let usage_only = data.starts_with('{')
             && serde_json::from_str::<Value>(data).is_ok_and(|v| {
@@ -1396,7 +1405,6 @@ impl StripUsage {
     }
 }
 
-#[cfg(feature = "gateway")]
 impl Events for StripUsage {
     fn reader(&mut self) -> &mut SseReader {
         &mut self.sse
@@ -1411,8 +1419,7 @@ impl Events for StripUsage {
 /// Asks for the usage chunk of a streamed OpenAI chat request whose caller did not: the body
 /// with `stream_options.include_usage` set, or `None` when it is not a streamed chat request
 /// without it.
-#[cfg(feature = "gateway")]
-pub(crate) fn ask_stream_usage(body: &[u8]) -> Option<Vec<u8>> {
+pub fn ask_stream_usage(body: &[u8]) -> Option<Vec<u8>> {
     let Ok(Value::Object(mut req)) = serde_json::from_slice::<Value>(body) else {
         return None;
     };

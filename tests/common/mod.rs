@@ -218,31 +218,3 @@ pub fn readme_json_after(marker: &str) -> &'static str {
     let start = from + readme[from..].find("```json\n").expect("a JSON block") + "```json\n".len();
     &readme[start..start + readme[start..].find("```").unwrap()]
 }
-
-/// A `serve --config` process on a free port, its base URL and its stderr.
-pub fn serve_config(path: &std::path::Path) -> (std::process::Child, String) {
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tower-llm-lb"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--log",
-            "info",
-            "--config",
-        ])
-        .arg(path)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line).unwrap();
-    let url = line
-        .split_whitespace()
-        .find(|w| w.starts_with("http://"))
-        .unwrap_or_else(|| panic!("no address in {line:?}"))
-        .trim_end_matches("/v1")
-        .to_string();
-    (child, url)
-}

@@ -464,7 +464,6 @@ fn the_documented_openai_tool_call_stream_becomes_anthropic_events_at_every_cut(
     );
 }
 
-#[cfg(feature = "gateway")]
 #[test]
 fn the_usage_chunk_asked_for_on_a_caller_s_behalf_is_removed_at_every_cut() {
     let stream = "data: {\"choices\":[],\"prompt_filter_results\":[]}\n\n\

@@ -1,5 +1,8 @@
-//! An OpenAI-compatible gateway (feature `gateway`): any OpenAI SDK points its base URL here and
-//! its calls are spread over the configured backends. `examples/gateway.rs` runs it.
+//! The OpenAI-compatible gateway built on [`tower_llm_lb`]: any OpenAI (or Anthropic) SDK points
+//! its base URL here and its calls are spread over the configured backends. The crate builds the
+//! `tower-llm-lb` binary (`cargo install --path gateway`; [`cli`]); as a library it gives the
+//! [`Gateway`] (an axum `Router` over a stack) and [`response_for`] to mount a stack in your own
+//! axum app.
 //!
 //! | route | what it does |
 //! |---|---|
@@ -29,7 +32,7 @@
 //! | an error answer (body or header) quoting a configured backend credential | passed on with every such secret replaced by `[redacted]` |
 //! | a request body over the limit | `413` `request_too_large`, OpenAI-shaped, nothing sent |
 //! | a model no backend serves (`models` declared) | `404` `model_not_found` |
-//! | a chat request for an Anthropic backend (or a messages request for an OpenAI one) with a parameter that has no counterpart ([`translate`](crate::translate)) | `400` `unsupported_parameter` with `param` naming it |
+//! | a chat request for an Anthropic backend (or a messages request for an OpenAI one) with a parameter that has no counterpart ([`translate`](tower_llm_lb::translate)) | `400` `unsupported_parameter` with `param` naming it |
 //! | a stream is cut upstream | an SSE `event: error` then a broken stream, never a clean end |
 //! | nothing free in time | `429` with `retry-after` / `retry-after-ms` when a retry time is known, else `503` |
 //! | the backend rejected the credential configured for it (401/403) | `502` `upstream_auth_error` naming the backend (its answer is not passed on) |
@@ -60,13 +63,14 @@ use http_body::Frame;
 use tokio::time::Instant;
 use tower::ServiceExt;
 
-use crate::backend::Backend;
-use crate::body::ReplayBody;
-use crate::endpoint::Served;
-use crate::error::{BoxError, Exhausted, Unavailable, find};
-use crate::retry::Attempts;
-use crate::stack::{LlmBody, LlmService};
-use crate::state::Circuit;
+use tower_llm_lb::auth::redact;
+use tower_llm_lb::backend::Backend;
+use tower_llm_lb::body::ReplayBody;
+use tower_llm_lb::endpoint::Served;
+use tower_llm_lb::error::{BoxError, Exhausted, Unavailable, find};
+use tower_llm_lb::retry::Attempts;
+use tower_llm_lb::stack::{LlmBody, LlmService};
+use tower_llm_lb::state::Circuit;
 
 /// What the gateway serves. Clones share it: [`Gateway::replace`] on one changes what all serve
 /// (a config reload), while requests already under way finish on what they started with.
@@ -76,7 +80,7 @@ pub struct Gateway {
     body_limit: usize,
     stream_usage: bool,
     // Shared by every clone, so a reload can swap it.
-    shared: Arc<arc_swap::ArcSwapOption<crate::shared::SharedState>>,
+    shared: Arc<arc_swap::ArcSwapOption<tower_llm_lb::shared::SharedState>>,
     metrics: Arc<metrics::Metrics>,
 }
 
@@ -174,7 +178,7 @@ impl Gateway {
         Gateway {
             metrics: Arc::new(metrics::Metrics::new(live.clone())),
             live,
-            body_limit: crate::body::DEFAULT_BODY_LIMIT,
+            body_limit: tower_llm_lb::body::DEFAULT_BODY_LIMIT,
             stream_usage: false,
             shared: Default::default(),
         }
@@ -182,21 +186,21 @@ impl Gateway {
 
     /// Shows `link`'s status on `/stats` (`shared_state`), and keeps it running as long as
     /// the gateway does.
-    pub fn shared_state(self, link: crate::shared::SharedState) -> Self {
+    pub fn shared_state(self, link: tower_llm_lb::shared::SharedState) -> Self {
         self.replace_shared_state(Some(link));
         self
     }
 
     /// Replaces (or with `None` ends) the shared-state link of every clone of this gateway, as
     /// a config reload does: the old link's task stops when nothing else holds it.
-    pub fn replace_shared_state(&self, link: Option<crate::shared::SharedState>) {
+    pub fn replace_shared_state(&self, link: Option<tower_llm_lb::shared::SharedState>) {
         self.shared.store(link.map(Arc::new));
     }
 
     /// Applies what `config` says of the gateway beside its keys: the models the service routes
     /// by name (`models`), `gateway.model_aliases` and `gateway.stream_usage`. Fails as
     /// [`Gateway::model_aliases`] does.
-    pub fn configured(self, config: &crate::config::Config) -> Result<Self, String> {
+    pub fn configured(self, config: &tower_llm_lb::config::Config) -> Result<Self, String> {
         let g = config.gateway.clone().unwrap_or_default();
         self.stream_usage(g.stream_usage.unwrap_or(false))
             .served_models(config.models.keys().cloned().collect())
@@ -215,7 +219,7 @@ impl Gateway {
     /// Replaces what every clone of this gateway serves (a config reload): new requests use the
     /// new stack at once; requests under way finish on the old one. Fails, naming the alias, as
     /// [`Gateway::model_aliases`] does, and then changes nothing. Build the new stack with
-    /// [`Config::build_reusing`](crate::config::Config::build_reusing) over
+    /// [`Config::build_reusing`](tower_llm_lb::config::Config::build_reusing) over
     /// [`Gateway::backends`] so unchanged backends keep their state. `models` are the models
     /// the service routes by name (config `models`), listed on `/v1/models` with those the
     /// backends declare.
@@ -257,7 +261,7 @@ impl Gateway {
     }
 
     /// The models the service routes by name (config `models`: see
-    /// [`Config::models`](crate::config::Config::models)), listed on `/v1/models` beside those
+    /// [`Config::models`](tower_llm_lb::config::Config::models)), listed on `/v1/models` beside those
     /// the backends declare, and usable as alias targets and metric labels.
     pub fn served_models(self, models: Vec<String>) -> Self {
         let now = self.live.load_full();
@@ -510,7 +514,8 @@ async fn forward(State(gw): State<Gateway>, req: Request) -> Response {
 async fn anthropic_shaped(res: Response) -> Response {
     let (mut parts, body) = res.into_parts();
     let Ok(bytes) = axum::body::to_bytes(body, ERROR_BODY_LIMIT).await else {
-        let body = crate::provider::translate::error_to_anthropic(parts.status.as_u16(), b"");
+        let body =
+            tower_llm_lb::provider::translate::error_to_anthropic(parts.status.as_u16(), b"");
         return Response::from_parts(parts, axum::body::Body::from(body));
     };
     let already = serde_json::from_slice::<serde_json::Value>(&bytes)
@@ -518,7 +523,7 @@ async fn anthropic_shaped(res: Response) -> Response {
     if already {
         return Response::from_parts(parts, axum::body::Body::from(bytes));
     }
-    let body = crate::provider::translate::error_to_anthropic(parts.status.as_u16(), &bytes);
+    let body = tower_llm_lb::provider::translate::error_to_anthropic(parts.status.as_u16(), &bytes);
     parts.headers.remove(http::header::CONTENT_LENGTH);
     Response::from_parts(parts, axum::body::Body::from(body))
 }
@@ -576,15 +581,16 @@ async fn forward_counted(
     let mut strip_usage = false;
     if gw.stream_usage
         && parts.uri.path() == "/v1/chat/completions"
-        && let Some(asked) = crate::provider::translate::ask_stream_usage(&bytes)
+        && let Some(asked) = tower_llm_lb::provider::translate::ask_stream_usage(&bytes)
     {
         bytes = Bytes::from(asked);
         strip_usage = true;
     }
-    let cost = crate::provider::estimate_tokens(&bytes);
+    let cost = tower_llm_lb::provider::estimate_tokens(&bytes);
     let model = gw.metrics.model_label(&live, &bytes);
     let mut out = http::Request::new(ReplayBody::new(bytes));
-    out.extensions_mut().insert(crate::balance::TokenCost(cost));
+    out.extensions_mut()
+        .insert(tower_llm_lb::balance::TokenCost(cost));
     *out.method_mut() = parts.method;
     *out.uri_mut() = parts
         .uri
@@ -604,7 +610,7 @@ async fn forward_counted(
         Ok(res) => res.extensions().get::<Attempts>().map(|a| &a.0[..]),
         Err(e) => find::<Exhausted>(&**e)
             .map(Exhausted::attempts)
-            .or_else(|| find::<crate::error::DeadlineExceeded>(&**e).map(|d| d.attempts())),
+            .or_else(|| find::<tower_llm_lb::error::DeadlineExceeded>(&**e).map(|d| d.attempts())),
     };
     if let Some(attempts) = attempts {
         gw.metrics.attempts(attempts, started.elapsed());
@@ -625,33 +631,8 @@ async fn forward_counted(
     }
 }
 
-/// What a configured secret becomes in anything passed on to a caller.
+/// What a configured secret becomes in a header passed on to a caller.
 const REDACTED: &str = "[redacted]";
-
-/// `bytes` with every occurrence of each of `secrets` replaced by [`REDACTED`].
-pub(crate) fn redact(bytes: Bytes, secrets: &[Vec<u8>]) -> Bytes {
-    let found = |hay: &[u8]| {
-        secrets
-            .iter()
-            .any(|s| hay.windows(s.len()).any(|w| w == &s[..]))
-    };
-    if !found(&bytes) {
-        return bytes;
-    }
-    let mut out: Vec<u8> = bytes.to_vec();
-    for s in secrets {
-        let mut i = 0;
-        while i + s.len() <= out.len() {
-            if out[i..i + s.len()] == s[..] {
-                out.splice(i..i + s.len(), REDACTED.bytes());
-                i += REDACTED.len();
-            } else {
-                i += 1;
-            }
-        }
-    }
-    out.into()
-}
 
 /// The most of an upstream error body read to check its shape.
 const ERROR_BODY_LIMIT: usize = 64 * 1024;
@@ -676,15 +657,10 @@ async fn shaped_error(res: http::Response<LlmBody>, backends: &[Backend]) -> Res
     };
     // A backend may echo its own key (a 401 quoting the header it got): no configured
     // secret reaches a caller, in the body or a header.
-    let secrets: Vec<Vec<u8>> = backends
-        .iter()
-        .filter_map(Backend::credential)
-        .flat_map(crate::auth::Credential::secret_texts)
-        .filter(|s| s.len() >= 4)
-        .collect();
-    let bytes = redact(bytes, &secrets);
+    let credentials = || backends.iter().filter_map(Backend::credential);
+    let bytes = redact(bytes, credentials());
     for value in parts.headers.values_mut() {
-        let clean = redact(Bytes::copy_from_slice(value.as_bytes()), &secrets);
+        let clean = redact(Bytes::copy_from_slice(value.as_bytes()), credentials());
         if clean != value.as_bytes() {
             *value = HeaderValue::from_static(REDACTED);
         }
@@ -736,7 +712,10 @@ fn into_axum(
     // A backend that refused *our* credential: the caller's key is not at fault, and the
     // backend's answer (which may echo the key) is not passed on.
     if let Some(served) = res.extensions().get::<Served>()
-        && matches!(served.outcome, crate::Outcome::CredentialRejected { .. })
+        && matches!(
+            served.outcome,
+            tower_llm_lb::Outcome::CredentialRejected { .. }
+        )
     {
         return error_response(
             StatusCode::BAD_GATEWAY,
@@ -755,7 +734,7 @@ fn into_axum(
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("text/event-stream"));
     let strip = (sse && strip_usage).then(|| Stripping {
-        with: crate::provider::translate::StripUsage::default(),
+        with: tower_llm_lb::provider::translate::StripUsage::default(),
         out: Vec::new(),
         finished: false,
     });
@@ -807,7 +786,8 @@ fn attribute(parts: &mut http::response::Parts) {
 /// ```
 /// use axum::{Router, error_handling::HandleErrorLayer};
 /// use tower::ServiceBuilder;
-/// use tower_llm_lb::{BoxError, body::BufferRequestLayer, gateway::response_for};
+/// use tower_llm_lb::{BoxError, body::BufferRequestLayer};
+/// use tower_llm_lb_gateway::response_for;
 /// # fn app(llm: tower_llm_lb::stack::LlmService) -> Router {
 /// let route = ServiceBuilder::new()
 ///     .layer(HandleErrorLayer::new(|e: BoxError| async move { response_for(&e) }))
@@ -821,7 +801,7 @@ pub fn response_for(e: &BoxError) -> Response {
 }
 
 fn error_for(e: &BoxError) -> Response {
-    if find::<crate::error::DeadlineExceeded>(&**e).is_some() {
+    if find::<tower_llm_lb::error::DeadlineExceeded>(&**e).is_some() {
         return error_response(
             StatusCode::GATEWAY_TIMEOUT,
             "request_timeout",
@@ -836,7 +816,7 @@ fn error_for(e: &BoxError) -> Response {
         let kind = if ex
             .attempts()
             .iter()
-            .all(|a| matches!(a.outcome, crate::Outcome::CredentialRejected { .. }))
+            .all(|a| matches!(a.outcome, tower_llm_lb::Outcome::CredentialRejected { .. }))
         {
             "upstream_auth_error"
         } else {
@@ -845,7 +825,7 @@ fn error_for(e: &BoxError) -> Response {
         let mut res = error_response(StatusCode::BAD_GATEWAY, kind, &e.to_string());
         if let Some(at) = ex.earliest() {
             let wait = at.saturating_duration_since(Instant::now());
-            crate::classify::retry_after::set_retry_after(res.headers_mut(), wait);
+            tower_llm_lb::classify::retry_after::set_retry_after(res.headers_mut(), wait);
         }
         return res;
     }
@@ -860,7 +840,7 @@ fn error_for(e: &BoxError) -> Response {
             "rate_limit_exceeded",
             &format!("every backend is busy: {e}"),
         );
-        crate::classify::retry_after::set_retry_after(res.headers_mut(), wait);
+        tower_llm_lb::classify::retry_after::set_retry_after(res.headers_mut(), wait);
         return res;
     }
     if unavailable {
@@ -870,24 +850,24 @@ fn error_for(e: &BoxError) -> Response {
             &e.to_string(),
         );
     }
-    if find::<crate::balance::error::NotServed>(&**e).is_some() {
+    if find::<tower_llm_lb::balance::error::NotServed>(&**e).is_some() {
         return error_response(StatusCode::NOT_FOUND, "model_not_found", &e.to_string());
     }
-    if let Some(u) = find::<crate::translate::Untranslatable>(&**e) {
+    if let Some(u) = find::<tower_llm_lb::translate::Untranslatable>(&**e) {
         let body = serde_json::json!({
             "error": {"message": e.to_string(), "type": "invalid_request_error",
                       "param": u.param, "code": "unsupported_parameter"}
         });
         return (StatusCode::BAD_REQUEST, axum::Json(body)).into_response();
     }
-    if find::<crate::fallback::NotJson>(&**e).is_some() {
+    if find::<tower_llm_lb::fallback::NotJson>(&**e).is_some() {
         return error_response(
             StatusCode::BAD_REQUEST,
             "invalid_request_error",
             &e.to_string(),
         );
     }
-    if find::<crate::body::error::TooLarge>(&**e).is_some() {
+    if find::<tower_llm_lb::body::error::TooLarge>(&**e).is_some() {
         return error_response(
             StatusCode::PAYLOAD_TOO_LARGE,
             "request_too_large",
@@ -916,7 +896,7 @@ pin_project_lite::pin_project! {
 
 /// A stream losing the usage chunk the gateway asked for on its caller's behalf.
 struct Stripping {
-    with: crate::provider::translate::StripUsage,
+    with: tower_llm_lb::provider::translate::StripUsage,
     out: Vec<u8>,
     finished: bool,
 }
@@ -964,7 +944,6 @@ impl http_body::Body for StreamGuard {
             let Some(strip) = this.strip.as_mut() else {
                 break frame;
             };
-            use crate::provider::translate::StreamTranslate;
             match frame {
                 Some(Ok(f)) => match f.into_data() {
                     Ok(data) => {
@@ -1013,7 +992,7 @@ fn resolve_alias(aliases: &std::collections::BTreeMap<String, String>, bytes: By
     if aliases.is_empty() {
         return bytes;
     }
-    let Some(model) = crate::provider::model_of(&bytes).and_then(|m| aliases.get(m)) else {
+    let Some(model) = tower_llm_lb::provider::model_of(&bytes).and_then(|m| aliases.get(m)) else {
         return bytes;
     };
     match serde_json::from_slice::<serde_json::Value>(&bytes) {
@@ -1106,8 +1085,8 @@ async fn stats(State(gw): State<Gateway>, req: Request) -> Response {
 }
 
 /// A mock chat backend of `--mock`: 30 ms to answer, streams of 8 chunks 40 ms apart.
-fn chat_mock(name: &str) -> crate::mock::MockBuilder {
-    crate::mock::MockServer::builder()
+fn chat_mock(name: &str) -> tower_llm_lb::mock::MockBuilder {
+    tower_llm_lb::mock::MockServer::builder()
         .name(name)
         .latency(Duration::from_millis(30))
         .stream_chunks(8)
@@ -1119,8 +1098,8 @@ fn chat_mock(name: &str) -> crate::mock::MockBuilder {
 /// backend serving `claude-sonnet-4-5` (OpenAI-shaped requests for it are translated), and the
 /// JSON config that points at them (every setting default; the alias `gpt-4` for `gpt-4o`). Keep the
 /// servers alive as long as the gateway runs.
-pub async fn mock_backends() -> std::io::Result<(Vec<crate::mock::MockServer>, String)> {
-    use crate::mock::MockServer;
+pub async fn mock_backends() -> std::io::Result<(Vec<tower_llm_lb::mock::MockServer>, String)> {
+    use tower_llm_lb::mock::MockServer;
     // (name, key, requests per second, tier)
     let specs = [
         ("ptu-eastus", "mock-ptu", 20.0, 0),

@@ -22,8 +22,8 @@ use tokio::time::Instant;
 use arc_swap::ArcSwap;
 
 use super::Live;
-use crate::backend::Backend;
-use crate::state::Circuit;
+use tower_llm_lb::backend::Backend;
+use tower_llm_lb::state::Circuit;
 
 type Labels = Vec<(&'static str, String)>;
 
@@ -131,7 +131,7 @@ impl Metrics {
     /// The `model` label of a request: its `model` when a backend declares it, else `other`
     /// (label values stay a bounded set).
     pub(crate) fn model_label(&self, live: &Live, body: &[u8]) -> String {
-        match crate::provider::model_of(body) {
+        match tower_llm_lb::provider::model_of(body) {
             Some(m) if live.declares(m) => m.to_string(),
             _ => "other".to_string(),
         }
@@ -150,7 +150,7 @@ impl Metrics {
     /// Counts what a request's attempts say: each attempt's time to its answer's head (or its
     /// failure) by backend and outcome, the retries (attempts past the first), and the time the
     /// request spent waiting between attempts (all of `total` not spent in one).
-    pub(crate) fn attempts(&self, attempts: &[crate::error::Attempt], total: Duration) {
+    pub(crate) fn attempts(&self, attempts: &[tower_llm_lb::error::Attempt], total: Duration) {
         let mut busy = Duration::ZERO;
         for a in attempts {
             busy += a.elapsed;
@@ -293,11 +293,11 @@ impl UsageWatch {
     /// A watch for a successful answer served by a backend; `None` otherwise.
     pub(crate) fn new(
         metrics: Arc<Metrics>,
-        res: &http::Response<crate::stack::LlmBody>,
+        res: &http::Response<tower_llm_lb::stack::LlmBody>,
         model: String,
         client: &'static str,
     ) -> Option<Self> {
-        let served = res.extensions().get::<crate::endpoint::Served>()?;
+        let served = res.extensions().get::<tower_llm_lb::endpoint::Served>()?;
         res.status().is_success().then(|| UsageWatch {
             metrics,
             backend: served.backend.name().to_string(),
@@ -325,7 +325,8 @@ impl UsageWatch {
     }
 
     pub(crate) fn finish(self) {
-        let Some((prompt, completion)) = crate::provider::usage_of(&self.head, &self.tail) else {
+        let Some((prompt, completion)) = tower_llm_lb::provider::usage_of(&self.head, &self.tail)
+        else {
             return;
         };
         {

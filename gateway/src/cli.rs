@@ -16,8 +16,8 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::Config;
-use crate::error::BoxError;
+use tower_llm_lb::config::Config;
+use tower_llm_lb::error::BoxError;
 
 /// Tower middleware's OpenAI-compatible gateway: spreads LLM API calls over many endpoints and
 /// keeps working when they throttle or fail.
@@ -97,7 +97,7 @@ fn check(path: &str) -> ExitCode {
         .map(|g| g.model_aliases.clone())
         .unwrap_or_default();
     let built = config
-        .build_with_backends(crate::client::http_client())
+        .build_with_backends(tower_llm_lb::client::http_client())
         .map_err(|e| e.to_string())
         .and_then(|(service, backends)| {
             super::Gateway::new(service, backends.clone(), Vec::new())
@@ -197,11 +197,8 @@ async fn run(args: Serve) -> Result<(), Failure> {
     let addr: SocketAddr = listen
         .parse()
         .map_err(|_| Failure::Config(format!("--listen: not an address: {listen}")))?;
-    #[cfg(feature = "rustls")]
-    let client: Client =
-        crate::client::https_client(crate::client::Roots::WebPki).map_err(serve_err)?;
-    #[cfg(not(feature = "rustls"))]
-    let client: Client = crate::client::http_client();
+    let client: Client = tower_llm_lb::client::https_client(tower_llm_lb::client::Roots::WebPki)
+        .map_err(serve_err)?;
     let (service, backends) = config
         .build_with_backends(client.clone())
         .map_err(|e| Failure::Config(e.to_string()))?;
@@ -237,14 +234,8 @@ async fn run(args: Serve) -> Result<(), Failure> {
     served
 }
 
-/// The gateway's client to its backends: HTTPS (webpki roots) with the `rustls` feature.
-#[cfg(feature = "rustls")]
-type Client = crate::client::HttpsClient<crate::body::ReplayBody>;
-#[cfg(not(feature = "rustls"))]
-type Client = hyper_util::client::legacy::Client<
-    hyper_util::client::legacy::connect::HttpConnector,
-    crate::body::ReplayBody,
->;
+/// The gateway's client to its backends: HTTPS (webpki roots) or plain HTTP.
+type Client = tower_llm_lb::client::HttpsClient<tower_llm_lb::body::ReplayBody>;
 
 /// Reloads the config at `path` into `gateway` on SIGHUP and whenever the file's modification
 /// time or length changes (checked every 2 s; a Kubernetes ConfigMap's symlink swap counts). A

@@ -446,7 +446,7 @@ async fn the_config_s_shared_state_shows_on_stats_and_keeps_its_password_out_of_
     assert!(!format!("{config:?}").contains("s3cret-pw"));
     let (svc, backends) = config.build_with_backends(http_client()).unwrap();
     let link = config.shared_state(backends.clone()).unwrap().unwrap();
-    let app = tower_llm_lb::gateway::Gateway::new(svc, backends, vec!["k".into()])
+    let app = tower_llm_lb_gateway::Gateway::new(svc, backends, vec!["k".into()])
         .shared_state(link)
         .router();
     let stats = || async {
@@ -483,7 +483,10 @@ async fn the_config_s_shared_state_shows_on_stats_and_keeps_its_password_out_of_
 
 #[test]
 fn the_readme_s_and_deploy_s_shared_state_configs_parse() {
-    for doc in [include_str!("../README.md"), include_str!("../DEPLOY.md")] {
+    for doc in [
+        include_str!("../../README.md"),
+        include_str!("../../DEPLOY.md"),
+    ] {
         let start = doc
             .find("{ \"shared_state\"")
             .or_else(|| doc.find("{\n  \"shared_state\""))

@@ -10,8 +10,8 @@ use http_body_util::{BodyExt, Full};
 use tower::ServiceExt;
 use tower_llm_lb::client::http_client;
 use tower_llm_lb::config::Config;
-use tower_llm_lb::gateway::Gateway;
 use tower_llm_lb::mock::{Fault, MockServer};
+use tower_llm_lb_gateway::Gateway;
 
 struct Running {
     url: String,
@@ -277,7 +277,7 @@ async fn without_client_keys_only_loopback_is_served() {
 
 #[tokio::test(start_paused = true)]
 async fn the_mock_mode_config_serves_through_its_embedded_backends() {
-    let (_mocks, json) = tower_llm_lb::gateway::mock_backends().await.unwrap();
+    let (_mocks, json) = tower_llm_lb_gateway::mock_backends().await.unwrap();
     let gw = start(&json).await;
     let chat = format!("{}/v1/chat/completions", gw.url);
     let res = send(post(chat.clone(), None, r#"{"model":"gpt-4o"}"#)).await;
