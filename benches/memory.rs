@@ -14,8 +14,8 @@ use tower_llm_lb::balance::Balance;
 use tower_llm_lb::body::ReplayBody;
 use tower_llm_lb::circuit_breaker::{BreakerGroup, Policy};
 use tower_llm_lb::endpoint::EndpointLayer;
-use tower_llm_lb::mock::{InProcess, MockServer};
 use tower_llm_lb::retry::RetryAfter429Layer;
+use tower_llm_lb_mock::{InProcess, MockServer};
 
 struct Counting;
 

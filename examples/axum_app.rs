@@ -9,9 +9,9 @@ use http_body_util::BodyExt;
 use tower::ServiceExt;
 use tower_llm_lb::body::ReplayBody;
 use tower_llm_lb::client::http_client;
-use tower_llm_lb::mock::MockServer;
 use tower_llm_lb::stack::{self, LlmService, Settings};
 use tower_llm_lb::{Backend, BoxError, auth::Credential};
+use tower_llm_lb_mock::MockServer;
 
 /// The handler: asks the model, returns its text. The stack is shared by every request.
 async fn summary(State(llm): State<LlmService>) -> Result<String, (http::StatusCode, String)> {

@@ -20,11 +20,11 @@ use tower_llm_lb::body::ReplayBody;
 use tower_llm_lb::client::http_client;
 use tower_llm_lb::endpoint::Served;
 use tower_llm_lb::error::{Exhausted, Unavailable, find};
-use tower_llm_lb::mock::{Fault, MockServer};
 use tower_llm_lb::retry::Attempts;
 use tower_llm_lb::stack::{self, Settings};
 use tower_llm_lb::state::Circuit;
 use tower_llm_lb::{Backend, BoxError};
+use tower_llm_lb_mock::{Fault, MockServer};
 
 /// (name, priority tier, requests per second)
 const BACKENDS: [(&str, u32, f64); 6] = [

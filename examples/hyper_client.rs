@@ -13,10 +13,10 @@ use tower_llm_lb::body::ReplayBody;
 use tower_llm_lb::circuit_breaker::{BreakerGroup, Policy};
 use tower_llm_lb::endpoint::{EndpointLayer, Served};
 use tower_llm_lb::fallback::{Fallback, Overrides};
-use tower_llm_lb::mock::MockServer;
 use tower_llm_lb::retry::{Attempts, RetryAfter429Layer};
 use tower_llm_lb::timeout::AttemptTimeoutLayer;
 use tower_llm_lb::{Backend, BoxError};
+use tower_llm_lb_mock::MockServer;
 
 async fn backend(name: &str, tier: u32) -> Result<(MockServer, Backend), BoxError> {
     let mock = MockServer::builder().name(name).api_key(name).rps(2.0);

@@ -15,9 +15,9 @@ use tower_llm_lb::auth::{Credential, TokenCache};
 use tower_llm_lb::body::ReplayBody;
 use tower_llm_lb::client::http_client;
 use tower_llm_lb::endpoint::Served;
-use tower_llm_lb::mock::{MockServer, MockTokenServer};
 use tower_llm_lb::stack::{self, Settings};
 use tower_llm_lb::{Backend, BoxError};
+use tower_llm_lb_mock::{MockServer, MockTokenServer};
 
 async fn run() -> Result<(), BoxError> {
     let tokens =

@@ -7,7 +7,7 @@
 use std::time::{Duration, Instant};
 
 use tower_llm_lb::balance::Strategy;
-use tower_llm_lb::mock::sim::{Arrivals, Scenario, SimBackend, run};
+use tower_llm_lb_mock::sim::{Arrivals, Scenario, SimBackend, run};
 
 fn regions(latency: Duration) -> Vec<SimBackend> {
     ["eastus", "westus", "swedencentral"]

@@ -9,7 +9,7 @@
 //! cargo run --release --example soak -- 100000
 //! ```
 
-use tower_llm_lb::mock::soak::Soak;
+use tower_llm_lb_mock::soak::Soak;
 
 #[tokio::main(flavor = "current_thread", start_paused = true)]
 async fn main() {

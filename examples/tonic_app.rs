@@ -18,9 +18,9 @@ use tower_llm_lb::auth::Credential;
 use tower_llm_lb::body::ReplayBody;
 use tower_llm_lb::client::{grpc_client, http_client};
 use tower_llm_lb::endpoint::Served;
-use tower_llm_lb::mock::MockServer;
 use tower_llm_lb::stack::{self, LlmService, Settings};
 use tower_llm_lb::{Backend, BoxError};
+use tower_llm_lb_mock::MockServer;
 
 /// `message AskRequest { string question = 1; }`
 #[derive(Clone, PartialEq, prost::Message)]

@@ -14,9 +14,9 @@ use tower_llm_lb::body::{BufferRequestLayer, ReplayBody};
 use tower_llm_lb::circuit_breaker::{BreakerGroup, Policy};
 use tower_llm_lb::client::grpc_client;
 use tower_llm_lb::endpoint::EndpointLayer;
-use tower_llm_lb::mock::grpc::{GrpcFault, GrpcMock};
 use tower_llm_lb::retry::RetryAfter429Layer;
 use tower_llm_lb::{Backend, BoxError};
+use tower_llm_lb_mock::grpc::{GrpcFault, GrpcMock};
 
 async fn run() -> Result<(), BoxError> {
     let mut servers = Vec::new();

@@ -51,7 +51,7 @@
 //!                    endpoint::{EndpointLayer, Served}, client::http_client};
 //!
 //! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), tower_llm_lb::BoxError> {
-//! # let mock = tower_llm_lb::mock::MockServer::builder().api_key("key-1").start().await?;
+//! # let mock = tower_llm_lb_mock::MockServer::builder().api_key("key-1").start().await?;
 //! # let url = mock.url();
 //! let backend = Backend::azure("eastus", url, "gpt-4o", "2024-10-21")
 //!     .credential(Credential::api_key("key-1")?)
@@ -77,10 +77,8 @@
 //! | feature | default | what it adds |
 //! |---|---|---|
 //! | `rustls` | yes | [`client::https_client`]: hyper-util + rustls (ring), webpki or native roots; [`client::https_client_with`] for your own rustls config (private roots, client certificates) |
-//! | `mock` | no | `mock`: the loopback mock LLM server (and Entra token server) used by the tests and the demo |
 //! | `config` | no | `config`: a JSON/TOML config that builds the whole stack |
 //! | `azure-identity` | no | `auth::entra::AzureSdkCredential`: any `azure_core` `TokenCredential` as a token source |
-//! | `grpc-mock` | no | `mock::grpc`: a loopback tonic server (gRPC health service, a quota, faults) for gRPC tests |
 //! | `redis` | no | `shared::RedisStore`: replicas share backend waits, open circuits and their quota shares through Redis (or a Redis Cluster) |
 //!
 //! gRPC needs no feature: [`Backend::grpc`], [`client::grpc_client`] and [`classify::grpc`]
@@ -107,8 +105,6 @@ pub mod fallback;
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzz;
-#[cfg(feature = "mock")]
-pub mod mock;
 pub mod provider;
 mod ready;
 pub mod retry;

@@ -25,7 +25,8 @@
 //!
 //! ```
 //! use tower::{ServiceBuilder, ServiceExt};
-//! use tower_llm_lb::{Backend, endpoint::EndpointLayer, mock::MockServer, translate::TranslateLayer};
+//! use tower_llm_lb::{Backend, endpoint::EndpointLayer, translate::TranslateLayer};
+//! use tower_llm_lb_mock::MockServer;
 //! use http_body_util::BodyExt;
 //!
 //! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), tower_llm_lb::BoxError> {

@@ -13,8 +13,8 @@ use tower_llm_lb::auth::error::TokenUnavailable;
 use tower_llm_lb::auth::{BoxFuture, Credential, Token, TokenSource};
 use tower_llm_lb::endpoint::Served;
 use tower_llm_lb::error::{BackendError, find};
-use tower_llm_lb::mock::MockServer;
 use tower_llm_lb::{Backend, BoxError, Outcome};
+use tower_llm_lb_mock::MockServer;
 
 #[tokio::test]
 async fn azure_api_key_reaches_the_deployment_route() {
@@ -267,7 +267,7 @@ async fn secrets_never_appear_in_logs_or_debug_output() {
     let svc = stack(&backend);
     let res = svc.clone().oneshot(chat("{}")).await.unwrap();
     tracing::info!(?res, ?backend, ?svc, "response");
-    mock.set_fault(Some(tower_llm_lb::mock::Fault::QuotaExhausted));
+    mock.set_fault(Some(tower_llm_lb_mock::Fault::QuotaExhausted));
     let res = svc.clone().oneshot(chat("{}")).await.unwrap();
     tracing::info!(?res, "second");
     let logs = captured.text();

@@ -11,9 +11,9 @@ use tower::ServiceExt;
 use tower_llm_lb::balance::Strategy;
 use tower_llm_lb::endpoint::Served;
 use tower_llm_lb::error::Exhausted;
-use tower_llm_lb::mock::MockServer;
 use tower_llm_lb::retry::{Attempts, Deadline, RetryAfter429Layer};
 use tower_llm_lb::{Backend, Outcome};
+use tower_llm_lb_mock::MockServer;
 
 async fn mocks(n: usize, rps: f64) -> Vec<MockServer> {
     mocks_with(n, rps, true).await
@@ -414,7 +414,7 @@ async fn twice_the_aggregate_load(quota_headers: bool) {
 #[tokio::test(start_paused = true)]
 async fn a_5xx_is_retried_elsewhere_unless_failure_retries_are_off() {
     let failing = MockServer::builder().name("failing").start().await.unwrap();
-    failing.set_fault(Some(tower_llm_lb::mock::Fault::Status(503)));
+    failing.set_fault(Some(tower_llm_lb_mock::Fault::Status(503)));
     let ok = MockServer::builder().name("ok").start().await.unwrap();
     let backends = [
         backend("failing", &failing, 0, 1.0),
@@ -441,7 +441,7 @@ async fn a_5xx_is_retried_elsewhere_unless_failure_retries_are_off() {
 #[tokio::test(start_paused = true)]
 async fn a_retry_avoids_the_backend_already_tried_when_another_is_free() {
     let failing = MockServer::builder().name("a").start().await.unwrap();
-    failing.set_fault(Some(tower_llm_lb::mock::Fault::Status(500)));
+    failing.set_fault(Some(tower_llm_lb_mock::Fault::Status(500)));
     let others = mocks(2, 1000.0).await;
     let backends = [
         backend("a", &failing, 0, 100.0),

@@ -12,11 +12,11 @@ use tower::ServiceExt;
 use tower_llm_lb::circuit_breaker::{BreakerGroup, HealthProbe, Policy, error::Open};
 use tower_llm_lb::client::http_client;
 use tower_llm_lb::error::{Exhausted, Unavailable, find};
-use tower_llm_lb::mock::{Fault, MockServer};
 use tower_llm_lb::retry::{Attempts, RetryAfter429Layer};
 use tower_llm_lb::state::Circuit;
 use tower_llm_lb::timeout::{AttemptTimeoutLayer, error::Elapsed};
 use tower_llm_lb::{Backend, Outcome};
+use tower_llm_lb_mock::{Fault, MockServer};
 
 fn policy() -> Policy {
     Policy {

@@ -8,7 +8,7 @@ use tower::ServiceExt;
 use tower_llm_lb::client::http_client;
 use tower_llm_lb::config::Config;
 use tower_llm_lb::fallback::ServedPath;
-use tower_llm_lb::mock::MockServer;
+use tower_llm_lb_mock::MockServer;
 
 fn build_err(json: &str) -> String {
     match Config::from_json(json) {
@@ -174,7 +174,7 @@ async fn portkeys_nested_loadbalance_with_a_fallback_arm_behaves_as_written() {
         .start()
         .await
         .unwrap();
-    openai_b.set_fault(Some(tower_llm_lb::mock::Fault::Status(500)));
+    openai_b.set_fault(Some(tower_llm_lb_mock::Fault::Status(500)));
     let azure = MockServer::builder()
         .name("azure")
         .api_key("az")
@@ -263,7 +263,7 @@ async fn backends_alone_are_balanced_by_priority() {
 
 #[tokio::test(start_paused = true)]
 async fn keyless_backends_of_one_identity_share_one_token() {
-    use tower_llm_lb::mock::MockTokenServer;
+    use tower_llm_lb_mock::MockTokenServer;
     // The secret comes from an environment variable; cargo sets CARGO_PKG_NAME for tests.
     let secret = std::env::var("CARGO_PKG_NAME").unwrap();
     let tokens =
@@ -411,9 +411,9 @@ async fn a_429_on_one_deployment_does_not_hold_back_another_deployment_of_the_sa
         "both scopes on stats pages"
     );
     // The 8k deployment is out of quota for 30 s; the 32k one is not.
-    resource.set_fault(Some(tower_llm_lb::mock::Fault::OnPath(
+    resource.set_fault(Some(tower_llm_lb_mock::Fault::OnPath(
         "gpt-4-8k".into(),
-        Box::new(tower_llm_lb::mock::Fault::Throttle(vec![(
+        Box::new(tower_llm_lb_mock::Fault::Throttle(vec![(
             "retry-after".into(),
             "30".into(),
         )])),
@@ -450,8 +450,8 @@ async fn a_429_on_one_deployment_does_not_hold_back_another_deployment_of_the_sa
 #[tokio::test(start_paused = true)]
 async fn a_configured_health_check_takes_a_failing_backend_out_and_lets_it_back() {
     use std::time::Duration;
-    use tower_llm_lb::mock::Fault;
     use tower_llm_lb::state::Circuit;
+    use tower_llm_lb_mock::Fault;
     let a = MockServer::builder().api_key("ka").start().await.unwrap();
     let b = MockServer::builder().api_key("kb").start().await.unwrap();
     a.set_fault(Some(Fault::OnPath(
@@ -511,7 +511,7 @@ async fn a_configured_health_check_takes_a_failing_backend_out_and_lets_it_back(
 #[tokio::test(start_paused = true)]
 async fn a_throttled_arm_of_a_nested_group_is_skipped_while_its_sibling_has_room() {
     use std::time::Duration;
-    use tower_llm_lb::mock::Fault;
+    use tower_llm_lb_mock::Fault;
     let mocks: Vec<MockServer> = {
         let mut v = Vec::new();
         for key in ["a1", "a2", "b1", "b2"] {
@@ -571,8 +571,8 @@ async fn a_throttled_arm_of_a_nested_group_is_skipped_while_its_sibling_has_room
 #[tokio::test(start_paused = true)]
 async fn a_backend_s_own_health_check_replaces_the_group_s_and_thresholds_go_both_ways() {
     use std::time::Duration;
-    use tower_llm_lb::mock::Fault;
     use tower_llm_lb::state::Circuit;
+    use tower_llm_lb_mock::Fault;
     let a = MockServer::builder().api_key("ka").start().await.unwrap();
     let b = MockServer::builder().api_key("kb").start().await.unwrap();
     let json = format!(
@@ -640,7 +640,7 @@ fn an_empty_models_list_is_a_config_error_naming_the_field() {
 
 #[tokio::test(start_paused = true)]
 async fn a_reloaded_config_keeps_the_state_of_unchanged_backends() {
-    use tower_llm_lb::mock::Fault;
+    use tower_llm_lb_mock::Fault;
     let a = MockServer::builder()
         .name("a")
         .bearer("ka")

@@ -7,11 +7,11 @@ use std::time::Duration;
 use tower::ServiceExt;
 use tower_llm_lb::client::http_client;
 use tower_llm_lb::error::{Exhausted, Unavailable, find};
-use tower_llm_lb::mock::{Fault, MockServer};
 use tower_llm_lb::retry::RetryAfter429Layer;
 use tower_llm_lb::stack::{self, LlmService, Settings};
 use tower_llm_lb::state::Circuit;
 use tower_llm_lb::{Backend, BoxError};
+use tower_llm_lb_mock::{Fault, MockServer};
 
 mod common;
 use common::chat;

@@ -10,8 +10,8 @@ use tokio::time::Instant;
 use tower::ServiceExt;
 use tower_llm_lb::endpoint::{EndpointLayer, Served};
 use tower_llm_lb::error::BackendError;
-use tower_llm_lb::mock::{Fault, MockServer};
 use tower_llm_lb::{Backend, Outcome};
+use tower_llm_lb_mock::{Fault, MockServer};
 
 fn azure(url: String) -> Backend {
     Backend::azure("east", url, "gpt-4o", "2024-10-21")
@@ -155,7 +155,7 @@ async fn server_errors_are_returned_and_counted() {
 #[tokio::test]
 async fn connect_error_is_a_typed_error_naming_the_backend() {
     // A port that refuses connections, reserved while the test runs.
-    let port = tower_llm_lb::mock::RefusingPort::new().unwrap();
+    let port = tower_llm_lb_mock::RefusingPort::new().unwrap();
     let backend = azure(port.url());
     let err = stack(&backend).oneshot(chat("{}")).await.unwrap_err();
     let be = err.downcast_ref::<BackendError>().expect("BackendError");

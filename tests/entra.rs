@@ -16,8 +16,8 @@ use tower_llm_lb::auth::error::TokenUnavailable;
 use tower_llm_lb::auth::{Credential, TokenCache, TokenSource};
 use tower_llm_lb::client::http_client;
 use tower_llm_lb::error::find;
-use tower_llm_lb::mock::{MockServer, MockTokenServer};
 use tower_llm_lb::{Backend, BoxError};
+use tower_llm_lb_mock::{MockServer, MockTokenServer};
 
 const SECRET: &str = "client-secret-value~42";
 

@@ -11,9 +11,9 @@ use tower::ServiceExt;
 use tower_llm_lb::balance::Balance;
 use tower_llm_lb::error::Exhausted;
 use tower_llm_lb::fallback::{BoxTarget, Fallback, Overrides, ServedPath};
-use tower_llm_lb::mock::{Fault, MockServer};
 use tower_llm_lb::retry::{Attempts, RetryAfter429Layer};
 use tower_llm_lb::{Backend, Outcome};
+use tower_llm_lb_mock::{Fault, MockServer};
 
 fn azure(name: &str, m: &MockServer, deployment: &str) -> Backend {
     Backend::azure(name, m.url(), deployment, "2024-10-21")

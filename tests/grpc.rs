@@ -12,10 +12,10 @@ use tower_llm_lb::body::{BufferRequestLayer, ReplayBody};
 use tower_llm_lb::circuit_breaker::{BreakerGroup, Policy};
 use tower_llm_lb::client::grpc_client;
 use tower_llm_lb::endpoint::EndpointLayer;
-use tower_llm_lb::mock::grpc::{GrpcFault, GrpcMock};
 use tower_llm_lb::retry::RetryAfter429Layer;
 use tower_llm_lb::state::Circuit;
 use tower_llm_lb::{Backend, BoxError};
+use tower_llm_lb_mock::grpc::{GrpcFault, GrpcMock};
 
 async fn servers(rps: [u32; 3]) -> (Vec<GrpcMock>, Vec<Backend>) {
     let mut mocks = Vec::new();

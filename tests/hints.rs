@@ -9,9 +9,9 @@ use common::chat;
 use tower::ServiceExt;
 use tower_llm_lb::Backend;
 use tower_llm_lb::client::http_client;
-use tower_llm_lb::mock::{Fault, MockServer};
 use tower_llm_lb::retry::RetryAfter429Layer;
 use tower_llm_lb::stack::{self, LlmService, Settings};
+use tower_llm_lb_mock::{Fault, MockServer};
 
 async fn throttling(name: &str, headers: &[(&str, &str)]) -> MockServer {
     let m = MockServer::builder().name(name).start().await.unwrap();

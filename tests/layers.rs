@@ -12,10 +12,10 @@ use tower_llm_lb::circuit_breaker::{BreakerGroup, Policy};
 use tower_llm_lb::client::http_client;
 use tower_llm_lb::endpoint::{EndpointLayer, Served};
 use tower_llm_lb::error::NoBackendChosen;
-use tower_llm_lb::mock::{Fault, MockServer};
 use tower_llm_lb::retry::RetryAfter429Layer;
 use tower_llm_lb::state::Circuit;
 use tower_llm_lb::{Backend, Outcome};
+use tower_llm_lb_mock::{Fault, MockServer};
 
 async fn mock(name: &str, rps: f64) -> MockServer {
     MockServer::builder()

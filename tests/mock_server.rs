@@ -10,7 +10,7 @@ use common::body_string;
 use http_body_util::Full;
 use tower::ServiceExt;
 use tower_llm_lb::client::http_client;
-use tower_llm_lb::mock::{Fault, MockServer};
+use tower_llm_lb_mock::{Fault, MockServer};
 
 async fn send(req: http::Request<Full<Bytes>>) -> http::Response<hyper::body::Incoming> {
     http_client().oneshot(req).await.unwrap()

@@ -21,9 +21,9 @@ use tower_llm_lb::circuit_breaker::{BreakerGroup, Policy};
 use tower_llm_lb::client::http_client;
 use tower_llm_lb::endpoint::{EndpointLayer, Served};
 use tower_llm_lb::error::{CredentialMisplaced, NoBackendChosen, find};
-use tower_llm_lb::mock::{Fault, MockServer};
 use tower_llm_lb::retry::RetryAfter429Layer;
 use tower_llm_lb::{Backend, BoxError};
+use tower_llm_lb_mock::{Fault, MockServer};
 
 /// A stack under test, reduced to what the matrix looks at: the status and who answered (the
 /// body is read to the end, as a caller would).

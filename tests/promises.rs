@@ -18,11 +18,11 @@ use tower_llm_lb::circuit_breaker::{BreakerGroup, Policy};
 use tower_llm_lb::client::http_client;
 use tower_llm_lb::endpoint::{EndpointLayer, Served};
 use tower_llm_lb::fallback::{Fallback, ServedPath};
-use tower_llm_lb::mock::{Fault, MockServer};
 use tower_llm_lb::retry::RetryAfter429Layer;
 use tower_llm_lb::state::Circuit;
 use tower_llm_lb::timeout::AttemptTimeoutLayer;
 use tower_llm_lb::{Backend, Outcome};
+use tower_llm_lb_mock::{Fault, MockServer};
 
 fn azure(name: &str, url: String) -> Backend {
     Backend::azure(name, url, "gpt-4o", "2024-10-21")

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use tower_llm_lb::balance::Strategy;
-use tower_llm_lb::mock::sim::{Arrivals, Scenario, SimBackend, run};
+use tower_llm_lb_mock::sim::{Arrivals, Scenario, SimBackend, run};
 
 fn scenario(load: f64, quota_headers: bool) -> Scenario {
     Scenario {

@@ -1,14 +1,14 @@
-//! The soak (`tower_llm_lb::mock::soak`) at 20,000 requests on tokio's paused clock: the
+//! The soak (`tower_llm_lb_mock::soak`) at 20,000 requests on tokio's paused clock: the
 //! recommended stack with every default over three loopback mocks whose faults change every 25
 //! requests (5xx, HTML 502, hangs, resets, cut and early-ended streams, in-band errors, slow
 //! answers, billing 429s, 429s with hostile hints). Every request ends in exactly one outcome,
 //! and afterwards no task, connection or in-flight count is left over.
 //! `cargo run --release --example soak` runs 1,000,000 and prints the figures.
 
-use tower_llm_lb::mock::soak::Soak;
+use tower_llm_lb_mock::soak::Soak;
 
 /// Runs `soak` and checks what every soak must show; returns its report.
-async fn soaked(soak: Soak) -> tower_llm_lb::mock::soak::SoakReport {
+async fn soaked(soak: Soak) -> tower_llm_lb_mock::soak::SoakReport {
     let report = soak.run().await.unwrap();
     eprintln!("{report}");
     assert!(

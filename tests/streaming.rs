@@ -6,7 +6,7 @@ use common::{chat, stack};
 use http_body_util::BodyExt;
 use tower::ServiceExt;
 use tower_llm_lb::Backend;
-use tower_llm_lb::mock::{Fault, MockServer};
+use tower_llm_lb_mock::{Fault, MockServer};
 
 /// A mock streaming 5 chunks with `fault`, and an OpenAI backend named `name` on it.
 async fn faulty_stream(name: &str, fault: Fault) -> (MockServer, Backend) {

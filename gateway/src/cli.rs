@@ -171,19 +171,38 @@ enum Failure {
     Serve(BoxError),
 }
 
+/// The embedded mock backends of `--mock`, kept alive while the gateway serves.
+#[cfg(feature = "mock")]
+type Mocks = Vec<tower_llm_lb_mock::MockServer>;
+#[cfg(not(feature = "mock"))]
+type Mocks = ();
+
+/// `--mock`: mock backends on loopback and the config that points at them.
+#[cfg(feature = "mock")]
+async fn mock_config() -> Result<(Mocks, Config), Failure> {
+    let (mocks, json) = super::mock_backends()
+        .await
+        .map_err(|e| Failure::Serve(e.into()))?;
+    let config = Config::from_json(&json).map_err(|e| Failure::Config(e.to_string()))?;
+    Ok((mocks, config))
+}
+
+#[cfg(not(feature = "mock"))]
+async fn mock_config() -> Result<(Mocks, Config), Failure> {
+    Err(Failure::Config(
+        "--mock: this binary was built without the gateway crate's `mock` feature".into(),
+    ))
+}
+
 async fn run(args: Serve) -> Result<(), Failure> {
     let serve_err = |e: BoxError| Failure::Serve(e);
     // Mock servers must live as long as the gateway.
     let (_mocks, config) = if args.mock {
-        let (mocks, json) = super::mock_backends()
-            .await
-            .map_err(|e| serve_err(e.into()))?;
-        let config = Config::from_json(&json).map_err(|e| Failure::Config(e.to_string()))?;
-        (mocks, config)
+        mock_config().await?
     } else {
         let path = args.config.as_deref().unwrap_or_default();
         let config = Config::from_path(path).map_err(|e| Failure::Config(e.to_string()))?;
-        (Vec::new(), config)
+        (Mocks::default(), config)
     };
     let client_keys = config
         .gateway

@@ -44,6 +44,9 @@
 //! Errors on `/v1/messages` are in Anthropic's shape (`{"type": "error", "error": {...}}`),
 //! the others in OpenAI's.
 
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
 pub mod cli;
 mod metrics;
 use std::net::SocketAddr;
@@ -1085,8 +1088,9 @@ async fn stats(State(gw): State<Gateway>, req: Request) -> Response {
 }
 
 /// A mock chat backend of `--mock`: 30 ms to answer, streams of 8 chunks 40 ms apart.
-fn chat_mock(name: &str) -> tower_llm_lb::mock::MockBuilder {
-    tower_llm_lb::mock::MockServer::builder()
+#[cfg(feature = "mock")]
+fn chat_mock(name: &str) -> tower_llm_lb_mock::MockBuilder {
+    tower_llm_lb_mock::MockServer::builder()
         .name(name)
         .latency(Duration::from_millis(30))
         .stream_chunks(8)
@@ -1098,8 +1102,9 @@ fn chat_mock(name: &str) -> tower_llm_lb::mock::MockBuilder {
 /// backend serving `claude-sonnet-4-5` (OpenAI-shaped requests for it are translated), and the
 /// JSON config that points at them (every setting default; the alias `gpt-4` for `gpt-4o`). Keep the
 /// servers alive as long as the gateway runs.
-pub async fn mock_backends() -> std::io::Result<(Vec<tower_llm_lb::mock::MockServer>, String)> {
-    use tower_llm_lb::mock::MockServer;
+#[cfg(feature = "mock")]
+pub async fn mock_backends() -> std::io::Result<(Vec<tower_llm_lb_mock::MockServer>, String)> {
+    use tower_llm_lb_mock::MockServer;
     // (name, key, requests per second, tier)
     let specs = [
         ("ptu-eastus", "mock-ptu", 20.0, 0),

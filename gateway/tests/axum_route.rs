@@ -12,11 +12,11 @@ use http_body_util::{BodyExt, Full};
 use tower::{ServiceBuilder, ServiceExt};
 use tower_llm_lb::body::BufferRequestLayer;
 use tower_llm_lb::client::http_client;
-use tower_llm_lb::mock::MockServer;
 use tower_llm_lb::retry::RetryAfter429Layer;
 use tower_llm_lb::stack::{self, Settings};
 use tower_llm_lb::{Backend, BoxError};
 use tower_llm_lb_gateway::response_for;
+use tower_llm_lb_mock::MockServer;
 
 #[tokio::test(start_paused = true)]
 async fn the_stack_as_an_axum_route_service_answers_and_maps_its_errors_to_responses() {

@@ -138,7 +138,7 @@ async fn until_answered_by(url: &str, want: &str) -> String {
 
 #[tokio::test]
 async fn serve_reloads_its_config_on_sighup_and_keeps_serving_when_the_new_one_is_bad() {
-    use tower_llm_lb::mock::MockServer;
+    use tower_llm_lb_mock::MockServer;
     let one = MockServer::builder()
         .name("one")
         .bearer("k1")

@@ -10,8 +10,8 @@ use http_body_util::{BodyExt, Full};
 use tower::ServiceExt;
 use tower_llm_lb::client::http_client;
 use tower_llm_lb::config::Config;
-use tower_llm_lb::mock::{Fault, MockServer};
 use tower_llm_lb_gateway::Gateway;
+use tower_llm_lb_mock::{Fault, MockServer};
 
 struct Running {
     url: String,

@@ -14,9 +14,9 @@ use tower_llm_lb::Backend;
 use tower_llm_lb::body::ReplayBody;
 use tower_llm_lb::client::http_client;
 use tower_llm_lb::config::Config;
-use tower_llm_lb::mock::{Fault, MockServer};
 use tower_llm_lb::shared::{RedisStore, SharedSettings, SharedState};
 use tower_llm_lb::stack::LlmService;
+use tower_llm_lb_mock::{Fault, MockServer};
 
 /// The `redis-server` binary, installed with apt-get when missing.
 fn redis_server() -> &'static str {

@@ -13,8 +13,8 @@ use tower::ServiceExt;
 use tower_llm_lb::body::ReplayBody;
 use tower_llm_lb::client::http_client;
 use tower_llm_lb::config::Config;
-use tower_llm_lb::mock::{Fault, MockServer};
 use tower_llm_lb_gateway::Gateway;
+use tower_llm_lb_mock::{Fault, MockServer};
 
 async fn anthropic_mock() -> MockServer {
     MockServer::builder()

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use tower::ServiceExt;
 use tower_llm_lb::config::Config;
-use tower_llm_lb::mock::{Fault, MockServer};
 use tower_llm_lb_gateway::Gateway;
+use tower_llm_lb_mock::{Fault, MockServer};
 
 /// The Chromium binary, installed with apt-get when missing.
 fn chromium() -> String {

@@ -19,6 +19,9 @@
 //! workspace root) runs the full suite and prints the table; `tests/scenarios.rs` runs reduced
 //! versions on tokio's paused clock.
 
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
@@ -32,9 +35,9 @@ use tokio::time::Instant;
 
 use tower_llm_lb::config::Config;
 use tower_llm_lb::error::BoxError;
-use tower_llm_lb::mock::{Fault, MockServer};
 use tower_llm_lb::state::Counters;
 use tower_llm_lb_gateway::Gateway;
+use tower_llm_lb_mock::{Fault, MockServer};
 
 /// How one backend of a scenario behaves.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -393,7 +396,7 @@ impl Scenario {
         for spec in &self.backends {
             if spec.behaviour == Behaviour::Refused {
                 // A port that refuses connections, reserved for the run.
-                let port = tower_llm_lb::mock::RefusingPort::new()?;
+                let port = tower_llm_lb_mock::RefusingPort::new()?;
                 urls.push(port.url());
                 refusing.push(port);
                 mocks.push(None);

@@ -170,7 +170,7 @@ async fn a_configured_first_byte_timeout_fails_over_instead_of_answering_502() {
 
 #[tokio::test(start_paused = true)]
 async fn the_simulator_runs_the_same_default_stack_and_agrees_with_the_real_run_on_s1() {
-    use tower_llm_lb::mock::sim::{self, Arrivals, SimBackend};
+    use tower_llm_lb_mock::sim::{self, Arrivals, SimBackend};
     let real = run(Scenario {
         requests: 300,
         ..Scenario::s1_quota()

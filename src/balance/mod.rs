@@ -524,8 +524,8 @@ impl Chosen {
 ///                    retry::RetryAfter429Layer};
 ///
 /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), tower_llm_lb::BoxError> {
-/// # let east_mock = tower_llm_lb::mock::MockServer::builder().api_key("k-east").start().await?;
-/// # let west_mock = tower_llm_lb::mock::MockServer::builder().api_key("k-west").start().await?;
+/// # let east_mock = tower_llm_lb_mock::MockServer::builder().api_key("k-east").start().await?;
+/// # let west_mock = tower_llm_lb_mock::MockServer::builder().api_key("k-west").start().await?;
 /// let backend = |name: &str, url: String, key: &str| -> Result<Backend, tower_llm_lb::BoxError> {
 ///     let b = Backend::azure(name, url, "gpt-4o", "2024-10-21");
 ///     Ok(b.credential(Credential::api_key(key)?).build()?)

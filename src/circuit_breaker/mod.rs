@@ -50,7 +50,7 @@
 //! use tower_llm_lb::{Backend, circuit_breaker::{BreakerGroup, Policy}, endpoint::EndpointLayer};
 //!
 //! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), tower_llm_lb::BoxError> {
-//! # let refusing = tower_llm_lb::mock::RefusingPort::new()?;
+//! # let refusing = tower_llm_lb_mock::RefusingPort::new()?;
 //! # let url = format!("{}/v1", refusing.url());
 //! let backend = Backend::openai("local", url).build()?;
 //! let group = BreakerGroup::try_new(Policy { consecutive_failures: 1, ..Policy::default() })?;

@@ -53,9 +53,8 @@ impl WallClock {
         WallClock(Arc::new(move || at))
     }
 
-    /// A clock driven by any function.
-    #[cfg(any(test, feature = "mock"))]
-    pub(crate) fn from_fn(f: impl Fn() -> SystemTime + Send + Sync + 'static) -> Self {
+    /// A clock driven by any function (one that follows tokio's paused clock in tests, say).
+    pub fn from_fn(f: impl Fn() -> SystemTime + Send + Sync + 'static) -> Self {
         WallClock(Arc::new(f))
     }
 

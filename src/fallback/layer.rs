@@ -76,7 +76,7 @@ impl Variant {
 ///                    fallback::{FallbackLayer, ServedPath, Variant}, retry::RetryAfter429Layer};
 ///
 /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), tower_llm_lb::BoxError> {
-/// # let mock = tower_llm_lb::mock::MockServer::builder().bearer("k").start().await?;
+/// # let mock = tower_llm_lb_mock::MockServer::builder().bearer("k").start().await?;
 /// // One OpenAI-compatible backend serving only the small model.
 /// let backend = Backend::openai("local", format!("{}/v1", mock.url()))
 ///     .credential(Credential::bearer("k")?)

@@ -159,8 +159,8 @@ pub fn guarded_group(
 /// A backend whose port refuses connections, reserved for the rest of the test process (so
 /// no server of a parallel test can take it).
 pub fn refusing(name: &str) -> Backend {
-    let port: &'static tower_llm_lb::mock::RefusingPort =
-        Box::leak(Box::new(tower_llm_lb::mock::RefusingPort::new().unwrap()));
+    let port: &'static tower_llm_lb_mock::RefusingPort =
+        Box::leak(Box::new(tower_llm_lb_mock::RefusingPort::new().unwrap()));
     Backend::openai(name, format!("{}/v1", port.url()))
         .build()
         .unwrap()

@@ -1,5 +1,5 @@
 //! A loopback mock of the Entra ID token endpoints, issuing short-lived tokens that
-//! [`MockServer`](super::MockServer)s built with [`MockBuilder::entra`](super::MockBuilder::entra)
+//! [`MockServer`](crate::MockServer)s built with [`MockBuilder::entra`](crate::MockBuilder::entra)
 //! accept only until they expire.
 
 use std::collections::HashMap;
@@ -154,9 +154,9 @@ impl MockTokenServer {
     }
 
     /// A wall clock that agrees with this server's `expires_on` answers (for token sources).
-    pub fn wall_clock(&self) -> crate::classify::retry_after::WallClock {
+    pub fn wall_clock(&self) -> tower_llm_lb::classify::retry_after::WallClock {
         let shared = self.shared.clone();
-        crate::classify::retry_after::WallClock::from_fn(move || {
+        tower_llm_lb::classify::retry_after::WallClock::from_fn(move || {
             std::time::SystemTime::UNIX_EPOCH
                 + Duration::from_secs(shared.epoch_at_start)
                 + shared.started.elapsed()

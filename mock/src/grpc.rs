@@ -1,9 +1,9 @@
-//! A loopback mock gRPC server (feature `grpc-mock`): a real tonic server on `127.0.0.1` that
+//! A loopback mock gRPC server (feature `grpc`): a real tonic server on `127.0.0.1` that
 //! throttles and fails like a quota-limited gRPC backend.
 //!
 //! It serves gRPC's standard health service (`grpc.health.v1.Health`, from `tonic-health`), so
 //! any tonic client generated for it (`tonic_health::pb::health_client::HealthClient`) calls it
-//! (and [`HealthProbe::grpc`](crate::circuit_breaker::HealthProbe::grpc) probes it; switch it
+//! (and [`HealthProbe::grpc`](tower_llm_lb::circuit_breaker::HealthProbe::grpc) probes it; switch it
 //! with [`GrpcMock::set_serving`]), and a tower layer in front of it applies, in order:
 //!
 //! - **Auth** (with [`GrpcMockBuilder::bearer`]): `authorization: Bearer {token}` must be there,
@@ -33,8 +33,8 @@ use tonic::body::Body;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::auth::CALLER_CREDENTIAL_HEADERS;
-use crate::error::BoxError;
+use tower_llm_lb::auth::CALLER_CREDENTIAL_HEADERS;
+use tower_llm_lb::error::BoxError;
 
 /// What a [`GrpcMock`] does to every call, instead of serving it.
 #[derive(Clone, Debug)]

@@ -1,5 +1,7 @@
-//! A loopback mock LLM server (feature `mock`): real hyper on `127.0.0.1`, for tests, the demo and
-//! users' own tests.
+//! The test kit of `tower-llm-lb`: a loopback mock LLM server, real hyper on `127.0.0.1`, for
+//! the workspace's tests, the demo and users' own tests (add it as a dev-dependency, as
+//! `tower-test` is to tower). Beside it: an Entra ID token server ([`MockTokenServer`]), a gRPC
+//! mock ([`grpc`], feature `grpc`), the quota simulator ([`sim`]) and the soak driver ([`soak`]).
 //!
 //! Each [`MockServer`] is one simulated backend with its own port, credential, rate limits, fault
 //! script and counters; start as many as you like in one process. It serves:
@@ -28,6 +30,10 @@
 //!
 //! The server stops, with all its connections, when the [`MockServer`] is dropped.
 
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+#![cfg_attr(docsrs, feature(doc_auto_cfg))]
+
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering::*};
@@ -46,10 +52,10 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use crate::auth::CALLER_CREDENTIAL_HEADERS;
+use tower_llm_lb::auth::CALLER_CREDENTIAL_HEADERS;
 
 mod anthropic;
-#[cfg(feature = "grpc-mock")]
+#[cfg(feature = "grpc")]
 pub mod grpc;
 pub mod sim;
 pub mod soak;
@@ -643,7 +649,7 @@ impl InProcess {
     }
 }
 
-impl tower_service::Service<Request<crate::body::ReplayBody>> for InProcess {
+impl tower_service::Service<Request<tower_llm_lb::body::ReplayBody>> for InProcess {
     type Response = Response<MockBody>;
     type Error = std::io::Error;
     type Future = Pin<
@@ -654,7 +660,7 @@ impl tower_service::Service<Request<crate::body::ReplayBody>> for InProcess {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: Request<crate::body::ReplayBody>) -> Self::Future {
+    fn call(&mut self, req: Request<tower_llm_lb::body::ReplayBody>) -> Self::Future {
         let (parts, body) = req.into_parts();
         Box::pin(serve(self.shared.clone(), parts, body.bytes().clone()))
     }

@@ -14,12 +14,12 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tower::ServiceExt;
 
-use super::{Fault, MockServer};
-use crate::backend::Backend;
-use crate::balance::Strategy;
-use crate::body::ReplayBody;
-use crate::retry::RetryAfter429Layer;
-use crate::rng::Rng;
+use crate::{Fault, MockServer};
+use tower_llm_lb::backend::Backend;
+use tower_llm_lb::balance::Strategy;
+use tower_llm_lb::body::ReplayBody;
+use tower_llm_lb::retry::RetryAfter429Layer;
+use tower_llm_lb::rng::Rng;
 
 /// One simulated backend.
 #[derive(Clone, Debug)]
@@ -88,12 +88,12 @@ pub struct Scenario {
 
 /// Sends each request to the in-process backend its `Endpoint` pointed it at (by host).
 #[derive(Clone)]
-struct Router(Vec<super::InProcess>);
+struct Router(Vec<crate::InProcess>);
 
 impl tower_service::Service<http::Request<ReplayBody>> for Router {
-    type Response = http::Response<super::MockBody>;
+    type Response = http::Response<crate::MockBody>;
     type Error = std::io::Error;
-    type Future = <super::InProcess as tower_service::Service<http::Request<ReplayBody>>>::Future;
+    type Future = <crate::InProcess as tower_service::Service<http::Request<ReplayBody>>>::Future;
 
     fn poll_ready(
         &mut self,
@@ -195,7 +195,7 @@ pub async fn run(
     scenario: &Scenario,
     strategy: Strategy,
     seed: u64,
-) -> Result<Report, crate::BoxError> {
+) -> Result<Report, tower_llm_lb::BoxError> {
     let start = Instant::now();
     let rng = Rng::seeded(seed);
     let mut mocks = Vec::new();
@@ -218,13 +218,13 @@ pub async fn run(
         backends.push(backend);
     }
     // The stack a user gets: `stack::group`'s layers and defaults, over in-process backends.
-    let settings = crate::stack::Settings {
+    let settings = tower_llm_lb::stack::Settings {
         strategy,
         retry: RetryAfter429Layer::new().max_wait(scenario.max_wait),
         rng: Some(rng.clone()),
-        ..crate::stack::Settings::default()
+        ..tower_llm_lb::stack::Settings::default()
     };
-    let svc = crate::stack::group_over(
+    let svc = tower_llm_lb::stack::group_over(
         "sim",
         backends.iter().cloned(),
         Router(mocks.clone()),

@@ -27,13 +27,13 @@ use std::time::Duration;
 use http_body_util::BodyExt;
 use tower::ServiceExt;
 
-use super::{Fault, MockServer};
-use crate::auth::Credential;
-use crate::body::ReplayBody;
-use crate::error::BoxError;
-use crate::retry::Deadline;
-use crate::stack::{self, Settings};
-use crate::{Backend, rng::Rng};
+use crate::{Fault, MockServer};
+use tower_llm_lb::auth::Credential;
+use tower_llm_lb::body::ReplayBody;
+use tower_llm_lb::error::BoxError;
+use tower_llm_lb::retry::Deadline;
+use tower_llm_lb::stack::{self, Settings};
+use tower_llm_lb::{Backend, rng::Rng};
 
 /// What to run.
 #[derive(Clone, Debug)]
@@ -283,7 +283,7 @@ impl Soak {
         let svc = stack::group(
             "soak",
             backends.clone(),
-            crate::client::http_client(),
+            tower_llm_lb::client::http_client(),
             &settings,
         )?;
         let slots: Arc<Vec<AtomicU8>> =
