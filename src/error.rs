@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::classify::Outcome;
+use crate::outcome::Outcome;
 
 /// The type-erased error passed between layers, as in tower.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

@@ -105,6 +105,7 @@ pub mod fallback;
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzz;
+mod outcome;
 pub mod provider;
 mod ready;
 pub mod retry;
@@ -120,6 +121,6 @@ pub mod translate;
 pub struct ReadmeDoctests;
 
 pub use backend::Backend;
-pub use classify::Outcome;
 pub use error::BoxError;
+pub use outcome::Outcome;
 pub use state::BackendState;

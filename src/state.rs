@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::classify::Outcome;
+use crate::outcome::Outcome;
 
 /// What a circuit breaker says about a backend.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

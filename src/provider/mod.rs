@@ -394,12 +394,12 @@ pub(crate) fn json_error_head(buf: &[u8]) -> Option<bool> {
 
 /// What an error a provider put inside a successful answer means: a throttle when it speaks
 /// of rate limits or overload, else a server error (502).
-pub(crate) fn in_band_error_outcome(body: &[u8]) -> crate::classify::Outcome {
+pub(crate) fn in_band_error_outcome(body: &[u8]) -> crate::outcome::Outcome {
     let has = |needle: &[u8]| body.windows(needle.len()).any(|w| w == needle);
     if has(b"rate_limit") || has(b"overloaded") || has(b"\"429\"") {
-        crate::classify::Outcome::Throttled { retry_after: None }
+        crate::outcome::Outcome::Throttled { retry_after: None }
     } else {
-        crate::classify::Outcome::ServerError {
+        crate::outcome::Outcome::ServerError {
             status: http::StatusCode::BAD_GATEWAY,
         }
     }
@@ -462,17 +462,17 @@ pub fn stream_start_known(buf: &[u8]) -> bool {
 }
 
 /// What an in-band error at the start of a stream means, if there is one.
-pub fn stream_start_outcome(buf: &[u8]) -> Option<crate::classify::Outcome> {
+pub fn stream_start_outcome(buf: &[u8]) -> Option<crate::outcome::Outcome> {
     let has = |needle: &[u8]| buf.windows(needle.len()).any(|w| w == needle);
     let content = has(b"\"content\"") && !has(b"\"error\"");
     if content {
         return None;
     }
     if has(b"overloaded") || has(b"rate_limit") {
-        return Some(crate::classify::Outcome::Throttled { retry_after: None });
+        return Some(crate::outcome::Outcome::Throttled { retry_after: None });
     }
     if has(b"event: error") || has(b"\"error\"") {
-        return Some(crate::classify::Outcome::ServerError {
+        return Some(crate::outcome::Outcome::ServerError {
             status: http::StatusCode::BAD_GATEWAY,
         });
     }
@@ -533,12 +533,12 @@ data: {"type":"message_stop"}"#;
         assert!(stream_start_known(overloaded));
         assert_eq!(
             stream_start_outcome(overloaded),
-            Some(crate::classify::Outcome::Throttled { retry_after: None })
+            Some(crate::outcome::Outcome::Throttled { retry_after: None })
         );
         let failed = b"data: {\"error\":{\"message\":\"internal\"}}\n\n";
         assert_eq!(
             stream_start_outcome(failed),
-            Some(crate::classify::Outcome::ServerError {
+            Some(crate::outcome::Outcome::ServerError {
                 status: http::StatusCode::BAD_GATEWAY
             })
         );
