@@ -358,3 +358,165 @@ impl fmt::Display for CredentialMisplaced {
 }
 
 impl std::error::Error for CredentialMisplaced {}
+
+// The errors below are the layers' own (each layer's `error` module re-exports its own):
+// defined here so that classification (`classify`) knows them without importing any layer.
+
+/// The backend's circuit is open: the request was not sent.
+#[derive(Clone, Debug)]
+pub struct Open {
+    pub(crate) backend: Arc<str>,
+    pub(crate) until: Option<Instant>,
+}
+
+impl Open {
+    /// The backend's name.
+    pub fn backend(&self) -> &str {
+        &self.backend
+    }
+
+    /// When the breaker will let a probe through, if known.
+    pub fn until(&self) -> Option<Instant> {
+        self.until
+    }
+}
+
+impl fmt::Display for Open {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "circuit open for backend {}", self.backend)
+    }
+}
+
+impl std::error::Error for Open {}
+
+/// No valid token could be had: the source failed and no cached token is still valid.
+///
+/// Names the source and its reason; never contains a secret.
+#[derive(Clone, Debug)]
+pub struct TokenUnavailable {
+    source_name: Arc<str>,
+    reason: String,
+    at: Instant,
+}
+
+impl TokenUnavailable {
+    pub(crate) fn new(source_name: &str, reason: &str, at: Instant) -> Self {
+        TokenUnavailable {
+            source_name: source_name.into(),
+            reason: reason.into(),
+            at,
+        }
+    }
+
+    /// The token source's name.
+    pub fn source_name(&self) -> &str {
+        &self.source_name
+    }
+
+    /// When the failing fetch was made.
+    pub fn failed_at(&self) -> Instant {
+        self.at
+    }
+}
+
+impl fmt::Display for TokenUnavailable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "no token from {}: {}", self.source_name, self.reason)
+    }
+}
+
+impl std::error::Error for TokenUnavailable {}
+
+/// No backend of the group serves the request's `model` (or none of those a fallback
+/// variant named): nothing was sent, and no wait would change it. A `Fallback` moves on to
+/// its next target; the gateway answers 404 `model_not_found`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NotServed {
+    pub(crate) group: Arc<str>,
+    pub(crate) model: Option<String>,
+}
+
+impl NotServed {
+    /// The model asked for, if the request named one.
+    pub fn model(&self) -> Option<&str> {
+        self.model.as_deref()
+    }
+}
+
+impl fmt::Display for NotServed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.model {
+            Some(m) => write!(f, "no backend of {} serves model {m:?}", self.group),
+            None => write!(
+                f,
+                "no backend of {} is among those this request may use",
+                self.group
+            ),
+        }
+    }
+}
+
+impl std::error::Error for NotServed {}
+
+/// The request's path could not be mapped onto the backend's URL. Nothing was sent.
+#[derive(Clone, Debug)]
+pub struct InvalidTarget {
+    backend: Arc<str>,
+}
+
+impl InvalidTarget {
+    pub(crate) fn new(backend: Arc<str>) -> Self {
+        InvalidTarget { backend }
+    }
+
+    /// The backend's name.
+    pub fn backend(&self) -> &str {
+        &self.backend
+    }
+}
+
+impl fmt::Display for InvalidTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "backend {}: request path cannot be mapped onto its url",
+            self.backend
+        )
+    }
+}
+
+impl std::error::Error for InvalidTarget {}
+
+/// Which limit ran out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Limit {
+    /// No first byte in time.
+    FirstByte,
+    /// No chunk in time after the previous one.
+    Idle,
+    /// The whole exchange took too long.
+    Total,
+    /// No answer while the backend answered nothing else either, far longer than its
+    /// group's other backends take (see [`AttemptTimeoutLayer`](crate::timeout::AttemptTimeoutLayer)'s
+    /// silence watch).
+    Silent,
+}
+
+/// An attempt's time limit ran out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Elapsed(pub Limit);
+
+impl fmt::Display for Elapsed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self.0 {
+            Limit::FirstByte => "no first byte within the attempt's first-byte timeout",
+            Limit::Idle => "stream idle longer than the attempt's idle timeout",
+            Limit::Total => "attempt exceeded its total timeout",
+            Limit::Silent => {
+                "backend silent: no answer to this or any other request far longer than its peers take"
+            }
+        })
+    }
+}
+
+impl std::error::Error for Elapsed {}

@@ -56,41 +56,7 @@ use crate::error::BoxError;
 pub mod error {
     //! Errors of [`AttemptTimeout`](super::AttemptTimeout).
 
-    use std::fmt;
-
-    /// Which limit ran out.
-    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-    pub enum Limit {
-        /// No first byte in time.
-        FirstByte,
-        /// No chunk in time after the previous one.
-        Idle,
-        /// The whole exchange took too long.
-        Total,
-        /// No answer while the backend answered nothing else either, far longer than its
-        /// group's other backends take (see [`AttemptTimeoutLayer`](super::AttemptTimeoutLayer)'s
-        /// silence watch).
-        Silent,
-    }
-
-    /// An attempt's time limit ran out.
-    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-    pub struct Elapsed(pub Limit);
-
-    impl fmt::Display for Elapsed {
-        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            f.write_str(match self.0 {
-                Limit::FirstByte => "no first byte within the attempt's first-byte timeout",
-                Limit::Idle => "stream idle longer than the attempt's idle timeout",
-                Limit::Total => "attempt exceeded its total timeout",
-                Limit::Silent => {
-                    "backend silent: no answer to this or any other request far longer than its peers take"
-                }
-            })
-        }
-    }
-
-    impl std::error::Error for Elapsed {}
+    pub use crate::error::{Elapsed, Limit};
 }
 
 use error::{Elapsed, Limit};

@@ -83,7 +83,7 @@ use strategy::{Avail, Candidate};
 
 pub mod error {
     //! Errors of [`Balance`](super::Balance).
-    pub use crate::error::{Out, Unavailable};
+    pub use crate::error::{NotServed, Out, Unavailable};
 
     use std::fmt;
 
@@ -98,37 +98,6 @@ pub mod error {
     }
 
     impl std::error::Error for InvalidBalance {}
-
-    /// No backend of the group serves the request's `model` (or none of those a fallback
-    /// variant named): nothing was sent, and no wait would change it. A `Fallback` moves on to
-    /// its next target; the gateway answers 404 `model_not_found`.
-    #[derive(Clone, Debug, PartialEq, Eq)]
-    pub struct NotServed {
-        pub(crate) group: std::sync::Arc<str>,
-        pub(crate) model: Option<String>,
-    }
-
-    impl NotServed {
-        /// The model asked for, if the request named one.
-        pub fn model(&self) -> Option<&str> {
-            self.model.as_deref()
-        }
-    }
-
-    impl fmt::Display for NotServed {
-        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            match &self.model {
-                Some(m) => write!(f, "no backend of {} serves model {m:?}", self.group),
-                None => write!(
-                    f,
-                    "no backend of {} is among those this request may use",
-                    self.group
-                ),
-            }
-        }
-    }
-
-    impl std::error::Error for NotServed {}
 }
 
 struct Slot<S> {

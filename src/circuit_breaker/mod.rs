@@ -94,37 +94,9 @@ use state::{Admit, Machine, Tally, Transition};
 pub mod error {
     //! Errors of [`CircuitBreaker`](super::CircuitBreaker).
 
+    pub use crate::error::Open;
+
     use std::fmt;
-    use std::sync::Arc;
-
-    use tokio::time::Instant;
-
-    /// The backend's circuit is open: the request was not sent.
-    #[derive(Clone, Debug)]
-    pub struct Open {
-        pub(crate) backend: Arc<str>,
-        pub(crate) until: Option<Instant>,
-    }
-
-    impl Open {
-        /// The backend's name.
-        pub fn backend(&self) -> &str {
-            &self.backend
-        }
-
-        /// When the breaker will let a probe through, if known.
-        pub fn until(&self) -> Option<Instant> {
-            self.until
-        }
-    }
-
-    impl fmt::Display for Open {
-        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            write!(f, "circuit open for backend {}", self.backend)
-        }
-    }
-
-    impl std::error::Error for Open {}
 
     /// A breaker policy or group setting that cannot be used. Names the field.
     #[derive(Clone, Debug, PartialEq, Eq)]

@@ -112,21 +112,21 @@ pub fn classify_error_chain(error: &(dyn StdError + 'static)) -> Outcome {
                 retry_at: u.earliest(),
             };
         }
-        if let Some(open) = e.downcast_ref::<crate::circuit_breaker::error::Open>() {
+        if let Some(open) = e.downcast_ref::<crate::error::Open>() {
             return Outcome::Unavailable {
                 retry_at: open.until(),
             };
         }
-        if e.is::<crate::auth::error::TokenUnavailable>() {
+        if e.is::<crate::error::TokenUnavailable>() {
             return Outcome::Unavailable { retry_at: None };
         }
         // Nothing was sent, and sending again would not change it: never retried.
         // Nothing here serves it: nothing was sent, no wait helps, another target may.
-        if e.is::<crate::balance::error::NotServed>() {
+        if e.is::<crate::error::NotServed>() {
             return Outcome::Unavailable { retry_at: None };
         }
-        if e.is::<crate::endpoint::error::InvalidTarget>()
-            || e.is::<crate::translate::Untranslatable>()
+        if e.is::<crate::error::InvalidTarget>()
+            || e.is::<crate::provider::translate::Untranslatable>()
         {
             return Outcome::ClientError {
                 status: StatusCode::BAD_REQUEST,
@@ -137,7 +137,7 @@ pub fn classify_error_chain(error: &(dyn StdError + 'static)) -> Outcome {
                 status: StatusCode::INTERNAL_SERVER_ERROR,
             };
         }
-        if e.is::<crate::timeout::error::Elapsed>()
+        if e.is::<crate::error::Elapsed>()
             || e.is::<crate::error::DeadlineExceeded>()
             || e.is::<tokio::time::error::Elapsed>()
             || e.is::<tower::timeout::error::Elapsed>()
