@@ -6,7 +6,7 @@ use std::sync::Arc;
 use http::uri::{Authority, Scheme};
 use http::{HeaderValue, Uri};
 
-use crate::auth::Credential;
+use crate::credential::Credential;
 use crate::provider::Provider;
 use crate::state::BackendState;
 

@@ -99,6 +99,7 @@ pub mod classify;
 pub mod client;
 #[cfg(feature = "config")]
 pub mod config;
+mod credential;
 pub mod endpoint;
 pub mod error;
 pub mod fallback;

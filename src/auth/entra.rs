@@ -40,8 +40,7 @@ use serde::Deserialize;
 use tower::ServiceExt;
 use tower::util::BoxCloneSyncService;
 
-use super::credential::Secret;
-use super::token::{BoxFuture, Token, TokenSource};
+use crate::credential::{BoxFuture, Secret, Token, TokenSource};
 use crate::body::ReplayBody;
 use crate::classify::retry_after::WallClock;
 use crate::error::BoxError;

@@ -38,10 +38,8 @@
 //! # Ok(()) }
 //! ```
 
-mod credential;
 pub mod entra;
 pub mod error;
-mod token;
 
 use std::fmt;
 use std::future::Future;
@@ -55,11 +53,13 @@ use pin_project_lite::pin_project;
 use tower_layer::Layer;
 use tower_service::Service;
 
-pub use credential::{Credential, CredentialKind, InvalidCredential, Secret, redact};
-pub use token::{BoxFuture, DEFAULT_REFRESH_AHEAD, Token, TokenCache, TokenSource};
+pub use crate::credential::{
+    BoxFuture, Credential, CredentialKind, DEFAULT_REFRESH_AHEAD, InvalidCredential, Secret, Token,
+    TokenCache, TokenSource, redact,
+};
 
 use crate::error::BoxError;
-use credential::Kind;
+use crate::credential::Kind;
 
 /// The headers removed from every request before the backend's credential is inserted.
 pub static CALLER_CREDENTIAL_HEADERS: [HeaderName; 6] = [

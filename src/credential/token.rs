@@ -11,9 +11,8 @@ use arc_swap::ArcSwapOption;
 use http::HeaderValue;
 use tokio::time::Instant;
 
-use super::credential::Secret;
-use super::error::TokenUnavailable;
-use crate::error::BoxError;
+use super::Secret;
+use crate::error::{BoxError, TokenUnavailable};
 
 /// A boxed, sendable future, as token sources return.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;

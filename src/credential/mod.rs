@@ -7,7 +7,9 @@ use bytes::Bytes;
 use http::HeaderValue;
 use http::header::{AUTHORIZATION, HeaderName};
 
-use super::token::{TokenCache, TokenSource};
+mod token;
+
+pub use token::{BoxFuture, DEFAULT_REFRESH_AHEAD, Token, TokenCache, TokenSource};
 
 /// A secret header value: marked sensitive (so HTTP/2 never indexes it), and redacted in `Debug`.
 #[derive(Clone, PartialEq, Eq)]
