@@ -436,7 +436,7 @@ where
                     let mut req = Request::from_parts(parts, ReplayBody::new(acc.take()));
                     // What the request costs of a token quota, for `Balance`'s pacing.
                     let cost = crate::provider::estimate_tokens(req.body().bytes());
-                    req.extensions_mut().insert(crate::balance::TokenCost(cost));
+                    req.extensions_mut().insert(crate::attempt::TokenCost(cost));
                     let fut = inner.call(req);
                     this.state.set(BufferState::Call { fut });
                 }

@@ -40,9 +40,9 @@ use serde::Deserialize;
 use tower::ServiceExt;
 use tower::util::BoxCloneSyncService;
 
-use crate::credential::{BoxFuture, Secret, Token, TokenSource};
 use crate::body::ReplayBody;
 use crate::classify::retry_after::WallClock;
+use crate::credential::{BoxFuture, Secret, Token, TokenSource};
 use crate::error::BoxError;
 
 /// The scope of Azure OpenAI / Cognitive Services tokens.

@@ -58,8 +58,9 @@ pub use crate::credential::{
     TokenCache, TokenSource, redact,
 };
 
-use crate::error::BoxError;
+use crate::attempt::InjectedFor;
 use crate::credential::Kind;
+use crate::error::BoxError;
 
 /// The headers removed from every request before the backend's credential is inserted.
 pub static CALLER_CREDENTIAL_HEADERS: [HeaderName; 6] = [
@@ -112,14 +113,6 @@ struct Owned {
     backend: Arc<str>,
     authority: http::uri::Authority,
     credential: Credential,
-}
-
-/// A crate-private request extension: an `AuthInject` above the routing layer injected the
-/// credential of the backend at this authority; an `Endpoint` sending elsewhere refuses.
-#[derive(Clone, Debug)]
-pub(crate) struct InjectedFor {
-    pub(crate) backend: Arc<str>,
-    pub(crate) authority: http::uri::Authority,
 }
 
 impl AuthInjectLayer {
@@ -243,7 +236,7 @@ where
         let credential = match &self.credential {
             Source::Fixed(c) => c.as_ref(),
             Source::Chosen => {
-                chosen = match req.extensions().get::<crate::balance::Chosen>() {
+                chosen = match req.extensions().get::<crate::attempt::Chosen>() {
                     Some(c) => c.backend().clone(),
                     None => return ResponseFuture::failed(error::NoBackendChosen.into()),
                 };

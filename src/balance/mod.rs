@@ -75,6 +75,8 @@ use pin_project_lite::pin_project;
 use tokio::time::Instant;
 use tower_service::Service;
 
+use crate::attempt::Chosen;
+pub use crate::attempt::TokenCost;
 use crate::backend::Backend;
 use crate::error::BoxError;
 use crate::rng::Rng;
@@ -467,23 +469,8 @@ fn check<'a>(
     Ok(())
 }
 
-/// A request extension: the backend a [`Balance`] built by [`BalanceLayer`] chose for this
-/// attempt. The layers below it that act for one backend read it when they were built for the
-/// chosen backend ([`EndpointLayer::for_chosen`](crate::endpoint::EndpointLayer::for_chosen),
-/// [`AuthInjectLayer::for_chosen`](crate::auth::AuthInjectLayer::for_chosen)), so one client and
-/// one set of layers serve every backend.
-#[derive(Clone, Debug)]
-pub struct Chosen(pub(crate) Backend, pub(crate) Instant);
-
-impl Chosen {
-    /// The chosen backend.
-    pub fn backend(&self) -> &Backend {
-        &self.0
-    }
-}
-
 /// `Balance` as a [`Layer`](tower_layer::Layer): picks one of `backends` for each request,
-/// marks the request with it ([`Chosen`]) and calls the one inner service, so the per-backend
+/// marks the request with it and calls the one inner service, so the per-backend
 /// layers below act for the chosen backend over one client (one connection pool):
 ///
 /// ```
@@ -582,7 +569,7 @@ impl<S> tower_layer::Layer<S> for BalanceLayer {
 }
 
 /// The service a [`BalanceLayer`] makes: picks a backend for each request as [`Balance`] does,
-/// marks the request with it ([`Chosen`]) and calls the one inner service. Ready when the inner
+/// marks the request with it and calls the one inner service. Ready when the inner
 /// service is (a client at its limit makes the whole stack not ready), and the service driven
 /// ready is the one called (no clone per request).
 pub struct Pick<S> {
@@ -669,14 +656,6 @@ where
         }
     }
 }
-
-/// A request extension: what the request is estimated to cost of a backend's token quota
-/// (prompt and `max_tokens`, see [`provider::estimate_tokens`](crate::provider::estimate_tokens)).
-/// With it, `Balance` paces a backend whose answers tell its token quota by tokens as well as
-/// by requests. The gateway sets it; set it yourself (or use
-/// [`BufferRequest`](crate::body::BufferRequest), which does) when calling the layers directly.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct TokenCost(pub u32);
 
 impl<S, B: 'static> Service<http::Request<B>> for Balance<S>
 where

@@ -202,7 +202,7 @@ impl BreakerGroup {
 
     /// One breaker layer for every backend of `backends`, acting for the one a
     /// [`BalanceLayer`](crate::balance::BalanceLayer) above chose for each request (its
-    /// [`Chosen`](crate::balance::Chosen) mark): the flat stack's breaker, over one client. Each
+    /// mark on the request): the flat stack's breaker, over one client. Each
     /// backend keeps its own circuit (the same one `layer_for` would give it). A request for a
     /// backend it was not built for, or that nobody marked, is refused with
     /// [`NoBackendChosen`](crate::error::NoBackendChosen), without sending.
@@ -258,7 +258,7 @@ impl Target {
             Target::One(s) => Some(s),
             Target::Chosen(map) => req
                 .extensions()
-                .get::<crate::balance::Chosen>()
+                .get::<crate::attempt::Chosen>()
                 .and_then(|c| map.get(c.backend().name())),
         }
     }
@@ -488,12 +488,12 @@ impl<S: fmt::Debug> fmt::Debug for CircuitBreaker<S> {
 fn outcome_of<B>(result: &Result<Response<B>, BoxError>, backend: &Backend) -> Option<Outcome> {
     let mine = |by: &str| by == "-" || by == backend.name();
     match result {
-        Ok(res) => match res.extensions().get::<crate::endpoint::Served>() {
+        Ok(res) => match res.extensions().get::<crate::attempt::Served>() {
             Some(s) => (Arc::ptr_eq(s.backend.name_arc(), backend.name_arc())
                 || mine(s.backend.name()))
             .then_some(s.outcome),
             // Below the `Endpoint`: the stock reading of the status.
-            None => Some(crate::endpoint::outcome_of(res).1),
+            None => Some(crate::attempt::outcome_of(res).1),
         },
         Err(e) => crate::error::find::<crate::error::BackendError>(&**e)
             .is_none_or(|b| mine(b.backend()))
@@ -811,7 +811,7 @@ where
             }
         };
         *req.uri_mut() = uri.clone();
-        req.extensions_mut().insert(crate::endpoint::AsWritten);
+        req.extensions_mut().insert(crate::attempt::AsWritten);
         let (svc, grpc, statuses) = (
             inner.clone(),
             matches!(probe.protocol, ProbeProtocol::Grpc { .. }),

@@ -73,46 +73,10 @@ use crate::provider::{ANTHROPIC_VERSION, Provider};
 use crate::rng::Rng;
 use crate::state::BackendState;
 
+use crate::attempt::{AsWritten, Deployment};
+pub use crate::attempt::{Served, outcome_of};
 pub use crate::body::ResponseBody;
 pub use future::ResponseFuture;
-
-/// What the [`Endpoint`] of the backend that answered found; inserted into every response's
-/// extensions.
-#[derive(Clone, Debug)]
-pub struct Served {
-    /// The backend that answered.
-    pub backend: Backend,
-    /// What the answer means.
-    pub outcome: Outcome,
-    /// The wait and quota hints the answer carried.
-    pub hints: Hints,
-    /// Time from sending to the response head.
-    pub elapsed: Duration,
-}
-
-/// What an answer means, and which backend gave it: the [`Served`] stamp of the `Endpoint`
-/// that classified it, or, for an answer that passed through none, the stock [`Standard`]
-/// classification of its status and headers (backend `-`). One place for the layers above to ask.
-pub fn outcome_of<B>(res: &http::Response<B>) -> (Arc<str>, Outcome) {
-    let (backend, outcome, _) = answered_by(res);
-    (backend, outcome)
-}
-
-/// [`outcome_of`], with the attempt's time when an `Endpoint` measured it.
-pub(crate) fn answered_by<B>(res: &http::Response<B>) -> (Arc<str>, Outcome, Option<Duration>) {
-    match res.extensions().get::<Served>() {
-        Some(s) => (s.backend.name_arc().clone(), s.outcome, Some(s.elapsed)),
-        None => {
-            let hints =
-                Hints::from_headers_at(res.headers(), std::time::SystemTime::now, DEFAULT_MAX_HINT);
-            (
-                "-".into(),
-                Standard.classify_response(res.status(), res.headers(), &hints),
-                None,
-            )
-        }
-    }
-}
 
 /// Settings shared by the endpoints of a stack.
 #[derive(Clone)]
@@ -146,7 +110,7 @@ impl EndpointLayer {
     }
 
     /// Like [`EndpointLayer::new`], for the backend a [`BalanceLayer`](crate::balance::BalanceLayer)
-    /// above chose for each request (its [`Chosen`](crate::balance::Chosen) mark): one
+    /// above chose for each request (its mark on the request): one
     /// `Endpoint` and one client serve every backend of the group. A request nobody marked is
     /// refused with [`error::NoBackendChosen`], without sending.
     pub fn for_chosen() -> Self {
@@ -317,28 +281,6 @@ impl<S: fmt::Debug> fmt::Debug for Endpoint<S> {
     }
 }
 
-/// A request extension replacing a classic Azure backend's deployment for this request (a
-/// `Fallback` target's per-target deployment). Other providers ignore it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct Deployment(Arc<str>);
-
-impl Deployment {
-    /// `name` must be a plain path segment (letters, digits, `-`, `_`, `.`).
-    pub(crate) fn new(name: &str) -> Result<Self, crate::provider::InvalidProvider> {
-        if crate::provider::valid_deployment(name) {
-            Ok(Deployment(name.into()))
-        } else {
-            // Reuse the provider's message, which names the field.
-            Err(crate::provider::Provider::azure(name, "x").unwrap_err())
-        }
-    }
-}
-
-/// A crate-private request extension: send the request's path to the backend's host as it is
-/// written, without mapping it onto the provider's API paths (health probes).
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct AsWritten;
-
 /// Rewrites `req` for `backend`.
 fn route<B>(backend: &Backend, req: &mut Request<B>) -> Result<(), error::InvalidTarget> {
     if req.extensions().get::<AsWritten>().is_some() {
@@ -417,7 +359,7 @@ where
         let (backend, start) = match &self.backend {
             Some(b) => (b.clone(), Instant::now()),
             // The pick's own clock reading (microseconds ago) starts the attempt.
-            None => match req.extensions().get::<crate::balance::Chosen>() {
+            None => match req.extensions().get::<crate::attempt::Chosen>() {
                 Some(c) => (c.0.clone(), c.1),
                 None => return ResponseFuture::failed(error::NoBackendChosen.into()),
             },
@@ -465,7 +407,7 @@ fn refusal<B>(backend: &Backend, req: &Request<B>, now: Instant) -> Option<BoxEr
     {
         return Some(crate::error::Unavailable::new(backend.name_arc().clone(), None).into());
     }
-    if let Some(owned) = ext.get::<crate::auth::InjectedFor>()
+    if let Some(owned) = ext.get::<crate::attempt::InjectedFor>()
         && owned.authority != *backend.authority()
     {
         return Some(

@@ -72,14 +72,14 @@ use tower_service::Service;
 use tracing::Instrument;
 
 use crate::attempt::MaxWait;
+use crate::attempt::{Attempts, Deadline};
+use crate::attempt::{Deployment, answered_by, outcome_of};
 use crate::body::ReplayBody;
 use crate::classify::retry_after::set_retry_after;
 use crate::classify::retry_after::{DEFAULT_MAX_HINT, Hints};
 use crate::classify::{Outcome, classify_error_chain};
-use crate::endpoint::{Deployment, answered_by, outcome_of};
 use crate::error::{Attempt, BoxError, Exhausted};
 use crate::ready::ReadyCall;
-use crate::retry::{Attempts, Deadline};
 pub use layer::{FallbackLayer, ResponseBodyOf, Variant};
 pub use rewrite::{NotJson, Overrides};
 

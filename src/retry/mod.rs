@@ -65,22 +65,15 @@ use tower_layer::Layer;
 use tower_service::Service;
 use tracing::Instrument;
 
+use crate::attempt::{Served, answered_by};
 use crate::body::clone_request;
 use crate::classify::retry_after::set_retry_after;
 use crate::classify::{Outcome, classify_error_chain};
-use crate::endpoint::{Served, answered_by};
 use crate::error::{Attempt, BoxError, DeadlineExceeded, Exhausted};
 use budget::RetryBudget;
 
-/// A request's overall deadline, as a request extension. `RetryAfter429` never waits past it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Deadline(pub Instant);
-
 use crate::attempt::MaxWait;
-
-/// The attempts a request took, as a response extension (in order, the last one answered).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Attempts(pub Vec<Attempt>);
+pub use crate::attempt::{Attempts, Deadline};
 
 #[derive(Clone)]
 struct Settings {
