@@ -248,7 +248,8 @@ pub fn set_retry_after(headers: &mut HeaderMap, wait: Duration) {
     headers.insert("retry-after-ms", HeaderValue::from(ms));
     headers.remove("x-ms-retry-after-ms");
     // A gRPC answer: its own form, which gRPC clients read.
-    if headers.contains_key(super::grpc::GRPC_STATUS) {
+    // (retry_after knows no other module: the header is named here, not taken from `grpc`.)
+    if headers.contains_key("grpc-status") {
         headers.insert("grpc-retry-pushback-ms", HeaderValue::from(ms));
     }
 }
