@@ -147,9 +147,11 @@ fn serve(args: Serve) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // Colour only on a terminal: a file or a pipe (a log collector) gets plain text.
     let _ = tracing_subscriber::fmt()
         .with_max_level(args.log)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
     match runtime.block_on(run(args)) {
         Ok(()) => ExitCode::SUCCESS,

@@ -200,3 +200,33 @@ async fn serve_reloads_its_config_on_sighup_and_keeps_serving_when_the_new_one_i
     );
     assert_eq!(one.counters().ok, 1);
 }
+
+#[tokio::test]
+async fn logs_written_to_a_pipe_carry_no_colour_escapes() {
+    use tower_llm_lb_mock::MockServer;
+    let mock = MockServer::builder()
+        .name("plain")
+        .bearer("k1")
+        .start()
+        .await
+        .unwrap();
+    let path = write(
+        "plain-logs.json",
+        &format!(
+            r#"{{"backends":{{"plain":{{"provider":"openai","url":"{}/v1","api_key":"k1"}}}}}}"#,
+            mock.url()
+        ),
+    );
+    let (mut child, url) = tokio::task::spawn_blocking(move || serve_config(&path))
+        .await
+        .unwrap();
+    assert_eq!(who_answers(&url).await, "plain");
+    child.kill().unwrap();
+    let out = child.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("gateway listening"), "{log}");
+    assert!(
+        !log.contains('\u{1b}'),
+        "an ANSI escape in piped logs: {log:?}"
+    );
+}
