@@ -1,5 +1,5 @@
-//! Shared state across replicas through a real `redis-server` on loopback (installed with
-//! apt-get when missing), never a mock of Redis. Replicas are separate stacks in one process,
+//! Shared state across replicas through a real `redis-server` on loopback (`.ci/run` installs
+//! it), never a mock of Redis. Replicas are separate stacks in one process,
 //! each with its own state and client, over the same mock backends.
 
 mod common;
@@ -18,27 +18,19 @@ use tower_llm_lb::shared::{RedisStore, SharedSettings, SharedState};
 use tower_llm_lb::stack::LlmService;
 use tower_llm_lb_mock::{Fault, MockServer};
 
-/// The `redis-server` binary, installed with apt-get when missing.
+/// The `redis-server` binary. Not installed by the test: `.ci/run` installs it (Debian's
+/// `redis-server`).
 fn redis_server() -> &'static str {
-    let found = || {
-        Command::new("redis-server")
-            .arg("--version")
-            .stdout(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    if !found() {
-        let _ = Command::new("sh")
-            .args([
-                "-c",
-                "(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server) >/dev/null 2>&1",
-            ])
-            .status();
-        assert!(
-            found(),
-            "this test needs redis-server: `apt-get install redis-server` failed (run as root, or install it)"
-        );
-    }
+    let found = Command::new("redis-server")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        found,
+        "this test runs replicas over a real redis-server, and none is installed: \
+         `apt-get install redis-server` (.ci/run installs it)"
+    );
     "redis-server"
 }
 

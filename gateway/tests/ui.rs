@@ -11,7 +11,7 @@ use tower_llm_lb::config::Config;
 use tower_llm_lb_gateway::Gateway;
 use tower_llm_lb_mock::{Fault, MockServer};
 
-/// The Chromium binary, installed with apt-get when missing.
+/// The Chromium binary. Not installed by the test: `.ci/run` installs it (Debian's `chromium`).
 fn chromium() -> String {
     for candidate in ["chromium", "chromium-browser", "/usr/bin/chromium"] {
         if Command::new(candidate)
@@ -22,18 +22,10 @@ fn chromium() -> String {
             return candidate.to_string();
         }
     }
-    let installed = Command::new("sh")
-        .args([
-            "-c",
-            "(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null 2>&1",
-        ])
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(
-        installed,
-        "this test needs Chromium: `apt-get install chromium` failed (run as root, or install it)"
-    );
-    "chromium".to_string()
+    panic!(
+        "this test drives the live page in a headless Chromium, and none is installed: \
+         `apt-get install chromium` (.ci/run installs it)"
+    )
 }
 
 /// The page's DOM after its scripts ran for `budget` of virtual time.
