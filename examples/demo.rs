@@ -156,7 +156,7 @@ async fn main() -> Result<(), BoxError> {
     };
     let absorbed: u64 = backends
         .iter()
-        .map(|b| b.state().counters().throttled)
+        .map(|b| b.state().snapshot().counters.throttled)
         .sum();
     let leaks: u64 = mocks.iter().map(|m| m.counters().foreign_credentials).sum();
     let visible = tally.client_429.load(Relaxed)
@@ -170,7 +170,11 @@ async fn main() -> Result<(), BoxError> {
         tally.retried.load(Relaxed)
     );
     for b in &backends {
-        println!("    by {:<21} {}", b.name(), b.state().counters().success);
+        println!(
+            "    by {:<21} {}",
+            b.name(),
+            b.state().snapshot().counters.success
+        );
     }
     println!("  client-visible errors    {visible} (expected: 0)");
     println!("  429s absorbed            {absorbed} (sent by backends, never seen by callers)");
@@ -209,11 +213,12 @@ fn table(
     );
     let now = tokio::time::Instant::now();
     for b in backends {
-        let (c, s) = (b.state().counters(), b.state());
-        let state = match s.circuit() {
+        let s = b.state().snapshot();
+        let c = s.counters;
+        let state = match s.circuit {
             Circuit::Open { until } if until > now => "circuit open",
             Circuit::Open { .. } | Circuit::HalfOpen => "probing",
-            Circuit::Closed if s.unavailable_until(now).is_some() => "pacing",
+            Circuit::Closed if s.unavailable_until.is_some() => "pacing",
             Circuit::Closed => "ready",
         };
         out += &format!(
@@ -224,7 +229,7 @@ fn table(
             c.throttled,
             c.server_errors,
             c.failures,
-            s.in_flight()
+            s.in_flight
         );
     }
     let lines = out.lines().count();

@@ -77,7 +77,7 @@ async fn run() -> Result<(), BoxError> {
             c.errors,
             c.during_pushback,
             c.foreign_credentials,
-            backend.state().circuit()
+            backend.state().snapshot().circuit
         );
     }
     Ok(())

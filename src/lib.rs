@@ -124,4 +124,4 @@ pub struct ReadmeDoctests;
 pub use backend::Backend;
 pub use error::BoxError;
 pub use outcome::Outcome;
-pub use state::BackendState;
+pub use state::{BackendState, Snapshot};

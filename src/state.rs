@@ -136,6 +136,56 @@ pub struct Quota {
     pub seen_at: Instant,
 }
 
+/// A backend's live state as read at one instant ([`BackendState::snapshot`]): for stats
+/// pages, metrics, dashboards and tests. Every field is a copy; reading changes nothing.
+#[derive(Clone, Copy, Debug, PartialEq)]
+#[non_exhaustive]
+pub struct Snapshot {
+    /// When it was read (tokio's clock).
+    pub at: Instant,
+    /// What the circuit breaker says. An open circuit whose time has passed still reads `Open`
+    /// until the breaker admits a probe.
+    pub circuit: Circuit,
+    /// `None` when the backend could take a request now; else the earliest instant it can (the
+    /// end of its cooldown or of its open circuit; for a group, of its first free member).
+    pub unavailable_until: Option<Instant>,
+    /// The end of the last cooldown (a 429's wait, pacing, a rejected key), if one was ever set;
+    /// it may be in the past.
+    pub cooldown_until: Option<Instant>,
+    /// The end of the last wait a throttled answer asked for (not pacing), if any.
+    pub throttled_until: Option<Instant>,
+    /// Throttled answers in a row.
+    pub throttle_streak: u32,
+    /// Requests in flight: sent, their answer not yet read to the end.
+    pub in_flight: usize,
+    /// The moving average of the time to a response head, once one was seen (a slower sample
+    /// is taken at once, a faster one moves it by 1/8).
+    pub latency: Option<Duration>,
+    /// With attempts awaiting an answer, how long since the backend last answered anything;
+    /// `None` when nothing is awaited.
+    pub silent_for: Option<Duration>,
+    /// The current pace (one request per `pace` while its quota is used up), this replica's
+    /// share of it.
+    pub pace: Option<Duration>,
+    /// The whole backend's pace as learned, before this replica's share stretches it.
+    pub whole_pace: Option<Duration>,
+    /// This replica's share of the backend's quota (`1.0`: all of it, this replica alone).
+    pub share: f64,
+    /// How many requests this replica has for the backend: in flight and waiting for a paced
+    /// slot.
+    pub demand: f64,
+    /// Requests admitted so far (sent, or given a paced slot), counted when they come.
+    pub admitted: u64,
+    /// The last quota hints the backend sent, if any.
+    pub quota: Option<Quota>,
+    /// True while the last quota hints said a quota is used up.
+    pub headroom_low: bool,
+    /// The last health probe: when, and whether it was healthy.
+    pub last_probe: Option<(Instant, bool)>,
+    /// The running totals of its outcomes.
+    pub counters: Counters,
+}
+
 impl BackendState {
     /// Fresh state: no cooldown, circuit closed, nothing in flight.
     pub(crate) fn new() -> Self {
@@ -229,8 +279,34 @@ impl BackendState {
         core.clone().downcast::<T>().ok()
     }
 
+    /// Reads everything at once, at tokio's `now`. Not on any request path: a page, a scrape
+    /// or a test asks.
+    pub fn snapshot(&self) -> Snapshot {
+        let now = Instant::now();
+        Snapshot {
+            at: now,
+            circuit: self.circuit(),
+            unavailable_until: self.unavailable_until(now),
+            cooldown_until: self.cooldown_until(),
+            throttled_until: self.throttled_until(),
+            throttle_streak: self.throttle_streak(),
+            in_flight: self.in_flight(),
+            latency: self.latency(),
+            silent_for: self.silent_for(now),
+            pace: self.pace(),
+            whole_pace: self.whole_pace(),
+            share: self.share(),
+            demand: self.demand(now),
+            admitted: self.admitted(),
+            quota: self.quota(),
+            headroom_low: self.headroom_low(now),
+            last_probe: self.last_probe(),
+            counters: self.counters(),
+        }
+    }
+
     /// True when both handles point at the same backend's state.
-    pub fn ptr_eq(&self, other: &BackendState) -> bool {
+    pub(crate) fn ptr_eq(&self, other: &BackendState) -> bool {
         Arc::ptr_eq(&self.inner, &other.inner)
     }
 
@@ -269,12 +345,12 @@ impl BackendState {
 
     /// `None` when the backend can take a request at `now`; otherwise the earliest instant it
     /// can (end of its cooldown, or of its open circuit).
-    pub fn unavailable_until(&self, now: Instant) -> Option<Instant> {
+    pub(crate) fn unavailable_until(&self, now: Instant) -> Option<Instant> {
         self.instant_of(self.blocked_until()).filter(|u| *u > now)
     }
 
     /// True when the backend can take a request at `now`.
-    pub fn is_available(&self, now: Instant) -> bool {
+    pub(crate) fn is_available(&self, now: Instant) -> bool {
         self.availability(now).0
     }
 
@@ -294,12 +370,13 @@ impl BackendState {
     // ---- cooldown (throttling) ----
 
     /// The end of the current cooldown, if one was ever set (it may be in the past).
-    pub fn cooldown_until(&self) -> Option<Instant> {
+    pub(crate) fn cooldown_until(&self) -> Option<Instant> {
         self.instant_of(self.inner.cooldown_until.load(Acquire))
     }
 
-    /// Cools the backend down until `until`. A cooldown only ever extends: a shorter one never
-    /// shortens the current one.
+    /// Cools the backend down until `until`: no request is sent to it before then (an
+    /// operator's drain, or a test's). The `Endpoint` does the same on a 429's wait. A cooldown
+    /// only ever extends: a shorter one never shortens the current one.
     pub fn extend_cooldown(&self, until: Instant) {
         self.inner
             .cooldown_until
@@ -413,7 +490,7 @@ impl BackendState {
     }
 
     /// This replica's share of the backend's quota (`1.0`: all of it, this replica alone).
-    pub fn share(&self) -> f64 {
+    pub(crate) fn share(&self) -> f64 {
         f64::from(self.share_ppm()) / f64::from(SHARE_ALL)
     }
 
@@ -434,7 +511,7 @@ impl BackendState {
     /// waiting for a paced slot of it (the time booked ahead, over one slot's spacing). With
     /// the rate of [`BackendState::admitted`], what the shared state weighs the replicas'
     /// shares by.
-    pub fn demand(&self, now: Instant) -> f64 {
+    pub(crate) fn demand(&self, now: Instant) -> f64 {
         let mut demand = self.in_flight() as f64;
         let step = self.inner.step_ns.load(Acquire);
         let until = self.inner.booked_until.load(Acquire);
@@ -451,20 +528,20 @@ impl BackendState {
     /// Requests admitted to the backend so far: sent, or given a paced slot to wait for, counted
     /// when they come (so their rate is the rate asked of this replica, not the rate its pace
     /// lets through).
-    pub fn admitted(&self) -> u64 {
+    pub(crate) fn admitted(&self) -> u64 {
         self.inner.admitted.load(Relaxed)
     }
 
     /// The whole backend's pace as learned (from quota hints, or from the answers that got
     /// through between 429s), before this replica's share stretches it.
-    pub fn whole_pace(&self) -> Option<Duration> {
+    pub(crate) fn whole_pace(&self) -> Option<Duration> {
         let ns = self.inner.pace_ns.load(Acquire);
         (ns != 0).then(|| Duration::from_nanos(ns))
     }
 
     /// The current pace, if the backend is being paced: the whole backend's, stretched by this
     /// replica's share ([`BackendState::share`]).
-    pub fn pace(&self) -> Option<Duration> {
+    pub(crate) fn pace(&self) -> Option<Duration> {
         let ns = self.inner.pace_ns.load(Acquire);
         if ns == 0 {
             return None;
@@ -568,7 +645,7 @@ impl BackendState {
     }
 
     /// The end of the last wait a throttled answer asked for (not pacing), if any.
-    pub fn throttled_until(&self) -> Option<Instant> {
+    pub(crate) fn throttled_until(&self) -> Option<Instant> {
         self.instant_of(self.inner.throttled_until.load(Acquire))
     }
 
@@ -581,7 +658,7 @@ impl BackendState {
     }
 
     /// How many throttled answers in a row the backend gave.
-    pub fn throttle_streak(&self) -> u32 {
+    pub(crate) fn throttle_streak(&self) -> u32 {
         self.inner.throttle_streak.load(Acquire)
     }
 
@@ -604,7 +681,7 @@ impl BackendState {
 
     /// The circuit breaker's view of the backend. An open circuit whose time has passed still
     /// reads `Open`; the breaker moves it to half-open when it admits a probe.
-    pub fn circuit(&self) -> Circuit {
+    pub(crate) fn circuit(&self) -> Circuit {
         if let Some(e) = &self.inner.endpoint {
             return e.circuit();
         }
@@ -639,7 +716,7 @@ impl BackendState {
     // ---- load ----
 
     /// Requests in flight: sent, and their answer not yet read to the end.
-    pub fn in_flight(&self) -> usize {
+    pub(crate) fn in_flight(&self) -> usize {
         self.inner.in_flight.load(Relaxed)
     }
 
@@ -681,7 +758,7 @@ impl BackendState {
     /// How long the backend has been silent: with attempts awaiting an answer, the time since it
     /// last answered anything (or since it was first awaited). `None` when nothing is awaited.
     /// A hung backend's silence grows; a busy one answers now and then.
-    pub fn silent_for(&self, now: Instant) -> Option<Duration> {
+    pub(crate) fn silent_for(&self, now: Instant) -> Option<Duration> {
         if self.inner.awaiting_head.load(Acquire) == 0 {
             return None;
         }
@@ -712,7 +789,7 @@ impl BackendState {
     }
 
     /// The moving average of response-head latency, once a sample has been seen.
-    pub fn latency(&self) -> Option<Duration> {
+    pub(crate) fn latency(&self) -> Option<Duration> {
         let ns = self.inner.latency_ewma_ns.load(Acquire);
         (ns != UNKNOWN).then(|| Duration::from_nanos(ns))
     }
@@ -740,7 +817,7 @@ impl BackendState {
     }
 
     /// The last quota hints, if any were seen.
-    pub fn quota(&self) -> Option<Quota> {
+    pub(crate) fn quota(&self) -> Option<Quota> {
         let seen_at = self.instant_of(self.inner.quota_seen_at.load(Acquire))?;
         let get = |a: &AtomicU64| Some(a.load(Relaxed)).filter(|v| *v != UNKNOWN);
         Some(Quota {
@@ -760,7 +837,7 @@ impl BackendState {
     }
 
     /// True while the last quota hints said a quota is used up.
-    pub fn headroom_low(&self, now: Instant) -> bool {
+    pub(crate) fn headroom_low(&self, now: Instant) -> bool {
         self.availability(now).1
     }
 
@@ -791,18 +868,18 @@ impl BackendState {
     }
 
     /// The last health probe: when, and whether it was healthy. `None` before the first.
-    pub fn last_probe(&self) -> Option<(Instant, bool)> {
+    pub(crate) fn last_probe(&self) -> Option<(Instant, bool)> {
         let at = self.instant_of(self.inner.probe_at.load(Acquire))?;
         Some((at, self.inner.probe_ok.load(Acquire)))
     }
 
     /// True once the backend has answered (or failed) at least one attempt.
-    pub fn answered_once(&self) -> bool {
+    pub(crate) fn answered_once(&self) -> bool {
         self.inner.counters[0].load(Relaxed) > 0
     }
 
     /// The running totals.
-    pub fn counters(&self) -> Counters {
+    pub(crate) fn counters(&self) -> Counters {
         let c = &self.inner.counters;
         let g = |i: usize| c[i].load(Relaxed);
         Counters {

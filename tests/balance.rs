@@ -95,7 +95,7 @@ async fn ptu_first_then_paygo_then_back_to_ptu_after_its_cooldown() {
     let _ = attempts;
     assert_eq!(paygo[0].counters().ok + paygo[1].counters().ok, 5);
     // After the cooldown the PTU takes the traffic back.
-    let until = backends[0].state().cooldown_until().unwrap();
+    let until = backends[0].state().snapshot().cooldown_until.unwrap();
     tokio::time::sleep_until(until).await;
     let res = svc.clone().oneshot(chat("{}")).await.unwrap();
     assert_eq!(served_by(&res), "ptu");

@@ -46,7 +46,7 @@ async fn a_backend_answering_500_gets_nothing_while_open_then_exactly_the_permit
     }
     let opened = Instant::now();
     assert_eq!(
-        backend.state().circuit(),
+        backend.state().snapshot().circuit,
         Circuit::Open {
             until: opened + Duration::from_secs(10)
         }
@@ -65,7 +65,7 @@ async fn a_backend_answering_500_gets_nothing_while_open_then_exactly_the_permit
     assert_eq!(mock.counters().requests, 4);
     let reopened = Instant::now();
     assert_eq!(
-        backend.state().circuit(),
+        backend.state().snapshot().circuit,
         Circuit::Open {
             until: reopened + Duration::from_secs(20)
         }
@@ -87,7 +87,7 @@ async fn a_backend_answering_500_gets_nothing_while_open_then_exactly_the_permit
         "probe slot taken"
     );
     assert_eq!(mock.counters().requests, 5);
-    assert_eq!(backend.state().circuit(), Circuit::Closed);
+    assert_eq!(backend.state().snapshot().circuit, Circuit::Closed);
     assert_eq!(svc.oneshot(chat("{}")).await.unwrap().status(), 200);
 }
 
@@ -97,7 +97,7 @@ async fn open_time_grows_with_consecutive_trips_and_resets_after_recovery() {
     let backend = azure("east", &mock);
     let group = BreakerGroup::try_new(policy()).unwrap();
     let svc = guarded(&backend, &group, AttemptTimeoutLayer::new(), &http_client());
-    let open_for = || match backend.state().circuit() {
+    let open_for = || match backend.state().snapshot().circuit {
         Circuit::Open { until } => until - Instant::now(),
         other => panic!("expected open, got {other:?}"),
     };
@@ -157,11 +157,11 @@ async fn refused_and_hanging_backends_are_ejected_while_requests_succeed_elsewhe
         assert_eq!(&*attempts.last().unwrap().backend, "ok");
     }
     assert!(
-        matches!(backends[0].state().circuit(), Circuit::Open { .. }),
+        matches!(backends[0].state().snapshot().circuit, Circuit::Open { .. }),
         "refusing backend ejected"
     );
     assert!(
-        matches!(backends[1].state().circuit(), Circuit::Open { .. }),
+        matches!(backends[1].state().snapshot().circuit, Circuit::Open { .. }),
         "hanging backend ejected"
     );
     assert_eq!(healthy.counters().ok, 12);
@@ -302,7 +302,7 @@ async fn when_every_backend_fails_each_request_ends_in_a_typed_error_and_none_ha
         .iter()
         .filter(|b| {
             matches!(
-                b.state().circuit(),
+                b.state().snapshot().circuit,
                 Circuit::Open { .. } | Circuit::HalfOpen
             )
         })
@@ -332,8 +332,11 @@ async fn health_probes_readmit_a_recovered_backend_and_stop_when_the_stack_is_dr
     // Two failing health probes (the default threshold) trip the breaker before any user
     // request is sent: within two intervals.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert!(matches!(backend.state().circuit(), Circuit::Open { .. }));
-    let (_, healthy) = backend.state().last_probe().unwrap();
+    assert!(matches!(
+        backend.state().snapshot().circuit,
+        Circuit::Open { .. }
+    ));
+    let (_, healthy) = backend.state().snapshot().last_probe.unwrap();
     assert!(!healthy);
     // The probe hits exactly the configured path, not one mapped like an API path.
     let probes = mock.requests();
@@ -347,7 +350,7 @@ async fn health_probes_readmit_a_recovered_backend_and_stop_when_the_stack_is_dr
     // It recovers: the next health probe closes the circuit, long before the 300 s open period.
     mock.set_fault(None);
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(backend.state().circuit(), Circuit::Closed);
+    assert_eq!(backend.state().snapshot().circuit, Circuit::Closed);
     assert_eq!(svc.clone().oneshot(chat("{}")).await.unwrap().status(), 200);
     // Dropping the stack stops the probe task: no more requests reach the mock.
     drop(svc);
@@ -386,7 +389,10 @@ async fn a_backend_in_two_groups_has_one_circuit_and_one_probe() {
     for svc in [&via_chat, &via_batch, &via_chat] {
         assert_eq!(svc.clone().oneshot(chat("{}")).await.unwrap().status(), 500);
     }
-    assert!(matches!(backend.state().circuit(), Circuit::Open { .. }));
+    assert!(matches!(
+        backend.state().snapshot().circuit,
+        Circuit::Open { .. }
+    ));
     for svc in [&via_chat, &via_batch] {
         let err = svc.clone().oneshot(chat("{}")).await.unwrap_err();
         assert!(
@@ -405,6 +411,6 @@ async fn a_backend_in_two_groups_has_one_circuit_and_one_probe() {
     assert_eq!(a.unwrap().status(), 200);
     assert_eq!(b.unwrap_err().downcast_ref::<Open>().unwrap().until(), None);
     assert_eq!(mock.counters().requests, 4);
-    assert_eq!(backend.state().circuit(), Circuit::Closed);
+    assert_eq!(backend.state().snapshot().circuit, Circuit::Closed);
     assert_eq!(via_chat.oneshot(chat("{}")).await.unwrap().status(), 200);
 }

@@ -433,18 +433,8 @@ async fn a_429_on_one_deployment_does_not_hold_back_another_deployment_of_the_sa
     );
     // Only the 8k scope is cooling, and it was asked once.
     assert_eq!(resource.counters().throttled, 1);
-    assert!(
-        backends[1]
-            .state()
-            .unavailable_until(tokio::time::Instant::now())
-            .is_none()
-    );
-    assert!(
-        backends[0]
-            .state()
-            .unavailable_until(tokio::time::Instant::now())
-            .is_some()
-    );
+    assert!(backends[1].state().snapshot().unavailable_until.is_none());
+    assert!(backends[0].state().snapshot().unavailable_until.is_some());
 }
 
 #[tokio::test(start_paused = true)]
@@ -476,10 +466,10 @@ async fn a_configured_health_check_takes_a_failing_backend_out_and_lets_it_back(
     // Two failed probes, one interval apart: out.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert!(matches!(
-        backends[0].state().circuit(),
+        backends[0].state().snapshot().circuit,
         Circuit::Open { .. }
     ));
-    assert_eq!(backends[1].state().circuit(), Circuit::Closed);
+    assert_eq!(backends[1].state().snapshot().circuit, Circuit::Closed);
     for _ in 0..10 {
         let res = svc.clone().oneshot(chat("{}")).await.unwrap();
         assert_eq!(res.status(), 200);
@@ -494,7 +484,7 @@ async fn a_configured_health_check_takes_a_failing_backend_out_and_lets_it_back(
     // It recovers: the next probe lets it back.
     a.set_fault(None);
     tokio::time::sleep(Duration::from_secs(1)).await;
-    assert_eq!(backends[0].state().circuit(), Circuit::Closed);
+    assert_eq!(backends[0].state().snapshot().circuit, Circuit::Closed);
     assert!(
         a.requests()
             .iter()
@@ -595,21 +585,21 @@ async fn a_backend_s_own_health_check_replaces_the_group_s_and_thresholds_go_bot
     a.set_fault(Some(Fault::Status(503)));
     // Three failed probes (at 0, 1 and 2 s) take it out, not two.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert_eq!(backends[0].state().circuit(), Circuit::Closed);
+    assert_eq!(backends[0].state().snapshot().circuit, Circuit::Closed);
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(matches!(
-        backends[0].state().circuit(),
+        backends[0].state().snapshot().circuit,
         Circuit::Open { .. }
     ));
     // Two healthy probes let it back, not one.
     a.set_fault(None);
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(matches!(
-        backends[0].state().circuit(),
+        backends[0].state().snapshot().circuit,
         Circuit::Open { .. }
     ));
     tokio::time::sleep(Duration::from_secs(1)).await;
-    assert_eq!(backends[0].state().circuit(), Circuit::Closed);
+    assert_eq!(backends[0].state().snapshot().circuit, Circuit::Closed);
     // Each backend is probed on its own path.
     assert!(a.requests().iter().all(|r| r.path_and_query == "/status-a"));
     assert!(!b.requests().is_empty());
@@ -678,7 +668,8 @@ async fn a_reloaded_config_keeps_the_state_of_unchanged_backends() {
     assert_eq!(res.status(), 429);
     let cooling = before[0]
         .state()
-        .cooldown_until()
+        .snapshot()
+        .cooldown_until
         .expect("a asked for 30 s");
 
     // The reload adds b; a keeps its cooldown (and is not asked again), b starts fresh.
@@ -687,8 +678,12 @@ async fn a_reloaded_config_keeps_the_state_of_unchanged_backends() {
         .build_reusing(http_client(), &before)
         .unwrap();
     let a_after = after.iter().find(|x| x.name() == "a").unwrap();
-    assert_eq!(a_after.state().cooldown_until(), Some(cooling));
-    assert_eq!(a_after.state().counters().throttled, 1, "its counters too");
+    assert_eq!(a_after.state().snapshot().cooldown_until, Some(cooling));
+    assert_eq!(
+        a_after.state().snapshot().counters.throttled,
+        1,
+        "its counters too"
+    );
     let res = svc.oneshot(chat(r#"{"model":"gpt-4o"}"#)).await.unwrap();
     assert_eq!(res.status(), 200);
     assert_eq!(a.counters().requests, 1, "a is left alone for its 30 s");
@@ -700,7 +695,7 @@ async fn a_reloaded_config_keeps_the_state_of_unchanged_backends() {
         .unwrap()
         .build_reusing(http_client(), &after)
         .unwrap();
-    assert_eq!(moved[0].state().cooldown_until(), None);
+    assert_eq!(moved[0].state().snapshot().cooldown_until, None);
 }
 
 #[test]

@@ -135,12 +135,12 @@ async fn backends_that_fail_every_request_leave_past_the_group_share_but_the_las
     // Two of three ejected (the share is one), since they failed every request.
     for b in &backends[..2] {
         assert!(
-            matches!(b.state().circuit(), Circuit::Open { .. }),
+            matches!(b.state().snapshot().circuit, Circuit::Open { .. }),
             "{}",
             b.name()
         );
     }
-    assert_eq!(backends[2].state().circuit(), Circuit::Closed);
+    assert_eq!(backends[2].state().snapshot().circuit, Circuit::Closed);
     let sent_to_bad = bad1.counters().requests + bad2.counters().requests;
     assert!(
         sent_to_bad <= 12,
@@ -157,7 +157,7 @@ async fn backends_that_fail_every_request_leave_past_the_group_share_but_the_las
             }
         }
     }
-    assert_eq!(backends[2].state().circuit(), Circuit::Closed);
+    assert_eq!(backends[2].state().snapshot().circuit, Circuit::Closed);
 }
 
 #[tokio::test(start_paused = true)]

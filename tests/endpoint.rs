@@ -32,7 +32,7 @@ async fn throttled_backend_cools_down_until_its_retry_after() {
     let svc = stack(&backend);
     let first = svc.clone().oneshot(chat("{}")).await.unwrap();
     assert_eq!(first.status(), 200);
-    assert!(backend.state().is_available(Instant::now()));
+    assert!(backend.state().snapshot().unavailable_until.is_none());
     let start = Instant::now();
     let second = svc.clone().oneshot(chat("{}")).await.unwrap();
     assert_eq!(second.status(), 429);
@@ -52,10 +52,11 @@ async fn throttled_backend_cools_down_until_its_retry_after() {
     );
     let until = backend
         .state()
-        .unavailable_until(Instant::now())
+        .snapshot()
+        .unavailable_until
         .expect("cooling down");
     assert!(until >= start + wait && until <= Instant::now() + wait);
-    assert_eq!(backend.state().throttle_streak(), 1);
+    assert_eq!(backend.state().snapshot().throttle_streak, 1);
     // The 429's body is still the caller's to read.
     assert!(
         body_string(second)
@@ -64,10 +65,10 @@ async fn throttled_backend_cools_down_until_its_retry_after() {
     );
     // After the cooldown the backend is available and answers again.
     tokio::time::sleep_until(until).await;
-    assert!(backend.state().is_available(Instant::now()));
+    assert!(backend.state().snapshot().unavailable_until.is_none());
     assert_eq!(svc.oneshot(chat("{}")).await.unwrap().status(), 200);
-    assert_eq!(backend.state().throttle_streak(), 0);
-    let c = backend.state().counters();
+    assert_eq!(backend.state().snapshot().throttle_streak, 0);
+    let c = backend.state().snapshot().counters;
     assert_eq!((c.requests, c.success, c.throttled), (3, 2, 1));
 }
 
@@ -87,7 +88,7 @@ async fn quota_exhausted_429_takes_the_backend_out_for_long() {
         res.extensions().get::<Served>().unwrap().outcome,
         Outcome::QuotaExhausted
     );
-    let until = backend.state().unavailable_until(Instant::now()).unwrap();
+    let until = backend.state().snapshot().unavailable_until.unwrap();
     assert_eq!(until - Instant::now(), Duration::from_secs(900));
     // The error body read to classify is replayed whole to the caller.
     let body = body_string(res).await;
@@ -113,7 +114,7 @@ async fn a_429_without_hint_backs_off_exponentially_and_only_extends() {
             res.extensions().get::<Served>().unwrap().outcome,
             Outcome::Throttled { retry_after: None }
         );
-        let until = backend.state().cooldown_until().unwrap();
+        let until = backend.state().snapshot().cooldown_until.unwrap();
         let nominal = Duration::from_secs(2 * 2u64.pow(attempt - 1)).min(Duration::from_secs(5));
         let wait = until - now;
         assert!(until >= last, "cooldown never shortens");
@@ -129,7 +130,7 @@ async fn a_429_without_hint_backs_off_exponentially_and_only_extends() {
         tokio::time::sleep_until(until).await;
     }
     assert_eq!(mock.counters().requests, 4);
-    assert_eq!(backend.state().throttle_streak(), 4);
+    assert_eq!(backend.state().snapshot().throttle_streak, 4);
 }
 
 #[tokio::test]
@@ -146,10 +147,10 @@ async fn server_errors_are_returned_and_counted() {
         }
     );
     assert!(
-        backend.state().is_available(Instant::now()),
+        backend.state().snapshot().unavailable_until.is_none(),
         "a 5xx is not a cooldown"
     );
-    assert_eq!(backend.state().counters().server_errors, 1);
+    assert_eq!(backend.state().snapshot().counters.server_errors, 1);
 }
 
 #[tokio::test]
@@ -165,8 +166,8 @@ async fn connect_error_is_a_typed_error_naming_the_backend() {
         err.to_string().starts_with("backend east: connect error: "),
         "{err}"
     );
-    assert_eq!(backend.state().counters().failures, 1);
-    assert_eq!(backend.state().in_flight(), 0);
+    assert_eq!(backend.state().snapshot().counters.failures, 1);
+    assert_eq!(backend.state().snapshot().in_flight, 0);
 }
 
 #[tokio::test]
@@ -191,7 +192,7 @@ async fn hanging_backend_is_abandoned_by_a_timeout_and_in_flight_returns_to_zero
     let err = fut.await.unwrap_err();
     assert!(err.is::<tower::timeout::error::Elapsed>(), "{err}");
     assert_eq!(
-        backend.state().in_flight(),
+        backend.state().snapshot().in_flight,
         0,
         "the dropped attempt is no longer in flight"
     );
@@ -209,7 +210,7 @@ async fn remaining_requests_zero_rests_and_paces_the_backend_before_any_429() {
     let svc = stack(&backend);
     for _ in 0..3 {
         svc.clone().oneshot(chat("{}")).await.unwrap();
-        assert!(backend.state().is_available(Instant::now()));
+        assert!(backend.state().snapshot().unavailable_until.is_none());
     }
     // The 4th answer says remaining-requests: 0 (reset 1 s, limit 4): rest 250 ms and pace.
     let res = svc.clone().oneshot(chat("{}")).await.unwrap();
@@ -217,10 +218,14 @@ async fn remaining_requests_zero_rests_and_paces_the_backend_before_any_429() {
     assert_eq!(res.headers()["x-ratelimit-remaining-requests"], "0");
     let until = backend
         .state()
-        .unavailable_until(Instant::now())
+        .snapshot()
+        .unavailable_until
         .expect("resting");
     assert_eq!(until - Instant::now(), Duration::from_millis(250));
-    assert_eq!(backend.state().pace(), Some(Duration::from_millis(250)));
+    assert_eq!(
+        backend.state().snapshot().pace,
+        Some(Duration::from_millis(250))
+    );
     assert_eq!(mock.counters().throttled, 0);
 }
 
@@ -238,10 +243,10 @@ async fn quota_hints_of_successful_answers_are_recorded() {
         .await
         .unwrap();
     assert_eq!(res.status(), 200);
-    let q = backend.state().quota().expect("hints seen");
+    let q = backend.state().snapshot().quota.expect("hints seen");
     assert_eq!(q.remaining_requests, Some(99));
     assert!(q.remaining_tokens.unwrap() < 10_000 - 100);
-    assert!(backend.state().latency().is_some());
+    assert!(backend.state().snapshot().latency.is_some());
 }
 
 #[tokio::test]

@@ -295,8 +295,14 @@ async fn a_target_with_nothing_free_is_skipped_without_waiting() {
     let busy = MockServer::builder().start().await.unwrap();
     let spare = MockServer::builder().start().await.unwrap();
     let b = openai("busy", &busy);
-    b.state()
-        .extend_cooldown(Instant::now() + Duration::from_secs(30));
+    // Cooling down for 30 s, as its own 429 asked.
+    busy.set_fault(Some(Fault::Throttle(vec![(
+        "retry-after".into(),
+        "30".into(),
+    )])));
+    let _ = common::stack(&b).oneshot(chat("{}")).await.unwrap();
+    busy.set_fault(None);
+    let asked = busy.counters().requests;
     let chain = Fallback::builder("c")
         .target(
             "busy",
@@ -312,7 +318,11 @@ async fn a_target_with_nothing_free_is_skipped_without_waiting() {
     let res = chain.oneshot(chat("{}")).await.unwrap();
     assert_eq!(res.status(), 200);
     assert_eq!(Instant::now(), start, "no wait for the busy target");
-    assert_eq!(busy.counters().requests, 0);
+    assert_eq!(
+        busy.counters().requests,
+        asked,
+        "nothing more sent to the busy target"
+    );
 }
 
 #[tokio::test(start_paused = true)]

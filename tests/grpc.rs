@@ -123,7 +123,7 @@ async fn an_unavailable_grpc_server_is_failed_over_and_its_circuit_opens() {
         assert_ne!(server, "a");
     }
     assert!(matches!(
-        backends[0].state().circuit(),
+        backends[0].state().snapshot().circuit,
         Circuit::Open { .. }
     ));
     assert!(
@@ -165,18 +165,21 @@ async fn grpc_health_probes_take_a_not_serving_server_out_and_let_it_back() {
     };
     breaker.spawn_health_probe(probe).unwrap();
     tokio::time::sleep(std::time::Duration::from_secs(12)).await;
-    assert_eq!(backends[0].state().circuit(), Circuit::Closed);
-    assert_eq!(backends[0].state().last_probe().map(|p| p.1), Some(true));
+    assert_eq!(backends[0].state().snapshot().circuit, Circuit::Closed);
+    assert_eq!(
+        backends[0].state().snapshot().last_probe.map(|p| p.1),
+        Some(true)
+    );
     mocks[0].set_serving(false).await;
     tokio::time::sleep(std::time::Duration::from_secs(11)).await;
     assert!(
-        matches!(backends[0].state().circuit(), Circuit::Open { .. }),
+        matches!(backends[0].state().snapshot().circuit, Circuit::Open { .. }),
         "two NOT_SERVING answers in a row take it out"
     );
     mocks[0].set_serving(true).await;
     tokio::time::sleep(std::time::Duration::from_secs(6)).await;
     assert_eq!(
-        backends[0].state().circuit(),
+        backends[0].state().snapshot().circuit,
         Circuit::Closed,
         "one SERVING lets it back"
     );

@@ -81,7 +81,7 @@ async fn one_client_serves_every_backend_each_with_its_own_key_and_throttling_mo
     assert!(by.get("a").copied().unwrap_or(0) <= 6, "{by:?}");
     assert_eq!(by.values().sum::<i32>(), 60);
     // The backends' states were written through the one shared `Endpoint`.
-    assert!(backends[1].state().counters().success > 0);
+    assert!(backends[1].state().snapshot().counters.success > 0);
 }
 
 #[tokio::test(start_paused = true)]
@@ -138,10 +138,10 @@ async fn the_flat_stack_s_breaker_opens_the_failing_backend_s_circuit_only() {
         );
     }
     assert!(matches!(
-        backends[0].state().circuit(),
+        backends[0].state().snapshot().circuit,
         Circuit::Open { .. }
     ));
-    assert_eq!(backends[1].state().circuit(), Circuit::Closed);
+    assert_eq!(backends[1].state().snapshot().circuit, Circuit::Closed);
     assert!(mocks[0].counters().requests <= 6, "5 to trip, then none");
     // A breaker built for other backends refuses a request for one it does not know.
     let stranger = backend("stranger", &mocks[1]);

@@ -59,7 +59,7 @@ async fn the_breaker_counts_throttling_and_client_errors_as_nothing() {
             // A 429's cooldown would refuse the next one without sending: wait it out.
             tokio::time::sleep(Duration::from_secs(61)).await;
         }
-        assert_eq!(b.state().circuit(), Circuit::Closed, "{fault:?}");
+        assert_eq!(b.state().snapshot().circuit, Circuit::Closed, "{fault:?}");
         assert_eq!(
             m.counters().requests,
             10,
@@ -252,7 +252,7 @@ async fn a_200_whose_json_body_is_an_error_object_is_a_failure_and_fails_over() 
         assert!(body.contains("choices"), "{body}");
     }
     assert!(bad.counters().requests >= 1, "the bad backend was tried");
-    assert!(backends[0].state().counters().server_errors >= 1);
+    assert!(backends[0].state().snapshot().counters.server_errors >= 1);
     // Off (the bare `EndpointLayer`'s default): the same answer is the caller's success, passed
     // on whole.
     let plain = ServiceBuilder::new()

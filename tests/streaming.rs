@@ -45,7 +45,7 @@ async fn first_chunk_arrives_before_the_server_sends_the_last() {
     // The server is holding the rest: only one chunk has left it.
     assert_eq!(mock.counters().streamed_chunks, 1);
     // A stream being read is still in flight on its backend (so least-loaded picks see it).
-    assert_eq!(backend.state().in_flight(), 1);
+    assert_eq!(backend.state().snapshot().in_flight, 1);
     mock.release_chunks(3);
     let mut rest = Vec::new();
     while let Some(frame) = body.frame().await {
@@ -56,7 +56,7 @@ async fn first_chunk_arrives_before_the_server_sends_the_last() {
     assert!(rest.ends_with("data: [DONE]\n\n"));
     assert_eq!(mock.counters().streamed_chunks, 4);
     assert_eq!(
-        backend.state().in_flight(),
+        backend.state().snapshot().in_flight,
         0,
         "read to the end: no longer in flight"
     );

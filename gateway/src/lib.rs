@@ -1038,16 +1038,16 @@ async fn stats(State(gw): State<Gateway>, req: Request) -> Response {
         .backends
         .iter()
         .map(|b| {
-            let s = b.state();
-            let c = s.counters();
+            let s = b.state().snapshot();
+            let c = s.counters;
             let (prompt, completion) = gw.metrics.tokens_of(b.name());
-            let circuit = match s.circuit() {
+            let circuit = match s.circuit {
                 Circuit::Closed => "closed",
                 Circuit::Open { until } if until > now => "open",
                 Circuit::Open { .. } | Circuit::HalfOpen => "half_open",
             };
             let cooling_ms = s
-                .cooldown_until()
+                .cooldown_until
                 .filter(|u| *u > now)
                 .map(|u| (u - now).as_millis() as u64);
             serde_json::json!({
@@ -1061,16 +1061,16 @@ async fn stats(State(gw): State<Gateway>, req: Request) -> Response {
                 "server_errors": c.server_errors,
                 "failures": c.failures,
                 "client_errors": c.client_errors,
-                "in_flight": s.in_flight(),
+                "in_flight": s.in_flight,
                 "tokens": {"prompt": prompt, "completion": completion},
                 "circuit": circuit,
                 "cooling_for_ms": cooling_ms,
-                "latency_ms": s.latency().map(|d| d.as_secs_f64() * 1e3),
+                "latency_ms": s.latency.map(|d| d.as_secs_f64() * 1e3),
                 // This replica's pace and share of the backend's quota (1: all of it; set by
                 // the shared state from the replicas' demand).
-                "pace_ms": s.pace().map(|d| d.as_secs_f64() * 1e3),
-                "quota_share": s.share(),
-                "probe": s.last_probe().map(|(at, healthy)| serde_json::json!({
+                "pace_ms": s.pace.map(|d| d.as_secs_f64() * 1e3),
+                "quota_share": s.share,
+                "probe": s.last_probe.map(|(at, healthy)| serde_json::json!({
                     "healthy": healthy,
                     "ago_ms": now.saturating_duration_since(at).as_millis() as u64,
                 })),

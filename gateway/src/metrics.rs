@@ -215,7 +215,7 @@ impl Collector for BackendCollector {
                 prometheus_client::metrics::MetricType::Counter,
             )?;
             for b in live.backends() {
-                let c = b.state().counters();
+                let c = b.state().snapshot().counters;
                 for (outcome, n) in [
                     ("success", c.success),
                     ("throttled", c.throttled),
@@ -234,12 +234,12 @@ impl Collector for BackendCollector {
             (
                 "backend_in_flight",
                 "Requests in flight at each backend",
-                |b, _| b.state().in_flight() as f64,
+                |b, _| b.state().snapshot().in_flight as f64,
             ),
             (
                 "backend_circuit_open",
                 "1 while a backend's circuit is open or half-open, else 0",
-                |b, _| match b.state().circuit() {
+                |b, _| match b.state().snapshot().circuit {
                     Circuit::Closed => 0.0,
                     _ => 1.0,
                 },
@@ -249,14 +249,20 @@ impl Collector for BackendCollector {
                 "Time left of a backend's cooldown (a 429's wait, a rejected key's)",
                 |b, now| {
                     b.state()
-                        .cooldown_until()
+                        .snapshot()
+                        .cooldown_until
                         .map_or(0.0, |u| u.saturating_duration_since(now).as_secs_f64())
                 },
             ),
             (
                 "backend_latency_seconds",
                 "A backend's latency average (0 before its first answer)",
-                |b, _| b.state().latency().map_or(0.0, |d| d.as_secs_f64()),
+                |b, _| {
+                    b.state()
+                        .snapshot()
+                        .latency
+                        .map_or(0.0, |d| d.as_secs_f64())
+                },
             ),
         ];
         for (name, help, read) in gauges {

@@ -240,7 +240,8 @@ async fn second_replica_after_a_429(redis: Option<String>, prefix: &str) -> bool
         let state = backends_b[0].state().clone();
         assert!(
             eventually(Duration::from_secs(2), || state
-                .throttled_until()
+                .snapshot()
+                .throttled_until
                 .is_some_and(
                     |u| u > tokio::time::Instant::now() + Duration::from_secs(1)
                 ))
@@ -262,12 +263,13 @@ async fn second_replica_after_a_429(redis: Option<String>, prefix: &str) -> bool
         // the backend's quota.
         let (sa, sb) = (backends_a[0].state().clone(), backends_b[0].state().clone());
         assert!(
-            eventually(Duration::from_secs(3), || sb.share() < sa.share()
-                && (sa.share() + sb.share() - 1.0).abs() < 0.02)
+            eventually(Duration::from_secs(3), || sb.snapshot().share
+                < sa.snapshot().share
+                && (sa.snapshot().share + sb.snapshot().share - 1.0).abs() < 0.02)
             .await,
             "shares ({}, {})",
-            sa.share(),
-            sb.share()
+            sa.snapshot().share,
+            sb.snapshot().share
         );
     }
     let res = b.oneshot(chat()).await;
@@ -301,10 +303,15 @@ async fn each_replica_s_share_of_the_quota_follows_its_demand() {
         let (sa, sb) = (sa.clone(), sb.clone());
         async move {
             let done = eventually(Duration::from_secs(secs), || {
-                near(sa.share(), to.0) && near(sb.share(), to.1)
+                near(sa.snapshot().share, to.0) && near(sb.snapshot().share, to.1)
             })
             .await;
-            assert!(done, "{what}: ({}, {})", sa.share(), sb.share());
+            assert!(
+                done,
+                "{what}: ({}, {})",
+                sa.snapshot().share,
+                sb.snapshot().share
+            );
         }
     };
     reach((0.5, 0.5), 10, "no demand: halves").await;
@@ -316,7 +323,7 @@ async fn each_replica_s_share_of_the_quota_follows_its_demand() {
     // A quarter of an equal share each (1/8), the rest by demand: A 7/8, B 1/8.
     reach((0.875, 0.125), 5, "A busy").await;
     assert!(
-        near(sa.share() + sb.share(), 1.0),
+        near(sa.snapshot().share + sb.snapshot().share, 1.0),
         "the shares add up to the quota"
     );
     // Then the demand moves to B: so does the quota.
@@ -326,12 +333,12 @@ async fn each_replica_s_share_of_the_quota_follows_its_demand() {
         held.push(b.clone().oneshot(chat()).await.unwrap());
     }
     assert!(
-        eventually(Duration::from_secs(5), || sb.share() > 0.75
-            && sa.share() < 0.25)
+        eventually(Duration::from_secs(5), || sb.snapshot().share > 0.75
+            && sa.snapshot().share < 0.25)
         .await,
         "B busy: ({}, {})",
-        sa.share(),
-        sb.share()
+        sa.snapshot().share,
+        sb.snapshot().share
     );
     drop(held);
 }
@@ -357,7 +364,8 @@ async fn another_replica_s_answers_count_toward_the_pace_of_a_backend_without_qu
     throttled_once(&mock, b, "retry-after-ms", "200").await;
     let state_b = backends_b[0].state().clone();
     let learned = state_b
-        .whole_pace()
+        .snapshot()
+        .whole_pace
         .expect("B paces the backend after its 429");
     // Past the shared wait, 50 answers get through to A: as many answers not throttled shrink
     // B's pace as they would had they been B's own (0.2% each: about 10%).
@@ -367,14 +375,15 @@ async fn another_replica_s_answers_count_toward_the_pace_of_a_backend_without_qu
         assert_eq!(res.status(), 200);
         res.into_body().collect().await.unwrap();
     }
-    assert_eq!(backends_a[0].state().counters().throttled, 0);
+    assert_eq!(backends_a[0].state().snapshot().counters.throttled, 0);
     assert!(
         eventually(Duration::from_secs(3), || state_b
-            .whole_pace()
+            .snapshot()
+            .whole_pace
             .is_some_and(|p| p < learned.mul_f64(0.95)))
         .await,
         "B's pace {:?}, learned {learned:?}",
-        state_b.whole_pace()
+        state_b.snapshot().whole_pace
     );
 }
 

@@ -386,7 +386,10 @@ impl Soak {
         }
         // Let every abandoned attempt's connection close and every timer fire.
         tokio::time::sleep(Duration::from_secs(120)).await;
-        report.in_flight_after = backends.iter().map(|b| b.state().in_flight()).sum();
+        report.in_flight_after = backends
+            .iter()
+            .map(|b| b.state().snapshot().in_flight)
+            .sum();
         report.attempts = mocks.iter().map(|m| m.counters().requests).sum();
         drop(svc);
         for _ in 0..50 {

@@ -484,7 +484,7 @@ impl Scenario {
             tokio::spawn(async move {
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 bad.iter()
-                    .map(|(_, s)| s.counters().requests)
+                    .map(|(_, s)| s.snapshot().counters.requests)
                     .collect::<Vec<_>>()
             })
         };
@@ -518,7 +518,7 @@ impl Scenario {
         report.shared = links.iter().map(|l| l.status()).collect();
         for (spec, mock) in self.backends.iter().zip(&mocks) {
             let counters: Counters = state_of(spec.name)
-                .map(|s| s.counters())
+                .map(|s| s.snapshot().counters)
                 .unwrap_or_default();
             // A mock counts what reached it (a hung one answers nothing); a refused port has
             // only the gateway's count.
@@ -545,7 +545,7 @@ impl Scenario {
         }
         let secs_after = (wall.as_secs_f64() - 1.0).max(1e-3);
         for ((name, state), before) in bad.iter().zip(at_one_second) {
-            let after = state.counters().requests.saturating_sub(before);
+            let after = state.snapshot().counters.requests.saturating_sub(before);
             report.bad_rate.push((name, after as f64 / secs_after));
         }
         drop(mocks);
