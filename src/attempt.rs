@@ -127,7 +127,7 @@ pub struct Served {
 /// What an answer means, and which backend gave it: the [`Served`] stamp of the `Endpoint`
 /// that classified it, or, for an answer that passed through none, the stock [`Standard`](crate::classify::Standard)
 /// classification of its status and headers (backend `-`). One place for the layers above to ask.
-pub fn outcome_of<B>(res: &http::Response<B>) -> (Arc<str>, Outcome) {
+pub(crate) fn outcome_of<B>(res: &http::Response<B>) -> (Arc<str>, Outcome) {
     let (backend, outcome, _) = answered_by(res);
     (backend, outcome)
 }

@@ -173,7 +173,7 @@ impl Backend {
 
     /// A copy of this backend description with another priority tier and weight (and fresh
     /// state). Fails on a weight that is not finite and >= 0.
-    pub fn with_tier(&self, priority: u32, weight: f64) -> Result<Backend, InvalidBackend> {
+    pub(crate) fn with_tier(&self, priority: u32, weight: f64) -> Result<Backend, InvalidBackend> {
         if !weight.is_finite() || weight < 0.0 {
             return Err(InvalidBackend {
                 name: self.name().to_string(),

@@ -920,7 +920,7 @@ mod tests {
 
     mod tokio_stream_shim {
         //! A minimal `Stream` over an iterator, so tests need no extra crate.
-        pub struct Iter<T>(pub std::vec::IntoIter<T>);
+        pub(crate) struct Iter<T>(pub(crate) std::vec::IntoIter<T>);
         impl<T> Unpin for Iter<T> {}
         impl<T> futures_core::Stream for Iter<T> {
             type Item = T;

@@ -64,8 +64,9 @@ where
 }
 
 /// A type-erased, cloneable, shareable service over replayable requests: what a fallback target,
-/// a balanced group of mixed members, or a whole stack is boxed into. See the
-/// [module docs](self).
+/// a balanced group of mixed members, or a whole stack is boxed into. It drives its service's
+/// readiness itself (`poll_ready` always answers ready), so clones share one service without
+/// `Buffer`.
 pub struct BoxTarget<ResB> {
     inner: Arc<dyn Erased<ResB>>,
 }

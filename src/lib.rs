@@ -93,7 +93,7 @@ pub mod auth;
 pub mod backend;
 pub mod balance;
 pub mod body;
-pub mod boxed;
+mod boxed;
 pub mod circuit_breaker;
 pub mod classify;
 pub mod client;

@@ -100,7 +100,7 @@ async fn a_chosen_backend_layer_without_a_balance_layer_refuses_without_sending(
     assert_eq!(m.counters().requests, 0, "nothing sent, nothing retried");
     // Not retried: the stack is built wrongly, and trying again would not change that.
     assert_eq!(
-        tower_llm_lb::classify::classify_error_chain(&*err),
+        tower_llm_lb::classify::Classify::classify_error(&tower_llm_lb::classify::Standard, &*err),
         Outcome::ClientError {
             status: http::StatusCode::INTERNAL_SERVER_ERROR
         }

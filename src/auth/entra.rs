@@ -46,13 +46,13 @@ use crate::credential::{BoxFuture, Secret, Token, TokenSource};
 use crate::error::BoxError;
 
 /// The scope of Azure OpenAI / Cognitive Services tokens.
-pub const COGNITIVE_SERVICES_SCOPE: &str = "https://cognitiveservices.azure.com/.default";
+pub(crate) const COGNITIVE_SERVICES_SCOPE: &str = "https://cognitiveservices.azure.com/.default";
 /// The resource (v1 endpoints) of Azure OpenAI / Cognitive Services tokens.
-pub const COGNITIVE_SERVICES_RESOURCE: &str = "https://cognitiveservices.azure.com/";
+pub(crate) const COGNITIVE_SERVICES_RESOURCE: &str = "https://cognitiveservices.azure.com/";
 /// The Microsoft identity platform.
-pub const DEFAULT_AUTHORITY: &str = "https://login.microsoftonline.com";
+pub(crate) const DEFAULT_AUTHORITY: &str = "https://login.microsoftonline.com";
 /// The VM instance metadata (IMDS) token endpoint.
-pub const IMDS_ENDPOINT: &str = "http://169.254.169.254/metadata/identity/oauth2/token";
+pub(crate) const IMDS_ENDPOINT: &str = "http://169.254.169.254/metadata/identity/oauth2/token";
 
 /// The HTTP client token sources use.
 pub type TokenClient = BoxCloneSyncService<Request<ReplayBody>, Response<Incoming>, BoxError>;
@@ -232,8 +232,8 @@ fn plain_token(field: &str, v: &str) -> Result<(), BoxError> {
 }
 
 impl ClientCredentials {
-    /// For `tenant`, `client_id` and `client_secret`, scope [`COGNITIVE_SERVICES_SCOPE`], against
-    /// [`DEFAULT_AUTHORITY`].
+    /// For `tenant`, `client_id` and `client_secret`, scope `https://cognitiveservices.azure.com/.default`,
+    /// against `https://login.microsoftonline.com`.
     pub fn new(tenant: &str, client_id: &str, client_secret: &str) -> Result<Self, BoxError> {
         plain_token("tenant", tenant)?;
         plain_token("client_id", client_id)?;
@@ -331,7 +331,7 @@ impl fmt::Debug for ManagedIdentity {
 }
 
 impl ManagedIdentity {
-    /// The VM's identity via IMDS ([`IMDS_ENDPOINT`]).
+    /// The VM's identity via IMDS (`http://169.254.169.254/metadata/identity/oauth2/token`).
     pub fn imds() -> Self {
         ManagedIdentity {
             name: "managed-identity(imds)".into(),
@@ -597,7 +597,7 @@ pub struct AzureSdkCredential {
 
 #[cfg(feature = "azure-identity")]
 impl AzureSdkCredential {
-    /// Adapts `credential`, asking for [`COGNITIVE_SERVICES_SCOPE`].
+    /// Adapts `credential`, asking for the scope `https://cognitiveservices.azure.com/.default`.
     pub fn new(credential: Arc<dyn azure_core::credentials::TokenCredential>) -> Self {
         AzureSdkCredential {
             name: "azure-sdk-credential".into(),

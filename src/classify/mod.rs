@@ -96,7 +96,7 @@ impl Classify for Standard {
 }
 
 /// Walks an error's source chain for the first cause this crate knows (the stock error policy).
-pub fn classify_error_chain(error: &(dyn StdError + 'static)) -> Outcome {
+pub(crate) fn classify_error_chain(error: &(dyn StdError + 'static)) -> Outcome {
     let mut cur: Option<&(dyn StdError + 'static)> = Some(error);
     while let Some(e) = cur {
         if let Some(b) = e.downcast_ref::<BackendError>() {

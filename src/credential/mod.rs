@@ -47,7 +47,7 @@ impl Secret {
     }
 
     /// The header value, marked sensitive. Handle with care.
-    pub fn header_value(&self) -> &HeaderValue {
+    pub(crate) fn header_value(&self) -> &HeaderValue {
         &self.0
     }
 }

@@ -73,8 +73,8 @@ use crate::provider::{ANTHROPIC_VERSION, Provider};
 use crate::rng::Rng;
 use crate::state::BackendState;
 
+pub use crate::attempt::Served;
 use crate::attempt::{AsWritten, Deployment};
-pub use crate::attempt::{Served, outcome_of};
 pub use crate::body::ResponseBody;
 pub use future::ResponseFuture;
 

@@ -41,7 +41,7 @@ impl Overrides {
     }
 
     /// Overrides from a JSON object (e.g. a config's `override_params`).
-    pub fn from_map(fields: Map<String, Value>) -> Self {
+    pub(crate) fn from_map(fields: Map<String, Value>) -> Self {
         Overrides { fields }
     }
 
@@ -52,7 +52,7 @@ impl Overrides {
 
     /// The body with the overrides applied (top-level fields replaced or added). The caller's
     /// body is not changed; an empty set returns it as is, without parsing.
-    pub fn apply(&self, body: &Bytes, target: &str) -> Result<Bytes, NotJson> {
+    pub(crate) fn apply(&self, body: &Bytes, target: &str) -> Result<Bytes, NotJson> {
         if self.is_empty() {
             return Ok(body.clone());
         }

@@ -236,7 +236,7 @@ struct ErrorDetail {
 
 /// True when an OpenAI/Azure (`{"error": {"type", "code"}}`) or Anthropic
 /// (`{"type": "error", "error": {"type"}}`) error body names a quota that waiting will not refill.
-pub fn is_quota_exhausted_body(body: &[u8]) -> bool {
+pub(crate) fn is_quota_exhausted_body(body: &[u8]) -> bool {
     let Ok(env) = serde_json::from_slice::<ErrorEnvelope>(body) else {
         return false;
     };
@@ -447,7 +447,7 @@ fn number_after(json: &[u8], key: &[u8]) -> Option<usize> {
 ///
 /// True once the start of an SSE stream shows content or an in-band error: a complete event
 /// carrying `"content"`, `"delta"`, `"error"`, or `[DONE]`.
-pub fn stream_start_known(buf: &[u8]) -> bool {
+pub(crate) fn stream_start_known(buf: &[u8]) -> bool {
     // Only decide on complete events (terminated by a blank line).
     let Some(last_end) = buf.windows(2).rposition(|w| w == b"\n\n") else {
         return false;
@@ -462,7 +462,7 @@ pub fn stream_start_known(buf: &[u8]) -> bool {
 }
 
 /// What an in-band error at the start of a stream means, if there is one.
-pub fn stream_start_outcome(buf: &[u8]) -> Option<crate::outcome::Outcome> {
+pub(crate) fn stream_start_outcome(buf: &[u8]) -> Option<crate::outcome::Outcome> {
     let has = |needle: &[u8]| buf.windows(needle.len()).any(|w| w == needle);
     let content = has(b"\"content\"") && !has(b"\"error\"");
     if content {
@@ -481,7 +481,7 @@ pub fn stream_start_outcome(buf: &[u8]) -> Option<crate::outcome::Outcome> {
 
 /// The marker a complete streamed answer ends with, by the path the caller wrote:
 /// OpenAI's `data: [DONE]` for chat and completions, Anthropic's `message_stop` for messages.
-pub fn stream_end_marker(path: &str) -> Option<&'static [u8]> {
+pub(crate) fn stream_end_marker(path: &str) -> Option<&'static [u8]> {
     if path.ends_with("/chat/completions") || path.ends_with("/completions") {
         Some(b"[DONE]")
     } else if path.ends_with("/messages") {

@@ -12,7 +12,7 @@
 //! |---|---|---|
 //! | a throttled backend's wait (`retry-after` of a 429 / 529 / 503) | a replica's backend is throttled | the same wait on every replica's backend (extend-only) |
 //! | an open circuit, until its probe time | a replica's breaker trips | a cooldown until then on every other replica (its own breaker decides when to probe) |
-//! | each replica's demand for each backend: the requests it admitted there in about the last second ([`BackendState::admitted`](crate::BackendState::admitted): counted when they come, a booked slot too, so pacing does not hide them) plus those in flight or waiting for a paced slot now ([`BackendState::demand`](crate::BackendState::demand)) | every exchange | each replica's share of the backend's quota (below) |
+//! | each replica's demand for each backend: the requests it admitted there in about the last second ([`Snapshot::admitted`](crate::Snapshot::admitted): counted when they come, a booked slot too, so pacing does not hide them) plus those in flight or waiting for a paced slot now ([`Snapshot::demand`](crate::Snapshot::demand)) | every exchange | each replica's share of the backend's quota (below) |
 //! | the number of live replicas (each one's last exchange within 3 intervals) | every exchange | the shares' floor, and the equal share while the store is down |
 //! | each replica's count of answers that got through | every exchange | for a backend that sends no quota headers, whose pace is learned from the answers that got through between two 429s: the other replicas' answers count too (toward the window, and shrinking the pace 0.2% each as a replica's own do), so every replica learns the whole backend's pace and paces at its share of it |
 //!
@@ -81,7 +81,7 @@ pub struct News {
     /// store: the longest, like `wait`.
     pub open: Duration,
     /// Requests the replica has for the backend: in flight and waiting for a paced slot
-    /// ([`BackendState::demand`](crate::BackendState::demand)). Back from the store: the total
+    /// ([`Snapshot::demand`](crate::Snapshot::demand)). Back from the store: the total
     /// of the live replicas.
     pub demand: f64,
     /// Answers of the backend that got through to this replica so far (a running count).
