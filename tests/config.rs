@@ -120,11 +120,18 @@ async fn secrets_never_come_back_out() {
 
 #[tokio::test]
 async fn json_and_toml_share_one_schema() {
-    let toml = r#"
+    let east = MockServer::builder()
+        .api_key("k")
+        .record_requests(true)
+        .start()
+        .await
+        .unwrap();
+    let toml = format!(
+        r#"
         request_timeout = 30000
         [backends.east]
         provider = "azure"
-        url = "http://127.0.0.1:9"
+        url = "{}"
         deployment = "gpt-4o"
         api_key = "k"
         [strategy]
@@ -134,10 +141,31 @@ async fn json_and_toml_share_one_schema() {
         [targets.override_params]
         model = "gpt-4o"
         max_tokens = 100
-    "#;
-    let c = Config::from_toml(toml).unwrap();
-    assert_eq!(c.targets[0].override_params["max_tokens"], 100);
-    c.build(http_client()).unwrap();
+    "#,
+        east.url()
+    );
+    let c = Config::from_toml(&toml).unwrap();
+    let same = Config::from_json(&format!(
+        r#"{{ "request_timeout": 30000,
+             "backends": {{ "east": {{ "provider": "azure", "url": "{}",
+                                     "deployment": "gpt-4o", "api_key": "k" }} }},
+             "strategy": {{ "mode": "fallback" }},
+             "targets": [ {{ "backend": "east",
+                            "override_params": {{ "model": "gpt-4o", "max_tokens": 100 }} }} ] }}"#,
+        east.url()
+    ))
+    .unwrap();
+    assert_eq!(format!("{c:?}"), format!("{same:?}"));
+    // The TOML's override_params reach the backend.
+    let res = c
+        .build(http_client())
+        .unwrap()
+        .oneshot(chat(r#"{"messages":[]}"#))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let sent: serde_json::Value = serde_json::from_slice(&east.requests()[0].body).unwrap();
+    assert_eq!(sent["max_tokens"], 100);
     let bad = Config::from_toml("[strategy]\nmode = \"fallback\"\nfoo = 1\n").unwrap_err();
     assert!(
         bad.to_string().starts_with("strategy.foo") || bad.to_string().starts_with("strategy"),
@@ -147,7 +175,7 @@ async fn json_and_toml_share_one_schema() {
     let dir = std::env::temp_dir().join(format!("tower-llm-lb-cfg-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("c.toml");
-    std::fs::write(&path, toml).unwrap();
+    std::fs::write(&path, &toml).unwrap();
     assert!(Config::from_path(&path).is_ok());
     let yaml = dir.join("c.yaml");
     std::fs::write(&yaml, "x: 1").unwrap();
@@ -356,7 +384,7 @@ async fn the_readme_s_models_map_parses_and_builds() {
         .fold(json.to_string(), |j, var| j.replace(var, "PATH"));
     let config = Config::from_json(&json).unwrap();
     assert_eq!(
-        config.models.keys().collect::<Vec<_>>(),
+        config.models().collect::<Vec<_>>(),
         ["gpt-4", "gpt-4o", "text-embedding-3-small"]
     );
     let (_, backends) = config.build_with_backends(http_client()).unwrap();

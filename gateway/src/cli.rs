@@ -92,8 +92,7 @@ fn check(path: &str) -> ExitCode {
     };
     // Built with a client that is never used: the check sends nothing.
     let aliases = config
-        .gateway
-        .as_ref()
+        .gateway()
         .map(|g| g.model_aliases.clone())
         .unwrap_or_default();
     let built = config
@@ -101,7 +100,7 @@ fn check(path: &str) -> ExitCode {
         .map_err(|e| e.to_string())
         .and_then(|(service, backends)| {
             super::Gateway::new(service, backends.clone(), Vec::new())
-                .served_models(config.models.keys().cloned().collect())
+                .served_models(config.models().map(String::from).collect())
                 .model_aliases(aliases)
                 .map(|_| backends)
         });
@@ -207,13 +206,12 @@ async fn run(args: Serve) -> Result<(), Failure> {
         (Mocks::default(), config)
     };
     let client_keys = config
-        .gateway
-        .as_ref()
+        .gateway()
         .map(|g| g.client_keys.clone())
         .unwrap_or_default();
     let listen = args
         .listen
-        .or_else(|| config.gateway.as_ref().and_then(|g| g.listen.clone()))
+        .or_else(|| config.gateway().and_then(|g| g.listen.clone()))
         .unwrap_or_else(|| "127.0.0.1:8080".into());
     let addr: SocketAddr = listen
         .parse()
@@ -313,8 +311,7 @@ fn reload(path: &str, gateway: &super::Gateway, client: Client) -> Result<usize,
         .build_reusing(client, &gateway.backends())
         .map_err(|e| e.to_string())?;
     let (keys, aliases) = config
-        .gateway
-        .as_ref()
+        .gateway()
         .map(|g| (g.client_keys.clone(), g.model_aliases.clone()))
         .unwrap_or_default();
     let n = backends.len();
@@ -327,7 +324,7 @@ fn reload(path: &str, gateway: &super::Gateway, client: Client) -> Result<usize,
         backends,
         keys,
         aliases,
-        config.models.keys().cloned().collect(),
+        config.models().map(String::from).collect(),
     )?;
     gateway.replace_shared_state(link);
     Ok(n)

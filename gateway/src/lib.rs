@@ -204,9 +204,9 @@ impl Gateway {
     /// by name (`models`), `gateway.model_aliases` and `gateway.stream_usage`. Fails as
     /// [`Gateway::model_aliases`] does.
     pub fn configured(self, config: &tower_llm_lb::config::Config) -> Result<Self, String> {
-        let g = config.gateway.clone().unwrap_or_default();
+        let g = config.gateway().cloned().unwrap_or_default();
         self.stream_usage(g.stream_usage.unwrap_or(false))
-            .served_models(config.models.keys().cloned().collect())
+            .served_models(config.models().map(String::from).collect())
             .model_aliases(g.model_aliases)
     }
 

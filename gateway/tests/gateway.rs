@@ -22,8 +22,7 @@ struct Running {
 async fn start(json: &str) -> Running {
     let config = Config::from_json(json).unwrap();
     let keys = config
-        .gateway
-        .as_ref()
+        .gateway()
         .map(|g| g.client_keys.clone())
         .unwrap_or_default();
     let (svc, backends) = config.build_with_backends(http_client()).unwrap();

@@ -431,14 +431,14 @@ impl Scenario {
             urls.push(m.url());
             mocks.push(Some(m));
         }
-        let mut config = Config::from_json(&self.config(&urls).to_string())?;
+        let mut json = self.config(&urls);
         if let Some(url) = &self.shared_redis {
-            config.shared_state = Some(tower_llm_lb::config::SharedStateConfig {
-                redis_url: Some(url.clone()),
-                key_prefix: Some(format!("scenario-{}-{}", self.name, std::process::id())),
-                ..Default::default()
+            json["shared_state"] = serde_json::json!({
+                "redis_url": url,
+                "key_prefix": format!("scenario-{}-{}", self.name, std::process::id()),
             });
         }
+        let config = Config::from_json(&json.to_string())?;
         let mut addrs = Vec::new();
         let mut stops = Vec::new();
         let mut servers = Vec::new();

@@ -57,41 +57,41 @@ pub use build::ConfigError;
 pub struct Config {
     /// Named backends that targets refer to with `"backend": "name"`.
     #[serde(default)]
-    pub backends: BTreeMap<String, BackendConfig>,
+    pub(crate) backends: BTreeMap<String, BackendConfig>,
     /// How the top-level targets are used; needed with more than one target.
-    pub strategy: Option<StrategyConfig>,
+    pub(crate) strategy: Option<StrategyConfig>,
     /// The top-level targets. None: load-balance over every backend in `backends`.
     #[serde(default)]
-    pub targets: Vec<TargetConfig>,
+    pub(crate) targets: Vec<TargetConfig>,
     /// Routing by model, in place of `targets`: each model's own target (a backend, a group or
     /// a chain, as in `targets`), chosen by the request's `model`; a model not listed is
     /// refused without sending (the gateway answers `404 model_not_found`).
     #[serde(default)]
-    pub models: BTreeMap<String, TargetConfig>,
+    pub(crate) models: BTreeMap<String, TargetConfig>,
     /// Retries of throttled requests (and of failures, with `on_status_codes` / `failures`).
-    pub retry: Option<RetryConfig>,
+    pub(crate) retry: Option<RetryConfig>,
     /// One overall deadline per request, in milliseconds (Portkey's `request_timeout`).
-    pub request_timeout: Option<u64>,
+    pub(crate) request_timeout: Option<u64>,
     /// Per-attempt time limits.
-    pub timeouts: Option<TimeoutsConfig>,
+    pub(crate) timeouts: Option<TimeoutsConfig>,
     /// Circuit-breaker settings of every backend.
-    pub circuit_breaker: Option<BreakerConfig>,
+    pub(crate) circuit_breaker: Option<BreakerConfig>,
     /// Health probes of every backend (none by default).
-    pub health_check: Option<HealthCheckConfig>,
+    pub(crate) health_check: Option<HealthCheckConfig>,
     /// Settings of the gateway example.
-    pub gateway: Option<GatewayConfig>,
+    pub(crate) gateway: Option<GatewayConfig>,
     /// How OpenAI chat requests are translated for Anthropic backends, and Anthropic messages
     /// requests for OpenAI and Azure ones (see [`translate`](crate::translate)).
-    pub translation: Option<TranslationConfig>,
+    pub(crate) translation: Option<TranslationConfig>,
     /// Backend waits and open circuits shared with the other replicas through Redis (see
     /// [`shared`](crate::shared); needs the `redis` feature). None: each replica on its own.
-    pub shared_state: Option<SharedStateConfig>,
+    pub(crate) shared_state: Option<SharedStateConfig>,
 }
 
 /// Where and how often replicas share what they learn about backends.
 #[derive(Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct SharedStateConfig {
+pub(crate) struct SharedStateConfig {
     /// `redis://[user:password@]host[:port][/db]` (prefer `redis_url_env`: it may hold a
     /// password).
     pub redis_url: Option<String>,
@@ -123,7 +123,7 @@ impl fmt::Debug for SharedStateConfig {
 /// How requests are translated between providers' APIs.
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct TranslationConfig {
+pub(crate) struct TranslationConfig {
     /// `max_tokens` sent to Anthropic when the caller gave none (default 4096; Anthropic
     /// requires one).
     pub default_max_tokens: Option<u32>,
@@ -135,7 +135,7 @@ pub struct TranslationConfig {
 /// One backend definition.
 #[derive(Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct BackendConfig {
+pub(crate) struct BackendConfig {
     /// `openai` (and compatibles), `azure` / `azure-openai` (classic deployment URLs),
     /// `azure-v1`, `anthropic`.
     pub provider: Option<ProviderKind>,
@@ -184,7 +184,7 @@ impl fmt::Debug for BackendConfig {
 /// An Entra ID token source (see [`auth::entra`](crate::auth::entra)).
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
-pub enum EntraConfig {
+pub(crate) enum EntraConfig {
     /// A service principal: tenant, client id, and the environment variable holding its secret.
     ClientCredentials {
         /// The tenant (directory) id.
@@ -214,7 +214,7 @@ pub enum EntraConfig {
 /// Which API a backend speaks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case")]
-pub enum ProviderKind {
+pub(crate) enum ProviderKind {
     /// OpenAI and compatibles.
     Openai,
     /// Azure OpenAI, classic deployment URLs.
@@ -229,7 +229,7 @@ pub enum ProviderKind {
 /// How a group uses its targets.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct StrategyConfig {
+pub(crate) struct StrategyConfig {
     /// `loadbalance` or `fallback` (`single`: the first target only).
     pub mode: Mode,
     /// Fallback: extra statuses that move on to the next target.
@@ -243,7 +243,7 @@ pub struct StrategyConfig {
 /// A group's mode.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Mode {
+pub(crate) enum Mode {
     /// Spread over the targets by priority and weight.
     Loadbalance,
     /// Try the targets in order.
@@ -255,7 +255,7 @@ pub enum Mode {
 /// A load-balancing algorithm.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum Algorithm {
+pub(crate) enum Algorithm {
     /// The default: lower load (in flight x latency) of two, weights exact where set.
     LatencyAware,
     /// Weighted random.
@@ -271,7 +271,7 @@ pub enum Algorithm {
 /// One target: a backend (by name or inline), or a nested group.
 #[derive(Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct TargetConfig {
+pub(crate) struct TargetConfig {
     /// A name for attribution (default: the backend's name, or `group-N`).
     pub name: Option<String>,
     /// A backend from `backends`, by name.
@@ -327,7 +327,7 @@ impl fmt::Debug for TargetConfig {
 /// Retry settings (Portkey's `retry`).
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RetryConfig {
+pub(crate) struct RetryConfig {
     /// Attempts that reach a backend, in all (default 4).
     pub attempts: Option<u32>,
     /// Statuses that are retried elsewhere; listing any 5xx turns on retrying failures.
@@ -346,7 +346,7 @@ pub struct RetryConfig {
 /// Per-attempt limits, in milliseconds.
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct TimeoutsConfig {
+pub(crate) struct TimeoutsConfig {
     /// Until the first body byte.
     pub first_byte_ms: Option<u64>,
     /// Between body chunks.
@@ -363,7 +363,7 @@ pub struct TimeoutsConfig {
 /// path sent as written; durations in milliseconds.
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct HealthCheckConfig {
+pub(crate) struct HealthCheckConfig {
     /// The path to `GET` (required), e.g. `/status-0123456789abcdef`.
     pub path: Option<String>,
     /// Time between probes (default 30 000).
@@ -381,7 +381,7 @@ pub struct HealthCheckConfig {
 /// Circuit-breaker settings; durations in milliseconds.
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct BreakerConfig {
+pub(crate) struct BreakerConfig {
     /// Trip after this many failures in a row.
     pub consecutive_failures: Option<u32>,
     /// Trip at this failure rate over the window.
@@ -436,6 +436,17 @@ impl fmt::Debug for GatewayConfig {
 }
 
 impl Config {
+    /// The `gateway` section: what the gateway (the `tower-llm-lb-gateway` crate) reads of the
+    /// config beside the stack.
+    pub fn gateway(&self) -> Option<&GatewayConfig> {
+        self.gateway.as_ref()
+    }
+
+    /// The models the `models` map routes by (each its own target), in order.
+    pub fn models(&self) -> impl Iterator<Item = &str> {
+        self.models.keys().map(String::as_str)
+    }
+
     /// Parses JSON; errors name the path of the bad field.
     pub fn from_json(text: &str) -> Result<Config, ConfigError> {
         let mut de = serde_json::Deserializer::from_str(text);
