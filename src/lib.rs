@@ -19,7 +19,8 @@
 //! | [`shared::SharedState`] | beside the stack, not a layer: replicas share what they learn about each backend (waits, open circuits, their share of its quota) through a store, off the request path |
 //!
 //! All of them share one [`classify::Outcome`] per attempt and one [`BackendState`] per
-//! backend. [`stack::group`] builds the recommended per-group stack over your client and boxes it
+//! backend (read it through a [`Snapshot`]). The layers import only the crate's core vocabulary,
+//! never each other; the repository's `ARCHITECTURE.md` maps it. [`stack::group`] builds the recommended per-group stack over your client and boxes it
 //! as one [`stack::LlmService`] type.
 //!
 //! # Recommended order
