@@ -10,6 +10,12 @@
 #
 #   benches/proxy.sh                 # c=16 and c=64, 8 s each
 #   DURATION=4 CONNS="16" benches/proxy.sh
+#   benches/proxy.sh instructions    # user-space instructions per request of the bare proxy and
+#                                    # the gateway under valgrind (repeatable, unlike CPU time
+#                                    # here): 30 s of requests at c=16 after 5 s to warm up
+#
+# nginx keeps its default access log (a line per request, as the gateway logs at `info`);
+# haproxy has none by default.
 #
 # Installs nginx, haproxy and wrk with apt-get when missing (as root). The ratios within one
 # run are the figure; absolute numbers on a shared machine are not. Not run by CI.
@@ -37,6 +43,7 @@ BARE=target/release/examples/bare_proxy
 
 T=$(mktemp -d)
 PIDS=()
+declare -A IR
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$T"; }
 trap cleanup EXIT
 
@@ -59,7 +66,8 @@ CONF
 }
 nginx_conf backend "server { listen 127.0.0.1:$BACKEND_PORT; keepalive_requests 100000;
     location / { default_type application/json; return 200 '$ANSWER'; } }"
-nginx_conf front "upstream backend { server 127.0.0.1:$BACKEND_PORT; keepalive 128; keepalive_requests 100000; }
+nginx_conf front "access_log $T/front-access.log;
+  upstream backend { server 127.0.0.1:$BACKEND_PORT; keepalive 128; keepalive_requests 100000; }
   server { listen 127.0.0.1:$NGINX_PORT; keepalive_requests 100000;
     location / { proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection \"\"; } }"
 cat > "$T/haproxy.cfg" <<CONF
@@ -101,6 +109,31 @@ start_front() { # prints the PID and the port
 }
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 TICK_US=$((1000000 / $(getconf CLK_TCK)))
+
+if [ "${1:-}" = instructions ]; then
+  command -v valgrind >/dev/null 2>&1 || { SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"; $SUDO apt-get install -y -qq valgrind >/dev/null; }
+  echo "| front | user-space instructions per request | vs bare proxy |"
+  echo "|---|---|---|"
+  for front in bare gateway; do
+    case "$front" in
+      bare) port=$BARE_PORT; cmd=("$BARE" 127.0.0.1:$BARE_PORT http://127.0.0.1:$BACKEND_PORT) ;;
+      gateway) port=$GATEWAY_PORT; cmd=("$GATEWAY" serve --config "$T/gateway.json" --listen 127.0.0.1:$GATEWAY_PORT) ;;
+    esac
+    valgrind --tool=callgrind --callgrind-out-file="$T/cg.$front" "${cmd[@]}" >/dev/null 2>&1 &
+    vp=$!; PIDS+=("$vp")
+    for _ in $(seq 1 300); do (exec 3<>/dev/tcp/127.0.0.1/"$port") 2>/dev/null && break; sleep 0.1; done
+    wrk -t1 -c16 -d5s -s "$T/post.lua" "http://127.0.0.1:$port/v1/chat/completions" >/dev/null
+    sleep 1; callgrind_control -z "$vp" >/dev/null 2>&1
+    n=$(wrk -t1 -c16 -d30s -s "$T/post.lua" "http://127.0.0.1:$port/v1/chat/completions" | awk '/requests in/ {print $1}')
+    sleep 1; callgrind_control -d "$vp" >/dev/null 2>&1; sleep 1
+    kill "$vp"; wait "$vp" 2>/dev/null || true
+    ir=$(callgrind_annotate "$T/cg.$front.1" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1}')
+    IR[$front]=$((ir / n))
+    base=${IR[bare]}
+    echo "| $front | ${IR[$front]} | $(awk -v a="${IR[$front]}" -v b="$base" 'BEGIN {printf "%.2fx", a / b}') |"
+  done
+  exit 0
+fi
 
 declare -A RPS CPU P99
 for front in $FRONTS; do

@@ -296,7 +296,7 @@ impl Gateway {
     /// passed to the backend on every attempt and echoed in the answer, a `tracing` span per
     /// request carrying it, the body limit, and a panic turned into a `500` JSON error.
     pub fn router(self) -> Router {
-        use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+        use tower_http::request_id::{PropagateRequestIdLayer, SetRequestIdLayer};
         let sensitive = [
             http::header::AUTHORIZATION,
             http::HeaderName::from_static("api-key"),
@@ -307,7 +307,7 @@ impl Gateway {
             .layer(tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer::new(
                 sensitive,
             ))
-            .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+            .layer(SetRequestIdLayer::x_request_id(FastRequestId))
             .layer(
                 tower_http::trace::TraceLayer::new_for_http().make_span_with(
                     |req: &Request| {
@@ -385,6 +385,43 @@ impl Gateway {
             .with_graceful_shutdown(shutdown)
             .await
     }
+}
+
+/// Request ids in UUID v4 form, from the per-thread random source: no system call per request
+/// (tower-http's `MakeRequestUuid` asks the kernel for 16 random bytes each time). Ids only
+/// need to be unique, not unpredictable.
+#[derive(Clone, Copy, Debug, Default)]
+struct FastRequestId;
+
+impl tower_http::request_id::MakeRequestId for FastRequestId {
+    fn make_request_id<B>(
+        &mut self,
+        _: &http::Request<B>,
+    ) -> Option<tower_http::request_id::RequestId> {
+        Some(tower_http::request_id::RequestId::new(uuid_v4(
+            fastrand::u64(..),
+            fastrand::u64(..),
+        )))
+    }
+}
+
+/// The UUID v4 text (`8-4-4-4-12` lowercase hex) of 122 random bits taken from `hi` and `lo`.
+fn uuid_v4(hi: u64, lo: u64) -> HeaderValue {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let hi = (hi & !0xf000) | 0x4000; // version 4
+    let lo = (lo & !(0b11 << 62)) | (0b10 << 62); // variant 10
+    let bits = (u128::from(hi) << 64) | u128::from(lo);
+    let mut out = [0u8; 36];
+    let mut nibble = 32;
+    for (i, b) in out.iter_mut().enumerate() {
+        if matches!(i, 8 | 13 | 18 | 23) {
+            *b = b'-';
+        } else {
+            nibble -= 1;
+            *b = HEX[((bits >> (nibble * 4)) & 0xf) as usize];
+        }
+    }
+    HeaderValue::from_bytes(&out).expect("hex digits and dashes are a valid header value")
 }
 
 fn error_response(status: StatusCode, kind: &str, message: &str) -> Response {
@@ -1155,4 +1192,25 @@ pub async fn mock_backends() -> std::io::Result<(Vec<tower_llm_lb_mock::MockServ
         "gateway": {"model_aliases": {"gpt-4": "gpt-4o"}}
     });
     Ok((servers, config.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tower_http::request_id::MakeRequestId;
+
+    #[test]
+    fn request_ids_are_uuid_v4_text() {
+        let id = uuid_v4(u64::MAX, 0);
+        assert_eq!(id, "ffffffff-ffff-4fff-8000-000000000000");
+        let id = uuid_v4(0x0123_4567_89ab_cdef, 0xfedc_ba98_7654_3210);
+        assert_eq!(id, "01234567-89ab-4def-bedc-ba9876543210");
+        let a = FastRequestId
+            .make_request_id(&http::Request::new(()))
+            .unwrap();
+        let b = FastRequestId
+            .make_request_id(&http::Request::new(()))
+            .unwrap();
+        assert_ne!(a.header_value(), b.header_value());
+    }
 }
