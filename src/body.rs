@@ -515,7 +515,7 @@ impl EndWatch {
         if self.seen {
             return;
         }
-        let contains = |hay: &[u8]| hay.windows(marker.len()).any(|w| w == marker);
+        let contains = |hay: &[u8]| memchr::memmem::find(hay, marker).is_some();
         // The marker may straddle the previous chunk and this one.
         let mut joined = [0u8; 32];
         let head = data.len().min(16);

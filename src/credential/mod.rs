@@ -236,7 +236,7 @@ fn redact_secrets(bytes: Bytes, secrets: &[Vec<u8>]) -> Bytes {
     let found = |hay: &[u8]| {
         secrets
             .iter()
-            .any(|s| hay.windows(s.len()).any(|w| w == &s[..]))
+            .any(|s| memchr::memmem::find(hay, s).is_some())
     };
     if !found(&bytes) {
         return bytes;

@@ -341,7 +341,7 @@ pub fn estimate_tokens(body: &[u8]) -> u32 {
 pub fn model_of(body: &[u8]) -> Option<&str> {
     let key = b"\"model\"";
     let mut from = 0;
-    while let Some(pos) = body[from..].windows(key.len()).position(|w| w == key) {
+    while let Some(pos) = memchr::memmem::find(&body[from..], key) {
         let at = from + pos + key.len();
         from = at;
         let rest = &body[at..];
@@ -395,7 +395,7 @@ pub(crate) fn json_error_head(buf: &[u8]) -> Option<bool> {
 /// What an error a provider put inside a successful answer means: a throttle when it speaks
 /// of rate limits or overload, else a server error (502).
 pub(crate) fn in_band_error_outcome(body: &[u8]) -> crate::outcome::Outcome {
-    let has = |needle: &[u8]| body.windows(needle.len()).any(|w| w == needle);
+    let has = |needle: &[u8]| memchr::memmem::find(body, needle).is_some();
     if has(b"rate_limit") || has(b"overloaded") || has(b"\"429\"") {
         crate::outcome::Outcome::Throttled { retry_after: None }
     } else {
@@ -412,7 +412,7 @@ pub(crate) fn in_band_error_outcome(body: &[u8]) -> crate::outcome::Outcome {
 /// `message_delta`). A cheap scan, never a parse; `None` when neither number is there.
 pub fn usage_of(head: &[u8], tail: &[u8]) -> Option<(u64, u64)> {
     let key = br#""usage""#;
-    let last = tail.windows(key.len()).rposition(|w| w == key);
+    let last = memchr::memmem::rfind(tail, key);
     let usage = last.map_or(&[][..], |at| &tail[at..]);
     let find = |json: &[u8], keys: &[&[u8]]| {
         keys.iter()
@@ -428,7 +428,7 @@ pub fn usage_of(head: &[u8], tail: &[u8]) -> Option<(u64, u64)> {
 
 /// The unsigned number after `"key":` in `json`, if there is one.
 fn number_after(json: &[u8], key: &[u8]) -> Option<usize> {
-    let at = json.windows(key.len()).position(|w| w == key)? + key.len();
+    let at = memchr::memmem::find(json, key)? + key.len();
     let rest = &json[at..];
     let rest = &rest[rest.iter().position(|b| !b.is_ascii_whitespace())?..];
     let rest = rest.strip_prefix(b":")?;
@@ -449,11 +449,11 @@ fn number_after(json: &[u8], key: &[u8]) -> Option<usize> {
 /// carrying `"content"`, `"delta"`, `"error"`, or `[DONE]`.
 pub(crate) fn stream_start_known(buf: &[u8]) -> bool {
     // Only decide on complete events (terminated by a blank line).
-    let Some(last_end) = buf.windows(2).rposition(|w| w == b"\n\n") else {
+    let Some(last_end) = memchr::memmem::rfind(buf, b"\n\n") else {
         return false;
     };
     let events = &buf[..last_end];
-    let has_in = |needle: &[u8]| events.windows(needle.len()).any(|w| w == needle);
+    let has_in = |needle: &[u8]| memchr::memmem::find(events, needle).is_some();
     has_in(b"\"content\"")
         || has_in(b"\"delta\"")
         || has_in(b"\"error\"")
@@ -463,7 +463,7 @@ pub(crate) fn stream_start_known(buf: &[u8]) -> bool {
 
 /// What an in-band error at the start of a stream means, if there is one.
 pub(crate) fn stream_start_outcome(buf: &[u8]) -> Option<crate::outcome::Outcome> {
-    let has = |needle: &[u8]| buf.windows(needle.len()).any(|w| w == needle);
+    let has = |needle: &[u8]| memchr::memmem::find(buf, needle).is_some();
     let content = has(b"\"content\"") && !has(b"\"error\"");
     if content {
         return None;
