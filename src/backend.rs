@@ -251,8 +251,9 @@ impl Backend {
         &self.inner.name
     }
 
-    /// The name as a shared string (cheap to clone into errors and extensions).
-    pub(crate) fn name_arc(&self) -> &Arc<str> {
+    /// The name as a shared string, cloned without allocating (as errors and
+    /// [`Attempt`](crate::error::Attempt)s carry it; a metrics label, say).
+    pub fn name_arc(&self) -> &Arc<str> {
         &self.inner.name
     }
 

@@ -146,19 +146,7 @@ fn serve(args: Serve) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    // Log lines go to a dedicated thread that writes each batch in one system call (a line
-    // per request at `info`: one write and a lock per request otherwise). At most 128k lines
-    // wait; past that, lines are dropped rather than a request held. The guard flushes at exit.
-    let (writer, _flush_at_exit) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(true)
-        .thread_name("tower-llm-lb-log")
-        .finish(std::io::BufWriter::new(std::io::stderr()));
-    // Colour only on a terminal: a file or a pipe (a log collector) gets plain text.
-    let _ = tracing_subscriber::fmt()
-        .with_max_level(args.log)
-        .with_writer(writer)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .try_init();
+    let _flush_at_exit = super::log::init(args.log);
     match runtime.block_on(run(args)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Config(msg)) => {

@@ -48,6 +48,7 @@
 #![deny(missing_docs)]
 
 pub mod cli;
+mod log;
 mod metrics;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -96,7 +97,7 @@ pub(crate) struct Live {
     /// The models served by name (config `models`).
     models: Vec<String>,
     /// Those and the models the backends declare.
-    declared: std::collections::BTreeSet<String>,
+    declared: std::collections::BTreeSet<Arc<str>>,
 }
 
 impl Live {
@@ -107,22 +108,22 @@ impl Live {
         aliases: std::collections::BTreeMap<String, String>,
         models: Vec<String>,
     ) -> Result<Self, String> {
-        let declared: std::collections::BTreeSet<String> = backends
+        let declared: std::collections::BTreeSet<Arc<str>> = backends
             .iter()
             .filter_map(Backend::models)
             .flatten()
-            .map(str::to_string)
-            .chain(models.iter().cloned())
+            .chain(models.iter().map(String::as_str))
+            .map(Arc::from)
             .collect();
         for (alias, model) in &aliases {
             let at = format!("gateway.model_aliases.{alias}");
             if alias.is_empty() || model.is_empty() {
                 return Err(format!("{at}: an alias and its model must not be empty"));
             }
-            if declared.contains(alias) {
+            if declared.contains(alias.as_str()) {
                 return Err(format!("{at}: a backend declares this model itself"));
             }
-            if !declared.is_empty() && !declared.contains(model) {
+            if !declared.is_empty() && !declared.contains(model.as_str()) {
                 return Err(format!("{at}: no backend declares the model \"{model}\""));
             }
         }
@@ -140,12 +141,15 @@ impl Live {
         &self.backends
     }
 
-    pub(crate) fn declares(&self, model: &str) -> bool {
-        self.declared.contains(model)
+    /// The declared model of that name, as a label value (no allocation).
+    pub(crate) fn declared_name(&self, model: &str) -> Option<metrics::Name> {
+        self.declared
+            .get(model)
+            .map(|m| metrics::Name::from_shared(m.clone()))
     }
 
     pub(crate) fn declared(&self) -> impl Iterator<Item = &str> {
-        self.declared.iter().map(String::as_str)
+        self.declared.iter().map(|m| &**m)
     }
 }
 
@@ -316,7 +320,7 @@ impl Gateway {
                             .get("x-request-id")
                             .and_then(|v| v.to_str().ok())
                             .unwrap_or("-");
-                        tracing::info_span!("request", method = %req.method(), path = req.uri().path(), request_id = id)
+                        tracing::debug_span!("request", method = %req.method(), path = req.uri().path(), request_id = id)
                     },
                 ),
             )
@@ -511,15 +515,17 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "transfer-encoding",
-    "te",
-    "trailer",
-    "upgrade",
-    "host",
+/// Headers of one connection, not of the request or answer: never passed on. Names, not
+/// strings, so removing them parses nothing.
+const HOP_BY_HOP: [http::HeaderName; 8] = [
+    http::header::CONNECTION,
+    http::HeaderName::from_static("keep-alive"),
+    http::HeaderName::from_static("proxy-connection"),
+    http::header::TRANSFER_ENCODING,
+    http::header::TE,
+    http::header::TRAILER,
+    http::header::UPGRADE,
+    http::header::HOST,
 ];
 
 fn peer_of(req: &Request) -> Option<SocketAddr> {
@@ -533,6 +539,9 @@ async fn forward(State(gw): State<Gateway>, req: Request) -> Response {
     let started = Instant::now();
     let route = metrics::route_label(req.uri().path());
     let anthropic_caller = req.uri().path() == "/v1/messages";
+    // The access log's: the request id (set by the request-id layer when the caller sent none).
+    let request_id = req.headers().get("x-request-id").cloned();
+    let method = req.method().clone();
     // What this request starts with it finishes with, whatever a reload does meanwhile.
     let live = gw.live.load_full();
     let (client, mut res) = match admit(&live, req.headers(), peer_of(&req)) {
@@ -546,6 +555,21 @@ async fn forward(State(gw): State<Gateway>, req: Request) -> Response {
         gw.metrics
             .observe(route, res.status().as_u16(), client, started);
     }
+    // One line per request, when its answer's head is ready. Our own values are written as they
+    // are (`%`: no quoting and escaping pass); the caller's request id is quoted and escaped.
+    tracing::info!(
+        request_id = request_id.as_ref().and_then(|v| v.to_str().ok()).unwrap_or("-"),
+        method = %method,
+        path = %route.unwrap_or("-"),
+        status = res.status().as_u16(),
+        backend = %res
+            .extensions()
+            .get::<Served>()
+            .map_or("-", |s| s.backend.name()),
+        client = %client,
+        elapsed_us = started.elapsed().as_micros() as u64,
+        "request"
+    );
     res
 }
 
@@ -638,7 +662,7 @@ async fn forward_counted(
         .and_then(|p| p.as_str().parse().ok())
         .unwrap_or_else(|| http::Uri::from_static("/"));
     let mut headers = parts.headers;
-    for h in HOP_BY_HOP {
+    for h in &HOP_BY_HOP {
         headers.remove(h);
     }
     headers.remove(http::header::CONTENT_LENGTH);
@@ -657,7 +681,6 @@ async fn forward_counted(
     }
     match answer {
         Ok(res) => {
-            tracing::info!(status = res.status().as_u16(), elapsed = ?started.elapsed(), "forwarded");
             if res.status().as_u16() >= 400 {
                 return shaped_error(res, &live.backends).await;
             }
@@ -795,7 +818,7 @@ fn into_axum(
 
 /// Hop-by-hop headers out; `x-llm-lb-backend` and `x-llm-lb-attempts` in.
 fn attribute(parts: &mut http::response::Parts) {
-    for h in HOP_BY_HOP {
+    for h in &HOP_BY_HOP {
         parts.headers.remove(h);
     }
     if !parts.headers.contains_key("x-llm-lb-backend")
@@ -807,11 +830,15 @@ fn attribute(parts: &mut http::response::Parts) {
     if !parts.headers.contains_key("x-llm-lb-attempts")
         && let Some(Attempts(a)) = parts.extensions.get::<Attempts>()
     {
-        let list = a
-            .iter()
-            .map(|x| format!("{}={}", x.backend, x.outcome.name()))
-            .collect::<Vec<_>>()
-            .join(", ");
+        let mut list = String::with_capacity(32 * a.len());
+        for (i, x) in a.iter().enumerate() {
+            if i > 0 {
+                list.push_str(", ");
+            }
+            list.push_str(&x.backend);
+            list.push('=');
+            list.push_str(x.outcome.name());
+        }
         if let Ok(v) = HeaderValue::from_str(&list) {
             parts.headers.insert("x-llm-lb-attempts", v);
         }

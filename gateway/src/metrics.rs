@@ -11,7 +11,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::encoding::{
+    DescriptorEncoder, EncodeLabelSet, EncodeLabelValue, EncodeMetric, LabelValueEncoder,
+};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::ConstGauge;
@@ -25,7 +27,65 @@ use super::Live;
 use tower_llm_lb::backend::Backend;
 use tower_llm_lb::state::Circuit;
 
+/// The labels of the backend collector's families (read at a scrape, not per request).
 type Labels = Vec<(&'static str, String)>;
+
+/// A label value naming a backend or a model: a shared name, cloned without allocating.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct Name(Arc<str>);
+
+impl Name {
+    pub(crate) fn from_shared(name: Arc<str>) -> Self {
+        Name(name)
+    }
+}
+
+impl From<&str> for Name {
+    fn from(name: &str) -> Self {
+        Name(name.into())
+    }
+}
+
+impl EncodeLabelValue for Name {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
+        EncodeLabelValue::encode(&&*self.0, encoder)
+    }
+}
+
+// The per-request families' label sets: copies of static strings, numbers and shared names,
+// so counting a request allocates nothing (each set is hashed once per lookup).
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct RouteLabels {
+    route: &'static str,
+    status: u16,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct RequestLabels {
+    route: &'static str,
+    status: u16,
+    client: &'static str,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct AttemptLabels {
+    backend: Name,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct TokenLabels {
+    backend: Name,
+    model: Name,
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ClientTokenLabels {
+    client: &'static str,
+    kind: &'static str,
+}
 
 /// Reads one gauge of a backend at a scrape.
 type Read = fn(&Backend, Instant) -> f64;
@@ -34,16 +94,18 @@ type Read = fn(&Backend, Instant) -> f64;
 /// states.
 pub(crate) struct Metrics {
     registry: Registry,
-    requests: Family<Labels, Counter>,
-    duration: Family<Labels, Histogram>,
-    tokens: Family<Labels, Counter>,
-    client_tokens: Family<Labels, Counter>,
-    attempt_seconds: Family<Labels, Histogram>,
+    requests: Family<RequestLabels, Counter>,
+    duration: Family<RouteLabels, Histogram>,
+    tokens: Family<TokenLabels, Counter>,
+    client_tokens: Family<ClientTokenLabels, Counter>,
+    attempt_seconds: Family<AttemptLabels, Histogram>,
     retries: Counter,
     waits: Histogram,
     /// Tokens per backend, `(prompt, completion)`, for `/stats` (reading the families would
     /// create a zero series for every label set asked about).
-    backend_tokens: std::sync::Mutex<std::collections::HashMap<String, (u64, u64)>>,
+    backend_tokens: std::sync::Mutex<std::collections::HashMap<Name, (u64, u64)>>,
+    /// The `model` label of a request whose model no backend declares.
+    other: Name,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -67,13 +129,13 @@ pub(crate) fn route_label(path: &str) -> Option<&'static str> {
 impl Metrics {
     pub(crate) fn new(live: Arc<ArcSwap<Live>>) -> Self {
         let mut registry = Registry::with_prefix("llm_lb");
-        let requests = Family::<Labels, Counter>::default();
+        let requests = Family::<RequestLabels, Counter>::default();
         registry.register(
             "requests",
             "Requests answered by the gateway, by route, status and client (`key-N`: the N-th configured client key; `loopback`; `refused`)",
             requests.clone(),
         );
-        let duration = Family::<Labels, Histogram>::new_with_constructor(|| {
+        let duration = Family::<RouteLabels, Histogram>::new_with_constructor(|| {
             // 5 ms to about 82 s.
             Histogram::new(exponential_buckets(0.005, 2.0, 15))
         });
@@ -82,19 +144,19 @@ impl Metrics {
             "Time to the answer's head (a stream's first byte), by route and status",
             duration.clone(),
         );
-        let tokens = Family::<Labels, Counter>::default();
+        let tokens = Family::<TokenLabels, Counter>::default();
         registry.register(
             "tokens",
             "Tokens the answers report using (their `usage`), by backend, model and kind (prompt, completion)",
             tokens.clone(),
         );
-        let client_tokens = Family::<Labels, Counter>::default();
+        let client_tokens = Family::<ClientTokenLabels, Counter>::default();
         registry.register(
             "client_tokens",
             "Tokens the answers report using, by client (`key-N`, `loopback`) and kind",
             client_tokens.clone(),
         );
-        let attempt_seconds = Family::<Labels, Histogram>::new_with_constructor(|| {
+        let attempt_seconds = Family::<AttemptLabels, Histogram>::new_with_constructor(|| {
             Histogram::new(exponential_buckets(0.005, 2.0, 15))
         });
         registry.register(
@@ -125,16 +187,16 @@ impl Metrics {
             retries,
             waits,
             backend_tokens: Default::default(),
+            other: Name::from("other"),
         }
     }
 
     /// The `model` label of a request: its `model` when a backend declares it, else `other`
     /// (label values stay a bounded set).
-    pub(crate) fn model_label(&self, live: &Live, body: &[u8]) -> String {
-        match tower_llm_lb::provider::model_of(body) {
-            Some(m) if live.declares(m) => m.to_string(),
-            _ => "other".to_string(),
-        }
+    pub(crate) fn model_label(&self, live: &Live, body: &[u8]) -> Name {
+        tower_llm_lb::provider::model_of(body)
+            .and_then(|m| live.declared_name(m))
+            .unwrap_or_else(|| self.other.clone())
     }
 
     /// Tokens one backend's answers reported, `(prompt, completion)`, summed over models.
@@ -142,7 +204,7 @@ impl Metrics {
         self.backend_tokens
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .get(backend)
+            .get(&Name::from(backend))
             .copied()
             .unwrap_or_default()
     }
@@ -154,10 +216,10 @@ impl Metrics {
         let mut busy = Duration::ZERO;
         for a in attempts {
             busy += a.elapsed;
-            let labels: Labels = vec![
-                ("backend", a.backend.to_string()),
-                ("outcome", a.outcome.name().to_string()),
-            ];
+            let labels = AttemptLabels {
+                backend: Name(a.backend.clone()),
+                outcome: a.outcome.name(),
+            };
             self.attempt_seconds
                 .get_or_create(&labels)
                 .observe(a.elapsed.as_secs_f64());
@@ -174,12 +236,16 @@ impl Metrics {
         client: &'static str,
         started: Instant,
     ) {
-        let mut labels: Labels = vec![("route", route.to_string()), ("status", status.to_string())];
         self.duration
-            .get_or_create(&labels)
+            .get_or_create(&RouteLabels { route, status })
             .observe(started.elapsed().as_secs_f64());
-        labels.push(("client", client.to_string()));
-        self.requests.get_or_create(&labels).inc();
+        self.requests
+            .get_or_create(&RequestLabels {
+                route,
+                status,
+                client,
+            })
+            .inc();
     }
 
     /// The text exposition.
@@ -285,8 +351,8 @@ impl Collector for BackendCollector {
 /// ends. An answer cut short counts nothing.
 pub(crate) struct UsageWatch {
     metrics: Arc<Metrics>,
-    backend: String,
-    model: String,
+    backend: Name,
+    model: Name,
     client: &'static str,
     head: Vec<u8>,
     tail: Vec<u8>,
@@ -300,13 +366,13 @@ impl UsageWatch {
     pub(crate) fn new(
         metrics: Arc<Metrics>,
         res: &http::Response<tower_llm_lb::stack::LlmBody>,
-        model: String,
+        model: Name,
         client: &'static str,
     ) -> Option<Self> {
         let served = res.extensions().get::<tower_llm_lb::endpoint::Served>()?;
         res.status().is_success().then(|| UsageWatch {
             metrics,
-            backend: served.backend.name().to_string(),
+            backend: Name(served.backend.name_arc().clone()),
             model,
             client,
             head: Vec::new(),
@@ -341,26 +407,30 @@ impl UsageWatch {
                 .backend_tokens
                 .lock()
                 .unwrap_or_else(|e| e.into_inner());
-            let t = totals.entry(self.backend.clone()).or_default();
+            // The backend's entry is made once; after that, no allocation.
+            let t = match totals.get_mut(&self.backend) {
+                Some(t) => t,
+                None => totals.entry(self.backend.clone()).or_default(),
+            };
             t.0 += prompt;
             t.1 += completion;
         }
         for (kind, n) in [("prompt", prompt), ("completion", completion)] {
-            let labels: Labels = vec![
-                ("backend", self.backend.clone()),
-                ("model", self.model.clone()),
-                ("kind", kind.to_string()),
-            ];
+            let labels = TokenLabels {
+                backend: self.backend.clone(),
+                model: self.model.clone(),
+                kind,
+            };
             self.metrics.tokens.get_or_create(&labels).inc_by(n);
-            let labels: Labels = vec![
-                ("client", self.client.to_string()),
-                ("kind", kind.to_string()),
-            ];
+            let labels = ClientTokenLabels {
+                client: self.client,
+                kind,
+            };
             self.metrics.client_tokens.get_or_create(&labels).inc_by(n);
         }
-        tracing::info!(
-            backend = %self.backend,
-            model = %self.model,
+        tracing::debug!(
+            backend = &*self.backend.0,
+            model = &*self.model.0,
             client = self.client,
             prompt_tokens = prompt,
             completion_tokens = completion,

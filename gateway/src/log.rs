@@ -1,0 +1,223 @@
+//! The binary's log lines: tracing-subscriber's text format (`2026-12-07T03:24:31.205010Z  INFO
+//! target: message field=value ...`), written by a dedicated thread in batches, with two parts
+//! of the format made cheap because the gateway writes a line per request at `info`:
+//!
+//! - [`LogTime`]: the timestamp's date and time of day formatted once a second per thread;
+//! - [`LogFields`]: fields written straight into the line (tracing-subscriber's default visitor
+//!   runs every field through `write!` and escapes every string; ours quotes a string as it is
+//!   when it needs no escape, and escapes the rest as before).
+//!
+//! The line is the same text the default format writes.
+
+use std::fmt;
+
+use tracing::field::{Field, Visit};
+use tracing_subscriber::field::RecordFields;
+use tracing_subscriber::fmt::format::{FormatFields, Writer};
+
+/// Starts logging to stderr at `level`: colour only on a terminal, lines written off the request
+/// path. Keep the guard until exit: dropping it flushes what waits.
+pub(crate) fn init(level: tracing::Level) -> tracing_appender::non_blocking::WorkerGuard {
+    // Log lines go to a dedicated thread that writes each batch in one system call (one write
+    // and a lock per line otherwise). At most 128k lines wait; past that, lines are dropped
+    // rather than a request held.
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(true)
+        .thread_name("tower-llm-lb-log")
+        .finish(std::io::BufWriter::new(std::io::stderr()));
+    let _ = tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_timer(LogTime)
+        .fmt_fields(LogFields)
+        .with_writer(writer)
+        // Colour only on a terminal: a file or a pipe (a log collector) gets plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
+    guard
+}
+
+/// Log timestamps as tracing-subscriber writes them (RFC 3339, UTC, microseconds:
+/// `2026-12-07T03:24:31.205010Z`), the date and time of day formatted once a second per thread
+/// instead of on every line.
+pub(crate) struct LogTime;
+
+impl tracing_subscriber::fmt::time::FormatTime for LogTime {
+    fn format_time(&self, w: &mut Writer<'_>) -> fmt::Result {
+        use std::cell::RefCell;
+        thread_local! {
+            static SECOND: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
+        }
+        let since = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        SECOND.with(|cached| {
+            let mut cached = cached.borrow_mut();
+            if cached.0 != since.as_secs() {
+                cached.0 = since.as_secs();
+                cached.1 = second_text(cached.0);
+            }
+            write!(w, "{}.{:06}Z", cached.1, since.subsec_micros())
+        })
+    }
+}
+
+/// `YYYY-MM-DDTHH:MM:SS` of a UNIX time in seconds, UTC.
+fn second_text(secs: u64) -> String {
+    let t = i64::try_from(secs)
+        .ok()
+        .and_then(|s| time::OffsetDateTime::from_unix_timestamp(s).ok())
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second()
+    )
+}
+
+/// Fields as tracing-subscriber's default format writes them (`message name=value`, strings
+/// quoted), without a formatting pass per field where none is needed.
+pub(crate) struct LogFields;
+
+impl<'writer> FormatFields<'writer> for LogFields {
+    fn format_fields<R: RecordFields>(&self, writer: Writer<'writer>, fields: R) -> fmt::Result {
+        let mut v = Visitor {
+            w: writer,
+            first: true,
+            result: Ok(()),
+        };
+        fields.record(&mut v);
+        v.result
+    }
+}
+
+struct Visitor<'a> {
+    w: Writer<'a>,
+    first: bool,
+    result: fmt::Result,
+}
+
+impl Visitor<'_> {
+    /// The separator before a field and its name (`message` has none).
+    fn name(&mut self, field: &Field) -> fmt::Result {
+        if !self.first {
+            self.w.write_char(' ')?;
+        }
+        self.first = false;
+        if field.name() == "message" {
+            return Ok(());
+        }
+        let name = field.name();
+        self.w.write_str(name.strip_prefix("r#").unwrap_or(name))?;
+        self.w.write_char('=')
+    }
+
+    fn put(&mut self, field: &Field, value: impl FnOnce(&mut Writer<'_>) -> fmt::Result) {
+        if self.result.is_ok() {
+            self.result = self.name(field).and_then(|()| value(&mut self.w));
+        }
+    }
+}
+
+/// Whether `s` is written the same quoted as escaped (`{:?}`): printable ASCII without `"`, `\`.
+fn plain(s: &str) -> bool {
+    s.bytes()
+        .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
+}
+
+impl Visit for Visitor<'_> {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        let message = field.name() == "message";
+        self.put(field, |w| {
+            if message {
+                w.write_str(value)
+            } else if plain(value) {
+                w.write_char('"')?;
+                w.write_str(value)?;
+                w.write_char('"')
+            } else {
+                write!(w, "{value:?}")
+            }
+        });
+    }
+
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        self.put(field, |w| write!(w, "{value}"));
+    }
+
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        self.put(field, |w| write!(w, "{value}"));
+    }
+
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        self.put(field, |w| w.write_str(if value { "true" } else { "false" }));
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        self.put(field, |w| write!(w, "{value:?}"));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_and_fields_read_as_the_default_format_writes_them() {
+        assert_eq!(second_text(1_765_078_271), "2025-12-07T03:31:11");
+        assert_eq!(second_text(0), "1970-01-01T00:00:00");
+        let captured = std::sync::Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
+        let sink = captured.clone();
+        let ours = tracing_subscriber::fmt()
+            .with_writer(move || SharedVec(sink.clone()))
+            .with_ansi(false)
+            .without_time()
+            .fmt_fields(LogFields)
+            .finish();
+        let theirs_sink = std::sync::Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
+        let sink = theirs_sink.clone();
+        let theirs = tracing_subscriber::fmt()
+            .with_writer(move || SharedVec(sink.clone()))
+            .with_ansi(false)
+            .without_time()
+            .finish();
+        let log = || {
+            tracing::info!(
+                request_id = "a b\"c",
+                id = "plain-id",
+                method = %http::Method::POST,
+                status = 200u16,
+                delta = -3i64,
+                ok = true,
+                elapsed = ?std::time::Duration::from_micros(1500),
+                r#type = "x",
+                "request {}",
+                7
+            );
+        };
+        tracing::subscriber::with_default(ours, log);
+        tracing::subscriber::with_default(theirs, log);
+        let ours = String::from_utf8(captured.lock().unwrap().clone()).unwrap();
+        let theirs = String::from_utf8(theirs_sink.lock().unwrap().clone()).unwrap();
+        assert_eq!(ours, theirs);
+        assert!(
+            ours.contains(r#"request 7 request_id="a b\"c" id="plain-id" method=POST status=200"#),
+            "{ours}"
+        );
+    }
+
+    struct SharedVec(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for SharedVec {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+}
