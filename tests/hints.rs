@@ -182,3 +182,21 @@ async fn a_configured_request_timeout_bounds_a_slow_attempt_too() {
         "{err}"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn throttled_answers_do_not_spend_the_attempts_while_the_wait_budget_lasts() {
+    // Five 429s in a row (a pace still being learned), each asking for a second, then room:
+    // the request waits its turns and is served. Counting the 429s as attempts (4 by default)
+    // answered the caller the fourth 429 with 10 s of wait budget left.
+    let m = std::sync::Arc::new(throttling("busy", &[("retry-after", "1")]).await);
+    let svc = group(&[&*m], &Settings::default());
+    let room = m.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(4500)).await;
+        room.set_fault(None);
+    });
+    let res = svc.oneshot(chat("{}")).await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(m.counters().throttled, 5, "{:?}", m.counters());
+    assert_eq!(m.counters().ok, 1);
+}

@@ -328,7 +328,8 @@ impl fmt::Debug for TargetConfig {
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RetryConfig {
-    /// Attempts that reach a backend, in all (default 4).
+    /// Attempts that reach a backend and are answered other than throttled (default 4); throttled
+    /// ones are bounded by `max_wait_ms` and the deadline, all sends by four times this.
     pub attempts: Option<u32>,
     /// Statuses that are retried elsewhere; listing any 5xx turns on retrying failures.
     #[serde(default)]

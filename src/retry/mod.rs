@@ -20,8 +20,10 @@
 //! [`Exhausted`] listing every attempt and the earliest retry instant, or the balancer's
 //! [`Unavailable`](crate::error::Unavailable) when nothing was ever sent.
 //!
-//! Bounds: at most [`RetryAfter429Layer::max_attempts`] attempts that reach a backend (default
-//! 4); a retry budget for failure retries (lock-free, after tower's `TpsBudget`: they may add at most a
+//! Bounds: at most [`RetryAfter429Layer::max_attempts`] attempts that reach a backend and are
+//! answered other than throttled (default 4); throttled answers (each names when its backend has
+//! room and cools it down until then) are bounded by the wait budget and the deadline instead,
+//! and all sends by four times `max_attempts`; a retry budget for failure retries (lock-free, after tower's `TpsBudget`: they may add at most a
 //! share of the request rate, so a failing group does not multiply its load; throttled
 //! requests go only where a backend has announced room, so they need no budget); a
 //! per-request wait budget (default 10 s); an overall deadline (the layer's, or a [`Deadline`]
@@ -137,7 +139,10 @@ impl RetryAfter429Layer {
         }
     }
 
-    /// At most `n` attempts that reach a backend (at least 1).
+    /// At most `n` attempts that reach a backend and are answered other than throttled (at least
+    /// 1). Throttled answers do not count while the wait budget and the deadline last (they
+    /// cool their backend down, so the next attempt goes elsewhere or waits); all sends are
+    /// capped at four times `n`.
     pub fn max_attempts(mut self, n: usize) -> Self {
         self.settings.max_attempts = n.max(1);
         self
@@ -305,6 +310,7 @@ where
             waited: Duration::ZERO,
             reserved: None,
             sent: 0,
+            throttled: 0,
             elsewhere: false,
             backoffs: 0,
             last_failed: false,
@@ -341,7 +347,22 @@ where
     }
 }
 
+/// How many sends in all a request may make, as a multiple of `max_attempts`, however many were
+/// throttled: the floor under the wait budget and the deadline, so that nothing can spin.
+const THROTTLED_SENDS: usize = 4;
+
 impl<S, B> Ctx<S, B> {
+    /// Whether the attempts are spent: `max_attempts` of them answered other than throttled, or
+    /// [`THROTTLED_SENDS`] times as many sent in all. A throttled answer says when its backend
+    /// has room and cools it down until then (the next attempt goes elsewhere, or waits, from
+    /// the wait budget), so throttling is bounded by the wait budget and the deadline, not by
+    /// the count: four 429s in a row while the pace is being learned must not fail a request
+    /// that may still wait.
+    fn spent_attempts(&self) -> bool {
+        let max = self.settings.max_attempts;
+        self.sent - self.throttled >= max || self.sent >= max.saturating_mul(THROTTLED_SENDS)
+    }
+
     /// The backoff before going back to a backend that failed: `base * 2^n` for the n-th
     /// backoff (from 0) capped, less up to 25% jitter.
     fn backoff(&mut self) -> Duration {
@@ -376,6 +397,9 @@ struct Ctx<S, B> {
     reserved: Option<Arc<str>>,
     /// Attempts that reached a backend (or tried to).
     sent: usize,
+    /// Of those, the ones answered throttled: they count against `max_attempts` only past
+    /// [`THROTTLED_SENDS`] times it (the wait budget and the deadline bound them first).
+    throttled: usize,
     /// The last attempt failed: the next goes only to a backend not tried yet, if there is one.
     elsewhere: bool,
     /// Backoffs taken so far (each doubles the next).
@@ -431,6 +455,9 @@ fn judge<S, B, ResB>(
             let (backend, outcome, timed) = answered_by(&res);
             let elapsed = timed.unwrap_or_else(|| started.elapsed());
             ctx.sent += 1;
+            if outcome.is_throttled() {
+                ctx.throttled += 1;
+            }
             ctx.attempts.push(Attempt {
                 backend,
                 outcome,
@@ -579,7 +606,7 @@ where
                 break;
             }
         } else {
-            if ctx.sent >= ctx.settings.max_attempts {
+            if ctx.spent_attempts() {
                 break;
             }
             // Only a retry after a failure is unknown load; a throttled request goes where a
