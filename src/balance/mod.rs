@@ -81,7 +81,7 @@ use crate::backend::Backend;
 use crate::error::BoxError;
 use crate::rng::Rng;
 pub use strategy::Strategy;
-use strategy::{Avail, Candidate};
+use strategy::{Avail, Candidate, Tier};
 
 pub mod error {
     //! Errors of [`Balance`](super::Balance).
@@ -116,7 +116,7 @@ struct Shared<S> {
     /// What the picker reads of each slot, built once.
     candidates: Box<[Candidate]>,
     /// Slot indices grouped by tier, best tier first.
-    tiers: Box<[Box<[usize]>]>,
+    tiers: Box<[strategy::Tier]>,
     strategy: Strategy,
     rng: Rng,
     cursors: Box<[AtomicUsize]>,
@@ -414,17 +414,8 @@ impl<S> BalanceBuilder<S> {
         let mut priorities: Vec<u32> = self.slots.iter().map(|s| s.backend.priority()).collect();
         priorities.sort_unstable();
         priorities.dedup();
-        let tiers: Box<[Box<[usize]>]> = priorities
-            .iter()
-            .map(|p| {
-                (0..self.slots.len())
-                    .filter(|i| self.slots[*i].backend.priority() == *p)
-                    .collect()
-            })
-            .collect();
-        let cursors = tiers.iter().map(|_| AtomicUsize::new(0)).collect();
         let by_model = self.slots.iter().any(|s| s.backend.models().is_some());
-        let candidates = self
+        let candidates: Box<[Candidate]> = self
             .slots
             .iter()
             .map(|s| Candidate {
@@ -432,6 +423,16 @@ impl<S> BalanceBuilder<S> {
                 state: s.backend.state().clone(),
             })
             .collect();
+        let tiers: Box<[Tier]> = priorities
+            .iter()
+            .map(|p| {
+                let members = (0..self.slots.len())
+                    .filter(|i| self.slots[*i].backend.priority() == *p)
+                    .collect();
+                Tier::new(members, &candidates)
+            })
+            .collect();
+        let cursors = tiers.iter().map(|_| AtomicUsize::new(0)).collect();
         Balance {
             shared: Arc::new(Shared {
                 name: self.name.into(),

@@ -31,6 +31,42 @@ pub enum Strategy {
     PowerOfTwo,
 }
 
+/// One priority tier: its members (indices into the group's candidates), built once.
+pub(crate) struct Tier {
+    pub(crate) members: Box<[usize]>,
+    /// The members' weights summed up to each: a weighted draw is a binary search.
+    cumulative: Box<[f64]>,
+    /// Whether every member has the same weight.
+    uniform: bool,
+}
+
+impl Tier {
+    pub(crate) fn new(members: Box<[usize]>, all: &[Candidate]) -> Self {
+        let mut sum = 0.0;
+        let cumulative = members
+            .iter()
+            .map(|i| {
+                sum += all[*i].weight.max(0.0);
+                sum
+            })
+            .collect();
+        let uniform = members.windows(2).all(|w| all[w[0]].weight == all[w[1]].weight);
+        Tier {
+            members,
+            cumulative,
+            uniform,
+        }
+    }
+}
+
+/// Tiers of more backends than this are sampled, not scanned: a pick costs about the same at
+/// 3,000 backends as at 30 while most of them can take a request. Smaller tiers are scanned:
+/// exact, and as cheap.
+pub(crate) const SCAN_MAX: usize = 64;
+
+/// Draws a sampled pick makes before it scans the tier after all (most of it unavailable).
+const DRAWS: usize = 16;
+
 /// One backend as the picker sees it.
 pub(crate) struct Candidate {
     pub(crate) weight: f64,
@@ -108,7 +144,7 @@ pub(crate) const COLD_START: usize = 4;
 pub(crate) fn pick(
     strategy: Strategy,
     all: &[Candidate],
-    tier: &[usize],
+    tier: &Tier,
     want: Avail,
     now: Instant,
     rng: &Rng,
@@ -116,6 +152,12 @@ pub(crate) fn pick(
     skip: &dyn Fn(usize) -> bool,
 ) -> Option<usize> {
     let ok = |i: &usize| !skip(*i) && availability(all, &all[*i], now) == want;
+    if tier.members.len() > SCAN_MAX
+        && let Some(i) = sampled(strategy, all, tier, &ok, rng, cursor)
+    {
+        return Some(i);
+    }
+    let tier = &tier.members[..];
     match strategy {
         Strategy::LatencyAware => {
             // Ask each candidate once: which are eligible (a bit each), and whether their
@@ -178,6 +220,61 @@ pub(crate) fn pick(
             let b = weighted(all, tier, &ok, rng)?;
             Some(if lighter(&all[b], &all[a]) { b } else { a })
         }
+    }
+}
+
+/// A pick in a large tier by drawing members at random, each kept only if `ok` (rejection
+/// sampling: among the members `ok` accepts, the same distribution a scan gives, weighted or
+/// uniform). `None` when [`DRAWS`] draws found none (most of the tier out): the caller scans.
+/// Round robin takes the member at its turn, or a random one when that one cannot take the
+/// request (so no neighbour takes a double share); least-in-flight is the least loaded of up to
+/// eight accepted draws (power of d choices) instead of the whole tier's minimum.
+fn sampled(
+    strategy: Strategy,
+    all: &[Candidate],
+    tier: &Tier,
+    ok: &impl Fn(&usize) -> bool,
+    rng: &Rng,
+    cursor: &AtomicUsize,
+) -> Option<usize> {
+    let members = &tier.members;
+    let uniform = |not: Option<usize>| {
+        (0..DRAWS)
+            .map(|_| members[(rng.next_u64() % members.len() as u64) as usize])
+            .find(|i| Some(*i) != not && ok(i))
+    };
+    let weighted = || {
+        let total = *tier.cumulative.last()?;
+        if total <= 0.0 {
+            return None;
+        }
+        (0..DRAWS)
+            .map(|_| {
+                let r = rng.next_f64() * total;
+                let k = tier.cumulative.partition_point(|c| *c <= r);
+                members[k.min(members.len() - 1)]
+            })
+            .find(|i| ok(i))
+    };
+    match strategy {
+        Strategy::LatencyAware if tier.uniform => {
+            let x = uniform(None)?;
+            let y = uniform(Some(x))?;
+            Some(if lighter(&all[y], &all[x]) { y } else { x })
+        }
+        Strategy::LatencyAware | Strategy::WeightedRandom => weighted(),
+        Strategy::PowerOfTwo => {
+            let x = weighted()?;
+            let y = weighted()?;
+            Some(if lighter(&all[y], &all[x]) { y } else { x })
+        }
+        Strategy::RoundRobin => {
+            let turn = members[cursor.fetch_add(1, Relaxed) % members.len()];
+            if ok(&turn) { Some(turn) } else { uniform(None) }
+        }
+        Strategy::LeastInFlight => (0..8)
+            .map_while(|_| uniform(None))
+            .min_by_key(|i| all[*i].state.in_flight()),
     }
 }
 
@@ -266,7 +363,7 @@ mod tests {
                 state: s.clone(),
             })
             .collect();
-        let tier: Vec<usize> = (0..weights.len()).collect();
+        let tier = Tier::new((0..weights.len()).collect(), &all);
         let rng = Rng::seeded(42);
         let cursor = AtomicUsize::new(0);
         let now = Instant::now();
@@ -315,7 +412,7 @@ mod tests {
             pick(
                 Strategy::default(),
                 &all,
-                &[0, 1],
+                &Tier::new(Box::new([0, 1]), &all),
                 Avail::Yes,
                 Instant::now(),
                 &rng,
@@ -367,7 +464,7 @@ mod tests {
             let i = pick(
                 Strategy::LeastInFlight,
                 &all,
-                &[0, 1],
+                &Tier::new(Box::new([0, 1]), &all),
                 Avail::Yes,
                 Instant::now(),
                 &rng,
@@ -385,7 +482,7 @@ mod tests {
             let i = pick(
                 Strategy::PowerOfTwo,
                 &all,
-                &[0, 1],
+                &Tier::new(Box::new([0, 1]), &all),
                 Avail::Yes,
                 Instant::now(),
                 &rng,
@@ -398,5 +495,77 @@ mod tests {
             (700..=800).contains(&to_idle),
             "{to_idle} of 1000 to the idle backend"
         );
+    }
+
+    fn large(weights: impl Iterator<Item = f64>) -> (Vec<BackendState>, Vec<Candidate>) {
+        let weights: Vec<f64> = weights.collect();
+        let states: Vec<BackendState> = weights.iter().map(|_| BackendState::new()).collect();
+        let all = weights
+            .iter()
+            .zip(&states)
+            .map(|(w, s)| Candidate {
+                weight: *w,
+                state: s.clone(),
+            })
+            .collect();
+        (states, all)
+    }
+
+    fn counts(strategy: Strategy, all: &[Candidate], n: usize) -> Vec<usize> {
+        let tier = Tier::new((0..all.len()).collect(), all);
+        let (rng, cursor, now) = (Rng::seeded(3), AtomicUsize::new(0), Instant::now());
+        let mut counts = vec![0usize; all.len()];
+        for _ in 0..n {
+            let i = pick(strategy, all, &tier, Avail::Yes, now, &rng, &cursor, &|_| false);
+            counts[i.expect("a backend is free")] += 1;
+        }
+        counts
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_large_tier_is_sampled_and_still_honours_weights() {
+        // 300 backends of weights 1, 2, 3, 4 in turn: each weight class gets its share.
+        let (_states, all) = large((0..300).map(|i| f64::from(i % 4 + 1)));
+        let n = 200_000;
+        for strategy in [Strategy::WeightedRandom, Strategy::LatencyAware] {
+            let got = counts(strategy, &all, n);
+            for class in 1..=4 {
+                let share: usize = got.iter().skip(class - 1).step_by(4).sum();
+                let want = class as f64 / 10.0;
+                assert!(
+                    within_binomial(want, share as f64 / n as f64, n),
+                    "{strategy:?}: weight {class}: {share}"
+                );
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_large_tier_almost_all_out_still_finds_the_backend_left() {
+        let (states, all) = large((0..300).map(|_| 1.0));
+        let until = Instant::now() + Duration::from_secs(60);
+        for s in &states[..299] {
+            s.extend_cooldown(until);
+        }
+        for strategy in [
+            Strategy::LatencyAware,
+            Strategy::WeightedRandom,
+            Strategy::RoundRobin,
+            Strategy::LeastInFlight,
+            Strategy::PowerOfTwo,
+        ] {
+            let got = counts(strategy, &all, 50);
+            assert_eq!(got[299], 50, "{strategy:?}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn round_robin_in_a_large_tier_gives_no_neighbour_of_a_backend_out_a_double_share() {
+        let (states, all) = large((0..100).map(|_| 1.0));
+        states[10].extend_cooldown(Instant::now() + Duration::from_secs(60));
+        let got = counts(Strategy::RoundRobin, &all, 100_000);
+        assert_eq!(got[10], 0);
+        // 1,000 turns each, and the out one's 1,000 spread at random over the other 99.
+        assert!(got.iter().enumerate().all(|(i, c)| i == 10 || (990..=1040).contains(c)), "{got:?}");
     }
 }
