@@ -50,7 +50,9 @@ impl Tier {
                 sum
             })
             .collect();
-        let uniform = members.windows(2).all(|w| all[w[0]].weight == all[w[1]].weight);
+        let uniform = members
+            .windows(2)
+            .all(|w| all[w[0]].weight == all[w[1]].weight);
         Tier {
             members,
             cumulative,
@@ -516,7 +518,16 @@ mod tests {
         let (rng, cursor, now) = (Rng::seeded(3), AtomicUsize::new(0), Instant::now());
         let mut counts = vec![0usize; all.len()];
         for _ in 0..n {
-            let i = pick(strategy, all, &tier, Avail::Yes, now, &rng, &cursor, &|_| false);
+            let i = pick(
+                strategy,
+                all,
+                &tier,
+                Avail::Yes,
+                now,
+                &rng,
+                &cursor,
+                &|_| false,
+            );
             counts[i.expect("a backend is free")] += 1;
         }
         counts
@@ -566,6 +577,11 @@ mod tests {
         let got = counts(Strategy::RoundRobin, &all, 100_000);
         assert_eq!(got[10], 0);
         // 1,000 turns each, and the out one's 1,000 spread at random over the other 99.
-        assert!(got.iter().enumerate().all(|(i, c)| i == 10 || (990..=1040).contains(c)), "{got:?}");
+        assert!(
+            got.iter()
+                .enumerate()
+                .all(|(i, c)| i == 10 || (990..=1040).contains(c)),
+            "{got:?}"
+        );
     }
 }
