@@ -57,9 +57,11 @@ use tower_llm_lb::auth::CALLER_CREDENTIAL_HEADERS;
 mod anthropic;
 #[cfg(feature = "grpc")]
 pub mod grpc;
+mod logs;
 pub mod sim;
 pub mod soak;
 mod token;
+pub use logs::CapturedLogs;
 pub use token::{MockTokenServer, TokenRegistry};
 
 /// A loopback port that refuses every connection, reserved for as long as this lives: a socket

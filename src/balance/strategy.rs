@@ -356,35 +356,11 @@ mod tests {
     }
 
     fn shares(weights: &[f64], strategy: Strategy, n: usize) -> Vec<f64> {
-        let states: Vec<BackendState> = weights.iter().map(|_| BackendState::new()).collect();
-        let all: Vec<Candidate> = weights
+        let (_states, all) = large(weights.iter().copied());
+        counts(strategy, &all, n, 42)
             .iter()
-            .zip(&states)
-            .map(|(w, s)| Candidate {
-                weight: *w,
-                state: s.clone(),
-            })
-            .collect();
-        let tier = Tier::new((0..weights.len()).collect(), &all);
-        let rng = Rng::seeded(42);
-        let cursor = AtomicUsize::new(0);
-        let now = Instant::now();
-        let mut counts = vec![0usize; weights.len()];
-        for _ in 0..n {
-            let i = pick(
-                strategy,
-                &all,
-                &tier,
-                Avail::Yes,
-                now,
-                &rng,
-                &cursor,
-                &|_| false,
-            )
-            .unwrap();
-            counts[i] += 1;
-        }
-        counts.iter().map(|c| *c as f64 / n as f64).collect()
+            .map(|c| *c as f64 / n as f64)
+            .collect()
     }
 
     #[tokio::test(start_paused = true)]
@@ -499,6 +475,7 @@ mod tests {
         );
     }
 
+    /// Fresh states and the candidates over them, of these weights.
     fn large(weights: impl Iterator<Item = f64>) -> (Vec<BackendState>, Vec<Candidate>) {
         let weights: Vec<f64> = weights.collect();
         let states: Vec<BackendState> = weights.iter().map(|_| BackendState::new()).collect();
@@ -513,9 +490,10 @@ mod tests {
         (states, all)
     }
 
-    fn counts(strategy: Strategy, all: &[Candidate], n: usize) -> Vec<usize> {
+    /// How many of `n` picks each candidate got, all of `all` one tier.
+    fn counts(strategy: Strategy, all: &[Candidate], n: usize, seed: u64) -> Vec<usize> {
         let tier = Tier::new((0..all.len()).collect(), all);
-        let (rng, cursor, now) = (Rng::seeded(3), AtomicUsize::new(0), Instant::now());
+        let (rng, cursor, now) = (Rng::seeded(seed), AtomicUsize::new(0), Instant::now());
         let mut counts = vec![0usize; all.len()];
         for _ in 0..n {
             let i = pick(
@@ -539,7 +517,7 @@ mod tests {
         let (_states, all) = large((0..300).map(|i| f64::from(i % 4 + 1)));
         let n = 200_000;
         for strategy in [Strategy::WeightedRandom, Strategy::LatencyAware] {
-            let got = counts(strategy, &all, n);
+            let got = counts(strategy, &all, n, 3);
             for class in 1..=4 {
                 let share: usize = got.iter().skip(class - 1).step_by(4).sum();
                 let want = class as f64 / 10.0;
@@ -565,7 +543,7 @@ mod tests {
             Strategy::LeastInFlight,
             Strategy::PowerOfTwo,
         ] {
-            let got = counts(strategy, &all, 50);
+            let got = counts(strategy, &all, 50, 3);
             assert_eq!(got[299], 50, "{strategy:?}");
         }
     }
@@ -574,7 +552,7 @@ mod tests {
     async fn round_robin_in_a_large_tier_gives_no_neighbour_of_a_backend_out_a_double_share() {
         let (states, all) = large((0..100).map(|_| 1.0));
         states[10].extend_cooldown(Instant::now() + Duration::from_secs(60));
-        let got = counts(Strategy::RoundRobin, &all, 100_000);
+        let got = counts(Strategy::RoundRobin, &all, 100_000, 3);
         assert_eq!(got[10], 0);
         // 1,000 turns each, and the out one's 1,000 spread at random over the other 99.
         assert!(
