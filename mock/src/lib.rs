@@ -58,10 +58,12 @@ mod anthropic;
 #[cfg(feature = "grpc")]
 pub mod grpc;
 mod logs;
+mod redis;
 pub mod sim;
 pub mod soak;
 mod token;
 pub use logs::CapturedLogs;
+pub use redis::RedisServer;
 pub use token::{MockTokenServer, TokenRegistry};
 
 /// A loopback port that refuses every connection, reserved for as long as this lives: a socket

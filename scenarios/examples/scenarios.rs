@@ -10,6 +10,7 @@
 //! S8r, S8u, S8p, S8k and S5r start a `redis-server` on a loopback port when one is installed
 //! (`apt-get install redis-server`), and are reported as not run otherwise.
 
+use tower_llm_lb_mock::RedisServer;
 use tower_llm_lb_scenarios::{self as scenario, Scenario, TABLE_HEADER};
 
 #[tokio::main]
@@ -39,7 +40,7 @@ async fn main() -> Result<(), tower_llm_lb::BoxError> {
         if !wanted(name) {
             continue;
         }
-        match RedisForRun::start() {
+        match RedisServer::start(None).ok() {
             Some(redis) => {
                 let report = scenario(&redis.url()).run().await?;
                 println!("{report}");
@@ -52,7 +53,7 @@ async fn main() -> Result<(), tower_llm_lb::BoxError> {
         }
     }
     if wanted("S8k") {
-        match RedisForRun::start() {
+        match RedisServer::start(None).ok() {
             Some(redis) => {
                 let scenario = Scenario::s8k_replicas_redis_down(&redis.url());
                 let redis = std::sync::Arc::new(std::sync::Mutex::new(redis));
@@ -63,7 +64,9 @@ async fn main() -> Result<(), tower_llm_lb::BoxError> {
                         tokio::time::sleep(third).await;
                         redis.lock().unwrap().kill();
                         tokio::time::sleep(third).await;
-                        redis.lock().unwrap().restart();
+                        if let Err(e) = redis.lock().unwrap().restart() {
+                            eprintln!("S8k: {e}");
+                        }
                     })
                 };
                 let report = scenario.run().await?;
@@ -77,7 +80,7 @@ async fn main() -> Result<(), tower_llm_lb::BoxError> {
     }
     if wanted("S5r") {
         // What sharing state costs a request (issue 16 asks < 50 µs at p99).
-        match RedisForRun::start() {
+        match RedisServer::start(None).ok() {
             Some(redis) => {
                 let ((plain, plain_p99), (shared, shared_p99), status) =
                     scenario::shared_overhead(4000, 16, &redis.url()).await?;
@@ -130,63 +133,7 @@ fn shared_lines(report: &scenario::Report) {
     }
 }
 
-/// A `redis-server` on a free loopback port for the run, stopped when dropped.
-struct RedisForRun {
-    child: std::process::Child,
-    port: u16,
-}
-
 /// A third of S8k's run (S1's load: 600 requests at 120/s, about 10 s with the quota).
 fn scenario_third() -> std::time::Duration {
     std::time::Duration::from_millis(3333)
-}
-
-impl RedisForRun {
-    fn spawn(port: u16) -> Option<std::process::Child> {
-        let child = std::process::Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .ok()?;
-        for _ in 0..200 {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return Some(child);
-            }
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
-        None
-    }
-
-    fn start() -> Option<RedisForRun> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .ok()?
-            .local_addr()
-            .ok()?
-            .port();
-        let child = Self::spawn(port)?;
-        Some(RedisForRun { child, port })
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    fn restart(&mut self) {
-        if let Some(child) = Self::spawn(self.port) {
-            self.child = child;
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for RedisForRun {
-    fn drop(&mut self) {
-        self.kill();
-    }
 }
