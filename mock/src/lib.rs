@@ -1,7 +1,8 @@
 //! The test kit of `tower-llm-lb`: a loopback mock LLM server, real hyper on `127.0.0.1`, for
 //! the workspace's tests, the demo and users' own tests (add it as a dev-dependency, as
 //! `tower-test` is to tower). Beside it: an Entra ID token server ([`MockTokenServer`]), a gRPC
-//! mock ([`grpc`], feature `grpc`), the quota simulator ([`sim`]) and the soak driver ([`soak`]).
+//! mock ([`grpc`], feature `grpc`), a real `redis-server` on a loopback port ([`RedisServer`]),
+//! a log capture ([`CapturedLogs`]), the quota simulator ([`sim`]) and the soak driver ([`soak`]).
 //!
 //! Each [`MockServer`] is one simulated backend with its own port, credential, rate limits, fault
 //! script and counters; start as many as you like in one process. It serves:
