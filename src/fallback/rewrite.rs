@@ -41,6 +41,7 @@ impl Overrides {
     }
 
     /// Overrides from a JSON object (e.g. a config's `override_params`).
+    #[cfg(feature = "config")]
     pub(crate) fn from_map(fields: Map<String, Value>) -> Self {
         Overrides { fields }
     }
