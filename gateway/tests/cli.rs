@@ -230,3 +230,59 @@ async fn logs_written_to_a_pipe_carry_no_colour_escapes() {
         "an ANSI escape in piped logs: {log:?}"
     );
 }
+
+#[tokio::test]
+async fn every_request_gets_one_access_line_with_its_id_status_backend_and_time() {
+    use tower::ServiceExt;
+    use tower_llm_lb_mock::MockServer;
+    let mock = MockServer::builder()
+        .name("east")
+        .bearer("k1")
+        .start()
+        .await
+        .unwrap();
+    let path = write(
+        "access-line.json",
+        &format!(
+            r#"{{"backends":{{"east":{{"provider":"openai","url":"{}/v1","api_key":"k1"}}}}}}"#,
+            mock.url()
+        ),
+    );
+    let (mut child, url) = tokio::task::spawn_blocking(move || serve_config(&path))
+        .await
+        .unwrap();
+    let req = http::Request::post(format!("{url}/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .header("x-request-id", "trace-me-1")
+        .body(http_body_util::Full::new(bytes::Bytes::from_static(
+            br#"{"model":"gpt-4o","messages":[]}"#,
+        )))
+        .unwrap();
+    let res = tower_llm_lb::client::http_client()
+        .oneshot(req)
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    // The line is written by the log thread: give it its turn before the process goes.
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    child.kill().unwrap();
+    let out = child.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains(r#"request_id="trace-me-1""#))
+        .collect();
+    assert_eq!(lines.len(), 1, "one line per request: {log}");
+    for field in [
+        " INFO ",
+        "method=POST",
+        "path=/v1/chat/completions",
+        "status=200",
+        "backend=east",
+        "client=loopback",
+        "elapsed_us=",
+    ] {
+        assert!(lines[0].contains(field), "{field} in {}", lines[0]);
+    }
+    assert!(!log.contains("k1"), "no key in the log: {log}");
+}
