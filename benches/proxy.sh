@@ -136,6 +136,14 @@ if [ "${1:-}" = instructions ]; then
 fi
 
 declare -A RPS CPU P99
+# wrk's latency (`512.00us`, `1.81ms`, `1.02s`) in milliseconds.
+ms() { echo "$1" | awk '{v = $1 + 0; if ($1 ~ /us$/) v /= 1000; else if ($1 ~ /s$/ && $1 !~ /ms$/) v *= 1000; printf "%.2f", v}'; }
+# The backend on its own: what the p99 added by each front is counted from.
+declare -A DIRECT
+for c in $CONNS; do
+  out=$(wrk -t1 -c"$c" -d"${DURATION}s" --latency -s "$T/post.lua" "http://127.0.0.1:$BACKEND_PORT/v1/chat/completions")
+  DIRECT[$c]=$(ms "$(echo "$out" | awk '$1 == "99%" {print $2}')")
+done
 for front in $FRONTS; do
   read -r pid port < <(start_front "$front")
   PIDS+=("$pid")
@@ -156,12 +164,14 @@ for front in $FRONTS; do
   kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true
 done
 
-echo "| front | c | req/s | CPU per request (us) | vs nginx | vs bare proxy | p99 |"
-echo "|---|---|---|---|---|---|---|"
+echo "| front | c | req/s | CPU per request (us) | vs nginx | vs bare proxy | p99 | p99 added to the backend's own |"
+echo "|---|---|---|---|---|---|---|---|"
 for c in $CONNS; do
   for front in $FRONTS; do
     cpu=${CPU[$front,$c]}
     vs() { [ -n "${CPU[$1,$c]:-}" ] && awk -v a="$cpu" -v b="${CPU[$1,$c]}" 'BEGIN {printf "%.2fx", a / b}' || echo "-"; }
-    echo "| $front | $c | ${RPS[$front,$c]} | $cpu | $(vs nginx) | $(vs bare) | ${P99[$front,$c]} |"
+    added=$(awk -v a="$(ms "${P99[$front,$c]}")" -v b="${DIRECT[$c]}" 'BEGIN {printf "%.2f ms", a - b}')
+    echo "| $front | $c | ${RPS[$front,$c]} | $cpu | $(vs nginx) | $(vs bare) | ${P99[$front,$c]} | $added |"
   done
 done
+for c in $CONNS; do echo "(the backend alone at c=$c: p99 ${DIRECT[$c]} ms)"; done
