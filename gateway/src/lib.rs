@@ -317,7 +317,7 @@ impl Gateway {
                     |req: &Request| {
                         let id = req
                             .headers()
-                            .get("x-request-id")
+                            .get(&X_REQUEST_ID)
                             .and_then(|v| v.to_str().ok())
                             .unwrap_or("-");
                         tracing::debug_span!("request", method = %req.method(), path = req.uri().path(), request_id = id)
@@ -480,12 +480,12 @@ fn admit(
         };
     }
     let bearer = headers
-        .get("authorization")
+        .get(http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
-    let api_key = headers.get("api-key").and_then(|v| v.to_str().ok());
+    let api_key = headers.get(&API_KEY).and_then(|v| v.to_str().ok());
     // What Anthropic's SDKs send.
-    let x_api_key = headers.get("x-api-key").and_then(|v| v.to_str().ok());
+    let x_api_key = headers.get(&X_API_KEY).and_then(|v| v.to_str().ok());
     let found = [bearer, api_key, x_api_key]
         .into_iter()
         .flatten()
@@ -515,6 +515,14 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+// Header names read or written on every request, made once (a `&str` name is parsed and hashed
+// on each lookup).
+const X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
+const API_KEY: http::HeaderName = http::HeaderName::from_static("api-key");
+const X_API_KEY: http::HeaderName = http::HeaderName::from_static("x-api-key");
+const X_LLM_LB_BACKEND: http::HeaderName = http::HeaderName::from_static("x-llm-lb-backend");
+const X_LLM_LB_ATTEMPTS: http::HeaderName = http::HeaderName::from_static("x-llm-lb-attempts");
+
 /// Headers of one connection, not of the request or answer: never passed on. Names, not
 /// strings, so removing them parses nothing.
 const HOP_BY_HOP: [http::HeaderName; 8] = [
@@ -540,7 +548,7 @@ async fn forward(State(gw): State<Gateway>, req: Request) -> Response {
     let route = metrics::route_label(req.uri().path());
     let anthropic_caller = req.uri().path() == "/v1/messages";
     // The access log's: the request id (set by the request-id layer when the caller sent none).
-    let request_id = req.headers().get("x-request-id").cloned();
+    let request_id = req.headers().get(&X_REQUEST_ID).cloned();
     let method = req.method().clone();
     // What this request starts with it finishes with, whatever a reload does meanwhile.
     let live = gw.live.load_full();
@@ -821,13 +829,13 @@ fn attribute(parts: &mut http::response::Parts) {
     for h in &HOP_BY_HOP {
         parts.headers.remove(h);
     }
-    if !parts.headers.contains_key("x-llm-lb-backend")
+    if !parts.headers.contains_key(&X_LLM_LB_BACKEND)
         && let Some(served) = parts.extensions.get::<Served>()
         && let Ok(v) = HeaderValue::from_str(served.backend.name())
     {
-        parts.headers.insert("x-llm-lb-backend", v);
+        parts.headers.insert(X_LLM_LB_BACKEND, v);
     }
-    if !parts.headers.contains_key("x-llm-lb-attempts")
+    if !parts.headers.contains_key(&X_LLM_LB_ATTEMPTS)
         && let Some(Attempts(a)) = parts.extensions.get::<Attempts>()
     {
         let mut list = String::with_capacity(32 * a.len());
@@ -840,7 +848,7 @@ fn attribute(parts: &mut http::response::Parts) {
             list.push_str(x.outcome.name());
         }
         if let Ok(v) = HeaderValue::from_str(&list) {
-            parts.headers.insert("x-llm-lb-attempts", v);
+            parts.headers.insert(X_LLM_LB_ATTEMPTS, v);
         }
     }
 }
