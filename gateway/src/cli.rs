@@ -235,17 +235,73 @@ async fn run(args: Serve) -> Result<(), Failure> {
         let gateway = gateway.clone();
         tokio::spawn(watch(path, gateway, client))
     });
-    let served = gateway
-        .serve(listener, async {
-            let _ = tokio::signal::ctrl_c().await;
-            tracing::info!("shutting down: finishing in-flight requests");
-        })
-        .await
-        .map_err(|e| serve_err(e.into()));
+    let grace = std::time::Duration::from_millis(
+        config
+            .gateway()
+            .and_then(|g| g.shutdown_grace_ms)
+            .unwrap_or(DEFAULT_SHUTDOWN_GRACE_MS),
+    );
+    // The first SIGTERM or SIGINT starts the drain; a second one exits at once.
+    let (stopping, mut stop) = tokio::sync::watch::channel(false);
+    let mut signals = Signals::new().map_err(|e| serve_err(e.into()))?;
+    tokio::spawn(async move {
+        signals.next().await;
+        tracing::info!(
+            grace_ms = grace.as_millis() as u64,
+            "shutting down: finishing what is in flight; a second signal exits at once"
+        );
+        let _ = stopping.send(true);
+        signals.next().await;
+        tracing::warn!("second signal: exiting with requests in flight");
+        std::process::exit(1);
+    });
+    let mut began = stop.clone();
+    let drained = gateway.serve(listener, async move {
+        let _ = stop.wait_for(|s| *s).await;
+    });
+    let served = tokio::select! {
+        served = drained => served.map_err(|e| serve_err(e.into())),
+        () = async {
+            let _ = began.wait_for(|s| *s).await;
+            tokio::time::sleep(grace).await;
+        } => {
+            tracing::warn!("shutdown grace period over: exiting with requests still in flight");
+            Ok(())
+        }
+    };
     if let Some(w) = watcher {
         w.abort();
     }
     served
+}
+
+/// `gateway.shutdown_grace_ms`'s default: Kubernetes' own grace period.
+const DEFAULT_SHUTDOWN_GRACE_MS: u64 = 30_000;
+
+/// SIGTERM (what Kubernetes, systemd and `docker stop` send) and SIGINT (Ctrl-C), as one stream.
+struct Signals {
+    #[cfg(unix)]
+    term: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> std::io::Result<Self> {
+        Ok(Signals {
+            #[cfg(unix)]
+            term: tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?,
+        })
+    }
+
+    /// Waits for the next SIGTERM or SIGINT.
+    async fn next(&mut self) {
+        #[cfg(unix)]
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = self.term.recv() => {}
+        }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }
 
 /// The gateway's client to its backends: HTTPS (webpki roots) or plain HTTP.

@@ -7,7 +7,7 @@
 //! | route | what it does |
 //! |---|---|
 //! | `POST /v1/chat/completions`, `/v1/completions`, `/v1/embeddings`, `/v1/messages`, `GET /v1/models` | forwards through the stack; streamed answers stay streamed, chunk by chunk |
-//! | `GET /health` | `200 {"status":"ok"}` |
+//! | `GET /health` | `200 {"status":"ok"}`; `503 {"status":"draining"}` once shutdown began ([`Gateway::serve`]) |
 //! | `GET /v1/models` | the models the backends declared (config `models`), OpenAI's list format; with none declared, forwarded to a backend |
 //! | `GET /stats` | per backend: requests, 2xx, 429, 5xx, failures, in flight, circuit, cooling until, last health probe, tokens |
 //! | `GET /metrics` | Prometheus text format: requests by route, status and client; time to head; tokens by backend, model and client; retries, waits, each attempt's time; per backend attempts by outcome, in flight, circuit, cooldown, latency |
@@ -86,6 +86,8 @@ pub struct Gateway {
     // Shared by every clone, so a reload can swap it.
     shared: Arc<arc_swap::ArcSwapOption<tower_llm_lb::shared::SharedState>>,
     metrics: Arc<metrics::Metrics>,
+    /// Set when [`Gateway::serve`]'s shutdown began: `/health` answers 503.
+    draining: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// What a reload replaces at once: the stack, its backends, the client keys and the aliases.
@@ -188,6 +190,7 @@ impl Gateway {
             body_limit: tower_llm_lb::body::DEFAULT_BODY_LIMIT,
             stream_usage: false,
             shared: Default::default(),
+            draining: Default::default(),
         }
     }
 
@@ -356,10 +359,7 @@ impl Gateway {
             .route("/v1/embeddings", post(forward))
             .route("/v1/messages", post(forward))
             .route("/v1/models", get(models))
-            .route(
-                "/health",
-                get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }),
-            )
+            .route("/health", get(health))
             .route("/stats", get(stats))
             .route("/metrics", get(metrics_text))
             .route("/", get(live_page))
@@ -368,12 +368,21 @@ impl Gateway {
             .layer(layers)
     }
 
-    /// Serves on `listener` until `shutdown` resolves, then lets in-flight requests finish.
+    /// Serves on `listener` until `shutdown` resolves; then `/health` answers `503`
+    /// (`{"status":"draining"}`) on the connections still open, the listener stops accepting
+    /// (a new connection is refused), idle connections are closed, and the requests and streams
+    /// in flight finish; it returns when the last one has. Bound the wait yourself (the binary
+    /// stops waiting after `gateway.shutdown_grace_ms`).
     pub async fn serve(
         self,
         listener: tokio::net::TcpListener,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
+        let draining = self.draining.clone();
+        let shutdown = async move {
+            shutdown.await;
+            draining.store(true, std::sync::atomic::Ordering::Release);
+        };
         use axum::serve::ListenerExt;
         let app = self
             .router()
@@ -426,6 +435,20 @@ fn uuid_v4(hi: u64, lo: u64) -> HeaderValue {
         }
     }
     HeaderValue::from_bytes(&out).expect("hex digits and dashes are a valid header value")
+}
+
+/// `GET /health`: `200 {"status":"ok"}` while serving, `503 {"status":"draining"}` once shutdown
+/// began (a load balancer stops sending).
+async fn health(State(gw): State<Gateway>) -> Response {
+    if gw.draining.load(std::sync::atomic::Ordering::Acquire) {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(serde_json::json!({"status": "draining"})),
+        )
+            .into_response()
+    } else {
+        axum::Json(serde_json::json!({"status": "ok"})).into_response()
+    }
 }
 
 fn error_response(status: StatusCode, kind: &str, message: &str) -> Response {

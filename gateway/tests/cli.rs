@@ -286,3 +286,138 @@ async fn every_request_gets_one_access_line_with_its_id_status_backend_and_time(
     }
     assert!(!log.contains("k1"), "no key in the log: {log}");
 }
+
+#[tokio::test]
+async fn sigterm_lets_a_slow_answer_and_a_stream_in_flight_finish_refuses_new_connections_and_exits_0()
+ {
+    use http_body_util::BodyExt;
+    use std::time::Duration;
+    use tower::ServiceExt;
+    use tower_llm_lb_mock::MockServer;
+    // Answers after 1 s; a stream's 8 chunks come 200 ms apart after that (2.6 s in all).
+    let mock = MockServer::builder()
+        .name("slow")
+        .bearer("k1")
+        .latency(Duration::from_secs(1))
+        .stream_chunks(8)
+        .chunk_delay(Duration::from_millis(200))
+        .start()
+        .await
+        .unwrap();
+    let path = write(
+        "drain.json",
+        &format!(
+            r#"{{"backends":{{"slow":{{"provider":"openai","url":"{}/v1","api_key":"k1"}}}}}}"#,
+            mock.url()
+        ),
+    );
+    let (mut child, url) = tokio::task::spawn_blocking(move || serve_config(&path))
+        .await
+        .unwrap();
+    let send = |body: &'static str| {
+        let url = url.clone();
+        tokio::spawn(async move {
+            let req = http::Request::post(format!("{url}/v1/chat/completions"))
+                .header("content-type", "application/json")
+                .body(http_body_util::Full::new(bytes::Bytes::from_static(
+                    body.as_bytes(),
+                )))
+                .unwrap();
+            let res = tower_llm_lb::client::http_client()
+                .oneshot(req)
+                .await
+                .unwrap();
+            let status = res.status();
+            let body = res.into_body().collect().await.map(|b| b.to_bytes());
+            (status, body)
+        })
+    };
+    let plain = send(r#"{"model":"gpt-4o","messages":[]}"#);
+    let stream = send(r#"{"model":"gpt-4o","messages":[],"stream":true}"#);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let ok = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill -TERM");
+    // The listener stops accepting: a new connection is refused.
+    let addr = url.trim_start_matches("http://").to_string();
+    let mut refused = false;
+    for _ in 0..40 {
+        if let Err(e) = tokio::net::TcpStream::connect(&addr).await {
+            // Refused, or reset when it reached the listener's queue as the listener closed.
+            assert!(
+                matches!(
+                    e.kind(),
+                    std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::ConnectionReset
+                ),
+                "{e}"
+            );
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(refused, "a new connection after SIGTERM was accepted");
+    // Both requests in flight finish whole.
+    let (status, body) = plain.await.unwrap();
+    assert_eq!(status, 200);
+    assert!(String::from_utf8_lossy(&body.unwrap()).contains("choices"));
+    let (status, body) = stream.await.unwrap();
+    assert_eq!(status, 200);
+    let body = body.expect("the stream ends cleanly");
+    assert!(String::from_utf8_lossy(&body).contains("data: [DONE]"));
+    // Then the process exits 0 on its own.
+    let exited = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(exited.success(), "{exited:?}");
+}
+
+#[tokio::test]
+async fn sigterm_waits_no_longer_than_the_grace_period() {
+    use std::time::{Duration, Instant};
+    use tower::ServiceExt;
+    use tower_llm_lb_mock::MockServer;
+    let mock = MockServer::builder()
+        .name("stuck")
+        .bearer("k1")
+        .latency(Duration::from_secs(20))
+        .start()
+        .await
+        .unwrap();
+    let path = write(
+        "grace.json",
+        &format!(
+            r#"{{"backends":{{"stuck":{{"provider":"openai","url":"{}/v1","api_key":"k1"}}}},
+                "gateway":{{"shutdown_grace_ms":300}}}}"#,
+            mock.url()
+        ),
+    );
+    let (mut child, url) = tokio::task::spawn_blocking(move || serve_config(&path))
+        .await
+        .unwrap();
+    let stuck = tokio::spawn(async move {
+        let req = http::Request::post(format!("{url}/v1/chat/completions"))
+            .body(http_body_util::Full::new(bytes::Bytes::from_static(b"{}")))
+            .unwrap();
+        tower_llm_lb::client::http_client().oneshot(req).await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let sent = Instant::now();
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let exited = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(exited.success(), "{exited:?}");
+    assert!(
+        sent.elapsed() < Duration::from_secs(5),
+        "exited {:?} after SIGTERM, not after the 300 ms grace",
+        sent.elapsed()
+    );
+    assert!(stuck.await.unwrap().is_err(), "the stuck request was cut");
+}

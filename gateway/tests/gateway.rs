@@ -1159,3 +1159,45 @@ async fn a_models_map_routes_each_model_to_its_own_target_and_lists_them() {
         ["gpt-4", "gpt-4o", "text-embedding-3-small"]
     );
 }
+
+#[tokio::test]
+async fn health_answers_503_draining_once_shutdown_began() {
+    let (primary, backup) = mocks().await;
+    let config = Config::from_json(&config(&primary, &backup)).unwrap();
+    let (svc, backends) = config.build_with_backends(http_client()).unwrap();
+    let gateway = Gateway::new(svc, backends, Vec::new());
+    // A router over the same gateway: it sees what the serving one does.
+    let app = gateway.clone().router();
+    let health = || async {
+        let res = app
+            .clone()
+            .oneshot(
+                http::Request::get("/health")
+                    .body(axum::body::Body::empty())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        let status = res.status();
+        let body = res.into_body().collect().await.unwrap().to_bytes();
+        (status, String::from_utf8(body.to_vec()).unwrap())
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let served = tokio::spawn(gateway.serve(listener, async {
+        let _ = rx.await;
+    }));
+    assert_eq!(
+        health().await,
+        (http::StatusCode::OK, r#"{"status":"ok"}"#.into())
+    );
+    tx.send(()).unwrap();
+    served.await.unwrap().unwrap();
+    assert_eq!(
+        health().await,
+        (
+            http::StatusCode::SERVICE_UNAVAILABLE,
+            r#"{"status":"draining"}"#.into()
+        )
+    );
+}

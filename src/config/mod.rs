@@ -420,6 +420,9 @@ pub struct GatewayConfig {
     /// `api-version`s before `2024-09-01-preview`, and some OpenAI-compatible servers, refuse
     /// `stream_options`). Not reloaded.
     pub stream_usage: Option<bool>,
+    /// On SIGTERM or SIGINT, how long requests and streams in flight may take to finish before
+    /// the process exits, in ms (default 30 000, Kubernetes' default grace period). Not reloaded.
+    pub shutdown_grace_ms: Option<u64>,
 }
 
 impl fmt::Debug for GatewayConfig {
@@ -432,6 +435,7 @@ impl fmt::Debug for GatewayConfig {
             .field("listen", &self.listen)
             .field("model_aliases", &self.model_aliases)
             .field("stream_usage", &self.stream_usage)
+            .field("shutdown_grace_ms", &self.shutdown_grace_ms)
             .finish()
     }
 }
