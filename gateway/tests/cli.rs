@@ -18,6 +18,51 @@ fn write(name: &str, json: &str) -> std::path::PathBuf {
     path
 }
 
+/// The binary serving a config file `file` of one OpenAI-compatible backend, `mock` (key `k1`),
+/// with `gateway` as the config's `gateway` section when not empty; its process and base URL.
+async fn serve_over(
+    file: &str,
+    mock: &tower_llm_lb_mock::MockServer,
+    gateway: &str,
+) -> (std::process::Child, String) {
+    let gateway = if gateway.is_empty() {
+        String::new()
+    } else {
+        format!(r#","gateway":{gateway}"#)
+    };
+    let path = write(
+        file,
+        &format!(
+            r#"{{"backends":{{"{}":{{"provider":"openai","url":"{}/v1","api_key":"k1"}}}}{gateway}}}"#,
+            mock.name(),
+            mock.url()
+        ),
+    );
+    tokio::task::spawn_blocking(move || serve_config(&path))
+        .await
+        .unwrap()
+}
+
+/// A JSON chat request to the gateway at `url`.
+fn chat_post(url: &str, body: &'static str) -> http::Request<http_body_util::Full<bytes::Bytes>> {
+    http::Request::post(format!("{url}/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body(http_body_util::Full::new(bytes::Bytes::from_static(
+            body.as_bytes(),
+        )))
+        .unwrap()
+}
+
+/// Sends `signal` (`HUP`, `TERM`) to the process.
+fn signal(child: &std::process::Child, signal: &str) {
+    let ok = Command::new("kill")
+        .args([&format!("-{signal}"), &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill -{signal}");
+}
+
 #[test]
 fn help_succeeds_and_a_bad_config_is_one_line_naming_the_field_with_exit_2() {
     let out = Command::new(BIN).arg("--help").output().unwrap();
@@ -107,14 +152,8 @@ async fn serve_mock_answers_on_the_port_it_prints() {
 /// Which backend answers a chat request now (`x-llm-lb-backend`), or the status.
 async fn who_answers(url: &str) -> String {
     use tower::ServiceExt;
-    let req = http::Request::post(format!("{url}/v1/chat/completions"))
-        .header("content-type", "application/json")
-        .body(http_body_util::Full::new(bytes::Bytes::from_static(
-            br#"{"model":"gpt-4o","messages":[]}"#,
-        )))
-        .unwrap();
     let res = tower_llm_lb::client::http_client()
-        .oneshot(req)
+        .oneshot(chat_post(url, r#"{"model":"gpt-4o","messages":[]}"#))
         .await
         .unwrap();
     match res.headers().get("x-llm-lb-backend") {
@@ -165,23 +204,15 @@ async fn serve_reloads_its_config_on_sighup_and_keeps_serving_when_the_new_one_i
     .await
     .unwrap();
     assert_eq!(who_answers(&url).await, "one");
-    let hup = |pid: u32| {
-        let ok = Command::new("kill")
-            .args(["-HUP", &pid.to_string()])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "kill -HUP");
-    };
 
     // A new backend in place of the old: served after SIGHUP, no restart.
     std::fs::write(&path, config("two", &two, "k2")).unwrap();
-    hup(child.id());
+    signal(&child, "HUP");
     assert_eq!(until_answered_by(&url, "two").await, "two");
 
     // A broken config: logged, and the running one keeps serving.
     std::fs::write(&path, r#"{"backends":{"x":{"provider":"openai"}}}"#).unwrap();
-    hup(child.id());
+    signal(&child, "HUP");
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     assert_eq!(who_answers(&url).await, "two");
 
@@ -210,16 +241,7 @@ async fn logs_written_to_a_pipe_carry_no_colour_escapes() {
         .start()
         .await
         .unwrap();
-    let path = write(
-        "plain-logs.json",
-        &format!(
-            r#"{{"backends":{{"plain":{{"provider":"openai","url":"{}/v1","api_key":"k1"}}}}}}"#,
-            mock.url()
-        ),
-    );
-    let (mut child, url) = tokio::task::spawn_blocking(move || serve_config(&path))
-        .await
-        .unwrap();
+    let (mut child, url) = serve_over("plain-logs.json", &mock, "").await;
     assert_eq!(who_answers(&url).await, "plain");
     child.kill().unwrap();
     let out = child.wait_with_output().unwrap();
@@ -241,23 +263,10 @@ async fn every_request_gets_one_access_line_with_its_id_status_backend_and_time(
         .start()
         .await
         .unwrap();
-    let path = write(
-        "access-line.json",
-        &format!(
-            r#"{{"backends":{{"east":{{"provider":"openai","url":"{}/v1","api_key":"k1"}}}}}}"#,
-            mock.url()
-        ),
-    );
-    let (mut child, url) = tokio::task::spawn_blocking(move || serve_config(&path))
-        .await
-        .unwrap();
-    let req = http::Request::post(format!("{url}/v1/chat/completions"))
-        .header("content-type", "application/json")
-        .header("x-request-id", "trace-me-1")
-        .body(http_body_util::Full::new(bytes::Bytes::from_static(
-            br#"{"model":"gpt-4o","messages":[]}"#,
-        )))
-        .unwrap();
+    let (mut child, url) = serve_over("access-line.json", &mock, "").await;
+    let mut req = chat_post(&url, r#"{"model":"gpt-4o","messages":[]}"#);
+    req.headers_mut()
+        .insert("x-request-id", http::HeaderValue::from_static("trace-me-1"));
     let res = tower_llm_lb::client::http_client()
         .oneshot(req)
         .await
@@ -304,25 +313,10 @@ async fn sigterm_lets_a_slow_answer_and_a_stream_in_flight_finish_refuses_new_co
         .start()
         .await
         .unwrap();
-    let path = write(
-        "drain.json",
-        &format!(
-            r#"{{"backends":{{"slow":{{"provider":"openai","url":"{}/v1","api_key":"k1"}}}}}}"#,
-            mock.url()
-        ),
-    );
-    let (mut child, url) = tokio::task::spawn_blocking(move || serve_config(&path))
-        .await
-        .unwrap();
+    let (mut child, url) = serve_over("drain.json", &mock, "").await;
     let send = |body: &'static str| {
-        let url = url.clone();
+        let req = chat_post(&url, body);
         tokio::spawn(async move {
-            let req = http::Request::post(format!("{url}/v1/chat/completions"))
-                .header("content-type", "application/json")
-                .body(http_body_util::Full::new(bytes::Bytes::from_static(
-                    body.as_bytes(),
-                )))
-                .unwrap();
             let res = tower_llm_lb::client::http_client()
                 .oneshot(req)
                 .await
@@ -335,12 +329,7 @@ async fn sigterm_lets_a_slow_answer_and_a_stream_in_flight_finish_refuses_new_co
     let plain = send(r#"{"model":"gpt-4o","messages":[]}"#);
     let stream = send(r#"{"model":"gpt-4o","messages":[],"stream":true}"#);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let ok = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "kill -TERM");
+    signal(&child, "TERM");
     // The listener stops accepting: a new connection is refused.
     let addr = url.trim_start_matches("http://").to_string();
     let mut refused = false;
@@ -387,29 +376,11 @@ async fn sigterm_waits_no_longer_than_the_grace_period() {
         .start()
         .await
         .unwrap();
-    let path = write(
-        "grace.json",
-        &format!(
-            r#"{{"backends":{{"stuck":{{"provider":"openai","url":"{}/v1","api_key":"k1"}}}},
-                "gateway":{{"shutdown_grace_ms":300}}}}"#,
-            mock.url()
-        ),
-    );
-    let (mut child, url) = tokio::task::spawn_blocking(move || serve_config(&path))
-        .await
-        .unwrap();
-    let stuck = tokio::spawn(async move {
-        let req = http::Request::post(format!("{url}/v1/chat/completions"))
-            .body(http_body_util::Full::new(bytes::Bytes::from_static(b"{}")))
-            .unwrap();
-        tower_llm_lb::client::http_client().oneshot(req).await
-    });
+    let (mut child, url) = serve_over("grace.json", &mock, r#"{"shutdown_grace_ms":300}"#).await;
+    let stuck = tokio::spawn(tower_llm_lb::client::http_client().oneshot(chat_post(&url, "{}")));
     tokio::time::sleep(Duration::from_millis(300)).await;
     let sent = Instant::now();
-    Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
+    signal(&child, "TERM");
     let exited = tokio::task::spawn_blocking(move || child.wait().unwrap())
         .await
         .unwrap();
