@@ -24,6 +24,7 @@ use tokio::time::Instant;
 use arc_swap::ArcSwap;
 
 use super::Live;
+use tower_llm_lb::Snapshot;
 use tower_llm_lb::backend::Backend;
 use tower_llm_lb::state::Circuit;
 
@@ -37,6 +38,12 @@ pub(crate) struct Name(Arc<str>);
 impl Name {
     pub(crate) fn from_shared(name: Arc<str>) -> Self {
         Name(name)
+    }
+}
+
+impl std::borrow::Borrow<str> for Name {
+    fn borrow(&self) -> &str {
+        &self.0
     }
 }
 
@@ -87,8 +94,8 @@ struct ClientTokenLabels {
     kind: &'static str,
 }
 
-/// Reads one gauge of a backend at a scrape.
-type Read = fn(&Backend, Instant) -> f64;
+/// Reads one gauge of a backend from its state as read at the scrape.
+type Read = fn(&Snapshot) -> f64;
 
 /// The gateway's metrics: its own counters and histograms, and a collector over the backends'
 /// states.
@@ -204,7 +211,7 @@ impl Metrics {
         self.backend_tokens
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .get(&Name::from(backend))
+            .get(backend)
             .copied()
             .unwrap_or_default()
     }
@@ -270,9 +277,14 @@ impl std::fmt::Debug for BackendCollector {
 
 impl Collector for BackendCollector {
     fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
-        let now = Instant::now();
         let live = self.0.load();
         let backend = |b: &Backend| -> Labels { vec![("backend", b.name().to_string())] };
+        // Each backend's state read once for every family of this scrape.
+        let states: Vec<Snapshot> = live
+            .backends()
+            .iter()
+            .map(|b| b.state().snapshot())
+            .collect();
         {
             let mut e = encoder.encode_descriptor(
                 "backend_attempts",
@@ -280,8 +292,8 @@ impl Collector for BackendCollector {
                 None,
                 prometheus_client::metrics::MetricType::Counter,
             )?;
-            for b in live.backends() {
-                let c = b.state().snapshot().counters;
+            for (b, s) in live.backends().iter().zip(&states) {
+                let c = s.counters;
                 for (outcome, n) in [
                     ("success", c.success),
                     ("throttled", c.throttled),
@@ -300,12 +312,12 @@ impl Collector for BackendCollector {
             (
                 "backend_in_flight",
                 "Requests in flight at each backend",
-                |b, _| b.state().snapshot().in_flight as f64,
+                |s| s.in_flight as f64,
             ),
             (
                 "backend_circuit_open",
                 "1 while a backend's circuit is open or half-open, else 0",
-                |b, _| match b.state().snapshot().circuit {
+                |s| match s.circuit {
                     Circuit::Closed => 0.0,
                     _ => 1.0,
                 },
@@ -313,22 +325,15 @@ impl Collector for BackendCollector {
             (
                 "backend_cooldown_seconds",
                 "Time left of a backend's cooldown (a 429's wait, a rejected key's)",
-                |b, now| {
-                    b.state()
-                        .snapshot()
-                        .cooldown_until
-                        .map_or(0.0, |u| u.saturating_duration_since(now).as_secs_f64())
+                |s| {
+                    s.cooldown_until
+                        .map_or(0.0, |u| u.saturating_duration_since(s.at).as_secs_f64())
                 },
             ),
             (
                 "backend_latency_seconds",
                 "A backend's latency average (0 before its first answer)",
-                |b, _| {
-                    b.state()
-                        .snapshot()
-                        .latency
-                        .map_or(0.0, |d| d.as_secs_f64())
-                },
+                |s| s.latency.map_or(0.0, |d| d.as_secs_f64()),
             ),
         ];
         for (name, help, read) in gauges {
@@ -338,8 +343,8 @@ impl Collector for BackendCollector {
                 None,
                 prometheus_client::metrics::MetricType::Gauge,
             )?;
-            for b in live.backends() {
-                ConstGauge::new(read(b, now)).encode(e.encode_family(&backend(b))?)?;
+            for (b, s) in live.backends().iter().zip(&states) {
+                ConstGauge::new(read(s)).encode(e.encode_family(&backend(b))?)?;
             }
         }
         Ok(())
