@@ -310,7 +310,6 @@ where
             waited: Duration::ZERO,
             reserved: None,
             sent: 0,
-            throttled: 0,
             elsewhere: false,
             backoffs: 0,
             last_failed: false,
@@ -360,7 +359,13 @@ impl<S, B> Ctx<S, B> {
     /// that may still wait.
     fn spent_attempts(&self) -> bool {
         let max = self.settings.max_attempts;
-        self.sent - self.throttled >= max || self.sent >= max.saturating_mul(THROTTLED_SENDS)
+        let throttled = self
+            .attempts
+            .iter()
+            .filter(|a| a.outcome.is_throttled())
+            .count();
+        self.sent.saturating_sub(throttled) >= max
+            || self.sent >= max.saturating_mul(THROTTLED_SENDS)
     }
 
     /// The backoff before going back to a backend that failed: `base * 2^n` for the n-th
@@ -397,9 +402,6 @@ struct Ctx<S, B> {
     reserved: Option<Arc<str>>,
     /// Attempts that reached a backend (or tried to).
     sent: usize,
-    /// Of those, the ones answered throttled: they count against `max_attempts` only past
-    /// [`THROTTLED_SENDS`] times it (the wait budget and the deadline bound them first).
-    throttled: usize,
     /// The last attempt failed: the next goes only to a backend not tried yet, if there is one.
     elsewhere: bool,
     /// Backoffs taken so far (each doubles the next).
@@ -455,9 +457,6 @@ fn judge<S, B, ResB>(
             let (backend, outcome, timed) = answered_by(&res);
             let elapsed = timed.unwrap_or_else(|| started.elapsed());
             ctx.sent += 1;
-            if outcome.is_throttled() {
-                ctx.throttled += 1;
-            }
             ctx.attempts.push(Attempt {
                 backend,
                 outcome,
