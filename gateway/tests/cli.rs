@@ -282,6 +282,22 @@ async fn every_request_gets_one_access_line_with_its_id_status_backend_and_time(
         .filter(|l| l.contains(r#"request_id="trace-me-1""#))
         .collect();
     assert_eq!(lines.len(), 1, "one line per request: {log}");
+    // It starts with its time as tracing-subscriber writes it: `2026-12-07T03:24:31.205010Z`.
+    let time = lines[0].as_bytes();
+    let digits = |r: std::ops::Range<usize>| time[r].iter().all(u8::is_ascii_digit);
+    assert!(
+        time.len() > 27
+            && digits(0..4)
+            && time[4] == b'-'
+            && digits(5..7)
+            && time[10] == b'T'
+            && digits(11..13)
+            && time[19] == b'.'
+            && digits(20..26)
+            && time[26] == b'Z',
+        "{}",
+        lines[0]
+    );
     for field in [
         " INFO ",
         "method=POST",
