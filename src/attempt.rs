@@ -155,7 +155,7 @@ pub(crate) struct Deployment(pub(crate) Arc<str>);
 
 impl Deployment {
     /// `name` must be a plain path segment (letters, digits, `-`, `_`, `.`).
-    pub(crate) fn new(name: &str) -> Result<Self, crate::provider::InvalidProvider> {
+    pub(crate) fn new(name: &str) -> Result<Self, crate::error::InvalidConfig> {
         if crate::provider::valid_deployment(name) {
             Ok(Deployment(name.into()))
         } else {

@@ -7,6 +7,7 @@ use http::uri::{Authority, Scheme};
 use http::{HeaderValue, Uri};
 
 use crate::credential::Credential;
+use crate::error::InvalidConfig;
 use crate::provider::Provider;
 use crate::state::BackendState;
 
@@ -83,20 +84,10 @@ fn routes(
         .collect()
 }
 
-/// A backend description that cannot be used. Names the backend and the field.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct InvalidBackend {
-    name: String,
-    reason: String,
+/// The error of a backend description that cannot be used: names the backend and the field.
+fn invalid(name: &str, reason: impl fmt::Display) -> InvalidConfig {
+    InvalidConfig::new(format!("backend {name:?}: {reason}"))
 }
-
-impl fmt::Display for InvalidBackend {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "backend {:?}: {}", self.name, self.reason)
-    }
-}
-
-impl std::error::Error for InvalidBackend {}
 
 /// Builds a [`Backend`]; errors surface at [`BackendBuilder::build`].
 #[derive(Debug)]
@@ -167,18 +158,18 @@ impl Backend {
 
     /// A copy of this backend description with another weight (and fresh state): for building
     /// the same endpoint into a canary split. Fails on a weight that is not finite and >= 0.
-    pub fn with_weight(&self, weight: f64) -> Result<Backend, InvalidBackend> {
+    pub fn with_weight(&self, weight: f64) -> Result<Backend, InvalidConfig> {
         self.with_tier(self.priority(), weight)
     }
 
     /// A copy of this backend description with another priority tier and weight (and fresh
     /// state). Fails on a weight that is not finite and >= 0.
-    pub(crate) fn with_tier(&self, priority: u32, weight: f64) -> Result<Backend, InvalidBackend> {
+    pub(crate) fn with_tier(&self, priority: u32, weight: f64) -> Result<Backend, InvalidConfig> {
         if !weight.is_finite() || weight < 0.0 {
-            return Err(InvalidBackend {
-                name: self.name().to_string(),
-                reason: format!("weight: must be a finite number >= 0, got {weight}"),
-            });
+            return Err(invalid(
+                self.name(),
+                format!("weight: must be a finite number >= 0, got {weight}"),
+            ));
         }
         let i = &self.inner;
         Ok(Backend {
@@ -204,11 +195,8 @@ impl Backend {
     /// scope has its own cooldown, pace and quota hints (a 429 on `gpt-4-8k` does not hold back
     /// `gpt-4-32k` on the same resource), while connect errors and the circuit stay with the
     /// endpoint it shares. Fails for a backend that is not classic Azure, or a bad name.
-    pub fn for_deployment(&self, deployment: &str) -> Result<Backend, InvalidBackend> {
-        let err = |reason: String| InvalidBackend {
-            name: self.name().to_string(),
-            reason,
-        };
+    pub fn for_deployment(&self, deployment: &str) -> Result<Backend, InvalidConfig> {
+        let err = |reason: String| invalid(self.name(), reason);
         let Provider::AzureOpenAi { api_version, .. } = self.provider() else {
             return Err(err(
                 "deployment: only a classic Azure backend has deployments".into(),
@@ -386,17 +374,14 @@ impl BackendBuilder {
     }
 
     /// Validates and builds the backend.
-    pub fn build(self) -> Result<Backend, InvalidBackend> {
+    pub fn build(self) -> Result<Backend, InvalidConfig> {
         // Never echo a URL that may carry a password.
         let shown = if self.url.contains('@') {
             "<redacted>".to_string()
         } else {
             format!("{:?}", self.url)
         };
-        let err = |reason: String| InvalidBackend {
-            name: self.name.clone(),
-            reason,
-        };
+        let err = |reason: String| invalid(&self.name, reason);
         if !valid_name(&self.name) {
             return Err(err(
                 "name: must be 1 to 64 letters, digits, '-', '_' or '.'".into(),

@@ -4,7 +4,7 @@
 //! Retries and fallbacks resend a request, so the stack works on [`ReplayBody`]: the whole request
 //! body in one [`Bytes`], cloned by reference count. [`BufferRequest`] turns any incoming
 //! [`http_body::Body`] (axum's, tonic's, hyper's `Incoming`) into it, refusing bodies over a size
-//! cap before anything is sent ([`error::TooLarge`]).
+//! cap before anything is sent ([`crate::error::TooLarge`]).
 //!
 //! Response bodies are never buffered: [`ResponseBody`] streams the backend's body chunk by chunk.
 //! Only when a (small, bounded) error body was read to classify a 429 does it first replay those
@@ -137,80 +137,6 @@ impl Body for ReplayBody {
     }
 }
 
-pub mod error {
-    //! Errors of [`BufferRequest`](super::BufferRequest).
-
-    use std::fmt;
-
-    use crate::error::BoxError;
-
-    /// The request body is larger than the configured cap. Nothing was sent.
-    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-    pub struct TooLarge {
-        /// The cap, in bytes.
-        pub limit: usize,
-    }
-
-    impl fmt::Display for TooLarge {
-        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            write!(f, "request body larger than {} bytes", self.limit)
-        }
-    }
-
-    impl std::error::Error for TooLarge {}
-
-    /// A response body broke off: the connection failed mid-way, or a streamed answer ended
-    /// without its end marker. The caller has an incomplete answer.
-    #[derive(Debug)]
-    pub struct StreamInterrupted {
-        pub(crate) backend: Option<std::sync::Arc<str>>,
-        pub(crate) source: Option<BoxError>,
-    }
-
-    impl StreamInterrupted {
-        /// The backend whose answer broke off, if known.
-        pub fn backend(&self) -> Option<&str> {
-            self.backend.as_deref()
-        }
-    }
-
-    impl fmt::Display for StreamInterrupted {
-        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            if let Some(b) = &self.backend {
-                write!(f, "backend {b}: ")?;
-            }
-            match &self.source {
-                Some(e) => write!(f, "answer interrupted: {e}"),
-                None => f.write_str("streamed answer ended without its end marker"),
-            }
-        }
-    }
-
-    impl std::error::Error for StreamInterrupted {
-        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-            self.source
-                .as_deref()
-                .map(|e| e as &(dyn std::error::Error + 'static))
-        }
-    }
-
-    /// Reading the request body failed. Nothing was sent.
-    #[derive(Debug)]
-    pub struct ReadFailed(pub(crate) BoxError);
-
-    impl fmt::Display for ReadFailed {
-        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            write!(f, "reading request body failed: {}", self.0)
-        }
-    }
-
-    impl std::error::Error for ReadFailed {
-        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-            Some(&*self.0)
-        }
-    }
-}
-
 /// A copy of `req` for replay: method, URI, version, headers, extensions and the (cheaply
 /// cloned) body. One place for the layers that resend a request.
 pub(crate) fn clone_request<B: Clone>(req: &Request<B>) -> Request<B> {
@@ -233,7 +159,7 @@ pub struct BufferRequestLayer {
 }
 
 impl BufferRequestLayer {
-    /// Buffers bodies up to `limit` bytes; larger ones are refused with [`error::TooLarge`].
+    /// Buffers bodies up to `limit` bytes; larger ones are refused with [`crate::error::TooLarge`].
     pub fn new(limit: usize) -> Self {
         BufferRequestLayer { limit }
     }
@@ -262,8 +188,8 @@ impl<S> Layer<S> for BufferRequestLayer {
 /// | outcome | what it does |
 /// |---|---|
 /// | body within the cap | calls the inner service with a `Request<ReplayBody>` |
-/// | `content-length` or the bytes read exceed the cap | answers [`error::TooLarge`]; the inner service is not called |
-/// | the body fails to read | answers [`error::ReadFailed`]; the inner service is not called |
+/// | `content-length` or the bytes read exceed the cap | answers [`crate::error::TooLarge`]; the inner service is not called |
+/// | the body fails to read | answers [`crate::error::ReadFailed`]; the inner service is not called |
 #[derive(Clone, Debug)]
 pub struct BufferRequest<S> {
     inner: S,
@@ -319,7 +245,7 @@ where
         if too_large {
             return BufferFuture {
                 state: BufferState::Failed {
-                    error: Some(error::TooLarge { limit: self.limit }.into()),
+                    error: Some(crate::error::TooLarge { limit: self.limit }.into()),
                 },
             };
         }
@@ -355,9 +281,9 @@ impl Accumulator {
         self.rest.as_ref().map_or(self.first.len(), |r| r.len())
     }
 
-    fn push<D: bytes::Buf>(&mut self, mut data: D) -> Result<(), error::TooLarge> {
+    fn push<D: bytes::Buf>(&mut self, mut data: D) -> Result<(), crate::error::TooLarge> {
         if self.len() + data.remaining() > self.limit {
-            return Err(error::TooLarge { limit: self.limit });
+            return Err(crate::error::TooLarge { limit: self.limit });
         }
         if let Some(rest) = &mut self.rest {
             rest.extend_from_slice(&data.copy_to_bytes(data.remaining()));
@@ -425,7 +351,7 @@ where
                     pending,
                 } => {
                     while let Some(frame) = ready!(body.as_mut().poll_frame(cx)) {
-                        let frame = frame.map_err(|e| error::ReadFailed(e.into()))?;
+                        let frame = frame.map_err(|e| crate::error::ReadFailed(e.into()))?;
                         if let Ok(data) = frame.into_data() {
                             acc.push(data)?;
                         }
@@ -458,7 +384,7 @@ pin_project! {
     /// When the error body of a response was read (bounded) to classify it, those bytes are
     /// replayed first, then the rest of the backend's body follows.
     ///
-    /// Errors are typed: a body that breaks mid-way ends with [`error::StreamInterrupted`]
+    /// Errors are typed: a body that breaks mid-way ends with [`crate::error::StreamInterrupted`]
     /// naming the backend. A streamed (SSE) chat or messages answer that ends without its end
     /// marker (`data: [DONE]`, or Anthropic's `message_stop`) ends with that error too, never
     /// as a clean end, so a truncated answer cannot pass for a complete one.
@@ -669,7 +595,7 @@ where
             };
             if let Err(reason) = result {
                 t.finished = true;
-                return Poll::Ready(Some(Err(error::StreamInterrupted {
+                return Poll::Ready(Some(Err(crate::error::StreamInterrupted {
                     backend: this.backend.clone(),
                     source: Some(format!("the answer could not be translated: {reason}").into()),
                 }
@@ -729,7 +655,7 @@ where
             return Poll::Ready(Some(Ok(Frame::data(p))));
         }
         let interrupted = |backend: &Option<std::sync::Arc<str>>, source: Option<BoxError>| {
-            BoxError::from(error::StreamInterrupted {
+            BoxError::from(crate::error::StreamInterrupted {
                 backend: backend.clone(),
                 source,
             })
@@ -898,13 +824,13 @@ mod tests {
             .unwrap();
         let err = svc.clone().oneshot(req).await.unwrap_err();
         assert_eq!(
-            err.downcast_ref::<error::TooLarge>(),
-            Some(&error::TooLarge { limit: 4 })
+            err.downcast_ref::<crate::error::TooLarge>(),
+            Some(&crate::error::TooLarge { limit: 4 })
         );
         // No declared length: the cap is enforced while reading.
         let chunks = futures_chunks(&[b"012", b"345"]);
         let err = svc.oneshot(Request::new(chunks)).await.unwrap_err();
-        assert!(err.is::<error::TooLarge>(), "{err}");
+        assert!(err.is::<crate::error::TooLarge>(), "{err}");
         assert_eq!(err.to_string(), "request body larger than 4 bytes");
     }
 

@@ -520,3 +520,89 @@ impl fmt::Display for Elapsed {
 }
 
 impl std::error::Error for Elapsed {}
+
+/// The request body is larger than the configured cap. Nothing was sent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TooLarge {
+    /// The cap, in bytes.
+    pub limit: usize,
+}
+
+impl fmt::Display for TooLarge {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "request body larger than {} bytes", self.limit)
+    }
+}
+
+impl std::error::Error for TooLarge {}
+
+/// A response body broke off: the connection failed mid-way, or a streamed answer ended
+/// without its end marker. The caller has an incomplete answer.
+#[derive(Debug)]
+pub struct StreamInterrupted {
+    pub(crate) backend: Option<std::sync::Arc<str>>,
+    pub(crate) source: Option<BoxError>,
+}
+
+impl StreamInterrupted {
+    /// The backend whose answer broke off, if known.
+    pub fn backend(&self) -> Option<&str> {
+        self.backend.as_deref()
+    }
+}
+
+impl fmt::Display for StreamInterrupted {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(b) = &self.backend {
+            write!(f, "backend {b}: ")?;
+        }
+        match &self.source {
+            Some(e) => write!(f, "answer interrupted: {e}"),
+            None => f.write_str("streamed answer ended without its end marker"),
+        }
+    }
+}
+
+impl std::error::Error for StreamInterrupted {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source
+            .as_deref()
+            .map(|e| e as &(dyn std::error::Error + 'static))
+    }
+}
+
+/// Reading the request body failed. Nothing was sent.
+#[derive(Debug)]
+pub struct ReadFailed(pub(crate) BoxError);
+
+impl fmt::Display for ReadFailed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "reading request body failed: {}", self.0)
+    }
+}
+
+impl std::error::Error for ReadFailed {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&*self.0)
+    }
+}
+
+/// A setting rejected when it was built: a backend, a balance group, a fallback, a breaker
+/// policy or health probe, a credential, a provider's URL shape. The message says which and
+/// why, never what a secret was. Nothing was sent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InvalidConfig(String);
+
+impl InvalidConfig {
+    pub(crate) fn new(message: impl Into<String>) -> Self {
+        InvalidConfig(message.into())
+    }
+}
+
+impl fmt::Display for InvalidConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for InvalidConfig {}

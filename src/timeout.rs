@@ -9,14 +9,14 @@
 //!
 //! | limit | measured | on expiry |
 //! |---|---|---|
-//! | `first_byte` | from sending until the first body byte (for a non-streamed answer the head comes only when the whole answer is ready, so set it with that in mind) | before the head: the attempt fails with [`error::Elapsed`]; after it: the body ends with that error |
-//! | `idle` | between body chunks, once the first has come | the body ends with [`error::Elapsed`] |
+//! | `first_byte` | from sending until the first body byte (for a non-streamed answer the head comes only when the whole answer is ready, so set it with that in mind) | before the head: the attempt fails with [`Elapsed`]; after it: the body ends with that error |
+//! | `idle` | between body chunks, once the first has come | the body ends with [`Elapsed`] |
 //! | `total` | from sending until the body's end (default 300 s, as users set on Application Gateway) | as above |
 //!
 //! A stream that keeps flowing is never cut by `first_byte` or `idle`, only by `total`.
 //!
 //! **Silence watch** (in [`stack::group`](crate::stack::group), on by default where no
-//! `first_byte` limit is set): an attempt is abandoned with [`error::Elapsed`]`(`[`Silent`](error::Limit::Silent)`)`
+//! `first_byte` limit is set): an attempt is abandoned with [`Elapsed`]`(`[`Silent`](Limit::Silent)`)`
 //! once its backend has answered nothing at all, neither it nor any other request, for 10 s
 //! and for 10x the slowest latency average of the group's other backends. A hung backend is
 //! silent; a busy one answers its other requests, so a long generation on a working backend is
@@ -53,13 +53,7 @@ use tower_service::Service;
 
 use crate::error::BoxError;
 
-pub mod error {
-    //! Errors of [`AttemptTimeout`](super::AttemptTimeout).
-
-    pub use crate::error::{Elapsed, Limit};
-}
-
-use error::{Elapsed, Limit};
+use crate::error::{Elapsed, Limit};
 
 /// Layer that wraps a service in [`AttemptTimeout`].
 #[derive(Clone, Copy, Debug)]

@@ -9,9 +9,9 @@ use std::time::Duration;
 
 use common::{Captured, body_string, chat, stack};
 use tower::ServiceExt;
-use tower_llm_lb::auth::error::TokenUnavailable;
 use tower_llm_lb::auth::{BoxFuture, Credential, Token, TokenSource};
 use tower_llm_lb::endpoint::Served;
+use tower_llm_lb::error::TokenUnavailable;
 use tower_llm_lb::error::{BackendError, find};
 use tower_llm_lb::{Backend, BoxError, Outcome};
 use tower_llm_lb_mock::MockServer;

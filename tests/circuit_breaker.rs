@@ -9,12 +9,13 @@ use common::{chat, guarded, guarded_group, refusing};
 use http_body_util::BodyExt;
 use tokio::time::Instant;
 use tower::ServiceExt;
-use tower_llm_lb::circuit_breaker::{BreakerGroup, HealthProbe, Policy, error::Open};
+use tower_llm_lb::circuit_breaker::{BreakerGroup, HealthProbe, Policy};
 use tower_llm_lb::client::http_client;
+use tower_llm_lb::error::{Elapsed, Open};
 use tower_llm_lb::error::{Exhausted, Unavailable, find};
 use tower_llm_lb::retry::{Attempts, RetryAfter429Layer};
 use tower_llm_lb::state::Circuit;
-use tower_llm_lb::timeout::{AttemptTimeoutLayer, error::Elapsed};
+use tower_llm_lb::timeout::AttemptTimeoutLayer;
 use tower_llm_lb::{Backend, Outcome};
 use tower_llm_lb_mock::{Fault, MockServer};
 
@@ -212,7 +213,7 @@ async fn the_total_limit_spans_head_and_body_and_cuts_a_stream_still_flowing() {
     let res = svc.oneshot(chat(r#"{"stream":true}"#)).await.unwrap();
     let err = res.into_body().collect().await.unwrap_err();
     let elapsed = find::<Elapsed>(&*err).expect("typed timeout");
-    assert_eq!(elapsed.0, tower_llm_lb::timeout::error::Limit::Total);
+    assert_eq!(elapsed.0, tower_llm_lb::error::Limit::Total);
     let took = Instant::now() - start;
     assert!(
         took >= Duration::from_millis(4500) && took < Duration::from_secs(5),
@@ -241,7 +242,7 @@ async fn a_stream_that_stalls_longer_than_the_idle_timeout_ends_in_an_error() {
     let res = svc.oneshot(chat(r#"{"stream":true}"#)).await.unwrap();
     let err = res.into_body().collect().await.unwrap_err();
     let elapsed = find::<Elapsed>(&*err).expect("typed timeout");
-    assert_eq!(elapsed.0, tower_llm_lb::timeout::error::Limit::Idle);
+    assert_eq!(elapsed.0, tower_llm_lb::error::Limit::Idle);
 }
 
 #[tokio::test(start_paused = true)]

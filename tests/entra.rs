@@ -12,9 +12,9 @@ use tower::ServiceExt;
 use tower_llm_lb::auth::entra::{
     AzureCli, ChainSource, ClientCredentials, ManagedIdentity, TokenClient,
 };
-use tower_llm_lb::auth::error::TokenUnavailable;
 use tower_llm_lb::auth::{Credential, TokenCache, TokenSource};
 use tower_llm_lb::client::http_client;
+use tower_llm_lb::error::TokenUnavailable;
 use tower_llm_lb::error::find;
 use tower_llm_lb::{Backend, BoxError};
 use tower_llm_lb_mock::{MockServer, MockTokenServer};

@@ -267,7 +267,7 @@ async fn a_fallback_layer_walks_model_variants_over_one_client_and_each_backend_
         .await
         .unwrap_err();
     assert!(
-        tower_llm_lb::error::find::<tower_llm_lb::balance::error::NotServed>(&*err).is_some(),
+        tower_llm_lb::error::find::<tower_llm_lb::error::NotServed>(&*err).is_some(),
         "{err}"
     );
     assert_eq!(small.counters().requests + big.counters().requests, before);

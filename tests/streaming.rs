@@ -84,7 +84,7 @@ async fn a_stream_cut_upstream_ends_in_an_error_not_a_clean_end() {
 
 #[tokio::test]
 async fn a_stream_that_ends_cleanly_without_done_is_still_an_error() {
-    use tower_llm_lb::body::error::StreamInterrupted;
+    use tower_llm_lb::error::StreamInterrupted;
     let (mock, backend) = faulty_stream("o", Fault::EndStreamEarly(2)).await;
     let res = stack(&backend)
         .oneshot(chat(r#"{"stream":true}"#))
@@ -112,7 +112,7 @@ async fn a_stream_that_ends_cleanly_without_done_is_still_an_error() {
 
 #[tokio::test]
 async fn a_broken_stream_names_its_backend() {
-    use tower_llm_lb::body::error::StreamInterrupted;
+    use tower_llm_lb::error::StreamInterrupted;
     let (_mock, backend) = faulty_stream("west", Fault::TruncateStream(2)).await;
     let res = stack(&backend)
         .oneshot(chat(r#"{"stream":true}"#))

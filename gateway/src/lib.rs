@@ -948,7 +948,7 @@ fn error_for(e: &BoxError) -> Response {
             &e.to_string(),
         );
     }
-    if find::<tower_llm_lb::balance::error::NotServed>(&**e).is_some() {
+    if find::<tower_llm_lb::error::NotServed>(&**e).is_some() {
         return error_response(StatusCode::NOT_FOUND, "model_not_found", &e.to_string());
     }
     if let Some(u) = find::<tower_llm_lb::translate::Untranslatable>(&**e) {
@@ -965,7 +965,7 @@ fn error_for(e: &BoxError) -> Response {
             &e.to_string(),
         );
     }
-    if find::<tower_llm_lb::body::error::TooLarge>(&**e).is_some() {
+    if find::<tower_llm_lb::error::TooLarge>(&**e).is_some() {
         return error_response(
             StatusCode::PAYLOAD_TOO_LARGE,
             "request_too_large",

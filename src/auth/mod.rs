@@ -39,7 +39,6 @@
 //! ```
 
 pub mod entra;
-pub mod error;
 
 use std::fmt;
 use std::future::Future;
@@ -54,13 +53,13 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 pub use crate::credential::{
-    BoxFuture, Credential, CredentialKind, DEFAULT_REFRESH_AHEAD, InvalidCredential, Secret, Token,
-    TokenCache, TokenSource, redact,
+    BoxFuture, Credential, CredentialKind, DEFAULT_REFRESH_AHEAD, Secret, Token, TokenCache,
+    TokenSource, redact,
 };
 
 use crate::attempt::InjectedFor;
 use crate::credential::Kind;
-use crate::error::BoxError;
+use crate::error::{self, BoxError};
 
 /// The headers removed from every request before the backend's credential is inserted.
 pub static CALLER_CREDENTIAL_HEADERS: [HeaderName; 6] = [

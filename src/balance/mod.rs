@@ -83,24 +83,7 @@ use crate::rng::Rng;
 pub use strategy::Strategy;
 use strategy::{Avail, Candidate, Tier};
 
-pub mod error {
-    //! Errors of [`Balance`](super::Balance).
-    pub use crate::error::{NotServed, Out, Unavailable};
-
-    use std::fmt;
-
-    /// A balance group could not be built.
-    #[derive(Clone, Debug, PartialEq, Eq)]
-    pub struct InvalidBalance(pub(crate) String);
-
-    impl fmt::Display for InvalidBalance {
-        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            write!(f, "invalid balance group: {}", self.0)
-        }
-    }
-
-    impl std::error::Error for InvalidBalance {}
-}
+use crate::error;
 
 struct Slot<S> {
     backend: Backend,
@@ -401,9 +384,12 @@ impl<S> BalanceBuilder<S> {
     }
 
     /// Validates and builds: at least one backend, unique names.
-    pub fn build(self) -> Result<Balance<S>, error::InvalidBalance> {
+    pub fn build(self) -> Result<Balance<S>, error::InvalidConfig> {
         if let Some(e) = self.error {
-            return Err(error::InvalidBalance(format!("{}: {e}", self.name)));
+            return Err(error::InvalidConfig::new(format!(
+                "invalid balance group: {}: {e}",
+                self.name
+            )));
         }
         check(&self.name, self.slots.iter().map(|s| &s.backend))?;
         Ok(self.assemble())
@@ -453,19 +439,21 @@ impl<S> BalanceBuilder<S> {
 fn check<'a>(
     group: &str,
     backends: impl Iterator<Item = &'a Backend>,
-) -> Result<(), error::InvalidBalance> {
+) -> Result<(), error::InvalidConfig> {
     let mut seen: Vec<&str> = Vec::new();
     for b in backends {
         if seen.contains(&b.name()) {
-            return Err(error::InvalidBalance(format!(
-                "{group}: backend name {:?} used twice",
+            return Err(error::InvalidConfig::new(format!(
+                "invalid balance group: {group}: backend name {:?} used twice",
                 b.name()
             )));
         }
         seen.push(b.name());
     }
     if seen.is_empty() {
-        return Err(error::InvalidBalance(format!("{group}: no backends")));
+        return Err(error::InvalidConfig::new(format!(
+            "invalid balance group: {group}: no backends"
+        )));
     }
     Ok(())
 }
@@ -521,7 +509,7 @@ impl BalanceLayer {
     /// A group over `backends`: at least one, with unique names.
     pub fn try_new(
         backends: impl IntoIterator<Item = Backend>,
-    ) -> Result<Self, error::InvalidBalance> {
+    ) -> Result<Self, error::InvalidConfig> {
         let backends: Arc<[Backend]> = backends.into_iter().collect();
         check("balance", backends.iter())?;
         Ok(BalanceLayer {

@@ -62,7 +62,7 @@
 //! // backend), and the next request is refused without touching the network.
 //! let _ = svc.clone().oneshot(http::Request::post("/v1/chat/completions").body(String::new())?).await;
 //! let err = svc.oneshot(http::Request::post("/v1/chat/completions").body(String::new())?).await.unwrap_err();
-//! assert!(err.is::<tower_llm_lb::circuit_breaker::error::Open>());
+//! assert!(err.is::<tower_llm_lb::error::Open>());
 //! # Ok(()) }
 //! ```
 
@@ -85,31 +85,11 @@ use tower_service::Service;
 use crate::backend::Backend;
 use crate::body::ReplayBody;
 use crate::classify::{Outcome, classify_error_chain};
-use crate::error::BoxError;
+use crate::error::{self, BoxError};
 use crate::rng::Rng;
 use crate::state::Circuit;
 pub use state::Policy;
 use state::{Admit, Machine, Tally, Transition};
-
-pub mod error {
-    //! Errors of [`CircuitBreaker`](super::CircuitBreaker).
-
-    pub use crate::error::Open;
-
-    use std::fmt;
-
-    /// A breaker policy or group setting that cannot be used. Names the field.
-    #[derive(Clone, Debug, PartialEq, Eq)]
-    pub struct InvalidPolicy(pub(crate) String);
-
-    impl fmt::Display for InvalidPolicy {
-        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            write!(f, "invalid circuit breaker policy: {}", self.0)
-        }
-    }
-
-    impl std::error::Error for InvalidPolicy {}
-}
 
 /// How many backends of a group may be ejected at once.
 #[derive(Debug)]
@@ -153,8 +133,10 @@ pub struct BreakerGroup {
 
 impl BreakerGroup {
     /// A group with `policy`; fails on a policy that cannot work (the message names the field).
-    pub fn try_new(policy: Policy) -> Result<Self, error::InvalidPolicy> {
-        policy.validate().map_err(error::InvalidPolicy)?;
+    pub fn try_new(policy: Policy) -> Result<Self, error::InvalidConfig> {
+        policy.validate().map_err(|e| {
+            error::InvalidConfig::new(format!("invalid circuit breaker policy: {e}"))
+        })?;
         Ok(BreakerGroup {
             policy,
             ejections: Arc::new(Ejections {
@@ -168,10 +150,10 @@ impl BreakerGroup {
 
     /// The largest share of the group's backends that may be ejected at once (default 0.5; at
     /// least one backend may always be ejected). Call before [`BreakerGroup::layer_for`].
-    pub fn max_ejection(mut self, share: f64) -> Result<Self, error::InvalidPolicy> {
+    pub fn max_ejection(mut self, share: f64) -> Result<Self, error::InvalidConfig> {
         if !(0.0..=1.0).contains(&share) {
-            return Err(error::InvalidPolicy(
-                "max_ejection: must be in [0, 1]".into(),
+            return Err(error::InvalidConfig::new(
+                "invalid circuit breaker policy: max_ejection: must be in [0, 1]",
             ));
         }
         self.ejections = Arc::new(Ejections {
@@ -701,18 +683,6 @@ impl Default for HealthProbe {
     }
 }
 
-/// The health probe could not be started.
-#[derive(Debug)]
-pub struct ProbeNotStarted(&'static str);
-
-impl fmt::Display for ProbeNotStarted {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "health probe not started: {}", self.0)
-    }
-}
-
-impl std::error::Error for ProbeNotStarted {}
-
 impl<S, ResB> CircuitBreaker<S>
 where
     S: Service<Request<ReplayBody>, Response = Response<ResB>> + Clone + Send + 'static,
@@ -728,18 +698,18 @@ where
     ///
     /// The task holds only a weak reference: it stops when the last clone of this breaker (and
     /// of its layer) is dropped. Replaces a probe started earlier. Needs a tokio runtime.
-    pub fn spawn_health_probe(&self, probe: HealthProbe) -> Result<(), ProbeNotStarted> {
+    pub fn spawn_health_probe(&self, probe: HealthProbe) -> Result<(), error::InvalidConfig> {
         let handle = tokio::runtime::Handle::try_current()
-            .map_err(|_| ProbeNotStarted("no tokio runtime"))?;
+            .map_err(|_| probe_not_started("no tokio runtime"))?;
         let path = match &probe.protocol {
             ProbeProtocol::Http => probe.path.as_str(),
             ProbeProtocol::Grpc { .. } => crate::classify::grpc::HEALTH_CHECK_PATH,
         };
         let uri: http::Uri = path
             .parse()
-            .map_err(|_| ProbeNotStarted("path is not a valid request path"))?;
+            .map_err(|_| probe_not_started("path is not a valid request path"))?;
         let Some(shared) = self.target.one() else {
-            return Err(ProbeNotStarted(
+            return Err(probe_not_started(
                 "a chosen-backend breaker has no one backend to probe: use BreakerGroup::layer_for",
             ));
         };
@@ -851,4 +821,8 @@ where
         tracing::debug!(backend = shared.backend.name(), healthy, "health probe");
         shared.apply(tr);
     }
+}
+
+fn probe_not_started(why: &str) -> error::InvalidConfig {
+    error::InvalidConfig::new(format!("health probe not started: {why}"))
 }

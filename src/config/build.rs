@@ -256,7 +256,7 @@ fn each_once(mut used: Vec<Backend>) -> Vec<Backend> {
 }
 
 /// Sends each request to the target its `model` names (config `models`); a model not listed,
-/// or none, is [`NotServed`](crate::balance::error::NotServed), nothing sent.
+/// or none, is [`NotServed`](crate::error::NotServed), nothing sent.
 struct ModelRouter<B> {
     routes: Arc<BTreeMap<String, BoxTarget<B>>>,
 }
@@ -288,7 +288,7 @@ impl<B: Send + 'static> Service<Request<ReplayBody>> for ModelRouter<B> {
         match model.and_then(|m| self.routes.get(m)) {
             Some(target) => target.clone().call(req),
             None => {
-                let refused = crate::balance::error::NotServed {
+                let refused = crate::error::NotServed {
                     group: Arc::from("models"),
                     model: model.map(str::to_string),
                 };

@@ -7,6 +7,8 @@ use bytes::Bytes;
 use http::HeaderValue;
 use http::header::{AUTHORIZATION, HeaderName};
 
+use crate::error::InvalidConfig;
+
 mod token;
 
 pub use token::{BoxFuture, DEFAULT_REFRESH_AHEAD, Token, TokenCache, TokenSource};
@@ -18,8 +20,8 @@ pub struct Secret(HeaderValue);
 impl Secret {
     /// Wraps `value`. Fails, without echoing the value, if it is empty or has characters not
     /// allowed in a header (control characters, newlines, non-visible bytes).
-    pub fn new(value: &str) -> Result<Secret, InvalidCredential> {
-        Self::with_prefix("", value)
+    pub fn new(value: &str) -> Result<Secret, InvalidConfig> {
+        Ok(Self::with_prefix("", value)?)
     }
 
     /// Like [`Secret::new`] for `prefix` followed by `value` (e.g. `Bearer ` and a token).
@@ -58,9 +60,10 @@ impl fmt::Debug for Secret {
     }
 }
 
-/// A credential could not be built. Says why, never what the secret was.
+/// Why a credential could not be built; never what the secret was. Reaches callers as an
+/// [`InvalidConfig`].
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct InvalidCredential {
+pub(crate) struct InvalidCredential {
     reason: String,
 }
 
@@ -78,13 +81,11 @@ impl InvalidCredential {
     }
 }
 
-impl fmt::Display for InvalidCredential {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "invalid credential: {}", self.reason)
+impl From<InvalidCredential> for InvalidConfig {
+    fn from(e: InvalidCredential) -> Self {
+        InvalidConfig::new(format!("invalid credential: {}", e.reason))
     }
 }
-
-impl std::error::Error for InvalidCredential {}
 
 /// Which header a static secret travels in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -141,7 +142,11 @@ impl Credential {
     }
 
     /// A static secret sent in the header `kind` names.
-    pub fn new(kind: CredentialKind, secret: &str) -> Result<Credential, InvalidCredential> {
+    pub fn new(kind: CredentialKind, secret: &str) -> Result<Credential, InvalidConfig> {
+        Ok(Self::static_secret(kind, secret)?)
+    }
+
+    fn static_secret(kind: CredentialKind, secret: &str) -> Result<Credential, InvalidCredential> {
         let (name, prefix) = match kind {
             CredentialKind::ApiKey => (API_KEY.clone(), ""),
             CredentialKind::Bearer => (AUTHORIZATION, "Bearer "),
@@ -152,28 +157,28 @@ impl Credential {
     }
 
     /// Azure OpenAI `api-key`.
-    pub fn api_key(key: &str) -> Result<Credential, InvalidCredential> {
+    pub fn api_key(key: &str) -> Result<Credential, InvalidConfig> {
         Self::new(CredentialKind::ApiKey, key)
     }
 
     /// `Authorization: Bearer <token>` (OpenAI keys, static tokens).
-    pub fn bearer(token: &str) -> Result<Credential, InvalidCredential> {
+    pub fn bearer(token: &str) -> Result<Credential, InvalidConfig> {
         Self::new(CredentialKind::Bearer, token)
     }
 
     /// Anthropic `x-api-key`.
-    pub fn x_api_key(key: &str) -> Result<Credential, InvalidCredential> {
+    pub fn x_api_key(key: &str) -> Result<Credential, InvalidConfig> {
         Self::new(CredentialKind::XApiKey, key)
     }
 
     /// Any header name with a secret value (an API gateway's subscription key, say).
-    pub fn header(name: HeaderName, secret: &str) -> Result<Credential, InvalidCredential> {
-        let secret = Secret::new(secret).map_err(|e| e.context(name.as_str()))?;
+    pub fn header(name: HeaderName, secret: &str) -> Result<Credential, InvalidConfig> {
+        let secret = Secret::with_prefix("", secret).map_err(|e| e.context(name.as_str()))?;
         Ok(Credential(Kind::Header(name, secret)))
     }
 
     /// A static secret read once, now, from the environment variable `var`.
-    pub fn from_env(kind: CredentialKind, var: &str) -> Result<Credential, InvalidCredential> {
+    pub fn from_env(kind: CredentialKind, var: &str) -> Result<Credential, InvalidConfig> {
         let value = std::env::var(var).map_err(|e| {
             InvalidCredential::new(match e {
                 std::env::VarError::NotPresent => format!("environment variable {var} is not set"),
@@ -182,7 +187,8 @@ impl Credential {
                 }
             })
         })?;
-        Self::new(kind, &value).map_err(|e| e.context(&format!("environment variable {var}")))
+        Ok(Self::static_secret(kind, &value)
+            .map_err(|e| e.context(&format!("environment variable {var}")))?)
     }
 
     /// A refreshable bearer token from `source`, cached and refreshed ahead of expiry (see

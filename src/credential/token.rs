@@ -28,7 +28,8 @@ impl Token {
     /// A bearer token valid for `expires_in` from now (by tokio's clock).
     pub fn bearer(token: &str, expires_in: Duration) -> Result<Token, BoxError> {
         Ok(Token {
-            secret: Secret::with_prefix("Bearer ", token)?,
+            secret: Secret::with_prefix("Bearer ", token)
+                .map_err(crate::error::InvalidConfig::from)?,
             expires_at: Instant::now() + expires_in,
         })
     }

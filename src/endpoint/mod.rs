@@ -51,7 +51,6 @@
 //! # Ok(()) }
 //! ```
 
-pub mod error;
 mod future;
 
 use std::fmt;
@@ -68,7 +67,7 @@ use tower_service::Service;
 use crate::backend::Backend;
 use crate::classify::retry_after::{DEFAULT_MAX_HINT, Hints, WallClock};
 use crate::classify::{Classify, Outcome, Standard};
-use crate::error::{BackendError, BoxError};
+use crate::error::{self, BackendError, BoxError};
 use crate::provider::{ANTHROPIC_VERSION, Provider};
 use crate::rng::Rng;
 use crate::state::BackendState;

@@ -9,9 +9,10 @@ use http::{Request, Response, StatusCode};
 use tower_layer::Layer;
 use tower_service::Service;
 
-use super::{Fallback, InvalidFallback, Overrides, Triggers};
+use super::{Fallback, Overrides, Triggers};
 use crate::body::ReplayBody;
 use crate::error::BoxError;
+use crate::error::InvalidConfig;
 
 /// One variant of a request in a [`FallbackLayer`]: what changes before it goes to the inner
 /// service again.
@@ -151,14 +152,14 @@ impl FallbackLayer {
 
     /// Checks the variants (names, deployments) as [`Layer::layer`] would, which cannot fail:
     /// there a bad variant answers every request with the error instead.
-    pub fn validate(&self) -> Result<(), InvalidFallback> {
+    pub fn validate(&self) -> Result<(), InvalidConfig> {
         let probe = tower::service_fn(|_: Request<ReplayBody>| async {
             Ok::<_, BoxError>(Response::new(()))
         });
         self.build(probe).map(drop)
     }
 
-    fn build<S, ResB>(&self, inner: S) -> Result<Fallback<ResB>, InvalidFallback>
+    fn build<S, ResB>(&self, inner: S) -> Result<Fallback<ResB>, InvalidConfig>
     where
         S: Service<Request<ReplayBody>, Response = Response<ResB>> + Clone + Send + Sync + 'static,
         S::Error: Into<BoxError>,

@@ -30,7 +30,7 @@
 //! **Streams**: a response is returned once its head arrives, so failover happens only before the
 //! first body byte reaches the caller; after that the body streams untouched, and a stream cut
 //! upstream (or ending without its `[DONE]` / `message_stop`) ends in a typed
-//! [`StreamInterrupted`](crate::body::error::StreamInterrupted) body error, never a clean end.
+//! [`StreamInterrupted`](crate::error::StreamInterrupted) body error, never a clean end.
 //! To fail over on an error a provider sends *inside* a 200 stream before any content, opt in
 //! per backend with [`EndpointLayer::hold_stream_start`](crate::endpoint::EndpointLayer::hold_stream_start).
 //!
@@ -78,7 +78,7 @@ use crate::body::ReplayBody;
 use crate::classify::retry_after::set_retry_after;
 use crate::classify::retry_after::{DEFAULT_MAX_HINT, Hints};
 use crate::classify::{Outcome, classify_error_chain};
-use crate::error::{Attempt, BoxError, Exhausted};
+use crate::error::{Attempt, BoxError, Exhausted, InvalidConfig};
 use crate::ready::ReadyCall;
 pub use layer::{FallbackLayer, ResponseBodyOf, Variant};
 pub use rewrite::{NotJson, Overrides};
@@ -220,17 +220,10 @@ impl<ResB> fmt::Debug for Fallback<ResB> {
     }
 }
 
-/// A fallback chain could not be built.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct InvalidFallback(String);
-
-impl fmt::Display for InvalidFallback {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "invalid fallback: {}", self.0)
-    }
+/// The error of a fallback chain that cannot be built.
+fn invalid(message: impl fmt::Display) -> InvalidConfig {
+    InvalidConfig::new(format!("invalid fallback: {message}"))
 }
-
-impl std::error::Error for InvalidFallback {}
 
 /// Builds a [`Fallback`].
 #[must_use]
@@ -348,16 +341,16 @@ impl<ResB: 'static> FallbackBuilder<ResB> {
     }
 
     /// Validates and builds: at least one target, unique target names.
-    pub fn build(self) -> Result<Fallback<ResB>, InvalidFallback> {
+    pub fn build(self) -> Result<Fallback<ResB>, InvalidConfig> {
         if let Some(e) = self.error {
-            return Err(InvalidFallback(format!("{}: {e}", self.name)));
+            return Err(invalid(format!("{}: {e}", self.name)));
         }
         if self.targets.is_empty() {
-            return Err(InvalidFallback(format!("{}: no targets", self.name)));
+            return Err(invalid(format!("{}: no targets", self.name)));
         }
         for (i, t) in self.targets.iter().enumerate() {
             if self.targets[..i].iter().any(|o| o.name == t.name) {
-                return Err(InvalidFallback(format!(
+                return Err(invalid(format!(
                     "{}: target name {:?} used twice",
                     self.name, t.name
                 )));

@@ -27,6 +27,8 @@ use http::HeaderValue;
 use http::header::HeaderName;
 use serde::Deserialize;
 
+use crate::error::InvalidConfig;
+
 /// Which API a backend speaks.
 #[derive(Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -86,18 +88,6 @@ pub(crate) const DEFAULT_ANTHROPIC_VERSION: &str = "2023-06-01";
 #[cfg(feature = "config")]
 pub(crate) const DEFAULT_AZURE_API_VERSION: &str = "2024-10-21";
 
-/// A provider setting that cannot be used.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct InvalidProvider(String);
-
-impl fmt::Display for InvalidProvider {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for InvalidProvider {}
-
 fn is_segment_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')
 }
@@ -109,14 +99,14 @@ pub(crate) fn valid_deployment(deployment: &str) -> bool {
 
 impl Provider {
     /// Azure OpenAI classic: `deployment` and `api_version` must be plain path / query tokens.
-    pub fn azure(deployment: &str, api_version: &str) -> Result<Provider, InvalidProvider> {
+    pub fn azure(deployment: &str, api_version: &str) -> Result<Provider, InvalidConfig> {
         if deployment.is_empty() || !deployment.chars().all(is_segment_char) || deployment == ".." {
-            return Err(InvalidProvider(format!(
+            return Err(InvalidConfig::new(format!(
                 "azure deployment {deployment:?}: must be non-empty letters, digits, '-', '_' or '.'"
             )));
         }
         if api_version.is_empty() || !api_version.chars().all(is_segment_char) {
-            return Err(InvalidProvider(format!(
+            return Err(InvalidConfig::new(format!(
                 "azure api-version {api_version:?}: must be non-empty letters, digits, '-', '_' or '.'"
             )));
         }
@@ -127,12 +117,12 @@ impl Provider {
     }
 
     /// Anthropic with the given `anthropic-version`.
-    pub fn anthropic(version: &str) -> Result<Provider, InvalidProvider> {
+    pub fn anthropic(version: &str) -> Result<Provider, InvalidConfig> {
         let version = HeaderValue::from_str(version)
             .ok()
             .filter(|_| !version.is_empty())
             .ok_or_else(|| {
-                InvalidProvider(format!("anthropic-version {version:?}: not a header value"))
+                InvalidConfig::new(format!("anthropic-version {version:?}: not a header value"))
             })?;
         Ok(Provider::Anthropic { version })
     }

@@ -1,3 +1,0 @@
-//! Errors of [`AuthInject`](super::AuthInject).
-
-pub use crate::error::{CredentialMisplaced, NoBackendChosen, TokenUnavailable};

@@ -1,3 +1,0 @@
-//! Errors of [`Endpoint`](super::Endpoint).
-
-pub use crate::error::{CredentialMisplaced, InvalidTarget, NoBackendChosen};
