@@ -201,21 +201,6 @@ impl<S> BufferRequest<S> {
     pub fn new(inner: S, limit: usize) -> Self {
         BufferRequest { inner, limit }
     }
-
-    /// The inner service.
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-
-    /// The inner service, mutably.
-    pub fn get_mut(&mut self) -> &mut S {
-        &mut self.inner
-    }
-
-    /// Unwraps the inner service.
-    pub fn into_inner(self) -> S {
-        self.inner
-    }
 }
 
 impl<S, B> Service<Request<B>> for BufferRequest<S>

@@ -170,23 +170,6 @@ impl<S> Layer<S> for WatchedTimeoutLayer {
     }
 }
 
-impl<S> AttemptTimeout<S> {
-    /// The inner service.
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-
-    /// The inner service, mutably.
-    pub fn get_mut(&mut self) -> &mut S {
-        &mut self.inner
-    }
-
-    /// Unwraps the inner service.
-    pub fn into_inner(self) -> S {
-        self.inner
-    }
-}
-
 #[derive(Clone, Copy, Debug)]
 struct Deadlines {
     first_byte: Option<Instant>,

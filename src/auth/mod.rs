@@ -189,21 +189,6 @@ impl<S> AuthInject<S> {
             credential: Source::Fixed(Some(credential)),
         }
     }
-
-    /// The inner service.
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-
-    /// The inner service, mutably.
-    pub fn get_mut(&mut self) -> &mut S {
-        &mut self.inner
-    }
-
-    /// Unwraps the inner service.
-    pub fn into_inner(self) -> S {
-        self.inner
-    }
 }
 
 impl<S: fmt::Debug> fmt::Debug for AuthInject<S> {

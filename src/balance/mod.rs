@@ -584,23 +584,6 @@ impl<S: fmt::Debug> fmt::Debug for Pick<S> {
     }
 }
 
-impl<S> Pick<S> {
-    /// The inner service.
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-
-    /// The inner service, mutably.
-    pub fn get_mut(&mut self) -> &mut S {
-        &mut self.inner
-    }
-
-    /// Unwraps the inner service.
-    pub fn into_inner(self) -> S {
-        self.inner
-    }
-}
-
 impl<S, B: 'static> Service<http::Request<B>> for Pick<S>
 where
     S: Service<http::Request<B>>,

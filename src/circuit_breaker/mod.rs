@@ -437,21 +437,6 @@ impl<S> CircuitBreaker<S> {
             .one()
             .map_or(Circuit::Closed, |s| s.backend.state().circuit())
     }
-
-    /// The inner service.
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-
-    /// The inner service, mutably.
-    pub fn get_mut(&mut self) -> &mut S {
-        &mut self.inner
-    }
-
-    /// Unwraps the inner service.
-    pub fn into_inner(self) -> S {
-        self.inner
-    }
 }
 
 impl<S: fmt::Debug> fmt::Debug for CircuitBreaker<S> {

@@ -254,21 +254,6 @@ impl<S> Endpoint<S> {
     pub fn backend(&self) -> Option<&Backend> {
         self.backend.as_ref()
     }
-
-    /// The inner service.
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-
-    /// The inner service, mutably.
-    pub fn get_mut(&mut self) -> &mut S {
-        &mut self.inner
-    }
-
-    /// Unwraps the inner service.
-    pub fn into_inner(self) -> S {
-        self.inner
-    }
 }
 
 impl<S: fmt::Debug> fmt::Debug for Endpoint<S> {

@@ -234,21 +234,6 @@ impl<S> RetryAfter429<S> {
     pub fn new(inner: S) -> Self {
         RetryAfter429Layer::new().layer(inner)
     }
-
-    /// The inner service.
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-
-    /// The inner service, mutably.
-    pub fn get_mut(&mut self) -> &mut S {
-        &mut self.inner
-    }
-
-    /// Unwraps the inner service.
-    pub fn into_inner(self) -> S {
-        self.inner
-    }
 }
 
 impl<S: fmt::Debug> fmt::Debug for RetryAfter429<S> {
