@@ -120,7 +120,7 @@ pub mod translate;
 
 #[doc = include_str!("../README.md")]
 #[cfg(doctest)]
-pub struct ReadmeDoctests;
+struct ReadmeDoctests;
 
 pub use backend::Backend;
 pub use error::BoxError;

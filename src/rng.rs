@@ -25,7 +25,7 @@ impl Rng {
     }
 
     /// A source seeded from the operating system's randomness (via `fastrand`).
-    pub fn from_entropy() -> Self {
+    pub(crate) fn from_entropy() -> Self {
         Self::seeded(fastrand::u64(..))
     }
 

@@ -53,8 +53,7 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 pub use crate::credential::{
-    BoxFuture, Credential, CredentialKind, DEFAULT_REFRESH_AHEAD, Secret, Token, TokenCache,
-    TokenSource, redact,
+    BoxFuture, Credential, CredentialKind, Secret, Token, TokenCache, TokenSource, redact,
 };
 
 use crate::attempt::InjectedFor;

@@ -43,7 +43,7 @@
 //! user request. The task stops when the last clone of the breaker is dropped.
 //!
 //! State changes are `tracing` events (`warn` on open, `info` on half-open and close) and are
-//! observable through [`CircuitBreaker::circuit`] / [`Snapshot::circuit`](crate::Snapshot::circuit).
+//! observable through [`Snapshot::circuit`](crate::Snapshot::circuit).
 //!
 //! ```
 //! use tower::{ServiceBuilder, ServiceExt};
@@ -432,7 +432,7 @@ pub struct CircuitBreaker<S> {
 impl<S> CircuitBreaker<S> {
     /// The backend's circuit now (a chosen-backend breaker, which has one circuit per backend,
     /// says `Closed`: read each backend's [`Snapshot::circuit`](crate::Snapshot::circuit)).
-    pub fn circuit(&self) -> Circuit {
+    pub(crate) fn circuit(&self) -> Circuit {
         self.target
             .one()
             .map_or(Circuit::Closed, |s| s.backend.state().circuit())

@@ -14,7 +14,7 @@
 //! | `anthropic-ratelimit-*-reset` | RFC 3339 timestamp | `parse_rfc3339` |
 //! | `x-ratelimit-remaining-*`, `anthropic-ratelimit-*-remaining` | unsigned integer | `parse_remaining` |
 //!
-//! [`Hints::from_headers`] reads them all at once and [`Hints::wait`] picks the wait the official
+//! [`Hints`] reads them all at once and [`Hints::wait`] picks the wait the official
 //! SDKs would honour, in their order of preference.
 
 use std::fmt;
@@ -24,13 +24,13 @@ use std::time::{Duration, SystemTime};
 use http::{HeaderMap, HeaderValue};
 
 /// The default upper bound for any server hint: 300 s, as Envoy caps `retry-after`.
-pub const DEFAULT_MAX_HINT: Duration = Duration::from_secs(300);
+pub(crate) const DEFAULT_MAX_HINT: Duration = Duration::from_secs(300);
 
 /// The longest wait a hint the stack passes on to a caller asks for: openai-python honours a
 /// hint only up to 120 s (Anthropic's SDK 60 s) and otherwise does not retry at all. A backend
 /// may announce longer; it is then left alone that long (up to [`DEFAULT_MAX_HINT`]) while the
 /// request moves on.
-pub const MAX_PASSED_HINT: Duration = Duration::from_secs(120);
+pub(crate) const MAX_PASSED_HINT: Duration = Duration::from_secs(120);
 
 /// The window of a quota limit sent without a reset (`x-ratelimit-limit-*` is per minute).
 const PER_MINUTE: Duration = Duration::from_secs(60);
@@ -238,7 +238,7 @@ pub(crate) fn parse_remaining(value: &HeaderValue) -> Option<u64> {
 /// `retry-after-ms` (and `grpc-retry-pushback-ms` on a gRPC answer), and removes
 /// `x-ms-retry-after-ms` so no stale hint contradicts them.
 ///
-/// Clamped to [`MAX_PASSED_HINT`]: the official SDKs do not wait on a longer hint at all.
+/// Clamped to 120 s: the official SDKs do not wait on a longer hint at all.
 pub fn set_retry_after(headers: &mut HeaderMap, wait: Duration) {
     let wait = wait.min(MAX_PASSED_HINT);
     let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
@@ -300,7 +300,7 @@ const ANTHROPIC: [(bool, &str, &str); 4] = [
 
 impl Hints {
     /// Reads every hint a response carries. `cap` bounds each duration.
-    pub fn from_headers(headers: &HeaderMap, now: SystemTime, cap: Duration) -> Hints {
+    pub(crate) fn from_headers(headers: &HeaderMap, now: SystemTime, cap: Duration) -> Hints {
         Hints::from_headers_at(headers, || now, cap)
     }
 

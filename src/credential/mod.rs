@@ -11,7 +11,7 @@ use crate::error::InvalidConfig;
 
 mod token;
 
-pub use token::{BoxFuture, DEFAULT_REFRESH_AHEAD, Token, TokenCache, TokenSource};
+pub use token::{BoxFuture, Token, TokenCache, TokenSource};
 
 /// A secret header value: marked sensitive (so HTTP/2 never indexes it), and redacted in `Debug`.
 #[derive(Clone, PartialEq, Eq)]

@@ -90,11 +90,11 @@ struct Failure {
 }
 
 /// Default time before expiry at which a token is refreshed (as `azure_identity` does).
-pub const DEFAULT_REFRESH_AHEAD: Duration = Duration::from_secs(300);
+pub(crate) const DEFAULT_REFRESH_AHEAD: Duration = Duration::from_secs(300);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 impl TokenCache {
-    /// A cache in front of `source`, refreshing [`DEFAULT_REFRESH_AHEAD`] before expiry.
+    /// A cache in front of `source`, refreshing five minutes before expiry.
     pub fn new(source: Arc<dyn TokenSource>) -> TokenCache {
         Self::with_refresh_ahead(source, DEFAULT_REFRESH_AHEAD)
     }
@@ -115,7 +115,7 @@ impl TokenCache {
 
     /// Forgets the cached token (a backend rejected it: revoked, or its role changed), so the
     /// next request fetches a new one.
-    pub fn invalidate(&self) {
+    pub(crate) fn invalidate(&self) {
         self.inner.current.store(None);
     }
 
