@@ -299,7 +299,9 @@ const ANTHROPIC: [(bool, &str, &str); 4] = [
 ];
 
 impl Hints {
-    /// Reads every hint a response carries. `cap` bounds each duration.
+    /// Reads every hint a response carries. `cap` bounds each duration. (Tests and fuzzing;
+    /// the layers read the clock only when a hint is a date, with [`Hints::from_headers_at`].)
+    #[cfg(any(test, feature = "fuzzing"))]
     pub(crate) fn from_headers(headers: &HeaderMap, now: SystemTime, cap: Duration) -> Hints {
         Hints::from_headers_at(headers, || now, cap)
     }
