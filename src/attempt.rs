@@ -97,8 +97,8 @@ impl Chosen {
 /// A request extension: what the request is estimated to cost of a backend's token quota
 /// (prompt and `max_tokens`, see [`provider::estimate_tokens`](crate::provider::estimate_tokens)).
 /// With it, `Balance` paces a backend whose answers tell its token quota by tokens as well as
-/// by requests. The gateway sets it; set it yourself (or use
-/// [`BufferRequest`](crate::body::BufferRequest), which does) when calling the layers directly.
+/// by requests. Without it, `Balance` estimates the cost of a
+/// [`ReplayBody`](crate::body::ReplayBody) request itself; set it where you know better.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TokenCost(pub u32);
 

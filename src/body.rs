@@ -344,10 +344,7 @@ where
                     let Some((mut inner, parts)) = pending.take() else {
                         return Poll::Ready(Err("polled after completion".into()));
                     };
-                    let mut req = Request::from_parts(parts, ReplayBody::new(acc.take()));
-                    // What the request costs of a token quota, for `Balance`'s pacing.
-                    let cost = crate::provider::estimate_tokens(req.body().bytes());
-                    req.extensions_mut().insert(crate::attempt::TokenCost(cost));
+                    let req = Request::from_parts(parts, ReplayBody::new(acc.take()));
                     let fut = inner.call(req);
                     this.state.set(BufferState::Call { fut });
                 }

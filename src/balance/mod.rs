@@ -280,6 +280,17 @@ impl<S> Balance<S> {
 
 /// The `model` a request's body names, when the body is a [`ReplayBody`](crate::body::ReplayBody)
 /// (what every stack of this crate carries) holding JSON.
+/// What the request costs of a token quota: its [`TokenCost`] if it carries one, else the
+/// estimate from its body when that is a [`ReplayBody`](crate::body::ReplayBody), else 0.
+fn token_cost<B: 'static>(req: &http::Request<B>) -> u32 {
+    if let Some(cost) = req.extensions().get::<TokenCost>() {
+        return cost.0;
+    }
+    let body: &dyn std::any::Any = req.body();
+    body.downcast_ref::<crate::body::ReplayBody>()
+        .map_or(0, |b| crate::provider::estimate_tokens(b.bytes()))
+}
+
 fn request_model<B: 'static>(req: &http::Request<B>) -> Option<&str> {
     let body: &dyn std::any::Any = req.body();
     let body = body.downcast_ref::<crate::body::ReplayBody>()?;
@@ -717,7 +728,7 @@ impl<S> Balance<S> {
         let (tried, strict) = steer.map_or((&[][..], false), |s| (&s.tried[..], s.elsewhere));
         let refuse = |earliest| -> BoxError {
             let budget = steer.and_then(|s| s.wait_budget);
-            let cost = req.extensions().get::<TokenCost>().map_or(0, |c| c.0);
+            let cost = token_cost(req);
             self.refuse(now, earliest, budget, cost).into()
         };
         // Which backends may take it: those serving its model, among those a fallback variant
@@ -749,9 +760,9 @@ impl<S> Balance<S> {
 
     /// Counts the request against the picked backend's quota and pace, and notes the pick.
     #[inline]
-    fn admit<B>(&self, i: usize, req: &mut http::Request<B>, now: Instant) {
+    fn admit<B: 'static>(&self, i: usize, req: &mut http::Request<B>, now: Instant) {
         let slot = &self.shared.slots[i];
-        let cost = req.extensions().get::<TokenCost>().map_or(0, |c| c.0);
+        let cost = token_cost(req);
         slot.backend.state().admit_cost(now, cost);
         crate::attempt::Picked::note(req, &slot.backend);
         if slot.group {
