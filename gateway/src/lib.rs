@@ -76,6 +76,67 @@ use tower_llm_lb::retry::Attempts;
 use tower_llm_lb::stack::{LlmBody, LlmService};
 use tower_llm_lb::state::Circuit;
 
+/// The layers around every route, as [`Gateway::router`] and [`Gateway::serve`] apply them
+/// (a macro: the closures make the stack's type unnameable). tower-http's: the caller's
+/// credential headers marked sensitive (never logged), an `x-request-id` set when the caller
+/// sent none (a UUID), passed to the backend on every attempt and echoed in the answer, a
+/// `tracing` span per request carrying it (`debug`), the body limit, and a panic turned into a
+/// `500` JSON error.
+macro_rules! front_layers {
+    ($limit:expr) => {{
+        use tower_http::request_id::{PropagateRequestIdLayer, SetRequestIdLayer};
+        let limit: usize = $limit;
+        tower::ServiceBuilder::new()
+            .layer(
+                tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer::new([
+                    http::header::AUTHORIZATION,
+                    http::HeaderName::from_static("api-key"),
+                    http::HeaderName::from_static("x-api-key"),
+                ]),
+            )
+            .layer(SetRequestIdLayer::x_request_id(FastRequestId))
+            .layer(
+                tower_http::trace::TraceLayer::new_for_http().make_span_with(
+                    |req: &http::Request<_>| {
+                        let id = req
+                            .headers()
+                            .get(&X_REQUEST_ID)
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("-");
+                        tracing::debug_span!("request", method = %req.method(), path = req.uri().path(), request_id = id)
+                    },
+                ),
+            )
+            .layer(PropagateRequestIdLayer::x_request_id())
+            .layer(tower_http::catch_panic::CatchPanicLayer::custom(panicked))
+            // The limit's own 413 is plain text: OpenAI SDKs parse error bodies as JSON.
+            .map_response(move |res: http::Response<_>| {
+                let json = res
+                    .headers()
+                    .get(http::header::CONTENT_TYPE)
+                    .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+                if res.status() == StatusCode::PAYLOAD_TOO_LARGE && !json {
+                    return error_response(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "request_too_large",
+                        &format!("request body larger than {limit} bytes"),
+                    );
+                }
+                res.map(Body::new)
+            })
+            .layer(tower_http::limit::RequestBodyLimitLayer::new(limit))
+    }};
+}
+
+/// The answer to a request whose handling panicked.
+fn panicked(_: Box<dyn std::any::Any + Send>) -> Response {
+    error_response(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal_error",
+        "the gateway failed on this request",
+    )
+}
+
 /// What the gateway serves. Clones share it: [`Gateway::replace`] on one changes what all serve
 /// (a config reload), while requests already under way finish on what they started with.
 #[derive(Clone)]
@@ -303,56 +364,12 @@ impl Gateway {
     /// passed to the backend on every attempt and echoed in the answer, a `tracing` span per
     /// request carrying it, the body limit, and a panic turned into a `500` JSON error.
     pub fn router(self) -> Router {
-        use tower_http::request_id::{PropagateRequestIdLayer, SetRequestIdLayer};
-        let sensitive = [
-            http::header::AUTHORIZATION,
-            http::HeaderName::from_static("api-key"),
-            http::HeaderName::from_static("x-api-key"),
-        ];
         let limit = self.body_limit;
-        let layers = tower::ServiceBuilder::new()
-            .layer(tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer::new(
-                sensitive,
-            ))
-            .layer(SetRequestIdLayer::x_request_id(FastRequestId))
-            .layer(
-                tower_http::trace::TraceLayer::new_for_http().make_span_with(
-                    |req: &Request| {
-                        let id = req
-                            .headers()
-                            .get(&X_REQUEST_ID)
-                            .and_then(|v| v.to_str().ok())
-                            .unwrap_or("-");
-                        tracing::debug_span!("request", method = %req.method(), path = req.uri().path(), request_id = id)
-                    },
-                ),
-            )
-            .layer(PropagateRequestIdLayer::x_request_id())
-            .layer(tower_http::catch_panic::CatchPanicLayer::custom(
-                |_: Box<dyn std::any::Any + Send>| {
-                    error_response(
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        "internal_error",
-                        "the gateway failed on this request",
-                    )
-                },
-            ))
-            // The limit's own 413 is plain text: OpenAI SDKs parse error bodies as JSON.
-            .map_response(move |res: http::Response<_>| {
-                let json = res
-                    .headers()
-                    .get(http::header::CONTENT_TYPE)
-                    .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
-                if res.status() == StatusCode::PAYLOAD_TOO_LARGE && !json {
-                    return error_response(
-                        StatusCode::PAYLOAD_TOO_LARGE,
-                        "request_too_large",
-                        &format!("request body larger than {limit} bytes"),
-                    );
-                }
-                res.map(Body::new)
-            })
-            .layer(tower_http::limit::RequestBodyLimitLayer::new(self.body_limit));
+        self.routes().layer(front_layers!(limit))
+    }
+
+    /// The routes, without the layers around them.
+    fn routes(self) -> Router {
         Router::new()
             .route("/v1/chat/completions", post(forward))
             .route("/v1/completions", post(forward))
@@ -365,7 +382,6 @@ impl Gateway {
             .route("/", get(live_page))
             .route("/ui", get(live_page))
             .with_state(self)
-            .layer(layers)
     }
 
     /// Serves on `listener` until `shutdown` resolves; then `/health` answers `503`
@@ -373,30 +389,115 @@ impl Gateway {
     /// (a new connection is refused), idle connections are closed, and the requests and streams
     /// in flight finish; it returns when the last one has. Bound the wait yourself (the binary
     /// stops waiting after `gateway.shutdown_grace_ms`).
+    ///
+    /// Each connection is served by hyper (HTTP/1.1 and HTTP/2) inside the same layers as
+    /// [`Gateway::router`]; the forwarded routes (`POST /v1/chat/completions`,
+    /// `/v1/completions`, `/v1/embeddings`, `/v1/messages`) go straight to the stack, the
+    /// others through the router.
     pub async fn serve(
         self,
         listener: tokio::net::TcpListener,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
+        use hyper_util::rt::{TokioExecutor, TokioIo};
         let draining = self.draining.clone();
-        let shutdown = async move {
-            shutdown.await;
-            draining.store(true, std::sync::atomic::Ordering::Release);
-        };
-        use axum::serve::ListenerExt;
-        let app = self
-            .router()
-            .into_make_service_with_connect_info::<SocketAddr>();
-        // Nagle's algorithm would hold a response's body behind its head until the client's
-        // delayed ACK (40 ms on Linux): every answer would pay it.
-        let listener = listener.tap_io(|tcp| {
+        let limit = self.body_limit;
+        let routes = self.clone().routes();
+        let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+        let mut shutdown = std::pin::pin!(shutdown);
+        loop {
+            let (tcp, peer) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(e) => {
+                        accept_failed(e).await;
+                        continue;
+                    }
+                },
+                () = &mut shutdown => break,
+            };
+            // Nagle's algorithm would hold a response's body behind its head until the client's
+            // delayed ACK (40 ms on Linux): every answer would pay it.
             if let Err(e) = tcp.set_nodelay(true) {
                 tracing::debug!(error = %e, "could not set TCP_NODELAY");
             }
-        });
-        axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown)
-            .await
+            let front = front_layers!(limit).service(Front {
+                gw: self.clone(),
+                routes: routes.clone(),
+                peer,
+            });
+            let conn = builder
+                .serve_connection_with_upgrades(
+                    TokioIo::new(tcp),
+                    hyper_util::service::TowerToHyperService::new(front),
+                )
+                .into_owned();
+            let conn = graceful.watch(conn);
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                }
+            });
+        }
+        draining.store(true, std::sync::atomic::Ordering::Release);
+        drop(listener);
+        graceful.shutdown().await;
+        Ok(())
+    }
+}
+
+/// An accept that failed: a connection that went away before it was taken is nothing; anything
+/// else (out of file descriptors, say) is logged and waited out for a second, as axum does.
+async fn accept_failed(e: std::io::Error) {
+    use std::io::ErrorKind::{ConnectionAborted, ConnectionRefused, ConnectionReset};
+    if matches!(
+        e.kind(),
+        ConnectionAborted | ConnectionRefused | ConnectionReset
+    ) {
+        return;
+    }
+    tracing::error!(error = %e, "accepting a connection failed; retrying in 1 s");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+}
+
+/// What [`Gateway::serve`] runs for each connection, inside the layers: the forwarded routes go
+/// to the stack directly (no route matching, no per-route boxing, no extractors), the others
+/// to the router.
+#[derive(Clone)]
+struct Front {
+    gw: Gateway,
+    routes: Router,
+    peer: SocketAddr,
+}
+
+impl<B> tower::Service<http::Request<B>> for Front
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    type Response = Response;
+    type Error = std::convert::Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
+        let forwarded = req.method() == http::Method::POST
+            && matches!(
+                req.uri().path(),
+                "/v1/chat/completions" | "/v1/completions" | "/v1/embeddings" | "/v1/messages"
+            );
+        if forwarded {
+            let gw = self.gw.clone();
+            let peer = self.peer;
+            return Box::pin(async move { Ok(forward_from(gw, Some(peer), req).await) });
+        }
+        req.extensions_mut().insert(ConnectInfo(self.peer));
+        let routes = self.routes.clone();
+        Box::pin(routes.oneshot(req))
     }
 }
 
@@ -567,6 +668,16 @@ fn peer_of(req: &Request) -> Option<SocketAddr> {
 
 /// Forwards a request and counts its answer in the metrics.
 async fn forward(State(gw): State<Gateway>, req: Request) -> Response {
+    let peer = peer_of(&req);
+    forward_from(gw, peer, req).await
+}
+
+/// [`forward`] for a request from `peer` with any body.
+async fn forward_from<B>(gw: Gateway, peer: Option<SocketAddr>, req: http::Request<B>) -> Response
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
     let started = Instant::now();
     let route = metrics::route_label(req.uri().path());
     let anthropic_caller = req.uri().path() == "/v1/messages";
@@ -575,7 +686,7 @@ async fn forward(State(gw): State<Gateway>, req: Request) -> Response {
     let method = req.method().clone();
     // What this request starts with it finishes with, whatever a reload does meanwhile.
     let live = gw.live.load_full();
-    let (client, mut res) = match admit(&live, req.headers(), peer_of(&req)) {
+    let (client, mut res) = match admit(&live, req.headers(), peer) {
         Ok(client) => (client, forward_counted(&gw, live, client, req).await),
         Err(refused) => ("refused", refused.response()),
     };
@@ -653,15 +764,23 @@ async fn metrics_text(State(gw): State<Gateway>, req: Request) -> Response {
         .into_response()
 }
 
-async fn forward_counted(
+async fn forward_counted<B>(
     gw: &Gateway,
     live: Arc<Live>,
     client: &'static str,
-    req: Request,
-) -> Response {
+    req: http::Request<B>,
+) -> Response
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    use http_body_util::BodyExt;
     let (parts, body) = req.into_parts();
-    let bytes = match axum::body::to_bytes(body, gw.body_limit).await {
-        Ok(b) => b,
+    let bytes = match http_body_util::Limited::new(body, gw.body_limit)
+        .collect()
+        .await
+    {
+        Ok(b) => b.to_bytes(),
         Err(_) => {
             return error_response(
                 StatusCode::PAYLOAD_TOO_LARGE,
@@ -681,11 +800,8 @@ async fn forward_counted(
         bytes = Bytes::from(asked);
         strip_usage = true;
     }
-    let cost = tower_llm_lb::provider::estimate_tokens(&bytes);
     let model = gw.metrics.model_label(&live, &bytes);
     let mut out = http::Request::new(ReplayBody::new(bytes));
-    out.extensions_mut()
-        .insert(tower_llm_lb::balance::TokenCost(cost));
     *out.method_mut() = parts.method;
     *out.uri_mut() = parts
         .uri
