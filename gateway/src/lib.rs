@@ -499,12 +499,13 @@ where
                 path = req.uri().path(),
                 request_id = id.to_str().unwrap_or("-")
             );
-            let answer =
-                std::panic::AssertUnwindSafe(forward_from(self.gw.clone(), Some(self.peer), req))
-                    .catch_unwind();
+            let (gw, peer) = (self.gw.clone(), self.peer);
+            // The answer's future is made inside the boxed one: it is large, and each move of
+            // it is a copy.
             return Box::pin(
                 async move {
-                    let mut res = answer.await.unwrap_or_else(panicked);
+                    let answer = std::panic::AssertUnwindSafe(forward_from(gw, Some(peer), req));
+                    let mut res = answer.catch_unwind().await.unwrap_or_else(panicked);
                     if let http::header::Entry::Vacant(e) = res.headers_mut().entry(X_REQUEST_ID) {
                         e.insert(id);
                     }
@@ -709,7 +710,7 @@ where
         Err(refused) => ("refused", refused.response()),
     };
     if anthropic_caller && res.status().as_u16() >= 400 {
-        res = anthropic_shaped(res).await;
+        res = Box::pin(anthropic_shaped(res)).await;
     }
     if let Some(route) = route {
         gw.metrics
@@ -821,11 +822,16 @@ where
     let model = gw.metrics.model_label(&live, &bytes);
     let mut out = http::Request::new(ReplayBody::new(bytes));
     *out.method_mut() = parts.method;
-    *out.uri_mut() = parts
-        .uri
-        .path_and_query()
-        .and_then(|p| p.as_str().parse().ok())
-        .unwrap_or_else(|| http::Uri::from_static("/"));
+    // The path and query only (a request in absolute form names the gateway's own host).
+    *out.uri_mut() = if parts.uri.scheme().is_none() && parts.uri.authority().is_none() {
+        parts.uri
+    } else {
+        parts
+            .uri
+            .path_and_query()
+            .and_then(|p| p.as_str().parse().ok())
+            .unwrap_or_else(|| http::Uri::from_static("/"))
+    };
     let mut headers = parts.headers;
     for h in &HOP_BY_HOP {
         headers.remove(h);
@@ -847,7 +853,8 @@ where
     match answer {
         Ok(res) => {
             if res.status().as_u16() >= 400 {
-                return shaped_error(res, &live.backends).await;
+                // Boxed: a rare path, and its state would make every request's future larger.
+                return Box::pin(shaped_error(res, &live.backends)).await;
             }
             let usage = metrics::UsageWatch::new(gw.metrics.clone(), &res, model, client);
             into_axum(res, usage, strip_usage, anthropic_caller)

@@ -359,6 +359,9 @@ pub(crate) struct UsageWatch {
     backend: Name,
     model: Name,
     client: &'static str,
+    /// The answer's first chunk while it is the only one (most non-streamed answers come in
+    /// one): kept by reference count, not copied.
+    only: Option<bytes::Bytes>,
     head: Vec<u8>,
     tail: Vec<u8>,
 }
@@ -380,12 +383,24 @@ impl UsageWatch {
             backend: Name(served.backend.name_arc().clone()),
             model,
             client,
+            only: None,
             head: Vec::new(),
             tail: Vec::new(),
         })
     }
 
-    pub(crate) fn feed(&mut self, data: &[u8]) {
+    pub(crate) fn feed(&mut self, data: &bytes::Bytes) {
+        if self.only.is_none() && self.head.is_empty() {
+            self.only = Some(data.clone());
+            return;
+        }
+        if let Some(first) = self.only.take() {
+            self.copy(&first);
+        }
+        self.copy(data);
+    }
+
+    fn copy(&mut self, data: &[u8]) {
         if self.head.len() < HEAD {
             let n = (HEAD - self.head.len()).min(data.len());
             self.head.extend_from_slice(&data[..n]);
@@ -402,8 +417,14 @@ impl UsageWatch {
     }
 
     pub(crate) fn finish(self) {
-        let Some((prompt, completion)) = tower_llm_lb::provider::usage_of(&self.head, &self.tail)
-        else {
+        let usage = match &self.only {
+            Some(only) => tower_llm_lb::provider::usage_of(
+                &only[..only.len().min(HEAD)],
+                &only[only.len().saturating_sub(TAIL)..],
+            ),
+            None => tower_llm_lb::provider::usage_of(&self.head, &self.tail),
+        };
+        let Some((prompt, completion)) = usage else {
             return;
         };
         {
