@@ -313,15 +313,31 @@ mod tests {
 /// answer may take (`max_tokens`, `max_completion_tokens` or `max_output_tokens`; 16 when none
 /// is given). A cheap scan of the JSON, never a parse.
 pub fn estimate_tokens(body: &[u8]) -> u32 {
+    // One scan for the three keys (a finder per key and call cost more than the scan).
+    static MAX: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+        std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\"max_"));
+    const KEYS: [&[u8]; 3] = [
+        b"\"max_tokens\"",
+        b"\"max_completion_tokens\"",
+        b"\"max_output_tokens\"",
+    ];
     let prompt = body.len() / 4;
-    let answer = [
-        "\"max_tokens\"",
-        "\"max_completion_tokens\"",
-        "\"max_output_tokens\"",
-    ]
-    .iter()
-    .find_map(|key| number_after(body, key.as_bytes()))
-    .unwrap_or(16);
+    // The value at each key's first occurrence; the first key that has a number decides.
+    let mut first: [Option<Option<usize>>; 3] = [None; 3];
+    let mut from = 0;
+    while let Some(pos) = MAX.find(&body[from..]) {
+        let at = from + pos;
+        if let Some(i) = KEYS.iter().position(|k| body[at..].starts_with(k))
+            && first[i].is_none()
+        {
+            first[i] = Some(number_at(&body[at + KEYS[i].len()..]));
+            if matches!(first[0], Some(Some(_))) {
+                break;
+            }
+        }
+        from = at + 1;
+    }
+    let answer = first.iter().find_map(|f| f.flatten()).unwrap_or(16);
     u32::try_from(prompt.saturating_add(answer)).unwrap_or(u32::MAX)
 }
 
@@ -329,9 +345,11 @@ pub fn estimate_tokens(body: &[u8]) -> u32 {
 /// (no parse): the string after the first `"model":` in the body. `None` without one, or when
 /// the value is not a plain string (escapes are not decoded).
 pub fn model_of(body: &[u8]) -> Option<&str> {
+    static MODEL: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+        std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\"model\""));
     let key = b"\"model\"";
     let mut from = 0;
-    while let Some(pos) = memchr::memmem::find(&body[from..], key) {
+    while let Some(pos) = MODEL.find(&body[from..]) {
         let at = from + pos + key.len();
         from = at;
         let rest = &body[at..];
@@ -419,7 +437,11 @@ pub fn usage_of(head: &[u8], tail: &[u8]) -> Option<(u64, u64)> {
 /// The unsigned number after `"key":` in `json`, if there is one.
 fn number_after(json: &[u8], key: &[u8]) -> Option<usize> {
     let at = memchr::memmem::find(json, key)? + key.len();
-    let rest = &json[at..];
+    number_at(&json[at..])
+}
+
+/// The unsigned number after `:` at the start of `rest` (after a key), if there is one.
+fn number_at(rest: &[u8]) -> Option<usize> {
     let rest = &rest[rest.iter().position(|b| !b.is_ascii_whitespace())?..];
     let rest = rest.strip_prefix(b":")?;
     let start = rest.iter().position(|b| !b.is_ascii_whitespace())?;
