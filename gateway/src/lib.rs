@@ -76,6 +76,33 @@ use tower_llm_lb::retry::Attempts;
 use tower_llm_lb::stack::{LlmBody, LlmService};
 use tower_llm_lb::state::Circuit;
 
+/// What [`Gateway::serve`] allows a client, so slow or idle clients cannot hold the process's
+/// connections (config `gateway.client_header_timeout_ms`, `client_body_timeout_ms`,
+/// `max_connections`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClientLimits {
+    /// The time to send a request's head; a kept-alive connection waiting for its next request
+    /// is closed after as long (hyper starts the head's timer when the connection waits).
+    /// Default 30 s, hyper's.
+    pub header_timeout: Duration,
+    /// The longest pause between a request body's bytes: then `408` and the connection closes.
+    /// Default 30 s.
+    pub body_timeout: Duration,
+    /// Connections served at once; more wait in the listen queue until one closes. Default
+    /// 4 096.
+    pub max_connections: usize,
+}
+
+impl Default for ClientLimits {
+    fn default() -> Self {
+        ClientLimits {
+            header_timeout: Duration::from_secs(30),
+            body_timeout: Duration::from_secs(30),
+            max_connections: 4096,
+        }
+    }
+}
+
 /// The answer to a request whose handling panicked.
 fn panicked(_: Box<dyn std::any::Any + Send>) -> Response {
     error_response(
@@ -91,6 +118,7 @@ fn panicked(_: Box<dyn std::any::Any + Send>) -> Response {
 pub struct Gateway {
     live: Arc<arc_swap::ArcSwap<Live>>,
     body_limit: usize,
+    limits: ClientLimits,
     stream_usage: bool,
     // Shared by every clone, so a reload can swap it.
     shared: Arc<arc_swap::ArcSwapOption<tower_llm_lb::shared::SharedState>>,
@@ -197,6 +225,7 @@ impl Gateway {
             metrics: Arc::new(metrics::Metrics::new(live.clone())),
             live,
             body_limit: tower_llm_lb::body::DEFAULT_BODY_LIMIT,
+            limits: ClientLimits::default(),
             stream_usage: false,
             shared: Default::default(),
             draining: Default::default(),
@@ -221,7 +250,24 @@ impl Gateway {
     /// [`Gateway::model_aliases`] does.
     pub fn configured(self, config: &tower_llm_lb::config::Config) -> Result<Self, String> {
         let g = config.gateway().cloned().unwrap_or_default();
-        self.stream_usage(g.stream_usage.unwrap_or(false))
+        let d = ClientLimits::default();
+        let ms = |v: Option<u64>, default: Duration| v.map_or(default, Duration::from_millis);
+        let limits = ClientLimits {
+            header_timeout: ms(g.client_header_timeout_ms, d.header_timeout),
+            body_timeout: ms(g.client_body_timeout_ms, d.body_timeout),
+            max_connections: g.max_connections.unwrap_or(d.max_connections),
+        };
+        if limits.header_timeout.is_zero() || limits.body_timeout.is_zero() {
+            return Err(
+                "gateway.client_header_timeout_ms and client_body_timeout_ms must be above 0"
+                    .into(),
+            );
+        }
+        if limits.max_connections == 0 {
+            return Err("gateway.max_connections must be at least 1".into());
+        }
+        self.client_limits(limits)
+            .stream_usage(g.stream_usage.unwrap_or(false))
             .served_models(config.models().map(String::from).collect())
             .model_aliases(g.model_aliases)
     }
@@ -301,6 +347,12 @@ impl Gateway {
     /// The largest request body accepted (default 32 MiB).
     pub fn body_limit(mut self, limit: usize) -> Self {
         self.body_limit = limit;
+        self
+    }
+
+    /// What [`Gateway::serve`] allows a client (see [`ClientLimits`]).
+    pub fn client_limits(mut self, limits: ClientLimits) -> Self {
+        self.limits = limits;
         self
     }
 
@@ -386,10 +438,27 @@ impl Gateway {
         use hyper_util::rt::{TokioExecutor, TokioIo};
         let draining = self.draining.clone();
         let routes = self.clone().router();
-        let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        let limits = self.limits;
+        let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(limits.header_timeout);
+        let builder = Arc::new(builder);
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+        // Tells connections still waiting for their first byte that shutdown began.
+        let (stopping, stop) = tokio::sync::watch::channel(false);
+        let connections = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
         let mut shutdown = std::pin::pin!(shutdown);
         loop {
+            // At the limit, wait for a connection to close before accepting the next.
+            let permit = tokio::select! {
+                permit = connections.clone().acquire_owned() => match permit {
+                    Ok(permit) => permit,
+                    Err(_) => break,
+                },
+                () = &mut shutdown => break,
+            };
             let (tcp, peer) = tokio::select! {
                 accepted = listener.accept() => match accepted {
                     Ok(accepted) => accepted,
@@ -410,19 +479,31 @@ impl Gateway {
                 routes: routes.clone(),
                 peer,
             };
-            let conn = builder
-                .serve_connection_with_upgrades(
+            let (builder, watcher, mut stop) = (builder.clone(), graceful.watcher(), stop.clone());
+            tokio::spawn(async move {
+                // A client that connects and sends nothing is closed after the head timeout too
+                // (hyper's own timer starts once the connection reads a request, after the
+                // first bytes tell HTTP/1 from HTTP/2).
+                let mut byte = [0u8; 1];
+                tokio::select! {
+                    first = tokio::time::timeout(limits.header_timeout, tcp.peek(&mut byte)) => {
+                        if !matches!(first, Ok(Ok(1))) {
+                            return;
+                        }
+                    }
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+                let conn = builder.serve_connection_with_upgrades(
                     TokioIo::new(tcp),
                     hyper_util::service::TowerToHyperService::new(front),
-                )
-                .into_owned();
-            let conn = graceful.watch(conn);
-            tokio::spawn(async move {
-                if let Err(e) = conn.await {
+                );
+                if let Err(e) = watcher.watch(conn).await {
                     tracing::debug!(error = %e, "connection ended with an error");
                 }
+                drop(permit);
             });
         }
+        let _ = stopping.send(true);
         draining.store(true, std::sync::atomic::Ordering::Release);
         drop(listener);
         graceful.shutdown().await;
@@ -783,6 +864,54 @@ async fn metrics_text(State(gw): State<Gateway>, req: Request) -> Response {
         .into_response()
 }
 
+enum ReadError {
+    TooLarge,
+    Stalled,
+}
+
+/// The whole request body, up to `limit` bytes, with at most `idle` between its frames. A body
+/// that fails to read counts as too large, as before (the caller went away or sent garbage).
+async fn read_body<B>(body: B, limit: usize, idle: Duration) -> Result<Bytes, ReadError>
+where
+    B: http_body::Body<Data = Bytes>,
+{
+    use http_body_util::BodyExt;
+    let mut body = std::pin::pin!(body);
+    // Most bodies come in one frame: kept as it is; more are joined.
+    let mut first: Option<Bytes> = None;
+    let mut joined: Option<bytes::BytesMut> = None;
+    let mut len = 0usize;
+    loop {
+        let frame = match tokio::time::timeout(idle, body.frame()).await {
+            Err(_) => return Err(ReadError::Stalled),
+            Ok(None) => break,
+            Ok(Some(Err(_))) => return Err(ReadError::TooLarge),
+            Ok(Some(Ok(frame))) => frame,
+        };
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        len += data.len();
+        if len > limit {
+            return Err(ReadError::TooLarge);
+        }
+        match (&mut first, &mut joined) {
+            (None, None) => first = Some(data),
+            (_, Some(all)) => all.extend_from_slice(&data),
+            (Some(one), None) => {
+                let mut all = bytes::BytesMut::with_capacity(one.len() + data.len());
+                all.extend_from_slice(one);
+                all.extend_from_slice(&data);
+                joined = Some(all);
+            }
+        }
+    }
+    Ok(match joined {
+        Some(all) => all.freeze(),
+        None => first.unwrap_or_default(),
+    })
+}
+
 async fn forward_counted<B>(
     gw: &Gateway,
     live: Arc<Live>,
@@ -793,19 +922,28 @@ where
     B: http_body::Body<Data = Bytes>,
     B::Error: Into<BoxError>,
 {
-    use http_body_util::BodyExt;
     let (parts, body) = req.into_parts();
-    let bytes = match http_body_util::Limited::new(body, gw.body_limit)
-        .collect()
-        .await
-    {
-        Ok(b) => b.to_bytes(),
-        Err(_) => {
+    let bytes = match read_body(body, gw.body_limit, gw.limits.body_timeout).await {
+        Ok(b) => b,
+        Err(ReadError::TooLarge) => {
             return error_response(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "request_too_large",
                 &format!("request body larger than {} bytes", gw.body_limit),
             );
+        }
+        Err(ReadError::Stalled) => {
+            let mut res = error_response(
+                StatusCode::REQUEST_TIMEOUT,
+                "request_body_timeout",
+                &format!(
+                    "the request body stalled: no byte for {} ms",
+                    gw.limits.body_timeout.as_millis()
+                ),
+            );
+            res.headers_mut()
+                .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+            return res;
         }
     };
     let anthropic_caller = parts.uri.path() == "/v1/messages";

@@ -6,42 +6,9 @@ mod common;
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 
-use common::serve_config;
+use common::{serve_config, serve_over, write};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tower-llm-lb");
-
-fn write(name: &str, json: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("tower-llm-lb-cli-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(name);
-    std::fs::write(&path, json).unwrap();
-    path
-}
-
-/// The binary serving a config file `file` of one OpenAI-compatible backend, `mock` (key `k1`),
-/// with `gateway` as the config's `gateway` section when not empty; its process and base URL.
-async fn serve_over(
-    file: &str,
-    mock: &tower_llm_lb_mock::MockServer,
-    gateway: &str,
-) -> (std::process::Child, String) {
-    let gateway = if gateway.is_empty() {
-        String::new()
-    } else {
-        format!(r#","gateway":{gateway}"#)
-    };
-    let path = write(
-        file,
-        &format!(
-            r#"{{"backends":{{"{}":{{"provider":"openai","url":"{}/v1","api_key":"k1"}}}}{gateway}}}"#,
-            mock.name(),
-            mock.url()
-        ),
-    );
-    tokio::task::spawn_blocking(move || serve_config(&path))
-        .await
-        .unwrap()
-}
 
 /// A JSON chat request to the gateway at `url`.
 fn chat_post(url: &str, body: &'static str) -> http::Request<http_body_util::Full<bytes::Bytes>> {

@@ -423,6 +423,17 @@ pub struct GatewayConfig {
     /// On SIGTERM or SIGINT, how long requests and streams in flight may take to finish before
     /// the process exits, in ms (default 30 000, Kubernetes' default grace period). Not reloaded.
     pub shutdown_grace_ms: Option<u64>,
+    /// How long a client may take to send a request's head, in ms; a kept-alive connection
+    /// waiting for its next request is closed after as long (default 30 000, hyper's). Stops a
+    /// client that drips header bytes from holding a connection. Not reloaded.
+    pub client_header_timeout_ms: Option<u64>,
+    /// The longest pause between a request body's bytes, in ms: then the answer is `408` and
+    /// the connection is closed (default 30 000). Not reloaded.
+    pub client_body_timeout_ms: Option<u64>,
+    /// Client connections served at once (default 4 096); more wait to be accepted, in the
+    /// listen queue, until one closes. Keep it below the process's file descriptor limit less
+    /// what the backends take (`ulimit -n`). Not reloaded.
+    pub max_connections: Option<usize>,
 }
 
 impl fmt::Debug for GatewayConfig {
@@ -436,6 +447,9 @@ impl fmt::Debug for GatewayConfig {
             .field("model_aliases", &self.model_aliases)
             .field("stream_usage", &self.stream_usage)
             .field("shutdown_grace_ms", &self.shutdown_grace_ms)
+            .field("client_header_timeout_ms", &self.client_header_timeout_ms)
+            .field("client_body_timeout_ms", &self.client_body_timeout_ms)
+            .field("max_connections", &self.max_connections)
             .finish()
     }
 }

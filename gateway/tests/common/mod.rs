@@ -42,3 +42,37 @@ pub fn serve_config(path: &std::path::Path) -> (std::process::Child, String) {
         .to_string();
     (child, url)
 }
+
+/// Writes `json` to a file named `name` in this test process's temporary folder.
+pub fn write(name: &str, json: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("tower-llm-lb-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, json).unwrap();
+    path
+}
+
+/// The binary serving a config file `file` of one OpenAI-compatible backend, `mock` (key `k1`),
+/// with `gateway` as the config's `gateway` section when not empty; its process and base URL.
+pub async fn serve_over(
+    file: &str,
+    mock: &tower_llm_lb_mock::MockServer,
+    gateway: &str,
+) -> (std::process::Child, String) {
+    let gateway = if gateway.is_empty() {
+        String::new()
+    } else {
+        format!(r#","gateway":{gateway}"#)
+    };
+    let path = write(
+        file,
+        &format!(
+            r#"{{"backends":{{"{}":{{"provider":"openai","url":"{}/v1","api_key":"k1"}}}}{gateway}}}"#,
+            mock.name(),
+            mock.url()
+        ),
+    );
+    tokio::task::spawn_blocking(move || serve_config(&path))
+        .await
+        .unwrap()
+}
