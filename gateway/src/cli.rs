@@ -221,14 +221,16 @@ async fn run(args: Serve) -> Result<(), Failure> {
         .await
         .map_err(|e| serve_err(format!("cannot listen on {addr}: {e}").into()))?;
     let bound = listener.local_addr().map_err(|e| serve_err(e.into()))?;
-    tracing::info!(addr = %bound, backends = ?names, client_keys = client_keys.len(), "gateway listening");
-    println!("tower-llm-lb gateway on http://{bound}/v1 over {names:?}");
     let shared = config
         .shared_state(backends.clone())
         .map_err(|e| Failure::Config(e.to_string()))?;
-    let gateway = super::Gateway::new(service, backends, client_keys)
+    let tls = config.gateway().is_some_and(|g| g.tls.is_some());
+    let gateway = super::Gateway::new(service, backends, client_keys.clone())
         .configured(&config)
         .map_err(Failure::Config)?;
+    tracing::info!(addr = %bound, backends = ?names, client_keys = client_keys.len(), tls, "gateway listening");
+    let scheme = if tls { "https" } else { "http" };
+    println!("tower-llm-lb gateway on {scheme}://{bound}/v1 over {names:?}");
     gateway.replace_shared_state(shared);
     // Reload without restart: on SIGHUP, and when the file changes (checked every 2 s).
     let watcher = args.config.clone().filter(|_| !args.mock).map(|path| {

@@ -50,6 +50,7 @@
 pub mod cli;
 mod log;
 mod metrics;
+mod tls;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -119,6 +120,8 @@ pub struct Gateway {
     live: Arc<arc_swap::ArcSwap<Live>>,
     body_limit: usize,
     limits: ClientLimits,
+    /// Set: [`Gateway::serve`] speaks HTTPS.
+    tls: Option<tls::Tls>,
     stream_usage: bool,
     // Shared by every clone, so a reload can swap it.
     shared: Arc<arc_swap::ArcSwapOption<tower_llm_lb::shared::SharedState>>,
@@ -226,6 +229,7 @@ impl Gateway {
             live,
             body_limit: tower_llm_lb::body::DEFAULT_BODY_LIMIT,
             limits: ClientLimits::default(),
+            tls: None,
             stream_usage: false,
             shared: Default::default(),
             draining: Default::default(),
@@ -266,7 +270,11 @@ impl Gateway {
         if limits.max_connections == 0 {
             return Err("gateway.max_connections must be at least 1".into());
         }
-        self.client_limits(limits)
+        let this = match &g.tls {
+            Some(t) => self.tls(&t.cert_file, &t.key_file)?,
+            None => self,
+        };
+        this.client_limits(limits)
             .stream_usage(g.stream_usage.unwrap_or(false))
             .served_models(config.models().map(String::from).collect())
             .model_aliases(g.model_aliases)
@@ -348,6 +356,19 @@ impl Gateway {
     pub fn body_limit(mut self, limit: usize) -> Self {
         self.body_limit = limit;
         self
+    }
+
+    /// Makes [`Gateway::serve`] speak HTTPS (HTTP/2 or HTTP/1.1 by ALPN; rustls) with the PEM
+    /// certificate chain and private key in these files, read again when they change (checked
+    /// every 2 s): new connections get the new certificate, open ones keep theirs. Fails naming
+    /// the file that cannot be read or used (config `gateway.tls: { cert_file, key_file }`).
+    pub fn tls(
+        mut self,
+        cert_file: impl AsRef<std::path::Path>,
+        key_file: impl AsRef<std::path::Path>,
+    ) -> Result<Self, String> {
+        self.tls = Some(tls::Tls::new(cert_file.as_ref(), key_file.as_ref())?);
+        Ok(self)
     }
 
     /// What [`Gateway::serve`] allows a client (see [`ClientLimits`]).
@@ -449,6 +470,8 @@ impl Gateway {
         // Tells connections still waiting for their first byte that shutdown began.
         let (stopping, stop) = tokio::sync::watch::channel(false);
         let connections = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+        // The certificate's files are watched while this serves.
+        let _watch = self.tls.as_ref().map(|t| AbortOnDrop(t.watch()));
         let mut shutdown = std::pin::pin!(shutdown);
         loop {
             // At the limit, wait for a connection to close before accepting the next.
@@ -480,6 +503,7 @@ impl Gateway {
                 peer,
             };
             let (builder, watcher, mut stop) = (builder.clone(), graceful.watcher(), stop.clone());
+            let tls = self.tls.clone();
             tokio::spawn(async move {
                 // A client that connects and sends nothing is closed after the head timeout too
                 // (hyper's own timer starts once the connection reads a request, after the
@@ -493,11 +517,32 @@ impl Gateway {
                     }
                     _ = stop.wait_for(|s| *s) => return,
                 }
-                let conn = builder.serve_connection_with_upgrades(
-                    TokioIo::new(tcp),
-                    hyper_util::service::TowerToHyperService::new(front),
-                );
-                if let Err(e) = watcher.watch(conn).await {
+                let front = hyper_util::service::TowerToHyperService::new(front);
+                let ended = match tls {
+                    None => {
+                        let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), front);
+                        watcher.watch(conn).await
+                    }
+                    Some(tls) => {
+                        // The handshake is bounded like a request head.
+                        let accepted = tokio::select! {
+                            a = tokio::time::timeout(limits.header_timeout, tls.acceptor().accept(tcp)) => a,
+                            _ = stop.wait_for(|s| *s) => return,
+                        };
+                        let stream = match accepted {
+                            Ok(Ok(stream)) => stream,
+                            Ok(Err(e)) => {
+                                tracing::debug!(error = %e, "TLS handshake failed");
+                                return;
+                            }
+                            Err(_) => return,
+                        };
+                        let conn =
+                            builder.serve_connection_with_upgrades(TokioIo::new(stream), front);
+                        watcher.watch(conn).await
+                    }
+                };
+                if let Err(e) = ended {
                     tracing::debug!(error = %e, "connection ended with an error");
                 }
                 drop(permit);
@@ -508,6 +553,15 @@ impl Gateway {
         drop(listener);
         graceful.shutdown().await;
         Ok(())
+    }
+}
+
+/// Aborts a background task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

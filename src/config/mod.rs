@@ -434,6 +434,20 @@ pub struct GatewayConfig {
     /// listen queue, until one closes. Keep it below the process's file descriptor limit less
     /// what the backends take (`ulimit -n`). Not reloaded.
     pub max_connections: Option<usize>,
+    /// Serve HTTPS (HTTP/2 or HTTP/1.1 by ALPN) with this certificate and key. None: plain
+    /// HTTP.
+    pub tls: Option<TlsConfig>,
+}
+
+/// The gateway's TLS listener: PEM files, read again when they change (checked every 2 s, as
+/// cert-manager rotates a Kubernetes secret's files).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The certificate chain, leaf first.
+    pub cert_file: String,
+    /// The private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: String,
 }
 
 impl fmt::Debug for GatewayConfig {
@@ -450,6 +464,7 @@ impl fmt::Debug for GatewayConfig {
             .field("client_header_timeout_ms", &self.client_header_timeout_ms)
             .field("client_body_timeout_ms", &self.client_body_timeout_ms)
             .field("max_connections", &self.max_connections)
+            .field("tls", &self.tls)
             .finish()
     }
 }
