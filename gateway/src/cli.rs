@@ -55,6 +55,10 @@ struct Serve {
     /// The log level on stderr (error, warn, info, debug, trace).
     #[arg(long, env = "TOWER_LLM_LB_LOG", default_value = "info")]
     log: tracing::Level,
+    /// Log lines as text or one JSON object per line (default: the config's
+    /// `gateway.log_format`, else text).
+    #[arg(long, env = "TOWER_LLM_LB_LOG_FORMAT", value_enum)]
+    log_format: Option<super::log::Format>,
 }
 
 /// Runs the command line in `args` (the first item is the program's name), as `main` does.
@@ -90,19 +94,20 @@ fn check(path: &str) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    // Built with a client that is never used: the check sends nothing.
-    let aliases = config
-        .gateway()
-        .map(|g| g.model_aliases.clone())
-        .unwrap_or_default();
+    // Built with a client that is never used: the check sends nothing. The gateway's section is
+    // checked as serving applies it (aliases, limits, TLS files, log format).
+    let log_format = config.gateway().and_then(|g| g.log_format.as_deref());
     let built = config
         .build_with_backends(tower_llm_lb::client::http_client())
         .map_err(|e| e.to_string())
         .and_then(|(service, backends)| {
             super::Gateway::new(service, backends.clone(), Vec::new())
-                .served_models(config.models().map(String::from).collect())
-                .model_aliases(aliases)
+                .configured(&config)
                 .map(|_| backends)
+        })
+        .and_then(|backends| match log_format {
+            Some(f) => f.parse::<super::log::Format>().map(|_| backends),
+            None => Ok(backends),
         });
     match built {
         Ok(backends) => {
@@ -146,7 +151,27 @@ fn serve(args: Serve) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let _flush_at_exit = super::log::init(args.log);
+    // The config's log format, read before anything logs (the config is read again to serve).
+    let format = match args.log_format {
+        Some(f) => f,
+        None => {
+            let configured = args
+                .config
+                .as_deref()
+                .filter(|_| !args.mock)
+                .and_then(|path| Config::from_path(path).ok())
+                .and_then(|c| c.gateway().and_then(|g| g.log_format.clone()));
+            match configured.map(|f| f.parse()) {
+                None => super::log::Format::Text,
+                Some(Ok(f)) => f,
+                Some(Err(e)) => {
+                    eprintln!("{e}");
+                    return ExitCode::from(2);
+                }
+            }
+        }
+    };
+    let _flush_at_exit = super::log::init(args.log, format);
     match runtime.block_on(run(args)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Config(msg)) => {

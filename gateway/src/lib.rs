@@ -835,13 +835,29 @@ where
     let started = Instant::now();
     let route = metrics::route_label(req.uri().path());
     let anthropic_caller = req.uri().path() == "/v1/messages";
-    // The access log's: the request id (set by the request-id layer when the caller sent none).
-    let request_id = req.headers().get(&X_REQUEST_ID).cloned();
-    let method = req.method().clone();
+    let mut line = Some(Box::new(AccessLine {
+        // The request id (set by the layers or the direct path when the caller sent none).
+        request_id: req.headers().get(&X_REQUEST_ID).cloned(),
+        method: req.method().clone(),
+        route,
+        client: "refused",
+        model: None,
+        started,
+        status: 0,
+        backend: None,
+        attempts: 0,
+        head_us: 0,
+    }));
     // What this request starts with it finishes with, whatever a reload does meanwhile.
     let live = gw.live.load_full();
     let (client, mut res) = match admit(&live, req.headers(), peer) {
-        Ok(client) => (client, forward_counted(&gw, live, client, req).await),
+        Ok(client) => {
+            if let Some(l) = line.as_mut() {
+                l.client = client;
+            }
+            let res = forward_counted(&gw, live, client, req, &mut line).await;
+            (client, res)
+        }
         Err(refused) => ("refused", refused.response()),
     };
     if anthropic_caller && res.status().as_u16() >= 400 {
@@ -851,21 +867,11 @@ where
         gw.metrics
             .observe(route, res.status().as_u16(), client, started);
     }
-    // One line per request, when its answer's head is ready. Our own values are written as they
-    // are (`%`: no quoting and escaping pass); the caller's request id is quoted and escaped.
-    tracing::info!(
-        request_id = request_id.as_ref().and_then(|v| v.to_str().ok()).unwrap_or("-"),
-        method = %method,
-        path = %route.unwrap_or("-"),
-        status = res.status().as_u16(),
-        backend = %res
-            .extensions()
-            .get::<Served>()
-            .map_or("-", |s| s.backend.name()),
-        client = %client,
-        elapsed_us = started.elapsed().as_micros() as u64,
-        "request"
-    );
+    // An answer that is not streamed from a backend is logged now; the others when they end.
+    if let Some(mut line) = line {
+        line.head(&res);
+        line.write(None);
+    }
     res
 }
 
@@ -971,6 +977,7 @@ async fn forward_counted<B>(
     live: Arc<Live>,
     client: &'static str,
     req: http::Request<B>,
+    line: &mut Option<Box<AccessLine>>,
 ) -> Response
 where
     B: http_body::Body<Data = Bytes>,
@@ -1012,6 +1019,10 @@ where
         strip_usage = true;
     }
     let model = gw.metrics.model_label(&live, &bytes);
+    // The access line names the model asked for (the metric's label only declared ones).
+    if let (Some(l), Some(m)) = (line.as_mut(), tower_llm_lb::provider::model_of(&bytes)) {
+        l.model = Some(bytes.slice_ref(m.as_bytes()));
+    }
     let mut out = http::Request::new(ReplayBody::new(bytes));
     *out.method_mut() = parts.method;
     // The path and query only (a request in absolute form names the gateway's own host).
@@ -1049,7 +1060,7 @@ where
                 return Box::pin(shaped_error(res, &live.backends)).await;
             }
             let usage = metrics::UsageWatch::new(gw.metrics.clone(), &res, model, client);
-            into_axum(res, usage, strip_usage, anthropic_caller)
+            into_axum(res, usage, strip_usage, anthropic_caller, line)
         }
         Err(e) => {
             tracing::warn!(error = %e, "request failed");
@@ -1135,6 +1146,7 @@ fn into_axum(
     usage: Option<metrics::UsageWatch>,
     strip_usage: bool,
     anthropic: bool,
+    line: &mut Option<Box<AccessLine>>,
 ) -> Response {
     // A backend that refused *our* credential: the caller's key is not at fault, and the
     // backend's answer (which may echo the key) is not passed on.
@@ -1153,6 +1165,11 @@ fn into_axum(
             ),
         );
     }
+    // The answer is logged when its body ends.
+    let line = line.take().map(|mut l| {
+        l.head(&res);
+        l
+    });
     let (mut parts, body) = res.into_parts();
     attribute(&mut parts);
     let sse = parts
@@ -1176,6 +1193,7 @@ fn into_axum(
         usage,
         strip: strip.map(Box::new),
         anthropic,
+        line,
     });
     Response::from_parts(parts, body)
 }
@@ -1308,6 +1326,55 @@ fn error_for(e: &BoxError) -> Response {
     error_response(StatusCode::BAD_GATEWAY, "upstream_error", &e.to_string())
 }
 
+/// The access log's line for one request, written once: when the answer's head is ready, or,
+/// for an answer from a backend, when its body ends (with the tokens it used) or is dropped.
+struct AccessLine {
+    request_id: Option<HeaderValue>,
+    method: http::Method,
+    route: Option<&'static str>,
+    client: &'static str,
+    /// The body's `model`, as sent on (a slice of the body: no copy).
+    model: Option<Bytes>,
+    started: Instant,
+    status: u16,
+    backend: Option<metrics::Name>,
+    attempts: usize,
+    /// Time to the answer's head.
+    head_us: u64,
+}
+
+impl AccessLine {
+    /// What the answer's head says.
+    fn head<B>(&mut self, res: &http::Response<B>) {
+        self.status = res.status().as_u16();
+        if let Some(s) = res.extensions().get::<Served>() {
+            self.backend = Some(metrics::Name::from_shared(s.backend.name_arc().clone()));
+        }
+        self.attempts = res.extensions().get::<Attempts>().map_or(0, |a| a.0.len());
+        self.head_us = self.started.elapsed().as_micros() as u64;
+    }
+
+    /// Our own values are written as they are (`%`: no quoting and escaping pass); the
+    /// caller's request id and model are quoted and escaped. Tokens when the answer said.
+    fn write(&self, tokens: Option<(u64, u64)>) {
+        tracing::info!(
+            request_id = self.request_id.as_ref().and_then(|v| v.to_str().ok()).unwrap_or("-"),
+            method = %self.method,
+            path = %self.route.unwrap_or("-"),
+            status = self.status,
+            backend = %self.backend.as_ref().map_or("-", metrics::Name::as_str),
+            client = %self.client,
+            model = self.model.as_deref().and_then(|m| std::str::from_utf8(m).ok()).unwrap_or("-"),
+            attempts = self.attempts,
+            prompt_tokens = tokens.map(|t| t.0),
+            completion_tokens = tokens.map(|t| t.1),
+            elapsed_us = self.head_us,
+            duration_us = self.started.elapsed().as_micros() as u64,
+            "request"
+        );
+    }
+}
+
 pin_project_lite::pin_project! {
     /// Streams the backend's body; if it fails mid-way, an SSE stream first gets an
     /// `event: error`, then the stream breaks (so no client mistakes it for a clean end).
@@ -1322,6 +1389,15 @@ pin_project_lite::pin_project! {
         strip: Option<Box<Stripping>>,
         // The caller speaks Anthropic's API (`/v1/messages`).
         anthropic: bool,
+        // Written when the body ends, or is dropped (the caller went away).
+        line: Option<Box<AccessLine>>,
+    }
+    impl PinnedDrop for StreamGuard {
+        fn drop(this: Pin<&mut Self>) {
+            if let Some(line) = this.project().line.take() {
+                line.write(None);
+            }
+        }
     }
 }
 
@@ -1356,20 +1432,24 @@ impl http_body::Body for StreamGuard {
                 break None;
             }
             let frame = ready!(this.inner.as_mut().poll_frame(cx));
-            if let Some(watch) = this.usage {
-                match &frame {
-                    Some(Ok(f)) => {
-                        if let Some(data) = f.data_ref() {
-                            watch.feed(data);
-                        }
+            match &frame {
+                Some(Ok(f)) => {
+                    if let (Some(watch), Some(data)) = (this.usage.as_mut(), f.data_ref()) {
+                        watch.feed(data);
                     }
-                    // The whole answer went through: count what it says it used.
-                    None => {
-                        if let Some(w) = this.usage.take() {
-                            w.finish();
-                        }
+                }
+                // The whole answer went through: count what it says it used, and log it.
+                None => {
+                    let tokens = this.usage.take().and_then(metrics::UsageWatch::finish);
+                    if let Some(line) = this.line.take() {
+                        line.write(tokens);
                     }
-                    Some(Err(_)) => *this.usage = None,
+                }
+                Some(Err(_)) => {
+                    *this.usage = None;
+                    if let Some(line) = this.line.take() {
+                        line.write(None);
+                    }
                 }
             }
             let Some(strip) = this.strip.as_mut() else {

@@ -17,7 +17,33 @@ use tracing_subscriber::fmt::format::{FormatFields, Writer};
 
 /// Starts logging to stderr at `level`: colour only on a terminal, lines written off the request
 /// path. Keep the guard until exit: dropping it flushes what waits.
-pub(crate) fn init(level: tracing::Level) -> tracing_appender::non_blocking::WorkerGuard {
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Format {
+    /// tracing-subscriber's text lines.
+    Text,
+    /// One JSON object per line: `timestamp`, `level`, `message`, the fields, `target`.
+    Json,
+}
+
+impl std::str::FromStr for Format {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "text" => Ok(Format::Text),
+            "json" => Ok(Format::Json),
+            _ => Err(format!(
+                "gateway.log_format: \"{s}\" is not a log format (text or json)"
+            )),
+        }
+    }
+}
+
+pub(crate) fn init(
+    level: tracing::Level,
+    format: Format,
+) -> tracing_appender::non_blocking::WorkerGuard {
     // Log lines go to a dedicated thread that writes each batch in one system call (one write
     // and a lock per line otherwise). At most 128k lines wait; past that, lines are dropped
     // rather than a request held.
@@ -25,14 +51,23 @@ pub(crate) fn init(level: tracing::Level) -> tracing_appender::non_blocking::Wor
         .lossy(true)
         .thread_name("tower-llm-lb-log")
         .finish(std::io::BufWriter::new(std::io::stderr()));
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_max_level(level)
         .with_timer(LogTime)
-        .fmt_fields(LogFields)
-        .with_writer(writer)
-        // Colour only on a terminal: a file or a pipe (a log collector) gets plain text.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .try_init();
+        .with_writer(writer);
+    let _ = match format {
+        Format::Text => builder
+            .fmt_fields(LogFields)
+            // Colour only on a terminal: a file or a pipe (a log collector) gets plain text.
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .try_init(),
+        Format::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .try_init(),
+    };
     guard
 }
 

@@ -39,6 +39,10 @@ impl Name {
     pub(crate) fn from_shared(name: Arc<str>) -> Self {
         Name(name)
     }
+
+    pub(crate) fn as_str(&self) -> &str {
+        &self.0
+    }
 }
 
 impl std::borrow::Borrow<str> for Name {
@@ -416,7 +420,8 @@ impl UsageWatch {
         }
     }
 
-    pub(crate) fn finish(self) {
+    /// Counts the tokens the answer says it used; `(prompt, completion)` when it says.
+    pub(crate) fn finish(self) -> Option<(u64, u64)> {
         let usage = match &self.only {
             Some(only) => tower_llm_lb::provider::usage_of(
                 &only[..only.len().min(HEAD)],
@@ -424,9 +429,7 @@ impl UsageWatch {
             ),
             None => tower_llm_lb::provider::usage_of(&self.head, &self.tail),
         };
-        let Some((prompt, completion)) = usage else {
-            return;
-        };
+        let (prompt, completion) = usage?;
         {
             let mut totals = self
                 .metrics
@@ -454,13 +457,6 @@ impl UsageWatch {
             };
             self.metrics.client_tokens.get_or_create(&labels).inc_by(n);
         }
-        tracing::debug!(
-            backend = &*self.backend.0,
-            model = &*self.model.0,
-            client = self.client,
-            prompt_tokens = prompt,
-            completion_tokens = completion,
-            "usage"
-        );
+        Some((prompt, completion))
     }
 }

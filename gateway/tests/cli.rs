@@ -375,3 +375,59 @@ async fn sigterm_waits_no_longer_than_the_grace_period() {
     );
     assert!(stuck.await.unwrap().is_err(), "the stuck request was cut");
 }
+
+#[tokio::test]
+async fn json_logs_give_one_object_per_request_with_model_attempts_tokens_and_duration() {
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+    use tower_llm_lb_mock::MockServer;
+    let mock = MockServer::builder()
+        .name("east")
+        .bearer("k1")
+        .start()
+        .await
+        .unwrap();
+    let (mut child, url) = serve_over("json-log.json", &mock, r#"{"log_format":"json"}"#).await;
+    let mut req = chat_post(
+        &url,
+        r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}"#,
+    );
+    req.headers_mut()
+        .insert("x-request-id", http::HeaderValue::from_static("json-1"));
+    let res = tower_llm_lb::client::http_client()
+        .oneshot(req)
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let answer: serde_json::Value =
+        serde_json::from_slice(&res.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    // The line is written by the log thread: give it its turn before the process goes.
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    child.kill().unwrap();
+    let out = child.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    let objects: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: not JSON: {l}")))
+        .collect();
+    let line = objects
+        .iter()
+        .find(|o| o["request_id"] == "json-1")
+        .unwrap_or_else(|| panic!("no line for the request: {log}"));
+    assert_eq!(line["message"], "request");
+    assert_eq!(line["level"], "INFO");
+    assert_eq!(line["status"], 200);
+    assert_eq!(line["method"], "POST");
+    assert_eq!(line["path"], "/v1/chat/completions");
+    assert_eq!(line["backend"], "east");
+    assert_eq!(line["model"], "gpt-4o");
+    assert_eq!(line["attempts"], 1);
+    assert_eq!(line["prompt_tokens"], answer["usage"]["prompt_tokens"]);
+    assert_eq!(
+        line["completion_tokens"],
+        answer["usage"]["completion_tokens"]
+    );
+    assert!(line["duration_us"].as_u64().unwrap() >= line["elapsed_us"].as_u64().unwrap());
+    assert!(line["timestamp"].as_str().unwrap().ends_with('Z'), "{line}");
+    assert!(!log.contains("k1"), "no key in the log: {log}");
+}

@@ -437,6 +437,9 @@ pub struct GatewayConfig {
     /// Serve HTTPS (HTTP/2 or HTTP/1.1 by ALPN) with this certificate and key. None: plain
     /// HTTP.
     pub tls: Option<TlsConfig>,
+    /// The binary's log lines: `"text"` (default) or `"json"`, one object per line (the
+    /// command line's `--log-format` wins). Not reloaded.
+    pub log_format: Option<String>,
 }
 
 /// The gateway's TLS listener: PEM files, read again when they change (checked every 2 s, as
@@ -465,6 +468,7 @@ impl fmt::Debug for GatewayConfig {
             .field("client_body_timeout_ms", &self.client_body_timeout_ms)
             .field("max_connections", &self.max_connections)
             .field("tls", &self.tls)
+            .field("log_format", &self.log_format)
             .finish()
     }
 }
