@@ -5,6 +5,7 @@
 //! tower-llm-lb serve --config gateway.json [--listen 0.0.0.0:8080] [--log debug]
 //! tower-llm-lb serve --mock                  # embedded mock backends, no credentials
 //! tower-llm-lb check --config gateway.json   # validate, print the resolved backends (secrets redacted)
+//! tower-llm-lb health [--url http://127.0.0.1:8080/health]   # exit 0 when the gateway answers 200
 //! ```
 //!
 //! Every option has an environment variable (`TOWER_LLM_LB_CONFIG`, `TOWER_LLM_LB_LISTEN`,
@@ -37,6 +38,17 @@ enum Command {
         /// The config file (`.json` or `.toml`).
         #[arg(long, env = "TOWER_LLM_LB_CONFIG")]
         config: String,
+    },
+    /// Ask a running gateway's `/health`: exit 0 on `200`, 1 otherwise (a container's
+    /// `HEALTHCHECK`, where no curl is installed).
+    Health {
+        /// The URL to ask (plain HTTP).
+        #[arg(
+            long,
+            env = "TOWER_LLM_LB_HEALTH_URL",
+            default_value = "http://127.0.0.1:8080/health"
+        )]
+        url: String,
     },
 }
 
@@ -77,6 +89,7 @@ where
     };
     match cli.command {
         Command::Check { config } => check(&config),
+        Command::Health { url } => health(&url),
         Command::Serve(args) => serve(args),
     }
 }
@@ -84,6 +97,39 @@ where
 /// The binary's `main`: [`main_with`] over the process's arguments.
 pub fn main() -> ExitCode {
     main_with(std::env::args_os())
+}
+
+fn health(url: &str) -> ExitCode {
+    let Ok(uri) = url.parse::<http::Uri>() else {
+        eprintln!("--url: not a URL: {url}");
+        return ExitCode::from(2);
+    };
+    let asked = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(BoxError::from)
+        .and_then(|rt| {
+            rt.block_on(async {
+                let client =
+                    tower_llm_lb::client::http_client::<http_body_util::Empty<bytes::Bytes>>();
+                let req = http::Request::get(uri).body(http_body_util::Empty::new())?;
+                let res =
+                    tokio::time::timeout(std::time::Duration::from_secs(5), client.request(req))
+                        .await??;
+                Ok::<_, BoxError>(res.status())
+            })
+        });
+    match asked {
+        Ok(status) if status == http::StatusCode::OK => ExitCode::SUCCESS,
+        Ok(status) => {
+            eprintln!("{url}: {status}");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("{url}: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn check(path: &str) -> ExitCode {

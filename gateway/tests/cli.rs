@@ -431,3 +431,27 @@ async fn json_logs_give_one_object_per_request_with_model_attempts_tokens_and_du
     assert!(line["timestamp"].as_str().unwrap().ends_with('Z'), "{line}");
     assert!(!log.contains("k1"), "no key in the log: {log}");
 }
+
+#[tokio::test]
+async fn health_exits_0_when_the_gateway_answers_and_1_when_it_does_not() {
+    let mock = tower_llm_lb_mock::MockServer::builder()
+        .bearer("k1")
+        .start()
+        .await
+        .unwrap();
+    let (mut child, url) = serve_over("health.json", &mock, "").await;
+    let ask = |url: String| {
+        tokio::task::spawn_blocking(move || {
+            Command::new(BIN)
+                .args(["health", "--url", &url])
+                .output()
+                .unwrap()
+                .status
+                .code()
+        })
+    };
+    assert_eq!(ask(format!("{url}/health")).await.unwrap(), Some(0));
+    child.kill().unwrap();
+    let _ = child.wait();
+    assert_eq!(ask(format!("{url}/health")).await.unwrap(), Some(1));
+}
