@@ -241,3 +241,51 @@ async fn a_client_reading_a_stream_slowly_holds_the_backend_back_instead_of_fill
     );
     child.kill().unwrap();
 }
+
+#[tokio::test]
+async fn an_http2_client_without_tls_is_served_on_the_direct_path_and_the_router() {
+    use http_body_util::BodyExt;
+    let mock = MockServer::builder().bearer("k1").start().await.unwrap();
+    let (mut child, url) = serve_over("h2c.json", &mock, "").await;
+    let tcp = TcpStream::connect(addr(&url)).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    // A chat request whose body comes in two DATA frames, without a content-length.
+    let frames = [
+        &br#"{"model":"gpt-4o","#[..],
+        &br#""messages":[{"role":"user","content":"hi"}]}"#[..],
+    ]
+    .map(|b| {
+        Ok::<_, std::convert::Infallible>(http_body::Frame::data(bytes::Bytes::from_static(b)))
+    });
+    let req = http::Request::post(format!("{url}/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .header("x-request-id", "h2-1")
+        .body(http_body_util::StreamBody::new(futures_util::stream::iter(frames)).boxed())
+        .unwrap();
+    let res = send.send_request(req).await.unwrap();
+    assert_eq!(res.version(), http::Version::HTTP_2);
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.headers()["x-request-id"], "h2-1");
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    assert!(
+        String::from_utf8_lossy(&body).contains("choices"),
+        "{body:?}"
+    );
+    assert_eq!(
+        mock.requests()[0].body,
+        &br#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}"#[..]
+    );
+    // A route of the router, on the same connection.
+    let health = http::Request::get(format!("{url}/health"))
+        .body(http_body_util::Empty::new().map_err(|e| match e {}).boxed())
+        .unwrap();
+    let res = send.send_request(health).await.unwrap();
+    assert_eq!(res.status(), 200);
+    child.kill().unwrap();
+}
