@@ -167,6 +167,9 @@ pub struct MockBuilder {
     quota_headers: QuotaHeaders,
     latency_per_token: Duration,
     record: bool,
+    /// Counts a request's prompt as its text's characters / 4 times this (none: its JSON
+    /// bytes / 4).
+    prompt_text: Option<f64>,
 }
 
 /// Which quota headers a [`MockServer`] sends with its answers.
@@ -233,6 +236,7 @@ struct Shared {
     gate: Option<Arc<tokio::sync::Semaphore>>,
     requests: Mutex<Vec<RecordedRequest>>,
     record: bool,
+    prompt_text: Option<f64>,
     fault: Mutex<Option<Fault>>,
     buckets: Mutex<Buckets>,
     counters: [AtomicU64; 9],
@@ -328,6 +332,7 @@ impl Default for MockBuilder {
             quota_headers: QuotaHeaders::OpenAi,
             latency_per_token: Duration::ZERO,
             record: true,
+            prompt_text: None,
         }
     }
 }
@@ -427,6 +432,16 @@ impl MockBuilder {
         self
     }
 
+    /// Counts a request's tokens as Azure OpenAI documents its rate limiter does: the prompt's
+    /// text (message contents and text parts, `system`, `input`, `prompt`), characters / 4,
+    /// plus `max_tokens`; the prompt part times `scale` (1.0: as documented; 1.3 or 0.7: a
+    /// service that counts 30% more or less than that). The default counts the request's JSON
+    /// bytes / 4 plus `max_tokens`.
+    pub fn count_prompt_text(mut self, scale: f64) -> Self {
+        self.prompt_text = Some(scale);
+        self
+    }
+
     /// Whether every request is kept for [`MockServer::requests`] (default true; turn it off
     /// for long simulations).
     pub fn record_requests(mut self, yes: bool) -> Self {
@@ -463,6 +478,7 @@ impl MockBuilder {
             gate: self.gated.then(|| Arc::new(tokio::sync::Semaphore::new(0))),
             requests: Mutex::new(Vec::new()),
             record: self.record,
+            prompt_text: self.prompt_text,
             fault: Mutex::new(None),
             buckets: Mutex::new(Buckets {
                 requests: self.rps.map(Bucket::new),
@@ -802,6 +818,36 @@ async fn handle(
     serve(shared, parts, body).await
 }
 
+/// The characters of a request's prompt text, as a rate limiter that reads the text counts
+/// them: message contents (strings, or the `text` of their parts), `system`, `input` and
+/// `prompt` (strings or lists of strings).
+fn prompt_text_chars(json: &serde_json::Value) -> usize {
+    fn text(v: &serde_json::Value) -> usize {
+        match v {
+            serde_json::Value::String(s) => s.chars().count(),
+            serde_json::Value::Array(items) => items
+                .iter()
+                .map(|i| match i {
+                    serde_json::Value::Object(part) => part.get("text").map_or(0, text),
+                    other => text(other),
+                })
+                .sum(),
+            _ => 0,
+        }
+    }
+    let messages = json
+        .get("messages")
+        .and_then(|m| m.as_array())
+        .map_or(0, |m| {
+            m.iter().map(|m| m.get("content").map_or(0, text)).sum()
+        });
+    messages
+        + ["system", "input", "prompt"]
+            .iter()
+            .map(|k| json.get(*k).map_or(0, text))
+            .sum::<usize>()
+}
+
 /// Answers one request whose body has been read: counts, records, applies auth, limits, faults.
 async fn serve(
     shared: Arc<Shared>,
@@ -1008,7 +1054,11 @@ async fn answer(
         .get("max_tokens")
         .and_then(|v| v.as_u64())
         .unwrap_or(16);
-    let cost_tokens = (body.len() as f64 / 4.0).ceil() + max_tokens as f64;
+    let prompt_tokens = match shared.prompt_text {
+        Some(scale) => (prompt_text_chars(&json) as f64 / 4.0 * scale).ceil(),
+        None => (body.len() as f64 / 4.0).ceil(),
+    };
+    let cost_tokens = prompt_tokens + max_tokens as f64;
     let (limited, quota_headers) = {
         let mut b = shared.buckets.lock().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
@@ -1378,4 +1428,36 @@ fn sse(
     res.headers_mut()
         .insert("cache-control", HeaderValue::from_static("no-cache"));
     res
+}
+
+#[cfg(test)]
+mod tests {
+    use super::prompt_text_chars;
+
+    #[test]
+    fn the_prompt_text_is_what_the_messages_system_input_and_prompt_say() {
+        let count = |v: serde_json::Value| prompt_text_chars(&v);
+        assert_eq!(
+            count(serde_json::json!({"model": "gpt-4o", "max_tokens": 20,
+                "messages": [{"role": "system", "content": "Be brief."},
+                             {"role": "user", "content": "Say hello."}]})),
+            19
+        );
+        // Parts: only their text; an image's URL is not text.
+        assert_eq!(
+            count(
+                serde_json::json!({"messages": [{"role": "user", "content": [
+                {"type": "text", "text": "Look:"},
+                {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]}]})
+            ),
+            5
+        );
+        // Anthropic's system, embeddings' inputs, completions' prompt; characters, not bytes.
+        assert_eq!(
+            count(
+                serde_json::json!({"system": "Hé", "messages": [], "input": ["ab", "c"], "prompt": "xyz"})
+            ),
+            8
+        );
+    }
 }

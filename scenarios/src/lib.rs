@@ -129,6 +129,9 @@ pub struct Scenario {
     /// Which replica takes each request, cycled (`[0, 0, 0, 1, 2]`: 60/20/20); empty: round
     /// robin.
     pub spread: Vec<usize>,
+    /// The backends count a request's tokens from its prompt text, as Azure documents (its
+    /// characters / 4 times this, plus `max_tokens`); none: from its JSON bytes / 4.
+    pub prompt_text: Option<f64>,
 }
 
 impl Scenario {
@@ -148,6 +151,7 @@ impl Scenario {
             replicas: 1,
             shared_redis: None,
             spread: Vec::new(),
+            prompt_text: None,
         }
     }
 
@@ -182,6 +186,21 @@ impl Scenario {
         let mut s = Self::s1_quota();
         s.name = "S6";
         s.title = "token quota 2x overload";
+        let per_second = 20.0 * f64::from(s.request_tokens());
+        for b in &mut s.backends {
+            b.behaviour = Behaviour::Tokens(per_second);
+        }
+        s
+    }
+
+    /// S6t: S6 against backends that count tokens as Azure documents (the prompt's text
+    /// characters / 4 plus `max_tokens`), not by the JSON around it: each allows 20 such
+    /// requests per second.
+    pub fn s6t_token_quota_text() -> Self {
+        let mut s = Self::s6_token_quota();
+        s.name = "S6t";
+        s.title = "token quota 2x, counted from the prompt text";
+        s.prompt_text = Some(1.0);
         let per_second = 20.0 * f64::from(s.request_tokens());
         for b in &mut s.backends {
             b.behaviour = Behaviour::Tokens(per_second);
@@ -343,6 +362,7 @@ impl Scenario {
             Self::s4_hang(),
             Self::s4d_hang_defaults(),
             Self::s6_token_quota(),
+            Self::s6t_token_quota_text(),
             Self::s7_stale_key(),
             Self::s8_replicas(),
         ]
@@ -366,7 +386,12 @@ impl Scenario {
 
     /// What one request of the load costs of a token quota, as the mock counts it.
     pub fn request_tokens(&self) -> u32 {
-        (request_body(self.max_tokens).len() as u32).div_ceil(4) + self.max_tokens
+        let prompt = match self.prompt_text {
+            // The one message's text (see `request_body`).
+            Some(scale) => (REQUEST_TEXT.chars().count() as f64 / 4.0 * scale).ceil() as u32,
+            None => (request_body(self.max_tokens).len() as u32).div_ceil(4),
+        };
+        prompt + self.max_tokens
     }
 
     /// The config a new user writes for these backends, plus [`Scenario::extra`].
@@ -421,6 +446,9 @@ impl Scenario {
                 Behaviour::Quota(r) => b = b.rps(r),
                 Behaviour::Tokens(t) => b = b.tps(t),
                 _ => {}
+            }
+            if let Some(scale) = self.prompt_text {
+                b = b.count_prompt_text(scale);
             }
             let m = b.start().await?;
             match spec.behaviour {
@@ -652,11 +680,14 @@ pub async fn load_over(
 }
 
 /// The body of every request of the load.
+/// The prompt of every scenario request.
+const REQUEST_TEXT: &str = "Say hello in one short sentence.";
+
 fn request_body(max_tokens: u32) -> Bytes {
     Bytes::from(
         serde_json::json!({
             "model": "gpt-4o",
-            "messages": [{"role": "user", "content": "Say hello in one short sentence."}],
+            "messages": [{"role": "user", "content": REQUEST_TEXT}],
             "max_tokens": max_tokens,
         })
         .to_string(),
@@ -799,7 +830,7 @@ impl Report {
                     format!("{}: {per:.3} backend 429s per success > 0.05", self.name),
                 );
             }
-            "S1p" | "S2p" | "S6" => {
+            "S1p" | "S2p" | "S6" | "S6t" => {
                 let per = self.backend_429s as f64 / self.served.max(1) as f64;
                 need(
                     per <= 0.05,
