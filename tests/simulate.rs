@@ -77,8 +77,9 @@ async fn without_quota_headers_the_rate_measured_between_429s_paces_the_backends
     let r = run(&s, Strategy::WeightedRandom, 5).await.unwrap();
     eprintln!("no headers: {r:?}");
     assert!(r.goodput() >= 0.98, "{r:?}");
-    // BENCHMARKS.md states 0.041 without quota headers.
-    assert!(r.throttled_per_success <= 0.05, "{r:?}");
+    // BENCHMARKS.md states 0.018 without quota headers (0.041 while the pace was probed
+    // upward by 0.2% per answer).
+    assert!(r.throttled_per_success <= 0.03, "{r:?}");
 }
 
 #[tokio::test(start_paused = true)]
