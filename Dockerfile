@@ -14,7 +14,8 @@ ARG RUNTIME=debian:bookworm-slim
 FROM ${BUILDER} AS build
 WORKDIR /src
 COPY . .
-RUN cargo build --release --locked -p tower-llm-lb-gateway --bin tower-llm-lb \
+# With OpenTelemetry traces (exported when OTEL_EXPORTER_OTLP_ENDPOINT is set).
+RUN cargo build --release --locked -p tower-llm-lb-gateway --features otel --bin tower-llm-lb \
  && cp target/release/tower-llm-lb /tower-llm-lb
 
 FROM ${RUNTIME}

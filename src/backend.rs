@@ -276,7 +276,7 @@ impl Backend {
     }
 
     /// The authority requests are sent to.
-    pub(crate) fn authority(&self) -> &Authority {
+    pub fn authority(&self) -> &Authority {
         &self.inner.authority
     }
 

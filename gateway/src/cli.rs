@@ -299,6 +299,13 @@ async fn run(args: Serve) -> Result<(), Failure> {
     let gateway = super::Gateway::new(service, backends, client_keys.clone())
         .configured(&config)
         .map_err(Failure::Config)?;
+    // Traces, when the environment names an OTLP endpoint (feature `otel`).
+    #[cfg(feature = "otel")]
+    let otel = super::otel::Otel::from_env()
+        .map_err(Failure::Config)?
+        .map(std::sync::Arc::new);
+    #[cfg(feature = "otel")]
+    let gateway = gateway.traced(otel.clone());
     tracing::info!(addr = %bound, backends = ?names, client_keys = client_keys.len(), tls, "gateway listening");
     let scheme = if tls { "https" } else { "http" };
     println!("tower-llm-lb gateway on {scheme}://{bound}/v1 over {names:?}");
@@ -344,6 +351,10 @@ async fn run(args: Serve) -> Result<(), Failure> {
     };
     if let Some(w) = watcher {
         w.abort();
+    }
+    #[cfg(feature = "otel")]
+    if let Some(otel) = otel {
+        otel.shutdown();
     }
     served
 }

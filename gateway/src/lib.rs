@@ -50,6 +50,8 @@
 pub mod cli;
 mod log;
 mod metrics;
+#[cfg(feature = "otel")]
+mod otel;
 mod tls;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -122,6 +124,9 @@ pub struct Gateway {
     limits: ClientLimits,
     /// Set: [`Gateway::serve`] speaks HTTPS.
     tls: Option<tls::Tls>,
+    /// Set: each forwarded request is traced (feature `otel`).
+    #[cfg(feature = "otel")]
+    otel: Option<Arc<otel::Otel>>,
     stream_usage: bool,
     // Shared by every clone, so a reload can swap it.
     shared: Arc<arc_swap::ArcSwapOption<tower_llm_lb::shared::SharedState>>,
@@ -230,6 +235,8 @@ impl Gateway {
             body_limit: tower_llm_lb::body::DEFAULT_BODY_LIMIT,
             limits: ClientLimits::default(),
             tls: None,
+            #[cfg(feature = "otel")]
+            otel: None,
             stream_usage: false,
             shared: Default::default(),
             draining: Default::default(),
@@ -369,6 +376,13 @@ impl Gateway {
     ) -> Result<Self, String> {
         self.tls = Some(tls::Tls::new(cert_file.as_ref(), key_file.as_ref())?);
         Ok(self)
+    }
+
+    /// Traces each forwarded request to the exporter the `OTEL_*` environment names.
+    #[cfg(feature = "otel")]
+    pub(crate) fn traced(mut self, otel: Option<Arc<otel::Otel>>) -> Self {
+        self.otel = otel;
+        self
     }
 
     /// What [`Gateway::serve`] allows a client (see [`ClientLimits`]).
@@ -847,6 +861,11 @@ where
         backend: None,
         attempts: 0,
         head_us: 0,
+        #[cfg(feature = "otel")]
+        span: gw
+            .otel
+            .as_ref()
+            .map(|o| o.start(req.headers(), req.uri().path())),
     }));
     // What this request starts with it finishes with, whatever a reload does meanwhile.
     let live = gw.live.load_full();
@@ -1022,6 +1041,10 @@ where
     // The access line names the model asked for (the metric's label only declared ones).
     if let (Some(l), Some(m)) = (line.as_mut(), tower_llm_lb::provider::model_of(&bytes)) {
         l.model = Some(bytes.slice_ref(m.as_bytes()));
+        #[cfg(feature = "otel")]
+        if let Some(span) = &l.span {
+            span.model(m);
+        }
     }
     let mut out = http::Request::new(ReplayBody::new(bytes));
     *out.method_mut() = parts.method;
@@ -1040,6 +1063,11 @@ where
         headers.remove(h);
     }
     headers.remove(http::header::CONTENT_LENGTH);
+    // The backend continues the request's trace.
+    #[cfg(feature = "otel")]
+    if let Some(span) = line.as_ref().and_then(|l| l.span.as_ref()) {
+        span.inject(&mut headers);
+    }
     *out.headers_mut() = headers;
     let started = Instant::now();
     let answer = live.service.clone().oneshot(out).await;
@@ -1341,6 +1369,8 @@ struct AccessLine {
     attempts: usize,
     /// Time to the answer's head.
     head_us: u64,
+    #[cfg(feature = "otel")]
+    span: Option<otel::RequestSpan>,
 }
 
 impl AccessLine {
@@ -1352,11 +1382,25 @@ impl AccessLine {
         }
         self.attempts = res.extensions().get::<Attempts>().map_or(0, |a| a.0.len());
         self.head_us = self.started.elapsed().as_micros() as u64;
+        #[cfg(feature = "otel")]
+        if let Some(span) = &self.span {
+            span.answered(
+                self.status,
+                res.extensions().get::<Served>(),
+                res.extensions()
+                    .get::<Attempts>()
+                    .map_or(&[][..], |a| &a.0[..]),
+            );
+        }
     }
 
     /// Our own values are written as they are (`%`: no quoting and escaping pass); the
     /// caller's request id and model are quoted and escaped. Tokens when the answer said.
-    fn write(&self, tokens: Option<(u64, u64)>) {
+    fn write(&mut self, tokens: Option<(u64, u64)>) {
+        #[cfg(feature = "otel")]
+        if let Some(span) = self.span.take() {
+            span.end(tokens);
+        }
         tracing::info!(
             request_id = self.request_id.as_ref().and_then(|v| v.to_str().ok()).unwrap_or("-"),
             method = %self.method,
@@ -1394,7 +1438,7 @@ pin_project_lite::pin_project! {
     }
     impl PinnedDrop for StreamGuard {
         fn drop(this: Pin<&mut Self>) {
-            if let Some(line) = this.project().line.take() {
+            if let Some(mut line) = this.project().line.take() {
                 line.write(None);
             }
         }
@@ -1441,13 +1485,13 @@ impl http_body::Body for StreamGuard {
                 // The whole answer went through: count what it says it used, and log it.
                 None => {
                     let tokens = this.usage.take().and_then(metrics::UsageWatch::finish);
-                    if let Some(line) = this.line.take() {
+                    if let Some(mut line) = this.line.take() {
                         line.write(tokens);
                     }
                 }
                 Some(Err(_)) => {
                     *this.usage = None;
-                    if let Some(line) = this.line.take() {
+                    if let Some(mut line) = this.line.take() {
                         line.write(None);
                     }
                 }

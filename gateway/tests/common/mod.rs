@@ -17,7 +17,7 @@ pub fn readme_json_after(marker: &str) -> &'static str {
 
 /// A `serve --config` process on a free port, its base URL and its stderr.
 pub fn serve_config(path: &std::path::Path) -> (std::process::Child, String) {
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tower-llm-lb"))
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_tower-llm-lb"))
         .args([
             "serve",
             "--listen",
@@ -31,6 +31,11 @@ pub fn serve_config(path: &std::path::Path) -> (std::process::Child, String) {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
+    first_url(child)
+}
+
+/// A started `serve` process and the base URL it printed first.
+pub fn first_url(mut child: std::process::Child) -> (std::process::Child, String) {
     let stdout = child.stdout.take().unwrap();
     let mut line = String::new();
     std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line).unwrap();
