@@ -180,6 +180,9 @@ pub struct Attempt {
     pub outcome: Outcome,
     /// How long the attempt took (excluding any wait before it).
     pub elapsed: Duration,
+    /// When the attempt began (tokio's clock): with `elapsed`, where it lies in the request's
+    /// time (a trace's span per attempt).
+    pub started: Instant,
 }
 
 impl fmt::Display for Attempt {
@@ -283,11 +286,13 @@ mod tests {
                         retry_after: Some(Duration::from_secs(2)),
                     },
                     elapsed: Duration::from_millis(12),
+                    started: Instant::now(),
                 },
                 Attempt {
                     backend: "eastus".into(),
                     outcome: Outcome::ConnectError,
                     elapsed: Duration::ZERO,
+                    started: Instant::now(),
                 },
             ],
             Some(Instant::now() + Duration::from_millis(1500)),

@@ -6,7 +6,8 @@
 //! attributes follow OpenTelemetry's GenAI conventions (`gen_ai.operation.name`,
 //! `gen_ai.provider.name`, `gen_ai.request.model`, `gen_ai.usage.input_tokens`,
 //! `gen_ai.usage.output_tokens`, `server.address`) and add ours (`llm_lb.backend`,
-//! `llm_lb.attempts`); each attempt is an event (`llm_lb.attempt`: backend, outcome, time).
+//! `llm_lb.attempts`). Each attempt is a client span under it, at the time it took, with its
+//! backend and outcome (`llm_lb.backend`, `llm_lb.outcome`).
 
 use http::HeaderMap;
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
@@ -16,6 +17,7 @@ use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{SdkTracer, SdkTracerProvider};
 
 /// The exporter and its tracer.
+#[derive(Clone)]
 pub(crate) struct Otel {
     provider: SdkTracerProvider,
     tracer: SdkTracer,
@@ -71,6 +73,8 @@ impl Otel {
         RequestSpan {
             cx: parent.with_span(span),
             operation,
+            model: std::sync::OnceLock::new(),
+            tracer: self.tracer.clone(),
         }
     }
 
@@ -86,6 +90,8 @@ impl Otel {
 pub(crate) struct RequestSpan {
     cx: Context,
     operation: &'static str,
+    model: std::sync::OnceLock<String>,
+    tracer: SdkTracer,
 }
 
 impl RequestSpan {
@@ -99,6 +105,7 @@ impl RequestSpan {
         let span = self.cx.span();
         span.set_attribute(KeyValue::new("gen_ai.request.model", model.to_string()));
         span.update_name(format!("{} {model}", self.operation));
+        let _ = self.model.set(model.to_string());
     }
 
     /// Records what the answer's head said.
@@ -129,15 +136,30 @@ impl RequestSpan {
             ));
         }
         span.set_attribute(KeyValue::new("llm_lb.attempts", attempts.len() as i64));
+        // tokio's instants to the wall clock, once.
+        let (now, wall) = (tokio::time::Instant::now(), std::time::SystemTime::now());
+        let name = match self.model.get() {
+            Some(m) => format!("{} {m}", self.operation),
+            None => self.operation.to_string(),
+        };
         for a in attempts {
-            span.add_event(
-                "llm_lb.attempt",
-                vec![
-                    KeyValue::new("llm_lb.backend", a.backend.to_string()),
-                    KeyValue::new("llm_lb.outcome", a.outcome.name()),
-                    KeyValue::new("llm_lb.elapsed_ms", a.elapsed.as_secs_f64() * 1000.0),
-                ],
-            );
+            let start = wall - now.saturating_duration_since(a.started);
+            let mut attributes = vec![
+                KeyValue::new("gen_ai.operation.name", self.operation),
+                KeyValue::new("llm_lb.backend", a.backend.to_string()),
+                KeyValue::new("llm_lb.outcome", a.outcome.name()),
+            ];
+            if let Some(m) = self.model.get() {
+                attributes.push(KeyValue::new("gen_ai.request.model", m.clone()));
+            }
+            let mut attempt = self
+                .tracer
+                .span_builder(name.clone())
+                .with_kind(SpanKind::Client)
+                .with_start_time(start)
+                .with_attributes(attributes)
+                .start_with_context(&self.tracer, &self.cx);
+            opentelemetry::trace::Span::end_with_timestamp(&mut attempt, start + a.elapsed);
         }
         if status >= 500 {
             span.set_status(Status::error(format!("answered {status}")));

@@ -118,16 +118,21 @@ async fn a_request_is_one_span_continuing_the_callers_trace_and_passed_to_the_ba
         "the caller's span id passed on: {sent}"
     );
 
-    let span = tokio::time::timeout(Duration::from_secs(20), async {
+    // The request's span (kind server) and its attempt's (kind client, its child).
+    let spans = tokio::time::timeout(Duration::from_secs(20), async {
         loop {
-            if let Some(s) = receiver.0.lock().unwrap().first().cloned() {
-                return s;
+            let spans = receiver.0.lock().unwrap().clone();
+            if spans.len() >= 2 {
+                return spans;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     })
     .await
-    .expect("no span exported");
+    .expect("no spans exported");
+    let server = opentelemetry_proto::tonic::trace::v1::span::SpanKind::Server as i32;
+    let span = spans.iter().find(|s| s.kind == server).unwrap().clone();
+    let attempt = spans.iter().find(|s| s.kind != server).unwrap().clone();
     child.kill().unwrap();
 
     assert_eq!(hex(&span.trace_id), trace_id);
@@ -152,8 +157,17 @@ async fn a_request_is_one_span_continuing_the_callers_trace_and_passed_to_the_ba
         attribute(&span, "gen_ai.usage.input_tokens"),
         Some(Value::IntValue(n)) if n > 0
     ));
-    assert_eq!(span.events.len(), 1, "one attempt: {:?}", span.events);
-    assert_eq!(span.events[0].name, "llm_lb.attempt");
+    assert_eq!(spans.len(), 2, "one attempt: {spans:?}");
+    assert_eq!(attempt.parent_span_id, span.span_id);
+    assert_eq!(attempt.trace_id, span.trace_id);
+    assert_eq!(attempt.name, "chat gpt-4o");
+    assert_eq!(attribute(&attempt, "llm_lb.backend"), s("east"));
+    assert_eq!(attribute(&attempt, "llm_lb.outcome"), s("success"));
+    assert!(
+        attempt.start_time_unix_nano >= span.start_time_unix_nano
+            && attempt.end_time_unix_nano <= span.end_time_unix_nano,
+        "the attempt lies within the request"
+    );
 }
 
 fn hex(bytes: &[u8]) -> String {

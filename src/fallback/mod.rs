@@ -507,6 +507,7 @@ impl<ResB> Run<ResB> {
                             backend: backend.clone(),
                             outcome,
                             elapsed: timed.unwrap_or_else(|| started.elapsed()),
+                            started,
                         }),
                     }
                 }
@@ -547,6 +548,7 @@ impl<ResB> Run<ResB> {
                             backend,
                             outcome,
                             elapsed: started.elapsed(),
+                            started,
                         });
                     }
                 }
@@ -566,6 +568,9 @@ impl<ResB> Run<ResB> {
             backend: self.shared.targets[i].name.clone(),
             outcome: Outcome::Timeout,
             elapsed,
+            started: Instant::now()
+                .checked_sub(elapsed)
+                .unwrap_or_else(Instant::now),
         });
         Exhausted::new(self.attempts, self.earliest).into()
     }

@@ -446,6 +446,7 @@ fn judge<S, B, ResB>(
                 backend,
                 outcome,
                 elapsed,
+                started,
             });
             tracing::debug!(attempt = ctx.attempts.len(), %outcome, "attempt answered");
             let failed = ctx.settings.retry_failures && outcome.is_failure();
@@ -490,6 +491,7 @@ fn judge<S, B, ResB>(
                         backend,
                         outcome,
                         elapsed,
+                        started,
                     });
                     Step::Retry {
                         last: None,
@@ -507,6 +509,7 @@ fn judge<S, B, ResB>(
                             backend,
                             outcome,
                             elapsed,
+                            started,
                         });
                         let attempts = std::mem::take(&mut ctx.attempts);
                         Step::Done(Err(Exhausted::new(attempts, None).into()))
