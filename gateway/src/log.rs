@@ -40,10 +40,63 @@ impl std::str::FromStr for Format {
     }
 }
 
+/// Set when the binary writes text lines: the access line then writes its fields itself.
+static TEXT_LINES: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether log lines are the binary's text lines.
+pub(crate) fn text_lines() -> bool {
+    TEXT_LINES.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Runs `f` with this thread's line buffer, emptied.
+pub(crate) fn with_line(f: impl FnOnce(&mut String)) {
+    use std::cell::RefCell;
+    thread_local! {
+        static LINE: RefCell<String> = const { RefCell::new(String::new()) };
+    }
+    LINE.with(|line| {
+        let mut line = line.borrow_mut();
+        line.clear();
+        f(&mut line);
+    });
+}
+
+/// ` name=value`, a value of our own that needs no quoting (as `%value` writes it).
+pub(crate) fn plain(line: &mut String, name: &str, value: &str) {
+    line.push(' ');
+    line.push_str(name);
+    line.push('=');
+    line.push_str(value);
+}
+
+/// ` name="value"`, quoted and escaped as the text format writes a string field.
+pub(crate) fn quoted(line: &mut String, name: &str, value: &str) {
+    line.push(' ');
+    line.push_str(name);
+    line.push('=');
+    if plain_str(value) {
+        line.push('"');
+        line.push_str(value);
+        line.push('"');
+    } else {
+        use std::fmt::Write;
+        let _ = write!(line, "{value:?}");
+    }
+}
+
+/// ` name=number`.
+pub(crate) fn number(line: &mut String, name: &str, value: u64) {
+    line.push(' ');
+    line.push_str(name);
+    line.push('=');
+    line.push_str(itoa::Buffer::new().format(value));
+}
+
 pub(crate) fn init(
     level: tracing::Level,
     format: Format,
 ) -> tracing_appender::non_blocking::WorkerGuard {
+    TEXT_LINES.store(format == Format::Text, std::sync::atomic::Ordering::Relaxed);
     // Log lines go to a dedicated thread that writes each batch in one system call (one write
     // and a lock per line otherwise). At most 128k lines wait; past that, lines are dropped
     // rather than a request held.
@@ -158,7 +211,7 @@ impl Visitor<'_> {
 }
 
 /// Whether `s` is written the same quoted as escaped (`{:?}`): printable ASCII without `"`, `\`.
-fn plain(s: &str) -> bool {
+fn plain_str(s: &str) -> bool {
     s.bytes()
         .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
 }
@@ -169,7 +222,7 @@ impl Visit for Visitor<'_> {
         self.put(field, |w| {
             if message {
                 w.write_str(value)
-            } else if plain(value) {
+            } else if plain_str(value) {
                 w.write_char('"')?;
                 w.write_str(value)?;
                 w.write_char('"')
@@ -198,7 +251,7 @@ impl Visit for Visitor<'_> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -245,7 +298,24 @@ mod tests {
         );
     }
 
-    struct SharedVec(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+    pub(crate) struct SharedVec(pub(crate) std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    /// What `log` writes as the binary's text lines (no time, no colour), with the access line
+    /// written by `TEXT_LINES`' path or not.
+    pub(crate) fn text_of(text_lines: bool, log: impl FnOnce()) -> String {
+        let captured = std::sync::Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
+        let sink = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || SharedVec(sink.clone()))
+            .with_ansi(false)
+            .without_time()
+            .fmt_fields(LogFields)
+            .finish();
+        super::TEXT_LINES.store(text_lines, std::sync::atomic::Ordering::Relaxed);
+        tracing::subscriber::with_default(subscriber, log);
+        super::TEXT_LINES.store(false, std::sync::atomic::Ordering::Relaxed);
+        String::from_utf8(captured.lock().unwrap().clone()).unwrap()
+    }
 
     impl std::io::Write for SharedVec {
         fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
