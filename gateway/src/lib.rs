@@ -828,6 +828,22 @@ const HOP_BY_HOP: [http::HeaderName; 8] = [
     http::header::HOST,
 ];
 
+/// Removes the [`HOP_BY_HOP`] headers (and `also`) from `headers`: one pass over the names
+/// present (a handful) instead of a hashed lookup of each of nine names.
+fn strip_hop_by_hop(headers: &mut http::HeaderMap, also: Option<&http::HeaderName>) {
+    let mut found = [false; 9]; // HOP_BY_HOP, then `also`
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+            found[i] = true;
+        } else if also == Some(name) {
+            found[8] = true;
+        }
+    }
+    for (name, _) in HOP_BY_HOP.iter().chain(also).zip(found).filter(|(_, f)| *f) {
+        headers.remove(name);
+    }
+}
+
 fn peer_of(req: &Request) -> Option<SocketAddr> {
     req.extensions()
         .get::<ConnectInfo<SocketAddr>>()
@@ -1059,10 +1075,7 @@ where
             .unwrap_or_else(|| http::Uri::from_static("/"))
     };
     let mut headers = parts.headers;
-    for h in &HOP_BY_HOP {
-        headers.remove(h);
-    }
-    headers.remove(http::header::CONTENT_LENGTH);
+    strip_hop_by_hop(&mut headers, Some(&http::header::CONTENT_LENGTH));
     // The backend continues the request's trace.
     #[cfg(feature = "otel")]
     if let Some(span) = line.as_ref().and_then(|l| l.span.as_ref()) {
@@ -1228,9 +1241,7 @@ fn into_axum(
 
 /// Hop-by-hop headers out; `x-llm-lb-backend` and `x-llm-lb-attempts` in.
 fn attribute(parts: &mut http::response::Parts) {
-    for h in &HOP_BY_HOP {
-        parts.headers.remove(h);
-    }
+    strip_hop_by_hop(&mut parts.headers, None);
     if !parts.headers.contains_key(&X_LLM_LB_BACKEND)
         && let Some(served) = parts.extensions.get::<Served>()
         && let Ok(v) = HeaderValue::from_str(served.backend.name())
@@ -1779,6 +1790,39 @@ mod tests {
         assert!(
             fields.contains(r#"request request_id="a b\"c" method=POST path=/v1/chat/completions status=200 backend=east client=loopback model="gpt-4o\tmini é" attempts=2 prompt_tokens=12 completion_tokens=34 elapsed_us=1234 duration_us="#),
             "{fields}"
+        );
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_removed_every_value_and_nothing_else() {
+        let mut headers = http::HeaderMap::new();
+        for (k, v) in [
+            ("host", "gw"),
+            ("connection", "keep-alive, x-private"),
+            ("keep-alive", "timeout=5"),
+            ("keep-alive", "max=100"),
+            ("te", "trailers"),
+            ("content-length", "12"),
+            ("content-type", "application/json"),
+            ("x-private", "kept: only named in connection"),
+        ] {
+            headers.append(
+                http::HeaderName::from_static(k),
+                HeaderValue::from_static(v),
+            );
+        }
+        let mut answer = headers.clone();
+        strip_hop_by_hop(&mut headers, Some(&http::header::CONTENT_LENGTH));
+        let names = |h: &http::HeaderMap| {
+            let mut n: Vec<_> = h.keys().map(|k| k.as_str().to_string()).collect();
+            n.sort();
+            n
+        };
+        assert_eq!(names(&headers), ["content-type", "x-private"]);
+        strip_hop_by_hop(&mut answer, None);
+        assert_eq!(
+            names(&answer),
+            ["content-length", "content-type", "x-private"]
         );
     }
 
