@@ -229,6 +229,53 @@ async fn remaining_requests_zero_rests_and_paces_the_backend_before_any_429() {
     assert_eq!(mock.counters().throttled, 0);
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_429_of_a_backend_limited_by_tokens_only_rests_it_and_sets_no_request_pace() {
+    // Quota headers for tokens only (an Azure deployment limited by tokens per minute): the
+    // token quota paces it; its 429 asks for a wait, and says nothing of a request rate.
+    for azure_headers in [false, true] {
+        let mut b = MockServer::builder().tps(200.0);
+        if azure_headers {
+            b = b.azure_headers();
+        }
+        let mock = b.start().await.unwrap();
+        let backend = azure(mock.url());
+        let svc = stack(&backend);
+        let ok = svc
+            .clone()
+            .oneshot(chat(r#"{"max_tokens":150}"#))
+            .await
+            .unwrap();
+        assert_eq!(ok.status(), 200);
+        let throttled = svc
+            .clone()
+            .oneshot(chat(r#"{"max_tokens":150}"#))
+            .await
+            .unwrap();
+        assert_eq!(throttled.status(), 429, "the token quota is used up");
+        let served = throttled.extensions().get::<Served>().unwrap();
+        assert!(
+            matches!(
+                served.outcome,
+                Outcome::Throttled {
+                    retry_after: Some(_)
+                }
+            ),
+            "{:?}",
+            served.outcome
+        );
+        assert!(
+            backend.state().snapshot().unavailable_until.is_some(),
+            "resting"
+        );
+        assert_eq!(
+            backend.state().snapshot().pace,
+            None,
+            "azure headers: {azure_headers}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn quota_hints_of_successful_answers_are_recorded() {
     let mock = MockServer::builder()

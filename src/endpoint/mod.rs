@@ -506,7 +506,10 @@ impl Record {
                     None => self.backoff(streak),
                 };
                 state.throttle_until(now + wait);
-                if hints.remaining_requests.is_none() {
+                // A backend limited by tokens only (quota headers for tokens, none for
+                // requests) is paced by its token quota: its 429 says nothing of a request rate.
+                let token_hints = hints.remaining_tokens.is_some() || hints.limit_tokens.is_some();
+                if hints.remaining_requests.is_none() && !token_hints {
                     // No quota hints: the rate the backend let through since its last 429 is
                     // what it can bear; before that is known, twice the wait it asked for (a
                     // 429's wait is the time to its next free slot: half an interval on
