@@ -208,6 +208,30 @@ impl Scenario {
         s
     }
 
+    /// S6h / S6l: S6t against a service that counts the prompt 30% heavier (`scale` 1.3) or
+    /// lighter (0.7) than its documentation says: each allows 20 such requests per second, so
+    /// the gateway must follow the service's counting, not its own estimate.
+    pub fn s6_token_quota_counted(scale: f64) -> Self {
+        let mut s = Self::s6t_token_quota_text();
+        (s.name, s.title) = if scale > 1.0 {
+            (
+                "S6h",
+                "token quota 2x, the service counts the prompt 30% heavier",
+            )
+        } else {
+            (
+                "S6l",
+                "token quota 2x, the service counts the prompt 30% lighter",
+            )
+        };
+        s.prompt_text = Some(scale);
+        let per_second = 20.0 * f64::from(s.request_tokens());
+        for b in &mut s.backends {
+            b.behaviour = Behaviour::Tokens(per_second);
+        }
+        s
+    }
+
     /// S2: a PTU deployment (priority 1) before two pay-as-you-go ones (priority 2), 20 req/s
     /// each; 400 requests at 40 req/s.
     pub fn s2_ptu_first() -> Self {
@@ -363,6 +387,8 @@ impl Scenario {
             Self::s4d_hang_defaults(),
             Self::s6_token_quota(),
             Self::s6t_token_quota_text(),
+            Self::s6_token_quota_counted(1.3),
+            Self::s6_token_quota_counted(0.7),
             Self::s7_stale_key(),
             Self::s8_replicas(),
         ]
@@ -830,7 +856,7 @@ impl Report {
                     format!("{}: {per:.3} backend 429s per success > 0.05", self.name),
                 );
             }
-            "S1p" | "S2p" | "S6" | "S6t" => {
+            "S1p" | "S2p" | "S6" | "S6t" | "S6h" | "S6l" => {
                 let per = self.backend_429s as f64 / self.served.max(1) as f64;
                 need(
                     per <= 0.05,

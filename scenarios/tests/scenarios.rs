@@ -73,6 +73,26 @@ async fn a_token_quota_is_paced_by_each_request_s_estimated_cost() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_token_quota_counted_30_percent_otherwise_than_documented_is_paced_without_429s() {
+    for scale in [1.3, 0.7] {
+        let report = run(Scenario {
+            requests: 300,
+            ..Scenario::s6_token_quota_counted(scale)
+        })
+        .await;
+        assert_eq!(report.served, report.sent, "{report}");
+        assert!(
+            report.backend_429s as f64 <= 0.05 * report.served as f64,
+            "{report}"
+        );
+        // Each backend got its share of the quota.
+        for b in &report.per_backend {
+            assert!(b.served >= 80, "{report}");
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
 async fn the_ptu_deployment_is_drained_first_without_earning_429s() {
     let report = run(Scenario {
         requests: 200,
