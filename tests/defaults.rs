@@ -262,3 +262,44 @@ async fn a_backend_that_rejects_our_key_leaves_the_rotation_and_its_requests_are
     }
     assert_eq!(wrong.counters().unauthorized, 2);
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_answer_that_says_x_should_retry_is_retried_as_it_says() {
+    let fault = |status: u16, should: &str| {
+        Fault::StatusWith(status, vec![("x-should-retry".into(), should.into())])
+    };
+    let cases = [
+        // (the first backend's answer, settings obey the header, the status the caller gets,
+        // requests the second backend sees)
+        (fault(500, "false"), true, 500, 0),
+        (fault(409, "true"), true, 200, 1),
+        (fault(500, "false"), false, 200, 1),
+        (Fault::Status(500), true, 200, 1),
+    ];
+    for (i, (answer, obey, status, second)) in cases.into_iter().enumerate() {
+        let first = MockServer::builder().name("first").start().await.unwrap();
+        let other = MockServer::builder().name("other").start().await.unwrap();
+        first.set_fault(Some(answer.clone()));
+        let backends = [
+            Backend::azure("first", first.url(), "gpt-4o", "2024-10-21")
+                .priority(1)
+                .build()
+                .unwrap(),
+            Backend::azure("other", other.url(), "gpt-4o", "2024-10-21")
+                .priority(2)
+                .build()
+                .unwrap(),
+        ];
+        let settings = Settings {
+            retry: RetryAfter429Layer::new().should_retry_header(obey),
+            ..Settings::default()
+        };
+        let res = group(&backends, &settings)
+            .oneshot(chat("{}"))
+            .await
+            .unwrap();
+        assert_eq!(res.status(), status, "case {i}: {answer:?}");
+        assert_eq!(first.counters().requests, 1, "case {i}");
+        assert_eq!(other.counters().requests, second, "case {i}");
+    }
+}

@@ -152,6 +152,29 @@ async fn a_400_from_the_first_target_is_returned_without_trying_the_second() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn an_answer_that_says_x_should_retry_false_is_returned_without_trying_the_next_target() {
+    let a = MockServer::builder().start().await.unwrap();
+    let b = MockServer::builder().start().await.unwrap();
+    a.set_fault(Some(Fault::StatusWith(
+        500,
+        vec![("x-should-retry".into(), "false".into())],
+    )));
+    let chain = Fallback::builder("c")
+        .target("a", target(&[openai("a", &a)]))
+        .target("b", target(&[openai("b", &b)]))
+        .build()
+        .unwrap();
+    let res = chain.clone().oneshot(chat("{}")).await.unwrap();
+    assert_eq!(res.status(), 500);
+    assert_eq!(a.counters().requests, 1);
+    assert_eq!(b.counters().requests, 0);
+    // Without the header, the 500 moves on to the next target.
+    a.set_fault(Some(Fault::Status(500)));
+    let res = chain.oneshot(chat("{}")).await.unwrap();
+    assert_eq!(res.status(), 200);
+}
+
+#[tokio::test(start_paused = true)]
 async fn when_every_target_fails_one_error_explains_each_failure() {
     let five = MockServer::builder().start().await.unwrap();
     five.set_fault(Some(Fault::Status(502)));

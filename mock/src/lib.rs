@@ -112,6 +112,9 @@ impl std::fmt::Debug for RefusingPort {
 pub enum Fault {
     /// Answer this status with an OpenAI-shaped error body.
     Status(u16),
+    /// Answer this status with an OpenAI-shaped error body and these headers (for example
+    /// `x-should-retry: false`, as OpenAI and Anthropic send on errors a retry will not fix).
+    StatusWith(u16, Vec<(String, String)>),
     /// Never answer (the connection stays open).
     Hang,
     /// Close the connection without an answer.
@@ -998,6 +1001,19 @@ async fn answer(
         Some(Fault::Status(s)) => {
             let status = StatusCode::from_u16(*s).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
             return Some(refuse(status, "server_error", "injected fault"));
+        }
+        Some(Fault::StatusWith(s, headers)) => {
+            let status = StatusCode::from_u16(*s).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            let mut res = refuse(status, "server_error", "injected fault");
+            for (k, v) in headers {
+                if let (Ok(k), Ok(v)) = (
+                    http::HeaderName::try_from(k.as_str()),
+                    HeaderValue::from_str(v),
+                ) {
+                    res.headers_mut().append(k, v);
+                }
+            }
+            return Some(res);
         }
         Some(Fault::Hang) => std::future::pending::<()>().await,
         Some(Fault::Reset) => return None,

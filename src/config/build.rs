@@ -436,6 +436,9 @@ fn retry_layer(
     if let Some(yes) = r.failures {
         layer = layer.retry_failures(yes);
     }
+    if let Some(yes) = r.should_retry_header {
+        layer = layer.should_retry_header(yes);
+    }
     if let Some(h) = r.hedge_after_ms {
         if h == 0 {
             return err(&format!("{path}.hedge_after_ms"), "must be > 0");

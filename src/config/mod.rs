@@ -339,6 +339,9 @@ pub(crate) struct RetryConfig {
     /// Whether failures (5xx, 408, timeouts, connection errors) are retried on another backend
     /// (default true).
     pub failures: Option<bool>,
+    /// Whether an answer's `x-should-retry` header decides whether it is retried (default
+    /// true: `false` is retried nowhere, `true` makes a client error retryable).
+    pub should_retry_header: Option<bool>,
     /// Opt-in hedging: with no answer head after this many ms, a second attempt goes to
     /// another backend; the first good answer wins and the other is cancelled.
     pub hedge_after_ms: Option<u64>,

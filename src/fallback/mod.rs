@@ -9,6 +9,7 @@
 //! |---|---|
 //! | success | returns it, with attribution (see below) |
 //! | client error (4xx) | returns it at once: a bad request is never sent to the next target |
+//! | an answer that says `x-should-retry: false` (not throttled) | returns it at once: the backend says no retry will help |
 //! | throttled / quota exhausted, server error, connect or transport error, timeout, nothing available | next target (the triggers are configurable; add status codes with [`FallbackBuilder::on_status`]) |
 //! | last target fails too | the last 429 with the earliest `retry-after` of all targets if the last failures were 429s; otherwise [`Exhausted`] listing every target's failure |
 //!
@@ -495,7 +496,12 @@ impl<ResB> Run<ResB> {
         match result {
             Ok(mut res) => {
                 let (backend, outcome, timed) = answered_by(&res);
-                let fires = self.shared.triggers.fires(&outcome, Some(res.status()));
+                // An answer that says `x-should-retry: false` is final (throttling excepted:
+                // it is about the backend's quota, not the request).
+                let final_answer = !outcome.is_throttled()
+                    && res.headers().get("x-should-retry").map(|v| v.as_bytes()) == Some(b"false");
+                let fires =
+                    !final_answer && self.shared.triggers.fires(&outcome, Some(res.status()));
                 // An answer from the first target tried keeps its own list of attempts.
                 let own = !fires
                     && self.attempts.is_empty()

@@ -8,7 +8,8 @@
 //!
 //! | outcome of an attempt | what `RetryAfter429` does |
 //! |---|---|
-//! | success, client error (4xx) | returns it |
+//! | success, client error (4xx) | returns it (a client error whose answer says `x-should-retry: true`: retried as a failure is) |
+//! | an answer that says `x-should-retry: false` (5xx, 408) | returns it at once: retried nowhere (off with [`RetryAfter429Layer::should_retry_header`]`(false)`) |
 //! | server error (5xx), 408, timeout, connect error, connection broken before the response head | retries at once on a backend not tried yet; when every backend was tried, after a backoff (0.5 s, doubling per backoff, 8 s cap, up to 25% jitter) on any; never two sends to one backend without a gap. Draws on the retry budget. Off with [`RetryAfter429Layer::retry_failures`]`(false)` (connect errors: [`RetryAfter429Layer::retry_connect_errors`]) |
 //! | throttled (429, 529, 503 with a hint) or quota exhausted | retries at once, so `Balance` sends it to another available backend; does not draw on the retry budget |
 //! | nothing available (every backend cooling down, paced or open) | waits in line: `Balance` books the next paced slot of the backend freeing first for this request (slots go out in the order requests ask), and the request waits for it if that fits the wait budget and the deadline; otherwise gives up at once, without sleeping. Waiting never draws on the retry budget |
@@ -84,6 +85,7 @@ struct Settings {
     deadline: Option<Duration>,
     retry_connect_errors: bool,
     retry_failures: bool,
+    should_retry_header: bool,
     backoff_base: Duration,
     backoff_max: Duration,
     hedge_after: Option<Duration>,
@@ -130,6 +132,7 @@ impl RetryAfter429Layer {
                 deadline: None,
                 retry_connect_errors: true,
                 retry_failures: true,
+                should_retry_header: true,
                 backoff_base: Duration::from_millis(500),
                 backoff_max: Duration::from_secs(8),
                 hedge_after: None,
@@ -137,6 +140,17 @@ impl RetryAfter429Layer {
                 rng: crate::rng::Rng::from_entropy(),
             },
         }
+    }
+
+    /// Whether an answer's `x-should-retry` header decides (default on, as the OpenAI and
+    /// Anthropic SDKs obey it): `false` on a failed answer (a 5xx, a 408) returns it at once,
+    /// retried nowhere; `true` on a client error (a 409, say) retries it as a failure is
+    /// retried. Throttled answers are retried whatever the header says: they are about the
+    /// backend's quota, and another backend (or the same one after its wait) has room. Off:
+    /// the header is ignored and the status alone decides.
+    pub fn should_retry_header(mut self, yes: bool) -> Self {
+        self.settings.should_retry_header = yes;
+        self
     }
 
     /// At most `n` attempts that reach a backend and are answered other than throttled (at least
@@ -449,7 +463,17 @@ fn judge<S, B, ResB>(
                 started,
             });
             tracing::debug!(attempt = ctx.attempts.len(), %outcome, "attempt answered");
-            let failed = ctx.settings.retry_failures && outcome.is_failure();
+            let told = if ctx.settings.should_retry_header {
+                should_retry(res.headers())
+            } else {
+                None
+            };
+            let failed = match told {
+                Some(false) => false,
+                // The backend says a retry may succeed where the status alone says not.
+                Some(true) => !outcome.is_success() && !outcome.is_throttled(),
+                None => ctx.settings.retry_failures && outcome.is_failure(),
+            };
             ctx.last_failed = failed;
             if failed {
                 ctx.elsewhere = true;
@@ -689,6 +713,15 @@ where
         return Err(last_error.unwrap_or_else(|| Exhausted::new(Vec::new(), earliest).into()));
     }
     Err(Exhausted::new(ctx.attempts, earliest).into())
+}
+
+/// The answer's `x-should-retry` (`true` / `false`, as OpenAI and Anthropic send it).
+fn should_retry(headers: &http::HeaderMap) -> Option<bool> {
+    match headers.get("x-should-retry")?.as_bytes() {
+        b"true" => Some(true),
+        b"false" => Some(false),
+        _ => None,
+    }
 }
 
 /// True for an answer worth returning: not throttled, not a failure.
