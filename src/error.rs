@@ -432,13 +432,16 @@ impl fmt::Display for TokenUnavailable {
 
 impl std::error::Error for TokenUnavailable {}
 
-/// No backend of the group serves the request's `model` (or none of those a fallback
-/// variant named): nothing was sent, and no wait would change it. A `Fallback` moves on to
-/// its next target; the gateway answers 404 `model_not_found`.
+/// No backend of the group serves the request's route (an Anthropic-only route in a group of
+/// OpenAI backends, say), its `model`, or is among those a fallback variant named: nothing
+/// was sent, and no wait would change it. A `Fallback` moves on to its next target; the
+/// gateway answers 404 (`route_not_served` or `model_not_found`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NotServed {
     pub(crate) group: Arc<str>,
     pub(crate) model: Option<String>,
+    /// The route no backend serves, and the kinds of backend that would.
+    pub(crate) route: Option<(String, &'static str)>,
 }
 
 impl NotServed {
@@ -446,10 +449,22 @@ impl NotServed {
     pub fn model(&self) -> Option<&str> {
         self.model.as_deref()
     }
+
+    /// The route (path) no backend of the group can serve, when that is why.
+    pub fn route(&self) -> Option<&str> {
+        self.route.as_ref().map(|(r, _)| r.as_str())
+    }
 }
 
 impl fmt::Display for NotServed {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some((route, kinds)) = &self.route {
+            return write!(
+                f,
+                "no backend of {} serves {route} (it is served by {kinds})",
+                self.group
+            );
+        }
         match &self.model {
             Some(m) => write!(f, "no backend of {} serves model {m:?}", self.group),
             None => write!(

@@ -6,7 +6,7 @@
 //!
 //! | route | what it does |
 //! |---|---|
-//! | `POST /v1/chat/completions`, `/v1/completions`, `/v1/embeddings`, `/v1/messages`, `GET /v1/models` | forwards through the stack; streamed answers stay streamed, chunk by chunk |
+//! | every route under `/v1/` of the OpenAI and Anthropic APIs, any method (`/v1/chat/completions`, `/v1/responses`, `/v1/embeddings`, `/v1/moderations`, `/v1/audio/...`, `/v1/images/...`, `/v1/files/...`, `/v1/batches/...`, `/v1/messages`, `/v1/messages/count_tokens`, ...) | forwards through the stack to a backend whose provider serves the route (as it is, or translated: chat completions and messages); streamed and binary answers pass through unbuffered. A route no backend of the group serves is refused before sending: `404 route_not_served`, naming the kinds of backend that serve it, in the caller's API shape |
 //! | `GET /health` | `200 {"status":"ok"}`; `503 {"status":"draining"}` once shutdown began ([`Gateway::serve`]) |
 //! | `GET /v1/models` | the models the backends declared (config `models`), OpenAI's list format; with none declared, forwarded to a backend |
 //! | `GET /stats` | per backend: requests, 2xx, 429, 5xx, failures, in flight, circuit, cooling until, last health probe, tokens |
@@ -446,6 +446,7 @@ impl Gateway {
             .route("/v1/embeddings", post(forward))
             .route("/v1/messages", post(forward))
             .route("/v1/models", get(models))
+            .fallback(forward_other)
             .route("/health", get(health))
             .route("/stats", get(stats))
             .route("/metrics", get(metrics_text))
@@ -462,9 +463,8 @@ impl Gateway {
     /// stops waiting after `gateway.shutdown_grace_ms`).
     ///
     /// Each connection is served by hyper (HTTP/1.1 and HTTP/2) inside the same layers as
-    /// [`Gateway::router`]; the forwarded routes (`POST /v1/chat/completions`,
-    /// `/v1/completions`, `/v1/embeddings`, `/v1/messages`) go straight to the stack, the
-    /// others through the router.
+    /// [`Gateway::router`]; the forwarded routes (every `/v1/...` route but `GET /v1/models`)
+    /// go straight to the stack, the others through the router.
     pub async fn serve(
         self,
         listener: tokio::net::TcpListener,
@@ -620,11 +620,7 @@ where
     }
 
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
-        let forwarded = req.method() == http::Method::POST
-            && matches!(
-                req.uri().path(),
-                "/v1/chat/completions" | "/v1/completions" | "/v1/embeddings" | "/v1/messages"
-            );
+        let forwarded = is_forwarded(req.method(), req.uri().path());
         if forwarded {
             use futures_util::FutureExt;
             use tracing::Instrument;
@@ -667,6 +663,19 @@ where
         let routes = self.routes.clone();
         Box::pin(routes.oneshot(req))
     }
+}
+
+/// Whether a request goes to the backends: every route under `/v1/` of the OpenAI and
+/// Anthropic APIs, whatever the method, except `GET /v1/models` (the gateway answers it).
+fn is_forwarded(method: &http::Method, path: &str) -> bool {
+    path.starts_with("/v1/") && !(path == "/v1/models" && method == http::Method::GET)
+}
+
+/// Whether `path` is one of Anthropic's routes (`/v1/messages` and below): its errors are
+/// written in Anthropic's shape.
+fn is_anthropic_route(path: &str) -> bool {
+    path.strip_prefix("/v1/messages")
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
 }
 
 /// Request ids in UUID v4 form, from the per-thread random source: no system call per request
@@ -856,6 +865,18 @@ async fn forward(State(gw): State<Gateway>, req: Request) -> Response {
     forward_from(gw, peer, req).await
 }
 
+/// Any other route: forwarded when it is one of the APIs' (`/v1/...`), else a 404.
+async fn forward_other(State(gw): State<Gateway>, req: Request) -> Response {
+    if is_forwarded(req.method(), req.uri().path()) {
+        return forward(State(gw), req).await;
+    }
+    error_response(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        &format!("no route {} {}", req.method(), req.uri().path()),
+    )
+}
+
 /// [`forward`] for a request from `peer` with any body.
 async fn forward_from<B>(gw: Gateway, peer: Option<SocketAddr>, req: http::Request<B>) -> Response
 where
@@ -864,7 +885,7 @@ where
 {
     let started = Instant::now();
     let route = metrics::route_label(req.uri().path());
-    let anthropic_caller = req.uri().path() == "/v1/messages";
+    let anthropic_caller = is_anthropic_route(req.uri().path());
     let mut line = Some(Box::new(AccessLine {
         // The request id (set by the layers or the direct path when the caller sent none).
         request_id: req.headers().get(&X_REQUEST_ID).cloned(),
@@ -1042,7 +1063,7 @@ where
             return res;
         }
     };
-    let anthropic_caller = parts.uri.path() == "/v1/messages";
+    let anthropic_caller = is_anthropic_route(parts.uri.path());
     let mut bytes = resolve_alias(&live.aliases, bytes);
     // Usage asked for on the caller's behalf is removed from what the caller gets.
     let mut strip_usage = false;
@@ -1338,8 +1359,13 @@ fn error_for(e: &BoxError) -> Response {
             &e.to_string(),
         );
     }
-    if find::<tower_llm_lb::error::NotServed>(&**e).is_some() {
-        return error_response(StatusCode::NOT_FOUND, "model_not_found", &e.to_string());
+    if let Some(n) = find::<tower_llm_lb::error::NotServed>(&**e) {
+        let code = if n.route().is_some() {
+            "route_not_served"
+        } else {
+            "model_not_found"
+        };
+        return error_response(StatusCode::NOT_FOUND, code, &e.to_string());
     }
     if let Some(u) = find::<tower_llm_lb::translate::Untranslatable>(&**e) {
         let body = serde_json::json!({

@@ -125,16 +125,30 @@ impl std::fmt::Debug for Metrics {
     }
 }
 
-/// The routes a request can be counted under (anything else is not counted).
+/// The routes a request can be counted under: the common ones by name, any other forwarded
+/// route (`/v1/files/{id}`, say) as `other`, so the label set stays fixed.
 pub(crate) fn route_label(path: &str) -> Option<&'static str> {
-    [
+    const ROUTES: [&str; 15] = [
         "/v1/chat/completions",
         "/v1/completions",
         "/v1/embeddings",
         "/v1/messages",
-    ]
-    .into_iter()
-    .find(|r| *r == path)
+        "/v1/responses",
+        "/v1/moderations",
+        "/v1/images/generations",
+        "/v1/images/edits",
+        "/v1/audio/speech",
+        "/v1/audio/transcriptions",
+        "/v1/audio/translations",
+        "/v1/files",
+        "/v1/batches",
+        "/v1/messages/count_tokens",
+        "/v1/messages/batches",
+    ];
+    ROUTES
+        .into_iter()
+        .find(|r| *r == path)
+        .or_else(|| path.starts_with("/v1/").then_some("other"))
 }
 
 impl Metrics {

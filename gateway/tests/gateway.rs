@@ -143,7 +143,9 @@ async fn plain_streamed_and_unauthorized_requests() {
         .header("api-key", "client-1")
         .body(Full::<Bytes>::default())
         .unwrap();
-    assert_eq!(send(models).await.status(), 200);
+    let res = send(models).await;
+    let status = res.status();
+    assert_eq!(status, 200, "{}", text(res).await);
     assert_eq!(backup.counters().requests, 0);
 }
 

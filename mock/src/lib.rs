@@ -750,6 +750,7 @@ fn route(method: &Method, path: &str, query: Option<&str>) -> Result<Route, Refu
             "embeddings" => Some("embedding"),
             "models" => Some("models"),
             "responses" => Some("chat"),
+            "moderations" => Some("moderation"),
             _ => None,
         }
     };
@@ -767,6 +768,13 @@ fn route(method: &Method, path: &str, query: Option<&str>) -> Result<Route, Refu
             model: String::new(),
             anthropic: true,
             kind: "chat",
+        });
+    }
+    if path == "/v1/messages/count_tokens" && method == Method::POST {
+        return Ok(Route {
+            model: String::new(),
+            anthropic: true,
+            kind: "count_tokens",
         });
     }
     if let Some(rest) = path.strip_prefix("/openai/deployments/") {
@@ -787,6 +795,14 @@ fn route(method: &Method, path: &str, query: Option<&str>) -> Result<Route, Refu
             model: deployment.to_string(),
             anthropic: false,
             kind,
+        });
+    }
+    // Azure's classic operations of the resource (not of a deployment): the model list.
+    if path == "/openai/models" && method == Method::GET {
+        return Ok(Route {
+            model: String::new(),
+            anthropic: false,
+            kind: "models",
         });
     }
     let rest = path
@@ -978,8 +994,16 @@ async fn answer(
             }
         }
     };
+    // A token count takes a messages request without `max_tokens`.
+    let counted =
+        (route.kind == "count_tokens" && json.is_object() && json.get("max_tokens").is_none())
+            .then(|| {
+                let mut j = json.clone();
+                j["max_tokens"] = 1.into();
+                j
+            });
     if route.anthropic
-        && let Err(message) = anthropic::validate(&json)
+        && let Err(message) = anthropic::validate(counted.as_ref().unwrap_or(&json))
     {
         return Some(refuse(StatusCode::BAD_REQUEST, "", &message));
     }
@@ -1189,6 +1213,7 @@ async fn answer(
         let text = format!("Hello from {}", shared.name);
         let input_tokens = cost_tokens as u64 - max_tokens;
         let body = match (route.anthropic, route.kind) {
+            (true, "count_tokens") => serde_json::json!({ "input_tokens": input_tokens }),
             (true, _) => {
                 let tool = anthropic::tool_to_call(&json);
                 anthropic::message(&model, &text, tool.as_deref(), input_tokens)
@@ -1210,6 +1235,10 @@ async fn answer(
                 "object": "list", "model": model,
                 "data": [{"object": "embedding", "index": 0, "embedding": [0.1, 0.2, 0.3]}],
                 "usage": {"prompt_tokens": 4, "total_tokens": 4}
+            }),
+            (_, "moderation") => serde_json::json!({
+                "id": "modr-mock", "model": model,
+                "results": [{"flagged": false, "categories": {}, "category_scores": {}}]
             }),
             (_, "models") => serde_json::json!({
                 "object": "list", "data": [{"id": model, "object": "model", "owned_by": shared.name}]

@@ -91,6 +91,27 @@ struct Slot<S> {
     /// A member that is itself a group: it must not wait for room inside, since this group
     /// may have room elsewhere (its requests carry a zero wait budget).
     group: bool,
+    /// A member (a service standing for other backends, not a backend): the routes it serves
+    /// are its own business.
+    member: bool,
+}
+
+/// Which routes the backends of a group serve (see [`Provider::serves_route`]).
+enum Routes {
+    /// Every slot alike: one check per request (`None`: no check, every slot a member).
+    Uniform(Option<crate::provider::Provider>),
+    /// Backends of different kinds: each candidate checked.
+    Mixed,
+}
+
+/// What a backend of `p` serves, as a class (backends of one class serve the same routes).
+fn route_class(p: &crate::provider::Provider) -> u8 {
+    use crate::provider::Provider;
+    match p {
+        Provider::Anthropic { .. } => 1,
+        Provider::Grpc => 2,
+        _ => 0,
+    }
 }
 
 struct Shared<S> {
@@ -106,6 +127,7 @@ struct Shared<S> {
     probe_poll: std::time::Duration,
     /// Some backend declared the models it serves: requests are matched by their `model`.
     by_model: bool,
+    routes: Routes,
 }
 
 /// Spreads requests over backends. See the [module docs](self).
@@ -310,6 +332,7 @@ impl<S> BalanceBuilder<S> {
             backend,
             service,
             group: false,
+            member: false,
         });
         self
     }
@@ -376,6 +399,7 @@ impl<S> BalanceBuilder<S> {
                 backend,
                 service,
                 group,
+                member: true,
             }),
             Err(e) => self.error = Some(e.to_string()),
         }
@@ -412,6 +436,15 @@ impl<S> BalanceBuilder<S> {
         priorities.sort_unstable();
         priorities.dedup();
         let by_model = self.slots.iter().any(|s| s.backend.models().is_some());
+        let backends = self.slots.iter().filter(|s| !s.member);
+        let mut classes = backends.clone().map(|s| route_class(s.backend.provider()));
+        let routes = match classes.next() {
+            None => Routes::Uniform(None),
+            Some(first) if classes.all(|c| c == first) && !self.slots.iter().any(|s| s.member) => {
+                Routes::Uniform(backends.map(|s| s.backend.provider().clone()).next())
+            }
+            Some(_) => Routes::Mixed,
+        };
         let candidates: Box<[Candidate]> = self
             .slots
             .iter()
@@ -441,6 +474,7 @@ impl<S> BalanceBuilder<S> {
                 cursors,
                 probe_poll: std::time::Duration::from_millis(25),
                 by_model,
+                routes,
             }),
         }
     }
@@ -739,23 +773,51 @@ impl<S> Balance<S> {
             None
         };
         let only = req.extensions().get::<crate::attempt::Only>();
-        if model.is_none() && only.is_none() {
+        // Which backends can serve its route: checked once when they are all alike.
+        let path = req.uri().path();
+        let mixed = match &self.shared.routes {
+            Routes::Uniform(Some(p)) if !p.serves_route(path) => {
+                return Err(self.not_served_route(path));
+            }
+            Routes::Uniform(_) => false,
+            Routes::Mixed => true,
+        };
+        if model.is_none() && only.is_none() && !mixed {
             return self.pick_index(now, tried, strict).map_err(refuse);
         }
         let slots = &self.shared.slots;
+        let routed = |i: usize| {
+            let s = &slots[i];
+            !mixed || s.member || s.backend.provider().serves_route(path)
+        };
         let allowed = |i: usize| {
             let b = &slots[i].backend;
-            model.is_none_or(|m| b.serves(m)) && only.is_none_or(|o| o.names(b.name()))
+            routed(i) && model.is_none_or(|m| b.serves(m)) && only.is_none_or(|o| o.names(b.name()))
         };
         if !(0..slots.len()).any(allowed) {
+            if !(0..slots.len()).any(routed) {
+                return Err(self.not_served_route(path));
+            }
             return Err(error::NotServed {
                 group: self.shared.name.clone(),
                 model: model.map(Into::into),
+                route: None,
             }
             .into());
         }
         self.pick_among(now, tried, strict, Some(&allowed))
             .map_err(refuse)
+    }
+
+    /// No backend of the group can serve the request's route.
+    #[cold]
+    fn not_served_route(&self, path: &str) -> BoxError {
+        error::NotServed {
+            group: self.shared.name.clone(),
+            model: None,
+            route: Some((path.into(), crate::provider::Provider::kinds_serving(path))),
+        }
+        .into()
     }
 
     /// Counts the request against the picked backend's quota and pace, and notes the pick.

@@ -291,6 +291,7 @@ impl<B: Send + 'static> Service<Request<ReplayBody>> for ModelRouter<B> {
                 let refused = crate::error::NotServed {
                     group: Arc::from("models"),
                     model: model.map(str::to_string),
+                    route: None,
                 };
                 Box::pin(async move { Err(refused.into()) })
             }

@@ -162,11 +162,19 @@ impl Provider {
         match self {
             Provider::OpenAi | Provider::AzureOpenAiV1 => out.push_str(op.unwrap_or(path)),
             Provider::Anthropic { .. } | Provider::Grpc => out.push_str(path),
-            Provider::AzureOpenAi { deployment, .. } => {
-                out.push_str("/openai/deployments/");
-                out.push_str(deployment_override.unwrap_or(deployment));
-                out.push_str(op.unwrap_or(path));
-            }
+            Provider::AzureOpenAi { deployment, .. } => match op {
+                // Operations of the resource, not of a deployment: files, batches, responses,
+                // vector stores, fine-tuning (`/openai/files?api-version=...`).
+                Some(op) if !is_deployment_op(op) => {
+                    out.push_str("/openai");
+                    out.push_str(op);
+                }
+                _ => {
+                    out.push_str("/openai/deployments/");
+                    out.push_str(deployment_override.unwrap_or(deployment));
+                    out.push_str(op.unwrap_or(path));
+                }
+            },
         }
         if out.is_empty() {
             out.push('/');
@@ -200,6 +208,72 @@ impl Provider {
             }
         }
         out
+    }
+}
+
+/// Whether an OpenAI operation (the path after `/v1`) is one of a model deployment on Azure's
+/// classic URLs (`/openai/deployments/{name}/...`): completions, embeddings, audio, images.
+fn is_deployment_op(op: &str) -> bool {
+    const DEPLOYMENT_OPS: [&str; 5] = [
+        "/chat/completions",
+        "/completions",
+        "/embeddings",
+        "/audio/",
+        "/images/",
+    ];
+    DEPLOYMENT_OPS
+        .iter()
+        .any(|d| op == *d || (d.ends_with('/') && op.starts_with(d)))
+}
+
+/// Whether `path` is one of Anthropic's own routes (`/v1/messages` and below it).
+fn is_anthropic_route(path: &str) -> bool {
+    path.strip_prefix("/v1/messages")
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+}
+
+impl Provider {
+    /// Whether a backend of this provider can serve a caller's `path` (an OpenAI- or
+    /// Anthropic-shaped route), as it is or translated:
+    ///
+    /// | provider | serves |
+    /// |---|---|
+    /// | OpenAI-compatible, Azure (classic and v1) | every `/v1/...` route of the OpenAI API, and `/v1/messages` (translated); not Anthropic's other routes (`/v1/messages/count_tokens`, `/v1/messages/batches`) |
+    /// | Anthropic | `/v1/messages` and the routes below it, `/v1/models`, `/v1/files`, and `/v1/chat/completions` (translated) |
+    /// | gRPC | any path (a gRPC method) |
+    ///
+    /// A route a backend cannot serve is never sent to it: a group picks among the backends
+    /// that can, and refuses with [`NotServed`](crate::error::NotServed) when none can.
+    pub(crate) fn serves_route(&self, path: &str) -> bool {
+        match self {
+            Provider::Grpc => true,
+            Provider::Anthropic { .. } => {
+                is_anthropic_route(path)
+                    || path == "/v1/chat/completions"
+                    || ["/v1/models", "/v1/files"].iter().any(|r| {
+                        path.strip_prefix(r)
+                            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+                    })
+            }
+            Provider::OpenAi | Provider::AzureOpenAi { .. } | Provider::AzureOpenAiV1 => {
+                path == "/v1/messages" || !is_anthropic_route(path)
+            }
+        }
+    }
+
+    /// The kinds of backend that serve `path`, for an error that names them.
+    pub(crate) fn kinds_serving(path: &str) -> &'static str {
+        let openai = Provider::OpenAi.serves_route(path);
+        let anthropic = Provider::Anthropic {
+            version: HeaderValue::from_static(DEFAULT_ANTHROPIC_VERSION),
+        }
+        .serves_route(path);
+        match (openai, anthropic) {
+            (true, true) => "OpenAI-compatible, Azure and Anthropic backends",
+            (true, false) => "OpenAI-compatible and Azure backends",
+            (false, true) => "Anthropic backends",
+            (false, false) => "gRPC backends only",
+        }
     }
 }
 
@@ -268,6 +342,78 @@ mod tests {
         assert_eq!(
             p.target_path("", "/v1/embeddings", Some("api-version=1999&x=1")),
             "/openai/deployments/gpt-4o/embeddings?x=1&api-version=2024-10-21"
+        );
+    }
+
+    #[test]
+    fn azure_classic_keeps_operations_of_the_resource_out_of_the_deployment() {
+        let p = Provider::azure("gpt-4o", "2025-03-01-preview").unwrap();
+        for (path, target) in [
+            ("/v1/files", "/openai/files"),
+            ("/v1/files/file-1/content", "/openai/files/file-1/content"),
+            ("/v1/batches", "/openai/batches"),
+            ("/v1/responses", "/openai/responses"),
+            ("/v1/responses/resp_1", "/openai/responses/resp_1"),
+            (
+                "/v1/audio/transcriptions",
+                "/openai/deployments/gpt-4o/audio/transcriptions",
+            ),
+            (
+                "/v1/images/generations",
+                "/openai/deployments/gpt-4o/images/generations",
+            ),
+            ("/v1/completions", "/openai/deployments/gpt-4o/completions"),
+        ] {
+            assert_eq!(
+                p.target_path("", path, None),
+                format!("{target}?api-version=2025-03-01-preview")
+            );
+        }
+    }
+
+    #[test]
+    fn each_provider_serves_its_own_routes_and_the_translated_ones() {
+        let openai = Provider::OpenAi;
+        let azure = Provider::azure("gpt-4o", "2024-10-21").unwrap();
+        let anthropic = Provider::anthropic("2023-06-01").unwrap();
+        for path in [
+            "/v1/chat/completions",
+            "/v1/messages",
+            "/v1/models",
+            "/v1/files/file-1",
+        ] {
+            for p in [&openai, &azure, &anthropic] {
+                assert!(p.serves_route(path), "{p:?} {path}");
+            }
+        }
+        for path in [
+            "/v1/embeddings",
+            "/v1/responses",
+            "/v1/audio/speech",
+            "/v1/batches",
+        ] {
+            assert!(
+                openai.serves_route(path) && azure.serves_route(path),
+                "{path}"
+            );
+            assert!(!anthropic.serves_route(path), "{path}");
+        }
+        for path in ["/v1/messages/count_tokens", "/v1/messages/batches/b1"] {
+            assert!(anthropic.serves_route(path), "{path}");
+            assert!(
+                !openai.serves_route(path) && !azure.serves_route(path),
+                "{path}"
+            );
+        }
+        assert!(!anthropic.serves_route("/v1/messagesx"));
+        assert!(Provider::Grpc.serves_route("/pkg.Svc/Method"));
+        assert_eq!(
+            Provider::kinds_serving("/v1/embeddings"),
+            "OpenAI-compatible and Azure backends"
+        );
+        assert_eq!(
+            Provider::kinds_serving("/v1/messages/count_tokens"),
+            "Anthropic backends"
         );
     }
 

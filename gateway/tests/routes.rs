@@ -1,0 +1,164 @@
+//! Every `/v1/*` route through the gateway over real sockets: each goes to a backend whose
+//! provider serves it (as it is or translated), never to one that speaks another API; a route
+//! no backend serves is refused before sending, in the caller's API shape.
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use serde_json::{Value, json};
+use tower::ServiceExt;
+use tower_llm_lb::client::http_client;
+use tower_llm_lb::config::Config;
+use tower_llm_lb_gateway::Gateway;
+use tower_llm_lb_mock::MockServer;
+
+/// Serves `json` on a loopback port until the returned sender is dropped.
+async fn serve(json: &str) -> (String, tokio::sync::oneshot::Sender<()>) {
+    let config = Config::from_json(json).unwrap();
+    let (svc, backends) = config.build_with_backends(http_client()).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(
+        Gateway::new(svc, backends, Vec::new())
+            .configured(&config)
+            .unwrap()
+            .serve(listener, async {
+                let _ = rx.await;
+            }),
+    );
+    (url, tx)
+}
+
+async fn call(method: &str, url: String, body: Option<Value>) -> (u16, Value) {
+    let req = http::Request::builder()
+        .method(method)
+        .uri(url)
+        .header("content-type", "application/json")
+        .body(Full::new(
+            body.map_or_else(Bytes::new, |b| Bytes::from(b.to_string())),
+        ))
+        .unwrap();
+    let res = http_client().oneshot(req).await.unwrap();
+    let status = res.status().as_u16();
+    let bytes = res.into_body().collect().await.unwrap().to_bytes();
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
+}
+
+#[tokio::test]
+async fn each_route_goes_to_a_backend_that_serves_it_and_no_other() {
+    let openai = MockServer::builder()
+        .name("openai")
+        .bearer("sk-o")
+        .start()
+        .await
+        .unwrap();
+    let claude = MockServer::builder()
+        .name("claude")
+        .x_api_key("sk-a")
+        .start()
+        .await
+        .unwrap();
+    let json = format!(
+        r#"{{ "backends": {{
+              "openai": {{ "provider": "openai", "url": "{o}/v1", "api_key": "sk-o" }},
+              "claude": {{ "provider": "anthropic", "url": "{a}", "api_key": "sk-a" }} }} }}"#,
+        o = openai.url(),
+        a = claude.url()
+    );
+    let (url, _stop) = serve(&json).await;
+    let messages = json!([{"role": "user", "content": "hi"}]);
+    // OpenAI's routes beyond chat: only the OpenAI backend can serve them, every time.
+    for _ in 0..6 {
+        let (status, body) = call(
+            "POST",
+            format!("{url}/v1/embeddings"),
+            Some(json!({"model": "m", "input": "x"})),
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        let (status, body) = call(
+            "POST",
+            format!("{url}/v1/moderations"),
+            Some(json!({"model": "m", "input": "x"})),
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["results"][0]["flagged"], false);
+        let (status, body) = call(
+            "POST",
+            format!("{url}/v1/responses"),
+            Some(json!({"model": "m", "input": "x"})),
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        // Anthropic's token count: only the Anthropic backend.
+        let (status, body) = call(
+            "POST",
+            format!("{url}/v1/messages/count_tokens"),
+            Some(json!({"model": "m", "messages": messages})),
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        assert!(body["input_tokens"].as_u64().is_some(), "{body}");
+    }
+    let paths = |m: &MockServer| -> Vec<String> {
+        m.requests().into_iter().map(|r| r.path_and_query).collect()
+    };
+    let (o, a) = (paths(&openai), paths(&claude));
+    assert_eq!(o.len(), 18, "{o:?}");
+    assert!(
+        o.iter()
+            .all(|p| ["/v1/embeddings", "/v1/moderations", "/v1/responses"].contains(&p.as_str())),
+        "{o:?}"
+    );
+    assert_eq!(a, vec!["/v1/messages/count_tokens"; 6]);
+}
+
+#[tokio::test]
+async fn a_route_no_backend_serves_is_refused_before_sending_in_the_callers_shape() {
+    let openai = MockServer::builder().name("openai").start().await.unwrap();
+    let json = format!(
+        r#"{{ "backends": {{ "openai": {{ "provider": "openai", "url": "{o}/v1" }} }} }}"#,
+        o = openai.url()
+    );
+    let (url, _stop) = serve(&json).await;
+    let (status, body) = call(
+        "POST",
+        format!("{url}/v1/messages/count_tokens"),
+        Some(json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]})),
+    )
+    .await;
+    assert_eq!(status, 404, "{body}");
+    // An Anthropic route: Anthropic's error shape, naming the route and who serves it.
+    assert_eq!(body["type"], "error", "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("/v1/messages/count_tokens"), "{message}");
+    assert!(message.contains("Anthropic backends"), "{message}");
+    assert_eq!(openai.counters().requests, 0);
+
+    let claude = MockServer::builder().name("claude").start().await.unwrap();
+    let json = format!(
+        r#"{{ "backends": {{ "claude": {{ "provider": "anthropic", "url": "{a}" }} }} }}"#,
+        a = claude.url()
+    );
+    let (url, _stop) = serve(&json).await;
+    let (status, body) = call(
+        "POST",
+        format!("{url}/v1/embeddings"),
+        Some(json!({"model": "m", "input": "x"})),
+    )
+    .await;
+    assert_eq!(status, 404, "{body}");
+    assert_eq!(body["error"]["code"], "route_not_served", "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("OpenAI-compatible and Azure"),
+        "{body}"
+    );
+    assert_eq!(claude.counters().requests, 0);
+}
