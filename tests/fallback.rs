@@ -80,6 +80,7 @@ async fn a_throttled_8k_deployment_falls_back_to_the_32k_one_with_model_overridd
         res.headers()["x-llm-lb-attempts"],
         "eastus-8k=throttled, eastus-32k=success"
     );
+    assert_eq!(res.headers()["x-llm-lb-attempt-count"], "2");
 }
 
 #[tokio::test(start_paused = true)]

@@ -27,7 +27,7 @@
 //!
 //! | outcome | answer |
 //! |---|---|
-//! | a backend answered | its status, headers and body, plus `x-llm-lb-backend` and `x-llm-lb-attempts` |
+//! | a backend answered | its status, headers and body, plus `x-llm-lb-backend`, `x-llm-lb-attempts` (each attempt's backend and outcome: `east=throttled, west=success`) and `x-llm-lb-attempt-count` (how many attempts were sent: `2`) |
 //! | a backend answered an error whose body is not a JSON error (an HTML page, truncated JSON, empty) | the same status with an OpenAI-shaped JSON error carrying a short, sanitised excerpt |
 //! | an error answer (body or header) quoting a configured backend credential | passed on with every such secret replaced by `[redacted]` |
 //! | a request body over the limit | `413` `request_too_large`, OpenAI-shaped, nothing sent |
@@ -823,6 +823,8 @@ const API_KEY: http::HeaderName = http::HeaderName::from_static("api-key");
 const X_API_KEY: http::HeaderName = http::HeaderName::from_static("x-api-key");
 const X_LLM_LB_BACKEND: http::HeaderName = http::HeaderName::from_static("x-llm-lb-backend");
 const X_LLM_LB_ATTEMPTS: http::HeaderName = http::HeaderName::from_static("x-llm-lb-attempts");
+const X_LLM_LB_ATTEMPT_COUNT: http::HeaderName =
+    http::HeaderName::from_static("x-llm-lb-attempt-count");
 
 /// Headers of one connection, not of the request or answer: never passed on. Names, not
 /// strings, so removing them parses nothing.
@@ -1195,6 +1197,7 @@ async fn shaped_error(res: http::Response<LlmBody>, backends: &[Backend]) -> Res
         "retry-after-ms",
         "x-llm-lb-backend",
         "x-llm-lb-attempts",
+        "x-llm-lb-attempt-count",
     ] {
         if let Some(v) = parts.headers.get(name) {
             out.headers_mut().insert(name, v.clone());
@@ -1260,7 +1263,8 @@ fn into_axum(
     Response::from_parts(parts, body)
 }
 
-/// Hop-by-hop headers out; `x-llm-lb-backend` and `x-llm-lb-attempts` in.
+/// Hop-by-hop headers out; `x-llm-lb-backend`, `x-llm-lb-attempts` and
+/// `x-llm-lb-attempt-count` in.
 fn attribute(parts: &mut http::response::Parts) {
     strip_hop_by_hop(&mut parts.headers, None);
     if !parts.headers.contains_key(&X_LLM_LB_BACKEND)
@@ -1284,6 +1288,9 @@ fn attribute(parts: &mut http::response::Parts) {
         if let Ok(v) = HeaderValue::from_str(&list) {
             parts.headers.insert(X_LLM_LB_ATTEMPTS, v);
         }
+        parts
+            .headers
+            .insert(X_LLM_LB_ATTEMPT_COUNT, HeaderValue::from(a.len()));
     }
 }
 

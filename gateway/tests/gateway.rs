@@ -163,6 +163,13 @@ async fn throttled_then_served_by_the_fallback_and_all_down_is_a_clear_error() {
         .unwrap()
         .to_string();
     assert!(attempts.starts_with("primary=throttled"), "{attempts}");
+    // The same count, as a number.
+    let count: usize = res.headers()["x-llm-lb-attempt-count"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(count, attempts.split(", ").count());
     let body: serde_json::Value = serde_json::from_slice(&backup.requests()[0].body).unwrap();
     assert_eq!(body["model"], "gpt-4o-mini");
 

@@ -26,7 +26,7 @@
 //! **Attribution**: the response carries [`ServedPath`] (e.g. `models[1:gpt-4-32k] -> westus`)
 //! and [`Attempts`] listing every attempt of every target; with
 //! [`FallbackBuilder::attribution_headers`] also the headers `x-llm-lb-backend` and
-//! `x-llm-lb-attempts`. The caller's `x-request-id` is kept and recorded in each target's span.
+//! `x-llm-lb-attempts` (and their number, `x-llm-lb-attempt-count`). The caller's `x-request-id` is kept and recorded in each target's span.
 //!
 //! **Streams**: a response is returned once its head arrives, so failover happens only before the
 //! first body byte reaches the caller; after that the body streams untouched, and a stream cut
@@ -335,7 +335,8 @@ impl<ResB: 'static> FallbackBuilder<ResB> {
         self
     }
 
-    /// Also reports attribution as `x-llm-lb-backend` and `x-llm-lb-attempts` response headers.
+    /// Also reports attribution as `x-llm-lb-backend`, `x-llm-lb-attempts` and
+    /// `x-llm-lb-attempt-count` response headers.
     pub fn attribution_headers(mut self, yes: bool) -> Self {
         self.headers = yes;
         self
@@ -797,6 +798,10 @@ fn attribute<ResB>(
         });
         if let Some(Ok(v)) = list.map(|l| HeaderValue::from_str(&l)) {
             res.headers_mut().insert("x-llm-lb-attempts", v);
+        }
+        if let Some(n) = res.extensions().get::<Attempts>().map(|a| a.0.len()) {
+            res.headers_mut()
+                .insert("x-llm-lb-attempt-count", HeaderValue::from(n));
         }
     }
     res.extensions_mut().insert(path);
