@@ -303,3 +303,38 @@ async fn an_answer_that_says_x_should_retry_is_retried_as_it_says() {
         assert_eq!(other.counters().requests, second, "case {i}");
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn simultaneous_failures_spread_their_retries() {
+    // Two backends that fail every request; breakers that do not trip, so every retry is
+    // the retry layer's own.
+    let (a, b) = (
+        MockServer::builder().name("a").start().await.unwrap(),
+        MockServer::builder().name("b").start().await.unwrap(),
+    );
+    a.set_fault(Some(Fault::Status(503)));
+    b.set_fault(Some(Fault::Status(503)));
+    let settings = Settings {
+        breaker: tower_llm_lb::circuit_breaker::Policy {
+            consecutive_failures: 1000,
+            min_calls: 0,
+            ..Default::default()
+        },
+        rng: Some(tower_llm_lb::rng::Rng::seeded(7)),
+        ..Settings::default()
+    };
+    let svc = group(&[backend("a", &a), backend("b", &b)], &settings);
+    let results = burst(&svc, 10).await;
+    assert_eq!(results.len(), 10);
+    let mut times: Vec<Duration> = Vec::new();
+    let t0 = a.requests()[0].at.min(b.requests()[0].at);
+    for m in [&a, &b] {
+        times.extend(m.requests().iter().map(|r| r.at - t0));
+    }
+    times.sort();
+    eprintln!("{times:?}");
+    // Each request tried both at once, then went back after a backoff: those returns spread.
+    let returns: Vec<Duration> = times[20..].iter().copied().take(10).collect();
+    let spread = *returns.iter().max().unwrap() - *returns.iter().min().unwrap();
+    assert!(spread >= Duration::from_millis(150), "{times:?}");
+}

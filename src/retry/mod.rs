@@ -10,7 +10,7 @@
 //! |---|---|
 //! | success, client error (4xx) | returns it (a client error whose answer says `x-should-retry: true`: retried as a failure is) |
 //! | an answer that says `x-should-retry: false` (5xx, 408) | returns it at once: retried nowhere (off with [`RetryAfter429Layer::should_retry_header`]`(false)`) |
-//! | server error (5xx), 408, timeout, connect error, connection broken before the response head | retries at once on a backend not tried yet; when every backend was tried, after a backoff (0.5 s, doubling per backoff, 8 s cap, up to 25% jitter) on any; never two sends to one backend without a gap. Draws on the retry budget. Off with [`RetryAfter429Layer::retry_failures`]`(false)` (connect errors: [`RetryAfter429Layer::retry_connect_errors`]) |
+//! | server error (5xx), 408, timeout, connect error, connection broken before the response head | retries at once on a backend not tried yet; when every backend was tried, after a backoff (0.5 s, doubling per backoff, 8 s cap, less a random share of up to half: simultaneous failures do not come back together) on any; never two sends to one backend without a gap. Draws on the retry budget. Off with [`RetryAfter429Layer::retry_failures`]`(false)` (connect errors: [`RetryAfter429Layer::retry_connect_errors`]) |
 //! | throttled (429, 529, 503 with a hint) or quota exhausted | retries at once, so `Balance` sends it to another available backend; does not draw on the retry budget |
 //! | nothing available (every backend cooling down, paced or open) | waits in line: `Balance` books the next paced slot of the backend freeing first for this request (slots go out in the order requests ask), and the request waits for it if that fits the wait budget and the deadline; otherwise gives up at once, without sleeping. Waiting never draws on the retry budget |
 //!
@@ -119,7 +119,7 @@ impl RetryAfter429Layer {
     /// Defaults: 4 attempts; wait budget 10 s; no deadline of its own; connect errors and
     /// failures (5xx, 408, timeouts, broken connections before the response head) retried on
     /// another backend, and where every backend was tried, after a backoff of 0.5 s doubling to
-    /// 8 s less up to 25% jitter (the official OpenAI and Anthropic SDKs retry the same
+    /// 8 s less up to half of it at random (the official OpenAI and Anthropic SDKs retry the same
     /// answers with the same backoff); retry budget for failure retries 20% of requests over
     /// 10 s with a floor of 10 retries/s (tower's and Envoy's defaults). Retrying a throttled
     /// request, or waiting for a backend that said when it has room, never draws on the
@@ -191,7 +191,7 @@ impl RetryAfter429Layer {
     }
 
     /// The backoff before a failure retry on a backend already tried (every backend of the
-    /// group was): `base * 2^(n-1)` capped at `max`, less up to 25% jitter (default 0.5 s to
+    /// group was): `base * 2^(n-1)` capped at `max`, less a random share of up to half (default 0.5 s to
     /// 8 s). Spent out of the wait budget and within the deadline.
     pub fn backoff(mut self, base: Duration, max: Duration) -> Self {
         self.settings.backoff_base = base;
@@ -368,15 +368,15 @@ impl<S, B> Ctx<S, B> {
     }
 
     /// The backoff before going back to a backend that failed: `base * 2^n` for the n-th
-    /// backoff (from 0) capped, less up to 25% jitter.
+    /// backoff (from 0) capped, less a random share of up to half ("equal jitter": requests
+    /// that failed together come back spread over half the backoff, never straight back).
     fn backoff(&mut self) -> Duration {
         let s = &self.settings;
         let exp = s
             .backoff_base
             .saturating_mul(2u32.saturating_pow(self.backoffs.min(20)));
         self.backoffs += 1;
-        exp.min(s.backoff_max)
-            .mul_f64(1.0 - 0.25 * s.rng.next_f64())
+        exp.min(s.backoff_max).mul_f64(1.0 - 0.5 * s.rng.next_f64())
     }
 
     /// How long the request may still wait: what is left of the wait budget, within the deadline.
