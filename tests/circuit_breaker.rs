@@ -23,6 +23,7 @@ fn policy() -> Policy {
     Policy {
         consecutive_failures: 3,
         base_open: Duration::from_secs(10),
+        growth: 2.0,
         max_open: Duration::from_secs(60),
         jitter: 0.0,
         ..Policy::default()

@@ -58,6 +58,16 @@ pub enum Behaviour {
     /// Healthy, but expects another key than the config gives it: answers every request `401`
     /// (a rotated key the config still has).
     WrongKey,
+    /// Answers every request with `status` for the first `outage` of the run (a rolling
+    /// restart, a regional blip), then healthy, throttled at `rps` requests per second.
+    Recovers {
+        /// The status of the outage.
+        status: u16,
+        /// How long the outage lasts from the start of the load.
+        outage: Duration,
+        /// Its request quota once healthy.
+        rps: f64,
+    },
 }
 
 /// One backend of a scenario.
@@ -278,6 +288,32 @@ impl Scenario {
         }
     }
 
+    /// S9: three deployments of 20 req/s, offered 50 req/s for 15 s; one answers 503 for the
+    /// first 5 s (a rolling restart) and is healthy after: it should serve again about when it
+    /// recovers, not a doubled open time later.
+    pub fn s9_recovery() -> Self {
+        Scenario {
+            requests: 750,
+            rate: 50.0,
+            ..Self::base(
+                "S9",
+                "recovery after a 5 s outage",
+                vec![
+                    BackendSpec::new(
+                        "east",
+                        Behaviour::Recovers {
+                            status: 503,
+                            outage: Duration::from_secs(5),
+                            rps: 20.0,
+                        },
+                    ),
+                    BackendSpec::new("west", Behaviour::Quota(20.0)),
+                    BackendSpec::new("north", Behaviour::Quota(20.0)),
+                ],
+            )
+        }
+    }
+
     /// S4: [never answers, healthy], per-attempt first-byte timeout 5 s configured; 40
     /// requests at 4 req/s.
     pub fn s4_hang() -> Self {
@@ -390,6 +426,7 @@ impl Scenario {
             Self::s6_token_quota_counted(1.3),
             Self::s6_token_quota_counted(0.7),
             Self::s7_stale_key(),
+            Self::s9_recovery(),
             Self::s8_replicas(),
         ]
     }
@@ -401,7 +438,7 @@ impl Scenario {
             .backends
             .iter()
             .map(|b| match b.behaviour {
-                Behaviour::Quota(r) => r,
+                Behaviour::Quota(r) | Behaviour::Recovers { rps: r, .. } => r,
                 Behaviour::Tokens(t) => t / f64::from(self.request_tokens()),
                 Behaviour::Unlimited => f64::INFINITY,
                 _ => 0.0,
@@ -469,7 +506,7 @@ impl Scenario {
                 b.quota_headers(false)
             };
             match spec.behaviour {
-                Behaviour::Quota(r) => b = b.rps(r),
+                Behaviour::Quota(r) | Behaviour::Recovers { rps: r, .. } => b = b.rps(r),
                 Behaviour::Tokens(t) => b = b.tps(t),
                 _ => {}
             }
@@ -478,7 +515,9 @@ impl Scenario {
             }
             let m = b.start().await?;
             match spec.behaviour {
-                Behaviour::Always(s) => m.set_fault(Some(Fault::Status(s))),
+                Behaviour::Always(s) | Behaviour::Recovers { status: s, .. } => {
+                    m.set_fault(Some(Fault::Status(s)))
+                }
                 Behaviour::Hang => m.set_fault(Some(Fault::Hang)),
                 _ => {}
             }
@@ -550,15 +589,35 @@ impl Scenario {
                 .filter_map(|i| addrs.get(*i).copied())
                 .collect()
         };
-        let samples = load_over(
-            &targets,
-            self.requests,
-            self.rate,
-            self.in_flight,
-            self.client_timeout,
-            self.max_tokens,
-        )
-        .await;
+        // Backends whose outage ends during the load: healthy again at `start + outage`.
+        let outages: Vec<(usize, Duration)> = self
+            .backends
+            .iter()
+            .enumerate()
+            .filter_map(|(i, b)| match b.behaviour {
+                Behaviour::Recovers { outage, .. } => Some((i, outage)),
+                _ => None,
+            })
+            .collect();
+        let recoveries = async {
+            for (i, outage) in &outages {
+                tokio::time::sleep_until(start + *outage).await;
+                if let Some(m) = &mocks[*i] {
+                    m.set_fault(None);
+                }
+            }
+        };
+        let (samples, ()) = tokio::join!(
+            load_over(
+                &targets,
+                self.requests,
+                self.rate,
+                self.in_flight,
+                self.client_timeout,
+                self.max_tokens,
+            ),
+            recoveries
+        );
         let wall = start.elapsed();
         let at_one_second = watcher.await.unwrap_or_default();
         for stop in stops {
@@ -596,6 +655,23 @@ impl Scenario {
                 throttled,
                 attempts,
             });
+        }
+        // How soon each recovered backend served again: its first 200 after its outage.
+        for (i, outage) in &outages {
+            let back = mocks[*i].as_ref().and_then(|m| {
+                m.requests()
+                    .iter()
+                    .filter(|r| r.status == 200 && r.at >= start + *outage)
+                    .map(|r| r.at - (start + *outage))
+                    .min()
+            });
+            let tried = mocks[*i].as_ref().map_or(0, |m| {
+                m.requests()
+                    .iter()
+                    .filter(|r| r.at < start + *outage)
+                    .count()
+            });
+            report.recovery.push((self.backends[*i].name, back, tried));
         }
         let secs_after = (wall.as_secs_f64() - 1.0).max(1e-3);
         for ((name, state), before) in bad.iter().zip(at_one_second) {
@@ -770,6 +846,9 @@ pub struct Report {
     pub during_retry_after: Vec<&'static str>,
     /// Each replica's shared-state link at the end (empty: none).
     pub shared: Vec<tower_llm_lb::shared::Status>,
+    /// Each backend that recovered during the run: how long after its outage ended it served
+    /// its first request (`None`: never), and how many requests it got during the outage.
+    pub recovery: Vec<(&'static str, Option<Duration>, usize)>,
 }
 
 impl Report {
@@ -812,6 +891,7 @@ impl Report {
             ideal: s.ideal(),
             per_backend: Vec::new(),
             bad_rate: Vec::new(),
+            recovery: Vec::new(),
             during_retry_after: Vec::new(),
             shared: Vec::new(),
         }
@@ -884,6 +964,14 @@ impl Report {
                     );
                 }
             }
+            "S9" => {
+                for (name, back, _) in &self.recovery {
+                    need(
+                        back.is_some_and(|b| b <= Duration::from_secs(2)),
+                        format!("S9: {name} back {back:?} after its outage (> 2 s)"),
+                    );
+                }
+            }
             "S4d" => need(
                 self.max <= Duration::from_secs(15),
                 format!("S4d: slowest request {:?} > 15 s", self.max),
@@ -928,6 +1016,13 @@ impl fmt::Display for Report {
             .bad_rate
             .iter()
             .map(|(n, r)| format!("{n} {r:.1}/s"))
+            .chain(self.recovery.iter().map(|(n, back, tried)| match back {
+                Some(b) => format!(
+                    "{n}: {tried} tries in its outage, back {:.1} s after it",
+                    b.as_secs_f64()
+                ),
+                None => format!("{n}: {tried} tries in its outage, never back"),
+            }))
             .collect::<Vec<_>>()
             .join(" ");
         write!(

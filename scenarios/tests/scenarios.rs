@@ -93,6 +93,30 @@ async fn a_token_quota_counted_30_percent_otherwise_than_documented_is_paced_wit
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_backend_back_from_an_outage_serves_again_within_the_probe_spacing() {
+    // An outage that ends just after the first probe of the old policy (5 s, +-10%): it
+    // was not probed again until 10 s later.
+    let mut s = Scenario {
+        requests: 500,
+        ..Scenario::s9_recovery()
+    };
+    s.backends[0].behaviour = tower_llm_lb_scenarios::Behaviour::Recovers {
+        status: 503,
+        outage: Duration::from_millis(5600),
+        rps: 20.0,
+    };
+    let report = run(s).await;
+    assert_eq!(report.served, report.sent, "{report}");
+    let (_, back, tried) = report.recovery[0];
+    let back = back.expect("served again");
+    // Probes around 5.6 s come ~2 s apart (+-10% each): back within 2.5 s (before: not
+    // within the run, the next probe coming 10 s after the first).
+    assert!(back <= Duration::from_millis(2500), "{report}");
+    // A failing backend still costs little: its trip's requests, then one probe per period.
+    assert!(tried <= 12, "{report}");
+}
+
+#[tokio::test(start_paused = true)]
 async fn the_ptu_deployment_is_drained_first_without_earning_429s() {
     let report = run(Scenario {
         requests: 200,

@@ -17,7 +17,7 @@
 //! States: `Closed` (traffic flows) → `Open` after `consecutive_failures` failures in a row, or a
 //! failure rate of `failure_rate` over `window` once `min_calls` calls were seen. While open it
 //! answers at once with [`error::Open`] (no network I/O). The open period starts at `base_open`,
-//! doubles with each consecutive trip up to `max_open`, ±`jitter`, and resets after a recovery.
+//! grows by `growth` with each consecutive trip up to `max_open` (1 s, x1.2, 10 s by default), ±`jitter`, and resets after a recovery.
 //! When it ends the breaker is `HalfOpen`: it lets `probes` requests through; a healthy answer
 //! closes it, a failure reopens it for longer. A probe whose caller gives up frees its slot.
 //!

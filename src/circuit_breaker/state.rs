@@ -22,9 +22,18 @@ pub struct Policy {
     pub window: Duration,
     /// …once the window holds at least this many calls (default 20). 0 disables the rate rule.
     pub min_calls: u32,
-    /// Open duration of the first trip (default 5 s); each consecutive trip doubles it…
+    /// Open duration of the first trip (default 1 s)…
     pub base_open: Duration,
-    /// …up to this (default 5 min).
+    /// …multiplied by this for each consecutive trip (default 1.2)…
+    pub growth: f64,
+    /// …up to this (default 10 s).
+    ///
+    /// The defaults probe a backend that keeps failing at 1, 2.2, 3.6, 5.4, 7.4, 9.9, 12.9 ...
+    /// s after its trip, then every 10 s: one that recovers serves again within about a fifth
+    /// of its outage (within 0.5 s after a 5 s outage), and one that stays dead costs one
+    /// attempt per 10 s once its first minute is over. Doubling from 5 s up to 5 min (before)
+    /// brought a backend back from a 5 s outage 10 s late whenever its first probe came just
+    /// before its recovery.
     pub max_open: Duration,
     /// Random share of the open duration added or removed (default 0.1 = ±10%).
     pub jitter: f64,
@@ -41,8 +50,9 @@ impl Default for Policy {
             failure_rate: 0.5,
             window: Duration::from_secs(30),
             min_calls: 20,
-            base_open: Duration::from_secs(5),
-            max_open: Duration::from_secs(300),
+            base_open: Duration::from_secs(1),
+            growth: 1.2,
+            max_open: Duration::from_secs(10),
             jitter: 0.1,
             probes: 1,
             slow_call: None,
@@ -67,6 +77,9 @@ impl Policy {
         }
         if self.base_open.is_zero() || self.max_open < self.base_open {
             return Err("base_open / max_open: need 0 < base_open <= max_open".into());
+        }
+        if !(self.growth >= 1.0 && self.growth <= 10.0) {
+            return Err("growth: must be in [1, 10]".into());
         }
         Ok(())
     }
@@ -339,11 +352,14 @@ impl Machine {
     /// Trips, unless `allowed` says the group cannot lose another backend.
     fn trip(&mut self, now: Instant, jitter: f64) -> Transition {
         self.trips = self.trips.saturating_add(1);
-        let exp = self
-            .policy
-            .base_open
-            .saturating_mul(2u32.saturating_pow(self.trips.saturating_sub(1).min(20)));
-        let base = exp.min(self.policy.max_open);
+        let steps = self.trips.saturating_sub(1).min(200) as i32;
+        let grown = self.policy.growth.powi(steps);
+        let base =
+            if grown >= self.policy.max_open.as_secs_f64() / self.policy.base_open.as_secs_f64() {
+                self.policy.max_open
+            } else {
+                self.policy.base_open.mul_f64(grown)
+            };
         let factor = 1.0 + self.policy.jitter * (2.0 * jitter - 1.0);
         let until = now + base.mul_f64(factor.max(0.0));
         self.phase = Phase::Open { until };
@@ -399,9 +415,39 @@ mod tests {
             min_calls: 0,
             jitter: 0.0,
             base_open: Duration::from_secs(10),
+            growth: 2.0,
             max_open: Duration::from_secs(35),
             ..Policy::default()
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn by_default_a_failing_backend_is_probed_often_at_first_then_every_10_s() {
+        let mut m = Machine::new(Policy {
+            jitter: 0.0,
+            ..Policy::default()
+        });
+        let mut t = Instant::now();
+        for _ in 0..5 {
+            m.record(false, true, MS, t, 0.5);
+        }
+        let mut opened = Vec::new();
+        for _ in 0..16 {
+            let Phase::Open { until } = m.phase else {
+                panic!("open")
+            };
+            opened.push((until - t).as_millis());
+            t = until;
+            assert_eq!(m.admit(t).0, Admit::Probe);
+            m.record(true, true, MS, t, 0.5);
+        }
+        assert_eq!(
+            opened,
+            [
+                1000, 1200, 1440, 1728, 2073, 2488, 2985, 3583, 4299, 5159, 6191, 7430, 8916,
+                10000, 10000, 10000
+            ]
+        );
     }
 
     const MS: Duration = Duration::from_millis(1);

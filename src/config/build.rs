@@ -319,7 +319,12 @@ fn settings(config: &Config) -> Result<Settings, ConfigError> {
             window: b.window_ms.map_or(d.window, ms),
             min_calls: b.min_calls.unwrap_or(d.min_calls),
             base_open: b.base_open_ms.map_or(d.base_open, ms),
-            max_open: b.max_open_ms.map_or(d.max_open, ms),
+            // A first open period set longer than the default longest: it is the longest.
+            max_open: b.max_open_ms.map_or_else(
+                || d.max_open.max(b.base_open_ms.map_or(d.base_open, ms)),
+                ms,
+            ),
+            growth: b.open_growth.unwrap_or(d.growth),
             probes: b.probes.unwrap_or(d.probes),
             ..d
         };

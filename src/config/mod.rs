@@ -396,6 +396,8 @@ pub(crate) struct BreakerConfig {
     pub min_calls: Option<u32>,
     /// First open period.
     pub base_open_ms: Option<u64>,
+    /// Each consecutive trip multiplies the open period by this (default 1.2).
+    pub open_growth: Option<f64>,
     /// Longest open period.
     pub max_open_ms: Option<u64>,
     /// Probes let through while half-open.
