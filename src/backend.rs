@@ -45,6 +45,9 @@ struct Inner {
     provider: Provider,
     priority: u32,
     weight: f64,
+    /// Whether the weight was set (a config's `weight`, [`BackendBuilder::weight`]): set
+    /// weights are honoured exactly by the default pick, even equal ones.
+    weight_set: bool,
     credential: Option<Credential>,
     state: BackendState,
     /// The target URI of each of [`COMMON_PATHS`], worked out once.
@@ -98,6 +101,7 @@ pub struct BackendBuilder {
     provider: Result<Provider, String>,
     priority: u32,
     weight: f64,
+    weight_set: bool,
     credential: Option<Credential>,
     state: Option<BackendState>,
     models: Option<Arc<[Box<str>]>>,
@@ -117,6 +121,7 @@ impl Backend {
             provider: Ok(provider),
             priority: 0,
             weight: 1.0,
+            weight_set: false,
             credential: None,
             state: None,
             models: None,
@@ -159,19 +164,25 @@ impl Backend {
     /// A copy of this backend description with another weight (and fresh state): for building
     /// the same endpoint into a canary split. Fails on a weight that is not finite and >= 0.
     pub fn with_weight(&self, weight: f64) -> Result<Backend, InvalidConfig> {
-        self.with_tier(self.priority(), weight)
+        self.with_tier(self.priority(), Some(weight))
     }
 
-    /// A copy of this backend description with another priority tier and weight (and fresh
-    /// state). Fails on a weight that is not finite and >= 0.
-    pub(crate) fn with_tier(&self, priority: u32, weight: f64) -> Result<Backend, InvalidConfig> {
+    /// A copy of this backend description with another priority tier and, when given, weight
+    /// (and fresh state). Fails on a weight that is not finite and >= 0.
+    pub(crate) fn with_tier(
+        &self,
+        priority: u32,
+        weight: Option<f64>,
+    ) -> Result<Backend, InvalidConfig> {
+        let i = &self.inner;
+        let weight_set = weight.is_some() || i.weight_set;
+        let weight = weight.unwrap_or(i.weight);
         if !weight.is_finite() || weight < 0.0 {
             return Err(invalid(
                 self.name(),
                 format!("weight: must be a finite number >= 0, got {weight}"),
             ));
         }
-        let i = &self.inner;
         Ok(Backend {
             inner: Arc::new(Inner {
                 name: i.name.clone(),
@@ -182,6 +193,7 @@ impl Backend {
                 provider: i.provider.clone(),
                 priority,
                 weight,
+                weight_set,
                 credential: i.credential.clone(),
                 state: BackendState::new(),
                 routes: i.routes.clone(),
@@ -207,8 +219,9 @@ impl Backend {
         let i = &self.inner;
         let url = format!("{}://{}{}", i.scheme, i.authority, i.base_path);
         let mut builder = Backend::builder(format!("{}.{deployment}", i.name), url, provider)
-            .priority(i.priority)
-            .weight(i.weight);
+            .priority(i.priority);
+        builder.weight = i.weight;
+        builder.weight_set = i.weight_set;
         if let Some(c) = &i.credential {
             builder = builder.credential(c.clone());
         }
@@ -258,6 +271,11 @@ impl Backend {
     /// The relative weight within its tier; 0 receives nothing.
     pub fn weight(&self) -> f64 {
         self.inner.weight
+    }
+
+    /// Whether its weight was set rather than left at the default.
+    pub(crate) fn weight_set(&self) -> bool {
+        self.inner.weight_set
     }
 
     /// The credential, if it has one.
@@ -335,6 +353,7 @@ impl BackendBuilder {
     /// Sets the weight within the tier (default 1; 0 receives nothing; must be finite, >= 0).
     pub fn weight(mut self, weight: f64) -> Self {
         self.weight = weight;
+        self.weight_set = true;
         self
     }
 
@@ -429,6 +448,7 @@ impl BackendBuilder {
                 provider,
                 priority: self.priority,
                 weight: self.weight,
+                weight_set: self.weight_set,
                 credential: self.credential,
                 state: self.state.unwrap_or_else(BackendState::new),
                 routes,

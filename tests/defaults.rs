@@ -338,3 +338,38 @@ async fn simultaneous_failures_spread_their_retries() {
     let spread = *returns.iter().max().unwrap() - *returns.iter().min().unwrap();
     assert!(spread >= Duration::from_millis(150), "{times:?}");
 }
+
+/// `n` requests one after another through `svc`; how many each mock served.
+async fn one_at_a_time(svc: &LlmService, n: usize, mocks: &[&MockServer]) -> Vec<u64> {
+    for _ in 0..n {
+        let res = svc.clone().oneshot(chat("{}")).await.unwrap();
+        assert_eq!(res.status(), 200);
+    }
+    mocks.iter().map(|m| m.counters().ok).collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn equal_backends_share_requests_sent_one_at_a_time_and_a_slow_region_is_avoided() {
+    let mock = |name: &'static str, ms: u64| async move {
+        MockServer::builder()
+            .name(name)
+            .latency(Duration::from_millis(ms))
+            .start()
+            .await
+            .unwrap()
+    };
+    // A few milliseconds apart: the same latency, measured with noise.
+    let (a, b) = (mock("a", 50).await, mock("b", 53).await);
+    let settings = Settings {
+        rng: Some(tower_llm_lb::rng::Rng::seeded(11)),
+        ..Settings::default()
+    };
+    let svc = group(&[backend("a", &a), backend("b", &b)], &settings);
+    let got = one_at_a_time(&svc, 60, &[&a, &b]).await;
+    assert!(got.iter().all(|n| (18..=42).contains(n)), "{got:?}");
+    // Ten times slower: avoided.
+    let (fast, slow) = (mock("fast", 50).await, mock("slow", 500).await);
+    let svc = group(&[backend("fast", &fast), backend("slow", &slow)], &settings);
+    let got = one_at_a_time(&svc, 60, &[&fast, &slow]).await;
+    assert!(got[1] <= 6, "{got:?}");
+}

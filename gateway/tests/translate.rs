@@ -225,6 +225,56 @@ async fn portkeys_50_50_anthropic_and_openai_config_answers_every_request_in_ope
 }
 
 #[tokio::test(start_paused = true)]
+async fn set_weights_are_honoured_whatever_the_latencies() {
+    // Anthropic answering in 80 ms, OpenAI in 50 ms, a weight of 0.5 each: half each (equal
+    // weights left the pick latency-aware: the faster one took more).
+    let claude = MockServer::builder()
+        .name("claude")
+        .x_api_key("sk-ant")
+        .latency(std::time::Duration::from_millis(80))
+        .start()
+        .await
+        .unwrap();
+    let openai = MockServer::builder()
+        .name("openai")
+        .bearer("sk-oai")
+        .latency(std::time::Duration::from_millis(50))
+        .start()
+        .await
+        .unwrap();
+    let json = format!(
+        r#"{{ "backends": {{
+              "claude": {{ "provider": "anthropic", "url": "{a}", "api_key": "sk-ant", "weight": 0.5 }},
+              "openai": {{ "provider": "openai", "url": "{o}/v1", "api_key": "sk-oai", "weight": 0.5 }} }} }}"#,
+        a = claude.url(),
+        o = openai.url()
+    );
+    let svc = Config::from_json(&json)
+        .unwrap()
+        .build(http_client())
+        .unwrap();
+    // 400 requests, 16 at a time (the faster backend has fewer in flight).
+    let n = 400;
+    let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(16));
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..n {
+        let (svc, gate) = (svc.clone(), gate.clone());
+        tasks.spawn(async move {
+            let _permit = gate.acquire_owned().await.unwrap();
+            let body = json!({"model": "gpt-4o-mini",
+                              "messages": [{"role": "user", "content": format!("Question {i}")}]});
+            svc.oneshot(chat(&body)).await.unwrap().status()
+        });
+    }
+    while let Some(status) = tasks.join_next().await {
+        assert_eq!(status.unwrap(), 200);
+    }
+    let share = claude.counters().ok as f64 / n as f64;
+    let tolerance = 4.0 * (0.25 / n as f64).sqrt();
+    assert!((share - 0.5).abs() < tolerance, "anthropic served {share}");
+}
+
+#[tokio::test(start_paused = true)]
 async fn an_overloaded_anthropic_target_falls_back_to_openai_in_the_middle_of_a_conversation() {
     let claude = anthropic_mock().await;
     let openai = openai_mock().await;

@@ -450,6 +450,12 @@ impl<S> BalanceBuilder<S> {
             .iter()
             .map(|s| Candidate {
                 weight: s.backend.weight(),
+                // A member's weight (other than 1) is its share as written.
+                weight_set: if s.member {
+                    s.backend.weight() != 1.0
+                } else {
+                    s.backend.weight_set()
+                },
                 state: s.backend.state().clone(),
             })
             .collect();

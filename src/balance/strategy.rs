@@ -11,12 +11,13 @@ use crate::state::BackendState;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Strategy {
-    /// The default. Where the tier's available backends have equal weights (nobody set any):
-    /// two different backends at random, the one with the lower load (requests in flight + 1,
-    /// times its peak-sensitive latency average; 1 s until it has answered) wins, so of two
-    /// equal backends one answering in 600 ms and one in 5 ms, the fast one takes most
-    /// requests. Where weights differ, [`Strategy::WeightedRandom`], so set weights are
-    /// honoured exactly.
+    /// The default. Where nobody set a weight in the tier: two different backends at random,
+    /// the one with the lower load (requests in flight + 1, times its peak-sensitive latency
+    /// average; 1 s until it has answered) wins. Latency averages within 1.5x of each other
+    /// count as equal (measurement noise), so equal backends share even requests sent one at
+    /// a time, while of one answering in 600 ms and one in 50 ms the fast one takes most
+    /// requests. Where any weight was set (even equal ones, as Portkey's `0.5`/`0.5`),
+    /// [`Strategy::WeightedRandom`], so set weights are honoured exactly.
     #[default]
     LatencyAware,
     /// Weighted random: each available backend is chosen with probability weight / sum of the
@@ -36,8 +37,10 @@ pub(crate) struct Tier {
     pub(crate) members: Box<[usize]>,
     /// The members' weights summed up to each: a weighted draw is a binary search.
     cumulative: Box<[f64]>,
-    /// Whether every member has the same weight.
+    /// Whether every member has the same weight, none of them set.
     uniform: bool,
+    /// Whether some member's weight was set: the default pick is then weighted random.
+    weights_set: bool,
 }
 
 impl Tier {
@@ -50,13 +53,18 @@ impl Tier {
                 sum
             })
             .collect();
+        // Set weights are honoured exactly, even equal ones: only weights nobody set leave
+        // the default pick latency-aware.
+        let weights_set = members.iter().any(|i| all[*i].weight_set);
         let uniform = members
             .windows(2)
-            .all(|w| all[w[0]].weight == all[w[1]].weight);
+            .all(|w| all[w[0]].weight == all[w[1]].weight)
+            && !weights_set;
         Tier {
             members,
             cumulative,
             uniform,
+            weights_set,
         }
     }
 }
@@ -72,6 +80,8 @@ const DRAWS: usize = 16;
 /// One backend as the picker sees it.
 pub(crate) struct Candidate {
     pub(crate) weight: f64,
+    /// The weight was set (even to the default): the pick honours it exactly.
+    pub(crate) weight_set: bool,
     pub(crate) state: BackendState,
 }
 
@@ -159,8 +169,10 @@ pub(crate) fn pick(
     {
         return Some(i);
     }
+    let weights_set = tier.weights_set;
     let tier = &tier.members[..];
     match strategy {
+        Strategy::LatencyAware if weights_set => weighted(all, tier, &ok, rng),
         Strategy::LatencyAware => {
             // Ask each candidate once: which are eligible (a bit each), and whether their
             // weights are all equal.
@@ -198,7 +210,11 @@ pub(crate) fn pick(
             let a = (rng.next_u64() % n) as usize;
             let b = (a + 1 + (rng.next_u64() % (n - 1)) as usize) % eligible;
             let (x, y) = (nth(a), nth(b));
-            Some(if lighter(&all[y], &all[x]) { y } else { x })
+            Some(if lighter(&all[y], &all[x], true) {
+                y
+            } else {
+                x
+            })
         }
         Strategy::WeightedRandom => weighted(all, tier, &ok, rng),
         Strategy::RoundRobin => {
@@ -220,7 +236,11 @@ pub(crate) fn pick(
         Strategy::PowerOfTwo => {
             let a = weighted(all, tier, &ok, rng)?;
             let b = weighted(all, tier, &ok, rng)?;
-            Some(if lighter(&all[b], &all[a]) { b } else { a })
+            Some(if lighter(&all[b], &all[a], false) {
+                b
+            } else {
+                a
+            })
         }
     }
 }
@@ -262,13 +282,21 @@ fn sampled(
         Strategy::LatencyAware if tier.uniform => {
             let x = uniform(None)?;
             let y = uniform(Some(x))?;
-            Some(if lighter(&all[y], &all[x]) { y } else { x })
+            Some(if lighter(&all[y], &all[x], true) {
+                y
+            } else {
+                x
+            })
         }
         Strategy::LatencyAware | Strategy::WeightedRandom => weighted(),
         Strategy::PowerOfTwo => {
             let x = weighted()?;
             let y = weighted()?;
-            Some(if lighter(&all[y], &all[x]) { y } else { x })
+            Some(if lighter(&all[y], &all[x], false) {
+                y
+            } else {
+                x
+            })
         }
         Strategy::RoundRobin => {
             let turn = members[cursor.fetch_add(1, Relaxed) % members.len()];
@@ -285,14 +313,27 @@ fn sampled(
 /// in-flight count: a new backend gets its share and is measured, instead of losing every
 /// comparison to backends already known to be fast (its first burst is capped by
 /// [`on_probation`]).
-fn lighter(y: &Candidate, x: &Candidate) -> bool {
+///
+/// `tolerant` (the default pick): latencies within [`SAME_LATENCY`] of each other count as
+/// equal, so that equal backends compare by in-flight count alone and, with nothing in flight,
+/// the first of the two random candidates wins: they share even one request at a time, where
+/// a few milliseconds of measurement noise used to send everything to one of them.
+fn lighter(y: &Candidate, x: &Candidate, tolerant: bool) -> bool {
     let (ly, lx) = (y.state.latency(), x.state.latency());
     let secs = |l: Option<std::time::Duration>, other: Option<std::time::Duration>| {
         l.or(other).map_or(1.0, |d| d.as_secs_f64().max(1e-6))
     };
+    let (mut sy, mut sx) = (secs(ly, lx), secs(lx, ly));
+    if tolerant && sy.max(sx) < SAME_LATENCY * sy.min(sx) {
+        (sy, sx) = (1.0, 1.0);
+    }
     let load = |c: &Candidate, latency: f64| (c.state.in_flight() as f64 + 1.0) * latency;
-    load(y, secs(ly, lx)) < load(x, secs(lx, ly))
+    load(y, sy) < load(x, sx)
 }
+
+/// Latency averages closer than this factor are the same latency measured with noise (a slow
+/// region's is many times its peers').
+const SAME_LATENCY: f64 = 1.5;
 
 fn weighted(
     all: &[Candidate],
@@ -350,6 +391,7 @@ mod tests {
             .iter()
             .map(|s| Candidate {
                 weight: 1.0,
+                weight_set: false,
                 state: s.clone(),
             })
             .collect()
@@ -484,6 +526,7 @@ mod tests {
             .zip(&states)
             .map(|(w, s)| Candidate {
                 weight: *w,
+                weight_set: false,
                 state: s.clone(),
             })
             .collect();

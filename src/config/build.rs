@@ -562,9 +562,11 @@ fn backend_from(
         ),
         (None, None, None) => None,
     };
-    let mut builder = Backend::builder(name, url.clone(), provider)
-        .priority(b.priority.unwrap_or(0))
-        .weight(b.weight.unwrap_or(1.0));
+    let mut builder =
+        Backend::builder(name, url.clone(), provider).priority(b.priority.unwrap_or(0));
+    if let Some(w) = b.weight {
+        builder = builder.weight(w);
+    }
     if let Some(c) = credential {
         builder = builder.credential(c);
     }
@@ -755,9 +757,8 @@ where
         };
         let backend = if t.weight.is_some() || t.priority.is_some() {
             let priority = t.priority.unwrap_or(backend.priority());
-            let weight = t.weight.unwrap_or(backend.weight());
             backend
-                .with_tier(priority, weight)
+                .with_tier(priority, t.weight)
                 .map_err(|e| ConfigError::new(join(path, "weight"), e.to_string()))?
         } else {
             backend
