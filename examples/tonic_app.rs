@@ -4,6 +4,11 @@
 //! maps what the stack says to gRPC: a throttled answer becomes `RESOURCE_EXHAUSTED` with
 //! `grpc-retry-pushback-ms`, a failure `UNAVAILABLE`. A tonic client then calls it.
 //!
+//! Two rounds of ten calls: with the default settings every call is answered (the stack waits
+//! in line for room within its 10 s budget); then with no wait budget (for callers that retry
+//! by themselves), the calls that find both backends throttled get `RESOURCE_EXHAUSTED` with
+//! the pushback at once.
+//!
 //! Run: `cargo run --example tonic_app`
 
 use std::convert::Infallible;
@@ -90,10 +95,27 @@ async fn ask(llm: LlmService, question: &str) -> Result<tonic::Response<AskReply
         .header("content-type", "application/json")
         .body(ReplayBody::from(body.to_string()))
         .map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
-    let res = llm
-        .oneshot(req)
-        .await
-        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    let res = llm.oneshot(req).await.map_err(|e| {
+        // Nothing was free and no wait fitted the budget: the stack says when something is.
+        use tower_llm_lb::error::{Exhausted, Unavailable, find};
+        let retry_at = find::<Exhausted>(&*e)
+            .map(Exhausted::earliest)
+            .or_else(|| find::<Unavailable>(&*e).map(Unavailable::earliest));
+        match retry_at.flatten() {
+            Some(at) => {
+                let ms = at
+                    .saturating_duration_since(tokio::time::Instant::now())
+                    .as_millis()
+                    .max(1) as u64;
+                let mut status = tonic::Status::resource_exhausted(e.to_string());
+                status
+                    .metadata_mut()
+                    .insert("grpc-retry-pushback-ms", ms.to_string().parse().unwrap());
+                status
+            }
+            None => tonic::Status::unavailable(e.to_string()),
+        }
+    })?;
     if res.status() == http::StatusCode::TOO_MANY_REQUESTS {
         // Every backend is busy: tell the gRPC caller when to come back, in its own terms.
         let wait = res.headers().get("retry-after-ms").cloned();
@@ -132,7 +154,25 @@ async fn ask(llm: LlmService, question: &str) -> Result<tonic::Response<AskReply
     Ok(tonic::Response::new(AskReply { answer, backend }))
 }
 
-async fn run() -> Result<(), BoxError> {
+/// What one gRPC call got: the backend that answered, or the status code and its pushback.
+#[derive(Debug)]
+enum Call {
+    Answered(String),
+    Refused(tonic::Code, Option<u64>),
+}
+
+/// Runs both rounds; what each call got, round by round.
+async fn run() -> Result<[Vec<Call>; 2], BoxError> {
+    let patient = Settings::default();
+    let impatient = Settings {
+        retry: tower_llm_lb::retry::RetryAfter429Layer::new().max_wait(std::time::Duration::ZERO),
+        ..Settings::default()
+    };
+    Ok([round(&patient).await?, round(&impatient).await?])
+}
+
+/// Ten calls through a tonic server over a stack built with `settings`.
+async fn round(settings: &Settings) -> Result<Vec<Call>, BoxError> {
     // Two LLM backends of 3 requests a second each.
     let mut mocks = Vec::new();
     let mut backends = Vec::new();
@@ -151,7 +191,7 @@ async fn run() -> Result<(), BoxError> {
         );
         mocks.push(mock);
     }
-    let llm = stack::group("chat", backends, http_client(), &Settings::default())?;
+    let llm = stack::group("chat", backends, http_client(), settings)?;
 
     // The tonic server, on a free port.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -171,6 +211,7 @@ async fn run() -> Result<(), BoxError> {
     // A tonic client over a plain HTTP/2 client.
     let origin: http::Uri = format!("http://{addr}").parse()?;
     let mut client = tonic::client::Grpc::with_origin(grpc_client::<tonic::body::Body>(), origin);
+    let mut calls = Vec::new();
     for i in 0..10 {
         client.ready().await?;
         let res: Result<tonic::Response<AskReply>, _> = client
@@ -186,8 +227,20 @@ async fn run() -> Result<(), BoxError> {
             Ok(reply) => {
                 let reply = reply.into_inner();
                 println!("call {i}: {} answered {:?}", reply.backend, reply.answer);
+                calls.push(Call::Answered(reply.backend));
             }
-            Err(status) => println!("call {i}: {:?} {}", status.code(), status.message()),
+            Err(status) => {
+                let pushback = status
+                    .metadata()
+                    .get("grpc-retry-pushback-ms")
+                    .and_then(|v| v.to_str().ok()?.parse().ok());
+                println!(
+                    "call {i}: {:?} {} (pushback {pushback:?} ms)",
+                    status.code(),
+                    status.message()
+                );
+                calls.push(Call::Refused(status.code(), pushback));
+            }
         }
     }
     for m in &mocks {
@@ -202,17 +255,56 @@ async fn run() -> Result<(), BoxError> {
     }
     let _ = stop.send(());
     server.await??;
-    Ok(())
+    for m in &mocks {
+        assert!(
+            m.request_during_retry_after().is_none(),
+            "no backend is sent a request while its 429 asks to wait"
+        );
+    }
+    Ok(calls)
 }
 
 #[cfg_attr(test, allow(dead_code))]
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
-    run().await
+    run().await.map(|_| ())
 }
 
 #[cfg(test)]
 #[tokio::test(start_paused = true)]
 async fn the_example_runs() {
-    run().await.unwrap();
+    let [patient, impatient] = run().await.unwrap();
+    // Waiting in line: every call answered, by both backends.
+    assert!(
+        patient.iter().all(|c| matches!(c, Call::Answered(_))),
+        "{patient:?}"
+    );
+    for name in ["eastus", "westus"] {
+        assert!(
+            patient
+                .iter()
+                .any(|c| matches!(c, Call::Answered(b) if b == name)),
+            "{patient:?}"
+        );
+    }
+    // No wait budget: the calls that find both throttled get RESOURCE_EXHAUSTED with a
+    // pushback (never 0), the others an answer.
+    let refused: Vec<_> = impatient
+        .iter()
+        .filter_map(|c| match c {
+            Call::Refused(code, pushback) => Some((*code, *pushback)),
+            Call::Answered(_) => None,
+        })
+        .collect();
+    assert!(!refused.is_empty(), "{impatient:?}");
+    assert!(
+        refused.iter().all(
+            |(code, ms)| *code == tonic::Code::ResourceExhausted && ms.is_some_and(|ms| ms > 0)
+        ),
+        "{impatient:?}"
+    );
+    assert!(
+        impatient.iter().any(|c| matches!(c, Call::Answered(_))),
+        "{impatient:?}"
+    );
 }
