@@ -156,6 +156,7 @@ async fn ask(llm: LlmService, question: &str) -> Result<tonic::Response<AskReply
 
 /// What one gRPC call got: the backend that answered, or the status code and its pushback.
 #[derive(Debug)]
+#[cfg_attr(not(test), allow(dead_code))] // read by the test
 enum Call {
     Answered(String),
     Refused(tonic::Code, Option<u64>),
