@@ -30,7 +30,8 @@ async fn summary(State(llm): State<LlmService>) -> Result<String, (http::StatusC
         .to_string())
 }
 
-async fn run() -> Result<(), BoxError> {
+/// Serves the app, calls `GET /summary` once; its status and body.
+async fn run() -> Result<(http::StatusCode, String), BoxError> {
     let a = MockServer::builder()
         .name("region-a")
         .api_key("ka")
@@ -61,20 +62,27 @@ async fn run() -> Result<(), BoxError> {
     let res = http_client::<http_body_util::Empty<bytes::Bytes>>()
         .get(format!("http://{addr}/summary").parse()?)
         .await?;
-    let text = res.into_body().collect().await?.to_bytes();
-    println!("GET /summary -> {}", String::from_utf8_lossy(&text));
+    let status = res.status();
+    let text = String::from_utf8(res.into_body().collect().await?.to_bytes().to_vec())?;
+    println!("GET /summary -> {status} {text}");
     server.abort();
-    Ok(())
+    Ok((status, text))
 }
 
 #[cfg_attr(test, allow(dead_code))]
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
-    run().await
+    run().await.map(|_| ())
 }
 
 #[cfg(test)]
 #[tokio::test(start_paused = true)]
 async fn the_example_runs() {
-    run().await.unwrap();
+    let (status, text) = run().await.unwrap();
+    assert_eq!(status, http::StatusCode::OK);
+    // The model's text, from one of the two regions.
+    assert!(
+        text == "Hello from region-a" || text == "Hello from region-b",
+        "{text}"
+    );
 }

@@ -30,8 +30,16 @@ async fn backend(name: &str, tier: u32) -> Result<(MockServer, Backend), BoxErro
     ))
 }
 
-async fn run() -> Result<(), BoxError> {
-    let ((_east, east), (_west, west)) = (backend("east", 0).await?, backend("west", 1).await?);
+/// Each request's status, the backend that answered, and its attempts; then every body the
+/// backends received.
+type Seen = (
+    Vec<(http::StatusCode, Option<String>, usize)>,
+    Vec<serde_json::Value>,
+);
+
+async fn run() -> Result<Seen, BoxError> {
+    let ((east_mock, east), (west_mock, west)) =
+        (backend("east", 0).await?, backend("west", 1).await?);
 
     // Your existing client: any hyper-util legacy client.
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
@@ -56,6 +64,7 @@ async fn run() -> Result<(), BoxError> {
         .target_with("gpt-4o", group, Overrides::new().set("max_tokens", 256))
         .build()?;
 
+    let mut seen = Vec::new();
     for i in 0..6 {
         let body = ReplayBody::from(r#"{"messages":[{"role":"user","content":"hi"}]}"#);
         let req = http::Request::post("/v1/chat/completions").body(body)?;
@@ -70,18 +79,32 @@ async fn run() -> Result<(), BoxError> {
             res.into_body().collect().await?.to_bytes().len(),
         );
         println!("request {i}: {status} from {who:?}, {tries} attempt(s), {len} bytes");
+        seen.push((status, who, tries));
     }
-    Ok(())
+    let bodies = [east_mock, west_mock]
+        .iter()
+        .flat_map(|m| m.requests())
+        .map(|r| serde_json::from_slice(&r.body))
+        .collect::<Result<_, _>>()?;
+    Ok((seen, bodies))
 }
 
 #[cfg_attr(test, allow(dead_code))]
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
-    run().await
+    run().await.map(|_| ())
 }
 
 #[cfg(test)]
 #[tokio::test(start_paused = true)]
 async fn the_example_runs() {
-    run().await.unwrap();
+    let (seen, bodies) = run().await.unwrap();
+    // Every request answered; tier 0 (east) first, west only once east is used up.
+    assert!(
+        seen.iter().all(|(s, who, _)| *s == 200 && who.is_some()),
+        "{seen:?}"
+    );
+    assert_eq!(seen[0].1.as_deref(), Some("east"), "{seen:?}");
+    // The target's override reached every backend.
+    assert!(bodies.iter().all(|b| b["max_tokens"] == 256), "{bodies:?}");
 }

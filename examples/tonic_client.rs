@@ -16,9 +16,10 @@ use tower_llm_lb::client::grpc_client;
 use tower_llm_lb::endpoint::EndpointLayer;
 use tower_llm_lb::retry::RetryAfter429Layer;
 use tower_llm_lb::{Backend, BoxError};
-use tower_llm_lb_mock::grpc::{GrpcFault, GrpcMock};
+use tower_llm_lb_mock::grpc::{GrpcCounters, GrpcFault, GrpcMock};
 
-async fn run() -> Result<(), BoxError> {
+/// What each server saw, and whether its circuit was open at the end.
+async fn run() -> Result<Vec<(String, GrpcCounters, bool)>, BoxError> {
     let mut servers = Vec::new();
     let mut backends = Vec::new();
     for (name, rps) in [("quota-2", 2), ("down", 100), ("steady", 100)] {
@@ -66,8 +67,13 @@ async fn run() -> Result<(), BoxError> {
             res.get_ref().status() // SERVING
         );
     }
+    let mut seen = Vec::new();
     for (server, backend) in servers.iter().zip(&backends) {
         let c = server.counters();
+        let open = !matches!(
+            backend.state().snapshot().circuit,
+            tower_llm_lb::state::Circuit::Closed
+        );
         println!(
             "{:8} got {:2} calls: {:2} served, {} RESOURCE_EXHAUSTED, {} failed, {} during a pushback, {} foreign credentials; circuit {:?}",
             backend.name(),
@@ -79,18 +85,29 @@ async fn run() -> Result<(), BoxError> {
             c.foreign_credentials,
             backend.state().snapshot().circuit
         );
+        seen.push((backend.name().to_string(), c, open));
     }
-    Ok(())
+    Ok(seen)
 }
 
 #[cfg_attr(test, allow(dead_code))]
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
-    run().await
+    run().await.map(|_| ())
 }
 
 #[cfg(test)]
 #[tokio::test(start_paused = true)]
 async fn the_example_runs() {
-    run().await.unwrap();
+    // Every call was answered (`run` fails otherwise).
+    let seen = run().await.unwrap();
+    let served: u64 = seen.iter().map(|(_, c, _)| c.ok).sum();
+    assert_eq!(served, 12, "{seen:?}");
+    for (name, c, open) in &seen {
+        // No call during a pushback, no token at the wrong server.
+        assert_eq!(c.during_pushback, 0, "{name}");
+        assert_eq!(c.foreign_credentials, 0, "{name}");
+        // The server answering UNAVAILABLE to everything was taken out.
+        assert_eq!(*open, name == "down", "{name}: {c:?}");
+    }
 }
