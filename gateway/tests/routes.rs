@@ -1,6 +1,8 @@
-//! Every `/v1/*` route through the gateway over real sockets: each goes to a backend whose
-//! provider serves it (as it is or translated), never to one that speaks another API; a route
-//! no backend serves is refused before sending, in the caller's API shape.
+//! Routes and mixed-provider configs through the gateway over real sockets: every `/v1/*`
+//! route goes to a backend whose provider serves it (as it is or translated), never to one
+//! that speaks another API; a route no backend serves is refused before sending, in the
+//! caller's API shape; seed 001's config (an Anthropic arm beside a nested OpenAI -> Azure
+//! fallback arm) serves as written.
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -161,4 +163,90 @@ async fn a_route_no_backend_serves_is_refused_before_sending_in_the_callers_shap
         "{body}"
     );
     assert_eq!(claude.counters().requests, 0);
+}
+
+/// Seed 001's config as users write it: an Anthropic arm (its own model and `max_tokens`)
+/// beside a nested fallback arm (OpenAI, then Azure), half the traffic each.
+#[tokio::test]
+async fn an_anthropic_arm_beside_a_nested_openai_then_azure_fallback_arm() {
+    let claude = MockServer::builder()
+        .name("claude")
+        .x_api_key("sk-ant")
+        .start()
+        .await
+        .unwrap();
+    let openai = MockServer::builder()
+        .name("openai")
+        .bearer("sk-oai")
+        .start()
+        .await
+        .unwrap();
+    let azure = MockServer::builder()
+        .name("azure")
+        .api_key("az-key")
+        .start()
+        .await
+        .unwrap();
+    let json = format!(
+        r#"{{
+          "strategy": {{ "mode": "loadbalance" }},
+          "targets": [
+            {{ "provider": "anthropic", "url": "{a}", "api_key": "sk-ant", "weight": 0.5,
+               "override_params": {{ "model": "claude-sonnet-4-5", "max_tokens": 512 }} }},
+            {{ "strategy": {{ "mode": "fallback" }}, "weight": 0.5,
+               "targets": [
+                 {{ "provider": "openai", "url": "{o}/v1", "api_key": "sk-oai",
+                    "override_params": {{ "model": "gpt-4o" }} }},
+                 {{ "provider": "azure", "url": "{z}", "deployment": "gpt-4o", "api_key": "az-key" }}
+               ] }}
+          ]
+        }}"#,
+        a = claude.url(),
+        o = openai.url(),
+        z = azure.url()
+    );
+    let (url, _stop) = serve(&json).await;
+    let ask = || {
+        call(
+            "POST",
+            format!("{url}/v1/chat/completions"),
+            Some(json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]})),
+        )
+    };
+    let n = 200;
+    for _ in 0..n {
+        let (status, body) = ask().await;
+        assert_eq!(status, 200, "{body}");
+        assert!(
+            body["choices"][0]["message"]["content"].is_string(),
+            "{body}"
+        );
+    }
+    let (c, o) = (claude.counters().ok, openai.counters().ok);
+    assert_eq!(c + o, n);
+    // Half each within binomial noise (4 standard deviations of 200 draws: +-14 points).
+    assert!((60..=140).contains(&c), "claude {c}, openai {o}");
+    assert_eq!(
+        azure.counters().requests,
+        0,
+        "the fallback's second target is idle"
+    );
+    // The Anthropic arm's overrides, in an Anthropic request.
+    for r in claude.requests() {
+        let seen: Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(seen["max_tokens"], 512);
+        assert_eq!(seen["model"], "claude-sonnet-4-5");
+        assert_eq!(r.path_and_query, "/v1/messages");
+    }
+    // OpenAI down: its arm falls back to Azure; every request still answered.
+    openai.set_fault(Some(tower_llm_lb_mock::Fault::Status(500)));
+    for _ in 0..40 {
+        let (status, body) = ask().await;
+        assert_eq!(status, 200, "{body}");
+    }
+    assert!(azure.counters().ok > 0, "azure served the fallback arm");
+    assert_eq!(claude.counters().ok + azure.counters().ok, n + 40 - o);
+    for m in [&claude, &openai, &azure] {
+        assert_eq!(m.counters().foreign_credentials, 0, "{}", m.name());
+    }
 }
