@@ -1263,6 +1263,14 @@ fn into_axum(
     Response::from_parts(parts, body)
 }
 
+/// `n` as a header value; the common counts without an allocation.
+fn count_value(n: usize) -> HeaderValue {
+    const SMALL: [&str; 9] = ["0", "1", "2", "3", "4", "5", "6", "7", "8"];
+    SMALL
+        .get(n)
+        .map_or_else(|| HeaderValue::from(n), |s| HeaderValue::from_static(s))
+}
+
 /// Hop-by-hop headers out; `x-llm-lb-backend`, `x-llm-lb-attempts` and
 /// `x-llm-lb-attempt-count` in.
 fn attribute(parts: &mut http::response::Parts) {
@@ -1290,7 +1298,7 @@ fn attribute(parts: &mut http::response::Parts) {
         }
         parts
             .headers
-            .insert(X_LLM_LB_ATTEMPT_COUNT, HeaderValue::from(a.len()));
+            .insert(X_LLM_LB_ATTEMPT_COUNT, count_value(a.len()));
     }
 }
 

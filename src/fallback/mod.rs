@@ -500,6 +500,7 @@ impl<ResB> Run<ResB> {
                 // An answer that says `x-should-retry: false` is final (throttling excepted:
                 // it is about the backend's quota, not the request).
                 let final_answer = !outcome.is_throttled()
+                    && !outcome.is_success()
                     && res.headers().get("x-should-retry").map(|v| v.as_bytes()) == Some(b"false");
                 let fires =
                     !final_answer && self.shared.triggers.fires(&outcome, Some(res.status()));

@@ -463,7 +463,8 @@ fn judge<S, B, ResB>(
                 started,
             });
             tracing::debug!(attempt = ctx.attempts.len(), %outcome, "attempt answered");
-            let told = if ctx.settings.should_retry_header {
+            // Only a failed or refused answer is worth the header lookup.
+            let told = if ctx.settings.should_retry_header && !outcome.is_success() {
                 should_retry(res.headers())
             } else {
                 None
@@ -717,7 +718,8 @@ where
 
 /// The answer's `x-should-retry` (`true` / `false`, as OpenAI and Anthropic send it).
 fn should_retry(headers: &http::HeaderMap) -> Option<bool> {
-    match headers.get("x-should-retry")?.as_bytes() {
+    static X_SHOULD_RETRY: http::HeaderName = http::HeaderName::from_static("x-should-retry");
+    match headers.get(&X_SHOULD_RETRY)?.as_bytes() {
         b"true" => Some(true),
         b"false" => Some(false),
         _ => None,
