@@ -250,3 +250,36 @@ async fn an_anthropic_arm_beside_a_nested_openai_then_azure_fallback_arm() {
         assert_eq!(m.counters().foreign_credentials, 0, "{}", m.name());
     }
 }
+
+#[tokio::test]
+async fn a_multipart_upload_is_routed_by_its_model_field() {
+    let chat = MockServer::builder().name("chat").start().await.unwrap();
+    let audio = MockServer::builder().name("audio").start().await.unwrap();
+    let json = format!(
+        r#"{{ "backends": {{
+              "chat": {{ "provider": "openai", "url": "{c}/v1", "models": ["gpt-4o"] }},
+              "audio": {{ "provider": "openai", "url": "{a}/v1", "models": ["whisper-1"] }} }} }}"#,
+        c = chat.url(),
+        a = audio.url()
+    );
+    let (url, _stop) = serve(&json).await;
+    let form = "--xyz\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\n\
+                Content-Type: audio/wav\r\n\r\nRIFF0000\r\n--xyz\r\n\
+                Content-Disposition: form-data; name=\"model\"\r\n\r\nwhisper-1\r\n--xyz--\r\n";
+    for _ in 0..4 {
+        let req = http::Request::post(format!("{url}/v1/audio/transcriptions"))
+            .header("content-type", "multipart/form-data; boundary=xyz")
+            .body(Full::new(Bytes::from(form)))
+            .unwrap();
+        // The mock knows no audio route (its 404 comes back); the point is where it went.
+        http_client().oneshot(req).await.unwrap();
+    }
+    assert_eq!(audio.counters().requests, 4);
+    assert_eq!(chat.counters().requests, 0);
+    // The body reached the backend as sent, byte for byte.
+    assert_eq!(audio.requests()[0].body, form.as_bytes());
+    assert_eq!(
+        audio.requests()[0].path_and_query,
+        "/v1/audio/transcriptions"
+    );
+}

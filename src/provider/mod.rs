@@ -346,6 +346,23 @@ mod tests {
     }
 
     #[test]
+    fn the_model_of_a_multipart_form_is_its_model_field() {
+        let form = b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\n\
+            Content-Type: audio/wav\r\n\r\nRIFF....\r\n--b\r\n\
+            Content-Disposition: form-data; name=\"model\"\r\n\r\nwhisper-1\r\n--b--\r\n";
+        assert_eq!(model_of(form), Some("whisper-1"));
+        // A file part named `model` is not the field.
+        let file = b"--b\r\nContent-Disposition: form-data; name=\"model\"; filename=\"m\"\r\n\r\nx\r\n--b--";
+        assert_eq!(model_of(file), None);
+        assert_eq!(
+            model_of(b"--b\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\n"),
+            None
+        );
+        // JSON first.
+        assert_eq!(model_of(br#"{"model":"gpt-4o"}"#), Some("gpt-4o"));
+    }
+
+    #[test]
     fn azure_classic_keeps_operations_of_the_resource_out_of_the_deployment() {
         let p = Provider::azure("gpt-4o", "2025-03-01-preview").unwrap();
         for (path, target) in [
@@ -490,7 +507,32 @@ pub fn estimate_tokens(body: &[u8]) -> u32 {
 /// The request's top-level `"model"` as the OpenAI and Anthropic APIs carry it, by a cheap scan
 /// (no parse): the string after the first `"model":` in the body. `None` without one, or when
 /// the value is not a plain string (escapes are not decoded).
+/// A `multipart/form-data` body (audio transcriptions, image edits, file uploads) gives the
+/// value of its `model` field.
 pub fn model_of(body: &[u8]) -> Option<&str> {
+    json_model_of(body).or_else(|| form_model_of(body))
+}
+
+/// The value of a multipart form's `model` field: the part headed
+/// `Content-Disposition: form-data; name="model"`, up to its line end.
+fn form_model_of(body: &[u8]) -> Option<&str> {
+    static FIELD: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+        std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"name=\"model\""));
+    let at = FIELD.find(body)? + b"name=\"model\"".len();
+    let rest = &body[at..];
+    // The part's headers end at the first empty line; a field has no filename.
+    let blank = memchr::memmem::find(rest, b"\r\n\r\n")?;
+    if rest[..blank].starts_with(b";") {
+        return None;
+    }
+    let value = &rest[blank + 4..];
+    let end = memchr::memmem::find(value, b"\r\n")?;
+    let model = std::str::from_utf8(&value[..end]).ok()?.trim();
+    (!model.is_empty()).then_some(model)
+}
+
+/// [`model_of`] for a JSON body.
+fn json_model_of(body: &[u8]) -> Option<&str> {
     static MODEL: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
         std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\"model\""));
     let key = b"\"model\"";
