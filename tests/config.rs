@@ -755,3 +755,43 @@ fn a_models_map_excludes_top_level_targets_and_strategy_and_names_the_field() {
         "models.m.backend: no backend named \"nope\" in `backends`"
     );
 }
+
+/// LangChain's `with_fallbacks` as users write it: no retries on the first model, retries on
+/// the last. Each target's `retry` bounds its own attempts.
+#[tokio::test(start_paused = true)]
+async fn only_the_last_target_retries_when_only_it_says_so() {
+    let first = MockServer::builder().name("first").start().await.unwrap();
+    let last = MockServer::builder().name("last").start().await.unwrap();
+    for m in [&first, &last] {
+        m.set_fault(Some(tower_llm_lb_mock::Fault::Status(500)));
+    }
+    let json = format!(
+        r#"{{ "strategy": {{ "mode": "fallback" }}, "retry": {{ "attempts": 1 }},
+             "targets": [
+               {{ "provider": "openai", "url": "{f}/v1" }},
+               {{ "provider": "openai", "url": "{l}/v1", "retry": {{ "attempts": 3 }} }} ] }}"#,
+        f = first.url(),
+        l = last.url()
+    );
+    let svc = Config::from_json(&json)
+        .unwrap()
+        .build(http_client())
+        .unwrap();
+    let err = svc.oneshot(chat("{}")).await.unwrap_err();
+    // One error listing every attempt: one on the first target, three on the last.
+    let ex = err
+        .downcast_ref::<tower_llm_lb::error::Exhausted>()
+        .expect("Exhausted");
+    let on: Vec<&str> = ex.attempts().iter().map(|a| &*a.backend).collect();
+    assert_eq!(on, ["openai-0", "openai-1", "openai-1", "openai-1"]);
+    assert_eq!(
+        first.counters().requests,
+        1,
+        "the first target does not retry"
+    );
+    assert_eq!(
+        last.counters().requests,
+        3,
+        "the last one tries three times"
+    );
+}
