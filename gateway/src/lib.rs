@@ -1487,7 +1487,9 @@ impl AccessLine {
                 }
                 log::number(line, "elapsed_us", self.head_us);
                 log::number(line, "duration_us", duration_us);
-                tracing::info!("{line}");
+                if !log::write_direct(module_path!(), line) {
+                    tracing::info!("{line}");
+                }
             });
             return;
         }
