@@ -147,6 +147,23 @@ async fn a_grpc_client_error_is_the_caller_s_and_never_retried() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_status_in_the_trailers_after_the_message_reaches_the_caller_as_sent() {
+    // Real tonic servers that serve the call, then end it UNAVAILABLE in the trailers: the
+    // head said nothing wrong, so the answer is already the caller's (nothing is retried once
+    // the head is passed on), and the status must arrive through every layer's body.
+    let (mocks, backends) = servers([100, 100, 100]).await;
+    for m in &mocks {
+        m.set_fault(Some(GrpcFault::AfterMessages(14)));
+    }
+    let mut client = client(&backends);
+    let status = check(&mut client).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert_eq!(status.message(), "mock fault");
+    let sent: u64 = mocks.iter().map(|m| m.counters().requests).sum();
+    assert_eq!(sent, 1);
+}
+
+#[tokio::test(start_paused = true)]
 async fn grpc_health_probes_take_a_not_serving_server_out_and_let_it_back() {
     use tower_llm_lb::circuit_breaker::HealthProbe;
     let (mocks, backends) = servers([100, 100, 100]).await;

@@ -44,6 +44,9 @@ pub enum GrpcFault {
     Status(i32),
     /// Never answer.
     Hang,
+    /// Serve the call (its message goes out), then end it with this status code in the
+    /// trailers instead of `OK`: a failure that shows only after the answer's head.
+    AfterMessages(i32),
 }
 
 /// What a [`GrpcMock`] saw.
@@ -274,12 +277,27 @@ where
                 let res = stamp(res);
                 Box::pin(async move { Ok(res) })
             }
-            Ok(()) => {
+            Ok(trailer_code) => {
                 let clone = self.inner.clone();
                 let mut inner = std::mem::replace(&mut self.inner, clone);
                 Box::pin(async move {
                     let res = inner.call(req).await?;
-                    sh.counts.ok.fetch_add(1, Relaxed);
+                    let Some(code) = trailer_code else {
+                        sh.counts.ok.fetch_add(1, Relaxed);
+                        return Ok(stamp(res));
+                    };
+                    // The messages as served, then this status in the trailers.
+                    use http_body_util::BodyExt;
+                    let res = res.map(|body| {
+                        Body::new(body.map_frame(move |frame| match frame.into_trailers() {
+                            Ok(mut t) => {
+                                t.insert("grpc-status", HeaderValue::from(code));
+                                t.insert("grpc-message", HeaderValue::from_static("mock%20fault"));
+                                http_body::Frame::trailers(t)
+                            }
+                            Err(data) => data,
+                        }))
+                    });
                     Ok(stamp(res))
                 })
             }
@@ -294,7 +312,8 @@ enum Refusal {
 }
 
 impl Shared {
-    fn admit(&self, req: &Request<Body>) -> Result<(), Refusal> {
+    /// Whether the call is served; `Some(code)`: served, ending with `code` in its trailers.
+    fn admit(&self, req: &Request<Body>) -> Result<Option<i32>, Refusal> {
         let c = &self.counts;
         c.requests.fetch_add(1, Relaxed);
         let now = Instant::now();
@@ -337,6 +356,10 @@ impl Shared {
                     None,
                 ));
             }
+            Some(GrpcFault::AfterMessages(code)) => {
+                c.errors.fetch_add(1, Relaxed);
+                return Ok(Some(code));
+            }
             None => {}
         }
         if let Some(rps) = self.rps {
@@ -360,6 +383,6 @@ impl Shared {
             }
             w.1 += 1;
         }
-        Ok(())
+        Ok(None)
     }
 }
