@@ -680,3 +680,98 @@ async fn a_messages_stream_cut_upstream_ends_with_anthropic_s_error_event() {
         "{seen}"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn reasoning_effort_becomes_extended_thinking_and_the_thinking_comes_back_as_reasoning() {
+    let claude = anthropic_mock().await;
+    let svc = claude_only(&claude, "");
+    let ask = |extra: Value| {
+        let mut body = json!({"model": "claude-sonnet-4-5",
+                              "messages": [{"role": "user", "content": "Why is the sky blue?"}]});
+        body.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        chat(&body)
+    };
+    // The request: a thinking budget per level, below max_tokens.
+    let res = svc
+        .clone()
+        .oneshot(ask(
+            json!({"reasoning_effort": "medium", "max_tokens": 8000}),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let answer: Value = serde_json::from_str(&text(res).await).unwrap();
+    let seen: Value = serde_json::from_slice(&claude.requests()[0].body).unwrap();
+    assert_eq!(
+        seen["thinking"],
+        json!({"type": "enabled", "budget_tokens": 2048})
+    );
+    assert_eq!(seen["max_tokens"], 8000);
+    assert!(seen.get("reasoning_effort").is_none());
+    // The answer: the thinking as `reasoning_content`, the text as the content.
+    let message = &answer["choices"][0]["message"];
+    assert_eq!(message["reasoning_content"], "Let me think about it.");
+    assert_eq!(message["content"], "Hello from claude");
+    // The stream: the thinking as `reasoning_content` deltas, before the content.
+    let res = svc
+        .clone()
+        .oneshot(ask(json!({"reasoning_effort": "high", "stream": true})))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let body = text(res).await;
+    let (mut reasoning, mut content) = (String::new(), String::new());
+    for line in body.lines().filter_map(|l| l.strip_prefix("data: ")) {
+        if line == "[DONE]" {
+            continue;
+        }
+        let chunk: Value = serde_json::from_str(line).unwrap();
+        let delta = &chunk["choices"][0]["delta"];
+        if let Some(r) = delta["reasoning_content"].as_str() {
+            assert!(content.is_empty(), "reasoning before content: {body}");
+            reasoning.push_str(r);
+        }
+        if let Some(c) = delta["content"].as_str() {
+            content.push_str(c);
+        }
+    }
+    assert_eq!(reasoning, "Let me think about it.");
+    assert!(!content.is_empty(), "{body}");
+    // High with the default max_tokens (4096): the budget stays below it.
+    let seen: Value = serde_json::from_slice(&claude.requests()[1].body).unwrap();
+    assert_eq!(seen["thinking"]["budget_tokens"], 4095);
+    // What Anthropic would refuse is refused before sending, naming the parameter.
+    for (extra, param) in [
+        (
+            json!({"reasoning_effort": "low", "max_tokens": 1000}),
+            "reasoning_effort",
+        ),
+        (
+            json!({"reasoning_effort": "low", "temperature": 0.2}),
+            "temperature",
+        ),
+        (json!({"reasoning_effort": "extreme"}), "reasoning_effort"),
+    ] {
+        let err = svc.clone().oneshot(ask(extra.clone())).await.unwrap_err();
+        let u = tower_llm_lb::error::find::<tower_llm_lb::translate::Untranslatable>(&*err)
+            .unwrap_or_else(|| panic!("{extra}: {err}"));
+        assert_eq!(u.param, param, "{extra}: {err}");
+    }
+    assert_eq!(claude.requests().len(), 2, "nothing refused was sent");
+    // No thinking asked for: none given, none returned.
+    let res = svc
+        .clone()
+        .oneshot(ask(json!({"reasoning_effort": "minimal"})))
+        .await
+        .unwrap();
+    let answer: Value = serde_json::from_str(&text(res).await).unwrap();
+    assert!(
+        answer["choices"][0]["message"]
+            .get("reasoning_content")
+            .is_none()
+    );
+    let seen: Value = serde_json::from_slice(&claude.requests()[2].body).unwrap();
+    assert!(seen.get("thinking").is_none());
+}

@@ -44,6 +44,28 @@ pub(super) fn validate(body: &Value) -> Result<(), String> {
     {
         return Err("temperature: Input should be less than or equal to 1".into());
     }
+    if let Some(budget) = thinking_budget(body) {
+        // Extended thinking, checked as the Messages API documents it.
+        if budget < 1024 {
+            return Err(
+                "thinking.enabled.budget_tokens: Input should be greater than or equal to 1024"
+                    .into(),
+            );
+        }
+        if req.get("max_tokens").and_then(Value::as_u64) <= Some(budget) {
+            return Err("`max_tokens` must be greater than `thinking.budget_tokens`".into());
+        }
+        if req
+            .get("temperature")
+            .and_then(Value::as_f64)
+            .is_some_and(|t| t != 1.0)
+        {
+            return Err("`temperature` may only be set to 1 when thinking is enabled".into());
+        }
+        if req.contains_key("top_k") {
+            return Err("`top_k` is not supported when thinking is enabled".into());
+        }
+    }
     let Some(messages) = req.get("messages").and_then(Value::as_array) else {
         return Err("messages: Field required".into());
     };
@@ -174,8 +196,24 @@ pub(super) fn tool_to_call(req: &Value) -> Option<String> {
 }
 
 /// A whole answer.
-pub(super) fn message(model: &str, text: &str, tool: Option<&str>, input_tokens: u64) -> Value {
-    let (content, stop) = match tool {
+/// The thinking budget a request enables (`thinking: {"type": "enabled", "budget_tokens": N}`).
+pub(super) fn thinking_budget(req: &Value) -> Option<u64> {
+    let t = req.get("thinking")?;
+    (t.get("type").and_then(Value::as_str) == Some("enabled"))
+        .then(|| t.get("budget_tokens").and_then(Value::as_u64).unwrap_or(0))
+}
+
+/// The mock's thinking, as a `thinking` content block carries it.
+pub(super) const THOUGHT: &str = "Let me think about it.";
+
+pub(super) fn message(
+    model: &str,
+    text: &str,
+    tool: Option<&str>,
+    input_tokens: u64,
+    thinking: bool,
+) -> Value {
+    let (mut content, stop) = match tool {
         Some(name) => (
             json!([{"type": "text", "text": text},
                    {"type": "tool_use", "id": "toolu_mock_0", "name": name,
@@ -184,6 +222,12 @@ pub(super) fn message(model: &str, text: &str, tool: Option<&str>, input_tokens:
         ),
         None => (json!([{"type": "text", "text": text}]), "end_turn"),
     };
+    if thinking && let Value::Array(blocks) = &mut content {
+        blocks.insert(
+            0,
+            json!({"type": "thinking", "thinking": THOUGHT, "signature": "sig-mock"}),
+        );
+    }
     json!({
         "id": "msg_mock", "type": "message", "role": "assistant", "model": model,
         "content": content, "stop_reason": stop, "stop_sequence": null,
@@ -200,24 +244,44 @@ fn event(v: Value) -> Bytes {
     Bytes::from(format!("event: {kind}\ndata: {v}\n\n"))
 }
 
-/// What comes before the content events of a stream.
-pub(super) fn stream_head(model: &str, input_tokens: u64, tool: Option<&str>) -> Vec<Bytes> {
+/// What comes before the content events of a stream; with `thinking`, a whole thinking block
+/// first (index 0), so the content block is index 1.
+pub(super) fn stream_head(
+    model: &str,
+    input_tokens: u64,
+    tool: Option<&str>,
+    thinking: bool,
+) -> Vec<Bytes> {
     let block = match tool {
         Some(name) => json!({"type": "tool_use", "id": "toolu_mock_0", "name": name, "input": {}}),
         None => json!({"type": "text", "text": ""}),
     };
-    vec![
-        event(json!({"type": "message_start", "message": {
-            "id": "msg_mock", "type": "message", "role": "assistant", "model": model,
-            "content": [], "stop_reason": null, "stop_sequence": null,
-            "usage": {"input_tokens": input_tokens, "output_tokens": 1}}})),
-        event(json!({"type": "content_block_start", "index": 0, "content_block": block})),
-        event(json!({"type": "ping"})),
-    ]
+    let mut head = vec![event(json!({"type": "message_start", "message": {
+        "id": "msg_mock", "type": "message", "role": "assistant", "model": model,
+        "content": [], "stop_reason": null, "stop_sequence": null,
+        "usage": {"input_tokens": input_tokens, "output_tokens": 1}}}))];
+    if thinking {
+        head.extend([
+            event(json!({"type": "content_block_start", "index": 0,
+                         "content_block": {"type": "thinking", "thinking": "", "signature": ""}})),
+            event(json!({"type": "content_block_delta", "index": 0,
+                         "delta": {"type": "thinking_delta", "thinking": THOUGHT}})),
+            event(json!({"type": "content_block_delta", "index": 0,
+                         "delta": {"type": "signature_delta", "signature": "sig-mock"}})),
+            event(json!({"type": "content_block_stop", "index": 0})),
+        ]);
+    }
+    let index = u64::from(thinking);
+    head.push(event(
+        json!({"type": "content_block_start", "index": index, "content_block": block}),
+    ));
+    head.push(event(json!({"type": "ping"})));
+    head
 }
 
-/// The `i`th content event: a text delta, or a piece of the tool call's JSON input.
-pub(super) fn stream_chunk(i: usize, tool: bool) -> Bytes {
+/// The `i`th content event (of the block at `index`): a text delta, or a piece of the tool
+/// call's JSON input.
+pub(super) fn stream_chunk(i: usize, tool: bool, index: u64) -> Bytes {
     let delta = if tool {
         let piece = if i == 0 {
             "{\"q\": \"tok0 ".to_string()
@@ -228,17 +292,17 @@ pub(super) fn stream_chunk(i: usize, tool: bool) -> Bytes {
     } else {
         json!({"type": "text_delta", "text": format!("tok{i} ")})
     };
-    event(json!({"type": "content_block_delta", "index": 0, "delta": delta}))
+    event(json!({"type": "content_block_delta", "index": index, "delta": delta}))
 }
 
-/// What ends a stream of `chunks` content events.
-pub(super) fn stream_tail(chunks: usize, tool: bool) -> Vec<Bytes> {
+/// What ends a stream of `chunks` content events (of the block at `index`).
+pub(super) fn stream_tail(chunks: usize, tool: bool, index: u64) -> Vec<Bytes> {
     let mut tail = Vec::new();
     if tool {
-        tail.push(event(json!({"type": "content_block_delta", "index": 0,
+        tail.push(event(json!({"type": "content_block_delta", "index": index,
                                "delta": {"type": "input_json_delta", "partial_json": "\"}"}})));
     }
-    tail.push(event(json!({"type": "content_block_stop", "index": 0})));
+    tail.push(event(json!({"type": "content_block_stop", "index": index})));
     tail.push(event(json!({"type": "message_delta",
                            "delta": {"stop_reason": if tool { "tool_use" } else { "end_turn" },
                                      "stop_sequence": null},

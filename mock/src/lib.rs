@@ -1193,10 +1193,12 @@ async fn answer(
         let shape = if route.anthropic {
             let tool = anthropic::tool_to_call(&json);
             let calls = tool.is_some();
+            let thinking = anthropic::thinking_budget(&json).is_some();
+            let index = u64::from(thinking);
             Stream {
-                head: anthropic::stream_head(&model, input_tokens, tool.as_deref()),
-                chunk: Box::new(move |i| anthropic::stream_chunk(i, calls)),
-                tail: anthropic::stream_tail(chunks, calls),
+                head: anthropic::stream_head(&model, input_tokens, tool.as_deref(), thinking),
+                chunk: Box::new(move |i| anthropic::stream_chunk(i, calls, index)),
+                tail: anthropic::stream_tail(chunks, calls, index),
             }
         } else {
             // OpenAI sends one last chunk with `usage` when the caller asked for it.
@@ -1216,7 +1218,8 @@ async fn answer(
             (true, "count_tokens") => serde_json::json!({ "input_tokens": input_tokens }),
             (true, _) => {
                 let tool = anthropic::tool_to_call(&json);
-                anthropic::message(&model, &text, tool.as_deref(), input_tokens)
+                let thinking = anthropic::thinking_budget(&json).is_some();
+                anthropic::message(&model, &text, tool.as_deref(), input_tokens, thinking)
             }
             (_, "chat") if openai_tool_to_call(&json).is_some() => {
                 let name = openai_tool_to_call(&json).unwrap_or_default();

@@ -13,6 +13,7 @@
 //! | `max_tokens` / `max_completion_tokens` (none: the configured default) | `max_tokens` (required) |
 //! | `temperature` (0-2), `top_p`, `stop`, `user` | `temperature` (0-1), `top_p`, `stop_sequences`, `metadata.user_id` |
 //! | `tools` (`function`), `tool_choice` (`auto`, `none`, `required`, a function), `parallel_tool_calls: false` | `tools` (`input_schema`), `tool_choice` (`auto`, `none`, `any`, `tool`), `disable_parallel_tool_use` |
+//! | `reasoning_effort` `low` / `medium` / `high` (`none`, `minimal`: no thinking); answer `message.reasoning_content`, stream `delta.reasoning_content` | `thinking: {"type": "enabled", "budget_tokens": 1024 / 2048 / 4096}`, the budget kept below `max_tokens` (refused when `max_tokens` leaves less than 1024, or with a `temperature` other than 1); answer `thinking` blocks, stream `thinking_delta` |
 //! | `stream`, `stream_options.include_usage` | `stream` (usage always sent; a usage chunk only when asked for) |
 //! | answer `finish_reason` `stop` / `length` / `tool_calls` / `content_filter` | `stop_reason` `end_turn` or `stop_sequence` / `max_tokens` / `tool_use` / `refusal` |
 //! | `usage.prompt_tokens` / `completion_tokens` | `usage.input_tokens` (+ cache reads and writes) / `output_tokens` |
@@ -127,6 +128,7 @@ pub(crate) fn chat_to_messages(body: &[u8], opts: &Options) -> Result<Translated
     let mut tools_given = false;
     let mut tool_choice: Option<Value> = None;
     let mut parallel: Option<bool> = None;
+    let mut effort: Option<u64> = None;
     let unsupported = |key: &str, why: &str| -> Result<(), Untranslatable> {
         if opts.drop_unsupported {
             Ok(())
@@ -293,6 +295,23 @@ pub(crate) fn chat_to_messages(body: &[u8], opts: &Options) -> Result<Translated
                     unsupported(&key, TO_ANTHROPIC)?;
                 }
             }
+            "reasoning_effort" => {
+                // Extended thinking with a budget per level (as LiteLLM maps them); "minimal"
+                // and "none" think not at all.
+                effort = match value.as_str() {
+                    _ if value.is_null() => None,
+                    Some("none" | "minimal") => None,
+                    Some("low") => Some(1024),
+                    Some("medium") => Some(2048),
+                    Some("high") => Some(4096),
+                    _ => {
+                        return Err(bad(
+                            "reasoning_effort",
+                            "must be none, minimal, low, medium or high",
+                        ));
+                    }
+                };
+            }
             "response_format" => {
                 let plain =
                     value.is_null() || value.get("type").and_then(Value::as_str) == Some("text");
@@ -327,6 +346,34 @@ pub(crate) fn chat_to_messages(body: &[u8], opts: &Options) -> Result<Translated
     );
     out.entry("max_tokens")
         .or_insert_with(|| json!(opts.default_max_tokens));
+    if let Some(level) = effort.filter(|_| !out.contains_key("thinking")) {
+        // `max_tokens` bounds thinking and answer together, as OpenAI's
+        // `max_completion_tokens` bounds reasoning and answer: the budget fits below it.
+        let max = out.get("max_tokens").and_then(Value::as_u64).unwrap_or(0);
+        let budget = level.min(max.saturating_sub(1));
+        if budget < 1024 {
+            return Err(bad(
+                "reasoning_effort",
+                format!(
+                    "needs max_tokens above 1024 {TO_ANTHROPIC} (thinking takes at least 1024)"
+                ),
+            ));
+        }
+        if out
+            .get("temperature")
+            .and_then(Value::as_f64)
+            .is_some_and(|t| t != 1.0)
+        {
+            return Err(bad(
+                "temperature",
+                format!("must be 1 or absent with reasoning_effort {TO_ANTHROPIC}"),
+            ));
+        }
+        out.insert(
+            "thinking".into(),
+            json!({"type": "enabled", "budget_tokens": budget}),
+        );
+    }
     let choice = match tool_choice {
         None | Some(Value::Null) => tools_given.then(|| json!({"type": "auto"})),
         Some(Value::String(s)) => match s.as_str() {
@@ -809,12 +856,18 @@ pub(crate) fn message_to_completion(body: &[u8], created: u64) -> Result<Vec<u8>
         .and_then(Value::as_array)
         .ok_or("answer has no content array")?;
     let mut text: Option<String> = None;
+    let mut thought: Option<String> = None;
     let mut calls = Vec::new();
     for b in blocks {
         match b.get("type").and_then(Value::as_str) {
             Some("text") => text
                 .get_or_insert_with(String::new)
                 .push_str(b.get("text").and_then(Value::as_str).unwrap_or("")),
+            // Extended thinking, as OpenAI-compatible servers return reasoning
+            // (`reasoning_content`: DeepSeek, vLLM, LiteLLM); redacted thinking has no text.
+            Some("thinking") => thought
+                .get_or_insert_with(String::new)
+                .push_str(b.get("thinking").and_then(Value::as_str).unwrap_or("")),
             Some("tool_use") => calls.push(json!({
                 "id": b.get("id").cloned().unwrap_or(Value::Null),
                 "type": "function",
@@ -835,6 +888,9 @@ pub(crate) fn message_to_completion(body: &[u8], created: u64) -> Result<Vec<u8>
         },
     );
     message.insert("refusal".into(), Value::Null);
+    if let Some(thought) = thought {
+        message.insert("reasoning_content".into(), json!(thought));
+    }
     if !calls.is_empty() {
         message.insert("tool_calls".into(), Value::Array(calls));
     }
@@ -1144,6 +1200,13 @@ impl ToChatChunks {
                 match delta.get("type").and_then(Value::as_str) {
                     Some("text_delta") => {
                         self.chunk(json!({"content": delta.get("text")}), None, out);
+                    }
+                    Some("thinking_delta") => {
+                        self.chunk(
+                            json!({"reasoning_content": delta.get("thinking")}),
+                            None,
+                            out,
+                        );
                     }
                     Some("input_json_delta") => {
                         let block = u64_at(&ev, "index");
