@@ -97,23 +97,13 @@ struct Slot<S> {
 }
 
 /// Which routes the backends of a group serve (see [`Provider::serves_route`]).
-enum Routes {
-    /// Every slot alike: one check per request (`None`: no check, every slot a member).
-    Uniform(Option<crate::provider::Provider>),
-    /// Backends of different kinds: each candidate checked.
-    Mixed,
+struct Routes {
+    /// One provider of each route class among the group's backends (members excluded): a
+    /// request's route is checked against these, at most three, not against every backend.
+    classes: Box<[crate::provider::Provider]>,
+    /// Some slot is a member, whose routes are its own business.
+    members: bool,
 }
-
-/// What a backend of `p` serves, as a class (backends of one class serve the same routes).
-fn route_class(p: &crate::provider::Provider) -> u8 {
-    use crate::provider::Provider;
-    match p {
-        Provider::Anthropic { .. } => 1,
-        Provider::Grpc => 2,
-        _ => 0,
-    }
-}
-
 struct Shared<S> {
     name: Arc<str>,
     slots: Box<[Slot<S>]>,
@@ -436,14 +426,16 @@ impl<S> BalanceBuilder<S> {
         priorities.sort_unstable();
         priorities.dedup();
         let by_model = self.slots.iter().any(|s| s.backend.models().is_some());
-        let backends = self.slots.iter().filter(|s| !s.member);
-        let mut classes = backends.clone().map(|s| route_class(s.backend.provider()));
-        let routes = match classes.next() {
-            None => Routes::Uniform(None),
-            Some(first) if classes.all(|c| c == first) && !self.slots.iter().any(|s| s.member) => {
-                Routes::Uniform(backends.map(|s| s.backend.provider().clone()).next())
+        let mut classes: Vec<crate::provider::Provider> = Vec::new();
+        for s in self.slots.iter().filter(|s| !s.member) {
+            let p = s.backend.provider();
+            if !classes.iter().any(|c| c.route_class() == p.route_class()) {
+                classes.push(p.clone());
             }
-            Some(_) => Routes::Mixed,
+        }
+        let routes = Routes {
+            classes: classes.into_boxed_slice(),
+            members: self.slots.iter().any(|s| s.member),
         };
         let candidates: Box<[Candidate]> = self
             .slots
@@ -779,15 +771,19 @@ impl<S> Balance<S> {
             None
         };
         let only = req.extensions().get::<crate::attempt::Only>();
-        // Which backends can serve its route: checked once when they are all alike.
+        // Which backends can serve its route: one check per route class in the group; the
+        // candidates are filtered only when some class cannot serve it.
         let path = req.uri().path();
-        let mixed = match &self.shared.routes {
-            Routes::Uniform(Some(p)) if !p.serves_route(path) => {
-                return Err(self.not_served_route(path));
-            }
-            Routes::Uniform(_) => false,
-            Routes::Mixed => true,
-        };
+        let routes = &self.shared.routes;
+        let serving = routes
+            .classes
+            .iter()
+            .filter(|p| p.serves_route(path))
+            .count();
+        if serving == 0 && !routes.members && !routes.classes.is_empty() {
+            return Err(self.not_served_route(path));
+        }
+        let mixed = serving < routes.classes.len();
         if model.is_none() && only.is_none() && !mixed {
             return self.pick_index(now, tried, strict).map_err(refuse);
         }

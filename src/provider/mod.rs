@@ -261,6 +261,16 @@ impl Provider {
         }
     }
 
+    /// Which routes it serves, as a class: providers of one class serve the same routes
+    /// ([`Provider::serves_route`]).
+    pub(crate) fn route_class(&self) -> u8 {
+        match self {
+            Provider::OpenAi | Provider::AzureOpenAi { .. } | Provider::AzureOpenAiV1 => 0,
+            Provider::Anthropic { .. } => 1,
+            Provider::Grpc => 2,
+        }
+    }
+
     /// The kinds of backend that serve `path`, for an error that names them.
     pub(crate) fn kinds_serving(path: &str) -> &'static str {
         let openai = Provider::OpenAi.serves_route(path);
