@@ -379,8 +379,12 @@ impl<S> BalanceBuilder<S> {
             "http://group.invalid",
             crate::provider::Provider::OpenAi,
         )
-        .weight(weight)
         .priority(priority);
+        // A member's weight other than 1 is its share as written (set); 1, the default, leaves
+        // the pick latency-aware.
+        if weight != 1.0 {
+            builder = builder.weight(weight);
+        }
         if let Some(state) = state {
             builder = builder.state(state);
         }
@@ -442,12 +446,7 @@ impl<S> BalanceBuilder<S> {
             .iter()
             .map(|s| Candidate {
                 weight: s.backend.weight(),
-                // A member's weight (other than 1) is its share as written.
-                weight_set: if s.member {
-                    s.backend.weight() != 1.0
-                } else {
-                    s.backend.weight_set()
-                },
+                weight_set: s.backend.weight_set(),
                 state: s.backend.state().clone(),
             })
             .collect();
