@@ -95,6 +95,17 @@ impl Classify for Standard {
     }
 }
 
+/// An answer's `x-should-retry` (`true` / `false`, as OpenAI and Anthropic send it): whether
+/// the backend says a retry may succeed, where it says so.
+pub(crate) fn should_retry(headers: &HeaderMap) -> Option<bool> {
+    static X_SHOULD_RETRY: http::HeaderName = http::HeaderName::from_static("x-should-retry");
+    match headers.get(&X_SHOULD_RETRY)?.as_bytes() {
+        b"true" => Some(true),
+        b"false" => Some(false),
+        _ => None,
+    }
+}
+
 /// Walks an error's source chain for the first cause this crate knows (the stock error policy).
 pub(crate) fn classify_error_chain(error: &(dyn StdError + 'static)) -> Outcome {
     let mut cur: Option<&(dyn StdError + 'static)> = Some(error);

@@ -78,7 +78,7 @@ use crate::attempt::{Deployment, answered_by, outcome_of};
 use crate::body::ReplayBody;
 use crate::classify::retry_after::set_retry_after;
 use crate::classify::retry_after::{DEFAULT_MAX_HINT, Hints};
-use crate::classify::{Outcome, classify_error_chain};
+use crate::classify::{Outcome, classify_error_chain, should_retry};
 use crate::error::{Attempt, BoxError, Exhausted, InvalidConfig};
 use crate::ready::ReadyCall;
 pub use layer::{FallbackLayer, ResponseBodyOf, Variant};
@@ -501,7 +501,7 @@ impl<ResB> Run<ResB> {
                 // it is about the backend's quota, not the request).
                 let final_answer = !outcome.is_throttled()
                     && !outcome.is_success()
-                    && res.headers().get("x-should-retry").map(|v| v.as_bytes()) == Some(b"false");
+                    && should_retry(res.headers()) == Some(false);
                 let fires =
                     !final_answer && self.shared.triggers.fires(&outcome, Some(res.status()));
                 // An answer from the first target tried keeps its own list of attempts.
@@ -791,16 +791,18 @@ fn attribute<ResB>(
         if let Ok(v) = HeaderValue::from_str(&backend) {
             res.headers_mut().insert("x-llm-lb-backend", v);
         }
-        let list = res.extensions().get::<Attempts>().map(|a| {
-            a.0.iter()
-                .map(|a| format!("{}={}", a.backend, a.outcome.name()))
-                .collect::<Vec<_>>()
-                .join(", ")
+        let attempts = res.extensions().get::<Attempts>().map(|a| {
+            let list =
+                a.0.iter()
+                    .map(|a| format!("{}={}", a.backend, a.outcome.name()))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+            (list, a.0.len())
         });
-        if let Some(Ok(v)) = list.map(|l| HeaderValue::from_str(&l)) {
-            res.headers_mut().insert("x-llm-lb-attempts", v);
-        }
-        if let Some(n) = res.extensions().get::<Attempts>().map(|a| a.0.len()) {
+        if let Some((list, n)) = attempts {
+            if let Ok(v) = HeaderValue::from_str(&list) {
+                res.headers_mut().insert("x-llm-lb-attempts", v);
+            }
             res.headers_mut()
                 .insert("x-llm-lb-attempt-count", HeaderValue::from(n));
         }

@@ -71,7 +71,7 @@ use tracing::Instrument;
 use crate::attempt::{Served, answered_by};
 use crate::body::clone_request;
 use crate::classify::retry_after::set_retry_after;
-use crate::classify::{Outcome, classify_error_chain};
+use crate::classify::{Outcome, classify_error_chain, should_retry};
 use crate::error::{Attempt, BoxError, DeadlineExceeded, Exhausted};
 use budget::RetryBudget;
 
@@ -714,16 +714,6 @@ where
         return Err(last_error.unwrap_or_else(|| Exhausted::new(Vec::new(), earliest).into()));
     }
     Err(Exhausted::new(ctx.attempts, earliest).into())
-}
-
-/// The answer's `x-should-retry` (`true` / `false`, as OpenAI and Anthropic send it).
-fn should_retry(headers: &http::HeaderMap) -> Option<bool> {
-    static X_SHOULD_RETRY: http::HeaderName = http::HeaderName::from_static("x-should-retry");
-    match headers.get(&X_SHOULD_RETRY)?.as_bytes() {
-        b"true" => Some(true),
-        b"false" => Some(false),
-        _ => None,
-    }
 }
 
 /// True for an answer worth returning: not throttled, not a failure.
