@@ -817,6 +817,19 @@ fn route(method: &Method, path: &str, query: Option<&str>) -> Result<Route, Refu
     })
 }
 
+/// Appends the fault's `(name, value)` headers as written (pairs that are not valid headers are
+/// skipped).
+fn append_headers<B>(res: &mut http::Response<B>, headers: &[(String, String)]) {
+    for (k, v) in headers {
+        if let (Ok(k), Ok(v)) = (
+            http::HeaderName::try_from(k.as_str()),
+            HeaderValue::from_str(v),
+        ) {
+            res.headers_mut().append(k, v);
+        }
+    }
+}
+
 fn header_str(h: &HeaderMap, name: &str) -> String {
     h.get(name)
         .and_then(|v| v.to_str().ok())
@@ -1029,14 +1042,7 @@ async fn answer(
         Some(Fault::StatusWith(s, headers)) => {
             let status = StatusCode::from_u16(*s).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
             let mut res = refuse(status, "server_error", "injected fault");
-            for (k, v) in headers {
-                if let (Ok(k), Ok(v)) = (
-                    http::HeaderName::try_from(k.as_str()),
-                    HeaderValue::from_str(v),
-                ) {
-                    res.headers_mut().append(k, v);
-                }
-            }
+            append_headers(&mut res, headers);
             return Some(res);
         }
         Some(Fault::Hang) => std::future::pending::<()>().await,
@@ -1062,14 +1068,7 @@ async fn answer(
                 "429",
                 "Rate limit reached. Please retry after the time in the retry-after header.",
             );
-            for (k, v) in headers {
-                if let (Ok(k), Ok(v)) = (
-                    http::HeaderName::try_from(k.as_str()),
-                    HeaderValue::from_str(v),
-                ) {
-                    res.headers_mut().append(k, v);
-                }
-            }
+            append_headers(&mut res, headers);
             return Some(res);
         }
         Some(Fault::QuotaExhausted) => {
