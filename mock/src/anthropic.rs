@@ -24,7 +24,8 @@ const FIELDS: &[&str] = &[
 ];
 
 /// Checks a messages request as Anthropic does; the error message when it is refused.
-pub(super) fn validate(body: &Value) -> Result<(), String> {
+/// `counting`: a token count (`/v1/messages/count_tokens`), which takes no `max_tokens`.
+pub(super) fn validate(body: &Value, counting: bool) -> Result<(), String> {
     let Some(req) = body.as_object() else {
         return Err("body: Input should be a valid dictionary".into());
     };
@@ -33,7 +34,7 @@ pub(super) fn validate(body: &Value) -> Result<(), String> {
             return Err(format!("{key}: Extra inputs are not permitted"));
         }
     }
-    if !req.get("max_tokens").is_some_and(Value::is_u64) {
+    if !counting && !req.get("max_tokens").is_some_and(Value::is_u64) {
         return Err("max_tokens: Field required".into());
     }
     if !req.get("model").is_some_and(Value::is_string) {
@@ -52,7 +53,7 @@ pub(super) fn validate(body: &Value) -> Result<(), String> {
                     .into(),
             );
         }
-        if req.get("max_tokens").and_then(Value::as_u64) <= Some(budget) {
+        if !counting && req.get("max_tokens").and_then(Value::as_u64) <= Some(budget) {
             return Err("`max_tokens` must be greater than `thinking.budget_tokens`".into());
         }
         if req
@@ -319,26 +320,31 @@ mod tests {
     fn requests_are_checked_as_anthropic_does() {
         let ok =
             json!({"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]});
-        assert_eq!(validate(&ok), Ok(()));
+        assert_eq!(validate(&ok, false), Ok(()));
         let mut no_max = ok.clone();
         no_max.as_object_mut().unwrap().remove("max_tokens");
-        assert_eq!(validate(&no_max).unwrap_err(), "max_tokens: Field required");
+        assert_eq!(
+            validate(&no_max, false).unwrap_err(),
+            "max_tokens: Field required"
+        );
+        // A token count takes none.
+        assert_eq!(validate(&no_max, true), Ok(()));
         let system = json!({"model": "m", "max_tokens": 5,
                             "messages": [{"role": "system", "content": "x"}, {"role": "user", "content": "hi"}]});
         assert!(
-            validate(&system)
+            validate(&system, false)
                 .unwrap_err()
                 .contains("Unexpected role \"system\"")
         );
         let extra = json!({"model": "m", "max_tokens": 5, "n": 2, "messages": []});
         assert_eq!(
-            validate(&extra).unwrap_err(),
+            validate(&extra, false).unwrap_err(),
             "n: Extra inputs are not permitted"
         );
         let orphan = json!({"model": "m", "max_tokens": 5, "messages": [
             {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "x"}]}]});
         assert!(
-            validate(&orphan)
+            validate(&orphan, false)
                 .unwrap_err()
                 .contains("unexpected `tool_use_id`")
         );
@@ -346,6 +352,6 @@ mod tests {
             {"role": "user", "content": "weather?"},
             {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "w", "input": {}}]},
             {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "sun"}]}]});
-        assert_eq!(validate(&answered), Ok(()));
+        assert_eq!(validate(&answered, false), Ok(()));
     }
 }

@@ -1007,16 +1007,8 @@ async fn answer(
             }
         }
     };
-    // A token count takes a messages request without `max_tokens`.
-    let counted =
-        (route.kind == "count_tokens" && json.is_object() && json.get("max_tokens").is_none())
-            .then(|| {
-                let mut j = json.clone();
-                j["max_tokens"] = 1.into();
-                j
-            });
     if route.anthropic
-        && let Err(message) = anthropic::validate(counted.as_ref().unwrap_or(&json))
+        && let Err(message) = anthropic::validate(&json, route.kind == "count_tokens")
     {
         return Some(refuse(StatusCode::BAD_REQUEST, "", &message));
     }
