@@ -266,7 +266,8 @@ async fn a_multipart_upload_is_routed_by_its_model_field() {
     let form = "--xyz\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\n\
                 Content-Type: audio/wav\r\n\r\nRIFF0000\r\n--xyz\r\n\
                 Content-Disposition: form-data; name=\"model\"\r\n\r\nwhisper-1\r\n--xyz--\r\n";
-    for _ in 0..4 {
+    // Twelve: a pick blind to the model would send all of them to `audio` 1 time in 4,096.
+    for _ in 0..12 {
         let req = http::Request::post(format!("{url}/v1/audio/transcriptions"))
             .header("content-type", "multipart/form-data; boundary=xyz")
             .body(Full::new(Bytes::from(form)))
@@ -274,7 +275,7 @@ async fn a_multipart_upload_is_routed_by_its_model_field() {
         // The mock knows no audio route (its 404 comes back); the point is where it went.
         http_client().oneshot(req).await.unwrap();
     }
-    assert_eq!(audio.counters().requests, 4);
+    assert_eq!(audio.counters().requests, 12);
     assert_eq!(chat.counters().requests, 0);
     // The body reached the backend as sent, byte for byte.
     assert_eq!(audio.requests()[0].body, form.as_bytes());
