@@ -658,19 +658,17 @@ impl Scenario {
         }
         // How soon each recovered backend served again: its first 200 after its outage.
         for (i, outage) in &outages {
-            let back = mocks[*i].as_ref().and_then(|m| {
-                m.requests()
-                    .iter()
-                    .filter(|r| r.status == 200 && r.at >= start + *outage)
-                    .map(|r| r.at - (start + *outage))
-                    .min()
-            });
-            let tried = mocks[*i].as_ref().map_or(0, |m| {
-                m.requests()
-                    .iter()
-                    .filter(|r| r.at < start + *outage)
-                    .count()
-            });
+            let end = start + *outage;
+            let seen = mocks[*i]
+                .as_ref()
+                .map(MockServer::requests)
+                .unwrap_or_default();
+            let back = seen
+                .iter()
+                .filter(|r| r.status == 200 && r.at >= end)
+                .map(|r| r.at - end)
+                .min();
+            let tried = seen.iter().filter(|r| r.at < end).count();
             report.recovery.push((self.backends[*i].name, back, tried));
         }
         let secs_after = (wall.as_secs_f64() - 1.0).max(1e-3);
