@@ -20,6 +20,8 @@ use clap::{Args, Parser, Subcommand};
 use tower_llm_lb::config::Config;
 use tower_llm_lb::error::BoxError;
 
+use crate::settings::GatewayConfig;
+
 /// Tower middleware's OpenAI-compatible gateway: spreads LLM API calls over many endpoints and
 /// keeps working when they throttle or fail.
 #[derive(Debug, Parser)]
@@ -142,16 +144,19 @@ fn check(path: &str) -> ExitCode {
     };
     // Built with a client that is never used: the check sends nothing. The gateway's section is
     // checked as serving applies it (aliases, limits, TLS files, log format).
-    let log_format = config.gateway().and_then(|g| g.log_format.as_deref());
-    let built = config
-        .build_with_backends(tower_llm_lb::client::http_client())
-        .map_err(|e| e.to_string())
-        .and_then(|(service, backends)| {
+    let built = GatewayConfig::of(&config)
+        .and_then(|g| {
+            config
+                .build_with_backends(tower_llm_lb::client::http_client())
+                .map_err(|e| e.to_string())
+                .map(|built| (g.log_format, built))
+        })
+        .and_then(|(log_format, (service, backends))| {
             super::Gateway::new(service, backends.clone(), Vec::new())
                 .configured(&config)
-                .map(|_| backends)
+                .map(|_| (log_format, backends))
         })
-        .and_then(|backends| match log_format {
+        .and_then(|(log_format, backends)| match log_format {
             Some(f) => f.parse::<super::log::Format>().map(|_| backends),
             None => Ok(backends),
         });
@@ -206,7 +211,8 @@ fn serve(args: Serve) -> ExitCode {
                 .as_deref()
                 .filter(|_| !args.mock)
                 .and_then(|path| Config::from_path(path).ok())
-                .and_then(|c| c.gateway().and_then(|g| g.log_format.clone()));
+                .and_then(|c| GatewayConfig::of(&c).ok())
+                .and_then(|g| g.log_format);
             match configured.map(|f| f.parse()) {
                 None => super::log::Format::Text,
                 Some(Ok(f)) => f,
@@ -271,13 +277,11 @@ async fn run(args: Serve) -> Result<(), Failure> {
         let config = Config::from_path(path).map_err(|e| Failure::Config(e.to_string()))?;
         (Mocks::default(), config)
     };
-    let client_keys = config
-        .gateway()
-        .map(|g| g.client_keys.clone())
-        .unwrap_or_default();
+    let settings = GatewayConfig::of(&config).map_err(Failure::Config)?;
+    let client_keys = settings.client_keys.clone();
     let listen = args
         .listen
-        .or_else(|| config.gateway().and_then(|g| g.listen.clone()))
+        .or_else(|| settings.listen.clone())
         .unwrap_or_else(|| "127.0.0.1:8080".into());
     let addr: SocketAddr = listen
         .parse()
@@ -295,7 +299,7 @@ async fn run(args: Serve) -> Result<(), Failure> {
     let shared = config
         .shared_state(backends.clone())
         .map_err(|e| Failure::Config(e.to_string()))?;
-    let tls = config.gateway().is_some_and(|g| g.tls.is_some());
+    let tls = settings.tls.is_some();
     let gateway = super::Gateway::new(service, backends, client_keys.clone())
         .configured(&config)
         .map_err(Failure::Config)?;
@@ -316,9 +320,8 @@ async fn run(args: Serve) -> Result<(), Failure> {
         tokio::spawn(watch(path, gateway, client))
     });
     let grace = std::time::Duration::from_millis(
-        config
-            .gateway()
-            .and_then(|g| g.shutdown_grace_ms)
+        settings
+            .shutdown_grace_ms
             .unwrap_or(DEFAULT_SHUTDOWN_GRACE_MS),
     );
     // The first SIGTERM or SIGINT starts the drain; a second one exits at once.
@@ -445,10 +448,11 @@ fn reload(path: &str, gateway: &super::Gateway, client: Client) -> Result<usize,
     let (service, backends) = config
         .build_reusing(client, &gateway.backends())
         .map_err(|e| e.to_string())?;
-    let (keys, aliases) = config
-        .gateway()
-        .map(|g| (g.client_keys.clone(), g.model_aliases.clone()))
-        .unwrap_or_default();
+    let GatewayConfig {
+        client_keys: keys,
+        model_aliases: aliases,
+        ..
+    } = GatewayConfig::of(&config)?;
     let n = backends.len();
     // The new backends' shared state (a new link over them; none when the config has none).
     let link = config

@@ -52,6 +52,7 @@ mod log;
 mod metrics;
 #[cfg(feature = "otel")]
 mod otel;
+pub mod settings;
 mod tls;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -260,7 +261,7 @@ impl Gateway {
     /// by name (`models`), `gateway.model_aliases` and `gateway.stream_usage`. Fails as
     /// [`Gateway::model_aliases`] does.
     pub fn configured(self, config: &tower_llm_lb::config::Config) -> Result<Self, String> {
-        let g = config.gateway().cloned().unwrap_or_default();
+        let g = settings::GatewayConfig::of(config)?;
         let d = ClientLimits::default();
         let ms = |v: Option<u64>, default: Duration| v.map_or(default, Duration::from_millis);
         let limits = ClientLimits {

@@ -11,6 +11,7 @@ use tower::ServiceExt;
 use tower_llm_lb::client::http_client;
 use tower_llm_lb::config::Config;
 use tower_llm_lb_gateway::Gateway;
+use tower_llm_lb_gateway::settings::GatewayConfig;
 use tower_llm_lb_mock::{Fault, MockServer};
 
 struct Running {
@@ -21,10 +22,7 @@ struct Running {
 
 async fn start(json: &str) -> Running {
     let config = Config::from_json(json).unwrap();
-    let keys = config
-        .gateway()
-        .map(|g| g.client_keys.clone())
-        .unwrap_or_default();
+    let keys = GatewayConfig::of(&config).unwrap().client_keys;
     let (svc, backends) = config.build_with_backends(http_client()).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
@@ -1209,4 +1207,39 @@ async fn health_answers_503_draining_once_shutdown_began() {
             r#"{"status":"draining"}"#.into()
         )
     );
+}
+
+/// The library keeps the `gateway` section as written; the gateway reads it, naming a bad
+/// field by its path, and the config's Debug never shows the client keys in it.
+#[test]
+fn the_gateway_section_is_read_by_the_gateway_naming_bad_fields() {
+    let read = |gateway: &str| {
+        let json = format!(r#"{{"targets": [], "gateway": {gateway}}}"#);
+        GatewayConfig::of(&Config::from_json(&json).unwrap())
+    };
+    let err = read(r#"{"max_connections": "many"}"#).unwrap_err();
+    assert!(
+        err.starts_with("gateway.max_connections: invalid type"),
+        "{err}"
+    );
+    let err = read(r#"{"tls": {"cert_file": "a.pem"}}"#).unwrap_err();
+    assert!(
+        err.starts_with("gateway.tls: missing field `key_file`"),
+        "{err}"
+    );
+    let err = read(r#"{"listne": "127.0.0.1:1"}"#).unwrap_err();
+    assert!(err.contains("unknown field `listne`"), "{err}");
+
+    let config = Config::from_json(
+        r#"{"targets": [], "gateway": {"client_keys": ["sk-client-secret"], "listen": "127.0.0.1:9"}}"#,
+    )
+    .unwrap();
+    let g = GatewayConfig::of(&config).unwrap();
+    assert_eq!(g.client_keys, ["sk-client-secret"]);
+    assert_eq!(g.listen.as_deref(), Some("127.0.0.1:9"));
+    for shown in [format!("{config:?}"), format!("{g:?}")] {
+        assert!(!shown.contains("sk-client-secret"), "{shown}");
+    }
+    let none = GatewayConfig::of(&Config::from_json(r#"{"targets": []}"#).unwrap()).unwrap();
+    assert!(none.client_keys.is_empty() && none.listen.is_none());
 }

@@ -78,8 +78,8 @@ pub struct Config {
     pub(crate) circuit_breaker: Option<BreakerConfig>,
     /// Health probes of every backend (none by default).
     pub(crate) health_check: Option<HealthCheckConfig>,
-    /// Settings of the gateway example.
-    pub(crate) gateway: Option<GatewayConfig>,
+    /// The gateway's own settings, read by the gateway crate.
+    pub(crate) gateway: Option<Section>,
     /// How OpenAI chat requests are translated for Anthropic backends, and Anthropic messages
     /// requests for OpenAI and Azure ones (see [`translate`](crate::translate)).
     pub(crate) translation: Option<TranslationConfig>,
@@ -406,83 +406,26 @@ pub(crate) struct BreakerConfig {
     pub max_ejection: Option<f64>,
 }
 
-/// Settings of the gateway example.
+/// The `gateway` section as written: the library does not read it (the gateway crate does).
+/// Its Debug names the keys only, as the section holds client keys.
 #[derive(Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct GatewayConfig {
-    /// Keys clients must present (`Authorization: Bearer <key>`, `api-key` or `x-api-key`). None: only
-    /// loopback clients are served.
-    #[serde(default)]
-    pub client_keys: Vec<String>,
-    /// Address to listen on (default `127.0.0.1:8080`).
-    pub listen: Option<String>,
-    /// Other names for models: a request whose `model` is an alias is sent as the model it
-    /// names (`{"gpt4": "gpt-4o"}`); `/v1/models` lists the aliases too.
-    #[serde(default)]
-    pub model_aliases: BTreeMap<String, String>,
-    /// Ask backends for the token usage of streamed chat answers whose caller did not, count
-    /// it, and remove that chunk before the caller sees it (default `false`: Azure
-    /// `api-version`s before `2024-09-01-preview`, and some OpenAI-compatible servers, refuse
-    /// `stream_options`). Not reloaded.
-    pub stream_usage: Option<bool>,
-    /// On SIGTERM or SIGINT, how long requests and streams in flight may take to finish before
-    /// the process exits, in ms (default 30 000, Kubernetes' default grace period). Not reloaded.
-    pub shutdown_grace_ms: Option<u64>,
-    /// How long a client may take to send a request's head, in ms; a kept-alive connection
-    /// waiting for its next request is closed after as long (default 30 000, hyper's). Stops a
-    /// client that drips header bytes from holding a connection. Not reloaded.
-    pub client_header_timeout_ms: Option<u64>,
-    /// The longest pause between a request body's bytes, in ms: then the answer is `408` and
-    /// the connection is closed (default 30 000). Not reloaded.
-    pub client_body_timeout_ms: Option<u64>,
-    /// Client connections served at once (default 4 096); more wait to be accepted, in the
-    /// listen queue, until one closes. Keep it below the process's file descriptor limit less
-    /// what the backends take (`ulimit -n`). Not reloaded.
-    pub max_connections: Option<usize>,
-    /// Serve HTTPS (HTTP/2 or HTTP/1.1 by ALPN) with this certificate and key. None: plain
-    /// HTTP.
-    pub tls: Option<TlsConfig>,
-    /// The binary's log lines: `"text"` (default) or `"json"`, one object per line (the
-    /// command line's `--log-format` wins). Not reloaded.
-    pub log_format: Option<String>,
-}
+#[serde(transparent)]
+pub(crate) struct Section(serde_json::Value);
 
-/// The gateway's TLS listener: PEM files, read again when they change (checked every 2 s, as
-/// cert-manager rotates a Kubernetes secret's files).
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TlsConfig {
-    /// The certificate chain, leaf first.
-    pub cert_file: String,
-    /// The private key (PKCS#8, PKCS#1 or SEC1).
-    pub key_file: String,
-}
-
-impl fmt::Debug for GatewayConfig {
+impl fmt::Debug for Section {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("GatewayConfig")
-            .field(
-                "client_keys",
-                &format_args!("<{} redacted>", self.client_keys.len()),
-            )
-            .field("listen", &self.listen)
-            .field("model_aliases", &self.model_aliases)
-            .field("stream_usage", &self.stream_usage)
-            .field("shutdown_grace_ms", &self.shutdown_grace_ms)
-            .field("client_header_timeout_ms", &self.client_header_timeout_ms)
-            .field("client_body_timeout_ms", &self.client_body_timeout_ms)
-            .field("max_connections", &self.max_connections)
-            .field("tls", &self.tls)
-            .field("log_format", &self.log_format)
-            .finish()
+        match &self.0 {
+            serde_json::Value::Object(m) => f.debug_set().entries(m.keys()).finish(),
+            _ => f.write_str("<not a table>"),
+        }
     }
 }
 
 impl Config {
-    /// The `gateway` section: what the gateway (the `tower-llm-lb-gateway` crate) reads of the
-    /// config beside the stack.
-    pub fn gateway(&self) -> Option<&GatewayConfig> {
-        self.gateway.as_ref()
+    /// The `gateway` section as written, unread by the library: the gateway (the
+    /// `tower-llm-lb-gateway` crate) parses it, naming a bad field `gateway.<field>`.
+    pub fn gateway(&self) -> Option<&serde_json::Value> {
+        self.gateway.as_ref().map(|s| &s.0)
     }
 
     /// The models the `models` map routes by (each its own target), in order.
