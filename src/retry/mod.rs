@@ -321,7 +321,7 @@ where
                 ResponseFuture {
                     state: RetryState::First {
                         fut: ReadyCall::from_asked(crate::ready::Asked::Called(first)),
-                        ctx: Some(ctx),
+                        ctx: Some(Box::new(ctx)),
                         started: start,
                         deadline: deadline.map(|d| Box::pin(tokio::time::sleep_until(d))),
                     },
@@ -424,7 +424,9 @@ pin_project! {
     enum RetryState<S: Service<Request<B>>, B, ResB> {
         First {
             #[pin] fut: ReadyCall<S, Request<B>>,
-            ctx: Option<Ctx<S, B>>,
+            // Boxed: the context (the service kept for retries, the request's copy) is most
+            // of the future's size, and the future is moved a few times before it is polled.
+            ctx: Option<Box<Ctx<S, B>>>,
             started: Instant,
             // Boxed: only requests with a deadline have one.
             deadline: Option<Pin<Box<tokio::time::Sleep>>>,
@@ -837,7 +839,7 @@ where
                             refused_until,
                             error,
                         } => {
-                            let fut = Box::pin(retry_loop(c, last, refused_until, error));
+                            let fut = Box::pin(retry_loop(*c, last, refused_until, error));
                             this.state.set(RetryState::Retrying { fut });
                         }
                     }
