@@ -37,8 +37,13 @@ pub(crate) struct Steer {
     /// The backend a `Balance` booked a paced slot on for this attempt: it goes there.
     pub(crate) reserved: Option<Arc<str>>,
     /// How long the request may still wait: with it, a `Balance` with nothing free books the
-    /// next paced slot for the request.
+    /// next paced slot for the request, or puts it in line for one.
     pub(crate) wait_budget: Option<Duration>,
+    /// Where a `Balance` that put the request in line for its next slot leaves the ticket
+    /// (see [`crate::waitlist`]).
+    pub(crate) line: Option<crate::waitlist::Slot>,
+    /// The request's turn in a group's line came (on any backend, as the balancer picks).
+    pub(crate) given: bool,
 }
 
 impl Steer {

@@ -94,6 +94,8 @@ pub struct Unavailable {
     earliest: Option<Instant>,
     reserved: Option<Arc<str>>,
     out: Arc<[Out]>,
+    /// Refused because requests wait in line: one that may wait joins it at once.
+    lined: bool,
 }
 
 /// Why one backend could not take a request that found nothing available.
@@ -117,7 +119,20 @@ impl Unavailable {
             earliest,
             reserved: None,
             out: Arc::new([]),
+            lined: false,
         }
+    }
+
+    /// Says the request was refused because others wait in line for the next slot.
+    pub(crate) fn lined(mut self) -> Self {
+        self.lined = true;
+        self
+    }
+
+    /// Whether the request was refused because others wait in line (one that may wait joins
+    /// the line at once, rather than waiting for the next slot first).
+    pub(crate) fn is_lined(&self) -> bool {
+        self.lined
     }
 
     /// Says why each backend was out.
@@ -146,6 +161,12 @@ impl Unavailable {
     /// The earliest instant something may be available again, if known.
     pub fn earliest(&self) -> Option<Instant> {
         self.earliest
+    }
+
+    /// Says something may be available again at `at` (a fresher estimate).
+    pub(crate) fn until(mut self, at: Instant) -> Self {
+        self.earliest = Some(at);
+        self
     }
 }
 

@@ -117,6 +117,7 @@ pub mod stack;
 pub mod state;
 pub mod timeout;
 pub mod translate;
+mod waitlist;
 
 #[doc = include_str!("../README.md")]
 #[cfg(doctest)]

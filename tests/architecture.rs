@@ -27,6 +27,7 @@ const MODULES: &[(&str, Tier)] = &[
     ("state", Tier::Core),
     ("credential", Tier::Core),
     ("backend", Tier::Core),
+    ("waitlist", Tier::Core),
     ("attempt", Tier::Core),
     ("body", Tier::Core),
     ("boxed", Tier::Core),

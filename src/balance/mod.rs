@@ -80,6 +80,8 @@ pub use crate::attempt::TokenCost;
 use crate::backend::Backend;
 use crate::error::BoxError;
 use crate::rng::Rng;
+use crate::waitlist::Waitlist;
+pub use crate::waitlist::{Priority, Tenant};
 pub use strategy::Strategy;
 use strategy::{Avail, Candidate, Tier};
 
@@ -118,6 +120,9 @@ struct Shared<S> {
     /// Some backend declared the models it serves: requests are matched by their `model`.
     by_model: bool,
     routes: Routes,
+    /// The requests waiting for this group's paced slots (`None` in a group of groups, whose
+    /// members pace themselves).
+    waitlist: Option<Arc<Waitlist>>,
 }
 
 /// Spreads requests over backends. See the [module docs](self).
@@ -460,6 +465,11 @@ impl<S> BalanceBuilder<S> {
             })
             .collect();
         let cursors = tiers.iter().map(|_| AtomicUsize::new(0)).collect();
+        let waitlist = (!routes.members).then(|| {
+            Arc::new(Waitlist::new(
+                self.slots.iter().map(|s| s.backend.clone()).collect(),
+            ))
+        });
         Balance {
             shared: Arc::new(Shared {
                 name: self.name.into(),
@@ -472,6 +482,7 @@ impl<S> BalanceBuilder<S> {
                 probe_poll: std::time::Duration::from_millis(25),
                 by_model,
                 routes,
+                waitlist,
             }),
         }
     }
@@ -757,10 +768,15 @@ impl<S> Balance<S> {
     ) -> Result<usize, BoxError> {
         let steer = req.extensions().get::<crate::attempt::Steer>();
         let (tried, strict) = steer.map_or((&[][..], false), |s| (&s.tried[..], s.elsewhere));
-        let refuse = |earliest| -> BoxError {
+        let refuse = |earliest, queue: bool| -> BoxError {
             let budget = steer.and_then(|s| s.wait_budget);
             let cost = token_cost(req);
-            self.refuse(now, earliest, budget, cost).into()
+            let line = steer
+                .filter(|s| !s.given)
+                .and_then(|s| s.line.as_ref())
+                .filter(|_| queue)
+                .map(|l| (l, req.extensions().get::<Tenant>()));
+            self.refuse(now, earliest, budget, cost, queue, line).into()
         };
         // Which backends may take it: those serving its model, among those a fallback variant
         // named. Only looked at when a backend declared models or a variant named backends.
@@ -784,7 +800,9 @@ impl<S> Balance<S> {
         }
         let mixed = serving < routes.classes.len();
         if model.is_none() && only.is_none() && !mixed {
-            return self.pick_index(now, tried, strict).map_err(refuse);
+            return self
+                .pick_index(now, tried, strict)
+                .map_err(|at| refuse(at, !strict));
         }
         let slots = &self.shared.slots;
         let routed = |i: usize| {
@@ -807,7 +825,7 @@ impl<S> Balance<S> {
             .into());
         }
         self.pick_among(now, tried, strict, Some(&allowed))
-            .map_err(refuse)
+            .map_err(|at| refuse(at, false))
     }
 
     /// No backend of the group can serve the request's route.
@@ -880,11 +898,10 @@ impl<S> Balance<S> {
         earliest: Option<Instant>,
         budget: Option<Duration>,
         cost: u32,
+        queue: bool,
+        line: Option<(&crate::waitlist::Slot, Option<&Tenant>)>,
     ) -> error::Unavailable {
         let name = self.shared.name.clone();
-        let (Some(at), Some(budget)) = (earliest, budget) else {
-            return error::Unavailable::new(name, earliest).with_backends(self.why_out(now, &[]));
-        };
         let slot = self
             .shared
             .slots
@@ -894,6 +911,40 @@ impl<S> Balance<S> {
             .filter(|s| s.backend.state().circuit() == crate::state::Circuit::Closed)
             .filter_map(|s| s.backend.state().unavailable_until(now).map(|u| (u, s)))
             .min_by_key(|(u, _)| *u);
+        let waitlist = self.shared.waitlist.as_ref();
+        let (Some(at), Some(budget)) = (earliest, budget) else {
+            let refused =
+                error::Unavailable::new(name, earliest).with_backends(self.why_out(now, &[]));
+            // Paced backends are busy: a request that may wait comes back with its budget at
+            // once and joins the line (rather than wake when the slot is due and race the
+            // line for it).
+            let lined = queue && waitlist.is_some() && slot.is_some();
+            return if lined { refused.lined() } else { refused };
+        };
+        if let (Some(w), Some((place, tenant))) = (waitlist, line)
+            && slot.is_some()
+        {
+            // Wait in line for the group's next paced slot, if the line reaches it in time.
+            // If not, and the line is the earliest way in, refused now, saying when the line
+            // would have reached it; else (a backend that is not paced may free up sooner)
+            // refused as without a line.
+            let wait = w.estimate(now, tenant);
+            if let Some(wait) = wait.filter(|wait| *wait <= budget) {
+                let _ = place.set(w.join(tenant, cost));
+                return error::Unavailable::new(name, Some(now + wait));
+            }
+            // Other tenants wait, and the line is the earliest way in (nothing else frees
+            // before its next slot): refused now, saying when the line would have served it,
+            // rather than coming back at every slot to take one owed to them. (With one
+            // tenant, it comes back when something frees, as without a line.)
+            let line_first = w.tenants() > 1 && slot.is_some_and(|(first, _)| first <= at);
+            let until = match wait {
+                Some(wait) if line_first => now + wait,
+                _ => at,
+            };
+            return error::Unavailable::new(name, Some(until))
+                .with_backends(self.why_out(now, &[]));
+        }
         match slot {
             Some((until, s)) if until.saturating_duration_since(now) <= budget => {
                 s.backend.state().admit_cost(until, cost);

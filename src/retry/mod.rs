@@ -51,6 +51,7 @@
 
 mod budget;
 
+use crate::waitlist::{Place, Slot};
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
@@ -72,7 +73,7 @@ use crate::attempt::{Served, answered_by};
 use crate::body::clone_request;
 use crate::classify::retry_after::set_retry_after;
 use crate::classify::{Outcome, classify_error_chain, should_retry};
-use crate::error::{Attempt, BoxError, DeadlineExceeded, Exhausted};
+use crate::error::{Attempt, BoxError, DeadlineExceeded, Exhausted, Unavailable};
 use budget::RetryBudget;
 
 use crate::attempt::MaxWait;
@@ -500,11 +501,17 @@ fn judge<S, B, ResB>(
                 .map_or_else(|| "-".into(), |b| b.backend().into());
             match outcome {
                 Outcome::Unavailable { retry_at } => {
-                    ctx.reserved = crate::error::find::<crate::error::Unavailable>(&*e)
-                        .and_then(|u| u.reserved().cloned());
+                    let refused = crate::error::find::<crate::error::Unavailable>(&*e);
+                    ctx.reserved = refused.and_then(|u| u.reserved().cloned());
+                    // Refused because others wait in line: join it now.
+                    let lined = refused.is_some_and(Unavailable::is_lined);
                     Step::Retry {
                         last: None,
-                        refused_until: Some(retry_at),
+                        refused_until: Some(if lined {
+                            Some(Instant::now())
+                        } else {
+                            retry_at
+                        }),
                         error: Some(e),
                     }
                 }
@@ -587,6 +594,10 @@ where
     let mut turn = 0u32;
     // Whether the last send was restricted to backends not tried yet (after a failure).
     let mut strict = false;
+    // The place in a group's line for its next slot, when the last attempt was put in one.
+    let mut queued: Option<Place> = None;
+    // Its turn in the line came: the next attempt goes (the line's order is kept).
+    let mut given = false;
     loop {
         turn += 1;
         let now = Instant::now();
@@ -630,7 +641,36 @@ where
                 break;
             }
         }
-        if !wait.is_zero() {
+        if let Some(place) = queued.take() {
+            // In line: wait for the slot, as long as the budget and the deadline allow.
+            let left = ctx.max_wait.saturating_sub(ctx.waited);
+            let until = ctx.deadline.map_or(now + left, |d| d.min(now + left));
+            let granted = tokio::time::timeout_at(until, place.0.granted()).await;
+            if let Ok(Some((_, at))) = &granted {
+                // Booked for it, at its time: go then.
+                tokio::time::sleep_until(ctx.deadline.map_or(*at, |d| d.min(*at))).await;
+            }
+            ctx.waited += now.elapsed();
+            match granted {
+                Ok(slot) => {
+                    ctx.reserved = slot.map(|(backend, _)| backend);
+                    given = true;
+                }
+                Err(_) => {
+                    tracing::debug!(waited = ?ctx.waited, "no slot in time: giving up");
+                    // Say when the line would serve it now (the estimate it joined with has
+                    // passed).
+                    if let Some(fresh) = place.0.estimate() {
+                        earliest = Some(fresh);
+                        last_error = last_error.map(|e| match e.downcast::<Unavailable>() {
+                            Ok(u) => Box::new(u.until(fresh)) as BoxError,
+                            Err(e) => e,
+                        });
+                    }
+                    break;
+                }
+            }
+        } else if !wait.is_zero() {
             tokio::time::sleep(wait).await;
             ctx.waited += wait;
         }
@@ -647,12 +687,15 @@ where
             .collect();
         // After a failure, only a backend not tried yet (none: back off, then any).
         strict = !tried.is_empty() && std::mem::take(&mut ctx.elsewhere);
+        let line = Slot::default();
         req.extensions_mut().insert(crate::attempt::Steer {
             tried,
             elsewhere: strict,
             // Come back for the slot booked while we waited, or let the balancer book one.
             reserved: ctx.reserved.take(),
             wait_budget: Some(ctx.wait_budget(Instant::now())),
+            line: Some(line.clone()),
+            given: std::mem::take(&mut given),
         });
         let started = Instant::now();
         let span = tracing::debug_span!("attempt", n = ctx.attempts.len() + 1, turn, wait = ?wait);
@@ -684,6 +727,7 @@ where
                     last_error = error;
                 }
                 refused = refused_until;
+                queued = line.get().map(|t| Place(t.clone()));
             }
         }
     }
