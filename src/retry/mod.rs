@@ -19,7 +19,7 @@
 //! known, 500 ms, the official SDKs' first backoff); the last 5xx as it is when the attempts or
 //! the time ran out; otherwise (no answer at all, or nothing free after a failure)
 //! [`Exhausted`] listing every attempt and the earliest retry instant, or the balancer's
-//! [`Unavailable`](crate::error::Unavailable) when nothing was ever sent.
+//! [`Unavailable`] when nothing was ever sent.
 //!
 //! Bounds: at most [`RetryAfter429Layer::max_attempts`] attempts that reach a backend and are
 //! answered other than throttled (default 4); throttled answers (each names when its backend has
