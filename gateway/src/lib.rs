@@ -73,6 +73,7 @@ use tower::ServiceExt;
 
 use tower_llm_lb::auth::redact;
 use tower_llm_lb::backend::Backend;
+use tower_llm_lb::balance::{Priority, Tenant};
 use tower_llm_lb::body::ReplayBody;
 use tower_llm_lb::endpoint::Served;
 use tower_llm_lb::error::{BoxError, Exhausted, Unavailable, find};
@@ -802,6 +803,37 @@ fn admit(
     }
 }
 
+/// Who a request is for when requests wait for paced slots (each tenant gets its turn, see
+/// `tower_llm_lb::balance::Tenant`): the client key it came with, when there are several; on
+/// a gateway without keys (loopback callers, an app in front of it), the `x-llm-lb-tenant`
+/// header. `x-llm-lb-priority: batch` puts the request behind interactive ones (a caller can
+/// only lower its own). Both headers are removed before the request goes on. `None`: the
+/// anonymous tenant, interactive (no extension is inserted: the common case costs nothing).
+fn tenant_of(live: &Live, client: &'static str, headers: &mut HeaderMap) -> Option<Tenant> {
+    let named = headers.remove(&X_LLM_LB_TENANT);
+    let batch = headers
+        .remove(&X_LLM_LB_PRIORITY)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"batch"));
+    let name: Arc<str> = if live.client_keys.len() > 1 {
+        client.into()
+    } else if live.client_keys.is_empty() {
+        match named.as_ref().and_then(|v| v.to_str().ok()) {
+            Some(n) if !n.is_empty() && n.len() <= 64 => n.into(),
+            _ if batch => "".into(),
+            _ => return None,
+        }
+    } else if batch {
+        client.into()
+    } else {
+        return None;
+    };
+    let mut tenant = Tenant::new(name);
+    if batch {
+        tenant.priority = Priority::Batch;
+    }
+    Some(tenant)
+}
+
 /// `key-1`, `key-2`, ... (the first 32; later keys share `key-33+`: label sets stay bounded).
 fn client_label(i: usize) -> &'static str {
     const LABELS: [&str; 33] = [
@@ -823,6 +855,8 @@ const X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-
 const API_KEY: http::HeaderName = http::HeaderName::from_static("api-key");
 const X_API_KEY: http::HeaderName = http::HeaderName::from_static("x-api-key");
 const X_LLM_LB_BACKEND: http::HeaderName = http::HeaderName::from_static("x-llm-lb-backend");
+const X_LLM_LB_TENANT: http::HeaderName = http::HeaderName::from_static("x-llm-lb-tenant");
+const X_LLM_LB_PRIORITY: http::HeaderName = http::HeaderName::from_static("x-llm-lb-priority");
 const X_LLM_LB_ATTEMPTS: http::HeaderName = http::HeaderName::from_static("x-llm-lb-attempts");
 const X_LLM_LB_ATTEMPT_COUNT: http::HeaderName =
     http::HeaderName::from_static("x-llm-lb-attempt-count");
@@ -1104,6 +1138,9 @@ where
     #[cfg(feature = "otel")]
     if let Some(span) = line.as_ref().and_then(|l| l.span.as_ref()) {
         span.inject(&mut headers);
+    }
+    if let Some(tenant) = tenant_of(&live, client, &mut headers) {
+        out.extensions_mut().insert(tenant);
     }
     *out.headers_mut() = headers;
     let started = Instant::now();
