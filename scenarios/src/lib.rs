@@ -142,6 +142,52 @@ pub struct Scenario {
     /// The backends count a request's tokens from its prompt text, as Azure documents (its
     /// characters / 4 times this, plus `max_tokens`); none: from its JSON bytes / 4.
     pub prompt_text: Option<f64>,
+    /// Clients, each with its own gateway client key and load (empty: one client, the load
+    /// above). The gateway is given their keys, so each is its own tenant.
+    pub clients: Vec<ClientLoad>,
+}
+
+/// One client of a scenario with several: its gateway key and its open-loop load.
+#[derive(Clone, Debug)]
+pub struct ClientLoad {
+    /// Its gateway client key (also its name in the report).
+    pub key: &'static str,
+    /// Requests it sends.
+    pub requests: usize,
+    /// Its rate, requests per second.
+    pub rate: f64,
+    /// The most it has outstanding at once.
+    pub in_flight: usize,
+    /// Whether it sends `x-llm-lb-priority: batch`.
+    pub batch: bool,
+}
+
+impl ClientLoad {
+    /// An interactive client.
+    pub fn new(key: &'static str, requests: usize, rate: f64, in_flight: usize) -> Self {
+        ClientLoad {
+            key,
+            requests,
+            rate,
+            in_flight,
+            batch: false,
+        }
+    }
+}
+
+/// What one client of a several-client scenario got.
+#[derive(Clone, Debug)]
+pub struct ClientLine {
+    /// Its key.
+    pub key: &'static str,
+    /// Requests sent.
+    pub sent: usize,
+    /// 200 answers.
+    pub served: usize,
+    /// Median and 99th percentile latency of its served requests.
+    pub p50: Duration,
+    /// See `p50`.
+    pub p99: Duration,
 }
 
 impl Scenario {
@@ -162,7 +208,49 @@ impl Scenario {
             shared_redis: None,
             spread: Vec::new(),
             prompt_text: None,
+            clients: Vec::new(),
         }
+    }
+
+    /// S10: one client sending ten times its share beside three quiet ones, all together over
+    /// the quota (three backends of 20 req/s; 100 req/s from one key, 10 req/s from each of
+    /// three others, for 10 s). Each key is a tenant: the quiet ones get their requests served
+    /// in turn with the loud one's, not behind its queue.
+    pub fn s10_loud_client() -> Self {
+        let b = |n| BackendSpec::new(n, Behaviour::Quota(20.0));
+        let mut clients = vec![ClientLoad::new("loud", 1000, 100.0, 1000)];
+        clients.extend(QUIET.iter().map(|k| ClientLoad::new(k, 100, 10.0, 16)));
+        Scenario {
+            requests: 1300,
+            rate: 130.0,
+            clients,
+            ..Self::base(
+                "S10",
+                "one client 10x beside three quiet ones",
+                vec![b("east"), b("west"), b("north")],
+            )
+        }
+    }
+
+    /// S10a: S10's three quiet clients alone (what S10's quiet clients are compared with).
+    pub fn s10a_quiet_alone() -> Self {
+        let mut s = Self::s10_loud_client();
+        s.name = "S10a";
+        s.title = "the three quiet clients alone";
+        s.clients.remove(0);
+        s.requests = 300;
+        s.rate = 30.0;
+        s
+    }
+
+    /// S10b: S10 with the loud client's requests marked `batch`: the quiet (interactive)
+    /// ones are served first.
+    pub fn s10b_batch_flood() -> Self {
+        let mut s = Self::s10_loud_client();
+        s.name = "S10b";
+        s.title = "a batch flood beside three interactive clients";
+        s.clients[0].batch = true;
+        s
     }
 
     /// S1: three backends of 20 req/s each; 600 requests at 120 req/s (2x capacity), 32 in
@@ -427,6 +515,9 @@ impl Scenario {
             Self::s6_token_quota_counted(0.7),
             Self::s7_stale_key(),
             Self::s9_recovery(),
+            Self::s10a_quiet_alone(),
+            Self::s10_loud_client(),
+            Self::s10b_batch_flood(),
             Self::s8_replicas(),
         ]
     }
@@ -541,7 +632,8 @@ impl Scenario {
             // Each replica: its own client and its own state.
             let (service, backends) =
                 config.build_with_backends(tower_llm_lb::client::http_client())?;
-            let mut gateway = Gateway::new(service, backends.clone(), Vec::new());
+            let keys = self.clients.iter().map(|c| c.key.to_string()).collect();
+            let mut gateway = Gateway::new(service, backends.clone(), keys);
             if let Some(link) = config.shared_state(backends.clone())? {
                 links.push(link.clone());
                 gateway = gateway.shared_state(link);
@@ -607,17 +699,37 @@ impl Scenario {
                 }
             }
         };
-        let (samples, ()) = tokio::join!(
-            load_over(
-                &targets,
-                self.requests,
-                self.rate,
-                self.in_flight,
-                self.client_timeout,
-                self.max_tokens,
-            ),
-            recoveries
-        );
+        let loads = async {
+            if self.clients.is_empty() {
+                let samples = load_over(
+                    &targets,
+                    self.requests,
+                    self.rate,
+                    self.in_flight,
+                    self.client_timeout,
+                    self.max_tokens,
+                )
+                .await;
+                return vec![samples];
+            }
+            let each = self.clients.iter().map(|c| {
+                let who = Caller {
+                    key: c.key,
+                    batch: c.batch,
+                };
+                load_as(
+                    &targets,
+                    who,
+                    c.requests,
+                    c.rate,
+                    c.in_flight,
+                    self.client_timeout,
+                    self.max_tokens,
+                )
+            });
+            futures_util::future::join_all(each).await
+        };
+        let (by_client, ()) = tokio::join!(loads, recoveries);
         let wall = start.elapsed();
         let at_one_second = watcher.await.unwrap_or_default();
         for stop in stops {
@@ -627,7 +739,29 @@ impl Scenario {
             let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
         }
 
+        let per_client: Vec<ClientLine> = self
+            .clients
+            .iter()
+            .zip(&by_client)
+            .map(|(c, samples)| {
+                let mut ok: Vec<Duration> = samples
+                    .iter()
+                    .filter(|x| x.result == Ok(200))
+                    .map(|x| x.latency)
+                    .collect();
+                ok.sort();
+                ClientLine {
+                    key: c.key,
+                    sent: c.requests,
+                    served: ok.len(),
+                    p50: percentile(&ok, 0.5),
+                    p99: percentile(&ok, 0.99),
+                }
+            })
+            .collect();
+        let samples: Vec<Sample> = by_client.into_iter().flatten().collect();
         let mut report = Report::new(self, samples, wall);
+        report.per_client = per_client;
         report.shared = links.iter().map(|l| l.status()).collect();
         for (spec, mock) in self.backends.iter().zip(&mocks) {
             let counters: Counters = state_of(spec.name)
@@ -713,6 +847,33 @@ pub async fn load_over(
     timeout: Duration,
     max_tokens: u32,
 ) -> Vec<Sample> {
+    let who = Caller {
+        key: "caller-key",
+        batch: false,
+    };
+    load_as(addrs, who, n, rate, in_flight, timeout, max_tokens).await
+}
+
+/// Who sends a load: the gateway client key it presents, and whether it marks its requests
+/// `batch`.
+#[derive(Clone, Copy, Debug)]
+pub struct Caller {
+    /// Sent as `Authorization: Bearer`.
+    pub key: &'static str,
+    /// Sends `x-llm-lb-priority: batch`.
+    pub batch: bool,
+}
+
+/// [`load_over`] as one caller.
+pub async fn load_as(
+    addrs: &[SocketAddr],
+    who: Caller,
+    n: usize,
+    rate: f64,
+    in_flight: usize,
+    timeout: Duration,
+    max_tokens: u32,
+) -> Vec<Sample> {
     let client = tower_llm_lb::client::http_client::<Full<Bytes>>();
     let urls: Vec<http::Uri> = addrs
         .iter()
@@ -736,10 +897,13 @@ pub async fn load_over(
         tasks.spawn(async move {
             let _permit = permit;
             let sent = Instant::now();
-            let req = http::Request::post(url)
+            let mut req = http::Request::post(url)
                 .header("content-type", "application/json")
-                .header("authorization", "Bearer caller-key")
-                .body(Full::new(body));
+                .header("authorization", format!("Bearer {}", who.key));
+            if who.batch {
+                req = req.header("x-llm-lb-priority", "batch");
+            }
+            let req = req.body(Full::new(body));
             let Ok(req) = req else {
                 return Sample {
                     result: Err("request"),
@@ -778,6 +942,9 @@ pub async fn load_over(
     }
     out
 }
+
+/// The quiet clients of S10.
+const QUIET: [&str; 3] = ["quiet-1", "quiet-2", "quiet-3"];
 
 /// The body of every request of the load.
 /// The prompt of every scenario request.
@@ -847,6 +1014,16 @@ pub struct Report {
     /// Each backend that recovered during the run: how long after its outage ended it served
     /// its first request (`None`: never), and how many requests it got during the outage.
     pub recovery: Vec<(&'static str, Option<Duration>, usize)>,
+    /// Per client, in a scenario with several (empty: one client).
+    pub per_client: Vec<ClientLine>,
+}
+
+/// The `p` quantile of sorted latencies (zero when there are none).
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted
+        .get(((sorted.len() as f64 * p).ceil() as usize).saturating_sub(1))
+        .copied()
+        .unwrap_or_default()
 }
 
 impl Report {
@@ -869,11 +1046,7 @@ impl Report {
             }
         }
         ok.sort();
-        let pct = |p: f64| {
-            ok.get(((ok.len() as f64 * p).ceil() as usize).saturating_sub(1))
-                .copied()
-                .unwrap_or_default()
-        };
+        let pct = |p: f64| percentile(&ok, p);
         Report {
             name: s.name,
             title: s.title,
@@ -892,6 +1065,7 @@ impl Report {
             recovery: Vec::new(),
             during_retry_after: Vec::new(),
             shared: Vec::new(),
+            per_client: Vec::new(),
         }
     }
 
@@ -907,11 +1081,27 @@ impl Report {
         if self.name == "S8" {
             return out;
         }
+        // S10 and S10b offer more than the quota for longer than the wait budget: the loud
+        // client's excess is refused (an honest 429); the quiet clients are measured instead.
+        let overloaded = matches!(self.name, "S10" | "S10b");
         need(
-            self.served == self.sent,
+            overloaded || self.served == self.sent,
             format!("{}: served {}/{}", self.name, self.served, self.sent),
         );
         match self.name {
+            "S10" | "S10b" => {
+                for c in self.per_client.iter().filter(|c| c.key != "loud") {
+                    need(
+                        c.served == c.sent,
+                        format!("{}: {} served {}/{}", self.name, c.key, c.served, c.sent),
+                    );
+                    // Alone (S10a) they see ~93 ms; behind the loud client's queue, 9 s.
+                    need(
+                        c.p99 <= Duration::from_millis(500),
+                        format!("{}: {} p99 {:?} > 0.5 s", self.name, c.key, c.p99),
+                    );
+                }
+            }
             "S1" => {
                 let ratio = self.wall.as_secs_f64() / self.ideal.as_secs_f64();
                 need(ratio <= 1.05, format!("S1: wall {ratio:.2}x ideal > 1.05"));
@@ -1020,6 +1210,16 @@ impl fmt::Display for Report {
                     b.as_secs_f64()
                 ),
                 None => format!("{n}: {tried} tries in its outage, never back"),
+            }))
+            .chain(self.per_client.iter().map(|c| {
+                format!(
+                    "{} {}/{} p50/p99 {:.0}/{:.0} ms",
+                    c.key,
+                    c.served,
+                    c.sent,
+                    c.p50.as_secs_f64() * 1e3,
+                    c.p99.as_secs_f64() * 1e3
+                )
             }))
             .collect::<Vec<_>>()
             .join(" ");
