@@ -129,6 +129,16 @@ async fn plain_streamed_and_unauthorized_requests() {
     assert_eq!(seen["api-key"], "k-primary");
     assert!(seen.get("authorization").is_none());
 
+    // The gateway's own tenant headers are read, not forwarded.
+    let mut req = post(chat(), Some("client-1"), r#"{"model":"gpt-4o"}"#);
+    req.headers_mut()
+        .insert("x-llm-lb-priority", http::HeaderValue::from_static("batch"));
+    req.headers_mut()
+        .insert("x-llm-lb-tenant", http::HeaderValue::from_static("team-a"));
+    assert_eq!(send(req).await.status(), 200);
+    let seen = &primary.requests()[1].headers;
+    assert!(seen.get("x-llm-lb-priority").is_none() && seen.get("x-llm-lb-tenant").is_none());
+
     let res = send(post(chat(), Some("client-1"), r#"{"stream":true}"#)).await;
     assert_eq!(res.headers()["content-type"], "text/event-stream");
     let body = text(res).await;
