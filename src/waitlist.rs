@@ -414,3 +414,77 @@ impl Waitlist {
         self.is_empty() || self.driving.swap(true, AcqRel)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ticket() -> Arc<Ticket> {
+        Arc::new(Ticket {
+            cost: 0,
+            granted: OnceLock::new(),
+            notify: Notify::new(),
+            state: AtomicU8::new(WAITING),
+            list: Weak::new(),
+            tenant: None,
+        })
+    }
+
+    /// Who gets the next `n` slots, given each ticket's tenant in the order they joined.
+    fn order(round: &mut Round, tickets: &[(&Arc<str>, Arc<Ticket>)], n: usize) -> Vec<String> {
+        let names: Vec<(Arc<Ticket>, String)> = tickets
+            .iter()
+            .map(|(name, t)| (t.clone(), name.to_string()))
+            .collect();
+        (0..n)
+            .filter_map(|_| round.pop())
+            .map(|t| {
+                names
+                    .iter()
+                    .find(|(x, _)| Arc::ptr_eq(x, &t))
+                    .map(|(_, n)| n.clone())
+                    .unwrap_or_default()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn tenants_take_turns_by_weight_and_a_new_one_goes_first() {
+        let (loud, quiet): (Arc<str>, Arc<str>) = ("loud".into(), "quiet".into());
+        let mut round = Round::default();
+        let mut all = Vec::new();
+        for _ in 0..6 {
+            let t = ticket();
+            round.push(&loud, 2, t.clone());
+            all.push((&loud, t));
+        }
+        // The loud tenant's line is long; a quiet tenant arriving now goes first.
+        assert_eq!(round.ahead_of_new("quiet", 1), 0);
+        let t = ticket();
+        round.push(&quiet, 1, t.clone());
+        all.push((&quiet, t));
+        let t = ticket();
+        round.push(&quiet, 1, t.clone());
+        all.push((&quiet, t));
+        assert_eq!(
+            order(&mut round, &all, 8),
+            [
+                "quiet", "loud", "loud", "quiet", "loud", "loud", "loud", "loud"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_ticket_that_left_is_skipped_and_not_counted() {
+        let name: Arc<str> = "a".into();
+        let mut round = Round::default();
+        let (first, second) = (ticket(), ticket());
+        round.push(&name, 1, first.clone());
+        round.push(&name, 1, second.clone());
+        first.leave();
+        round.prune();
+        assert_eq!(round.len(), 1);
+        assert!(Arc::ptr_eq(&round.pop().unwrap(), &second));
+        assert!(round.pop().is_none());
+    }
+}

@@ -130,6 +130,8 @@ pub struct Gateway {
     #[cfg(feature = "otel")]
     otel: Option<Arc<otel::Otel>>,
     stream_usage: bool,
+    /// Configured tenants (`gateway.tenants`), by name.
+    tenants: Arc<std::collections::HashMap<Arc<str>, Tenant>>,
     // Shared by every clone, so a reload can swap it.
     shared: Arc<arc_swap::ArcSwapOption<tower_llm_lb::shared::SharedState>>,
     metrics: Arc<metrics::Metrics>,
@@ -240,6 +242,7 @@ impl Gateway {
             #[cfg(feature = "otel")]
             otel: None,
             stream_usage: false,
+            tenants: Arc::default(),
             shared: Default::default(),
             draining: Default::default(),
         }
@@ -283,6 +286,31 @@ impl Gateway {
             Some(t) => self.tls(&t.cert_file, &t.key_file)?,
             None => self,
         };
+        let mut tenants = std::collections::HashMap::new();
+        for (name, t) in &g.tenants {
+            let priority = match t.priority.as_deref() {
+                None | Some("interactive") => Priority::Interactive,
+                Some("batch") => Priority::Batch,
+                Some(other) => {
+                    return Err(format!(
+                        "gateway.tenants.{name}.priority: {other:?} is neither \"interactive\" nor \"batch\""
+                    ));
+                }
+            };
+            let weight = t.weight.unwrap_or(1);
+            if weight == 0 {
+                return Err(format!("gateway.tenants.{name}.weight must be at least 1"));
+            }
+            let name: Arc<str> = name.as_str().into();
+            let tenant = Tenant {
+                name: name.clone(),
+                weight,
+                priority,
+            };
+            tenants.insert(name, tenant);
+        }
+        let mut this = this;
+        this.tenants = Arc::new(tenants);
         this.client_limits(limits)
             .stream_usage(g.stream_usage.unwrap_or(false))
             .served_models(config.models().map(String::from).collect())
@@ -806,28 +834,35 @@ fn admit(
 /// Who a request is for when requests wait for paced slots (each tenant gets its turn, see
 /// `tower_llm_lb::balance::Tenant`): the client key it came with, when there are several; on
 /// a gateway without keys (loopback callers, an app in front of it), the `x-llm-lb-tenant`
-/// header. `x-llm-lb-priority: batch` puts the request behind interactive ones (a caller can
-/// only lower its own). Both headers are removed before the request goes on. `None`: the
-/// anonymous tenant, interactive (no extension is inserted: the common case costs nothing).
-fn tenant_of(live: &Live, client: &'static str, headers: &mut HeaderMap) -> Option<Tenant> {
+/// header. Its weight and priority come from `gateway.tenants` (default 1, interactive);
+/// `x-llm-lb-priority: batch` puts the request behind interactive ones (a caller can only
+/// lower its own). Both headers are removed before the request goes on. `None`: one tenant in
+/// all, interactive (no extension is inserted: the common case costs nothing).
+fn tenant_of(
+    live: &Live,
+    configured: &std::collections::HashMap<Arc<str>, Tenant>,
+    client: &'static str,
+    headers: &mut HeaderMap,
+) -> Option<Tenant> {
     let named = headers.remove(&X_LLM_LB_TENANT);
     let batch = headers
         .remove(&X_LLM_LB_PRIORITY)
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"batch"));
-    let name: Arc<str> = if live.client_keys.len() > 1 {
-        client.into()
-    } else if live.client_keys.is_empty() {
-        match named.as_ref().and_then(|v| v.to_str().ok()) {
-            Some(n) if !n.is_empty() && n.len() <= 64 => n.into(),
-            _ if batch => "".into(),
-            _ => return None,
-        }
-    } else if batch {
-        client.into()
+    let name: &str = if !live.client_keys.is_empty() {
+        client
     } else {
-        return None;
+        match named.as_ref().and_then(|v| v.to_str().ok()) {
+            Some(n) if !n.is_empty() && n.len() <= 64 => n,
+            _ => "",
+        }
     };
-    let mut tenant = Tenant::new(name);
+    let mut tenant = match configured.get(name) {
+        Some(t) => t.clone(),
+        // One tenant in all (a single key, or no key and no header), interactive: nothing
+        // to tell the line.
+        None if !batch && (live.client_keys.len() == 1 || name.is_empty()) => return None,
+        None => Tenant::new(name),
+    };
     if batch {
         tenant.priority = Priority::Batch;
     }
@@ -1139,7 +1174,7 @@ where
     if let Some(span) = line.as_ref().and_then(|l| l.span.as_ref()) {
         span.inject(&mut headers);
     }
-    if let Some(tenant) = tenant_of(&live, client, &mut headers) {
+    if let Some(tenant) = tenant_of(&live, &gw.tenants, client, &mut headers) {
         out.extensions_mut().insert(tenant);
     }
     *out.headers_mut() = headers;

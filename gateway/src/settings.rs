@@ -43,9 +43,27 @@ pub struct GatewayConfig {
     /// Serve HTTPS (HTTP/2 or HTTP/1.1 by ALPN) with this certificate and key. None: plain
     /// HTTP.
     pub tls: Option<TlsConfig>,
+    /// Each tenant's share of the paced slots when requests wait for them (a tenant is a
+    /// client key, named as metrics name it: `key-1` for the first key of `client_keys`; or,
+    /// on a gateway without keys, the `x-llm-lb-tenant` header's value): `{"key-2": {"weight":
+    /// 3}, "key-3": {"priority": "batch"}}`. Unnamed tenants: weight 1, interactive. Not
+    /// reloaded.
+    #[serde(default)]
+    pub tenants: BTreeMap<String, TenantConfig>,
     /// The binary's log lines: `"text"` (default) or `"json"`, one object per line (the
     /// command line's `--log-format` wins). Not reloaded.
     pub log_format: Option<String>,
+}
+
+/// One tenant's settings (see [`GatewayConfig::tenants`]).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantConfig {
+    /// Slots per round while tenants wait together (default 1; at least 1).
+    pub weight: Option<u32>,
+    /// `"interactive"` (default) or `"batch"`: batch requests get only the slots no interactive
+    /// request waits for.
+    pub priority: Option<String>,
 }
 
 /// The gateway's TLS listener: PEM files, read again when they change (checked every 2 s, as
@@ -74,6 +92,7 @@ impl fmt::Debug for GatewayConfig {
             .field("client_body_timeout_ms", &self.client_body_timeout_ms)
             .field("max_connections", &self.max_connections)
             .field("tls", &self.tls)
+            .field("tenants", &self.tenants)
             .field("log_format", &self.log_format)
             .finish()
     }

@@ -1253,3 +1253,25 @@ fn the_gateway_section_is_read_by_the_gateway_naming_bad_fields() {
     let none = GatewayConfig::of(&Config::from_json(r#"{"targets": []}"#).unwrap()).unwrap();
     assert!(none.client_keys.is_empty() && none.listen.is_none());
 }
+
+/// `gateway.tenants` is checked when the gateway applies it, naming the bad field.
+#[tokio::test(start_paused = true)]
+async fn tenant_settings_are_checked_naming_the_field() {
+    let (primary, backup) = mocks().await;
+    let with = |tenants: &str| {
+        let json = config(&primary, &backup).replace(
+            r#""client_keys": ["client-1"]"#,
+            &format!(r#""client_keys": ["client-1"], "tenants": {tenants}"#),
+        );
+        let config = Config::from_json(&json).unwrap();
+        let (svc, backends) = config.build_with_backends(http_client()).unwrap();
+        Gateway::new(svc, backends, Vec::new())
+            .configured(&config)
+            .map(|_| ())
+    };
+    assert!(with(r#"{"key-1": {"weight": 3, "priority": "batch"}}"#).is_ok());
+    let err = with(r#"{"key-1": {"priority": "urgent"}}"#).unwrap_err();
+    assert!(err.starts_with("gateway.tenants.key-1.priority"), "{err}");
+    let err = with(r#"{"key-1": {"weight": 0}}"#).unwrap_err();
+    assert!(err.starts_with("gateway.tenants.key-1.weight"), "{err}");
+}
