@@ -1188,7 +1188,7 @@ where
             .or_else(|| find::<tower_llm_lb::error::DeadlineExceeded>(&**e).map(|d| d.attempts())),
     };
     if let Some(attempts) = attempts {
-        gw.metrics.attempts(attempts, started.elapsed());
+        gw.metrics.attempts(attempts, started.elapsed(), client);
     }
     match answer {
         Ok(res) => {

@@ -80,6 +80,11 @@ struct RequestLabels {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ClientLabels {
+    client: &'static str,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct AttemptLabels {
     backend: Name,
     outcome: &'static str,
@@ -111,7 +116,7 @@ pub(crate) struct Metrics {
     client_tokens: Family<ClientTokenLabels, Counter>,
     attempt_seconds: Family<AttemptLabels, Histogram>,
     retries: Counter,
-    waits: Histogram,
+    waits: Family<ClientLabels, Histogram>,
     /// Tokens per backend, `(prompt, completion)`, for `/stats` (reading the families would
     /// create a zero series for every label set asked about).
     backend_tokens: std::sync::Mutex<std::collections::HashMap<Name, (u64, u64)>>,
@@ -195,10 +200,12 @@ impl Metrics {
             "Attempts past each request's first (retries, failovers, hedges)",
             retries.clone(),
         );
-        let waits = Histogram::new(exponential_buckets(0.001, 2.0, 16));
+        let waits = Family::<ClientLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.001, 2.0, 16))
+        });
         registry.register(
             "wait_duration_seconds",
-            "Time each request spent waiting between attempts (for a paced slot, a cooldown, a backoff)",
+            "Time each request spent waiting between attempts (in line for a paced slot, a cooldown, a backoff), by client (`key-N`, `loopback`)",
             waits.clone(),
         );
         registry.register_collector(Box::new(BackendCollector(live)));
@@ -237,7 +244,12 @@ impl Metrics {
     /// Counts what a request's attempts say: each attempt's time to its answer's head (or its
     /// failure) by backend and outcome, the retries (attempts past the first), and the time the
     /// request spent waiting between attempts (all of `total` not spent in one).
-    pub(crate) fn attempts(&self, attempts: &[tower_llm_lb::error::Attempt], total: Duration) {
+    pub(crate) fn attempts(
+        &self,
+        attempts: &[tower_llm_lb::error::Attempt],
+        total: Duration,
+        client: &'static str,
+    ) {
         let mut busy = Duration::ZERO;
         for a in attempts {
             busy += a.elapsed;
@@ -250,7 +262,9 @@ impl Metrics {
                 .observe(a.elapsed.as_secs_f64());
         }
         self.retries.inc_by(attempts.len().saturating_sub(1) as u64);
-        self.waits.observe(total.saturating_sub(busy).as_secs_f64());
+        self.waits
+            .get_or_create(&ClientLabels { client })
+            .observe(total.saturating_sub(busy).as_secs_f64());
     }
 
     /// Counts one answer.

@@ -908,7 +908,10 @@ async fn metrics_count_answers_by_route_and_status_and_each_backend_s_outcomes()
         line(r#"llm_lb_attempt_duration_seconds_count{backend="backup",outcome="success"}"#),
         1.0
     );
-    assert_eq!(line("llm_lb_wait_duration_seconds_count"), 4.0);
+    assert_eq!(
+        line(r#"llm_lb_wait_duration_seconds_count{client="key-1"}"#),
+        4.0
+    );
     assert!(body.contains("# TYPE llm_lb_backend_circuit_open gauge"));
     assert!(body.trim_end().ends_with("# EOF"));
     for secret in ["k-primary", "k-backup", "client-1"] {
