@@ -842,12 +842,19 @@ fn tenant_of(
     live: &Live,
     configured: &std::collections::HashMap<Arc<str>, Tenant>,
     client: &'static str,
+    ours: bool,
     headers: &mut HeaderMap,
 ) -> Option<Tenant> {
-    let named = headers.remove(&X_LLM_LB_TENANT);
-    let batch = headers
-        .remove(&X_LLM_LB_PRIORITY)
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"batch"));
+    // Looked up only when the request carries a header named `x-llm-lb-*` (the hop-by-hop
+    // pass saw it): the common request pays nothing here.
+    let named = ours.then(|| headers.remove(&X_LLM_LB_TENANT)).flatten();
+    let batch = ours
+        && headers
+            .remove(&X_LLM_LB_PRIORITY)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"batch"));
+    if configured.is_empty() && live.client_keys.len() <= 1 && named.is_none() && !batch {
+        return None;
+    }
     let name: &str = if !live.client_keys.is_empty() {
         client
     } else {
@@ -910,19 +917,24 @@ const HOP_BY_HOP: [http::HeaderName; 8] = [
 ];
 
 /// Removes the [`HOP_BY_HOP`] headers (and `also`) from `headers`: one pass over the names
-/// present (a handful) instead of a hashed lookup of each of nine names.
-fn strip_hop_by_hop(headers: &mut http::HeaderMap, also: Option<&http::HeaderName>) {
+/// present (a handful) instead of a hashed lookup of each of nine names. True when a header
+/// named `x-llm-lb-*` (the gateway's own: tenant, priority) is present.
+fn strip_hop_by_hop(headers: &mut http::HeaderMap, also: Option<&http::HeaderName>) -> bool {
     let mut found = [false; 9]; // HOP_BY_HOP, then `also`
+    let mut ours = false;
     for name in headers.keys() {
         if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
             found[i] = true;
         } else if also == Some(name) {
             found[8] = true;
+        } else if name.as_str().starts_with("x-llm-lb-") {
+            ours = true;
         }
     }
     for (name, _) in HOP_BY_HOP.iter().chain(also).zip(found).filter(|(_, f)| *f) {
         headers.remove(name);
     }
+    ours
 }
 
 fn peer_of(req: &Request) -> Option<SocketAddr> {
@@ -1168,13 +1180,13 @@ where
             .unwrap_or_else(|| http::Uri::from_static("/"))
     };
     let mut headers = parts.headers;
-    strip_hop_by_hop(&mut headers, Some(&http::header::CONTENT_LENGTH));
+    let ours = strip_hop_by_hop(&mut headers, Some(&http::header::CONTENT_LENGTH));
     // The backend continues the request's trace.
     #[cfg(feature = "otel")]
     if let Some(span) = line.as_ref().and_then(|l| l.span.as_ref()) {
         span.inject(&mut headers);
     }
-    if let Some(tenant) = tenant_of(&live, &gw.tenants, client, &mut headers) {
+    if let Some(tenant) = tenant_of(&live, &gw.tenants, client, ours, &mut headers) {
         out.extensions_mut().insert(tenant);
     }
     *out.headers_mut() = headers;
