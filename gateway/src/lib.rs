@@ -839,7 +839,7 @@ fn admit(
 /// lower its own). Both headers are removed before the request goes on. `None`: one tenant in
 /// all, interactive (no extension is inserted: the common case costs nothing).
 fn tenant_of(
-    live: &Live,
+    keys: usize,
     configured: &std::collections::HashMap<Arc<str>, Tenant>,
     client: &'static str,
     ours: bool,
@@ -852,10 +852,7 @@ fn tenant_of(
         && headers
             .remove(&X_LLM_LB_PRIORITY)
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"batch"));
-    if configured.is_empty() && live.client_keys.len() <= 1 && named.is_none() && !batch {
-        return None;
-    }
-    let name: &str = if !live.client_keys.is_empty() {
+    let name: &str = if keys > 0 {
         client
     } else {
         match named.as_ref().and_then(|v| v.to_str().ok()) {
@@ -863,11 +860,12 @@ fn tenant_of(
             _ => "",
         }
     };
+    // One tenant in all (a single key, or no key and no header), interactive and not
+    // configured: nothing to tell the line.
+    let alone = keys == 1 || name.is_empty();
     let mut tenant = match configured.get(name) {
         Some(t) => t.clone(),
-        // One tenant in all (a single key, or no key and no header), interactive: nothing
-        // to tell the line.
-        None if !batch && (live.client_keys.len() == 1 || name.is_empty()) => return None,
+        None if alone && !batch => return None,
         None => Tenant::new(name),
     };
     if batch {
@@ -1186,7 +1184,8 @@ where
     if let Some(span) = line.as_ref().and_then(|l| l.span.as_ref()) {
         span.inject(&mut headers);
     }
-    if let Some(tenant) = tenant_of(&live, &gw.tenants, client, ours, &mut headers) {
+    let keys = live.client_keys.len();
+    if let Some(tenant) = tenant_of(keys, &gw.tenants, client, ours, &mut headers) {
         out.extensions_mut().insert(tenant);
     }
     *out.headers_mut() = headers;
@@ -1890,6 +1889,77 @@ pub async fn mock_backends() -> std::io::Result<(Vec<tower_llm_lb_mock::MockServ
 mod tests {
     use super::*;
     use tower_http::request_id::MakeRequestId;
+
+    #[test]
+    fn a_request_s_tenant_comes_from_its_key_the_header_and_the_config() {
+        type Seen = Option<(String, u32, Priority)>;
+        fn tenant(
+            keys: usize,
+            configured: &[(&str, u32, Priority)],
+            client: &'static str,
+            h: &[(&'static str, &'static str)],
+        ) -> Seen {
+            let configured = configured
+                .iter()
+                .map(|(n, weight, priority)| {
+                    let name: Arc<str> = (*n).into();
+                    let t = Tenant {
+                        name: name.clone(),
+                        weight: *weight,
+                        priority: *priority,
+                    };
+                    (name, t)
+                })
+                .collect();
+            let mut headers = HeaderMap::new();
+            for (k, v) in h {
+                headers.insert(
+                    http::HeaderName::from_static(k),
+                    HeaderValue::from_static(v),
+                );
+            }
+            let ours = !h.is_empty();
+            let t = tenant_of(keys, &configured, client, ours, &mut headers);
+            assert!(headers.is_empty(), "the gateway's headers are removed");
+            t.map(|t| (t.name.to_string(), t.weight, t.priority))
+        }
+        let (i, b) = (Priority::Interactive, Priority::Batch);
+        // One key, or no key and no header: one tenant, nothing inserted.
+        assert_eq!(tenant(1, &[], "key-1", &[]), None);
+        assert_eq!(tenant(0, &[], "loopback", &[]), None);
+        // Several keys: each its own; the header cannot pick another.
+        let named = [("x-llm-lb-tenant", "team-a")];
+        assert_eq!(
+            tenant(2, &[], "key-2", &named),
+            Some(("key-2".into(), 1, i))
+        );
+        // No keys: the header names it.
+        assert_eq!(
+            tenant(0, &[], "loopback", &named),
+            Some(("team-a".into(), 1, i))
+        );
+        // The config's weight and priority; a caller can make itself batch, not interactive.
+        let conf = [("key-1", 3, i), ("team-a", 2, b)];
+        assert_eq!(tenant(1, &conf, "key-1", &[]), Some(("key-1".into(), 3, i)));
+        assert_eq!(
+            tenant(0, &conf, "loopback", &named),
+            Some(("team-a".into(), 2, b))
+        );
+        let batch = [("x-llm-lb-priority", "batch")];
+        assert_eq!(
+            tenant(1, &conf, "key-1", &batch),
+            Some(("key-1".into(), 3, b))
+        );
+        assert_eq!(
+            tenant(1, &[], "key-1", &batch),
+            Some(("key-1".into(), 1, b))
+        );
+        let interactive = [("x-llm-lb-priority", "interactive")];
+        assert_eq!(
+            tenant(0, &conf, "loopback", &[named[0], interactive[0]]),
+            Some(("team-a".into(), 2, b))
+        );
+    }
 
     #[test]
     fn the_access_line_written_in_one_piece_reads_as_its_fields_do() {
