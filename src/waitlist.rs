@@ -119,6 +119,17 @@ impl Ticket {
     }
 }
 
+/// Whether `b` can take requests at all (a weight, its circuit closed).
+fn open(b: &Backend) -> bool {
+    b.weight() > 0.0 && b.state().circuit() == Circuit::Closed
+}
+
+/// Whether `b` is a paced backend that can take requests: one whose slots are handed out (by
+/// the line, or booked directly by a `Balance`).
+pub(crate) fn paced_open(b: &Backend) -> bool {
+    open(b) && b.state().is_paced()
+}
+
 /// Holds a place in line; leaving it (drop) gives the place up.
 #[derive(Debug)]
 pub(crate) struct Place(pub(crate) Arc<Ticket>);
@@ -330,9 +341,7 @@ impl Waitlist {
     }
 
     fn open_backends(&self) -> impl Iterator<Item = &Backend> + '_ {
-        self.backends
-            .iter()
-            .filter(|b| b.weight() > 0.0 && b.state().circuit() == Circuit::Closed)
+        self.backends.iter().filter(|b| open(b))
     }
 
     /// The paced backend whose next slot comes first, and when (`now` if one is free), the
@@ -341,9 +350,7 @@ impl Waitlist {
         self.backends
             .iter()
             .enumerate()
-            .filter(|(_, b)| {
-                b.weight() > 0.0 && b.state().is_paced() && b.state().circuit() == Circuit::Closed
-            })
+            .filter(|(_, b)| paced_open(b))
             .map(|(i, b)| {
                 (
                     i,
@@ -472,6 +479,27 @@ mod tests {
                 "quiet", "loud", "loud", "quiet", "loud", "loud", "loud", "loud"
             ]
         );
+    }
+
+    #[test]
+    fn an_interactive_request_goes_before_batch_ones_that_came_first() {
+        let list = Waitlist::new(Box::new([]));
+        let (job, user): (Arc<str>, Arc<str>) = ("job".into(), "user".into());
+        let batch: Vec<_> = (0..3).map(|_| ticket()).collect();
+        let interactive = ticket();
+        {
+            let mut rounds = list.rounds.lock().unwrap();
+            for t in &batch {
+                rounds[Priority::Batch as usize].push(&job, 1, t.clone());
+            }
+            rounds[Priority::Interactive as usize].push(&user, 1, interactive.clone());
+        }
+        list.live.store(4, Release);
+        assert!(Arc::ptr_eq(&list.pop().unwrap(), &interactive));
+        for t in &batch {
+            assert!(Arc::ptr_eq(&list.pop().unwrap(), t));
+        }
+        assert!(list.pop().is_none() && list.is_empty());
     }
 
     #[test]

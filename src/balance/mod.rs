@@ -906,9 +906,7 @@ impl<S> Balance<S> {
             .shared
             .slots
             .iter()
-            .filter(|s| s.backend.weight() > 0.0)
-            .filter(|s| s.backend.state().is_paced())
-            .filter(|s| s.backend.state().circuit() == crate::state::Circuit::Closed)
+            .filter(|s| crate::waitlist::paced_open(&s.backend))
             .filter_map(|s| s.backend.state().unavailable_until(now).map(|u| (u, s)))
             .min_by_key(|(u, _)| *u);
         let waitlist = self.shared.waitlist.as_ref();
