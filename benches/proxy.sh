@@ -12,7 +12,8 @@
 #   DURATION=4 CONNS="16" benches/proxy.sh
 #   benches/proxy.sh instructions    # user-space instructions per request of the bare proxy and
 #                                    # the gateway under valgrind (repeatable, unlike CPU time
-#                                    # here): 30 s of requests at c=16 after 5 s to warm up
+#                                    # here): 30 s of requests at c=16 after 5 s to warm up;
+#                                    # CG_KEEP=DIR keeps the callgrind profiles there
 #
 # nginx keeps its default access log (a line per request, as the gateway logs at `info`);
 # haproxy has none by default.
@@ -127,6 +128,7 @@ if [ "${1:-}" = instructions ]; then
     n=$(wrk -t1 -c16 -d30s -s "$T/post.lua" "http://127.0.0.1:$port/v1/chat/completions" | awk '/requests in/ {print $1}')
     sleep 1; callgrind_control -d "$vp" >/dev/null 2>&1; sleep 1
     kill "$vp"; wait "$vp" 2>/dev/null || true
+    [ -n "${CG_KEEP:-}" ] && cp "$T/cg.$front.1" "$CG_KEEP/cg.$front"
     ir=$(callgrind_annotate "$T/cg.$front.1" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1}')
     IR[$front]=$((ir / n))
     base=${IR[bare]}
