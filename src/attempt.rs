@@ -90,7 +90,7 @@ impl Only {
 /// [`AuthInjectLayer::for_chosen`](crate::auth::AuthInjectLayer::for_chosen)), so one client and
 /// one set of layers serve every backend.
 #[derive(Clone, Debug)]
-pub(crate) struct Chosen(pub(crate) Backend, pub(crate) Instant);
+pub(crate) struct Chosen(pub(crate) Backend, pub(crate) Instant, pub(crate) u32);
 
 impl Chosen {
     /// The chosen backend.

@@ -24,6 +24,17 @@ use tower_service::Service;
 
 use crate::error::BoxError;
 
+/// What the request costs of a token quota: its [`TokenCost`](crate::attempt::TokenCost) if it carries one, else the
+/// estimate from its body when that is a [`ReplayBody`], else 0.
+pub(crate) fn token_cost<B: 'static>(req: &http::Request<B>) -> u32 {
+    if let Some(cost) = req.extensions().get::<crate::attempt::TokenCost>() {
+        return cost.0;
+    }
+    let body: &dyn std::any::Any = req.body();
+    body.downcast_ref::<ReplayBody>()
+        .map_or(0, |b| crate::provider::estimate_tokens(b.bytes()))
+}
+
 /// A request body held whole in memory, replayable at no cost.
 ///
 /// Cloning shares the bytes and yields a body that replays from the start.

@@ -89,6 +89,12 @@ struct Inner {
     token_credits: AtomicI64,
     /// The token quota's refill time per token, in picoseconds (0: not paced by tokens).
     ps_per_token: AtomicU64,
+    /// The estimated token cost of the requests in flight (see `in_flight`).
+    in_flight_tokens: AtomicU64,
+    /// The estimated token cost of every request sent so far.
+    tokens_sent: AtomicU64,
+    /// What the backend counts per token of our estimate, learned from its answers.
+    calibration: std::sync::Mutex<Calibration>,
     throttled_until: AtomicU64,
     counters: [AtomicU64; COUNTERS],
     /// The circuit breaker's machine for this backend, shared by every breaker over it (one
@@ -184,6 +190,10 @@ pub struct Snapshot {
     pub last_probe: Option<(Instant, bool)>,
     /// The running totals of its outcomes.
     pub counters: Counters,
+    /// How many tokens of its quota the backend counts per token we estimate a request
+    /// costs, learned from the quota its answers say is left (`1.0` until learned; bounded
+    /// to 0.25-4).
+    pub token_ratio: f64,
 }
 
 impl BackendState {
@@ -216,6 +226,9 @@ impl BackendState {
                 credits: AtomicI64::new(UNTRACKED),
                 token_credits: AtomicI64::new(UNTRACKED),
                 ps_per_token: AtomicU64::new(0),
+                in_flight_tokens: AtomicU64::new(0),
+                tokens_sent: AtomicU64::new(0),
+                calibration: std::sync::Mutex::new(Calibration::new()),
                 throttled_until: AtomicU64::new(0),
                 counters: Default::default(),
                 breaker: std::sync::OnceLock::new(),
@@ -302,6 +315,7 @@ impl BackendState {
             headroom_low: self.headroom_low(now),
             last_probe: self.last_probe(),
             counters: self.counters(),
+            token_ratio: self.token_ratio(),
         }
     }
 
@@ -472,6 +486,11 @@ impl BackendState {
         (start != 0).then(|| Duration::from_nanos(now_ticks.saturating_sub(start) / through))
     }
 
+    /// True when the backend's answers tell its token quota (its admissions are spaced by it).
+    pub(crate) fn is_token_paced(&self) -> bool {
+        self.inner.ps_per_token.load(Relaxed) != 0
+    }
+
     /// True when admissions are spaced: by a request pace, or by the token quota's rate.
     pub(crate) fn is_paced(&self) -> bool {
         self.inner.pace_ns.load(Acquire) != 0 || self.inner.ps_per_token.load(Acquire) != 0
@@ -559,11 +578,15 @@ impl BackendState {
     }
 
     /// Sets the token quota's state from one answer's hints: the tokens that may go at once
-    /// before token pacing starts, and the quota's refill rate (tokens per second). `None`:
-    /// not said (token pacing stops).
-    pub(crate) fn set_token_quota(&self, credits: Option<i64>, rate: Option<f64>) {
-        let credits = credits.map(|c| self.of_share(c));
-        let rate = rate.map(|r| r * self.share());
+    /// before token pacing starts, and the quota's refill rate (tokens per second), both as
+    /// the backend counts them; `others`: the estimated cost of the requests sent since the
+    /// answered one was counted (in flight), already spent of that. `None`: not said (token
+    /// pacing stops). The backend's counts are turned into our estimate's by the learned
+    /// [`Snapshot::token_ratio`].
+    pub(crate) fn set_token_quota(&self, credits: Option<i64>, others: i64, rate: Option<f64>) {
+        let ratio = self.token_ratio();
+        let credits = credits.map(|c| (self.of_share(c) as f64 / ratio) as i64 - others);
+        let rate = rate.map(|r| r * self.share() / ratio);
         self.inner
             .token_credits
             .store(credits.map_or(UNTRACKED, |c| c.min(UNTRACKED - 1)), Release);
@@ -722,11 +745,53 @@ impl BackendState {
         self.inner.in_flight.load(Relaxed)
     }
 
-    /// Counts a request in flight until the guard is dropped.
-    pub(crate) fn start_request(&self) -> InFlight {
+    /// The estimated token cost of the requests in flight.
+    pub(crate) fn in_flight_tokens(&self) -> u64 {
+        self.inner.in_flight_tokens.load(Relaxed)
+    }
+
+    /// Counts a request estimated to cost `tokens` of the token quota in flight until the
+    /// guard is dropped.
+    pub(crate) fn start_request(&self, tokens: u32) -> InFlight {
         self.inner.in_flight.fetch_add(1, Relaxed);
+        let mut sent = 0;
+        if tokens != 0 {
+            self.inner
+                .in_flight_tokens
+                .fetch_add(u64::from(tokens), Relaxed);
+            sent = self.inner.tokens_sent.fetch_add(u64::from(tokens), Relaxed) + u64::from(tokens);
+        }
         InFlight {
             state: self.clone(),
+            tokens,
+            sent,
+        }
+    }
+
+    /// How many tokens of its quota the backend counts per token of our estimate.
+    pub(crate) fn token_ratio(&self) -> f64 {
+        self.inner
+            .calibration
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .ratio
+    }
+
+    /// Learns the token ratio from one answer to a request sent at `sent_at` (see
+    /// [`Calibration::learn`]); a throttled answer (`level` `None`) starts over.
+    pub(crate) fn calibrate(&self, guard: &InFlight, sent_at: Instant, level: Option<Level>) {
+        let mut c = self
+            .inner
+            .calibration
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        match level {
+            Some(level) => {
+                // Requests wait for the token quota's refill: our credits are spent.
+                let holding_back = self.inner.token_credits.load(Relaxed) < 0;
+                c.learn(level, sent_at, guard.sent, self.share(), holding_back)
+            }
+            None => c.last = None,
         }
     }
 
@@ -913,6 +978,95 @@ impl fmt::Debug for BackendState {
 #[derive(Debug)]
 pub(crate) struct InFlight {
     state: BackendState,
+    tokens: u32,
+    /// The backend's `tokens_sent` with this request's cost in it.
+    sent: u64,
+}
+
+/// What an answer said of the token quota, as the backend counts it: the tokens left when the
+/// request was counted, what the quota holds when full, and its refill rate per second.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Level {
+    pub(crate) left: f64,
+    pub(crate) capacity: f64,
+    pub(crate) rate: f64,
+}
+
+/// The learned ratio between what a backend counts of its token quota and what we estimate:
+/// between two answers, the backend spent what its level says it lost plus what refilled
+/// meanwhile, and we sent what our estimates say; their ratio is a sample. The ratio is the
+/// mean of the first five samples, then moves a fifth of the way to each (bounded to 0.25-4). Only while the quota is below 90%
+/// full (a full one refills nothing, so it tells nothing), and a throttled answer starts over
+/// (a refused request is sent but not spent).
+#[derive(Debug)]
+struct Calibration {
+    ratio: f64,
+    /// The last answer's level, when its request was sent, and our `tokens_sent` with it.
+    last: Option<(f64, Instant, u64)>,
+    /// When the ratio last came down for a full quota.
+    probed: Option<Instant>,
+    /// Samples taken.
+    samples: u32,
+}
+
+impl Calibration {
+    const BOUNDS: (f64, f64) = (0.25, 4.0);
+    /// How far the ratio moves towards one sample.
+    const STEP: f64 = 0.2;
+    /// The least time between two samples' requests for a sample.
+    const MIN_APART: Duration = Duration::from_millis(20);
+    /// Above this share of its capacity the quota is full (it tells no sample).
+    const FULL: f64 = 0.9;
+    /// How much the ratio comes down per round trip that finds the quota full while we
+    /// hold requests back.
+    const PROBE: f64 = 0.05;
+
+    fn new() -> Self {
+        Calibration {
+            ratio: 1.0,
+            last: None,
+            probed: None,
+            samples: 0,
+        }
+    }
+
+    fn learn(&mut self, level: Level, sent_at: Instant, sent: u64, share: f64, holding_back: bool) {
+        if level.left > Self::FULL * level.capacity
+            && holding_back
+            && self.probed.is_none_or(|p| sent_at > p)
+        {
+            // Full while we hold requests back: our estimate counts more than the backend
+            // does; a full quota tells no sample, so the ratio comes down a step, once per
+            // round trip (the answer to a request sent after the last step), until the quota
+            // is spent below full and samples set it.
+            self.ratio = (self.ratio * (1.0 - Self::PROBE)).max(Self::BOUNDS.0);
+            self.probed = Some(Instant::now());
+        }
+        let Some((left, at, before)) = self.last else {
+            self.last = Some((level.left, sent_at, sent));
+            return;
+        };
+        if sent_at <= at {
+            // An answer to an earlier request that came later: nothing to compare.
+            return;
+        }
+        self.last = Some((level.left, sent_at, sent));
+        let apart = sent_at.saturating_duration_since(at);
+        let ours = sent.saturating_sub(before) as f64;
+        let refilled = level.rate * apart.as_secs_f64();
+        let full = Self::FULL * level.capacity;
+        if apart < Self::MIN_APART || ours <= 0.0 || left + refilled > full || level.left > full {
+            return;
+        }
+        // What the whole quota lost; this replica sent its share of it.
+        let spent = (left + refilled - level.left) * share;
+        let sample = (spent / ours).clamp(Self::BOUNDS.0, Self::BOUNDS.1);
+        // The mean of the first samples, then a moving average.
+        self.samples = self.samples.saturating_add(1);
+        let step = (1.0 / f64::from(self.samples)).max(Self::STEP);
+        self.ratio =
+            (self.ratio + step * (sample - self.ratio)).clamp(Self::BOUNDS.0, Self::BOUNDS.1);
+    }
 }
 
 impl InFlight {
@@ -920,11 +1074,22 @@ impl InFlight {
     pub(crate) fn state(&self) -> &BackendState {
         &self.state
     }
+
+    /// The request's estimated token cost.
+    pub(crate) fn tokens(&self) -> u32 {
+        self.tokens
+    }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.state.inner.in_flight.fetch_sub(1, Relaxed);
+        if self.tokens != 0 {
+            self.state
+                .inner
+                .in_flight_tokens
+                .fetch_sub(u64::from(self.tokens), Relaxed);
+        }
     }
 }
 
@@ -1079,7 +1244,7 @@ mod tests {
         let s = BackendState::new();
         let now = Instant::now();
         // 1 000 tokens/s, 300 tokens may go at once.
-        s.set_token_quota(Some(300), Some(1000.0));
+        s.set_token_quota(Some(300), 0, Some(1000.0));
         s.admit_cost(now, 200);
         assert!(s.is_available(now), "within the burst");
         s.admit_cost(now, 200);
@@ -1096,7 +1261,7 @@ mod tests {
             Some(now + Duration::from_millis(300))
         );
         // No token hints: requests are paced by count alone.
-        s.set_token_quota(None, None);
+        s.set_token_quota(None, 0, None);
         s.admit_cost(now, 100_000);
         assert_eq!(
             s.unavailable_until(now),
@@ -1117,11 +1282,107 @@ mod tests {
         assert_eq!(s.unavailable_until(now), Some(now + Duration::from_secs(1)));
     }
 
+    /// A quota of 560 tokens per second, `left` of them left.
+    fn level(left: f64) -> Level {
+        Level {
+            left,
+            capacity: 560.0,
+            rate: 560.0,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn tokens_in_flight_are_counted_until_the_answer_is_read() {
+        let s = BackendState::new();
+        let a = s.start_request(40);
+        let b = s.start_request(60);
+        assert_eq!(s.in_flight_tokens(), 100);
+        assert_eq!((a.sent, b.sent), (40, 100));
+        drop(a);
+        assert_eq!(s.in_flight_tokens(), 60);
+        drop(b);
+        assert_eq!(s.in_flight_tokens(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_token_ratio_is_what_the_backend_spent_over_what_we_sent() {
+        let s = BackendState::new();
+        let t0 = Instant::now();
+        // Request A, then 200 ms later B, each estimated at 100 tokens; between them the
+        // backend's level fell from 300 to 200 while 112 tokens refilled: it spent 212 for
+        // our 100 (B's cost: A's was in A's level already).
+        let a = s.start_request(100);
+        tokio::time::advance(Duration::from_millis(200)).await;
+        let b = s.start_request(100);
+        s.calibrate(&a, t0, Some(level(300.0)));
+        assert_eq!(s.token_ratio(), 1.0, "one answer is no sample");
+        s.calibrate(&b, t0 + Duration::from_millis(200), Some(level(200.0)));
+        assert!((s.token_ratio() - 2.12).abs() < 1e-9, "{}", s.token_ratio());
+        assert_eq!(s.snapshot().token_ratio, s.token_ratio());
+        // The credits and refill rate the backend tells are turned into our estimate's.
+        s.set_token_quota(Some(424), 50, Some(1060.0));
+        assert_eq!(s.inner.token_credits.load(Acquire), 200 - 50);
+        assert_eq!(s.inner.ps_per_token.load(Acquire), 2_000_000_000);
+        // A throttled answer starts over: the next answer is no sample.
+        s.calibrate(&b, t0, None);
+        let c = s.start_request(100);
+        s.calibrate(&c, Instant::now(), Some(level(0.0)));
+        assert!((s.token_ratio() - 2.12).abs() < 1e-9);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_quota_while_requests_wait_brings_the_ratio_down_once_per_round_trip() {
+        let s = BackendState::new();
+        s.set_token_quota(Some(0), 100, Some(560.0));
+        let full = level(540.0);
+        let early = s.start_request(100);
+        tokio::time::advance(Duration::from_millis(50)).await;
+        s.calibrate(&early, Instant::now(), Some(full));
+        assert!((s.token_ratio() - 0.95).abs() < 1e-9);
+        // Answers to requests sent before that step change nothing; one sent after does.
+        s.calibrate(
+            &early,
+            Instant::now() - Duration::from_millis(10),
+            Some(full),
+        );
+        assert!((s.token_ratio() - 0.95).abs() < 1e-9);
+        tokio::time::advance(Duration::from_millis(1)).await;
+        let late = s.start_request(100);
+        s.calibrate(&late, Instant::now(), Some(full));
+        assert!((s.token_ratio() - 0.9025).abs() < 1e-9);
+        // Nothing held back: a full quota says nothing.
+        s.set_token_quota(Some(10_000), 0, Some(560.0));
+        tokio::time::advance(Duration::from_millis(1)).await;
+        let idle = s.start_request(100);
+        s.calibrate(&idle, Instant::now(), Some(full));
+        assert!((s.token_ratio() - 0.9025).abs() < 1e-9);
+    }
+
+    #[test]
+    fn the_token_ratio_stays_within_its_bounds() {
+        let t0 = Instant::now();
+        let mut c = Calibration::new();
+        c.learn(level(400.0), t0, 100, 1.0, false);
+        // Spent 400 + 56 for our 1: a sample of 456, taken as 4.
+        c.learn(level(0.0), t0 + Duration::from_millis(100), 101, 1.0, false);
+        assert_eq!(c.ratio, 4.0);
+        for i in 0..50 {
+            c.learn(
+                level(0.0),
+                t0 + Duration::from_millis(200 + 100 * i),
+                10_000 * (i + 2),
+                1.0,
+                false,
+            );
+        }
+        assert!(c.ratio >= 0.25 && c.ratio < 0.26, "{}", c.ratio);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn in_flight_latency_quota_counters() {
         let s = BackendState::new();
-        let g1 = s.start_request();
-        let g2 = s.clone().start_request();
+        let g1 = s.start_request(0);
+        let g2 = s.clone().start_request(0);
         assert_eq!(s.in_flight(), 2);
         drop(g1);
         drop(g2);
@@ -1162,7 +1423,7 @@ mod tests {
         assert_eq!(s.inner.credits.load(Acquire), 2);
         s.learn_pace(Some(Duration::from_millis(100)));
         assert_eq!(s.pace(), Some(Duration::from_millis(400)));
-        s.set_token_quota(Some(3000), Some(400.0));
+        s.set_token_quota(Some(3000), 0, Some(400.0));
         assert_eq!(s.inner.token_credits.load(Acquire), 750);
         assert_eq!(s.inner.ps_per_token.load(Acquire), (1e12 / 100.0) as u64);
         s.set_share(0.5);
@@ -1189,7 +1450,7 @@ mod tests {
         let s = BackendState::new();
         let now = Instant::now();
         assert_eq!(s.demand(now), 0.0);
-        let _a = s.start_request();
+        let _a = s.start_request(0);
         assert_eq!(s.demand(now), 1.0);
         s.set_credits(Some(0));
         s.learn_pace(Some(Duration::from_millis(100)));

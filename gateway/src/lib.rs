@@ -1798,6 +1798,9 @@ async fn stats(State(gw): State<Gateway>, req: Request) -> Response {
                 // the shared state from the replicas' demand).
                 "pace_ms": s.pace.map(|d| d.as_secs_f64() * 1e3),
                 "quota_share": s.share,
+                // Tokens the backend counts of its quota per token of our estimate of a
+                // request's cost, learned from its answers (1: not learned).
+                "token_ratio": s.token_ratio,
                 "probe": s.last_probe.map(|(at, healthy)| serde_json::json!({
                     "healthy": healthy,
                     "ago_ms": now.saturating_duration_since(at).as_millis() as u64,

@@ -330,6 +330,21 @@ impl Scenario {
         s
     }
 
+    /// S6s: S6t with answers that take 2 s, as real completions do: an answer's quota headers
+    /// tell what was left 2 s ago, before the requests sent since, and the gateway's estimate
+    /// of a request's cost (its JSON bytes / 4) is ~1.6x what the service counts (the
+    /// prompt's text / 4), so the gateway must learn the service's count. 400 in flight so
+    /// the client is not the limit; the ideal wall time does not count the last answers' 2 s.
+    pub fn s6s_token_quota_slow() -> Self {
+        let mut s = Self::s6t_token_quota_text();
+        s.name = "S6s";
+        s.title = "token quota 2x, counted from the prompt text, 2 s answers";
+        s.latency = Duration::from_millis(2000);
+        s.in_flight = 400;
+        s.client_timeout = Duration::from_secs(40);
+        s
+    }
+
     /// S2: a PTU deployment (priority 1) before two pay-as-you-go ones (priority 2), 20 req/s
     /// each; 400 requests at 40 req/s.
     pub fn s2_ptu_first() -> Self {
@@ -513,6 +528,7 @@ impl Scenario {
             Self::s6t_token_quota_text(),
             Self::s6_token_quota_counted(1.3),
             Self::s6_token_quota_counted(0.7),
+            Self::s6s_token_quota_slow(),
             Self::s7_stale_key(),
             Self::s9_recovery(),
             Self::s10a_quiet_alone(),
@@ -1124,7 +1140,7 @@ impl Report {
                     format!("{}: {per:.3} backend 429s per success > 0.05", self.name),
                 );
             }
-            "S1p" | "S2p" | "S6" | "S6t" | "S6h" | "S6l" => {
+            "S1p" | "S2p" | "S6" | "S6t" | "S6h" | "S6l" | "S6s" => {
                 let per = self.backend_429s as f64 / self.served.max(1) as f64;
                 need(
                     per <= 0.05,

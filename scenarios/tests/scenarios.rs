@@ -93,6 +93,26 @@ async fn a_token_quota_counted_30_percent_otherwise_than_documented_is_paced_wit
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_token_quota_with_slow_answers_counts_what_was_sent_since_and_learns_the_service_s_count()
+{
+    // Each answer's remaining tokens are 2 s old: taken as they come, they let ~0.35 429s
+    // per success through (0.16 with the service counting as we estimate).
+    let report = run(Scenario {
+        requests: 300,
+        ..Scenario::s6s_token_quota_slow()
+    })
+    .await;
+    assert_eq!(report.served, report.sent, "{report}");
+    assert!(
+        report.backend_429s as f64 <= 0.05 * report.served as f64,
+        "{report}"
+    );
+    for b in &report.per_backend {
+        assert!(b.served >= 80, "{report}");
+    }
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_backend_back_from_an_outage_serves_again_within_the_probe_spacing() {
     // An outage that ends just after the first probe of the old policy (5 s, +-10%): it
     // was not probed again until 10 s later.

@@ -78,6 +78,7 @@ use tower_service::Service;
 use crate::attempt::Chosen;
 pub use crate::attempt::TokenCost;
 use crate::backend::Backend;
+use crate::body::token_cost;
 use crate::error::BoxError;
 use crate::rng::Rng;
 use crate::waitlist::Waitlist;
@@ -297,17 +298,6 @@ impl<S> Balance<S> {
 
 /// The `model` a request's body names, when the body is a [`ReplayBody`](crate::body::ReplayBody)
 /// (what every stack of this crate carries) holding JSON.
-/// What the request costs of a token quota: its [`TokenCost`] if it carries one, else the
-/// estimate from its body when that is a [`ReplayBody`](crate::body::ReplayBody), else 0.
-fn token_cost<B: 'static>(req: &http::Request<B>) -> u32 {
-    if let Some(cost) = req.extensions().get::<TokenCost>() {
-        return cost.0;
-    }
-    let body: &dyn std::any::Any = req.body();
-    body.downcast_ref::<crate::body::ReplayBody>()
-        .map_or(0, |b| crate::provider::estimate_tokens(b.bytes()))
-}
-
 fn request_model<B: 'static>(req: &http::Request<B>) -> Option<&str> {
     let body: &dyn std::any::Any = req.body();
     let body = body.downcast_ref::<crate::body::ReplayBody>()?;
@@ -653,16 +643,13 @@ where
     #[inline]
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
         let now = Instant::now();
-        let i = match self.picker.reserved_slot(&req, now) {
+        let (i, cost) = match self.picker.reserved_slot(&req, now) {
             Some(i) => {
                 crate::attempt::Picked::note(&req, &self.picker.shared.slots[i].backend);
-                i
+                (i, token_cost(&req))
             }
             None => match self.picker.pick_for(&req, now) {
-                Ok(i) => {
-                    self.picker.admit(i, &mut req, now);
-                    i
-                }
+                Ok(i) => (i, self.picker.admit(i, &mut req, now)),
                 Err(error) => {
                     return ResponseFuture {
                         state: State::Unavailable { error: Some(error) },
@@ -670,8 +657,11 @@ where
                 }
             },
         };
-        req.extensions_mut()
-            .insert(Chosen(self.picker.shared.slots[i].backend.clone(), now));
+        req.extensions_mut().insert(Chosen(
+            self.picker.shared.slots[i].backend.clone(),
+            now,
+            cost,
+        ));
         // The inner service was driven ready by this one's `poll_ready`; its future owns
         // nothing of it, so no clone is needed.
         ResponseFuture {
@@ -839,9 +829,10 @@ impl<S> Balance<S> {
         .into()
     }
 
-    /// Counts the request against the picked backend's quota and pace, and notes the pick.
+    /// Counts the request against the picked backend's quota and pace, and notes the pick;
+    /// returns the request's estimated token cost.
     #[inline]
-    fn admit<B: 'static>(&self, i: usize, req: &mut http::Request<B>, now: Instant) {
+    fn admit<B: 'static>(&self, i: usize, req: &mut http::Request<B>, now: Instant) -> u32 {
         let slot = &self.shared.slots[i];
         let cost = token_cost(req);
         slot.backend.state().admit_cost(now, cost);
@@ -856,6 +847,7 @@ impl<S> Balance<S> {
             backend = slot.backend.name(),
             "picked"
         );
+        cost
     }
 }
 

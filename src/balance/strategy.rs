@@ -444,7 +444,7 @@ mod tests {
         // Two different candidates every time: the lighter one always wins while idle.
         assert!((0..1000).all(|_| pick_one() == 1));
         // Load counts: 200 requests in flight on the fast one outweigh the slow one's latency.
-        let _busy: Vec<_> = (0..200).map(|_| states[1].start_request()).collect();
+        let _busy: Vec<_> = (0..200).map(|_| states[1].start_request(0)).collect();
         assert_eq!(pick_one(), 0);
     }
 
@@ -476,7 +476,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn least_in_flight_prefers_the_idle_backend() {
         let states = [BackendState::new(), BackendState::new()];
-        let _busy = states[0].start_request();
+        let _busy = states[0].start_request(0);
         let all = equal(&states);
         let cursor = AtomicUsize::new(0);
         let rng = Rng::seeded(1);

@@ -531,6 +531,20 @@ impl Hints {
         }
     }
 
+    /// The token quota as the answer tells it: the tokens left and what the quota holds when
+    /// full, over the window the refill rate ([`Hints::token_rate`]) fills (with a reset, the
+    /// counts themselves; without one, the per-minute counts' one-second share). `None`
+    /// without both counts.
+    pub(crate) fn token_level(&self) -> Option<(f64, f64)> {
+        let left = self.remaining_tokens? as f64;
+        let limit = self.limit_tokens.filter(|l| *l > 0)? as f64;
+        if self.reset_tokens.is_some() {
+            return Some((left, limit));
+        }
+        let per_second = PER_MINUTE.as_secs_f64();
+        Some((left / per_second, limit / per_second))
+    }
+
     /// How many tokens requests may spend at once before token pacing starts: like
     /// [`Hints::burst_credits`] for requests (without a reset, one second's share of what
     /// remains less a tenth of a second's quota). `None` without a remaining count.

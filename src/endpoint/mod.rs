@@ -315,7 +315,7 @@ fn finish_route<B>(backend: &Backend, req: &mut Request<B>) {
     }
 }
 
-impl<S, ReqB, ResB> Service<Request<ReqB>> for Endpoint<S>
+impl<S, ReqB: 'static, ResB> Service<Request<ReqB>> for Endpoint<S>
 where
     S: Service<Request<ReqB>, Response = http::Response<ResB>>,
     S::Error: Into<BoxError>,
@@ -340,11 +340,20 @@ where
 
     #[inline]
     fn call(&mut self, mut req: Request<ReqB>) -> Self::Future {
-        let (backend, start) = match &self.backend {
-            Some(b) => (b.clone(), Instant::now()),
+        let (backend, start, tokens) = match &self.backend {
+            // A backend of a group (`Balance` counted the request already): its cost again,
+            // only where the token quota is tracked.
+            Some(b) => {
+                let tokens = if b.state().is_token_paced() {
+                    crate::body::token_cost(&req)
+                } else {
+                    0
+                };
+                (b.clone(), Instant::now(), tokens)
+            }
             // The pick's own clock reading (microseconds ago) starts the attempt.
             None => match req.extensions().get::<crate::attempt::Chosen>() {
-                Some(c) => (c.0.clone(), c.1),
+                Some(c) => (c.0.clone(), c.1, c.2),
                 None => return ResponseFuture::failed(error::NoBackendChosen.into()),
             },
         };
@@ -357,7 +366,7 @@ where
         }
         let (guard, awaiting) = {
             let state = backend.state();
-            (state.start_request(), Some(state.await_head(start)))
+            (state.start_request(tokens), Some(state.await_head(start)))
         };
         let record = Record {
             guard,
@@ -465,8 +474,30 @@ impl Record {
         state.record_outcome(&outcome);
         state.record_quota(hints.remaining_requests, hints.remaining_tokens, now);
         if hints.remaining_tokens.is_some() || hints.limit_tokens.is_some() {
-            // The token quota likewise: what may go at once, then its refill rate.
-            state.set_token_quota(hints.burst_tokens(), hints.token_rate());
+            // The token quota likewise: what may go at once (less what was sent after this
+            // request was counted: an answer that took seconds tells a quota that has been
+            // spent since), then its refill rate.
+            let others = state
+                .in_flight_tokens()
+                .saturating_sub(u64::from(self.guard.tokens()));
+            let others = i64::try_from(others).unwrap_or(i64::MAX);
+            if self.guard.tokens() != 0
+                && outcome == Outcome::Success
+                && let (Some((left, capacity)), Some(rate)) =
+                    (hints.token_level(), hints.token_rate())
+            {
+                // What the backend counts per token of our estimate, learned.
+                let level = crate::state::Level {
+                    left,
+                    capacity,
+                    rate,
+                };
+                state.calibrate(&self.guard, self.start, Some(level));
+            }
+            state.set_token_quota(hints.burst_tokens(), others, hints.token_rate());
+        }
+        if self.guard.tokens() != 0 && outcome.is_throttled() {
+            state.calibrate(&self.guard, self.start, None);
         }
         if let Some(credits) = hints.burst_credits() {
             // Spend what the quota has left (less what is already on its way), then pace the
