@@ -778,20 +778,27 @@ impl BackendState {
     }
 
     /// Learns the token ratio from one answer to a request sent at `sent_at` (see
-    /// [`Calibration::learn`]); a throttled answer (`level` `None`) starts over.
-    pub(crate) fn calibrate(&self, guard: &InFlight, sent_at: Instant, level: Option<Level>) {
+    /// [`Calibration`]): the quota's level it tells, if any, and whether the request was
+    /// refused (throttled: it spent nothing).
+    pub(crate) fn calibrate(
+        &self,
+        guard: &InFlight,
+        sent_at: Instant,
+        level: Option<Level>,
+        refused: bool,
+    ) {
         let mut c = self
             .inner
             .calibration
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        match level {
-            Some(level) => {
-                // Requests wait for the token quota's refill: our credits are spent.
-                let holding_back = self.inner.token_credits.load(Relaxed) < 0;
-                c.learn(level, sent_at, guard.sent, self.share(), holding_back)
-            }
-            None => c.last = None,
+        if refused {
+            c.refused(guard.sent, guard.tokens);
+        }
+        if let Some(level) = level {
+            // Requests wait for the token quota's refill: our credits are spent.
+            let holding_back = self.inner.token_credits.load(Relaxed) < 0;
+            c.learn(level, sent_at, guard.sent, self.share(), holding_back);
         }
     }
 
@@ -992,17 +999,22 @@ pub(crate) struct Level {
     pub(crate) rate: f64,
 }
 
-/// The learned ratio between what a backend counts of its token quota and what we estimate:
-/// between two answers, the backend spent what its level says it lost plus what refilled
-/// meanwhile, and we sent what our estimates say; their ratio is a sample. The ratio is the
-/// mean of the first five samples, then moves a fifth of the way to each (bounded to 0.25-4). Only while the quota is below 90%
-/// full (a full one refills nothing, so it tells nothing), and a throttled answer starts over
-/// (a refused request is sent but not spent).
+/// The learned ratio between what a backend counts of its token quota and what we estimate.
+/// Between the answers to two requests, the backend spent what its level says it lost plus
+/// what refilled meanwhile, and we sent what our estimates say, less the requests it refused
+/// (a 429 spends nothing); their ratio is a sample. A sample spans at least 100 ms and a
+/// twentieth of the quota (shorter spans are noise), and only while the quota was below 90% full
+/// (a full one refills nothing, so it tells nothing). The ratio is the mean of the first five
+/// samples, then moves a fifth of the way to each (bounded to 0.25-4). While the quota is full
+/// and requests wait for it, the ratio comes down 5% per round trip.
 #[derive(Debug)]
 struct Calibration {
     ratio: f64,
-    /// The last answer's level, when its request was sent, and our `tokens_sent` with it.
+    /// The base of the next sample: an answer's level, when its request was sent, and our
+    /// `tokens_sent` with it.
     last: Option<(f64, Instant, u64)>,
+    /// Requests refused since the base: their `tokens_sent` mark and cost.
+    refused: std::collections::VecDeque<(u64, u32)>,
     /// When the ratio last came down for a full quota.
     probed: Option<Instant>,
     /// Samples taken.
@@ -1011,30 +1023,44 @@ struct Calibration {
 
 impl Calibration {
     const BOUNDS: (f64, f64) = (0.25, 4.0);
-    /// How far the ratio moves towards one sample.
+    /// How far the ratio moves towards one sample, after the first few.
     const STEP: f64 = 0.2;
-    /// The least time between two samples' requests for a sample.
-    const MIN_APART: Duration = Duration::from_millis(20);
+    /// The least time between a sample's two requests.
+    const MIN_APART: Duration = Duration::from_millis(100);
+    /// The least share of the quota's capacity a sample's requests must have cost.
+    const MIN_SPAN: f64 = 0.05;
     /// Above this share of its capacity the quota is full (it tells no sample).
     const FULL: f64 = 0.9;
     /// How much the ratio comes down per round trip that finds the quota full while we
     /// hold requests back.
     const PROBE: f64 = 0.05;
+    /// The most refusals remembered between two samples.
+    const REFUSALS: usize = 1024;
 
     fn new() -> Self {
         Calibration {
             ratio: 1.0,
             last: None,
+            refused: std::collections::VecDeque::new(),
             probed: None,
             samples: 0,
         }
     }
 
+    /// A request (its `tokens_sent` mark, its cost) was refused: it spent nothing.
+    fn refused(&mut self, sent: u64, tokens: u32) {
+        if self.refused.len() == Self::REFUSALS {
+            // Too many to tell a sample: start over.
+            self.refused.clear();
+            self.last = None;
+            return;
+        }
+        self.refused.push_back((sent, tokens));
+    }
+
     fn learn(&mut self, level: Level, sent_at: Instant, sent: u64, share: f64, holding_back: bool) {
-        if level.left > Self::FULL * level.capacity
-            && holding_back
-            && self.probed.is_none_or(|p| sent_at > p)
-        {
+        let full = Self::FULL * level.capacity;
+        if level.left > full && holding_back && self.probed.is_none_or(|p| sent_at > p) {
             // Full while we hold requests back: our estimate counts more than the backend
             // does; a full quota tells no sample, so the ratio comes down a step, once per
             // round trip (the answer to a request sent after the last step), until the quota
@@ -1042,22 +1068,37 @@ impl Calibration {
             self.ratio = (self.ratio * (1.0 - Self::PROBE)).max(Self::BOUNDS.0);
             self.probed = Some(Instant::now());
         }
+        let rebase = |c: &mut Self| {
+            c.last = Some((level.left, sent_at, sent));
+            c.refused.retain(|(m, _)| *m > sent);
+        };
         let Some((left, at, before)) = self.last else {
-            self.last = Some((level.left, sent_at, sent));
+            rebase(self);
             return;
         };
         if sent_at <= at {
             // An answer to an earlier request that came later: nothing to compare.
             return;
         }
-        self.last = Some((level.left, sent_at, sent));
         let apart = sent_at.saturating_duration_since(at);
-        let ours = sent.saturating_sub(before) as f64;
+        let refused: u64 = self
+            .refused
+            .iter()
+            .filter(|(m, _)| *m > before && *m <= sent)
+            .map(|(_, t)| u64::from(*t))
+            .sum();
+        let ours = sent.saturating_sub(before).saturating_sub(refused) as f64;
         let refilled = level.rate * apart.as_secs_f64();
-        let full = Self::FULL * level.capacity;
-        if apart < Self::MIN_APART || ours <= 0.0 || left + refilled > full || level.left > full {
+        if left + refilled > full || level.left > full {
+            // The quota may have been full meanwhile: no sample, a new base.
+            rebase(self);
             return;
         }
+        if apart < Self::MIN_APART || ours * self.ratio < Self::MIN_SPAN * level.capacity {
+            // Too short a span yet: keep the base.
+            return;
+        }
+        rebase(self);
         // What the whole quota lost; this replica sent its share of it.
         let spent = (left + refilled - level.left) * share;
         let sample = (spent / ours).clamp(Self::BOUNDS.0, Self::BOUNDS.1);
@@ -1314,20 +1355,38 @@ mod tests {
         let a = s.start_request(100);
         tokio::time::advance(Duration::from_millis(200)).await;
         let b = s.start_request(100);
-        s.calibrate(&a, t0, Some(level(300.0)));
+        s.calibrate(&a, t0, Some(level(300.0)), false);
         assert_eq!(s.token_ratio(), 1.0, "one answer is no sample");
-        s.calibrate(&b, t0 + Duration::from_millis(200), Some(level(200.0)));
+        s.calibrate(
+            &b,
+            t0 + Duration::from_millis(200),
+            Some(level(200.0)),
+            false,
+        );
         assert!((s.token_ratio() - 2.12).abs() < 1e-9, "{}", s.token_ratio());
         assert_eq!(s.snapshot().token_ratio, s.token_ratio());
         // The credits and refill rate the backend tells are turned into our estimate's.
         s.set_token_quota(Some(424), 50, Some(1060.0));
         assert_eq!(s.inner.token_credits.load(Acquire), 200 - 50);
         assert_eq!(s.inner.ps_per_token.load(Acquire), 2_000_000_000);
-        // A throttled answer starts over: the next answer is no sample.
-        s.calibrate(&b, t0, None);
+        // A refused request spent nothing: 200 ms later, of C (refused) and D (our 100
+        // each), the backend spent 200 + 112 - 100 = 212 for D's 100 alone.
+        tokio::time::advance(Duration::from_millis(100)).await;
         let c = s.start_request(100);
-        s.calibrate(&c, Instant::now(), Some(level(0.0)));
-        assert!((s.token_ratio() - 2.12).abs() < 1e-9);
+        s.calibrate(&c, Instant::now(), Some(level(250.0)), true);
+        tokio::time::advance(Duration::from_millis(100)).await;
+        let d = s.start_request(100);
+        s.calibrate(
+            &d,
+            t0 + Duration::from_millis(400),
+            Some(level(100.0)),
+            false,
+        );
+        assert!((s.token_ratio() - 2.12).abs() < 1e-9, "{}", s.token_ratio());
+        // Too short a span is no sample yet; the base stays.
+        let e = s.start_request(100);
+        s.calibrate(&e, t0 + Duration::from_millis(450), Some(level(0.0)), false);
+        assert!((s.token_ratio() - 2.12).abs() < 1e-9, "{}", s.token_ratio());
     }
 
     #[tokio::test(start_paused = true)]
@@ -1337,24 +1396,25 @@ mod tests {
         let full = level(540.0);
         let early = s.start_request(100);
         tokio::time::advance(Duration::from_millis(50)).await;
-        s.calibrate(&early, Instant::now(), Some(full));
+        s.calibrate(&early, Instant::now(), Some(full), false);
         assert!((s.token_ratio() - 0.95).abs() < 1e-9);
         // Answers to requests sent before that step change nothing; one sent after does.
         s.calibrate(
             &early,
             Instant::now() - Duration::from_millis(10),
             Some(full),
+            false,
         );
         assert!((s.token_ratio() - 0.95).abs() < 1e-9);
         tokio::time::advance(Duration::from_millis(1)).await;
         let late = s.start_request(100);
-        s.calibrate(&late, Instant::now(), Some(full));
+        s.calibrate(&late, Instant::now(), Some(full), false);
         assert!((s.token_ratio() - 0.9025).abs() < 1e-9);
         // Nothing held back: a full quota says nothing.
         s.set_token_quota(Some(10_000), 0, Some(560.0));
         tokio::time::advance(Duration::from_millis(1)).await;
         let idle = s.start_request(100);
-        s.calibrate(&idle, Instant::now(), Some(full));
+        s.calibrate(&idle, Instant::now(), Some(full), false);
         assert!((s.token_ratio() - 0.9025).abs() < 1e-9);
     }
 
@@ -1363,8 +1423,8 @@ mod tests {
         let t0 = Instant::now();
         let mut c = Calibration::new();
         c.learn(level(400.0), t0, 100, 1.0, false);
-        // Spent 400 + 56 for our 1: a sample of 456, taken as 4.
-        c.learn(level(0.0), t0 + Duration::from_millis(100), 101, 1.0, false);
+        // Spent 400 + 56 for our 28: a sample of 16, taken as 4.
+        c.learn(level(0.0), t0 + Duration::from_millis(100), 128, 1.0, false);
         assert_eq!(c.ratio, 4.0);
         for i in 0..50 {
             c.learn(

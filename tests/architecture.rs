@@ -70,6 +70,10 @@ fn code_of(text: &str) -> String {
             }
             in_str = c != b'"';
             i += 1;
+        } else if text[i..].starts_with("'\"'") {
+            // The quote character (`b'"'`) opens no string.
+            out.push_str("'\"'");
+            i += 3;
         } else if c == b'"' {
             in_str = true;
             out.push('"');

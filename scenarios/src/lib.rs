@@ -345,6 +345,21 @@ impl Scenario {
         s
     }
 
+    /// S6sh / S6sl: S6s against a service that counts the prompt 30% heavier (`scale` 1.3) or
+    /// lighter (0.7) than documented.
+    pub fn s6s_token_quota_slow_counted(scale: f64) -> Self {
+        let base = Self::s6_token_quota_counted(scale);
+        let mut s = Self::s6s_token_quota_slow();
+        (s.name, s.title) = if scale > 1.0 {
+            ("S6sh", "S6s, the service counts the prompt 30% heavier")
+        } else {
+            ("S6sl", "S6s, the service counts the prompt 30% lighter")
+        };
+        s.prompt_text = base.prompt_text;
+        s.backends = base.backends;
+        s
+    }
+
     /// S2: a PTU deployment (priority 1) before two pay-as-you-go ones (priority 2), 20 req/s
     /// each; 400 requests at 40 req/s.
     pub fn s2_ptu_first() -> Self {
@@ -529,6 +544,8 @@ impl Scenario {
             Self::s6_token_quota_counted(1.3),
             Self::s6_token_quota_counted(0.7),
             Self::s6s_token_quota_slow(),
+            Self::s6s_token_quota_slow_counted(1.3),
+            Self::s6s_token_quota_slow_counted(0.7),
             Self::s7_stale_key(),
             Self::s9_recovery(),
             Self::s10a_quiet_alone(),
@@ -1140,7 +1157,7 @@ impl Report {
                     format!("{}: {per:.3} backend 429s per success > 0.05", self.name),
                 );
             }
-            "S1p" | "S2p" | "S6" | "S6t" | "S6h" | "S6l" | "S6s" => {
+            "S1p" | "S2p" | "S6" | "S6t" | "S6h" | "S6l" | "S6s" | "S6sh" | "S6sl" => {
                 let per = self.backend_429s as f64 / self.served.max(1) as f64;
                 need(
                     per <= 0.05,

@@ -481,10 +481,14 @@ mod tests {
     }
 }
 
-/// Estimates what a request costs of a token quota, the way Azure OpenAI's rate limiter counts
-/// it before the answer exists: the prompt (about 4 bytes of JSON per token) plus the most the
-/// answer may take (`max_tokens`, `max_completion_tokens` or `max_output_tokens`; 16 when none
-/// is given). A cheap scan of the JSON, never a parse.
+/// Estimates what a request costs of a token quota, the way Azure OpenAI documents its rate
+/// limiter counts it before the answer exists: the prompt's text, about 4 characters per token
+/// (the strings of `content`, `text`, `system`, `input`, `prompt`, `instructions` and a tool
+/// call's `arguments`, not the JSON around them; a body with none of these, or not JSON: its
+/// bytes / 4), plus the most the answer may take (`max_tokens`, `max_completion_tokens` or
+/// `max_output_tokens`; 16 when none is given). A cheap scan of the JSON, never a parse. A
+/// backend that counts otherwise is followed through its quota headers (see
+/// [`Snapshot::token_ratio`](crate::state::Snapshot::token_ratio)).
 pub fn estimate_tokens(body: &[u8]) -> u32 {
     // One scan for the three keys (a finder per key and call cost more than the scan).
     static MAX: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
@@ -494,7 +498,7 @@ pub fn estimate_tokens(body: &[u8]) -> u32 {
         b"\"max_completion_tokens\"",
         b"\"max_output_tokens\"",
     ];
-    let prompt = body.len() / 4;
+    let prompt = prompt_chars(body).unwrap_or(body.len()).div_ceil(4);
     // The value at each key's first occurrence; the first key that has a number decides.
     let mut first: [Option<Option<usize>>; 3] = [None; 3];
     let mut from = 0;
@@ -639,6 +643,99 @@ fn number_after(json: &[u8], key: &[u8]) -> Option<usize> {
 }
 
 /// The unsigned number after `:` at the start of `rest` (after a key), if there is one.
+/// The keys whose string values (or strings listed directly under them) are prompt text.
+const TEXT_KEYS: [&[u8]; 7] = [
+    b"content",
+    b"text",
+    b"system",
+    b"input",
+    b"prompt",
+    b"instructions",
+    b"arguments",
+];
+
+/// The characters of a JSON request's prompt text (see [`estimate_tokens`]): one pass over the
+/// structure, strings skipped with `memchr`. `None` when the body is not JSON as far as the
+/// scan can tell, nests deeper than 64, or holds no text key.
+fn prompt_chars(body: &[u8]) -> Option<usize> {
+    /// A container being scanned: an object (whether its current key is a text key, and
+    /// whether a key comes next) or an array (whether its strings are text).
+    #[derive(Clone, Copy)]
+    enum Frame {
+        Object { text: bool, key_next: bool },
+        Array { text: bool },
+    }
+    let mut stack: [Frame; 64] = [Frame::Array { text: false }; 64];
+    let mut depth = 0usize;
+    let mut chars = 0usize;
+    let mut found = false;
+    let mut i = 0;
+    while i < body.len() {
+        match body[i] {
+            b'"' => {
+                // The string's end: the first quote not escaped.
+                let start = i + 1;
+                let mut j = start;
+                let end = loop {
+                    let at = j + memchr::memchr2(b'"', b'\\', &body[j..])?;
+                    if body[at] == b'"' {
+                        break at;
+                    }
+                    j = at + 2;
+                    if j > body.len() {
+                        return None;
+                    }
+                };
+                let s = &body[start..end];
+                match stack.get_mut(depth.checked_sub(1)?)? {
+                    Frame::Object { text, key_next } if *key_next => {
+                        *text = TEXT_KEYS.contains(&s);
+                        *key_next = false;
+                        found |= *text;
+                    }
+                    Frame::Object { text: true, .. } | Frame::Array { text: true } => {
+                        // Characters, not bytes: UTF-8 continuation bytes are not counted.
+                        chars += s.iter().filter(|b| (**b & 0xC0) != 0x80).count();
+                    }
+                    _ => {}
+                }
+                i = end + 1;
+                continue;
+            }
+            b'{' | b'[' => {
+                // A list directly under a text key holds text (`"input": ["a", "b"]`).
+                let text = body[i] == b'['
+                    && depth > 0
+                    && matches!(
+                        stack[depth - 1],
+                        Frame::Object { text: true, .. } | Frame::Array { text: true }
+                    );
+                let frame = if body[i] == b'{' {
+                    Frame::Object {
+                        text: false,
+                        key_next: true,
+                    }
+                } else {
+                    Frame::Array { text }
+                };
+                *stack.get_mut(depth)? = frame;
+                depth += 1;
+            }
+            b'}' | b']' => depth = depth.checked_sub(1)?,
+            b',' => {
+                if let Some(Frame::Object { key_next, .. }) =
+                    depth.checked_sub(1).map(|d| &mut stack[d])
+                {
+                    *key_next = true;
+                }
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    (found && depth == 0).then_some(chars)
+}
+
 fn number_at(rest: &[u8]) -> Option<usize> {
     let rest = &rest[rest.iter().position(|b| !b.is_ascii_whitespace())?..];
     let rest = rest.strip_prefix(b":")?;
@@ -799,21 +896,66 @@ mod estimate_tests {
     }
 
     #[test]
+    fn the_prompt_is_the_text_the_providers_count_not_the_json_around_it() {
+        use super::prompt_chars;
+        // Chat: string contents and text parts; an image's URL and the roles are not text.
+        let chat = r#"{"model":"gpt-4o","messages":[{"role":"system","content":"Be brief."},
+            {"role":"user","content":[{"type":"text","text":"Décris"},
+            {"type":"image_url","image_url":{"url":"data:image/png;base64,AAAA"}}]},
+            {"role":"assistant","tool_calls":[{"function":{"name":"f","arguments":"{\"a\":1}"}}]}]}"#;
+        assert_eq!(
+            prompt_chars(chat.as_bytes()),
+            Some(9 + 6 + 9),
+            "escapes as written"
+        );
+        // Anthropic: a system string or blocks; Responses: input and instructions.
+        let anthropic = br#"{"system":[{"type":"text","text":"abc"}],"messages":[{"role":"user","content":"de"}]}"#;
+        assert_eq!(prompt_chars(anthropic), Some(5));
+        let responses = br#"{"instructions":"ab","input":[{"role":"user","content":"cd"}]}"#;
+        assert_eq!(prompt_chars(responses), Some(4));
+        // Lists of strings under a text key (embeddings, completions).
+        assert_eq!(
+            prompt_chars(br#"{"input":["ab","cde"],"model":"x"}"#),
+            Some(5)
+        );
+        assert_eq!(prompt_chars(br#"{"prompt":"abcd"}"#), Some(4));
+        // An escaped quote does not end a string.
+        assert_eq!(prompt_chars(br#"{"content":"a\"b"}"#), Some(4));
+        // Not JSON, unbalanced, too deep, no text: no count (the bytes are used).
+        for bad in [
+            &b"not json"[..],
+            br#"{"content":"ab""#,
+            br#"{"content":"ab"}}"#,
+            br#"{"model":"x"}"#,
+            b"\"",
+        ] {
+            assert_eq!(prompt_chars(bad), None, "{}", String::from_utf8_lossy(bad));
+        }
+        let deep = format!("{}{}", "[".repeat(100), "]".repeat(100));
+        assert_eq!(prompt_chars(deep.as_bytes()), None);
+    }
+
+    #[test]
     fn the_token_estimate_is_the_prompt_and_the_answer_s_cap() {
-        let body = br#"{"messages":[{"role":"user","content":"hi"}],"max_tokens": 100}"#;
-        assert_eq!(estimate_tokens(body), body.len() as u32 / 4 + 100);
+        let body = br#"{"messages":[{"role":"user","content":"hello there"}],"max_tokens": 100}"#;
+        assert_eq!(estimate_tokens(body), 3 + 100, "11 characters of text");
         let newer = br#"{"max_completion_tokens":50,"messages":[]}"#;
-        assert_eq!(estimate_tokens(newer), newer.len() as u32 / 4 + 50);
-        assert_eq!(estimate_tokens(b"{}"), 16, "no cap given: 16");
+        assert_eq!(
+            estimate_tokens(newer),
+            newer.len().div_ceil(4) as u32 + 50,
+            "no text: the bytes"
+        );
+        assert_eq!(estimate_tokens(b"{}"), 1 + 16, "no cap given: 16");
         assert_eq!(
             estimate_tokens(br#"{"max_tokens":"x"}"#),
-            4 + 16,
+            5 + 16,
             "not a number"
         );
         let huge = br#"{"max_tokens": 99999999999999999999999}"#;
+        assert_eq!(estimate_tokens(b"not json at all"), 4 + 16);
         assert_eq!(
             estimate_tokens(huge),
-            huge.len() as u32 / 4 + 16,
+            huge.len().div_ceil(4) as u32 + 16,
             "overflow: no cap"
         );
     }
