@@ -645,8 +645,10 @@ where
         let now = Instant::now();
         let (i, cost) = match self.picker.reserved_slot(&req, now) {
             Some(i) => {
-                crate::attempt::Picked::note(&req, &self.picker.shared.slots[i].backend);
-                (i, token_cost(&req))
+                let backend = &self.picker.shared.slots[i].backend;
+                crate::attempt::Picked::note(&req, backend);
+                let paced = backend.state().is_token_paced();
+                (i, if paced { token_cost(&req) } else { 0 })
             }
             None => match self.picker.pick_for(&req, now) {
                 Ok(i) => (i, self.picker.admit(i, &mut req, now)),
@@ -834,7 +836,12 @@ impl<S> Balance<S> {
     #[inline]
     fn admit<B: 'static>(&self, i: usize, req: &mut http::Request<B>, now: Instant) -> u32 {
         let slot = &self.shared.slots[i];
-        let cost = token_cost(req);
+        // The cost matters only where the backend's answers tell its token quota.
+        let cost = if slot.backend.state().is_token_paced() {
+            token_cost(req)
+        } else {
+            0
+        };
         slot.backend.state().admit_cost(now, cost);
         crate::attempt::Picked::note(req, &slot.backend);
         if slot.group {

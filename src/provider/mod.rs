@@ -673,19 +673,8 @@ fn prompt_chars(body: &[u8]) -> Option<usize> {
     while i < body.len() {
         match body[i] {
             b'"' => {
-                // The string's end: the first quote not escaped.
                 let start = i + 1;
-                let mut j = start;
-                let end = loop {
-                    let at = j + memchr::memchr2(b'"', b'\\', &body[j..])?;
-                    if body[at] == b'"' {
-                        break at;
-                    }
-                    j = at + 2;
-                    if j > body.len() {
-                        return None;
-                    }
-                };
+                let end = string_end(body, start)?;
                 let s = &body[start..end];
                 match stack.get_mut(depth.checked_sub(1)?)? {
                     Frame::Object { text, key_next } if *key_next => {
@@ -734,6 +723,30 @@ fn prompt_chars(body: &[u8]) -> Option<usize> {
         i += 1;
     }
     (found && depth == 0).then_some(chars)
+}
+
+/// Where the JSON string starting at `start` (after its opening quote) ends: its closing
+/// quote, the first one not escaped. Short strings (keys, most values) byte by byte; past 32
+/// bytes, `memchr`.
+#[inline]
+fn string_end(body: &[u8], start: usize) -> Option<usize> {
+    let mut j = start;
+    let short = body.len().min(start + 32);
+    while j < short {
+        match body[j] {
+            b'"' => return Some(j),
+            b'\\' => j += 2,
+            _ => j += 1,
+        }
+    }
+    while j < body.len() {
+        let at = j + memchr::memchr2(b'"', b'\\', &body[j..])?;
+        if body[at] == b'"' {
+            return Some(at);
+        }
+        j = at + 2;
+    }
+    None
 }
 
 fn number_at(rest: &[u8]) -> Option<usize> {
