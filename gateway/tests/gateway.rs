@@ -273,6 +273,8 @@ async fn stats_report_each_backend_and_shutdown_lets_in_flight_requests_finish()
         .collect();
     assert_eq!(names, ["backup", "primary"]);
     assert_eq!(stats["backends"][1]["in_flight"], 1);
+    // Nothing learned of a token quota yet: its count per token of our estimate is 1.
+    assert_eq!(stats["backends"][1]["token_ratio"], 1.0);
     gw.shutdown.take().unwrap().send(()).unwrap();
     let res = slow.await.unwrap();
     assert_eq!(res.status(), 200, "the in-flight request finished");
