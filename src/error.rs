@@ -96,6 +96,8 @@ pub struct Unavailable {
     out: Arc<[Out]>,
     /// Refused because requests wait in line: one that may wait joins it at once.
     lined: bool,
+    /// Refused at once because the line stands (see `waitlist`): no waiting for it.
+    shed: bool,
 }
 
 /// Why one backend could not take a request that found nothing available.
@@ -120,7 +122,20 @@ impl Unavailable {
             reserved: None,
             out: Arc::new([]),
             lined: false,
+            shed: false,
         }
+    }
+
+    /// Says the request is refused for good: the group's line stands, and waiting would only
+    /// lengthen it.
+    pub(crate) fn shed(mut self) -> Self {
+        self.shed = true;
+        self
+    }
+
+    /// Whether the request is refused for good (see [`Unavailable::shed`]).
+    pub(crate) fn is_shed(&self) -> bool {
+        self.shed
     }
 
     /// Says the request was refused because others wait in line for the next slot.

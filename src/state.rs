@@ -546,6 +546,17 @@ impl BackendState {
         demand
     }
 
+    /// The spacing of the backend's paced slots as last booked (the request pace or, for a
+    /// token quota, the refill time of the last request's tokens, whichever was longer), or
+    /// its request pace before any was booked.
+    pub(crate) fn slot_spacing(&self) -> Option<Duration> {
+        let step = self.inner.step_ns.load(Acquire);
+        if step != 0 {
+            return Some(Duration::from_nanos(step));
+        }
+        self.pace()
+    }
+
     /// Requests admitted to the backend so far: sent, or given a paced slot to wait for, counted
     /// when they come (so their rate is the rate asked of this replica, not the rate its pace
     /// lets through).

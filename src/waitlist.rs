@@ -79,6 +79,8 @@ pub(crate) struct Ticket {
     list: Weak<Waitlist>,
     /// Whom it waits for.
     tenant: Option<Tenant>,
+    /// When it joined.
+    joined: Instant,
 }
 
 const WAITING: u8 = 0;
@@ -251,6 +253,41 @@ pub(crate) struct Waitlist {
     /// Told when the last waiting ticket leaves.
     idle: Notify,
     driving: AtomicBool,
+    /// Whether the line stands, as CoDel judges it (see [`Standing`]).
+    standing: Mutex<Standing>,
+}
+
+/// A standing line, judged as CoDel judges a standing queue: every request given its slot in
+/// the last [`Standing::INTERVAL`] waited longer than [`Standing::TARGET`]. A burst that the
+/// line absorbs drains within the interval and never stands; a sustained overload does. While
+/// it stands, a request that would wait longer than the target is refused at once, its
+/// `retry-after` saying when the line would have served it, so that those served wait about the
+/// target instead of the whole wait budget. It stops standing at the first request given its
+/// slot within the target, or when no one waits.
+#[derive(Debug, Default)]
+pub(crate) struct Standing {
+    /// Since when every request given its slot waited longer than the target.
+    above_since: Option<Instant>,
+}
+
+impl Standing {
+    /// The wait a line may keep.
+    pub(crate) const TARGET: Duration = Duration::from_secs(1);
+    /// How long waits must stay above the target before the line stands.
+    pub(crate) const INTERVAL: Duration = Duration::from_secs(10);
+
+    fn served(&mut self, waited: Duration, now: Instant) {
+        if waited <= Self::TARGET {
+            self.above_since = None;
+        } else if self.above_since.is_none() {
+            self.above_since = Some(now);
+        }
+    }
+
+    fn stands(&self, now: Instant) -> bool {
+        self.above_since
+            .is_some_and(|since| now.saturating_duration_since(since) >= Self::INTERVAL)
+    }
 }
 
 impl Waitlist {
@@ -261,7 +298,16 @@ impl Waitlist {
             live: AtomicUsize::new(0),
             idle: Notify::new(),
             driving: AtomicBool::new(false),
+            standing: Mutex::new(Standing::default()),
         }
+    }
+
+    /// Whether the line stands (see [`Standing`]).
+    pub(crate) fn stands(&self, now: Instant) -> bool {
+        self.standing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .stands(now)
     }
 
     /// How many tenants have requests in line.
@@ -283,7 +329,7 @@ impl Waitlist {
             .open_backends()
             .map(|b| {
                 b.state()
-                    .pace()
+                    .slot_spacing()
                     .map_or(f64::INFINITY, |p| 1.0 / p.as_secs_f64())
             })
             .sum();
@@ -315,6 +361,7 @@ impl Waitlist {
             state: AtomicU8::new(WAITING),
             list: Arc::downgrade(self),
             tenant: tenant.cloned(),
+            joined: Instant::now(),
         });
         {
             let mut rounds = self.rounds.lock().unwrap_or_else(|e| e.into_inner());
@@ -388,6 +435,11 @@ impl Waitlist {
             }
             match self.pop() {
                 Some(ticket) => {
+                    let served_at = next.map_or(now, |(_, at)| at.max(now));
+                    self.standing
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .served(served_at.saturating_duration_since(ticket.joined), now);
                     let on = next.map(|(i, at)| {
                         let b = &self.backends[i];
                         b.state().admit_cost(at, ticket.cost);
@@ -415,6 +467,7 @@ impl Waitlist {
                 return false;
             }
             *rounds = [Round::default(), Round::default()];
+            *self.standing.lock().unwrap_or_else(|e| e.into_inner()) = Standing::default();
         }
         self.driving.store(false, Release);
         // Someone joined between the check and the store: carry on if no one else took over.
@@ -434,7 +487,24 @@ mod tests {
             state: AtomicU8::new(WAITING),
             list: Weak::new(),
             tenant: None,
+            joined: Instant::now(),
         })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_line_stands_when_every_wait_stays_above_the_target_for_an_interval() {
+        let mut s = Standing::default();
+        let t0 = Instant::now();
+        let long = Standing::TARGET + Duration::from_millis(1);
+        s.served(long, t0);
+        assert!(!s.stands(t0), "one long wait is a burst");
+        s.served(long, t0 + Standing::INTERVAL - Duration::from_millis(1));
+        assert!(!s.stands(t0 + Standing::INTERVAL - Duration::from_millis(1)));
+        s.served(long, t0 + Standing::INTERVAL);
+        assert!(s.stands(t0 + Standing::INTERVAL));
+        // One request served within the target: the line does not stand.
+        s.served(Standing::TARGET, t0 + Standing::INTERVAL);
+        assert!(!s.stands(t0 + Standing::INTERVAL * 2));
     }
 
     /// Who gets the next `n` slots, given each ticket's tenant in the order they joined.

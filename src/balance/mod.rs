@@ -926,9 +926,22 @@ impl<S> Balance<S> {
             // would have reached it; else (a backend that is not paced may free up sooner)
             // refused as without a line.
             let wait = w.estimate(now, tenant);
-            if let Some(wait) = wait.filter(|wait| *wait <= budget) {
+            // A standing line takes no one who would wait past its target (see
+            // `waitlist::Standing`): refused now, saying when the line would have served it.
+            let stands = w.stands(now);
+            let limit = if stands {
+                budget.min(crate::waitlist::Standing::TARGET)
+            } else {
+                budget
+            };
+            if let Some(wait) = wait.filter(|wait| *wait <= limit) {
                 let _ = place.set(w.join(tenant, cost));
                 return error::Unavailable::new(name, Some(now + wait));
+            }
+            if stands && let Some(wait) = wait.filter(|wait| *wait <= budget) {
+                return error::Unavailable::new(name, Some(now + wait))
+                    .with_backends(self.why_out(now, &[]))
+                    .shed();
             }
             // Other tenants wait, and the line is the earliest way in (nothing else frees
             // before its next slot): refused now, saying when the line would have served it,

@@ -313,6 +313,7 @@ where
             elsewhere: false,
             backoffs: 0,
             last_failed: false,
+            shed: false,
         };
         match first {
             Ok(first) => {
@@ -408,6 +409,8 @@ struct Ctx<S, B> {
     backoffs: u32,
     /// Whether the last attempt that reached a backend failed (its retry draws on the budget).
     last_failed: bool,
+    /// Refused for good: the line stands (no waiting for the slot it named).
+    shed: bool,
 }
 
 type BoxFut<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -505,6 +508,7 @@ fn judge<S, B, ResB>(
                     ctx.reserved = refused.and_then(|u| u.reserved().cloned());
                     // Refused because others wait in line: join it now.
                     let lined = refused.is_some_and(Unavailable::is_lined);
+                    ctx.shed = refused.is_some_and(Unavailable::is_shed);
                     Step::Retry {
                         last: None,
                         refused_until: Some(if lined {
@@ -621,11 +625,13 @@ where
             }
             let over_budget = ctx.waited + wait > ctx.max_wait;
             let past_deadline = ctx.deadline.is_some_and(|d| now + wait > d);
-            if over_budget || past_deadline {
+            let shed = std::mem::take(&mut ctx.shed);
+            if over_budget || past_deadline || shed {
                 tracing::debug!(
                     ?wait,
                     over_budget,
                     past_deadline,
+                    shed,
                     "giving up instead of waiting"
                 );
                 break;
