@@ -1041,6 +1041,8 @@ pub struct Report {
     pub errors: BTreeMap<String, usize>,
     /// 429s returned with `retry-after-ms: 0`.
     pub zero_retry_after: usize,
+    /// 99th percentile of the time to a 429 the clients got (zero: none).
+    pub refused_p99: Duration,
     /// 429s the backends answered in all.
     pub backend_429s: u64,
     /// From the first request to the last answer.
@@ -1083,6 +1085,7 @@ impl Report {
         let mut errors = BTreeMap::new();
         let mut ok: Vec<Duration> = Vec::new();
         let mut zero = 0;
+        let mut refused: Vec<Duration> = Vec::new();
         let mut max = Duration::ZERO;
         for x in &samples {
             max = max.max(x.latency);
@@ -1090,6 +1093,9 @@ impl Report {
                 Ok(200) => ok.push(x.latency),
                 Ok(code) => {
                     *errors.entry(code.to_string()).or_insert(0) += 1;
+                    if code == 429 {
+                        refused.push(x.latency);
+                    }
                     if code == 429 && x.retry_after_ms == Some(0) {
                         zero += 1;
                     }
@@ -1098,6 +1104,7 @@ impl Report {
             }
         }
         ok.sort();
+        refused.sort();
         let pct = |p: f64| percentile(&ok, p);
         Report {
             name: s.name,
@@ -1109,6 +1116,7 @@ impl Report {
             max,
             errors,
             zero_retry_after: zero,
+            refused_p99: percentile(&refused, 0.99),
             backend_429s: 0,
             wall,
             ideal: s.ideal(),
@@ -1156,6 +1164,10 @@ impl Report {
                 need(
                     self.p99 <= Duration::from_millis(2090),
                     format!("S11: p99 {:?} > 2.09 s", self.p99),
+                );
+                need(
+                    self.refused_p99 <= Duration::from_millis(100),
+                    format!("S11: 429s p99 in {:?} > 100 ms", self.refused_p99),
                 );
             }
             "S10" | "S10b" => {
@@ -1294,13 +1306,18 @@ impl fmt::Display for Report {
             .join(" ");
         write!(
             f,
-            "| {} {} | {}/{} | {} (429 ra=0: {}) | {} | {:.1} s / {:.1} s | {:.0} / {:.0} ms | {} | {} |",
+            "| {} {} | {}/{} | {} (429 ra=0: {}{}) | {} | {:.1} s / {:.1} s | {:.0} / {:.0} ms | {} | {} |",
             self.name,
             self.title,
             self.served,
             self.sent,
             errors,
             self.zero_retry_after,
+            if self.refused_p99.is_zero() {
+                String::new()
+            } else {
+                format!(", p99 in {:.0} ms", self.refused_p99.as_secs_f64() * 1e3)
+            },
             self.backend_429s,
             self.wall.as_secs_f64(),
             self.ideal.as_secs_f64(),
