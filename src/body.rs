@@ -35,6 +35,19 @@ pub(crate) fn token_cost<B: 'static>(req: &http::Request<B>) -> u32 {
         .map_or(0, |b| crate::provider::estimate_tokens(b.bytes()))
 }
 
+/// [`token_cost`] where it matters: on a backend whose answers tell its token quota (0
+/// elsewhere, without reading the body).
+pub(crate) fn token_cost_on<B: 'static>(
+    backend: &crate::backend::Backend,
+    req: &http::Request<B>,
+) -> u32 {
+    if backend.state().is_token_paced() {
+        token_cost(req)
+    } else {
+        0
+    }
+}
+
 /// A request body held whole in memory, replayable at no cost.
 ///
 /// Cloning shares the bytes and yields a body that replays from the start.

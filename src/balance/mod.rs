@@ -78,7 +78,7 @@ use tower_service::Service;
 use crate::attempt::Chosen;
 pub use crate::attempt::TokenCost;
 use crate::backend::Backend;
-use crate::body::token_cost;
+use crate::body::{token_cost, token_cost_on};
 use crate::error::BoxError;
 use crate::rng::Rng;
 use crate::waitlist::Waitlist;
@@ -647,8 +647,7 @@ where
             Some(i) => {
                 let backend = &self.picker.shared.slots[i].backend;
                 crate::attempt::Picked::note(&req, backend);
-                let paced = backend.state().is_token_paced();
-                (i, if paced { token_cost(&req) } else { 0 })
+                (i, token_cost_on(backend, &req))
             }
             None => match self.picker.pick_for(&req, now) {
                 Ok(i) => (i, self.picker.admit(i, &mut req, now)),
@@ -716,7 +715,11 @@ where
             // one; else wait for this one.
             Poll::Pending => self.ready_instead(now, i, &req).unwrap_or((i, Ok(svc))),
         };
-        self.admit(i, &mut req, now);
+        let cost = self.admit(i, &mut req, now);
+        if cost != 0 {
+            // The backend's `Endpoint` counts it in flight at this cost (not estimated again).
+            req.extensions_mut().insert(TokenCost(cost));
+        }
         let fut = match asked {
             // Asked with a no-op waker: `Oneshot` asks again with the task's own.
             Ok(svc) => ReadyCall::new(svc, req),
@@ -836,12 +839,7 @@ impl<S> Balance<S> {
     #[inline]
     fn admit<B: 'static>(&self, i: usize, req: &mut http::Request<B>, now: Instant) -> u32 {
         let slot = &self.shared.slots[i];
-        // The cost matters only where the backend's answers tell its token quota.
-        let cost = if slot.backend.state().is_token_paced() {
-            token_cost(req)
-        } else {
-            0
-        };
+        let cost = token_cost_on(&slot.backend, req);
         slot.backend.state().admit_cost(now, cost);
         crate::attempt::Picked::note(req, &slot.backend);
         if slot.group {

@@ -341,16 +341,13 @@ where
     #[inline]
     fn call(&mut self, mut req: Request<ReqB>) -> Self::Future {
         let (backend, start, tokens) = match &self.backend {
-            // A backend of a group (`Balance` counted the request already): its cost again,
-            // only where the token quota is tracked.
-            Some(b) => {
-                let tokens = if b.state().is_token_paced() {
-                    crate::body::token_cost(&req)
-                } else {
-                    0
-                };
-                (b.clone(), Instant::now(), tokens)
-            }
+            // A backend of a group: the cost its `Balance` put on the request, where the token
+            // quota is tracked.
+            Some(b) => (
+                b.clone(),
+                Instant::now(),
+                crate::body::token_cost_on(b, &req),
+            ),
             // The pick's own clock reading (microseconds ago) starts the attempt.
             None => match req.extensions().get::<crate::attempt::Chosen>() {
                 Some(c) => (c.0.clone(), c.1, c.2),
