@@ -798,6 +798,9 @@ impl BackendState {
         level: Option<Level>,
         refused: bool,
     ) {
+        if level.is_none() && !refused {
+            return;
+        }
         let mut c = self
             .inner
             .calibration

@@ -470,6 +470,20 @@ impl Record {
         let state = self.state();
         state.record_outcome(&outcome);
         state.record_quota(hints.remaining_requests, hints.remaining_tokens, now);
+        if self.guard.tokens() != 0 && (outcome == Outcome::Success || outcome.is_throttled()) {
+            // What the backend counts per token of our estimate, learned from the level the
+            // answer tells (if it does); a refused request spent nothing.
+            let level =
+                hints
+                    .token_level()
+                    .zip(hints.token_rate())
+                    .map(|((left, capacity), rate)| crate::state::Level {
+                        left,
+                        capacity,
+                        rate,
+                    });
+            state.calibrate(&self.guard, self.start, level, outcome.is_throttled());
+        }
         if hints.remaining_tokens.is_some() || hints.limit_tokens.is_some() {
             // The token quota likewise: what may go at once (less what was sent after this
             // request was counted: an answer that took seconds tells a quota that has been
@@ -478,28 +492,7 @@ impl Record {
                 .in_flight_tokens()
                 .saturating_sub(u64::from(self.guard.tokens()));
             let others = i64::try_from(others).unwrap_or(i64::MAX);
-            if self.guard.tokens() != 0 && (outcome == Outcome::Success || outcome.is_throttled()) {
-                // What the backend counts per token of our estimate, learned.
-                let level =
-                    hints
-                        .token_level()
-                        .zip(hints.token_rate())
-                        .map(|((left, capacity), rate)| crate::state::Level {
-                            left,
-                            capacity,
-                            rate,
-                        });
-                state.calibrate(&self.guard, self.start, level, outcome.is_throttled());
-            }
             state.set_token_quota(hints.burst_tokens(), others, hints.token_rate());
-        }
-        if self.guard.tokens() != 0
-            && outcome.is_throttled()
-            && hints.remaining_tokens.is_none()
-            && hints.limit_tokens.is_none()
-        {
-            // A refusal without token counts: it spent nothing all the same.
-            state.calibrate(&self.guard, self.start, None, true);
         }
         if let Some(credits) = hints.burst_credits() {
             // Spend what the quota has left (less what is already on its way), then pace the
