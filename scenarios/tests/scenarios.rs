@@ -14,6 +14,19 @@ async fn run(s: Scenario) -> Report {
     report
 }
 
+/// Every request served, at most 0.05 backend 429s per success, and (of 300 requests over
+/// three backends) each backend given its share of the quota.
+fn served_whole_and_paced(report: &Report) {
+    assert_eq!(report.served, report.sent, "{report}");
+    assert!(
+        report.backend_429s as f64 <= 0.05 * report.served as f64,
+        "{report}"
+    );
+    for b in &report.per_backend {
+        assert!(b.served >= 80, "{report}");
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn quota_overload_is_queued_not_refused_and_earns_almost_no_429s() {
     let report = run(Scenario {
@@ -80,15 +93,7 @@ async fn a_token_quota_counted_30_percent_otherwise_than_documented_is_paced_wit
             ..Scenario::s6_token_quota_counted(scale)
         })
         .await;
-        assert_eq!(report.served, report.sent, "{report}");
-        assert!(
-            report.backend_429s as f64 <= 0.05 * report.served as f64,
-            "{report}"
-        );
-        // Each backend got its share of the quota.
-        for b in &report.per_backend {
-            assert!(b.served >= 80, "{report}");
-        }
+        served_whole_and_paced(&report);
     }
 }
 
@@ -104,14 +109,7 @@ async fn a_token_quota_with_slow_answers_counts_what_was_sent_since_and_learns_t
         Scenario::s6s_token_quota_slow_counted(0.7),
     ] {
         let report = run(Scenario { requests: 300, ..s }).await;
-        assert_eq!(report.served, report.sent, "{report}");
-        assert!(
-            report.backend_429s as f64 <= 0.05 * report.served as f64,
-            "{report}"
-        );
-        for b in &report.per_backend {
-            assert!(b.served >= 80, "{report}");
-        }
+        served_whole_and_paced(&report);
     }
 }
 
