@@ -105,7 +105,7 @@ impl Chosen {
 /// by requests. Without it, `Balance` estimates the cost of a
 /// [`ReplayBody`](crate::body::ReplayBody) request itself; set it where you know better.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct TokenCost(pub u32);
+pub(crate) struct TokenCost(pub u32);
 
 /// A request's overall deadline, as a request extension. `RetryAfter429` never waits past it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -45,7 +45,7 @@ pub struct BackendError {
 
 impl BackendError {
     /// Wraps `source`, the failure of an attempt on `backend`.
-    pub fn new(backend: Arc<str>, outcome: Outcome, source: BoxError) -> Self {
+    pub(crate) fn new(backend: Arc<str>, outcome: Outcome, source: BoxError) -> Self {
         BackendError {
             backend,
             outcome,
@@ -61,11 +61,6 @@ impl BackendError {
     /// What the failure means.
     pub fn outcome(&self) -> Outcome {
         self.outcome
-    }
-
-    /// Unwraps the original error.
-    pub fn into_source(self) -> BoxError {
-        self.source
     }
 }
 

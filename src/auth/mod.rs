@@ -53,7 +53,7 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 pub use crate::credential::{
-    BoxFuture, Credential, CredentialKind, Secret, Token, TokenCache, TokenSource, redact,
+    BoxFuture, Credential, CredentialKind, Token, TokenCache, TokenSource, redact,
 };
 
 use crate::attempt::InjectedFor;
@@ -118,13 +118,6 @@ impl AuthInjectLayer {
     pub fn new(credential: Credential) -> Self {
         AuthInjectLayer {
             credential: Source::Fixed(Some(credential)),
-        }
-    }
-
-    /// Only strips the caller's credentials (for keyless backends such as a local vLLM).
-    pub fn strip_only() -> Self {
-        AuthInjectLayer {
-            credential: Source::Fixed(None),
         }
     }
 

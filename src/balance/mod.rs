@@ -76,7 +76,7 @@ use tokio::time::Instant;
 use tower_service::Service;
 
 use crate::attempt::Chosen;
-pub use crate::attempt::TokenCost;
+use crate::attempt::TokenCost;
 use crate::backend::Backend;
 use crate::body::{token_cost, token_cost_on};
 use crate::error::BoxError;

@@ -165,7 +165,7 @@ impl BreakerGroup {
     }
 
     /// The random source for the open-time jitter.
-    pub fn rng(mut self, rng: Rng) -> Self {
+    pub(crate) fn rng(mut self, rng: Rng) -> Self {
         self.rng = rng;
         self
     }

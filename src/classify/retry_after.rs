@@ -59,7 +59,7 @@ impl WallClock {
     }
 
     /// Reads the clock.
-    pub fn now(&self) -> SystemTime {
+    pub(crate) fn now(&self) -> SystemTime {
         (self.0)()
     }
 }
@@ -561,7 +561,7 @@ impl Hints {
     }
 
     /// True when the response carried any hint at all.
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         *self == Hints::default()
     }
 }

@@ -15,12 +15,12 @@ pub use token::{BoxFuture, Token, TokenCache, TokenSource};
 
 /// A secret header value: marked sensitive (so HTTP/2 never indexes it), and redacted in `Debug`.
 #[derive(Clone, PartialEq, Eq)]
-pub struct Secret(HeaderValue);
+pub(crate) struct Secret(HeaderValue);
 
 impl Secret {
     /// Wraps `value`. Fails, without echoing the value, if it is empty or has characters not
     /// allowed in a header (control characters, newlines, non-visible bytes).
-    pub fn new(value: &str) -> Result<Secret, InvalidConfig> {
+    pub(crate) fn new(value: &str) -> Result<Secret, InvalidConfig> {
         Ok(Self::with_prefix("", value)?)
     }
 
@@ -142,7 +142,7 @@ impl Credential {
     }
 
     /// A static secret sent in the header `kind` names.
-    pub fn new(kind: CredentialKind, secret: &str) -> Result<Credential, InvalidConfig> {
+    pub(crate) fn new(kind: CredentialKind, secret: &str) -> Result<Credential, InvalidConfig> {
         Ok(Self::static_secret(kind, secret)?)
     }
 

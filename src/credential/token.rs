@@ -100,7 +100,10 @@ impl TokenCache {
     }
 
     /// A cache refreshing `refresh_ahead` before expiry (at most half a token's lifetime).
-    pub fn with_refresh_ahead(source: Arc<dyn TokenSource>, refresh_ahead: Duration) -> TokenCache {
+    pub(crate) fn with_refresh_ahead(
+        source: Arc<dyn TokenSource>,
+        refresh_ahead: Duration,
+    ) -> TokenCache {
         TokenCache {
             inner: Arc::new(Inner {
                 source,
@@ -120,12 +123,12 @@ impl TokenCache {
     }
 
     /// The source's name.
-    pub fn source_name(&self) -> &str {
+    pub(crate) fn source_name(&self) -> &str {
         self.inner.source.name()
     }
 
     /// The cached header value if it is valid at `now` and not yet due for refresh.
-    pub fn fresh(&self, now: Instant) -> Option<HeaderValue> {
+    pub(crate) fn fresh(&self, now: Instant) -> Option<HeaderValue> {
         let cur = self.inner.current.load();
         cur.as_ref()
             .filter(|c| now < c.refresh_at)

@@ -202,7 +202,7 @@ impl EndpointLayer {
     }
 
     /// The same settings for another backend.
-    pub fn for_backend(&self, backend: Backend) -> Self {
+    pub(crate) fn for_backend(&self, backend: Backend) -> Self {
         EndpointLayer {
             backend: Some(backend),
             settings: self.settings.clone(),

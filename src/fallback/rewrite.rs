@@ -47,7 +47,7 @@ impl Overrides {
     }
 
     /// True when there is nothing to override.
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.fields.is_empty()
     }
 

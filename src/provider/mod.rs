@@ -489,7 +489,7 @@ mod tests {
 /// `max_output_tokens`; 16 when none is given). A cheap scan of the JSON, never a parse. A
 /// backend that counts otherwise is followed through its quota headers (see
 /// [`Snapshot::token_ratio`](crate::state::Snapshot::token_ratio)).
-pub fn estimate_tokens(body: &[u8]) -> u32 {
+pub(crate) fn estimate_tokens(body: &[u8]) -> u32 {
     // One scan for the three keys (a finder per key and call cost more than the scan).
     static MAX: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
         std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\"max_"));
