@@ -903,7 +903,8 @@ const X_LLM_LB_ATTEMPT_COUNT: http::HeaderName =
 
 /// Headers of one connection, not of the request or answer: never passed on. Names, not
 /// strings, so removing them parses nothing.
-const HOP_BY_HOP: [http::HeaderName; 8] = [
+// A static, not a const: a const array of header names is built (and dropped) at each use.
+static HOP_BY_HOP: [http::HeaderName; 8] = [
     http::header::CONNECTION,
     http::HeaderName::from_static("keep-alive"),
     http::HeaderName::from_static("proxy-connection"),

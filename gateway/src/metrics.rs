@@ -103,6 +103,43 @@ struct ClientTokenLabels {
     kind: &'static str,
 }
 
+/// The metrics of the label sets a gateway has already counted, found by comparing labels
+/// rather than hashing them: a family's own lookup hashes the labels with SipHash, about 300
+/// instructions for each of a request's four lookups. The label sets a gateway sees are few
+/// (routes, statuses, clients, backends and outcomes), so a short list searched in order finds
+/// them; past [`SEEN_CAP`] sets, the family's lookup. A handle is the family's own metric (a
+/// shared counter or histogram), so what is counted through it is what the family exposes.
+struct Seen<K, M>(std::sync::RwLock<Vec<(K, M)>>);
+
+/// How many label sets a [`Seen`] keeps.
+const SEEN_CAP: usize = 64;
+
+impl<K: Clone + Eq + std::hash::Hash, M: Clone> Seen<K, M> {
+    fn new() -> Self {
+        Seen(std::sync::RwLock::new(Vec::new()))
+    }
+
+    /// Runs `f` on the metric of `labels` in `family`.
+    fn with<C>(&self, family: &Family<K, M, C>, labels: &K, f: impl FnOnce(&M))
+    where
+        C: prometheus_client::metrics::family::MetricConstructor<M>,
+    {
+        if let Ok(seen) = self.0.read()
+            && let Some((_, m)) = seen.iter().find(|(k, _)| k == labels)
+        {
+            return f(m);
+        }
+        let m = family.get_or_create_owned(labels);
+        f(&m);
+        if let Ok(mut seen) = self.0.write()
+            && seen.len() < SEEN_CAP
+            && !seen.iter().any(|(k, _)| k == labels)
+        {
+            seen.push((labels.clone(), m));
+        }
+    }
+}
+
 /// Reads one gauge of a backend from its state as read at the scrape.
 type Read = fn(&Snapshot) -> f64;
 
@@ -110,6 +147,11 @@ type Read = fn(&Snapshot) -> f64;
 /// states.
 pub(crate) struct Metrics {
     registry: Registry,
+    /// The handles of label sets already counted (see [`Seen`]).
+    seen_requests: Seen<RequestLabels, Counter>,
+    seen_duration: Seen<RouteLabels, Histogram>,
+    seen_attempts: Seen<AttemptLabels, Histogram>,
+    seen_waits: Seen<ClientLabels, Histogram>,
     requests: Family<RequestLabels, Counter>,
     duration: Family<RouteLabels, Histogram>,
     tokens: Family<TokenLabels, Counter>,
@@ -211,6 +253,10 @@ impl Metrics {
         registry.register_collector(Box::new(BackendCollector(live)));
         Metrics {
             registry,
+            seen_requests: Seen::new(),
+            seen_duration: Seen::new(),
+            seen_attempts: Seen::new(),
+            seen_waits: Seen::new(),
             requests,
             duration,
             tokens,
@@ -257,14 +303,16 @@ impl Metrics {
                 backend: Name(a.backend.clone()),
                 outcome: a.outcome.name(),
             };
-            self.attempt_seconds
-                .get_or_create(&labels)
-                .observe(a.elapsed.as_secs_f64());
+            self.seen_attempts
+                .with(&self.attempt_seconds, &labels, |h| {
+                    h.observe(a.elapsed.as_secs_f64())
+                });
         }
         self.retries.inc_by(attempts.len().saturating_sub(1) as u64);
-        self.waits
-            .get_or_create(&ClientLabels { client })
-            .observe(total.saturating_sub(busy).as_secs_f64());
+        self.seen_waits
+            .with(&self.waits, &ClientLabels { client }, |h| {
+                h.observe(total.saturating_sub(busy).as_secs_f64())
+            });
     }
 
     /// Counts one answer.
@@ -275,16 +323,18 @@ impl Metrics {
         client: &'static str,
         started: Instant,
     ) {
-        self.duration
-            .get_or_create(&RouteLabels { route, status })
-            .observe(started.elapsed().as_secs_f64());
-        self.requests
-            .get_or_create(&RequestLabels {
-                route,
-                status,
-                client,
-            })
-            .inc();
+        let labels = RouteLabels { route, status };
+        self.seen_duration.with(&self.duration, &labels, |h| {
+            h.observe(started.elapsed().as_secs_f64())
+        });
+        let labels = RequestLabels {
+            route,
+            status,
+            client,
+        };
+        self.seen_requests.with(&self.requests, &labels, |c| {
+            c.inc();
+        });
     }
 
     /// The text exposition.

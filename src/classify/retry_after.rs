@@ -560,7 +560,8 @@ impl Hints {
         Some(remaining / 60 - (per_second / 10).max(1))
     }
 
-    /// True when the response carried any hint at all.
+    /// True when the response carried no hint at all (the fuzz entry points' check).
+    #[cfg(feature = "fuzzing")]
     pub(crate) fn is_empty(&self) -> bool {
         *self == Hints::default()
     }
