@@ -286,8 +286,10 @@ async fn run(args: Serve) -> Result<(), Failure> {
     let addr: SocketAddr = listen
         .parse()
         .map_err(|_| Failure::Config(format!("--listen: not an address: {listen}")))?;
-    let client: Client = tower_llm_lb::client::https_client(tower_llm_lb::client::Roots::WebPki)
-        .map_err(serve_err)?;
+    let client = Client(std::sync::Arc::new(
+        tower_llm_lb::client::https_client(tower_llm_lb::client::Roots::WebPki)
+            .map_err(serve_err)?,
+    ));
     let (service, backends) = config
         .build_with_backends(client.clone())
         .map_err(|e| Failure::Config(e.to_string()))?;
@@ -391,8 +393,30 @@ impl Signals {
     }
 }
 
-/// The gateway's client to its backends: HTTPS (webpki roots) or plain HTTP.
-type Client = tower_llm_lb::client::HttpsClient<tower_llm_lb::body::ReplayBody>;
+/// The gateway's client to its backends: HTTPS (webpki roots) or plain HTTP, shared. A stack
+/// clones the service under it for every request (tower's `Service::call` takes `&mut self`),
+/// and hyper-util's `Client` is about 300 bytes holding several reference counts; this is one
+/// reference count (hyper-util's `Client::request` takes `&self`).
+#[derive(Clone, Debug)]
+struct Client(std::sync::Arc<tower_llm_lb::client::HttpsClient<tower_llm_lb::body::ReplayBody>>);
+
+impl tower::Service<http::Request<tower_llm_lb::body::ReplayBody>> for Client {
+    type Response = http::Response<hyper::body::Incoming>;
+    type Error = hyper_util::client::legacy::Error;
+    type Future = hyper_util::client::legacy::ResponseFuture;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        // hyper-util's client is always ready: its pool waits inside the call.
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<tower_llm_lb::body::ReplayBody>) -> Self::Future {
+        self.0.request(req)
+    }
+}
 
 /// Reloads the config at `path` into `gateway` on SIGHUP and whenever the file's modification
 /// time or length changes (checked every 2 s; a Kubernetes ConfigMap's symlink swap counts). A

@@ -922,7 +922,7 @@ fn strip_hop_by_hop(headers: &mut http::HeaderMap, also: Option<&http::HeaderNam
     let mut found = [false; 9]; // HOP_BY_HOP, then `also`
     let mut ours = false;
     for name in headers.keys() {
-        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+        if let Some(i) = hop_by_hop_index(name.as_str()) {
             found[i] = true;
         } else if also == Some(name) {
             found[8] = true;
@@ -934,6 +934,23 @@ fn strip_hop_by_hop(headers: &mut http::HeaderMap, also: Option<&http::HeaderNam
         headers.remove(name);
     }
     ours
+}
+
+/// The position of `name` in [`HOP_BY_HOP`]: a `match` on the text (a switch on its length,
+/// then one comparison), where comparing with each of the eight names cost about 700
+/// instructions a request.
+fn hop_by_hop_index(name: &str) -> Option<usize> {
+    match name {
+        "connection" => Some(0),
+        "keep-alive" => Some(1),
+        "proxy-connection" => Some(2),
+        "transfer-encoding" => Some(3),
+        "te" => Some(4),
+        "trailer" => Some(5),
+        "upgrade" => Some(6),
+        "host" => Some(7),
+        _ => None,
+    }
 }
 
 fn peer_of(req: &Request) -> Option<SocketAddr> {
@@ -1893,6 +1910,16 @@ pub async fn mock_backends() -> std::io::Result<(Vec<tower_llm_lb_mock::MockServ
 mod tests {
     use super::*;
     use tower_http::request_id::MakeRequestId;
+
+    #[test]
+    fn the_hop_by_hop_match_names_each_hop_by_hop_header_and_nothing_else() {
+        for (i, name) in HOP_BY_HOP.iter().enumerate() {
+            assert_eq!(hop_by_hop_index(name.as_str()), Some(i), "{name}");
+        }
+        for other in ["content-type", "x-request-id", "hosts", "connection2", ""] {
+            assert_eq!(hop_by_hop_index(other), None, "{other}");
+        }
+    }
 
     #[test]
     fn a_request_s_tenant_comes_from_its_key_the_header_and_the_config() {
