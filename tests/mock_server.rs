@@ -122,3 +122,30 @@ async fn dropping_the_server_closes_it() {
         .unwrap();
     assert!(http_client().oneshot(req).await.is_err());
 }
+
+/// The mock counts a request's tokens as Azure documents: the prompt's text / 4, plus
+/// `max_tokens` (or `max_completion_tokens`) once per answer asked for (`n`, `best_of`).
+#[tokio::test(start_paused = true)]
+async fn a_token_quota_counts_the_cap_once_per_answer_asked_for() {
+    let mock = MockServer::builder()
+        .tps(1000.0)
+        .count_prompt_text(1.0)
+        .start()
+        .await
+        .unwrap();
+    let url = format!("{}/v1/chat/completions", mock.url());
+    let remaining = |res: &http::Response<_>| -> u64 {
+        res.headers()["x-ratelimit-remaining-tokens"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    // 8 characters of text: 2 tokens.
+    let one = r#"{"messages":[{"role":"user","content":"12345678"}],"max_tokens":10}"#;
+    let three =
+        r#"{"messages":[{"role":"user","content":"12345678"}],"max_completion_tokens":10,"n":3}"#;
+    let first = remaining(&send(post(url.clone(), one)).await);
+    let second = remaining(&send(post(url.clone(), three)).await);
+    assert_eq!(first - second, 2 + 30, "three answers of at most 10 tokens");
+}

@@ -437,9 +437,10 @@ impl MockBuilder {
 
     /// Counts a request's tokens as Azure OpenAI documents its rate limiter does: the prompt's
     /// text (message contents and text parts, `system`, `input`, `prompt`), characters / 4,
-    /// plus `max_tokens`; the prompt part times `scale` (1.0: as documented; 1.3 or 0.7: a
+    /// plus `max_tokens` (or `max_completion_tokens`; 16 without) times the answers asked for
+    /// (`n` or `best_of`, the larger); the prompt part times `scale` (1.0: as documented; 1.3 or 0.7: a
     /// service that counts 30% more or less than that). The default counts the request's JSON
-    /// bytes / 4 plus `max_tokens`.
+    /// bytes / 4 plus the same answer cap.
     pub fn count_prompt_text(mut self, scale: f64) -> Self {
         self.prompt_text = Some(scale);
         self
@@ -1081,10 +1082,20 @@ async fn answer(
         return Some(full(StatusCode::OK, r#"{"status":"ok"}"#));
     }
     // Rate limits.
+    // The answer's cap, once per answer asked for: Azure documents counting the prompt, its
+    // count (`n`), `max_tokens` and `best_of`.
+    let answers = ["n", "best_of"]
+        .iter()
+        .filter_map(|k| json.get(*k).and_then(|v| v.as_u64()))
+        .max()
+        .unwrap_or(1)
+        .clamp(1, 128);
     let max_tokens = json
         .get("max_tokens")
+        .or_else(|| json.get("max_completion_tokens"))
         .and_then(|v| v.as_u64())
-        .unwrap_or(16);
+        .unwrap_or(16)
+        * answers;
     let prompt_tokens = match shared.prompt_text {
         Some(scale) => (prompt_text_chars(&json) as f64 / 4.0 * scale).ceil(),
         None => (body.len() as f64 / 4.0).ceil(),

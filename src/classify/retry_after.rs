@@ -560,8 +560,8 @@ impl Hints {
         Some(remaining / 60 - (per_second / 10).max(1))
     }
 
-    /// True when the response carried no hint at all (the fuzz entry points' check).
-    #[cfg(feature = "fuzzing")]
+    /// True when the response carried no hint at all (the fuzz entry points' and tests' check).
+    #[cfg(any(test, feature = "fuzzing"))]
     pub(crate) fn is_empty(&self) -> bool {
         *self == Hints::default()
     }

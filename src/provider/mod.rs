@@ -486,7 +486,8 @@ mod tests {
 /// (the strings of `content`, `text`, `system`, `input`, `prompt`, `instructions` and a tool
 /// call's `arguments`, not the JSON around them; a body with none of these, or not JSON: its
 /// bytes / 4), plus the most the answer may take (`max_tokens`, `max_completion_tokens` or
-/// `max_output_tokens`; 16 when none is given). A cheap scan of the JSON, never a parse. A
+/// `max_output_tokens`; 16 when none is given) times the answers asked for (`n`, or
+/// completions' `best_of`, the larger). A cheap scan of the JSON, never a parse. A
 /// backend that counts otherwise is followed through its quota headers (see
 /// [`Snapshot::token_ratio`](crate::state::Snapshot::token_ratio)).
 pub(crate) fn estimate_tokens(body: &[u8]) -> u32 {
@@ -515,7 +516,23 @@ pub(crate) fn estimate_tokens(body: &[u8]) -> u32 {
         from = at + 1;
     }
     let answer = first.iter().find_map(|f| f.flatten()).unwrap_or(16);
+    let answer = answer.saturating_mul(answers_asked(body));
     u32::try_from(prompt.saturating_add(answer)).unwrap_or(u32::MAX)
+}
+
+/// How many answers the request asks for: the larger of `n` and `best_of` (completions), the
+/// first number found at each key; 1 without either, at most 128 (OpenAI's cap on `n`).
+fn answers_asked(body: &[u8]) -> usize {
+    let mut most = 1;
+    for key in [&b"\"n\""[..], b"\"best_of\""] {
+        for at in memchr::memmem::find_iter(body, key) {
+            if let Some(n) = number_at(&body[at + key.len()..]) {
+                most = most.max(n.min(128));
+                break;
+            }
+        }
+    }
+    most
 }
 
 /// The request's top-level `"model"` as the OpenAI and Anthropic APIs carry it, by a cheap scan
@@ -959,6 +976,19 @@ mod estimate_tests {
             "no text: the bytes"
         );
         assert_eq!(estimate_tokens(b"{}"), 1 + 16, "no cap given: 16");
+        let several =
+            br#"{"messages":[{"role":"user","content":"hello there"}],"max_tokens":100,"n":3}"#;
+        assert_eq!(estimate_tokens(several), 3 + 300, "three answers");
+        let best = br#"{"prompt":"hello there","max_tokens":10,"best_of":5,"n":2}"#;
+        assert_eq!(estimate_tokens(best), 3 + 50, "best_of 5 answers made");
+        let nested = br#"{"messages":[{"role":"user","content":"hello there"}],"tools":[{"parameters":{"properties":{"n":{"type":"integer"}}}}],"max_tokens":10}"#;
+        assert_eq!(
+            estimate_tokens(nested),
+            3 + 10,
+            "a schema's property named n is no count"
+        );
+        let absurd = br#"{"prompt":"hello there","max_tokens":1,"n":100000}"#;
+        assert_eq!(estimate_tokens(absurd), 3 + 128, "n at most 128");
         assert_eq!(
             estimate_tokens(br#"{"max_tokens":"x"}"#),
             5 + 16,
