@@ -129,6 +129,9 @@ pub struct Settings {
     /// How OpenAI chat requests are translated for Anthropic backends and Anthropic messages
     /// requests for OpenAI ones (see [`translate`](crate::translate)).
     pub translation: crate::translate::Options,
+    /// When the group's line of waiting requests stands and refuses early (default: a 1 s
+    /// target over 10 s; see [`StandingLine`](crate::balance::StandingLine)); `None`: never.
+    pub standing_line: Option<crate::balance::StandingLine>,
 }
 
 impl Default for Settings {
@@ -146,6 +149,7 @@ impl Default for Settings {
             health: None,
             health_for: std::collections::BTreeMap::new(),
             translation: crate::translate::Options::default(),
+            standing_line: Some(crate::balance::StandingLine::default()),
         }
     }
 }
@@ -230,7 +234,8 @@ where
         svc
     })
     .name(name)
-    .strategy(settings.strategy);
+    .strategy(settings.strategy)
+    .standing_line(settings.standing_line);
     let balance = match &settings.rng {
         Some(rng) => balance.rng(rng.clone()),
         None => balance,

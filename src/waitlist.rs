@@ -253,17 +253,44 @@ pub(crate) struct Waitlist {
     /// Told when the last waiting ticket leaves.
     idle: Notify,
     driving: AtomicBool,
-    /// Whether the line stands, as CoDel judges it (see [`Standing`]).
+    /// Whether the line stands, as CoDel judges it (see [`StandingLine`]).
     standing: Mutex<Standing>,
+    /// When it stands; `None`: never.
+    limit: Option<StandingLine>,
 }
 
-/// A standing line, judged as CoDel judges a standing queue: every request given its slot in
-/// the last [`Standing::INTERVAL`] waited longer than [`Standing::TARGET`]. A burst that the
-/// line absorbs drains within the interval and never stands; a sustained overload does. While
-/// it stands, a request that would wait longer than the target is refused at once, its
-/// `retry-after` saying when the line would have served it, so that those served wait about the
-/// target instead of the whole wait budget. It stops standing at the first request given its
-/// slot within the target, or when no one waits.
+/// When a group's line stands, judged as CoDel judges a standing queue: every request given
+/// its slot for `interval` waited longer than `target`. A burst that the line absorbs drains
+/// within the interval and never stands; a sustained overload does. While it stands, a request
+/// that would wait longer than `target` is refused at once, its `retry-after` saying when the
+/// line would have served it, so that those served wait about `target` instead of the whole
+/// wait budget. It stops standing at the first request given its slot within `target`, or when
+/// no one waits.
+///
+/// Default: a target of 1 s and an interval of 10 s, as long as the retry layer's default wait
+/// budget, so that a burst the budget absorbs is still served whole (an interval of 2 s
+/// refused 75 of S6s's 600 requests, 10 s of overload). Set with
+/// [`BalanceBuilder::standing_line`](crate::balance::BalanceBuilder::standing_line) or
+/// [`Settings::standing_line`](crate::stack::Settings::standing_line); `None` there: the line
+/// never refuses early, every request may wait its whole budget.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StandingLine {
+    /// The wait a line may keep once it stands.
+    pub target: Duration,
+    /// How long every wait must stay above `target` before the line stands.
+    pub interval: Duration,
+}
+
+impl Default for StandingLine {
+    fn default() -> Self {
+        StandingLine {
+            target: Duration::from_secs(1),
+            interval: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Whether a line stands (see [`StandingLine`]).
 #[derive(Debug, Default)]
 pub(crate) struct Standing {
     /// Since when every request given its slot waited longer than the target.
@@ -271,27 +298,22 @@ pub(crate) struct Standing {
 }
 
 impl Standing {
-    /// The wait a line may keep.
-    pub(crate) const TARGET: Duration = Duration::from_secs(1);
-    /// How long waits must stay above the target before the line stands.
-    pub(crate) const INTERVAL: Duration = Duration::from_secs(10);
-
-    fn served(&mut self, waited: Duration, now: Instant) {
-        if waited <= Self::TARGET {
+    fn served(&mut self, waited: Duration, now: Instant, limit: &StandingLine) {
+        if waited <= limit.target {
             self.above_since = None;
         } else if self.above_since.is_none() {
             self.above_since = Some(now);
         }
     }
 
-    fn stands(&self, now: Instant) -> bool {
+    fn stands(&self, now: Instant, limit: &StandingLine) -> bool {
         self.above_since
-            .is_some_and(|since| now.saturating_duration_since(since) >= Self::INTERVAL)
+            .is_some_and(|since| now.saturating_duration_since(since) >= limit.interval)
     }
 }
 
 impl Waitlist {
-    pub(crate) fn new(backends: Box<[Backend]>) -> Waitlist {
+    pub(crate) fn new(backends: Box<[Backend]>, limit: Option<StandingLine>) -> Waitlist {
         Waitlist {
             backends,
             rounds: Mutex::new([Round::default(), Round::default()]),
@@ -299,15 +321,18 @@ impl Waitlist {
             idle: Notify::new(),
             driving: AtomicBool::new(false),
             standing: Mutex::new(Standing::default()),
+            limit,
         }
     }
 
-    /// Whether the line stands (see [`Standing`]).
-    pub(crate) fn stands(&self, now: Instant) -> bool {
+    /// The wait a standing line keeps, if the line stands (see [`StandingLine`]).
+    pub(crate) fn standing_target(&self, now: Instant) -> Option<Duration> {
+        let limit = self.limit.as_ref()?;
         self.standing
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .stands(now)
+            .stands(now, limit)
+            .then_some(limit.target)
     }
 
     /// How many tenants have requests in line.
@@ -436,10 +461,16 @@ impl Waitlist {
             match self.pop() {
                 Some(ticket) => {
                     let served_at = next.map_or(now, |(_, at)| at.max(now));
-                    self.standing
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .served(served_at.saturating_duration_since(ticket.joined), now);
+                    if let Some(limit) = &self.limit {
+                        self.standing
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .served(
+                                served_at.saturating_duration_since(ticket.joined),
+                                now,
+                                limit,
+                            );
+                    }
                     let on = next.map(|(i, at)| {
                         let b = &self.backends[i];
                         b.state().admit_cost(at, ticket.cost);
@@ -493,18 +524,20 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_line_stands_when_every_wait_stays_above_the_target_for_an_interval() {
+        let limit = StandingLine::default();
+        let (target, interval) = (limit.target, limit.interval);
         let mut s = Standing::default();
         let t0 = Instant::now();
-        let long = Standing::TARGET + Duration::from_millis(1);
-        s.served(long, t0);
-        assert!(!s.stands(t0), "one long wait is a burst");
-        s.served(long, t0 + Standing::INTERVAL - Duration::from_millis(1));
-        assert!(!s.stands(t0 + Standing::INTERVAL - Duration::from_millis(1)));
-        s.served(long, t0 + Standing::INTERVAL);
-        assert!(s.stands(t0 + Standing::INTERVAL));
+        let long = target + Duration::from_millis(1);
+        s.served(long, t0, &limit);
+        assert!(!s.stands(t0, &limit), "one long wait is a burst");
+        s.served(long, t0 + interval - Duration::from_millis(1), &limit);
+        assert!(!s.stands(t0 + interval - Duration::from_millis(1), &limit));
+        s.served(long, t0 + interval, &limit);
+        assert!(s.stands(t0 + interval, &limit));
         // One request served within the target: the line does not stand.
-        s.served(Standing::TARGET, t0 + Standing::INTERVAL);
-        assert!(!s.stands(t0 + Standing::INTERVAL * 2));
+        s.served(target, t0 + interval, &limit);
+        assert!(!s.stands(t0 + interval * 2, &limit));
     }
 
     /// Who gets the next `n` slots, given each ticket's tenant in the order they joined.
@@ -553,7 +586,7 @@ mod tests {
 
     #[test]
     fn an_interactive_request_goes_before_batch_ones_that_came_first() {
-        let list = Waitlist::new(Box::new([]));
+        let list = Waitlist::new(Box::new([]), Some(StandingLine::default()));
         let (job, user): (Arc<str>, Arc<str>) = ("job".into(), "user".into());
         let batch: Vec<_> = (0..3).map(|_| ticket()).collect();
         let interactive = ticket();

@@ -77,6 +77,10 @@ async fn every_error_names_the_path_of_its_field() {
             "retry.hedge_after_ms: must be > 0",
         ),
         (
+            r#"{"backends": {"a": {"provider": "openai", "url": "http://x"}}, "retry": {"line_interval_ms": 0}}"#,
+            "retry.line_interval_ms: must be > 0",
+        ),
+        (
             r#"{"backends": {"a": {"provider": "openai", "url": "http://x"}}, "retry": {"on_status_codes": [400]}}"#,
             "retry.on_status_codes[0]: only 429 and 5xx",
         ),

@@ -82,7 +82,7 @@ use crate::body::{token_cost, token_cost_on};
 use crate::error::BoxError;
 use crate::rng::Rng;
 use crate::waitlist::Waitlist;
-pub use crate::waitlist::{Priority, Tenant};
+pub use crate::waitlist::{Priority, StandingLine, Tenant};
 pub use strategy::Strategy;
 use strategy::{Avail, Candidate, Tier};
 
@@ -165,6 +165,7 @@ pub struct BalanceBuilder<S> {
     slots: Vec<Slot<S>>,
     strategy: Strategy,
     rng: Option<Rng>,
+    standing: Option<StandingLine>,
 }
 
 impl<S> fmt::Debug for BalanceBuilder<S> {
@@ -185,6 +186,7 @@ impl<S> Balance<S> {
             slots: Vec::new(),
             strategy: Strategy::default(),
             rng: None,
+            standing: Some(StandingLine::default()),
         }
     }
 
@@ -407,6 +409,14 @@ impl<S> BalanceBuilder<S> {
         self
     }
 
+    /// When the group's line of waiting requests stands and refuses early (see
+    /// [`StandingLine`]; default [`StandingLine::default`]); `None`: never, every request may
+    /// wait its whole budget.
+    pub fn standing_line(mut self, limit: Option<StandingLine>) -> Self {
+        self.standing = limit;
+        self
+    }
+
     /// Validates and builds: at least one backend, unique names.
     pub fn build(self) -> Result<Balance<S>, error::InvalidConfig> {
         if let Some(e) = self.error {
@@ -458,6 +468,7 @@ impl<S> BalanceBuilder<S> {
         let waitlist = (!routes.members).then(|| {
             Arc::new(Waitlist::new(
                 self.slots.iter().map(|s| s.backend.clone()).collect(),
+                self.standing,
             ))
         });
         Balance {
@@ -925,13 +936,10 @@ impl<S> Balance<S> {
             // refused as without a line.
             let wait = w.estimate(now, tenant);
             // A standing line takes no one who would wait past its target (see
-            // `waitlist::Standing`): refused now, saying when the line would have served it.
-            let stands = w.stands(now);
-            let limit = if stands {
-                budget.min(crate::waitlist::Standing::TARGET)
-            } else {
-                budget
-            };
+            // `StandingLine`): refused now, saying when the line would have served it.
+            let target = w.standing_target(now);
+            let stands = target.is_some();
+            let limit = target.map_or(budget, |t| budget.min(t));
             if let Some(wait) = wait.filter(|wait| *wait <= limit) {
                 let _ = place.set(w.join(tenant, cost));
                 return error::Unavailable::new(name, Some(now + wait));

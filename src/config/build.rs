@@ -376,7 +376,35 @@ fn settings(config: &Config) -> Result<Settings, ConfigError> {
         }
     }
     s.retry = retry_layer("retry", config.retry.as_ref(), config.request_timeout)?;
+    s.standing_line = standing_line("retry", config.retry.as_ref(), s.standing_line)?;
     Ok(s)
+}
+
+/// The standing line of a group from its `retry` section at `path` (see
+/// [`StandingLine`](crate::balance::StandingLine)), `base` where it sets nothing.
+fn standing_line(
+    path: &str,
+    retry: Option<&super::RetryConfig>,
+    base: Option<crate::balance::StandingLine>,
+) -> Result<Option<crate::balance::StandingLine>, ConfigError> {
+    let Some(r) = retry else { return Ok(base) };
+    if r.line_interval_ms == Some(0) {
+        return err(&format!("{path}.line_interval_ms"), "must be > 0");
+    }
+    if r.line_target_ms == Some(0) {
+        return Ok(None);
+    }
+    if r.line_target_ms.is_none() && r.line_interval_ms.is_none() {
+        return Ok(base);
+    }
+    let mut limit = base.unwrap_or_default();
+    if let Some(t) = r.line_target_ms {
+        limit.target = ms(t);
+    }
+    if let Some(i) = r.line_interval_ms {
+        limit.interval = ms(i);
+    }
+    Ok(Some(limit))
 }
 
 /// A validated health probe from its config at `path`.
@@ -780,6 +808,8 @@ where
                 t.retry.as_ref(),
                 self.config.request_timeout,
             )?;
+            s.standing_line =
+                standing_line(&join(path, "retry"), t.retry.as_ref(), s.standing_line)?;
         }
         if let Some(a) = t.strategy.as_ref().and_then(|s| s.algorithm) {
             s.strategy = match a {

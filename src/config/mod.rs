@@ -345,6 +345,12 @@ pub(crate) struct RetryConfig {
     /// Opt-in hedging: with no answer head after this many ms, a second attempt goes to
     /// another backend; the first good answer wins and the other is cancelled.
     pub hedge_after_ms: Option<u64>,
+    /// The wait a group's line of waiting requests keeps once it stands (default 1 000; 0: the
+    /// line never refuses early). See `balance::StandingLine`.
+    pub line_target_ms: Option<u64>,
+    /// How long every wait must stay above `line_target_ms` before the line stands (default
+    /// 10 000).
+    pub line_interval_ms: Option<u64>,
 }
 
 /// Per-attempt limits, in milliseconds.
