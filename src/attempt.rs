@@ -84,6 +84,15 @@ impl Only {
     }
 }
 
+/// The one backend a request may go to, as a request extension: a follow-up that names state
+/// only that backend has (a stored response, an uploaded file, a batch). A `Balance` picks it
+/// or, when it is not among the group's backends, none ([`NotServed`](crate::error::NotServed),
+/// so a `Fallback` above moves on to the target that has it); while it cannot take the request
+/// (cooling down, circuit open), the request waits for it or is refused saying so, and is never
+/// sent to another backend. The gateway sets it from the ids it hands out (see its docs).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pinned(pub Arc<str>);
+
 /// The backend a `Balance` built by a `BalanceLayer` chose for this
 /// attempt. The layers below it that act for one backend read it when they were built for the
 /// chosen backend ([`EndpointLayer::for_chosen`](crate::endpoint::EndpointLayer::for_chosen),

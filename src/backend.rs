@@ -207,6 +207,7 @@ impl Backend {
     /// scope has its own cooldown, pace and quota hints (a 429 on `gpt-4-8k` does not hold back
     /// `gpt-4-32k` on the same resource), while connect errors and the circuit stay with the
     /// endpoint it shares. Fails for a backend that is not classic Azure, or a bad name.
+    #[cfg(feature = "config")]
     pub(crate) fn for_deployment(&self, deployment: &str) -> Result<Backend, InvalidConfig> {
         let err = |reason: String| invalid(self.name(), reason);
         let Provider::AzureOpenAi { api_version, .. } = self.provider() else {

@@ -473,6 +473,9 @@ pub struct NotServed {
     pub(crate) model: Option<String>,
     /// The route no backend serves, and the kinds of backend that would.
     pub(crate) route: Option<(String, &'static str)>,
+    /// The backend the request was pinned to ([`Pinned`](crate::balance::Pinned)), not
+    /// among the group's.
+    pub(crate) pinned: Option<Arc<str>>,
 }
 
 impl NotServed {
@@ -485,6 +488,11 @@ impl NotServed {
     pub fn route(&self) -> Option<&str> {
         self.route.as_ref().map(|(r, _)| r.as_str())
     }
+
+    /// The backend the request was [`Pinned`](crate::balance::Pinned) to, when that is why.
+    pub fn pinned(&self) -> Option<&str> {
+        self.pinned.as_deref()
+    }
 }
 
 impl fmt::Display for NotServed {
@@ -493,6 +501,13 @@ impl fmt::Display for NotServed {
             return write!(
                 f,
                 "no backend of {} serves {route} (it is served by {kinds})",
+                self.group
+            );
+        }
+        if let Some(p) = &self.pinned {
+            return write!(
+                f,
+                "backend {p}, which holds what the request names, is not among those of {}",
                 self.group
             );
         }

@@ -243,6 +243,7 @@ impl BackendState {
     /// Fresh state for a quota scope of `endpoint` (see
     /// [`Backend::for_deployment`](crate::Backend::for_deployment)): its own cooldown, pace,
     /// quota hints and counters; the endpoint's circuit.
+    #[cfg(feature = "config")]
     pub(crate) fn scoped_under(endpoint: &BackendState) -> Self {
         let mut s = Self::new();
         if let Some(inner) = Arc::get_mut(&mut s.inner) {

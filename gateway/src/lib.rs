@@ -53,6 +53,7 @@ mod metrics;
 #[cfg(feature = "otel")]
 mod otel;
 pub mod settings;
+mod stateful;
 mod tls;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -1165,6 +1166,25 @@ where
     };
     let anthropic_caller = is_anthropic_route(parts.uri.path());
     let mut bytes = resolve_alias(&live.aliases, bytes);
+    // A follow-up naming an object a backend keeps goes to that backend, with its own ids.
+    let keeps = stateful::keeps_objects(parts.uri.path());
+    let pinned = match stateful::unpin(
+        parts.uri.path_and_query().map_or("", |p| p.as_str()),
+        &bytes,
+    ) {
+        Ok(p) => p,
+        Err(message) => {
+            return error_response(StatusCode::BAD_REQUEST, "invalid_request_error", &message);
+        }
+    };
+    let (mut pin, mut pinned_path) = (None, None);
+    if let Some(p) = pinned {
+        if let Some(body) = p.body {
+            bytes = body;
+        }
+        pinned_path = p.path_and_query.and_then(|p| p.parse::<http::Uri>().ok());
+        pin = Some(p.backend);
+    }
     // Usage asked for on the caller's behalf is removed from what the caller gets.
     let mut strip_usage = false;
     if gw.stream_usage
@@ -1195,6 +1215,12 @@ where
             .and_then(|p| p.as_str().parse().ok())
             .unwrap_or_else(|| http::Uri::from_static("/"))
     };
+    if let Some(uri) = pinned_path {
+        *out.uri_mut() = uri;
+    }
+    if let Some(pin) = pin {
+        out.extensions_mut().insert(pin);
+    }
     let mut headers = parts.headers;
     let ours = strip_hop_by_hop(&mut headers, Some(&http::header::CONTENT_LENGTH));
     // The backend continues the request's trace.
@@ -1225,13 +1251,52 @@ where
                 // Boxed: a rare path, and its state would make every request's future larger.
                 return Box::pin(shaped_error(res, &live.backends)).await;
             }
+            let kept_by = keeps
+                .then(|| res.extensions().get::<Served>())
+                .flatten()
+                .map(|s| s.backend.name_arc().clone());
             let usage = metrics::UsageWatch::new(gw.metrics.clone(), &res, model, client);
-            into_axum(res, usage, strip_usage, anthropic_caller, line)
+            let answer = into_axum(res, usage, strip_usage, anthropic_caller, line);
+            match kept_by {
+                // Boxed: a rare path (see `shaped_error`).
+                Some(backend) if is_json(answer.headers()) => {
+                    Box::pin(tag_kept(answer, backend)).await
+                }
+                _ => answer,
+            }
         }
         Err(e) => {
             tracing::warn!(error = %e, "request failed");
             error_for(&e)
         }
+    }
+}
+
+/// Whether a head says its body is JSON.
+fn is_json(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"))
+}
+
+/// An answer about objects `backend` keeps, with their ids tagged (see [`stateful`]). A body
+/// that fails to arrive whole is a `502`: the caller would get ids it cannot use.
+async fn tag_kept(res: Response, backend: Arc<str>) -> Response {
+    let (mut parts, body) = res.into_parts();
+    let Ok(bytes) = axum::body::to_bytes(body, tower_llm_lb::body::DEFAULT_BODY_LIMIT).await else {
+        return error_response(
+            StatusCode::BAD_GATEWAY,
+            "upstream_error",
+            &format!("backend {backend}: the answer broke off"),
+        );
+    };
+    match stateful::tag_answer(&bytes, &backend) {
+        Some(tagged) => {
+            parts.headers.remove(http::header::CONTENT_LENGTH);
+            Response::from_parts(parts, axum::body::Body::from(tagged))
+        }
+        None => Response::from_parts(parts, axum::body::Body::from(bytes)),
     }
 }
 
@@ -1479,6 +1544,8 @@ fn error_for(e: &BoxError) -> Response {
     if let Some(n) = find::<tower_llm_lb::error::NotServed>(&**e) {
         let code = if n.route().is_some() {
             "route_not_served"
+        } else if n.pinned().is_some() {
+            "backend_not_found"
         } else {
             "model_not_found"
         };

@@ -243,6 +243,39 @@ struct Shared {
     fault: Mutex<Option<Fault>>,
     buckets: Mutex<Buckets>,
     counters: [AtomicU64; 9],
+    /// What this server created and keeps (stored responses, uploaded files), by id: as on the
+    /// real services, only the server that created an object knows it.
+    stored: Mutex<std::collections::HashMap<String, serde_json::Value>>,
+}
+
+impl Shared {
+    /// Whether this server created the object `id`.
+    fn keeps(&self, id: &str) -> bool {
+        self.stored
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(id)
+    }
+
+    /// Creates and keeps an object: a fresh id with `prefix` (random, as the services' ids
+    /// are, so two servers never make the same one), the object `make` builds around it.
+    fn keep(
+        &self,
+        prefix: &str,
+        make: impl FnOnce(&str) -> serde_json::Value,
+    ) -> serde_json::Value {
+        let id = format!(
+            "{prefix}{:016x}{:08x}",
+            fastrand::u64(..),
+            fastrand::u32(..)
+        );
+        let object = make(&id);
+        self.stored
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, object.clone());
+        object
+    }
 }
 
 struct Bucket {
@@ -489,6 +522,7 @@ impl MockBuilder {
                 tokens: self.tps.map(Bucket::new),
             }),
             counters: Default::default(),
+            stored: Mutex::new(std::collections::HashMap::new()),
         })
     }
 }
@@ -810,6 +844,26 @@ fn route(method: &Method, path: &str, query: Option<&str>) -> Result<Route, Refu
         .strip_prefix("/openai/v1/")
         .or_else(|| path.strip_prefix("/v1/"))
         .ok_or_else(not_found)?;
+    // Objects the server keeps: a stored response, an uploaded file.
+    let kept = |kind| {
+        Ok(Route {
+            model: String::new(),
+            anthropic: false,
+            kind,
+        })
+    };
+    if let Some(id) = rest
+        .strip_prefix("responses/")
+        .or_else(|| rest.strip_prefix("files/"))
+        && !id.is_empty()
+        && !id.contains('/')
+        && method == Method::GET
+    {
+        return kept("stored");
+    }
+    if rest == "files" && method == Method::POST {
+        return kept("file");
+    }
     let kind = op(rest).filter(|k| want_get(k)).ok_or_else(not_found)?;
     Ok(Route {
         model: String::new(),
@@ -994,7 +1048,8 @@ async fn answer(
             "anthropic-version: header is required",
         ));
     }
-    let json: serde_json::Value = if body.is_empty() {
+    // An upload is a multipart form, not JSON.
+    let json: serde_json::Value = if body.is_empty() || route.kind == "file" {
         serde_json::Value::Null
     } else {
         match serde_json::from_slice(&body) {
@@ -1013,8 +1068,10 @@ async fn answer(
     {
         return Some(refuse(StatusCode::BAD_REQUEST, "", &message));
     }
+    let responses_api = parts.uri.path().ends_with("/responses");
     if route.kind == "chat"
         && !route.anthropic
+        && !responses_api
         && let Err(message) = check_chat(&json)
     {
         return Some(refuse(
@@ -1080,6 +1137,36 @@ async fn answer(
     }
     if route.kind == "status" {
         return Some(full(StatusCode::OK, r#"{"status":"ok"}"#));
+    }
+    if responses_api
+        && let Some(prev) = json.get("previous_response_id").and_then(|v| v.as_str())
+        && !shared.keeps(prev)
+    {
+        return Some(full(
+            StatusCode::BAD_REQUEST,
+            serde_json::json!({"error": {
+                "message": format!("Previous response with id '{prev}' not found."),
+                "type": "invalid_request_error", "param": "previous_response_id",
+                "code": "previous_response_not_found"}})
+            .to_string(),
+        ));
+    }
+    if route.kind == "stored" {
+        let id = parts.uri.path().rsplit('/').next().unwrap_or("");
+        let found = shared
+            .stored
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .cloned();
+        return Some(match found {
+            Some(object) => full(StatusCode::OK, object.to_string()),
+            None => error_json(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                &format!("No such object: '{id}'"),
+            ),
+        });
     }
     // Rate limits.
     // The answer's cap, once per answer asked for: Azure documents counting the prompt, its
@@ -1247,6 +1334,21 @@ async fn answer(
             }),
             (_, "models") => serde_json::json!({
                 "object": "list", "data": [{"id": model, "object": "model", "owned_by": shared.name}]
+            }),
+            (_, "file") => shared.keep("file-", |id| {
+                serde_json::json!({"id": id, "object": "file", "bytes": body.len(),
+                                   "filename": "upload", "purpose": "user_data"})
+            }),
+            (_, "chat") if responses_api => shared.keep("resp_", |id| {
+                serde_json::json!({
+                    "id": id, "object": "response", "status": "completed", "model": model,
+                    "previous_response_id": json.get("previous_response_id"),
+                    "output": [{"type": "message", "id": format!("msg_{}", &id[5..]),
+                                "role": "assistant", "status": "completed",
+                                "content": [{"type": "output_text", "text": text}]}],
+                    "usage": {"input_tokens": input_tokens, "output_tokens": 4,
+                              "total_tokens": input_tokens + 4}
+                })
             }),
             _ => serde_json::json!({
                 "id": "chatcmpl-mock", "object": "chat.completion", "model": model,

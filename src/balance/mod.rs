@@ -76,6 +76,7 @@ use tokio::time::Instant;
 use tower_service::Service;
 
 use crate::attempt::Chosen;
+pub use crate::attempt::Pinned;
 use crate::attempt::TokenCost;
 use crate::backend::Backend;
 use crate::body::{token_cost, token_cost_on};
@@ -792,6 +793,7 @@ impl<S> Balance<S> {
             None
         };
         let only = req.extensions().get::<crate::attempt::Only>();
+        let pinned = req.extensions().get::<Pinned>();
         // Which backends can serve its route: one check per route class in the group; the
         // candidates are filtered only when some class cannot serve it.
         let path = req.uri().path();
@@ -805,7 +807,7 @@ impl<S> Balance<S> {
             return Err(self.not_served_route(path));
         }
         let mixed = serving < routes.classes.len();
-        if model.is_none() && only.is_none() && !mixed {
+        if model.is_none() && only.is_none() && pinned.is_none() && !mixed {
             return self
                 .pick_index(now, tried, strict)
                 .map_err(|at| refuse(at, !strict));
@@ -817,7 +819,11 @@ impl<S> Balance<S> {
         };
         let allowed = |i: usize| {
             let b = &slots[i].backend;
-            routed(i) && model.is_none_or(|m| b.serves(m)) && only.is_none_or(|o| o.names(b.name()))
+            routed(i)
+                && model.is_none_or(|m| b.serves(m))
+                && only.is_none_or(|o| o.names(b.name()))
+                // A member that is a group passes the pin on to its own backends.
+                && pinned.is_none_or(|p| slots[i].member || *p.0 == *b.name())
         };
         if !(0..slots.len()).any(allowed) {
             if !(0..slots.len()).any(routed) {
@@ -827,6 +833,7 @@ impl<S> Balance<S> {
                 group: self.shared.name.clone(),
                 model: model.map(Into::into),
                 route: None,
+                pinned: pinned.map(|p| p.0.clone()),
             }
             .into());
         }
@@ -841,6 +848,7 @@ impl<S> Balance<S> {
             group: self.shared.name.clone(),
             model: None,
             route: Some((path.into(), crate::provider::Provider::kinds_serving(path))),
+            pinned: None,
         }
         .into()
     }

@@ -196,6 +196,7 @@ impl Config {
                 );
             }
             let mut routes = BTreeMap::new();
+            let mut by_backend = BTreeMap::new();
             for (i, (model, t)) in self.models.iter().enumerate() {
                 let path = format!("models.{model}");
                 if model.trim().is_empty() {
@@ -205,10 +206,18 @@ impl Config {
                     name: t.name.clone().or_else(|| Some(model.clone())),
                     ..t.clone()
                 };
-                routes.insert(model.clone(), ctx.with_overrides(&path, &named, i)?);
+                let before = ctx.used.len();
+                let target = ctx.with_overrides(&path, &named, i)?;
+                for b in &ctx.used[before..] {
+                    by_backend
+                        .entry(b.name().to_string())
+                        .or_insert_with(|| target.clone());
+                }
+                routes.insert(model.clone(), target);
             }
             let svc = BoxTarget::new(ModelRouter {
                 routes: Arc::new(routes),
+                by_backend: Arc::new(by_backend),
             });
             return Ok((svc, each_once(ctx.used)));
         }
@@ -255,16 +264,20 @@ fn each_once(mut used: Vec<Backend>) -> Vec<Backend> {
     used
 }
 
-/// Sends each request to the target its `model` names (config `models`); a model not listed,
-/// or none, is [`NotServed`](crate::error::NotServed), nothing sent.
+/// Sends each request to the target its `model` names (config `models`); a request without a
+/// model that is [`Pinned`](crate::balance::Pinned) to a backend (`GET /v1/responses/{id}`),
+/// to the first model's target holding that backend; a model not listed, or none, is
+/// [`NotServed`](crate::error::NotServed), nothing sent.
 struct ModelRouter<B> {
     routes: Arc<BTreeMap<String, BoxTarget<B>>>,
+    by_backend: Arc<BTreeMap<String, BoxTarget<B>>>,
 }
 
 impl<B> Clone for ModelRouter<B> {
     fn clone(&self) -> Self {
         ModelRouter {
             routes: self.routes.clone(),
+            by_backend: self.by_backend.clone(),
         }
     }
 }
@@ -285,13 +298,22 @@ impl<B: Send + 'static> Service<Request<ReplayBody>> for ModelRouter<B> {
 
     fn call(&mut self, req: Request<ReplayBody>) -> Self::Future {
         let model = crate::provider::model_of(req.body().bytes());
-        match model.and_then(|m| self.routes.get(m)) {
+        let pinned = || {
+            let p = req.extensions().get::<crate::balance::Pinned>()?;
+            self.by_backend.get(&*p.0)
+        };
+        let target = match model {
+            Some(m) => self.routes.get(m),
+            None => pinned(),
+        };
+        match target {
             Some(target) => target.clone().call(req),
             None => {
                 let refused = crate::error::NotServed {
                     group: Arc::from("models"),
                     model: model.map(str::to_string),
                     route: None,
+                    pinned: None,
                 };
                 Box::pin(async move { Err(refused.into()) })
             }

@@ -1,0 +1,224 @@
+//! Stateful calls over real sockets: a stored response or an uploaded file exists only on the
+//! mock that created it (as on the real services), and a follow-up naming it must reach that
+//! mock, through this gateway, another replica, or a restarted one.
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use serde_json::{Value, json};
+use tower::ServiceExt;
+use tower_llm_lb::client::http_client;
+use tower_llm_lb::config::Config;
+use tower_llm_lb_gateway::Gateway;
+use tower_llm_lb_mock::{Fault, MockServer};
+
+/// A gateway serving `json` on a loopback port until the returned sender is dropped.
+async fn serve(json: &str) -> (String, tokio::sync::oneshot::Sender<()>) {
+    let config = Config::from_json(json).unwrap();
+    let (svc, backends) = config.build_with_backends(http_client()).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(
+        Gateway::new(svc, backends, Vec::new())
+            .configured(&config)
+            .unwrap()
+            .serve(listener, async {
+                let _ = rx.await;
+            }),
+    );
+    (url, tx)
+}
+
+/// `(status, backend that answered, body)`.
+async fn call(method: &str, url: String, content_type: &str, body: Bytes) -> (u16, String, Value) {
+    let req = http::Request::builder()
+        .method(method)
+        .uri(url)
+        .header("content-type", content_type)
+        .body(Full::new(body))
+        .unwrap();
+    let res = http_client().oneshot(req).await.unwrap();
+    let status = res.status().as_u16();
+    let backend = res
+        .headers()
+        .get("x-llm-lb-backend")
+        .map_or_else(String::new, |v| v.to_str().unwrap().to_string());
+    let bytes = res.into_body().collect().await.unwrap().to_bytes();
+    (
+        status,
+        backend,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
+}
+
+async fn post_json(url: String, body: Value) -> (u16, String, Value) {
+    call(
+        "POST",
+        url,
+        "application/json",
+        Bytes::from(body.to_string()),
+    )
+    .await
+}
+
+async fn get(url: String) -> (u16, String, Value) {
+    call("GET", url, "application/json", Bytes::new()).await
+}
+
+/// Two OpenAI-compatible backends in one round-robin group: without pinning, every other
+/// follow-up would reach the backend that does not keep its object.
+async fn two_backends() -> (MockServer, MockServer, String) {
+    let east = MockServer::builder()
+        .name("east")
+        .bearer("ke")
+        .start()
+        .await
+        .unwrap();
+    let west = MockServer::builder()
+        .name("west")
+        .bearer("kw")
+        .start()
+        .await
+        .unwrap();
+    let config = json!({
+        "backends": {
+            "east": {"provider": "openai", "url": format!("{}/v1", east.url()), "api_key": "ke"},
+            "west": {"provider": "openai", "url": format!("{}/v1", west.url()), "api_key": "kw"}
+        },
+        "strategy": {"mode": "loadbalance", "algorithm": "round_robin"}
+    });
+    (east, west, config.to_string())
+}
+
+#[tokio::test]
+async fn a_follow_up_goes_to_the_backend_that_keeps_what_it_names() {
+    let (_east, _west, config) = two_backends().await;
+    let (gw, _stop) = serve(&config).await;
+    let mut served_by = std::collections::BTreeSet::new();
+    for _ in 0..6 {
+        let (status, backend, created) = post_json(
+            format!("{gw}/v1/responses"),
+            json!({"model": "gpt-4o", "input": "hello", "store": true}),
+        )
+        .await;
+        assert_eq!(status, 200, "{created}");
+        let id = created["id"].as_str().unwrap().to_string();
+        assert!(
+            id.starts_with("resp_") && id.ends_with(&format!("~{backend}")),
+            "{id}"
+        );
+        served_by.insert(backend.clone());
+        // The next turn, whichever backend the group would pick next.
+        let (status, again, next) = post_json(
+            format!("{gw}/v1/responses"),
+            json!({"model": "gpt-4o", "input": "and then?", "previous_response_id": id}),
+        )
+        .await;
+        assert_eq!((status, &again), (200, &backend), "{next}");
+        assert_eq!(
+            next["previous_response_id"], id,
+            "handed back as the caller knows it"
+        );
+        let (status, again, stored) = get(format!("{gw}/v1/responses/{id}")).await;
+        assert_eq!((status, &again), (200, &backend), "{stored}");
+        assert_eq!(stored["id"], id);
+    }
+    assert_eq!(
+        served_by.len(),
+        2,
+        "created on both backends: {served_by:?}"
+    );
+
+    // A file uploaded (a multipart form), then named in a request.
+    let boundary = "xyzBOUNDARY";
+    let form = format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nuser_data\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.txt\"\r\nContent-Type: text/plain\r\n\r\nhello\r\n--{boundary}--\r\n"
+    );
+    let (status, backend, file) = call(
+        "POST",
+        format!("{gw}/v1/files"),
+        &format!("multipart/form-data; boundary={boundary}"),
+        Bytes::from(form),
+    )
+    .await;
+    assert_eq!(status, 200, "{file}");
+    let file_id = file["id"].as_str().unwrap().to_string();
+    assert!(file_id.ends_with(&format!("~{backend}")), "{file_id}");
+    for _ in 0..2 {
+        let (status, again, got) = get(format!("{gw}/v1/files/{file_id}")).await;
+        assert_eq!((status, &again), (200, &backend), "{got}");
+        assert_eq!(got["id"], file_id);
+    }
+}
+
+#[tokio::test]
+async fn another_replica_and_a_restarted_gateway_route_a_follow_up_the_same_way() {
+    let (_east, _west, config) = two_backends().await;
+    let (a, stop_a) = serve(&config).await;
+    let (b, _stop_b) = serve(&config).await;
+    let mut ids = Vec::new();
+    for _ in 0..4 {
+        let (status, backend, created) = post_json(
+            format!("{a}/v1/responses"),
+            json!({"model": "gpt-4o", "input": "hello"}),
+        )
+        .await;
+        assert_eq!(status, 200);
+        ids.push((created["id"].as_str().unwrap().to_string(), backend));
+    }
+    // The state is in the id: no store shared between replicas, nothing to recover.
+    drop(stop_a);
+    let (restarted, _stop) = serve(&config).await;
+    for gw in [&b, &restarted] {
+        for (id, backend) in &ids {
+            let (status, again, next) = post_json(
+                format!("{gw}/v1/responses"),
+                json!({"model": "gpt-4o", "input": "more", "previous_response_id": id}),
+            )
+            .await;
+            assert_eq!((status, &again), (200, backend), "{next}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_follow_up_whose_backend_fails_is_refused_naming_it_and_never_sent_elsewhere() {
+    let (east, west, config) = two_backends().await;
+    let (gw, _stop) = serve(&config).await;
+    let mut on_east = None;
+    while on_east.is_none() {
+        let (_, backend, created) = post_json(
+            format!("{gw}/v1/responses"),
+            json!({"model": "gpt-4o", "input": "hello"}),
+        )
+        .await;
+        if backend == "east" {
+            on_east = created["id"].as_str().map(str::to_string);
+        }
+    }
+    let id = on_east.unwrap();
+    east.set_fault(Some(Fault::Status(503)));
+    let west_before = west.counters().requests;
+    // East's own failure comes back, attributed to east (its retries stay on east).
+    let (status, backend, error) = get(format!("{gw}/v1/responses/{id}")).await;
+    assert_eq!((status, backend.as_str()), (503, "east"), "{error}");
+    assert_eq!(west.counters().requests, west_before, "never sent to west");
+
+    // An id naming a backend this gateway does not have.
+    let (status, _, error) = get(format!("{gw}/v1/responses/resp_1~north")).await;
+    assert_eq!(status, 404, "{error}");
+    assert_eq!(error["error"]["code"], "backend_not_found");
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("north")
+    );
+    // Two backends named at once.
+    let (status, _, error) = post_json(
+        format!("{gw}/v1/responses/resp_1~east/cancel"),
+        json!({"previous_response_id": "resp_2~west"}),
+    )
+    .await;
+    assert_eq!(status, 400, "{error}");
+}
