@@ -338,6 +338,25 @@ mod tests {
         assert_eq!(tag_answer(br#"{"id":"resp_1~east"}"#, "east"), None, "once");
     }
 
+    proptest::proptest! {
+        /// What a caller sends is read without panicking, and every tag reads back.
+        #[test]
+        fn any_path_and_body_is_read_and_every_tag_reads_back(
+            path in "/v1/[a-z_/~0-9x-]{0,40}(\\?[a-z=~&]{0,10})?",
+            body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200),
+            id in "[a-zA-Z0-9_-]{1,20}",
+            name in "\\PC{1,20}",
+        ) {
+            let _ = unpin(&path, &Bytes::from(body.clone()));
+            let json = format!(r#"{{"previous_response_id":{}}}"#, Value::from(String::from_utf8_lossy(&body)));
+            let _ = unpin("/v1/responses", &Bytes::from(json));
+            let tagged = tag(&id, &name);
+            proptest::prop_assert_eq!(untag(&tagged), Some((id.as_str(), name.clone())));
+            let pinned = unpin(&format!("/v1/files/{tagged}"), &Bytes::new()).unwrap().unwrap();
+            proptest::prop_assert_eq!(&*pinned.backend.0, name.as_str());
+        }
+    }
+
     #[test]
     fn the_routes_of_kept_objects_are_known_and_their_contents_are_not_rewritten() {
         for yes in [
