@@ -1262,6 +1262,8 @@ where
                 Some(backend) if is_json(answer.headers()) => {
                     Box::pin(tag_kept(answer, backend)).await
                 }
+                Some(backend) if is_event_stream(answer.headers()) => answer
+                    .map(|body| axum::body::Body::new(stateful::TagEvents::new(body, backend))),
                 _ => answer,
             }
         }
@@ -1270,6 +1272,14 @@ where
             error_for(&e)
         }
     }
+}
+
+/// Whether a head says its body is a stream of server-sent events.
+fn is_event_stream(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"))
 }
 
 /// Whether a head says its body is JSON.

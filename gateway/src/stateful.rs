@@ -12,13 +12,18 @@
 //! no shared store. If the backend cannot take the request (cooling down, circuit open,
 //! failing), the caller is told so, naming it; the request never goes to another backend.
 //!
-//! Not covered: ids inside streamed answers (a streamed `POST /v1/responses` hands back the
-//! backend's own id), ids in query strings (list cursors such as `after=`), and object ids
-//! other than the families below (a stored chat completion's `chatcmpl-...`).
+//! Streamed answers (`POST /v1/responses` with `stream: true`) have the ids in each event's
+//! data tagged as they pass ([`TagEvents`]). Not covered: ids in query strings (list cursors
+//! such as `after=`), and object ids other than the families below (a stored chat completion's
+//! `chatcmpl-...`).
 
-use bytes::Bytes;
-use serde_json::Value;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::{Bytes, BytesMut};
+use http_body::{Body, Frame};
+use serde_json::Value;
 
 use tower_llm_lb::balance::Pinned;
 
@@ -223,6 +228,126 @@ pub(crate) fn tag_answer(body: &[u8], backend: &str) -> Option<Vec<u8>> {
     changed.then(|| serde_json::to_vec(&json).ok()).flatten()
 }
 
+/// One server-sent event (its bytes up to and with the blank line that ends it) with the ids
+/// of kept objects in its `data:` lines tagged; `None` when it holds none.
+pub(crate) fn tag_event(event: &[u8], backend: &str) -> Option<Vec<u8>> {
+    if !KEPT
+        .iter()
+        .any(|p| memchr::memmem::find(event, p.as_bytes()).is_some())
+    {
+        return None;
+    }
+    let mut out = Vec::with_capacity(event.len() + 16);
+    let mut changed = false;
+    for line in event.split_inclusive(|b| *b == b'\n') {
+        let tagged = line
+            .strip_prefix(b"data: ")
+            .and_then(|data| tag_answer(data.trim_ascii_end(), backend));
+        match tagged {
+            Some(data) => {
+                out.extend_from_slice(b"data: ");
+                out.extend_from_slice(&data);
+                out.push(b'\n');
+                changed = true;
+            }
+            None => out.extend_from_slice(line),
+        }
+    }
+    changed.then_some(out)
+}
+
+/// The most of an event held while waiting for its end: past it, the bytes pass as they are.
+const EVENT_LIMIT: usize = 1 << 20;
+
+pin_project_lite::pin_project! {
+    /// A streamed answer whose events have their ids tagged ([`tag_event`]) as they pass; each
+    /// event is held only until its blank line arrives.
+    pub(crate) struct TagEvents<B> {
+        #[pin]
+        inner: B,
+        held: BytesMut,
+        backend: Arc<str>,
+        // Trailers that came while bytes were held: passed on after them.
+        trailers: Option<Frame<Bytes>>,
+        ended: bool,
+    }
+}
+
+impl<B> TagEvents<B> {
+    pub(crate) fn new(inner: B, backend: Arc<str>) -> Self {
+        TagEvents {
+            inner,
+            held: BytesMut::new(),
+            backend,
+            trailers: None,
+            ended: false,
+        }
+    }
+}
+
+/// `events` (complete events, each ending with a blank line), each tagged.
+fn tag_events(events: Bytes, backend: &str) -> Bytes {
+    let mut out = Vec::new();
+    let mut changed = false;
+    let mut rest = &events[..];
+    while let Some(i) = memchr::memmem::find(rest, b"\n\n") {
+        let (event, tail) = rest.split_at(i + 2);
+        match tag_event(event, backend) {
+            Some(t) => {
+                out.extend_from_slice(&t);
+                changed = true;
+            }
+            None => out.extend_from_slice(event),
+        }
+        rest = tail;
+    }
+    out.extend_from_slice(rest);
+    if changed { Bytes::from(out) } else { events }
+}
+
+impl<B: Body<Data = Bytes>> Body for TagEvents<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let mut this = self.project();
+        loop {
+            // The complete events held go out, tagged.
+            if let Some(end) = memchr::memmem::rfind(this.held, b"\n\n") {
+                let events = this.held.split_to(end + 2).freeze();
+                return Poll::Ready(Some(Ok(Frame::data(tag_events(events, this.backend)))));
+            }
+            if this.trailers.is_some() || *this.ended || this.held.len() > EVENT_LIMIT {
+                if !this.held.is_empty() {
+                    let rest = this.held.split().freeze();
+                    return Poll::Ready(Some(Ok(Frame::data(rest))));
+                }
+                if let Some(trailers) = this.trailers.take() {
+                    return Poll::Ready(Some(Ok(trailers)));
+                }
+                if *this.ended {
+                    return Poll::Ready(None);
+                }
+            }
+            match std::task::ready!(this.inner.as_mut().poll_frame(cx)) {
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => this.held.extend_from_slice(&data),
+                    Err(trailers) => *this.trailers = Some(trailers),
+                },
+                Some(Err(e)) => return Poll::Ready(Some(Err(e))),
+                None => *this.ended = true,
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended && self.held.is_empty() && self.trailers.is_none()
+    }
+}
+
 fn tag_fields(json: &mut Value, backend: &str, changed: &mut bool) {
     match json {
         Value::Object(map) => {
@@ -354,6 +479,49 @@ mod tests {
             proptest::prop_assert_eq!(untag(&tagged), Some((id.as_str(), name.clone())));
             let pinned = unpin(&format!("/v1/files/{tagged}"), &Bytes::new()).unwrap().unwrap();
             proptest::prop_assert_eq!(&*pinned.backend.0, name.as_str());
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stream_s_events_are_tagged_however_the_bytes_are_cut() {
+        use http_body_util::BodyExt;
+        let stream = concat!(
+            "event: response.created\n",
+            "data: {\"type\":\"response.created\",\"response\":{\"id\":\"resp_1\",\"status\":\"in_progress\"}}\n\n",
+            "event: response.output_text.delta\n",
+            "data: {\"type\":\"response.output_text.delta\",\"item_id\":\"msg_1\",\"delta\":\"hi\"}\n\n",
+            "event: response.completed\n",
+            "data: {\"type\":\"response.completed\",\"response\":{\"id\":\"resp_1\",\"status\":\"completed\"}}\n\n",
+        );
+        let whole = {
+            let body = http_body_util::Full::new(Bytes::from_static(stream.as_bytes()));
+            TagEvents::new(body, Arc::from("east"))
+                .collect()
+                .await
+                .unwrap()
+                .to_bytes()
+        };
+        let text = std::str::from_utf8(&whole).unwrap();
+        assert_eq!(text.matches("resp_1~east").count(), 2, "{text}");
+        assert!(
+            text.contains("msg_1\""),
+            "an item id is not kept apart: {text}"
+        );
+        assert_eq!(text.matches("\n\n").count(), 3, "{text}");
+        // Cut at every byte: the same bytes out.
+        for cut in 1..stream.len() {
+            let (a, b) = stream.as_bytes().split_at(cut);
+            let frames = futures_util::stream::iter([
+                Ok::<_, std::convert::Infallible>(Frame::data(Bytes::copy_from_slice(a))),
+                Ok(Frame::data(Bytes::copy_from_slice(b))),
+            ]);
+            let body = http_body_util::StreamBody::new(frames);
+            let got = TagEvents::new(body, Arc::from("east"))
+                .collect()
+                .await
+                .unwrap()
+                .to_bytes();
+            assert_eq!(got, whole, "cut at {cut}");
         }
     }
 

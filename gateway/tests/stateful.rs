@@ -129,6 +129,38 @@ async fn a_follow_up_goes_to_the_backend_that_keeps_what_it_names() {
         "created on both backends: {served_by:?}"
     );
 
+    // A streamed turn: the id in its events is tagged too, and the next turn follows it.
+    let req = http::Request::builder()
+        .method("POST")
+        .uri(format!("{gw}/v1/responses"))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(
+            json!({"model": "gpt-4o", "input": "hello", "stream": true}).to_string(),
+        )))
+        .unwrap();
+    let res = http_client().oneshot(req).await.unwrap();
+    assert_eq!(res.status(), 200);
+    let backend = res.headers()["x-llm-lb-backend"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let events = res.into_body().collect().await.unwrap().to_bytes();
+    let events = String::from_utf8(events.to_vec()).unwrap();
+    let completed = events
+        .split("\n\n")
+        .find(|e| e.starts_with("event: response.completed"))
+        .and_then(|e| e.split_once("data: "))
+        .map(|(_, data)| serde_json::from_str::<Value>(data).unwrap())
+        .unwrap_or_else(|| panic!("{events}"));
+    let id = completed["response"]["id"].as_str().unwrap().to_string();
+    assert!(id.ends_with(&format!("~{backend}")), "{events}");
+    let (status, again, next) = post_json(
+        format!("{gw}/v1/responses"),
+        json!({"model": "gpt-4o", "input": "and then?", "previous_response_id": id}),
+    )
+    .await;
+    assert_eq!((status, &again), (200, &backend), "{next}");
+
     // A file uploaded (a multipart form), then named in a request.
     let boundary = "xyzBOUNDARY";
     let form = format!(

@@ -1279,7 +1279,13 @@ async fn answer(
         }
         let input_tokens = cost_tokens as u64 - max_tokens;
         let chunks = shared.stream_chunks;
-        let shape = if route.anthropic {
+        let shape = if responses_api && !route.anthropic {
+            let text = format!("Hello from {}", shared.name);
+            let object = shared.keep("resp_", |id| {
+                response_object(id, &model, &json, &text, input_tokens)
+            });
+            responses_stream(object)
+        } else if route.anthropic {
             let tool = anthropic::tool_to_call(&json);
             let calls = tool.is_some();
             let thinking = anthropic::thinking_budget(&json).is_some();
@@ -1340,15 +1346,7 @@ async fn answer(
                                    "filename": "upload", "purpose": "user_data"})
             }),
             (_, "chat") if responses_api => shared.keep("resp_", |id| {
-                serde_json::json!({
-                    "id": id, "object": "response", "status": "completed", "model": model,
-                    "previous_response_id": json.get("previous_response_id"),
-                    "output": [{"type": "message", "id": format!("msg_{}", &id[5..]),
-                                "role": "assistant", "status": "completed",
-                                "content": [{"type": "output_text", "text": text}]}],
-                    "usage": {"input_tokens": input_tokens, "output_tokens": 4,
-                              "total_tokens": input_tokens + 4}
-                })
+                response_object(id, &model, &json, &text, input_tokens)
             }),
             _ => serde_json::json!({
                 "id": "chatcmpl-mock", "object": "chat.completion", "model": model,
@@ -1388,6 +1386,54 @@ fn go_duration(d: Duration) -> HeaderValue {
 }
 
 /// A stream's events: what comes first, the `i`th content event, what ends it.
+/// A stored response of the Responses API (`POST /v1/responses`), as the service answers it.
+fn response_object(
+    id: &str,
+    model: &str,
+    req: &serde_json::Value,
+    text: &str,
+    input_tokens: u64,
+) -> serde_json::Value {
+    serde_json::json!({
+        "id": id, "object": "response", "status": "completed", "model": model,
+        "previous_response_id": req.get("previous_response_id"),
+        "output": [{"type": "message", "id": format!("msg_{}", id.trim_start_matches("resp_")),
+                    "role": "assistant", "status": "completed",
+                    "content": [{"type": "output_text", "text": text}]}],
+        "usage": {"input_tokens": input_tokens, "output_tokens": 4,
+                  "total_tokens": input_tokens + 4}
+    })
+}
+
+/// A streamed Responses API answer: `response.created` (the response in progress),
+/// `response.output_text.delta` events, `response.completed` with the whole response.
+fn responses_stream(response: serde_json::Value) -> Stream {
+    let event = |name: &str, data: serde_json::Value| {
+        Bytes::from(format!("event: {name}\ndata: {data}\n\n"))
+    };
+    let mut created = response.clone();
+    created["status"] = "in_progress".into();
+    created["output"] = serde_json::json!([]);
+    let item = response["output"][0]["id"].clone();
+    Stream {
+        head: vec![event(
+            "response.created",
+            serde_json::json!({"type": "response.created", "response": created}),
+        )],
+        chunk: Box::new(move |_| {
+            let delta = serde_json::json!({"type": "response.output_text.delta",
+                "item_id": item, "output_index": 0, "content_index": 0, "delta": "mock "});
+            Bytes::from(format!(
+                "event: response.output_text.delta\ndata: {delta}\n\n"
+            ))
+        }),
+        tail: vec![event(
+            "response.completed",
+            serde_json::json!({"type": "response.completed", "response": response}),
+        )],
+    }
+}
+
 struct Stream {
     head: Vec<Bytes>,
     chunk: Box<dyn Fn(usize) -> Bytes + Send>,
