@@ -63,6 +63,14 @@ pub(crate) fn keeps_objects(path: &str) -> bool {
     let Some(rest) = path.strip_prefix("/v1/") else {
         return false;
     };
+    // The common routes (chat, completions, embeddings, messages) at a glance.
+    if !matches!(rest.as_bytes().first(), Some(b'r' | b'f' | b'b' | b'v' | b'u' | b'c' | b'm'))
+        || rest.starts_with("chat/")
+        || rest.starts_with("completions")
+        || rest == "messages"
+    {
+        return false;
+    }
     let family = [
         "responses",
         "files",
@@ -146,7 +154,7 @@ pub(crate) fn unpin(path_and_query: &str, body: &Bytes) -> Result<Option<Unpinne
         None => (path_and_query, None),
     };
     let mut new_path = None;
-    if path.starts_with("/v1/") && path.contains(MARK) {
+    if path.starts_with("/v1/") && memchr::memchr(MARK as u8, path.as_bytes()).is_some() {
         let mut segments = Vec::new();
         for segment in path.split('/') {
             match untag(segment) {
