@@ -64,8 +64,10 @@ pub(crate) fn keeps_objects(path: &str) -> bool {
         return false;
     };
     // The common routes (chat, completions, embeddings, messages) at a glance.
-    if !matches!(rest.as_bytes().first(), Some(b'r' | b'f' | b'b' | b'v' | b'u' | b'c' | b'm'))
-        || rest.starts_with("chat/")
+    if !matches!(
+        rest.as_bytes().first(),
+        Some(b'r' | b'f' | b'b' | b'v' | b'u' | b'c' | b'm')
+    ) || rest.starts_with("chat/")
         || rest.starts_with("completions")
         || rest == "messages"
     {

@@ -775,3 +775,59 @@ async fn reasoning_effort_becomes_extended_thinking_and_the_thinking_comes_back_
     let seen: Value = serde_json::from_slice(&claude.requests()[2].body).unwrap();
     assert!(seen.get("thinking").is_none());
 }
+
+/// Structured outputs both ways: OpenAI's `response_format` (`json_schema`) reaches Anthropic as
+/// `output_config.format` with the same schema, and Anthropic's reaches OpenAI / Azure as
+/// `response_format` (strict); the answer is the JSON as text in each caller's shape. The
+/// Anthropic mock refuses a schema with an open object, as the service does.
+#[tokio::test]
+async fn structured_outputs_translate_both_ways() {
+    let schema = json!({"type": "object", "additionalProperties": false,
+                        "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+                        "required": ["city", "days"]});
+    let claude = anthropic_mock().await;
+    let svc = claude_only(&claude, "");
+    let ask = json!({"model": "claude-x", "max_tokens": 64,
+                     "messages": [{"role": "user", "content": "Plan a trip"}],
+                     "response_format": {"type": "json_schema",
+                                         "json_schema": {"name": "trip", "strict": true, "schema": schema}}});
+    let res = svc.clone().oneshot(chat(&ask)).await.unwrap();
+    assert_eq!(res.status(), 200);
+    let answer: Value = serde_json::from_str(&text(res).await).unwrap();
+    let content = answer["choices"][0]["message"]["content"].as_str().unwrap();
+    let trip: Value = serde_json::from_str(content).unwrap();
+    assert_eq!(trip, json!({"city": "mock", "days": 1}), "{answer}");
+    let sent: Value = serde_json::from_slice(&claude.requests()[0].body).unwrap();
+    assert_eq!(
+        sent["output_config"],
+        json!({"format": {"type": "json_schema", "schema": schema}})
+    );
+    assert!(sent.get("response_format").is_none());
+    // An open object: the service's own 400 comes back.
+    let mut open = ask.clone();
+    open["response_format"]["json_schema"]["schema"] = json!({"type": "object"});
+    let res = svc.clone().oneshot(chat(&open)).await.unwrap();
+    assert_eq!(res.status(), 400, "{}", text(res).await);
+    // `json_object` (any JSON, no schema) has no counterpart: refused naming it.
+    let mut any = ask.clone();
+    any["response_format"] = json!({"type": "json_object"});
+    let err = svc.oneshot(chat(&any)).await.unwrap_err();
+    assert!(err.to_string().contains("response_format"), "{err}");
+
+    // The other way: an Anthropic caller, an Azure backend.
+    let (azure, app) = azure_gateway().await;
+    let ask = json!({"model": "gpt-4o", "max_tokens": 64,
+                     "messages": [{"role": "user", "content": "Plan a trip"}],
+                     "output_config": {"format": {"type": "json_schema", "schema": schema}}});
+    let res = app.oneshot(messages_request(&ask)).await.unwrap();
+    assert_eq!(res.status(), 200);
+    let answer: Value = serde_json::from_str(&text(res).await).unwrap();
+    let trip: Value = serde_json::from_str(answer["content"][0]["text"].as_str().unwrap()).unwrap();
+    assert_eq!(trip, json!({"city": "mock", "days": 1}), "{answer}");
+    let sent: Value = serde_json::from_slice(&azure.requests()[0].body).unwrap();
+    assert_eq!(
+        sent["response_format"],
+        json!({"type": "json_schema",
+               "json_schema": {"name": "output", "schema": schema, "strict": true}})
+    );
+}

@@ -21,6 +21,7 @@ const FIELDS: &[&str] = &[
     "tool_choice",
     "thinking",
     "service_tier",
+    "output_config",
 ];
 
 /// Checks a messages request as Anthropic does; the error message when it is refused.
@@ -66,6 +67,17 @@ pub(super) fn validate(body: &Value, counting: bool) -> Result<(), String> {
         if req.contains_key("top_k") {
             return Err("`top_k` is not supported when thinking is enabled".into());
         }
+    }
+    if let Some(config) = req.get("output_config") {
+        let format = config.get("format").unwrap_or(&Value::Null);
+        if format.get("type").and_then(Value::as_str) != Some("json_schema") {
+            return Err("output_config.format.type: Input should be 'json_schema'".into());
+        }
+        let schema = format.get("schema").unwrap_or(&Value::Null);
+        if !schema.is_object() {
+            return Err("output_config.format.schema: Field required".into());
+        }
+        super::closed_objects(schema)?;
     }
     let Some(messages) = req.get("messages").and_then(Value::as_array) else {
         return Err("messages: Field required".into());

@@ -1307,7 +1307,10 @@ async fn answer(
         };
         sse(shared.clone(), shape, cut, stop)
     } else {
-        let text = format!("Hello from {}", shared.name);
+        // Asked for structured output: JSON following the schema, as text.
+        let text = structured_schema(&json)
+            .map(|s| instance_of(s).to_string())
+            .unwrap_or_else(|| format!("Hello from {}", shared.name));
         let input_tokens = cost_tokens as u64 - max_tokens;
         let body = match (route.anthropic, route.kind) {
             (true, "count_tokens") => serde_json::json!({ "input_tokens": input_tokens }),
@@ -1386,6 +1389,65 @@ fn go_duration(d: Duration) -> HeaderValue {
 }
 
 /// A stream's events: what comes first, the `i`th content event, what ends it.
+/// The JSON Schema a request asks its answer to follow: OpenAI's `response_format`
+/// (`json_schema`), Anthropic's `output_config.format`.
+fn structured_schema(req: &serde_json::Value) -> Option<&serde_json::Value> {
+    req.pointer("/response_format/json_schema/schema")
+        .or_else(|| req.pointer("/output_config/format/schema"))
+        .filter(|s| s.is_object())
+}
+
+/// A value that follows `schema` (the first `enum` value; each property of an object).
+fn instance_of(schema: &serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    if let Some(first) = schema
+        .get("enum")
+        .and_then(Value::as_array)
+        .and_then(|e| e.first())
+    {
+        return first.clone();
+    }
+    match schema.get("type").and_then(Value::as_str) {
+        Some("object") => Value::Object(
+            schema
+                .get("properties")
+                .and_then(Value::as_object)
+                .into_iter()
+                .flatten()
+                .map(|(k, s)| (k.clone(), instance_of(s)))
+                .collect(),
+        ),
+        Some("array") => Value::Array(vec![instance_of(
+            schema.get("items").unwrap_or(&Value::Null),
+        )]),
+        Some("string") => "mock".into(),
+        Some("integer") | Some("number") => 1.into(),
+        Some("boolean") => true.into(),
+        _ => Value::Null,
+    }
+}
+
+/// Structured outputs' rule for a schema, as Anthropic and OpenAI's strict mode state it: every
+/// object sets `additionalProperties: false`.
+fn closed_objects(schema: &serde_json::Value) -> Result<(), String> {
+    use serde_json::Value;
+    match schema {
+        Value::Object(map) => {
+            if map.get("type").and_then(Value::as_str) == Some("object")
+                && map.get("additionalProperties") != Some(&Value::Bool(false))
+            {
+                return Err(
+                    "output_config.format.schema: For 'object' type, 'additionalProperties' must be explicitly set to false"
+                        .into(),
+                );
+            }
+            map.values().try_for_each(closed_objects)
+        }
+        Value::Array(items) => items.iter().try_for_each(closed_objects),
+        _ => Ok(()),
+    }
+}
+
 /// A stored response of the Responses API (`POST /v1/responses`), as the service answers it.
 fn response_object(
     id: &str,

@@ -14,6 +14,7 @@
 //! | `temperature` (0-2), `top_p`, `stop`, `user` | `temperature` (0-1), `top_p`, `stop_sequences`, `metadata.user_id` |
 //! | `tools` (`function`), `tool_choice` (`auto`, `none`, `required`, a function), `parallel_tool_calls: false` | `tools` (`input_schema`), `tool_choice` (`auto`, `none`, `any`, `tool`), `disable_parallel_tool_use` |
 //! | `reasoning_effort` `low` / `medium` / `high` (`none`, `minimal`: no thinking); answer `message.reasoning_content`, stream `delta.reasoning_content` | `thinking: {"type": "enabled", "budget_tokens": 1024 / 2048 / 4096}`, the budget kept below `max_tokens` (refused when `max_tokens` leaves less than 1024, or with a `temperature` other than 1); answer `thinking` blocks, stream `thinking_delta` |
+//! | `response_format` `json_schema` (its `schema`) | `output_config.format` `json_schema` (structured outputs; the answer is the JSON as text either way; toward OpenAI `strict: true`) |
 //! | `stream`, `stream_options.include_usage` | `stream` (usage always sent; a usage chunk only when asked for) |
 //! | answer `finish_reason` `stop` / `length` / `tool_calls` / `content_filter` | `stop_reason` `end_turn` or `stop_sequence` / `max_tokens` / `tool_use` / `refusal` |
 //! | `usage.prompt_tokens` / `completion_tokens` | `usage.input_tokens` (+ cache reads and writes) / `output_tokens` |
@@ -22,7 +23,7 @@
 //! Parameters of the target's own API found on the request (`top_k`, `stop_sequences`,
 //! `thinking` for Anthropic; `logprobs`, `seed`… for OpenAI), as `override_params` put them,
 //! are carried over as they are. Anything else that has no counterpart (`n > 1`, `logprobs`,
-//! `response_format`, audio parts, a temperature above 1 for Anthropic…) is refused, naming the
+//! `response_format` `json_object`, audio parts, a temperature above 1 for Anthropic…) is refused, naming the
 //! parameter, or dropped with [`Options::drop_unsupported`]; content is never dropped.
 
 use std::fmt;
@@ -312,13 +313,30 @@ pub(crate) fn chat_to_messages(body: &[u8], opts: &Options) -> Result<Translated
                     }
                 };
             }
-            "response_format" => {
-                let plain =
-                    value.is_null() || value.get("type").and_then(Value::as_str) == Some("text");
-                if !plain {
-                    unsupported("response_format", TO_ANTHROPIC)?;
+            "response_format" => match value.get("type").and_then(Value::as_str) {
+                _ if value.is_null() => {}
+                Some("text") => {}
+                // Structured outputs: Anthropic's `output_config.format`, the same JSON Schema
+                // (the answer is the JSON as text, as OpenAI's is).
+                Some("json_schema") => {
+                    let schema = value
+                        .get("json_schema")
+                        .and_then(|j| j.get("schema"))
+                        .filter(|s| s.is_object())
+                        .ok_or_else(|| {
+                            bad(
+                                "response_format.json_schema.schema",
+                                "must be a JSON Schema object",
+                            )
+                        })?;
+                    out.insert(
+                        "output_config".into(),
+                        json!({"format": {"type": "json_schema", "schema": schema}}),
+                    );
                 }
-            }
+                // `json_object` (any JSON, no schema) has no counterpart.
+                _ => unsupported("response_format", TO_ANTHROPIC)?,
+            },
             "modalities" => {
                 let text_only = value.is_null() || value == json!(["text"]);
                 if !text_only {
@@ -631,6 +649,36 @@ pub(crate) fn messages_to_chat(body: &[u8], opts: &Options) -> Result<Translated
             "top_k" | "thinking" => {
                 if !value.is_null() {
                     unsupported(&key, TO_OPENAI)?;
+                }
+            }
+            // Structured outputs: OpenAI's `response_format` with the same JSON Schema, strict
+            // (Anthropic's output follows the schema always).
+            "output_config" => {
+                let Value::Object(config) = value else {
+                    if !value.is_null() {
+                        return Err(bad("output_config", "must be an object"));
+                    }
+                    continue;
+                };
+                for (k, v) in config {
+                    match (k.as_str(), v.get("type").and_then(Value::as_str)) {
+                        (_, _) if v.is_null() => {}
+                        ("format", Some("json_schema")) => {
+                            let schema =
+                                v.get("schema").filter(|s| s.is_object()).ok_or_else(|| {
+                                    bad(
+                                        "output_config.format.schema",
+                                        "must be a JSON Schema object",
+                                    )
+                                })?;
+                            out.insert(
+                                "response_format".into(),
+                                json!({"type": "json_schema", "json_schema": {
+                                    "name": "output", "schema": schema, "strict": true}}),
+                            );
+                        }
+                        _ => unsupported(&format!("output_config.{k}"), TO_OPENAI)?,
+                    }
                 }
             }
             "service_tier" => {}

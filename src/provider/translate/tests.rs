@@ -129,6 +129,36 @@ fn what_has_no_counterpart_is_refused_by_name_or_dropped_when_asked() {
 }
 
 #[test]
+fn structured_outputs_map_to_each_other_s_field() {
+    let schema = json!({"type": "object", "additionalProperties": false,
+                        "properties": {"a": {"type": "string"}}, "required": ["a"]});
+    let to = to_messages(json!({"model": "m", "messages": [{"role": "user", "content": "x"}],
+        "response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": schema}}}))
+    .unwrap();
+    assert_eq!(
+        to["output_config"],
+        json!({"format": {"type": "json_schema", "schema": schema}})
+    );
+    let back = to_chat(json!({"model": "m", "max_tokens": 5,
+        "messages": [{"role": "user", "content": "x"}],
+        "output_config": {"format": {"type": "json_schema", "schema": schema}}}))
+    .unwrap();
+    assert_eq!(back["response_format"]["json_schema"]["schema"], schema);
+    assert_eq!(back["response_format"]["json_schema"]["strict"], true);
+    let no_schema = to_messages(
+        json!({"model": "m", "messages": [{"role": "user", "content": "x"}],
+        "response_format": {"type": "json_schema", "json_schema": {"name": "n"}}}),
+    )
+    .unwrap_err();
+    assert_eq!(no_schema.param, "response_format.json_schema.schema");
+    let other = to_chat(json!({"model": "m", "max_tokens": 5,
+        "messages": [{"role": "user", "content": "x"}],
+        "output_config": {"effort": "high"}}))
+    .unwrap_err();
+    assert_eq!(other.param, "output_config.effort");
+}
+
+#[test]
 fn messages_requests_become_chat_requests() {
     let out = to_chat(json!({
         "model": "gpt-4o", "max_tokens": 50, "system": "Be brief.", "stream": true,
