@@ -831,3 +831,55 @@ async fn structured_outputs_translate_both_ways() {
                "json_schema": {"name": "output", "schema": schema, "strict": true}})
     );
 }
+
+/// A PDF and prompt-caching breakpoints from an OpenAI caller reach Anthropic as a `document`
+/// block and `cache_control` where they were set, which the mock checks as the service does
+/// (document sources, `ephemeral` breakpoints, four at most); an Anthropic caller's PDF reaches
+/// Azure as an inline `file` part.
+#[tokio::test]
+async fn documents_and_caching_breakpoints_reach_the_other_provider() {
+    let claude = anthropic_mock().await;
+    let svc = claude_only(&claude, "");
+    let pdf = "data:application/pdf;base64,JVBERi0xLjQK";
+    let breakpoint = json!({"type": "ephemeral"});
+    let ask = json!({"model": "claude-x", "max_tokens": 64, "messages": [
+        {"role": "system", "content": "Long rules.", "cache_control": breakpoint},
+        {"role": "user", "content": [
+            {"type": "file", "file": {"file_data": pdf, "filename": "q.pdf"}},
+            {"type": "text", "text": "Summarise", "cache_control": breakpoint}]}]});
+    let res = svc.clone().oneshot(chat(&ask)).await.unwrap();
+    assert_eq!(res.status(), 200, "{}", text(res).await);
+    let sent: Value = serde_json::from_slice(&claude.requests()[0].body).unwrap();
+    assert_eq!(sent["system"][0]["cache_control"], breakpoint);
+    assert_eq!(sent["messages"][0]["content"][0]["type"], "document");
+    assert_eq!(
+        sent["messages"][0]["content"][1]["cache_control"],
+        breakpoint
+    );
+    // Five breakpoints: the service's own 400 comes back.
+    let mut five = ask.clone();
+    let parts: Vec<Value> = (0..4)
+        .map(|i| json!({"type": "text", "text": format!("part {i}"), "cache_control": breakpoint}))
+        .collect();
+    five["messages"][1]["content"] = Value::Array(parts);
+    let res = svc.oneshot(chat(&five)).await.unwrap();
+    assert_eq!(res.status(), 400);
+    assert!(
+        text(res)
+            .await
+            .contains("A maximum of 4 blocks with cache_control")
+    );
+
+    let (azure, app) = azure_gateway().await;
+    let ask = json!({"model": "gpt-4o", "max_tokens": 64, "messages": [{"role": "user", "content": [
+        {"type": "document", "title": "q.pdf",
+         "source": {"type": "base64", "media_type": "application/pdf", "data": "JVBERi0xLjQK"}},
+        {"type": "text", "text": "Summarise"}]}]});
+    let res = app.oneshot(messages_request(&ask)).await.unwrap();
+    assert_eq!(res.status(), 200, "{}", text(res).await);
+    let sent: Value = serde_json::from_slice(&azure.requests()[0].body).unwrap();
+    assert_eq!(
+        sent["messages"][0]["content"][0],
+        json!({"type": "file", "file": {"file_data": pdf, "filename": "q.pdf"}})
+    );
+}

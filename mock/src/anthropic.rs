@@ -68,6 +68,53 @@ pub(super) fn validate(body: &Value, counting: bool) -> Result<(), String> {
             return Err("`top_k` is not supported when thinking is enabled".into());
         }
     }
+    // Prompt caching: each breakpoint `{"type": "ephemeral"}` (and a `ttl`), four at most.
+    let mut breakpoints = 0;
+    let mut check = |v: &Value| -> Result<(), String> {
+        if let Some(c) = v.get("cache_control") {
+            if c.get("type").and_then(Value::as_str) != Some("ephemeral") {
+                return Err("cache_control.type: Input should be 'ephemeral'".into());
+            }
+            breakpoints += 1;
+        }
+        Ok(())
+    };
+    for block in req
+        .get("system")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        check(block)?;
+    }
+    for tool in req
+        .get("tools")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        check(tool)?;
+    }
+    for m in req
+        .get("messages")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        for block in m
+            .get("content")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            check(block)?;
+        }
+    }
+    if breakpoints > 4 {
+        return Err(format!(
+            "A maximum of 4 blocks with cache_control may be provided. Found {breakpoints}."
+        ));
+    }
     if let Some(config) = req.get("output_config") {
         let format = config.get("format").unwrap_or(&Value::Null);
         if format.get("type").and_then(Value::as_str) != Some("json_schema") {
@@ -121,6 +168,16 @@ pub(super) fn validate(body: &Value, counting: bool) -> Result<(), String> {
                     let kind = b.pointer("/source/type").and_then(Value::as_str);
                     if !matches!(kind, Some("base64" | "url")) {
                         return Err(format!("{at}.source: Input tag does not match"));
+                    }
+                }
+                Some("document") if role == "user" => {
+                    let source = b.get("source").unwrap_or(&Value::Null);
+                    match source.get("type").and_then(Value::as_str) {
+                        Some("base64")
+                            if source.get("media_type").and_then(Value::as_str)
+                                == Some("application/pdf") => {}
+                        Some("text") | Some("url") | Some("file") => {}
+                        _ => return Err(format!("{at}.source: Input tag does not match")),
                     }
                 }
                 Some("tool_use") if role == "assistant" => {

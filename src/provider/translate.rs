@@ -14,6 +14,9 @@
 //! | `temperature` (0-2), `top_p`, `stop`, `user` | `temperature` (0-1), `top_p`, `stop_sequences`, `metadata.user_id` |
 //! | `tools` (`function`), `tool_choice` (`auto`, `none`, `required`, a function), `parallel_tool_calls: false` | `tools` (`input_schema`), `tool_choice` (`auto`, `none`, `any`, `tool`), `disable_parallel_tool_use` |
 //! | `reasoning_effort` `low` / `medium` / `high` (`none`, `minimal`: no thinking); answer `message.reasoning_content`, stream `delta.reasoning_content` | `thinking: {"type": "enabled", "budget_tokens": 1024 / 2048 / 4096}`, the budget kept below `max_tokens` (refused when `max_tokens` leaves less than 1024, or with a `temperature` other than 1); answer `thinking` blocks, stream `thinking_delta` |
+//! | `file` parts with `file_data` (a base64 data URL: a PDF), `filename` | `document` blocks (`base64` source), `title`; a plain-text document as text |
+//! | `cache_control` on a message, a content part or a tool (as LiteLLM and Portkey accept it) | `cache_control` on the block it ends (system messages with one become system blocks), on the tool; toward OpenAI dropped (OpenAI caches on its own) |
+//! | `usage.prompt_tokens_details.cached_tokens` | `usage.cache_read_input_tokens` |
 //! | `response_format` `json_schema` (its `schema`) | `output_config.format` `json_schema` (structured outputs; the answer is the JSON as text either way; toward OpenAI `strict: true`) |
 //! | `stream`, `stream_options.include_usage` | `stream` (usage always sent; a usage chunk only when asked for) |
 //! | answer `finish_reason` `stop` / `length` / `tool_calls` / `content_filter` | `stop_reason` `end_turn` or `stop_sequence` / `max_tokens` / `tool_use` / `refusal` |
@@ -122,7 +125,8 @@ const TO_OPENAI: &str = "cannot be sent to an OpenAI backend";
 pub(crate) fn chat_to_messages(body: &[u8], opts: &Options) -> Result<Translated, Untranslatable> {
     let req = parse_object(body)?;
     let mut out = Map::new();
-    let mut system: Vec<String> = Vec::new();
+    // Each system message's text, and its prompt-caching breakpoint if it set one.
+    let mut system: Vec<(String, Option<Value>)> = Vec::new();
     let mut turns: Vec<(&'static str, Vec<Value>)> = Vec::new();
     let mut stream = false;
     let mut include_usage = false;
@@ -151,16 +155,19 @@ pub(crate) fn chat_to_messages(body: &[u8], opts: &Options) -> Result<Translated
                     let role = m.get("role").and_then(Value::as_str).unwrap_or("");
                     match role {
                         "system" | "developer" => {
-                            let text = text_of(m.get("content").unwrap_or(&Value::Null))
+                            let content = m.get("content").unwrap_or(&Value::Null);
+                            let text = text_of(content)
                                 .ok_or_else(|| bad(format!("{path}.content"), "must be text"))?;
-                            system.push(text);
+                            system.push((text, breakpoint_of(m, content)));
                         }
                         "user" => {
-                            let blocks = user_blocks(m.get("content"), &path)?;
+                            let mut blocks = user_blocks(m.get("content"), &path)?;
+                            cache_last(m, &mut blocks);
                             push_turn(&mut turns, "user", blocks);
                         }
                         "assistant" => {
-                            let blocks = assistant_blocks(m, &path)?;
+                            let mut blocks = assistant_blocks(m, &path)?;
+                            cache_last(m, &mut blocks);
                             push_turn(&mut turns, "assistant", blocks);
                         }
                         "tool" => {
@@ -170,9 +177,10 @@ pub(crate) fn chat_to_messages(body: &[u8], opts: &Options) -> Result<Translated
                                 .ok_or_else(|| bad(format!("{path}.tool_call_id"), "required"))?;
                             let content = text_of(m.get("content").unwrap_or(&Value::Null))
                                 .ok_or_else(|| bad(format!("{path}.content"), "must be text"))?;
-                            let block = json!({"type": "tool_result", "tool_use_id": id,
-                                               "content": content});
-                            push_turn(&mut turns, "user", vec![block]);
+                            let mut blocks = vec![json!({"type": "tool_result", "tool_use_id": id,
+                                               "content": content})];
+                            cache_last(m, &mut blocks);
+                            push_turn(&mut turns, "user", blocks);
                         }
                         other => {
                             return Err(bad(
@@ -184,10 +192,10 @@ pub(crate) fn chat_to_messages(body: &[u8], opts: &Options) -> Result<Translated
                 }
             }
             "system" => match value {
-                Value::String(s) => system.push(s),
+                Value::String(s) => system.push((s, None)),
                 other => {
                     let text = text_of(&other).ok_or_else(|| bad("system", "must be text"))?;
-                    system.push(text);
+                    system.push((text, None));
                 }
             },
             "max_tokens" | "max_completion_tokens" => {
@@ -272,6 +280,9 @@ pub(crate) fn chat_to_messages(body: &[u8], opts: &Options) -> Result<Translated
                         .cloned()
                         .unwrap_or_else(|| json!({"type": "object", "properties": {}}));
                     tool.insert("input_schema".into(), schema);
+                    if let Some(c) = t.get("cache_control").filter(|c| !c.is_null()) {
+                        tool.insert("cache_control".into(), c.clone());
+                    }
                     converted.push(Value::Object(tool));
                 }
                 tools_given = !converted.is_empty();
@@ -350,8 +361,19 @@ pub(crate) fn chat_to_messages(body: &[u8], opts: &Options) -> Result<Translated
             }
         }
     }
-    if !system.is_empty() {
-        out.insert("system".into(), json!(system.join("\n\n")));
+    if system.iter().any(|(_, cache)| cache.is_some()) {
+        // A prompt-caching breakpoint in the system prompt: its blocks, each as written.
+        let blocks = system
+            .into_iter()
+            .map(|(text, cache)| match cache {
+                Some(c) => json!({"type": "text", "text": text, "cache_control": c}),
+                None => json!({"type": "text", "text": text}),
+            })
+            .collect();
+        out.insert("system".into(), Value::Array(blocks));
+    } else if !system.is_empty() {
+        let texts: Vec<String> = system.into_iter().map(|(text, _)| text).collect();
+        out.insert("system".into(), json!(texts.join("\n\n")));
     }
     out.insert(
         "messages".into(),
@@ -462,11 +484,14 @@ fn user_blocks(content: Option<&Value>, path: &str) -> Result<Vec<Value>, Untran
                             .ok_or_else(|| bad(format!("{at}.image_url.url"), "required"))?;
                         blocks.push(image_block(url, &at)?);
                     }
+                    // A PDF (or other document) sent inline: Anthropic's `document` block.
+                    Some("file") => blocks.push(document_block(p.get("file"), &at)?),
                     Some(other) => {
                         return Err(bad(format!("{at}.type"), format!("{other} {TO_ANTHROPIC}")));
                     }
                     None => return Err(bad(format!("{at}.type"), "required")),
                 }
+                cache_part(p, &mut blocks);
             }
             Ok(blocks)
         }
@@ -475,6 +500,64 @@ fn user_blocks(content: Option<&Value>, path: &str) -> Result<Vec<Value>, Untran
             "must be a string or an array",
         )),
     }
+}
+
+/// A prompt-caching breakpoint (`cache_control`, as Anthropic names it and as LiteLLM and
+/// Portkey accept it on OpenAI-shaped requests) on a system message or on one of its parts
+/// (which become one block).
+fn breakpoint_of(m: &Value, content: &Value) -> Option<Value> {
+    m.get("cache_control")
+        .or_else(|| match content {
+            Value::Array(parts) => parts.iter().rev().find_map(|p| p.get("cache_control")),
+            _ => None,
+        })
+        .filter(|c| !c.is_null())
+        .cloned()
+}
+
+/// A message's own `cache_control` goes on its last block (where the cached prefix ends).
+fn cache_last(m: &Value, blocks: &mut [Value]) {
+    if let (Some(c), Some(Value::Object(last))) = (
+        m.get("cache_control").filter(|c| !c.is_null()),
+        blocks.last_mut(),
+    ) {
+        last.insert("cache_control".into(), c.clone());
+    }
+}
+
+/// A content part's `cache_control` goes on the block made from it (the last one pushed).
+fn cache_part(part: &Value, blocks: &mut [Value]) {
+    if let (Some(c), Some(Value::Object(last))) = (
+        part.get("cache_control").filter(|c| !c.is_null()),
+        blocks.last_mut(),
+    ) {
+        last.insert("cache_control".into(), c.clone());
+    }
+}
+
+/// An OpenAI `file` part sent inline (`file_data`, a base64 data URL) as an Anthropic
+/// `document` block, its `filename` as the title. A `file_id` names a file uploaded to the
+/// OpenAI side, which an Anthropic backend does not have: refused.
+fn document_block(file: Option<&Value>, at: &str) -> Result<Value, Untranslatable> {
+    let file = file.unwrap_or(&Value::Null);
+    let Some(data) = file.get("file_data").and_then(Value::as_str) else {
+        let why = if file.get("file_id").is_some() {
+            format!("a file id {TO_ANTHROPIC} (send the file inline, as file_data)")
+        } else {
+            "required".to_string()
+        };
+        return Err(bad(format!("{at}.file.file_data"), why));
+    };
+    let (media, data) = data
+        .strip_prefix("data:")
+        .and_then(|rest| rest.split_once(";base64,"))
+        .ok_or_else(|| bad(format!("{at}.file.file_data"), "must be a base64 data URL"))?;
+    let mut block = json!({"type": "document",
+                           "source": {"type": "base64", "media_type": media, "data": data}});
+    if let Some(name) = file.get("filename").and_then(Value::as_str) {
+        block["title"] = json!(name);
+    }
+    Ok(block)
 }
 
 fn image_block(url: &str, at: &str) -> Result<Value, Untranslatable> {
@@ -505,6 +588,7 @@ fn assistant_blocks(m: &Value, path: &str) -> Result<Vec<Value>, Untranslatable>
                     .and_then(Value::as_str)
                     .ok_or_else(|| bad(format!("{path}.content[{j}]"), "must be text"))?;
                 blocks.push(json!({"type": "text", "text": text}));
+                cache_part(p, &mut blocks);
             }
         }
         Some(_) => {
@@ -775,6 +859,26 @@ fn openai_user(
                 };
                 parts.push(json!({"type": "image_url", "image_url": {"url": url}}));
             }
+            // A document: a base64 one (a PDF) as OpenAI's inline `file` part, a plain-text one
+            // as text.
+            Some("document") => {
+                let src = b.get("source").unwrap_or(&Value::Null);
+                let str_at = |k: &str| src.get(k).and_then(Value::as_str).unwrap_or("");
+                match src.get("type").and_then(Value::as_str) {
+                    Some("base64") => {
+                        let name = b
+                            .get("title")
+                            .and_then(Value::as_str)
+                            .unwrap_or("document.pdf");
+                        let data =
+                            format!("data:{};base64,{}", str_at("media_type"), str_at("data"));
+                        parts.push(json!({"type": "file",
+                                          "file": {"file_data": data, "filename": name}}));
+                    }
+                    Some("text") => parts.push(json!({"type": "text", "text": str_at("data")})),
+                    _ => return Err(bad(format!("{at}.source.type"), TO_OPENAI)),
+                }
+            }
             Some("tool_result") => {
                 let id = b
                     .get("tool_use_id")
@@ -884,6 +988,19 @@ fn u64_at(v: &Value, key: &str) -> u64 {
 }
 
 /// Anthropic usage → (prompt tokens with cache reads and writes, completion tokens, cache reads).
+/// OpenAI's `usage` in Anthropic's terms: the prompt's cached tokens are cache reads, the rest
+/// input.
+fn openai_usage_to_anthropic(u: &Value) -> Value {
+    let cached = u
+        .pointer("/prompt_tokens_details/cached_tokens")
+        .and_then(Value::as_u64)
+        .unwrap_or(0);
+    let prompt = u64_at(u, "prompt_tokens");
+    json!({"input_tokens": prompt.saturating_sub(cached),
+           "cache_read_input_tokens": cached,
+           "output_tokens": u64_at(u, "completion_tokens")})
+}
+
 fn anthropic_usage(u: &Value) -> (u64, u64, u64) {
     let cached = u64_at(u, "cache_read_input_tokens");
     let prompt = u64_at(u, "input_tokens") + u64_at(u, "cache_creation_input_tokens") + cached;
@@ -996,8 +1113,7 @@ pub(crate) fn completion_to_message(body: &[u8]) -> Result<Vec<u8>, String> {
         "content": content,
         "stop_reason": stop_reason(finish),
         "stop_sequence": null,
-        "usage": {"input_tokens": u64_at(usage, "prompt_tokens"),
-                  "output_tokens": u64_at(usage, "completion_tokens")},
+        "usage": openai_usage_to_anthropic(usage),
     });
     Ok(out.to_string().into_bytes())
 }
