@@ -883,3 +883,28 @@ async fn documents_and_caching_breakpoints_reach_the_other_provider() {
         json!({"type": "file", "file": {"file_data": pdf, "filename": "q.pdf"}})
     );
 }
+
+/// Extended thinking asked by an Anthropic caller of an Azure backend: a `reasoning_effort`
+/// (the mock refuses `thinking` as OpenAI does), and the thinking blocks of the conversation
+/// so far left out of what Azure gets.
+#[tokio::test]
+async fn thinking_asked_of_an_openai_backend_becomes_a_reasoning_effort() {
+    let (azure, app) = azure_gateway().await;
+    let ask = json!({"model": "gpt-4o", "max_tokens": 8000,
+                     "thinking": {"type": "enabled", "budget_tokens": 3000},
+                     "messages": [
+                         {"role": "user", "content": "Hi"},
+                         {"role": "assistant", "content": [
+                             {"type": "thinking", "thinking": "They greet.", "signature": "c2ln"},
+                             {"type": "text", "text": "Hello"}]},
+                         {"role": "user", "content": "And?"}]});
+    let res = app.oneshot(messages_request(&ask)).await.unwrap();
+    assert_eq!(res.status(), 200, "{}", text(res).await);
+    let sent: Value = serde_json::from_slice(&azure.requests()[0].body).unwrap();
+    assert_eq!(sent["reasoning_effort"], "medium");
+    assert!(sent.get("thinking").is_none());
+    assert_eq!(
+        sent["messages"][1],
+        json!({"role": "assistant", "content": "Hello"})
+    );
+}

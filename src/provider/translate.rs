@@ -13,7 +13,7 @@
 //! | `max_tokens` / `max_completion_tokens` (none: the configured default) | `max_tokens` (required) |
 //! | `temperature` (0-2), `top_p`, `stop`, `user` | `temperature` (0-1), `top_p`, `stop_sequences`, `metadata.user_id` |
 //! | `tools` (`function`), `tool_choice` (`auto`, `none`, `required`, a function), `parallel_tool_calls: false` | `tools` (`input_schema`), `tool_choice` (`auto`, `none`, `any`, `tool`), `disable_parallel_tool_use` |
-//! | `reasoning_effort` `low` / `medium` / `high` (`none`, `minimal`: no thinking); answer `message.reasoning_content`, stream `delta.reasoning_content` | `thinking: {"type": "enabled", "budget_tokens": 1024 / 2048 / 4096}`, the budget kept below `max_tokens` (refused when `max_tokens` leaves less than 1024, or with a `temperature` other than 1); answer `thinking` blocks, stream `thinking_delta` |
+//! | `reasoning_effort` `low` / `medium` / `high` (and back from `thinking`: a budget below 2048 `low`, below 4096 `medium`, else `high`; thinking blocks of the history left out toward OpenAI; `reasoning_content` of OpenAI-compatible servers as thinking blocks, without signature) (`none`, `minimal`: no thinking); answer `message.reasoning_content`, stream `delta.reasoning_content` | `thinking: {"type": "enabled", "budget_tokens": 1024 / 2048 / 4096}`, the budget kept below `max_tokens` (refused when `max_tokens` leaves less than 1024, or with a `temperature` other than 1); answer `thinking` blocks, stream `thinking_delta` |
 //! | `file` parts with `file_data` (a base64 data URL: a PDF), `filename` | `document` blocks (`base64` source), `title`; a plain-text document as text |
 //! | `cache_control` on a message, a content part or a tool (as LiteLLM and Portkey accept it) | `cache_control` on the block it ends (system messages with one become system blocks), on the tool; toward OpenAI dropped (OpenAI caches on its own) |
 //! | `usage.prompt_tokens_details.cached_tokens` | `usage.cache_read_input_tokens` |
@@ -671,7 +671,7 @@ pub(crate) fn messages_to_chat(body: &[u8], opts: &Options) -> Result<Translated
                     match m.get("role").and_then(Value::as_str) {
                         Some("user") => openai_user(m.get("content"), &path, &mut messages)?,
                         Some("assistant") => {
-                            messages.push(openai_assistant(m.get("content"), &path, opts)?)
+                            messages.push(openai_assistant(m.get("content"), &path)?)
                         }
                         other => {
                             return Err(bad(
@@ -730,11 +730,30 @@ pub(crate) fn messages_to_chat(body: &[u8], opts: &Options) -> Result<Translated
                 }
             }
             "tool_choice" => tool_choice = Some(value),
-            "top_k" | "thinking" => {
+            "top_k" => {
                 if !value.is_null() {
                     unsupported(&key, TO_OPENAI)?;
                 }
             }
+            // Extended thinking: OpenAI's `reasoning_effort`, the level whose budget this one
+            // reaches (1024 / 2048 / 4096 the other way).
+            "thinking" => match value.get("type").and_then(Value::as_str) {
+                _ if value.is_null() => {}
+                Some("disabled") => {}
+                Some("enabled") => {
+                    let budget = value
+                        .get("budget_tokens")
+                        .and_then(Value::as_u64)
+                        .ok_or_else(|| bad("thinking.budget_tokens", "required"))?;
+                    let level = match budget {
+                        0..2048 => "low",
+                        2048..4096 => "medium",
+                        _ => "high",
+                    };
+                    out.insert("reasoning_effort".into(), json!(level));
+                }
+                _ => unsupported("thinking", TO_OPENAI)?,
+            },
             // Structured outputs: OpenAI's `response_format` with the same JSON Schema, strict
             // (Anthropic's output follows the schema always).
             "output_config" => {
@@ -909,11 +928,7 @@ fn openai_user(
     Ok(())
 }
 
-fn openai_assistant(
-    content: Option<&Value>,
-    path: &str,
-    opts: &Options,
-) -> Result<Value, Untranslatable> {
+fn openai_assistant(content: Option<&Value>, path: &str) -> Result<Value, Untranslatable> {
     let mut msg = Map::new();
     msg.insert("role".into(), json!("assistant"));
     let blocks = match content {
@@ -944,7 +959,9 @@ fn openai_assistant(
                                  "arguments": input.to_string()}
                 }));
             }
-            Some("thinking") | Some("redacted_thinking") if opts.drop_unsupported => {}
+            // The model's own earlier reasoning: an OpenAI backend takes none back (its
+            // reasoning stays on its side), so it is left out of the history it gets.
+            Some("thinking") | Some("redacted_thinking") => {}
             Some(other) => return Err(bad(format!("{at}.type"), format!("{other} {TO_OPENAI}"))),
             None => return Err(bad(format!("{at}.type"), "required")),
         }
@@ -1085,6 +1102,13 @@ pub(crate) fn completion_to_message(body: &[u8]) -> Result<Vec<u8>, String> {
         .ok_or("answer has no choices")?;
     let message = choice.get("message").unwrap_or(&Value::Null);
     let mut content = Vec::new();
+    // Reasoning text, as OpenAI-compatible servers return it (DeepSeek, vLLM): a thinking
+    // block, with no signature (there is none to give).
+    if let Some(t) = message.get("reasoning_content").and_then(Value::as_str)
+        && !t.is_empty()
+    {
+        content.push(json!({"type": "thinking", "thinking": t, "signature": ""}));
+    }
     if let Some(t) = message.get("content").and_then(Value::as_str)
         && !t.is_empty()
     {
@@ -1466,13 +1490,18 @@ impl Events for ToChatChunks {
 pub(crate) struct ToMessageEvents {
     sse: SseReader,
     started: bool,
-    /// The open content block: its index, and whether it is a tool call.
-    open: Option<(u64, bool)>,
+    /// The open content block: its index and kind ([`TEXT`], [`TOOL`], [`THINKING`]).
+    open: Option<(u64, u8)>,
     next_block: u64,
     stop: Option<&'static str>,
     usage: (u64, u64),
     done: bool,
 }
+
+/// The kinds of an open content block of [`ToMessageEvents`].
+const TEXT: u8 = 0;
+const TOOL: u8 = 1;
+const THINKING: u8 = 2;
 
 impl ToMessageEvents {
     pub(crate) fn new() -> Self {
@@ -1485,11 +1514,11 @@ impl ToMessageEvents {
         }
     }
 
-    fn open_block(&mut self, block: Value, tool: bool, out: &mut Vec<u8>) -> u64 {
+    fn open_block(&mut self, block: Value, kind: u8, out: &mut Vec<u8>) -> u64 {
         self.close_block(out);
         let index = self.next_block;
         self.next_block += 1;
-        self.open = Some((index, tool));
+        self.open = Some((index, kind));
         write_event(
             out,
             &json!({"type": "content_block_start", "index": index, "content_block": block}),
@@ -1540,12 +1569,29 @@ impl ToMessageEvents {
             return Ok(());
         };
         let delta = choice.get("delta").unwrap_or(&Value::Null);
+        if let Some(text) = delta.get("reasoning_content").and_then(Value::as_str)
+            && !text.is_empty()
+        {
+            let index = match self.open {
+                Some((i, THINKING)) => i,
+                _ => self.open_block(
+                    json!({"type": "thinking", "thinking": "", "signature": ""}),
+                    THINKING,
+                    out,
+                ),
+            };
+            write_event(
+                out,
+                &json!({"type": "content_block_delta", "index": index,
+                        "delta": {"type": "thinking_delta", "thinking": text}}),
+            );
+        }
         if let Some(text) = delta.get("content").and_then(Value::as_str)
             && !text.is_empty()
         {
             let index = match self.open {
-                Some((i, false)) => i,
-                _ => self.open_block(json!({"type": "text", "text": ""}), false, out),
+                Some((i, TEXT)) => i,
+                _ => self.open_block(json!({"type": "text", "text": ""}), TEXT, out),
             };
             write_event(
                 out,
@@ -1559,10 +1605,10 @@ impl ToMessageEvents {
                 let index = match (c.get("id").and_then(Value::as_str), self.open) {
                     (Some(id), _) => self.open_block(
                         json!({"type": "tool_use", "id": id, "name": f.get("name"), "input": {}}),
-                        true,
+                        TOOL,
                         out,
                     ),
-                    (None, Some((i, true))) => i,
+                    (None, Some((i, TOOL))) => i,
                     (None, _) => return Err("a tool call fragment before its start".into()),
                 };
                 if let Some(args) = f.get("arguments").and_then(Value::as_str)

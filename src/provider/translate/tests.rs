@@ -576,3 +576,99 @@ data: [DONE]\n\n";
         None
     );
 }
+
+#[test]
+fn thinking_asked_of_an_openai_backend_is_a_reasoning_effort_and_its_reasoning_comes_back_as_thinking()
+ {
+    for (budget, level) in [
+        (1024, "low"),
+        (2047, "low"),
+        (2048, "medium"),
+        (4096, "high"),
+    ] {
+        let req = to_chat(json!({"model": "m", "max_tokens": 8000,
+            "thinking": {"type": "enabled", "budget_tokens": budget},
+            "messages": [{"role": "user", "content": "x"},
+                         {"role": "assistant", "content": [
+                             {"type": "thinking", "thinking": "hmm", "signature": "sig"},
+                             {"type": "text", "text": "y"}]},
+                         {"role": "user", "content": "z"}]}))
+        .unwrap();
+        assert_eq!(req["reasoning_effort"], level, "{budget}");
+        assert!(req.get("thinking").is_none());
+        assert_eq!(
+            req["messages"][1]["content"], "y",
+            "earlier thinking left out of the history"
+        );
+    }
+    let off = to_chat(
+        json!({"model": "m", "max_tokens": 5, "thinking": {"type": "disabled"},
+                             "messages": [{"role": "user", "content": "x"}]}),
+    )
+    .unwrap();
+    assert!(off.get("reasoning_effort").is_none());
+    // The answer of an OpenAI-compatible server that returns its reasoning (DeepSeek, vLLM).
+    let answer = json!({"id": "c", "model": "m", "choices": [{"index": 0, "finish_reason": "stop",
+        "message": {"role": "assistant", "reasoning_content": "think", "content": "done"}}],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 2}});
+    let msg: Value =
+        serde_json::from_slice(&completion_to_message(answer.to_string().as_bytes()).unwrap())
+            .unwrap();
+    assert_eq!(
+        msg["content"],
+        json!([{"type": "thinking", "thinking": "think", "signature": ""},
+               {"type": "text", "text": "done"}])
+    );
+    // Streamed: a thinking block of thinking deltas, then the text block, however it is cut.
+    let chunk = |delta: Value, finish: Value| {
+        format!(
+            "data: {}\n\n",
+            json!({"id": "c", "model": "m", "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+        )
+    };
+    let stream = [
+        chunk(
+            json!({"role": "assistant", "reasoning_content": "th"}),
+            Value::Null,
+        ),
+        chunk(json!({"reasoning_content": "ink"}), Value::Null),
+        chunk(json!({"content": "done"}), Value::Null),
+        chunk(json!({}), json!("stop")),
+        "data: [DONE]\n\n".to_string(),
+    ]
+    .concat();
+    let whole = run(&mut ToMessageEvents::new(), &[stream.as_bytes()]).unwrap();
+    same_at_every_cut(ToMessageEvents::new, stream.as_bytes(), &whole);
+    let events: Vec<Value> = datas(&whole)
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    let kinds: Vec<String> = events
+        .iter()
+        .map(|e| {
+            let t = e["type"].as_str().unwrap();
+            match e["delta"]["type"]
+                .as_str()
+                .or(e["content_block"]["type"].as_str())
+            {
+                Some(k) => format!("{t}:{k}"),
+                None => t.to_string(),
+            }
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "message_start",
+            "content_block_start:thinking",
+            "content_block_delta:thinking_delta",
+            "content_block_delta:thinking_delta",
+            "content_block_stop",
+            "content_block_start:text",
+            "content_block_delta:text_delta",
+            "content_block_stop",
+            "message_delta",
+            "message_stop"
+        ]
+    );
+}
