@@ -289,13 +289,16 @@ fn mutate(v: &mut serde_json::Value, input: &mut Input<'_>, depth: usize) {
     };
 }
 
-/// A request body translated for the other provider's API (the first byte picks the direction
-/// and whether unsupported parameters are dropped). Nothing panics; a chat request translated
+/// A request body translated for the other provider's API (the first byte picks the direction,
+/// whether unsupported parameters are dropped, and whether the body is first read as a
+/// Responses request, which becomes a chat request). Nothing panics; a chat request translated
 /// for Anthropic is a JSON object with `max_tokens`, only `user` and `assistant` turns, never
 /// two of one role in a row, and tool results first in their turn; a messages request
 /// translated for OpenAI is a JSON object with a `messages` array.
 pub fn translate_request(data: &[u8]) {
-    use crate::provider::translate::{Options, chat_to_messages, messages_to_chat};
+    use crate::provider::translate::{
+        Options, chat_to_messages, messages_to_chat, responses_to_chat,
+    };
     let mut input = Input(data);
     let flags = input.u8();
     let options = Options {
@@ -303,6 +306,19 @@ pub fn translate_request(data: &[u8]) {
         drop_unsupported: flags & 2 != 0,
     };
     let body = input.rest();
+    // A Responses request goes through chat completions: first that step.
+    let converted;
+    let body = if flags & 4 != 0 {
+        let Ok((chat, _)) = responses_to_chat(body) else {
+            return;
+        };
+        let v: serde_json::Value = serde_json::from_slice(&chat).expect("a translation is JSON");
+        assert!(v["messages"].is_array(), "no messages in {v}");
+        converted = chat;
+        &converted[..]
+    } else {
+        body
+    };
     if flags & 1 == 0 {
         let Ok(t) = chat_to_messages(body, &options) else {
             return;

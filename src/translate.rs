@@ -75,10 +75,13 @@ enum Direction {
     ChatToMessages,
     /// Anthropic messages → OpenAI chat.
     MessagesToChat,
+    /// OpenAI Responses → Anthropic messages (through chat completions).
+    ResponsesToMessages,
 }
 
 const CHAT: &str = "/v1/chat/completions";
 const MESSAGES: &str = "/v1/messages";
+const RESPONSES: &str = "/v1/responses";
 
 fn direction(provider: &Provider, method: &Method, path: &str) -> Option<Direction> {
     if method != Method::POST {
@@ -86,6 +89,7 @@ fn direction(provider: &Provider, method: &Method, path: &str) -> Option<Directi
     }
     match provider {
         Provider::Anthropic { .. } if path == CHAT => Some(Direction::ChatToMessages),
+        Provider::Anthropic { .. } if path == RESPONSES => Some(Direction::ResponsesToMessages),
         Provider::OpenAi | Provider::AzureOpenAi { .. } | Provider::AzureOpenAiV1
             if path == MESSAGES =>
         {
@@ -199,6 +203,8 @@ where
         let translated = match direction {
             Direction::ChatToMessages => t::chat_to_messages(body.bytes(), options),
             Direction::MessagesToChat => t::messages_to_chat(body.bytes(), options),
+            Direction::ResponsesToMessages => t::responses_to_chat(body.bytes())
+                .and_then(|(chat, _)| t::chat_to_messages(&chat, options)),
         };
         let translated = match translated {
             Ok(tr) => tr,
@@ -210,7 +216,7 @@ where
             }
         };
         let path = match direction {
-            Direction::ChatToMessages => MESSAGES,
+            Direction::ChatToMessages | Direction::ResponsesToMessages => MESSAGES,
             Direction::MessagesToChat => CHAT,
         };
         let path_and_query = match parts.uri.query() {
@@ -308,6 +314,13 @@ fn to_openai(body: &[u8], created: u64, status: u16) -> Result<Vec<u8>, String> 
     t::message_to_completion(body, created)
 }
 
+fn to_response(body: &[u8], created: u64, status: u16) -> Result<Vec<u8>, String> {
+    if status >= 400 || t::is_error_body(body) {
+        return Ok(t::error_to_openai(body));
+    }
+    t::completion_to_response(&t::message_to_completion(body, created)?, created)
+}
+
 fn to_anthropic(body: &[u8], _created: u64, status: u16) -> Result<Vec<u8>, String> {
     if status >= 400 || t::is_error_body(body) {
         return Ok(t::error_to_anthropic(status, body));
@@ -331,8 +344,15 @@ fn answer<B>(res: Response<ResponseBody<B>>, plan: Plan) -> Response<ResponseBod
         (Direction::MessagesToChat, false) => {
             Box::new(t::Whole::new(to_anthropic, plan.created, status))
         }
+        (Direction::ResponsesToMessages, true) => Box::new(t::Chain(
+            Box::new(t::ToChatChunks::new(plan.created, true)),
+            Box::new(t::ToResponseEvents::new(plan.created)),
+        )),
+        (Direction::ResponsesToMessages, false) => {
+            Box::new(t::Whole::new(to_response, plan.created, status))
+        }
     };
-    if plan.direction == Direction::ChatToMessages {
+    if plan.direction != Direction::MessagesToChat {
         let mapped = t::status_for_openai(status);
         if mapped != status
             && let Ok(s) = http::StatusCode::from_u16(mapped)

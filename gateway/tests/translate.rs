@@ -908,3 +908,99 @@ async fn thinking_asked_of_an_openai_backend_becomes_a_reasoning_effort() {
         json!({"role": "assistant", "content": "Hello"})
     );
 }
+
+fn responses_request(body: &Value) -> http::Request<axum::body::Body> {
+    http::Request::post("/v1/responses")
+        .header("authorization", "Bearer gw-key")
+        .header("content-type", "application/json")
+        .body(axum::body::Body::from(body.to_string()))
+        .unwrap()
+}
+
+/// The Responses API (the OpenAI Agents SDK's) served by an Anthropic backend through the chat
+/// translation: a Response, a stream of Responses events, a function tool, and a follow-up
+/// naming a stored response refused by name (Anthropic keeps none).
+#[tokio::test]
+async fn the_responses_api_is_served_by_an_anthropic_backend() {
+    let claude = anthropic_mock().await;
+    let app = gateway_for(&format!(
+        r#"{{ "backends": {{ "claude": {{ "provider": "anthropic", "url": "{}", "api_key": "sk-ant" }} }} }}"#,
+        claude.url()
+    ));
+    let ask = json!({"model": "claude-x", "instructions": "Be brief.", "input": "Hi",
+                     "max_output_tokens": 64});
+    let res = app.clone().oneshot(responses_request(&ask)).await.unwrap();
+    assert_eq!(res.status(), 200);
+    let response: Value = serde_json::from_str(&text(res).await).unwrap();
+    assert_eq!(response["object"], "response");
+    assert_eq!(response["status"], "completed");
+    assert_eq!(
+        response["output"][0]["content"][0]["text"],
+        "Hello from claude"
+    );
+    let id = response["id"].as_str().unwrap().to_string();
+    assert!(id.starts_with("resp_") && id.ends_with("~claude"), "{id}");
+    let sent: Value = serde_json::from_slice(&claude.requests()[0].body).unwrap();
+    assert_eq!(claude.requests()[0].path_and_query, "/v1/messages");
+    assert_eq!(sent["system"], "Be brief.");
+    assert_eq!(sent["max_tokens"], 64);
+
+    // Streamed, with a tool the mock calls.
+    let ask = json!({"model": "claude-x", "input": "Weather in Paris?", "stream": true,
+                     "tools": [{"type": "function", "name": "weather",
+                                "parameters": {"type": "object", "properties": {"q": {"type": "string"}}}}]});
+    let res = app.clone().oneshot(responses_request(&ask)).await.unwrap();
+    assert_eq!(res.status(), 200);
+    let events = text(res).await;
+    let kinds: Vec<String> = events
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(|d| {
+            serde_json::from_str::<Value>(d).unwrap()["type"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(
+        kinds.first().map(String::as_str),
+        Some("response.created"),
+        "{events}"
+    );
+    assert_eq!(
+        kinds.last().map(String::as_str),
+        Some("response.completed"),
+        "{events}"
+    );
+    assert!(
+        kinds
+            .iter()
+            .any(|k| k == "response.function_call_arguments.delta"),
+        "{events}"
+    );
+    let completed: Value = serde_json::from_str(
+        events
+            .lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .next_back()
+            .unwrap(),
+    )
+    .unwrap();
+    let call = completed["response"]["output"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["type"] == "function_call")
+        .unwrap_or_else(|| panic!("{events}"));
+    assert_eq!(call["name"], "weather");
+    assert!(serde_json::from_str::<Value>(call["arguments"].as_str().unwrap()).is_ok());
+
+    // A follow-up naming the stored response: refused by name, nothing sent.
+    let before = claude.requests().len();
+    let ask = json!({"model": "claude-x", "input": "And?", "previous_response_id": id});
+    let res = app.oneshot(responses_request(&ask)).await.unwrap();
+    assert_eq!(res.status(), 400);
+    let error: Value = serde_json::from_str(&text(res).await).unwrap();
+    assert_eq!(error["error"]["param"], "previous_response_id", "{error}");
+    assert_eq!(claude.requests().len(), before);
+}

@@ -250,6 +250,8 @@ impl Provider {
             Provider::Anthropic { .. } => {
                 is_anthropic_route(path)
                     || path == "/v1/chat/completions"
+                    // Created through chat completions (a stored response cannot be read back).
+                    || path == "/v1/responses"
                     || ["/v1/models", "/v1/files"].iter().any(|r| {
                         path.strip_prefix(r)
                             .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
@@ -408,6 +410,8 @@ mod tests {
             "/v1/messages",
             "/v1/models",
             "/v1/files/file-1",
+            // Created through chat completions on an Anthropic backend.
+            "/v1/responses",
         ] {
             for p in [&openai, &azure, &anthropic] {
                 assert!(p.serves_route(path), "{p:?} {path}");
@@ -415,7 +419,7 @@ mod tests {
         }
         for path in [
             "/v1/embeddings",
-            "/v1/responses",
+            "/v1/responses/resp_1",
             "/v1/audio/speech",
             "/v1/batches",
         ] {

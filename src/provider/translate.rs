@@ -1749,5 +1749,30 @@ impl StreamTranslate for Whole {
     }
 }
 
+mod responses;
+pub(crate) use responses::{ToResponseEvents, completion_to_response, responses_to_chat};
+
+/// Two stream translations in a row (an Anthropic stream → chat chunks → Responses events).
+#[derive(Debug)]
+pub(crate) struct Chain(
+    pub(crate) Box<dyn StreamTranslate>,
+    pub(crate) Box<dyn StreamTranslate>,
+);
+
+impl StreamTranslate for Chain {
+    fn feed(&mut self, bytes: &[u8], out: &mut Vec<u8>) -> Result<(), String> {
+        let mut between = Vec::new();
+        self.0.feed(bytes, &mut between)?;
+        self.1.feed(&between, out)
+    }
+
+    fn finish(&mut self, out: &mut Vec<u8>) -> Result<(), String> {
+        let mut between = Vec::new();
+        self.0.finish(&mut between)?;
+        self.1.feed(&between, out)?;
+        self.1.finish(out)
+    }
+}
+
 #[cfg(test)]
 mod tests;

@@ -672,3 +672,126 @@ fn thinking_asked_of_an_openai_backend_is_a_reasoning_effort_and_its_reasoning_c
         ]
     );
 }
+
+#[test]
+fn a_responses_request_becomes_a_chat_request_and_its_answer_a_response() {
+    let (chat, stream) = responses_to_chat(
+        json!({"model": "m", "instructions": "Be brief.", "max_output_tokens": 50, "store": true,
+               "input": [
+                   {"role": "user", "content": [{"type": "input_text", "text": "Weather?"},
+                                                {"type": "input_image", "image_url": "https://x/a.png"}]},
+                   {"type": "function_call", "call_id": "c1", "name": "w", "arguments": "{\"q\":1}"},
+                   {"type": "function_call_output", "call_id": "c1", "output": "sunny"},
+                   {"type": "reasoning", "id": "rs_1", "summary": []},
+                   {"role": "assistant", "content": [{"type": "output_text", "text": "It is sunny."}]},
+                   {"role": "user", "content": "Thanks"}],
+               "tools": [{"type": "function", "name": "w", "parameters": {"type": "object"}}],
+               "tool_choice": {"type": "function", "name": "w"},
+               "text": {"format": {"type": "json_schema", "name": "o", "schema": {"type": "object"}}}})
+        .to_string()
+        .as_bytes(),
+    )
+    .unwrap();
+    assert!(!stream);
+    let chat: Value = serde_json::from_slice(&chat).unwrap();
+    assert_eq!(
+        chat["messages"],
+        json!([
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": [{"type": "text", "text": "Weather?"},
+                                         {"type": "image_url", "image_url": {"url": "https://x/a.png"}}]},
+            {"role": "assistant", "content": null, "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "w", "arguments": "{\"q\":1}"}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+            {"role": "assistant", "content": "It is sunny."},
+            {"role": "user", "content": "Thanks"}])
+    );
+    assert_eq!(chat["max_completion_tokens"], 50);
+    assert_eq!(chat["tools"][0]["function"]["name"], "w");
+    assert_eq!(
+        chat["tool_choice"],
+        json!({"type": "function", "function": {"name": "w"}})
+    );
+    assert_eq!(chat["response_format"]["json_schema"]["name"], "o");
+    for (field, value) in [
+        ("previous_response_id", json!("resp_1")),
+        ("background", json!(true)),
+        ("tools", json!([{"type": "web_search"}])),
+    ] {
+        let mut req = json!({"model": "m", "input": "x"});
+        req[field] = value;
+        let err = responses_to_chat(req.to_string().as_bytes()).unwrap_err();
+        assert!(err.param.starts_with(field), "{err}");
+    }
+    let (chat, stream) = responses_to_chat(br#"{"model":"m","input":"hi","stream":true}"#).unwrap();
+    assert!(stream);
+    let chat: Value = serde_json::from_slice(&chat).unwrap();
+    assert_eq!(chat["stream_options"]["include_usage"], true);
+
+    let answer = json!({"id": "x1", "model": "m", "choices": [{"index": 0, "finish_reason": "tool_calls",
+        "message": {"role": "assistant", "content": "Checking.", "tool_calls": [
+            {"id": "c2", "type": "function", "function": {"name": "w", "arguments": "{}"}}]}}],
+        "usage": {"prompt_tokens": 7, "completion_tokens": 3}});
+    let response: Value =
+        serde_json::from_slice(&completion_to_response(answer.to_string().as_bytes(), 9).unwrap())
+            .unwrap();
+    assert_eq!(response["id"], "resp_x1");
+    assert_eq!(response["object"], "response");
+    assert_eq!(response["status"], "completed");
+    assert_eq!(response["created_at"], 9);
+    assert_eq!(response["output"][0]["content"][0]["text"], "Checking.");
+    assert_eq!(response["output"][1]["type"], "function_call");
+    assert_eq!(response["output"][1]["call_id"], "c2");
+    assert_eq!(response["usage"]["total_tokens"], 10);
+}
+
+#[test]
+fn an_anthropic_stream_becomes_responses_events_at_every_cut() {
+    let anthropic = concat!(
+        "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_1\",\"model\":\"claude\",\"usage\":{\"input_tokens\":5,\"output_tokens\":0}}}\n\n",
+        "event: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":0,\"content_block\":{\"type\":\"text\",\"text\":\"\"}}\n\n",
+        "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"Hel\"}}\n\n",
+        "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"lo\"}}\n\n",
+        "event: content_block_stop\ndata: {\"type\":\"content_block_stop\",\"index\":0}\n\n",
+        "event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":{\"output_tokens\":2}}\n\n",
+        "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n",
+    );
+    let make = || {
+        Chain(
+            Box::new(ToChatChunks::new(3, true)),
+            Box::new(ToResponseEvents::new(3)),
+        )
+    };
+    let whole = run(&mut make(), &[anthropic.as_bytes()]).unwrap();
+    same_at_every_cut(make, anthropic.as_bytes(), &whole);
+    let events: Vec<Value> = datas(&whole)
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    let kinds: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "response.created",
+            "response.in_progress",
+            "response.output_item.added",
+            "response.content_part.added",
+            "response.output_text.delta",
+            "response.output_text.delta",
+            "response.output_text.done",
+            "response.content_part.done",
+            "response.output_item.done",
+            "response.completed"
+        ]
+    );
+    let seq: Vec<u64> = events
+        .iter()
+        .map(|e| e["sequence_number"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seq, (0..10).collect::<Vec<_>>());
+    let done = &events[9]["response"];
+    assert_eq!(done["status"], "completed");
+    assert_eq!(done["output"][0]["content"][0]["text"], "Hello");
+    assert_eq!(done["usage"]["input_tokens"], 5);
+    assert_eq!(done["usage"]["output_tokens"], 2);
+}
