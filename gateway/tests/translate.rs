@@ -1004,3 +1004,61 @@ async fn the_responses_api_is_served_by_an_anthropic_backend() {
     assert_eq!(error["error"]["param"], "previous_response_id", "{error}");
     assert_eq!(claude.requests().len(), before);
 }
+
+/// With thinking on, a tool-using turn must carry its signed thinking back to Anthropic (the
+/// mock refuses it otherwise, as the service does): the answer gives it as `thinking_blocks`,
+/// plain and streamed, and the next request's assistant turn takes it back.
+#[tokio::test]
+async fn a_tool_using_turn_carries_its_signed_thinking_back_to_anthropic() {
+    let claude = anthropic_mock().await;
+    let svc = claude_only(&claude, "");
+    let tools = json!([{"type": "function", "function": {"name": "weather",
+                        "parameters": {"type": "object", "properties": {"q": {"type": "string"}}}}}]);
+    let first = json!({"model": "claude-x", "max_tokens": 4000, "reasoning_effort": "low",
+                       "tools": tools, "messages": [{"role": "user", "content": "Weather?"}]});
+    let res = svc.clone().oneshot(chat(&first)).await.unwrap();
+    assert_eq!(res.status(), 200);
+    let answer: Value = serde_json::from_str(&text(res).await).unwrap();
+    let turn = answer["choices"][0]["message"].clone();
+    assert_eq!(turn["thinking_blocks"][0]["type"], "thinking", "{answer}");
+    assert!(
+        !turn["thinking_blocks"][0]["signature"]
+            .as_str()
+            .unwrap()
+            .is_empty()
+    );
+    let call_id = turn["tool_calls"][0]["id"].as_str().unwrap().to_string();
+    let next = |assistant: Value| {
+        json!({"model": "claude-x", "max_tokens": 4000, "reasoning_effort": "low", "tools": tools,
+               "messages": [{"role": "user", "content": "Weather?"}, assistant,
+                            {"role": "tool", "tool_call_id": call_id, "content": "sunny"}]})
+    };
+    let res = svc
+        .clone()
+        .oneshot(chat(&next(turn.clone())))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200, "{}", text(res).await);
+    // Without its thinking, the turn is refused by the backend.
+    let mut bare = turn.clone();
+    bare.as_object_mut().unwrap().remove("thinking_blocks");
+    let res = svc.clone().oneshot(chat(&next(bare))).await.unwrap();
+    assert_eq!(res.status(), 400);
+    // Streamed: the signed block comes as a `thinking_blocks` delta.
+    let mut streamed = first.clone();
+    streamed["stream"] = json!(true);
+    let res = svc.oneshot(chat(&streamed)).await.unwrap();
+    let events = text(res).await;
+    let block = events
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+        .find_map(|c| {
+            c["choices"][0]["delta"]["thinking_blocks"][0]
+                .as_object()
+                .cloned()
+        })
+        .unwrap_or_else(|| panic!("{events}"));
+    assert_eq!(block["signature"], turn["thinking_blocks"][0]["signature"]);
+    assert_eq!(block["thinking"], turn["thinking_blocks"][0]["thinking"]);
+}

@@ -129,6 +129,37 @@ pub(super) fn validate(body: &Value, counting: bool) -> Result<(), String> {
     let Some(messages) = req.get("messages").and_then(Value::as_array) else {
         return Err("messages: Field required".into());
     };
+    // With thinking on, the last assistant turn that called tools carries its thinking back,
+    // signed by the service (the mock's own signature), as the Messages API requires.
+    if thinking_budget(body).is_some()
+        && let Some((i, last)) = messages
+            .iter()
+            .enumerate()
+            .rev()
+            .find(|(_, m)| m.get("role").and_then(Value::as_str) == Some("assistant"))
+        && let Some(blocks) = last.get("content").and_then(Value::as_array)
+        && blocks
+            .iter()
+            .any(|b| b.get("type").and_then(Value::as_str) == Some("tool_use"))
+    {
+        let first = blocks.first().unwrap_or(&Value::Null);
+        match first.get("type").and_then(Value::as_str) {
+            Some("thinking") => {
+                if first.get("signature").and_then(Value::as_str) != Some(SIGNATURE) {
+                    return Err(format!(
+                        "messages.{i}.content.0: Invalid `signature` in `thinking` block"
+                    ));
+                }
+            }
+            Some("redacted_thinking") => {}
+            found => {
+                return Err(format!(
+                    "messages.{i}.content.0.type: Expected `thinking` or `redacted_thinking`, but found `{}`. When `thinking` is enabled, a final `assistant` message must start with a thinking block (preceeding the lastmost set of `tool_use` and `tool_result` blocks).",
+                    found.unwrap_or("")
+                ));
+            }
+        }
+    }
     // Tool-use ids the previous assistant turn opened, to be answered in the next user turn.
     let mut open: Vec<String> = Vec::new();
     for (i, m) in messages.iter().enumerate() {
@@ -193,6 +224,8 @@ pub(super) fn validate(body: &Value, counting: bool) -> Result<(), String> {
                     let id = b.get("tool_use_id").and_then(Value::as_str).unwrap_or("");
                     answered.push(id.to_string());
                 }
+                // Earlier thinking, sent back with its turn.
+                Some("thinking" | "redacted_thinking") if role == "assistant" => {}
                 Some(other) => {
                     return Err(format!(
                         "{at}.type: unexpected block type {other:?} in a {role} turn"
@@ -276,6 +309,9 @@ pub(super) fn thinking_budget(req: &Value) -> Option<u64> {
 /// The mock's thinking, as a `thinking` content block carries it.
 pub(super) const THOUGHT: &str = "Let me think about it.";
 
+/// The signature the mock gives its thinking (and checks when it comes back).
+const SIGNATURE: &str = "sig-mock";
+
 pub(super) fn message(
     model: &str,
     text: &str,
@@ -295,7 +331,7 @@ pub(super) fn message(
     if thinking && let Value::Array(blocks) = &mut content {
         blocks.insert(
             0,
-            json!({"type": "thinking", "thinking": THOUGHT, "signature": "sig-mock"}),
+            json!({"type": "thinking", "thinking": THOUGHT, "signature": SIGNATURE}),
         );
     }
     json!({
@@ -337,7 +373,7 @@ pub(super) fn stream_head(
             event(json!({"type": "content_block_delta", "index": 0,
                          "delta": {"type": "thinking_delta", "thinking": THOUGHT}})),
             event(json!({"type": "content_block_delta", "index": 0,
-                         "delta": {"type": "signature_delta", "signature": "sig-mock"}})),
+                         "delta": {"type": "signature_delta", "signature": SIGNATURE}})),
             event(json!({"type": "content_block_stop", "index": 0})),
         ]);
     }

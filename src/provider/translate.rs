@@ -13,6 +13,7 @@
 //! | `max_tokens` / `max_completion_tokens` (none: the configured default) | `max_tokens` (required) |
 //! | `temperature` (0-2), `top_p`, `stop`, `user` | `temperature` (0-1), `top_p`, `stop_sequences`, `metadata.user_id` |
 //! | `tools` (`function`), `tool_choice` (`auto`, `none`, `required`, a function), `parallel_tool_calls: false` | `tools` (`input_schema`), `tool_choice` (`auto`, `none`, `any`, `tool`), `disable_parallel_tool_use` |
+//! | an assistant turn's `thinking_blocks` (as the answer gave them: signed) | its `thinking` / `redacted_thinking` blocks, first (a tool-using turn must carry them back when thinking is on); answers and streams give them as `thinking_blocks` |
 //! | `reasoning_effort` `low` / `medium` / `high` (and back from `thinking`: a budget below 2048 `low`, below 4096 `medium`, else `high`; thinking blocks of the history left out toward OpenAI; `reasoning_content` of OpenAI-compatible servers as thinking blocks, without signature) (`none`, `minimal`: no thinking); answer `message.reasoning_content`, stream `delta.reasoning_content` | `thinking: {"type": "enabled", "budget_tokens": 1024 / 2048 / 4096}`, the budget kept below `max_tokens` (refused when `max_tokens` leaves less than 1024, or with a `temperature` other than 1); answer `thinking` blocks, stream `thinking_delta` |
 //! | `file` parts with `file_data` (a base64 data URL: a PDF), `filename` | `document` blocks (`base64` source), `title`; a plain-text document as text |
 //! | `cache_control` on a message, a content part or a tool (as LiteLLM and Portkey accept it) | `cache_control` on the block it ends (system messages with one become system blocks), on the tool; toward OpenAI dropped (OpenAI caches on its own) |
@@ -573,6 +574,25 @@ fn image_block(url: &str, at: &str) -> Result<Value, Untranslatable> {
 
 fn assistant_blocks(m: &Value, path: &str) -> Result<Vec<Value>, Untranslatable> {
     let mut blocks = Vec::new();
+    // The turn's thinking as Anthropic gave it (signed), first: a tool-using turn must carry
+    // it back when thinking is on.
+    for (k, b) in m
+        .get("thinking_blocks")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
+        match b.get("type").and_then(Value::as_str) {
+            Some("thinking" | "redacted_thinking") => blocks.push(b.clone()),
+            _ => {
+                return Err(bad(
+                    format!("{path}.thinking_blocks[{k}].type"),
+                    "must be thinking or redacted_thinking",
+                ));
+            }
+        }
+    }
     match m.get("content") {
         None | Some(Value::Null) => {}
         Some(Value::String(s)) => {
@@ -1039,8 +1059,16 @@ pub(crate) fn message_to_completion(body: &[u8], created: u64) -> Result<Vec<u8>
         .ok_or("answer has no content array")?;
     let mut text: Option<String> = None;
     let mut thought: Option<String> = None;
+    // The thinking blocks as they came (with their signatures), to be sent back with the turn.
+    let mut thinking_blocks = Vec::new();
     let mut calls = Vec::new();
     for b in blocks {
+        if matches!(
+            b.get("type").and_then(Value::as_str),
+            Some("thinking" | "redacted_thinking")
+        ) {
+            thinking_blocks.push(b.clone());
+        }
         match b.get("type").and_then(Value::as_str) {
             Some("text") => text
                 .get_or_insert_with(String::new)
@@ -1072,6 +1100,9 @@ pub(crate) fn message_to_completion(body: &[u8], created: u64) -> Result<Vec<u8>
     message.insert("refusal".into(), Value::Null);
     if let Some(thought) = thought {
         message.insert("reasoning_content".into(), json!(thought));
+    }
+    if !thinking_blocks.is_empty() {
+        message.insert("thinking_blocks".into(), Value::Array(thinking_blocks));
     }
     if !calls.is_empty() {
         message.insert("tool_calls".into(), Value::Array(calls));
@@ -1313,6 +1344,8 @@ pub(crate) struct ToChatChunks {
     /// Anthropic block index → OpenAI tool call index, for tool-use blocks.
     tools: Vec<(u64, u64)>,
     finish: Option<&'static str>,
+    /// The thinking block being streamed: its index and the block so far (text, signature).
+    thinking: Option<(u64, Value)>,
 }
 
 impl ToChatChunks {
@@ -1326,6 +1359,7 @@ impl ToChatChunks {
             usage: (0, 0, 0),
             tools: Vec::new(),
             finish: None,
+            thinking: None,
         }
     }
 
@@ -1380,7 +1414,21 @@ impl ToChatChunks {
                             self.chunk(json!({"content": t}), None, out);
                         }
                     }
+                    Some("thinking") | Some("redacted_thinking") => {
+                        self.thinking = Some((u64_at(&ev, "index"), block.clone()));
+                    }
                     _ => {}
+                }
+            }
+            "content_block_stop" => {
+                // A thinking block whole, signature included: the caller sends it back with
+                // the turn (as LiteLLM's `thinking_blocks`), as a tool-using turn must.
+                if let Some((index, block)) = self.thinking.take() {
+                    if index == u64_at(&ev, "index") {
+                        self.chunk(json!({"thinking_blocks": [block]}), None, out);
+                    } else {
+                        self.thinking = Some((index, block));
+                    }
                 }
             }
             "content_block_delta" => {
@@ -1390,11 +1438,23 @@ impl ToChatChunks {
                         self.chunk(json!({"content": delta.get("text")}), None, out);
                     }
                     Some("thinking_delta") => {
+                        if let Some((_, block)) = &mut self.thinking {
+                            let so_far = block["thinking"].as_str().unwrap_or("").to_string();
+                            let more = delta.get("thinking").and_then(Value::as_str).unwrap_or("");
+                            block["thinking"] = json!(so_far + more);
+                        }
                         self.chunk(
                             json!({"reasoning_content": delta.get("thinking")}),
                             None,
                             out,
                         );
+                    }
+                    Some("signature_delta") => {
+                        if let Some((_, block)) = &mut self.thinking {
+                            let so_far = block["signature"].as_str().unwrap_or("").to_string();
+                            let more = delta.get("signature").and_then(Value::as_str).unwrap_or("");
+                            block["signature"] = json!(so_far + more);
+                        }
                     }
                     Some("input_json_delta") => {
                         let block = u64_at(&ev, "index");
