@@ -285,8 +285,14 @@ async fn a_multipart_upload_is_routed_by_its_model_field() {
             .header("content-type", "multipart/form-data; boundary=xyz")
             .body(Full::new(Bytes::from(form)))
             .unwrap();
-        // The mock knows no audio route (its 404 comes back); the point is where it went.
-        http_client().oneshot(req).await.unwrap();
+        let res = http_client().oneshot(req).await.unwrap();
+        assert_eq!(res.status(), 200);
+        let body = res.into_body().collect().await.unwrap().to_bytes();
+        let answer: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(
+            answer["text"], "Hello from audio",
+            "the transcription, as JSON"
+        );
     }
     assert_eq!(audio.counters().requests, 12);
     assert_eq!(chat.counters().requests, 0);
@@ -296,4 +302,29 @@ async fn a_multipart_upload_is_routed_by_its_model_field() {
         audio.requests()[0].path_and_query,
         "/v1/audio/transcriptions"
     );
+}
+
+/// A binary answer: `POST /v1/audio/speech` (a JSON request as the official SDK sends it) comes
+/// back as audio bytes, byte for byte, with its content type.
+#[tokio::test]
+async fn a_binary_answer_comes_back_byte_for_byte() {
+    let audio = MockServer::builder().name("audio").start().await.unwrap();
+    let json = format!(
+        r#"{{ "backends": {{ "audio": {{ "provider": "openai", "url": "{a}/v1" }} }} }}"#,
+        a = audio.url()
+    );
+    let (url, _stop) = serve(&json).await;
+    let req = http::Request::post(format!("{url}/v1/audio/speech"))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(
+            json!({"model": "tts-1", "input": "Hello", "voice": "alloy", "response_format": "mp3"})
+                .to_string(),
+        )))
+        .unwrap();
+    let res = http_client().oneshot(req).await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.headers()["content-type"], "audio/mpeg");
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body.len(), tower_llm_lb_mock::SPEECH_BYTES);
+    assert!(body.iter().enumerate().all(|(i, b)| *b == (i % 251) as u8));
 }

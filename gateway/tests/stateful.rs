@@ -18,14 +18,16 @@ async fn serve(json: &str) -> (String, tokio::sync::oneshot::Sender<()>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(
-        Gateway::new(svc, backends, Vec::new())
-            .configured(&config)
-            .unwrap()
-            .serve(listener, async {
-                let _ = rx.await;
-            }),
-    );
+    let mut gateway = Gateway::new(svc, backends.clone(), Vec::new())
+        .configured(&config)
+        .unwrap();
+    // Replicas sharing state through Redis, when the config says so.
+    if let Some(link) = config.shared_state(backends).unwrap() {
+        gateway = gateway.shared_state(link);
+    }
+    tokio::spawn(gateway.serve(listener, async {
+        let _ = rx.await;
+    }));
     (url, tx)
 }
 
@@ -185,7 +187,14 @@ async fn a_follow_up_goes_to_the_backend_that_keeps_what_it_names() {
 
 #[tokio::test]
 async fn another_replica_and_a_restarted_gateway_route_a_follow_up_the_same_way() {
+    // Replicas as deployed: sharing their backends' state through a real redis-server. The
+    // routing of a follow-up needs none of it (the backend is in the id).
+    let redis = tower_llm_lb_mock::RedisServer::start(None)
+        .unwrap_or_else(|e| panic!("this test needs redis-server: {e}"));
     let (_east, _west, config) = two_backends().await;
+    let mut config: Value = serde_json::from_str(&config).unwrap();
+    config["shared_state"] = json!({"redis_url": redis.url(), "key_prefix": "stateful"});
+    let config = config.to_string();
     let (a, stop_a) = serve(&config).await;
     let (b, _stop_b) = serve(&config).await;
     let mut ids = Vec::new();

@@ -786,6 +786,8 @@ fn route(method: &Method, path: &str, query: Option<&str>) -> Result<Route, Refu
             "models" => Some("models"),
             "responses" => Some("chat"),
             "moderations" => Some("moderation"),
+            "audio/speech" => Some("speech"),
+            "audio/transcriptions" => Some("transcription"),
             _ => None,
         }
     };
@@ -1049,20 +1051,21 @@ async fn answer(
         ));
     }
     // An upload is a multipart form, not JSON.
-    let json: serde_json::Value = if body.is_empty() || route.kind == "file" {
-        serde_json::Value::Null
-    } else {
-        match serde_json::from_slice(&body) {
-            Ok(v) => v,
-            Err(_) => {
-                return Some(refuse(
-                    StatusCode::BAD_REQUEST,
-                    "invalid_request_error",
-                    "We could not parse the JSON body of your request.",
-                ));
+    let json: serde_json::Value =
+        if body.is_empty() || ["file", "transcription"].contains(&route.kind) {
+            serde_json::Value::Null
+        } else {
+            match serde_json::from_slice(&body) {
+                Ok(v) => v,
+                Err(_) => {
+                    return Some(refuse(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_request_error",
+                        "We could not parse the JSON body of your request.",
+                    ));
+                }
             }
-        }
-    };
+        };
     if route.anthropic
         && let Err(message) = anthropic::validate(&json, route.kind == "count_tokens")
     {
@@ -1337,6 +1340,7 @@ async fn answer(
                 "data": [{"object": "embedding", "index": 0, "embedding": [0.1, 0.2, 0.3]}],
                 "usage": {"prompt_tokens": 4, "total_tokens": 4}
             }),
+            (_, "transcription") => serde_json::json!({ "text": text }),
             (_, "moderation") => serde_json::json!({
                 "id": "modr-mock", "model": model,
                 "results": [{"flagged": false, "categories": {}, "category_scores": {}}]
@@ -1359,7 +1363,16 @@ async fn answer(
                           "total_tokens": cost_tokens as u64 - max_tokens + 4}
             }),
         };
-        full(StatusCode::OK, body.to_string())
+        if route.kind == "speech" {
+            // Speech: audio bytes, not JSON (a fixed pattern the tests can check).
+            let audio: Vec<u8> = (0..SPEECH_BYTES).map(|i| (i % 251) as u8).collect();
+            let mut res = full(StatusCode::OK, audio);
+            res.headers_mut()
+                .insert("content-type", HeaderValue::from_static("audio/mpeg"));
+            res
+        } else {
+            full(StatusCode::OK, body.to_string())
+        }
     };
     res.headers_mut().extend(quota_headers);
     let rid = header_str(&parts.headers, "x-request-id");
@@ -1447,6 +1460,9 @@ fn closed_objects(schema: &serde_json::Value) -> Result<(), String> {
         _ => Ok(()),
     }
 }
+
+/// How many bytes of audio the mock's speech answers carry: byte `i` is `i % 251`.
+pub const SPEECH_BYTES: usize = 100_000;
 
 /// A stored response of the Responses API (`POST /v1/responses`), as the service answers it.
 fn response_object(
