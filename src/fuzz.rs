@@ -393,7 +393,8 @@ pub fn translate_stream(data: &[u8]) {
 /// backend would be): when both directions translate, every translatable field survives.
 /// The comparison is on what each API can express: system prompts joined, turns of one role
 /// merged, tool results first in their turn, an assistant turn's text joined, `stop` as a
-/// list, `tool_choice` `auto` where tools are given without one. True when both directions
+/// list, `tool_choice` `auto` where tools are given without one, a structured output's schema
+/// (not its name), a document's data and file name. True when both directions
 /// translated (and so the two were compared).
 pub fn translate_round_trip(data: &[u8]) -> bool {
     use crate::provider::translate::{Options, chat_to_messages, messages_to_chat};
@@ -446,6 +447,8 @@ fn canonical_chat(req: &serde_json::Value, default_max_tokens: u32) -> serde_jso
                         .iter()
                         .map(|p| match p["type"].as_str() {
                             Some("image_url") => json!({"image": p["image_url"]["url"]}),
+                            Some("file") => json!({"file": p["file"]["file_data"],
+                                                   "name": p["file"]["filename"]}),
                             _ => json!({"text": p["text"]}),
                         })
                         .collect(),
@@ -528,5 +531,6 @@ fn canonical_chat(req: &serde_json::Value, default_max_tokens: u32) -> serde_jso
         "stream": req["stream"] == json!(true),
         "system": (!system.is_empty()).then(|| system.join("\n\n")),
         "turns": turns, "tools": tools, "tool_choice": choice, "serial_tools": serial,
+        "schema": req.pointer("/response_format/json_schema/schema"),
     })
 }

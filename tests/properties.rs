@@ -113,6 +113,9 @@ fn chat_request() -> impl Strategy<Value = Vec<u8>> {
                     "image_url": {"url": format!("data:image/png;base64,{d}")}})),
                 "[a-z]{1,8}".prop_map(|h| json!({"type": "image_url",
                     "image_url": {"url": format!("https://{h}.test/i.png")}})),
+                ("[A-Za-z0-9+/]{4,12}", "[a-z]{1,8}").prop_map(|(d, n)| json!({"type": "file",
+                    "file": {"file_data": format!("data:application/pdf;base64,{d}"),
+                             "filename": format!("{n}.pdf")}})),
             ],
             1..4,
         )
@@ -158,9 +161,10 @@ fn chat_request() -> impl Strategy<Value = Vec<u8>> {
         ]),
         prop::option::of(any::<bool>()),
         prop::option::of("[a-z0-9]{1,8}"),
+        prop::option::of("[a-z]{1,8}"),
     )
         .prop_map(
-            |(turns, temperature, stop, max_tokens, stream, choice, parallel, user)| {
+            |(turns, temperature, stop, max_tokens, stream, choice, parallel, user, field)| {
                 let mut req = json!({"model": "gpt-4o", "messages": turns.concat()});
                 let mut set = |k: &str, v: Option<Value>| {
                     if let Some(v) = v {
@@ -177,6 +181,16 @@ fn chat_request() -> impl Strategy<Value = Vec<u8>> {
                 set("tool_choice", choice);
                 set("parallel_tool_calls", parallel.map(Value::from));
                 set("user", user.map(Value::from));
+                // Structured output: an object with one string field.
+                set(
+                    "response_format",
+                    field.map(|f| {
+                        json!({"type": "json_schema",
+                    "json_schema": {"name": "out", "schema": {"type": "object",
+                        "additionalProperties": false,
+                        "properties": {f.clone(): {"type": "string"}}, "required": [f]}}})
+                    }),
+                );
                 req.to_string().into_bytes()
             },
         )
