@@ -150,6 +150,11 @@ pub(crate) struct Live {
     models: Vec<String>,
     /// Those and the models the backends declare.
     declared: std::collections::BTreeSet<Arc<str>>,
+    /// Each backend's attribution headers, made once: by the address of its name (the `Arc`
+    /// every `Served` of it shares), its `x-llm-lb-backend` value and the `x-llm-lb-attempts`
+    /// value of one successful attempt (`name=success`). Made per answer, they cost three
+    /// allocations.
+    attribution: Box<[(usize, HeaderValue, HeaderValue)]>,
 }
 
 impl Live {
@@ -179,7 +184,17 @@ impl Live {
                 return Err(format!("{at}: no backend declares the model \"{model}\""));
             }
         }
+        let mut attribution: Vec<(usize, HeaderValue, HeaderValue)> = backends
+            .iter()
+            .filter_map(|b| {
+                let name = HeaderValue::from_str(b.name()).ok()?;
+                let once = HeaderValue::from_str(&format!("{}=success", b.name())).ok()?;
+                Some((name_address(b), name, once))
+            })
+            .collect();
+        attribution.sort_unstable_by_key(|(at, _, _)| *at);
         Ok(Live {
+            attribution: attribution.into(),
             service,
             backends: backends.into(),
             client_keys: client_keys.into(),
@@ -191,6 +206,17 @@ impl Live {
 
     pub(crate) fn backends(&self) -> &[Backend] {
         &self.backends
+    }
+
+    /// `backend`'s attribution headers made once (see [`Live::attribution`]).
+    fn attribution_of(&self, backend: &Backend) -> Option<(&HeaderValue, &HeaderValue)> {
+        let at = name_address(backend);
+        let i = self
+            .attribution
+            .binary_search_by_key(&at, |(a, _, _)| *a)
+            .ok()?;
+        let (_, name, once) = &self.attribution[i];
+        Some((name, once))
     }
 
     /// The declared model of that name, as a label value (no allocation).
@@ -1249,14 +1275,14 @@ where
         Ok(res) => {
             if res.status().as_u16() >= 400 {
                 // Boxed: a rare path, and its state would make every request's future larger.
-                return Box::pin(shaped_error(res, &live.backends)).await;
+                return Box::pin(shaped_error(res, &live)).await;
             }
             let kept_by = keeps
                 .then(|| res.extensions().get::<Served>())
                 .flatten()
                 .map(|s| s.backend.name_arc().clone());
             let usage = metrics::UsageWatch::new(gw.metrics.clone(), &res, model, client);
-            let answer = into_axum(res, usage, strip_usage, anthropic_caller, line);
+            let answer = into_axum(res, usage, strip_usage, anthropic_caller, line, &live);
             match kept_by {
                 // Boxed: a rare path (see `shaped_error`).
                 Some(backend) if is_json(answer.headers()) => {
@@ -1319,7 +1345,8 @@ const ERROR_BODY_LIMIT: usize = 64 * 1024;
 /// An upstream error answer as OpenAI SDKs parse it: passed on when its body is an
 /// OpenAI- or Anthropic-shaped JSON error, otherwise (an HTML page from a proxy, truncated
 /// JSON, an empty body) replaced by one, keeping the status and a short, sanitised excerpt.
-async fn shaped_error(res: http::Response<LlmBody>, backends: &[Backend]) -> Response {
+async fn shaped_error(res: http::Response<LlmBody>, live: &Live) -> Response {
+    let backends = &live.backends[..];
     use http_body_util::BodyExt;
     let status = res.status();
     let backend = res
@@ -1347,7 +1374,7 @@ async fn shaped_error(res: http::Response<LlmBody>, backends: &[Backend]) -> Res
     let shaped = serde_json::from_slice::<serde_json::Value>(&bytes)
         .ok()
         .is_some_and(|v| v.get("error").is_some_and(|e| e.is_object()));
-    attribute(&mut parts);
+    attribute(&mut parts, live);
     if shaped {
         parts.headers.remove(http::header::CONTENT_LENGTH);
         return Response::from_parts(parts, Body::from(bytes));
@@ -1389,6 +1416,7 @@ fn into_axum(
     strip_usage: bool,
     anthropic: bool,
     line: &mut Option<Box<AccessLine>>,
+    live: &Live,
 ) -> Response {
     // A backend that refused *our* credential: the caller's key is not at fault, and the
     // backend's answer (which may echo the key) is not passed on.
@@ -1413,7 +1441,7 @@ fn into_axum(
         l
     });
     let (mut parts, body) = res.into_parts();
-    attribute(&mut parts);
+    attribute(&mut parts, live);
     let sse = parts
         .headers
         .get(http::header::CONTENT_TYPE)
@@ -1450,17 +1478,38 @@ fn count_value(n: usize) -> HeaderValue {
 
 /// Hop-by-hop headers out; `x-llm-lb-backend`, `x-llm-lb-attempts` and
 /// `x-llm-lb-attempt-count` in.
-fn attribute(parts: &mut http::response::Parts) {
+fn attribute(parts: &mut http::response::Parts, live: &Live) {
     strip_hop_by_hop(&mut parts.headers, None);
+    let made = parts
+        .extensions
+        .get::<Served>()
+        .and_then(|s| live.attribution_of(&s.backend));
     if !parts.headers.contains_key(&X_LLM_LB_BACKEND)
         && let Some(served) = parts.extensions.get::<Served>()
-        && let Ok(v) = HeaderValue::from_str(served.backend.name())
     {
-        parts.headers.insert(X_LLM_LB_BACKEND, v);
+        let value = match made {
+            Some((name, _)) => Some(name.clone()),
+            None => HeaderValue::from_str(served.backend.name()).ok(),
+        };
+        if let Some(v) = value {
+            parts.headers.insert(X_LLM_LB_BACKEND, v);
+        }
     }
     if !parts.headers.contains_key(&X_LLM_LB_ATTEMPTS)
         && let Some(Attempts(a)) = parts.extensions.get::<Attempts>()
     {
+        // The common answer: one attempt, a success, on the backend that served it.
+        if let ([one], Some((_, once))) = (&a[..], made)
+            && one.outcome.is_success()
+            && parts
+                .extensions
+                .get::<Served>()
+                .is_some_and(|s| *s.backend.name() == *one.backend)
+        {
+            parts.headers.insert(X_LLM_LB_ATTEMPTS, once.clone());
+            parts.headers.insert(X_LLM_LB_ATTEMPT_COUNT, count_value(1));
+            return;
+        }
         let mut list = String::with_capacity(32 * a.len());
         for (i, x) in a.iter().enumerate() {
             if i > 0 {
@@ -1477,6 +1526,11 @@ fn attribute(parts: &mut http::response::Parts) {
             .headers
             .insert(X_LLM_LB_ATTEMPT_COUNT, count_value(a.len()));
     }
+}
+
+/// The address of a backend's name: the same for every clone of it (see [`Live::attribution`]).
+fn name_address(backend: &Backend) -> usize {
+    Arc::as_ptr(backend.name_arc()).cast::<u8>() as usize
 }
 
 /// The answer the gateway gives for an error of the stack: an OpenAI-shaped JSON error with

@@ -123,6 +123,8 @@ async fn plain_streamed_and_unauthorized_requests() {
     let res = send(post(chat(), Some("client-1"), r#"{"model":"gpt-4o"}"#)).await;
     assert_eq!(res.status(), 200);
     assert_eq!(res.headers()["x-llm-lb-backend"], "primary");
+    assert_eq!(res.headers()["x-llm-lb-attempts"], "primary=success");
+    assert_eq!(res.headers()["x-llm-lb-attempt-count"], "1");
     assert!(text(res).await.contains("Hello from primary"));
     // The client's own key never reached the backend; the backend's did.
     let seen = &primary.requests()[0].headers;
