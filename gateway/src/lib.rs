@@ -1194,6 +1194,8 @@ where
         }
     };
     let anthropic_caller = is_anthropic_route(parts.uri.path());
+    // What the caller sent, to tell whether the body is passed on as it came.
+    let sent = (bytes.as_ptr() as usize, bytes.len());
     let mut bytes = resolve_alias(&live.aliases, bytes);
     // A follow-up naming an object a backend keeps goes to that backend, with its own ids.
     let keeps = stateful::keeps_objects(parts.uri.path());
@@ -1232,6 +1234,7 @@ where
             span.model(m);
         }
     }
+    let unchanged = (bytes.as_ptr() as usize, bytes.len()) == sent;
     let mut out = http::Request::new(ReplayBody::new(bytes));
     *out.method_mut() = parts.method;
     // The path and query only (a request in absolute form names the gateway's own host).
@@ -1251,7 +1254,12 @@ where
         out.extensions_mut().insert(pin);
     }
     let mut headers = parts.headers;
-    let ours = strip_hop_by_hop(&mut headers, Some(&http::header::CONTENT_LENGTH));
+    // The caller's `content-length` stays with a body passed on as it came (hyper checks it
+    // against the body, and writing it anew costs two allocations); a rewritten body's goes.
+    let ours = strip_hop_by_hop(
+        &mut headers,
+        (!unchanged).then_some(&http::header::CONTENT_LENGTH),
+    );
     // The backend continues the request's trace.
     #[cfg(feature = "otel")]
     if let Some(span) = line.as_ref().and_then(|l| l.span.as_ref()) {

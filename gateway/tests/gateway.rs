@@ -129,6 +129,11 @@ async fn plain_streamed_and_unauthorized_requests() {
     // The client's own key never reached the backend; the backend's did.
     let seen = &primary.requests()[0].headers;
     assert_eq!(seen["api-key"], "k-primary");
+    // The body as it came, with its length.
+    assert_eq!(
+        seen["content-length"],
+        r#"{"model":"gpt-4o"}"#.len().to_string()
+    );
     assert!(seen.get("authorization").is_none());
 
     // The gateway's own tenant headers are read, not forwarded.
@@ -365,6 +370,11 @@ async fn an_alias_is_sent_as_its_model_and_a_bad_alias_is_a_config_error_naming_
     let sent: serde_json::Value = serde_json::from_slice(&m.requests()[0].body).unwrap();
     assert_eq!(sent["model"], "gpt-4o");
     assert_eq!(sent["temperature"], 0.5, "the rest of the body as it was");
+    // The rewritten body's own length, not the caller's.
+    assert_eq!(
+        m.requests()[0].headers["content-length"],
+        m.requests()[0].body.len().to_string()
+    );
 
     let config = |aliases: &str| {
         let json = format!(
