@@ -14,7 +14,7 @@
 //! | `reasoning.effort` | `reasoning_effort` |
 //! | `stream` | `stream` with `stream_options.include_usage` |
 //! | answer `output`: `reasoning` (summary), `message` (`output_text`), `function_call` items; `usage` | `reasoning_content`, `content`, `tool_calls`; `usage` |
-//! | stream `response.created`, `output_item.added`, `content_part.added`, `output_text.delta`, `function_call_arguments.delta`, the `.done` events, `response.completed` | the chunks' deltas |
+//! | stream `response.created`, `output_item.added`, `content_part.added`, `output_text.delta`, `reasoning_summary_text.delta`, `function_call_arguments.delta`, the `.done` events, `response.completed` | the chunks' deltas |
 //!
 //! Refused by name: `previous_response_id` and `conversation` (the backend keeps no responses:
 //! send the conversation in `input`), `background`, tools other than functions (web search,
@@ -361,6 +361,10 @@ fn response_object(
 /// The item being streamed.
 #[derive(Debug)]
 enum Open {
+    Reasoning {
+        id: String,
+        text: String,
+    },
     Message {
         id: String,
         text: String,
@@ -418,6 +422,26 @@ impl ToResponseEvents {
     fn close(&mut self, out: &mut Vec<u8>) {
         let index = self.done_items.len();
         match self.open.take() {
+            Some(Open::Reasoning { id, text }) => {
+                self.emit(
+                    json!({"type": "response.reasoning_summary_text.done", "item_id": id,
+                           "output_index": index, "summary_index": 0, "text": text}),
+                    out,
+                );
+                self.emit(
+                    json!({"type": "response.reasoning_summary_part.done", "item_id": id,
+                           "output_index": index, "summary_index": 0,
+                           "part": {"type": "summary_text", "text": text}}),
+                    out,
+                );
+                let item = json!({"type": "reasoning", "id": id,
+                                  "summary": [{"type": "summary_text", "text": text}]});
+                self.emit(
+                    json!({"type": "response.output_item.done", "output_index": index, "item": item}),
+                    out,
+                );
+                self.done_items.push(item);
+            }
             Some(Open::Message { id, text }) => {
                 self.emit(
                     json!({"type": "response.output_text.done", "item_id": id, "output_index": index,
@@ -512,6 +536,39 @@ impl ToResponseEvents {
             return Ok(());
         };
         let delta = choice.get("delta").unwrap_or(&Value::Null);
+        // Reasoning (Anthropic's thinking, through the chat translation): a reasoning item
+        // whose summary is the text.
+        if let Some(text) = delta.get("reasoning_content").and_then(Value::as_str)
+            && !text.is_empty()
+        {
+            if !matches!(self.open, Some(Open::Reasoning { .. })) {
+                self.close(out);
+                let index = self.done_items.len();
+                let id = format!("rs_{}_{index}", self.id.trim_start_matches("resp_"));
+                self.emit(
+                    json!({"type": "response.output_item.added", "output_index": index,
+                           "item": {"type": "reasoning", "id": id, "summary": []}}),
+                    out,
+                );
+                self.emit(
+                    json!({"type": "response.reasoning_summary_part.added", "item_id": id,
+                           "output_index": index, "summary_index": 0,
+                           "part": {"type": "summary_text", "text": ""}}),
+                    out,
+                );
+                self.open = Some(Open::Reasoning {
+                    id,
+                    text: String::new(),
+                });
+            }
+            let index = self.done_items.len();
+            if let Some(Open::Reasoning { id, text: all }) = &mut self.open {
+                all.push_str(text);
+                let event = json!({"type": "response.reasoning_summary_text.delta", "item_id": id,
+                                   "output_index": index, "summary_index": 0, "delta": text});
+                self.emit(event, out);
+            }
+        }
         if let Some(text) = delta.get("content").and_then(Value::as_str)
             && !text.is_empty()
         {
