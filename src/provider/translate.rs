@@ -561,6 +561,14 @@ fn document_block(file: Option<&Value>, at: &str) -> Result<Value, Untranslatabl
     Ok(block)
 }
 
+/// The text of a content part of an earlier answer (`text`, or a `refusal`).
+fn answer_part_text<'a>(p: &'a Value, at: &str) -> Result<&'a str, Untranslatable> {
+    p.get("text")
+        .or_else(|| p.get("refusal"))
+        .and_then(Value::as_str)
+        .ok_or_else(|| bad(at, "must be text"))
+}
+
 fn image_block(url: &str, at: &str) -> Result<Value, Untranslatable> {
     if let Some(rest) = url.strip_prefix("data:") {
         let (media, data) = rest
@@ -602,11 +610,7 @@ fn assistant_blocks(m: &Value, path: &str) -> Result<Vec<Value>, Untranslatable>
         }
         Some(Value::Array(parts)) => {
             for (j, p) in parts.iter().enumerate() {
-                let text = p
-                    .get("text")
-                    .or_else(|| p.get("refusal"))
-                    .and_then(Value::as_str)
-                    .ok_or_else(|| bad(format!("{path}.content[{j}]"), "must be text"))?;
+                let text = answer_part_text(p, &format!("{path}.content[{j}]"))?;
                 blocks.push(json!({"type": "text", "text": text}));
                 cache_part(p, &mut blocks);
             }

@@ -23,7 +23,7 @@
 
 use serde_json::{Map, Value, json};
 
-use super::{Events, SseReader, Untranslatable, bad, parse_object, write_event};
+use super::{Events, SseReader, Untranslatable, answer_part_text, bad, parse_object, write_event};
 
 const TO_CHAT: &str =
     "cannot be sent to a backend of another API (it is served through chat completions)";
@@ -182,12 +182,7 @@ fn input_item(item: &Value, at: &str, messages: &mut Vec<Value>) -> Result<(), U
                     // An earlier answer: its text.
                     let mut text = String::new();
                     for (j, p) in parts.iter().enumerate() {
-                        let t = p
-                            .get("text")
-                            .or_else(|| p.get("refusal"))
-                            .and_then(Value::as_str)
-                            .ok_or_else(|| bad(format!("{at}.content[{j}]"), "must be text"))?;
-                        text.push_str(t);
+                        text.push_str(answer_part_text(p, &format!("{at}.content[{j}]"))?);
                     }
                     json!(text)
                 }
