@@ -1443,9 +1443,7 @@ impl ToChatChunks {
                     }
                     Some("thinking_delta") => {
                         if let Some((_, block)) = &mut self.thinking {
-                            let so_far = block["thinking"].as_str().unwrap_or("").to_string();
-                            let more = delta.get("thinking").and_then(Value::as_str).unwrap_or("");
-                            block["thinking"] = json!(so_far + more);
+                            append(&mut block["thinking"], delta.get("thinking"));
                         }
                         self.chunk(
                             json!({"reasoning_content": delta.get("thinking")}),
@@ -1455,9 +1453,7 @@ impl ToChatChunks {
                     }
                     Some("signature_delta") => {
                         if let Some((_, block)) = &mut self.thinking {
-                            let so_far = block["signature"].as_str().unwrap_or("").to_string();
-                            let more = delta.get("signature").and_then(Value::as_str).unwrap_or("");
-                            block["signature"] = json!(so_far + more);
+                            append(&mut block["signature"], delta.get("signature"));
                         }
                     }
                     Some("input_json_delta") => {
@@ -1517,6 +1513,16 @@ impl ToChatChunks {
             _ => {}
         }
         Ok(())
+    }
+}
+
+/// Appends a delta's text to a block's text in place (a long thinking comes in thousands of
+/// deltas: rebuilding the text each time would cost their square).
+fn append(text: &mut Value, more: Option<&Value>) {
+    let more = more.and_then(Value::as_str).unwrap_or("");
+    match text {
+        Value::String(s) => s.push_str(more),
+        other => *other = json!(more),
     }
 }
 

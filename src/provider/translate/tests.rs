@@ -847,3 +847,28 @@ fn anthropic_thinking_streams_as_a_responses_reasoning_item() {
     assert_eq!(done["output"][0]["summary"][0]["text"], "Hmm.");
     assert_eq!(done["output"][1]["content"][0]["text"], "Yes");
 }
+
+#[test]
+fn a_streamed_thinking_block_comes_whole_and_signed_when_it_ends() {
+    let anthropic = concat!(
+        "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"m\",\"model\":\"c\",\"usage\":{\"input_tokens\":1}}}\n\n",
+        "event: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":0,\"content_block\":{\"type\":\"thinking\",\"thinking\":\"\",\"signature\":\"\"}}\n\n",
+        "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"thinking_delta\",\"thinking\":\"Let me \"}}\n\n",
+        "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"thinking_delta\",\"thinking\":\"see.\"}}\n\n",
+        "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"signature_delta\",\"signature\":\"ab\"}}\n\n",
+        "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"signature_delta\",\"signature\":\"cd\"}}\n\n",
+        "event: content_block_stop\ndata: {\"type\":\"content_block_stop\",\"index\":0}\n\n",
+        "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n",
+    );
+    let whole = run(&mut ToChatChunks::new(1, false), &[anthropic.as_bytes()]).unwrap();
+    same_at_every_cut(|| ToChatChunks::new(1, false), anthropic.as_bytes(), &whole);
+    let blocks: Vec<Value> = datas(&whole)
+        .iter()
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+        .filter_map(|c| c["choices"][0]["delta"].get("thinking_blocks").cloned())
+        .collect();
+    assert_eq!(
+        blocks,
+        [json!([{"type": "thinking", "thinking": "Let me see.", "signature": "abcd"}])]
+    );
+}
