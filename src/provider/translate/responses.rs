@@ -353,14 +353,84 @@ fn response_object(
            "usage": usage})
 }
 
+/// The items streamed as text: a reasoning item's summary, a message's output text. Their
+/// events have the same sequence (item added, part added, text deltas, text done, part done,
+/// item done) under different names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum TextKind {
+    Reasoning,
+    Message,
+}
+
+impl TextKind {
+    fn id_prefix(self) -> &'static str {
+        match self {
+            TextKind::Reasoning => "rs",
+            TextKind::Message => "msg",
+        }
+    }
+
+    /// The part events' name (`.added`, `.done` follow).
+    fn part_event(self) -> &'static str {
+        match self {
+            TextKind::Reasoning => "response.reasoning_summary_part",
+            TextKind::Message => "response.content_part",
+        }
+    }
+
+    /// The text events' name (`.delta`, `.done` follow).
+    fn text_event(self) -> &'static str {
+        match self {
+            TextKind::Reasoning => "response.reasoning_summary_text",
+            TextKind::Message => "response.output_text",
+        }
+    }
+
+    /// The key of the part's index in its events.
+    fn index_key(self) -> &'static str {
+        match self {
+            TextKind::Reasoning => "summary_index",
+            TextKind::Message => "content_index",
+        }
+    }
+
+    fn part(self, text: &str) -> Value {
+        match self {
+            TextKind::Reasoning => json!({"type": "summary_text", "text": text}),
+            TextKind::Message => json!({"type": "output_text", "text": text, "annotations": []}),
+        }
+    }
+
+    /// The item as it starts (no text yet), or done with `text`.
+    fn item(self, id: &str, text: Option<&str>) -> Value {
+        match (self, text) {
+            (TextKind::Reasoning, None) => json!({"type": "reasoning", "id": id, "summary": []}),
+            (TextKind::Reasoning, Some(t)) => {
+                json!({"type": "reasoning", "id": id, "summary": [self.part(t)]})
+            }
+            (TextKind::Message, None) => json!({"type": "message", "id": id,
+                "status": "in_progress", "role": "assistant", "content": []}),
+            (TextKind::Message, Some(t)) => message_item(id, t, "completed"),
+        }
+    }
+
+    /// An event of the part at `output_index`: `{"type": name, "item_id", "output_index",
+    /// <index key>: 0}` and `more`.
+    fn event(self, name: String, id: &str, output_index: usize, more: Value) -> Value {
+        let mut event = json!({"type": name, "item_id": id, "output_index": output_index});
+        event[self.index_key()] = json!(0);
+        if let (Value::Object(e), Value::Object(m)) = (&mut event, more) {
+            e.extend(m);
+        }
+        event
+    }
+}
+
 /// The item being streamed.
 #[derive(Debug)]
 enum Open {
-    Reasoning {
-        id: String,
-        text: String,
-    },
-    Message {
+    Text {
+        kind: TextKind,
         id: String,
         text: String,
     },
@@ -417,39 +487,22 @@ impl ToResponseEvents {
     fn close(&mut self, out: &mut Vec<u8>) {
         let index = self.done_items.len();
         match self.open.take() {
-            Some(Open::Reasoning { id, text }) => {
-                self.emit(
-                    json!({"type": "response.reasoning_summary_text.done", "item_id": id,
-                           "output_index": index, "summary_index": 0, "text": text}),
-                    out,
+            Some(Open::Text { kind, id, text }) => {
+                let done = kind.event(
+                    format!("{}.done", kind.text_event()),
+                    &id,
+                    index,
+                    json!({"text": text}),
                 );
-                self.emit(
-                    json!({"type": "response.reasoning_summary_part.done", "item_id": id,
-                           "output_index": index, "summary_index": 0,
-                           "part": {"type": "summary_text", "text": text}}),
-                    out,
+                self.emit(done, out);
+                let done = kind.event(
+                    format!("{}.done", kind.part_event()),
+                    &id,
+                    index,
+                    json!({"part": kind.part(&text)}),
                 );
-                let item = json!({"type": "reasoning", "id": id,
-                                  "summary": [{"type": "summary_text", "text": text}]});
-                self.emit(
-                    json!({"type": "response.output_item.done", "output_index": index, "item": item}),
-                    out,
-                );
-                self.done_items.push(item);
-            }
-            Some(Open::Message { id, text }) => {
-                self.emit(
-                    json!({"type": "response.output_text.done", "item_id": id, "output_index": index,
-                           "content_index": 0, "text": text}),
-                    out,
-                );
-                self.emit(
-                    json!({"type": "response.content_part.done", "item_id": id, "output_index": index,
-                           "content_index": 0,
-                           "part": {"type": "output_text", "text": text, "annotations": []}}),
-                    out,
-                );
-                let item = message_item(&id, &text, "completed");
+                self.emit(done, out);
+                let item = kind.item(&id, Some(&text));
                 self.emit(
                     json!({"type": "response.output_item.done", "output_index": index, "item": item}),
                     out,
@@ -476,6 +529,47 @@ impl ToResponseEvents {
                 self.done_items.push(item);
             }
             None => {}
+        }
+    }
+
+    /// `text` of a `kind` item: the item opened first if another one is open.
+    fn text_delta(&mut self, kind: TextKind, text: &str, out: &mut Vec<u8>) {
+        if !matches!(&self.open, Some(Open::Text { kind: k, .. }) if *k == kind) {
+            self.close(out);
+            let index = self.done_items.len();
+            let id = format!(
+                "{}_{}_{index}",
+                kind.id_prefix(),
+                self.id.trim_start_matches("resp_")
+            );
+            self.emit(
+                json!({"type": "response.output_item.added", "output_index": index,
+                       "item": kind.item(&id, None)}),
+                out,
+            );
+            let added = kind.event(
+                format!("{}.added", kind.part_event()),
+                &id,
+                index,
+                json!({"part": kind.part("")}),
+            );
+            self.emit(added, out);
+            self.open = Some(Open::Text {
+                kind,
+                id,
+                text: String::new(),
+            });
+        }
+        let index = self.done_items.len();
+        if let Some(Open::Text { id, text: all, .. }) = &mut self.open {
+            all.push_str(text);
+            let event = kind.event(
+                format!("{}.delta", kind.text_event()),
+                id,
+                index,
+                json!({"delta": text}),
+            );
+            self.emit(event, out);
         }
     }
 
@@ -532,68 +626,15 @@ impl ToResponseEvents {
         };
         let delta = choice.get("delta").unwrap_or(&Value::Null);
         // Reasoning (Anthropic's thinking, through the chat translation): a reasoning item
-        // whose summary is the text.
-        if let Some(text) = delta.get("reasoning_content").and_then(Value::as_str)
-            && !text.is_empty()
-        {
-            if !matches!(self.open, Some(Open::Reasoning { .. })) {
-                self.close(out);
-                let index = self.done_items.len();
-                let id = format!("rs_{}_{index}", self.id.trim_start_matches("resp_"));
-                self.emit(
-                    json!({"type": "response.output_item.added", "output_index": index,
-                           "item": {"type": "reasoning", "id": id, "summary": []}}),
-                    out,
-                );
-                self.emit(
-                    json!({"type": "response.reasoning_summary_part.added", "item_id": id,
-                           "output_index": index, "summary_index": 0,
-                           "part": {"type": "summary_text", "text": ""}}),
-                    out,
-                );
-                self.open = Some(Open::Reasoning {
-                    id,
-                    text: String::new(),
-                });
-            }
-            let index = self.done_items.len();
-            if let Some(Open::Reasoning { id, text: all }) = &mut self.open {
-                all.push_str(text);
-                let event = json!({"type": "response.reasoning_summary_text.delta", "item_id": id,
-                                   "output_index": index, "summary_index": 0, "delta": text});
-                self.emit(event, out);
-            }
-        }
-        if let Some(text) = delta.get("content").and_then(Value::as_str)
-            && !text.is_empty()
-        {
-            if !matches!(self.open, Some(Open::Message { .. })) {
-                self.close(out);
-                let index = self.done_items.len();
-                let id = format!("msg_{}_{index}", self.id.trim_start_matches("resp_"));
-                self.emit(
-                    json!({"type": "response.output_item.added", "output_index": index,
-                           "item": {"type": "message", "id": id, "status": "in_progress",
-                                    "role": "assistant", "content": []}}),
-                    out,
-                );
-                self.emit(
-                    json!({"type": "response.content_part.added", "item_id": id, "output_index": index,
-                           "content_index": 0,
-                           "part": {"type": "output_text", "text": "", "annotations": []}}),
-                    out,
-                );
-                self.open = Some(Open::Message {
-                    id,
-                    text: String::new(),
-                });
-            }
-            let index = self.done_items.len();
-            if let Some(Open::Message { id, text: all }) = &mut self.open {
-                all.push_str(text);
-                let event = json!({"type": "response.output_text.delta", "item_id": id,
-                                   "output_index": index, "content_index": 0, "delta": text});
-                self.emit(event, out);
+        // whose summary is the text; then the answer's text.
+        for (key, kind) in [
+            ("reasoning_content", TextKind::Reasoning),
+            ("content", TextKind::Message),
+        ] {
+            if let Some(text) = delta.get(key).and_then(Value::as_str)
+                && !text.is_empty()
+            {
+                self.text_delta(kind, text, out);
             }
         }
         for c in delta
