@@ -344,7 +344,7 @@ fn answer<B>(res: Response<ResponseBody<B>>, plan: Plan) -> Response<ResponseBod
         (Direction::MessagesToChat, false) => {
             Box::new(t::Whole::new(to_anthropic, plan.created, status))
         }
-        (Direction::ResponsesToMessages, true) => Box::new(t::Chain(
+        (Direction::ResponsesToMessages, true) => Box::new(t::Chain::new(
             Box::new(t::ToChatChunks::new(plan.created, true)),
             Box::new(t::ToResponseEvents::new(plan.created)),
         )),

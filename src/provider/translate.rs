@@ -1822,25 +1822,37 @@ impl StreamTranslate for Whole {
 mod responses;
 pub(crate) use responses::{ToResponseEvents, completion_to_response, responses_to_chat};
 
-/// Two stream translations in a row (an Anthropic stream → chat chunks → Responses events).
+/// Two stream translations in a row (an Anthropic stream → chat chunks → Responses events),
+/// the bytes between them in one buffer kept for the whole stream.
 #[derive(Debug)]
-pub(crate) struct Chain(
-    pub(crate) Box<dyn StreamTranslate>,
-    pub(crate) Box<dyn StreamTranslate>,
-);
+pub(crate) struct Chain {
+    first: Box<dyn StreamTranslate>,
+    second: Box<dyn StreamTranslate>,
+    between: Vec<u8>,
+}
+
+impl Chain {
+    pub(crate) fn new(first: Box<dyn StreamTranslate>, second: Box<dyn StreamTranslate>) -> Self {
+        Chain {
+            first,
+            second,
+            between: Vec::new(),
+        }
+    }
+}
 
 impl StreamTranslate for Chain {
     fn feed(&mut self, bytes: &[u8], out: &mut Vec<u8>) -> Result<(), String> {
-        let mut between = Vec::new();
-        self.0.feed(bytes, &mut between)?;
-        self.1.feed(&between, out)
+        self.between.clear();
+        self.first.feed(bytes, &mut self.between)?;
+        self.second.feed(&self.between, out)
     }
 
     fn finish(&mut self, out: &mut Vec<u8>) -> Result<(), String> {
-        let mut between = Vec::new();
-        self.0.finish(&mut between)?;
-        self.1.feed(&between, out)?;
-        self.1.finish(out)
+        self.between.clear();
+        self.first.finish(&mut self.between)?;
+        self.second.feed(&self.between, out)?;
+        self.second.finish(out)
     }
 }
 

@@ -756,18 +756,7 @@ fn an_anthropic_stream_becomes_responses_events_at_every_cut() {
         "event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":{\"output_tokens\":2}}\n\n",
         "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n",
     );
-    let make = || {
-        Chain(
-            Box::new(ToChatChunks::new(3, true)),
-            Box::new(ToResponseEvents::new(3)),
-        )
-    };
-    let whole = run(&mut make(), &[anthropic.as_bytes()]).unwrap();
-    same_at_every_cut(make, anthropic.as_bytes(), &whole);
-    let events: Vec<Value> = datas(&whole)
-        .iter()
-        .map(|d| serde_json::from_str(d).unwrap())
-        .collect();
+    let events = responses_events(anthropic);
     let kinds: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
     assert_eq!(
         kinds,
@@ -810,18 +799,7 @@ fn anthropic_thinking_streams_as_a_responses_reasoning_item() {
         "event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":{\"output_tokens\":3}}\n\n",
         "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n",
     );
-    let make = || {
-        Chain(
-            Box::new(ToChatChunks::new(3, true)),
-            Box::new(ToResponseEvents::new(3)),
-        )
-    };
-    let whole = run(&mut make(), &[anthropic.as_bytes()]).unwrap();
-    same_at_every_cut(make, anthropic.as_bytes(), &whole);
-    let events: Vec<Value> = datas(&whole)
-        .iter()
-        .map(|d| serde_json::from_str(d).unwrap())
-        .collect();
+    let events = responses_events(anthropic);
     let kinds: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
     assert_eq!(
         kinds,
@@ -871,4 +849,21 @@ fn a_streamed_thinking_block_comes_whole_and_signed_when_it_ends() {
         blocks,
         [json!([{"type": "thinking", "thinking": "Let me see.", "signature": "abcd"}])]
     );
+}
+
+/// An Anthropic stream through chat chunks to Responses events (created at 3), the same at
+/// every cut; the events, parsed.
+fn responses_events(anthropic: &str) -> Vec<Value> {
+    let make = || {
+        Chain::new(
+            Box::new(ToChatChunks::new(3, true)),
+            Box::new(ToResponseEvents::new(3)),
+        )
+    };
+    let whole = run(&mut make(), &[anthropic.as_bytes()]).unwrap();
+    same_at_every_cut(make, anthropic.as_bytes(), &whole);
+    datas(&whole)
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect()
 }
