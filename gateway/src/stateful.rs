@@ -175,7 +175,7 @@ pub(crate) fn unpin(path_and_query: &str, body: &Bytes) -> Result<Option<Unpinne
         new_path = Some(p);
     }
     let mut new_body = None;
-    if memchr::memchr(MARK as u8, body).is_some()
+    if holds_a_tag(body)
         && let Ok(mut json) = serde_json::from_slice::<Value>(body)
     {
         let mut changed = false;
@@ -189,6 +189,24 @@ pub(crate) fn unpin(path_and_query: &str, body: &Bytes) -> Result<Option<Unpinne
         path_and_query: new_path,
         body: new_body,
     }))
+}
+
+/// The longest a backend's own id is taken to be, for [`holds_a_tag`].
+const ID_LOOK_BACK: usize = 256;
+
+/// Whether `body` may hold a tagged id: a JSON string that starts with a kept object's prefix
+/// and has the mark in it. Only then is the body parsed (a prompt that merely contains a `~`
+/// is not).
+fn holds_a_tag(body: &[u8]) -> bool {
+    memchr::memchr_iter(MARK as u8, body).any(|at| {
+        // The string this mark is in starts after the last quote before it (an id has none,
+        // and is short: the look back is bounded, so a body full of marks costs linear time).
+        let from = at.saturating_sub(ID_LOOK_BACK);
+        memchr::memrchr(b'"', &body[from..at]).is_some_and(|q| {
+            KEPT.iter()
+                .any(|p| body[from + q + 1..at].starts_with(p.as_bytes()))
+        })
+    })
 }
 
 /// Restores the backend's own ids in the id fields of `json`, at any depth, telling `name`
@@ -431,6 +449,12 @@ mod tests {
             &Bytes::from_static(b"{\"input\":\"hi ~ there\"}"),
         );
         assert_eq!(none, Ok(None), "text with a ~ is not an id");
+        assert!(
+            !holds_a_tag(b"{\"input\":\"hi ~ there\"}"),
+            "not even parsed"
+        );
+        assert!(holds_a_tag(b"{\"previous_response_id\": \"resp_1~east\"}"));
+        assert!(!holds_a_tag(b"~resp_"));
         let got = unpin(
             "/v1/responses/resp_1~east/input_items?limit=2",
             &Bytes::new(),
