@@ -4,32 +4,14 @@
 //! caller's API shape; seed 001's config (an Anthropic arm beside a nested OpenAI -> Azure
 //! fallback arm) serves as written.
 
+mod common;
+
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use serde_json::{Value, json};
 use tower::ServiceExt;
 use tower_llm_lb::client::http_client;
-use tower_llm_lb::config::Config;
-use tower_llm_lb_gateway::Gateway;
 use tower_llm_lb_mock::MockServer;
-
-/// Serves `json` on a loopback port until the returned sender is dropped.
-async fn serve(json: &str) -> (String, tokio::sync::oneshot::Sender<()>) {
-    let config = Config::from_json(json).unwrap();
-    let (svc, backends) = config.build_with_backends(http_client()).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(
-        Gateway::new(svc, backends, Vec::new())
-            .configured(&config)
-            .unwrap()
-            .serve(listener, async {
-                let _ = rx.await;
-            }),
-    );
-    (url, tx)
-}
 
 async fn call(method: &str, url: String, body: Option<Value>) -> (u16, Value) {
     let req = http::Request::builder()
@@ -70,7 +52,7 @@ async fn each_route_goes_to_a_backend_that_serves_it_and_no_other() {
         o = openai.url(),
         a = claude.url()
     );
-    let (url, _stop) = serve(&json).await;
+    let (url, _stop) = common::serve_json(&json).await;
     let messages = json!([{"role": "user", "content": "hi"}]);
     // OpenAI's routes beyond chat: only the OpenAI backend can serve them, every time.
     for _ in 0..6 {
@@ -139,7 +121,7 @@ async fn a_route_no_backend_serves_is_refused_before_sending_in_the_callers_shap
         r#"{{ "backends": {{ "openai": {{ "provider": "openai", "url": "{o}/v1" }} }} }}"#,
         o = openai.url()
     );
-    let (url, _stop) = serve(&json).await;
+    let (url, _stop) = common::serve_json(&json).await;
     let (status, body) = call(
         "POST",
         format!("{url}/v1/messages/count_tokens"),
@@ -159,7 +141,7 @@ async fn a_route_no_backend_serves_is_refused_before_sending_in_the_callers_shap
         r#"{{ "backends": {{ "claude": {{ "provider": "anthropic", "url": "{a}" }} }} }}"#,
         a = claude.url()
     );
-    let (url, _stop) = serve(&json).await;
+    let (url, _stop) = common::serve_json(&json).await;
     let (status, body) = call(
         "POST",
         format!("{url}/v1/embeddings"),
@@ -218,7 +200,7 @@ async fn an_anthropic_arm_beside_a_nested_openai_then_azure_fallback_arm() {
         o = openai.url(),
         z = azure.url()
     );
-    let (url, _stop) = serve(&json).await;
+    let (url, _stop) = common::serve_json(&json).await;
     let ask = || {
         call(
             "POST",
@@ -275,7 +257,7 @@ async fn a_multipart_upload_is_routed_by_its_model_field() {
         c = chat.url(),
         a = audio.url()
     );
-    let (url, _stop) = serve(&json).await;
+    let (url, _stop) = common::serve_json(&json).await;
     let form = "--xyz\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\n\
                 Content-Type: audio/wav\r\n\r\nRIFF0000\r\n--xyz\r\n\
                 Content-Disposition: form-data; name=\"model\"\r\n\r\nwhisper-1\r\n--xyz--\r\n";
@@ -313,7 +295,7 @@ async fn a_binary_answer_comes_back_byte_for_byte() {
         r#"{{ "backends": {{ "audio": {{ "provider": "openai", "url": "{a}/v1" }} }} }}"#,
         a = audio.url()
     );
-    let (url, _stop) = serve(&json).await;
+    let (url, _stop) = common::serve_json(&json).await;
     let req = http::Request::post(format!("{url}/v1/audio/speech"))
         .header("content-type", "application/json")
         .body(Full::new(Bytes::from(

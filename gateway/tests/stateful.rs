@@ -2,34 +2,14 @@
 //! mock that created it (as on the real services), and a follow-up naming it must reach that
 //! mock, through this gateway, another replica, or a restarted one.
 
+mod common;
+
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use serde_json::{Value, json};
 use tower::ServiceExt;
 use tower_llm_lb::client::http_client;
-use tower_llm_lb::config::Config;
-use tower_llm_lb_gateway::Gateway;
 use tower_llm_lb_mock::{Fault, MockServer};
-
-/// A gateway serving `json` on a loopback port until the returned sender is dropped.
-async fn serve(json: &str) -> (String, tokio::sync::oneshot::Sender<()>) {
-    let config = Config::from_json(json).unwrap();
-    let (svc, backends) = config.build_with_backends(http_client()).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let mut gateway = Gateway::new(svc, backends.clone(), Vec::new())
-        .configured(&config)
-        .unwrap();
-    // Replicas sharing state through Redis, when the config says so.
-    if let Some(link) = config.shared_state(backends).unwrap() {
-        gateway = gateway.shared_state(link);
-    }
-    tokio::spawn(gateway.serve(listener, async {
-        let _ = rx.await;
-    }));
-    (url, tx)
-}
 
 /// `(status, backend that answered, body)`.
 async fn call(method: &str, url: String, content_type: &str, body: Bytes) -> (u16, String, Value) {
@@ -95,7 +75,7 @@ async fn two_backends() -> (MockServer, MockServer, String) {
 #[tokio::test]
 async fn a_follow_up_goes_to_the_backend_that_keeps_what_it_names() {
     let (_east, _west, config) = two_backends().await;
-    let (gw, _stop) = serve(&config).await;
+    let (gw, _stop) = common::serve_json(&config).await;
     let mut served_by = std::collections::BTreeSet::new();
     for _ in 0..6 {
         let (status, backend, created) = post_json(
@@ -195,8 +175,8 @@ async fn another_replica_and_a_restarted_gateway_route_a_follow_up_the_same_way(
     let mut config: Value = serde_json::from_str(&config).unwrap();
     config["shared_state"] = json!({"redis_url": redis.url(), "key_prefix": "stateful"});
     let config = config.to_string();
-    let (a, stop_a) = serve(&config).await;
-    let (b, _stop_b) = serve(&config).await;
+    let (a, stop_a) = common::serve_json(&config).await;
+    let (b, _stop_b) = common::serve_json(&config).await;
     let mut ids = Vec::new();
     for _ in 0..4 {
         let (status, backend, created) = post_json(
@@ -209,7 +189,7 @@ async fn another_replica_and_a_restarted_gateway_route_a_follow_up_the_same_way(
     }
     // The state is in the id: no store shared between replicas, nothing to recover.
     drop(stop_a);
-    let (restarted, _stop) = serve(&config).await;
+    let (restarted, _stop) = common::serve_json(&config).await;
     for gw in [&b, &restarted] {
         for (id, backend) in &ids {
             let (status, again, next) = post_json(
@@ -225,7 +205,7 @@ async fn another_replica_and_a_restarted_gateway_route_a_follow_up_the_same_way(
 #[tokio::test]
 async fn a_follow_up_whose_backend_fails_is_refused_naming_it_and_never_sent_elsewhere() {
     let (east, west, config) = two_backends().await;
-    let (gw, _stop) = serve(&config).await;
+    let (gw, _stop) = common::serve_json(&config).await;
     let mut on_east = None;
     while on_east.is_none() {
         let (_, backend, created) = post_json(

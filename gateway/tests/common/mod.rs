@@ -81,3 +81,26 @@ pub async fn serve_over(
         .await
         .unwrap()
 }
+
+/// The gateway (in process) serving the config `json` on a loopback port until the returned
+/// sender is dropped; sharing state through Redis when the config says so.
+pub async fn serve_json(json: &str) -> (String, tokio::sync::oneshot::Sender<()>) {
+    let config = tower_llm_lb::config::Config::from_json(json).unwrap();
+    let (svc, backends) = config
+        .build_with_backends(tower_llm_lb::client::http_client())
+        .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let mut gateway = tower_llm_lb_gateway::Gateway::new(svc, backends.clone(), Vec::new())
+        .configured(&config)
+        .unwrap();
+    // Replicas sharing state through Redis, when the config says so.
+    if let Some(link) = config.shared_state(backends).unwrap() {
+        gateway = gateway.shared_state(link);
+    }
+    tokio::spawn(gateway.serve(listener, async {
+        let _ = rx.await;
+    }));
+    (url, tx)
+}
