@@ -243,3 +243,41 @@ async fn a_follow_up_whose_backend_fails_is_refused_naming_it_and_never_sent_els
     .await;
     assert_eq!(status, 400, "{error}");
 }
+
+/// With a config's `models`, a follow-up that names no model (`GET /v1/responses/{id}`) goes to
+/// the model's target that holds the object's backend; without that, no model means no target.
+#[tokio::test]
+async fn a_follow_up_without_a_model_finds_its_backend_among_the_models() {
+    let east = MockServer::builder()
+        .name("east")
+        .bearer("ke")
+        .start()
+        .await
+        .unwrap();
+    let west = MockServer::builder()
+        .name("west")
+        .bearer("kw")
+        .start()
+        .await
+        .unwrap();
+    let config = json!({
+        "backends": {
+            "east": {"provider": "openai", "url": format!("{}/v1", east.url()), "api_key": "ke"},
+            "west": {"provider": "openai", "url": format!("{}/v1", west.url()), "api_key": "kw"}
+        },
+        "models": {"small": {"backend": "east"}, "large": {"backend": "west"}}
+    });
+    let (gw, _stop) = common::serve_json(&config.to_string()).await;
+    for (model, backend) in [("small", "east"), ("large", "west")] {
+        let (status, served, created) = post_json(
+            format!("{gw}/v1/responses"),
+            json!({"model": model, "input": "hello"}),
+        )
+        .await;
+        assert_eq!((status, served.as_str()), (200, backend), "{created}");
+        let id = created["id"].as_str().unwrap().to_string();
+        let (status, again, stored) = get(format!("{gw}/v1/responses/{id}")).await;
+        assert_eq!((status, again.as_str()), (200, backend), "{stored}");
+        assert_eq!(stored["id"], id);
+    }
+}
