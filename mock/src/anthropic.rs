@@ -68,47 +68,25 @@ pub(super) fn validate(body: &Value, counting: bool) -> Result<(), String> {
             return Err("`top_k` is not supported when thinking is enabled".into());
         }
     }
-    // Prompt caching: each breakpoint `{"type": "ephemeral"}` (and a `ttl`), four at most.
-    let mut breakpoints = 0;
-    let mut check = |v: &Value| -> Result<(), String> {
-        if let Some(c) = v.get("cache_control") {
-            if c.get("type").and_then(Value::as_str) != Some("ephemeral") {
-                return Err("cache_control.type: Input should be 'ephemeral'".into());
-            }
-            breakpoints += 1;
-        }
-        Ok(())
-    };
-    for block in req
-        .get("system")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
-        check(block)?;
-    }
-    for tool in req
-        .get("tools")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
-        check(tool)?;
-    }
-    for m in req
-        .get("messages")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
-        for block in m
-            .get("content")
+    // Prompt caching: each breakpoint `{"type": "ephemeral"}` (and a `ttl`), four at most, on
+    // system blocks, tools and message content blocks.
+    let items = |key: &str| req.get(key).and_then(Value::as_array).into_iter().flatten();
+    let content = items("messages").flat_map(|m| {
+        m.get("content")
             .and_then(Value::as_array)
             .into_iter()
             .flatten()
-        {
-            check(block)?;
+    });
+    let mut breakpoints = 0;
+    for c in items("system")
+        .chain(items("tools"))
+        .chain(content)
+        .filter_map(|v| v.get("cache_control"))
+    {
+        if c.get("type").and_then(Value::as_str) != Some("ephemeral") {
+            return Err("cache_control.type: Input should be 'ephemeral'".into());
         }
+        breakpoints += 1;
     }
     if breakpoints > 4 {
         return Err(format!(
