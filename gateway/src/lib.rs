@@ -1491,12 +1491,10 @@ fn count_value(n: usize) -> HeaderValue {
 /// `x-llm-lb-attempt-count` in.
 fn attribute(parts: &mut http::response::Parts, live: &Live) {
     strip_hop_by_hop(&mut parts.headers, None);
-    let made = parts
-        .extensions
-        .get::<Served>()
-        .and_then(|s| live.attribution_of(&s.backend));
+    let served = parts.extensions.get::<Served>();
+    let made = served.and_then(|s| live.attribution_of(&s.backend));
     if !parts.headers.contains_key(&X_LLM_LB_BACKEND)
-        && let Some(served) = parts.extensions.get::<Served>()
+        && let Some(served) = served
     {
         let value = match made {
             Some((name, _)) => Some(name.clone()),
@@ -1512,10 +1510,7 @@ fn attribute(parts: &mut http::response::Parts, live: &Live) {
         // The common answer: one attempt, a success, on the backend that served it.
         if let ([one], Some((_, once))) = (&a[..], made)
             && one.outcome.is_success()
-            && parts
-                .extensions
-                .get::<Served>()
-                .is_some_and(|s| *s.backend.name() == *one.backend)
+            && served.is_some_and(|s| *s.backend.name() == *one.backend)
         {
             parts.headers.insert(X_LLM_LB_ATTEMPTS, once.clone());
             parts.headers.insert(X_LLM_LB_ATTEMPT_COUNT, count_value(1));
