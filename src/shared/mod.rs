@@ -14,7 +14,7 @@
 //! | an open circuit, until its probe time | a replica's breaker trips | a cooldown until then on every other replica (its own breaker decides when to probe) |
 //! | each replica's demand for each backend: the requests it admitted there in about the last second ([`Snapshot::admitted`](crate::Snapshot::admitted): counted when they come, a booked slot too, so pacing does not hide them) plus those in flight or waiting for a paced slot now ([`Snapshot::demand`](crate::Snapshot::demand)) | every exchange | each replica's share of the backend's quota (below) |
 //! | the number of live replicas (each one's last exchange within 3 intervals) | every exchange | the shares' floor, and the equal share while the store is down |
-//! | each replica's count of answers that got through | every exchange | for a backend that sends no quota headers, whose pace is learned from the answers that got through between two 429s: the other replicas' answers count too (toward the window, and shrinking the pace 0.2% each as a replica's own do), so every replica learns the whole backend's pace and paces at its share of it |
+//! | each replica's count of answers that got through | every exchange | for a backend that sends no quota headers, whose pace is learned from the answers that got through between two 429s: the other replicas' answers count too (toward the window, and shrinking the pace 0.05% each as a replica's own do), so every replica learns the whole backend's pace and paces at its share of it |
 //!
 //! **Pacing is shared as capacity leases**, the way YouTube's Doorman apportions a resource: at
 //! each exchange every replica gets a share of each backend's quota, in proportion to its
