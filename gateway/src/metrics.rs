@@ -124,14 +124,18 @@ impl<K: Clone + Eq + std::hash::Hash, M: Clone> Seen<K, M> {
     where
         C: prometheus_client::metrics::family::MetricConstructor<M>,
     {
-        if let Ok(seen) = self.0.read()
-            && let Some((_, m)) = seen.iter().find(|(k, _)| k == labels)
-        {
-            return f(m);
+        let mut full = false;
+        if let Ok(seen) = self.0.read() {
+            if let Some((_, m)) = seen.iter().find(|(k, _)| k == labels) {
+                return f(m);
+            }
+            full = seen.len() >= SEEN_CAP;
         }
         let m = family.get_or_create_owned(labels);
         f(&m);
-        if let Ok(mut seen) = self.0.write()
+        // Once the list is full, a label set past it takes no write lock.
+        if !full
+            && let Ok(mut seen) = self.0.write()
             && seen.len() < SEEN_CAP
             && !seen.iter().any(|(k, _)| k == labels)
         {
@@ -536,5 +540,34 @@ impl UsageWatch {
             self.metrics.client_tokens.get_or_create(&labels).inc_by(n);
         }
         Some((prompt, completion))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_sets_past_the_seen_list_are_counted_in_the_family_too() {
+        let family = Family::<ClientLabels, Counter>::default();
+        let seen = Seen::new();
+        let clients: Vec<&'static str> = (0..SEEN_CAP + 10)
+            .map(|i| &*Box::leak(format!("key-{i}").into_boxed_str()))
+            .collect();
+        for _ in 0..3 {
+            for client in &clients {
+                seen.with(&family, &ClientLabels { client }, |c| {
+                    c.inc();
+                });
+            }
+        }
+        for client in &clients {
+            assert_eq!(
+                family.get_or_create(&ClientLabels { client }).get(),
+                3,
+                "{client}"
+            );
+        }
+        assert_eq!(seen.0.read().unwrap().len(), SEEN_CAP);
     }
 }
