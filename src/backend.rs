@@ -169,11 +169,7 @@ impl Backend {
 
     /// A copy of this backend description with another priority tier and, when given, weight
     /// (and fresh state). Fails on a weight that is not finite and >= 0.
-    pub(crate) fn with_tier(
-        &self,
-        priority: u32,
-        weight: Option<f64>,
-    ) -> Result<Backend, InvalidConfig> {
+    pub fn with_tier(&self, priority: u32, weight: Option<f64>) -> Result<Backend, InvalidConfig> {
         let i = &self.inner;
         let weight_set = weight.is_some() || i.weight_set;
         let weight = weight.unwrap_or(i.weight);
@@ -207,8 +203,7 @@ impl Backend {
     /// scope has its own cooldown, pace and quota hints (a 429 on `gpt-4-8k` does not hold back
     /// `gpt-4-32k` on the same resource), while connect errors and the circuit stay with the
     /// endpoint it shares. Fails for a backend that is not classic Azure, or a bad name.
-    #[cfg(feature = "config")]
-    pub(crate) fn for_deployment(&self, deployment: &str) -> Result<Backend, InvalidConfig> {
+    pub fn for_deployment(&self, deployment: &str) -> Result<Backend, InvalidConfig> {
         let err = |reason: String| invalid(self.name(), reason);
         let Provider::AzureOpenAi { api_version, .. } = self.provider() else {
             return Err(err(
@@ -387,8 +382,10 @@ impl BackendBuilder {
         self
     }
 
-    /// Uses `state` instead of a fresh one (group members).
-    pub(crate) fn state(mut self, state: BackendState) -> Self {
+    /// Uses `state` instead of a fresh one: a backend rebuilt on a config reload keeps its
+    /// cooldown, pace, circuit and counters (take it from the running backend's
+    /// [`Backend::state`]).
+    pub fn state(mut self, state: BackendState) -> Self {
         self.state = Some(state);
         self
     }

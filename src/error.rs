@@ -479,6 +479,19 @@ pub struct NotServed {
 }
 
 impl NotServed {
+    /// No target of `group` serves `model` (or, with none, the request named no model): for
+    /// a router of your own that sends each model to its own stack, so a model it does not
+    /// list is refused as the library's groups refuse it (the gateway answers 404
+    /// `model_not_found`).
+    pub fn for_model(group: &str, model: Option<&str>) -> NotServed {
+        NotServed {
+            group: Arc::from(group),
+            model: model.map(str::to_string),
+            route: None,
+            pinned: None,
+        }
+    }
+
     /// The model asked for, if the request named one.
     pub fn model(&self) -> Option<&str> {
         self.model.as_deref()

@@ -78,7 +78,6 @@
 //! | feature | default | what it adds |
 //! |---|---|---|
 //! | `rustls` | yes | [`client::https_client`]: hyper-util + rustls (ring), webpki or native roots; [`client::https_client_with`] for your own rustls config (private roots, client certificates) |
-//! | `config` | no | `config`: a JSON/TOML config that builds the whole stack |
 //! | `azure-identity` | no | `auth::entra::AzureSdkCredential`: any `azure_core` `TokenCredential` as a token source |
 //! | `redis` | no | `shared::RedisStore`: replicas share backend waits, open circuits and their quota shares through Redis (or a Redis Cluster) |
 //!
@@ -98,8 +97,6 @@ mod boxed;
 pub mod circuit_breaker;
 pub mod classify;
 pub mod client;
-#[cfg(feature = "config")]
-pub mod config;
 mod credential;
 pub mod endpoint;
 pub mod error;

@@ -83,9 +83,9 @@ use crate::translate::TranslateLayer;
 /// The response body of the stacks built here: the backend's body, streamed.
 pub type LlmBody = ResponseBody<TimeoutBody<Incoming>>;
 
-/// The stack [`group_over`] (and `Config::build_over`) builds over a client whose response
+/// The stack [`group_over`] (and the config crate's `Config::build_over`) builds over a client whose response
 /// body is `ResB`; [`LlmService`] is this over a hyper client.
-pub(crate) type StackOver<ResB> = crate::boxed::BoxTarget<ResponseBody<TimeoutBody<ResB>>>;
+pub type StackOver<ResB> = crate::boxed::BoxTarget<ResponseBody<TimeoutBody<ResB>>>;
 
 /// A whole stack behind one type: cloneable (by reference count), `Send + Sync`, over
 /// replayable requests. See [`BoxTarget`](crate::boxed::BoxTarget).

@@ -243,7 +243,6 @@ impl BackendState {
     /// Fresh state for a quota scope of `endpoint` (see
     /// [`Backend::for_deployment`](crate::Backend::for_deployment)): its own cooldown, pace,
     /// quota hints and counters; the endpoint's circuit.
-    #[cfg(feature = "config")]
     pub(crate) fn scoped_under(endpoint: &BackendState) -> Self {
         let mut s = Self::new();
         if let Some(inner) = Arc::get_mut(&mut s.inner) {
@@ -321,7 +320,7 @@ impl BackendState {
     }
 
     /// True when both handles point at the same backend's state.
-    pub(crate) fn ptr_eq(&self, other: &BackendState) -> bool {
+    pub fn ptr_eq(&self, other: &BackendState) -> bool {
         Arc::ptr_eq(&self.inner, &other.inner)
     }
 

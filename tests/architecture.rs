@@ -5,7 +5,7 @@
 //! - **core** (the vocabulary: backend, live state, outcome, errors, provider shapes, body, the
 //!   attempt context) imports only core;
 //! - a **layer** imports only core: never a sibling layer;
-//! - a **composition** (`stack`, `config`) imports core and layers;
+//! - a **composition** (`stack`) imports core and layers;
 //! - the **fuzz** entry points may import anything.
 //!
 //! A new module must be placed in one of the tiers below, so the structure stays a decision.
@@ -41,7 +41,6 @@ const MODULES: &[(&str, Tier)] = &[
     ("timeout", Tier::Layer),
     ("translate", Tier::Layer),
     ("stack", Tier::Composition),
-    ("config", Tier::Composition),
     ("fuzz", Tier::Hook),
 ];
 

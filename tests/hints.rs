@@ -168,7 +168,7 @@ async fn a_configured_request_timeout_bounds_a_slow_attempt_too() {
         "request_timeout": 1500
     })
     .to_string();
-    let svc = tower_llm_lb::config::Config::from_json(&json)
+    let svc = tower_llm_lb_config::Config::from_json(&json)
         .unwrap()
         .build(http_client())
         .unwrap();

@@ -75,7 +75,7 @@ proptest! {
 
     #[test]
     fn configs_as_text_and_as_mutations_of_a_valid_one(data in input()) {
-        fuzz::config(&data);
+        tower_llm_lb_config::fuzz::config(&data);
     }
 
     #[test]

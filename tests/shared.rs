@@ -13,9 +13,9 @@ use tower::ServiceExt;
 use tower_llm_lb::Backend;
 use tower_llm_lb::body::ReplayBody;
 use tower_llm_lb::client::http_client;
-use tower_llm_lb::config::Config;
 use tower_llm_lb::shared::{RedisStore, SharedSettings, SharedState};
 use tower_llm_lb::stack::LlmService;
+use tower_llm_lb_config::Config;
 use tower_llm_lb_mock::{Fault, MockServer, RedisServer};
 
 /// A real `redis-server` on a loopback port (`.ci/run` installs it; by hand, a missing one is

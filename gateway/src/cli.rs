@@ -17,8 +17,8 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
-use tower_llm_lb::config::Config;
 use tower_llm_lb::error::BoxError;
+use tower_llm_lb_config::Config;
 
 use crate::settings::GatewayConfig;
 

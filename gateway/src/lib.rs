@@ -291,7 +291,7 @@ impl Gateway {
     /// Applies what `config` says of the gateway beside its keys: the models the service routes
     /// by name (`models`), `gateway.model_aliases` and `gateway.stream_usage`. Fails as
     /// [`Gateway::model_aliases`] does.
-    pub fn configured(self, config: &tower_llm_lb::config::Config) -> Result<Self, String> {
+    pub fn configured(self, config: &tower_llm_lb_config::Config) -> Result<Self, String> {
         let g = settings::GatewayConfig::of(config)?;
         let d = ClientLimits::default();
         let ms = |v: Option<u64>, default: Duration| v.map_or(default, Duration::from_millis);
@@ -356,7 +356,7 @@ impl Gateway {
     /// Replaces what every clone of this gateway serves (a config reload): new requests use the
     /// new stack at once; requests under way finish on the old one. Fails, naming the alias, as
     /// [`Gateway::model_aliases`] does, and then changes nothing. Build the new stack with
-    /// [`Config::build_reusing`](tower_llm_lb::config::Config::build_reusing) over
+    /// [`Config::build_reusing`](tower_llm_lb_config::Config::build_reusing) over
     /// [`Gateway::backends`] so unchanged backends keep their state. `models` are the models
     /// the service routes by name (config `models`), listed on `/v1/models` with those the
     /// backends declare.
@@ -398,7 +398,7 @@ impl Gateway {
     }
 
     /// The models the service routes by name (config `models`: see
-    /// [`Config::models`](tower_llm_lb::config::Config::models)), listed on `/v1/models` beside those
+    /// [`Config::models`](tower_llm_lb_config::Config::models)), listed on `/v1/models` beside those
     /// the backends declare, and usable as alias targets and metric labels.
     pub fn served_models(self, models: Vec<String>) -> Self {
         let now = self.live.load_full();

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use serde::Deserialize;
-use tower_llm_lb::config::Config;
+use tower_llm_lb_config::Config;
 
 /// The `gateway` section of the config.
 #[derive(Clone, Default, Deserialize)]

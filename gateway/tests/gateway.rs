@@ -9,7 +9,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use tower::ServiceExt;
 use tower_llm_lb::client::http_client;
-use tower_llm_lb::config::Config;
+use tower_llm_lb_config::Config;
 use tower_llm_lb_gateway::Gateway;
 use tower_llm_lb_gateway::settings::GatewayConfig;
 use tower_llm_lb_mock::{Fault, MockServer};

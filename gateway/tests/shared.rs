@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use tower::ServiceExt;
 use tower_llm_lb::client::http_client;
-use tower_llm_lb::config::Config;
+use tower_llm_lb_config::Config;
 use tower_llm_lb_mock::{MockServer, RedisServer};
 
 /// A real `redis-server` on a loopback port.

@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 use tower::ServiceExt;
 use tower_llm_lb::body::ReplayBody;
 use tower_llm_lb::client::http_client;
-use tower_llm_lb::config::Config;
+use tower_llm_lb_config::Config;
 use tower_llm_lb_gateway::Gateway;
 use tower_llm_lb_mock::{Fault, MockServer};
 

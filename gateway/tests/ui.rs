@@ -7,7 +7,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use tower::ServiceExt;
-use tower_llm_lb::config::Config;
+use tower_llm_lb_config::Config;
 use tower_llm_lb_gateway::Gateway;
 use tower_llm_lb_mock::{Fault, MockServer};
 

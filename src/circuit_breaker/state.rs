@@ -62,7 +62,7 @@ impl Default for Policy {
 
 impl Policy {
     /// Checks the policy; the message names the bad field.
-    pub(crate) fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), String> {
         if self.consecutive_failures == 0 {
             return Err("consecutive_failures: must be >= 1".into());
         }

@@ -141,8 +141,9 @@ impl Credential {
         }
     }
 
-    /// A static secret sent in the header `kind` names.
-    pub(crate) fn new(kind: CredentialKind, secret: &str) -> Result<Credential, InvalidConfig> {
+    /// A static secret sent in the header `kind` names (as [`Credential::from_env`] for a
+    /// secret already in hand).
+    pub fn new(kind: CredentialKind, secret: &str) -> Result<Credential, InvalidConfig> {
         Ok(Self::static_secret(kind, secret)?)
     }
 

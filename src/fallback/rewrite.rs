@@ -40,12 +40,6 @@ impl Overrides {
         self
     }
 
-    /// Overrides from a JSON object (e.g. a config's `override_params`).
-    #[cfg(feature = "config")]
-    pub(crate) fn from_map(fields: Map<String, Value>) -> Self {
-        Overrides { fields }
-    }
-
     /// True when there is nothing to override.
     pub(crate) fn is_empty(&self) -> bool {
         self.fields.is_empty()

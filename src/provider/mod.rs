@@ -82,11 +82,10 @@ impl fmt::Debug for Provider {
 pub(crate) static ANTHROPIC_VERSION: HeaderName = HeaderName::from_static("anthropic-version");
 
 /// The default `anthropic-version`.
-pub(crate) const DEFAULT_ANTHROPIC_VERSION: &str = "2023-06-01";
+pub const DEFAULT_ANTHROPIC_VERSION: &str = "2023-06-01";
 
 /// The default Azure OpenAI `api-version` for classic deployment URLs.
-#[cfg(feature = "config")]
-pub(crate) const DEFAULT_AZURE_API_VERSION: &str = "2024-10-21";
+pub const DEFAULT_AZURE_API_VERSION: &str = "2024-10-21";
 
 fn is_segment_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')

@@ -428,9 +428,9 @@ async fn run(
     }
 }
 
-/// A store URL without its password (`redis://user:secret@host/` → `redis://user:***@host/`).
-#[cfg_attr(not(any(feature = "redis", feature = "config")), allow(dead_code))]
-pub(crate) fn redact_url(url: &str) -> String {
+/// A store URL without its password (`redis://user:secret@host/` → `redis://user:***@host/`),
+/// for logs and `Debug` output.
+pub fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return "<not a URL>".into();
     };

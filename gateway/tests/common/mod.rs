@@ -85,7 +85,7 @@ pub async fn serve_over(
 /// The gateway (in process) serving the config `json` on a loopback port until the returned
 /// sender is dropped; sharing state through Redis when the config says so.
 pub async fn serve_json(json: &str) -> (String, tokio::sync::oneshot::Sender<()>) {
-    let config = tower_llm_lb::config::Config::from_json(json).unwrap();
+    let config = tower_llm_lb_config::Config::from_json(json).unwrap();
     let (svc, backends) = config
         .build_with_backends(tower_llm_lb::client::http_client())
         .unwrap();

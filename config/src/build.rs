@@ -12,20 +12,20 @@ use tower_service::Service;
 use super::{
     Algorithm, BackendConfig, Config, EntraConfig, Mode, ProviderKind, StrategyConfig, TargetConfig,
 };
-use crate::auth::entra::{AzureCli, ChainSource, ClientCredentials, ManagedIdentity};
-use crate::auth::{Credential, CredentialKind, TokenCache, TokenSource};
-use crate::backend::Backend;
-use crate::balance::{Balance, Strategy};
-use crate::body::ReplayBody;
-use crate::boxed::BoxTarget;
-use crate::circuit_breaker::Policy;
-use crate::error::BoxError;
-use crate::fallback::{Fallback, Overrides};
-use crate::provider::{DEFAULT_ANTHROPIC_VERSION, DEFAULT_AZURE_API_VERSION, Provider};
-use crate::retry::RetryAfter429Layer;
-use crate::stack::{self, LlmService, Settings, StackOver};
-use crate::timeout::AttemptTimeoutLayer;
 use std::sync::Arc;
+use tower_llm_lb::auth::entra::{AzureCli, ChainSource, ClientCredentials, ManagedIdentity};
+use tower_llm_lb::auth::{Credential, CredentialKind, TokenCache, TokenSource};
+use tower_llm_lb::backend::Backend;
+use tower_llm_lb::balance::{Balance, Strategy};
+use tower_llm_lb::body::ReplayBody;
+use tower_llm_lb::circuit_breaker::Policy;
+use tower_llm_lb::error::BoxError;
+use tower_llm_lb::fallback::BoxTarget;
+use tower_llm_lb::fallback::{Fallback, Overrides};
+use tower_llm_lb::provider::{DEFAULT_ANTHROPIC_VERSION, DEFAULT_AZURE_API_VERSION, Provider};
+use tower_llm_lb::retry::RetryAfter429Layer;
+use tower_llm_lb::stack::{self, LlmService, Settings, StackOver};
+use tower_llm_lb::timeout::AttemptTimeoutLayer;
 
 /// A configuration that cannot be used: the path of the bad field and why. Never contains a
 /// secret.
@@ -84,7 +84,7 @@ struct Ctx<'a, C, ResB> {
 
 impl Config {
     /// Validates the whole configuration and builds the stack over `client` (any hyper-util
-    /// client, e.g. [`client::https_client`](crate::client)).
+    /// client, e.g. [`client::https_client`](tower_llm_lb::client)).
     pub fn build<C>(&self, client: C) -> Result<LlmService, ConfigError>
     where
         C: Service<Request<ReplayBody>, Response = Response<Incoming>>
@@ -99,7 +99,7 @@ impl Config {
     }
 
     /// Like [`Config::build`], also returning every backend the stack sends to (their
-    /// [`BackendState`](crate::BackendState)s feed stats pages), each once.
+    /// [`BackendState`](tower_llm_lb::BackendState)s feed stats pages), each once.
     pub fn build_with_backends<C>(
         &self,
         client: C,
@@ -257,6 +257,13 @@ impl Config {
     }
 }
 
+/// A target's `override_params` as [`Overrides`].
+fn overrides(params: &serde_json::Map<String, serde_json::Value>) -> Overrides {
+    params
+        .iter()
+        .fold(Overrides::new(), |o, (k, v)| o.set(k.clone(), v.clone()))
+}
+
 /// Every backend a stack sends to, each once, by name.
 fn each_once(mut used: Vec<Backend>) -> Vec<Backend> {
     used.sort_by(|a, b| a.name().cmp(b.name()));
@@ -265,9 +272,9 @@ fn each_once(mut used: Vec<Backend>) -> Vec<Backend> {
 }
 
 /// Sends each request to the target its `model` names (config `models`); a request without a
-/// model that is [`Pinned`](crate::balance::Pinned) to a backend (`GET /v1/responses/{id}`),
+/// model that is [`Pinned`](tower_llm_lb::balance::Pinned) to a backend (`GET /v1/responses/{id}`),
 /// to the first model's target holding that backend; a model not listed, or none, is
-/// [`NotServed`](crate::error::NotServed), nothing sent.
+/// [`NotServed`](tower_llm_lb::error::NotServed), nothing sent.
 struct ModelRouter<B> {
     routes: Arc<BTreeMap<String, BoxTarget<B>>>,
     by_backend: Arc<BTreeMap<String, BoxTarget<B>>>,
@@ -297,9 +304,9 @@ impl<B: Send + 'static> Service<Request<ReplayBody>> for ModelRouter<B> {
     }
 
     fn call(&mut self, req: Request<ReplayBody>) -> Self::Future {
-        let model = crate::provider::model_of(req.body().bytes());
+        let model = tower_llm_lb::provider::model_of(req.body().bytes());
         let pinned = || {
-            let p = req.extensions().get::<crate::balance::Pinned>()?;
+            let p = req.extensions().get::<tower_llm_lb::balance::Pinned>()?;
             self.by_backend.get(&*p.0)
         };
         let target = match model {
@@ -309,12 +316,7 @@ impl<B: Send + 'static> Service<Request<ReplayBody>> for ModelRouter<B> {
         match target {
             Some(target) => target.clone().call(req),
             None => {
-                let refused = crate::error::NotServed {
-                    group: Arc::from("models"),
-                    model: model.map(str::to_string),
-                    route: None,
-                    pinned: None,
-                };
+                let refused = tower_llm_lb::error::NotServed::for_model("models", model);
                 Box::pin(async move { Err(refused.into()) })
             }
         }
@@ -324,11 +326,11 @@ impl<B: Send + 'static> Service<Request<ReplayBody>> for ModelRouter<B> {
 fn settings(config: &Config) -> Result<Settings, ConfigError> {
     let mut s = Settings::default();
     if let Some(t) = &config.translation {
-        let d = crate::translate::Options::default();
+        let d = tower_llm_lb::translate::Options::default();
         if t.default_max_tokens == Some(0) {
             return err("translation.default_max_tokens", "must be at least 1");
         }
-        s.translation = crate::translate::Options {
+        s.translation = tower_llm_lb::translate::Options {
             default_max_tokens: t.default_max_tokens.unwrap_or(d.default_max_tokens),
             drop_unsupported: t.drop_unsupported.unwrap_or(d.drop_unsupported),
         };
@@ -403,12 +405,12 @@ fn settings(config: &Config) -> Result<Settings, ConfigError> {
 }
 
 /// The standing line of a group from its `retry` section at `path` (see
-/// [`StandingLine`](crate::balance::StandingLine)), `base` where it sets nothing.
+/// [`StandingLine`](tower_llm_lb::balance::StandingLine)), `base` where it sets nothing.
 fn standing_line(
     path: &str,
     retry: Option<&super::RetryConfig>,
-    base: Option<crate::balance::StandingLine>,
-) -> Result<Option<crate::balance::StandingLine>, ConfigError> {
+    base: Option<tower_llm_lb::balance::StandingLine>,
+) -> Result<Option<tower_llm_lb::balance::StandingLine>, ConfigError> {
     let Some(r) = retry else { return Ok(base) };
     if r.line_interval_ms == Some(0) {
         return err(&format!("{path}.line_interval_ms"), "must be > 0");
@@ -433,8 +435,8 @@ fn standing_line(
 fn health_probe(
     path: &str,
     h: &super::HealthCheckConfig,
-) -> Result<crate::circuit_breaker::HealthProbe, ConfigError> {
-    let d = crate::circuit_breaker::HealthProbe::default();
+) -> Result<tower_llm_lb::circuit_breaker::HealthProbe, ConfigError> {
+    let d = tower_llm_lb::circuit_breaker::HealthProbe::default();
     let Some(probe_path) = &h.path else {
         return err(&format!("{path}.path"), "missing");
     };
@@ -456,7 +458,7 @@ fn health_probe(
         }
         None => d.healthy.clone(),
     };
-    Ok(crate::circuit_breaker::HealthProbe {
+    Ok(tower_llm_lb::circuit_breaker::HealthProbe {
         path: probe_path.clone(),
         interval: h.interval_ms.map_or(d.interval, ms),
         timeout: h.timeout_ms.map_or(d.timeout, ms),
@@ -545,7 +547,7 @@ fn backend_from(
     name: &str,
     b: &BackendConfig,
     caches: &mut Caches,
-    state: Option<crate::BackendState>,
+    state: Option<tower_llm_lb::BackendState>,
 ) -> Result<Backend, ConfigError> {
     let Some(kind) = b.provider else {
         return err(
@@ -919,7 +921,7 @@ where
                 for (i, c) in t.targets.iter().enumerate() {
                     let p = child(i);
                     let built = self.node_plain(&p, c, i)?;
-                    let overrides = Overrides::from_map(c.override_params.clone());
+                    let overrides = overrides(&c.override_params);
                     fb = fb.target_with(self.name_of(c, i), built, overrides);
                 }
                 let chain = fb
@@ -992,7 +994,7 @@ where
         let fb = Fallback::builder(self.name_of(t, index)).target_with(
             self.name_of(t, index),
             built,
-            Overrides::from_map(t.override_params.clone()),
+            overrides(&t.override_params),
         );
         let chain = fb
             .build()

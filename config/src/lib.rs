@@ -1,5 +1,5 @@
 //! A serde config (JSON or TOML, one schema) and the one validating step that builds the stack
-//! from it (feature `config`).
+//! from it (the `tower-llm-lb-config` crate).
 //!
 //! The schema keeps Portkey's gateway-config meanings, so its users feel at home:
 //! `strategy.mode` (`loadbalance`, `fallback`), nested `targets`, `weight`, `override_params`,
@@ -11,7 +11,7 @@
 //! back.
 //!
 //! ```
-//! use tower_llm_lb::config::Config;
+//! use tower_llm_lb_config::Config;
 //!
 //! let json = r#"{
 //!   "backends": {
@@ -42,16 +42,20 @@
 
 mod build;
 mod env;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzz;
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::Path;
 
 use serde::Deserialize;
+use tower_llm_lb::shared::redact_url;
 
 pub use build::ConfigError;
 
-/// The whole configuration. See the [module docs](self).
+/// The whole configuration. See the [crate docs](crate).
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
@@ -81,10 +85,10 @@ pub struct Config {
     /// The gateway's own settings, read by the gateway crate.
     pub(crate) gateway: Option<Section>,
     /// How OpenAI chat requests are translated for Anthropic backends, and Anthropic messages
-    /// requests for OpenAI and Azure ones (see [`translate`](crate::translate)).
+    /// requests for OpenAI and Azure ones (see [`translate`](tower_llm_lb::translate)).
     pub(crate) translation: Option<TranslationConfig>,
     /// Backend waits and open circuits shared with the other replicas through Redis (see
-    /// [`shared`](crate::shared); needs the `redis` feature). None: each replica on its own.
+    /// [`shared`](tower_llm_lb::shared); needs the `redis` feature). None: each replica on its own.
     pub(crate) shared_state: Option<SharedStateConfig>,
 }
 
@@ -108,10 +112,7 @@ pub(crate) struct SharedStateConfig {
 impl fmt::Debug for SharedStateConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SharedStateConfig")
-            .field(
-                "redis_url",
-                &self.redis_url.as_deref().map(crate::shared::redact_url),
-            )
+            .field("redis_url", &self.redis_url.as_deref().map(redact_url))
             .field("redis_url_env", &self.redis_url_env)
             .field("key_prefix", &self.key_prefix)
             .field("sync_interval_ms", &self.sync_interval_ms)
@@ -181,7 +182,7 @@ impl fmt::Debug for BackendConfig {
     }
 }
 
-/// An Entra ID token source (see [`auth::entra`](crate::auth::entra)).
+/// An Entra ID token source (see [`auth::entra`](tower_llm_lb::auth::entra)).
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub(crate) enum EntraConfig {
@@ -474,8 +475,8 @@ impl Config {
     /// `redis` feature.
     pub fn shared_state(
         &self,
-        backends: Vec<crate::Backend>,
-    ) -> Result<Option<crate::shared::SharedState>, ConfigError> {
+        backends: Vec<tower_llm_lb::Backend>,
+    ) -> Result<Option<tower_llm_lb::shared::SharedState>, ConfigError> {
         let Some(c) = &self.shared_state else {
             return Ok(None);
         };
@@ -494,8 +495,8 @@ impl Config {
                 ));
             }
         };
-        let d = crate::shared::SharedSettings::default();
-        let settings = crate::shared::SharedSettings {
+        let d = tower_llm_lb::shared::SharedSettings::default();
+        let settings = tower_llm_lb::shared::SharedSettings {
             interval: c
                 .sync_interval_ms
                 .map_or(d.interval, std::time::Duration::from_millis),
@@ -512,9 +513,9 @@ impl Config {
         }
         #[cfg(feature = "redis")]
         {
-            let store = crate::shared::RedisStore::new(&url, &settings.key_prefix)
+            let store = tower_llm_lb::shared::RedisStore::new(&url, &settings.key_prefix)
                 .map_err(|e| ConfigError::new("shared_state.redis_url".into(), e.to_string()))?;
-            Ok(Some(crate::shared::SharedState::spawn(
+            Ok(Some(tower_llm_lb::shared::SharedState::spawn(
                 std::sync::Arc::new(store),
                 backends,
                 settings,
