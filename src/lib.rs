@@ -78,7 +78,6 @@
 //! | feature | default | what it adds |
 //! |---|---|---|
 //! | `rustls` | yes | [`client::https_client`]: hyper-util + rustls (ring), webpki or native roots; [`client::https_client_with`] for your own rustls config (private roots, client certificates) |
-//! | `azure-identity` | no | `auth::entra::AzureSdkCredential`: any `azure_core` `TokenCredential` as a token source |
 //! | `redis` | no | `shared::RedisStore`: replicas share backend waits, open circuits and their quota shares through Redis (or a Redis Cluster) |
 //!
 //! gRPC needs no feature: [`Backend::grpc`], [`client::grpc_client`] and [`classify::grpc`]

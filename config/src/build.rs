@@ -13,7 +13,6 @@ use super::{
     Algorithm, BackendConfig, Config, EntraConfig, Mode, ProviderKind, StrategyConfig, TargetConfig,
 };
 use std::sync::Arc;
-use tower_llm_lb::auth::entra::{AzureCli, ChainSource, ClientCredentials, ManagedIdentity};
 use tower_llm_lb::auth::{Credential, CredentialKind, TokenCache, TokenSource};
 use tower_llm_lb::backend::Backend;
 use tower_llm_lb::balance::{Balance, Strategy};
@@ -26,6 +25,7 @@ use tower_llm_lb::provider::{DEFAULT_ANTHROPIC_VERSION, DEFAULT_AZURE_API_VERSIO
 use tower_llm_lb::retry::RetryAfter429Layer;
 use tower_llm_lb::stack::{self, LlmService, Settings, StackOver};
 use tower_llm_lb::timeout::AttemptTimeoutLayer;
+use tower_llm_lb_entra::{AzureCli, ChainSource, ClientCredentials, ManagedIdentity};
 
 /// A configuration that cannot be used: the path of the bad field and why. Never contains a
 /// secret.

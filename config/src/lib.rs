@@ -182,7 +182,7 @@ impl fmt::Debug for BackendConfig {
     }
 }
 
-/// An Entra ID token source (see [`auth::entra`](tower_llm_lb::auth::entra)).
+/// An Entra ID token source (see [`tower_llm_lb_entra`]).
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub(crate) enum EntraConfig {

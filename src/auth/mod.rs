@@ -38,8 +38,6 @@
 //! # Ok(()) }
 //! ```
 
-pub mod entra;
-
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;

@@ -59,7 +59,7 @@ impl WallClock {
     }
 
     /// Reads the clock.
-    pub(crate) fn now(&self) -> SystemTime {
+    pub fn now(&self) -> SystemTime {
         (self.0)()
     }
 }

@@ -18,13 +18,9 @@ pub use token::{BoxFuture, Token, TokenCache, TokenSource};
 pub(crate) struct Secret(HeaderValue);
 
 impl Secret {
-    /// Wraps `value`. Fails, without echoing the value, if it is empty or has characters not
-    /// allowed in a header (control characters, newlines, non-visible bytes).
-    pub(crate) fn new(value: &str) -> Result<Secret, InvalidConfig> {
-        Ok(Self::with_prefix("", value)?)
-    }
-
-    /// Like [`Secret::new`] for `prefix` followed by `value` (e.g. `Bearer ` and a token).
+    /// Wraps `prefix` followed by `value` (e.g. `Bearer ` and a token). Fails, without echoing
+    /// the value, if it is empty or has characters not allowed in a header (control
+    /// characters, newlines, non-visible bytes).
     pub(crate) fn with_prefix(prefix: &str, value: &str) -> Result<Secret, InvalidCredential> {
         if value.trim().is_empty() {
             return Err(InvalidCredential::new("is empty"));

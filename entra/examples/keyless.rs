@@ -4,19 +4,19 @@
 //! Runs against an embedded mock token endpoint and mock regions (no credentials needed); for
 //! real use, drop `.authority(..)` and `.client(..)` and give your tenant, client id and secret.
 //!
-//! Run: `cargo run --example keyless`
+//! Run: `cargo run -p tower-llm-lb-entra --example keyless`
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use tower::ServiceExt;
-use tower_llm_lb::auth::entra::{ClientCredentials, TokenClient};
 use tower_llm_lb::auth::{Credential, TokenCache};
 use tower_llm_lb::body::ReplayBody;
 use tower_llm_lb::client::http_client;
 use tower_llm_lb::endpoint::Served;
 use tower_llm_lb::stack::{self, Settings};
 use tower_llm_lb::{Backend, BoxError};
+use tower_llm_lb_entra::{ClientCredentials, TokenClient};
 use tower_llm_lb_mock::{MockServer, MockTokenServer};
 
 async fn run() -> Result<(), BoxError> {

@@ -2,9 +2,9 @@
 //! identity (VM / IMDS, App Service / Container Apps), the Azure CLI, and a chain that tries them
 //! in order like `DefaultAzureCredential`.
 //!
-//! Each is a [`TokenSource`]: plug it in with [`Credential::token_source`](super::Credential::token_source)
-//! (or share one [`TokenCache`](super::TokenCache) between backends of the same tenant), and
-//! [`AuthInject`](super::AuthInject) sends `Authorization: Bearer <token>`, refreshed ahead of
+//! Each is a [`TokenSource`]: plug it in with [`Credential::token_source`](tower_llm_lb::auth::Credential::token_source)
+//! (or share one [`TokenCache`](tower_llm_lb::auth::TokenCache) between backends of the same tenant), and
+//! [`AuthInject`](tower_llm_lb::auth::AuthInject) sends `Authorization: Bearer <token>`, refreshed ahead of
 //! expiry, one fetch in flight however many requests wait.
 //!
 //! Every endpoint URL is configurable, so tests run against a token server on loopback. Errors
@@ -17,7 +17,8 @@
 //! and every source it supports (workload identity included).
 //!
 //! ```
-//! use tower_llm_lb::auth::{Credential, entra::ClientCredentials};
+//! use tower_llm_lb::auth::Credential;
+//! use tower_llm_lb_entra::ClientCredentials;
 //!
 //! # fn main() -> Result<(), tower_llm_lb::BoxError> {
 //! # let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
@@ -40,19 +41,22 @@ use serde::Deserialize;
 use tower::ServiceExt;
 use tower::util::BoxCloneSyncService;
 
-use crate::body::ReplayBody;
-use crate::classify::retry_after::WallClock;
-use crate::credential::{BoxFuture, Secret, Token, TokenSource};
-use crate::error::BoxError;
+use tower_llm_lb::BoxError;
+use tower_llm_lb::auth::{BoxFuture, Token, TokenSource};
+use tower_llm_lb::body::ReplayBody;
+use tower_llm_lb::classify::retry_after::WallClock;
+
+mod secret;
+use secret::Secret;
 
 /// The scope of Azure OpenAI / Cognitive Services tokens.
-pub(crate) const COGNITIVE_SERVICES_SCOPE: &str = "https://cognitiveservices.azure.com/.default";
+const COGNITIVE_SERVICES_SCOPE: &str = "https://cognitiveservices.azure.com/.default";
 /// The resource (v1 endpoints) of Azure OpenAI / Cognitive Services tokens.
-pub(crate) const COGNITIVE_SERVICES_RESOURCE: &str = "https://cognitiveservices.azure.com/";
+const COGNITIVE_SERVICES_RESOURCE: &str = "https://cognitiveservices.azure.com/";
 /// The Microsoft identity platform.
-pub(crate) const DEFAULT_AUTHORITY: &str = "https://login.microsoftonline.com";
+const DEFAULT_AUTHORITY: &str = "https://login.microsoftonline.com";
 /// The VM instance metadata (IMDS) token endpoint.
-pub(crate) const IMDS_ENDPOINT: &str = "http://169.254.169.254/metadata/identity/oauth2/token";
+const IMDS_ENDPOINT: &str = "http://169.254.169.254/metadata/identity/oauth2/token";
 
 /// The HTTP client token sources use.
 pub type TokenClient = BoxCloneSyncService<Request<ReplayBody>, Response<Incoming>, BoxError>;
@@ -60,11 +64,15 @@ pub type TokenClient = BoxCloneSyncService<Request<ReplayBody>, Response<Incomin
 fn default_client() -> TokenClient {
     #[cfg(feature = "rustls")]
     {
-        if let Ok(c) = crate::client::https_client::<ReplayBody>(crate::client::Roots::WebPki) {
+        if let Ok(c) =
+            tower_llm_lb::client::https_client::<ReplayBody>(tower_llm_lb::client::Roots::WebPki)
+        {
             return BoxCloneSyncService::new(c.map_err(BoxError::from));
         }
     }
-    BoxCloneSyncService::new(crate::client::http_client::<ReplayBody>().map_err(BoxError::from))
+    BoxCloneSyncService::new(
+        tower_llm_lb::client::http_client::<ReplayBody>().map_err(BoxError::from),
+    )
 }
 
 /// A token source failed. Says which and why; never contains a secret.
@@ -339,7 +347,7 @@ impl ManagedIdentity {
             kind: MiKind::Imds,
             client_id: None,
             client: BoxCloneSyncService::new(
-                crate::client::http_client::<ReplayBody>().map_err(BoxError::from),
+                tower_llm_lb::client::http_client::<ReplayBody>().map_err(BoxError::from),
             ),
             clock: WallClock::system(),
         }
