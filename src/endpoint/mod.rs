@@ -536,18 +536,8 @@ impl Record {
                 // requests) is paced by its token quota: its 429 says nothing of a request rate.
                 let token_hints = hints.remaining_tokens.is_some() || hints.limit_tokens.is_some();
                 if hints.remaining_requests.is_none() && !token_hints {
-                    // No quota hints: the rate the backend let through since its last 429 is
-                    // what it can bear; before that is known, twice the wait it asked for (a
-                    // 429's wait is the time to its next free slot: half an interval on
-                    // average).
-                    let guess = wait.saturating_mul(2);
-                    let pace = state
-                        .saturated_interval(now)
-                        .or_else(|| state.whole_pace().map(|p| p.max(guess)))
-                        .unwrap_or(guess);
-                    state.set_pace(Some(
-                        pace.clamp(Duration::from_millis(1), Duration::from_secs(1)),
-                    ));
+                    // No quota hints: the pace is learned from the 429s themselves.
+                    state.pace_from_throttle(now, self.start, wait);
                 }
                 tracing::debug!(
                     backend = self.backend.name(),
