@@ -1225,9 +1225,11 @@ where
         bytes = Bytes::from(asked);
         strip_usage = true;
     }
-    let model = gw.metrics.model_label(&live, &bytes);
+    // Read once: the metric's label (declared models only) and the access line's model.
+    let asked = tower_llm_lb::provider::model_of(&bytes);
+    let model = gw.metrics.model_label(&live, asked);
     // The access line names the model asked for (the metric's label only declared ones).
-    if let (Some(l), Some(m)) = (line.as_mut(), tower_llm_lb::provider::model_of(&bytes)) {
+    if let (Some(l), Some(m)) = (line.as_mut(), asked) {
         l.model = Some(bytes.slice_ref(m.as_bytes()));
         #[cfg(feature = "otel")]
         if let Some(span) = &l.span {

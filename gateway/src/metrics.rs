@@ -273,10 +273,10 @@ impl Metrics {
         }
     }
 
-    /// The `model` label of a request: its `model` when a backend declares it, else `other`
-    /// (label values stay a bounded set).
-    pub(crate) fn model_label(&self, live: &Live, body: &[u8]) -> Name {
-        tower_llm_lb::provider::model_of(body)
+    /// The `model` label of a request asking for `model`: it when a backend declares it, else
+    /// `other` (label values stay a bounded set).
+    pub(crate) fn model_label(&self, live: &Live, model: Option<&str>) -> Name {
+        model
             .and_then(|m| live.declared_name(m))
             .unwrap_or_else(|| self.other.clone())
     }
