@@ -67,7 +67,17 @@ async fn eventually(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
 
 /// Links two replicas' backends through the Redis at `url`, under `prefix`.
 fn link_both(url: &str, prefix: &str, a: &[Backend], b: &[Backend]) -> (SharedState, SharedState) {
-    let store: Arc<RedisStore> = Arc::new(RedisStore::new(url, prefix).unwrap());
+    link_both_through(RedisStore::new(url, prefix).unwrap(), prefix, a, b)
+}
+
+/// Links two replicas' backends through `store`, under `prefix`.
+fn link_both_through(
+    store: RedisStore,
+    prefix: &str,
+    a: &[Backend],
+    b: &[Backend],
+) -> (SharedState, SharedState) {
+    let store = Arc::new(store);
     (
         SharedState::spawn(store.clone(), a.to_vec(), settings(prefix)),
         SharedState::spawn(store, b.to_vec(), settings(prefix)),
@@ -87,11 +97,17 @@ async fn throttled_once(mock: &MockServer, svc: LlmService, header: &str, value:
 /// Replica A earns a `429 retry-after: 2`; then replica B sends one request. Returns whether
 /// the mock got a request during the wait it asked for.
 async fn second_replica_after_a_429(redis: Option<String>, prefix: &str) -> bool {
+    let store = redis.map(|url| RedisStore::new(&url, prefix).unwrap());
+    second_replica_through(store, prefix).await
+}
+
+/// [`second_replica_after_a_429`] through `store`.
+async fn second_replica_through(store: Option<RedisStore>, prefix: &str) -> bool {
     let mock = MockServer::builder().name("east").start().await.unwrap();
     let (a, backends_a) = replica(&mock);
     let (b, backends_b) = replica(&mock);
-    let shared = redis.is_some();
-    let _links = redis.map(|url| link_both(&url, prefix, &backends_a, &backends_b));
+    let shared = store.is_some();
+    let _links = store.map(|store| link_both_through(store, prefix, &backends_a, &backends_b));
     if let Some((link_a, link_b)) = &_links {
         // Both linked before the 429 (a cluster's first connect takes a while).
         assert!(
@@ -354,6 +370,43 @@ async fn replicas_share_through_a_redis_cluster() {
         "through the cluster, replica B waited for A's retry-after"
     );
     drop(nodes);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `rediss://`: a server that speaks TLS only, its certificate from a private CA given to the
+/// store; then the same server refused to a store that checks the system's roots.
+#[tokio::test]
+async fn replicas_share_through_redis_over_tls() {
+    let dir = std::env::temp_dir().join(format!("llm-lb-redis-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
+    let redis = RedisServer::start_tls(
+        Some("s3cret-tls"),
+        &dir,
+        &cert.cert.pem(),
+        &cert.key_pair.serialize_pem(),
+    )
+    .unwrap_or_else(|e| panic!("this test needs redis-server with TLS: {e}"));
+    assert!(redis.url().starts_with("rediss://"));
+    let ca = cert.cert.pem();
+    let store = RedisStore::with_root_certificate(&redis.url(), "t9", ca.as_bytes()).unwrap();
+    assert!(
+        !second_replica_through(Some(store), "t9").await,
+        "over TLS, replica B waited for A's retry-after"
+    );
+    // Not trusted without its CA: the link fails and says nothing of the password.
+    let mock = MockServer::builder().name("east").start().await.unwrap();
+    let (_svc, backends) = replica(&mock);
+    let link = SharedState::spawn(
+        Arc::new(RedisStore::new(&redis.url(), "t9").unwrap()),
+        backends,
+        settings("t9"),
+    );
+    assert!(eventually(Duration::from_secs(5), || link.status().failures > 0).await);
+    let status = link.status();
+    assert_eq!(status.exchanges, 0, "{status:?}");
+    assert!(!format!("{status:?}").contains("s3cret-tls"), "{status:?}");
+    drop(redis);
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -107,6 +107,9 @@ pub(crate) struct SharedStateConfig {
     pub sync_interval_ms: Option<u64>,
     /// The longest one exchange may take, in ms (default 50); requests never wait for it.
     pub timeout_ms: Option<u64>,
+    /// A PEM file of the CA that signed a `rediss://` server's certificate (a private CA);
+    /// without it the system's roots and webpki's are trusted.
+    pub redis_ca_file: Option<String>,
 }
 
 impl fmt::Debug for SharedStateConfig {
@@ -117,6 +120,7 @@ impl fmt::Debug for SharedStateConfig {
             .field("key_prefix", &self.key_prefix)
             .field("sync_interval_ms", &self.sync_interval_ms)
             .field("timeout_ms", &self.timeout_ms)
+            .field("redis_ca_file", &self.redis_ca_file)
             .finish()
     }
 }
@@ -513,8 +517,23 @@ impl Config {
         }
         #[cfg(feature = "redis")]
         {
-            let store = tower_llm_lb::shared::RedisStore::new(&url, &settings.key_prefix)
-                .map_err(|e| ConfigError::new("shared_state.redis_url".into(), e.to_string()))?;
+            let store = match &c.redis_ca_file {
+                None => tower_llm_lb::shared::RedisStore::new(&url, &settings.key_prefix),
+                Some(file) => {
+                    let ca = std::fs::read(file).map_err(|e| {
+                        ConfigError::new(
+                            "shared_state.redis_ca_file".into(),
+                            format!("{file}: {e}"),
+                        )
+                    })?;
+                    tower_llm_lb::shared::RedisStore::with_root_certificate(
+                        &url,
+                        &settings.key_prefix,
+                        &ca,
+                    )
+                }
+            }
+            .map_err(|e| ConfigError::new("shared_state.redis_url".into(), e.to_string()))?;
             Ok(Some(tower_llm_lb::shared::SharedState::spawn(
                 std::sync::Arc::new(store),
                 backends,

@@ -811,3 +811,17 @@ fn readme_json_after(marker: &str) -> &'static str {
     let start = from + readme[from..].find("```json\n").expect("a JSON block") + "```json\n".len();
     &readme[start..start + readme[start..].find("```").unwrap()]
 }
+
+#[tokio::test]
+async fn a_redis_ca_file_that_cannot_be_read_is_named_by_its_field() {
+    let config = Config::from_json(
+        r#"{ "backends": { "a": { "provider": "openai", "url": "http://127.0.0.1:9", "api_key": "k" } },
+             "shared_state": { "redis_url": "rediss://:pw@127.0.0.1:6380", "redis_ca_file": "/nonexistent/ca.pem" } }"#,
+    )
+    .unwrap();
+    let (_, backends) = config.build_with_backends(http_client()).unwrap();
+    let err = config.shared_state(backends).unwrap_err();
+    assert_eq!(err.path(), "shared_state.redis_ca_file", "{err}");
+    assert!(err.to_string().contains("/nonexistent/ca.pem"), "{err}");
+    assert!(!format!("{config:?}").contains(":pw@"), "{config:?}");
+}

@@ -22,6 +22,8 @@ pub struct RedisServer {
     password: Option<String>,
     /// Extra arguments (cluster mode).
     args: Vec<String>,
+    /// Serving TLS only (`--tls-port`), with these certificate and key files.
+    tls: Option<(String, String)>,
 }
 
 /// A loopback port free a moment ago.
@@ -36,6 +38,36 @@ impl RedisServer {
     /// connections. Fails, saying how to install it, when `redis-server` is not installed.
     pub fn start(password: Option<&str>) -> io::Result<RedisServer> {
         RedisServer::launched(password, Vec::new())
+    }
+
+    /// Starts a server that speaks TLS only (`rediss://`), with a password if given, its
+    /// certificate and key (PEM) written to `dir`: a `redis-server` built with TLS (Debian's
+    /// is). Clients need not present a certificate.
+    pub fn start_tls(
+        password: Option<&str>,
+        dir: &Path,
+        cert_pem: &str,
+        key_pem: &str,
+    ) -> io::Result<RedisServer> {
+        let (cert, key) = (dir.join("redis-cert.pem"), dir.join("redis-key.pem"));
+        std::fs::write(&cert, cert_pem)?;
+        std::fs::write(&key, key_pem)?;
+        let mut r = RedisServer {
+            child: None,
+            port: free_port()?,
+            password: password.map(str::to_string),
+            args: Vec::new(),
+            tls: Some((cert.display().to_string(), key.display().to_string())),
+        };
+        for _ in 0..5 {
+            if r.spawn()? {
+                return Ok(r);
+            }
+            r.port = free_port()?;
+        }
+        Err(io::Error::other(
+            "redis-server did not start with TLS (built without it?)",
+        ))
     }
 
     /// Starts a node of a Redis Cluster (cluster mode, its state file in `dir`), not yet joined
@@ -59,6 +91,7 @@ impl RedisServer {
             port: free_port()?,
             password: password.map(str::to_string),
             args,
+            tls: None,
         };
         // A server that could not bind its port (a parallel test took it) has exited by the
         // time it would listen: it is started on another port.
@@ -99,18 +132,32 @@ impl RedisServer {
         self.port
     }
 
-    /// Its URL, with the password when it has one (`redis://:pw@127.0.0.1:PORT`).
+    /// Its URL, with the password when it has one (`redis://:pw@127.0.0.1:PORT`;
+    /// `rediss://` when it speaks TLS).
     pub fn url(&self) -> String {
+        let scheme = if self.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
         match &self.password {
-            Some(p) => format!("redis://:{p}@127.0.0.1:{}", self.port),
-            None => format!("redis://127.0.0.1:{}", self.port),
+            Some(p) => format!("{scheme}://:{p}@127.0.0.1:{}", self.port),
+            None => format!("{scheme}://127.0.0.1:{}", self.port),
         }
     }
 
     /// One start on the current port: false if the server exited (its port was taken).
     fn spawn(&mut self) -> io::Result<bool> {
         let mut cmd = Command::new("redis-server");
-        cmd.args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+        let port = self.port.to_string();
+        match &self.tls {
+            None => cmd.args(["--port", &port]),
+            Some((cert, key)) => cmd
+                .args(["--port", "0", "--tls-port", &port])
+                .args(["--tls-cert-file", cert, "--tls-key-file", key])
+                .args(["--tls-auth-clients", "no"]),
+        };
+        cmd.args(["--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
             .stdout(Stdio::null())
             .stderr(Stdio::null());

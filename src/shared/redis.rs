@@ -95,8 +95,9 @@ impl std::fmt::Debug for RedisStore {
 }
 
 impl RedisStore {
-    /// A store at `url` (`redis://[user:password@]host[:port][/db]`, `rediss://` for TLS is
-    /// not built in), counting replicas under `key_prefix` (the prefix of
+    /// A store at `url` (`redis://[user:password@]host[:port][/db]`; `rediss://` for TLS,
+    /// the server's certificate checked against the system's roots and webpki's, as managed
+    /// Redis services need), counting replicas under `key_prefix` (the prefix of
     /// [`SharedSettings`](super::SharedSettings)). Fails only on a URL that cannot be used; it
     /// does not connect yet. Must be called inside a tokio runtime.
     ///
@@ -104,6 +105,24 @@ impl RedisStore {
     /// prefix is in one hash slot (the prefix is the key's hash tag), so each exchange is one
     /// script call on the node holding it.
     pub fn new(url: &str, key_prefix: &str) -> Result<RedisStore, BoxError> {
+        Self::built(url, key_prefix, None)
+    }
+
+    /// [`RedisStore::new`] for a `rediss://` server whose certificate chains to `ca_pem` (PEM:
+    /// a private CA) instead of the system's roots.
+    pub fn with_root_certificate(
+        url: &str,
+        key_prefix: &str,
+        ca_pem: &[u8],
+    ) -> Result<RedisStore, BoxError> {
+        Self::built(url, key_prefix, Some(ca_pem))
+    }
+
+    fn built(url: &str, key_prefix: &str, ca_pem: Option<&[u8]>) -> Result<RedisStore, BoxError> {
+        let certs = || redis::TlsCertificates {
+            client_tls: None,
+            root_cert: ca_pem.map(<[u8]>::to_vec),
+        };
         let redacted = url
             .split(',')
             .map(|u| redact_url(u.trim()))
@@ -112,9 +131,13 @@ impl RedisStore {
         let timeout = Duration::from_millis(500);
         let conn = if url.contains(',') {
             let nodes: Vec<&str> = url.split(',').map(str::trim).collect();
-            let client = redis::cluster::ClusterClient::builder(nodes)
+            let mut builder = redis::cluster::ClusterClient::builder(nodes)
                 .connection_timeout(timeout)
-                .response_timeout(timeout)
+                .response_timeout(timeout);
+            if ca_pem.is_some() {
+                builder = builder.certs(certs());
+            }
+            let client = builder
                 .build()
                 .map_err(|e| format!("shared state URLs {redacted}: {}", e.kind_str()))?;
             Conn::Cluster(Box::new(Cluster {
@@ -122,8 +145,11 @@ impl RedisStore {
                 conn: Default::default(),
             }))
         } else {
-            let client = redis::Client::open(url)
-                .map_err(|e| format!("shared state URL {redacted}: {}", e.kind_str()))?;
+            let client = match ca_pem {
+                Some(_) => redis::Client::build_with_tls(url, certs()),
+                None => redis::Client::open(url),
+            }
+            .map_err(|e| format!("shared state URL {redacted}: {}", e.kind_str()))?;
             let config = ConnectionManagerConfig::new()
                 .set_connection_timeout(Some(timeout))
                 .set_response_timeout(Some(timeout))
