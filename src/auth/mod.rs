@@ -99,8 +99,9 @@ enum Source {
     Fixed(Option<Credential>),
     /// The chosen backend's ([`Chosen`](crate::balance::Chosen)).
     Chosen,
-    /// One backend's: sent only to that backend's authority.
-    Owned(Owned),
+    /// One backend's: sent only to that backend's authority. Shared: the layer is cloned for
+    /// every request, and one reference count is cheaper than the three inside.
+    Owned(Arc<Owned>),
 }
 
 /// A credential that belongs to one backend, and where it may go.
@@ -131,11 +132,11 @@ impl AuthInjectLayer {
         AuthInjectLayer {
             credential: match backend.credential() {
                 None => Source::Fixed(None),
-                Some(c) => Source::Owned(Owned {
+                Some(c) => Source::Owned(Arc::new(Owned {
                     backend: backend.name_arc().clone(),
                     authority: backend.authority().clone(),
                     credential: c.clone(),
-                }),
+                })),
             },
         }
     }
