@@ -37,7 +37,7 @@ impl RedisServer {
     /// Starts a server on a free port, with a password if given, and waits until it takes
     /// connections. Fails, saying how to install it, when `redis-server` is not installed.
     pub fn start(password: Option<&str>) -> io::Result<RedisServer> {
-        RedisServer::launched(password, Vec::new())
+        RedisServer::launched(password, Vec::new(), None)
     }
 
     /// Starts a server that speaks TLS only (`rediss://`), with a password if given, its
@@ -52,22 +52,8 @@ impl RedisServer {
         let (cert, key) = (dir.join("redis-cert.pem"), dir.join("redis-key.pem"));
         std::fs::write(&cert, cert_pem)?;
         std::fs::write(&key, key_pem)?;
-        let mut r = RedisServer {
-            child: None,
-            port: free_port()?,
-            password: password.map(str::to_string),
-            args: Vec::new(),
-            tls: Some((cert.display().to_string(), key.display().to_string())),
-        };
-        for _ in 0..5 {
-            if r.spawn()? {
-                return Ok(r);
-            }
-            r.port = free_port()?;
-        }
-        Err(io::Error::other(
-            "redis-server did not start with TLS (built without it?)",
-        ))
+        let tls = (cert.display().to_string(), key.display().to_string());
+        RedisServer::launched(password, Vec::new(), Some(tls))
     }
 
     /// Starts a node of a Redis Cluster (cluster mode, its state file in `dir`), not yet joined
@@ -82,16 +68,20 @@ impl RedisServer {
             "--dir".into(),
             dir.display().to_string(),
         ];
-        RedisServer::launched(None, args)
+        RedisServer::launched(None, args, None)
     }
 
-    fn launched(password: Option<&str>, args: Vec<String>) -> io::Result<RedisServer> {
+    fn launched(
+        password: Option<&str>,
+        args: Vec<String>,
+        tls: Option<(String, String)>,
+    ) -> io::Result<RedisServer> {
         let mut r = RedisServer {
             child: None,
             port: free_port()?,
             password: password.map(str::to_string),
             args,
-            tls: None,
+            tls,
         };
         // A server that could not bind its port (a parallel test took it) has exited by the
         // time it would listen: it is started on another port.
@@ -101,7 +91,10 @@ impl RedisServer {
             }
             r.port = free_port()?;
         }
-        Err(io::Error::other("redis-server did not start"))
+        Err(io::Error::other(match r.tls {
+            None => "redis-server did not start",
+            Some(_) => "redis-server did not start with TLS (built without it?)",
+        }))
     }
 
     /// Stops the server (its clients see it go away); [`RedisServer::restart`] brings it back.
