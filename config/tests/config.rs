@@ -1,6 +1,10 @@
 //! The config: every error names its field, JSON and TOML share one schema, secrets never come
 //! back out, and Portkey's nested example behaves as written against loopback mocks.
 
+#[path = "../../tests/common/mod.rs"]
+mod common;
+
+use common::chat;
 use tower::ServiceExt;
 use tower_llm_lb::client::http_client;
 use tower_llm_lb::fallback::ServedPath;
@@ -379,7 +383,7 @@ async fn a_config_builds_over_a_client_whose_response_body_is_its_own_type() {
 
 #[tokio::test]
 async fn the_readme_s_models_map_parses_and_builds() {
-    let json = readme_json_after("unlisted models refused with");
+    let json = common::readme_json_after("unlisted models refused with");
     let json = ["AOAI_KEY_01", "AOAI_KEY_02"]
         .iter()
         .fold(json.to_string(), |j, var| j.replace(var, "PATH"));
@@ -394,7 +398,7 @@ async fn the_readme_s_models_map_parses_and_builds() {
 
 #[tokio::test]
 async fn the_readme_s_json_config_parses_and_builds() {
-    let json = readme_json_after("The seed patterns as config:");
+    let json = common::readme_json_after("The seed patterns as config:");
     // Its keys come from environment variables; any variable that is set will do here.
     let json = [
         "AOAI_KEY_01",
@@ -795,21 +799,6 @@ async fn only_the_last_target_retries_when_only_it_says_so() {
         3,
         "the last one tries three times"
     );
-}
-
-fn chat(body: &'static str) -> http::Request<tower_llm_lb::body::ReplayBody> {
-    http::Request::post("/v1/chat/completions")
-        .header("content-type", "application/json")
-        .body(tower_llm_lb::body::ReplayBody::from(body))
-        .unwrap()
-}
-
-/// The README's first JSON block after `marker`.
-fn readme_json_after(marker: &str) -> &'static str {
-    let readme = include_str!("../../README.md");
-    let from = readme.find(marker).expect("the marker is in the README");
-    let start = from + readme[from..].find("```json\n").expect("a JSON block") + "```json\n".len();
-    &readme[start..start + readme[start..].find("```").unwrap()]
 }
 
 #[tokio::test]

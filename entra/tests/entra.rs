@@ -1,6 +1,10 @@
 //! Keyless auth against loopback mock servers: a mock Entra ID token endpoint issues short-lived
 //! tokens, and the mock LLM server accepts them only until they expire.
 
+#[path = "../../tests/common/mod.rs"]
+mod common;
+
+use common::{Captured, chat, stack};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,7 +16,7 @@ use tower_llm_lb::error::TokenUnavailable;
 use tower_llm_lb::error::find;
 use tower_llm_lb::{Backend, BoxError};
 use tower_llm_lb_entra::{AzureCli, ChainSource, ClientCredentials, ManagedIdentity, TokenClient};
-use tower_llm_lb_mock::{CapturedLogs as Captured, MockServer, MockTokenServer};
+use tower_llm_lb_mock::{MockServer, MockTokenServer};
 
 const SECRET: &str = "client-secret-value~42";
 
@@ -309,28 +313,4 @@ async fn a_revoked_token_is_replaced_after_one_401_and_the_request_still_succeed
         backend.state().snapshot().unavailable_until.is_none(),
         "a token credential is not taken out on its first 401"
     );
-}
-
-type Stack = tower_llm_lb::endpoint::Endpoint<
-    tower_llm_lb::auth::AuthInject<
-        hyper_util::client::legacy::Client<
-            hyper_util::client::legacy::connect::HttpConnector,
-            tower_llm_lb::body::ReplayBody,
-        >,
-    >,
->;
-
-/// The per-backend layers (routing, the backend's credential) over a plain hyper-util client.
-fn stack(backend: &Backend) -> Stack {
-    tower::ServiceBuilder::new()
-        .layer(tower_llm_lb::endpoint::EndpointLayer::new(backend.clone()))
-        .layer(tower_llm_lb::auth::AuthInjectLayer::for_backend(backend))
-        .service(http_client())
-}
-
-fn chat(body: &'static str) -> http::Request<tower_llm_lb::body::ReplayBody> {
-    http::Request::post("/v1/chat/completions")
-        .header("content-type", "application/json")
-        .body(tower_llm_lb::body::ReplayBody::from(body))
-        .unwrap()
 }
