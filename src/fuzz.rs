@@ -41,6 +41,51 @@ impl<'a> Input<'a> {
     }
 }
 
+/// A JSON value mutated by the input: one to four values somewhere in it (chosen by the
+/// input) replaced by arbitrary ones. For entry points that start from a valid document (the
+/// config crate's).
+pub fn mutate_json(v: &mut serde_json::Value, data: &[u8]) {
+    let mut input = Input(data);
+    for _ in 0..1 + input.u8() % 4 {
+        mutate(v, &mut input, 0);
+    }
+}
+
+/// Replaces one value somewhere in `v`, chosen by the input, with an arbitrary one.
+fn mutate(v: &mut serde_json::Value, input: &mut Input<'_>, depth: usize) {
+    use serde_json::Value;
+    let descend = depth < 6 && !input.u8().is_multiple_of(4);
+    match v {
+        Value::Object(map) if descend && !map.is_empty() => {
+            let i = usize::from(input.u8()) % map.len();
+            if let Some((_, child)) = map.iter_mut().nth(i) {
+                return mutate(child, input, depth + 1);
+            }
+        }
+        Value::Array(items) if descend && !items.is_empty() => {
+            let i = usize::from(input.u8()) % items.len();
+            return mutate(&mut items[i], input, depth + 1);
+        }
+        _ => {}
+    }
+    *v = match input.u8() % 10 {
+        0 => Value::Null,
+        1 => Value::Bool(input.u8().is_multiple_of(2)),
+        2 => Value::from(input.u64() as i64),
+        3 => Value::from(input.u64()),
+        4 => serde_json::Number::from_f64(f64::from_bits(input.u64()))
+            .map_or(Value::Null, Value::Number),
+        5 => Value::from(-1),
+        6 => Value::from(0),
+        7 => {
+            let len = usize::from(input.u8() % 16);
+            Value::from(String::from_utf8_lossy(input.bytes(len)).into_owned())
+        }
+        8 => Value::Array(Vec::new()),
+        _ => Value::Object(serde_json::Map::new()),
+    };
+}
+
 /// Every header a provider sends about waits and quotas.
 const HINT_HEADERS: &[&str] = &[
     "retry-after",

@@ -3,27 +3,6 @@
 
 use crate::Config;
 
-/// Reads structured values off the front of fuzz input; past the end, zeros.
-struct Input<'a>(&'a [u8]);
-
-impl<'a> Input<'a> {
-    fn u8(&mut self) -> u8 {
-        let (b, rest) = self.0.split_first().map_or((0, &[][..]), |(b, r)| (*b, r));
-        self.0 = rest;
-        b
-    }
-
-    fn u64(&mut self) -> u64 {
-        (0..8).fold(0, |acc, _| (acc << 8) | u64::from(self.u8()))
-    }
-
-    fn bytes(&mut self, n: usize) -> &'a [u8] {
-        let (head, rest) = self.0.split_at(n.min(self.0.len()));
-        self.0 = rest;
-        head
-    }
-}
-
 /// A config file: arbitrary text as JSON and as TOML, and a valid config
 /// mutated by the input (any field replaced by an arbitrary value). Nothing panics; a config
 /// that validates also builds or fails with an error.
@@ -51,46 +30,8 @@ pub fn config(data: &[u8]) {
         "health_check": { "path": "/status", "interval_ms": 30000 },
         "gateway": { "client_keys": ["c1"] }
     });
-    let mut input = Input(data);
-    for _ in 0..1 + input.u8() % 4 {
-        mutate(&mut base, &mut input, 0);
-    }
+    tower_llm_lb::fuzz::mutate_json(&mut base, data);
     if let Ok(config) = Config::from_json(&base.to_string()) {
         let _ = config.build(tower_llm_lb::client::http_client());
     }
-}
-
-/// Replaces one value somewhere in `v`, chosen by the input, with an arbitrary one.
-fn mutate(v: &mut serde_json::Value, input: &mut Input<'_>, depth: usize) {
-    use serde_json::Value;
-    let descend = depth < 6 && !input.u8().is_multiple_of(4);
-    match v {
-        Value::Object(map) if descend && !map.is_empty() => {
-            let i = usize::from(input.u8()) % map.len();
-            if let Some((_, child)) = map.iter_mut().nth(i) {
-                return mutate(child, input, depth + 1);
-            }
-        }
-        Value::Array(items) if descend && !items.is_empty() => {
-            let i = usize::from(input.u8()) % items.len();
-            return mutate(&mut items[i], input, depth + 1);
-        }
-        _ => {}
-    }
-    *v = match input.u8() % 10 {
-        0 => Value::Null,
-        1 => Value::Bool(input.u8().is_multiple_of(2)),
-        2 => Value::from(input.u64() as i64),
-        3 => Value::from(input.u64()),
-        4 => serde_json::Number::from_f64(f64::from_bits(input.u64()))
-            .map_or(Value::Null, Value::Number),
-        5 => Value::from(-1),
-        6 => Value::from(0),
-        7 => {
-            let len = usize::from(input.u8() % 16);
-            Value::from(String::from_utf8_lossy(input.bytes(len)).into_owned())
-        }
-        8 => Value::Array(Vec::new()),
-        _ => Value::Object(serde_json::Map::new()),
-    };
 }
