@@ -406,6 +406,27 @@ async fn replicas_share_through_redis_over_tls() {
     let status = link.status();
     assert_eq!(status.exchanges, 0, "{status:?}");
     assert!(!format!("{status:?}").contains("s3cret-tls"), "{status:?}");
+    // The config's `redis_ca_file` links through the same server.
+    let ca_file = dir.join("ca.pem");
+    std::fs::write(&ca_file, &ca).unwrap();
+    let config = Config::from_json(
+        &serde_json::json!({
+            "backends": { "east": { "provider": "openai", "url": format!("{}/v1", mock.url()), "api_key": "k" } },
+            "shared_state": { "redis_url": redis.url(), "redis_ca_file": ca_file, "key_prefix": "t9c" }
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let (_svc, backends) = config.build_with_backends(http_client()).unwrap();
+    let link = config
+        .shared_state(backends)
+        .unwrap()
+        .expect("a shared state");
+    assert!(
+        eventually(Duration::from_secs(5), || link.status().exchanges > 0).await,
+        "{:?}",
+        link.status()
+    );
     drop(redis);
     let _ = std::fs::remove_dir_all(&dir);
 }
