@@ -520,7 +520,6 @@ impl BackendState {
     pub(crate) fn pace_from_throttle(&self, now: Instant, sent_at: Instant, wait: Duration) {
         let guess = wait.saturating_mul(2);
         let measured = self.saturated_interval(now);
-        self.inner.pace_measured.store(measured.is_some(), Release);
         let pace = match measured {
             Some(measured) => measured,
             None => match self.whole_pace() {
@@ -531,11 +530,11 @@ impl BackendState {
                 None => guess,
             },
         };
-        let now_ticks = self.ticks_of(now);
         self.set_pace(Some(
             pace.clamp(Duration::from_millis(1), Duration::from_secs(1)),
         ));
-        self.inner.pace_from.store(now_ticks, Release);
+        self.inner.pace_measured.store(measured.is_some(), Release);
+        self.inner.pace_from.store(self.ticks_of(now), Release);
     }
 
     /// True when the backend's answers tell its token quota (its admissions are spaced by it).
@@ -1273,6 +1272,14 @@ mod tests {
         );
         s.got_through(1);
         assert_eq!(s.whole_pace(), Some(ms(50) - Duration::from_micros(25)));
+        // A 429 to a request sent before that measurement changes nothing: the pace stays
+        // measured, and probed at 0.05%.
+        s.pace_from_throttle(t0 + ms(1010), t0 + ms(990), ms(5));
+        s.got_through(1);
+        assert_eq!(
+            s.whole_pace(),
+            Some(Duration::from_nanos(49_975_000 - 24_987))
+        );
     }
 
     #[tokio::test(start_paused = true)]
