@@ -99,8 +99,8 @@ async fn ask(llm: LlmService, question: &str) -> Result<tonic::Response<AskReply
         // Nothing was free and no wait fitted the budget: the stack says when something is.
         use tower_llm_lb::error::{Exhausted, Unavailable, find};
         let retry_at = find::<Exhausted>(&*e)
-            .map(Exhausted::earliest)
-            .or_else(|| find::<Unavailable>(&*e).map(Unavailable::earliest));
+            .map(|x| x.earliest)
+            .or_else(|| find::<Unavailable>(&*e).map(|u| u.earliest));
         match retry_at.flatten() {
             Some(at) => {
                 let ms = at

@@ -38,8 +38,10 @@ pub fn find<'a, E: std::error::Error + 'static>(
 /// failure; the original error is the [`source`](std::error::Error::source).
 #[derive(Debug)]
 pub struct BackendError {
-    backend: Arc<str>,
-    outcome: Outcome,
+    /// The backend's name.
+    pub backend: Arc<str>,
+    /// What the failure means.
+    pub outcome: Outcome,
     source: BoxError,
 }
 
@@ -51,16 +53,6 @@ impl BackendError {
             outcome,
             source,
         }
-    }
-
-    /// The backend's name.
-    pub fn backend(&self) -> &str {
-        &self.backend
-    }
-
-    /// What the failure means.
-    pub fn outcome(&self) -> Outcome {
-        self.outcome
     }
 }
 
@@ -86,9 +78,12 @@ impl std::error::Error for BackendError {
 #[derive(Clone, Debug)]
 pub struct Unavailable {
     what: Arc<str>,
-    earliest: Option<Instant>,
+    /// The earliest instant something may be available again, if known.
+    pub earliest: Option<Instant>,
     reserved: Option<Arc<str>>,
-    out: Arc<[Out]>,
+    /// Why each backend could not take the request (empty where the refusing layer did not
+    /// say).
+    pub backends: Arc<[Out]>,
     /// Refused because requests wait in line: one that may wait joins it at once.
     lined: bool,
     /// Refused at once because the line stands (see `waitlist`): no waiting for it.
@@ -115,7 +110,7 @@ impl Unavailable {
             what: what.into(),
             earliest,
             reserved: None,
-            out: Arc::new([]),
+            backends: Arc::new([]),
             lined: false,
             shed: false,
         }
@@ -147,13 +142,8 @@ impl Unavailable {
 
     /// Says why each backend was out.
     pub(crate) fn with_backends(mut self, out: Vec<Out>) -> Self {
-        self.out = out.into();
+        self.backends = out.into();
         self
-    }
-
-    /// Why each backend could not take the request (empty where the refusing layer did not say).
-    pub fn backends(&self) -> &[Out] {
-        &self.out
     }
 
     /// Says that a slot at `earliest` on `backend` was booked for this request (the retry layer
@@ -166,11 +156,6 @@ impl Unavailable {
     /// The backend a slot was booked on, if any.
     pub(crate) fn reserved(&self) -> Option<&Arc<str>> {
         self.reserved.as_ref()
-    }
-
-    /// The earliest instant something may be available again, if known.
-    pub fn earliest(&self) -> Option<Instant> {
-        self.earliest
     }
 
     /// Says something may be available again at `at` (a fresher estimate).
@@ -188,7 +173,7 @@ impl fmt::Display for Unavailable {
             let wait = at.saturating_duration_since(now);
             write!(f, " for {:.3}s", wait.as_secs_f64())?;
         }
-        for (i, out) in self.out.iter().enumerate() {
+        for (i, out) in self.backends.iter().enumerate() {
             let sep = if i == 0 { ": " } else { ", " };
             write!(f, "{sep}{} {}", out.backend, out.reason)?;
             if let Some(until) = out.until {
@@ -233,25 +218,18 @@ impl fmt::Display for Attempt {
 /// Lists each attempt and the earliest instant a retry could succeed, so a caller (or a
 /// `Fallback` above) can decide what to do next.
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct Exhausted {
-    attempts: Vec<Attempt>,
-    earliest: Option<Instant>,
+    /// The attempts, in order.
+    pub attempts: Vec<Attempt>,
+    /// The earliest instant a retry could succeed, if known.
+    pub earliest: Option<Instant>,
 }
 
 impl Exhausted {
     /// Builds the error from the attempts made.
     pub(crate) fn new(attempts: Vec<Attempt>, earliest: Option<Instant>) -> Self {
         Exhausted { attempts, earliest }
-    }
-
-    /// The attempts, in order.
-    pub fn attempts(&self) -> &[Attempt] {
-        &self.attempts
-    }
-
-    /// The earliest instant a retry could succeed, if known.
-    pub fn earliest(&self) -> Option<Instant> {
-        self.earliest
     }
 }
 
@@ -275,18 +253,15 @@ impl std::error::Error for Exhausted {}
 /// The request's deadline passed before an answer came: the attempt in flight was abandoned.
 /// Lists the attempts that had answered before it.
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct DeadlineExceeded {
-    attempts: Vec<Attempt>,
+    /// The attempts that answered before the deadline, in order.
+    pub attempts: Vec<Attempt>,
 }
 
 impl DeadlineExceeded {
     pub(crate) fn new(attempts: Vec<Attempt>) -> Self {
         DeadlineExceeded { attempts }
-    }
-
-    /// The attempts that answered before the deadline, in order.
-    pub fn attempts(&self) -> &[Attempt] {
-        &self.attempts
     }
 }
 
@@ -359,9 +334,12 @@ impl std::error::Error for NoBackendChosen {}
 /// `Balance`, or use [`AuthInjectLayer::for_chosen`](crate::auth::AuthInjectLayer::for_chosen).
 /// Never retried: the stack is built wrongly. Names the backends, never the secret.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct CredentialMisplaced {
-    owner: Arc<str>,
-    target: Arc<str>,
+    /// The backend whose credential it is.
+    pub owner: Arc<str>,
+    /// Where the request was going (a backend's name or an authority).
+    pub target: Arc<str>,
 }
 
 impl CredentialMisplaced {
@@ -370,16 +348,6 @@ impl CredentialMisplaced {
             owner,
             target: target.into(),
         }
-    }
-
-    /// The backend whose credential it is.
-    pub fn owner(&self) -> &str {
-        &self.owner
-    }
-
-    /// Where the request was going (a backend's name or an authority).
-    pub fn target(&self) -> &str {
-        &self.target
     }
 }
 
@@ -400,21 +368,12 @@ impl std::error::Error for CredentialMisplaced {}
 
 /// The backend's circuit is open: the request was not sent.
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct Open {
-    pub(crate) backend: Arc<str>,
-    pub(crate) until: Option<Instant>,
-}
-
-impl Open {
     /// The backend's name.
-    pub fn backend(&self) -> &str {
-        &self.backend
-    }
-
+    pub backend: Arc<str>,
     /// When the breaker will let a probe through, if known.
-    pub fn until(&self) -> Option<Instant> {
-        self.until
-    }
+    pub until: Option<Instant>,
 }
 
 impl fmt::Display for Open {
@@ -429,10 +388,14 @@ impl std::error::Error for Open {}
 ///
 /// Names the source and its reason; never contains a secret.
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct TokenUnavailable {
-    source_name: Arc<str>,
-    reason: String,
-    at: Instant,
+    /// The token source's name.
+    pub source_name: Arc<str>,
+    /// Why the source failed (never a secret).
+    pub reason: String,
+    /// When the failing fetch was made.
+    pub failed_at: Instant,
 }
 
 impl TokenUnavailable {
@@ -440,18 +403,8 @@ impl TokenUnavailable {
         TokenUnavailable {
             source_name: source_name.into(),
             reason: reason.into(),
-            at,
+            failed_at: at,
         }
-    }
-
-    /// The token source's name.
-    pub fn source_name(&self) -> &str {
-        &self.source_name
-    }
-
-    /// When the failing fetch was made.
-    pub fn failed_at(&self) -> Instant {
-        self.at
     }
 }
 
@@ -470,12 +423,15 @@ impl std::error::Error for TokenUnavailable {}
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NotServed {
     pub(crate) group: Arc<str>,
-    pub(crate) model: Option<String>,
-    /// The route no backend serves, and the kinds of backend that would.
-    pub(crate) route: Option<(String, &'static str)>,
-    /// The backend the request was pinned to ([`Pinned`](crate::balance::Pinned)), not
-    /// among the group's.
-    pub(crate) pinned: Option<Arc<str>>,
+    /// The model asked for, if the request named one.
+    pub model: Option<String>,
+    /// The route (path) no backend of the group can serve, when that is why.
+    pub route: Option<String>,
+    /// The kinds of backend that would serve `route`.
+    pub(crate) served_by: &'static str,
+    /// The backend the request was [`Pinned`](crate::balance::Pinned) to, not among the
+    /// group's, when that is why.
+    pub pinned: Option<Arc<str>>,
 }
 
 impl NotServed {
@@ -488,33 +444,19 @@ impl NotServed {
             group: Arc::from(group),
             model: model.map(str::to_string),
             route: None,
+            served_by: "",
             pinned: None,
         }
-    }
-
-    /// The model asked for, if the request named one.
-    pub fn model(&self) -> Option<&str> {
-        self.model.as_deref()
-    }
-
-    /// The route (path) no backend of the group can serve, when that is why.
-    pub fn route(&self) -> Option<&str> {
-        self.route.as_ref().map(|(r, _)| r.as_str())
-    }
-
-    /// The backend the request was [`Pinned`](crate::balance::Pinned) to, when that is why.
-    pub fn pinned(&self) -> Option<&str> {
-        self.pinned.as_deref()
     }
 }
 
 impl fmt::Display for NotServed {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if let Some((route, kinds)) = &self.route {
+        if let Some(route) = &self.route {
             return write!(
                 f,
-                "no backend of {} serves {route} (it is served by {kinds})",
-                self.group
+                "no backend of {} serves {route} (it is served by {})",
+                self.group, self.served_by
             );
         }
         if let Some(p) = &self.pinned {
@@ -539,18 +481,15 @@ impl std::error::Error for NotServed {}
 
 /// The request's path could not be mapped onto the backend's URL. Nothing was sent.
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct InvalidTarget {
-    backend: Arc<str>,
+    /// The backend's name.
+    pub backend: Arc<str>,
 }
 
 impl InvalidTarget {
     pub(crate) fn new(backend: Arc<str>) -> Self {
         InvalidTarget { backend }
-    }
-
-    /// The backend's name.
-    pub fn backend(&self) -> &str {
-        &self.backend
     }
 }
 
@@ -619,15 +558,9 @@ impl std::error::Error for TooLarge {}
 /// without its end marker. The caller has an incomplete answer.
 #[derive(Debug)]
 pub struct StreamInterrupted {
-    pub(crate) backend: Option<std::sync::Arc<str>>,
-    pub(crate) source: Option<BoxError>,
-}
-
-impl StreamInterrupted {
     /// The backend whose answer broke off, if known.
-    pub fn backend(&self) -> Option<&str> {
-        self.backend.as_deref()
-    }
+    pub backend: Option<Arc<str>>,
+    pub(crate) source: Option<BoxError>,
 }
 
 impl fmt::Display for StreamInterrupted {

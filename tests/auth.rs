@@ -234,16 +234,13 @@ async fn failing_token_source_is_a_typed_error_and_nothing_is_sent() {
         .unwrap();
     let err = stack(&backend).oneshot(chat("{}")).await.unwrap_err();
     let typed = find::<TokenUnavailable>(&*err).expect("typed error");
-    assert_eq!(typed.source_name(), "test-issuer");
+    assert_eq!(&*typed.source_name, "test-issuer");
     assert_eq!(typed.to_string(), "no token from test-issuer: issuer down");
     let backend_err = err
         .downcast_ref::<BackendError>()
         .expect("names the backend");
-    assert_eq!(backend_err.backend(), "east");
-    assert_eq!(
-        backend_err.outcome(),
-        Outcome::Unavailable { retry_at: None }
-    );
+    assert_eq!(&*backend_err.backend, "east");
+    assert_eq!(backend_err.outcome, Outcome::Unavailable { retry_at: None });
     assert_eq!(mock.counters().requests, 0);
 }
 

@@ -263,19 +263,19 @@ async fn every_backend_refusing_connections_is_tried_once_each_then_again_after_
     // After a refused connection a backend not tried yet is asked at once; once every backend
     // was tried, the third attempt goes after a backoff (0.5 s less up to half at random), never
     // straight back. No backend said when it has room: no retry time to offer.
-    assert_eq!(ex.attempts().len(), 3);
+    assert_eq!(ex.attempts.len(), 3);
     assert!(
-        ex.attempts()
+        ex.attempts
             .iter()
             .all(|a| a.outcome == Outcome::ConnectError)
     );
-    assert_ne!(ex.attempts()[0].backend, ex.attempts()[1].backend);
+    assert_ne!(ex.attempts[0].backend, ex.attempts[1].backend);
     let took = start.elapsed();
     assert!(
         took >= Duration::from_millis(250) && took <= Duration::from_millis(500),
         "{took:?}"
     );
-    assert_eq!(ex.earliest(), None);
+    assert_eq!(ex.earliest, None);
     let text = err.to_string();
     assert!(text.starts_with("all 3 attempts failed: "), "{text}");
     assert!(
@@ -370,7 +370,7 @@ async fn twice_the_aggregate_load(quota_headers: bool) {
                 let u = e
                     .downcast_ref::<tower_llm_lb::error::Unavailable>()
                     .expect("typed error");
-                assert!(u.earliest().is_some(), "says when a backend is free again");
+                assert!(u.earliest.is_some(), "says when a backend is free again");
                 refused += 1;
                 continue;
             }

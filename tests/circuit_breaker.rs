@@ -56,8 +56,8 @@ async fn a_backend_answering_500_gets_nothing_while_open_then_exactly_the_permit
     for _ in 0..5 {
         let err = svc.clone().oneshot(chat("{}")).await.unwrap_err();
         let open = err.downcast_ref::<Open>().expect("rejected by the breaker");
-        assert_eq!(open.backend(), "east");
-        assert_eq!(open.until(), Some(opened + Duration::from_secs(10)));
+        assert_eq!(&*open.backend, "east");
+        assert_eq!(open.until, Some(opened + Duration::from_secs(10)));
     }
     assert_eq!(mock.counters().requests, 3, "nothing sent while open");
 
@@ -84,7 +84,7 @@ async fn a_backend_answering_500_gets_nothing_while_open_then_exactly_the_permit
     assert_eq!(a.unwrap().status(), 200);
     let err = b.unwrap_err();
     assert_eq!(
-        err.downcast_ref::<Open>().unwrap().until(),
+        err.downcast_ref::<Open>().unwrap().until,
         None,
         "probe slot taken"
     );
@@ -279,7 +279,7 @@ async fn when_every_backend_fails_each_request_ends_in_a_typed_error_and_none_ha
             .expect("no request hangs")
             .expect_err("no backend can answer");
         if let Some(ex) = err.downcast_ref::<Exhausted>() {
-            for a in ex.attempts() {
+            for a in &ex.attempts {
                 assert!(
                     matches!(a.outcome, Outcome::ConnectError | Outcome::Timeout),
                     "{a}"
@@ -411,7 +411,7 @@ async fn a_backend_in_two_groups_has_one_circuit_and_one_probe() {
         via_chat.clone().oneshot(chat("{}"))
     );
     assert_eq!(a.unwrap().status(), 200);
-    assert_eq!(b.unwrap_err().downcast_ref::<Open>().unwrap().until(), None);
+    assert_eq!(b.unwrap_err().downcast_ref::<Open>().unwrap().until, None);
     assert_eq!(mock.counters().requests, 4);
     assert_eq!(backend.state().snapshot().circuit, Circuit::Closed);
     assert_eq!(via_chat.oneshot(chat("{}")).await.unwrap().status(), 200);

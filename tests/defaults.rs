@@ -100,8 +100,8 @@ async fn when_nothing_has_room_in_time_the_answer_says_when_to_come_back() {
             }
             Err(e) => {
                 let earliest = find::<Unavailable>(&*e)
-                    .and_then(Unavailable::earliest)
-                    .or_else(|| find::<Exhausted>(&*e).and_then(Exhausted::earliest))
+                    .and_then(|u| u.earliest)
+                    .or_else(|| find::<Exhausted>(&*e).and_then(|x| x.earliest))
                     .expect("a refusal says when to come back");
                 assert!(earliest > tokio::time::Instant::now(), "{e}");
             }
@@ -153,7 +153,7 @@ async fn backends_that_fail_every_request_leave_past_the_group_share_but_the_las
             Ok(res) => assert!(res.status().is_server_error(), "{}", res.status()),
             Err(e) => {
                 let ex = find::<Exhausted>(&*e).expect("a typed error listing the attempts");
-                assert!(ex.attempts().iter().all(|a| a.outcome.is_failure()), "{e}");
+                assert!(ex.attempts.iter().all(|a| a.outcome.is_failure()), "{e}");
             }
         }
     }

@@ -126,7 +126,7 @@ async fn a_429_without_hint_backs_off_exponentially_and_only_extends() {
         // Nothing is sent during the wait: the endpoint refuses, naming when it ends.
         let err = svc.clone().oneshot(chat("{}")).await.unwrap_err();
         let refused = tower_llm_lb::error::find::<tower_llm_lb::error::Unavailable>(&*err).unwrap();
-        assert_eq!(refused.earliest(), Some(until));
+        assert_eq!(refused.earliest, Some(until));
         tokio::time::sleep_until(until).await;
     }
     assert_eq!(mock.counters().requests, 4);
@@ -160,8 +160,8 @@ async fn connect_error_is_a_typed_error_naming_the_backend() {
     let backend = azure(port.url());
     let err = stack(&backend).oneshot(chat("{}")).await.unwrap_err();
     let be = err.downcast_ref::<BackendError>().expect("BackendError");
-    assert_eq!(be.backend(), "east");
-    assert_eq!(be.outcome(), Outcome::ConnectError);
+    assert_eq!(&*be.backend, "east");
+    assert_eq!(be.outcome, Outcome::ConnectError);
     assert!(
         err.to_string().starts_with("backend east: connect error: "),
         "{err}"
@@ -177,7 +177,7 @@ async fn connection_reset_is_a_transport_error() {
     let backend = azure(mock.url());
     let err = stack(&backend).oneshot(chat("{}")).await.unwrap_err();
     let be = err.downcast_ref::<BackendError>().expect("BackendError");
-    assert_eq!(be.outcome(), Outcome::Transport);
+    assert_eq!(be.outcome, Outcome::Transport);
 }
 
 #[tokio::test(start_paused = true)]

@@ -191,9 +191,9 @@ async fn when_every_target_fails_one_error_explains_each_failure() {
     assert!(text.contains("westus: server error 502"), "{text}");
     // The first target moved on after its connect error; the last one, with nowhere else to
     // go, used its four attempts. Every attempt is listed.
-    let names: Vec<&str> = ex.attempts().iter().map(|a| &*a.backend).collect();
+    let names: Vec<&str> = ex.attempts.iter().map(|a| &*a.backend).collect();
     assert_eq!(names, ["openai", "westus", "westus", "westus", "westus"]);
-    assert_eq!(ex.attempts().last().unwrap().outcome.name(), "server_error");
+    assert_eq!(ex.attempts.last().unwrap().outcome.name(), "server_error");
 }
 
 #[tokio::test(start_paused = true)]
@@ -371,9 +371,9 @@ async fn the_overall_deadline_spans_all_targets() {
         "ended at the deadline"
     );
     let ex = err.downcast_ref::<Exhausted>().expect("Exhausted");
-    assert_eq!(ex.attempts().len(), 1);
-    assert_eq!(&*ex.attempts()[0].backend, "slow");
-    assert_eq!(ex.attempts()[0].outcome, Outcome::Timeout);
+    assert_eq!(ex.attempts.len(), 1);
+    assert_eq!(&*ex.attempts[0].backend, "slow");
+    assert_eq!(ex.attempts[0].outcome, Outcome::Timeout);
     assert_eq!(
         spare.counters().requests,
         0,

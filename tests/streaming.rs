@@ -96,7 +96,7 @@ async fn a_stream_that_ends_cleanly_without_done_is_still_an_error() {
         .await
         .expect_err("no [DONE]: not a complete answer");
     let typed = err.downcast_ref::<StreamInterrupted>().expect("typed");
-    assert_eq!(typed.backend(), Some("o"));
+    assert_eq!(typed.backend.as_deref(), Some("o"));
     assert_eq!(
         err.to_string(),
         "backend o: streamed answer ended without its end marker"
@@ -120,7 +120,7 @@ async fn a_broken_stream_names_its_backend() {
         .unwrap();
     let err = res.into_body().collect().await.unwrap_err();
     let typed = err.downcast_ref::<StreamInterrupted>().expect("typed");
-    assert_eq!(typed.backend(), Some("west"));
+    assert_eq!(typed.backend.as_deref(), Some("west"));
     assert!(
         err.to_string()
             .starts_with("backend west: answer interrupted: "),

@@ -134,8 +134,8 @@ async fn a_server_outside_the_trusted_roots_is_refused_with_a_typed_error() -> R
     // try, it is asked again only after a backoff, up to the attempts allowed (4).
     let exhausted = tower_llm_lb::error::find::<tower_llm_lb::error::Exhausted>(&*err)
         .expect("the attempts are listed");
-    assert_eq!(exhausted.attempts().len(), 4);
-    for a in exhausted.attempts() {
+    assert_eq!(exhausted.attempts.len(), 4);
+    for a in &exhausted.attempts {
         assert_eq!(&*a.backend, "self-signed");
         assert_eq!(a.outcome, tower_llm_lb::Outcome::ConnectError);
     }

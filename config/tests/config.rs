@@ -787,7 +787,7 @@ async fn only_the_last_target_retries_when_only_it_says_so() {
     let ex = err
         .downcast_ref::<tower_llm_lb::error::Exhausted>()
         .expect("Exhausted");
-    let on: Vec<&str> = ex.attempts().iter().map(|a| &*a.backend).collect();
+    let on: Vec<&str> = ex.attempts.iter().map(|a| &*a.backend).collect();
     assert_eq!(on, ["openai-0", "openai-1", "openai-1", "openai-1"]);
     assert_eq!(
         first.counters().requests,

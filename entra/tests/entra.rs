@@ -94,7 +94,7 @@ async fn token_endpoint_down_with_a_valid_cached_token_keeps_requests_working() 
     let sent = llm.counters().requests;
     let err = svc.clone().oneshot(chat("{}")).await.unwrap_err();
     let t = find::<TokenUnavailable>(&*err).expect("typed");
-    assert_eq!(t.source_name(), "client-credentials(tenant-1)");
+    assert_eq!(&*t.source_name, "client-credentials(tenant-1)");
     assert!(t.to_string().contains("503"), "{t}");
     assert!(!err.to_string().contains(SECRET));
     assert_eq!(llm.counters().requests, sent);

@@ -1278,8 +1278,10 @@ where
     let attempts = match &answer {
         Ok(res) => res.extensions().get::<Attempts>().map(|a| &a.0[..]),
         Err(e) => find::<Exhausted>(&**e)
-            .map(Exhausted::attempts)
-            .or_else(|| find::<tower_llm_lb::error::DeadlineExceeded>(&**e).map(|d| d.attempts())),
+            .map(|x| &x.attempts[..])
+            .or_else(|| {
+                find::<tower_llm_lb::error::DeadlineExceeded>(&**e).map(|d| &d.attempts[..])
+            }),
     };
     if let Some(attempts) = attempts {
         gw.metrics.attempts(attempts, started.elapsed(), client);
@@ -1572,12 +1574,11 @@ fn error_for(e: &BoxError) -> Response {
         );
     }
     // Every attempt failed (no throttling in them): a bad gateway, whatever the wait.
-    let failed = find::<Exhausted>(&**e).filter(|x| {
-        !x.attempts().is_empty() && x.attempts().iter().all(|a| a.outcome.is_failure())
-    });
+    let failed = find::<Exhausted>(&**e)
+        .filter(|x| !x.attempts.is_empty() && x.attempts.iter().all(|a| a.outcome.is_failure()));
     if let Some(ex) = failed {
         let kind = if ex
-            .attempts()
+            .attempts
             .iter()
             .all(|a| matches!(a.outcome, tower_llm_lb::Outcome::CredentialRejected { .. }))
         {
@@ -1586,15 +1587,15 @@ fn error_for(e: &BoxError) -> Response {
             "upstream_error"
         };
         let mut res = error_response(StatusCode::BAD_GATEWAY, kind, &e.to_string());
-        if let Some(at) = ex.earliest() {
+        if let Some(at) = ex.earliest {
             let wait = at.saturating_duration_since(Instant::now());
             tower_llm_lb::classify::retry_after::set_retry_after(res.headers_mut(), wait);
         }
         return res;
     }
     let earliest = find::<Unavailable>(&**e)
-        .and_then(Unavailable::earliest)
-        .or_else(|| find::<Exhausted>(&**e).and_then(Exhausted::earliest));
+        .and_then(|u| u.earliest)
+        .or_else(|| find::<Exhausted>(&**e).and_then(|x| x.earliest));
     let unavailable = find::<Unavailable>(&**e).is_some();
     if let Some(at) = earliest {
         let wait = at.saturating_duration_since(Instant::now());
@@ -1614,9 +1615,9 @@ fn error_for(e: &BoxError) -> Response {
         );
     }
     if let Some(n) = find::<tower_llm_lb::error::NotServed>(&**e) {
-        let code = if n.route().is_some() {
+        let code = if n.route.is_some() {
             "route_not_served"
-        } else if n.pinned().is_some() {
+        } else if n.pinned.is_some() {
             "backend_not_found"
         } else {
             "model_not_found"

@@ -833,6 +833,7 @@ impl<S> Balance<S> {
                 group: self.shared.name.clone(),
                 model: model.map(Into::into),
                 route: None,
+                served_by: "",
                 pinned: pinned.map(|p| p.0.clone()),
             }
             .into());
@@ -847,7 +848,8 @@ impl<S> Balance<S> {
         error::NotServed {
             group: self.shared.name.clone(),
             model: None,
-            route: Some((path.into(), crate::provider::Provider::kinds_serving(path))),
+            route: Some(path.into()),
+            served_by: crate::provider::Provider::kinds_serving(path),
             pinned: None,
         }
         .into()

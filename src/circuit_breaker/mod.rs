@@ -463,7 +463,7 @@ fn outcome_of<B>(result: &Result<Response<B>, BoxError>, backend: &Backend) -> O
             None => Some(crate::attempt::outcome_of(res).1),
         },
         Err(e) => crate::error::find::<crate::error::BackendError>(&**e)
-            .is_none_or(|b| mine(b.backend()))
+            .is_none_or(|b| mine(&b.backend))
             .then(|| classify_error_chain(&**e)),
     }
 }

@@ -111,21 +111,21 @@ pub(crate) fn classify_error_chain(error: &(dyn StdError + 'static)) -> Outcome 
     let mut cur: Option<&(dyn StdError + 'static)> = Some(error);
     while let Some(e) = cur {
         if let Some(b) = e.downcast_ref::<BackendError>() {
-            return b.outcome();
+            return b.outcome;
         }
         if let Some(x) = e.downcast_ref::<Exhausted>() {
             return Outcome::Unavailable {
-                retry_at: x.earliest(),
+                retry_at: x.earliest,
             };
         }
         if let Some(u) = e.downcast_ref::<crate::error::Unavailable>() {
             return Outcome::Unavailable {
-                retry_at: u.earliest(),
+                retry_at: u.earliest,
             };
         }
         if let Some(open) = e.downcast_ref::<crate::error::Open>() {
             return Outcome::Unavailable {
-                retry_at: open.until(),
+                retry_at: open.until,
             };
         }
         if e.is::<crate::error::TokenUnavailable>() {

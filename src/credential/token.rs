@@ -322,7 +322,7 @@ mod tests {
         src.fail.store(true, SeqCst);
         let cache = TokenCache::new(src.clone());
         let err = cache.get().await.unwrap_err();
-        assert_eq!(err.source_name(), "counting");
+        assert_eq!(&*err.source_name, "counting");
         assert!(
             err.to_string().contains("identity endpoint said 503"),
             "{err}"

@@ -546,12 +546,12 @@ impl<ResB> Run<ResB> {
                 }
                 match e.downcast::<Exhausted>() {
                     Ok(x) => {
-                        self.earliest = min_opt(self.earliest, x.earliest());
-                        self.attempts.extend(x.attempts().iter().cloned());
+                        self.earliest = min_opt(self.earliest, x.earliest);
+                        self.attempts.extend(x.attempts);
                     }
                     Err(e) => {
                         let backend = crate::error::find::<crate::error::BackendError>(&*e)
-                            .map_or_else(|| target_name.clone(), |b| b.backend().into());
+                            .map_or_else(|| target_name.clone(), |b| b.backend.clone());
                         self.attempts.push(Attempt {
                             backend,
                             outcome,

@@ -501,7 +501,7 @@ fn judge<S, B, ResB>(
             let elapsed = started.elapsed();
             let outcome = classify_error_chain(&*e);
             let backend: Arc<str> = crate::error::find::<crate::error::BackendError>(&*e)
-                .map_or_else(|| "-".into(), |b| b.backend().into());
+                .map_or_else(|| "-".into(), |b| b.backend.clone());
             match outcome {
                 Outcome::Unavailable { retry_at } => {
                     let refused = crate::error::find::<crate::error::Unavailable>(&*e);
