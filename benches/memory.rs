@@ -41,7 +41,9 @@ static GLOBAL: Counting = Counting;
 
 fn request() -> http::Request<ReplayBody> {
     http::Request::post("/v1/chat/completions")
-        .body(ReplayBody::from_static(br#"{"messages":[]}"#))
+        .body(ReplayBody::new(bytes::Bytes::from_static(
+            br#"{"messages":[]}"#,
+        )))
         .expect("valid request")
 }
 

@@ -57,7 +57,8 @@ pub struct ReplayBody {
 }
 
 impl ReplayBody {
-    /// A body of `data`.
+    /// A body of `data` (`Bytes::from_static(..)` for static bytes, no allocation; an empty body
+    /// is `ReplayBody::default()`).
     pub fn new(data: impl Into<Bytes>) -> Self {
         ReplayBody {
             data: data.into(),
@@ -65,29 +66,9 @@ impl ReplayBody {
         }
     }
 
-    /// A body of static bytes (no allocation).
-    pub fn from_static(data: &'static [u8]) -> Self {
-        Self::new(Bytes::from_static(data))
-    }
-
-    /// An empty body.
-    pub fn empty() -> Self {
-        Self::new(Bytes::new())
-    }
-
     /// The body's bytes (all of them, whether or not the body was polled).
     pub fn bytes(&self) -> &Bytes {
         &self.data
-    }
-
-    /// The body's length in bytes.
-    pub fn len(&self) -> usize {
-        self.data.len()
-    }
-
-    /// True when the body is empty.
-    pub fn is_empty(&self) -> bool {
-        self.data.is_empty()
     }
 }
 
@@ -99,7 +80,7 @@ impl Clone for ReplayBody {
 
 impl Default for ReplayBody {
     fn default() -> Self {
-        Self::empty()
+        Self::new(Bytes::new())
     }
 }
 
@@ -811,7 +792,9 @@ mod tests {
         Error = BoxError,
         Future = impl Future<Output = Result<usize, BoxError>>,
     > + Clone {
-        service_fn(|req: Request<ReplayBody>| async move { Ok::<_, BoxError>(req.body().len()) })
+        service_fn(
+            |req: Request<ReplayBody>| async move { Ok::<_, BoxError>(req.body().bytes().len()) },
+        )
     }
 
     #[tokio::test]

@@ -155,7 +155,7 @@ mod tests {
         }
 
         fn call(&mut self, req: Request<ReplayBody>) -> Self::Future {
-            std::future::ready(Ok(Response::new(req.body().len())))
+            std::future::ready(Ok(Response::new(req.body().bytes().len())))
         }
     }
 

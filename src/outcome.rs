@@ -58,12 +58,6 @@ impl Outcome {
         matches!(self, Outcome::Success)
     }
 
-    /// True when another attempt (elsewhere, or later) may succeed: everything but success and
-    /// client errors.
-    pub fn is_retryable(&self) -> bool {
-        !matches!(self, Outcome::Success | Outcome::ClientError { .. })
-    }
-
     /// True when the outcome says the backend itself is unhealthy: server errors, connect and
     /// transport errors, timeouts, a rejected credential. Throttling steers load; it is not a
     /// health failure.
@@ -79,7 +73,7 @@ impl Outcome {
     }
 
     /// True for [`Outcome::Throttled`] and [`Outcome::QuotaExhausted`].
-    pub fn is_throttled(&self) -> bool {
+    pub(crate) fn is_throttled(&self) -> bool {
         matches!(self, Outcome::Throttled { .. } | Outcome::QuotaExhausted)
     }
 

@@ -20,7 +20,7 @@ use tower_llm_lb::body::ReplayBody;
 use tower_llm_lb::circuit_breaker::Policy;
 use tower_llm_lb::error::BoxError;
 use tower_llm_lb::fallback::BoxTarget;
-use tower_llm_lb::fallback::{Fallback, Overrides};
+use tower_llm_lb::fallback::{Fallback, Overrides, Triggers};
 use tower_llm_lb::provider::{DEFAULT_ANTHROPIC_VERSION, DEFAULT_AZURE_API_VERSION, Provider};
 use tower_llm_lb::retry::RetryAfter429Layer;
 use tower_llm_lb::stack::{self, LlmService, Settings, StackOver};
@@ -905,7 +905,7 @@ where
                     .as_ref()
                     .map(|s| s.on_status_codes.clone())
                     .unwrap_or_default();
-                let mut fb = Fallback::builder(name.clone()).attribution_headers(true);
+                let mut triggers = Triggers::default();
                 for (i, code) in on_status.iter().enumerate() {
                     let Ok(status) = StatusCode::from_u16(*code) else {
                         return err(
@@ -913,8 +913,11 @@ where
                             "not an HTTP status",
                         );
                     };
-                    fb = fb.on_status(status);
+                    triggers.statuses.push(status);
                 }
+                let mut fb = Fallback::builder(name.clone())
+                    .attribution_headers(true)
+                    .triggers(triggers);
                 if let Some(d) = self.deadline {
                     fb = fb.deadline(d);
                 }

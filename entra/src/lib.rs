@@ -416,7 +416,7 @@ impl ManagedIdentity {
         }
         let url = format!("{}?{}", self.url, form_encode(&query));
         let mut req = Request::get(url)
-            .body(ReplayBody::empty())
+            .body(ReplayBody::default())
             .map_err(|_| fail(&self.name, "identity endpoint URL is invalid"))?;
         let value = match header.1 {
             HeaderVal::Plain(v) => http::HeaderValue::from_static(v),
@@ -652,7 +652,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn token_answers_in_every_shape() {
-        let clock = WallClock::fixed(SystemTime::UNIX_EPOCH + Duration::from_secs(1_000));
+        let clock = WallClock::from_fn(move || SystemTime::UNIX_EPOCH + Duration::from_secs(1_000));
         let t = token_from(
             "t",
             br#"{"access_token":"a","token_type":"Bearer","expires_in":3599}"#,

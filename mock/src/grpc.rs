@@ -33,7 +33,6 @@ use tonic::body::Body;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use tower_llm_lb::auth::CALLER_CREDENTIAL_HEADERS;
 use tower_llm_lb::error::BoxError;
 
 /// What a [`GrpcMock`] does to every call, instead of serving it.
@@ -327,7 +326,7 @@ impl Shared {
         }
         let headers = req.headers();
         let expected = self.bearer.as_ref().map(|t| format!("Bearer {t}"));
-        for h in &CALLER_CREDENTIAL_HEADERS {
+        for h in crate::CREDENTIAL_HEADERS {
             for v in headers.get_all(h) {
                 let ours = h == "authorization" && expected.as_deref() == v.to_str().ok();
                 if !ours {

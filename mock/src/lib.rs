@@ -53,8 +53,6 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use tower_llm_lb::auth::CALLER_CREDENTIAL_HEADERS;
-
 mod anthropic;
 #[cfg(feature = "grpc")]
 pub mod grpc;
@@ -66,6 +64,19 @@ mod token;
 pub use logs::CapturedLogs;
 pub use redis::RedisServer;
 pub use token::{MockTokenServer, TokenRegistry};
+
+/// The headers that carry a credential to the services the mock plays (OpenAI's and Azure's
+/// `Authorization` / `api-key`, Anthropic's `x-api-key`, API Management's subscription key,
+/// cookies and proxy credentials). The mock's own list, not the library's: a credential the
+/// gateway forwards where it should not is caught here even if the library forgot the header.
+pub const CREDENTIAL_HEADERS: [&str; 6] = [
+    "authorization",
+    "proxy-authorization",
+    "api-key",
+    "x-api-key",
+    "ocp-apim-subscription-key",
+    "cookie",
+];
 
 /// A loopback port that refuses every connection, reserved for as long as this lives: a socket
 /// bound and never listening. (Binding a listener and dropping it frees the port for anyone,
@@ -1001,9 +1012,9 @@ async fn answer(
 ) -> Option<Response<MockBody>> {
     // Auth first, as real services do.
     let mut foreign = false;
-    for name in &CALLER_CREDENTIAL_HEADERS {
+    for name in CREDENTIAL_HEADERS {
         if parts.headers.contains_key(name)
-            && !matches!(&shared.expect, Expect::Header(n, _) if *n == name.as_str())
+            && !matches!(&shared.expect, Expect::Header(n, _) if *n == name)
             && !matches!(&shared.expect, Expect::Entra(_) if name == "authorization")
         {
             foreign = true;

@@ -1,7 +1,7 @@
 //! `AuthInject`: each backend's own credential on each request, and nobody else's.
 //!
 //! For every request, [`AuthInject`] first removes every credential header the caller sent
-//! ([`CALLER_CREDENTIAL_HEADERS`]: `authorization`, `proxy-authorization`, `api-key`,
+//! (`authorization`, `proxy-authorization`, `api-key`,
 //! `x-api-key`, `ocp-apim-subscription-key`, `cookie`), then inserts the backend's
 //! [`Credential`], marked sensitive. So a caller's key never reaches a backend, and backend A's key
 //! never reaches backend B: each backend's stack has its own `AuthInject`.
@@ -59,7 +59,7 @@ use crate::credential::Kind;
 use crate::error::{self, BoxError};
 
 /// The headers removed from every request before the backend's credential is inserted.
-pub static CALLER_CREDENTIAL_HEADERS: [HeaderName; 6] = [
+static CALLER_CREDENTIAL_HEADERS: [HeaderName; 6] = [
     AUTHORIZATION,
     PROXY_AUTHORIZATION,
     HeaderName::from_static("api-key"),

@@ -750,7 +750,7 @@ where
             return;
         }
         let mut req = match &probe.protocol {
-            ProbeProtocol::Http => Request::new(ReplayBody::empty()),
+            ProbeProtocol::Http => Request::new(ReplayBody::default()),
             ProbeProtocol::Grpc { service } => {
                 let mut req = Request::new(ReplayBody::from(
                     crate::classify::grpc::health_check_request(service),

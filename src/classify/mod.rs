@@ -266,13 +266,6 @@ mod tests {
     #[test]
     fn outcome_kinds() {
         assert!(Outcome::Success.is_success());
-        assert!(
-            !Outcome::ClientError {
-                status: StatusCode::BAD_REQUEST
-            }
-            .is_retryable()
-        );
-        assert!(Outcome::Throttled { retry_after: None }.is_retryable());
         assert!(!Outcome::Throttled { retry_after: None }.is_failure());
         assert!(Outcome::ConnectError.is_failure());
         assert_eq!(

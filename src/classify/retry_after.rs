@@ -48,12 +48,8 @@ impl WallClock {
         WallClock(Arc::new(SystemTime::now))
     }
 
-    /// A clock that always reads `at` (for tests).
-    pub fn fixed(at: SystemTime) -> Self {
-        WallClock(Arc::new(move || at))
-    }
-
-    /// A clock driven by any function (one that follows tokio's paused clock in tests, say).
+    /// A clock driven by any function: one that follows tokio's paused clock in tests, or
+    /// `move || at` for one that always reads `at`.
     pub fn from_fn(f: impl Fn() -> SystemTime + Send + Sync + 'static) -> Self {
         WallClock(Arc::new(f))
     }
@@ -946,7 +942,7 @@ mod tests {
 
     #[test]
     fn wall_clock_is_injectable() {
-        let clock = WallClock::fixed(epoch(5));
+        let clock = WallClock::from_fn(move || epoch(5));
         assert_eq!(clock.now(), epoch(5));
         assert_eq!(format!("{clock:?}"), "WallClock");
     }

@@ -149,11 +149,6 @@ impl EndpointLayer {
         self.settings(|s| s.wall_clock = clock)
     }
 
-    /// Caps every server hint (default 300 s).
-    pub fn max_hint(self, max: Duration) -> Self {
-        self.settings(|s| s.max_hint = max)
-    }
-
     /// The cooldown after a 429 without a hint: `base * 2^(streak-1)`, capped at `max`, less up to
     /// 25% jitter.
     pub fn backoff(self, base: Duration, max: Duration) -> Self {

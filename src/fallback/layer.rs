@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{Request, Response, StatusCode};
+use http::{Request, Response};
 use tower_layer::Layer;
 use tower_service::Service;
 
@@ -129,12 +129,6 @@ impl FallbackLayer {
     /// Sets which outcomes move on to the next variant.
     pub fn triggers(mut self, triggers: Triggers) -> Self {
         self.triggers = triggers;
-        self
-    }
-
-    /// Moves on for this status too.
-    pub fn on_status(mut self, status: StatusCode) -> Self {
-        self.triggers.statuses.push(status);
         self
     }
 

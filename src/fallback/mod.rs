@@ -10,7 +10,7 @@
 //! | success | returns it, with attribution (see below) |
 //! | client error (4xx) | returns it at once: a bad request is never sent to the next target |
 //! | an answer that says `x-should-retry: false` (not throttled) | returns it at once: the backend says no retry will help |
-//! | throttled / quota exhausted, server error, connect or transport error, timeout, nothing available | next target (the triggers are configurable; add status codes with [`FallbackBuilder::on_status`]) |
+//! | throttled / quota exhausted, server error, connect or transport error, timeout, nothing available | next target (the triggers are configurable; add status codes to [`Triggers::statuses`]) |
 //! | last target fails too | the last 429 with the earliest `retry-after` of all targets if the last failures were 429s; otherwise [`Exhausted`] listing every target's failure |
 //!
 //! **Fail fast**: every target but the last gets a wait budget of zero, so a `RetryAfter429`
@@ -320,12 +320,6 @@ impl<ResB: 'static> FallbackBuilder<ResB> {
     /// Which outcomes move on to the next target.
     pub fn triggers(mut self, triggers: Triggers) -> Self {
         self.triggers = triggers;
-        self
-    }
-
-    /// Adds a status code that moves on to the next target (Portkey's `on_status_codes`).
-    pub fn on_status(mut self, status: StatusCode) -> Self {
-        self.triggers.statuses.push(status);
         self
     }
 

@@ -10,7 +10,7 @@
 //! |---|---|
 //! | success, client error (4xx) | returns it (a client error whose answer says `x-should-retry: true`: retried as a failure is) |
 //! | an answer that says `x-should-retry: false` (5xx, 408) | returns it at once: retried nowhere (off with [`RetryAfter429Layer::should_retry_header`]`(false)`) |
-//! | server error (5xx), 408, timeout, connect error, connection broken before the response head | retries at once on a backend not tried yet; when every backend was tried, after a backoff (0.5 s, doubling per backoff, 8 s cap, less a random share of up to half: simultaneous failures do not come back together) on any; never two sends to one backend without a gap. Draws on the retry budget. Off with [`RetryAfter429Layer::retry_failures`]`(false)` (connect errors: [`RetryAfter429Layer::retry_connect_errors`]) |
+//! | server error (5xx), 408, timeout, connect error, connection broken before the response head | retries at once on a backend not tried yet; when every backend was tried, after a backoff (0.5 s, doubling per backoff, 8 s cap, less a random share of up to half: simultaneous failures do not come back together) on any; never two sends to one backend without a gap. Draws on the retry budget. Off with [`RetryAfter429Layer::retry_failures`]`(false)`, except connect errors: nothing was sent, so they are always retried |
 //! | throttled (429, 529, 503 with a hint) or quota exhausted | retries at once, so `Balance` sends it to another available backend; does not draw on the retry budget |
 //! | nothing available (every backend cooling down, paced or open) | waits in line: `Balance` books the next paced slot of the backend freeing first for this request (slots go out in the order requests ask), and the request waits for it if that fits the wait budget and the deadline; otherwise gives up at once, without sleeping. Waiting never draws on the retry budget |
 //!
@@ -84,7 +84,6 @@ struct Settings {
     max_attempts: usize,
     max_wait: Duration,
     deadline: Option<Duration>,
-    retry_connect_errors: bool,
     retry_failures: bool,
     should_retry_header: bool,
     backoff_base: Duration,
@@ -131,7 +130,6 @@ impl RetryAfter429Layer {
                 max_attempts: 4,
                 max_wait: Duration::from_secs(10),
                 deadline: None,
-                retry_connect_errors: true,
                 retry_failures: true,
                 should_retry_header: true,
                 backoff_base: Duration::from_millis(500),
@@ -172,12 +170,6 @@ impl RetryAfter429Layer {
     /// An overall deadline per request, from when it enters this layer.
     pub fn deadline(mut self, d: Duration) -> Self {
         self.settings.deadline = Some(d);
-        self
-    }
-
-    /// Whether connect errors are retried elsewhere (default true).
-    pub fn retry_connect_errors(mut self, yes: bool) -> Self {
-        self.settings.retry_connect_errors = yes;
         self
     }
 
@@ -519,7 +511,7 @@ fn judge<S, B, ResB>(
                         error: Some(e),
                     }
                 }
-                o if (o == Outcome::ConnectError && ctx.settings.retry_connect_errors)
+                o if o == Outcome::ConnectError
                     || (ctx.settings.retry_failures && o.is_failure()) =>
                 {
                     ctx.sent += 1;
