@@ -359,11 +359,6 @@ impl BackendBuilder {
         self
     }
 
-    /// Replaces the provider.
-    pub fn provider(mut self, provider: Provider) -> Self {
-        self.provider = Ok(provider);
-        self
-    }
 
     /// The models it serves, as callers name them in the request body's `model`: a `Balance`
     /// sends a request naming a model only to backends serving it (and one naming none, or

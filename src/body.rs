@@ -201,12 +201,6 @@ pub struct BufferRequest<S> {
     limit: usize,
 }
 
-impl<S> BufferRequest<S> {
-    /// Wraps `inner`, buffering bodies up to `limit` bytes.
-    pub fn new(inner: S, limit: usize) -> Self {
-        BufferRequest { inner, limit }
-    }
-}
 
 impl<S, B> Service<Request<B>> for BufferRequest<S>
 where

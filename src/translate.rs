@@ -123,11 +123,6 @@ impl TranslateLayer {
         self
     }
 
-    /// The clock of the `created` timestamp of translated OpenAI answers.
-    pub fn wall_clock(mut self, clock: WallClock) -> Self {
-        self.clock = clock;
-        self
-    }
 }
 
 impl fmt::Debug for TranslateLayer {

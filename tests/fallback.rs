@@ -268,8 +268,9 @@ async fn portkeys_nested_example_a_50_50_balance_whose_second_arm_falls_back() {
             0.5,
             0,
             target(&[azure("azure-a", &azure_a, "gpt-4o")]),
+            &[],
         )
-        .member("fallback", 0.5, 0, fallback_arm)
+        .member("fallback", 0.5, 0, fallback_arm, &[])
         .rng(tower_llm_lb::rng::Rng::seeded(3))
         .build()
         .unwrap();

@@ -953,7 +953,7 @@ where
                     let first = self.used.len();
                     let built = self.with_overrides(&p, c, i)?;
                     let inside = self.used[first..].to_vec();
-                    balance = balance.member_of(
+                    balance = balance.member(
                         &self.name_of(c, i),
                         weight,
                         c.priority.unwrap_or(0),

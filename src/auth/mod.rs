@@ -172,15 +172,6 @@ pub struct AuthInject<S> {
     credential: Source,
 }
 
-impl<S> AuthInject<S> {
-    /// Wraps `inner`, injecting `credential`.
-    pub fn new(inner: S, credential: Credential) -> Self {
-        AuthInject {
-            inner,
-            credential: Source::Fixed(Some(credential)),
-        }
-    }
-}
 
 impl<S: fmt::Debug> fmt::Debug for AuthInject<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

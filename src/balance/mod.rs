@@ -326,23 +326,19 @@ impl<S> BalanceBuilder<S> {
     }
 
     /// Adds a member that is not one backend but a group (another `Balance`, a `Fallback`),
-    /// with its weight and priority tier, whose backends this group does not know: it is always
-    /// eligible here, and a member with nothing free answers at once with
-    /// [`Unavailable`](error::Unavailable) so a `RetryAfter429` above moves on. Prefer
-    /// [`BalanceBuilder::member_of`], which skips a member with nothing free.
+    /// with its weight and priority tier and the `backends` it sends to (their states). It is
+    /// picked only while one of them can take a request, and when none can, this group says
+    /// when the first of them will. A request sent to it does not wait inside it for room (a
+    /// `RetryAfter429` in it gets a zero wait budget): the `RetryAfter429` above this group
+    /// waits, or goes to another member, instead.
+    ///
+    /// With no `backends` (a member whose backends this group does not know) it is always
+    /// eligible, and a member with nothing free answers at once with
+    /// [`Unavailable`](error::Unavailable) so a `RetryAfter429` above moves on.
     ///
     /// Members of one group share a service type; box mixed ones into
     /// [`BoxTarget`](crate::fallback::BoxTarget).
-    pub fn member(self, name: &str, weight: f64, priority: u32, service: S) -> Self {
-        self.push_member(name, weight, priority, service, None)
-    }
-
-    /// Like [`BalanceBuilder::member`], for a member that is a group of `backends` (their
-    /// states): it is picked only while one of them can take a request, and when none can,
-    /// this group says when the first of them will. A request sent to it does not wait inside
-    /// it for room (a `RetryAfter429` in it gets a zero wait budget): the `RetryAfter429`
-    /// above this group waits, or goes to another member, instead.
-    pub fn member_of(
+    pub fn member(
         self,
         name: &str,
         weight: f64,
@@ -350,15 +346,12 @@ impl<S> BalanceBuilder<S> {
         service: S,
         backends: &[Backend],
     ) -> Self {
-        let states: Arc<[crate::BackendState]> =
-            backends.iter().map(|b| b.state().clone()).collect();
-        self.push_member(
-            name,
-            weight,
-            priority,
-            service,
-            Some(crate::BackendState::of_members(states)),
-        )
+        let state = (!backends.is_empty()).then(|| {
+            let states: Arc<[crate::BackendState]> =
+                backends.iter().map(|b| b.state().clone()).collect();
+            crate::BackendState::of_members(states)
+        });
+        self.push_member(name, weight, priority, service, state)
     }
 
     /// Adds a group member under a stand-in backend: with `state`, one that reads its

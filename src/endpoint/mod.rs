@@ -240,10 +240,6 @@ pub struct Endpoint<S> {
 }
 
 impl<S> Endpoint<S> {
-    /// Wraps `inner` for `backend` with default settings.
-    pub fn new(inner: S, backend: Backend) -> Self {
-        EndpointLayer::new(backend).layer(inner)
-    }
 
     /// The backend (`None`: the chosen one of each request).
     pub fn backend(&self) -> Option<&Backend> {

@@ -236,12 +236,6 @@ pub struct RetryAfter429<S> {
     settings: Settings,
 }
 
-impl<S> RetryAfter429<S> {
-    /// Wraps `inner` with default settings.
-    pub fn new(inner: S) -> Self {
-        RetryAfter429Layer::new().layer(inner)
-    }
-}
 
 impl<S: fmt::Debug> fmt::Debug for RetryAfter429<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
