@@ -51,7 +51,10 @@ async fn run() -> Result<Seen, BoxError> {
         ServiceBuilder::new()
             .layer(breakers.layer_for(b)) // stop sending to a failing backend
             .layer(EndpointLayer::new(b.clone())) // route, classify, cool down after 429
-            .layer(AttemptTimeoutLayer::new().first_byte(Duration::from_secs(20)))
+            .layer(AttemptTimeoutLayer {
+                first_byte: Some(Duration::from_secs(20)),
+                ..Default::default()
+            })
             .layer(AuthInjectLayer::for_backend(b)) // this backend's key only
             .service(client.clone())
     })

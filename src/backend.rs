@@ -359,7 +359,6 @@ impl BackendBuilder {
         self
     }
 
-
     /// The models it serves, as callers name them in the request body's `model`: a `Balance`
     /// sends a request naming a model only to backends serving it (and one naming none, or
     /// with no JSON body, to any). Without this, a backend serves any model.

@@ -201,7 +201,6 @@ pub struct BufferRequest<S> {
     limit: usize,
 }
 
-
 impl<S, B> Service<Request<B>> for BufferRequest<S>
 where
     S: Service<Request<ReplayBody>> + Clone,

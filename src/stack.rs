@@ -140,7 +140,7 @@ impl Default for Settings {
             strategy: Strategy::default(),
             breaker: Policy::default(),
             max_ejection: 0.5,
-            timeouts: AttemptTimeoutLayer::new(),
+            timeouts: AttemptTimeoutLayer::default(),
             silence: Some(std::time::Duration::from_secs(10)),
             retry: RetryAfter429Layer::new(),
             endpoint: None,

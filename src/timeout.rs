@@ -29,10 +29,11 @@
 //! use std::time::Duration;
 //! use tower_llm_lb::timeout::AttemptTimeoutLayer;
 //!
-//! let layer = AttemptTimeoutLayer::new()
-//!     .first_byte(Duration::from_secs(20))
-//!     .idle(Duration::from_secs(30))
-//!     .total(Duration::from_secs(300));
+//! let layer = AttemptTimeoutLayer {
+//!     first_byte: Some(Duration::from_secs(20)),
+//!     idle: Some(Duration::from_secs(30)),
+//!     ..AttemptTimeoutLayer::default() // total: 300 s
+//! };
 //! # let _ = layer;
 //! ```
 
@@ -55,52 +56,26 @@ use crate::error::BoxError;
 
 use crate::error::{Elapsed, Limit};
 
-/// Layer that wraps a service in [`AttemptTimeout`].
-#[derive(Clone, Copy, Debug)]
+/// Layer that wraps a service in [`AttemptTimeout`]: its fields are the three limits (see the
+/// [module docs](self)); `AttemptTimeoutLayer::default()` sets only `total`, 300 s.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AttemptTimeoutLayer {
-    first_byte: Option<Duration>,
-    idle: Option<Duration>,
-    total: Option<Duration>,
+    /// From sending until the first body byte (default: none).
+    pub first_byte: Option<Duration>,
+    /// Between body chunks, once the first has come (default: none).
+    pub idle: Option<Duration>,
+    /// From sending until the body's end (default 300 s, as users set on Application Gateway;
+    /// `None`: no limit).
+    pub total: Option<Duration>,
 }
 
 impl Default for AttemptTimeoutLayer {
     fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl AttemptTimeoutLayer {
-    /// `total` 300 s; no `first_byte` or `idle` limit.
-    pub fn new() -> Self {
         AttemptTimeoutLayer {
             first_byte: None,
             idle: None,
             total: Some(Duration::from_secs(300)),
         }
-    }
-
-    /// Time from sending until the first body byte.
-    pub fn first_byte(mut self, d: Duration) -> Self {
-        self.first_byte = Some(d);
-        self
-    }
-
-    /// Time between body chunks.
-    pub fn idle(mut self, d: Duration) -> Self {
-        self.idle = Some(d);
-        self
-    }
-
-    /// Time from sending until the body's end.
-    pub fn total(mut self, d: Duration) -> Self {
-        self.total = Some(d);
-        self
-    }
-
-    /// No total limit.
-    pub fn no_total(mut self) -> Self {
-        self.total = None;
-        self
     }
 }
 

@@ -122,7 +122,6 @@ impl TranslateLayer {
         self.options = Arc::new(options);
         self
     }
-
 }
 
 impl fmt::Debug for TranslateLayer {

@@ -42,7 +42,12 @@ async fn a_backend_answering_500_gets_nothing_while_open_then_exactly_the_permit
     mock.set_fault(Some(Fault::Status(500)));
     let backend = azure("east", &mock);
     let group = BreakerGroup::try_new(policy()).unwrap();
-    let svc = guarded(&backend, &group, AttemptTimeoutLayer::new(), &http_client());
+    let svc = guarded(
+        &backend,
+        &group,
+        AttemptTimeoutLayer::default(),
+        &http_client(),
+    );
     for _ in 0..3 {
         assert_eq!(svc.clone().oneshot(chat("{}")).await.unwrap().status(), 500);
     }
@@ -98,7 +103,12 @@ async fn open_time_grows_with_consecutive_trips_and_resets_after_recovery() {
     let mock = MockServer::builder().start().await.unwrap();
     let backend = azure("east", &mock);
     let group = BreakerGroup::try_new(policy()).unwrap();
-    let svc = guarded(&backend, &group, AttemptTimeoutLayer::new(), &http_client());
+    let svc = guarded(
+        &backend,
+        &group,
+        AttemptTimeoutLayer::default(),
+        &http_client(),
+    );
     let open_for = || match backend.state().snapshot().circuit {
         Circuit::Open { until } => until - Instant::now(),
         other => panic!("expected open, got {other:?}"),
@@ -147,7 +157,10 @@ async fn refused_and_hanging_backends_are_ejected_while_requests_succeed_elsewhe
     let svc = guarded_group(
         &backends,
         &group,
-        AttemptTimeoutLayer::new().first_byte(Duration::from_secs(5)),
+        AttemptTimeoutLayer {
+            first_byte: Some(Duration::from_secs(5)),
+            ..Default::default()
+        },
         RetryAfter429Layer::new()
             .retry_failures(true)
             .max_attempts(3),
@@ -191,9 +204,11 @@ async fn slow_stream() -> (MockServer, Backend, BreakerGroup) {
 #[tokio::test(start_paused = true)]
 async fn a_stream_flowing_longer_than_the_first_byte_timeout_is_not_cut() {
     let (_mock, backend, group) = slow_stream().await;
-    let timeouts = AttemptTimeoutLayer::new()
-        .first_byte(Duration::from_secs(2))
-        .idle(Duration::from_secs(3));
+    let timeouts = AttemptTimeoutLayer {
+        first_byte: Some(Duration::from_secs(2)),
+        idle: Some(Duration::from_secs(3)),
+        ..Default::default()
+    };
     let svc = guarded(&backend, &group, timeouts, &http_client());
     let start = Instant::now();
     let res = svc.oneshot(chat(r#"{"stream":true}"#)).await.unwrap();
@@ -208,7 +223,10 @@ async fn a_stream_flowing_longer_than_the_first_byte_timeout_is_not_cut() {
 #[tokio::test(start_paused = true)]
 async fn the_total_limit_spans_head_and_body_and_cuts_a_stream_still_flowing() {
     let (_mock, backend, group) = slow_stream().await;
-    let timeouts = AttemptTimeoutLayer::new().total(Duration::from_millis(4500));
+    let timeouts = AttemptTimeoutLayer {
+        total: Some(Duration::from_millis(4500)),
+        ..Default::default()
+    };
     let svc = guarded(&backend, &group, timeouts, &http_client());
     let start = Instant::now();
     let res = svc.oneshot(chat(r#"{"stream":true}"#)).await.unwrap();
@@ -237,7 +255,10 @@ async fn a_stream_that_stalls_longer_than_the_idle_timeout_ends_in_an_error() {
     let svc = guarded(
         &backend,
         &group,
-        AttemptTimeoutLayer::new().idle(Duration::from_secs(3)),
+        AttemptTimeoutLayer {
+            idle: Some(Duration::from_secs(3)),
+            ..Default::default()
+        },
         &http_client(),
     );
     let res = svc.oneshot(chat(r#"{"stream":true}"#)).await.unwrap();
@@ -259,7 +280,10 @@ async fn when_every_backend_fails_each_request_ends_in_a_typed_error_and_none_ha
     let svc = guarded_group(
         &backends,
         &group,
-        AttemptTimeoutLayer::new().first_byte(Duration::from_secs(5)),
+        AttemptTimeoutLayer {
+            first_byte: Some(Duration::from_secs(5)),
+            ..Default::default()
+        },
         RetryAfter429Layer::new()
             .retry_failures(true)
             .max_attempts(3)
@@ -323,7 +347,12 @@ async fn health_probes_readmit_a_recovered_backend_and_stop_when_the_stack_is_dr
         ..policy()
     })
     .unwrap();
-    let svc = guarded(&backend, &group, AttemptTimeoutLayer::new(), &http_client());
+    let svc = guarded(
+        &backend,
+        &group,
+        AttemptTimeoutLayer::default(),
+        &http_client(),
+    );
     svc.spawn_health_probe(HealthProbe {
         path: "/status-0123456789abcdef".into(),
         interval: Duration::from_secs(1),
@@ -378,13 +407,13 @@ async fn a_backend_in_two_groups_has_one_circuit_and_one_probe() {
     let via_chat = guarded(
         &backend,
         &chat_group,
-        AttemptTimeoutLayer::new(),
+        AttemptTimeoutLayer::default(),
         &http_client(),
     );
     let via_batch = guarded(
         &backend,
         &batch_group,
-        AttemptTimeoutLayer::new(),
+        AttemptTimeoutLayer::default(),
         &http_client(),
     );
     // Failures through either group count toward the one circuit.

@@ -185,7 +185,10 @@ async fn a_fallback_moves_on_after_an_attempt_timeout_and_on_a_status_it_was_tol
     let timed = |b: &Backend| {
         ServiceBuilder::new()
             .layer(EndpointLayer::new(b.clone()))
-            .layer(AttemptTimeoutLayer::new().first_byte(Duration::from_secs(2)))
+            .layer(AttemptTimeoutLayer {
+                first_byte: Some(Duration::from_secs(2)),
+                ..Default::default()
+            })
             .layer(AuthInjectLayer::for_backend(b))
             .service(http_client::<ReplayBody>())
     };

@@ -53,7 +53,10 @@ async fn a_client_that_is_not_ready_makes_every_layer_of_the_flat_stack_not_read
                 .layer_for_chosen(&backends),
         )
         .layer(EndpointLayer::for_chosen())
-        .layer(AttemptTimeoutLayer::new().first_byte(Duration::from_secs(5)))
+        .layer(AttemptTimeoutLayer {
+            first_byte: Some(Duration::from_secs(5)),
+            ..Default::default()
+        })
         .layer(AuthInjectLayer::for_chosen())
         .service(client);
     let mut svc = mock::Spawn::new(stack);

@@ -363,7 +363,7 @@ fn settings(config: &Config) -> Result<Settings, ConfigError> {
         }
     }
     if let Some(t) = &config.timeouts {
-        let mut l = AttemptTimeoutLayer::new();
+        let mut l = AttemptTimeoutLayer::default();
         for (field, v) in [
             ("first_byte_ms", t.first_byte_ms),
             ("idle_ms", t.idle_ms),
@@ -374,13 +374,13 @@ fn settings(config: &Config) -> Result<Settings, ConfigError> {
             }
         }
         if let Some(v) = t.first_byte_ms {
-            l = l.first_byte(ms(v));
+            l.first_byte = Some(ms(v));
         }
         if let Some(v) = t.idle_ms {
-            l = l.idle(ms(v));
+            l.idle = Some(ms(v));
         }
         if let Some(v) = t.total_ms {
-            l = l.total(ms(v));
+            l.total = Some(ms(v));
         }
         s.timeouts = l;
         if let Some(v) = t.silence_ms {

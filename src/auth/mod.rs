@@ -172,7 +172,6 @@ pub struct AuthInject<S> {
     credential: Source,
 }
 
-
 impl<S: fmt::Debug> fmt::Debug for AuthInject<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AuthInject")

@@ -240,7 +240,6 @@ pub struct Endpoint<S> {
 }
 
 impl<S> Endpoint<S> {
-
     /// The backend (`None`: the chosen one of each request).
     pub fn backend(&self) -> Option<&Backend> {
         self.backend.as_ref()

@@ -236,7 +236,6 @@ pub struct RetryAfter429<S> {
     settings: Settings,
 }
 
-
 impl<S: fmt::Debug> fmt::Debug for RetryAfter429<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RetryAfter429")

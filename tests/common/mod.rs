@@ -132,7 +132,7 @@ pub fn group_target(backends: &[Backend], retry: RetryAfter429Layer) -> BoxTarge
     BoxTarget::new(guarded_group(
         backends,
         &group,
-        AttemptTimeoutLayer::new(),
+        AttemptTimeoutLayer::default(),
         retry,
     ))
 }
