@@ -51,6 +51,40 @@ pub fn mutate_json(v: &mut serde_json::Value, data: &[u8]) {
     }
 }
 
+/// The parsers there is an entry point for (each described at its function below).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// `rate_limit_headers`: quota and wait headers.
+    RateLimitHeaders,
+    /// `sse_stream`: a streamed answer's end and error checks, in any chunks.
+    SseStream,
+    /// `json_body`: answer and error bodies (usage, model, error kind).
+    JsonBody,
+    /// `redaction`: credentials out of text passed on.
+    Redaction,
+    /// `translate_request`: request translation both ways.
+    TranslateRequest,
+    /// `translate_stream`: stream translation, in any chunks.
+    TranslateStream,
+    /// `translate_round_trip`: OpenAI to Anthropic to OpenAI keeps every translatable field.
+    TranslateRoundTrip,
+}
+
+/// Runs `target` on `data`; panics when an invariant breaks. False only when
+/// [`Target::TranslateRoundTrip`]'s input was not translated (so nothing was compared).
+pub fn run(target: Target, data: &[u8]) -> bool {
+    match target {
+        Target::RateLimitHeaders => rate_limit_headers(data),
+        Target::SseStream => sse_stream(data),
+        Target::JsonBody => json_body(data),
+        Target::Redaction => redaction(data),
+        Target::TranslateRequest => translate_request(data),
+        Target::TranslateStream => translate_stream(data),
+        Target::TranslateRoundTrip => return translate_round_trip(data),
+    }
+    true
+}
+
 /// Replaces one value somewhere in `v`, chosen by the input, with an arbitrary one.
 fn mutate(v: &mut serde_json::Value, input: &mut Input<'_>, depth: usize) {
     use serde_json::Value;
@@ -111,7 +145,7 @@ const HINT_HEADERS: &[&str] = &[
 /// Rate-limit and wait headers of every provider (and gRPC's status and pushback): up to 8
 /// headers with arbitrary values, an arbitrary clock and cap. No wait may exceed the cap, and
 /// the wait the gateway passes on (`set_retry_after`) must read back as at least the wait.
-pub fn rate_limit_headers(data: &[u8]) {
+fn rate_limit_headers(data: &[u8]) {
     let mut input = Input(data);
     let now = SystemTime::UNIX_EPOCH + Duration::from_secs(input.u64() % (1 << 40));
     let cap = Duration::from_millis(input.u64() % 1_000_000_000);
@@ -162,7 +196,7 @@ const STREAM_PATHS: &[&str] = &["/v1/chat/completions", "/v1/messages", "/v1/emb
 /// A streamed answer cut into arbitrary chunks: the end-of-stream watch must see the end
 /// marker exactly when the whole stream holds it, however the bytes are cut; the stream-start
 /// checks must not panic on any prefix, and once the start is known it stays known.
-pub fn sse_stream(data: &[u8]) {
+fn sse_stream(data: &[u8]) {
     let mut input = Input(data);
     let path = STREAM_PATHS[usize::from(input.u8()) % STREAM_PATHS.len()];
     let cuts: Vec<usize> = (0..input.u8() % 16)
@@ -197,7 +231,7 @@ pub fn sse_stream(data: &[u8]) {
 /// and never changes its mind as more bytes arrive, and agrees with a real parse whenever the
 /// body is JSON; the other body scans (model, quota-exhausted, token estimate) never panic,
 /// and a model found is text of the body.
-pub fn json_body(data: &[u8]) {
+fn json_body(data: &[u8]) {
     let mut decided = None;
     for end in 0..=data.len().min(256) {
         let head = provider::json_error_head(&data[..end]);
@@ -234,7 +268,7 @@ pub fn json_body(data: &[u8]) {
 /// The redaction of backend secrets from what is passed on ([`redact`](crate::auth::redact)): the first bytes choose
 /// up to four secrets (`[A-Z0-9-]`, at least 4 long, so none is text of the `[redacted]`
 /// marker); none of them survives in the output.
-pub fn redaction(data: &[u8]) {
+fn redaction(data: &[u8]) {
     const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-";
     let mut input = Input(data);
     let secrets: Vec<Vec<u8>> = (0..1 + input.u8() % 4)
@@ -266,7 +300,7 @@ pub fn redaction(data: &[u8]) {
 /// for Anthropic is a JSON object with `max_tokens`, only `user` and `assistant` turns, never
 /// two of one role in a row, and tool results first in their turn; a messages request
 /// translated for OpenAI is a JSON object with a `messages` array.
-pub fn translate_request(data: &[u8]) {
+fn translate_request(data: &[u8]) {
     use crate::provider::translate::{
         Options, chat_to_messages, messages_to_chat, responses_to_chat,
     };
@@ -323,7 +357,7 @@ pub fn translate_request(data: &[u8]) {
 /// A backend's stream translated for the caller (the first byte picks the direction and
 /// whether usage is asked for, the next ones where the bytes are cut): nothing panics, and
 /// the output (and any error) is the same however the bytes arrive.
-pub fn translate_stream(data: &[u8]) {
+fn translate_stream(data: &[u8]) {
     use crate::provider::translate::{StreamTranslate, ToChatChunks, ToMessageEvents};
     let mut input = Input(data);
     let flags = input.u8();
@@ -367,7 +401,7 @@ pub fn translate_stream(data: &[u8]) {
 /// list, `tool_choice` `auto` where tools are given without one, a structured output's schema
 /// (not its name), a document's data and file name. True when both directions
 /// translated (and so the two were compared).
-pub fn translate_round_trip(data: &[u8]) -> bool {
+fn translate_round_trip(data: &[u8]) -> bool {
     use crate::provider::translate::{Options, chat_to_messages, messages_to_chat};
     let options = Options::default();
     let Ok(there) = chat_to_messages(data, &options) else {

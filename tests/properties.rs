@@ -7,7 +7,7 @@
 #![cfg(feature = "fuzzing")]
 
 use proptest::prelude::*;
-use tower_llm_lb::fuzz;
+use tower_llm_lb::fuzz::{self, Target};
 
 fn cases() -> ProptestConfig {
     let cases = std::env::var("PROPTEST_CASES")
@@ -60,17 +60,17 @@ proptest! {
 
     #[test]
     fn rate_limit_and_wait_headers(data in input()) {
-        fuzz::rate_limit_headers(&data);
+        fuzz::run(Target::RateLimitHeaders, &data);
     }
 
     #[test]
     fn sse_streams_in_any_chunks(data in input()) {
-        fuzz::sse_stream(&data);
+        fuzz::run(Target::SseStream, &data);
     }
 
     #[test]
     fn json_answer_and_error_bodies(data in prop_oneof![texty(), proptest::collection::vec(any::<u8>(), 0..256)]) {
-        fuzz::json_body(&data);
+        fuzz::run(Target::JsonBody, &data);
     }
 
     #[test]
@@ -80,22 +80,22 @@ proptest! {
 
     #[test]
     fn redaction_leaves_no_secret(data in input()) {
-        fuzz::redaction(&data);
+        fuzz::run(Target::Redaction, &data);
     }
 
     #[test]
     fn request_translation_never_panics_and_keeps_each_api_s_rules(data in prop_oneof![input(), chat_request().prop_map(|r| [vec![0u8, 7], r].concat())]) {
-        fuzz::translate_request(&data);
+        fuzz::run(Target::TranslateRequest, &data);
     }
 
     #[test]
     fn stream_translation_is_the_same_in_any_chunks(data in prop_oneof![input(), stream_input()]) {
-        fuzz::translate_stream(&data);
+        fuzz::run(Target::TranslateStream, &data);
     }
 
     #[test]
     fn openai_to_anthropic_to_openai_keeps_every_translatable_field(req in chat_request()) {
-        prop_assert!(fuzz::translate_round_trip(&req), "not translated: {}", String::from_utf8_lossy(&req));
+        prop_assert!(fuzz::run(Target::TranslateRoundTrip, &req), "not translated: {}", String::from_utf8_lossy(&req));
     }
 }
 
@@ -224,22 +224,27 @@ fn stream_input() -> impl Strategy<Value = Vec<u8>> {
 fn known_hostile_inputs() {
     // Found by `cargo fuzz run rate_limit_headers`: a 777 µs wait (from an RFC 3339 reset)
     // was passed on as `retry-after-ms: 0`, "now".
-    fuzz::rate_limit_headers(&[
-        0x00, 0x0e, 0xa8, 0x60, 0x02, 0x60, 0x02, 0x30, 0x3f, 0x30, 0x86, 0x00, 0x34, 0x2f, 0x3c,
-        0x3c, 0x3c, 0x3c, 0x3c, 0x36, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x32, 0x37,
-        0x37, 0x37, 0x37, 0x2e, 0x37, 0x37, 0x37, 0x37, 0x37, 0x37, 0x31, 0x31, 0x2d, 0xe4, 0xff,
-        0xff,
-    ]);
+    fuzz::run(
+        Target::RateLimitHeaders,
+        &[
+            0x00, 0x0e, 0xa8, 0x60, 0x02, 0x60, 0x02, 0x30, 0x3f, 0x30, 0x86, 0x00, 0x34, 0x2f,
+            0x3c, 0x3c, 0x3c, 0x3c, 0x3c, 0x36, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+            0x32, 0x37, 0x37, 0x37, 0x37, 0x2e, 0x37, 0x37, 0x37, 0x37, 0x37, 0x37, 0x31, 0x31,
+            0x2d, 0xe4, 0xff, 0xff,
+        ],
+    );
     // Found by `cargo fuzz run translate_round_trip`: a top-level `system` (Anthropic's own
     // parameter on an OpenAI request) became a system message on the way back, which the
     // comparison did not count as the same system prompt (the translation was right).
-    assert!(fuzz::translate_round_trip(
+    assert!(fuzz::run(
+        Target::TranslateRoundTrip,
         br#"{"system":"Be brief.","messages":[{"role":"system","content":"No emoji."}]}"#
     ));
     // Found by `cargo fuzz run translate_round_trip`: serde_json's default float parsing can
     // be one unit in the last place off, so a parameter changed on each translation; the
     // crate now enables `float_roundtrip`.
-    assert!(fuzz::translate_round_trip(
+    assert!(fuzz::run(
+        Target::TranslateRoundTrip,
         br#"{"model":"m","temperature":0.7,"top_p":16616955236661955236565,"messages":[]}"#
     ));
     for body in [
@@ -249,6 +254,6 @@ fn known_hostile_inputs() {
         br#"{"errors":{}}"#,
         b"",
     ] {
-        fuzz::json_body(body);
+        fuzz::run(Target::JsonBody, body);
     }
 }

@@ -1,2 +1,4 @@
 #![no_main]
-libfuzzer_sys::fuzz_target!(|data: &[u8]| tower_llm_lb::fuzz::rate_limit_headers(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    tower_llm_lb::fuzz::run(tower_llm_lb::fuzz::Target::RateLimitHeaders, data);
+});
