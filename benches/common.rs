@@ -76,7 +76,7 @@ pub fn flat_over(
     use tower_llm_lb::retry::RetryAfter429Layer;
     let backends = backends(addr);
     tower::ServiceBuilder::new()
-        .layer(RetryAfter429Layer::new())
+        .layer(RetryAfter429Layer::default())
         .layer(BalanceLayer::try_new(backends.clone()).unwrap())
         .layer(
             BreakerGroup::try_new(Policy::default())

@@ -88,7 +88,7 @@ fn main() {
         .build()
         .expect("group");
         let stack = ServiceBuilder::new()
-            .layer(RetryAfter429Layer::new())
+            .layer(RetryAfter429Layer::default())
             .service(balance);
 
         let measure = |label: &'static str, allocs: u64, n: u64| {

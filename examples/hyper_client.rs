@@ -61,7 +61,10 @@ async fn run() -> Result<Seen, BoxError> {
     .strategy(Strategy::RoundRobin)
     .build()?;
     let group = ServiceBuilder::new()
-        .layer(RetryAfter429Layer::new().max_wait(Duration::from_secs(2)))
+        .layer(RetryAfter429Layer {
+            max_wait: Duration::from_secs(2),
+            ..Default::default()
+        })
         .service(balance);
     let svc = Fallback::builder("chat")
         .target_with("gpt-4o", group, Overrides::new().set("max_tokens", 256))

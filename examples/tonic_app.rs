@@ -166,7 +166,10 @@ enum Call {
 async fn run() -> Result<[Vec<Call>; 2], BoxError> {
     let patient = Settings::default();
     let impatient = Settings {
-        retry: tower_llm_lb::retry::RetryAfter429Layer::new().max_wait(std::time::Duration::ZERO),
+        retry: tower_llm_lb::retry::RetryAfter429Layer {
+            max_wait: std::time::Duration::ZERO,
+            ..Default::default()
+        },
         ..Settings::default()
     };
     Ok([round(&patient).await?, round(&impatient).await?])

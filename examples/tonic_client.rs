@@ -42,7 +42,7 @@ async fn run() -> Result<Vec<(String, GrpcCounters, bool)>, BoxError> {
     // The flat stack over one plaintext HTTP/2 client; the generated client sits on top.
     let stack = ServiceBuilder::new()
         .layer(BufferRequestLayer::new(1 << 20)) // unary calls: replayable
-        .layer(RetryAfter429Layer::new())
+        .layer(RetryAfter429Layer::default())
         .layer(BalanceLayer::try_new(backends.clone())?)
         .layer(BreakerGroup::try_new(Policy::default())?.layer_for_chosen(&backends))
         .layer(EndpointLayer::for_chosen())

@@ -142,7 +142,7 @@ impl Default for Settings {
             max_ejection: 0.5,
             timeouts: AttemptTimeoutLayer::default(),
             silence: Some(std::time::Duration::from_secs(10)),
-            retry: RetryAfter429Layer::new(),
+            retry: RetryAfter429Layer::default(),
             endpoint: None,
             json_error_in_success: true,
             rng: None,
@@ -189,7 +189,7 @@ where
     let mut retry = settings.retry.clone();
     if let Some(rng) = &settings.rng {
         breakers = breakers.rng(rng.clone());
-        retry = retry.rng(rng.clone());
+        retry.rng = rng.clone();
     }
     let backends: Vec<Backend> = backends.into_iter().collect();
     let peers: std::sync::Arc<[crate::BackendState]> =

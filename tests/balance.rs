@@ -76,7 +76,11 @@ async fn ptu_first_then_paygo_then_back_to_ptu_after_its_cooldown() {
         backend("paygo-0", &paygo[0], 1, 1.0),
         backend("paygo-1", &paygo[1], 1, 1.0),
     ];
-    let svc = balanced(&backends, Strategy::RoundRobin, RetryAfter429Layer::new());
+    let svc = balanced(
+        &backends,
+        Strategy::RoundRobin,
+        RetryAfter429Layer::default(),
+    );
     let mut by = Vec::new();
     for _ in 0..10 {
         let res = svc.clone().oneshot(chat("{}")).await.unwrap();
@@ -114,7 +118,11 @@ async fn quota_hints_steer_away_from_the_ptu_before_it_answers_429() {
         backend("ptu", &ptu, 0, 1.0),
         backend("paygo", &paygo[0], 1, 1.0),
     ];
-    let svc = balanced(&backends, Strategy::RoundRobin, RetryAfter429Layer::new());
+    let svc = balanced(
+        &backends,
+        Strategy::RoundRobin,
+        RetryAfter429Layer::default(),
+    );
     let mut by = Vec::new();
     for _ in 0..8 {
         by.push(served_by(&svc.clone().oneshot(chat("{}")).await.unwrap()));
@@ -147,7 +155,11 @@ async fn quota_hints_steer_away_from_the_ptu_before_it_answers_429() {
 async fn a_429_is_retried_on_another_backend_and_the_attempts_are_listed() {
     let ms = mocks_with(2, 1.0, false).await;
     let backends = [backend("a", &ms[0], 0, 1.0), backend("b", &ms[1], 0, 1.0)];
-    let svc = balanced(&backends, Strategy::RoundRobin, RetryAfter429Layer::new());
+    let svc = balanced(
+        &backends,
+        Strategy::RoundRobin,
+        RetryAfter429Layer::default(),
+    );
     // Use up both backends' one request per second (no hints, so nothing tells us yet).
     for _ in 0..2 {
         assert_eq!(svc.clone().oneshot(chat("{}")).await.unwrap().status(), 200);
@@ -174,7 +186,11 @@ async fn a_429_is_retried_on_another_backend_and_the_attempts_are_listed() {
 async fn all_throttled_and_deadline_shorter_than_retry_after_answers_429_at_once() {
     let ms = mocks_with(2, 1.0, false).await;
     let backends = [backend("a", &ms[0], 0, 1.0), backend("b", &ms[1], 0, 1.0)];
-    let svc = balanced(&backends, Strategy::RoundRobin, RetryAfter429Layer::new());
+    let svc = balanced(
+        &backends,
+        Strategy::RoundRobin,
+        RetryAfter429Layer::default(),
+    );
     for _ in 0..2 {
         assert_eq!(svc.clone().oneshot(chat("{}")).await.unwrap().status(), 200);
     }
@@ -211,7 +227,10 @@ async fn all_throttled_waits_for_the_earliest_backend_within_the_budget() {
     let svc = balanced(
         &backends,
         Strategy::RoundRobin,
-        RetryAfter429Layer::new().max_wait(Duration::from_secs(5)),
+        RetryAfter429Layer {
+            max_wait: Duration::from_secs(5),
+            ..Default::default()
+        },
     );
     for _ in 0..4 {
         svc.clone().oneshot(chat("{}")).await.unwrap();
@@ -239,7 +258,7 @@ async fn a_client_error_is_returned_at_once_from_exactly_one_backend() {
     let svc = balanced(
         &backends,
         Strategy::WeightedRandom,
-        RetryAfter429Layer::new(),
+        RetryAfter429Layer::default(),
     );
     let res = svc.oneshot(chat("this is not json")).await.unwrap();
     assert_eq!(res.status(), 400);
@@ -255,7 +274,10 @@ async fn every_backend_refusing_connections_is_tried_once_each_then_again_after_
     let svc = balanced(
         &backends,
         Strategy::RoundRobin,
-        RetryAfter429Layer::new().max_attempts(3),
+        RetryAfter429Layer {
+            max_attempts: 3,
+            ..Default::default()
+        },
     );
     let start = tokio::time::Instant::now();
     let err = svc.oneshot(chat("{}")).await.unwrap_err();
@@ -297,7 +319,7 @@ async fn weights_give_shares_within_two_points_over_ten_thousand_requests() {
         let svc = balanced(
             &backends,
             Strategy::WeightedRandom,
-            RetryAfter429Layer::new(),
+            RetryAfter429Layer::default(),
         );
         let n = 10_000;
         let mut tasks = tokio::task::JoinSet::new();
@@ -351,7 +373,10 @@ async fn twice_the_aggregate_load(quota_headers: bool) {
     let svc = balanced(
         &backends,
         Strategy::WeightedRandom,
-        RetryAfter429Layer::new().max_wait(Duration::from_secs(2)),
+        RetryAfter429Layer {
+            max_wait: Duration::from_secs(2),
+            ..Default::default()
+        },
     );
     // 60 requests/s offered against 30/s of capacity, for 5 seconds.
     let mut tasks = tokio::task::JoinSet::new();
@@ -424,11 +449,18 @@ async fn a_5xx_is_retried_elsewhere_unless_failure_retries_are_off() {
     let svc = balanced(
         &backends,
         Strategy::RoundRobin,
-        RetryAfter429Layer::new().retry_failures(false),
+        RetryAfter429Layer {
+            retry_failures: false,
+            ..Default::default()
+        },
     );
     assert_eq!(svc.oneshot(chat("{}")).await.unwrap().status(), 503);
     // On (the default): moved to the next backend, and the attempts say so.
-    let svc = balanced(&backends, Strategy::RoundRobin, RetryAfter429Layer::new());
+    let svc = balanced(
+        &backends,
+        Strategy::RoundRobin,
+        RetryAfter429Layer::default(),
+    );
     let res = svc.oneshot(chat("{}")).await.unwrap();
     assert_eq!(res.status(), 200);
     let attempts = &res.extensions().get::<Attempts>().unwrap().0;
@@ -452,7 +484,10 @@ async fn a_retry_avoids_the_backend_already_tried_when_another_is_free() {
     let svc = balanced(
         &backends,
         Strategy::WeightedRandom,
-        RetryAfter429Layer::new().retry_failures(true),
+        RetryAfter429Layer {
+            retry_failures: true,
+            ..Default::default()
+        },
     );
     for _ in 0..20 {
         let res = svc.clone().oneshot(chat("{}")).await.unwrap();
@@ -464,7 +499,21 @@ async fn a_retry_avoids_the_backend_already_tried_when_another_is_free() {
 
 #[test]
 fn out_of_range_budget_settings_do_not_panic() {
-    let _ = RetryAfter429Layer::new().budget(Duration::ZERO, u32::MAX, f32::NAN);
-    let _ = RetryAfter429Layer::new().budget(Duration::from_secs(3600), 0, -1.0);
-    let _ = RetryAfter429Layer::new().budget(Duration::from_secs(5), 1, 1e9);
+    use tower::Layer;
+    use tower_llm_lb::retry::Budget;
+    for (ttl, min_per_sec, retry_percent) in [
+        (Duration::ZERO, u32::MAX, f32::NAN),
+        (Duration::from_secs(3600), 0, -1.0),
+        (Duration::from_secs(5), 1, 1e9),
+    ] {
+        let layer = RetryAfter429Layer {
+            budget: Budget {
+                ttl,
+                min_per_sec,
+                retry_percent,
+            },
+            ..RetryAfter429Layer::default()
+        };
+        let _ = layer.layer(());
+    }
 }

@@ -161,9 +161,11 @@ async fn refused_and_hanging_backends_are_ejected_while_requests_succeed_elsewhe
             first_byte: Some(Duration::from_secs(5)),
             ..Default::default()
         },
-        RetryAfter429Layer::new()
-            .retry_failures(true)
-            .max_attempts(3),
+        RetryAfter429Layer {
+            retry_failures: true,
+            max_attempts: 3,
+            ..Default::default()
+        },
     );
     for _ in 0..12 {
         let res = svc.clone().oneshot(chat("{}")).await.unwrap();
@@ -284,10 +286,12 @@ async fn when_every_backend_fails_each_request_ends_in_a_typed_error_and_none_ha
             first_byte: Some(Duration::from_secs(5)),
             ..Default::default()
         },
-        RetryAfter429Layer::new()
-            .retry_failures(true)
-            .max_attempts(3)
-            .max_wait(Duration::from_secs(1)),
+        RetryAfter429Layer {
+            retry_failures: true,
+            max_attempts: 3,
+            max_wait: Duration::from_secs(1),
+            ..Default::default()
+        },
     );
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..20 {

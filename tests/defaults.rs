@@ -59,7 +59,14 @@ async fn throttled_requests_wait_in_line_for_room_and_never_draw_on_the_retry_bu
     let backends = [backend("a", &a), backend("b", &b)];
     // A retry budget that allows no retry at all: waiting for announced room is not a retry.
     let settings = Settings {
-        retry: RetryAfter429Layer::new().budget(Duration::from_secs(10), 0, 0.0),
+        retry: RetryAfter429Layer {
+            budget: tower_llm_lb::retry::Budget {
+                ttl: Duration::from_secs(10),
+                min_per_sec: 0,
+                retry_percent: 0.0,
+            },
+            ..RetryAfter429Layer::default()
+        },
         ..Settings::default()
     };
     let svc = group(&backends, &settings);
@@ -82,7 +89,10 @@ async fn when_nothing_has_room_in_time_the_answer_says_when_to_come_back() {
     let a = azure_like("a", 1.0).await;
     let backends = [backend("a", &a)];
     let settings = Settings {
-        retry: RetryAfter429Layer::new().max_wait(Duration::from_millis(100)),
+        retry: RetryAfter429Layer {
+            max_wait: Duration::from_millis(100),
+            ..Default::default()
+        },
         ..Settings::default()
     };
     let svc = group(&backends, &settings);
@@ -175,7 +185,10 @@ async fn with_hedging_on_a_slow_backend_s_request_is_answered_by_another_in_time
     let backends = [backend("slow", &slow), backend("fast", &fast)];
     let settings = Settings {
         strategy: tower_llm_lb::balance::Strategy::RoundRobin,
-        retry: RetryAfter429Layer::new().hedge(Duration::from_millis(200)),
+        retry: RetryAfter429Layer {
+            hedge: Some(Duration::from_millis(200)),
+            ..Default::default()
+        },
         ..Settings::default()
     };
     let svc = group(&backends, &settings);
@@ -291,7 +304,10 @@ async fn an_answer_that_says_x_should_retry_is_retried_as_it_says() {
                 .unwrap(),
         ];
         let settings = Settings {
-            retry: RetryAfter429Layer::new().should_retry_header(obey),
+            retry: RetryAfter429Layer {
+                should_retry_header: obey,
+                ..Default::default()
+            },
             ..Settings::default()
         };
         let res = group(&backends, &settings)

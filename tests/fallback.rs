@@ -28,7 +28,7 @@ fn openai(name: &str, m: &MockServer) -> Backend {
 }
 
 fn target(backends: &[Backend]) -> BoxTarget<FullBody> {
-    group_target(backends, RetryAfter429Layer::new())
+    group_target(backends, RetryAfter429Layer::default())
 }
 
 #[tokio::test(start_paused = true)]
@@ -216,14 +216,20 @@ async fn when_every_target_is_throttled_the_caller_gets_a_429_with_the_earliest_
             "a",
             group_target(
                 std::slice::from_ref(&ba),
-                RetryAfter429Layer::new().max_wait(Duration::ZERO),
+                RetryAfter429Layer {
+                    max_wait: Duration::ZERO,
+                    ..Default::default()
+                },
             ),
         )
         .target(
             "b",
             group_target(
                 std::slice::from_ref(&bb),
-                RetryAfter429Layer::new().max_wait(Duration::ZERO),
+                RetryAfter429Layer {
+                    max_wait: Duration::ZERO,
+                    ..Default::default()
+                },
             ),
         )
         .build()
@@ -333,7 +339,10 @@ async fn a_target_with_nothing_free_is_skipped_without_waiting() {
             "busy",
             group_target(
                 &[b],
-                RetryAfter429Layer::new().max_wait(Duration::from_secs(60)),
+                RetryAfter429Layer {
+                    max_wait: Duration::from_secs(60),
+                    ..Default::default()
+                },
             ),
         )
         .target("spare", target(&[openai("spare", &spare)]))
@@ -358,7 +367,7 @@ async fn the_overall_deadline_spans_all_targets() {
     let chain = Fallback::builder("c")
         .target(
             "slow",
-            group_target(&[openai("slow", &slow)], RetryAfter429Layer::new()),
+            group_target(&[openai("slow", &slow)], RetryAfter429Layer::default()),
         )
         .target("spare", target(&[openai("spare", &spare)]))
         .deadline(Duration::from_secs(5))

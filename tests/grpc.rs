@@ -55,7 +55,7 @@ fn client(
     let stack = ServiceBuilder::new()
         // tonic's request body becomes a cheap-to-replay one (unary and bounded streams only).
         .layer(BufferRequestLayer::new(1 << 20))
-        .layer(RetryAfter429Layer::new())
+        .layer(RetryAfter429Layer::default())
         .layer(BalanceLayer::try_new(backends.to_vec()).unwrap())
         .layer(
             BreakerGroup::try_new(Policy::default())

@@ -52,7 +52,10 @@ async fn a_hint_that_says_now_still_costs_a_short_backoff_never_a_resend_with_no
     for hint in ["0", "-1", "Thu, 01 Jan 1970 00:00:00 GMT"] {
         let m = throttling("now", &[("retry-after", hint)]).await;
         let settings = Settings {
-            retry: RetryAfter429Layer::new().max_wait(Duration::from_secs(3)),
+            retry: RetryAfter429Layer {
+                max_wait: Duration::from_secs(3),
+                ..Default::default()
+            },
             ..Settings::default()
         };
         let res = group(&[&m], &settings).oneshot(chat("{}")).await.unwrap();
@@ -74,7 +77,10 @@ async fn a_hint_that_says_now_still_costs_a_short_backoff_never_a_resend_with_no
 async fn a_negative_ms_hint_falls_through_to_retry_after() {
     let m = throttling("neg", &[("retry-after-ms", "-5"), ("retry-after", "1")]).await;
     let settings = Settings {
-        retry: RetryAfter429Layer::new().max_wait(Duration::from_secs(3)),
+        retry: RetryAfter429Layer {
+            max_wait: Duration::from_secs(3),
+            ..Default::default()
+        },
         ..Settings::default()
     };
     let res = group(&[&m], &settings).oneshot(chat("{}")).await.unwrap();
@@ -130,7 +136,10 @@ async fn an_http_date_hint_is_read_against_the_answer_s_own_date() {
     let retry = httpdate::fmt_http_date(server_now + Duration::from_secs(2));
     let m = throttling("skewed", &[("date", &date), ("retry-after", &retry)]).await;
     let settings = Settings {
-        retry: RetryAfter429Layer::new().max_wait(Duration::ZERO),
+        retry: RetryAfter429Layer {
+            max_wait: Duration::ZERO,
+            ..Default::default()
+        },
         ..Settings::default()
     };
     let res = group(&[&m], &settings).oneshot(chat("{}")).await.unwrap();
@@ -143,7 +152,10 @@ async fn an_http_date_hint_is_read_against_the_answer_s_own_date() {
 async fn no_wait_outlives_the_request_deadline() {
     let m = throttling("slow-to-free", &[("retry-after", "3")]).await;
     let settings = Settings {
-        retry: RetryAfter429Layer::new().deadline(Duration::from_millis(1500)),
+        retry: RetryAfter429Layer {
+            deadline: Some(Duration::from_millis(1500)),
+            ..Default::default()
+        },
         ..Settings::default()
     };
     let start = tokio::time::Instant::now();

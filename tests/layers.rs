@@ -49,7 +49,7 @@ async fn one_client_serves_every_backend_each_with_its_own_key_and_throttling_mo
         .map(|(n, m)| backend(n, m))
         .collect();
     let svc = ServiceBuilder::new()
-        .layer(RetryAfter429Layer::new())
+        .layer(RetryAfter429Layer::default())
         .layer(BalanceLayer::try_new(backends.clone()).unwrap())
         .layer(EndpointLayer::for_chosen())
         .layer(AuthInjectLayer::for_chosen())
@@ -88,7 +88,7 @@ async fn one_client_serves_every_backend_each_with_its_own_key_and_throttling_mo
 async fn a_chosen_backend_layer_without_a_balance_layer_refuses_without_sending() {
     let m = mock("solo", 10.0).await;
     let svc = ServiceBuilder::new()
-        .layer(RetryAfter429Layer::new())
+        .layer(RetryAfter429Layer::default())
         .layer(EndpointLayer::for_chosen())
         .layer(AuthInjectLayer::for_chosen())
         .service(http_client::<ReplayBody>());
@@ -118,7 +118,7 @@ async fn the_flat_stack_s_breaker_opens_the_failing_backend_s_circuit_only() {
         .collect();
     let breakers = BreakerGroup::try_new(Policy::default()).unwrap();
     let svc = ServiceBuilder::new()
-        .layer(RetryAfter429Layer::new())
+        .layer(RetryAfter429Layer::default())
         // Round robin, so the failing backend keeps being chosen until its circuit opens.
         .layer(
             BalanceLayer::try_new(backends.clone())
@@ -169,7 +169,7 @@ async fn the_flat_stack_fits_a_client_wrapped_in_tower_http_layers_that_change_i
         .layer(tower_http::decompression::DecompressionLayer::new())
         .service(http_client::<ReplayBody>());
     let svc = ServiceBuilder::new()
-        .layer(RetryAfter429Layer::new())
+        .layer(RetryAfter429Layer::default())
         .layer(BalanceLayer::try_new(backends).unwrap())
         .layer(EndpointLayer::for_chosen())
         .layer(AuthInjectLayer::for_chosen())
@@ -222,7 +222,7 @@ async fn a_fallback_layer_walks_model_variants_over_one_client_and_each_backend_
                 .variant(Variant::new("as asked"))
                 .variant(Variant::model("gpt-4-32k").set("max_tokens", 256)),
         )
-        .layer(RetryAfter429Layer::new())
+        .layer(RetryAfter429Layer::default())
         .layer(BalanceLayer::try_new(backends).unwrap())
         .layer(EndpointLayer::for_chosen())
         .layer(AuthInjectLayer::for_chosen())
@@ -285,7 +285,10 @@ async fn a_fallback_variant_can_name_the_backends_it_may_use() {
                 .variant(Variant::new("provisioned").backends(["ptu"]))
                 .variant(Variant::new("pay-as-you-go").backends(["paygo"])),
         )
-        .layer(RetryAfter429Layer::new().retry_failures(false))
+        .layer(RetryAfter429Layer {
+            retry_failures: false,
+            ..Default::default()
+        })
         .layer(BalanceLayer::try_new(backends).unwrap())
         .layer(EndpointLayer::for_chosen())
         .layer(AuthInjectLayer::for_chosen())

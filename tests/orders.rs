@@ -174,7 +174,7 @@ fn orders() -> Vec<Order> {
             build: |b| {
                 boxed(
                     ServiceBuilder::new()
-                        .layer(RetryAfter429Layer::new())
+                        .layer(RetryAfter429Layer::default())
                         .layer(BalanceLayer::try_new(b.to_vec()).unwrap())
                         .layer(breakers().layer_for_chosen(b))
                         .layer(EndpointLayer::for_chosen())
@@ -191,7 +191,7 @@ fn orders() -> Vec<Order> {
             build: |b| {
                 boxed(
                     ServiceBuilder::new()
-                        .layer(RetryAfter429Layer::new())
+                        .layer(RetryAfter429Layer::default())
                         .layer(BalanceLayer::try_new(b.to_vec()).unwrap())
                         .layer(EndpointLayer::for_chosen())
                         .layer(breakers().layer_for_chosen(b))
@@ -208,7 +208,7 @@ fn orders() -> Vec<Order> {
             build: |b| {
                 boxed(
                     ServiceBuilder::new()
-                        .layer(RetryAfter429Layer::new())
+                        .layer(RetryAfter429Layer::default())
                         .layer(BalanceLayer::try_new(b.to_vec()).unwrap())
                         .layer(AuthInjectLayer::for_chosen())
                         .layer(EndpointLayer::for_chosen())
@@ -226,7 +226,7 @@ fn orders() -> Vec<Order> {
                 boxed(
                     ServiceBuilder::new()
                         .layer(BalanceLayer::try_new(b.to_vec()).unwrap())
-                        .layer(RetryAfter429Layer::new())
+                        .layer(RetryAfter429Layer::default())
                         .layer(breakers().layer_for_chosen(b))
                         .layer(EndpointLayer::for_chosen())
                         .layer(AuthInjectLayer::for_chosen())
@@ -263,7 +263,7 @@ fn orders() -> Vec<Order> {
             build: |b| {
                 boxed(
                     ServiceBuilder::new()
-                        .layer(RetryAfter429Layer::new())
+                        .layer(RetryAfter429Layer::default())
                         .layer(EndpointLayer::new(b[0].clone()))
                         .layer(AuthInjectLayer::for_backend(&b[0]))
                         .service(http_client::<ReplayBody>()),
@@ -289,7 +289,7 @@ fn orders() -> Vec<Order> {
                 .unwrap();
                 boxed(
                     ServiceBuilder::new()
-                        .layer(RetryAfter429Layer::new())
+                        .layer(RetryAfter429Layer::default())
                         .service(balance),
                 )
             },
@@ -303,7 +303,7 @@ fn orders() -> Vec<Order> {
                 boxed(
                     ServiceBuilder::new()
                         .layer(AuthInjectLayer::for_backend(&b[0]))
-                        .layer(RetryAfter429Layer::new())
+                        .layer(RetryAfter429Layer::default())
                         .layer(BalanceLayer::try_new(b.to_vec()).unwrap())
                         .layer(EndpointLayer::for_chosen())
                         .service(http_client::<ReplayBody>()),
@@ -318,7 +318,7 @@ fn orders() -> Vec<Order> {
             build: |b| {
                 boxed(
                     ServiceBuilder::new()
-                        .layer(RetryAfter429Layer::new())
+                        .layer(RetryAfter429Layer::default())
                         .layer(breakers().layer_for_chosen(b))
                         .layer(BalanceLayer::try_new(b.to_vec()).unwrap())
                         .layer(EndpointLayer::for_chosen())

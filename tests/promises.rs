@@ -77,7 +77,7 @@ async fn the_retry_budget_stops_a_failure_storm() {
     // No breaker: the budget alone bounds the retries.
     let balance = Balance::from_backends(backends, stack).build().unwrap();
     let svc = ServiceBuilder::new()
-        .layer(RetryAfter429Layer::new())
+        .layer(RetryAfter429Layer::default())
         .service(balance);
     let n = 500;
     let calls: Vec<_> = (0..n)
@@ -132,7 +132,7 @@ async fn a_redirect_is_returned_as_it_is_and_the_key_never_travels_to_its_target
     let (url, stolen) = redirecting_to_a_thief().await;
     let b = azure("a", url);
     let svc = ServiceBuilder::new()
-        .layer(RetryAfter429Layer::new())
+        .layer(RetryAfter429Layer::default())
         .service(stack(&b));
     let res = svc.oneshot(chat("{}")).await.unwrap();
     assert_eq!(res.status(), 307, "passed on, not followed");

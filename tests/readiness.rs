@@ -45,7 +45,7 @@ async fn a_client_that_is_not_ready_makes_every_layer_of_the_flat_stack_not_read
     handle.allow(0);
     let backends = [backend("a"), backend("b")];
     let stack = ServiceBuilder::new()
-        .layer(RetryAfter429Layer::new())
+        .layer(RetryAfter429Layer::default())
         .layer(BalanceLayer::try_new(backends.clone()).unwrap())
         .layer(
             BreakerGroup::try_new(Policy::default())

@@ -123,8 +123,11 @@ async fn a_server_outside_the_trusted_roots_is_refused_with_a_typed_error() -> R
     let client = https_client::<ReplayBody>(Roots::WebPki)?;
     // A short backoff: this test runs on the real clock.
     let settings = Settings {
-        retry: tower_llm_lb::retry::RetryAfter429Layer::new()
-            .backoff(Duration::from_millis(1), Duration::from_millis(4)),
+        retry: tower_llm_lb::retry::RetryAfter429Layer {
+            backoff_base: Duration::from_millis(1),
+            backoff_max: Duration::from_millis(4),
+            ..Default::default()
+        },
         ..Settings::default()
     };
     let svc = stack::group("tls", [backend], client, &settings)?;

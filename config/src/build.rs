@@ -477,31 +477,31 @@ fn retry_layer(
     retry: Option<&super::RetryConfig>,
     request_timeout: Option<u64>,
 ) -> Result<RetryAfter429Layer, ConfigError> {
-    let mut layer = RetryAfter429Layer::new();
+    let mut layer = RetryAfter429Layer::default();
     if let Some(t) = request_timeout {
-        layer = layer.deadline(ms(t));
+        layer.deadline = Some(ms(t));
     }
     let Some(r) = retry else { return Ok(layer) };
     if let Some(a) = r.attempts {
         if a == 0 {
             return err(&format!("{path}.attempts"), "must be >= 1");
         }
-        layer = layer.max_attempts(a as usize);
+        layer.max_attempts = a as usize;
     }
     if let Some(w) = r.max_wait_ms {
-        layer = layer.max_wait(ms(w));
+        layer.max_wait = ms(w);
     }
     if let Some(yes) = r.failures {
-        layer = layer.retry_failures(yes);
+        layer.retry_failures = yes;
     }
     if let Some(yes) = r.should_retry_header {
-        layer = layer.should_retry_header(yes);
+        layer.should_retry_header = yes;
     }
     if let Some(h) = r.hedge_after_ms {
         if h == 0 {
             return err(&format!("{path}.hedge_after_ms"), "must be > 0");
         }
-        layer = layer.hedge(ms(h));
+        layer.hedge = Some(ms(h));
     }
     for (i, code) in r.on_status_codes.iter().enumerate() {
         let Ok(status) = StatusCode::from_u16(*code) else {
@@ -511,7 +511,7 @@ fn retry_layer(
             );
         };
         if status.is_server_error() {
-            layer = layer.retry_failures(true);
+            layer.retry_failures = true;
         } else if status != StatusCode::TOO_MANY_REQUESTS {
             return err(
                 &format!("{path}.on_status_codes[{i}]"),

@@ -31,7 +31,10 @@ async fn the_stack_as_an_axum_route_service_answers_and_maps_its_errors_to_respo
         .build()
         .unwrap();
     let settings = Settings {
-        retry: RetryAfter429Layer::new().max_wait(Duration::ZERO),
+        retry: RetryAfter429Layer {
+            max_wait: Duration::ZERO,
+            ..Default::default()
+        },
         ..Settings::default()
     };
     let llm = stack::group("g", [backend], http_client(), &settings).unwrap();

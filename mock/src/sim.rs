@@ -220,7 +220,10 @@ pub async fn run(
     // The stack a user gets: `stack::group`'s layers and defaults, over in-process backends.
     let settings = tower_llm_lb::stack::Settings {
         strategy,
-        retry: RetryAfter429Layer::new().max_wait(scenario.max_wait),
+        retry: RetryAfter429Layer {
+            max_wait: scenario.max_wait,
+            ..Default::default()
+        },
         rng: Some(rng.clone()),
         ..tower_llm_lb::stack::Settings::default()
     };

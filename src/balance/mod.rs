@@ -528,7 +528,7 @@ fn check<'a>(
 ///     backend("west", west_mock.url(), "k-west")?,
 /// ];
 /// let svc = ServiceBuilder::new()
-///     .layer(RetryAfter429Layer::new())
+///     .layer(RetryAfter429Layer::default())
 ///     .layer(BalanceLayer::try_new(backends)?)
 ///     .layer(EndpointLayer::for_chosen())
 ///     .layer(AuthInjectLayer::for_chosen())

@@ -85,7 +85,7 @@ impl Variant {
 ///     .build()?;
 /// let svc = ServiceBuilder::new()
 ///     .layer(FallbackLayer::new("chat").variant(Variant::new("as asked")).variant(Variant::model("gpt-4o-mini")))
-///     .layer(RetryAfter429Layer::new())
+///     .layer(RetryAfter429Layer::default())
 ///     .layer(BalanceLayer::try_new([backend])?)
 ///     .layer(EndpointLayer::for_chosen())
 ///     .layer(AuthInjectLayer::for_chosen())

@@ -9,8 +9,8 @@
 //! | outcome of an attempt | what `RetryAfter429` does |
 //! |---|---|
 //! | success, client error (4xx) | returns it (a client error whose answer says `x-should-retry: true`: retried as a failure is) |
-//! | an answer that says `x-should-retry: false` (5xx, 408) | returns it at once: retried nowhere (off with [`RetryAfter429Layer::should_retry_header`]`(false)`) |
-//! | server error (5xx), 408, timeout, connect error, connection broken before the response head | retries at once on a backend not tried yet; when every backend was tried, after a backoff (0.5 s, doubling per backoff, 8 s cap, less a random share of up to half: simultaneous failures do not come back together) on any; never two sends to one backend without a gap. Draws on the retry budget. Off with [`RetryAfter429Layer::retry_failures`]`(false)`, except connect errors: nothing was sent, so they are always retried |
+//! | an answer that says `x-should-retry: false` (5xx, 408) | returns it at once: retried nowhere (off with [`RetryAfter429Layer::should_retry_header`] `false`) |
+//! | server error (5xx), 408, timeout, connect error, connection broken before the response head | retries at once on a backend not tried yet; when every backend was tried, after a backoff (0.5 s, doubling per backoff, 8 s cap, less a random share of up to half: simultaneous failures do not come back together) on any; never two sends to one backend without a gap. Draws on the retry budget. Off with [`RetryAfter429Layer::retry_failures`] `false`, except connect errors: nothing was sent, so they are always retried |
 //! | throttled (429, 529, 503 with a hint) or quota exhausted | retries at once, so `Balance` sends it to another available backend; does not draw on the retry budget |
 //! | nothing available (every backend cooling down, paced or open) | waits in line: `Balance` books the next paced slot of the backend freeing first for this request (slots go out in the order requests ask), and the request waits for it if that fits the wait budget and the deadline; otherwise gives up at once, without sleeping. Waiting never draws on the retry budget |
 //!
@@ -93,128 +93,109 @@ struct Settings {
     rng: crate::rng::Rng,
 }
 
-/// Layer that wraps a service in [`RetryAfter429`].
-#[derive(Clone)]
+/// Layer that wraps a service in [`RetryAfter429`]. Its fields are its settings, each with its
+/// default and why; set the ones you change and take the rest from `default()`:
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_llm_lb::retry::RetryAfter429Layer;
+///
+/// let patient = RetryAfter429Layer {
+///     max_wait: Duration::from_secs(30),
+///     deadline: Some(Duration::from_secs(120)),
+///     ..RetryAfter429Layer::default()
+/// };
+/// # let _ = patient;
+/// ```
+///
+/// Retrying a throttled request, or waiting for a backend that said when it has room, never
+/// draws on the retry budget: that load is known.
+#[derive(Clone, Debug)]
 pub struct RetryAfter429Layer {
-    settings: Settings,
-}
-
-impl fmt::Debug for RetryAfter429Layer {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RetryAfter429Layer")
-            .field("max_attempts", &self.settings.max_attempts)
-            .field("max_wait", &self.settings.max_wait)
-            .field("deadline", &self.settings.deadline)
-            .finish_non_exhaustive()
-    }
-}
-
-impl Default for RetryAfter429Layer {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl RetryAfter429Layer {
-    /// Defaults: 4 attempts; wait budget 10 s; no deadline of its own; connect errors and
-    /// failures (5xx, 408, timeouts, broken connections before the response head) retried on
-    /// another backend, and where every backend was tried, after a backoff of 0.5 s doubling to
-    /// 8 s less up to half of it at random (the official OpenAI and Anthropic SDKs retry the same
-    /// answers with the same backoff); retry budget for failure retries 20% of requests over
-    /// 10 s with a floor of 10 retries/s (tower's and Envoy's defaults). Retrying a throttled
-    /// request, or waiting for a backend that said when it has room, never draws on the
-    /// budget: that load is known.
-    pub fn new() -> Self {
-        RetryAfter429Layer {
-            settings: Settings {
-                max_attempts: 4,
-                max_wait: Duration::from_secs(10),
-                deadline: None,
-                retry_failures: true,
-                should_retry_header: true,
-                backoff_base: Duration::from_millis(500),
-                backoff_max: Duration::from_secs(8),
-                hedge_after: None,
-                budget: Arc::new(RetryBudget::new(Duration::from_secs(10), 10, 0.2)),
-                rng: crate::rng::Rng::from_entropy(),
-            },
-        }
-    }
-
+    /// At most this many attempts that reach a backend and are answered other than throttled
+    /// (at least 1; default 4). Throttled answers do not count while the wait budget and the
+    /// deadline last (they cool their backend down, so the next attempt goes elsewhere or
+    /// waits); all sends are capped at four times this.
+    pub max_attempts: usize,
+    /// The most a request may spend waiting for a backend to become free, in total
+    /// (default 10 s).
+    pub max_wait: Duration,
+    /// An overall deadline per request, from when it enters this layer (default: none).
+    pub deadline: Option<Duration>,
+    /// Whether failures of the backend itself (5xx, 408, timeouts, broken connections before
+    /// the response head) are retried on another backend (default true, as every peer gateway
+    /// and the official SDKs do; nothing is retried once a byte of the answer went to the
+    /// caller). Turn it off where a failed call must not be repeated. A 5xx that is the last
+    /// answer is returned as it is. Connect errors are always retried: nothing was sent.
+    pub retry_failures: bool,
     /// Whether an answer's `x-should-retry` header decides (default on, as the OpenAI and
     /// Anthropic SDKs obey it): `false` on a failed answer (a 5xx, a 408) returns it at once,
     /// retried nowhere; `true` on a client error (a 409, say) retries it as a failure is
     /// retried. Throttled answers are retried whatever the header says: they are about the
     /// backend's quota, and another backend (or the same one after its wait) has room. Off:
     /// the header is ignored and the status alone decides.
-    pub fn should_retry_header(mut self, yes: bool) -> Self {
-        self.settings.should_retry_header = yes;
-        self
-    }
-
-    /// At most `n` attempts that reach a backend and are answered other than throttled (at least
-    /// 1). Throttled answers do not count while the wait budget and the deadline last (they
-    /// cool their backend down, so the next attempt goes elsewhere or waits); all sends are
-    /// capped at four times `n`.
-    pub fn max_attempts(mut self, n: usize) -> Self {
-        self.settings.max_attempts = n.max(1);
-        self
-    }
-
-    /// The most a request may spend waiting for a backend to become free, in total.
-    pub fn max_wait(mut self, d: Duration) -> Self {
-        self.settings.max_wait = d;
-        self
-    }
-
-    /// An overall deadline per request, from when it enters this layer.
-    pub fn deadline(mut self, d: Duration) -> Self {
-        self.settings.deadline = Some(d);
-        self
-    }
-
-    /// Whether failures of the backend itself (5xx, 408, timeouts, broken connections before
-    /// the response head) are retried on another backend (default true, as every peer gateway
-    /// and the official SDKs do; nothing is retried once a byte of the answer went to the
-    /// caller). Turn it off where a failed call must not be repeated. A 5xx that is the last
-    /// answer is returned as it is.
-    pub fn retry_failures(mut self, yes: bool) -> Self {
-        self.settings.retry_failures = yes;
-        self
-    }
-
+    pub should_retry_header: bool,
     /// The backoff before a failure retry on a backend already tried (every backend of the
-    /// group was): `base * 2^(n-1)` capped at `max`, less a random share of up to half (default 0.5 s to
-    /// 8 s). Spent out of the wait budget and within the deadline.
-    pub fn backoff(mut self, base: Duration, max: Duration) -> Self {
-        self.settings.backoff_base = base;
-        self.settings.backoff_max = max;
-        self
-    }
+    /// group was): `backoff_base * 2^(n-1)` capped at `backoff_max`, less a random share of up
+    /// to half (default 0.5 s to 8 s, as the official OpenAI and Anthropic SDKs). Spent out of
+    /// the wait budget and within the deadline.
+    pub backoff_base: Duration,
+    /// See `backoff_base` (default 8 s).
+    pub backoff_max: Duration,
+    /// Opt-in hedging (default: none): when the first attempt has no answer head after this
+    /// long, a second attempt goes to another backend (as a `Balance` below picks, never the
+    /// first one's); the first good answer (not throttled, not failed) wins and the other
+    /// attempt is cancelled (logged at debug level). A hedge draws on the retry budget, so
+    /// hedging cannot more than add the budget's share of load. Set it near the group's p95
+    /// time to first byte: the slowest 5% of requests then cost two attempts. Hedged requests
+    /// take the boxed path.
+    pub hedge: Option<Duration>,
+    /// The retry budget for failure retries and hedges (default: 20% of requests over 10 s
+    /// with a floor of 10 retries/s, tower's and Envoy's defaults). Each service this layer
+    /// makes (and its clones) keeps its own.
+    pub budget: Budget,
+    /// The random source for backoff jitter (seed it for repeatable tests; default: from
+    /// entropy).
+    pub rng: crate::rng::Rng,
+}
 
-    /// Opt-in hedging: when the first attempt has no answer head after `after`, a second
-    /// attempt goes to another backend (as a `Balance` below picks, never the first one's); the
-    /// first good answer (not throttled, not failed) wins and the other attempt is cancelled
-    /// (logged at debug level). A hedge draws on the retry budget, so hedging cannot more than
-    /// add the budget's share of load. Set `after` near the group's p95 time to first byte:
-    /// the slowest 5% of requests then cost two attempts. Hedged requests take the boxed path.
-    pub fn hedge(mut self, after: Duration) -> Self {
-        self.settings.hedge_after = Some(after);
-        self
-    }
+/// How many failure retries and hedges a [`RetryAfter429`] may add: over `ttl`, retries may be
+/// `retry_percent` of requests, plus `min_per_sec` retries per second regardless (out-of-range
+/// values are clamped).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Budget {
+    /// The window requests and retries are counted over (default 10 s).
+    pub ttl: Duration,
+    /// Retries per second allowed whatever the traffic (default 10).
+    pub min_per_sec: u32,
+    /// Retries as a share of requests (default 0.2).
+    pub retry_percent: f32,
+}
 
-    /// The random source for backoff jitter (seed it for repeatable tests).
-    pub fn rng(mut self, rng: crate::rng::Rng) -> Self {
-        self.settings.rng = rng;
-        self
+impl Default for Budget {
+    fn default() -> Self {
+        Budget {
+            ttl: Duration::from_secs(10),
+            min_per_sec: 10,
+            retry_percent: 0.2,
+        }
     }
+}
 
-    /// The retry budget: over `ttl`, retries may be `retry_percent` of requests, plus
-    /// `min_per_sec` retries per second regardless (out-of-range values
-    /// are clamped).
-    pub fn budget(mut self, ttl: Duration, min_per_sec: u32, retry_percent: f32) -> Self {
-        self.settings.budget = Arc::new(RetryBudget::new(ttl, min_per_sec, retry_percent));
-        self
+impl Default for RetryAfter429Layer {
+    fn default() -> Self {
+        RetryAfter429Layer {
+            max_attempts: 4,
+            max_wait: Duration::from_secs(10),
+            deadline: None,
+            retry_failures: true,
+            should_retry_header: true,
+            backoff_base: Duration::from_millis(500),
+            backoff_max: Duration::from_secs(8),
+            hedge: None,
+            budget: Budget::default(),
+            rng: crate::rng::Rng::from_entropy(),
+        }
     }
 }
 
@@ -222,9 +203,21 @@ impl<S> Layer<S> for RetryAfter429Layer {
     type Service = RetryAfter429<S>;
 
     fn layer(&self, inner: S) -> RetryAfter429<S> {
+        let b = self.budget;
         RetryAfter429 {
             inner,
-            settings: self.settings.clone(),
+            settings: Settings {
+                max_attempts: self.max_attempts.max(1),
+                max_wait: self.max_wait,
+                deadline: self.deadline,
+                retry_failures: self.retry_failures,
+                should_retry_header: self.should_retry_header,
+                backoff_base: self.backoff_base,
+                backoff_max: self.backoff_max,
+                hedge_after: self.hedge,
+                budget: Arc::new(RetryBudget::new(b.ttl, b.min_per_sec, b.retry_percent)),
+                rng: self.rng.clone(),
+            },
         }
     }
 }
