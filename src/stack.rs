@@ -112,11 +112,12 @@ pub struct Settings {
     /// The retry layer over the group.
     pub retry: RetryAfter429Layer,
     /// A `200` JSON answer whose body is an `{"error": {...}}` object is a failure (default on;
-    /// see [`EndpointLayer::json_error_in_success`]).
+    /// see [`endpoint::Settings::json_error_in_success`](crate::endpoint::Settings::json_error_in_success)).
     pub json_error_in_success: bool,
-    /// Per-backend endpoint settings (classifier, hint cap, backoff) as a template: its backend
-    /// is replaced by each backend of the group. `None`: the defaults.
-    pub endpoint: Option<EndpointLayer>,
+    /// How every backend's endpoint reads answers (classifier, backoff, ...); its
+    /// `json_error_in_success` and `rng` are replaced by the fields of the same name here.
+    /// `None`: the defaults.
+    pub endpoint: Option<crate::endpoint::Settings>,
     /// One seeded random source for every pick, jitter and backoff of the group (repeatable
     /// simulations and tests). `None`: each from entropy.
     pub rng: Option<crate::rng::Rng>,
@@ -192,6 +193,13 @@ where
         retry.rng = rng.clone();
     }
     let backends: Vec<Backend> = backends.into_iter().collect();
+    // One set of endpoint settings for the group, shared by its backends' endpoints.
+    let mut endpoint_settings = settings.endpoint.clone().unwrap_or_default();
+    endpoint_settings.json_error_in_success = settings.json_error_in_success;
+    if let Some(rng) = &settings.rng {
+        endpoint_settings.rng = rng.clone();
+    }
+    let endpoint = EndpointLayer::for_chosen().settings(endpoint_settings);
     let peers: std::sync::Arc<[crate::BackendState]> =
         backends.iter().map(|b| b.state().clone()).collect();
     let mut probe_error = None;
@@ -207,14 +215,7 @@ where
                 })
             }),
         };
-        let mut endpoint = match &settings.endpoint {
-            Some(template) => template.for_backend(b.clone()),
-            None => EndpointLayer::new(b.clone()),
-        }
-        .json_error_in_success(settings.json_error_in_success);
-        if let Some(rng) = &settings.rng {
-            endpoint = endpoint.rng(rng.clone());
-        }
+        let endpoint = endpoint.for_backend(b.clone());
         let svc = ServiceBuilder::new()
             .layer(breakers.layer_for(b))
             .layer(TranslateLayer::for_backend(b).options(settings.translation.clone()))

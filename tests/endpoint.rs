@@ -8,7 +8,7 @@ use std::time::Duration;
 use common::{body_string, chat, stack, stack_with};
 use tokio::time::Instant;
 use tower::ServiceExt;
-use tower_llm_lb::endpoint::{EndpointLayer, Served};
+use tower_llm_lb::endpoint::{EndpointLayer, Served, Settings};
 use tower_llm_lb::error::BackendError;
 use tower_llm_lb::{Backend, Outcome};
 use tower_llm_lb_mock::{Fault, MockServer};
@@ -77,8 +77,10 @@ async fn quota_exhausted_429_takes_the_backend_out_for_long() {
     let mock = MockServer::builder().start().await.unwrap();
     mock.set_fault(Some(Fault::QuotaExhausted));
     let backend = azure(mock.url());
-    let layer =
-        EndpointLayer::new(backend.clone()).quota_exhausted_cooldown(Duration::from_secs(900));
+    let layer = EndpointLayer::new(backend.clone()).settings(Settings {
+        quota_exhausted_cooldown: Duration::from_secs(900),
+        ..Settings::default()
+    });
     let res = stack_with(layer, &backend)
         .oneshot(chat("{}"))
         .await
@@ -102,9 +104,12 @@ async fn a_429_without_hint_backs_off_exponentially_and_only_extends() {
     let mock = MockServer::builder().start().await.unwrap();
     mock.set_fault(Some(Fault::Status(429)));
     let backend = azure(mock.url());
-    let layer = EndpointLayer::new(backend.clone())
-        .backoff(Duration::from_secs(2), Duration::from_secs(5))
-        .rng(tower_llm_lb::rng::Rng::seeded(1));
+    let layer = EndpointLayer::new(backend.clone()).settings(Settings {
+        backoff_base: Duration::from_secs(2),
+        backoff_max: Duration::from_secs(5),
+        rng: tower_llm_lb::rng::Rng::seeded(1),
+        ..Settings::default()
+    });
     let svc = stack_with(layer, &backend);
     let mut last = Instant::now();
     for attempt in 1..=4u32 {

@@ -449,7 +449,10 @@ async fn an_error_inside_a_200_stream_fails_over_when_the_stream_start_is_held()
     let (a, b) = (openai("first", &first), openai("second", &second));
     let held = |backend: &Backend| {
         common::stack_with(
-            EndpointLayer::new(backend.clone()).hold_stream_start(4096),
+            EndpointLayer::new(backend.clone()).settings(tower_llm_lb::endpoint::Settings {
+                hold_stream_start: Some(4096),
+                ..Default::default()
+            }),
             backend,
         )
     };

@@ -160,7 +160,12 @@ async fn the_error_body_read_to_classify_a_429_is_bounded_and_passed_on_whole() 
         m.set_fault(Some(Fault::Page(429, body.clone())));
         let b = azure("a", m.url());
         let svc = ServiceBuilder::new()
-            .layer(EndpointLayer::new(b.clone()).error_body_limit(limit))
+            .layer(
+                EndpointLayer::new(b.clone()).settings(tower_llm_lb::endpoint::Settings {
+                    error_body_limit: limit,
+                    ..Default::default()
+                }),
+            )
             .layer(AuthInjectLayer::for_backend(&b))
             .service(http_client::<ReplayBody>());
         let res = svc.oneshot(chat("{}")).await.unwrap();
@@ -281,7 +286,12 @@ async fn a_200_whose_json_body_is_an_error_object_is_a_failure_and_fails_over() 
         r#"{"error":null,"choices":[]}"#.into(),
     )));
     let res = ServiceBuilder::new()
-        .layer(EndpointLayer::new(backends[0].clone()).json_error_in_success(true))
+        .layer(
+            EndpointLayer::new(backends[0].clone()).settings(tower_llm_lb::endpoint::Settings {
+                json_error_in_success: true,
+                ..Default::default()
+            }),
+        )
         .layer(AuthInjectLayer::for_backend(&backends[0]))
         .service(http_client::<ReplayBody>())
         .oneshot(chat("{}"))

@@ -16,7 +16,7 @@
 //! | 5xx, other 4xx | counts it, returns the response (the circuit breaker decides about health) |
 //! | connect error, broken connection, timeout | counts it, answers [`BackendError`] naming the backend and the outcome |
 //! | a path that cannot be mapped | answers [`error::InvalidTarget`] without sending |
-//! | a `200` JSON answer whose body is an `{"error": {...}}` object, with [`EndpointLayer::json_error_in_success`] (on in `stack::group` and the gateway) | a server error (a throttle when it says `rate_limit` / `overloaded`), the body passed on unchanged |
+//! | a `200` JSON answer whose body is an `{"error": {...}}` object, with [`Settings::json_error_in_success`] (on in `stack::group` and the gateway) | a server error (a throttle when it says `rate_limit` / `overloaded`), the body passed on unchanged |
 //! | the backend asked for a wait (429 hint) that is not over | answers [`Unavailable`](crate::error::Unavailable) with the end of the wait, without sending: a `RetryAfter429` above waits for it (or moves on) instead of earning another 429 |
 //! | a retry after a failure that must go to a backend not tried yet, and this one was tried | answers [`Unavailable`](crate::error::Unavailable) without sending, so the retry layer backs off before coming back |
 //! | another backend's credential on the request (an `AuthInject` for one backend placed above the `Balance`) | answers [`CredentialMisplaced`](crate::error::CredentialMisplaced) without sending |
@@ -25,7 +25,7 @@
 //! to the end (or dropped), so a long stream keeps counting for load-aware picks.
 //!
 //! Response bodies stream through untouched ([`ResponseBody`]). Only for throttled answers is
-//! the error body read, bounded by [`EndpointLayer::error_body_limit`] (default 16 KiB), to spot
+//! the error body read, bounded by [`Settings::error_body_limit`] (default 16 KiB), to spot
 //! quota exhaustion; those bytes are replayed to the caller first.
 //!
 //! Endpoint never follows redirects (the hyper client does not either), so a credential never
@@ -77,19 +77,91 @@ use crate::attempt::{AsWritten, Deployment};
 pub use crate::body::ResponseBody;
 pub use future::ResponseFuture;
 
-/// Settings shared by the endpoints of a stack.
+/// How an [`Endpoint`] reads answers: its fields are the settings, each with its default and
+/// why. Set the ones you change and take the rest from `default()`:
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_llm_lb::{Backend, endpoint::{EndpointLayer, Settings}};
+///
+/// # fn main() -> Result<(), tower_llm_lb::BoxError> {
+/// let backend = Backend::openai("local", "http://127.0.0.1:8000/v1").build()?;
+/// let layer = EndpointLayer::new(backend).settings(Settings {
+///     hold_stream_start: Some(64 * 1024),
+///     ..Settings::default()
+/// });
+/// # let _ = layer; Ok(()) }
+/// ```
+///
+/// Server hints are capped at 300 s whatever they say.
 #[derive(Clone)]
-pub(crate) struct Settings {
-    pub(crate) classify: Arc<dyn Classify>,
-    pub(crate) wall_clock: WallClock,
-    pub(crate) max_hint: Duration,
-    pub(crate) backoff_base: Duration,
-    pub(crate) backoff_max: Duration,
-    pub(crate) quota_exhausted_cooldown: Duration,
-    pub(crate) error_body_limit: usize,
-    pub(crate) rng: Rng,
-    pub(crate) hold_stream_start: Option<usize>,
-    pub(crate) json_error_in_success: bool,
+pub struct Settings {
+    /// The classification policy (default [`Standard`]; write your own [`Classify`] for a
+    /// service that says "throttled" its own way).
+    pub classify: Arc<dyn Classify>,
+    /// The wall clock for HTTP-date and RFC 3339 hints (default the system's; inject one in
+    /// tests on tokio's paused clock).
+    pub wall_clock: WallClock,
+    /// The cooldown after a 429 without a hint: `backoff_base * 2^(streak-1)`, capped at
+    /// `backoff_max`, less up to 25% jitter (default 1 s doubling to 10 s).
+    pub backoff_base: Duration,
+    /// See `backoff_base` (default 10 s).
+    pub backoff_max: Duration,
+    /// How long a backend whose quota is exhausted (billing, spend limit) is left alone
+    /// (default 10 minutes: such a quota does not come back by itself within seconds).
+    pub quota_exhausted_cooldown: Duration,
+    /// How much of a throttled or failed answer's body may be read to classify it (default
+    /// 16 KiB: every provider's error object fits).
+    pub error_body_limit: usize,
+    /// Opt-in (default: none): hold back the start of a streamed (SSE) answer, up to this many
+    /// bytes, until its first event with content (or the stream's end) has arrived. An error
+    /// the provider sends inside a 200 stream before any content (`event: error`, an
+    /// `{"error": …}` event; Anthropic `overloaded_error`) then makes the attempt a failure (a
+    /// throttle for overload) that the layers above can retry or fail over, since nothing
+    /// reached the caller yet. Costs the time to the first content event; the held bytes are
+    /// passed on unchanged.
+    pub hold_stream_start: Option<usize>,
+    /// Whether a `200` JSON answer (not a stream) whose top-level object starts with an
+    /// `"error"` object (`{"error": {...}}`, as some OpenAI-compatible servers and proxies send
+    /// for a failure) is a failure rather than a success (default off here; on in
+    /// [`stack::group`](crate::stack::group) and the gateway): a server error, or a
+    /// throttle when its text says `rate_limit` or `overloaded`, retried and failed over like
+    /// one. Costs holding the answer's head until its first bytes arrive (they are passed on
+    /// unchanged), and about 1 200 instructions per answer (`BENCHMARKS.md`). Streams are
+    /// unaffected (`hold_stream_start` is their opt-in).
+    pub json_error_in_success: bool,
+    /// The random source for backoff jitter (seed it for repeatable tests; default: from
+    /// entropy).
+    pub rng: Rng,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            classify: Arc::new(Standard),
+            wall_clock: WallClock::system(),
+            backoff_base: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(10),
+            quota_exhausted_cooldown: Duration::from_secs(600),
+            error_body_limit: 16 * 1024,
+            hold_stream_start: None,
+            json_error_in_success: false,
+            rng: Rng::from_entropy(),
+        }
+    }
+}
+
+impl fmt::Debug for Settings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Settings")
+            .field("backoff_base", &self.backoff_base)
+            .field("backoff_max", &self.backoff_max)
+            .field("quota_exhausted_cooldown", &self.quota_exhausted_cooldown)
+            .field("error_body_limit", &self.error_body_limit)
+            .field("hold_stream_start", &self.hold_stream_start)
+            .field("json_error_in_success", &self.json_error_in_success)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Layer that wraps a service in [`Endpoint`] for one backend, or for whichever backend a
@@ -101,9 +173,7 @@ pub struct EndpointLayer {
 }
 
 impl EndpointLayer {
-    /// Points requests at `backend`, with the stock [`Standard`] classifier and defaults: server
-    /// hints capped at 300 s, no-hint backoff from 1 s doubling to 10 s, quota-exhausted cooldown
-    /// 10 minutes, error bodies read up to 16 KiB.
+    /// Points requests at `backend`, with the default [`Settings`].
     pub fn new(backend: Backend) -> Self {
         Self::with_backend(Some(backend))
     }
@@ -119,81 +189,14 @@ impl EndpointLayer {
     fn with_backend(backend: Option<Backend>) -> Self {
         EndpointLayer {
             backend,
-            settings: Arc::new(Settings {
-                classify: Arc::new(Standard),
-                wall_clock: WallClock::system(),
-                max_hint: DEFAULT_MAX_HINT,
-                backoff_base: Duration::from_secs(1),
-                backoff_max: Duration::from_secs(10),
-                quota_exhausted_cooldown: Duration::from_secs(600),
-                error_body_limit: 16 * 1024,
-                rng: Rng::from_entropy(),
-                hold_stream_start: None,
-                json_error_in_success: false,
-            }),
+            settings: Arc::new(Settings::default()),
         }
     }
 
-    fn settings(mut self, f: impl FnOnce(&mut Settings)) -> Self {
-        f(Arc::make_mut(&mut self.settings));
+    /// Reads answers with these settings.
+    pub fn settings(mut self, settings: Settings) -> Self {
+        self.settings = Arc::new(settings);
         self
-    }
-
-    /// Replaces the classification policy.
-    pub fn classify(self, classify: impl Classify) -> Self {
-        self.settings(|s| s.classify = Arc::new(classify))
-    }
-
-    /// Replaces the wall clock used for HTTP-date and RFC 3339 hints.
-    pub fn wall_clock(self, clock: WallClock) -> Self {
-        self.settings(|s| s.wall_clock = clock)
-    }
-
-    /// The cooldown after a 429 without a hint: `base * 2^(streak-1)`, capped at `max`, less up to
-    /// 25% jitter.
-    pub fn backoff(self, base: Duration, max: Duration) -> Self {
-        self.settings(|s| {
-            s.backoff_base = base;
-            s.backoff_max = max;
-        })
-    }
-
-    /// How long a backend whose quota is exhausted (billing, spend limit) is left alone.
-    pub fn quota_exhausted_cooldown(self, cooldown: Duration) -> Self {
-        self.settings(|s| s.quota_exhausted_cooldown = cooldown)
-    }
-
-    /// How much of a throttled answer's body may be read to classify it (default 16 KiB).
-    pub fn error_body_limit(self, limit: usize) -> Self {
-        self.settings(|s| s.error_body_limit = limit)
-    }
-
-    /// Opt-in: hold back the start of a streamed (SSE) answer, up to `limit` bytes, until its
-    /// first event with content (or the stream's end) has arrived. An error the provider sends
-    /// inside a 200 stream before any content (`event: error`, an `{"error": …}` event; Anthropic
-    /// `overloaded_error`) then makes the attempt a failure (a throttle for overload) that the
-    /// layers above can retry or fail over, since nothing reached the caller yet. Costs the time
-    /// to the first content event; the held bytes are passed on unchanged.
-    pub fn hold_stream_start(self, limit: usize) -> Self {
-        self.settings(|s| s.hold_stream_start = Some(limit))
-    }
-
-    /// Whether a `200` JSON answer (not a stream) whose top-level object starts with an
-    /// `"error"` object (`{"error": {...}}`, as some OpenAI-compatible servers and proxies send
-    /// for a failure) is a failure rather than a success (default off here; on in
-    /// [`stack::group`](crate::stack::group) and the gateway): a server error, or a
-    /// throttle when its text says `rate_limit` or `overloaded`, retried and failed over like
-    /// one. Costs holding the answer's head until its first bytes arrive (they are passed on
-    /// unchanged), and about 1 200 instructions per answer (`BENCHMARKS.md`). Streams are
-    /// unaffected ([`EndpointLayer::hold_stream_start`] is their
-    /// opt-in).
-    pub fn json_error_in_success(self, yes: bool) -> Self {
-        self.settings(|s| s.json_error_in_success = yes)
-    }
-
-    /// The random source for backoff jitter (seed it for repeatable tests).
-    pub fn rng(self, rng: Rng) -> Self {
-        self.settings(|s| s.rng = rng)
     }
 
     /// The same settings for another backend.
@@ -428,11 +431,7 @@ impl Record {
     }
 
     fn hints(&self, headers: &http::HeaderMap) -> Hints {
-        Hints::from_headers_at(
-            headers,
-            || self.settings.wall_clock.now(),
-            self.settings.max_hint,
-        )
+        Hints::from_headers_at(headers, || self.settings.wall_clock.now(), DEFAULT_MAX_HINT)
     }
 
     /// Writes the outcome into the backend's state; returns the `Served` extension and the

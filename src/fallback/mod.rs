@@ -33,7 +33,7 @@
 //! upstream (or ending without its `[DONE]` / `message_stop`) ends in a typed
 //! [`StreamInterrupted`](crate::error::StreamInterrupted) body error, never a clean end.
 //! To fail over on an error a provider sends *inside* a 200 stream before any content, opt in
-//! per backend with [`EndpointLayer::hold_stream_start`](crate::endpoint::EndpointLayer::hold_stream_start).
+//! per backend with [`endpoint::Settings::hold_stream_start`](crate::endpoint::Settings::hold_stream_start).
 //!
 //! ```
 //! use tower::ServiceExt;

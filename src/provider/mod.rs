@@ -782,7 +782,7 @@ fn number_at(rest: &[u8]) -> Option<usize> {
 }
 
 /// Streams (SSE): what the providers send at the start and the end of a streamed answer,
-/// for [`EndpointLayer::hold_stream_start`](crate::endpoint::EndpointLayer::hold_stream_start)
+/// for [`endpoint::Settings::hold_stream_start`](crate::endpoint::Settings::hold_stream_start)
 /// and for a custom [`Classify`](crate::classify::Classify).
 ///
 /// True once the start of an SSE stream shows content or an in-band error: a complete event
