@@ -10,7 +10,7 @@ use tower_llm_lb::balance::{Balance, Strategy};
 fn group(n: usize, strategy: Strategy) -> Balance<()> {
     let mut b = Balance::builder()
         .strategy(strategy)
-        .rng(tower_llm_lb::rng::Rng::seeded(1));
+        .rng(tower_llm_lb::Rng::seeded(1));
     for i in 0..n {
         let backend = Backend::openai(format!("b{i}"), "http://127.0.0.1:1/v1")
             .priority((i % 3) as u32)

@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use tower::ServiceExt;
+use tower_llm_lb::Circuit;
 use tower_llm_lb::auth::Credential;
 use tower_llm_lb::body::ReplayBody;
 use tower_llm_lb::client::http_client;
@@ -22,7 +23,6 @@ use tower_llm_lb::endpoint::Served;
 use tower_llm_lb::error::{Exhausted, Unavailable, find};
 use tower_llm_lb::retry::Attempts;
 use tower_llm_lb::stack::{self, Settings};
-use tower_llm_lb::state::Circuit;
 use tower_llm_lb::{Backend, BoxError};
 use tower_llm_lb_mock::{Fault, MockServer};
 

@@ -67,7 +67,7 @@ async fn run() -> Result<Seen, BoxError> {
         })
         .service(balance);
     let svc = Fallback::builder("chat")
-        .target_with("gpt-4o", group, Overrides::new().set("max_tokens", 256))
+        .target_with("gpt-4o", group, Overrides::default().set("max_tokens", 256))
         .build()?;
 
     let mut seen = Vec::new();

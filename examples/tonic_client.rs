@@ -72,7 +72,7 @@ async fn run() -> Result<Vec<(String, GrpcCounters, bool)>, BoxError> {
         let c = server.counters();
         let open = !matches!(
             backend.state().snapshot().circuit,
-            tower_llm_lb::state::Circuit::Closed
+            tower_llm_lb::Circuit::Closed
         );
         println!(
             "{:8} got {:2} calls: {:2} served, {} RESOURCE_EXHAUSTED, {} failed, {} during a pushback, {} foreign credentials; circuit {:?}",

@@ -518,11 +518,6 @@ impl<B> ResponseBody<B> {
     pub(crate) fn prefix(&self) -> Option<&Bytes> {
         self.replay.as_ref().and_then(|r| r.prefix.as_ref())
     }
-
-    /// Unwraps the backend's body (dropping any bytes read ahead).
-    pub fn into_inner(self) -> B {
-        self.inner
-    }
 }
 
 impl<B: fmt::Debug> fmt::Debug for ResponseBody<B> {

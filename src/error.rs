@@ -105,7 +105,7 @@ pub struct Out {
 
 impl Unavailable {
     /// `what` says what was unavailable (a backend's or a group's name).
-    pub fn new(what: impl Into<Arc<str>>, earliest: Option<Instant>) -> Self {
+    pub(crate) fn new(what: impl Into<Arc<str>>, earliest: Option<Instant>) -> Self {
         Unavailable {
             what: what.into(),
             earliest,

@@ -29,7 +29,7 @@
 //!     .target_with(
 //!         "gpt-4-32k",
 //!         stack::group("32k", [azure("east-32k", "gpt-4-32k", 0)?], client.clone(), &settings)?,
-//!         Overrides::new().set("model", "gpt-4-32k"),
+//!         Overrides::default().set("model", "gpt-4-32k"),
 //!     )
 //!     .build()?;
 //!

@@ -5,11 +5,11 @@
 use std::time::Duration;
 
 use tower::ServiceExt;
+use tower_llm_lb::Circuit;
 use tower_llm_lb::client::http_client;
 use tower_llm_lb::error::{Exhausted, Unavailable, find};
 use tower_llm_lb::retry::RetryAfter429Layer;
 use tower_llm_lb::stack::{self, LlmService, Settings};
-use tower_llm_lb::state::Circuit;
 use tower_llm_lb::{Backend, BoxError};
 use tower_llm_lb_mock::{Fault, MockServer};
 
@@ -336,7 +336,7 @@ async fn simultaneous_failures_spread_their_retries() {
             min_calls: 0,
             ..Default::default()
         },
-        rng: Some(tower_llm_lb::rng::Rng::seeded(7)),
+        rng: Some(tower_llm_lb::Rng::seeded(7)),
         ..Settings::default()
     };
     let svc = group(&[backend("a", &a), backend("b", &b)], &settings);
@@ -377,7 +377,7 @@ async fn equal_backends_share_requests_sent_one_at_a_time_and_a_slow_region_is_a
     // A few milliseconds apart: the same latency, measured with noise.
     let (a, b) = (mock("a", 50).await, mock("b", 53).await);
     let settings = Settings {
-        rng: Some(tower_llm_lb::rng::Rng::seeded(11)),
+        rng: Some(tower_llm_lb::Rng::seeded(11)),
         ..Settings::default()
     };
     let svc = group(&[backend("a", &a), backend("b", &b)], &settings);

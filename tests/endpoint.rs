@@ -107,7 +107,7 @@ async fn a_429_without_hint_backs_off_exponentially_and_only_extends() {
     let layer = EndpointLayer::new(backend.clone()).settings(Settings {
         backoff_base: Duration::from_secs(2),
         backoff_max: Duration::from_secs(5),
-        rng: tower_llm_lb::rng::Rng::seeded(1),
+        rng: tower_llm_lb::Rng::seeded(1),
         ..Settings::default()
     });
     let svc = stack_with(layer, &backend);

@@ -44,7 +44,7 @@ async fn a_throttled_8k_deployment_falls_back_to_the_32k_one_with_model_overridd
         .target_with(
             "gpt-4-32k",
             target(&[azure("eastus-32k", &big, "gpt-4-32k")]),
-            Overrides::new()
+            Overrides::default()
                 .set("model", "gpt-4-32k")
                 .set("max_tokens", 4096),
         )
@@ -266,8 +266,8 @@ async fn portkeys_nested_example_a_50_50_balance_whose_second_arm_falls_back() {
         .target("openai", target(&[refusing("openai")]))
         .target("azure-b", target(&[azure("azure-b", &azure_b, "gpt-4o")]))
         .build()
-        .unwrap()
-        .boxed();
+        .unwrap();
+    let fallback_arm = BoxTarget::new(fallback_arm);
     let balance = Balance::builder()
         .member(
             "azure-a",
@@ -277,7 +277,7 @@ async fn portkeys_nested_example_a_50_50_balance_whose_second_arm_falls_back() {
             &[],
         )
         .member("fallback", 0.5, 0, fallback_arm, &[])
-        .rng(tower_llm_lb::rng::Rng::seeded(3))
+        .rng(tower_llm_lb::Rng::seeded(3))
         .build()
         .unwrap();
     let n = 2000;
@@ -416,7 +416,7 @@ async fn a_ready_made_group_splits_a_canary_by_weight() {
     // Seeded: the pick is weighted random, and 0.02 is three standard deviations of a 0.1
     // share over 2000 draws, which an entropy-seeded run misses about once in 400.
     let settings = Settings {
-        rng: Some(tower_llm_lb::rng::Rng::seeded(7)),
+        rng: Some(tower_llm_lb::Rng::seeded(7)),
         ..Settings::default()
     };
     let svc = stack::group(

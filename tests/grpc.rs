@@ -6,6 +6,7 @@
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 use tower::ServiceBuilder;
+use tower_llm_lb::Circuit;
 use tower_llm_lb::auth::{AuthInjectLayer, Credential};
 use tower_llm_lb::balance::BalanceLayer;
 use tower_llm_lb::body::{BufferRequestLayer, ReplayBody};
@@ -13,7 +14,6 @@ use tower_llm_lb::circuit_breaker::{BreakerGroup, Policy};
 use tower_llm_lb::client::grpc_client;
 use tower_llm_lb::endpoint::EndpointLayer;
 use tower_llm_lb::retry::RetryAfter429Layer;
-use tower_llm_lb::state::Circuit;
 use tower_llm_lb::{Backend, BoxError};
 use tower_llm_lb_mock::grpc::{GrpcFault, GrpcMock};
 

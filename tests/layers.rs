@@ -5,6 +5,7 @@ mod common;
 
 use common::chat;
 use tower::{ServiceBuilder, ServiceExt};
+use tower_llm_lb::Circuit;
 use tower_llm_lb::auth::{AuthInjectLayer, Credential};
 use tower_llm_lb::balance::BalanceLayer;
 use tower_llm_lb::body::ReplayBody;
@@ -13,7 +14,6 @@ use tower_llm_lb::client::http_client;
 use tower_llm_lb::endpoint::{EndpointLayer, Served};
 use tower_llm_lb::error::NoBackendChosen;
 use tower_llm_lb::retry::RetryAfter429Layer;
-use tower_llm_lb::state::Circuit;
 use tower_llm_lb::{Backend, Outcome};
 use tower_llm_lb_mock::{Fault, MockServer};
 

@@ -259,9 +259,9 @@ impl Config {
 
 /// A target's `override_params` as [`Overrides`].
 fn overrides(params: &serde_json::Map<String, serde_json::Value>) -> Overrides {
-    params
-        .iter()
-        .fold(Overrides::new(), |o, (k, v)| o.set(k.clone(), v.clone()))
+    params.iter().fold(Overrides::default(), |o, (k, v)| {
+        o.set(k.clone(), v.clone())
+    })
 }
 
 /// Every backend a stack sends to, each once, by name.

@@ -473,7 +473,7 @@ async fn a_429_on_one_deployment_does_not_hold_back_another_deployment_of_the_sa
 #[tokio::test(start_paused = true)]
 async fn a_configured_health_check_takes_a_failing_backend_out_and_lets_it_back() {
     use std::time::Duration;
-    use tower_llm_lb::state::Circuit;
+    use tower_llm_lb::Circuit;
     use tower_llm_lb_mock::Fault;
     let a = MockServer::builder().api_key("ka").start().await.unwrap();
     let b = MockServer::builder().api_key("kb").start().await.unwrap();
@@ -594,7 +594,7 @@ async fn a_throttled_arm_of_a_nested_group_is_skipped_while_its_sibling_has_room
 #[tokio::test(start_paused = true)]
 async fn a_backend_s_own_health_check_replaces_the_group_s_and_thresholds_go_both_ways() {
     use std::time::Duration;
-    use tower_llm_lb::state::Circuit;
+    use tower_llm_lb::Circuit;
     use tower_llm_lb_mock::Fault;
     let a = MockServer::builder().api_key("ka").start().await.unwrap();
     let b = MockServer::builder().api_key("kb").start().await.unwrap();

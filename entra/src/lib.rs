@@ -44,7 +44,7 @@ use tower::util::BoxCloneSyncService;
 use tower_llm_lb::BoxError;
 use tower_llm_lb::auth::{BoxFuture, Token, TokenSource};
 use tower_llm_lb::body::ReplayBody;
-use tower_llm_lb::classify::retry_after::WallClock;
+use tower_llm_lb::classify::WallClock;
 
 mod secret;
 use secret::Secret;

@@ -72,6 +72,7 @@ use http_body::Frame;
 use tokio::time::Instant;
 use tower::ServiceExt;
 
+use tower_llm_lb::Circuit;
 use tower_llm_lb::auth::redact;
 use tower_llm_lb::backend::Backend;
 use tower_llm_lb::balance::{Priority, Tenant};
@@ -80,7 +81,6 @@ use tower_llm_lb::endpoint::Served;
 use tower_llm_lb::error::{BoxError, Exhausted, Unavailable, find};
 use tower_llm_lb::retry::Attempts;
 use tower_llm_lb::stack::{LlmBody, LlmService};
-use tower_llm_lb::state::Circuit;
 
 /// What [`Gateway::serve`] allows a client, so slow or idle clients cannot hold the process's
 /// connections (config `gateway.client_header_timeout_ms`, `client_body_timeout_ms`,
@@ -1589,7 +1589,7 @@ fn error_for(e: &BoxError) -> Response {
         let mut res = error_response(StatusCode::BAD_GATEWAY, kind, &e.to_string());
         if let Some(at) = ex.earliest {
             let wait = at.saturating_duration_since(Instant::now());
-            tower_llm_lb::classify::retry_after::set_retry_after(res.headers_mut(), wait);
+            tower_llm_lb::classify::set_retry_after(res.headers_mut(), wait);
         }
         return res;
     }
@@ -1604,7 +1604,7 @@ fn error_for(e: &BoxError) -> Response {
             "rate_limit_exceeded",
             &format!("every backend is busy: {e}"),
         );
-        tower_llm_lb::classify::retry_after::set_retry_after(res.headers_mut(), wait);
+        tower_llm_lb::classify::set_retry_after(res.headers_mut(), wait);
         return res;
     }
     if unavailable {

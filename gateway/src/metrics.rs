@@ -24,9 +24,9 @@ use tokio::time::Instant;
 use arc_swap::ArcSwap;
 
 use super::Live;
+use tower_llm_lb::Circuit;
 use tower_llm_lb::Snapshot;
 use tower_llm_lb::backend::Backend;
-use tower_llm_lb::state::Circuit;
 
 /// The labels of the backend collector's families (read at a scrape, not per request).
 type Labels = Vec<(&'static str, String)>;

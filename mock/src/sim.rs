@@ -15,11 +15,11 @@ use tokio::time::Instant;
 use tower::ServiceExt;
 
 use crate::{Fault, MockServer};
+use tower_llm_lb::Rng;
 use tower_llm_lb::backend::Backend;
 use tower_llm_lb::balance::Strategy;
 use tower_llm_lb::body::ReplayBody;
 use tower_llm_lb::retry::RetryAfter429Layer;
-use tower_llm_lb::rng::Rng;
 
 /// One simulated backend.
 #[derive(Clone, Debug)]

@@ -33,7 +33,7 @@ use tower_llm_lb::body::ReplayBody;
 use tower_llm_lb::error::BoxError;
 use tower_llm_lb::retry::Deadline;
 use tower_llm_lb::stack::{self, Settings};
-use tower_llm_lb::{Backend, rng::Rng};
+use tower_llm_lb::{Backend, Rng};
 
 /// What to run.
 #[derive(Clone, Debug)]

@@ -154,9 +154,9 @@ impl MockTokenServer {
     }
 
     /// A wall clock that agrees with this server's `expires_on` answers (for token sources).
-    pub fn wall_clock(&self) -> tower_llm_lb::classify::retry_after::WallClock {
+    pub fn wall_clock(&self) -> tower_llm_lb::classify::WallClock {
         let shared = self.shared.clone();
-        tower_llm_lb::classify::retry_after::WallClock::from_fn(move || {
+        tower_llm_lb::classify::WallClock::from_fn(move || {
             std::time::SystemTime::UNIX_EPOCH
                 + Duration::from_secs(shared.epoch_at_start)
                 + shared.started.elapsed()

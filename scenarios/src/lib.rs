@@ -33,8 +33,8 @@ use http_body_util::{BodyExt, Full};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
+use tower_llm_lb::Counters;
 use tower_llm_lb::error::BoxError;
-use tower_llm_lb::state::Counters;
 use tower_llm_lb_config::Config;
 use tower_llm_lb_gateway::Gateway;
 use tower_llm_lb_mock::{Fault, MockServer};

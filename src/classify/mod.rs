@@ -24,7 +24,9 @@
 //! Replace the policy by implementing [`Classify`], in the spirit of tower's retry `Policy`.
 
 pub mod grpc;
-pub mod retry_after;
+pub(crate) mod retry_after;
+
+pub use retry_after::{Hints, WallClock, set_retry_after};
 
 use std::error::Error as StdError;
 
@@ -32,7 +34,6 @@ use http::{HeaderMap, StatusCode};
 
 use crate::error::{BackendError, Exhausted};
 pub use crate::outcome::Outcome;
-use retry_after::Hints;
 
 /// The policy that turns a response head or an error into an [`Outcome`].
 ///

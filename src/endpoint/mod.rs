@@ -206,11 +206,6 @@ impl EndpointLayer {
             settings: self.settings.clone(),
         }
     }
-
-    /// The backend (`None`: the chosen one of each request).
-    pub fn backend(&self) -> Option<&Backend> {
-        self.backend.as_ref()
-    }
 }
 
 impl fmt::Debug for EndpointLayer {
@@ -240,13 +235,6 @@ pub struct Endpoint<S> {
     inner: S,
     backend: Option<Backend>,
     settings: Arc<Settings>,
-}
-
-impl<S> Endpoint<S> {
-    /// The backend (`None`: the chosen one of each request).
-    pub fn backend(&self) -> Option<&Backend> {
-        self.backend.as_ref()
-    }
 }
 
 impl<S: fmt::Debug> fmt::Debug for Endpoint<S> {

@@ -248,7 +248,7 @@ where
                         targets: Box::new([super::Target {
                             name: "invalid".into(),
                             service: crate::boxed::BoxTarget::new(refuse),
-                            overrides: Overrides::new(),
+                            overrides: Overrides::default(),
                             deployment: None,
                         }]),
                         triggers: Triggers::default(),

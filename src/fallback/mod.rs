@@ -49,7 +49,7 @@
 //! });
 //! let chain = Fallback::builder("gpt-4")
 //!     .target("gpt-4-8k", small)
-//!     .target_with("gpt-4-32k", big, Overrides::new().set("model", "gpt-4-32k"))
+//!     .target_with("gpt-4-32k", big, Overrides::default().set("model", "gpt-4-32k"))
 //!     .build()?;
 //! let res = chain.oneshot(http::Request::new(r#"{"model":"gpt-4"}"#.into())).await?;
 //! assert_eq!(res.body(), r#"{"model":"gpt-4-32k"}"#);
@@ -263,14 +263,6 @@ impl<ResB: 'static> Fallback<ResB> {
     pub fn name(&self) -> &str {
         &self.shared.name
     }
-
-    /// Boxes the chain as a target of another chain or a member of a balanced group.
-    pub fn boxed(self) -> BoxTarget<ResB>
-    where
-        ResB: Send + 'static,
-    {
-        BoxTarget::new(self)
-    }
 }
 
 impl<ResB: 'static> FallbackBuilder<ResB> {
@@ -281,7 +273,7 @@ impl<ResB: 'static> FallbackBuilder<ResB> {
         S::Error: Into<BoxError>,
         S::Future: Send + 'static,
     {
-        self.target_with(name, service, Overrides::new())
+        self.target_with(name, service, Overrides::default())
     }
 
     /// Adds a target whose requests get `overrides` applied to their JSON body.

@@ -29,11 +29,6 @@ impl std::fmt::Display for NotJson {
 impl std::error::Error for NotJson {}
 
 impl Overrides {
-    /// No overrides.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
     /// Sets `field` to `value`.
     pub fn set(mut self, field: impl Into<String>, value: impl Into<Value>) -> Self {
         self.fields.insert(field.into(), value.into());
@@ -71,7 +66,7 @@ mod tests {
 
     #[test]
     fn overrides_replace_and_add_top_level_fields() {
-        let o = Overrides::new()
+        let o = Overrides::default()
             .set("model", "gpt-4-32k")
             .set("max_tokens", 512);
         let body = Bytes::from_static(br#"{"model":"gpt-4","messages":[],"temperature":0.2}"#);
@@ -80,7 +75,7 @@ mod tests {
         assert_eq!(out["max_tokens"], 512);
         assert_eq!(out["temperature"], 0.2);
         assert!(
-            Overrides::new()
+            Overrides::default()
                 .apply(&Bytes::from_static(b"not json"), "t")
                 .is_ok()
         );
@@ -88,7 +83,7 @@ mod tests {
 
     #[test]
     fn a_body_that_is_not_a_json_object_is_a_clear_error() {
-        let o = Overrides::new().set("model", "m");
+        let o = Overrides::default().set("model", "m");
         for bad in [&b"not json"[..], b"[1,2]", b"\"s\"", b""] {
             let e = o
                 .apply(&Bytes::copy_from_slice(bad), "gpt-4-32k")

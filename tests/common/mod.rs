@@ -64,7 +64,7 @@ pub fn balanced(
             .service(client.clone())
     })
     .strategy(strategy)
-    .rng(tower_llm_lb::rng::Rng::seeded(7))
+    .rng(tower_llm_lb::Rng::seeded(7))
     .build()
     .unwrap();
     tower::Layer::layer(&retry, balance)
