@@ -155,7 +155,7 @@ pub(crate) fn clone_request<B: Clone>(req: &Request<B>) -> Request<B> {
 }
 
 /// The default cap on a buffered request body: 32 MiB (audio uploads are the large ones).
-pub const DEFAULT_BODY_LIMIT: usize = 32 * 1024 * 1024;
+const DEFAULT_BODY_LIMIT: usize = 32 * 1024 * 1024;
 
 /// Layer that wraps a service in [`BufferRequest`].
 #[derive(Clone, Copy, Debug)]

@@ -6,7 +6,7 @@
 //! error in OpenAI's shape. The other way round, `POST /v1/messages` to an OpenAI, Azure or
 //! Azure v1 backend leaves as a chat request and comes back in Anthropic's shape. Every other
 //! request, and every request to a backend that speaks its API, passes untouched (one path
-//! comparison). The field mapping is in [`provider::translate`](crate::provider::translate).
+//! comparison). The field mapping is in `provider/translate.rs`.
 //!
 //! It sits per backend, just above that backend's `Endpoint` (which routes and classifies the
 //! backend's own answer: Anthropic's `529 overloaded_error` is throttling there), so `Balance`,
@@ -66,7 +66,9 @@ use crate::error::BoxError;
 use crate::provider::Provider;
 use crate::provider::translate::{self as t, StreamTranslate};
 
-pub use crate::provider::translate::{Options, Untranslatable};
+pub use crate::provider::translate::{
+    Options, StripUsage, Untranslatable, ask_stream_usage, error_to_anthropic,
+};
 
 /// Which way a request is translated.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -113,7 +115,7 @@ impl TranslateLayer {
         TranslateLayer {
             provider: backend.provider().clone(),
             options: Arc::new(Options::default()),
-            clock: WallClock::system(),
+            clock: WallClock::default(),
         }
     }
 

@@ -178,7 +178,10 @@ async fn grpc_health_probes_take_a_not_serving_server_out_and_let_it_back() {
         .service(grpc_client::<ReplayBody>());
     let probe = HealthProbe {
         interval: std::time::Duration::from_secs(5),
-        ..HealthProbe::grpc("")
+        protocol: tower_llm_lb::circuit_breaker::ProbeProtocol::Grpc {
+            service: String::new(),
+        },
+        ..HealthProbe::default()
     };
     breaker.spawn_health_probe(probe).unwrap();
     tokio::time::sleep(std::time::Duration::from_secs(12)).await;

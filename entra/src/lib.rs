@@ -252,7 +252,7 @@ impl ClientCredentials {
             secret: Secret::new(client_secret)?,
             scope: COGNITIVE_SERVICES_SCOPE.into(),
             client: default_client(),
-            clock: WallClock::system(),
+            clock: WallClock::default(),
         })
     }
 
@@ -349,7 +349,7 @@ impl ManagedIdentity {
             client: BoxCloneSyncService::new(
                 tower_llm_lb::client::http_client::<ReplayBody>().map_err(BoxError::from),
             ),
-            clock: WallClock::system(),
+            clock: WallClock::default(),
         }
     }
 
@@ -363,7 +363,7 @@ impl ManagedIdentity {
             },
             client_id: None,
             client: default_client(),
-            clock: WallClock::system(),
+            clock: WallClock::default(),
         })
     }
 
@@ -480,7 +480,7 @@ impl AzureCli {
     pub fn new() -> Self {
         AzureCli {
             program: "az".into(),
-            clock: WallClock::system(),
+            clock: WallClock::default(),
         }
     }
 

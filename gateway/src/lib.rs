@@ -263,7 +263,7 @@ impl Gateway {
         Gateway {
             metrics: Arc::new(metrics::Metrics::new(live.clone())),
             live,
-            body_limit: tower_llm_lb::body::DEFAULT_BODY_LIMIT,
+            body_limit: BODY_LIMIT,
             limits: ClientLimits::default(),
             tls: None,
             #[cfg(feature = "otel")]
@@ -921,6 +921,9 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 // Header names read or written on every request, made once (a `&str` name is parsed and hashed
 // on each lookup).
+/// The default cap on a request body, and the cap on a backend's answer the gateway reads
+/// whole to tag the ids in it: 32 MiB (audio uploads are the large requests).
+const BODY_LIMIT: usize = 32 * 1024 * 1024;
 const X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
 const API_KEY: http::HeaderName = http::HeaderName::from_static("api-key");
 const X_API_KEY: http::HeaderName = http::HeaderName::from_static("x-api-key");
@@ -1066,8 +1069,7 @@ where
 async fn anthropic_shaped(res: Response) -> Response {
     let (mut parts, body) = res.into_parts();
     let Ok(bytes) = axum::body::to_bytes(body, ERROR_BODY_LIMIT).await else {
-        let body =
-            tower_llm_lb::provider::translate::error_to_anthropic(parts.status.as_u16(), b"");
+        let body = tower_llm_lb::translate::error_to_anthropic(parts.status.as_u16(), b"");
         return Response::from_parts(parts, axum::body::Body::from(body));
     };
     let already = serde_json::from_slice::<serde_json::Value>(&bytes)
@@ -1075,7 +1077,7 @@ async fn anthropic_shaped(res: Response) -> Response {
     if already {
         return Response::from_parts(parts, axum::body::Body::from(bytes));
     }
-    let body = tower_llm_lb::provider::translate::error_to_anthropic(parts.status.as_u16(), &bytes);
+    let body = tower_llm_lb::translate::error_to_anthropic(parts.status.as_u16(), &bytes);
     parts.headers.remove(http::header::CONTENT_LENGTH);
     Response::from_parts(parts, axum::body::Body::from(body))
 }
@@ -1220,7 +1222,7 @@ where
     let mut strip_usage = false;
     if gw.stream_usage
         && parts.uri.path() == "/v1/chat/completions"
-        && let Some(asked) = tower_llm_lb::provider::translate::ask_stream_usage(&bytes)
+        && let Some(asked) = tower_llm_lb::translate::ask_stream_usage(&bytes)
     {
         bytes = Bytes::from(asked);
         strip_usage = true;
@@ -1335,7 +1337,7 @@ fn is_json(headers: &http::HeaderMap) -> bool {
 /// that fails to arrive whole is a `502`: the caller would get ids it cannot use.
 async fn tag_kept(res: Response, backend: Arc<str>) -> Response {
     let (mut parts, body) = res.into_parts();
-    let Ok(bytes) = axum::body::to_bytes(body, tower_llm_lb::body::DEFAULT_BODY_LIMIT).await else {
+    let Ok(bytes) = axum::body::to_bytes(body, BODY_LIMIT).await else {
         return error_response(
             StatusCode::BAD_GATEWAY,
             "upstream_error",
@@ -1463,7 +1465,7 @@ fn into_axum(
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("text/event-stream"));
     let strip = (sse && strip_usage).then(|| Stripping {
-        with: tower_llm_lb::provider::translate::StripUsage::default(),
+        with: tower_llm_lb::translate::StripUsage::default(),
         out: Vec::new(),
         finished: false,
     });
@@ -1781,7 +1783,7 @@ pin_project_lite::pin_project! {
 
 /// A stream losing the usage chunk the gateway asked for on its caller's behalf.
 struct Stripping {
-    with: tower_llm_lb::provider::translate::StripUsage,
+    with: tower_llm_lb::translate::StripUsage,
     out: Vec<u8>,
     finished: bool,
 }

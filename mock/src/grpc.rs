@@ -3,7 +3,7 @@
 //!
 //! It serves gRPC's standard health service (`grpc.health.v1.Health`, from `tonic-health`), so
 //! any tonic client generated for it (`tonic_health::pb::health_client::HealthClient`) calls it
-//! (and [`HealthProbe::grpc`](tower_llm_lb::circuit_breaker::HealthProbe::grpc) probes it; switch it
+//! (and [`ProbeProtocol::Grpc`](tower_llm_lb::circuit_breaker::ProbeProtocol::Grpc) probes it; switch it
 //! with [`GrpcMock::set_serving`]), and a tower layer in front of it applies, in order:
 //!
 //! - **Auth** (with [`GrpcMockBuilder::bearer`]): `authorization: Bearer {token}` must be there,

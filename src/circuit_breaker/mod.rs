@@ -633,25 +633,12 @@ pub enum ProbeProtocol {
     Http,
     /// gRPC's health protocol (`grpc.health.v1.Health/Check` for this service name, `""` for
     /// the whole server); healthy when the answer says `SERVING`. `path` and `healthy` are
-    /// not used.
+    /// not used. For [`Provider::Grpc`](crate::provider::Provider::Grpc) backends whose
+    /// servers offer `grpc.health.v1.Health` (tonic's `tonic-health` does).
     Grpc {
         /// The service to ask about.
         service: String,
     },
-}
-
-impl HealthProbe {
-    /// A probe speaking gRPC's health protocol about `service` (`""`: the whole server), with
-    /// the other settings at their defaults: for [`Provider::Grpc`](crate::provider::Provider::Grpc)
-    /// backends whose servers offer `grpc.health.v1.Health` (tonic's `tonic-health` does).
-    pub fn grpc(service: impl Into<String>) -> Self {
-        HealthProbe {
-            protocol: ProbeProtocol::Grpc {
-                service: service.into(),
-            },
-            ..HealthProbe::default()
-        }
-    }
 }
 
 impl Default for HealthProbe {

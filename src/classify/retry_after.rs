@@ -38,16 +38,11 @@ const PER_MINUTE: Duration = Duration::from_secs(60);
 /// A source of wall-clock time, for hints that carry an absolute date.
 ///
 /// tokio's paused clock only freezes `tokio::time::Instant`; HTTP-date and RFC 3339 hints need the
-/// wall clock, so it is injectable. [`WallClock::system`] is the real one.
+/// wall clock, so it is injectable. `WallClock::default()` is the real one.
 #[derive(Clone)]
 pub struct WallClock(Arc<dyn Fn() -> SystemTime + Send + Sync>);
 
 impl WallClock {
-    /// The system's wall clock.
-    pub fn system() -> Self {
-        WallClock(Arc::new(SystemTime::now))
-    }
-
     /// A clock driven by any function: one that follows tokio's paused clock in tests, or
     /// `move || at` for one that always reads `at`.
     pub fn from_fn(f: impl Fn() -> SystemTime + Send + Sync + 'static) -> Self {
@@ -60,9 +55,10 @@ impl WallClock {
     }
 }
 
+/// The system's wall clock.
 impl Default for WallClock {
     fn default() -> Self {
-        Self::system()
+        WallClock(Arc::new(SystemTime::now))
     }
 }
 

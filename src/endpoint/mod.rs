@@ -139,7 +139,7 @@ impl Default for Settings {
     fn default() -> Self {
         Settings {
             classify: Arc::new(Standard),
-            wall_clock: WallClock::system(),
+            wall_clock: WallClock::default(),
             backoff_base: Duration::from_secs(1),
             backoff_max: Duration::from_secs(10),
             quota_exhausted_cooldown: Duration::from_secs(600),

@@ -18,7 +18,7 @@
 //!
 //! A caller's `api-version` query parameter is replaced by the backend's on classic Azure.
 
-pub mod translate;
+pub(crate) mod translate;
 
 use std::fmt;
 use std::sync::Arc;

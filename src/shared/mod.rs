@@ -54,8 +54,6 @@
 mod redis;
 
 use std::fmt;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::*};
@@ -64,6 +62,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::backend::Backend;
+use crate::credential::BoxFuture;
 use crate::error::BoxError;
 use crate::state::Circuit;
 
@@ -99,9 +98,6 @@ pub struct Exchanged {
     pub replicas: u32,
 }
 
-/// What a [`SharedStore`]'s exchange returns.
-pub type Exchange<'a> = Pin<Box<dyn Future<Output = Result<Exchanged, BoxError>> + Send + 'a>>;
-
 /// Where replicas meet. One call per interval per replica, for all its backends.
 pub trait SharedStore: Send + Sync + 'static {
     /// Publishes each backend's news under its key (a backend's waits only ever extend and
@@ -113,7 +109,7 @@ pub trait SharedStore: Send + Sync + 'static {
         replica: &'a str,
         alive: Duration,
         backends: &'a [(String, News)],
-    ) -> Exchange<'a>;
+    ) -> BoxFuture<'a, Result<Exchanged, BoxError>>;
 
     /// Where the store is, with any password removed (for logs and `/stats`).
     fn describe(&self) -> String;

@@ -4,7 +4,8 @@ use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
-use super::{Exchange, Exchanged, News, SharedStore, redact_url};
+use super::{Exchanged, News, SharedStore, redact_url};
+use crate::credential::BoxFuture;
 use crate::error::BoxError;
 
 /// One round trip for all backends. KEYS: each backend's wait, open circuit, demand and
@@ -195,7 +196,7 @@ impl SharedStore for RedisStore {
         replica: &'a str,
         alive: Duration,
         backends: &'a [(String, News)],
-    ) -> Exchange<'a> {
+    ) -> BoxFuture<'a, Result<Exchanged, BoxError>> {
         Box::pin(async move {
             let mut invocation = self.script.prepare_invoke();
             invocation.arg(replica).arg(alive.as_millis() as u64);
