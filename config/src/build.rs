@@ -13,12 +13,13 @@ use super::{
     Algorithm, BackendConfig, Config, EntraConfig, Mode, ProviderKind, StrategyConfig, TargetConfig,
 };
 use std::sync::Arc;
-use tower_llm_lb::auth::{Credential, CredentialKind, TokenCache, TokenSource};
+use tower_llm_lb::auth::{Credential, TokenCache, TokenSource};
 use tower_llm_lb::backend::Backend;
 use tower_llm_lb::balance::{Balance, Strategy};
 use tower_llm_lb::body::ReplayBody;
 use tower_llm_lb::circuit_breaker::Policy;
 use tower_llm_lb::error::BoxError;
+use tower_llm_lb::error::InvalidConfig;
 use tower_llm_lb::fallback::BoxTarget;
 use tower_llm_lb::fallback::{Fallback, Overrides, Triggers};
 use tower_llm_lb::provider::{DEFAULT_ANTHROPIC_VERSION, DEFAULT_AZURE_API_VERSION, Provider};
@@ -584,36 +585,54 @@ fn backend_from(
                 .map_err(|e| ConfigError::new(format!("{path}.anthropic_version"), e.to_string()))?
         }
     };
-    let cred_kind = match kind {
-        ProviderKind::Openai => CredentialKind::Bearer,
-        ProviderKind::Azure | ProviderKind::AzureV1 => CredentialKind::ApiKey,
-        ProviderKind::Anthropic => CredentialKind::XApiKey,
+    // The header each provider reads its key from.
+    let credential_of: fn(&str) -> Result<Credential, InvalidConfig> = match kind {
+        ProviderKind::Openai => Credential::bearer,
+        ProviderKind::Azure | ProviderKind::AzureV1 => Credential::api_key,
+        ProviderKind::Anthropic => Credential::x_api_key,
     };
-    let credential = match (&b.api_key, &b.api_key_env, &b.entra) {
-        (Some(_), _, Some(_)) | (_, Some(_), Some(_)) => {
-            return err(&format!("{path}.entra"), "give a key or entra, not both");
-        }
-        (None, None, Some(entra)) => Some(Credential::token_cache(token_cache(
-            &format!("{path}.entra"),
-            entra,
-            caches,
-        )?)),
-        (Some(_), Some(_), None) => {
-            return err(
-                &format!("{path}.api_key"),
-                "give api_key or api_key_env, not both",
-            );
-        }
-        (Some(k), None, None) => Some(
-            Credential::new(cred_kind, k)
-                .map_err(|e| ConfigError::new(format!("{path}.api_key"), e.to_string()))?,
-        ),
-        (None, Some(var), None) => Some(
-            Credential::from_env(cred_kind, var)
-                .map_err(|e| ConfigError::new(format!("{path}.api_key_env"), e.to_string()))?,
-        ),
-        (None, None, None) => None,
-    };
+    let credential =
+        match (&b.api_key, &b.api_key_env, &b.entra) {
+            (Some(_), _, Some(_)) | (_, Some(_), Some(_)) => {
+                return err(&format!("{path}.entra"), "give a key or entra, not both");
+            }
+            (None, None, Some(entra)) => Some(Credential::token_cache(token_cache(
+                &format!("{path}.entra"),
+                entra,
+                caches,
+            )?)),
+            (Some(_), Some(_), None) => {
+                return err(
+                    &format!("{path}.api_key"),
+                    "give api_key or api_key_env, not both",
+                );
+            }
+            (Some(k), None, None) => Some(
+                credential_of(k)
+                    .map_err(|e| ConfigError::new(format!("{path}.api_key"), e.to_string()))?,
+            ),
+            (None, Some(var), None) => {
+                // Read once, now; the message names the variable, never its value.
+                let at = || format!("{path}.api_key_env");
+                let value = std::env::var(var).map_err(|e| {
+                ConfigError::new(
+                    at(),
+                    match e {
+                        std::env::VarError::NotPresent => {
+                            format!("invalid credential: environment variable {var} is not set")
+                        }
+                        std::env::VarError::NotUnicode(_) => format!(
+                            "invalid credential: environment variable {var} is not valid unicode"
+                        ),
+                    },
+                )
+            })?;
+                Some(credential_of(&value).map_err(|e| {
+                    ConfigError::new(at(), format!("environment variable {var}: {e}"))
+                })?)
+            }
+            (None, None, None) => None,
+        };
     let mut builder =
         Backend::builder(name, url.clone(), provider).priority(b.priority.unwrap_or(0));
     if let Some(w) = b.weight {

@@ -50,9 +50,7 @@ use pin_project_lite::pin_project;
 use tower_layer::Layer;
 use tower_service::Service;
 
-pub use crate::credential::{
-    BoxFuture, Credential, CredentialKind, Token, TokenCache, TokenSource, redact,
-};
+pub use crate::credential::{BoxFuture, Credential, Token, TokenCache, TokenSource, redact};
 
 use crate::attempt::InjectedFor;
 use crate::credential::Kind;

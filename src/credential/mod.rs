@@ -83,18 +83,6 @@ impl From<InvalidCredential> for InvalidConfig {
     }
 }
 
-/// Which header a static secret travels in.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum CredentialKind {
-    /// Azure OpenAI: `api-key: <key>`.
-    ApiKey,
-    /// OpenAI and compatibles, Entra ID tokens: `Authorization: Bearer <token>`.
-    Bearer,
-    /// Anthropic: `x-api-key: <key>`.
-    XApiKey,
-}
-
 static API_KEY: HeaderName = HeaderName::from_static("api-key");
 static X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 
@@ -137,55 +125,35 @@ impl Credential {
         }
     }
 
-    /// A static secret sent in the header `kind` names (as [`Credential::from_env`] for a
-    /// secret already in hand).
-    pub fn new(kind: CredentialKind, secret: &str) -> Result<Credential, InvalidConfig> {
-        Ok(Self::static_secret(kind, secret)?)
-    }
-
-    fn static_secret(kind: CredentialKind, secret: &str) -> Result<Credential, InvalidCredential> {
-        let (name, prefix) = match kind {
-            CredentialKind::ApiKey => (API_KEY.clone(), ""),
-            CredentialKind::Bearer => (AUTHORIZATION, "Bearer "),
-            CredentialKind::XApiKey => (X_API_KEY.clone(), ""),
-        };
-        let secret = Secret::with_prefix(prefix, secret).map_err(|e| e.context(kind_name(kind)))?;
+    fn static_secret(
+        name: HeaderName,
+        prefix: &str,
+        what: &str,
+        secret: &str,
+    ) -> Result<Credential, InvalidConfig> {
+        let secret = Secret::with_prefix(prefix, secret).map_err(|e| e.context(what))?;
         Ok(Credential(Kind::Header(name, secret)))
     }
 
     /// Azure OpenAI `api-key`.
     pub fn api_key(key: &str) -> Result<Credential, InvalidConfig> {
-        Self::new(CredentialKind::ApiKey, key)
+        Self::static_secret(API_KEY.clone(), "", "api-key", key)
     }
 
     /// `Authorization: Bearer <token>` (OpenAI keys, static tokens).
     pub fn bearer(token: &str) -> Result<Credential, InvalidConfig> {
-        Self::new(CredentialKind::Bearer, token)
+        Self::static_secret(AUTHORIZATION, "Bearer ", "bearer token", token)
     }
 
     /// Anthropic `x-api-key`.
     pub fn x_api_key(key: &str) -> Result<Credential, InvalidConfig> {
-        Self::new(CredentialKind::XApiKey, key)
+        Self::static_secret(X_API_KEY.clone(), "", "x-api-key", key)
     }
 
     /// Any header name with a secret value (an API gateway's subscription key, say).
     pub fn header(name: HeaderName, secret: &str) -> Result<Credential, InvalidConfig> {
-        let secret = Secret::with_prefix("", secret).map_err(|e| e.context(name.as_str()))?;
-        Ok(Credential(Kind::Header(name, secret)))
-    }
-
-    /// A static secret read once, now, from the environment variable `var`.
-    pub fn from_env(kind: CredentialKind, var: &str) -> Result<Credential, InvalidConfig> {
-        let value = std::env::var(var).map_err(|e| {
-            InvalidCredential::new(match e {
-                std::env::VarError::NotPresent => format!("environment variable {var} is not set"),
-                std::env::VarError::NotUnicode(_) => {
-                    format!("environment variable {var} is not valid unicode")
-                }
-            })
-        })?;
-        Ok(Self::static_secret(kind, &value)
-            .map_err(|e| e.context(&format!("environment variable {var}")))?)
+        let what = name.as_str().to_string();
+        Self::static_secret(name, "", &what, secret)
     }
 
     /// A refreshable bearer token from `source`, cached and refreshed ahead of expiry (see
@@ -197,14 +165,6 @@ impl Credential {
     /// A bearer token from an existing cache (one cache can serve many backends).
     pub fn token_cache(cache: TokenCache) -> Credential {
         Credential(Kind::Token(cache))
-    }
-}
-
-fn kind_name(kind: CredentialKind) -> &'static str {
-    match kind {
-        CredentialKind::ApiKey => "api-key",
-        CredentialKind::Bearer => "bearer token",
-        CredentialKind::XApiKey => "x-api-key",
     }
 }
 
@@ -292,15 +252,5 @@ mod tests {
         let Kind::Header(_, s) = &c.0 else { panic!() };
         assert!(s.header_value().is_sensitive());
         assert_eq!(format!("{s:?}"), "Secret(<redacted>)");
-    }
-
-    #[test]
-    fn env_credentials() {
-        let err = Credential::from_env(CredentialKind::ApiKey, "TOWER_LLM_LB_TEST_UNSET_VAR")
-            .unwrap_err();
-        assert!(
-            err.to_string()
-                .contains("TOWER_LLM_LB_TEST_UNSET_VAR is not set")
-        );
     }
 }
