@@ -48,7 +48,10 @@ async fn a_throttled_8k_deployment_falls_back_to_the_32k_one_with_model_overridd
                 .set("model", "gpt-4-32k")
                 .set("max_tokens", 4096),
         )
-        .attribution_headers(true)
+        .settings(tower_llm_lb::fallback::Settings {
+            attribution_headers: true,
+            ..Default::default()
+        })
         .build()
         .unwrap();
     let mut req = chat(r#"{"model":"gpt-4","messages":[{"role":"user","content":"long doc"}]}"#);
@@ -370,7 +373,10 @@ async fn the_overall_deadline_spans_all_targets() {
             group_target(&[openai("slow", &slow)], RetryAfter429Layer::default()),
         )
         .target("spare", target(&[openai("spare", &spare)]))
-        .deadline(Duration::from_secs(5))
+        .settings(tower_llm_lb::fallback::Settings {
+            deadline: Some(Duration::from_secs(5)),
+            ..Default::default()
+        })
         .build()
         .unwrap();
     let start = Instant::now();

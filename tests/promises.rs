@@ -227,7 +227,7 @@ async fn a_fallback_moves_on_after_an_attempt_timeout_and_on_a_status_it_was_tol
     let told = Fallback::builder("c")
         .target("missing", stack(&m))
         .target("ok2", stack(&o2))
-        .triggers(tower_llm_lb::fallback::Triggers {
+        .settings(tower_llm_lb::fallback::Settings {
             statuses: vec![http::StatusCode::NOT_FOUND],
             ..Default::default()
         })

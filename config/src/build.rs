@@ -21,7 +21,7 @@ use tower_llm_lb::circuit_breaker::Policy;
 use tower_llm_lb::error::BoxError;
 use tower_llm_lb::error::InvalidConfig;
 use tower_llm_lb::fallback::BoxTarget;
-use tower_llm_lb::fallback::{Fallback, Overrides, Triggers};
+use tower_llm_lb::fallback::{Fallback, Overrides};
 use tower_llm_lb::provider::{DEFAULT_ANTHROPIC_VERSION, DEFAULT_AZURE_API_VERSION, Provider};
 use tower_llm_lb::retry::RetryAfter429Layer;
 use tower_llm_lb::stack::{self, LlmService, Settings, StackOver};
@@ -924,7 +924,11 @@ where
                     .as_ref()
                     .map(|s| s.on_status_codes.clone())
                     .unwrap_or_default();
-                let mut triggers = Triggers::default();
+                let mut settings = tower_llm_lb::fallback::Settings {
+                    attribution_headers: true,
+                    deadline: self.deadline,
+                    ..Default::default()
+                };
                 for (i, code) in on_status.iter().enumerate() {
                     let Ok(status) = StatusCode::from_u16(*code) else {
                         return err(
@@ -932,14 +936,9 @@ where
                             "not an HTTP status",
                         );
                     };
-                    triggers.statuses.push(status);
+                    settings.statuses.push(status);
                 }
-                let mut fb = Fallback::builder(name.clone())
-                    .attribution_headers(true)
-                    .triggers(triggers);
-                if let Some(d) = self.deadline {
-                    fb = fb.deadline(d);
-                }
+                let mut fb = Fallback::builder(name.clone()).settings(settings);
                 for (i, c) in t.targets.iter().enumerate() {
                     let p = child(i);
                     let built = self.node_plain(&p, c, i)?;

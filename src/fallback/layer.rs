@@ -3,13 +3,12 @@
 //! separate target services.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use http::{Request, Response};
 use tower_layer::Layer;
 use tower_service::Service;
 
-use super::{Fallback, Overrides, Triggers};
+use super::{Fallback, Overrides, Settings};
 use crate::body::ReplayBody;
 use crate::error::BoxError;
 use crate::error::InvalidConfig;
@@ -102,9 +101,7 @@ impl Variant {
 pub struct FallbackLayer {
     name: String,
     variants: Vec<Variant>,
-    triggers: Triggers,
-    deadline: Option<Duration>,
-    headers: bool,
+    settings: Settings,
 }
 
 impl FallbackLayer {
@@ -114,9 +111,7 @@ impl FallbackLayer {
         FallbackLayer {
             name: name.into(),
             variants: Vec::new(),
-            triggers: Triggers::default(),
-            deadline: None,
-            headers: false,
+            settings: Settings::default(),
         }
     }
 
@@ -126,21 +121,10 @@ impl FallbackLayer {
         self
     }
 
-    /// Sets which outcomes move on to the next variant.
-    pub fn triggers(mut self, triggers: Triggers) -> Self {
-        self.triggers = triggers;
-        self
-    }
-
-    /// One deadline for a request across all variants and their retries.
-    pub fn deadline(mut self, d: Duration) -> Self {
-        self.deadline = Some(d);
-        self
-    }
-
-    /// Adds `x-llm-lb-backend` and `x-llm-lb-attempts` to responses.
-    pub fn attribution_headers(mut self, yes: bool) -> Self {
-        self.headers = yes;
+    /// How the chain moves on to the next variant (see [`Settings`]; its `deadline` spans all
+    /// variants and their retries).
+    pub fn settings(mut self, settings: Settings) -> Self {
+        self.settings = settings;
         self
     }
 
@@ -160,12 +144,7 @@ impl FallbackLayer {
         S::Future: Send + 'static,
         ResB: Send + 'static,
     {
-        let mut chain = Fallback::builder(self.name.clone())
-            .triggers(self.triggers.clone())
-            .attribution_headers(self.headers);
-        if let Some(d) = self.deadline {
-            chain = chain.deadline(d);
-        }
+        let mut chain = Fallback::builder(self.name.clone()).settings(self.settings.clone());
         let as_is = [Variant::new("as asked")];
         let variants = if self.variants.is_empty() {
             &as_is[..]
@@ -251,9 +230,7 @@ where
                             overrides: Overrides::default(),
                             deployment: None,
                         }]),
-                        triggers: Triggers::default(),
-                        deadline: None,
-                        headers: false,
+                        settings: Settings::default(),
                     }),
                 }
             }

@@ -10,7 +10,7 @@
 //! | success | returns it, with attribution (see below) |
 //! | client error (4xx) | returns it at once: a bad request is never sent to the next target |
 //! | an answer that says `x-should-retry: false` (not throttled) | returns it at once: the backend says no retry will help |
-//! | throttled / quota exhausted, server error, connect or transport error, timeout, nothing available | next target (the triggers are configurable; add status codes to [`Triggers::statuses`]) |
+//! | throttled / quota exhausted, server error, connect or transport error, timeout, nothing available | next target (the triggers are configurable; add status codes to [`Settings::statuses`]) |
 //! | last target fails too | the last 429 with the earliest `retry-after` of all targets if the last failures were 429s; otherwise [`Exhausted`] listing every target's failure |
 //!
 //! **Fail fast**: every target but the last gets a wait budget of zero, so a `RetryAfter429`
@@ -18,7 +18,7 @@
 //! microseconds, not a Retry-After. The last target keeps its own wait budget.
 //!
 //! **Deadline**: one overall deadline per request across all targets and their retries (the
-//! builder's [`FallbackBuilder::deadline`], or a [`Deadline`] request extension, whichever is
+//! builder's [`Settings::deadline`], or a [`Deadline`] request extension, whichever is
 //! earlier), passed down as a [`Deadline`] so inner layers do not wait past it. An attempt still
 //! running at the deadline is dropped and the request ends with [`Exhausted`], that target's
 //! attempt marked as a timeout.
@@ -123,9 +123,11 @@ impl fmt::Display for ServedPath {
     }
 }
 
-/// Which outcomes move a request on to the next target.
+/// How a chain moves on: which outcomes move a request on to the next target, one deadline
+/// across them, attribution headers. Set the fields you change and take the rest from
+/// `default()`.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Triggers {
+pub struct Settings {
     /// 429 / 529 / 503-with-hint and quota-exhausted answers (default on).
     pub throttled: bool,
     /// 5xx answers (default on).
@@ -134,23 +136,33 @@ pub struct Triggers {
     pub failures: bool,
     /// Nothing available in the target (default on).
     pub unavailable: bool,
-    /// Extra statuses that move on (Portkey's `on_status_codes`); 4xx listed here move on too.
+    /// Extra statuses that move on (Portkey's `on_status_codes`); 4xx listed here move on too
+    /// (default: none).
     pub statuses: Vec<StatusCode>,
+    /// One overall deadline per request across all targets (default: none; each target's own
+    /// retry layer bounds its time).
+    pub deadline: Option<Duration>,
+    /// Also reports attribution as `x-llm-lb-backend`, `x-llm-lb-attempts` and
+    /// `x-llm-lb-attempt-count` response headers (default off: the [`ServedPath`] and
+    /// [`Attempts`](crate::retry::Attempts) extensions always carry it).
+    pub attribution_headers: bool,
 }
 
-impl Default for Triggers {
+impl Default for Settings {
     fn default() -> Self {
-        Triggers {
+        Settings {
             throttled: true,
             server_errors: true,
             failures: true,
             unavailable: true,
             statuses: Vec::new(),
+            deadline: None,
+            attribution_headers: false,
         }
     }
 }
 
-impl Triggers {
+impl Settings {
     fn fires(&self, outcome: &Outcome, status: Option<StatusCode>) -> bool {
         if status.is_some_and(|s| self.statuses.contains(&s)) {
             return true;
@@ -186,9 +198,7 @@ impl<ResB> Clone for Target<ResB> {
 struct Shared<ResB> {
     name: Arc<str>,
     targets: Box<[Target<ResB>]>,
-    triggers: Triggers,
-    deadline: Option<Duration>,
-    headers: bool,
+    settings: Settings,
 }
 
 /// An ordered chain of targets. See the [module docs](self).
@@ -231,9 +241,7 @@ fn invalid(message: impl fmt::Display) -> InvalidConfig {
 pub struct FallbackBuilder<ResB> {
     name: String,
     targets: Vec<Target<ResB>>,
-    triggers: Triggers,
-    deadline: Option<Duration>,
-    headers: bool,
+    settings: Settings,
     error: Option<String>,
 }
 
@@ -252,9 +260,7 @@ impl<ResB: 'static> Fallback<ResB> {
         FallbackBuilder {
             name: name.into(),
             targets: Vec::new(),
-            triggers: Triggers::default(),
-            deadline: None,
-            headers: false,
+            settings: Settings::default(),
             error: None,
         }
     }
@@ -309,22 +315,9 @@ impl<ResB: 'static> FallbackBuilder<ResB> {
         self
     }
 
-    /// Which outcomes move on to the next target.
-    pub fn triggers(mut self, triggers: Triggers) -> Self {
-        self.triggers = triggers;
-        self
-    }
-
-    /// One overall deadline per request across all targets.
-    pub fn deadline(mut self, d: Duration) -> Self {
-        self.deadline = Some(d);
-        self
-    }
-
-    /// Also reports attribution as `x-llm-lb-backend`, `x-llm-lb-attempts` and
-    /// `x-llm-lb-attempt-count` response headers.
-    pub fn attribution_headers(mut self, yes: bool) -> Self {
-        self.headers = yes;
+    /// How the chain moves on (see [`Settings`]).
+    pub fn settings(mut self, settings: Settings) -> Self {
+        self.settings = settings;
         self
     }
 
@@ -348,9 +341,7 @@ impl<ResB: 'static> FallbackBuilder<ResB> {
             shared: Arc::new(Shared {
                 name: self.name.into(),
                 targets: self.targets.into_boxed_slice(),
-                triggers: self.triggers,
-                deadline: self.deadline,
-                headers: self.headers,
+                settings: self.settings,
             }),
         })
     }
@@ -394,7 +385,7 @@ pub(crate) struct Run<ResB> {
 
 impl<ResB> Run<ResB> {
     fn new(shared: Arc<Shared<ResB>>, req: Request<ReplayBody>) -> Self {
-        let mut deadline = shared.deadline.map(|d| Instant::now() + d);
+        let mut deadline = shared.settings.deadline.map(|d| Instant::now() + d);
         if let Some(Deadline(d)) = req.extensions().get::<Deadline>() {
             deadline = Some(deadline.map_or(*d, |x| x.min(*d)));
         }
@@ -489,7 +480,7 @@ impl<ResB> Run<ResB> {
                     && !outcome.is_success()
                     && should_retry(res.headers()) == Some(false);
                 let fires =
-                    !final_answer && self.shared.triggers.fires(&outcome, Some(res.status()));
+                    !final_answer && self.shared.settings.fires(&outcome, Some(res.status()));
                 // An answer from the first target tried keeps its own list of attempts.
                 let own = !fires
                     && self.attempts.is_empty()
@@ -523,7 +514,7 @@ impl<ResB> Run<ResB> {
             }
             Err(e) => {
                 let outcome = classify_error_chain(&*e);
-                if !self.shared.triggers.fires(&outcome, None) {
+                if !self.shared.settings.fires(&outcome, None) {
                     // Not a failure to move on from (a bad override, a client-side error).
                     return Some(Err(e));
                 }
@@ -773,7 +764,7 @@ fn attribute<ResB>(
         target: shared.targets[index].name.clone(),
         tail,
     };
-    if shared.headers {
+    if shared.settings.attribution_headers {
         if let Ok(v) = HeaderValue::from_str(&backend) {
             res.headers_mut().insert("x-llm-lb-backend", v);
         }
