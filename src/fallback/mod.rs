@@ -25,7 +25,7 @@
 //!
 //! **Attribution**: the response carries [`ServedPath`] (e.g. `models[1:gpt-4-32k] -> westus`)
 //! and [`Attempts`] listing every attempt of every target; with
-//! [`FallbackBuilder::attribution_headers`] also the headers `x-llm-lb-backend` and
+//! [`Settings::attribution_headers`] also the headers `x-llm-lb-backend` and
 //! `x-llm-lb-attempts` (and their number, `x-llm-lb-attempt-count`). The caller's `x-request-id` is kept and recorded in each target's span.
 //!
 //! **Streams**: a response is returned once its head arrives, so failover happens only before the
