@@ -144,7 +144,7 @@ pub struct Settings {
     pub deadline: Option<Duration>,
     /// Also reports attribution as `x-llm-lb-backend`, `x-llm-lb-attempts` and
     /// `x-llm-lb-attempt-count` response headers (default off: the [`ServedPath`] and
-    /// [`Attempts`](crate::retry::Attempts) extensions always carry it).
+    /// [`Attempts`] extensions always carry it).
     pub attribution_headers: bool,
 }
 
