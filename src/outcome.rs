@@ -54,7 +54,7 @@ pub enum Outcome {
 
 impl Outcome {
     /// True for [`Outcome::Success`].
-    pub fn is_success(&self) -> bool {
+    pub(crate) fn is_success(&self) -> bool {
         matches!(self, Outcome::Success)
     }
 

@@ -41,11 +41,11 @@ pub struct Tenant {
     pub priority: Priority,
 }
 
-impl Tenant {
-    /// The tenant `name`, weight 1, interactive.
-    pub fn new(name: impl Into<Arc<str>>) -> Tenant {
+/// The tenant `""`, weight 1, interactive: a request without a `Tenant` is this one.
+impl Default for Tenant {
+    fn default() -> Self {
         Tenant {
-            name: name.into(),
+            name: Arc::from(""),
             weight: 1,
             priority: Priority::Interactive,
         }

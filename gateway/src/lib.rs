@@ -896,7 +896,10 @@ fn tenant_of(
     let mut tenant = match configured.get(name) {
         Some(t) => t.clone(),
         None if alone && !batch => return None,
-        None => Tenant::new(name),
+        None => Tenant {
+            name: name.into(),
+            ..Tenant::default()
+        },
     };
     if batch {
         tenant.priority = Priority::Batch;
@@ -1515,7 +1518,7 @@ fn attribute(parts: &mut http::response::Parts, live: &Live) {
     {
         // The common answer: one attempt, a success, on the backend that served it.
         if let ([one], Some((_, once))) = (&a[..], made)
-            && one.outcome.is_success()
+            && one.outcome == tower_llm_lb::Outcome::Success
             && served.is_some_and(|s| *s.backend.name() == *one.backend)
         {
             parts.headers.insert(X_LLM_LB_ATTEMPTS, once.clone());
