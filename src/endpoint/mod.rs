@@ -514,7 +514,9 @@ impl Record {
                 let token_hints = hints.remaining_tokens.is_some() || hints.limit_tokens.is_some();
                 if hints.remaining_requests.is_none() && !token_hints {
                     // No quota hints: the pace is learned from the 429s themselves.
-                    state.pace_from_throttle(now, self.start, wait);
+                    // A wait given in milliseconds tells when the next token comes.
+                    let precise = retry_after.is_some_and(|w| w.subsec_nanos() != 0);
+                    state.pace_from_throttle(now, self.start, wait, precise);
                 }
                 tracing::debug!(
                     backend = self.backend.name(),

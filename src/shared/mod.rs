@@ -218,6 +218,9 @@ impl SharedState {
         backends: Vec<Backend>,
         settings: SharedSettings,
     ) -> SharedState {
+        for b in &backends {
+            b.state().mark_shared();
+        }
         let tally = Arc::new(Tally::default());
         let describe = store.describe();
         let task = tokio::spawn(run(store, backends, settings, tally.clone()));
