@@ -577,7 +577,7 @@ impl BackendState {
     ///
     /// - The wait is precise (milliseconds) and this replica is alone on the backend: two such
     ///   429s give the interval exactly ([`BackendState::interval_from_tokens`]); the pace is
-    ///   that, 2% slower (sends off the token's edge). S1p: 6-8 backend 429s per 600 over ten
+    ///   that, 2% slower (sends off the token's edge). S1p: 7-8 backend 429s per 600 over six
     ///   runs, two per backend while learning (8-15 with the rules below alone). A second 429
     ///   for the same token, once the interval is known, leaves the pace.
     ///
