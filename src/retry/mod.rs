@@ -79,18 +79,11 @@ use budget::RetryBudget;
 use crate::attempt::MaxWait;
 pub use crate::attempt::{Attempts, Deadline};
 
-#[derive(Clone)]
+/// What a service made by the layer runs with: the layer's settings as given (`max_attempts`
+/// at least 1) and its own retry budget. Shared by the service's clones and its requests.
 struct Settings {
-    max_attempts: usize,
-    max_wait: Duration,
-    deadline: Option<Duration>,
-    retry_failures: bool,
-    should_retry_header: bool,
-    backoff_base: Duration,
-    backoff_max: Duration,
-    hedge_after: Option<Duration>,
-    budget: Arc<RetryBudget>,
-    rng: crate::rng::Rng,
+    layer: RetryAfter429Layer,
+    budget: RetryBudget,
 }
 
 /// Layer that wraps a service in [`RetryAfter429`]. Its fields are its settings, each with its
@@ -206,18 +199,13 @@ impl<S> Layer<S> for RetryAfter429Layer {
         let b = self.budget;
         RetryAfter429 {
             inner,
-            settings: Settings {
-                max_attempts: self.max_attempts.max(1),
-                max_wait: self.max_wait,
-                deadline: self.deadline,
-                retry_failures: self.retry_failures,
-                should_retry_header: self.should_retry_header,
-                backoff_base: self.backoff_base,
-                backoff_max: self.backoff_max,
-                hedge_after: self.hedge,
-                budget: Arc::new(RetryBudget::new(b.ttl, b.min_per_sec, b.retry_percent)),
-                rng: self.rng.clone(),
-            },
+            settings: Arc::new(Settings {
+                layer: RetryAfter429Layer {
+                    max_attempts: self.max_attempts.max(1),
+                    ..self.clone()
+                },
+                budget: RetryBudget::new(b.ttl, b.min_per_sec, b.retry_percent),
+            }),
         }
     }
 }
@@ -226,14 +214,14 @@ impl<S> Layer<S> for RetryAfter429Layer {
 #[derive(Clone)]
 pub struct RetryAfter429<S> {
     inner: S,
-    settings: Settings,
+    settings: Arc<Settings>,
 }
 
 impl<S: fmt::Debug> fmt::Debug for RetryAfter429<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RetryAfter429")
             .field("inner", &self.inner)
-            .field("max_attempts", &self.settings.max_attempts)
+            .field("max_attempts", &self.settings.layer.max_attempts)
             .finish_non_exhaustive()
     }
 }
@@ -260,7 +248,7 @@ where
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let start = Instant::now();
         self.settings.budget.deposit_at(start);
-        let mut deadline = self.settings.deadline.map(|d| start + d);
+        let mut deadline = self.settings.layer.deadline.map(|d| start + d);
         if let Some(Deadline(d)) = req.extensions().get::<Deadline>() {
             deadline = Some(deadline.map_or(*d, |x| x.min(*d)));
         }
@@ -272,9 +260,11 @@ where
         let max_wait = req
             .extensions()
             .get::<MaxWait>()
-            .map_or(self.settings.max_wait, |m| m.0.min(self.settings.max_wait));
+            .map_or(self.settings.layer.max_wait, |m| {
+                m.0.min(self.settings.layer.max_wait)
+            });
         // Sent before the context takes the service (a hedged request is sent inside it).
-        let first = match self.settings.hedge_after {
+        let first = match self.settings.layer.hedge {
             None => Ok(ready.call(req)),
             Some(after) => Err((after, req)),
         };
@@ -337,7 +327,7 @@ impl<S, B> Ctx<S, B> {
     /// the count: four 429s in a row while the pace is being learned must not fail a request
     /// that may still wait.
     fn spent_attempts(&self) -> bool {
-        let max = self.settings.max_attempts;
+        let max = self.settings.layer.max_attempts;
         let throttled = self
             .attempts
             .iter()
@@ -351,7 +341,7 @@ impl<S, B> Ctx<S, B> {
     /// backoff (from 0) capped, less a random share of up to half ("equal jitter": requests
     /// that failed together come back spread over half the backoff, never straight back).
     fn backoff(&mut self) -> Duration {
-        let s = &self.settings;
+        let s = &self.settings.layer;
         let exp = s
             .backoff_base
             .saturating_mul(2u32.saturating_pow(self.backoffs.min(20)));
@@ -371,7 +361,7 @@ impl<S, B> Ctx<S, B> {
 
 struct Ctx<S, B> {
     inner: S,
-    settings: Settings,
+    settings: Arc<Settings>,
     template: Request<B>,
     attempts: Vec<Attempt>,
     deadline: Option<Instant>,
@@ -448,7 +438,7 @@ fn judge<S, B, ResB>(
             });
             tracing::debug!(attempt = ctx.attempts.len(), %outcome, "attempt answered");
             // Only a failed or refused answer is worth the header lookup.
-            let told = if ctx.settings.should_retry_header && !outcome.is_success() {
+            let told = if ctx.settings.layer.should_retry_header && !outcome.is_success() {
                 should_retry(res.headers())
             } else {
                 None
@@ -457,7 +447,7 @@ fn judge<S, B, ResB>(
                 Some(false) => false,
                 // The backend says a retry may succeed where the status alone says not.
                 Some(true) => !outcome.is_success() && !outcome.is_throttled(),
-                None => ctx.settings.retry_failures && outcome.is_failure(),
+                None => ctx.settings.layer.retry_failures && outcome.is_failure(),
             };
             ctx.last_failed = failed;
             if failed {
@@ -498,7 +488,7 @@ fn judge<S, B, ResB>(
                     }
                 }
                 o if o == Outcome::ConnectError
-                    || (ctx.settings.retry_failures && o.is_failure()) =>
+                    || (ctx.settings.layer.retry_failures && o.is_failure()) =>
                 {
                     ctx.sent += 1;
                     ctx.elsewhere = true;
