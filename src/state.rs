@@ -677,6 +677,12 @@ impl BackendState {
         self.inner.shared.store(true, Release);
     }
 
+    /// Whether replicas share the backend ([`BackendState::mark_shared`]).
+    #[cfg(test)]
+    pub(crate) fn is_shared(&self) -> bool {
+        self.inner.shared.load(Acquire)
+    }
+
     /// This replica's share of the backend's quota (`1.0`: all of it, this replica alone).
     pub(crate) fn share(&self) -> f64 {
         f64::from(self.share_ppm()) / f64::from(SHARE_ALL)

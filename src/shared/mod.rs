@@ -479,6 +479,35 @@ mod tests {
         );
     }
 
+    /// A store that never answers.
+    struct Silent;
+
+    impl SharedStore for Silent {
+        fn exchange<'a>(
+            &'a self,
+            _replica: &'a str,
+            _alive: Duration,
+            _backends: &'a [(String, News)],
+        ) -> BoxFuture<'a, Result<Exchanged, BoxError>> {
+            Box::pin(std::future::pending())
+        }
+
+        fn describe(&self) -> String {
+            "silent".into()
+        }
+    }
+
+    #[tokio::test]
+    async fn the_backends_exchanged_are_marked_shared_so_their_pace_is_not_measured_alone() {
+        let b = Backend::openai("a", "http://127.0.0.1:1/v1")
+            .build()
+            .unwrap();
+        assert!(!b.state().is_shared());
+        let _shared =
+            SharedState::spawn(Arc::new(Silent), vec![b.clone()], SharedSettings::default());
+        assert!(b.state().is_shared());
+    }
+
     #[test]
     fn urls_lose_their_password() {
         assert_eq!(
